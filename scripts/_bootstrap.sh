@@ -1,0 +1,28 @@
+# Sourced by scripts/demo, scripts/test and scripts/bench.
+# Creates .venv with python3 (>= 3.11) and installs the project and its dev tools into it,
+# pinned by constraints.txt. Re-installs only when pyproject.toml or constraints.txt change.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+  echo "cloister needs Python >= 3.11; '$PY' is $("$PY" --version 2>&1 || echo missing)" >&2
+  exit 2
+fi
+VENV="$ROOT/.venv"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "==> creating $VENV" >&2
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.cloister-install-stamp"
+WANT="$(cat pyproject.toml constraints.txt 2>/dev/null | "$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
+  echo "==> installing cloister and its dependencies into .venv (first run takes a minute)" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
+  CONSTRAINTS=()
+  [[ -f constraints.txt ]] && CONSTRAINTS=(-c constraints.txt)
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${CONSTRAINTS[@]}" -e ".[dev]" >&2
+  echo "$WANT" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+export VIRTUAL_ENV="$VENV"
