@@ -15,7 +15,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.cloister-install-stamp"
-WANT="$(cat pyproject.toml constraints.txt 2>/dev/null | "$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+WANT="$("$VENV/bin/python" -c 'import hashlib,pathlib; print(hashlib.sha256(b"".join(pathlib.Path(f).read_bytes() for f in ("pyproject.toml","constraints.txt") if pathlib.Path(f).exists())).hexdigest())')"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   echo "==> installing cloister and its dependencies into .venv (first run takes a minute)" >&2
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2

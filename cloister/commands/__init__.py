@@ -1,0 +1,1 @@
+"""Subcommands of the `cloister` console script: one module each, see `cloister.cli`."""

@@ -1,0 +1,16 @@
+"""`cloister token`: not implemented yet."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("token", help="(not implemented yet)")
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    print("cloister token: not implemented yet")
+    return 2
