@@ -1,0 +1,209 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECISION_UNSPECIFIED: _ClassVar[Decision]
+    ALLOW: _ClassVar[Decision]
+    DENY: _ClassVar[Decision]
+DECISION_UNSPECIFIED: Decision
+ALLOW: Decision
+DENY: Decision
+
+class LogAppend(_message.Message):
+    __slots__ = ("first_index", "entries", "checkpoint")
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    first_index: int
+    entries: _containers.RepeatedScalarFieldContainer[bytes]
+    checkpoint: bytes
+    def __init__(self, first_index: _Optional[int] = ..., entries: _Optional[_Iterable[bytes]] = ..., checkpoint: _Optional[bytes] = ...) -> None: ...
+
+class AuthorizeRequest(_message.Message):
+    __slots__ = ("token", "server", "tool", "arguments_json", "request_id", "persisted_size")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PERSISTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    server: str
+    tool: str
+    arguments_json: bytes
+    request_id: str
+    persisted_size: int
+    def __init__(self, token: _Optional[str] = ..., server: _Optional[str] = ..., tool: _Optional[str] = ..., arguments_json: _Optional[bytes] = ..., request_id: _Optional[str] = ..., persisted_size: _Optional[int] = ...) -> None: ...
+
+class LimitState(_message.Message):
+    __slots__ = ("limit_id", "kind", "remaining", "retry_after_s")
+    LIMIT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    limit_id: str
+    kind: str
+    remaining: str
+    retry_after_s: float
+    def __init__(self, limit_id: _Optional[str] = ..., kind: _Optional[str] = ..., remaining: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+
+class AuthorizeResponse(_message.Message):
+    __slots__ = ("decision", "reason", "policy_ids", "deny_code", "grant", "log_index", "log", "agent", "limits")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_IDS_FIELD_NUMBER: _ClassVar[int]
+    DENY_CODE_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    LOG_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    reason: str
+    policy_ids: _containers.RepeatedScalarFieldContainer[str]
+    deny_code: str
+    grant: bytes
+    log_index: int
+    log: LogAppend
+    agent: str
+    limits: _containers.RepeatedCompositeFieldContainer[LimitState]
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., policy_ids: _Optional[_Iterable[str]] = ..., deny_code: _Optional[str] = ..., grant: _Optional[bytes] = ..., log_index: _Optional[int] = ..., log: _Optional[_Union[LogAppend, _Mapping]] = ..., agent: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ...) -> None: ...
+
+class ToolRef(_message.Message):
+    __slots__ = ("server", "tool")
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    server: str
+    tool: str
+    def __init__(self, server: _Optional[str] = ..., tool: _Optional[str] = ...) -> None: ...
+
+class FilterToolsRequest(_message.Message):
+    __slots__ = ("token", "candidates")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    candidates: _containers.RepeatedCompositeFieldContainer[ToolRef]
+    def __init__(self, token: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[ToolRef, _Mapping]]] = ...) -> None: ...
+
+class FilterToolsResponse(_message.Message):
+    __slots__ = ("visible", "agent")
+    VISIBLE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    visible: _containers.RepeatedCompositeFieldContainer[ToolRef]
+    agent: str
+    def __init__(self, visible: _Optional[_Iterable[_Union[ToolRef, _Mapping]]] = ..., agent: _Optional[str] = ...) -> None: ...
+
+class OutcomeRequest(_message.Message):
+    __slots__ = ("decision_index", "result_sha256", "error", "duration_us", "persisted_size", "paid_amount")
+    DECISION_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESULT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DURATION_US_FIELD_NUMBER: _ClassVar[int]
+    PERSISTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAID_AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    decision_index: int
+    result_sha256: bytes
+    error: str
+    duration_us: int
+    persisted_size: int
+    paid_amount: str
+    def __init__(self, decision_index: _Optional[int] = ..., result_sha256: _Optional[bytes] = ..., error: _Optional[str] = ..., duration_us: _Optional[int] = ..., persisted_size: _Optional[int] = ..., paid_amount: _Optional[str] = ...) -> None: ...
+
+class OutcomeResponse(_message.Message):
+    __slots__ = ("log_index", "log")
+    LOG_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    log_index: int
+    log: LogAppend
+    def __init__(self, log_index: _Optional[int] = ..., log: _Optional[_Union[LogAppend, _Mapping]] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: bytes
+    def __init__(self, checkpoint: _Optional[bytes] = ...) -> None: ...
+
+class AttestRequest(_message.Message):
+    __slots__ = ("nonce", "include_checkpoint")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    include_checkpoint: bool
+    def __init__(self, nonce: _Optional[bytes] = ..., include_checkpoint: _Optional[bool] = ...) -> None: ...
+
+class AttestResponse(_message.Message):
+    __slots__ = ("document", "checkpoint")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    document: bytes
+    checkpoint: bytes
+    def __init__(self, document: _Optional[bytes] = ..., checkpoint: _Optional[bytes] = ...) -> None: ...
+
+class LoadPolicyRequest(_message.Message):
+    __slots__ = ("bundle", "persisted_size")
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    PERSISTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    bundle: bytes
+    persisted_size: int
+    def __init__(self, bundle: _Optional[bytes] = ..., persisted_size: _Optional[int] = ...) -> None: ...
+
+class LoadPolicyResponse(_message.Message):
+    __slots__ = ("version", "bundle_sha256", "log")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    bundle_sha256: bytes
+    log: LogAppend
+    def __init__(self, version: _Optional[int] = ..., bundle_sha256: _Optional[bytes] = ..., log: _Optional[_Union[LogAppend, _Mapping]] = ...) -> None: ...
+
+class SyncLogRequest(_message.Message):
+    __slots__ = ("persisted_size",)
+    PERSISTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    persisted_size: int
+    def __init__(self, persisted_size: _Optional[int] = ...) -> None: ...
+
+class SyncLogResponse(_message.Message):
+    __slots__ = ("log",)
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    log: LogAppend
+    def __init__(self, log: _Optional[_Union[LogAppend, _Mapping]] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthResponse(_message.Message):
+    __slots__ = ("origin", "log_public_key", "grant_public_key", "log_verifier_key", "policy_version", "policy_sha256", "log_size", "pcr0", "mock_nsm", "ready")
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    LOG_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    GRANT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    LOG_VERIFIER_KEY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LOG_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PCR0_FIELD_NUMBER: _ClassVar[int]
+    MOCK_NSM_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    origin: str
+    log_public_key: bytes
+    grant_public_key: bytes
+    log_verifier_key: str
+    policy_version: int
+    policy_sha256: bytes
+    log_size: int
+    pcr0: bytes
+    mock_nsm: bool
+    ready: bool
+    def __init__(self, origin: _Optional[str] = ..., log_public_key: _Optional[bytes] = ..., grant_public_key: _Optional[bytes] = ..., log_verifier_key: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_sha256: _Optional[bytes] = ..., log_size: _Optional[int] = ..., pcr0: _Optional[bytes] = ..., mock_nsm: _Optional[bool] = ..., ready: _Optional[bool] = ...) -> None: ...
