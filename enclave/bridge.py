@@ -1,0 +1,214 @@
+"""The vsock bridge: copies bytes between a listening socket and a target socket.
+
+PyPI's grpcio wheels are built without vsock support, so gRPC always runs on a UNIX socket
+and this bridge carries its bytes over `AF_VSOCK` (production) or `AF_UNIX`/TCP (CI and
+laptops). The enclave runs `listen=vsock:PORT -> target=unix:<grpc socket>`; the parent runs
+the mirror image `listen=unix:<local socket> -> target=vsock:CID:PORT`. Only the socket family
+differs between CI and production.
+
+This is the enclave's only network code. It does not parse what it carries: everything above
+it (gRPC, then our own parsers) treats the bytes as untrusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cloister.verify.errors import DecodeError
+
+log = logging.getLogger(__name__)
+
+# Nitro facts: the parent is CID 3; port 9000 on the parent is nitro-cli's heartbeat.
+PARENT_CID = 3
+RESERVED_VSOCK_PORTS = frozenset({9000})
+VMADDR_CID_ANY = 0xFFFFFFFF
+MAX_CONNECTIONS = 64
+_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A socket address: `vsock:[CID:]PORT`, `unix:PATH` or `tcp:HOST:PORT`."""
+
+    kind: Literal["vsock", "unix", "tcp"]
+    host: str = ""
+    port: int = 0
+    cid: int = VMADDR_CID_ANY
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        kind, sep, rest = text.partition(":")
+        if not sep or not rest:
+            raise DecodeError(f"endpoint {text!r}: expected vsock:[CID:]PORT, unix:PATH or tcp:HOST:PORT")
+        if kind == "unix":
+            return cls(kind="unix", path=rest)
+        if kind == "tcp":
+            host, _, port = rest.rpartition(":")
+            return cls(kind="tcp", host=host.strip("[]") or "127.0.0.1", port=_port(text, port))
+        if kind == "vsock":
+            cid_text, _, port_text = rest.rpartition(":")
+            port = _port(text, port_text)
+            if port in RESERVED_VSOCK_PORTS:
+                raise DecodeError(f"endpoint {text!r}: vsock port {port} is nitro-cli's heartbeat port")
+            if not cid_text:
+                return cls(kind="vsock", port=port)
+            if not cid_text.isdigit():
+                raise DecodeError(f"endpoint {text!r}: vsock CID must be a number")
+            return cls(kind="vsock", cid=int(cid_text), port=port)
+        raise DecodeError(f"endpoint {text!r}: unknown kind {kind!r} (use vsock, unix or tcp)")
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "tcp":
+            return f"tcp:{self.host}:{self.port}"
+        return f"vsock:{self.cid}:{self.port}" if self.cid != VMADDR_CID_ANY else f"vsock:{self.port}"
+
+    def _family(self) -> int:
+        if self.kind == "unix":
+            return socket.AF_UNIX
+        if self.kind == "tcp":
+            return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        return socket.AF_VSOCK  # the only line CI does not run
+
+    def _address(self) -> str | tuple[str, int] | tuple[int, int]:
+        if self.kind == "unix":
+            return self.path
+        if self.kind == "tcp":
+            return (self.host, self.port)
+        return (self.cid, self.port)
+
+    def listen(self, backlog: int = 64) -> socket.socket:
+        sock = socket.socket(self._family(), socket.SOCK_STREAM)
+        try:
+            if self.kind == "unix":
+                with contextlib.suppress(FileNotFoundError):
+                    Path(self.path).unlink()
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(self._address())
+            if self.kind == "unix":
+                os.chmod(self.path, 0o600)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        sock = socket.socket(self._family(), socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self._address())
+            sock.settimeout(None)
+            if self.kind == "tcp":
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def _port(text: str, port: str) -> int:
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise DecodeError(f"endpoint {text!r}: port must be a number in 1..65535")
+    return int(port)
+
+
+class Bridge:
+    """Accepts on `listen` and, per connection, dials `target` and copies both ways."""
+
+    def __init__(self, listen: Endpoint, target: Endpoint, *, max_connections: int = MAX_CONNECTIONS) -> None:
+        self.listen_endpoint = listen
+        self.target = target
+        self._max = max_connections
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def start(self) -> Bridge:
+        self._sock = self.listen_endpoint.listen()
+        if self.listen_endpoint.kind == "tcp" and self.listen_endpoint.port == 0:
+            self.listen_endpoint = Endpoint(kind="tcp", host=self.listen_endpoint.host,
+                                            port=self._sock.getsockname()[1])
+        self._thread = threading.Thread(target=self._accept_loop, name=f"bridge {self.listen_endpoint}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        with self._lock:
+            for s in list(self._open):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self.listen_endpoint.kind == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.listen_endpoint.path).unlink()
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                too_many = len(self._open) >= 2 * self._max
+            if too_many:
+                log.warning("bridge %s: refusing connection, %d already open", self.listen_endpoint, self._max)
+                client.close()
+                continue
+            try:
+                upstream = self.target.connect()
+            except OSError as exc:
+                log.warning("bridge %s: cannot reach %s: %s", self.listen_endpoint, self.target, exc)
+                client.close()
+                continue
+            if self.listen_endpoint.kind == "tcp":
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._open.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True,
+                                 name=f"bridge pump {self.listen_endpoint}").start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = src.recv_into(buf)
+                if n == 0:
+                    break
+                dst.sendall(view[:n])
+        except OSError:
+            pass
+        finally:
+            # Half-close so the peer sees EOF; the other pump closes its side in turn.
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                src.shutdown(socket.SHUT_RD)
+            with self._lock:
+                closing = src in self._open and dst not in self._open
+                self._open.discard(src)
+            if closing:
+                src.close()
+                dst.close()
