@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -96,7 +95,7 @@ class Endpoint:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(self._address())
             if self.kind == "unix":
-                os.chmod(self.path, 0o600)
+                Path(self.path).chmod(0o600)
             sock.listen(backlog)
         except BaseException:
             sock.close()
@@ -139,10 +138,10 @@ class Bridge:
     def start(self) -> Bridge:
         self._sock = self.listen_endpoint.listen()
         if self.listen_endpoint.kind == "tcp" and self.listen_endpoint.port == 0:
-            self.listen_endpoint = Endpoint(kind="tcp", host=self.listen_endpoint.host,
-                                            port=self._sock.getsockname()[1])
-        self._thread = threading.Thread(target=self._accept_loop, name=f"bridge {self.listen_endpoint}",
-                                        daemon=True)
+            self.listen_endpoint = Endpoint(
+                kind="tcp", host=self.listen_endpoint.host, port=self._sock.getsockname()[1]
+            )
+        self._thread = threading.Thread(target=self._accept_loop, name=f"bridge {self.listen_endpoint}", daemon=True)
         self._thread.start()
         return self
 
@@ -186,8 +185,9 @@ class Bridge:
             with self._lock:
                 self._open.update((client, upstream))
             for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True,
-                                 name=f"bridge pump {self.listen_endpoint}").start()
+                threading.Thread(
+                    target=self._pump, args=(src, dst), daemon=True, name=f"bridge pump {self.listen_endpoint}"
+                ).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         buf = bytearray(_CHUNK)
