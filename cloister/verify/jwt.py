@@ -1,0 +1,195 @@
+"""JSON Web Tokens (RFC 7519) in JWS compact form (RFC 7515), the few algorithms agents use.
+
+Verification runs inside the enclave, never in the parent: the parent only forwards the
+bearer token. Supported algorithms: EdDSA (Ed25519, RFC 8037), ES256 (RFC 7518 §3.4) and
+RS256 (RFC 7518 §3.3). `none`, HMAC and anything else are refused; the algorithm must match
+the key's type, so a public key can never be used as an HMAC secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+from cloister.verify.errors import DecodeError, VerificationError
+
+MAX_TOKEN_BYTES = 8192
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+class TokenError(VerificationError):
+    """A bearer token was refused. `reason` is a short machine-readable class."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    issuer: str
+    subject: str
+    claims: Mapping[str, Any]
+    expires_at: int
+
+
+def _b64url_decode(part: str, what: str) -> bytes:
+    if any(c in part for c in "=+/ \n"):
+        raise DecodeError(f"token {what}: not unpadded base64url")
+    try:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise DecodeError(f"token {what}: not base64url") from exc
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def alg_for_key(key: PublicKey | PrivateKey) -> str:
+    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
+        return "EdDSA"
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        if key.curve.name != "secp256r1":
+            raise DecodeError(f"EC keys must be P-256 for ES256, got {key.curve.name}")
+        return "ES256"
+    if key.key_size < 2048:
+        raise DecodeError(f"RSA keys must have at least 2048 bits, got {key.key_size}")
+    return "RS256"
+
+
+def encode_jwt(claims: Mapping[str, Any], key: PrivateKey, *, kid: str | None = None) -> str:
+    alg = alg_for_key(key)
+    header: dict[str, Any] = {"alg": alg, "typ": "JWT"}
+    if kid:
+        header["kid"] = kid
+    signing_input = (
+        _b64url(json.dumps(header, separators=(",", ":")).encode())
+        + "."
+        + _b64url(json.dumps(dict(claims), separators=(",", ":"), sort_keys=True).encode())
+    )
+    data = signing_input.encode("ascii")
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        sig = key.sign(data)
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+        sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    else:
+        sig = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    return signing_input + "." + _b64url(sig)
+
+
+def _verify_signature(alg: str, key: PublicKey, data: bytes, sig: bytes) -> None:
+    if alg_for_key(key) != alg:
+        raise TokenError("bad-signature", f"token algorithm {alg} does not match the issuer key type")
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(sig, data)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            if len(sig) != 64:
+                raise TokenError("bad-signature", "ES256 signature must be 64 bytes")
+            der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+            key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+        else:
+            key.verify(sig, data, padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature as exc:
+        raise TokenError("bad-signature", "token signature does not verify with the issuer's key") from exc
+
+
+def peek_issuer(token: str) -> str:
+    """The unverified `iss` claim, used only to pick the issuer's keys."""
+    payload = _split(token)[1]
+    iss = payload.get("iss")
+    if not isinstance(iss, str) or not iss:
+        raise TokenError("malformed", "token has no 'iss' claim")
+    return iss
+
+
+def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    if len(token) > MAX_TOKEN_BYTES:
+        raise TokenError("malformed", f"token is longer than {MAX_TOKEN_BYTES} bytes")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenError("malformed", "token is not a JWS compact serialisation (header.payload.signature)")
+    try:
+        header = json.loads(_b64url_decode(parts[0], "header"))
+        payload = json.loads(_b64url_decode(parts[1], "payload"))
+        sig = _b64url_decode(parts[2], "signature")
+    except (DecodeError, ValueError) as exc:
+        raise TokenError("malformed", f"token is malformed: {exc}") from exc
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        raise TokenError("malformed", "token header and payload must be JSON objects")
+    return header, payload, (parts[0] + "." + parts[1]).encode("ascii"), sig
+
+
+def verify_jwt(
+    token: str,
+    keys: Sequence[tuple[str | None, PublicKey]],
+    *,
+    issuer: str,
+    audience: str,
+    now: int,
+    leeway_s: int = 30,
+    max_lifetime_s: int = 86400,
+) -> VerifiedToken:
+    """Verify a bearer token per RFC 7519 §7.2 and return its claims, or raise TokenError.
+
+    `keys` are the issuer's (kid, key) pairs; `now` is Unix seconds, passed in by the caller.
+    """
+    # 1. Parse the JWS compact serialisation (RFC 7515 §5.2 steps 1-6).
+    header, claims, signing_input, sig = _split(token)
+    # 2. The algorithm is one we support; never "none" (RFC 8725 §3.1).
+    alg = header.get("alg")
+    if alg not in ("EdDSA", "ES256", "RS256"):
+        raise TokenError("bad-signature", f"token algorithm {alg!r} is not accepted (EdDSA, ES256, RS256)")
+    if "crit" in header:
+        raise TokenError("malformed", "token header has 'crit' extensions, which are not supported")
+    # 3. Pick the key by kid when the token names one, else try each key of the issuer.
+    kid = header.get("kid")
+    candidates = [k for (k_id, k) in keys if kid is None or k_id is None or k_id == kid]
+    if not candidates:
+        raise TokenError("unknown-key", f"token key id {kid!r} is not a key of issuer {issuer!r}")
+    # 4. Verify the signature (RFC 7515 §5.2 step 8).
+    last: TokenError | None = None
+    for key in candidates:
+        try:
+            _verify_signature(alg, key, signing_input, sig)
+            break
+        except TokenError as exc:
+            last = exc
+    else:
+        assert last is not None
+        raise last
+    # 5. Registered claims (RFC 7519 §4.1).
+    if claims.get("iss") != issuer:
+        raise TokenError("wrong-issuer", f"token issuer {claims.get('iss')!r} is not {issuer!r}")
+    aud = claims.get("aud")
+    if not (aud == audience or (isinstance(aud, list) and audience in aud)):
+        raise TokenError("wrong-audience", f"token audience {aud!r} does not include {audience!r}")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise TokenError("malformed", "token has no 'sub' claim")
+    exp = claims.get("exp")
+    if not isinstance(exp, int) or isinstance(exp, bool):
+        raise TokenError("malformed", "token has no numeric 'exp' claim")
+    if now >= exp + leeway_s:
+        raise TokenError("expired", f"token expired {now - exp}s ago")
+    nbf = claims.get("nbf", claims.get("iat"))
+    if nbf is not None and (not isinstance(nbf, int) or isinstance(nbf, bool)):
+        raise TokenError("malformed", "token 'nbf'/'iat' must be numeric")
+    if isinstance(nbf, int) and now + leeway_s < nbf:
+        raise TokenError("not-yet-valid", f"token is not valid for another {nbf - now}s")
+    iat = claims.get("iat")
+    if isinstance(iat, int) and exp - iat > max_lifetime_s:
+        raise TokenError("too-long-lived", f"token lifetime {exp - iat}s exceeds the issuer's {max_lifetime_s}s")
+    return VerifiedToken(issuer=issuer, subject=sub, claims=claims, expires_at=exp)
