@@ -146,7 +146,7 @@ def parse_tile_path(path: str) -> HashTileId | EntryBundleId:
     kind, index_text, width_text = m.groups()
     index = decode_tile_index(index_text)
     width = int(width_text) if width_text else TILE_WIDTH
-    if width >= TILE_WIDTH:
+    if width_text and width >= TILE_WIDTH:
         raise DecodeError(f"tile path {path!r}: partial width {width} is not below {TILE_WIDTH}")
     if kind == "entries":
         return EntryBundleId(index, width)
