@@ -147,7 +147,7 @@ class VerifiedNote:
 
 
 def _parse_signature_line(line: str, lineno: int) -> NoteSignature:
-    where = f"signature line {lineno}"
+    where = f"signature on line {lineno}"
     if len(line) > MAX_SIGNATURE_LINE:
         raise DecodeError(f"{where} is {len(line)} characters, more than {MAX_SIGNATURE_LINE}")
     if not line.startswith(_SIG_PREFIX):

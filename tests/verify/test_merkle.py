@@ -324,11 +324,6 @@ def test_verifiers_check_hash_lengths_and_ranges() -> None:
         verify_consistency(3, 5, [b""], ROOTS[3], ROOTS[5])
 
 
-def test_verifiers_return_none() -> None:
-    assert verify_inclusion(ALL_LEAVES[0], 0, 1, [], ALL_LEAVES[0]) is None
-    assert verify_consistency(1, 2, [ALL_LEAVES[1]], ROOTS[1], ROOTS[2]) is None
-
-
 # --- Compact range -----------------------------------------------------------------------------
 
 

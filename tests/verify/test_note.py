@@ -214,13 +214,13 @@ def test_too_many_signatures() -> None:
 
 def test_overlong_signature_line() -> None:
     blob = base64.b64encode(bytes(20_000)).decode()
-    with pytest.raises(DecodeError, match=r"signature line 3 is .* characters, more than"):
+    with pytest.raises(DecodeError, match=r"signature on line 3 is .* characters, more than"):
         parse_note(f"t\n\n{EM} k {blob}\n".encode())
 
 
 def test_signature_line_numbers_point_into_the_note() -> None:
     note = b"a\nb\n\n" + SIG_LINE + "\N{EM DASH} k !!!!\n".encode()
-    with pytest.raises(DecodeError, match="signature line 5"):
+    with pytest.raises(DecodeError, match="signature on line 5"):
         parse_note(note)
 
 
