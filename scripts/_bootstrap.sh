@@ -18,10 +18,15 @@ STAMP="$VENV/.cloister-install-stamp"
 WANT="$("$VENV/bin/python" -c 'import hashlib,pathlib; print(hashlib.sha256(b"".join(pathlib.Path(f).read_bytes() for f in ("pyproject.toml","constraints.txt") if pathlib.Path(f).exists())).hexdigest())')"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   echo "==> installing cloister and its dependencies into .venv (first run takes a minute)" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
+  LOG="$VENV/install.log"
   CONSTRAINTS=()
   [[ -f constraints.txt ]] && CONSTRAINTS=(-c constraints.txt)
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${CONSTRAINTS[@]}" -e ".[dev]" >&2
+  if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
+         "$VENV/bin/python" -m pip install --disable-pip-version-check "${CONSTRAINTS[@]}" -e ".[dev]"; } >"$LOG" 2>&1; then
+    tail -n 40 "$LOG" >&2
+    echo "installation failed; the whole log is in $LOG" >&2
+    exit 1
+  fi
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

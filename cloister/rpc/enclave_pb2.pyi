@@ -207,3 +207,37 @@ class HealthResponse(_message.Message):
     mock_nsm: bool
     ready: bool
     def __init__(self, origin: _Optional[str] = ..., log_public_key: _Optional[bytes] = ..., grant_public_key: _Optional[bytes] = ..., log_verifier_key: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_sha256: _Optional[bytes] = ..., log_size: _Optional[int] = ..., pcr0: _Optional[bytes] = ..., mock_nsm: _Optional[bool] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class ResumeFrom(_message.Message):
+    __slots__ = ("checkpoint", "range_size", "range_hashes", "entries", "key_entry", "key_entry_index", "key_entry_proof", "boundary_entry", "boundary_proof")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    RANGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANGE_HASHES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    KEY_ENTRY_FIELD_NUMBER: _ClassVar[int]
+    KEY_ENTRY_INDEX_FIELD_NUMBER: _ClassVar[int]
+    KEY_ENTRY_PROOF_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARY_ENTRY_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARY_PROOF_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: bytes
+    range_size: int
+    range_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    entries: _containers.RepeatedScalarFieldContainer[bytes]
+    key_entry: bytes
+    key_entry_index: int
+    key_entry_proof: _containers.RepeatedScalarFieldContainer[bytes]
+    boundary_entry: bytes
+    boundary_proof: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, checkpoint: _Optional[bytes] = ..., range_size: _Optional[int] = ..., range_hashes: _Optional[_Iterable[bytes]] = ..., entries: _Optional[_Iterable[bytes]] = ..., key_entry: _Optional[bytes] = ..., key_entry_index: _Optional[int] = ..., key_entry_proof: _Optional[_Iterable[bytes]] = ..., boundary_entry: _Optional[bytes] = ..., boundary_proof: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class StartLogRequest(_message.Message):
+    __slots__ = ("resume",)
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    resume: ResumeFrom
+    def __init__(self, resume: _Optional[_Union[ResumeFrom, _Mapping]] = ...) -> None: ...
+
+class StartLogResponse(_message.Message):
+    __slots__ = ("log",)
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    log: LogAppend
+    def __init__(self, log: _Optional[_Union[LogAppend, _Mapping]] = ...) -> None: ...

@@ -74,6 +74,11 @@ class EnclaveStub:
                 request_serializer=cloister_dot_rpc_dot_enclave__pb2.HealthRequest.SerializeToString,
                 response_deserializer=cloister_dot_rpc_dot_enclave__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.StartLog = channel.unary_unary(
+                '/cloister.enclave.v1.Enclave/StartLog',
+                request_serializer=cloister_dot_rpc_dot_enclave__pb2.StartLogRequest.SerializeToString,
+                response_deserializer=cloister_dot_rpc_dot_enclave__pb2.StartLogResponse.FromString,
+                _registered_method=True)
 
 
 class EnclaveServicer:
@@ -137,6 +142,14 @@ class EnclaveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartLog(self, request, context):
+        """Start a new log, or resume the stored one from its latest checkpoint. The enclave verifies
+        everything it is given against that checkpoint and the attestation of the key that signed it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnclaveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +192,11 @@ def add_EnclaveServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=cloister_dot_rpc_dot_enclave__pb2.HealthRequest.FromString,
                     response_serializer=cloister_dot_rpc_dot_enclave__pb2.HealthResponse.SerializeToString,
+            ),
+            'StartLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartLog,
+                    request_deserializer=cloister_dot_rpc_dot_enclave__pb2.StartLogRequest.FromString,
+                    response_serializer=cloister_dot_rpc_dot_enclave__pb2.StartLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +415,33 @@ class Enclave:
             '/cloister.enclave.v1.Enclave/Health',
             cloister_dot_rpc_dot_enclave__pb2.HealthRequest.SerializeToString,
             cloister_dot_rpc_dot_enclave__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloister.enclave.v1.Enclave/StartLog',
+            cloister_dot_rpc_dot_enclave__pb2.StartLogRequest.SerializeToString,
+            cloister_dot_rpc_dot_enclave__pb2.StartLogResponse.FromString,
             options,
             channel_credentials,
             insecure,
