@@ -326,14 +326,21 @@ class CompactRange:
 
     __slots__ = ("_hashes", "_size")
 
-    def __init__(self, size: int, hashes: Sequence[bytes]) -> None:
-        # Private: use empty() or from_hashes(), which validate.
-        self._size = size
-        self._hashes = list(hashes)
+    def __init__(self) -> None:
+        """The empty range; use from_hashes() to restore a stored one."""
+        self._size = 0
+        self._hashes: list[bytes] = []
 
     @classmethod
     def empty(cls) -> CompactRange:
-        return cls(0, [])
+        return cls()
+
+    @classmethod
+    def _unchecked(cls, size: int, hashes: Sequence[bytes]) -> CompactRange:
+        cr = cls()
+        cr._size = size
+        cr._hashes = list(hashes)
+        return cr
 
     @classmethod
     def from_hashes(cls, size: int, hashes: Sequence[bytes]) -> CompactRange:
@@ -346,7 +353,7 @@ class CompactRange:
         for i, h in enumerate(hashes):
             if len(h) != HASH_SIZE:
                 raise DecodeError(f"compact range hash {i} is {len(h)} bytes, want {HASH_SIZE}")
-        return cls(size, [bytes(h) for h in hashes])
+        return cls._unchecked(size, [bytes(h) for h in hashes])
 
     @property
     def size(self) -> int:
@@ -357,7 +364,7 @@ class CompactRange:
         return tuple(self._hashes)
 
     def copy(self) -> CompactRange:
-        return CompactRange(self._size, self._hashes)
+        return CompactRange._unchecked(self._size, self._hashes)
 
     def append(self, leaf_hash: bytes) -> None:
         """Add one leaf. Merges one subtree per trailing one bit of size: amortised 1 hash."""

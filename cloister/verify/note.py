@@ -120,6 +120,13 @@ class NoteSignature:
     key_id: int
     signature: bytes
 
+    def __post_init__(self) -> None:
+        check_key_name(self.name)
+        if not 0 <= self.key_id < 1 << 32:
+            raise DecodeError(f"key ID {self.key_id} is not a uint32")
+        if not self.signature:
+            raise DecodeError("signature is empty")
+
     def to_line(self) -> str:
         blob = self.key_id.to_bytes(4, "big") + self.signature
         return f"{_SIG_PREFIX}{self.name} {base64.b64encode(blob).decode('ascii')}\n"

@@ -339,6 +339,7 @@ def test_compact_range_from_hashes_validates() -> None:
     with pytest.raises(ValueError, match="31 bytes"):
         CompactRange.empty().append(b"x" * 31)
     assert CompactRange.from_hashes(0, []).root() == EMPTY_ROOT
+    assert CompactRange() == CompactRange.empty() == CompactRange.from_hashes(0, [])
 
 
 def test_compact_range_copy_is_independent() -> None:

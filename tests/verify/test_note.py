@@ -292,3 +292,12 @@ def test_mutated_notes_only_raise_domain_errors(data: st.DataObject) -> None:
         return
     # A mutation that still verifies must not have changed what ALICE signed.
     assert verified.text == TEXT
+
+
+def test_signature_values_are_checked() -> None:
+    with pytest.raises(DecodeError, match="forbidden character"):
+        NoteSignature("a b", 1, b"x")
+    with pytest.raises(DecodeError, match="not a uint32"):
+        NoteSignature("a", 2**32, b"x")
+    with pytest.raises(DecodeError, match="signature is empty"):
+        NoteSignature("a", 1, b"")
