@@ -119,10 +119,9 @@ def verify_inclusion(leaf_hash: bytes, index: int, size: int, proof: Sequence[by
         if fn & 1 or fn == sn:
             r = node_hash(p, r)
             # Step 4b.ii: skip the levels where fn has no right sibling (right edge).
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn >>= 1
-                    sn >>= 1
+            while fn and not fn & 1:
+                fn >>= 1
+                sn >>= 1
         else:
             r = node_hash(r, p)
         # Step 4c: move up one level.
@@ -206,10 +205,9 @@ def verify_consistency(size1: int, size2: int, proof: Sequence[bytes], root1: by
             fr = node_hash(c, fr)
             sr = node_hash(c, sr)
             # Step 6b.ii: skip the levels where fn has no right sibling.
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn >>= 1
-                    sn >>= 1
+            while fn and not fn & 1:
+                fn >>= 1
+                sn >>= 1
         else:
             # c is a right sibling: only in the new tree.
             sr = node_hash(sr, c)
