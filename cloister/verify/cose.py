@@ -45,6 +45,24 @@ def decode_cbor(data: bytes, *, what: str) -> Any:
     return item
 
 
+def cbor_type_name(value: object) -> str:
+    """The CBOR name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    for kind, name in ((bytes, "byte string"), (str, "text"), (int, "integer"), (float, "float")):
+        if isinstance(value, kind):
+            return name
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, Mapping):
+        return "map"
+    if isinstance(value, cbor2.CBORTag):
+        return f"tag {value.tag}"
+    return type(value).__name__
+
+
 def parse_cose_sign1(data: bytes, *, max_size: int) -> CoseSign1:
     """Parse a tagged (tag 18) or untagged COSE_Sign1. Raises DecodeError."""
     if len(data) > max_size:
@@ -62,7 +80,7 @@ def parse_cose_sign1(data: bytes, *, max_size: int) -> CoseSign1:
     if not isinstance(protected, bytes):
         raise DecodeError("COSE_Sign1: protected header [0] is not a byte string")
     if not isinstance(unprotected, Mapping):
-        raise DecodeError(f"COSE_Sign1: unprotected header [1] is {type(unprotected).__name__}, not a map")
+        raise DecodeError(f"COSE_Sign1: unprotected header [1] is {cbor_type_name(unprotected)}, not a map")
     if not isinstance(payload, bytes):
         raise DecodeError("COSE_Sign1: payload [2] is not a byte string (detached payloads unsupported)")
     if not isinstance(signature, bytes):
