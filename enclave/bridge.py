@@ -50,8 +50,8 @@ class Endpoint:
         if kind == "unix":
             return cls(kind="unix", path=rest)
         if kind == "tcp":
-            host, _, port = rest.rpartition(":")
-            return cls(kind="tcp", host=host.strip("[]") or "127.0.0.1", port=_port(text, port))
+            host, _, port_text = rest.rpartition(":")
+            return cls(kind="tcp", host=host.strip("[]") or "127.0.0.1", port=_port(text, port_text))
         if kind == "vsock":
             cid_text, _, port_text = rest.rpartition(":")
             port = _port(text, port_text)

@@ -1,0 +1,206 @@
+"""Grants: the enclave's signed permission for exactly one tools/call.
+
+A grant is a tagged COSE_Sign1 (RFC 9052 §4.2) signed with the enclave's grant key, alg EdDSA
+(-8), `kid` = the first 8 bytes of SHA-256 over the raw grant public key. The payload is
+deterministic CBOR (RFC 8949 §4.2.1):
+
+    {"v": 1, "agent": text, "server": text, "tool": text,
+     "args": SHA-256 of the RFC 8785 canonical JSON of the arguments,
+     "policy": SHA-256 of the policy bundle, "log": index of the decision entry,
+     "entry": leaf hash (RFC 9162) of the decision entry, "origin": the log's origin line,
+     "iat": ms, "exp": ms, "nonce": 16 bytes}
+
+The relay forwards it to the upstream server in the request's `_meta` under GRANT_META_KEY,
+with the enclave's attestation document under ATTESTATION_META_KEY. An upstream that
+verifies grants accepts a call only for exactly those arguments, before `exp`, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cloister.verify.canonical import canonical_sha256
+from cloister.verify.cose import decode_cbor, encode_cose_sign1, parse_cose_sign1, sig_structure
+from cloister.verify.errors import DecodeError, VerificationError
+
+GRANT_META_KEY = "dev.cloister/grant"
+ATTESTATION_META_KEY = "dev.cloister/attestation"
+MAX_GRANT_BYTES = 4096
+ALG_EDDSA = -8
+VERSION = 1
+
+
+class GrantError(VerificationError):
+    """A grant was refused. `reason` is a short machine-readable class."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def grant_key_id(public_key: bytes) -> bytes:
+    return hashlib.sha256(public_key).digest()[:8]
+
+
+@dataclass(frozen=True)
+class GrantClaims:
+    agent: str
+    server: str
+    tool: str
+    args_sha256: bytes
+    policy_sha256: bytes
+    log_index: int
+    entry_hash: bytes
+    origin: str
+    issued_ms: int
+    expires_ms: int
+    nonce: bytes
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "agent": self.agent,
+            "server": self.server,
+            "tool": self.tool,
+            "args": self.args_sha256,
+            "policy": self.policy_sha256,
+            "log": self.log_index,
+            "entry": self.entry_hash,
+            "origin": self.origin,
+            "iat": self.issued_ms,
+            "exp": self.expires_ms,
+            "nonce": self.nonce,
+        }
+
+
+def encode_grant(claims: GrantClaims, sign: Callable[[bytes], bytes], public_key: bytes) -> bytes:
+    payload = cbor2.dumps(claims.to_map(), canonical=True)
+    return encode_cose_sign1({1: ALG_EDDSA, 4: grant_key_id(public_key)}, {}, payload, sign, tagged=True)
+
+
+def _field(m: Mapping[str, Any], key: str, kind: type, size: int | None = None) -> Any:
+    v = m.get(key)
+    if not isinstance(v, kind) or isinstance(v, bool):
+        raise GrantError("malformed", f"grant field {key!r} is missing or not {kind.__name__}")
+    if size is not None and isinstance(v, bytes) and len(v) != size:
+        raise GrantError("malformed", f"grant field {key!r} must be {size} bytes")
+    return v
+
+
+def parse_grant_claims(payload: bytes) -> GrantClaims:
+    m = decode_cbor(payload, what="grant payload")
+    if not isinstance(m, dict) or m.get("v") != VERSION:
+        raise GrantError("malformed", "grant payload is not a version 1 grant")
+    claims = GrantClaims(
+        agent=_field(m, "agent", str),
+        server=_field(m, "server", str),
+        tool=_field(m, "tool", str),
+        args_sha256=_field(m, "args", bytes, 32),
+        policy_sha256=_field(m, "policy", bytes, 32),
+        log_index=_field(m, "log", int),
+        entry_hash=_field(m, "entry", bytes, 32),
+        origin=_field(m, "origin", str),
+        issued_ms=_field(m, "iat", int),
+        expires_ms=_field(m, "exp", int),
+        nonce=_field(m, "nonce", bytes, 16),
+    )
+    if set(m) != set(claims.to_map()):
+        raise GrantError("malformed", f"grant payload has unexpected fields {sorted(set(m) - set(claims.to_map()))}")
+    return claims
+
+
+def read_grant(grant: bytes) -> GrantClaims:
+    """The claims of a grant without verifying its signature (for audits that check it elsewhere)."""
+    try:
+        return parse_grant_claims(parse_cose_sign1(grant, max_size=MAX_GRANT_BYTES).payload)
+    except DecodeError as exc:
+        raise GrantError("malformed", f"grant is malformed: {exc}") from exc
+
+
+def verify_grant(
+    grant: bytes,
+    *,
+    grant_keys: Mapping[bytes, ed25519.Ed25519PublicKey],
+    server: str,
+    tool: str,
+    arguments: Mapping[str, Any] | None,
+    now_ms: int,
+    max_lifetime_ms: int = 3_600_000,
+    clock_skew_ms: int = 30_000,
+) -> GrantClaims:
+    """Verify a grant for exactly this call. Returns its claims or raises GrantError.
+
+    `grant_keys` maps key ids to enclave grant keys that the caller trusts because their
+    attestation verified. Single use is the caller's job (see ReplayGuard), after this passes.
+    """
+    # 1. Parse the COSE_Sign1 envelope (RFC 9052 §4.2), capped in size.
+    try:
+        msg = parse_cose_sign1(grant, max_size=MAX_GRANT_BYTES)
+    except DecodeError as exc:
+        raise GrantError("malformed", f"grant is malformed: {exc}") from exc
+    # 2. The protected header names EdDSA and a key we trust.
+    if msg.protected_map.get(1) != ALG_EDDSA:
+        raise GrantError("malformed", "grant algorithm is not EdDSA (-8)")
+    kid = msg.protected_map.get(4)
+    key = grant_keys.get(kid) if isinstance(kid, bytes) else None
+    if key is None:
+        raise GrantError("unknown-key", "grant is signed by a key that no verified enclave attestation binds")
+    # 3. The signature over Sig_structure (RFC 9052 §4.4).
+    try:
+        key.verify(msg.signature, sig_structure(msg.protected, msg.payload))
+    except InvalidSignature as exc:
+        raise GrantError("bad-signature", "grant signature does not verify with the enclave grant key") from exc
+    # 4. The authenticated payload.
+    try:
+        claims = parse_grant_claims(msg.payload)
+    except DecodeError as exc:
+        raise GrantError("malformed", f"grant payload is malformed: {exc}") from exc
+    # 5. It is for this server and tool.
+    if claims.server != server or claims.tool != tool:
+        raise GrantError("wrong-call", f"grant is for {claims.server}/{claims.tool}, not {server}/{tool}")
+    # 6. It is for exactly these arguments.
+    try:
+        digest = canonical_sha256(dict(arguments or {}))
+    except DecodeError as exc:
+        raise GrantError("wrong-arguments", f"arguments cannot be canonicalised: {exc}") from exc
+    if digest != claims.args_sha256:
+        raise GrantError("wrong-arguments", "grant was issued for different arguments")
+    # 7. It is current.
+    if claims.issued_ms > now_ms + clock_skew_ms:
+        raise GrantError("not-yet-valid", "grant is issued in the future")
+    if now_ms >= claims.expires_ms:
+        raise GrantError("expired", f"grant expired {(now_ms - claims.expires_ms) / 1000:.1f}s ago")
+    if claims.expires_ms - claims.issued_ms > max_lifetime_ms:
+        raise GrantError("too-long-lived", "grant lifetime exceeds the accepted maximum")
+    return claims
+
+
+class ReplayGuard:
+    """Remembers grant nonces until their expiry, so each grant is honoured once.
+
+    Memory is capped: when full of unexpired grants it refuses new ones (fail closed)
+    rather than forgetting a nonce that could then be replayed.
+    """
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self._seen: dict[bytes, int] = {}
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def use(self, claims: GrantClaims, now_ms: int) -> None:
+        with self._lock:
+            if claims.nonce in self._seen:
+                raise GrantError("replayed", "grant was already used")
+            if len(self._seen) >= self._max:
+                self._seen = {n: exp for n, exp in self._seen.items() if exp > now_ms}
+                if len(self._seen) >= self._max:
+                    raise GrantError("replay-cache-full", "too many unexpired grants outstanding; try again")
+            self._seen[claims.nonce] = claims.expires_ms

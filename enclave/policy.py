@@ -1,0 +1,156 @@
+"""Cedar evaluation for one bundle version, sliced by action.
+
+cedarpy evaluates every policy of a set linearly, so the engine keeps one PolicySet per tool
+action holding only the policies whose action scope can match it (the action itself, a list
+containing it, an action group, or any action). Slices are built lazily and cached; each
+decision evaluates one slice.
+
+Entity model (following AWS AgentCore Policy where it fits, in the `Cloister` namespace):
+
+- principal `Cloister::Agent::"<sub>"`, a member of `Cloister::Role::"<role>"` for each role
+  its token carries, with the agent's attributes from entities.toml;
+- action `Cloister::Action::"<server>___<tool>"`, in `Action::"CallTool"`, in `Action::"Mcp"`;
+- resource `Cloister::Server::"<server>"` with its attributes (region, category, attestation...);
+- context `{input: <the tool arguments>, system: {now: datetime}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+import cedarpy
+
+from enclave.bundle import ACTION_GROUPS, NAMESPACE, PolicyBundle, action_id
+
+_ACTION_TYPE = f"{NAMESPACE}::Action"
+
+
+@dataclass(frozen=True)
+class Principal:
+    agent: str
+    roles: frozenset[str]
+    issuer: str
+
+
+@dataclass(frozen=True)
+class CedarVerdict:
+    allowed: bool
+    policy_ids: tuple[str, ...]
+    # "" when allowed; "policy" when a forbid matched; "no-permit" when nothing permitted.
+    code: str
+    reason: str
+
+
+def _cedar_datetime(now: datetime) -> dict[str, Any]:
+    text = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{now.microsecond // 1000:03d}Z"
+    return {"__extn": {"fn": "datetime", "arg": text}}
+
+
+class PolicyEngine:
+    """Decides tools/call requests for one immutable bundle."""
+
+    def __init__(self, bundle: PolicyBundle) -> None:
+        self.bundle = bundle
+        self._general: dict[str, Any] = {}
+        self._by_action: dict[str, dict[str, Any]] = {}
+        for pid, policy in bundle.policies.items():
+            targets = _action_targets(policy.get("action", {}))
+            if targets is None:
+                self._general[pid] = policy
+            else:
+                for t in targets:
+                    self._by_action.setdefault(t, {})[pid] = policy
+        self._entities = cedarpy.Entities.from_json_str(bundle.entities_json)
+        self._slices: dict[str, cedarpy.PolicySet] = {}
+        self._lock = threading.Lock()
+        self._principal_cache = lru_cache(maxsize=4096)(self._principal_entities)
+
+    def _slice(self, action: str) -> cedarpy.PolicySet:
+        ps = self._slices.get(action)
+        if ps is None:
+            with self._lock:
+                ps = self._slices.get(action)
+                if ps is None:
+                    policies = {**self._general, **self._by_action.get(action, {})}
+                    est = {"staticPolicies": policies, "templates": {}, "templateLinks": []}
+                    ps = cedarpy.PolicySet.from_json_str(json.dumps(est))
+                    self._slices[action] = ps
+        return ps
+
+    def slice_size(self, server: str, tool: str) -> int:
+        return len(self._slice(action_id(server, tool)))
+
+    def _principal_entities(self, agent: str, roles: frozenset[str]) -> cedarpy.Entities:
+        spec = self.bundle.agents.get(agent)
+        attrs = dict(spec.attrs) if spec else {}
+        attrs.setdefault("region", "")
+        attrs["id"] = agent
+        delta = [{
+            "uid": {"type": f"{NAMESPACE}::Agent", "id": agent},
+            "attrs": attrs,
+            "parents": [{"type": f"{NAMESPACE}::Role", "id": r} for r in sorted(roles)],
+        }]
+        return self._entities.with_added_json_str(json.dumps(delta))
+
+    def _request(self, p: Principal, server: str, tool: str) -> dict[str, Any]:
+        return {
+            "principal": {"type": f"{NAMESPACE}::Agent", "id": p.agent},
+            "action": {"type": _ACTION_TYPE, "id": action_id(server, tool)},
+            "resource": {"type": f"{NAMESPACE}::Server", "id": server},
+        }
+
+    def evaluate(self, p: Principal, server: str, tool: str, arguments: Mapping[str, Any],
+                 now: datetime) -> CedarVerdict:
+        request = self._request(p, server, tool)
+        request["context"] = json.dumps({"input": arguments, "system": {"now": _cedar_datetime(now)}})
+        result = cedarpy.is_authorized(request, self._slice(action_id(server, tool)),
+                                       self._principal_cache(p.agent, p.roles))
+        reasons = tuple(sorted(result.diagnostics.reasons))
+        if result.allowed:
+            return CedarVerdict(True, reasons, "", "permitted by " + ", ".join(reasons))
+        if reasons:
+            return CedarVerdict(False, reasons, "policy", "forbidden by policy " + ", ".join(reasons))
+        errors = result.diagnostics.errors
+        detail = f" ({len(errors)} policies could not be evaluated: {errors[0]})" if errors else ""
+        return CedarVerdict(False, (), "no-permit", "no policy permits this call" + detail)
+
+    def may_call(self, p: Principal, server: str, tool: str, now: datetime) -> bool:
+        """Whether some arguments could be permitted (partial evaluation, input unknown).
+
+        Used only to filter discovery; every call is decided by `evaluate`.
+        """
+        aid = action_id(server, tool)
+        if not self._general and aid not in self._by_action:
+            return False
+        request = {
+            "principal": f'{NAMESPACE}::Agent::{json.dumps(p.agent)}',
+            "action": f"{_ACTION_TYPE}::{json.dumps(aid)}",
+            "resource": f"{NAMESPACE}::Server::{json.dumps(server)}",
+            "context": {"input": {"__extn": {"fn": "unknown", "arg": "input"}},
+                        "system": {"now": _cedar_datetime(now)}},
+        }
+        result = cedarpy.is_authorized_partial(request, self._slice(aid), self._principal_cache(p.agent, p.roles))
+        return result.decision != cedarpy.Decision.Deny
+
+
+def _action_targets(scope: Mapping[str, Any]) -> list[str] | None:
+    """The tool actions a policy's action scope names, or None when it may match any action."""
+    op = scope.get("op")
+    if op == "All":
+        return None
+    entities = [scope["entity"]] if "entity" in scope else list(scope.get("entities", []))
+    targets: list[str] = []
+    for e in entities:
+        if not isinstance(e, Mapping) or e.get("type") != _ACTION_TYPE:
+            return None
+        eid = str(e.get("id"))
+        if op == "in" and eid in ACTION_GROUPS:
+            return None
+        targets.append(eid)
+    return targets
