@@ -1,16 +1,250 @@
-"""`cloister attest`: not implemented yet."""
+"""`cloister attest`: check AWS Nitro Enclaves attestation documents.
+
+    cloister attest verify FILE|- [--root aws|mock|PEM_PATH] [--at ISO8601|doc] [--max-age SECONDS]
+                           [--expect-pcr I=HEX ...] [--nonce HEX] [--allow-debug] [--json]
+
+Exit status: 0 when every check holds, 1 when the document is rejected
+(`attestation rejected: <reason>: <message>` on stderr), 2 for unusable input or arguments.
+Registration imports nothing heavy; the verifier is loaded by the handler.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+MAX_INPUT = 64 * 1024  # a document is at most 16 KiB; base64 and line breaks stay well below this
+MOCK_ROOT = Path("mock-nsm") / "root.pem"  # under $CLOISTER_STATE (default ./.cloister)
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("attest", help="(not implemented yet)")
-    p.set_defaults(handler=_run)
+    p: argparse.ArgumentParser = sub.add_parser(
+        "attest",
+        help="verify AWS Nitro Enclaves attestation documents",
+        description="Verify AWS Nitro Enclaves attestation documents.",
+    )
+    verbs = p.add_subparsers(dest="attest_verb", metavar="VERB", required=True)
+    _register_verify(verbs)
 
 
-def _run(args: argparse.Namespace) -> int:
-    print("cloister attest: not implemented yet")
-    return 2
+def _register_verify(verbs: Any) -> None:
+    v: argparse.ArgumentParser = verbs.add_parser(
+        "verify",
+        help="verify one attestation document (base64 or raw CBOR)",
+        description="Verify one attestation document, base64 (one line or wrapped) or raw CBOR. "
+        "Exit 0 if every check holds, 1 if it is rejected, 2 for unusable input.",
+    )
+    v.add_argument("file", metavar="FILE|-", help="the document; - reads standard input")
+    v.add_argument(
+        "--root",
+        default="aws",
+        metavar="aws|mock|PEM_PATH",
+        help="trust anchor: AWS Nitro Enclaves Root-G1 (default), the mock NSM's root "
+        "($CLOISTER_STATE/mock-nsm/root.pem, default state dir .cloister), or a PEM file",
+    )
+    v.add_argument(
+        "--at",
+        metavar="ISO8601|doc",
+        help="time at which the certificates must be valid: now (default), an ISO 8601 time "
+        "(UTC if it has no offset), or 'doc' for the document's own timestamp",
+    )
+    v.add_argument("--max-age", type=float, metavar="SECONDS", help="reject documents older than this (vs. now)")
+    v.add_argument(
+        "--expect-pcr",
+        action="append",
+        default=[],
+        metavar="I=HEX",
+        help="require PCR I to equal HEX (repeatable)",
+    )
+    v.add_argument("--nonce", metavar="HEX", help="require the document's nonce to equal HEX")
+    v.add_argument("--allow-debug", action="store_true", help="accept debug-mode documents (PCR0 all zero)")
+    v.add_argument("--json", action="store_true", help="print the verified document as JSON")
+    v.set_defaults(handler=_verify)
+
+
+class _Usage(Exception):
+    """Unusable input or arguments: one line on stderr, exit 2."""
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        return _verify_or_raise(args)
+    except _Usage as exc:
+        print(f"cloister attest verify: {exc}", file=sys.stderr)
+        return 2
+
+
+def _verify_or_raise(args: argparse.Namespace) -> int:
+    from datetime import UTC
+
+    from cloister.verify.attestation import DOCUMENT_TIME, verify_attestation
+    from cloister.verify.errors import DecodeError, VerificationError
+
+    now = datetime.now(UTC)  # the CLI reads the clock; the verifier never does
+    at: datetime | Literal["document"] = now
+    if args.at == "doc":
+        at = DOCUMENT_TIME
+    elif args.at is not None:
+        at = _parse_time(args.at)
+    if args.max_age is not None and args.max_age < 0:
+        raise _Usage("--max-age must not be negative")
+    max_age = None if args.max_age is None else timedelta(seconds=args.max_age)
+    expected = dict(_parse_pcr(spec) for spec in args.expect_pcr)
+    nonce = None if args.nonce is None else _parse_hex("--nonce", args.nonce)
+    document = _decode_input(_read_input(args.file))
+    try:
+        root = _load_root(args.root)
+        doc = verify_attestation(
+            document,
+            root=root,
+            at=at,
+            now=now,
+            max_age=max_age,
+            expected_pcrs=expected,
+            nonce=nonce,
+            allow_debug=args.allow_debug,
+        )
+    except (DecodeError, VerificationError) as exc:
+        reason = getattr(exc, "reason", "error")
+        detail = getattr(exc, "detail", str(exc))
+        print(f"attestation rejected: {reason}: {detail}", file=sys.stderr)
+        return 1
+    if args.json:
+        import json
+
+        print(json.dumps(_as_json(doc, root.name, root.sha256, at), indent=2))
+    else:
+        pcr0 = doc.pcrs.get(0, b"").hex()
+        print(f"attestation verified: module {doc.module_id}, {_iso(doc.timestamp)}, PCR0 {pcr0}, root {root.name}")
+    return 0
+
+
+def _parse_time(text: str) -> datetime:
+    from datetime import UTC
+
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise _Usage(f"--at: {text!r} is neither an ISO 8601 time nor 'doc'") from exc
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def _parse_hex(flag: str, text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError as exc:
+        raise _Usage(f"{flag}: {text!r} is not hex") from exc
+
+
+def _parse_pcr(spec: str) -> tuple[int, bytes]:
+    index, sep, value = spec.partition("=")
+    if not sep or not index.strip().isdigit() or not 0 <= int(index) < 32:
+        raise _Usage(f"--expect-pcr: {spec!r} is not I=HEX with I in [0, 32)")
+    digest = _parse_hex("--expect-pcr", value.strip())
+    if len(digest) not in (32, 48, 64):
+        raise _Usage(f"--expect-pcr: PCR{int(index)} value is {len(digest)} bytes, expected 48 (or 32/64)")
+    return int(index), digest
+
+
+def _read_input(name: str) -> bytes:
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read(MAX_INPUT + 1)
+        else:
+            with Path(name).open("rb") as f:
+                data = f.read(MAX_INPUT + 1)
+    except OSError as exc:
+        raise _Usage(f"cannot read {name}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_INPUT:
+        raise _Usage(f"{name}: more than {MAX_INPUT} bytes, not an attestation document")
+    return data
+
+
+def _decode_input(data: bytes) -> bytes:
+    """Base64 (one line or wrapped) or raw CBOR, told apart by the alphabet; returns the CBOR bytes."""
+    import base64
+    import binascii
+    import re
+
+    from cloister.verify.cose import decode_cbor
+    from cloister.verify.errors import DecodeError
+
+    text = data.strip()
+    if not text:
+        raise _Usage("the input is empty")
+    if re.fullmatch(rb"[A-Za-z0-9+/=\s]+", text):
+        try:
+            data = base64.b64decode(b"".join(text.split()), validate=True)
+        except binascii.Error as exc:
+            raise _Usage(f"the input looks like base64 but does not decode: {exc}") from exc
+    try:
+        decode_cbor(data, what="input")
+    except DecodeError as exc:
+        raise _Usage(f"the input is neither base64 nor a CBOR item ({exc})") from exc
+    return data
+
+
+def _load_root(choice: str) -> Any:
+    from cloister.verify.attestation import TrustRoot
+    from cloister.verify.errors import DecodeError
+
+    if choice == "aws":
+        return TrustRoot.aws()
+    if choice == "mock":
+        path = Path(os.environ.get("CLOISTER_STATE", ".cloister")) / MOCK_ROOT
+        if not path.is_file():
+            raise _Usage(f"no mock root at {path}: start the enclave with the mock NSM first, or pass --root PEM_PATH")
+        name = f"mock NSM root ({path})"
+    else:
+        path, name = Path(choice), f"root from {choice}"
+    try:
+        return TrustRoot.from_pem(path.read_bytes(), name=name)
+    except OSError as exc:
+        raise _Usage(f"cannot read the root {path}: {exc.strerror or exc}") from exc
+    except DecodeError as exc:
+        raise _Usage(f"{path}: {exc}") from exc
+
+
+def _as_json(doc: Any, root_name: str, root_sha256: str, at: Any) -> dict[str, Any]:
+    from cryptography import x509
+
+    def hexor(b: bytes | None) -> str | None:
+        return None if b is None else b.hex()
+
+    ders = [*doc.cabundle, doc.certificate]
+    certs = []
+    for i, der in enumerate(ders):
+        c = x509.load_der_x509_certificate(der)
+        role = "root" if i == 0 else "leaf" if i == len(ders) - 1 else "intermediate"
+        certs.append(
+            {
+                "role": role,
+                "subject": c.subject.rfc4514_string(),
+                "issuer": c.issuer.rfc4514_string(),
+                "serial": format(c.serial_number, "x"),
+                "not_before": _iso(c.not_valid_before_utc),
+                "not_after": _iso(c.not_valid_after_utc),
+            }
+        )
+    return {
+        "verified": True,
+        "root": {"name": root_name, "sha256": root_sha256},
+        "checked_at": "document" if isinstance(at, str) else _iso(at),
+        "module_id": doc.module_id,
+        "digest": doc.digest,
+        "timestamp": _iso(doc.timestamp),
+        "timestamp_ms": doc.timestamp_ms,
+        "pcrs": {str(i): v.hex() for i, v in sorted(doc.pcrs.items())},
+        "public_key": hexor(doc.public_key),
+        "user_data": hexor(doc.user_data),
+        "nonce": hexor(doc.nonce),
+        "certificates": certs,
+    }
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
