@@ -250,7 +250,8 @@ def _parse_cose(data: bytes) -> CoseSign1:
         raise AttestationError("unsigned-qemu", "protected header alg is -1: an unsigned QEMU nitro-enclave document")
     if cose.protected_map.get(1) != ALG_ES384 or len(cose.protected_map) != 1:
         raise AttestationError(
-            "unsupported-algorithm", f"protected header is {dict(cose.protected_map)!r}, expected {{1: -35}} (ES384)"
+            "unsupported-algorithm",
+            f"protected header is {dict(cose.protected_map)!r:.100}, expected {{1: -35}} (ES384)",
         )
     if cose.protected != PROTECTED_ES384:
         raise MalformedAttestation(
