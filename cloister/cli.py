@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["enclave"]:
+        # The enclave has its own entry point (python -m enclave), with its own options.
+        from enclave.__main__ import main as enclave_main
+
+        return enclave_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -47,6 +47,26 @@ class CedarVerdict:
     reason: str
 
 
+def cedar_value(value: Any) -> Any:
+    """A JSON value as a Cedar value: integers (and integral floats) are Longs, other numbers are
+    `decimal`s when Cedar can hold them exactly (4 fractional digits) and strings otherwise;
+    nulls are dropped, since Cedar has none."""
+    if isinstance(value, bool) or isinstance(value, int | str):
+        return value
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 2**63:
+            return int(value)
+        text = repr(value)
+        if "e" not in text and len(text.partition(".")[2]) <= 4 and abs(value) < 922337203685477:
+            return {"__extn": {"fn": "decimal", "arg": text}}
+        return text
+    if isinstance(value, list):
+        return [cedar_value(v) for v in value if v is not None]
+    if isinstance(value, dict):
+        return {k: cedar_value(v) for k, v in value.items() if v is not None}
+    return str(value)
+
+
 def _cedar_datetime(now: datetime) -> dict[str, Any]:
     text = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{now.microsecond // 1000:03d}Z"
     return {"__extn": {"fn": "datetime", "arg": text}}
@@ -108,7 +128,7 @@ class PolicyEngine:
     def evaluate(self, p: Principal, server: str, tool: str, arguments: Mapping[str, Any],
                  now: datetime) -> CedarVerdict:
         request = self._request(p, server, tool)
-        request["context"] = json.dumps({"input": arguments, "system": {"now": _cedar_datetime(now)}})
+        request["context"] = json.dumps({"input": cedar_value(arguments), "system": {"now": _cedar_datetime(now)}})
         result = cedarpy.is_authorized(request, self._slice(action_id(server, tool)),
                                        self._principal_cache(p.agent, p.roles))
         reasons = tuple(sorted(result.diagnostics.reasons))

@@ -1,4 +1,8 @@
-"""`cloister enclave`: not implemented yet."""
+"""`cloister enclave`: run the enclave service (the trusted half). See `enclave.__main__`.
+
+`cloister.cli` hands `cloister enclave ...` straight to `enclave.__main__.main`; this module only
+makes the command appear in `cloister --help`.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,7 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("enclave", help="(not implemented yet)")
-    p.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    print("cloister enclave: not implemented yet")
-    return 2
+    p: argparse.ArgumentParser = sub.add_parser(
+        "enclave", help="run the enclave: --listen vsock:PORT|unix:PATH|tcp:HOST:PORT --config FILE [--mock-nsm DIR]"
+    )
+    p.set_defaults(handler=lambda _args: 2)

@@ -1,16 +1,32 @@
-"""`cloister relay`: not implemented yet."""
+"""`cloister relay --config FILE`: run the parent relay (MCP for agents, log API for auditors)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("relay", help="(not implemented yet)")
+    p: argparse.ArgumentParser = sub.add_parser(
+        "relay", help="run the relay: MCP at /mcp for agents, the log at /log for auditors")
+    p.add_argument("--config", required=True, type=Path, metavar="FILE", help="relay configuration (TOML)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     p.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    print("cloister relay: not implemented yet")
-    return 2
+    import anyio
+
+    from parent.config import load_relay_config
+    from parent.relay import serve
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s relay %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpx2", "mcp", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = load_relay_config(args.config)
+    anyio.run(serve, config)
+    return 0

@@ -1,0 +1,449 @@
+"""The relay: the untrusted half that agents, upstream servers and auditors talk to.
+
+- Agents speak MCP (official SDK, streamable HTTP at `/mcp`) with `Authorization: Bearer <JWT>`.
+  `tools/list` shows only what the enclave says the agent may call. `tools/call` asks the
+  enclave first, persists the decision entry, and only then forwards an allowed call upstream
+  with the enclave's grant in `params._meta`. The outcome is recorded by the enclave and
+  persisted before the agent gets its answer.
+- Auditors read the log over HTTP at `/log/...` (C2SP tlog-tiles) and ask for attested
+  checkpoints; anyone can ask for the enclave's attestation at `/attestation?nonce=HEX`.
+
+The relay can drop or delay traffic, but it cannot forge a decision, a grant, a log entry or
+a checkpoint: those are signed inside the enclave, and upstreams and auditors check them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+import grpc
+import mcp_types as types
+from mcp.server import Server
+from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cloister import __version__
+from cloister.rpc import enclave_pb2 as pb
+from cloister.verify.canonical import canonical_sha256
+from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY
+from parent.config import RelayConfig
+from parent.enclave_client import EnclaveClient, EnclaveRefused, EnclaveUnavailable
+from parent.storage import LogWriter, open_storage
+from parent.upstreams import UpstreamError, Upstreams
+
+log = logging.getLogger("cloister.relay")
+
+TOOL_SEPARATOR = "___"
+LOG_META_KEY = "dev.cloister/log"
+
+# JSON-RPC error codes the relay answers with (documented in the README).
+DENIED = -32001  # the enclave denied the call (policy, identity, unknown server/tool, bad arguments)
+LIMITED = -32002  # a rate limit or spend cap was hit
+UNAUTHENTICATED = -32003  # missing, expired or forged token
+ENCLAVE_UNAVAILABLE = -32004  # fail closed: no decision could be obtained
+UPSTREAM_FAILED = -32005  # the upstream crashed, hung or refused
+LOG_UNAVAILABLE = -32006  # the decision could not be persisted; nothing was forwarded
+INVALID_PARAMS = -32602
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _bearer(ctx: ServerRequestContext[Any, Any]) -> str:
+    request = ctx.request
+    if request is None:
+        return ""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def split_tool_name(name: str) -> tuple[str, str]:
+    server, sep, tool = name.partition(TOOL_SEPARATOR)
+    return (server, tool) if sep else ("", name)
+
+
+class Relay:
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.enclave = EnclaveClient(config.enclave, config.run_dir, timeout_s=config.enclave_timeout_s)
+        self.upstreams = Upstreams(config.upstreams)
+        self.log: LogWriter | None = None
+        self.attestation = b""
+        self.health_info: pb.HealthResponse | None = None
+        self._init_lock = anyio.Lock()
+        self._attested_at = 0.0
+        self.mcp: Server[Any] = Server(
+            "cloister-relay",
+            version=__version__,
+            instructions="Tools are named <server>___<tool>. Every call is decided by an attested enclave "
+            "and recorded in a verifiable log.",
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+        )
+
+    # ---- start-up: storage, enclave log, policy, attestation --------------------------------
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        self.log = await open_storage(self.config.storage, s3_endpoint_url=self.config.s3_endpoint_url,
+                                      body_retention_days=self.config.body_retention_days)
+        await self.enclave.start()
+        await self.ensure_enclave_ready(startup=True)
+        await self.upstreams.run(tg)
+        await self.upstreams.wait_ready(15)
+        tg.start_soon(self._watch_enclave)
+
+    async def ensure_enclave_ready(self, *, startup: bool = False) -> None:
+        """Bring the enclave to a running log with the configured policy, whatever its state."""
+        assert self.log is not None
+        async with self._init_lock:
+            deadline = time.monotonic() + (60 if startup else 5)
+            while True:
+                try:
+                    health = await self.enclave.health(timeout=2)
+                    break
+                except (EnclaveUnavailable, EnclaveRefused) as exc:
+                    if time.monotonic() > deadline:
+                        raise EnclaveUnavailable(f"cannot reach the enclave at {self.config.enclave}: {exc}") from exc
+                    await anyio.sleep(0.2)
+            if health.log_size == 0:
+                material = await self.log.resume_material(max_history_entries=2_000_000,
+                                                          window_start_ms=self._history_start_ms())
+                if material is None:
+                    log.info("starting a new log %s", health.origin)
+                    started = await self.enclave.start_log(None)
+                else:
+                    log.info("resuming the stored log at size %d", material.checkpoint_size)
+                    started = await self.enclave.start_log(pb.ResumeFrom(
+                        checkpoint=material.checkpoint, range_size=material.range_size,
+                        range_hashes=list(material.range_hashes), entries=list(material.entries),
+                        key_entry=material.key_entry, key_entry_index=material.key_entry_index,
+                        key_entry_proof=list(material.key_entry_proof), boundary_entry=material.boundary_entry,
+                        boundary_proof=list(material.boundary_proof)))
+                await self._persist(started.log)
+            else:
+                # The enclave kept running while we restarted: persist what it sequenced meanwhile.
+                synced = await self.enclave.sync(self.log.persisted_size)
+                await self._persist(synced.log)
+            await self._load_policy()
+            await self.refresh_attestation()
+            self.health_info = await self.enclave.health()
+
+    def _history_start_ms(self) -> int | None:
+        # The enclave refuses a bundle whose limit windows reach beyond the history it was given;
+        # give it the longest window any bundle may use (31 days) plus the outcome grace.
+        return int(time.time() * 1000) - (31 * 86400 + 3600) * 1000
+
+    async def _load_policy(self) -> None:
+        assert self.log is not None
+        if self.config.bundle is None:
+            return
+        try:
+            resp = await self.enclave.load_policy(self.config.bundle.read_bytes(), self.log.persisted_size)
+            await self._persist(resp.log)
+            log.info("policy bundle version %d (%s) in force", resp.version, resp.bundle_sha256.hex()[:16])
+        except EnclaveRefused as exc:
+            if "not above the version in force" in str(exc):
+                log.info("policy bundle already in force: %s", exc)
+            else:
+                raise
+
+    async def refresh_attestation(self) -> None:
+        resp = await self.enclave.attest(secrets.token_bytes(16))
+        self.attestation = resp.document
+        self._attested_at = time.monotonic()
+
+    async def _watch_enclave(self) -> None:
+        """Notice an enclave restart (fresh keys, empty log) and bring it back; refresh attestation."""
+        while True:
+            await anyio.sleep(1.0)
+            try:
+                health = await self.enclave.health(timeout=2)
+            except (EnclaveUnavailable, EnclaveRefused):
+                continue
+            known = self.health_info
+            if known is None or health.log_public_key != known.log_public_key or not health.ready:
+                log.warning("the enclave restarted or lost its state; re-initialising it")
+                try:
+                    await self.ensure_enclave_ready()
+                except Exception as exc:  # keep watching; calls fail closed meanwhile
+                    log.error("re-initialising the enclave failed: %s", exc)
+            elif time.monotonic() - self._attested_at > self.config.attestation_refresh_s:
+                try:
+                    await self.refresh_attestation()
+                except (EnclaveUnavailable, EnclaveRefused) as exc:
+                    log.warning("attestation refresh failed: %s", exc)
+
+    async def _persist(self, append: pb.LogAppend) -> None:
+        assert self.log is not None
+        if append.entries or append.checkpoint:
+            await self.log.persist(append.first_index, list(append.entries), append.checkpoint)
+
+    # ---- MCP: tools/list ------------------------------------------------------------------
+
+    async def _list_tools(self, ctx: ServerRequestContext[Any, Any],
+                          params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        token = _bearer(ctx)
+        by_key = {(u.name, t.name): t for u in self.upstreams.by_name.values() for t in u.tools}
+        try:
+            resp = await self.enclave.filter_tools(token, list(by_key))
+        except EnclaveRefused as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                raise MCPError(UNAUTHENTICATED, f"unauthenticated: {exc}") from exc
+            raise MCPError(ENCLAVE_UNAVAILABLE, f"the enclave refused to list tools: {exc}") from exc
+        except EnclaveUnavailable as exc:
+            raise MCPError(ENCLAVE_UNAVAILABLE, f"no tools are listed while the enclave is unavailable: {exc}") \
+                from exc
+        tools = []
+        for ref in resp.visible:
+            t = by_key[(ref.server, ref.tool)]
+            tools.append(t.model_copy(update={
+                "name": f"{ref.server}{TOOL_SEPARATOR}{ref.tool}",
+                "description": f"[{ref.server}] {t.description or ''}".strip(),
+            }))
+        return types.ListToolsResult(tools=tools)
+
+    # ---- MCP: tools/call ------------------------------------------------------------------
+
+    async def _call_tool(self, ctx: ServerRequestContext[Any, Any],
+                         params: types.CallToolRequestParams) -> types.CallToolResult:
+        assert self.log is not None
+        server, tool = split_tool_name(params.name)
+        arguments = dict(params.arguments or {})
+        args_json = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(args_json) > self.config.max_argument_bytes:
+            raise MCPError(INVALID_PARAMS, f"arguments are {len(args_json)} bytes; this relay accepts at most "
+                                           f"{self.config.max_argument_bytes} (nothing was forwarded)")
+        request_id = uuid.uuid4().hex
+        # 1. Ask the enclave. Any failure here means no allow: nothing is forwarded.
+        try:
+            verdict = await self.enclave.authorize(pb.AuthorizeRequest(
+                token=_bearer(ctx), server=server, tool=tool, arguments_json=args_json, request_id=request_id,
+                persisted_size=self.log.persisted_size))
+        except EnclaveUnavailable as exc:
+            raise MCPError(ENCLAVE_UNAVAILABLE, f"call refused, the enclave is unavailable (fail closed): {exc}") \
+                from exc
+        except EnclaveRefused as exc:
+            raise MCPError(ENCLAVE_UNAVAILABLE, f"call refused, the enclave could not decide: {exc}") from exc
+        # 2. The decision entry is durable before anything depends on it.
+        await self._persist_or_fail(verdict.log)
+        decision_index = verdict.log_index
+        if verdict.decision != pb.ALLOW:
+            code = {"limit": LIMITED, "unauthenticated": UNAUTHENTICATED}.get(verdict.deny_code, DENIED)
+            raise MCPError(code, f"denied: {verdict.reason}", data={
+                "decision": "deny", "code": verdict.deny_code, "reason": verdict.reason,
+                "policies": list(verdict.policy_ids), "log_index": decision_index, "agent": verdict.agent,
+                "limits": [{"limit": s.limit_id, "kind": s.kind, "remaining": s.remaining,
+                            "retry_after_s": s.retry_after_s} for s in verdict.limits],
+            })
+        await self.log.put_body(decision_index, "args", args_json)
+        # 3. Forward, with the grant, to the upstream.
+        upstream = self.upstreams.by_name.get(server)
+        started = time.monotonic()
+        result: types.CallToolResult | None = None
+        failure: UpstreamError | None = None
+        if upstream is None:
+            failure = UpstreamError("unavailable", f"no upstream named {server!r} is configured on this relay")
+        else:
+            meta = {GRANT_META_KEY: _b64(verdict.grant), ATTESTATION_META_KEY: _b64(self.attestation)}
+            try:
+                result = await upstream.call(tool, arguments, meta)
+            except UpstreamError as exc:
+                failure = exc
+        duration_us = int((time.monotonic() - started) * 1_000_000)
+        # 4. The outcome is recorded and durable before the agent gets its answer.
+        result_body = b""
+        result_hash = b""
+        if result is not None:
+            result_value = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+            result_hash = canonical_sha256(result_value)
+            result_body = json.dumps(result_value, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            outcome = await self.enclave.record_outcome(pb.OutcomeRequest(
+                decision_index=decision_index, result_sha256=result_hash, error=str(failure) if failure else "",
+                duration_us=duration_us, persisted_size=self.log.persisted_size))
+        except (EnclaveUnavailable, EnclaveRefused) as exc:
+            raise MCPError(LOG_UNAVAILABLE, f"the call ran but its outcome could not be logged, so it is not "
+                                            f"acknowledged: {exc}", data={"log_index": decision_index}) from exc
+        if result_body:
+            await self.log.put_body(outcome.log_index, "result", result_body)
+        await self._persist_or_fail(outcome.log)
+        log_meta = {"decision": decision_index, "outcome": outcome.log_index,
+                    "checkpoint_size": outcome.log.first_index + len(outcome.log.entries)}
+        if failure is not None:
+            raise MCPError(failure.code if failure.kind == "error" and failure.code else UPSTREAM_FAILED,
+                           str(failure), data={"kind": failure.kind, **log_meta, "upstream": failure.data})
+        assert result is not None
+        meta_out = dict(result.meta or {})
+        meta_out[LOG_META_KEY] = log_meta
+        return result.model_copy(update={"meta": meta_out})
+
+    async def _persist_or_fail(self, append: pb.LogAppend) -> None:
+        try:
+            await self._persist(append)
+        except Exception as exc:
+            log.exception("persisting log entries failed")
+            raise MCPError(LOG_UNAVAILABLE, f"the log could not be persisted; nothing was forwarded: {exc}") from exc
+
+    # ---- HTTP: health, attestation, the log's read API ----------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        assert self.log is not None
+        info = self.health_info
+        body = {
+            "ready": bool(info and info.ready),
+            "enclave": {"origin": info.origin, "pcr0": info.pcr0.hex(), "mock_nsm": info.mock_nsm,
+                        "policy_version": info.policy_version, "log_verifier_key": info.log_verifier_key}
+            if info else None,
+            "log_size": self.log.persisted_size,
+            "upstreams": self.upstreams.status(),
+        }
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    def _nonce(self, request: Request) -> bytes:
+        text = request.query_params.get("nonce", "")
+        try:
+            nonce = bytes.fromhex(text)
+        except ValueError:
+            nonce = b""
+        if not 8 <= len(nonce) <= 64:
+            raise ValueError("nonce must be 8 to 64 bytes, hex-encoded: ?nonce=<hex>")
+        return nonce
+
+    async def attestation_endpoint(self, request: Request, *, with_checkpoint: bool) -> Response:
+        try:
+            nonce = self._nonce(request)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        try:
+            resp = await self.enclave.attest(nonce, include_checkpoint=with_checkpoint)
+        except (EnclaveUnavailable, EnclaveRefused) as exc:
+            return JSONResponse({"error": f"the enclave is unavailable: {exc}"}, status_code=503)
+        body: dict[str, Any] = {"document": _b64(resp.document), "nonce": nonce.hex()}
+        if with_checkpoint:
+            body["checkpoint"] = resp.checkpoint.decode("utf-8")
+        return JSONResponse(body)
+
+    async def log_object(self, request: Request) -> Response:
+        assert self.log is not None
+        path = request.path_params["path"]
+        data = await self.log.read_path(path)
+        if data is None:
+            return PlainTextResponse("not found\n", status_code=404)
+        immutable = path.startswith("tile/") and ".p/" not in path
+        headers = {"Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache"}
+        media = "text/plain; charset=utf-8" if path == "checkpoint" else "application/octet-stream"
+        return Response(data, media_type=media, headers=headers)
+
+    async def inclusion(self, request: Request) -> Response:
+        assert self.log is not None
+        try:
+            index = int(request.query_params["index"])
+            size = int(request.query_params.get("size", self.log.published_size))
+            proof = await self.log.inclusion_proof(index, size)
+        except (KeyError, ValueError) as exc:
+            return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
+        return JSONResponse({"index": index, "size": size, "proof": [_b64(h) for h in proof]})
+
+    async def consistency(self, request: Request) -> Response:
+        assert self.log is not None
+        try:
+            old = int(request.query_params["from"])
+            new = int(request.query_params.get("to", self.log.published_size))
+            proof = await self.log.consistency_proof(old, new)
+        except (KeyError, ValueError) as exc:
+            return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
+        return JSONResponse({"from": old, "to": new, "proof": [_b64(h) for h in proof]})
+
+    async def body(self, request: Request) -> Response:
+        assert self.log is not None
+        try:
+            index = int(request.path_params["index"])
+        except ValueError:
+            return JSONResponse({"error": "index must be a number"}, status_code=400)
+        kind = request.path_params["kind"]
+        if kind not in ("args", "result"):
+            return JSONResponse({"error": "kind must be args or result"}, status_code=400)
+        data = await self.log.get_body(index, kind)
+        if data is None:
+            return PlainTextResponse("not found\n", status_code=404)
+        return Response(data, media_type="application/json")
+
+    def routes(self) -> list[Route]:
+        async def attestation(request: Request) -> Response:
+            return await self.attestation_endpoint(request, with_checkpoint=False)
+
+        async def log_attestation(request: Request) -> Response:
+            return await self.attestation_endpoint(request, with_checkpoint=True)
+
+        return [
+            Route("/healthz", self.healthz),
+            Route("/attestation", attestation),
+            Route("/log/attestation", log_attestation),
+            Route("/log/proof/inclusion", self.inclusion),
+            Route("/log/proof/consistency", self.consistency),
+            Route("/log/body/{index}/{kind}", self.body),
+            Route("/log/{path:path}", self.log_object),
+        ]
+
+    def asgi_app(self) -> ASGIApp:
+        app = self.mcp.streamable_http_app(host=self.config.host, custom_starlette_routes=self.routes())
+        return RequireBearer(app)
+
+
+class RequireBearer:
+    """Answer 401 to MCP requests without a bearer token, before any MCP processing.
+
+    This is not a trust decision (only the enclave verifies tokens); it lets MCP clients
+    see the standard challenge instead of an opaque failure.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].rstrip("/") == "/mcp" and scope["method"] != "OPTIONS":
+            headers = dict(scope.get("headers") or [])
+            if not headers.get(b"authorization", b"").lower().startswith(b"bearer "):
+                response = JSONResponse(
+                    {"jsonrpc": "2.0", "id": None, "error": {"code": UNAUTHENTICATED,
+                     "message": "unauthenticated: send 'Authorization: Bearer <JWT>' (cloister token issue ...)"}},
+                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="cloister"'})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def serve(config: RelayConfig, *, ready: Callable[[Relay], Coroutine[Any, Any, None]] | None = None) -> None:
+    import uvicorn
+
+    relay = Relay(config)
+    async with anyio.create_task_group() as tg:
+        await relay.start(tg)
+        server = uvicorn.Server(uvicorn.Config(relay.asgi_app(), host=config.host, port=config.port,
+                                               log_level="warning", lifespan="on"))
+        log.info("relay serving MCP at http://%s:%d/mcp", config.host, config.port)
+        if ready is not None:
+            tg.start_soon(ready, relay)
+        try:
+            await server.serve()
+        finally:
+            relay.upstreams.stop()
+            assert relay.log is not None
+            await relay.log.close()
+            await relay.enclave.close()
+            tg.cancel_scope.cancel()
+
