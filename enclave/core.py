@@ -226,14 +226,19 @@ class EnclaveCore:
             raise NotReady("the enclave's log has not been started or resumed yet")
         return self.sequencer
 
-    def _append(self, entries: list[Entry]) -> LogAppend:
+    def _sequence(self, entries: list[Entry]) -> tuple[int, tuple[bytes, ...]]:
         seq = self._ready_sequencer()
-        encoded = [encode_entry(e) for e in entries]
+        encoded = tuple(encode_entry(e) for e in entries)
         with seq.lock:
             first = seq.append(encoded[0])
             for data in encoded[1:]:
                 seq.append(data)
-        return LogAppend(first, tuple(encoded), seq.checkpoint_covering(first + len(encoded)))
+        return first, encoded
+
+    def _append(self, entries: list[Entry]) -> LogAppend:
+        # Never call with the sequencer lock held: signing the checkpoint needs it.
+        first, encoded = self._sequence(entries)
+        return LogAppend(first, encoded, self._ready_sequencer().checkpoint_covering(first + len(encoded)))
 
     def sync(self, persisted_size: int) -> LogAppend:
         seq = self._ready_sequencer()
@@ -279,17 +284,18 @@ class EnclaveCore:
                     )
                 limits.replay(self._history, self._history_start, now_ms)
             first_load_at_same_version = current is None and self._min_policy == (signed.version, signed.sha256)
-            log: LogAppend | None = None
+            # The checkpoints from here on name the new bundle, starting with the one covering its entry.
+            seq.set_extensions((policy_extension(signed.version, signed.sha256),))
             if not first_load_at_same_version:
                 entry = PolicyEntry(time_ms=now_ms, bundle_sha256=signed.sha256, version=signed.version,
                                     signer=signed.signer, mode=bundle.settings.mode)
-                log = self._append([entry])
-            seq.set_extensions((policy_extension(signed.version, signed.sha256),))
+                self._sequence([entry])
             self._policy = _PolicyState(bundle=bundle, engine=engine, limits=limits, sha256=signed.sha256,
                                         version=signed.version, signer=signed.signer)
             self._history = ()
-        if log is None:
-            log = self.sync(seq.size)
+            size = seq.size
+        log = LogAppend(size - (0 if first_load_at_same_version else 1),
+                        () if first_load_at_same_version else (encode_entry(entry),), seq.checkpoint_covering(size))
         return signed.version, signed.sha256, log
 
     @property

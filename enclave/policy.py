@@ -51,7 +51,7 @@ def cedar_value(value: Any) -> Any:
     """A JSON value as a Cedar value: integers (and integral floats) are Longs, other numbers are
     `decimal`s when Cedar can hold them exactly (4 fractional digits) and strings otherwise;
     nulls are dropped, since Cedar has none."""
-    if isinstance(value, bool) or isinstance(value, int | str):
+    if isinstance(value, int | str):  # bool is an int
         return value
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 2**63:

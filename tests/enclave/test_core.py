@@ -1,0 +1,256 @@
+"""The enclave's decision path, end to end in-process: identity, Cedar, limits, grants, the log."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from cloister.verify.canonical import canonical_sha256
+from cloister.verify.checkpoint import verify_checkpoint
+from cloister.verify.enclave_identity import EnclaveBinding
+from cloister.verify.entries import DecisionEntry, KeyEntry, OutcomeEntry, PolicyEntry, parse_entry
+from cloister.verify.grant import GrantError, ReplayGuard, verify_grant
+from cloister.verify.merkle import leaf_hash, root_from_leaf_hashes
+from enclave.core import NotReady, PolicyRefused
+from tests.world import World, make_world
+
+
+@pytest.fixture
+def w(tmp_path: Path) -> World:
+    return make_world(tmp_path)
+
+
+def call(w: World, token: str, server: str, tool: str, args: dict[str, object] | bytes):  # type: ignore[no-untyped-def]
+    raw = args if isinstance(args, bytes) else json.dumps(args).encode()
+    v = w.core.authorize(token=token, server=server, tool=tool, arguments_json=raw, request_id="t",
+                         persisted_size=len(w.log))
+    w.persist(v.log)
+    return v
+
+
+def refund_bot(w: World) -> str:
+    return w.token("refund-bot", ["refund-agent"])
+
+
+def test_log_starts_with_key_entry_and_policy(w: World) -> None:
+    key = parse_entry(w.log[0])
+    assert isinstance(key, KeyEntry) and key.previous_size is None
+    assert key.log_key == w.core.log_public and key.grant_key == w.core.grant_public
+    assert isinstance(parse_entry(w.log[1]), PolicyEntry)
+    binding = EnclaveBinding(origin="cloister.test/log", log_key=key.log_key, grant_key=key.grant_key)
+    cp = verify_checkpoint(w.checkpoints[-1], [binding.log_verifier()], origin="cloister.test/log").checkpoint
+    assert cp.size == 2 and cp.root_hash == root_from_leaf_hashes([leaf_hash(e) for e in w.log])
+    assert cp.extensions and cp.extensions[0].startswith("cloister-policy 1 ")
+
+
+def test_allowed_call_gets_a_grant_for_exactly_these_arguments(w: World) -> None:
+    args = {"customer_id": "cus_1001"}
+    v = call(w, refund_bot(w), "refunds", "customer_lookup", args)
+    assert v.allowed and v.policy_ids == ("refund-agent-tools",)
+    entry = parse_entry(w.log[v.log_index])
+    assert isinstance(entry, DecisionEntry) and entry.decision == "allow" and entry.agent == "refund-bot"
+    keys = EnclaveBinding("o", w.core.log_public, w.core.grant_public).grant_keys()
+    claims = verify_grant(v.grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=args,
+                          now_ms=w.clock.ms)
+    assert claims.log_index == v.log_index and claims.entry_hash == leaf_hash(w.log[v.log_index])
+    assert claims.args_sha256 == canonical_sha256(args) == entry.args_sha256
+    for bad in ({"customer_id": "cus_1002"}, {}, {"customer_id": "cus_1001", "x": 1}):
+        with pytest.raises(GrantError, match="different arguments"):
+            verify_grant(v.grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=bad,
+                         now_ms=w.clock.ms)
+    with pytest.raises(GrantError, match="not refunds/refund.create"):
+        verify_grant(v.grant, grant_keys=keys, server="refunds", tool="refund.create", arguments=args,
+                     now_ms=w.clock.ms)
+    with pytest.raises(GrantError, match="expired"):
+        verify_grant(v.grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=args,
+                     now_ms=w.clock.ms + 61_000)
+    guard = ReplayGuard()
+    guard.use(claims, w.clock.ms)
+    with pytest.raises(GrantError, match="already used"):
+        guard.use(claims, w.clock.ms)
+
+
+@pytest.mark.parametrize(
+    ("agent", "roles", "server", "tool", "args", "code", "reason"),
+    [
+        ("refund-bot", ["refund-agent"], "refunds", "refund.approve_above_threshold", {"refund_id": "re_1"},
+         "policy", "approvals-need-a-supervisor"),
+        ("research-bot", ["research-agent"], "research", "db_write", {"key": "k", "value": "v"},
+         "no-permit", "no policy permits"),
+        ("research-bot", ["research-agent"], "refunds", "customer_lookup", {"customer_id": "cus_1001"},
+         "no-permit", "no policy permits"),
+        ("refund-bot", ["refund-agent"], "refunds", "refund.create", {"customer_id": "c", "amount": 6000},
+         "policy", "refund-single-cap"),
+        ("refund-bot", ["refund-agent"], "billing", "charge", {}, "unknown-server", "'billing' is not in"),
+        ("refund-bot", ["refund-agent"], "refunds", "delete_all", {}, "unknown-tool", "'delete_all' is not a tool"),
+        ("mallory-bot", [], "refunds", "customer_lookup", {}, "unknown-agent", "not registered"),
+        ("research-bot", ["refund-agent"], "refunds", "customer_lookup", {}, "unauthenticated", "does not grant role"),
+    ],
+)
+def test_denials_are_logged_with_their_reason(w: World, agent: str, roles: list[str], server: str, tool: str,
+                                              args: dict[str, object], code: str, reason: str) -> None:
+    v = call(w, w.token(agent, roles), server, tool, args)
+    assert not v.allowed and v.code == code and reason in v.reason and not v.grant
+    entry = parse_entry(w.log[v.log_index])
+    assert isinstance(entry, DecisionEntry) and entry.decision == "deny" and entry.code == code
+    assert entry.grant_nonce is None
+
+
+@pytest.mark.parametrize(
+    ("make_token", "reason"),
+    [
+        (lambda w: "", "missing"),
+        (lambda w: w.token("refund-bot", ["refund-agent"], ttl=-120), "expired"),
+        (lambda w: w.token("refund-bot", ["refund-agent"])[:-4] + "AAAA", "bad-signature"),
+        (lambda w: w.token("refund-bot", ["refund-agent"], iss="evil"), "unknown-issuer"),
+        (lambda w: "garbage.token.here", "malformed"),
+    ],
+)
+def test_bad_tokens_are_denied_and_logged(w: World, make_token, reason: str) -> None:  # type: ignore[no-untyped-def]
+    v = call(w, make_token(w), "refunds", "customer_lookup", {"customer_id": "cus_1001"})
+    assert not v.allowed and v.code == "unauthenticated" and reason in v.reason
+    assert isinstance(parse_entry(w.log[v.log_index]), DecisionEntry)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"customer_id": "x", "customer_id": "y"}', "duplicate member name"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"a": ', "line 1"),
+        (json.dumps({"customer_id": "x" * 70000}).encode(), "exceeds the limit of 65536"),
+        (b'{"customer_id": "c", "amount": "lots"}', "is not a number"),
+        (b'{"customer_id": "c", "amount": -500}', "non-negative"),
+    ],
+)
+def test_bad_arguments_are_denied(w: World, raw: bytes, reason: str) -> None:
+    tool = "refund.create" if b"amount" in raw else "customer_lookup"
+    v = call(w, refund_bot(w), "refunds", tool, raw)
+    assert not v.allowed and v.code == "bad-arguments" and reason in v.reason
+
+
+def test_spend_cap_denies_the_eleventh_thousand(w: World) -> None:
+    tok = refund_bot(w)
+    for _ in range(10):
+        v = call(w, tok, "refunds", "refund.create", {"customer_id": "cus_1001", "amount": 1000})
+        assert v.allowed, v.reason
+        w.clock.advance(60)
+    v = call(w, tok, "refunds", "refund.create", {"customer_id": "cus_1001", "amount": 1000})
+    assert not v.allowed and v.code == "limit" and "refund-bot-hourly-refunds" in v.reason
+    assert v.limits[-1].remaining == 0 and 2900 < v.limits[-1].retry_after_s <= 3000
+    w.clock.advance(v.limits[-1].retry_after_s + 1)
+    assert call(w, refund_bot(w), "refunds", "refund.create", {"customer_id": "cus_1001", "amount": 1000}).allowed
+
+
+def test_spend_cap_is_exact_under_concurrency(w: World) -> None:
+    tok = refund_bot(w)
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(4):
+            v = w.core.authorize(token=tok, server="refunds", tool="refund.create",
+                                 arguments_json=b'{"customer_id": "c", "amount": 333.33}', request_id="",
+                                 persisted_size=0)
+            with lock:
+                results.append(v.allowed)
+
+    threads = [threading.Thread(target=worker) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(results) == 30  # 30 * 333.33 = 9999.90; a 31st would exceed 10000 by 333.23
+
+
+def test_discovery_is_filtered(w: World) -> None:
+    everything = [("refunds", t) for t in ("customer_lookup", "transaction_history", "refund.create",
+                                           "refund.approve_above_threshold")] + \
+                 [("research", "web_search"), ("research", "db_write"), ("ghost", "x")]
+    agent, visible = w.core.visible_tools(w.token("research-bot", ["research-agent"]), everything)
+    assert agent == "research-bot" and visible == [("research", "web_search")]
+    _, visible = w.core.visible_tools(refund_bot(w), everything)
+    assert visible == [("refunds", "customer_lookup"), ("refunds", "transaction_history"),
+                       ("refunds", "refund.create")]
+
+
+def test_outcome_is_logged_once_per_decision(w: World) -> None:
+    v = call(w, refund_bot(w), "refunds", "customer_lookup", {"customer_id": "cus_1001"})
+    a = w.core.record_outcome(decision_index=v.log_index, result_sha256=b"\x01" * 32, error="", duration_us=10,
+                              paid_amount="", persisted_size=len(w.log))
+    w.persist(a)
+    out = parse_entry(w.log[a.first_index])
+    assert isinstance(out, OutcomeEntry) and out.decision_index == v.log_index
+    with pytest.raises(Exception, match="not an open allowed decision"):
+        w.core.record_outcome(decision_index=v.log_index, result_sha256=None, error="x", duration_us=1,
+                              paid_amount="", persisted_size=len(w.log))
+    denied = call(w, refund_bot(w), "refunds", "refund.approve_above_threshold", {"refund_id": "r"})
+    with pytest.raises(Exception, match="not an open allowed decision"):
+        w.core.record_outcome(decision_index=denied.log_index, result_sha256=None, error="", duration_us=1,
+                              paid_amount="", persisted_size=len(w.log))
+
+
+def test_nothing_is_decided_before_the_log_and_policy(tmp_path: Path) -> None:
+    w = make_world(tmp_path, start=False)
+    with pytest.raises(NotReady):
+        w.core.authorize(token="", server="a", tool="b", arguments_json=b"{}", request_id="", persisted_size=0)
+    w.persist(w.core.start_new_log())
+    with pytest.raises(NotReady, match="no policy bundle"):
+        w.core.authorize(token="", server="a", tool="b", arguments_json=b"{}", request_id="", persisted_size=0)
+
+
+def test_policy_bundles_are_checked(w: World) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    cases = [
+        (w.sign_bundle(1), "not above the version in force"),
+        (w.sign_bundle(2, key=ed25519.Ed25519PrivateKey.generate()), "not a pinned admin key"),
+        (w.sign_bundle(2)[:-5] + b"xxxxx", "does not verify"),
+        (w.sign_bundle(2, {"policies/bad.cedar": "permit(principal, action, resource) when { oops };"}),
+         "policies/bad.cedar: invalid Cedar"),
+        (w.sign_bundle(2, {"limits.toml": '[[limits]]\nid="x"\nkind="spend"\ncost="price:1"\nmax="-5"\nwindow="1h"\n'}),
+         "negative or absurdly large"),
+        (w.sign_bundle(2, {"limits.toml": '[[limits]]\nid="x"\nkind="rate"\nmax="5"\nwindow="1h"\n'
+                                          'tools=["refunds___nope"]\n'}), "unknown tool 'refunds___nope'"),
+        (w.sign_bundle(2, {"entities.toml": '[roles]\nr = {}\n[agents.a]\nroles = ["ghost"]\n'}),
+         "role 'ghost' is not declared"),
+        (w.sign_bundle(2, {"bundle.toml": None}), "bundle.toml: missing"),
+        (b"\x00" * 100, "COSE_Sign1"),
+    ]
+    for data, message in cases:
+        with pytest.raises(PolicyRefused, match=message):
+            w.core.load_policy(data)
+    assert w.core.policy is not None and w.core.policy.version == 1  # untouched
+    version, _, a = w.core.load_policy(w.sign_bundle(2, {"bundle.toml": '[bundle]\nname="v2"\nmode="log-only"\n'}))
+    w.persist(a)
+    assert version == 2 and isinstance(parse_entry(w.log[-1]), PolicyEntry)
+
+
+def test_log_only_mode_logs_the_denial_but_grants(w: World) -> None:
+    w.persist(w.core.load_policy(w.sign_bundle(2, {"bundle.toml": '[bundle]\nname="v2"\nmode="log-only"\n'}))[2])
+    v = call(w, refund_bot(w), "refunds", "refund.approve_above_threshold", {"refund_id": "r"})
+    entry = parse_entry(w.log[v.log_index])
+    assert v.allowed and v.grant and isinstance(entry, DecisionEntry)
+    assert entry.decision == "deny" and entry.mode == "log-only" and entry.code == "policy"
+    # Identity failures are never waved through.
+    assert not call(w, "", "refunds", "customer_lookup", {}).allowed
+
+
+def test_storage_backpressure_stops_decisions(w: World) -> None:
+    from enclave.sequencer import Backpressure
+
+    seq = w.core.sequencer
+    assert seq is not None
+    seq._max_pending = len(w.log) + 3
+    tok = refund_bot(w)
+    with pytest.raises(Backpressure):
+        for _ in range(10):
+            w.core.authorize(token=tok, server="refunds", tool="customer_lookup", arguments_json=b"{}",
+                             request_id="", persisted_size=0)
+    # Once the parent reports what it persisted, decisions resume.
+    v = w.core.authorize(token=tok, server="refunds", tool="customer_lookup", arguments_json=b"{}",
+                         request_id="", persisted_size=seq.size)
+    assert v.allowed

@@ -1,0 +1,111 @@
+"""An in-process Cloister enclave for tests: mock NSM, dev keys, the example bundle, a fake clock.
+
+Nothing here is mocked but the Nitro hardware (MockNsm) and the passage of time (a settable
+clock), so the code under test is exactly what `cloister enclave` runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from cloister.devstate import example_bundle_dir
+from cloister.verify.bundle import sign_bundle
+from cloister.verify.jwt import encode_jwt
+from enclave.bundle import read_bundle_dir
+from enclave.config import load_config
+from enclave.core import EnclaveCore, LogAppend
+from enclave.measure import mock_pcrs
+from enclave.mock_nsm import MockNsm
+
+
+@dataclass
+class Clock:
+    ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += int(seconds * 1000)
+
+
+@dataclass
+class World:
+    root: Path
+    admin: ed25519.Ed25519PrivateKey
+    issuer: ed25519.Ed25519PrivateKey
+    clock: Clock
+    core: EnclaveCore
+    config_path: Path
+    bundle_dir: Path
+    log: list[bytes] = field(default_factory=list)
+    checkpoints: list[bytes] = field(default_factory=list)
+
+    def persist(self, a: LogAppend) -> None:
+        """Store entries like the parent does (in order, exactly once)."""
+        for i, data in enumerate(a.entries):
+            index = a.first_index + i
+            if index < len(self.log):
+                assert self.log[index] == data
+            else:
+                assert index == len(self.log), f"gap: got {index}, have {len(self.log)}"
+                self.log.append(data)
+        self.checkpoints.append(a.checkpoint.note)
+
+    def token(self, agent: str, roles: list[str], ttl: int = 600, **over: object) -> str:
+        now = self.clock.ms // 1000
+        claims: dict[str, object] = {"iss": "cloister-dev", "aud": "cloister", "sub": agent, "roles": roles,
+                                     "iat": now, "exp": now + ttl}
+        claims.update(over)
+        return encode_jwt(claims, self.issuer)
+
+    def sign_bundle(self, version: int, edit: dict[str, str | None] | None = None,
+                    key: ed25519.Ed25519PrivateKey | None = None) -> bytes:
+        files = read_bundle_dir(self.bundle_dir)
+        for path, text in (edit or {}).items():
+            if text is None:
+                files.pop(path, None)
+            else:
+                files[path] = text.encode()
+        return sign_bundle(files, version, key or self.admin)
+
+    def new_core(self) -> EnclaveCore:
+        config = load_config(self.config_path)
+        pcrs = mock_pcrs(config.raw)
+        return EnclaveCore(config, MockNsm(self.root / "mock-nsm", pcrs, clock=self._dt), pcrs=pcrs,
+                           clock_ms=self.clock, mock_nsm=True)
+
+    def _dt(self):  # type: ignore[no-untyped-def]
+        from datetime import UTC, datetime
+
+        return datetime.fromtimestamp(self.clock.ms / 1000, UTC)
+
+
+def make_world(root: Path, *, start: bool = True, policy: bool = True) -> World:
+    admin = ed25519.Ed25519PrivateKey.generate()
+    issuer = ed25519.Ed25519PrivateKey.generate()
+    bundle_dir = root / "bundle"
+    shutil.copytree(example_bundle_dir(), bundle_dir)
+    (bundle_dir / "issuers").mkdir(exist_ok=True)
+    (bundle_dir / "issuers" / "cloister-dev.pem").write_bytes(
+        issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    MockNsm(root / "mock-nsm", {}).root_pem()
+    config_path = root / "enclave.toml"
+    raw = admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+    config_path.write_text(f'origin = "cloister.test/log"\nadmin_keys = ["{raw}"]\n'
+                           'trust_root = "mock:mock-nsm/root.pem"\n')
+    clock = Clock()
+    w = World(root=root, admin=admin, issuer=issuer, clock=clock, core=None, config_path=config_path,  # type: ignore[arg-type]
+              bundle_dir=bundle_dir)
+    w.core = w.new_core()
+    if start:
+        w.persist(w.core.start_new_log())
+        if policy:
+            w.persist(w.core.load_policy(w.sign_bundle(1))[2])
+    return w
