@@ -1,0 +1,58 @@
+"""Helpers for end-to-end tests: real processes on real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def start_enclave(state_root: Path, listen: str, *, log: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start `python -m enclave` in mock mode and wait for its ready line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enclave", "--listen", listen, "--config", str(state_root / "enclave.toml"),
+         "--mock-nsm", str(state_root / "mock-nsm")],
+        stdout=subprocess.PIPE, stderr=log.open("ab"), start_new_session=True)
+    ready: dict[str, Any] = {}
+
+    def read() -> None:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line:
+            ready.update(json.loads(line))
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(60)
+    if not ready:
+        proc.kill()
+        raise RuntimeError(f"enclave did not start; see {log}: {log.read_text()[-2000:]}")
+    return proc, ready
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")
