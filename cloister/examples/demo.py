@@ -1,0 +1,249 @@
+"""The refund scenario, driven end to end: `python -m cloister.examples.demo` (./scripts/demo).
+
+Starts `cloister up` on a fresh state directory, drives two agents through the official MCP
+client, prints a transcript, then audits the log: it fetches an attested checkpoint with a
+fresh nonce, verifies it against the mock trust root and the enclave's PCR0, and proves every
+call's decision and outcome entries into it. Stops everything it started; exits non-zero if
+anything did not behave as the scenario says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.exceptions import MCPError
+
+from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot
+from cloister.verify.checkpoint import verify_checkpoint
+from cloister.verify.enclave_identity import verify_enclave
+from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
+from cloister.verify.merkle import leaf_hash, verify_inclusion
+from cloister.verify.tiles import entry_bundle_path, parse_entry_bundle
+
+GREEN, RED, DIM, BOLD, RESET = "\033[32m", "\033[31m", "\033[2m", "\033[1m", "\033[0m"
+
+
+def _color() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def say(text: str = "", style: str = "") -> None:
+    print(f"{style}{text}{RESET}" if style and _color() else text, flush=True)
+
+
+@dataclass
+class Transcript:
+    calls: list[tuple[str, int]] = field(default_factory=list)  # (label, log index) to prove
+    failures: list[str] = field(default_factory=list)
+
+    def expect(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.failures.append(what)
+            say(f"    UNEXPECTED: {what}", RED)
+
+
+class Agent:
+    def __init__(self, name: str, url: str, token: str) -> None:
+        self.name, self.url, self.token = name, url, token
+
+    def client(self) -> Client:
+        http = create_mcp_http_client(headers={"Authorization": f"Bearer {self.token}"})
+        return Client(streamable_http_client(self.url, http_client=http), cache=None)
+
+
+async def call(t: Transcript, client: Client, agent: str, tool: str, args: dict[str, Any], *,
+               expect: str, why: str = "") -> dict[str, Any] | None:
+    shown = json.dumps(args)
+    try:
+        result = await client.call_tool(tool, args)
+    except MCPError as exc:
+        data = exc.data if isinstance(exc.data, dict) else {}
+        say(f"  {agent:13} {tool}({shown})", BOLD)
+        say(f"    -> DENIED  {exc.message}", RED)
+        if "log_index" in data:
+            t.calls.append((f"{agent} {tool} (denied)", int(data["log_index"])))
+            say(f"       logged as entry {data['log_index']}", DIM)
+        t.expect(expect == "deny", f"{agent} {tool} should have been allowed ({why}): {exc.message}")
+        if expect == "deny" and why:
+            t.expect(why in exc.message, f"{agent} {tool}: the denial should mention {why!r}: {exc.message}")
+        return None
+    meta = (result.meta or {}).get("dev.cloister/log", {})
+    text = "".join(getattr(c, "text", "") for c in result.content)[:160]
+    say(f"  {agent:13} {tool}({shown})", BOLD)
+    say(f"    -> {'error' if result.is_error else 'OK'}  {text}", RED if result.is_error else GREEN)
+    if meta:
+        say(f"       decision logged as entry {meta['decision']}, outcome as entry {meta['outcome']}", DIM)
+        t.calls.append((f"{agent} {tool} (decision)", int(meta["decision"])))
+        t.calls.append((f"{agent} {tool} (outcome)", int(meta["outcome"])))
+    t.expect(expect == "allow" and not result.is_error, f"{agent} {tool} should have been denied: {text}")
+    return result.structured_content
+
+
+async def run_agents(info: dict[str, Any], tokens: dict[str, str], t: Transcript) -> None:
+    url = info["mcp_url"]
+    refund = Agent("refund-bot", url, tokens["refund-bot"])
+    research = Agent("research-bot", url, tokens["research-bot"])
+
+    say("\n== Discovery: each agent sees only what its policy lets it call", BOLD)
+    async with refund.client() as rc, research.client() as sc:
+        r_tools = sorted(tool.name for tool in (await rc.list_tools()).tools)
+        s_tools = sorted(tool.name for tool in (await sc.list_tools()).tools)
+        say(f"  refund-bot   sees {r_tools}")
+        say(f"  research-bot sees {s_tools}")
+        t.expect(r_tools == ["refunds___customer_lookup", "refunds___refund.create",
+                             "refunds___transaction_history"], "refund-bot's tool list")
+        t.expect(s_tools == ["research___web_search"], "research-bot's tool list (no refunds server at all)")
+
+        say("\n== Allowed calls go upstream with an enclave grant", BOLD)
+        await call(t, rc, "refund-bot", "refunds___customer_lookup", {"customer_id": "cus_1001"}, expect="allow")
+        await call(t, rc, "refund-bot", "refunds___transaction_history", {"customer_id": "cus_1001"},
+                   expect="allow")
+        await call(t, sc, "research-bot", "research___web_search", {"query": "nitro enclaves attestation"},
+                   expect="allow")
+
+        say("\n== Refunds: $1,000 at a time against a $10,000/hour cap", BOLD)
+        for i in range(10):
+            await call(t, rc, "refund-bot", "refunds___refund.create",
+                       {"customer_id": "cus_1001", "amount": 1000, "reason": f"demo refund {i + 1}"}, expect="allow")
+        say("\n== Denials, each with its reason", BOLD)
+        await call(t, rc, "refund-bot", "refunds___refund.create",
+                   {"customer_id": "cus_1001", "amount": 1000, "reason": "the 11th thousand"}, expect="deny",
+                   why="refund-bot-hourly-refunds")
+        await call(t, rc, "refund-bot", "refunds___refund.approve_above_threshold", {"refund_id": "re_0001"},
+                   expect="deny", why="approvals-need-a-supervisor")
+        await call(t, sc, "research-bot", "refunds___customer_lookup", {"customer_id": "cus_1001"},
+                   expect="deny", why="no policy permits")
+        await call(t, sc, "research-bot", "research___db_write", {"key": "k", "value": "v"}, expect="deny",
+                   why="no policy permits")
+
+    if info.get("refunds_url"):
+        say("\n== A direct call to the refunds server, skipping the enclave", BOLD)
+        async with Client(info["refunds_url"], cache=None) as direct:
+            try:
+                await direct.call_tool("refund.create", {"customer_id": "cus_1001", "amount": 5000})
+                t.expect(False, "the refunds server accepted a call without a grant")
+            except MCPError as exc:
+                say(f"  (no grant)    refund.create -> REFUSED  {exc.message}", RED)
+                t.expect("grant refused" in exc.message, "the refusal names the missing grant")
+            forged = {"dev.cloister/grant": base64.b64encode(secrets.token_bytes(120)).decode(),
+                      "dev.cloister/attestation": base64.b64encode(b"not a document").decode()}
+            try:
+                await direct.call_tool("refund.create", {"customer_id": "cus_1001", "amount": 5000},
+                                       meta=forged)  # type: ignore[arg-type]
+                t.expect(False, "the refunds server accepted a forged grant")
+            except MCPError as exc:
+                say(f"  (forged)      refund.create -> REFUSED  {exc.message}", RED)
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (the relay we started)
+        data: bytes = resp.read()
+        return data
+
+
+def audit(info: dict[str, Any], t: Transcript) -> None:
+    say("\n== Audit: an attested checkpoint, and an inclusion proof for every call", BOLD)
+    log_url = info["log_url"]
+    nonce = secrets.token_bytes(16)
+    att = json.loads(_get(f"{log_url}/attestation?nonce={nonce.hex()}"))
+    checkpoint = att["checkpoint"].encode()
+    root = TrustRoot.from_pem(Path(info["trust_root"]).read_bytes())
+    enclave = verify_enclave(base64.b64decode(att["document"]), root=root, at=DOCUMENT_TIME, now=datetime.now(UTC),
+                             nonce=nonce, expected_pcrs={0: bytes.fromhex(info["pcr0"])}, checkpoint=checkpoint)
+    cp = verify_checkpoint(checkpoint, [enclave.binding.log_verifier()], origin=enclave.binding.origin).checkpoint
+    say(f"  attestation verified: mock root, PCR0 {info['pcr0'][:16]}..., our nonce {nonce.hex()[:16]}...")
+    say(f"  checkpoint verified:  {cp.origin}, size {cp.size}, root {cp.root_hash.hex()[:16]}...")
+    bundles: dict[int, list[bytes]] = {}
+    for label, index in t.calls:
+        if index >= cp.size:
+            t.expect(False, f"{label}: entry {index} is beyond the attested checkpoint ({cp.size})")
+            continue
+        n = index // 256
+        if n not in bundles:
+            width = min(256, cp.size - n * 256)
+            bundles[n] = parse_entry_bundle(_get(f"{log_url}/{entry_bundle_path(n, width if width < 256 else None)}"))
+        entry = bundles[n][index % 256]
+        proof = json.loads(_get(f"{log_url}/proof/inclusion?index={index}&size={cp.size}"))
+        verify_inclusion(leaf_hash(entry), index, cp.size, [base64.b64decode(h) for h in proof["proof"]],
+                         cp.root_hash)
+        record = parse_entry(entry)
+        if isinstance(record, DecisionEntry):
+            what = f"{record.decision} {record.agent} {record.server}/{record.tool}"
+        elif isinstance(record, OutcomeEntry):
+            what = f"outcome of entry {record.decision_index}"
+        else:
+            what = type(record).__name__
+        say(f"  entry {index:3}  proven in checkpoint  {what}", DIM)
+    say(f"  {len(t.calls)} entries proven against the attested checkpoint", GREEN)
+
+
+def wait_up(state: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cloister up exited with status {proc.returncode}; logs in {state}/logs")
+        info_path = state / "up.json"
+        if info_path.exists():
+            info: dict[str, Any] = json.loads(info_path.read_text())
+            return info
+        time.sleep(0.2)
+    raise RuntimeError("cloister up did not become ready in time")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cloister.examples.demo")
+    p.add_argument("--state", type=Path, default=Path(".cloister-demo"), help="fresh state directory to use")
+    args = p.parse_args(argv)
+    state = args.state.resolve()
+    if state.exists():
+        shutil.rmtree(state)
+    say("Starting `cloister up` (enclave with mock NSM, relay, example servers)...", BOLD)
+    up = subprocess.Popen([sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    t = Transcript()
+    try:
+        info = wait_up(state, up)
+        say(f"  MCP endpoint {info['mcp_url']}; log {info['log_url']}; PCR0 {info['pcr0'][:16]}...")
+        tokens = {a: Path(p).read_text().strip() for a, p in info["tokens"].items()}
+        anyio.run(run_agents, info, tokens, t)
+        audit(info, t)
+    except Exception as exc:
+        t.failures.append(f"{type(exc).__name__}: {exc}")
+        say(f"demo failed: {type(exc).__name__}: {exc}", RED)
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+    if t.failures:
+        say(f"\n{len(t.failures)} thing(s) did not behave as the scenario says:", RED)
+        for f in t.failures:
+            say(f"  - {f}", RED)
+        say(f"Process logs: {state}/logs", DIM)
+        return 1
+    say("\nEverything behaved as the scenario says. All processes stopped.", GREEN)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
