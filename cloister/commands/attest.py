@@ -11,14 +11,12 @@ Registration imports nothing heavy; the verifier is loaded by the handler.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 MAX_INPUT = 64 * 1024  # a document is at most 16 KiB; base64 and line breaks stay well below this
-MOCK_ROOT = Path("mock-nsm") / "root.pem"  # under $CLOISTER_STATE (default ./.cloister)
 
 
 def register(sub: Any) -> None:
@@ -141,13 +139,12 @@ def _parse_hex(flag: str, text: str) -> bytes:
 
 
 def _parse_pcr(spec: str) -> tuple[int, bytes]:
-    index, sep, value = spec.partition("=")
-    if not sep or not index.strip().isdigit() or not 0 <= int(index) < 32:
-        raise _Usage(f"--expect-pcr: {spec!r} is not I=HEX with I in [0, 32)")
-    digest = _parse_hex("--expect-pcr", value.strip())
-    if len(digest) not in (32, 48, 64):
-        raise _Usage(f"--expect-pcr: PCR{int(index)} value is {len(digest)} bytes, expected 48 (or 32/64)")
-    return int(index), digest
+    from cloister.trustroot import TrustRootError, parse_pcr_spec
+
+    try:
+        return parse_pcr_spec(spec)
+    except TrustRootError as exc:
+        raise _Usage(str(exc)) from exc
 
 
 def _read_input(name: str) -> bytes:
@@ -189,24 +186,13 @@ def _decode_input(data: bytes) -> bytes:
 
 
 def _load_root(choice: str) -> Any:
-    from cloister.verify.attestation import TrustRoot
-    from cloister.verify.errors import DecodeError
+    # Shared with `cloister audit --trust-root` (cloister.trustroot).
+    from cloister.trustroot import TrustRootError, load_trust_root
 
-    if choice == "aws":
-        return TrustRoot.aws()
-    if choice == "mock":
-        path = Path(os.environ.get("CLOISTER_STATE", ".cloister")) / MOCK_ROOT
-        if not path.is_file():
-            raise _Usage(f"no mock root at {path}: start the enclave with the mock NSM first, or pass --root PEM_PATH")
-        name = f"mock NSM root ({path})"
-    else:
-        path, name = Path(choice), f"root from {choice}"
     try:
-        return TrustRoot.from_pem(path.read_bytes(), name=name)
-    except OSError as exc:
-        raise _Usage(f"cannot read the root {path}: {exc.strerror or exc}") from exc
-    except DecodeError as exc:
-        raise _Usage(f"{path}: {exc}") from exc
+        return load_trust_root(choice)
+    except TrustRootError as exc:
+        raise _Usage(str(exc)) from exc
 
 
 def _as_json(doc: Any, root_name: str, root_sha256: str, at: Any) -> dict[str, Any]:
