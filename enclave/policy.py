@@ -72,6 +72,12 @@ def _cedar_datetime(now: datetime) -> dict[str, Any]:
     return {"__extn": {"fn": "datetime", "arg": text}}
 
 
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("error", error))
+    return str(error)
+
+
 class PolicyEngine:
     """Decides tools/call requests for one immutable bundle."""
 
@@ -88,6 +94,9 @@ class PolicyEngine:
                     self._by_action.setdefault(t, {})[pid] = policy
         self._entities = cedarpy.Entities.from_json_str(bundle.entities_json)
         self._slices: dict[str, cedarpy.PolicySet] = {}
+        # Whether the policies that can apply to an action read `context.system` (the time):
+        # building a Cedar datetime costs about as much as evaluating a small policy set.
+        self._uses_system: dict[str, bool] = {}
         self._lock = threading.Lock()
         self._principal_cache = lru_cache(maxsize=4096)(self._principal_entities)
 
@@ -99,7 +108,9 @@ class PolicyEngine:
                 if ps is None:
                     policies = {**self._general, **self._by_action.get(action, {})}
                     est = {"staticPolicies": policies, "templates": {}, "templateLinks": []}
-                    ps = cedarpy.PolicySet.from_json_str(json.dumps(est))
+                    text = json.dumps(est)
+                    ps = cedarpy.PolicySet.from_json_str(text)
+                    self._uses_system[action] = '"attr": "system"' in text or '"attr":"system"' in text
                     self._slices[action] = ps
         return ps
 
@@ -127,17 +138,25 @@ class PolicyEngine:
 
     def evaluate(self, p: Principal, server: str, tool: str, arguments: Mapping[str, Any],
                  now: datetime) -> CedarVerdict:
+        aid = action_id(server, tool)
         request = self._request(p, server, tool)
-        request["context"] = json.dumps({"input": cedar_value(arguments), "system": {"now": _cedar_datetime(now)}})
-        result = cedarpy.is_authorized(request, self._slice(action_id(server, tool)),
-                                       self._principal_cache(p.agent, p.roles))
-        reasons = tuple(sorted(result.diagnostics.reasons))
-        if result.allowed:
+        context: dict[str, Any] = {"input": cedar_value(arguments)}
+        if self._uses_system.get(aid, True):
+            context["system"] = {"now": _cedar_datetime(now)}
+        request["context"] = json.dumps(context)
+        # The extension's batch entry point with a pre-parsed PolicySet and Entities handle: the
+        # public wrapper re-serialises and re-wraps results, which costs more than the evaluation.
+        raw = cedarpy._internal.is_authorized_batch(
+            [request], self._slice(aid), self._principal_cache(p.agent, p.roles)._inner, None, False)
+        result = json.loads(raw[0])
+        diagnostics = result.get("diagnostics", {})
+        reasons = tuple(sorted(diagnostics.get("reason", [])))
+        if result.get("decision") == "Allow":
             return CedarVerdict(True, reasons, "", "permitted by " + ", ".join(reasons))
         if reasons:
             return CedarVerdict(False, reasons, "policy", "forbidden by policy " + ", ".join(reasons))
-        errors = result.diagnostics.errors
-        detail = f" ({len(errors)} policies could not be evaluated: {errors[0]})" if errors else ""
+        errors = diagnostics.get("errors", [])
+        detail = f" ({len(errors)} policies could not be evaluated: {_error_text(errors[0])})" if errors else ""
         return CedarVerdict(False, (), "no-permit", "no policy permits this call" + detail)
 
     def may_call(self, p: Principal, server: str, tool: str, now: datetime) -> bool:

@@ -40,9 +40,31 @@ _ESCAPES = {
 
 def canonical_json(value: Any) -> bytes:
     """The RFC 8785 canonical UTF-8 bytes of a JSON value (dict/list/str/int/float/bool/None)."""
+    if _plain(value):
+        # Without floats or astral-plane member names, json.dumps emits exactly RFC 8785:
+        # same escapes, and code point order equals UTF-16 order inside the BMP.
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     out: list[str] = []
     _emit(value, out, 0)
     return "".join(out).encode("utf-8")
+
+
+def _plain(value: Any) -> bool:
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str) or any(ord(c) > 0xFFFF for c in k):
+                    return False
+                stack.append((x, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, float) or not (v is None or isinstance(v, str | int)):
+            return False
+    return True
 
 
 def canonical_sha256(value: Any) -> bytes:

@@ -23,12 +23,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import cbor2
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloister.verify.canonical import canonical_sha256
 from cloister.verify.cose import decode_cbor, encode_cose_sign1, parse_cose_sign1, sig_structure
+from cloister.verify.entries import dumps_deterministic
 from cloister.verify.errors import DecodeError, VerificationError
 
 GRANT_META_KEY = "dev.cloister/grant"
@@ -82,7 +82,7 @@ class GrantClaims:
 
 
 def encode_grant(claims: GrantClaims, sign: Callable[[bytes], bytes], public_key: bytes) -> bytes:
-    payload = cbor2.dumps(claims.to_map(), canonical=True)
+    payload = dumps_deterministic(claims.to_map())
     return encode_cose_sign1({1: ALG_EDDSA, 4: grant_key_id(public_key)}, {}, payload, sign, tagged=True)
 
 

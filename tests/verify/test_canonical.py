@@ -117,3 +117,19 @@ def test_parser_size_cap() -> None:
 def test_parser_not_utf8() -> None:
     with pytest.raises(DecodeError, match="not UTF-8"):
         parse_json(b'{"a": "\xff"}')
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**60), 2**60) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(_json)
+def test_fast_path_equals_the_general_serialiser(value: object) -> None:
+    from cloister.verify import canonical
+
+    out: list[str] = []
+    canonical._emit(value, out, 0)
+    assert canonical_json(value) == "".join(out).encode()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import cbor2
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cloister.verify.entries import (
     DecisionEntry,
@@ -11,6 +13,7 @@ from cloister.verify.entries import (
     OutcomeEntry,
     PolicyEntry,
     ServerEntry,
+    dumps_deterministic,
     encode_entry,
     parse_entry,
 )
@@ -33,7 +36,7 @@ ALLOW = DecisionEntry(
     request_id="r1",
     grant_nonce=b"\x03" * 16,
     grant_expiry_ms=1_700_000_060_000,
-    cost="125.50",
+    charges={"refund-cap": "125.50", "refund-rate": "1"},
 )
 SAMPLES = [
     ALLOW,
@@ -102,7 +105,7 @@ def test_non_deterministic_encoding_refused() -> None:
         (lambda m: m.update(decision="maybe"), "expected allow or deny"),
         (lambda m: m.update(extra_field=1), "unexpected fields \\['extra_field'\\]"),
         (lambda m: m.pop("agent"), "'agent': expected text"),
-        (lambda m: m.update(grant_nonce=None), "grant nonce and expiry"),
+        (lambda m: m.update(grant_nonce=None), "grant nonce and expiry must be both"),
         (lambda m: m.update(time=-1), "'time': expected an unsigned integer"),
     ],
 )
@@ -122,3 +125,16 @@ def test_garbage_refused(data: bytes) -> None:
 def test_oversize_refused() -> None:
     with pytest.raises(DecodeError, match="capped"):
         parse_entry(b"\x00" * 70000)
+
+
+_cbor = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64) + 1, 2**64 - 1) | st.binary(max_size=40) | st.text(max_size=30),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=30), c, max_size=6),
+    max_leaves=25,
+)
+
+
+@given(_cbor)
+def test_deterministic_encoder_matches_rfc8949_canonical_ordering(value: object) -> None:
+    # cbor2's canonical mode implements RFC 8949 §4.2.1 ordering for text keys; ours must agree.
+    assert dumps_deterministic(value) == cbor2.dumps(value, canonical=True)
