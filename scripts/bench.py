@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def fmt_ms(seconds: float) -> str:
@@ -232,7 +232,14 @@ def bench_enclave(work: Path, quick: bool) -> list[dict[str, Any]]:
 def bench_log(quick: bool) -> dict[str, float]:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from cloister.verify.merkle import inclusion_proof, leaf_hash, verify_inclusion
+    from cloister.verify.merkle import (
+        CompactRange,
+        compact_range_hashes,
+        inclusion_proof,
+        leaf_hash,
+        node_hash,
+        verify_inclusion,
+    )
     from cloister.verify.note import Ed25519NoteSigner
     from enclave.sequencer import Sequencer
 
@@ -249,17 +256,16 @@ def bench_log(quick: bool) -> dict[str, float]:
             seq.checkpoint_covering(i + 1)
     out["sequencer_entries_per_s"] = n / (time.perf_counter() - t0)
 
-    # Inclusion proofs at 10 million entries, from a node source keyed like tile storage.
+    # Inclusion proofs at 10 million entries. A tree whose leaves are all equal is a real,
+    # consistent Merkle tree (every perfect subtree of a level has the same hash), so proofs
+    # have their full shape and verify against its root.
     size = 10_000_000
-    cache: dict[tuple[int, int], bytes] = {}
+    levels = [leaf_hash(b"entry")]
+    for _ in range(24):
+        levels.append(node_hash(levels[-1], levels[-1]))
 
     def get_node(level: int, index: int) -> bytes:
-        key = (level, index)
-        if key not in cache:
-            cache[key] = leaf_hash(level.to_bytes(2, "big") + index.to_bytes(8, "big"))
-        return cache[key]
-
-    import hashlib
+        return levels[level]
 
     samples = []
     for i in range(200):
@@ -269,15 +275,15 @@ def bench_log(quick: bool) -> dict[str, float]:
         samples.append(time.perf_counter() - t0)
         assert proof
     out["inclusion_proof_10M_p99_ms"] = pct(samples, 99) * 1000
-    # Verification of one proof at 10M (against a root recomputed from the same synthetic nodes).
-    t0 = time.perf_counter()
-    for _ in range(1000):
-        try:
-            verify_inclusion(get_node(0, 12345), 12345, size, inclusion_proof(12345, size, get_node),
-                             hashlib.sha256(b"not the root").digest())
-        except Exception:
-            pass
-    out["inclusion_generate_and_verify_10M_ms"] = (time.perf_counter() - t0)
+    # Generate and verify proofs at 10M against the root of the same synthetic tree.
+    root = CompactRange.from_hashes(size, compact_range_hashes(size, get_node)).root()
+    samples = []
+    for i in range(200):
+        index = (i * 7_919_993 + 11) % size
+        t0 = time.perf_counter()
+        verify_inclusion(get_node(0, index), index, size, inclusion_proof(index, size, get_node), root)
+        samples.append(time.perf_counter() - t0)
+    out["inclusion_generate_and_verify_10M_p99_ms"] = pct(samples, 99) * 1000
     return out
 
 
@@ -314,8 +320,8 @@ def main() -> int:
     log = bench_log(args.quick)
     print("Log:")
     print(f"  sequencer: {log['sequencer_entries_per_s']:,.0f} entries/s (target >= 20,000)")
-    print(f"  inclusion proof at 10M entries: p99 {log['inclusion_proof_10M_p99_ms']:.3f} ms to generate "
-          "(target <= 1 ms)")
+    print(f"  inclusion proof at 10M entries: p99 {log['inclusion_proof_10M_p99_ms']:.3f} ms to generate, "
+          f"{log['inclusion_generate_and_verify_10M_p99_ms']:.3f} ms to generate and verify (target <= 1 ms)")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
