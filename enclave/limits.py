@@ -64,6 +64,13 @@ class _Window:
         return 0 if freed >= need else window_ms
 
 
+def _window(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def _keys(limit: Limit, agent: str, roles: frozenset[str], server: str, tool: str) -> list[str]:
     if limit.per == "agent":
         return [agent]
@@ -125,11 +132,11 @@ class LimitBook:
                     need = cost if limit.cost[0] != "x402" else Decimal("0.000001")
                     wait_ms = w.retry_after_ms(need, limit.maximum, window_ms, now_ms) if w else window_ms
                     status = LimitStatus(limit.id, limit.kind, max(remaining, Decimal(0)), wait_ms / 1000)
-                    unit = "calls" if limit.kind == "rate" else "units"
+                    what = "calls" if limit.kind == "rate" else "spend"
                     reason = (
-                        f"limit {limit.id!r} ({limit.kind}, per {limit.per} {key!r}): this call needs {cost} "
-                        f"but {max(remaining, Decimal(0))} of {limit.maximum} {unit} per {limit.window_s}s remain; "
-                        f"retry after {wait_ms / 1000:.0f}s"
+                        f"limit {limit.id!r} reached: {what} of {limit.maximum} per {_window(limit.window_s)} "
+                        f"for {limit.per} {key!r}; this call needs {cost}, {max(remaining, Decimal(0))} remains; "
+                        f"retry in {wait_ms / 1000:.0f}s"
                     )
                     return LimitCheck(False, {}, status, (*statuses, status), reason)
                 statuses.append(LimitStatus(limit.id, limit.kind, remaining - cost, 0.0))

@@ -15,6 +15,7 @@ a checkpoint: those are signed inside the enclave, and upstreams and auditors ch
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import secrets
@@ -40,7 +41,7 @@ from cloister.verify.canonical import canonical_sha256
 from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY
 from parent.config import RelayConfig
 from parent.enclave_client import EnclaveClient, EnclaveRefused, EnclaveUnavailable
-from parent.storage import LogWriter, open_storage
+from parent.storage import LocalBackend, LogWriter, WriterOptions
 from parent.upstreams import UpstreamError, Upstreams
 
 log = logging.getLogger("cloister.relay")
@@ -120,19 +121,14 @@ class Relay:
                         raise EnclaveUnavailable(f"cannot reach the enclave at {self.config.enclave}: {exc}") from exc
                     await anyio.sleep(0.2)
             if health.log_size == 0:
-                material = await self.log.resume_material(max_history_entries=2_000_000,
+                material = await self.log.resume_material(max_history_entries=1_000_000,
                                                           window_start_ms=self._history_start_ms())
                 if material is None:
                     log.info("starting a new log %s", health.origin)
                     started = await self.enclave.start_log(None)
                 else:
-                    log.info("resuming the stored log at size %d", material.checkpoint_size)
-                    started = await self.enclave.start_log(pb.ResumeFrom(
-                        checkpoint=material.checkpoint, range_size=material.range_size,
-                        range_hashes=list(material.range_hashes), entries=list(material.entries),
-                        key_entry=material.key_entry, key_entry_index=material.key_entry_index,
-                        key_entry_proof=list(material.key_entry_proof), boundary_entry=material.boundary_entry,
-                        boundary_proof=list(material.boundary_proof)))
+                    log.info("resuming the stored log (history from entry %d)", material.range_size)
+                    started = await self.enclave.start_log(pb.ResumeFrom(**dataclasses.asdict(material)))
                 await self._persist(started.log)
             else:
                 # The enclave kept running while we restarted: persist what it sequenced meanwhile.
@@ -249,7 +245,8 @@ class Relay:
                 "limits": [{"limit": s.limit_id, "kind": s.kind, "remaining": s.remaining,
                             "retry_after_s": s.retry_after_s} for s in verdict.limits],
             })
-        await self.log.put_body(decision_index, "args", args_json)
+        # Bodies join the next group commit; the outcome's persist waits for them to be durable.
+        self.log.put_body(decision_index, "args", args_json)
         # 3. Forward, with the grant, to the upstream.
         upstream = self.upstreams.by_name.get(server)
         started = time.monotonic()
@@ -279,7 +276,7 @@ class Relay:
             raise MCPError(LOG_UNAVAILABLE, f"the call ran but its outcome could not be logged, so it is not "
                                             f"acknowledged: {exc}", data={"log_index": decision_index}) from exc
         if result_body:
-            await self.log.put_body(outcome.log_index, "result", result_body)
+            self.log.put_body(outcome.log_index, "result", result_body)
         await self._persist_or_fail(outcome.log)
         log_meta = {"decision": decision_index, "outcome": outcome.log_index,
                     "checkpoint_size": outcome.log.first_index + len(outcome.log.entries)}
@@ -330,12 +327,24 @@ class Relay:
             return JSONResponse({"error": str(exc)}, status_code=400)
         try:
             resp = await self.enclave.attest(nonce, include_checkpoint=with_checkpoint)
+            if with_checkpoint:
+                await self._publish_through(resp.checkpoint)
         except (EnclaveUnavailable, EnclaveRefused) as exc:
             return JSONResponse({"error": f"the enclave is unavailable: {exc}"}, status_code=503)
         body: dict[str, Any] = {"document": _b64(resp.document), "nonce": nonce.hex()}
         if with_checkpoint:
             body["checkpoint"] = resp.checkpoint.decode("utf-8")
         return JSONResponse(body)
+
+    async def _publish_through(self, checkpoint: bytes) -> None:
+        """Make the tiles for an attested checkpoint readable before handing it to an auditor."""
+        assert self.log is not None
+        size = int(checkpoint.split(b"\n", 2)[1])
+        if self.log.persisted_size < size:
+            synced = await self.enclave.sync(self.log.persisted_size)
+            await self._persist(synced.log)
+        if self.log.store.published_size < size:
+            await self.log.publish()
 
     async def log_object(self, request: Request) -> Response:
         assert self.log is not None
@@ -352,7 +361,7 @@ class Relay:
         assert self.log is not None
         try:
             index = int(request.query_params["index"])
-            size = int(request.query_params.get("size", self.log.published_size))
+            size = int(request.query_params.get("size", self.log.store.published_size))
             proof = await self.log.inclusion_proof(index, size)
         except (KeyError, ValueError) as exc:
             return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
@@ -362,7 +371,7 @@ class Relay:
         assert self.log is not None
         try:
             old = int(request.query_params["from"])
-            new = int(request.query_params.get("to", self.log.published_size))
+            new = int(request.query_params.get("to", self.log.store.published_size))
             proof = await self.log.consistency_proof(old, new)
         except (KeyError, ValueError) as exc:
             return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
@@ -402,6 +411,17 @@ class Relay:
     def asgi_app(self) -> ASGIApp:
         app = self.mcp.streamable_http_app(host=self.config.host, custom_starlette_routes=self.routes())
         return RequireBearer(app)
+
+
+async def open_storage(location: str, *, s3_endpoint_url: str | None, body_retention_days: int | None) -> LogWriter:
+    """The log's storage: a local directory, or s3://bucket/prefix."""
+    options = WriterOptions(body_retention_days=body_retention_days)
+    if location.startswith("s3://"):
+        from parent.storage.s3 import S3Backend
+
+        bucket, _, prefix = location[5:].partition("/")
+        return await LogWriter.open(S3Backend(bucket, prefix, endpoint_url=s3_endpoint_url), options)
+    return await LogWriter.open(LocalBackend(location), options)
 
 
 class RequireBearer:

@@ -27,6 +27,16 @@ def _run(args: argparse.Namespace) -> int:
                         format="%(asctime)s relay %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpx2", "mcp", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from cloister.verify.errors import CloisterError
+
     config = load_relay_config(args.config)
-    anyio.run(serve, config)
-    return 0
+    failures: list[BaseException] = []
+    try:
+        anyio.run(serve, config)
+    except* CloisterError as group:
+        failures.extend(group.exceptions)
+    except* KeyboardInterrupt:
+        pass
+    for exc in failures:
+        print(f"cloister relay: {exc}", file=sys.stderr)
+    return 1 if failures else 0

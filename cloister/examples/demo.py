@@ -87,7 +87,7 @@ async def call(t: Transcript, client: Client, agent: str, tool: str, args: dict[
             t.expect(why in exc.message, f"{agent} {tool}: the denial should mention {why!r}: {exc.message}")
         return None
     meta = (result.meta or {}).get("dev.cloister/log", {})
-    text = "".join(getattr(c, "text", "") for c in result.content)[:160]
+    text = " ".join("".join(getattr(c, "text", "") for c in result.content).split())[:140]
     say(f"  {agent:13} {tool}({shown})", BOLD)
     say(f"    -> {'error' if result.is_error else 'OK'}  {text}", RED if result.is_error else GREEN)
     if meta:
@@ -95,7 +95,7 @@ async def call(t: Transcript, client: Client, agent: str, tool: str, args: dict[
         t.calls.append((f"{agent} {tool} (decision)", int(meta["decision"])))
         t.calls.append((f"{agent} {tool} (outcome)", int(meta["outcome"])))
     t.expect(expect == "allow" and not result.is_error, f"{agent} {tool} should have been denied: {text}")
-    return result.structured_content
+    return dict(result.structured_content) if result.structured_content else None
 
 
 async def run_agents(info: dict[str, Any], tokens: dict[str, str], t: Transcript) -> None:
@@ -180,7 +180,7 @@ def audit(info: dict[str, Any], t: Transcript) -> None:
         n = index // 256
         if n not in bundles:
             width = min(256, cp.size - n * 256)
-            bundles[n] = parse_entry_bundle(_get(f"{log_url}/{entry_bundle_path(n, width if width < 256 else None)}"))
+            bundles[n] = parse_entry_bundle(_get(f"{log_url}/{entry_bundle_path(n, width)}"))
         entry = bundles[n][index % 256]
         proof = json.loads(_get(f"{log_url}/proof/inclusion?index={index}&size={cp.size}"))
         verify_inclusion(leaf_hash(entry), index, cp.size, [base64.b64decode(h) for h in proof["proof"]],
@@ -230,11 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.failures.append(f"{type(exc).__name__}: {exc}")
         say(f"demo failed: {type(exc).__name__}: {exc}", RED)
     finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGTERM)
+            try:
+                up.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
     if t.failures:
         say(f"\n{len(t.failures)} thing(s) did not behave as the scenario says:", RED)
         for f in t.failures:
