@@ -1,0 +1,692 @@
+"""Replay a whole log: recompute its tree from the entries, decode every entry, check the structure.
+
+What a replay proves, given a verified checkpoint (size N, root R):
+
+  1. Tree. Every entry bundle `tile/entries/<n>` is read and split (C2SP tlog-tiles); the leaf
+     hashes (RFC 9162 §2.1.1) of the N entries and the tree above them are recomputed, and the
+     root must equal R. Every stored hash tile, at every level, must equal the recomputed one: a
+     tampered tile is reported with its path even when the entries are intact.
+  2. Entries. Every entry decodes as a Cloister record (cloister.verify.entries.parse_entry, the
+     one parser; cloister.audit.templates memoises it for entries that differ only in
+     fixed-size fields).
+  3. Structure across entries:
+     - an outcome names an earlier decision that issued a grant (an allow, or a log-only deny),
+       and no decision has two outcomes;
+     - every key entry's attestation verifies against the trust root and the PCR expectations
+       as of its own timestamp, binds that entry's log and grant keys for this log's origin, and
+       its previous_size/previous_root are the log's own size and root just before it (None
+       only for the entry that starts a new log, at index 0);
+     - policy entries have increasing versions, and every decision names the policy version and
+       bundle hash in force at its index (the latest policy entry before it);
+     - the checkpoint is signed by the log key introduced by the last key entry before N.
+
+Problems are collected (with the entry index, the tile path and the byte offset when known), not
+raised, so that one replay reports everything it finds; the caller exits non-zero if there are
+any. A fetch failure (network) aborts the replay: nothing can be concluded from a partial read.
+
+Work is split into chunks of bundles, processed in worker processes when there is more than one
+CPU and enough entries (`jobs`); a chunk returns its bundle roots and compact per-entry facts
+that the main process merges in log order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloister.audit.errors import FetchError, MissingData
+from cloister.audit.source import MAX_ENTRY_BUNDLE, MAX_HASH_TILE, LogSource, SourceSpec, open_source
+from cloister.audit.templates import (
+    KIND_DECISION_DENIED,
+    KIND_DECISION_GRANTED,
+    KIND_KEY,
+    KIND_OUTCOME,
+    KIND_POLICY,
+    KIND_SERVER,
+    KIND_UNDECODABLE,
+    KIND_UNKNOWN,
+    DecisionInfo,
+    OutcomeInfo,
+    Template,
+    TemplateCache,
+    decision_kind,
+)
+from cloister.verify.entries import DecisionEntry, KeyEntry, OutcomeEntry, PolicyEntry, ServerEntry, parse_entry
+from cloister.verify.errors import DecodeError, VerificationError
+from cloister.verify.merkle import EMPTY_ROOT, CompactRange, compact_range_hashes, root_from_leaf_hashes
+from cloister.verify.tiles import (
+    TILE_HEIGHT,
+    TILE_WIDTH,
+    entry_bundle_path,
+    hash_tile_path,
+    hash_tiles,
+    parse_entry_bundle,
+)
+
+__all__ = [
+    "KeyIntroduction",
+    "PolicyChange",
+    "Problem",
+    "ReplayResult",
+    "Summary",
+    "replay_tree",
+]
+
+MAX_PROBLEMS = 200
+MAX_REASONS = 500
+_KIND_NAMES = {
+    KIND_UNKNOWN: "an entry that could not be read",
+    KIND_DECISION_GRANTED: "a decision",
+    KIND_DECISION_DENIED: "an enforced deny",
+    KIND_OUTCOME: "an outcome",
+    KIND_KEY: "a key entry",
+    KIND_POLICY: "a policy entry",
+    KIND_SERVER: "a server entry",
+    KIND_UNDECODABLE: "an undecodable entry",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str  # "entry 17 (tile/entries/000, byte offset 4410)", "tile/1/000", "checkpoint"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class Summary:
+    decisions: Counter[str] = field(default_factory=Counter)  # allow / deny / deny (log-only)
+    by_agent: Counter[str] = field(default_factory=Counter)
+    by_tool: Counter[str] = field(default_factory=Counter)  # "server/tool"
+    denials: Counter[str] = field(default_factory=Counter)  # by code
+    deny_reasons: Counter[tuple[str, str]] = field(default_factory=Counter)  # (code, reason)
+    outcomes: int = 0
+    outcome_errors: int = 0
+    payments: int = 0
+    servers: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (server, kind, status)
+    fast_decodes: int = 0
+    full_decodes: int = 0
+
+    def merge(self, other: Summary) -> None:
+        self.decisions.update(other.decisions)
+        self.by_agent.update(other.by_agent)
+        self.by_tool.update(other.by_tool)
+        self.denials.update(other.denials)
+        for key, n in other.deny_reasons.items():
+            if key in self.deny_reasons or len(self.deny_reasons) < MAX_REASONS:
+                self.deny_reasons[key] += n
+            else:
+                self.deny_reasons[(key[0], "(other reasons)")] += n
+        self.outcomes += other.outcomes
+        self.outcome_errors += other.outcome_errors
+        self.payments += other.payments
+        self.servers.update(other.servers)
+        self.fast_decodes += other.fast_decodes
+        self.full_decodes += other.full_decodes
+
+    def count_decision(self, info: DecisionInfo, n: int) -> None:
+        label = info.decision if info.mode == "enforce" or info.decision == "allow" else "deny (log-only)"
+        self.decisions[label] += n
+        self.by_agent[info.agent or "(unauthenticated)"] += n
+        self.by_tool[f"{info.server}/{info.tool}"] += n
+        if info.decision == "deny":
+            self.denials[info.code] += n
+
+    def count_outcome(self, info: OutcomeInfo, n: int) -> None:
+        self.outcomes += n
+        if info.error:
+            self.outcome_errors += n
+        if info.paid:
+            self.payments += n
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk of bundles [first, end) contributes, in log order."""
+
+    first: int
+    end: int
+    entries: int = 0
+    full_roots: list[bytes | None] = field(default_factory=list)  # Merkle level 8, one per full bundle
+    leaves: dict[int, list[bytes]] = field(default_factory=dict)  # bundle -> leaf hashes (when asked)
+    kinds: bytearray = field(default_factory=bytearray)  # one KIND_* per entry (decode mode)
+    outcomes: array[int] = field(default_factory=lambda: array("q"))  # flat (index, decision index) pairs
+    policy_runs: list[tuple[int, int, bytes]] = field(default_factory=list)  # (first index, version, sha)
+    key_entries: list[tuple[int, bytes]] = field(default_factory=list)
+    policy_entries: list[tuple[int, PolicyEntry]] = field(default_factory=list)
+    summary: Summary = field(default_factory=Summary)
+    problems: list[Problem] = field(default_factory=list)
+    current_policy: tuple[int, bytes] | None = None  # the policy of the last decision (within the chunk)
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    spec: SourceSpec
+    tree_size: int
+    decode: bool
+    want_leaves: frozenset[int]  # bundles whose leaf hashes must be returned
+
+
+# --- The worker side: one chunk of bundles ---------------------------------------------------
+
+_worker_state: dict[str, Any] = {}
+
+
+def _source_for(spec: SourceSpec) -> LogSource:
+    cached = _worker_state.get("source")
+    if cached is None or cached.spec != spec:
+        cached = open_source(spec)
+        _worker_state["source"] = cached
+    return cached
+
+
+def _templates() -> TemplateCache:
+    cache = _worker_state.get("templates")
+    if cache is None:
+        cache = _worker_state["templates"] = TemplateCache()
+    return cache
+
+
+def _read_all(source: LogSource, requests: Sequence[tuple[str, int]]) -> list[bytes | Exception]:
+    """Read each (path, cap); MissingData and DecodeError are returned, FetchError is raised."""
+
+    def one(req: tuple[str, int]) -> bytes | Exception:
+        try:
+            return source.read(req[0], max_size=req[1])
+        except (MissingData, DecodeError) as exc:
+            return exc
+
+    if source.parallelism <= 1 or len(requests) <= 1:
+        return [one(r) for r in requests]
+    pool = _worker_state.get("pool")
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = _worker_state["pool"] = ThreadPoolExecutor(max_workers=source.parallelism)
+    return list(pool.map(one, requests))
+
+
+def scan_chunk(plan: ScanPlan, first: int, end: int) -> ChunkResult:
+    """Bundles [first, end) of the tree: hashes, level-0 tile checks, and (decode mode) entry facts."""
+    source = _source_for(plan.spec)
+    n = plan.tree_size
+    out = ChunkResult(first, end)
+    requests: list[tuple[str, int]] = []
+    widths = []
+    for b in range(first, end):
+        width = min(TILE_WIDTH, n - b * TILE_WIDTH)
+        widths.append(width)
+        requests.append((entry_bundle_path(b, width), MAX_ENTRY_BUNDLE))
+        requests.append((hash_tile_path(0, b, width), MAX_HASH_TILE))
+    data = _read_all(source, requests)
+    templates = _templates() if plan.decode else None
+    sha256 = hashlib.sha256
+    for i, b in enumerate(range(first, end)):
+        width = widths[i]
+        bundle_path, tile_path = requests[2 * i][0], requests[2 * i + 1][0]
+        raw, tile = data[2 * i], data[2 * i + 1]
+        out.entries += width
+        entries: list[bytes] | None = None
+        if isinstance(raw, Exception):
+            out.problems.append(Problem(bundle_path, _missing_or(raw)))
+        else:
+            try:
+                entries = parse_entry_bundle(raw, width)
+            except DecodeError as exc:
+                out.problems.append(Problem(bundle_path, str(exc)))
+        if entries is None:
+            if width == TILE_WIDTH:
+                out.full_roots.append(None)
+            if plan.decode:
+                out.kinds.extend(bytes([KIND_UNKNOWN]) * width)
+            continue
+        # 1. Leaf hashes, checked against the stored level-0 tile.
+        hashes = [sha256(b"\x00" + e).digest() for e in entries]
+        if isinstance(tile, Exception):
+            out.problems.append(Problem(tile_path, _missing_or(tile)))
+        elif tile != b"".join(hashes):
+            out.problems.append(Problem(tile_path, _tile_diff(tile, hashes, b * TILE_WIDTH, 0, bundle_path)))
+        if width == TILE_WIDTH:
+            level = hashes
+            while len(level) > 1:
+                level = [sha256(b"\x01" + level[j] + level[j + 1]).digest() for j in range(0, len(level), 2)]
+            out.full_roots.append(level[0])
+        if width < TILE_WIDTH or b in plan.want_leaves:
+            out.leaves[b] = hashes
+        # 2. Entries.
+        if templates is not None:
+            keys_before = len(out.key_entries)
+            _decode_bundle(out, templates, entries, b, bundle_path)
+            if len(out.key_entries) > keys_before:
+                # A key entry's previous_root is checked against the root just before it.
+                out.leaves[b] = hashes
+    if templates is not None:
+        for template, hits in templates.drain():
+            if isinstance(template.info, DecisionInfo):
+                out.summary.count_decision(template.info, hits)
+            elif isinstance(template.info, OutcomeInfo):
+                out.summary.count_outcome(template.info, hits)
+    return out
+
+
+def _missing_or(exc: Exception) -> str:
+    if isinstance(exc, MissingData):
+        return "missing: the log's storage does not have it, but the checkpoint covers it"
+    return str(exc)
+
+
+def _tile_diff(stored: bytes, computed: Sequence[bytes], first_leaf: int, tile_level: int, source_path: str) -> str:
+    """Which hashes of a stored tile differ from the recomputed ones (a few, by index)."""
+    width = len(computed)
+    if len(stored) != width * 32:
+        return f"is {len(stored)} bytes, but the tree needs {width} hashes of 32 bytes here ({width * 32} bytes)"
+    bad = [j for j in range(width) if stored[32 * j : 32 * j + 32] != computed[j]]
+    span = TILE_WIDTH**tile_level
+    shown = ", ".join(
+        f"hash {j} (byte offset {32 * j}, leaves {first_leaf + j * span}"
+        + (f"..{first_leaf + (j + 1) * span - 1})" if span > 1 else ")")
+        for j in bad[:3]
+    )
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return f"{len(bad)} of its {width} hashes differ from those recomputed from {source_path}: {shown}{more}"
+
+
+def _decode_bundle(out: ChunkResult, templates: TemplateCache, entries: list[bytes], bundle: int,
+                   bundle_path: str) -> None:
+    """Decode one bundle's entries: templates first, parse_entry for the rest (the hot loop)."""
+    base = bundle * TILE_WIDTH
+    kinds_append = out.kinds.append
+    outcomes_append = out.outcomes.append
+    runs = out.policy_runs
+    reasons = out.summary.deny_reasons
+    current = out.current_policy
+    by_length = templates.by_length
+    fast = 0
+    for i, data in enumerate(entries):
+        t: Template | None = None
+        m: re.Match[bytes] | None = None
+        candidates = by_length.get(len(data))
+        if candidates is not None:
+            for c in candidates:
+                m = c.fullmatch(data)
+                if m is not None:
+                    t = c
+                    break
+        if t is None or m is None:
+            # Not (yet) templated: the one parser decides.
+            try:
+                entry = parse_entry(data)
+            except DecodeError as exc:
+                offset = sum(2 + len(e) for e in entries[:i])
+                out.problems.append(Problem(f"entry {base + i} ({bundle_path}, byte offset {offset})",
+                                            f"does not decode: {exc}"))
+                kinds_append(KIND_UNDECODABLE)
+                continue
+            out.summary.full_decodes += 1
+            if not isinstance(entry, DecisionEntry | OutcomeEntry):
+                _other_entry(out, entry, base + i, data)
+                current = None  # a policy (or key) entry starts a new run of decisions
+                continue
+            t = templates.learn(data, entry)
+            m = t.fullmatch(data) if t is not None else None
+            if t is None or m is None:
+                current = _count_direct(out, entry, base + i, current)
+                continue
+        else:
+            fast += 1
+        t.hits += 1
+        kinds_append(t.kind)
+        if t.kind == KIND_OUTCOME:
+            outcomes_append(base + i)
+            outcomes_append(int.from_bytes(m.group(t.decision_group), "big") if t.decision_group else t.decision_const)
+            continue
+        policy = t.policy
+        if policy is not current:
+            if policy != current and policy is not None:
+                runs.append((base + i, policy[0], policy[1]))
+            current = policy
+        if t.deny_code is not None:
+            reasons[(t.deny_code, m.group(t.reason_group).decode("ascii") if t.reason_group else t.reason)] += 1
+    out.current_policy = current
+    out.summary.fast_decodes += fast
+
+
+def _count_direct(out: ChunkResult, entry: DecisionEntry | OutcomeEntry, index: int,
+                  current: tuple[int, bytes] | None) -> tuple[int, bytes] | None:
+    """Facts of a decision or outcome that no template covers; returns the policy now current."""
+    if isinstance(entry, OutcomeEntry):
+        out.kinds.append(KIND_OUTCOME)
+        out.outcomes.append(index)
+        out.outcomes.append(entry.decision_index)
+        out.summary.count_outcome(OutcomeInfo(error=bool(entry.error), paid=bool(entry.paid)), 1)
+        return current
+    out.kinds.append(decision_kind(entry))
+    info = DecisionInfo(agent=entry.agent, server=entry.server, tool=entry.tool, decision=entry.decision,
+                        code=entry.code, mode=entry.mode, granted=entry.grant_nonce is not None,
+                        policy=(entry.policy_version, entry.policy_sha256), reason=entry.reason)
+    out.summary.count_decision(info, 1)
+    if entry.decision == "deny":
+        out.summary.deny_reasons[(entry.code, entry.reason)] += 1
+    if info.policy != current:
+        out.policy_runs.append((index, *info.policy))
+    return info.policy
+
+
+def _other_entry(out: ChunkResult, entry: Any, index: int, data: bytes) -> None:
+    if isinstance(entry, KeyEntry):
+        out.kinds.append(KIND_KEY)
+        out.key_entries.append((index, data))
+    elif isinstance(entry, PolicyEntry):
+        out.kinds.append(KIND_POLICY)
+        out.policy_entries.append((index, entry))
+    elif isinstance(entry, ServerEntry):
+        out.kinds.append(KIND_SERVER)
+        out.summary.servers[(entry.server, entry.kind, entry.status)] += 1
+    else:  # a record type parse_entry knows and this replay does not: say so rather than skip it
+        out.kinds.append(KIND_UNKNOWN)
+        out.problems.append(Problem(f"entry {index}", f"record type {type(entry).__name__} is not audited"))
+
+
+# --- The main side: merge chunks in order, then check the tree and the structure ------------
+
+
+@dataclass(frozen=True)
+class KeyIntroduction:
+    index: int
+    time_ms: int
+    log_vkey: str
+    pcr0: str
+    previous_size: int | None
+    verified: bool
+
+
+@dataclass(frozen=True)
+class PolicyChange:
+    index: int
+    time_ms: int
+    version: int
+    bundle_sha256: str
+    signer: str
+    mode: str
+
+
+@dataclass
+class ReplayResult:
+    tree_size: int
+    root: bytes | None  # recomputed; None if some bundle could not be read
+    summary: Summary
+    problems: list[Problem]
+    problem_count: int
+    keys: list[KeyIntroduction]
+    policies: list[PolicyChange]
+    last_key: Any = None  # EnclaveBinding of the last verified key entry before tree_size
+    last_key_index: int | None = None
+    prefix_roots: dict[int, bytes] = field(default_factory=dict)
+
+
+# Verifies one key entry (called by the main process): (index, KeyEntry, root before it) -> binding.
+KeyChecker = Callable[[int, KeyEntry, bytes], Any]
+
+
+class _Merger:
+    def __init__(self, tree_size: int, decode: bool, check_key: KeyChecker | None, want_sizes: Sequence[int],
+                 leaves_wanted: frozenset[int]) -> None:
+        self.n = tree_size
+        self.decode = decode
+        self.check_key = check_key
+        self.level8: list[bytes | None] = []
+        self.leaves: dict[int, list[bytes]] = {}
+        self.kinds = bytearray()
+        self.used = bytearray(tree_size) if decode else bytearray()
+        self.summary = Summary()
+        self.problems: list[Problem] = []
+        self.problem_count = 0
+        self.policy: tuple[int, bytes] | None = None
+        self.policy_index = -1
+        self.keys: list[KeyIntroduction] = []
+        self.policies: list[PolicyChange] = []
+        self.last_key: Any = None
+        self.last_key_index: int | None = None
+        self.want_sizes = list(want_sizes)
+        self.leaves_wanted = leaves_wanted
+        self.prefix_roots: dict[int, bytes] = {}
+
+    def problem(self, where: str, message: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(Problem(where, message))
+
+    def merge(self, r: ChunkResult) -> None:
+        for p in r.problems:
+            self.problem(p.where, p.message)
+        self.level8.extend(r.full_roots)
+        self.leaves.update(r.leaves)
+        self.summary.merge(r.summary)
+        if self.decode:
+            self._structure(r)
+        for s in self.want_sizes:
+            if s not in self.prefix_roots and s <= r.end * TILE_WIDTH:
+                root = self.prefix_root(s)
+                if root is not None:
+                    self.prefix_roots[s] = root
+        # Leaf hashes are kept only as long as something still needs them.
+        for b in list(self.leaves):
+            if b < r.first and b not in self.leaves_wanted and b != (self.n - 1) // TILE_WIDTH:
+                del self.leaves[b]
+
+    def _structure(self, r: ChunkResult) -> None:
+        kinds = self.kinds
+        kinds.extend(r.kinds)
+        used = self.used
+        # Events of this chunk in index order: policy entries, runs of decisions, key entries.
+        events: list[tuple[int, int, Any]] = [(i, 0, e) for i, e in r.policy_entries]
+        events += [(i, 1, (v, sha)) for i, v, sha in r.policy_runs]
+        events += [(i, 2, data) for i, data in r.key_entries]
+        events.sort(key=lambda ev: (ev[0], ev[1]))
+        outcomes = r.outcomes
+        o = 0
+        for index, what, payload in events:
+            o = self._outcomes_before(outcomes, o, index, kinds, used)
+            if what == 0:
+                self._policy_entry(index, payload)
+            elif what == 1:
+                self._policy_run(index, payload)
+            else:
+                self._key_entry(index, payload)
+        self._outcomes_before(outcomes, o, self.n + 1, kinds, used)
+
+    def _outcomes_before(self, outcomes: array[int], o: int, stop: int, kinds: bytearray, used: bytearray) -> int:
+        end = len(outcomes)
+        while o < end and outcomes[o] < stop:
+            j, d = outcomes[o], outcomes[o + 1]
+            o += 2
+            if d >= j:
+                self.problem(f"entry {j}", f"outcome names decision {d}, which is not an earlier entry")
+            elif kinds[d] != KIND_DECISION_GRANTED:
+                what = _KIND_NAMES.get(kinds[d], "an entry")
+                self.problem(f"entry {j}", f"outcome names entry {d}, which is {what}, not a decision that "
+                             "issued a grant")
+            elif used[d]:
+                self.problem(f"entry {j}", f"second outcome for decision {d}")
+            else:
+                used[d] = 1
+        return o
+
+    def _policy_entry(self, index: int, entry: PolicyEntry) -> None:
+        if self.policy is not None and entry.version <= self.policy[0]:
+            self.problem(f"entry {index}", f"policy version {entry.version} does not increase on version "
+                         f"{self.policy[0]} (entry {self.policy_index})")
+        self.policy = (entry.version, entry.bundle_sha256)
+        self.policy_index = index
+        self.policies.append(PolicyChange(index=index, time_ms=entry.time_ms, version=entry.version,
+                                          bundle_sha256=entry.bundle_sha256.hex(), signer=entry.signer,
+                                          mode=entry.mode))
+
+    def _policy_run(self, index: int, policy: tuple[int, bytes]) -> None:
+        if self.policy is None:
+            self.problem(f"entry {index}", f"a decision under policy version {policy[0]}, but no policy entry "
+                         "precedes it")
+        elif policy != self.policy:
+            self.problem(f"entry {index}", f"a decision under policy version {policy[0]} "
+                         f"(bundle {policy[1].hex()[:16]}...), but version {self.policy[0]} (bundle "
+                         f"{self.policy[1].hex()[:16]}..., entry {self.policy_index}) is in force")
+
+    def _key_entry(self, index: int, data: bytes) -> None:
+        entry = parse_entry(data)
+        assert isinstance(entry, KeyEntry)
+        verified = False
+        pcr0 = ""
+        before = self.prefix_root(index)
+        if self.check_key is not None and before is not None:
+            try:
+                binding, pcr0 = self.check_key(index, entry, before)
+                verified = True
+                self.last_key, self.last_key_index = binding, index
+            except (DecodeError, VerificationError) as exc:
+                self.problem(f"entry {index}", f"key entry does not verify: {exc}")
+                self.last_key, self.last_key_index = None, index
+        elif before is None:
+            self.problem(f"entry {index}", "key entry cannot be checked: the log before it could not be read")
+            self.last_key, self.last_key_index = None, index
+        self.keys.append(KeyIntroduction(index=index, time_ms=entry.time_ms, log_vkey=entry.log_vkey, pcr0=pcr0,
+                                         previous_size=entry.previous_size, verified=verified))
+
+    def prefix_root(self, size: int) -> bytes | None:
+        """The root of the first `size` leaves, from recomputed hashes; None if some are unknown."""
+        if size == 0:
+            return EMPTY_ROOT
+        try:
+            return CompactRange.from_hashes(size, compact_range_hashes(size, self._node)).root()
+        except _Unknown:
+            return None
+
+    def _node(self, level: int, index: int) -> bytes:
+        if level >= TILE_HEIGHT:
+            span = level - TILE_HEIGHT
+            part = self.level8[index << span : (index + 1) << span]
+            if len(part) != 1 << span or any(h is None for h in part):
+                raise _Unknown
+            return root_from_leaf_hashes(part)  # type: ignore[arg-type]
+        first = index << level
+        bundle, offset = divmod(first, TILE_WIDTH)
+        hashes = self.leaves.get(bundle)
+        if not hashes or len(hashes) < offset + (1 << level):
+            raise _Unknown
+        return root_from_leaf_hashes(hashes[offset : offset + (1 << level)])
+
+
+class _Unknown(Exception):
+    """A hash the replay could not recompute (its bundle was missing or malformed)."""
+
+
+def _chunks(bundles: int, size: int) -> Iterator[tuple[int, int]]:
+    for first in range(0, bundles, size):
+        yield first, min(first + size, bundles)
+
+
+def replay_tree(
+    spec: SourceSpec,
+    tree_size: int,
+    *,
+    decode: bool = True,
+    check_key: KeyChecker | None = None,
+    want_sizes: Sequence[int] = (),
+    jobs: int = 1,
+    chunk_bundles: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReplayResult:
+    """Recompute the tree of `tree_size` leaves from `spec`, decode and check every entry.
+
+    `check_key(index, entry, root_before)` verifies a key entry and returns (binding, PCR0 hex),
+    raising DecodeError/VerificationError. `want_sizes` are sizes whose prefix roots to report
+    (e.g. the remembered checkpoint's size). `jobs` > 1 uses that many worker processes.
+    """
+    bundles = -(-tree_size // TILE_WIDTH)
+    leaves_wanted = frozenset(s // TILE_WIDTH for s in want_sizes if s % TILE_WIDTH)
+    plan = ScanPlan(spec=spec, tree_size=tree_size, decode=decode, want_leaves=leaves_wanted)
+    merger = _Merger(tree_size, decode, check_key, want_sizes, leaves_wanted)
+    if chunk_bundles is None:
+        chunk_bundles = max(1, min(64, bundles // max(1, jobs * 8)))
+    done = 0
+    if progress:
+        progress(0, tree_size)
+    for result in _run_chunks(plan, bundles, chunk_bundles, jobs):
+        merger.merge(result)
+        done += result.entries
+        if progress:
+            progress(done, tree_size)
+    root = merger.prefix_root(tree_size)
+    _check_upper_tiles(open_source(spec), tree_size, merger)
+    return ReplayResult(tree_size=tree_size, root=root, summary=merger.summary, problems=merger.problems,
+                        problem_count=merger.problem_count, keys=merger.keys, policies=merger.policies,
+                        last_key=merger.last_key, last_key_index=merger.last_key_index,
+                        prefix_roots=merger.prefix_roots)
+
+
+MIN_BUNDLES_FOR_PROCESSES = 64  # below ~16k entries, starting worker processes costs more than it saves
+
+
+def _run_chunks(plan: ScanPlan, bundles: int, chunk_bundles: int, jobs: int) -> Iterator[ChunkResult]:
+    if jobs <= 1 or bundles < MIN_BUNDLES_FOR_PROCESSES:
+        for first, end in _chunks(bundles, chunk_bundles):
+            yield scan_chunk(plan, first, end)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    # spawn, not fork: the caller may have threads (an HTTP client pool, a test server).
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque[Future[ChunkResult]] = deque()
+        try:
+            for first, end in _chunks(bundles, chunk_bundles):
+                pending.append(pool.submit(scan_chunk, plan, first, end))
+                # A bounded window keeps memory flat and results in order.
+                while len(pending) >= jobs * 3:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _check_upper_tiles(source: LogSource, tree_size: int, merger: _Merger) -> None:
+    """Every stored hash tile above level 0 must equal the one recomputed from the entries."""
+    levels: dict[int, list[bytes | None]] = {1: merger.level8}
+    for tile in hash_tiles(tree_size):
+        if tile.level == 0:
+            continue
+        hashes = levels.get(tile.level)
+        if hashes is None:
+            below = levels[tile.level - 1]
+            hashes = []
+            for g in range(0, len(below) - TILE_WIDTH + 1, TILE_WIDTH):
+                group = below[g : g + TILE_WIDTH]
+                hashes.append(None if any(h is None for h in group) else root_from_leaf_hashes(group))  # type: ignore[arg-type]
+            levels[tile.level] = hashes
+        computed = hashes[tile.index * TILE_WIDTH : tile.index * TILE_WIDTH + tile.width]
+        path = tile.path()
+        if any(h is None for h in computed):
+            continue  # the bundles below it are already reported
+        try:
+            stored = source.read(path, max_size=MAX_HASH_TILE)
+        except (MissingData, DecodeError) as exc:
+            merger.problem(path, _missing_or(exc))
+            continue
+        except FetchError:
+            raise
+        if stored != b"".join(computed):  # type: ignore[arg-type]
+            first_leaf = tile.index * TILE_WIDTH * TILE_WIDTH**tile.level
+            merger.problem(path, _tile_diff(stored, computed, first_leaf, tile.level, "the entry bundles"))  # type: ignore[arg-type]
+
+
+def kinds_names() -> Mapping[int, str]:
+    return dict(_KIND_NAMES)
