@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.audit.logbuilder import LogServer, TestLog, build_log, pcr_args
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> TestLog:
+    """One real log for the whole session (35 entries, two key entries). Do not modify it: copy it."""
+    return build_log(tmp_path_factory.mktemp("built"))
+
+
+@pytest.fixture
+def log_copy(built: TestLog, tmp_path: Path) -> Path:
+    """A copy of the built log's storage directory, free to tamper with."""
+    target = tmp_path / "log"
+    shutil.copytree(built.dir, target)
+    return target
+
+
+@pytest.fixture
+def server(built: TestLog, log_copy: Path) -> Iterator[LogServer]:
+    """The copy served like the relay, attested by the (honest) enclave that wrote the log."""
+    with LogServer(log_copy, built.attest) as srv:
+        yield srv
+
+
+def trust(log: TestLog, state: Path) -> list[str]:
+    return ["--trust-root", str(log.root_pem), "--state", str(state), *pcr_args(log.pcrs)]
