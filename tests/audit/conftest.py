@@ -11,8 +11,10 @@ from tests.audit.logbuilder import LogServer, TestLog, build_log, pcr_args
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> TestLog:
-    """One real log for the whole session (35 entries, two key entries). Do not modify it: copy it."""
-    return build_log(tmp_path_factory.mktemp("built"))
+    """One real log for the session (~290 entries, two key entries). Do not modify it: copy it."""
+    log = build_log(tmp_path_factory.mktemp("built"), rounds=34)
+    assert 256 < len(log.entries) < 512  # a full bundle, a partial one, and a level-1 tile
+    return log
 
 
 @pytest.fixture

@@ -158,10 +158,11 @@ class TestLog:
         return encode_jwt(claims, self.issuer)
 
     def call(self, agent: str, roles: list[str], server: str, tool: str, args: dict[str, Any],
-             *, outcome: bool = True, request_id: str = "req-1") -> int:
+             *, outcome: bool = True, request_id: str = "req-1", token: str | None = None) -> int:
         """One decision (and its outcome when allowed); returns the decision's index."""
         assert self.core is not None
-        verdict = self.core.authorize(token=self.token(agent, roles), server=server, tool=tool,
+        token = self.token(agent, roles) if token is None else token
+        verdict = self.core.authorize(token=token, server=server, tool=tool,
                                       arguments_json=json.dumps(args).encode(), request_id=request_id,
                                       persisted_size=len(self.entries))
         self._absorb(verdict.log)
@@ -184,6 +185,9 @@ class TestLog:
             self.call("research-bot", ["research-agent"], "research", "web_search", {"q": f"q{r}"},
                       request_id=f"r{r}-d")
             self.call("research-bot", ["research-agent"], "research", "db_write", {"x": r}, request_id=f"r{r}-e")
+            if r == 0:
+                self.call("refund-bot", ["refund-agent"], "refunds", "no.such.tool", {}, request_id="r0-f")
+                self.call("", [], "refunds", "customer_lookup", {}, request_id="r0-g", token="not-a-jwt")
 
     def restart(self) -> None:
         """A new enclave (new keys) resumes this log: verifies it, appends its key entry, reloads policy."""
@@ -318,7 +322,7 @@ class LogServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     @property
     def url(self) -> str:
