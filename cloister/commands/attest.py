@@ -27,6 +27,91 @@ def register(sub: Any) -> None:
     )
     verbs = p.add_subparsers(dest="attest_verb", metavar="VERB", required=True)
     _register_verify(verbs)
+    _register_enclave(verbs)
+
+
+def _register_enclave(verbs: Any) -> None:
+    e: argparse.ArgumentParser = verbs.add_parser(
+        "enclave",
+        help="check a running Cloister enclave through its relay, from a client's side",
+        description="Fetch the enclave's attestation from a relay with a fresh nonce, verify it, and print "
+        "the keys it binds. Exit 0 if every check holds, 1 if rejected, 2 for bad arguments, 3 if the relay "
+        "cannot be reached.",
+    )
+    e.add_argument("--relay", required=True, metavar="URL", help="the relay's base URL, e.g. http://127.0.0.1:8440")
+    e.add_argument("--trust-root", default="aws", metavar="aws|mock|PEM_PATH", help="trust anchor (default aws)")
+    e.add_argument("--expect-pcr", action="append", default=[], metavar="I=HEX", help="require PCR I (repeatable)")
+    e.add_argument("--allow-debug", action="store_true", help="accept debug-mode documents (PCR0 all zero)")
+    e.add_argument("--json", action="store_true", help="print the verified facts as JSON")
+    e.set_defaults(handler=_enclave)
+
+
+def _enclave(args: argparse.Namespace) -> int:
+    import base64
+    import json
+    import secrets
+    import urllib.error
+    import urllib.request
+    from datetime import UTC
+
+    from cloister.trustroot import TrustRootError, load_trust_root, parse_pcr_spec
+    from cloister.verify.attestation import AttestationError
+    from cloister.verify.enclave_identity import verify_enclave
+    from cloister.verify.errors import DecodeError, VerificationError
+
+    try:
+        root = load_trust_root(args.trust_root)
+        pcrs = dict(parse_pcr_spec(spec) for spec in args.expect_pcr)
+    except TrustRootError as exc:
+        print(f"cloister attest enclave: {exc}", file=sys.stderr)
+        return 2
+    nonce = secrets.token_bytes(16)
+    url = f"{args.relay.rstrip('/')}/attestation?nonce={nonce.hex()}"
+    if not url.startswith(("http://", "https://")):
+        print("cloister attest enclave: --relay must be an http(s) URL", file=sys.stderr)
+        return 2
+    try:
+        with urllib.request.urlopen(url, timeout=15) as resp:  # noqa: S310 (scheme checked above)
+            body = json.loads(resp.read(1 << 20))
+        document = base64.b64decode(body["document"], validate=True)
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        print(f"cloister attest enclave: cannot fetch {url}: {exc}", file=sys.stderr)
+        return 3
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"cloister attest enclave: the relay's answer is not an attestation: {exc}", file=sys.stderr)
+        return 1
+    now = datetime.now(UTC)
+    try:
+        verified = verify_enclave(document, root=root, at=now, now=now, max_age=timedelta(minutes=5),
+                                  expected_pcrs=pcrs, nonce=nonce, allow_debug=args.allow_debug)
+    except (AttestationError, VerificationError, DecodeError) as exc:
+        reason = getattr(exc, "reason", "malformed")
+        print(f"attestation rejected: {reason}: {exc}", file=sys.stderr)
+        return 1
+    b, doc = verified.binding, verified.document
+    facts = {
+        "origin": b.origin,
+        "log_key": b.log_key.hex(),
+        "log_verifier_key": b.log_verifier().vkey,
+        "grant_key": b.grant_key.hex(),
+        "module_id": doc.module_id,
+        "timestamp": doc.timestamp.isoformat(),
+        "pcrs": {str(i): doc.pcrs[i].hex() for i in (0, 1, 2) if i in doc.pcrs},
+        "trust_root": root.name,
+        "nonce": nonce.hex(),
+    }
+    if args.json:
+        print(json.dumps(facts, indent=2))
+    else:
+        pinned = "as expected" if pcrs else "not pinned (pass --expect-pcr)"
+        print(f"enclave verified: {root.name}, fresh nonce, PCRs {pinned}")
+        for key, value in facts.items():
+            if key != "pcrs":
+                print(f"  {key:17} {value}")
+        for index, value in doc.pcrs.items():
+            if index in (0, 1, 2):
+                print(f"  PCR{index:<14} {value.hex()}")
+    return 0
 
 
 def _register_verify(verbs: Any) -> None:
