@@ -192,11 +192,17 @@ class LogStore:
         3. Check that the entries reproduce every checkpoint's root; forget entries and bodies
            at or beyond D (never acknowledged), durably (a TRUNCATE frame).
         4. Materialize up to D and publish its checkpoint.
+
+        The store owns `backend` from here on: it is closed if opening fails, and by close().
         """
         store = cls(backend)
-        store._recover(verify)
-        store.materialize()
-        store.compact_wal()
+        try:
+            store._recover(verify)
+            store.materialize()
+            store.compact_wal()
+        except BaseException:
+            backend.close()
+            raise
         return store
 
     def _recover(self, verify: CheckMode) -> None:

@@ -221,8 +221,6 @@ class LogWriter:
         self._origin = cp.origin
         held = self._checkpoints.get(cp.size)
         if held is None:
-            if len(self._checkpoints) >= self._opts.max_reorder_entries:
-                raise ReorderBufferFull(f"{len(self._checkpoints)} checkpoints wait to be stored")
             self._checkpoints[cp.size] = cp
         elif held.root != cp.root:
             raise self._inconsistent(f"two checkpoints for size {cp.size} have different roots")
@@ -254,6 +252,10 @@ class LogWriter:
         for k, data in enumerate(batch):
             if len(data) > MAX_ENTRY_SIZE:
                 raise ValueError(f"entry {first_index + k} is {len(data)} bytes, more than {MAX_ENTRY_SIZE}")
+        if cp.size not in self._checkpoints and len(self._checkpoints) >= self._opts.max_reorder_entries + (1 << 16):
+            # Checkpoints at or below the contiguous end leave with the next batch; only a lost
+            # response can pile them up.
+            raise ReorderBufferFull(f"{len(self._checkpoints)} checkpoints wait for their entries")
         stored_part = self._accept(first_index, batch)
         self._add_checkpoint(cp)
         fut = self._waiter(end) if end > self._durable else None
