@@ -48,6 +48,7 @@ log = logging.getLogger("cloister.relay")
 
 TOOL_SEPARATOR = "___"
 LOG_META_KEY = "dev.cloister/log"
+ATTESTATION_URI = "cloister://attestation/"
 
 # JSON-RPC error codes the relay answers with (documented in the README).
 DENIED = -32001  # the enclave denied the call (policy, identity, unknown server/tool, bad arguments)
@@ -94,6 +95,9 @@ class Relay:
             "and recorded in a verifiable log.",
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
+            on_list_resources=self._list_resources,
+            on_list_resource_templates=self._list_resource_templates,
+            on_read_resource=self._read_resource,
         )
 
     # ---- start-up: storage, enclave log, policy, attestation --------------------------------
@@ -211,6 +215,40 @@ class Relay:
                 "description": f"[{ref.server}] {t.description or ''}".strip(),
             }))
         return types.ListToolsResult(tools=tools)
+
+    # ---- MCP: the enclave's attestation, for agents --------------------------------------
+
+    async def _list_resources(self, ctx: ServerRequestContext[Any, Any],
+                              params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=[])
+
+    async def _list_resource_templates(self, ctx: ServerRequestContext[Any, Any],
+                                       params: types.PaginatedRequestParams | None
+                                       ) -> types.ListResourceTemplatesResult:
+        return types.ListResourceTemplatesResult(resource_templates=[types.ResourceTemplate(
+            name="enclave-attestation", uri_template=ATTESTATION_URI + "{nonce}", mime_type="application/json",
+            description="The Cloister enclave's NSM attestation document (base64) with your nonce (hex, 8-64 "
+                        "bytes); its user_data binds the enclave's grant and log keys. Verify it with "
+                        "cloister.verify.enclave_identity.verify_enclave or `cloister attest verify`.")])
+
+    async def _read_resource(self, ctx: ServerRequestContext[Any, Any],
+                             params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
+        uri = str(params.uri)
+        if not uri.startswith(ATTESTATION_URI):
+            raise MCPError(INVALID_PARAMS, f"unknown resource {uri!r}; try {ATTESTATION_URI}<nonce hex>")
+        try:
+            nonce = bytes.fromhex(uri.removeprefix(ATTESTATION_URI))
+        except ValueError:
+            nonce = b""
+        if not 8 <= len(nonce) <= 64:
+            raise MCPError(INVALID_PARAMS, "the nonce must be 8 to 64 bytes, hex-encoded")
+        try:
+            resp = await self.enclave.attest(nonce)
+        except (EnclaveUnavailable, EnclaveRefused) as exc:
+            raise MCPError(ENCLAVE_UNAVAILABLE, f"the enclave is unavailable: {exc}") from exc
+        body = json.dumps({"document": _b64(resp.document), "nonce": nonce.hex()})
+        return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, mime_type="application/json",
+                                                                            text=body)])
 
     # ---- MCP: tools/call ------------------------------------------------------------------
 

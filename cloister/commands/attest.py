@@ -89,7 +89,7 @@ def _enclave(args: argparse.Namespace) -> int:
         print(f"attestation rejected: {reason}: {exc}", file=sys.stderr)
         return 1
     b, doc = verified.binding, verified.document
-    facts = {
+    facts: dict[str, Any] = {
         "origin": b.origin,
         "log_key": b.log_key.hex(),
         "log_verifier_key": b.log_verifier().vkey,
@@ -108,9 +108,9 @@ def _enclave(args: argparse.Namespace) -> int:
         for key, value in facts.items():
             if key != "pcrs":
                 print(f"  {key:17} {value}")
-        for index, value in doc.pcrs.items():
-            if index in (0, 1, 2):
-                print(f"  PCR{index:<14} {value.hex()}")
+        for index in (0, 1, 2):
+            if index in doc.pcrs:
+                print(f"  PCR{index:<14} {doc.pcrs[index].hex()}")
     return 0
 
 
