@@ -312,8 +312,10 @@ def _decode_bundle(out: ChunkResult, templates: TemplateCache, entries: list[byt
     for i, data in enumerate(entries):
         t: Template | None = None
         m: re.Match[bytes] | None = None
-        candidates = by_length.get(len(data))
-        if candidates is not None:
+        bucket = by_length.get(len(data))
+        if bucket is not None:
+            p1 = bucket.p1
+            candidates = bucket.templates if p1 < 0 else bucket.index.get(data[p1] << 8 | data[bucket.p2], ())
             for c in candidates:
                 m = c.fullmatch(data)
                 if m is not None:
@@ -639,11 +641,14 @@ def _run_chunks(plan: ScanPlan, bundles: int, chunk_bundles: int, jobs: int) -> 
             yield scan_chunk(plan, first, end)
         return
     import multiprocessing
+    import threading
     from collections import deque
     from concurrent.futures import Future, ProcessPoolExecutor
 
-    # spawn, not fork: the caller may have threads (an HTTP client pool, a test server).
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # fork starts workers at once, but is only safe when this process has no other thread (a lock
+    # held by one would stay locked in the child forever); otherwise spawn.
+    method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context(method)) as pool:
         pending: deque[Future[ChunkResult]] = deque()
         try:
             for first, end in _chunks(bundles, chunk_bundles):

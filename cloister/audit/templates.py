@@ -47,6 +47,7 @@ __all__ = [
     "KIND_SERVER",
     "KIND_UNDECODABLE",
     "KIND_UNKNOWN",
+    "Bucket",
     "DecisionInfo",
     "OutcomeInfo",
     "Template",
@@ -77,7 +78,7 @@ _UINT_CONTENT = {
     0x1B: rb"(?!\x00\x00\x00\x00).{8}",
 }
 MAX_TEMPLATES = 4096
-MAX_PER_LENGTH = 8
+MAX_PER_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,8 @@ def decision_kind(entry: DecisionEntry) -> int:
 class Template:
     """One parsed entry with slots; the fields the replay reads per match are plain attributes."""
 
-    __slots__ = ("decision_const", "decision_group", "deny_code", "fullmatch", "hits", "info", "kind", "policy",
-                 "reason", "reason_group")
+    __slots__ = ("data", "decision_const", "decision_group", "deny_code", "fullmatch", "hints", "hits", "info",
+                 "kind", "mask", "policy", "reason", "reason_group")
 
     def __init__(self, pattern: bytes, kind: int, info: DecisionInfo | OutcomeInfo, *, decision_group: int = 0,
                  decision_const: int = 0, reason_group: int = 0) -> None:
@@ -123,6 +124,10 @@ class Template:
         self.reason = info.reason if isinstance(info, DecisionInfo) else ""
         self.reason_group = reason_group
         self.hits = 0
+        # The entry it was made from, which of its bytes are fixed, and where to tell it from others.
+        self.data = b""
+        self.mask = b""
+        self.hints: tuple[int, ...] = ()
 
 
 class _Builder:
@@ -132,10 +137,18 @@ class _Builder:
         self.parts: list[bytes] = []
         self.groups = 0
         self.pos = 0
+        self.mask = bytearray(len(data))  # 1 where the template's byte is fixed
+        self.hints: list[int] = []  # offsets of fixed values, where templates of one length tend to differ
 
     def literal(self, n: int) -> None:
         self.parts.append(re.escape(self.data[self.pos : self.pos + n]))
+        self.mask[self.pos : self.pos + n] = b"\x01" * n
         self.pos += n
+
+    def literal_value(self, n: int) -> None:
+        # Names differ anywhere (tool-a, tool-b): every byte of a short value is a candidate.
+        self.hints.extend(range(self.pos, self.pos + min(n, 32)))
+        self.literal(n)
 
     def expect(self, encoded: bytes) -> bool:
         return self.data[self.pos : self.pos + len(encoded)] == encoded
@@ -181,7 +194,7 @@ def build_template(data: bytes, entry: Entry) -> Template | None:
         if not b.expect(vb):
             return None
         if key == "reason" and not (isinstance(entry, DecisionEntry) and entry.decision == "deny"):
-            b.literal(len(vb))  # allow reasons name the permitting policies: part of the template
+            b.literal_value(len(vb))  # allow reasons name the permitting policies: part of the template
             continue
         group = _value(b, key, value, vb)
         if key == "decision" and isinstance(entry, OutcomeEntry):
@@ -191,8 +204,10 @@ def build_template(data: bytes, entry: Entry) -> Template | None:
     if b.pos != len(data):
         return None
     decision_const = entry.decision_index if isinstance(entry, OutcomeEntry) and not decision_group else 0
-    return Template(b"".join(b.parts), kind, info, decision_group=decision_group, decision_const=decision_const,
-                    reason_group=reason_group)
+    template = Template(b"".join(b.parts), kind, info, decision_group=decision_group,
+                        decision_const=decision_const, reason_group=reason_group)
+    template.data, template.mask, template.hints = data, bytes(b.mask), tuple(b.hints)
+    return template
 
 
 def _value(b: _Builder, key: str, value: Any, vb: bytes) -> int:
@@ -216,7 +231,7 @@ def _value(b: _Builder, key: str, value: Any, vb: bytes) -> int:
             else:
                 b.literal(len(dumps_deterministic(v)))
         return 0
-    b.literal(len(vb))
+    b.literal_value(len(vb))
     return 0
 
 
@@ -228,20 +243,70 @@ def _text(b: _Builder, value: str, vb: bytes, cap: int, *, group: bool) -> int:
     return b.slot(len(vb) - n, n, rb"[\x00-\x7f]{%d}" % n, group=group)
 
 
+class Bucket:
+    """The templates of one entry length, indexed by the bytes at two offsets that tell them apart.
+
+    Offsets are chosen among the templates' fixed values (agent, tool, code...) where every
+    template has a fixed byte, so a matching entry always has its template's bytes there.
+    """
+
+    __slots__ = ("index", "p1", "p2", "templates")
+
+    def __init__(self) -> None:
+        self.templates: list[Template] = []
+        self.p1 = -1  # -1: no index, try every template
+        self.p2 = -1
+        self.index: dict[int, list[Template]] = {}
+
+    def candidates(self, data: bytes) -> list[Template]:
+        if self.p1 < 0:
+            return self.templates
+        return self.index.get(data[self.p1] << 8 | data[self.p2], [])
+
+    def add(self, template: Template, cap: int) -> Template | None:
+        """Add a template; returns the one evicted to stay within `cap`, if any."""
+        evicted = self.templates.pop(0) if len(self.templates) >= cap else None
+        self.templates.append(template)
+        p1, p2 = self.p1, self.p2
+        if evicted is None and p1 >= 0 and template.mask[p1] and template.mask[p2]:
+            group = self.index.setdefault(template.data[p1] << 8 | template.data[p2], [])
+            group.insert(0, template)
+            if len(group) <= 4:
+                return None
+        self._rebuild()
+        return evicted
+
+    def _rebuild(self) -> None:
+        ts = self.templates
+        self.p1 = self.p2 = -1
+        self.index = {}
+        if len(ts) <= 2:
+            return
+        fixed = [p for p in sorted(set().union(*(t.hints for t in ts))) if all(t.mask[p] for t in ts)]
+        if not fixed:
+            return
+        p1 = max(fixed, key=lambda p: len({t.data[p] for t in ts}))
+        p2 = max(fixed, key=lambda p: len({(t.data[p1], t.data[p]) for t in ts}))
+        self.p1, self.p2 = p1, p2
+        for t in ts:
+            self.index.setdefault(t.data[p1] << 8 | t.data[p2], []).append(t)
+
+
 class TemplateCache:
-    """Templates by entry length, most recently matched first; bounded in number."""
+    """Templates by entry length (then by two discriminating bytes); bounded in number."""
 
     def __init__(self, *, max_templates: int = MAX_TEMPLATES, per_length: int = MAX_PER_LENGTH) -> None:
-        self.by_length: dict[int, list[Template]] = {}
+        self.by_length: dict[int, Bucket] = {}
         self.count = 0
         self._max = max_templates
         self._per_length = per_length
         self.all: list[Template] = []
 
     def match(self, data: bytes) -> tuple[Template, re.Match[bytes]] | None:
-        candidates = self.by_length.get(len(data))
-        if candidates is None:
+        bucket = self.by_length.get(len(data))
+        if bucket is None:
             return None
+        candidates = bucket.candidates(data)
         for i, t in enumerate(candidates):
             m = t.fullmatch(data)
             if m is not None:
@@ -258,12 +323,11 @@ class TemplateCache:
         self.all.append(template)
         if self.count >= self._max:
             return template  # kept until the next drain only; the cache stays bounded
-        bucket = self.by_length.setdefault(len(data), [])
-        if len(bucket) >= self._per_length:
-            bucket.pop()
-        else:
+        bucket = self.by_length.get(len(data))
+        if bucket is None:
+            bucket = self.by_length[len(data)] = Bucket()
+        if bucket.add(template, self._per_length) is None:
             self.count += 1
-        bucket.insert(0, template)
         return template
 
     def drain(self) -> list[tuple[Template, int]]:
@@ -271,5 +335,5 @@ class TemplateCache:
         used = [(t, t.hits) for t in self.all if t.hits]
         for t, _ in used:
             t.hits = 0
-        self.all = [t for bucket in self.by_length.values() for t in bucket]
+        self.all = [t for bucket in self.by_length.values() for t in bucket.templates]
         return used

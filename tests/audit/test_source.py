@@ -1,0 +1,143 @@
+"""Reading a log: deadlines, caps, redirects, and how failures are classified."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloister.audit.errors import FetchError, MissingData
+from cloister.audit.source import DirSource, HttpSource, SourceSpec, open_source, parse_attestation_reply
+from cloister.verify.errors import DecodeError
+
+
+def _raw_server(respond: object) -> Iterator[str]:
+    """A TCP server whose handler `respond(conn)` writes whatever it likes."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=_handle, args=(conn,), daemon=True).start()
+
+    def _handle(conn: socket.socket) -> None:
+        try:
+            conn.recv(4096)
+            respond(conn)  # type: ignore[operator]
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/log/"
+    finally:
+        stop.set()
+        t.join()
+        sock.close()
+
+
+@pytest.fixture
+def trickle() -> Iterator[str]:
+    def respond(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(100):
+            conn.sendall(b"x")
+            time.sleep(0.1)
+
+    yield from _raw_server(respond)
+
+
+@pytest.fixture
+def unbounded() -> Iterator[str]:
+    def respond(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        for _ in range(100):
+            conn.sendall(b"\x00" * 4096)
+
+    yield from _raw_server(respond)
+
+
+@pytest.fixture(params=[b"file:///etc/passwd", b"ftp://127.0.0.1:9/x"])
+def redirect_elsewhere(request: pytest.FixtureRequest) -> Iterator[str]:
+    def respond(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: " + request.param + b"\r\nContent-Length: 0\r\n\r\n")
+
+    yield from _raw_server(respond)
+
+
+def test_a_trickling_server_hits_the_whole_request_deadline(trickle: str) -> None:
+    source = HttpSource(SourceSpec(trickle, timeout=0.5))
+    started = time.monotonic()
+    with pytest.raises(FetchError, match="no complete answer within 0.5s"):
+        source.read("checkpoint", max_size=1000)
+    assert time.monotonic() - started < 2
+
+
+def test_an_answer_without_a_length_is_capped(unbounded: str) -> None:
+    with pytest.raises(DecodeError, match="checkpoint: the answer is more than the cap of 10000 bytes"):
+        HttpSource(SourceSpec(unbounded, timeout=5)).read("checkpoint", max_size=10_000)
+
+
+def test_redirects_away_from_http_are_refused(redirect_elsewhere: str) -> None:
+    with pytest.raises(FetchError, match="HTTP 302.*(not allowed|refused)"):
+        HttpSource(SourceSpec(redirect_elsewhere, timeout=5)).read("checkpoint", max_size=1000)
+
+
+@pytest.mark.parametrize(("given", "base"), [
+    ("http://h:1", "http://h:1/log/"), ("http://h:1/", "http://h:1/log/"), ("https://h/log", "https://h/log/"),
+    ("http://h/prefix/log/", "http://h/prefix/log/"),
+])
+def test_the_log_prefix(given: str, base: str) -> None:
+    assert HttpSource(SourceSpec(given)).base == base
+
+
+def test_unusable_locations(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="only http"):
+        open_source(SourceSpec("ftp://h/log"))
+    with pytest.raises(ValueError, match="neither an http"):
+        open_source(SourceSpec(str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="positive"):
+        open_source(SourceSpec("http://h/", timeout=0))
+
+
+def test_a_directory_source(tmp_path: Path) -> None:
+    (tmp_path / "tile").mkdir()
+    (tmp_path / "checkpoint").write_bytes(b"x" * 100)
+    source = DirSource(SourceSpec(str(tmp_path)))
+    assert source.read("checkpoint", max_size=100) == b"x" * 100
+    with pytest.raises(DecodeError, match="checkpoint: the file is 100 bytes, more than the cap of 99"):
+        source.read("checkpoint", max_size=99)
+    with pytest.raises(MissingData, match="tile/0/000: not found"):
+        source.read("tile/0/000", max_size=100)
+    with pytest.raises(DecodeError, match="is a directory"):
+        source.read("tile", max_size=100)
+    with pytest.raises(ValueError, match="not a relative log path"):
+        source.read("../secret", max_size=100)
+    with pytest.raises(FetchError, match="cannot attest"):
+        source.attestation(b"n" * 16)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"document": "AA==", "nonce": "zz", "checkpoint": "c"}', "'nonce' is not hex"),
+    (b'{"document": "AA==", "nonce": "00", "checkpoint": ""}', "has no 'checkpoint'"),
+    (b'{"document": "AA=", "nonce": "00", "checkpoint": "c"}', "not valid base64"),
+    (b'{"document": "AA==", "document": "AA==", "nonce": "00", "checkpoint": "c"}', "duplicate member"),
+    (b'{"document": NaN}', "NaN is not valid JSON"),
+])
+def test_attestation_replies_are_parsed_strictly(body: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        parse_attestation_reply(body)
