@@ -124,17 +124,20 @@ def check_published(backend: Backend, size: int, root: bytes, mode: CheckMode) -
                 f"{where}: the hash tiles of the published tree (size {size}) give root {computed.hex()}, "
                 f"the published checkpoint says {root.hex()}"
             )
-    partial = [
-        _hashes(fetch, where, s.level, s.full_tiles, s.partial_width) if s.partial_width else [] for s in shape
-    ]
+    partial = [_hashes(fetch, where, s.level, s.full_tiles, s.partial_width) if s.partial_width else [] for s in shape]
     bundle: list[bytes] = []
     if size:
         last = (size - 1) // TILE_WIDTH
         width = size - last * TILE_WIDTH
         entries = _bundle(fetch, where, last, width)
         tile0 = _hashes(fetch, where, 0, last, width)
-        _compare(where, hash_tile_path(0, last, width), tile0, [leaf_hash(e) for e in entries],
-                 f"the leaf hash of its entry in {entry_bundle_path(last, width)}")
+        _compare(
+            where,
+            hash_tile_path(0, last, width),
+            tile0,
+            [leaf_hash(e) for e in entries],
+            f"the leaf hash of its entry in {entry_bundle_path(last, width)}",
+        )
         if width < TILE_WIDTH:
             bundle = entries
     return Published(partial, bundle, None)
@@ -156,8 +159,13 @@ def _check_full(fetch: Callable[[str], bytes], where: str, size: int, root: byte
             if e[1:7] == _KEY_PREFIX and is_key_entry(e):
                 keys.append(index * TILE_WIDTH + i)
         tile = _hashes(fetch, where, 0, index, width)
-        _compare(where, hash_tile_path(0, index, width), tile, leaves,
-                 f"the leaf hash of its entry in {entry_bundle_path(index, width)}")
+        _compare(
+            where,
+            hash_tile_path(0, index, width),
+            tile,
+            leaves,
+            f"the leaf hash of its entry in {entry_bundle_path(index, width)}",
+        )
         if width == TILE_WIDTH:
             above.append(subtree_root(leaves))
         else:
@@ -168,8 +176,13 @@ def _check_full(fetch: Callable[[str], bytes], where: str, size: int, root: byte
         for index in range((len(computed) + TILE_WIDTH - 1) // TILE_WIDTH):
             want = computed[index * TILE_WIDTH : (index + 1) * TILE_WIDTH]
             tile = _hashes(fetch, where, level, index, len(want))
-            _compare(where, hash_tile_path(level, index, len(want)), tile, want,
-                     f"the root of the tile it covers at level {level - 1}")
+            _compare(
+                where,
+                hash_tile_path(level, index, len(want)),
+                tile,
+                want,
+                f"the root of the tile it covers at level {level - 1}",
+            )
             if len(want) == TILE_WIDTH:
                 above.append(subtree_root(want))
             else:

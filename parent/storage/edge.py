@@ -110,8 +110,9 @@ class TileEdge:
                 if width == _width(old_count, tile):
                     continue
                 start = tile * TILE_WIDTH - base
-                out.append((hash_tile_path(level, tile, width), b"".join(hashes[start : start + width]),
-                            width == TILE_WIDTH))
+                out.append(
+                    (hash_tile_path(level, tile, width), b"".join(hashes[start : start + width]), width == TILE_WIDTH)
+                )
         return out
 
     def forget_stored(self, size: int) -> None:
@@ -158,8 +159,13 @@ class EntryEdge:
             if width == _width(stored_size, bundle):
                 continue
             start = bundle * TILE_WIDTH - self._base
-            out.append((entry_bundle_path(bundle, width), encode_entry_bundle(self._entries[start : start + width]),
-                        width == TILE_WIDTH))
+            out.append(
+                (
+                    entry_bundle_path(bundle, width),
+                    encode_entry_bundle(self._entries[start : start + width]),
+                    width == TILE_WIDTH,
+                )
+            )
         return out
 
     def forget_stored(self, size: int) -> None:

@@ -36,9 +36,17 @@ _WAL_KEY = re.compile(r"[0-9]{20}")
 class S3Backend:
     """A log stored in `s3://bucket/prefix` (or any S3-compatible endpoint)."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 region_name: str | None = None, client: S3Client | None = None, max_workers: int = 16,
-                 conditional_wal_writes: bool = True) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        client: S3Client | None = None,
+        max_workers: int = 16,
+        conditional_wal_writes: bool = True,
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         if self.prefix:
@@ -104,8 +112,9 @@ class S3Backend:
     def _delete_keys(self, keys: Sequence[str]) -> None:
         for i in range(0, len(keys), 1000):
             chunk = keys[i : i + 1000]
-            resp = self._s3.delete_objects(Bucket=self.bucket,
-                                           Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
+            resp = self._s3.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+            )
             errors = resp.get("Errors", [])
             if errors:
                 raise StorageError(f"{self.description}: could not delete {len(errors)} objects, e.g. {errors[0]}")

@@ -240,8 +240,9 @@ class LogStore:
             return keys
         if size == 0:
             return []
-        logger.warning("%s: %s is missing; scanning all %d entries for key entries",
-                       self.backend.description, KEY_INDEX_PATH, size)
+        logger.warning(
+            "%s: %s is missing; scanning all %d entries for key entries", self.backend.description, KEY_INDEX_PATH, size
+        )
         keys = []
         for start in range(0, size, TILE_WIDTH):
             for i, e in enumerate(self._read(start, min(size, start + TILE_WIDTH), size)):
@@ -260,11 +261,17 @@ class LogStore:
                     f"expected {next_seq} (a WAL chunk is missing)"
                 )
             last = n == len(chunks) - 1
-            decoded = decode_chunk(chunk.data, chunk.name, chunk.first_seq,
-                                   tail_may_tear=last and self.backend.wal_tail_may_tear)
+            decoded = decode_chunk(
+                chunk.data, chunk.name, chunk.first_seq, tail_may_tear=last and self.backend.wal_tail_may_tear
+            )
             if decoded.torn_reason is not None:
-                logger.warning("%s: WAL %s: cutting a torn write at offset %d (%s); it was never acknowledged",
-                               self.backend.description, chunk.name, decoded.valid_length, decoded.torn_reason)
+                logger.warning(
+                    "%s: WAL %s: cutting a torn write at offset %d (%s); it was never acknowledged",
+                    self.backend.description,
+                    chunk.name,
+                    decoded.valid_length,
+                    decoded.torn_reason,
+                )
                 self.backend.wal_truncate_tail(chunk, decoded.valid_length)
             frames.extend(decoded.frames)
             next_seq = chunk.first_seq + len(decoded.frames)
@@ -351,13 +358,20 @@ class LogStore:
             logger.warning(
                 "%s: recovery truncates the log to its latest durable checkpoint (size %d): %d entries and %d "
                 "bodies beyond it were never acknowledged and are forgotten",
-                where, d, max(0, dropped_entries), len(dropped_bodies),
+                where,
+                d,
+                max(0, dropped_entries),
+                len(dropped_bodies),
             )
             self._append_frame([WalTruncate(d)], -1)
 
     @staticmethod
-    def _replay_truncate(rec: WalTruncate, where: str, checkpoints: list[tuple[CheckpointInfo, str]],
-                         bodies: dict[tuple[int, str], BodyRecord]) -> None:
+    def _replay_truncate(
+        rec: WalTruncate,
+        where: str,
+        checkpoints: list[tuple[CheckpointInfo, str]],
+        bodies: dict[tuple[int, str], BodyRecord],
+    ) -> None:
         for cp, _ in checkpoints:
             if cp.size > rec.size:
                 raise StorageCorruption(f"{where}: TRUNCATE to {rec.size} below a durable checkpoint at {cp.size}")
@@ -516,8 +530,11 @@ class LogStore:
         with self._lock:
             published = self._published.size if self._published else 0
             drop = 0
-            while (drop < len(self._frames) and self._frames[drop][0] <= self._materialized_seq
-                   and self._frames[drop][1] < published):
+            while (
+                drop < len(self._frames)
+                and self._frames[drop][0] <= self._materialized_seq
+                and self._frames[drop][1] < published
+            ):
                 drop += 1
             if not drop:
                 return
@@ -535,8 +552,11 @@ class LogStore:
     def needs_materialize(self) -> bool:
         with self._lock:
             d = self._durable.size if self._durable else 0
-            return (self._durable is not self._published or any(k[0] < d for k in self._bodies)
-                    or self._keys_stored != self._count_keys_below(d))
+            return (
+                self._durable is not self._published
+                or any(k[0] < d for k in self._bodies)
+                or self._keys_stored != self._count_keys_below(d)
+            )
 
     def _count_keys_below(self, size: int) -> int:
         n = len(self._keys)

@@ -186,8 +186,10 @@ class LogWriter:
         if first > self._end:
             new = [(first + k, e) for k, e in enumerate(entries) if first + k not in self._reorder]
             nbytes = sum(len(e) for _, e in new)
-            if (len(self._reorder) + len(new) > self._opts.max_reorder_entries
-                    or self._reorder_bytes + nbytes > self._opts.max_reorder_bytes):
+            if (
+                len(self._reorder) + len(new) > self._opts.max_reorder_entries
+                or self._reorder_bytes + nbytes > self._opts.max_reorder_bytes
+            ):
                 raise ReorderBufferFull(
                     f"{len(self._reorder)} entries wait beyond a gap at index {self._end}; entries [{first}, {end}) "
                     "do not fit. Fetch the missing range from the enclave (SyncLog)."
@@ -372,6 +374,17 @@ class LogWriter:
                     await self.prune_bodies()
                 except Exception:
                     logger.exception("%s: pruning bodies failed", self.store.backend.description)
+
+    async def publish(self) -> None:
+        """Materialize tiles up to the durable size and publish its checkpoint now.
+
+        For a caller about to hand out a checkpoint (e.g. an attested one) whose tiles must be
+        readable first. Runs on the materializer thread, so it queues behind a background
+        materialization instead of racing it. Errors propagate.
+        """
+        self._usable()
+        await self._loop.run_in_executor(self._mat_exec, self.store.materialize)
+        await self._loop.run_in_executor(self._wal_exec, self.store.compact_wal)
 
     # --- Closing ---------------------------------------------------------------------------------
 

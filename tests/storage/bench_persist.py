@@ -46,8 +46,10 @@ async def run(n: int, concurrency: int, directory: str) -> None:
     elapsed = time.perf_counter() - t0
     stats = writer.store.backend.stats.snapshot()
     await writer.close()
-    print(f"{n} entries, {concurrency} concurrent: {n / elapsed:,.0f} entries/s "
-          f"({stats['wal_appends']} WAL frames, {n / max(1, stats['wal_appends']):.1f} entries per fsync)")
+    print(
+        f"{n} entries, {concurrency} concurrent: {n / elapsed:,.0f} entries/s "
+        f"({stats['wal_appends']} WAL frames, {n / max(1, stats['wal_appends']):.1f} entries per fsync)"
+    )
 
 
 def main() -> None:

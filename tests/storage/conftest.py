@@ -89,13 +89,19 @@ def entry(i: int, size: int = 0) -> bytes:
 
 
 def outcome(i: int, time_ms: int) -> bytes:
-    return encode_entry(OutcomeEntry(time_ms=time_ms, decision_index=i, result_sha256=None, error="",
-                                     duration_us=i))
+    return encode_entry(OutcomeEntry(time_ms=time_ms, decision_index=i, result_sha256=None, error="", duration_us=i))
 
 
 def key_entry(time_ms: int, n: int = 0) -> bytes:
-    return encode_entry(KeyEntry(time_ms=time_ms, attestation=b"doc %d" % n, log_key=bytes([n]) * 32,
-                                 grant_key=b"g" * 32, log_vkey=f"cloister.test/log+0000000{n}+AAAA"))
+    return encode_entry(
+        KeyEntry(
+            time_ms=time_ms,
+            attestation=b"doc %d" % n,
+            log_key=bytes([n]) * 32,
+            grant_key=b"g" * 32,
+            log_vkey=f"cloister.test/log+0000000{n}+AAAA",
+        )
+    )
 
 
 def tiles_of(leaves: list[bytes]) -> dict[tuple[int, int], list[bytes]]:

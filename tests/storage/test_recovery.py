@@ -17,8 +17,15 @@ from parent.storage.wal import WalCheckpoint, WalEntries, encode_frame
 from tests.storage.conftest import FakeLog, entry, tiles_of, wal_segments
 
 
-def append(store: LogStore, log: FakeLog, n: int, *, checkpoint: bool = True, size: int = 0,
-           bodies: list[BodyRecord] | None = None) -> None:
+def append(
+    store: LogStore,
+    log: FakeLog,
+    n: int,
+    *,
+    checkpoint: bool = True,
+    size: int = 0,
+    bodies: list[BodyRecord] | None = None,
+) -> None:
     first = log.add([entry(log.size + i, size) for i in range(n)])
     cps = [parse_checkpoint_note(log.checkpoint())] if checkpoint else []
     store.append_batch(Batch(first, log.entries[first:], cps, bodies or []))
@@ -33,8 +40,9 @@ def reopen(path: Path, **kw: object) -> LogStore:
     return LogStore.open(LocalBackend(path, **kw))  # type: ignore[arg-type]
 
 
-def test_entries_beyond_the_last_durable_checkpoint_are_forgotten(log: FakeLog, log_dir: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_entries_beyond_the_last_durable_checkpoint_are_forgotten(
+    log: FakeLog, log_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = reopen(log_dir)
     append(store, log, 10)
     store.materialize()
@@ -102,8 +110,11 @@ def test_a_corrupt_frame_before_the_end_is_refused(log: FakeLog, log_dir: Path) 
     data = bytearray(segment.read_bytes())
     data[30] ^= 0x40
     segment.write_bytes(bytes(data))
-    with pytest.raises(StorageCorruption, match=rf"WAL wal/{segment.name} at offset 0: CRC mismatch in frame seq 0, "
-                                                r"followed by \d+ more bytes \(not a torn write\)"):
+    with pytest.raises(
+        StorageCorruption,
+        match=rf"WAL wal/{segment.name} at offset 0: CRC mismatch in frame seq 0, "
+        r"followed by \d+ more bytes \(not a torn write\)",
+    ):
         reopen(log_dir)
 
 
@@ -175,8 +186,11 @@ def flip(path: Path, offset: int = 0) -> None:
 
 def test_a_tampered_full_tile_is_found_by_the_full_check(published: Path) -> None:
     flip(published / "tile/0/001", 32 * 5)
-    with pytest.raises(StorageCorruption, match=r"tile/0/001: hash 5 does not match the leaf hash of its entry in "
-                                                r"tile/entries/001"):
+    with pytest.raises(
+        StorageCorruption,
+        match=r"tile/0/001: hash 5 does not match the leaf hash of its entry in "
+        r"tile/entries/001",
+    ):
         LogStore.open(LocalBackend(published), verify="full")
     # The tail check reads only the right edge; it does not see a tile off the edge.
     LogStore.open(LocalBackend(published), verify="tail").close()
@@ -191,8 +205,11 @@ def test_a_tampered_bundle_is_found(published: Path) -> None:
 @pytest.mark.parametrize("mode", ["full", "tail"])
 def test_tampering_on_the_right_edge_is_found_by_both_checks(published: Path, mode: str) -> None:
     flip(published / "tile/entries/003.p/232", 5)
-    with pytest.raises(StorageCorruption, match=r"tile/0/003.p/232: hash \d+ does not match the leaf hash of its "
-                                                r"entry in tile/entries/003.p/232"):
+    with pytest.raises(
+        StorageCorruption,
+        match=r"tile/0/003.p/232: hash \d+ does not match the leaf hash of its "
+        r"entry in tile/entries/003.p/232",
+    ):
         LogStore.open(LocalBackend(published), verify=mode)  # type: ignore[arg-type]
 
 
@@ -206,16 +223,21 @@ def test_a_tampered_upper_tile_breaks_the_root(published: Path) -> None:
 
 def test_a_missing_tile_is_named(published: Path) -> None:
     (published / "tile/0/003.p/232").unlink()
-    with pytest.raises(StorageCorruption, match=r"tile/0/003.p/232 is missing; the published checkpoint "
-                                                r"\(size 1000\) needs it"):
+    with pytest.raises(
+        StorageCorruption,
+        match=r"tile/0/003.p/232 is missing; the published checkpoint "
+        r"\(size 1000\) needs it",
+    ):
         LogStore.open(LocalBackend(published), verify="tail")
 
 
 def test_a_checkpoint_that_the_tiles_do_not_reproduce(published: Path, log: FakeLog) -> None:
     forged = sign_note(Checkpoint(log.origin, 1000, bytes(32)).to_text(), [log.signer])
     (published / "checkpoint").write_bytes(forged)
-    with pytest.raises(StorageCorruption, match="the stored entry bundles .size 1000. hash to root [0-9a-f]+, "
-                                                "the published checkpoint says 0000"):
+    with pytest.raises(
+        StorageCorruption,
+        match="the stored entry bundles .size 1000. hash to root [0-9a-f]+, the published checkpoint says 0000",
+    ):
         LogStore.open(LocalBackend(published), verify="full")
     (published / "checkpoint").write_bytes(b"garbage")
     with pytest.raises(StorageCorruption, match="checkpoint is not a checkpoint note"):
@@ -237,8 +259,11 @@ def test_a_wal_checkpoint_without_its_entries(log: FakeLog, log_dir: Path) -> No
     log.add([entry(i) for i in range(5)])
     backend.wal_append(0, encode_frame(0, [WalEntries(0, tuple(log.entries[:3])), WalCheckpoint(log.checkpoint())]))
     backend.close()
-    with pytest.raises(StorageCorruption, match=r"checkpoint at size 5 needs entries \[0, 5\), but the WAL holds "
-                                                r"\[0, 3\)"):
+    with pytest.raises(
+        StorageCorruption,
+        match=r"checkpoint at size 5 needs entries \[0, 5\), but the WAL holds "
+        r"\[0, 3\)",
+    ):
         reopen(log_dir)
 
 

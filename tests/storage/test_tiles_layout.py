@@ -109,7 +109,15 @@ def test_read_path_serves_only_the_published_tree(log: FakeLog, log_dir: Path) -
     assert store.read_path("tile/1/000.p/1") == root_from_leaf_hashes(log.leaves[:256])
     assert store.read_path("tile/entries/001.p/3") == encode_entry_bundle(log.entries[256:259])
     assert parse_entry_bundle(store.read_path(entry_bundle_path(0)) or b"", 256) == log.entries[:256]
-    for bad in ("tile/0/1", "tile/entries/../../etc", "wal/00000000000000000000.wal", "bodies/000.args",
-                "meta/key-entries", "tile/0/000.p/256", "LOCK", ""):
+    for bad in (
+        "tile/0/1",
+        "tile/entries/../../etc",
+        "wal/00000000000000000000.wal",
+        "bodies/000.args",
+        "meta/key-entries",
+        "tile/0/000.p/256",
+        "LOCK",
+        "",
+    ):
         assert store.read_path(bad) is None, bad
     store.close()

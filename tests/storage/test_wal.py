@@ -64,8 +64,11 @@ def test_bad_crc_in_the_last_frame_is_torn_but_in_the_middle_is_corruption() -> 
     assert decoded.valid_length == len(f0 + f1) and "CRC" in (decoded.torn_reason or "")
     flip = bytearray(f1)
     flip[-1] ^= 1
-    with pytest.raises(StorageCorruption, match=rf"WAL seg at offset {len(f0)}: CRC mismatch in frame seq 1, "
-                                                r"followed by \d+ more bytes \(not a torn write\)"):
+    with pytest.raises(
+        StorageCorruption,
+        match=rf"WAL seg at offset {len(f0)}: CRC mismatch in frame seq 1, "
+        r"followed by \d+ more bytes \(not a torn write\)",
+    ):
         decode_chunk(f0 + bytes(flip) + f2, "seg", 0, tail_may_tear=True)
 
 

@@ -14,6 +14,7 @@ import pytest
 from cloister.verify.checkpoint import Checkpoint
 from cloister.verify.errors import DecodeError
 from cloister.verify.note import sign_note
+from cloister.verify.tiles import encode_entry_bundle
 from parent.storage import (
     LocalBackend,
     LogStore,
@@ -327,6 +328,10 @@ def test_proofs_and_reads_cover_the_unmaterialized_tail(log: FakeLog, log_dir: P
         assert await w.read_entries(250, 260) == log.entries[250:260]
         with pytest.raises(ValueError, match="outside the durable log"):
             await w.inclusion_proof(0, n + 1)
+        # publish() materializes now, for a checkpoint about to be handed out.
+        await w.publish()
+        assert w.store.published_size == n and await w.read_path("checkpoint") == apps[-1].checkpoint
+        assert await w.read_path("tile/entries/000") == encode_entry_bundle(log.entries[:256])
         await w.close()
 
     run(main)
