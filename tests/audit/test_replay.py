@@ -239,3 +239,25 @@ def test_worker_processes_report_problems_with_their_location(big: TestLog, tmp_
     r = cli("audit", "replay", "--log", str(d), *trust(big, tmp_path / "s"), "--no-progress", "--jobs", "2")
     assert r.code == 1
     assert "tile/0/050: " in r.err
+
+
+def test_the_progress_bar_draws_only_on_a_terminal() -> None:
+    import io
+
+    from cloister.audit.render import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Terminal()
+    bar = Progress(True, tty)
+    bar(0, 1000)
+    bar(1000, 1000)
+    bar.close()
+    assert "100.0%  1,000/1,000 entries" in tty.getvalue() and tty.getvalue().endswith("\n")
+    for stream, enabled in ((io.StringIO(), True), (Terminal(), False)):
+        bar = Progress(enabled, stream)
+        bar(5, 10)
+        bar.close()
+        assert stream.getvalue() == ""
