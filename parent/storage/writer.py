@@ -310,7 +310,7 @@ class LogWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._failed is None and self._has_work():
-                if self.store.unmaterialized() > self._opts.max_unmaterialized:
+                if not self._closing and self.store.unmaterialized() > self._opts.max_unmaterialized:
                     # Tiles lag too far behind: let the materializer catch up before more WAL.
                     self._materialized.clear()
                     self._mat_kick.set()
@@ -463,6 +463,8 @@ class LogWriter:
             fut.set_result(None)
             return fut
         self._bodies.append((BodyRecord.of(index, kind_, bytes(data), now_ms()), fut))
+        # Callers may drop the future (the entry's persist covers it): retrieve its exception.
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._wake.set()
         return fut
 
