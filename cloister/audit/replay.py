@@ -157,7 +157,10 @@ class ChunkResult:
     full_roots: list[bytes | None] = field(default_factory=list)  # Merkle level 8, one per full bundle
     leaves: dict[int, list[bytes]] = field(default_factory=dict)  # bundle -> leaf hashes (when asked)
     kinds: bytearray = field(default_factory=bytearray)  # one KIND_* per entry (decode mode)
-    outcomes: array[int] = field(default_factory=lambda: array("q"))  # flat (index, decision index) pairs
+    # Outcomes naming a decision of an earlier chunk, as flat (index, decision index) pairs; the
+    # others are checked in the worker, which marks their decisions in `used`.
+    outcomes: array[int] = field(default_factory=lambda: array("q"))
+    used: bytearray = field(default_factory=bytearray)  # one byte per entry: 1 if an outcome closed it
     policy_runs: list[tuple[int, int, bytes]] = field(default_factory=list)  # (first index, version, sha)
     key_entries: list[tuple[int, bytes]] = field(default_factory=list)
     policy_entries: list[tuple[int, PolicyEntry]] = field(default_factory=list)
@@ -273,7 +276,41 @@ def scan_chunk(plan: ScanPlan, first: int, end: int) -> ChunkResult:
                 out.summary.count_decision(template.info, hits)
             elif isinstance(template.info, OutcomeInfo):
                 out.summary.count_outcome(template.info, hits)
+        _local_outcomes(out, first * TILE_WIDTH)
     return out
+
+
+def _outcome_problem(j: int, d: int, kind: int, used: int) -> str | None:
+    """Outcome `j` names decision `d`: it must be an earlier decision that issued a grant, closed once."""
+    if d >= j:
+        return f"outcome names decision {d}, which is not an earlier entry"
+    if kind != KIND_DECISION_GRANTED:
+        what = _KIND_NAMES.get(kind, "an entry")
+        return f"outcome names entry {d}, which is {what}, not a decision that issued a grant"
+    if used:
+        return f"second outcome for decision {d}"
+    return None
+
+
+def _local_outcomes(out: ChunkResult, base: int) -> None:
+    """Check the outcomes whose decision is in this chunk (nearly all); pass the others on."""
+    kinds = out.kinds
+    used = out.used = bytearray(len(kinds))
+    pairs = out.outcomes
+    cross = out.outcomes = array("q")
+    for k in range(0, len(pairs), 2):
+        j, d = pairs[k], pairs[k + 1]
+        if base <= d < j:
+            if kinds[d - base] == KIND_DECISION_GRANTED and not used[d - base]:
+                used[d - base] = 1
+                continue
+        elif d < base:
+            cross.append(j)
+            cross.append(d)
+            continue
+        problem = _outcome_problem(j, d, kinds[d - base] if base <= d < j else KIND_UNKNOWN,
+                                   used[d - base] if base <= d < j else 0)
+        out.problems.append(Problem(f"entry {j}", problem or "outcome does not check"))
 
 
 def _missing_or(exc: Exception) -> str:
@@ -446,7 +483,7 @@ class _Merger:
         self.level8: list[bytes | None] = []
         self.leaves: dict[int, list[bytes]] = {}
         self.kinds = bytearray()
-        self.used = bytearray(tree_size) if decode else bytearray()
+        self.used = bytearray()
         self.summary = Summary()
         self.problems: list[Problem] = []
         self.problem_count = 0
@@ -484,42 +521,30 @@ class _Merger:
                 del self.leaves[b]
 
     def _structure(self, r: ChunkResult) -> None:
-        kinds = self.kinds
+        kinds, used = self.kinds, self.used
         kinds.extend(r.kinds)
-        used = self.used
-        # Events of this chunk in index order: policy entries, runs of decisions, key entries.
+        used.extend(r.used)
+        # Policy entries, runs of decisions and key entries, in index order.
         events: list[tuple[int, int, Any]] = [(i, 0, e) for i, e in r.policy_entries]
         events += [(i, 1, (v, sha)) for i, v, sha in r.policy_runs]
         events += [(i, 2, data) for i, data in r.key_entries]
         events.sort(key=lambda ev: (ev[0], ev[1]))
-        outcomes = r.outcomes
-        o = 0
         for index, what, payload in events:
-            o = self._outcomes_before(outcomes, o, index, kinds, used)
             if what == 0:
                 self._policy_entry(index, payload)
             elif what == 1:
                 self._policy_run(index, payload)
             else:
                 self._key_entry(index, payload)
-        self._outcomes_before(outcomes, o, self.n + 1, kinds, used)
-
-    def _outcomes_before(self, outcomes: array[int], o: int, stop: int, kinds: bytearray, used: bytearray) -> int:
-        end = len(outcomes)
-        while o < end and outcomes[o] < stop:
-            j, d = outcomes[o], outcomes[o + 1]
-            o += 2
-            if d >= j:
-                self.problem(f"entry {j}", f"outcome names decision {d}, which is not an earlier entry")
-            elif kinds[d] != KIND_DECISION_GRANTED:
-                what = _KIND_NAMES.get(kinds[d], "an entry")
-                self.problem(f"entry {j}", f"outcome names entry {d}, which is {what}, not a decision that "
-                             "issued a grant")
-            elif used[d]:
-                self.problem(f"entry {j}", f"second outcome for decision {d}")
+        # Outcomes of decisions in earlier chunks.
+        pairs = r.outcomes
+        for k in range(0, len(pairs), 2):
+            j, d = pairs[k], pairs[k + 1]
+            problem = _outcome_problem(j, d, kinds[d], used[d])
+            if problem:
+                self.problem(f"entry {j}", problem)
             else:
                 used[d] = 1
-        return o
 
     def _policy_entry(self, index: int, entry: PolicyEntry) -> None:
         if self.policy is not None and entry.version <= self.policy[0]:
