@@ -42,6 +42,7 @@ __all__ = ["LogWriter", "WriterOptions"]
 logger = logging.getLogger("cloister.storage")
 
 _NOTE_CACHE = 64
+_COMPARE_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -268,13 +269,16 @@ class LogWriter:
             await fut
 
     async def _compare_stored(self, first: int, entries: list[bytes]) -> None:
-        try:
-            stored = await asyncio.to_thread(self.store.written_entries, first, first + len(entries))
-        except StorageError as e:
-            where = f"[{first}, {first + len(entries)})"
-            raise self._inconsistent(f"cannot compare entries {where} with the stored ones: {e}") from e
-        for k, (have, got) in enumerate(zip(stored, entries, strict=True)):
-            self._compare(first + k, have, got)
+        for offset in range(0, len(entries), _COMPARE_CHUNK):
+            start = first + offset
+            chunk = entries[offset : offset + _COMPARE_CHUNK]
+            try:
+                stored = await asyncio.to_thread(self.store.written_entries, start, start + len(chunk))
+            except StorageError as e:
+                where = f"[{start}, {start + len(chunk)})"
+                raise self._inconsistent(f"cannot compare entries {where} with the stored ones: {e}") from e
+            for k, (have, got) in enumerate(zip(stored, chunk, strict=True)):
+                self._compare(start + k, have, got)
 
     async def wait_durable(self, index: int) -> None:
         """Return once entry `index` is covered by a durable checkpoint."""

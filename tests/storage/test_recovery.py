@@ -14,7 +14,7 @@ from parent.storage import LocalBackend, LogStore, StorageCorruption
 from parent.storage.bodies import BodyRecord
 from parent.storage.store import Batch, parse_checkpoint_note
 from parent.storage.wal import WalCheckpoint, WalEntries, encode_frame
-from tests.storage.conftest import FakeLog, entry, tiles_of, wal_segments
+from tests.storage.conftest import FakeLog, entry, key_entry, tiles_of, wal_segments
 
 
 def append(
@@ -145,11 +145,13 @@ def test_the_wal_shrinks_once_tiles_hold_its_entries(log: FakeLog, log_dir: Path
     store.close()
 
 
-def test_a_crash_between_tiles_and_checkpoint(log: FakeLog, log_dir: Path) -> None:
+@pytest.mark.parametrize("verify", ["full", "tail"])
+def test_a_crash_between_tiles_and_checkpoint(log: FakeLog, log_dir: Path, verify: str) -> None:
     store = reopen(log_dir)
     append(store, log, 300)
     store.materialize()
-    append(store, log, 300)
+    first = log.add([key_entry(1, n=1), *(entry(i) for i in range(301, 600))])  # a key entry at 300
+    store.append_batch(Batch(first, log.entries[first:], [parse_checkpoint_note(log.checkpoint())]))
     real_write = store.backend.write
 
     def fail_on_checkpoint(path: str, data: bytes) -> None:
@@ -160,11 +162,14 @@ def test_a_crash_between_tiles_and_checkpoint(log: FakeLog, log_dir: Path) -> No
     store.backend.write = fail_on_checkpoint  # type: ignore[method-assign]
     with pytest.raises(OSError, match="power cut"):
         store.materialize()
+    # Tiles and the key index for 600 are written; the published checkpoint is still at 300.
     assert store.published_size == 300 and (log_dir / "tile/0/002.p/88").exists()
+    assert (log_dir / "meta/key-entries").read_bytes().endswith((300).to_bytes(8, "big"))
     crash(store)
-    store = LogStore.open(LocalBackend(log_dir), verify="full")
+    store = LogStore.open(LocalBackend(log_dir), verify=verify)  # type: ignore[arg-type]
     assert store.published_size == store.durable_size == 600
     assert store.read_path("tile/0/002.p/88") == b"".join(tiles_of(log.leaves)[(0, 2)])
+    assert store.latest_key_entry(600) == 300
     store.close()
 
 
