@@ -12,7 +12,7 @@ import base64
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cloister.audit.source import MAX_ENTRY_BUNDLE, MAX_HASH_TILE, LogSource
+from cloister.audit.source import MAX_ENTRY_BUNDLE, MAX_HASH_TILE, LogSource, read_tile
 from cloister.verify.checkpoint import Checkpoint
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.merkle import (
@@ -52,7 +52,7 @@ class TileNodes:
 
     def _fetch(self, path: str) -> bytes:
         self.paths.append(path)
-        return self.source.read(path, max_size=MAX_HASH_TILE)
+        return read_tile(self.source, path, MAX_HASH_TILE)
 
     @property
     def get_node(self) -> Callable[[int, int], bytes]:
@@ -78,7 +78,7 @@ def read_entry(source: LogSource, tree_size: int, index: int) -> StoredEntry:
     bundle, position = divmod(index, TILE_WIDTH)
     width = min(TILE_WIDTH, tree_size - bundle * TILE_WIDTH)
     path = entry_bundle_path(bundle, width)
-    data = source.read(path, max_size=MAX_ENTRY_BUNDLE)
+    data = read_tile(source, path, MAX_ENTRY_BUNDLE)
     try:
         entries = parse_entry_bundle(data, width)
     except DecodeError as exc:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloister.audit.errors import FetchError, MissingData
-from cloister.audit.source import MAX_ENTRY_BUNDLE, MAX_HASH_TILE, LogSource, SourceSpec, open_source
+from cloister.audit.source import MAX_ENTRY_BUNDLE, MAX_HASH_TILE, LogSource, SourceSpec, open_source, read_tile
 from cloister.audit.templates import (
     KIND_DECISION_DENIED,
     KIND_DECISION_GRANTED,
@@ -202,7 +202,7 @@ def _read_all(source: LogSource, requests: Sequence[tuple[str, int]]) -> list[by
 
     def one(req: tuple[str, int]) -> bytes | Exception:
         try:
-            return source.read(req[0], max_size=req[1])
+            return read_tile(source, req[0], req[1])
         except (MissingData, DecodeError) as exc:
             return exc
 
@@ -707,7 +707,7 @@ def _check_upper_tiles(source: LogSource, tree_size: int, merger: _Merger) -> No
         if any(h is None for h in computed):
             continue  # the bundles below it are already reported
         try:
-            stored = source.read(path, max_size=MAX_HASH_TILE)
+            stored = read_tile(source, path, MAX_HASH_TILE)
         except (MissingData, DecodeError) as exc:
             merger.problem(path, _missing_or(exc))
             continue

@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +36,14 @@ from typing import Any, Protocol
 from cloister.audit.errors import FetchError, MissingData
 from cloister.verify.errors import DecodeError
 from cloister.verify.note import MAX_NOTE_SIZE, b64decode_strict
-from cloister.verify.tiles import MAX_ENTRY_SIZE, TILE_WIDTH
+from cloister.verify.tiles import (
+    MAX_ENTRY_SIZE,
+    TILE_WIDTH,
+    EntryBundleId,
+    HashTileId,
+    parse_entry_bundle,
+    parse_tile_path,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -50,6 +58,7 @@ __all__ = [
     "LogSource",
     "SourceSpec",
     "open_source",
+    "read_tile",
 ]
 
 DEFAULT_TIMEOUT = 30.0
@@ -160,15 +169,22 @@ class HttpSource:
         timeout = self.spec.timeout
         deadline = time.monotonic() + timeout
         # The scheme is http(s): checked in __init__, and the opener has no file or ftp handler.
-        headers = {"User-Agent": "cloister-audit/1", "Accept-Encoding": "identity"}
+        # tlog-tiles: entry bundles SHOULD be compressed at the HTTP layer, and clients SHOULD accept gzip.
+        headers = {"User-Agent": "cloister-audit/1", "Accept-Encoding": "gzip, identity"}
         request = urllib.request.Request(url, headers=headers)  # noqa: S310
         try:
             with self._opener.open(request, timeout=timeout) as resp:
+                encoding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
+                if encoding not in ("identity", "gzip"):
+                    raise DecodeError(f"{what}: unsupported Content-Encoding {encoding[:40]!r}")
+                # The cap applies to the decompressed bytes; a gzip stream is at most ~1000x smaller.
                 length = resp.headers.get("Content-Length")
-                if length is not None and length.strip().isdigit() and int(length) > max_size:
+                if encoding == "identity" and length is not None and length.strip().isdigit() \
+                        and int(length) > max_size:
                     raise DecodeError(
                         f"{what}: the server announces {int(length)} bytes, more than the cap of {max_size}"
                     )
+                inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
                 chunks: list[bytes] = []
                 total = 0
                 while True:
@@ -178,10 +194,14 @@ class HttpSource:
                     chunk = resp.read1(_READ_CHUNK)
                     if not chunk:
                         break
+                    if inflate is not None:
+                        chunk = _inflate(inflate, chunk, max_size - total, what, max_size)
                     total += len(chunk)
                     if total > max_size:
                         raise DecodeError(f"{what}: the answer is more than the cap of {max_size} bytes")
                     chunks.append(chunk)
+                if inflate is not None and not inflate.eof:
+                    raise DecodeError(f"{what}: the gzip stream is truncated")
                 return b"".join(chunks)
         except urllib.error.HTTPError as exc:
             if exc.code in (404, 410):
@@ -191,6 +211,17 @@ class HttpSource:
             raise FetchError(f"GET {url}: {_reason(exc.reason)}") from exc
         except (TimeoutError, http.client.HTTPException, OSError) as exc:
             raise FetchError(f"GET {url}: {_reason(exc)}") from exc
+
+
+def _inflate(inflate: zlib._Decompress, chunk: bytes, room: int, what: str, cap: int) -> bytes:
+    """Decompress one chunk, never producing more than `room` + 1 bytes (a gzip bomb stops at the cap)."""
+    try:
+        out = inflate.decompress(chunk, room + 1)
+    except zlib.error as exc:
+        raise DecodeError(f"{what}: the gzip stream is corrupt: {exc}") from exc
+    if len(out) > room or inflate.unconsumed_tail:
+        raise DecodeError(f"{what}: the answer is more than the cap of {cap} bytes (after gzip decompression)")
+    return out
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
@@ -289,3 +320,32 @@ def parse_attestation_reply(data: bytes) -> AttestationReply:
         nonce=nonce_bytes,
         checkpoint=checkpoint.encode("utf-8"),
     )
+
+
+def read_tile(source: LogSource, path: str, max_size: int) -> bytes:
+    """A tile or bundle; a missing partial one is cut from its full tile (tlog-tiles, Partial Tiles).
+
+    Logs MAY delete a partial tile once the full tile exists, and clients MAY fall back to the full
+    tile: its first W hashes (or entries) are the partial tile of width W.
+    """
+    try:
+        return source.read(path, max_size=max_size)
+    except MissingData as missing:
+        tile = parse_tile_path(path)
+        if not tile.is_partial:
+            raise
+        full_path = (EntryBundleId(tile.index) if isinstance(tile, EntryBundleId)
+                     else HashTileId(tile.level, tile.index)).path()
+        try:
+            full = source.read(full_path, max_size=max_size)
+        except MissingData:
+            raise missing from None
+    if isinstance(tile, HashTileId):
+        if len(full) != TILE_WIDTH * 32:
+            raise DecodeError(f"{full_path} (read for {path}): {len(full)} bytes, a full tile is {TILE_WIDTH * 32}")
+        return full[: tile.width * 32]
+    try:
+        entries = parse_entry_bundle(full, TILE_WIDTH)
+    except DecodeError as exc:
+        raise DecodeError(f"{full_path} (read for {path}): {exc}") from exc
+    return full[: sum(2 + len(e) for e in entries[: tile.width])]

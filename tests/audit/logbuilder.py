@@ -292,7 +292,8 @@ def synthetic_log(directory: Path, n: int, seed: int = 1) -> TestLog:
 
 # ---- HTTP ----------------------------------------------------------------------------------
 
-Override = Callable[[str, dict[str, list[str]]], tuple[int, bytes] | None]
+# (path, query) -> None to pass, or (status, body) or (status, body, extra headers).
+Override = Callable[[str, dict[str, list[str]]], tuple[Any, ...] | None]
 
 
 class LogServer:
@@ -313,10 +314,10 @@ class LogServer:
                 parts = urlsplit(self.path)
                 server.requests.append(parts.path)
                 query = parse_qs(parts.query)
-                status, body, ctype = server.answer(parts.path, query)
+                status, body, headers = server.answer(parts.path, query)
                 self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
+                for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -328,25 +329,26 @@ class LogServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/log/"
 
-    def answer(self, path: str, query: dict[str, list[str]]) -> tuple[int, bytes, str]:
+    def answer(self, path: str, query: dict[str, list[str]]) -> tuple[int, bytes, dict[str, str]]:
+        text = {"Content-Type": "text/plain"}
         if not path.startswith("/log/"):
-            return 404, b"not found\n", "text/plain"
+            return 404, b"not found\n", text
         rel = path[len("/log/") :]
         for hook in self.overrides:
             got = hook(rel, query)
             if got is not None:
-                return got[0], got[1], "application/octet-stream"
+                return got[0], got[1], {"Content-Type": "application/octet-stream", **(got[2] if len(got) > 2 else {})}
         if rel == "attestation":
             if self.attest is None:
-                return 404, b"no attestation here\n", "text/plain"
+                return 404, b"no attestation here\n", text
             nonce = bytes.fromhex(query.get("nonce", [""])[0])
             doc, note = self.attest(nonce)
             body = {"document": base64.b64encode(doc).decode(), "nonce": nonce.hex(), "checkpoint": note.decode()}
-            return 200, json.dumps(body).encode(), "application/json"
+            return 200, json.dumps(body).encode(), {"Content-Type": "application/json"}
         file = self.directory / rel
         if ".." in rel.split("/") or not file.is_file():
-            return 404, b"not found\n", "text/plain"
-        return 200, file.read_bytes(), "application/octet-stream"
+            return 404, b"not found\n", text
+        return 200, file.read_bytes(), {"Content-Type": "application/octet-stream"}
 
     def __enter__(self) -> LogServer:
         self.thread.start()

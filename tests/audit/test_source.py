@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import socket
 import threading
 import time
@@ -13,6 +15,9 @@ import pytest
 from cloister.audit.errors import FetchError, MissingData
 from cloister.audit.source import DirSource, HttpSource, SourceSpec, open_source, parse_attestation_reply
 from cloister.verify.errors import DecodeError
+from tests.audit.clirun import cli
+from tests.audit.conftest import trust
+from tests.audit.logbuilder import LogServer, TestLog
 
 
 def _raw_server(respond: object) -> Iterator[str]:
@@ -141,3 +146,58 @@ def test_a_directory_source(tmp_path: Path) -> None:
 def test_attestation_replies_are_parsed_strictly(body: bytes, message: str) -> None:
     with pytest.raises(DecodeError, match=message):
         parse_attestation_reply(body)
+
+
+# --- gzip, and partial tiles that the log has deleted ---------------------------------------
+
+
+def _gzip_everything(directory: Path):  # type: ignore[no-untyped-def]
+    def hook(path: str, query: dict[str, list[str]]) -> tuple[int, bytes, dict[str, str]] | None:
+        f = directory / path
+        if not path.startswith("tile/") or not f.is_file():
+            return None
+        return 200, gzip.compress(f.read_bytes()), {"Content-Encoding": "gzip"}
+
+    return hook
+
+
+def test_gzip_answers_are_decompressed(built: TestLog, server: LogServer, log_copy: Path, tmp_path: Path) -> None:
+    server.overrides.append(_gzip_everything(log_copy))
+    r = cli("audit", "replay", "--log", server.url, *trust(built, tmp_path), "--no-progress")
+    assert r.code == 0, r.err
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (gzip.compress(b"\x00" * 10_000_000), "more than the cap of 8192 bytes (after gzip decompression)"),
+    (gzip.compress(b"\x00" * 8192)[:-12], "gzip stream is truncated"),
+    (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 20, "gzip stream is corrupt"),
+])
+def test_bad_gzip_is_refused(built: TestLog, server: LogServer, tmp_path: Path, body: bytes, message: str) -> None:
+    server.overrides.append(
+        lambda path, q: (200, body, {"Content-Encoding": "gzip"}) if path.startswith("tile/0/") else None)
+    r = cli("audit", "inclusion", "--log", server.url, *trust(built, tmp_path), "--index", "1")
+    assert r.code == 1
+    assert message in r.err
+
+
+def test_deleted_partial_tiles_are_read_from_the_full_ones(tmp_path: Path) -> None:
+    log = TestLog(tmp_path / "grow").start()
+    log.load_policy()
+    log.typical_traffic(2)
+    old_note, old_size = log.note, len(log.entries)
+    log.typical_traffic(35)
+    assert len(log.entries) > 256 > old_size
+    log.write()  # only the tiles of the new size: tile/0/000 is full, tile/0/000.p/<old> is gone
+    (log.dir / "checkpoint").write_bytes(old_note)
+    assert not (log.dir / f"tile/0/000.p/{old_size}").exists()
+    r = cli("audit", "replay", "--log", str(log.dir), *trust(log, tmp_path / "s"), "--no-progress", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["tree_size"] == old_size
+    # A tampered full tile is still caught, and the message says where the bytes came from.
+    bundle = log.dir / "tile/entries/000"
+    data = bytearray(bundle.read_bytes())
+    data[0] ^= 0xFF  # the first length prefix
+    bundle.write_bytes(bytes(data))
+    r = cli("audit", "replay", "--log", str(log.dir), *trust(log, tmp_path / "s"), "--no-progress")
+    assert r.code == 1
+    assert f"tile/entries/000 (read for tile/entries/000.p/{old_size}): entry bundle truncated" in r.err
