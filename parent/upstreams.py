@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import anyio
 import mcp_types as types
+from mcp_types.jsonrpc import CONNECTION_CLOSED
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
@@ -119,6 +120,11 @@ class Upstream:
             raise UpstreamError("timeout", f"upstream {self.name!r} did not answer within {self.config.timeout_s:g}s") \
                 from exc
         except MCPError as exc:
+            if exc.code == CONNECTION_CLOSED:
+                # The transport died under the call (process exit, dropped stream): reconnect.
+                self._broken.set()
+                raise UpstreamError("unavailable", f"upstream {self.name!r} closed the connection during the call") \
+                    from exc
             raise UpstreamError("error", f"upstream {self.name!r} refused the call: {exc.message}", code=exc.code,
                                 data=exc.data) from exc
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class Stack:
         except urllib.error.HTTPError as e:
             body = json.loads(e.read())
             return body
+        except OSError:  # not listening yet
+            return {"ready": False, "upstreams": {}}
 
     def restart_enclave(self) -> None:
         self.enclave, _ = start_enclave(self.state.root, f"unix:{self.sock}", log=self.tmp / "enclave.log")
@@ -102,7 +105,7 @@ timeout_s = 2
         wait_for(lambda: relay.poll() is not None or s.health().get("ready") is True, 60, "the relay to be ready")
         if relay.poll() is not None:
             raise RuntimeError((tmp / "relay.log").read_text()[-3000:])
-        wait_for(lambda: s.health()["upstreams"]["slow"]["state"] == "up", 30, "the slow upstream")
+        wait_for(lambda: s.health()["upstreams"].get("slow", {}).get("state") == "up", 30, "the slow upstream")
         yield s
     finally:
         stop(relay)

@@ -30,12 +30,19 @@ def run(fn: Any, *args: Any) -> Any:
 
 
 async def _call(stack: Stack, token: str | None, tool: str, args: dict[str, Any]) -> Any:
+    # Catch inside the client's task group, so the error is not wrapped in an ExceptionGroup.
     async with client(stack, token) as c:
-        return await c.call_tool(tool, args)
+        try:
+            return await c.call_tool(tool, args)
+        except MCPError as exc:
+            return exc
 
 
 def call(stack: Stack, token: str | None, tool: str, args: dict[str, Any]) -> Any:
-    return run(_call, stack, token, tool, args)
+    result = run(_call, stack, token, tool, args)
+    if isinstance(result, MCPError):
+        raise result
+    return result
 
 
 def denied(stack: Stack, token: str | None, tool: str, args: dict[str, Any]) -> MCPError:

@@ -1,0 +1,23 @@
+"""The demo is the main job: `cloister up` with real processes, two agents through the official
+MCP client, and an attested audit of every call. It must pass as the README says."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_passes(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "cloister.examples.demo", "--state", str(tmp_path / "state")],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    text = out.stdout
+    assert "research-bot sees ['research___web_search']" in text
+    assert "refund-bot-hourly-refunds" in text and "approvals-need-a-supervisor" in text
+    assert "grant refused (missing)" in text
+    assert "entries proven against the attested checkpoint" in text
+    assert "Everything behaved as the scenario says" in text
+    # Every process `cloister up` started has stopped.
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps
