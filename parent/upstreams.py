@@ -14,9 +14,9 @@ from typing import Any, cast
 
 import anyio
 import mcp_types as types
-from mcp_types.jsonrpc import CONNECTION_CLOSED
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
+from mcp_types.jsonrpc import CONNECTION_CLOSED
 
 from cloister.verify.errors import CloisterError
 from parent.config import UpstreamConfig
