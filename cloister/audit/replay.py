@@ -345,21 +345,22 @@ def _decode_bundle(out: ChunkResult, templates: TemplateCache, entries: list[byt
     reasons = out.summary.deny_reasons
     current = out.current_policy
     by_length = templates.by_length
-    fast = 0
+    outcome_kind = KIND_OUTCOME
+    slow = 0
     for i, data in enumerate(entries):
         t: Template | None = None
         m: re.Match[bytes] | None = None
         bucket = by_length.get(len(data))
         if bucket is not None:
             p1 = bucket.p1
-            candidates = bucket.templates if p1 < 0 else bucket.index.get(data[p1] << 8 | data[bucket.p2], ())
-            for c in candidates:
+            for c in bucket.templates if p1 < 0 else bucket.index.get(data[p1] << 8 | data[bucket.p2], ()):
                 m = c.fullmatch(data)
                 if m is not None:
                     t = c
                     break
         if t is None or m is None:
             # Not (yet) templated: the one parser decides.
+            slow += 1
             try:
                 entry = parse_entry(data)
             except DecodeError as exc:
@@ -378,11 +379,10 @@ def _decode_bundle(out: ChunkResult, templates: TemplateCache, entries: list[byt
             if t is None or m is None:
                 current = _count_direct(out, entry, base + i, current)
                 continue
-        else:
-            fast += 1
         t.hits += 1
-        kinds_append(t.kind)
-        if t.kind == KIND_OUTCOME:
+        kind = t.kind
+        kinds_append(kind)
+        if kind == outcome_kind:
             outcomes_append(base + i)
             outcomes_append(int.from_bytes(m.group(t.decision_group), "big") if t.decision_group else t.decision_const)
             continue
@@ -394,7 +394,7 @@ def _decode_bundle(out: ChunkResult, templates: TemplateCache, entries: list[byt
         if t.deny_code is not None:
             reasons[(t.deny_code, m.group(t.reason_group).decode("ascii") if t.reason_group else t.reason)] += 1
     out.current_policy = current
-    out.summary.fast_decodes += fast
+    out.summary.fast_decodes += len(entries) - slow
 
 
 def _count_direct(out: ChunkResult, entry: DecisionEntry | OutcomeEntry, index: int,
