@@ -494,7 +494,8 @@ def _replay(args: argparse.Namespace) -> int:
         progress.close()
     elapsed = time.monotonic() - started
     result, cp = replayed.result, replayed.checkpoint
-    rate = cp.size / elapsed if elapsed > 0 and cp.size else None
+    # A rate is only meaningful for logs big enough to take a while.
+    rate = cp.size / elapsed if elapsed > 0.2 and cp.size >= 10_000 else None
     consistency = None
     if replayed.ok and store is not None:
         old = store.load(cp.origin)
