@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import http.client
 import os
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -200,6 +201,8 @@ class HttpSource:
                     if total > max_size:
                         raise DecodeError(f"{what}: the answer is more than the cap of {max_size} bytes")
                     chunks.append(chunk)
+                if resp.length:  # http.client counts down the announced Content-Length
+                    raise FetchError(f"GET {url}: the connection closed {resp.length} bytes before the end")
                 if inflate is not None and not inflate.eof:
                     raise DecodeError(f"{what}: the gzip stream is truncated")
                 return b"".join(chunks)
@@ -271,10 +274,16 @@ class DirSource:
         _check_rel_path(path)
         file = self.root / path
         try:
-            with file.open("rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > max_size:
-                    raise DecodeError(f"{path}: the file is {size} bytes, more than the cap of {max_size}")
+            # O_NONBLOCK: a FIFO planted in the storage must not block the audit forever.
+            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "is a directory")
+                if not stat.S_ISREG(st.st_mode):
+                    raise DecodeError(f"{path}: {file} is not a regular file")
+                if st.st_size > max_size:
+                    raise DecodeError(f"{path}: the file is {st.st_size} bytes, more than the cap of {max_size}")
                 data = f.read(max_size + 1)
         except FileNotFoundError as exc:
             raise MissingData(f"{path}: not found ({file})") from exc

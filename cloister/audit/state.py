@@ -73,8 +73,7 @@ class CheckpointStore:
                 data = f.read(MAX_STATE_FILE + 1)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise DecodeError(f"cannot read the remembered checkpoint {path}: {exc.strerror or exc}") from exc
+        # Other OSErrors (permissions, a file where the directory should be) are the caller's to report.
         try:
             return self._parse(data, origin)
         except (DecodeError, VerificationError, ValueError, KeyError, TypeError) as exc:

@@ -165,6 +165,16 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_BAD
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # the local side: --state, an output file
+        print(f"{prog}: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        # Never a traceback for an auditor; CLOISTER_DEBUG=1 shows it, to report the bug.
+        if os.environ.get("CLOISTER_DEBUG"):
+            raise
+        print(f"{prog}: internal error ({type(exc).__name__}: {exc}); set CLOISTER_DEBUG=1 for details",
+              file=sys.stderr)
+        return EXIT_BAD
 
 
 def _now() -> Any:

@@ -201,3 +201,51 @@ def test_deleted_partial_tiles_are_read_from_the_full_ones(tmp_path: Path) -> No
     r = cli("audit", "replay", "--log", str(log.dir), *trust(log, tmp_path / "s"), "--no-progress")
     assert r.code == 1
     assert f"tile/entries/000 (read for tile/entries/000.p/{old_size}): entry bundle truncated" in r.err
+
+
+def test_the_auditor_library_imports_neither_grpc_nor_mcp() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pkgutil, importlib, cloister.audit\n"
+        "for m in pkgutil.iter_modules(cloister.audit.__path__): importlib.import_module('cloister.audit.' + m.name)\n"
+        "import cloister.commands.audit\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('grpc', 'mcp', 'enclave', 'parent'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    # Registering the command imports nothing of the library.
+    code = "import sys, cloister.cli; cloister.cli.build_parser(); assert 'cloister.audit' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.fixture
+def short_body() -> Iterator[str]:
+    def respond(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8192\r\n\r\n" + b"\x00" * 100)
+
+    yield from _raw_server(respond)
+
+
+def test_a_connection_closed_early_is_a_fetch_error(short_body: str) -> None:
+    with pytest.raises(FetchError, match="the connection closed 8092 bytes before the end"):
+        HttpSource(SourceSpec(short_body, timeout=5)).read("tile/0/000", max_size=8192)
+
+
+def test_a_fifo_in_the_storage_does_not_block(built: TestLog, log_copy: Path, tmp_path: Path) -> None:
+    import os
+
+    (log_copy / "tile/0/000").unlink()
+    os.mkfifo(log_copy / "tile/0/000")
+    r = cli("audit", "replay", "--log", str(log_copy), *trust(built, tmp_path), "--no-progress")
+    assert r.code == 1
+    assert "tile/0/000: " in r.err and "is not a regular file" in r.err
+
+
+def test_an_unwritable_state_directory_is_a_usage_error(built: TestLog, server: LogServer, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.write_text("a file, not a directory")
+    r = cli("audit", "checkpoint", "--log", server.url, "--trust-root", str(built.root_pem), "--state", str(state))
+    assert r.code == 2
+    assert "Traceback" not in r.err
