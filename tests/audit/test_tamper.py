@@ -296,3 +296,12 @@ def test_the_levels_helper_matches_the_checkpoint(built: TestLog) -> None:
     for h in tree_levels(built.entries)[0]:
         tree.append(h)
     assert tree.root() == parse_checkpoint(parse_note(built.note).text).root_hash
+
+
+def test_a_pinned_origin_must_match(built: TestLog, server: LogServer, log_copy: Path, tmp_path: Path) -> None:
+    r = cli("audit", "checkpoint", "--log", server.url, *trust(built, tmp_path), "--origin", "another.log/x")
+    assert r.code == 1 and "origin-mismatch" in r.err
+    r = cli("audit", "replay", "--log", str(log_copy), *trust(built, tmp_path), "--origin", "another.log/x",
+            "--no-progress")
+    assert r.code == 1 and "is not the expected 'another.log/x'" in r.err
+    assert cli("audit", "checkpoint", "--log", server.url, *trust(built, tmp_path), "--origin", built.origin).code == 0
