@@ -138,7 +138,7 @@ def replay_log(
     trusted = bool(generic_keys)
     if not generic_keys:
         trusted, signer = _check_signer(checkpoint, note, result, attested, problems)
-    result.problems[:0] = problems
+    result.problems += problems  # after the causes (a tampered bundle) come the consequences
     result.problem_count += len(problems)
     return ReplayedLog(checkpoint=checkpoint, note=note, result=result, attested=attested, verified=trusted,
                        signer=signer)

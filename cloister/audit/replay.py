@@ -35,7 +35,7 @@ import hashlib
 import re
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,7 @@ class ChunkResult:
     summary: Summary = field(default_factory=Summary)
     problems: list[Problem] = field(default_factory=list)
     current_policy: tuple[int, bytes] | None = None  # the policy of the last decision (within the chunk)
+    unreadable: list[int] = field(default_factory=list)  # first index of each bundle that could not be read
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ def scan_chunk(plan: ScanPlan, first: int, end: int) -> ChunkResult:
             except DecodeError as exc:
                 out.problems.append(Problem(bundle_path, str(exc)))
         if entries is None:
+            out.unreadable.append(b * TILE_WIDTH)
             if width == TILE_WIDTH:
                 out.full_roots.append(None)
             if plan.decode:
@@ -284,6 +286,8 @@ def _outcome_problem(j: int, d: int, kind: int, used: int) -> str | None:
     """Outcome `j` names decision `d`: it must be an earlier decision that issued a grant, closed once."""
     if d >= j:
         return f"outcome names decision {d}, which is not an earlier entry"
+    if kind in (KIND_UNKNOWN, KIND_UNDECODABLE):
+        return None  # that entry's own problem is reported already
     if kind != KIND_DECISION_GRANTED:
         what = _KIND_NAMES.get(kind, "an entry")
         return f"outcome names entry {d}, which is {what}, not a decision that issued a grant"
@@ -308,9 +312,12 @@ def _local_outcomes(out: ChunkResult, base: int) -> None:
             cross.append(j)
             cross.append(d)
             continue
-        problem = _outcome_problem(j, d, kinds[d - base] if base <= d < j else KIND_UNKNOWN,
-                                   used[d - base] if base <= d < j else 0)
-        out.problems.append(Problem(f"entry {j}", problem or "outcome does not check"))
+        local = base <= d < j
+        problem = _outcome_problem(j, d, kinds[d - base] if local else KIND_UNKNOWN, used[d - base] if local else 0)
+        if problem:
+            out.problems.append(Problem(f"entry {j}", problem))
+        elif local:
+            used[d - base] = 1
 
 
 def _missing_or(exc: Exception) -> str:
@@ -496,6 +503,11 @@ class _Merger:
         self.want_sizes = list(want_sizes)
         self.leaves_wanted = leaves_wanted
         self.prefix_roots: dict[int, bytes] = {}
+        self.unreadable: list[int] = []  # first index of each bundle that could not be read
+
+    def _gap(self, start: int, end: int) -> bool:
+        """Some entry in [start, end) could not be read (so what it would have changed is unknown)."""
+        return any(start - TILE_WIDTH < u < end for u in self.unreadable)
 
     def problem(self, where: str, message: str) -> None:
         self.problem_count += 1
@@ -507,6 +519,7 @@ class _Merger:
             self.problem(p.where, p.message)
         self.level8.extend(r.full_roots)
         self.leaves.update(r.leaves)
+        self.unreadable += r.unreadable
         self.summary.merge(r.summary)
         if self.decode:
             self._structure(r)
@@ -557,6 +570,8 @@ class _Merger:
                                           mode=entry.mode))
 
     def _policy_run(self, index: int, policy: tuple[int, bytes]) -> None:
+        if self._gap(self.policy_index + 1, index):
+            return  # a policy entry may be in the entries that could not be read (reported already)
         if self.policy is None:
             self.problem(f"entry {index}", f"a decision under policy version {policy[0]}, but no policy entry "
                          "precedes it")
@@ -716,7 +731,3 @@ def _check_upper_tiles(source: LogSource, tree_size: int, merger: _Merger) -> No
         if stored != b"".join(computed):  # type: ignore[arg-type]
             first_leaf = tile.index * TILE_WIDTH * TILE_WIDTH**tile.level
             merger.problem(path, _tile_diff(stored, computed, first_leaf, tile.level, "the entry bundles"))  # type: ignore[arg-type]
-
-
-def kinds_names() -> Mapping[int, str]:
-    return dict(_KIND_NAMES)
