@@ -93,6 +93,9 @@ class Relay:
             version=__version__,
             instructions="Tools are named <server>___<tool>. Every call is decided by an attested enclave "
             "and recorded in a verifiable log.",
+            # Without this the SDK validates Mcp-Param-* headers on every tools/call by running the
+            # whole tools/list handler, i.e. an enclave round trip per call.
+            get_tool_input_schema=self._input_schema,
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
             on_list_resources=self._list_resources,
@@ -194,6 +197,14 @@ class Relay:
 
     # ---- MCP: tools/list ------------------------------------------------------------------
 
+    def _input_schema(self, name: str) -> dict[str, Any] | None:
+        server, tool = split_tool_name(name)
+        upstream = self.upstreams.by_name.get(server)
+        for t in upstream.tools if upstream else ():
+            if t.name == tool:
+                return dict(t.input_schema)
+        return None
+
     async def _list_tools(self, ctx: ServerRequestContext[Any, Any],
                           params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         token = _bearer(ctx)
@@ -262,6 +273,7 @@ class Relay:
             raise MCPError(INVALID_PARAMS, f"arguments are {len(args_json)} bytes; this relay accepts at most "
                                            f"{self.config.max_argument_bytes} (nothing was forwarded)")
         request_id = uuid.uuid4().hex
+        marks = [time.perf_counter()]
         # 1. Ask the enclave. Any failure here means no allow: nothing is forwarded.
         try:
             verdict = await self.enclave.authorize(pb.AuthorizeRequest(
@@ -272,8 +284,10 @@ class Relay:
                 from exc
         except EnclaveRefused as exc:
             raise MCPError(ENCLAVE_UNAVAILABLE, f"call refused, the enclave could not decide: {exc}") from exc
+        marks.append(time.perf_counter())
         # 2. The decision entry is durable before anything depends on it.
         await self._persist_or_fail(verdict.log)
+        marks.append(time.perf_counter())
         decision_index = verdict.log_index
         if verdict.decision != pb.ALLOW:
             code = {"limit": LIMITED, "unauthenticated": UNAUTHENTICATED}.get(verdict.deny_code, DENIED)
@@ -299,6 +313,7 @@ class Relay:
             except UpstreamError as exc:
                 failure = exc
         duration_us = int((time.monotonic() - started) * 1_000_000)
+        marks.append(time.perf_counter())
         # 4. The outcome is recorded and durable before the agent gets its answer.
         result_body = b""
         result_hash = b""
@@ -315,7 +330,13 @@ class Relay:
                                             f"acknowledged: {exc}", data={"log_index": decision_index}) from exc
         if result_body:
             self.log.put_body(outcome.log_index, "result", result_body)
+        marks.append(time.perf_counter())
         await self._persist_or_fail(outcome.log)
+        marks.append(time.perf_counter())
+        if log.isEnabledFor(logging.DEBUG):
+            phases = ("authorize", "persist", "upstream", "outcome", "persist")
+            log.debug("call %s/%s: %s", server, tool, " ".join(
+                f"{name} {1000 * (b - a):.2f}ms" for name, a, b in zip(phases, marks, marks[1:], strict=False)))
         log_meta = {"decision": decision_index, "outcome": outcome.log_index,
                     "checkpoint_size": outcome.log.first_index + len(outcome.log.entries)}
         if failure is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -155,7 +156,8 @@ def _run(args: argparse.Namespace) -> int:
             stack.start("refunds", [py, "-m", "cloister.examples.refunds", "--port", str(refunds_port),
                                     "--trust-root", str(state.mock_root), "--expect-pcr0", pcr0])
             _wait_port(refunds_port, 30, stack)
-        stack.start("relay", [py, "-m", "cloister.cli", "relay", "--config", str(state.relay_config)])
+        stack.start("relay", [py, "-m", "cloister.cli", "relay", "--config", str(state.relay_config),
+                          *(["-v"] if os.environ.get("CLOISTER_DEBUG") else [])])
         _wait_http(f"http://127.0.0.1:{relay_port}/healthz", 90, stack)
     except (RuntimeError, OSError) as exc:
         print(f"cloister up: {exc}", file=sys.stderr)
