@@ -22,6 +22,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -49,6 +50,7 @@ log = logging.getLogger("cloister.relay")
 TOOL_SEPARATOR = "___"
 LOG_META_KEY = "dev.cloister/log"
 ATTESTATION_URI = "cloister://attestation/"
+MAX_BUNDLE_UPLOAD = 9 << 20
 
 # JSON-RPC error codes the relay answers with (documented in the README).
 DENIED = -32001  # the enclave denied the call (policy, identity, unknown server/tool, bad arguments)
@@ -150,12 +152,38 @@ class Relay:
         # give it the longest window any bundle may use (31 days) plus the outcome grace.
         return int(time.time() * 1000) - (31 * 86400 + 3600) * 1000
 
+    def _newest_bundle(self) -> bytes | None:
+        """The configured bundle, or a newer one pushed since (kept in the relay's bundle store)."""
+        from cloister.verify.bundle import read_bundle_header
+
+        candidates = list(self._bundle_store().glob("v*.signed"))
+        if self.config.bundle is not None:
+            candidates.append(self.config.bundle)
+        best: tuple[int, bytes] | None = None
+        for path in candidates:
+            try:
+                data = path.read_bytes()
+                version = read_bundle_header(data)[0]
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring unreadable policy bundle %s: %s", path, exc)
+                continue
+            if best is None or version > best[0]:
+                best = (version, data)
+        return best[1] if best else None
+
+    def _bundle_store(self) -> Path:
+        path = self.config.run_dir.parent / "bundles"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     async def _load_policy(self) -> None:
         assert self.log is not None
-        if self.config.bundle is None:
+        bundle = self._newest_bundle()
+        if bundle is None:
+            log.warning("no policy bundle configured: the enclave will refuse every call until one is pushed")
             return
         try:
-            resp = await self.enclave.load_policy(self.config.bundle.read_bytes(), self.log.persisted_size)
+            resp = await self.enclave.load_policy(bundle, self.log.persisted_size)
             await self._persist(resp.log)
             log.info("policy bundle version %d (%s) in force", resp.version, resp.bundle_sha256.hex()[:16])
         except EnclaveRefused as exc:
@@ -450,6 +478,28 @@ class Relay:
             return PlainTextResponse("not found\n", status_code=404)
         return Response(data, media_type="application/json")
 
+    async def push_policy(self, request: Request) -> Response:
+        """Forward an admin-signed bundle to the enclave. Anyone may push: only the enclave decides,
+        and it accepts only bundles signed by an admin key pinned in its measured image."""
+        assert self.log is not None
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BUNDLE_UPLOAD:
+                return JSONResponse({"error": f"bundle larger than {MAX_BUNDLE_UPLOAD} bytes"}, status_code=413)
+        try:
+            resp = await self.enclave.load_policy(body, self.log.persisted_size)
+            await self._persist(resp.log)
+        except EnclaveUnavailable as exc:
+            return JSONResponse({"error": f"the enclave is unavailable: {exc}"}, status_code=503)
+        except EnclaveRefused as exc:
+            status = 409 if exc.code == grpc.StatusCode.FAILED_PRECONDITION else 400
+            return JSONResponse({"error": f"the enclave refused the bundle: {exc}"}, status_code=status)
+        (self._bundle_store() / f"v{resp.version}.signed").write_bytes(body)
+        self.health_info = await self.enclave.health()
+        log.info("policy bundle version %d pushed and in force", resp.version)
+        return JSONResponse({"version": resp.version, "bundle_sha256": resp.bundle_sha256.hex()})
+
     def routes(self) -> list[Route]:
         async def attestation(request: Request) -> Response:
             return await self.attestation_endpoint(request, with_checkpoint=False)
@@ -459,6 +509,7 @@ class Relay:
 
         return [
             Route("/healthz", self.healthz),
+            Route("/admin/policy", self.push_policy, methods=["POST"]),
             Route("/attestation", attestation),
             Route("/log/attestation", log_attestation),
             Route("/log/proof/inclusion", self.inclusion),

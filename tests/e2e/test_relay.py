@@ -164,6 +164,27 @@ def denied_after_forward(stack: Stack, tool: str, args: dict[str, Any]) -> MCPEr
     return err.value
 
 
+def test_policy_push_is_verified_by_the_enclave(stack: Stack) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from cloister.verify.bundle import sign_bundle
+    from enclave.bundle import read_bundle_dir
+
+    files = read_bundle_dir(stack.state.bundle_dir)
+    url = f"{stack.relay_url}/admin/policy"
+    ok = httpx2.post(url, content=sign_bundle(files, 2, stack.state.admin_key()))
+    assert ok.status_code == 200 and ok.json()["version"] == 2, ok.text
+    stale = httpx2.post(url, content=sign_bundle(files, 2, stack.state.admin_key()))
+    assert stale.status_code == 409 and "not above the version in force" in stale.json()["error"]
+    forged = httpx2.post(url, content=sign_bundle(files, 3, ed25519.Ed25519PrivateKey.generate()))
+    assert forged.status_code == 409 and "not a pinned admin key" in forged.json()["error"]
+    garbage = httpx2.post(url, content=b"\x00" * 100)
+    assert garbage.status_code == 409 and "COSE_Sign1" in garbage.json()["error"]
+    assert stack.health()["enclave"]["policy_version"] == 2
+    # Calls still work under the new version.
+    assert call(stack, stack.token(), "slow___echo", {"text": "v2"}).content[0].text == "v2"
+
+
 def test_enclave_down_fails_closed_then_recovers_by_resuming_the_log(stack: Stack) -> None:
     first = call(stack, stack.token(), "slow___echo", {"text": "before"}).meta["dev.cloister/log"]
     stop(stack.enclave, signal.SIGKILL)
@@ -184,3 +205,5 @@ def test_enclave_down_fails_closed_then_recovers_by_resuming_the_log(stack: Stac
     with httpx2.Client() as h:
         checkpoint = h.get(f"{stack.relay_url}/log/attestation", params={"nonce": "11" * 16}).json()["checkpoint"]
     assert int(checkpoint.splitlines()[1]) > after["outcome"]
+    # The restarted enclave got the newest bundle (pushed as version 2), not the configured one.
+    assert stack.health()["enclave"]["policy_version"] == 2
