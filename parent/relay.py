@@ -371,7 +371,8 @@ class Relay:
             raise MCPError(failure.code if failure.kind == "error" and failure.code else UPSTREAM_FAILED,
                            str(failure), data={"kind": failure.kind, **log_meta, "upstream": failure.data})
         assert result is not None
-        meta_out = dict(result.meta or {})
+        # The upstream's serverInfo stamp describes the upstream, not this server: drop it.
+        meta_out = {k: v for k, v in (result.meta or {}).items() if k != "io.modelcontextprotocol/serverInfo"}
         meta_out[LOG_META_KEY] = log_meta
         return result.model_copy(update={"meta": meta_out})
 
