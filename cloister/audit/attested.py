@@ -36,7 +36,7 @@ from cloister.audit.state import CheckpointStore, RememberedCheckpoint
 from cloister.verify.attestation import AttestationDocument, TrustRoot
 from cloister.verify.checkpoint import Checkpoint, verify_checkpoint
 from cloister.verify.enclave_identity import EnclaveBinding, verify_enclave
-from cloister.verify.errors import VerificationError
+from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.merkle import consistency_proof, verify_consistency
 
 __all__ = ["AttestedCheckpoint", "ConsistencyResult", "check_remembered", "fetch_attested_checkpoint"]
@@ -89,7 +89,12 @@ def fetch_attested_checkpoint(
     )
     binding = verified.binding
     # 3. The note is signed by the bound log key, for the bound origin.
-    checkpoint = verify_checkpoint(reply.checkpoint, [binding.log_verifier()], origin=binding.origin).checkpoint
+    try:
+        checkpoint = verify_checkpoint(reply.checkpoint, [binding.log_verifier()], origin=binding.origin).checkpoint
+    except DecodeError as exc:
+        raise DecodeError(f"the attested checkpoint: {exc}") from exc
+    except VerificationError as exc:
+        raise VerificationError(f"the attested checkpoint: {exc}") from exc
     return AttestedCheckpoint(checkpoint=checkpoint, note=reply.checkpoint, binding=binding,
                               document=verified.document, document_bytes=reply.document)
 

@@ -14,7 +14,8 @@ Three ways to trust the checkpoint a replay recomputes:
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -107,7 +108,8 @@ def replay_log(
     if generic_keys:
         note = source.read("checkpoint", max_size=MAX_CHECKPOINT)
         pinned = origin or generic_keys[0].name
-        verified = verify_checkpoint(note, generic_keys, origin=pinned)
+        with _about(f"checkpoint ({source.where('checkpoint')})"):
+            verified = verify_checkpoint(note, generic_keys, origin=pinned)
         checkpoint = verified.checkpoint
         signer = ", ".join(f"{s.name}+{s.key_id:08x}" for s in verified.note.signatures)
     elif spec.is_url:
@@ -119,7 +121,8 @@ def replay_log(
     else:
         # Read unverified only to learn the size; trusted after the replay, by the key entries.
         note = source.read("checkpoint", max_size=MAX_CHECKPOINT)
-        checkpoint = parse_checkpoint(parse_note(note).text)
+        with _about(f"checkpoint ({source.where('checkpoint')})"):
+            checkpoint = parse_checkpoint(parse_note(note).text)
         if origin is not None and checkpoint.origin != origin:
             raise VerificationError(f"checkpoint origin {checkpoint.origin[:200]!r} is not the expected {origin!r}")
     check = None
@@ -142,6 +145,17 @@ def replay_log(
     result.problem_count += len(problems)
     return ReplayedLog(checkpoint=checkpoint, note=note, result=result, attested=attested, verified=trusted,
                        signer=signer)
+
+
+@contextmanager
+def _about(what: str) -> Iterator[None]:
+    """Prefix the message of a DecodeError or VerificationError with the object it is about."""
+    try:
+        yield
+    except DecodeError as exc:
+        raise DecodeError(f"{what}: {exc}") from exc
+    except VerificationError as exc:
+        raise VerificationError(f"{what}: {exc}") from exc
 
 
 def _check_signer(checkpoint: Checkpoint, note: bytes, result: ReplayResult, attested: AttestedCheckpoint | None,

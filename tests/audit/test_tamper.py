@@ -28,6 +28,15 @@ def _flip(path: Path, offset: int, mask: int = 0x01) -> None:
     path.write_bytes(bytes(data))
 
 
+def _flip_signature(path: Path) -> None:
+    """Flip one bit of the signature itself (not of its base64 text, which may just stop parsing)."""
+    text, _, line = path.read_bytes().rstrip(b"\n").rpartition(b"\n")
+    prefix, _, b64 = line.rpartition(b" ")
+    raw = bytearray(base64.b64decode(b64))
+    raw[10] ^= 1
+    path.write_bytes(text + b"\n" + prefix + b" " + base64.b64encode(bytes(raw)) + b"\n")
+
+
 def _entry_offset(bundle: bytes, index: int) -> int:
     """Byte offset of entry `index`'s content (after its length prefix) in a bundle."""
     entries = parse_entry_bundle(bundle)
@@ -97,9 +106,12 @@ CASES: list[tuple[str, Callable[[Path], None], list[str]]] = [
     ("delete the level-1 tile",
      lambda d: (d / "tile/1/000.p/1").unlink(),
      ["tile/1/000.p/1: missing"]),
-    ("flip a byte of the checkpoint's signature",
-     lambda d: _flip(d / "checkpoint", len((d / "checkpoint").read_bytes()) - 10),
-     ["checkpoint: not signed by the key of the last key entry (entry"]),
+    ("flip a bit of the checkpoint's signature",
+     lambda d: _flip_signature(d / "checkpoint"),
+     ["checkpoint: not signed by the key of the last key entry (entry", "does not verify"]),
+    ("make the checkpoint's signature invalid base64",
+     lambda d: (d / "checkpoint").write_bytes((d / "checkpoint").read_bytes()[:-3] + b"!=\n"),
+     ["checkpoint", "not valid base64"]),
 ]
 
 
