@@ -1,0 +1,13 @@
+"""The logic behind `cloister policy`: validate, sign, push, diff and explain policy bundles.
+
+Importable and testable without the command line; `cloister/commands/policy.py` only parses
+arguments and prints. Each module does one thing:
+
+- `cedarsrc`: Cedar source split into statements, parse errors placed on lines;
+- `schema`: a Cedar schema generated from entities.toml (and optional tool input schemas);
+- `validate`: every problem in a bundle, with file and line;
+- `source`: a bundle from a directory or a signed file;
+- `signing`: admin keys, signing, pushing to a relay;
+- `diff`: what changed between two bundles;
+- `explain`: an offline decision with the enclave's own engine.
+"""

@@ -1,0 +1,166 @@
+"""Admin keys, signing a validated bundle, and pushing a signed bundle to a relay.
+
+The relay's `POST /admin/policy` takes the signed bundle's bytes and forwards them to the
+enclave, which alone decides (pinned admin key, version above the one in force). It answers
+`{"version": N, "bundle_sha256": hex}` (200) or `{"error": "..."}` (400, 409, 413: refused;
+503: the enclave is unavailable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
+
+from cloister.policytools.source import InputError, read_signed
+from cloister.policytools.validate import Validation, validate_files
+from cloister.verify.bundle import admin_key_id, read_bundle_header, sign_bundle
+from cloister.verify.cose import parse_cose_sign1
+from cloister.verify.errors import DecodeError
+from enclave.bundle import read_bundle_dir
+
+MAX_ANSWER = 1 << 16
+
+
+@dataclass(frozen=True)
+class AdminKeyInfo:
+    private_path: Path
+    public_path: Path
+    public_hex: str  # what enclave.toml's admin_keys pins
+    key_id: str  # what a signed bundle's header names
+
+
+def key_info(key: ed25519.Ed25519PublicKey) -> tuple[str, str]:
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex(), admin_key_id(key)
+
+
+def keygen(out: Path) -> AdminKeyInfo:
+    """A new admin key: `out` (PKCS#8 PEM, mode 0600, never overwritten) and `out.pub` (PEM)."""
+    pub_path = out.with_name(out.name + ".pub")
+    for p in (out, pub_path):
+        if p.exists():
+            raise InputError(f"{p}: already exists; refusing to overwrite a key")
+    key = ed25519.Ed25519PrivateKey.generate()
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+        pub_path.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write: {exc.strerror}") from exc
+    public_hex, kid = key_info(key.public_key())
+    return AdminKeyInfo(private_path=out, public_path=pub_path, public_hex=public_hex, key_id=kid)
+
+
+def load_private_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such key file") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        key = load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{path}: not an unencrypted PEM private key ({exc})") from exc
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise InputError(f"{path}: admin keys are Ed25519; this is a {type(key).__name__}")
+    return key
+
+
+@dataclass(frozen=True)
+class Signed:
+    out: Path
+    version: int
+    sha256: str  # of the payload: the hash the enclave logs and checkpoints name
+    key_id: str
+    public_hex: str
+    size: int
+
+
+def sign_dir(bundle_dir: Path, key: ed25519.Ed25519PrivateKey, version: int,
+             out: Path) -> tuple[Validation, Signed | None]:
+    """Validate, then sign. An invalid bundle is not signed (the Validation says why)."""
+    if not bundle_dir.is_dir():
+        raise InputError(f"{bundle_dir}: not a directory")
+    files = read_bundle_dir(bundle_dir)
+    validation = validate_files(files)
+    if not validation.ok:
+        return validation, None
+    data = sign_bundle(files, version, key)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(out)  # never leave a half-written bundle under the name given
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write: {exc.strerror}") from exc
+    payload = parse_cose_sign1(data, max_size=len(data)).payload
+    public_hex, kid = key_info(key.public_key())
+    return validation, Signed(out=out, version=version, sha256=hashlib.sha256(payload).hexdigest(), key_id=kid,
+                              public_hex=public_hex, size=len(data))
+
+
+@dataclass(frozen=True)
+class PushResult:
+    outcome: Literal["in-force", "refused", "unavailable", "unreachable"]
+    message: str
+    version: int | None = None
+    sha256: str | None = None
+    http_status: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return {"in-force": 0, "refused": 1, "unavailable": 3, "unreachable": 3}[self.outcome]
+
+
+def push(bundle: Path, relay: str, *, timeout: float = 30.0) -> PushResult:
+    """POST a signed bundle to `<relay>/admin/policy` and report what the enclave said."""
+    if not relay.startswith(("http://", "https://")):
+        raise InputError(f"--relay {relay!r}: must be an http(s) URL")
+    data = read_signed(bundle)
+    try:
+        read_bundle_header(data)  # refuse to send what is not a bundle at all
+    except DecodeError as exc:
+        raise DecodeError(f"{bundle}: not a signed bundle: {exc}") from exc
+    url = relay.rstrip("/") + "/admin/policy"
+    req = urllib.request.Request(url, data=data, method="POST",  # noqa: S310 (scheme checked above)
+                                 headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+            status, body = resp.status, resp.read(MAX_ANSWER)
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read(MAX_ANSWER)
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return PushResult("unreachable", f"cannot reach {url}: {reason}")
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        text = body[:200].decode("utf-8", "replace").strip()
+        return PushResult("refused" if status < 500 else "unavailable",
+                          f"{url} answered HTTP {status} without the expected JSON: {text!r}", http_status=status)
+    if status == 200 and isinstance(answer.get("version"), int):
+        return PushResult("in-force", f"version {answer['version']} is in force", version=answer["version"],
+                          sha256=str(answer.get("bundle_sha256", "")), http_status=status)
+    error = str(answer.get("error") or answer)
+    if status == 503:
+        return PushResult("unavailable", error, http_status=status)
+    if status == 404:
+        error = f"{url} not found (is --relay the relay's base URL?): {error}"
+    return PushResult("refused", error, http_status=status)
