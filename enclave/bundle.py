@@ -63,12 +63,23 @@ class AgentSpec:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """What an upstream server must prove before agents may use it."""
+
+    kind: Literal["none", "nitro", "checksum", "tls"] = "none"
+    pcrs: Mapping[int, bytes] = field(default_factory=dict)  # nitro
+    sha256: str = ""  # checksum: hex SHA-256 of the artifact
+    spki_sha256: str = ""  # tls: hex SHA-256 of the certificate's SubjectPublicKeyInfo
+    reattest_s: int = 3600  # a verification expires after this long
+
+
+@dataclass(frozen=True)
 class ServerSpec:
     name: str
     tools: tuple[str, ...]
     attrs: Mapping[str, Any]
-    identity: Mapping[str, Any]  # {"kind": "none"|"nitro"|"checksum"|"tls", ...}
-    pins: Mapping[str, str]  # tool -> sha256 hex of its definition
+    identity: Identity
+    pins: Mapping[str, str]  # tool -> sha256 hex of its definition (cloister.verify.tools)
 
 
 @dataclass(frozen=True)
@@ -259,9 +270,7 @@ def _entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str, Age
         tools = tuple(_name(f"{where}: tool", x, _TOOL) for x in _strings(f"{where}: tools", t.get("tools")))
         if len(set(tools)) != len(tools):
             raise BundleError(f"{where}: a tool is listed twice")
-        identity = t.get("identity", {"kind": "none"})
-        if not isinstance(identity, dict) or identity.get("kind") not in ("none", "nitro", "checksum", "tls"):
-            raise BundleError(f"{where}: identity.kind must be none, nitro, checksum or tls")
+        identity = _identity(where, t.get("identity", {"kind": "none"}))
         pins = t.get("pins", {})
         if not isinstance(pins, dict) or not all(
             k in tools and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in pins.items()
@@ -269,9 +278,46 @@ def _entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str, Age
             raise BundleError(f"{where}: pins must map listed tools to 64 hex characters (SHA-256)")
         servers[_name(where, name)] = ServerSpec(
             name=name, tools=tools, attrs=_attrs(where, t, ("tools", "identity", "pins")),
-            identity=dict(identity), pins=dict(pins),
+            identity=identity, pins=dict(pins),
         )
     return roles, agents, servers
+
+
+def _hex(where: str, value: Any, size: int) -> str:
+    if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{2 * size}}}", value):
+        raise BundleError(f"{where}: expected {2 * size} lowercase hex characters")
+    return value
+
+
+def _identity(where: str, raw: Any) -> Identity:
+    if not isinstance(raw, dict) or raw.get("kind") not in ("none", "nitro", "checksum", "tls"):
+        raise BundleError(f"{where}: identity.kind must be none, nitro, checksum or tls")
+    kind = raw["kind"]
+    known = {"kind", "reattest_s"} | {"nitro": {"pcrs"}, "checksum": {"sha256"},
+                                      "tls": {"spki_sha256"}, "none": set()}[kind]
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise BundleError(f"{where}: identity of kind {kind!r} does not take {unknown}")
+    reattest = raw.get("reattest_s", 3600)
+    if not isinstance(reattest, int) or not 10 <= reattest <= 86400:
+        raise BundleError(f"{where}: identity.reattest_s must be between 10 and 86400 seconds")
+    if kind == "nitro":
+        pcrs_raw = raw.get("pcrs")
+        if not isinstance(pcrs_raw, dict) or "0" not in pcrs_raw:
+            raise BundleError(f"{where}: a nitro identity pins at least PCR0: pcrs = {{ \"0\" = \"<96 hex>\" }}")
+        pcrs: dict[int, bytes] = {}
+        for index, value in pcrs_raw.items():
+            if not str(index).isdigit() or not 0 <= int(index) < 32:
+                raise BundleError(f"{where}: PCR index {index!r} must be 0..31")
+            pcrs[int(index)] = bytes.fromhex(_hex(f"{where}: PCR{index}", value, 48))
+        return Identity(kind="nitro", pcrs=pcrs, reattest_s=reattest)
+    if kind == "checksum":
+        return Identity(kind="checksum", sha256=_hex(f"{where}: identity.sha256", raw.get("sha256"), 32),
+                        reattest_s=reattest)
+    if kind == "tls":
+        return Identity(kind="tls", spki_sha256=_hex(f"{where}: identity.spki_sha256", raw.get("spki_sha256"), 32),
+                        reattest_s=reattest)
+    return Identity(reattest_s=reattest)
 
 
 def _limits(files: Mapping[str, bytes], roles: frozenset[str], agents: Mapping[str, AgentSpec],
@@ -370,7 +416,8 @@ def _entities_json(roles: frozenset[str], agents: Mapping[str, AgentSpec],
     out.append({"uid": {"type": f"{ns}::Action", "id": "CallTool"}, "attrs": {},
                 "parents": [{"type": f"{ns}::Action", "id": "Mcp"}]})
     for s in servers.values():
-        attrs = {"name": s.name, **s.attrs, "attestation": str(s.identity.get("kind", "none"))}
+        attrs = {"name": s.name, **s.attrs, "attestation": "none" if s.identity.kind == "none" else "unverified",
+                 "identity": s.identity.kind}
         attrs.setdefault("region", "")
         attrs.setdefault("category", "")
         out.append({"uid": {"type": f"{ns}::Server", "id": s.name}, "attrs": attrs, "parents": []})

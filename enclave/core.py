@@ -48,6 +48,7 @@ from enclave.nsm import Nsm
 from enclave.policy import PolicyEngine, Principal
 from enclave.resume import verify_resume
 from enclave.sequencer import Sequencer, SignedCheckpoint
+from enclave.servers import Report, ServerRegistry
 
 MAX_REQUEST_ID = 128
 MAX_OPEN_DECISIONS = 200_000
@@ -147,6 +148,7 @@ class EnclaveCore:
         self._policy: _PolicyState | None = None
         self._open: OrderedDict[int, _OpenDecision] = OrderedDict()
         self._transition = threading.Lock()
+        self.servers = ServerRegistry()
         # After a resume: the policy version in force at the checkpoint (no rollback below it),
         # and the log tail the parent supplied, replayed into the limits of the first bundle.
         self._min_policy: tuple[int, bytes] | None = None
@@ -256,6 +258,7 @@ class EnclaveCore:
         except (DecodeError, VerificationError) as exc:
             raise PolicyRefused(str(exc)) from exc
         engine = PolicyEngine(bundle)
+        engine.set_server_levels(self.servers.levels(bundle.servers, self._clock_ms()))
         seq = self._ready_sequencer()
         with seq.lock:
             current = self._policy
@@ -384,6 +387,8 @@ class EnclaveCore:
                 code, reason = "unknown-server", f"server {server!r} is not in the policy bundle"
             elif tool not in spec.tools:
                 code, reason = "unknown-tool", f"tool {tool!r} is not a tool of server {server!r} in the policy bundle"
+            elif (refusal := self.servers.refusal(spec, tool, now_ms)) is not None:
+                code, reason = "quarantined", refusal
         # 4. Cedar.
         if not code:
             assert principal is not None
@@ -494,9 +499,50 @@ class EnclaveCore:
         out = []
         for server, tool in candidates:
             spec = ps.bundle.servers.get(server)
-            if spec is not None and tool in spec.tools and ps.engine.may_call(principal, server, tool, now):
+            if spec is None or tool not in spec.tools or self.servers.refusal(spec, tool, now_ms) is not None:
+                continue
+            if ps.engine.may_call(principal, server, tool, now):
                 out.append((server, tool))
         return principal.agent, out
+
+    # ---- upstream servers: identity and tool pins ---------------------------------------------
+
+    def _server_spec(self, server: str) -> tuple[_PolicyState, Any]:
+        ps = self._policy
+        if ps is None:
+            raise NotReady("no policy bundle is loaded")
+        spec = ps.bundle.servers.get(server)
+        if spec is None:
+            raise DecodeError(f"server {server!r} is not in the policy bundle")
+        return ps, spec
+
+    def server_challenge(self, server: str) -> tuple[bytes, str]:
+        """A fresh nonce the server must put in its attestation, and the identity kind required."""
+        _, spec = self._server_spec(server)
+        seq = self._ready_sequencer()
+        with seq.lock:
+            return self.servers.challenge(spec, self._clock_ms(), self._random), spec.identity.kind
+
+    def report_server(self, *, server: str, attestation: bytes, artifact: bytes, certificates: list[bytes],
+                      tools_json: bytes, failure: str, evidence: bool, persisted_size: int) -> tuple[Report, LogAppend]:
+        """Verify the evidence the relay carried (inside the enclave), log the result and any drift."""
+        seq = self._ready_sequencer()
+        seq.release(persisted_size)
+        ps, spec = self._server_spec(server)
+        with seq.lock:
+            now_ms = self._clock_ms()
+            report = self.servers.report(spec, now_ms=now_ms, root=self.config.trust_root,
+                                         allow_debug=self.config.allow_debug, attestation=attestation,
+                                         artifact=artifact, certificates=certificates, tools_json=tools_json,
+                                         failure=failure, evidence=evidence)
+            ps.engine.set_server_levels(self.servers.levels(ps.bundle.servers, now_ms))
+            first = seq.size
+            encoded = []
+            for entry in report.entries:
+                data = encode_entry(entry)
+                seq.append(data)
+                encoded.append(data)
+        return report, LogAppend(first, tuple(encoded), seq.checkpoint_covering(first + len(encoded)))
 
     def health(self) -> dict[str, Any]:
         ps = self._policy

@@ -92,6 +92,8 @@ class PolicyEngine:
             else:
                 for t in targets:
                     self._by_action.setdefault(t, {})[pid] = policy
+        self._entity_list: list[dict[str, Any]] = json.loads(bundle.entities_json)
+        self._levels: dict[str, str] = {}
         self._entities = cedarpy.Entities.from_json_str(bundle.entities_json)
         self._slices: dict[str, cedarpy.PolicySet] = {}
         # Whether the policies that can apply to an action read `context.system` (the time):
@@ -113,6 +115,20 @@ class PolicyEngine:
                     self._uses_system[action] = '"attr": "system"' in text or '"attr":"system"' in text
                     self._slices[action] = ps
         return ps
+
+    def set_server_levels(self, levels: dict[str, str]) -> None:
+        """Update `resource.attestation` (the identity each server has proven) for later decisions."""
+        if levels == self._levels:
+            return
+        for e in self._entity_list:
+            uid = e["uid"]
+            if uid["type"] == f"{NAMESPACE}::Server" and uid["id"] in levels:
+                e["attrs"]["attestation"] = levels[uid["id"]]
+        entities = cedarpy.Entities.from_json_str(json.dumps(self._entity_list))
+        # Swap whole objects: a concurrent decision sees either the old or the new entities.
+        self._entities = entities
+        self._principal_cache = lru_cache(maxsize=4096)(self._principal_entities)
+        self._levels = dict(levels)
 
     def slice_size(self, server: str, tool: str) -> int:
         return len(self._slice(action_id(server, tool)))

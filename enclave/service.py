@@ -113,6 +113,27 @@ class EnclaveService(pb_grpc.EnclaveServicer):
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         return _call(context, lambda: pb.HealthResponse(**self.core.health()))
 
+    def ServerChallenge(self, request: pb.ServerChallengeRequest,
+                        context: grpc.ServicerContext) -> pb.ServerChallengeResponse:
+        def run() -> pb.ServerChallengeResponse:
+            nonce, kind = self.core.server_challenge(request.server)
+            return pb.ServerChallengeResponse(nonce=nonce, kind=kind)
+
+        return _call(context, run)
+
+    def ReportServer(self, request: pb.ServerReport, context: grpc.ServicerContext) -> pb.ServerReportResponse:
+        def run() -> pb.ServerReportResponse:
+            if len(request.certificates) > 16:
+                raise DecodeError("more than 16 certificates")
+            report, a = self.core.report_server(
+                server=request.server, attestation=request.attestation, artifact=request.artifact,
+                certificates=list(request.certificates), tools_json=request.tools_json, failure=request.failure,
+                evidence=request.evidence, persisted_size=request.persisted_size)
+            return pb.ServerReportResponse(status=report.status, detail=report.detail,
+                                           hidden_tools=list(report.hidden), log=_log_append(a))
+
+        return _call(context, run)
+
     def StartLog(self, request: pb.StartLogRequest, context: grpc.ServicerContext) -> pb.StartLogResponse:
         def run() -> pb.StartLogResponse:
             if request.HasField("resume"):

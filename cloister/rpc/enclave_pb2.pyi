@@ -241,3 +241,49 @@ class StartLogResponse(_message.Message):
     LOG_FIELD_NUMBER: _ClassVar[int]
     log: LogAppend
     def __init__(self, log: _Optional[_Union[LogAppend, _Mapping]] = ...) -> None: ...
+
+class ServerChallengeRequest(_message.Message):
+    __slots__ = ("server",)
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    server: str
+    def __init__(self, server: _Optional[str] = ...) -> None: ...
+
+class ServerChallengeResponse(_message.Message):
+    __slots__ = ("nonce", "kind")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    kind: str
+    def __init__(self, nonce: _Optional[bytes] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class ServerReport(_message.Message):
+    __slots__ = ("server", "evidence", "attestation", "artifact", "certificates", "failure", "tools_json", "persisted_size")
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PERSISTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    server: str
+    evidence: bool
+    attestation: bytes
+    artifact: bytes
+    certificates: _containers.RepeatedScalarFieldContainer[bytes]
+    failure: str
+    tools_json: bytes
+    persisted_size: int
+    def __init__(self, server: _Optional[str] = ..., evidence: _Optional[bool] = ..., attestation: _Optional[bytes] = ..., artifact: _Optional[bytes] = ..., certificates: _Optional[_Iterable[bytes]] = ..., failure: _Optional[str] = ..., tools_json: _Optional[bytes] = ..., persisted_size: _Optional[int] = ...) -> None: ...
+
+class ServerReportResponse(_message.Message):
+    __slots__ = ("status", "detail", "hidden_tools", "log")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    detail: str
+    hidden_tools: _containers.RepeatedScalarFieldContainer[str]
+    log: LogAppend
+    def __init__(self, status: _Optional[str] = ..., detail: _Optional[str] = ..., hidden_tools: _Optional[_Iterable[str]] = ..., log: _Optional[_Union[LogAppend, _Mapping]] = ...) -> None: ...

@@ -79,6 +79,16 @@ class EnclaveStub:
                 request_serializer=cloister_dot_rpc_dot_enclave__pb2.StartLogRequest.SerializeToString,
                 response_deserializer=cloister_dot_rpc_dot_enclave__pb2.StartLogResponse.FromString,
                 _registered_method=True)
+        self.ServerChallenge = channel.unary_unary(
+                '/cloister.enclave.v1.Enclave/ServerChallenge',
+                request_serializer=cloister_dot_rpc_dot_enclave__pb2.ServerChallengeRequest.SerializeToString,
+                response_deserializer=cloister_dot_rpc_dot_enclave__pb2.ServerChallengeResponse.FromString,
+                _registered_method=True)
+        self.ReportServer = channel.unary_unary(
+                '/cloister.enclave.v1.Enclave/ReportServer',
+                request_serializer=cloister_dot_rpc_dot_enclave__pb2.ServerReport.SerializeToString,
+                response_deserializer=cloister_dot_rpc_dot_enclave__pb2.ServerReportResponse.FromString,
+                _registered_method=True)
 
 
 class EnclaveServicer:
@@ -150,6 +160,22 @@ class EnclaveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ServerChallenge(self, request, context):
+        """A fresh nonce an upstream server must put into its attestation, and the identity the
+        policy bundle requires of it (none, nitro, checksum, tls).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportServer(self, request, context):
+        """Evidence of an upstream server's identity and its current tool definitions, carried by the
+        relay and verified here. Quarantines a server whose evidence fails, hides drifted tools.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnclaveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +223,16 @@ def add_EnclaveServicer_to_server(servicer, server):
                     servicer.StartLog,
                     request_deserializer=cloister_dot_rpc_dot_enclave__pb2.StartLogRequest.FromString,
                     response_serializer=cloister_dot_rpc_dot_enclave__pb2.StartLogResponse.SerializeToString,
+            ),
+            'ServerChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.ServerChallenge,
+                    request_deserializer=cloister_dot_rpc_dot_enclave__pb2.ServerChallengeRequest.FromString,
+                    response_serializer=cloister_dot_rpc_dot_enclave__pb2.ServerChallengeResponse.SerializeToString,
+            ),
+            'ReportServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportServer,
+                    request_deserializer=cloister_dot_rpc_dot_enclave__pb2.ServerReport.FromString,
+                    response_serializer=cloister_dot_rpc_dot_enclave__pb2.ServerReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +478,60 @@ class Enclave:
             '/cloister.enclave.v1.Enclave/StartLog',
             cloister_dot_rpc_dot_enclave__pb2.StartLogRequest.SerializeToString,
             cloister_dot_rpc_dot_enclave__pb2.StartLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServerChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloister.enclave.v1.Enclave/ServerChallenge',
+            cloister_dot_rpc_dot_enclave__pb2.ServerChallengeRequest.SerializeToString,
+            cloister_dot_rpc_dot_enclave__pb2.ServerChallengeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloister.enclave.v1.Enclave/ReportServer',
+            cloister_dot_rpc_dot_enclave__pb2.ServerReport.SerializeToString,
+            cloister_dot_rpc_dot_enclave__pb2.ServerReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,62 @@
+"""Checking an upstream server's evidence against the identity the policy bundle pins.
+
+Each kind is one function: it returns a short description of what was verified, or raises
+VerificationError/DecodeError naming what failed. The parent only carries the evidence.
+
+- `nitro`: an NSM attestation document made with the enclave's fresh challenge nonce, verified
+  per AWS's procedure against this enclave's trust root, with the pinned PCRs.
+- `checksum`: the artifact the relay is about to launch (its bytes, hashed here) must have the
+  pinned SHA-256. A compromised parent could still launch something else: this kind protects
+  against a tampered or swapped artifact on a host that follows the protocol.
+- `tls`: the server's certificate must carry the pinned SPKI SHA-256 (as in HPKP, RFC 7469 §2.4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from cloister.verify.attestation import TrustRoot, verify_attestation
+from cloister.verify.errors import DecodeError, VerificationError
+
+MAX_ARTIFACT_BYTES = 16 << 20
+
+
+def check_nitro(document: bytes, *, root: TrustRoot, pcrs: Mapping[int, bytes], nonce: bytes, now: datetime,
+                allow_debug: bool) -> tuple[str, bytes]:
+    """Returns (detail, evidence hash)."""
+    if not document:
+        raise VerificationError("no attestation document was presented")
+    doc = verify_attestation(document, root=root, at=now, now=now, expected_pcrs=pcrs, nonce=nonce,
+                             allow_debug=allow_debug)
+    pinned = ", ".join(f"PCR{i}" for i in sorted(pcrs)) or "no PCRs pinned"
+    return f"Nitro attestation from {doc.module_id}: {pinned} as pinned, fresh nonce", hashlib.sha256(document).digest()
+
+
+def check_checksum(artifact: bytes, *, sha256_hex: str) -> tuple[str, bytes]:
+    if not artifact:
+        raise VerificationError("no artifact was presented (set `artifact` for this upstream in the relay config)")
+    if len(artifact) > MAX_ARTIFACT_BYTES:
+        raise DecodeError(f"artifact is {len(artifact)} bytes; at most {MAX_ARTIFACT_BYTES} are accepted")
+    digest = hashlib.sha256(artifact).digest()
+    if digest.hex() != sha256_hex:
+        raise VerificationError(f"artifact SHA-256 is {digest.hex()}, pinned {sha256_hex}")
+    return f"artifact SHA-256 {sha256_hex[:16]}... as pinned ({len(artifact)} bytes)", digest
+
+
+def check_tls(certificates: list[bytes], *, spki_sha256_hex: str) -> tuple[str, bytes]:
+    if not certificates:
+        raise VerificationError("no TLS certificate was presented")
+    try:
+        leaf = x509.load_der_x509_certificate(certificates[0])
+    except ValueError as exc:
+        raise DecodeError(f"TLS certificate is not DER X.509: {exc}") from exc
+    spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    digest = hashlib.sha256(spki).digest()
+    if digest.hex() != spki_sha256_hex:
+        raise VerificationError(f"certificate SPKI SHA-256 is {digest.hex()}, pinned {spki_sha256_hex}")
+    return f"TLS certificate for {leaf.subject.rfc4514_string()[:80]} with the pinned key", digest
