@@ -17,10 +17,13 @@
     url = "http://127.0.0.1:8441/mcp"         # streamable HTTP
     timeout_s = 30
 
+    reattest_s = 300                          # re-prove the server's identity this often
+
     [[upstreams]]
     name = "research"
     command = ["python", "-m", "cloister.examples.research"]   # stdio; launched by the relay
     env = { KEY = "value" }
+    artifact = "research.py"                  # checksum identity: hashed (by the enclave) before launch
 
 Relative paths are relative to the config file. Errors name the file and the key.
 """
@@ -50,6 +53,8 @@ class UpstreamConfig:
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     timeout_s: float = 30.0
+    artifact: Path | None = None  # checksum identity: the file to hash before launching
+    reattest_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -125,9 +130,14 @@ def load_relay_config(path: Path) -> RelayConfig:
         if not 0 < timeout <= 3600:
             raise ConfigError(f"{uw}: timeout_s must be in (0, 3600]")
         cwd = _get(u, "cwd", str, uw, None)
+        artifact = _get(u, "artifact", str, uw, None)
+        reattest = float(_get(u, "reattest_s", (int, float), uw, 300))
+        if not 5 <= reattest <= 86400:
+            raise ConfigError(f"{uw}: reattest_s must be in [5, 86400]")
         upstreams.append(UpstreamConfig(name=name, url=url, command=tuple(command),
                                         env={str(k): str(v) for k, v in env.items()},
-                                        cwd=(base / cwd) if cwd else None, timeout_s=timeout))
+                                        cwd=(base / cwd) if cwd else None, timeout_s=timeout,
+                                        artifact=(base / artifact) if artifact else None, reattest_s=reattest))
     retention = _get(relay, "body_retention_days", int, where, None)
     return RelayConfig(
         path=path,

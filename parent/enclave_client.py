@@ -110,6 +110,14 @@ class EnclaveClient:
             "Attest", pb.AttestRequest(nonce=nonce, include_checkpoint=include_checkpoint))
         return resp
 
+    async def server_challenge(self, server: str) -> pb.ServerChallengeResponse:
+        resp: pb.ServerChallengeResponse = await self._call("ServerChallenge", pb.ServerChallengeRequest(server=server))
+        return resp
+
+    async def report_server(self, report: pb.ServerReport) -> pb.ServerReportResponse:
+        resp: pb.ServerReportResponse = await self._call("ReportServer", report, 30)
+        return resp
+
     async def checkpoint(self) -> bytes:
         resp: pb.CheckpointResponse = await self._call("GetCheckpoint", pb.CheckpointRequest())
         return resp.checkpoint

@@ -84,7 +84,7 @@ class Relay:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.enclave = EnclaveClient(config.enclave, config.run_dir, timeout_s=config.enclave_timeout_s)
-        self.upstreams = Upstreams(config.upstreams)
+        self.upstreams = Upstreams(config.upstreams, self)
         self.log: LogWriter | None = None
         self.attestation = b""
         self.health_info: pb.HealthResponse | None = None
@@ -210,6 +210,8 @@ class Relay:
                 log.warning("the enclave restarted or lost its state; re-initialising it")
                 try:
                     await self.ensure_enclave_ready()
+                    # A fresh enclave knows no upstream identity yet: prove them all again.
+                    self.upstreams.reattest_all()
                 except Exception as exc:  # keep watching; calls fail closed meanwhile
                     log.error("re-initialising the enclave failed: %s", exc)
             elif time.monotonic() - self._attested_at > self.config.attestation_refresh_s:
@@ -217,6 +219,39 @@ class Relay:
                     await self.refresh_attestation()
                 except (EnclaveUnavailable, EnclaveRefused) as exc:
                     log.warning("attestation refresh failed: %s", exc)
+
+    # ---- upstream identity: the relay carries evidence, the enclave verifies ---------------------
+
+    async def challenge(self, server: str) -> tuple[bytes, str] | None:
+        try:
+            resp = await self.enclave.server_challenge(server)
+        except EnclaveRefused as exc:
+            log.warning("no identity challenge for upstream %s: %s", server, exc)
+            return None
+        return resp.nonce, resp.kind
+
+    async def report(self, server: str, *, evidence: bool, tools: list[types.Tool] | None,
+                     attestation: bytes = b"", artifact: bytes = b"", certificates: list[bytes] | None = None,
+                     failure: str = "") -> str:
+        assert self.log is not None
+        tools_json = b""
+        if tools is not None:
+            tools_json = json.dumps([t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tools])\
+                .encode()
+        try:
+            resp = await self.enclave.report_server(pb.ServerReport(
+                server=server, evidence=evidence, attestation=attestation, artifact=artifact,
+                certificates=certificates or [], failure=failure, tools_json=tools_json,
+                persisted_size=self.log.persisted_size))
+        except EnclaveRefused as exc:
+            log.warning("the enclave refused the report for upstream %s: %s", server, exc)
+            return "refused"
+        await self._persist(resp.log)
+        if resp.status == "failed":
+            log.warning("upstream %s is quarantined by the enclave: %s", server, resp.detail)
+        elif resp.hidden_tools:
+            log.warning("upstream %s: the enclave hides %s", server, ", ".join(resp.hidden_tools))
+        return resp.status
 
     async def _persist(self, append: pb.LogAppend) -> None:
         assert self.log is not None
