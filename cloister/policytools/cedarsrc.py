@@ -136,7 +136,13 @@ def locate_parse_error(text: str, parse: Callable[[str], object], message: str) 
         # A syntax error names the token it stopped at; a semantic one fails only at the end
         # of its construct, so look for what the message quotes instead.
         if "unexpected token" in message or "invalid token" in message or hi < len(toks):
-            return line_col(text, toks[hi - 1].start)
+            # The parser recovers from some errors and reports them a token or two later; the
+            # message names the token, so step back to it.
+            named = re.search(r"unexpected token `([^`]+)`", message)
+            k = hi - 1
+            if named:
+                k = next((i for i in range(hi - 1, -1, -1) if toks[i].text == named.group(1)), k)
+            return line_col(text, toks[k].start)
     dup = re.search(r"duplicate annotation: @(\w+)", message)
     if dup:  # the second occurrence is the one at fault
         seen = [m.start() for m in re.finditer(rf"@{dup.group(1)}\b", text)]

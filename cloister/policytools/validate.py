@@ -395,6 +395,9 @@ def _line_of(text: str, p: PolicyInfo, needle: str) -> int | None:
     if p.statement is None:
         return None
     at = text.find(json.dumps(needle), p.statement.start, p.statement.end)
+    if at < 0 and needle.startswith("."):
+        m = re.compile(re.escape(needle) + r"\b").search(text, p.statement.start, p.statement.end)
+        at = m.start() if m else -1
     if at < 0:
         at = text.find(needle, p.statement.start, p.statement.end)
     return text.count("\n", 0, at) + 1 if at >= 0 else p.line
@@ -445,6 +448,9 @@ def _check_against_schema(v: Validation, texts: Mapping[str, str]) -> None:
             where = f"policy {info.key!r}" if info else "policies"
             suffix = "" if severity == "error" else " (against the schema generated from entities.toml)"
             file, line = (path, info.line) if info else (SCHEMA_FILE if v.schema == "file" else path, None)
+            attr = re.search(r"attribute `(?:[^`]*\.)?([^`.]+)`", message)
+            if info and attr:  # point at the attribute's use rather than the policy's first line
+                line = _line_of(texts[path], info, "." + attr.group(1)) or line
             v.findings.append(Finding(severity, file, line, f"{where}: {message}{suffix}"))
 
 
