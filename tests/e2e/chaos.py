@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -50,9 +51,10 @@ from cloister.verify.merkle import (
 )
 from cloister.verify.note import Ed25519NoteVerifier
 from cloister.verify.tiles import TILE_WIDTH, TileNodeSource, entry_bundle_path, parse_entry_bundle
-from tests.e2e.procs import start_enclave, wait_for
+from tests.e2e.procs import wait_for
 
 HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
 SERVER, TOOL = "slow", "echo"
 # Texts starting with this are denied by a forbid policy, so agents also receive denials.
 DENY_PREFIX = "deny-"
@@ -112,6 +114,11 @@ command = [{py}, "{HERE / 'slow_server.py'}"]
 env = {{ CALLS_FILE = "{self.calls_file}" }}
 timeout_s = 10
 """)
+        # The processes run a snapshot of the code taken now: other work in the same tree must not
+        # change the enclave's measurement (its mock PCR0) between two starts of one run.
+        self.code = tmp / "code"
+        for pkg in ("cloister", "enclave", "parent"):
+            shutil.copytree(ROOT / pkg, self.code / pkg, ignore=shutil.ignore_patterns("__pycache__"))
         self.enclave: subprocess.Popen[bytes] | None = None
         self.relay: subprocess.Popen[bytes] | None = None
         self.pcr0 = b""
@@ -133,7 +140,8 @@ timeout_s = 10
         return self.state.mint_token(agent, ["tester"], 3600)
 
     def start_enclave(self) -> None:
-        self.enclave, ready = start_enclave(self.state.root, f"unix:{self.sock}", log=self.tmp / "enclave.log")
+        self.enclave, ready = _start_enclave(self.code, self.state.root, f"unix:{self.sock}",
+                                             log=self.tmp / "enclave.log")
         pcr0 = bytes.fromhex(ready["pcr0"])
         assert not self.pcr0 or pcr0 == self.pcr0, "the same enclave code must measure the same"
         self.pcr0 = pcr0
@@ -141,7 +149,7 @@ timeout_s = 10
 
     def start_relay(self) -> None:
         self.relay = subprocess.Popen(
-            [sys.executable, "-m", "cloister.cli", "relay", "--config", str(self.config)],
+            [sys.executable, "-m", "cloister.cli", "relay", "--config", str(self.config)], cwd=self.code,
             stdout=(self.tmp / "relay.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
         self.relay_starts += 1
 
@@ -196,6 +204,30 @@ timeout_s = 10
         self._kill(self.enclave, signal.SIGTERM)
 
 
+def _start_enclave(code: Path, state_root: Path, listen: str, *,
+                   log: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """tests.e2e.procs.start_enclave, run from the code snapshot."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enclave", "--listen", listen, "--config", str(state_root / "enclave.toml"),
+         "--mock-nsm", str(state_root / "mock-nsm")],
+        cwd=code, stdout=subprocess.PIPE, stderr=log.open("ab"), start_new_session=True)
+    ready: dict[str, Any] = {}
+
+    def read() -> None:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line:
+            ready.update(json.loads(line))
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(60)
+    if not ready:
+        proc.kill()
+        raise RuntimeError(f"enclave did not start; see {log}: {log.read_text()[-2000:]}")
+    return proc, ready
+
+
 # ---- what agents and the auditor were told ---------------------------------------------------------
 
 
@@ -238,6 +270,7 @@ class Observed:
     checkpoints: list[ServedCheckpoint] = field(default_factory=list)
     forwarded: list[dict[str, Any]] = field(default_factory=list)
     enclave_starts: int = 0
+    serving_enclaves: int = 0  # enclave starts after which calls were acknowledged (their key entry is durable)
     problems: list[str] = field(default_factory=list)  # found while running (bad attestations, ...)
     errors: Counter[str] = field(default_factory=Counter)  # other failures agents saw (expected during kills)
     events: list[tuple[float, str]] = field(default_factory=list)
@@ -271,6 +304,8 @@ async def agent_loop(url: str, agent: str, token: str, obs: Observed, stop: anyi
                             obs.errors[f"{exc.code}"] += 1
                         if exc.code not in RELAY_CODES:
                             break
+                        if exc.code == -32004:  # fail closed while the enclave is down: do not spin
+                            await anyio.sleep(0.05)
                         continue
                     meta = (result.meta or {}).get("dev.cloister/log")
                     echoed = "".join(getattr(part, "text", "") for part in result.content)
@@ -442,8 +477,13 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
             verifiers.append(enclave.binding.log_verifier())
         except CloisterError as exc:
             problems.append(f"key entry {i}: its attestation does not verify: {exc}")
-    if len(keys) != obs.enclave_starts:
-        problems.append(f"{len(keys)} key entries for {obs.enclave_starts} enclave starts")
+    if len(keys) > obs.enclave_starts or len(log_keys) != len(keys):
+        problems.append(f"{len(keys)} key entries ({len(log_keys)} distinct keys) for {obs.enclave_starts} enclave "
+                        "starts")
+    served_keys = {c.log_key for c in obs.checkpoints if c.log_key is not None}
+    if len(keys) < obs.serving_enclaves or not served_keys <= log_keys:
+        problems.append(f"{len(keys)} key entries, but {obs.serving_enclaves} enclaves served calls and "
+                        f"{len(served_keys - log_keys)} attested log keys are not introduced by any")
 
     # Outcomes follow their allowed decision, once.
     closed: Counter[int] = Counter()
@@ -542,6 +582,9 @@ class Kill:
     after_grants: int  # acknowledged calls to wait for once the stack serves again
     delay: float  # then this much more (s), so the kill lands at an arbitrary point of a call
     down: float  # how long the killed process stays down (s)
+    # Kill the restarted process(es) again this long after the restart, while they recover (resume the
+    # log, recover storage, re-sync), before they serve; then restart once more.
+    again: float | None = None
 
 
 def plan_kills(seed: int, rounds: int) -> list[Kill]:
@@ -552,13 +595,14 @@ def plan_kills(seed: int, rounds: int) -> list[Kill]:
     targets = ["enclave", "relay", "both"] * (rounds // 3 + 1)
     order = targets[:rounds]
     rng.shuffle(order)
-    return [Kill(t, rng.randint(10, 80), round(rng.uniform(0, 0.3), 3), round(rng.uniform(0, 1.0), 2))
+    return [Kill(t, rng.randint(10, 80), round(rng.uniform(0, 0.3), 3), round(rng.uniform(0, 1.0), 2),
+                 round(rng.uniform(0.05, 1.5), 2) if rng.random() < 0.3 else None)
             for t in order]
 
 
 async def _wait_grants(obs: Observed, n: int, timeout: float, what: str, stack: ChaosStack) -> None:
     with anyio.move_on_after(timeout):
-        while len(obs.grants) < n:
+        while len(obs.grants) < n:  # noqa: ASYNC110 (agents append to a list; polling it is simplest)
             await anyio.sleep(0.05)
         return
     raise TimeoutError(f"{what}: {len(obs.grants)} acknowledged calls after {timeout}s, waiting for {n}; "
@@ -576,29 +620,44 @@ async def run_chaos(stack: ChaosStack, kills: Sequence[Kill], obs: Observed, *, 
         obs.events.append((time.monotonic() - t0, text))
         say(f"{elapsed(t0)} {text} (acknowledged so far: {len(obs.grants)})")
 
+    async def kill(target: str) -> None:
+        if target in ("relay", "both"):
+            await anyio.to_thread.run_sync(stack.kill_relay)
+        if target in ("enclave", "both"):
+            await anyio.to_thread.run_sync(stack.kill_enclave)
+
+    async def restart(target: str, *, wait: bool) -> None:
+        if target in ("enclave", "both"):
+            await anyio.to_thread.run_sync(stack.start_enclave)
+        if target in ("relay", "both"):
+            await anyio.to_thread.run_sync(stack.start_relay)
+            if wait:
+                await anyio.to_thread.run_sync(stack.wait_relay_ready)
+
     async with anyio.create_task_group() as tg:
         for a in stack.agents:
             tg.start_soon(lambda a=a: agent_loop(stack.mcp_url, a, stack.token(a), obs, stop))
         tg.start_soon(lambda: checkpoint_watcher(stack.url, obs, root, stack.pcr0, stop))
         try:
             await _wait_grants(obs, settle, timeout, "warm-up", stack)
+            obs.serving_enclaves += 1
             for k in kills:
                 await _wait_grants(obs, len(obs.grants) + k.after_grants, timeout, f"before killing {k.target}",
                                    stack)
                 await anyio.sleep(k.delay)
-                if k.target in ("relay", "both"):
-                    await anyio.to_thread.run_sync(stack.kill_relay)
-                if k.target in ("enclave", "both"):
-                    await anyio.to_thread.run_sync(stack.kill_enclave)
+                await kill(k.target)
                 note(f"SIGKILL {k.target}")
                 await anyio.sleep(k.down)
-                if k.target in ("enclave", "both"):
-                    await anyio.to_thread.run_sync(stack.start_enclave)
-                if k.target in ("relay", "both"):
-                    await anyio.to_thread.run_sync(stack.start_relay)
-                    await anyio.to_thread.run_sync(stack.wait_relay_ready)
+                if k.again is not None:
+                    await restart(k.target, wait=False)
+                    await anyio.sleep(k.again)
+                    await kill(k.target)
+                    note(f"SIGKILL {k.target} again, {k.again}s into its recovery")
+                await restart(k.target, wait=True)
                 note(f"restarted {k.target}")
                 await _wait_grants(obs, len(obs.grants) + settle, timeout, f"serving again after {k.target}", stack)
+                if k.target != "relay":
+                    obs.serving_enclaves += 1
             note("done: stopping the agents")
         finally:
             stop.set()
