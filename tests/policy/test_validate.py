@@ -322,3 +322,20 @@ def test_split_statements_keeps_comments_and_strings() -> None:
     assert [(s.index, s.line, s.end_line) for s in sts] == [(0, 3, 5), (1, 9, 9)]
     assert sts[0].comment == "// first\n// policy" and sts[1].comment == ""
     assert sts[0].text.endswith('"x;y" };')
+
+
+def test_the_shipped_example_bundle_is_valid(tmp_path: Path) -> None:
+    import shutil
+
+    from cloister import devstate
+    from tests.policy.conftest import add_issuer_key
+
+    dst = tmp_path / "example"
+    copy = getattr(devstate, "copy_example_bundle", None)  # fills in placeholders, where the example has them
+    if copy is not None:
+        copy(dst)
+    else:
+        shutil.copytree(devstate.example_bundle_dir(), dst)
+    add_issuer_key(dst)
+    v = validate(dst)
+    assert v.ok, messages(v)
