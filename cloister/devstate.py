@@ -152,15 +152,56 @@ def ensure_state(root: Path, *, bundle_source: Path | None = None) -> DevState:
 
 
 def example_bundle_dir() -> Path:
+    """The example bundle as shipped: entities.toml has placeholders; see copy_example_bundle."""
     return Path(str(resources.files("cloister.examples").joinpath("bundle")))
+
+
+def example_pins() -> dict[str, str]:
+    """Values for the example bundle's placeholders: the mock PCR0 of the refunds server's code,
+    the SHA-256 of the research server's file, and the research tools' definition pins."""
+    import hashlib
+
+    import anyio
+
+    from cloister.examples import refunds, research
+    from cloister.verify.tools import tool_definition_hash
+
+    async def research_tools() -> list[dict[str, object]]:
+        return [t.model_dump(mode="json", by_alias=True, exclude_none=True)
+                for t in await research.build_server().list_tools()]
+
+    values = {
+        "@REFUNDS_PCR0@": refunds.expected_pcr0().hex(),
+        "@RESEARCH_SHA256@": hashlib.sha256(research_artifact().read_bytes()).hexdigest(),
+    }
+    for tool in anyio.run(research_tools):
+        values[f"@PIN:research:{tool['name']}@"] = tool_definition_hash(tool)
+    return values
+
+
+def research_artifact() -> Path:
+    from cloister.examples import research
+
+    return Path(research.__file__).resolve()
+
+
+def copy_example_bundle(dst: Path, source: Path | None = None) -> Path:
+    """Copy a bundle directory, filling in the example's placeholders."""
+    shutil.copytree(source or example_bundle_dir(), dst)
+    entities = dst / "entities.toml"
+    text = entities.read_text()
+    if "@" in text:
+        for key, value in example_pins().items():
+            text = text.replace(key, value)
+        entities.write_text(text)
+    return dst
 
 
 def _refresh_bundle(st: DevState, source: Path | None) -> None:
     """Copy the bundle, add the dev issuer key, and sign it when its content changed."""
-    src = source or example_bundle_dir()
     if st.bundle_dir.exists():
         shutil.rmtree(st.bundle_dir)
-    shutil.copytree(src, st.bundle_dir)
+    copy_example_bundle(st.bundle_dir, source)
     (st.bundle_dir / "issuers").mkdir(exist_ok=True)
     (st.bundle_dir / "issuers" / f"{DEV_ISSUER}.pem").write_bytes(_public_pem(st.issuer_key()))
     from enclave.bundle import read_bundle_dir

@@ -516,12 +516,16 @@ class EnclaveCore:
             raise DecodeError(f"server {server!r} is not in the policy bundle")
         return ps, spec
 
-    def server_challenge(self, server: str) -> tuple[bytes, str]:
+    def server_challenge(self, server: str, *, reconnect: bool = False) -> tuple[bytes, str]:
         """A fresh nonce the server must put in its attestation, and the identity kind required."""
         _, spec = self._server_spec(server)
         seq = self._ready_sequencer()
         with seq.lock:
-            return self.servers.challenge(spec, self._clock_ms(), self._random), spec.identity.kind
+            nonce = self.servers.challenge(spec, self._clock_ms(), self._random, reconnect=reconnect)
+            ps = self._policy
+            if reconnect and ps is not None:
+                ps.engine.set_server_levels(self.servers.levels(ps.bundle.servers, self._clock_ms()))
+            return nonce, spec.identity.kind
 
     def report_server(self, *, server: str, attestation: bytes, artifact: bytes, certificates: list[bytes],
                       tools_json: bytes, failure: str, evidence: bool, persisted_size: int) -> tuple[Report, LogAppend]:

@@ -58,3 +58,14 @@ def mock_pcrs(config_bytes: bytes) -> dict[int, bytes]:
     config = hashlib.sha384(config_bytes).digest()
     image = hashlib.sha384(code + config + runtime).digest()
     return {0: extend(image), 1: extend(runtime), 2: extend(code)}
+
+
+def measure_files(paths: list[Path], extra: bytes = b"") -> bytes:
+    """A mock PCR0 for an upstream server: its code files (path names and contents) and `extra`."""
+    h = hashlib.sha384()
+    for path in paths:
+        data = path.read_bytes()
+        name = path.name.encode()
+        h.update(len(name).to_bytes(4, "big") + name + len(data).to_bytes(8, "big") + data)
+    h.update(extra)
+    return extend(h.digest())

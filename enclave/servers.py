@@ -58,9 +58,12 @@ class ServerRegistry:
             self._states[spec.name] = st
         return st
 
-    def challenge(self, spec: ServerSpec, now_ms: int, random: Callable[[int], bytes]) -> bytes:
+    def challenge(self, spec: ServerSpec, now_ms: int, random: Callable[[int], bytes], *, reconnect: bool) -> bytes:
         nonce = random(32)
-        self._state(spec).challenge = (nonce, now_ms + CHALLENGE_TTL_MS)
+        st = self._state(spec)
+        st.challenge = (nonce, now_ms + CHALLENGE_TTL_MS)
+        if reconnect and st.verified_ms is not None:
+            st.verified_ms, st.detail = None, "reconnected: waiting for new evidence"
         return nonce
 
     def level(self, spec: ServerSpec, now_ms: int) -> str:

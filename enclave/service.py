@@ -116,7 +116,7 @@ class EnclaveService(pb_grpc.EnclaveServicer):
     def ServerChallenge(self, request: pb.ServerChallengeRequest,
                         context: grpc.ServicerContext) -> pb.ServerChallengeResponse:
         def run() -> pb.ServerChallengeResponse:
-            nonce, kind = self.core.server_challenge(request.server)
+            nonce, kind = self.core.server_challenge(request.server, reconnect=request.reconnect)
             return pb.ServerChallengeResponse(nonce=nonce, kind=kind)
 
         return _call(context, run)

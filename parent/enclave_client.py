@@ -110,8 +110,9 @@ class EnclaveClient:
             "Attest", pb.AttestRequest(nonce=nonce, include_checkpoint=include_checkpoint))
         return resp
 
-    async def server_challenge(self, server: str) -> pb.ServerChallengeResponse:
-        resp: pb.ServerChallengeResponse = await self._call("ServerChallenge", pb.ServerChallengeRequest(server=server))
+    async def server_challenge(self, server: str, *, reconnect: bool) -> pb.ServerChallengeResponse:
+        resp: pb.ServerChallengeResponse = await self._call(
+            "ServerChallenge", pb.ServerChallengeRequest(server=server, reconnect=reconnect))
         return resp
 
     async def report_server(self, report: pb.ServerReport) -> pb.ServerReportResponse:

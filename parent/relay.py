@@ -222,9 +222,9 @@ class Relay:
 
     # ---- upstream identity: the relay carries evidence, the enclave verifies ---------------------
 
-    async def challenge(self, server: str) -> tuple[bytes, str] | None:
+    async def challenge(self, server: str, *, reconnect: bool) -> tuple[bytes, str] | None:
         try:
-            resp = await self.enclave.server_challenge(server)
+            resp = await self.enclave.server_challenge(server, reconnect=reconnect)
         except EnclaveRefused as exc:
             log.warning("no identity challenge for upstream %s: %s", server, exc)
             return None

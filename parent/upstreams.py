@@ -57,7 +57,7 @@ class Refused(CloisterError):
 class IdentityReporter(Protocol):
     """What the relay provides so upstreams can prove themselves to the enclave."""
 
-    async def challenge(self, server: str) -> tuple[bytes, str] | None: ...
+    async def challenge(self, server: str, *, reconnect: bool) -> tuple[bytes, str] | None: ...
 
     async def report(self, server: str, *, evidence: bool, tools: list[types.Tool] | None,
                      attestation: bytes = b"", artifact: bytes = b"", certificates: list[bytes] | None = None,
@@ -116,7 +116,7 @@ class Upstream:
                 log.warning("upstream %s not launched: %s", self.name, exc)
                 backoff = max(backoff, 5.0)
             except Exception as exc:  # any transport failure: mark down and retry
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = _describe(exc)
                 log.warning("upstream %s unavailable: %s", self.name, self.last_error)
             finally:
                 self._client = None
@@ -137,7 +137,8 @@ class Upstream:
         """Ask what to prove; a checksum server's artifact is proven before it is launched."""
         if self.reporter is None:
             return None
-        challenge = await self.reporter.challenge(self.name)
+        self.identity = "proving"
+        challenge = await self.reporter.challenge(self.name, reconnect=True)
         if challenge is None or challenge[1] != "checksum":
             return challenge
         artifact, failure = b"", ""
@@ -160,7 +161,7 @@ class Upstream:
         if self.reporter is None:
             return
         if challenge is None:
-            challenge = await self.reporter.challenge(self.name)
+            challenge = await self.reporter.challenge(self.name, reconnect=False)
         kind = challenge[1] if challenge else "none"
         evidence: dict[str, Any] = {}
         if kind == "nitro" and challenge is not None:
@@ -261,9 +262,9 @@ class Upstream:
                     from exc
             raise UpstreamError("error", f"upstream {self.name!r} refused the call: {exc.message}", code=exc.code,
                                 data=exc.data) from exc
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
+        except Exception as exc:  # transport failures come in many types (httpx, anyio, OSError)
             self._broken.set()
-            raise UpstreamError("unavailable", f"upstream {self.name!r} connection failed: {exc!r}") from exc
+            raise UpstreamError("unavailable", f"upstream {self.name!r} connection failed: {exc!r}"[:500]) from exc
 
     def restart(self) -> None:
         """Drop the session; `run` reconnects (and re-proves identity)."""
@@ -271,6 +272,13 @@ class Upstream:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost error of an exception group (the SDK wraps transport errors in task groups)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def _peer_certificate(host: str, port: int) -> bytes:

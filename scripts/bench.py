@@ -108,10 +108,10 @@ def wait_port(port: int, timeout: float = 30) -> None:
 
 
 def bench_end_to_end(work: Path, quick: bool) -> dict[str, Any]:
-    from cloister.devstate import example_bundle_dir, free_port
+    from cloister.devstate import copy_example_bundle, free_port
 
     bundle = work / "bench-bundle"
-    shutil.copytree(example_bundle_dir(), bundle)
+    copy_example_bundle(bundle)
     (bundle / "limits.toml").write_text("# no limits: the benchmark measures the decision path itself\n")
     state = work / "state"
     up = start([sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0", "--bundle",
@@ -145,7 +145,9 @@ def bench_end_to_end(work: Path, quick: bool) -> dict[str, Any]:
 # ---- 2. inside the enclave --------------------------------------------------------------------
 
 def synthetic_bundle(src: Path, dst: Path, policies: int, agents: int) -> None:
-    shutil.copytree(src, dst)
+    from cloister.devstate import copy_example_bundle
+
+    copy_example_bundle(dst, src)
     (dst / "limits.toml").write_text(
         '[[limits]]\nid = "refund-cap"\nkind = "spend"\nper = "agent"\ntools = ["refunds___refund.create"]\n'
         'cost = "argument:amount"\nmax = "1000000000"\nwindow = "1h"\n')

@@ -6,7 +6,7 @@ clock), so the code under test is exactly what `cloister enclave` runs.
 
 from __future__ import annotations
 
-import shutil
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from cloister.devstate import example_bundle_dir
+from cloister.devstate import copy_example_bundle
 from cloister.verify.bundle import sign_bundle
 from cloister.verify.jwt import encode_jwt
 from enclave.bundle import read_bundle_dir
@@ -87,11 +87,16 @@ class World:
         return datetime.fromtimestamp(self.clock.ms / 1000, UTC)
 
 
-def make_world(root: Path, *, start: bool = True, policy: bool = True) -> World:
+def make_world(root: Path, *, start: bool = True, policy: bool = True, identities: bool = False) -> World:
     admin = ed25519.Ed25519PrivateKey.generate()
     issuer = ed25519.Ed25519PrivateKey.generate()
     bundle_dir = root / "bundle"
-    shutil.copytree(example_bundle_dir(), bundle_dir)
+    copy_example_bundle(bundle_dir)
+    if not identities:
+        # Most tests are about decisions, not upstream identity (tests/enclave/test_servers.py).
+        entities = bundle_dir / "entities.toml"
+        text = re.sub(r"^identity = .*$", 'identity = { kind = "none" }', entities.read_text(), flags=re.M)
+        entities.write_text(re.sub(r"^pins = .*\n", "", text, flags=re.M))
     (bundle_dir / "issuers").mkdir(exist_ok=True)
     (bundle_dir / "issuers" / "cloister-dev.pem").write_bytes(
         issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))

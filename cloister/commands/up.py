@@ -42,14 +42,19 @@ class Stack:
 
     def __init__(self, log_dir: Path) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.optional: set[str] = set()
         self.log_dir = log_dir
         self.stopping = threading.Event()
 
-    def start(self, name: str, argv: list[str], *, ready_line: bool = False) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], *, ready_line: bool = False,
+              critical: bool = True) -> subprocess.Popen[bytes]:
         logf = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE if ready_line else logf, stderr=logf,
                                 start_new_session=True)
         self.procs.append((name, proc))
+        if not critical:
+            # Upstream servers may be restarted or redeployed under us; the relay copes with that.
+            self.optional.add(name)
         return proc
 
     def stop(self) -> None:
@@ -67,7 +72,7 @@ class Stack:
 
     def dead(self) -> str | None:
         for name, proc in self.procs:
-            if proc.poll() is not None:
+            if name not in self.optional and proc.poll() is not None:
                 return f"{name} exited with status {proc.returncode} (see its log in {self.log_dir}/{name}.log)"
         return None
 
@@ -109,7 +114,7 @@ def _toml_str(value: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cloister.devstate import default_state_dir, ensure_state, free_port
+    from cloister.devstate import default_state_dir, ensure_state, free_port, research_artifact
     from enclave.config import load_config
     from enclave.measure import mock_pcrs
 
@@ -132,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         upstream_tables = [
             f'[[upstreams]]\nname = "refunds"\nurl = "http://127.0.0.1:{refunds_port}/mcp"\ntimeout_s = 30',
             f'[[upstreams]]\nname = "research"\ncommand = [{_toml_str(py)}, "-m", "cloister.examples.research"]\n'
-            "timeout_s = 30",
+            f"artifact = {_toml_str(str(research_artifact()))}\ntimeout_s = 30",
         ]
     public = f"http://{args.host}:{relay_port}"
     state.relay_config.write_text(
@@ -152,9 +157,10 @@ def _run(args: argparse.Namespace) -> int:
                                           "--config", str(state.enclave_config), "--mock-nsm",
                                           str(state.mock_nsm_dir)], ready_line=True)
         ready = _wait_ready_line(enclave, 60)
+        refunds_argv = [py, "-m", "cloister.examples.refunds", "--port", str(refunds_port), "--trust-root",
+                        str(state.mock_root), "--expect-pcr0", pcr0, "--mock-nsm", str(state.mock_nsm_dir)]
         if refunds_port:
-            stack.start("refunds", [py, "-m", "cloister.examples.refunds", "--port", str(refunds_port),
-                                    "--trust-root", str(state.mock_root), "--expect-pcr0", pcr0])
+            refunds = stack.start("refunds", refunds_argv, critical=False)
             _wait_port(refunds_port, 30, stack)
         stack.start("relay", [py, "-m", "cloister.cli", "relay", "--config", str(state.relay_config),
                           *(["-v"] if os.environ.get("CLOISTER_DEBUG") else [])])
@@ -173,6 +179,7 @@ def _run(args: argparse.Namespace) -> int:
     info = {"mcp_url": f"{public}/mcp", "log_url": f"{public}/log", "attestation_url": f"{public}/attestation",
             "trust_root": str(state.mock_root), "pcr0": pcr0, "origin": ready.get("origin"),
             "refunds_url": f"http://127.0.0.1:{refunds_port}/mcp" if refunds_port else None,
+            "refunds_pid": refunds.pid if refunds_port else None, "refunds_argv": refunds_argv[1:],
             "state": str(state.root), "tokens": {a: str(tokens_dir / f"{a}.jwt") for a in tokens}}
     (state.root / "up.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"""Cloister is up (mock NSM: for development only). State: {state.root}
@@ -185,8 +192,8 @@ def _run(args: argparse.Namespace) -> int:
   Log origin             {info['origin']}
 """)
     if refunds_port:
-        print(f"  Upstream 'refunds'     {info['refunds_url']} (verifies grants)")
-        print("  Upstream 'research'    stdio, launched by the relay\n")
+        print(f"  Upstream 'refunds'     {info['refunds_url']} (mock Nitro enclave; verifies grants)")
+        print("  Upstream 'research'    stdio, launched by the relay after its checksum verifies\n")
     print("  Tokens (send as 'Authorization: Bearer <token>'):")
     for agent, token in tokens.items():
         print(f"    {agent:13} {token}")

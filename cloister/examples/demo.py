@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -23,6 +24,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,10 @@ class Agent:
 
 async def call(t: Transcript, client: Client, agent: str, tool: str, args: dict[str, Any], *,
                expect: str, why: str = "") -> dict[str, Any] | None:
+    if expect == "quiet":
+        with contextlib.suppress(MCPError):
+            await client.call_tool(tool, args)
+        return None
     shown = json.dumps(args)
     try:
         result = await client.call_tool(tool, args)
@@ -82,7 +88,7 @@ async def call(t: Transcript, client: Client, agent: str, tool: str, args: dict[
         if "log_index" in data:
             t.calls.append((f"{agent} {tool} (denied)", int(data["log_index"])))
             say(f"       logged as entry {data['log_index']}", DIM)
-        t.expect(expect == "deny", f"{agent} {tool} should have been allowed ({why}): {exc.message}")
+        t.expect(expect in ("deny", "any"), f"{agent} {tool} should have been allowed ({why}): {exc.message}")
         if expect == "deny" and why:
             t.expect(why in exc.message, f"{agent} {tool}: the denial should mention {why!r}: {exc.message}")
         return None
@@ -94,7 +100,8 @@ async def call(t: Transcript, client: Client, agent: str, tool: str, args: dict[
         say(f"       decision logged as entry {meta['decision']}, outcome as entry {meta['outcome']}", DIM)
         t.calls.append((f"{agent} {tool} (decision)", int(meta["decision"])))
         t.calls.append((f"{agent} {tool} (outcome)", int(meta["outcome"])))
-    t.expect(expect == "allow" and not result.is_error, f"{agent} {tool} should have been denied: {text}")
+    t.expect(expect == "any" or (expect == "allow" and not result.is_error),
+             f"{agent} {tool} should have been denied: {text}")
     return dict(result.structured_content) if result.structured_content else None
 
 
@@ -152,6 +159,66 @@ async def run_agents(info: dict[str, Any], tokens: dict[str, str], t: Transcript
                 t.expect(False, "the refunds server accepted a forged grant")
             except MCPError as exc:
                 say(f"  (forged)      refund.create -> REFUSED  {exc.message}", RED)
+
+
+async def tool_names(agent: Agent) -> list[str]:
+    async with agent.client() as c:
+        return sorted(t.name for t in (await c.list_tools()).tools)
+
+
+async def one_call(agent: Agent, tool: str, args: dict[str, Any], t: Transcript, *, expect: str,
+                   why: str = "") -> None:
+    async with agent.client() as c:
+        await call(t, c, agent.name, tool, args, expect=expect, why=why)
+
+
+def upstream_identities(info: dict[str, Any]) -> dict[str, Any]:
+    health: dict[str, Any] = json.loads(_get(info["mcp_url"].removesuffix("/mcp") + "/healthz"))
+    return {name: u["identity"] for name, u in health["upstreams"].items()}
+
+
+def redeploy_refunds(info: dict[str, Any], t: Transcript) -> subprocess.Popen[bytes] | None:
+    """Replace the refunds server by a copy whose code differs by one constant; show the quarantine."""
+    if not info.get("refunds_pid"):
+        return None
+    state = Path(info["state"])
+    tokens = {a: Path(p).read_text().strip() for a, p in info["tokens"].items()}
+    refund = Agent("refund-bot", info["mcp_url"], tokens["refund-bot"])
+    say("\n== Upstream identity: the enclave verified each server before agents could use it", BOLD)
+    for name, identity in upstream_identities(info).items():
+        say(f"  {name:9} {identity}")
+    t.expect(upstream_identities(info).get("refunds") == "nitro verified", "refunds is nitro-verified")
+    say("\n== The refunds server is redeployed with changed code (approval threshold 5000 -> 50000)", BOLD)
+    from cloister.examples import refunds as refunds_module
+
+    patched_dir = state / "redeployed"
+    patched_dir.mkdir(exist_ok=True)
+    source = Path(refunds_module.__file__).read_text()
+    (patched_dir / "refunds.py").write_text(source.replace("APPROVAL_THRESHOLD = 5000", "APPROVAL_THRESHOLD = 50000"))
+    os.killpg(int(info["refunds_pid"]), signal.SIGTERM)
+    time.sleep(0.5)
+    argv = [sys.executable, str(patched_dir / "refunds.py"), *info["refunds_argv"][2:]]
+    patched = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=(state / "logs" / "refunds-redeployed.log")
+                               .open("ab"), start_new_session=True)
+    say(f"  new PCR0 {refunds_module.expected_pcr0(patched_dir / 'refunds.py').hex()[:16]}... "
+        f"(pinned: {refunds_module.expected_pcr0().hex()[:16]}...)")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        # The next call finds the old session gone; the relay reconnects and the enclave re-checks.
+        with contextlib.suppress(Exception):  # the first calls race the restart; only the end state matters
+            anyio.run(partial(one_call, refund, "refunds___customer_lookup", {"customer_id": "cus_1001"},
+                              Transcript(), expect="quiet"))
+        if "quarantined" in upstream_identities(info).get("refunds", "") or \
+                "failed" in upstream_identities(info).get("refunds", ""):
+            break
+        time.sleep(0.5)
+    say(f"  refunds   {upstream_identities(info).get('refunds')}")
+    names = anyio.run(tool_names, refund)
+    say(f"  refund-bot now sees {names}")
+    t.expect(not any(n.startswith("refunds___") for n in names), "the quarantined server's tools vanish")
+    anyio.run(partial(one_call, refund, "refunds___customer_lookup", {"customer_id": "cus_1001"}, t,
+                      expect="deny", why="quarantined"))
+    return patched
 
 
 def _get(url: str) -> bytes:
@@ -220,16 +287,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = subprocess.Popen([sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     t = Transcript()
+    patched: subprocess.Popen[bytes] | None = None
     try:
         info = wait_up(state, up)
         say(f"  MCP endpoint {info['mcp_url']}; log {info['log_url']}; PCR0 {info['pcr0'][:16]}...")
         tokens = {a: Path(p).read_text().strip() for a, p in info["tokens"].items()}
         anyio.run(run_agents, info, tokens, t)
+        patched = redeploy_refunds(info, t)
         audit(info, t)
     except Exception as exc:
         t.failures.append(f"{type(exc).__name__}: {exc}")
         say(f"demo failed: {type(exc).__name__}: {exc}", RED)
     finally:
+        if patched is not None and patched.poll() is None:
+            os.killpg(patched.pid, signal.SIGTERM)
+            patched.wait(10)
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGTERM)
             try:

@@ -1,10 +1,12 @@
 """The example `refunds` upstream: a payments-flavoured MCP server that verifies grants.
 
     python -m cloister.examples.refunds --port 8441 --trust-root .cloister/mock-nsm/root.pem \
-        --expect-pcr0 <hex>
+        --expect-pcr0 <hex> [--mock-nsm .cloister/mock-nsm]
 
 It serves streamable HTTP at /mcp and refuses every tools/call that does not carry a valid,
-single-use grant from an enclave whose attestation verifies (see cloister.guard).
+single-use grant from an enclave whose attestation verifies (see cloister.guard). With
+--mock-nsm it also runs "in an enclave": it presents an attestation (cloister.attested_server)
+whose PCR0 measures this file and the Cloister code it runs, so changing its code changes PCR0.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from mcp.server.mcpserver import MCPServer
 
 from cloister.guard import GrantGuard
 from cloister.verify.attestation import TrustRoot
+
+MEASURED = ("guard.py", "attested_server.py")  # beside this file's package: cloister/
 
 CUSTOMERS: dict[str, dict[str, Any]] = {
     "cus_1001": {"name": "Ada Lovelace", "email": "ada@example.com", "country": "GB", "tier": "gold"},
@@ -72,12 +76,28 @@ def build_server(guard: GrantGuard | None) -> MCPServer:
     return mcp
 
 
+def measured_files(script: Path) -> list[Path]:
+    """The code a mock PCR0 of this server covers: the script that runs and the guard it uses."""
+    import cloister
+
+    package = Path(cloister.__file__).resolve().parent
+    return [script.resolve(), *(package / name for name in MEASURED)]
+
+
+def expected_pcr0(script: Path | None = None) -> bytes:
+    from enclave.measure import measure_files
+
+    return measure_files(measured_files(script or Path(__file__)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cloister.examples.refunds")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8441)
     p.add_argument("--trust-root", type=Path, help="PEM root for enclave attestations (default: AWS Root-G1)")
     p.add_argument("--expect-pcr0", help="the enclave image's PCR0 (hex) that grants must come from")
+    p.add_argument("--mock-nsm", type=Path, metavar="DIR",
+                   help="present a mock-NSM attestation (PCR0 measures this code), signed by the mock CA in DIR")
     p.add_argument("--unsafe-no-grants", action="store_true",
                    help="accept calls without grants (UNSAFE: for the benchmark's direct baseline only)")
     args = p.parse_args(argv)
@@ -92,7 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = TrustRoot.from_pem(args.trust_root.read_bytes()) if args.trust_root else TrustRoot.aws()
         pcrs = {0: bytes.fromhex(args.expect_pcr0)} if args.expect_pcr0 else {}
         guard = GrantGuard("refunds", trust_root=root, expected_pcrs=pcrs)
-    build_server(guard).run("streamable-http", host=args.host, port=args.port)
+    server = build_server(guard)
+    if args.mock_nsm is not None:
+        from cloister.attested_server import serve_attestation
+        from enclave.mock_nsm import MockNsm
+
+        pcr0 = expected_pcr0(Path(sys.modules["__main__"].__file__ or __file__))
+        logging.getLogger("refunds").info("mock enclave: PCR0 %s", pcr0.hex())
+        serve_attestation(server, MockNsm(args.mock_nsm, {0: pcr0}))
+    server.run("streamable-http", host=args.host, port=args.port)
     return 0
 
 

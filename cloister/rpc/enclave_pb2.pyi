@@ -243,10 +243,12 @@ class StartLogResponse(_message.Message):
     def __init__(self, log: _Optional[_Union[LogAppend, _Mapping]] = ...) -> None: ...
 
 class ServerChallengeRequest(_message.Message):
-    __slots__ = ("server",)
+    __slots__ = ("server", "reconnect")
     SERVER_FIELD_NUMBER: _ClassVar[int]
+    RECONNECT_FIELD_NUMBER: _ClassVar[int]
     server: str
-    def __init__(self, server: _Optional[str] = ...) -> None: ...
+    reconnect: bool
+    def __init__(self, server: _Optional[str] = ..., reconnect: _Optional[bool] = ...) -> None: ...
 
 class ServerChallengeResponse(_message.Message):
     __slots__ = ("nonce", "kind")

@@ -4,7 +4,6 @@ process, and stdio upstreams it launches. Agents use the official MCP client."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import urllib.error
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cloister.devstate import DevState, ensure_state, example_bundle_dir, free_port
+from cloister.devstate import DevState, copy_example_bundle, ensure_state, free_port
 from tests.e2e.procs import start_enclave, stop, wait_for
 
 HERE = Path(__file__).parent
@@ -60,7 +59,7 @@ class Stack:
 
 
 def _bundle(dst: Path) -> Path:
-    shutil.copytree(example_bundle_dir(), dst)
+    copy_example_bundle(dst)
     entities = (dst / "entities.toml").read_text()
     (dst / "entities.toml").write_text(
         entities.replace("[roles]\n", "[roles]\ntester = {}\n")

@@ -116,7 +116,7 @@ def test_everything_that_must_prove_itself_starts_quarantined(w: World) -> None:
 
 
 def test_nitro_upstream_is_accepted_then_quarantined_when_its_code_changes(w: World) -> None:
-    nonce, kind = w.core.server_challenge("refunds")
+    nonce, kind = w.core.server_challenge("refunds", reconnect=True)
     assert kind == "nitro"
     status, hidden, entries = report(w, "refunds", attestation=nitro_doc(w, UPSTREAM_PCR0, nonce))
     assert status == "verified" and "refunds" not in {h for h in hidden}
@@ -124,7 +124,7 @@ def test_nitro_upstream_is_accepted_then_quarantined_when_its_code_changes(w: Wo
     assert call(w, "refunds", "customer_lookup")[0]
     assert ("refunds", "customer_lookup") in visible(w)
     # The upstream restarts with other code: its PCR0 no longer matches.
-    nonce, _ = w.core.server_challenge("refunds")
+    nonce, _ = w.core.server_challenge("refunds", reconnect=True)
     status, hidden, entries = report(w, "refunds", attestation=nitro_doc(w, b"\x07" * 48, nonce))
     assert status == "failed" and "customer_lookup" in hidden
     assert entries[0].status == "failed" and "PCR0" in entries[0].detail
@@ -136,13 +136,13 @@ def test_nitro_upstream_is_accepted_then_quarantined_when_its_code_changes(w: Wo
 def test_nitro_evidence_must_answer_the_challenge(w: World) -> None:
     status, _, entries = report(w, "refunds", attestation=nitro_doc(w, UPSTREAM_PCR0, b"x" * 32))
     assert status == "failed" and "challenge" in entries[0].detail
-    w.core.server_challenge("refunds")
+    w.core.server_challenge("refunds", reconnect=True)
     status, _, entries = report(w, "refunds", attestation=nitro_doc(w, UPSTREAM_PCR0, b"y" * 32))
     assert status == "failed" and "nonce" in entries[0].detail
 
 
 def test_verification_expires_after_reattest_interval(w: World) -> None:
-    nonce, _ = w.core.server_challenge("refunds")
+    nonce, _ = w.core.server_challenge("refunds", reconnect=True)
     report(w, "refunds", attestation=nitro_doc(w, UPSTREAM_PCR0, nonce))
     assert call(w, "refunds", "customer_lookup")[0]
     w.clock.advance(301)
