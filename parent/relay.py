@@ -536,6 +536,25 @@ class Relay:
         log.info("policy bundle version %d pushed and in force", resp.version)
         return JSONResponse({"version": resp.version, "bundle_sha256": resp.bundle_sha256.hex()})
 
+    async def tool_pins(self, request: Request) -> Response:
+        """The current definition hash of each tool of an upstream, to paste into a bundle as pins.
+
+        Computed by this (untrusted) relay from what the upstream lists now: review the tools
+        before pinning them. The enclave recomputes the hashes itself when it checks pins."""
+        from cloister.verify.tools import tool_definition_hash
+
+        name = request.query_params.get("server", "")
+        upstream = self.upstreams.by_name.get(name)
+        if upstream is None:
+            return JSONResponse({"error": f"no upstream named {name!r}; known: {sorted(self.upstreams.by_name)}"},
+                                status_code=404)
+        if upstream.state != "up":
+            return JSONResponse({"error": f"upstream {name!r} is {upstream.state}: {upstream.last_error}"},
+                                status_code=503)
+        pins = {t.name: tool_definition_hash(t.model_dump(mode="json", by_alias=True, exclude_none=True))
+                for t in upstream.tools}
+        return JSONResponse({"server": name, "pins": pins})
+
     def routes(self) -> list[Route]:
         async def attestation(request: Request) -> Response:
             return await self.attestation_endpoint(request, with_checkpoint=False)
@@ -546,6 +565,7 @@ class Relay:
         return [
             Route("/healthz", self.healthz),
             Route("/admin/policy", self.push_policy, methods=["POST"]),
+            Route("/admin/pins", self.tool_pins),
             Route("/attestation", attestation),
             Route("/log/attestation", log_attestation),
             Route("/log/proof/inclusion", self.inclusion),

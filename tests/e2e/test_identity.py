@@ -174,3 +174,12 @@ def test_a_changed_artifact_is_never_launched(ident: IdentityStack) -> None:
         ident.artifact.write_bytes(original)
     wait_for(lambda: s.health()["upstreams"]["variant"]["state"] == "up", 30, "the approved artifact to launch")
     assert call(s, "variant___lookup", {"key": "b"}).content[0].text == "value of b"
+
+
+def test_pins_endpoint_matches_what_the_enclave_checks(ident: IdentityStack) -> None:
+    import httpx2
+
+    r = httpx2.get(f"{ident.stack.relay_url}/admin/pins", params={"server": "variant"})
+    assert r.status_code == 200, r.text
+    assert r.json()["pins"]["lookup"] == _tool_hash(APPROVED)
+    assert httpx2.get(f"{ident.stack.relay_url}/admin/pins", params={"server": "nope"}).status_code == 404
