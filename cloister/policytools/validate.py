@@ -435,7 +435,8 @@ def _check_against_schema(v: Validation, texts: Mapping[str, str]) -> None:
         by_file.setdefault(p.file, []).append(p)
     for path, infos in by_file.items():
         result = cedarpy.validate_policies(texts[path], schema_text)
-        for err in result.errors:
+        # The validator's order varies between runs; report in source order.
+        for err in sorted(result.errors, key=lambda e: (len(e.policy_id), e.policy_id, e.error)):
             m = re.fullmatch(r"policy(\d+)", err.policy_id)
             info = infos[int(m.group(1))] if m and int(m.group(1)) < len(infos) else None
             message = re.sub(r"^for policy `policy\d+`, ", "", err.error)

@@ -99,7 +99,9 @@ def test_sign_then_push_then_every_bad_bundle_is_refused(relay: Relay, tmp_path:
     files = read_bundle_dir(relay.state.bundle_dir)
     admin = relay.state.admin_key()
     # A stale version (a replay of the one in force) and a rollback.
-    assert "bundle version 2 is not above the version in force (2)" in refused(signed.read_bytes(), "replay")
+    assert refused(signed.read_bytes(), "replay") == (
+        "cloister policy push: refused: the enclave refused the bundle: bundle version 2 is not above the version in "
+        "force (2); rollbacks and replays are refused\n")
     assert "bundle version 1 is not above" in refused(sign_bundle(files, 1, admin), "rollback")
     # Signed by a key the enclave does not pin.
     stranger = ed25519.Ed25519PrivateKey.generate()
