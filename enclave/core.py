@@ -392,7 +392,8 @@ class EnclaveCore:
         # 4. Cedar.
         if not code:
             assert principal is not None
-            cedar = ps.engine.evaluate(principal, server, tool, arguments, datetime.fromtimestamp(now_ms / 1000, UTC))
+            cedar = ps.engine.evaluate(principal, server, tool, arguments, datetime.fromtimestamp(now_ms / 1000, UTC),
+                                       self.servers.input_schema(server, tool))
             policy_ids = cedar.policy_ids
             if not cedar.allowed:
                 code, reason = cedar.code, cedar.reason

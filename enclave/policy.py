@@ -47,29 +47,54 @@ class CedarVerdict:
     reason: str
 
 
-def cedar_value(value: Any) -> Any:
-    """A JSON value as a Cedar value: integers (and integral floats) are Longs, other numbers are
-    `decimal`s when Cedar can hold them exactly (4 fractional digits) and strings otherwise;
-    nulls are dropped, since Cedar has none."""
-    if isinstance(value, int | str):  # bool is an int
+def cedar_value(value: Any, schema: Mapping[str, Any] | None = None) -> Any:
+    """A JSON value as a Cedar value, typed as AWS AgentCore types tool inputs.
+
+    JSON numbers are Cedar `decimal`s (JSON Schema "number"), except where the tool's input schema
+    says "integer" (Cedar Long). A number a decimal cannot hold exactly (more than 4 fractional
+    digits, out of range) stays a string, so policies comparing it error, and erroring forbids fail
+    closed. Nulls are dropped, since Cedar has none.
+    """
+    kind = schema.get("type") if isinstance(schema, Mapping) else None
+    if isinstance(value, bool | str):
         return value
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) < 2**63:
+    if isinstance(value, int | float):
+        if kind == "integer" and (isinstance(value, int) or value.is_integer()) and abs(value) < 2**63:
             return int(value)
-        text = repr(value)
-        if "e" not in text and len(text.partition(".")[2]) <= 4 and abs(value) < 922337203685477:
-            return {"__extn": {"fn": "decimal", "arg": text}}
-        return text
+        return _decimal(value)
     if isinstance(value, list):
-        return [cedar_value(v) for v in value if v is not None]
+        items = schema.get("items") if isinstance(schema, Mapping) else None
+        return [cedar_value(v, items if isinstance(items, Mapping) else None) for v in value if v is not None]
     if isinstance(value, dict):
-        return {k: cedar_value(v) for k, v in value.items() if v is not None}
+        props = schema.get("properties") if isinstance(schema, Mapping) else None
+        props = props if isinstance(props, Mapping) else {}
+        return {k: cedar_value(v, props.get(k)) for k, v in value.items() if v is not None}
     return str(value)
+
+
+def _decimal(value: int | float) -> Any:
+    text = str(value) if isinstance(value, int) else repr(value)
+    if "e" in text or "E" in text:
+        return text
+    whole, _, frac = text.partition(".")
+    if len(frac) > 4 or abs(value) >= 922337203685477:
+        return text
+    return {"__extn": {"fn": "decimal", "arg": f"{whole}.{frac or '0'}"}}
 
 
 def _cedar_datetime(now: datetime) -> dict[str, Any]:
     text = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{now.microsecond // 1000:03d}Z"
     return {"__extn": {"fn": "datetime", "arg": text}}
+
+
+def _error_policy(error: Any) -> str:
+    """The policy id an evaluation error names (cedarpy reports errors as dicts or text)."""
+    if isinstance(error, dict):
+        return str(error.get("policy_id", ""))
+    text = str(error)
+    start = text.find("`")
+    end = text.find("`", start + 1)
+    return text[start + 1:end] if 0 <= start < end else ""
 
 
 def _error_text(error: Any) -> str:
@@ -153,10 +178,10 @@ class PolicyEngine:
         }
 
     def evaluate(self, p: Principal, server: str, tool: str, arguments: Mapping[str, Any],
-                 now: datetime) -> CedarVerdict:
+                 now: datetime, input_schema: Mapping[str, Any] | None = None) -> CedarVerdict:
         aid = action_id(server, tool)
         request = self._request(p, server, tool)
-        context: dict[str, Any] = {"input": cedar_value(arguments)}
+        context: dict[str, Any] = {"input": cedar_value(arguments, input_schema)}
         if self._uses_system.get(aid, True):
             context["system"] = {"now": _cedar_datetime(now)}
         request["context"] = json.dumps(context)
@@ -167,11 +192,20 @@ class PolicyEngine:
         result = json.loads(raw[0])
         diagnostics = result.get("diagnostics", {})
         reasons = tuple(sorted(diagnostics.get("reason", [])))
+        errors = diagnostics.get("errors", [])
+        # Cedar ignores a policy whose evaluation errors (a type error, a missing attribute). For a
+        # forbid that would let the call through, so fail closed: an unevaluable forbid denies.
+        failed_forbids = tuple(sorted(pid for pid in map(_error_policy, errors)
+                                      if pid and self.bundle.policies.get(pid, {}).get("effect") == "forbid"))
+        if failed_forbids:
+            detail = _error_text(errors[0])
+            return CedarVerdict(False, failed_forbids, "policy",
+                                f"forbid policy {', '.join(failed_forbids)} could not be evaluated for these arguments "
+                                f"({detail}); failing closed")
         if result.get("decision") == "Allow":
             return CedarVerdict(True, reasons, "", "permitted by " + ", ".join(reasons))
         if reasons:
             return CedarVerdict(False, reasons, "policy", "forbidden by policy " + ", ".join(reasons))
-        errors = diagnostics.get("errors", [])
         detail = f" ({len(errors)} policies could not be evaluated: {_error_text(errors[0])})" if errors else ""
         return CedarVerdict(False, (), "no-permit", "no policy permits this call" + detail)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from cloister.verify.attestation import TrustRoot
 from cloister.verify.canonical import parse_json
@@ -35,6 +36,7 @@ class _State:
     detail: str = "not attested yet"
     challenge: tuple[bytes, int] | None = None  # nonce, expiry
     tool_hashes: dict[str, str] | None = None  # None until the relay reports the tool list
+    input_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
     drift: dict[str, str] = field(default_factory=dict)  # tool -> description of the drift
 
 
@@ -141,6 +143,8 @@ class ServerRegistry:
             raise DecodeError(f"tool definitions must be a JSON array of at most {MAX_TOOLS} objects")
         hashes = {str(t.get("name")): tool_definition_hash(t) for t in tools}
         st.tool_hashes = hashes
+        st.input_schemas = {str(t.get("name")): t["inputSchema"] for t in tools
+                            if isinstance(t.get("inputSchema"), dict)}
         drift: dict[str, str] = {}
         extra: dict[str, dict[str, str]] = {}
         for tool, pin in spec.pins.items():
@@ -162,6 +166,11 @@ class ServerRegistry:
         ]
         st.drift = drift
         return entries
+
+    def input_schema(self, server: str, tool: str) -> dict[str, Any] | None:
+        """The tool's input schema as last reported (hash-checked when the tool is pinned)."""
+        st = self._states.get(server)
+        return st.input_schemas.get(tool) if st is not None else None
 
     def levels(self, specs: Mapping[str, ServerSpec], now_ms: int) -> dict[str, str]:
         return {name: self.level(spec, now_ms) for name, spec in specs.items()}

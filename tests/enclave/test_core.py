@@ -122,7 +122,6 @@ def test_bad_tokens_are_denied_and_logged(w: World, make_token, reason: str) -> 
         (b"[1, 2]", "must be a JSON object"),
         (b'{"a": ', "line 1"),
         (json.dumps({"customer_id": "x" * 70000}).encode(), "exceeds the limit of 65536"),
-        (b'{"customer_id": "c", "amount": "lots"}', "is not a number"),
         (b'{"customer_id": "c", "amount": -500}', "non-negative"),
     ],
 )

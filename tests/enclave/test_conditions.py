@@ -1,0 +1,114 @@
+"""The example bundle's conditions, each shown working: arguments, residency, attestation level
+per category, time windows, discovery scoping."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from cloister.verify.entries import DecisionEntry, parse_entry
+from enclave.mock_nsm import MockNsm
+from tests.world import World, make_world
+
+
+def at(hour: int) -> int:
+    return int(datetime(2026, 11, 26, hour, 30, tzinfo=UTC).timestamp() * 1000)
+
+
+@pytest.fixture
+def w(tmp_path: Path) -> World:
+    w = make_world(tmp_path, identities=True)
+    w.clock.ms = at(10)
+    # Prove refunds' identity the way the relay would, with the mock NSM and the pinned PCR0.
+    from cloister.examples.refunds import expected_pcr0
+
+    nonce, _ = w.core.server_challenge("refunds", reconnect=True)
+    doc = MockNsm(w.root / "mock-nsm", {0: expected_pcr0()}, clock=w._dt).attestation(nonce=nonce)
+    rep, a = w.core.report_server(server="refunds", attestation=doc, artifact=b"", certificates=[], tools_json=b"",
+                                  failure="", evidence=True, persisted_size=len(w.log))
+    w.persist(a)
+    assert rep.status == "verified", rep.detail
+    return w
+
+
+def decide(w: World, agent: str, roles: list[str], server: str, tool: str, args: dict[str, object]):  # type: ignore[no-untyped-def]
+    v = w.core.authorize(token=w.token(agent, roles), server=server, tool=tool,
+                         arguments_json=json.dumps(args).encode(), request_id="", persisted_size=len(w.log))
+    w.persist(v.log)
+    assert isinstance(parse_entry(v.log.entries[0]), DecisionEntry)
+    return v
+
+
+def test_argument_condition(w: World) -> None:
+    assert decide(w, "refund-bot", ["refund-agent"], "refunds", "refund.create", {"amount": 5000}).allowed
+    v = decide(w, "refund-bot", ["refund-agent"], "refunds", "refund.create", {"amount": 6000})
+    assert not v.allowed and v.policy_ids == ("refund-single-cap",)
+    v = decide(w, "refund-bot", ["refund-agent"], "refunds", "refund.create", {"amount": 5000.5})
+    assert not v.allowed and v.policy_ids == ("refund-single-cap",)
+    # Regression: a value the condition cannot compare made Cedar skip the forbid (and an earlier
+    # version of the example compared decimals with `>`, so 5000.5 slipped through). An unevaluable
+    # forbid now denies.
+    v = decide(w, "refund-bot", ["refund-agent"], "refunds", "refund.create", {"amount": "lots"})
+    assert not v.allowed and v.policy_ids == ("refund-single-cap",) and "failing closed" in v.reason
+
+
+def test_attestation_level_for_payments(w: World) -> None:
+    assert decide(w, "refund-bot", ["refund-agent"], "refunds", "customer_lookup", {}).allowed
+    # Another reconnect revokes the proof: a payments call is refused until it is proven again.
+    w.core.server_challenge("refunds", reconnect=True)
+    v = decide(w, "refund-bot", ["refund-agent"], "refunds", "customer_lookup", {})
+    assert not v.allowed and v.code == "quarantined"
+
+
+def test_residency(w: World, tmp_path: Path) -> None:
+    # A bundle where an EU agent may use the US research server by role: residency still forbids it.
+    entities = (w.bundle_dir / "entities.toml").read_text()
+    entities = entities.replace('[agents.research-bot]\nroles = ["research-agent"]\nregion = "us"',
+                                '[agents.research-bot]\nroles = ["research-agent"]\nregion = "eu"')
+    entities = entities.replace('identity = { kind = "checksum"', 'identity = { kind = "none" }\n#')
+    entities = entities.replace("pins = { web_search", "# pins = { web_search")
+    w.persist(w.core.load_policy(w.sign_bundle(2, {"entities.toml": entities}))[2])
+    v = decide(w, "research-bot", ["research-agent"], "research", "web_search", {"query": "x"})
+    assert not v.allowed and v.policy_ids == ("eu-agents-stay-in-eu",)
+
+
+@pytest.mark.parametrize(("hour", "allowed"), [(7, False), (8, True), (19, True), (20, False), (23, False)])
+def test_time_window(w: World, hour: int, allowed: bool) -> None:
+    w.clock.ms = at(hour)
+    w.clock.ms -= 30 * 60 * 1000  # on the hour
+    # Refresh refunds' proof at this time, then ask as a supervisor.
+    from cloister.examples.refunds import expected_pcr0
+
+    nonce, _ = w.core.server_challenge("refunds", reconnect=True)
+    doc = MockNsm(w.root / "mock-nsm", {0: expected_pcr0()}, clock=w._dt).attestation(nonce=nonce)
+    w.persist(w.core.report_server(server="refunds", attestation=doc, artifact=b"", certificates=[], tools_json=b"",
+                                   failure="", evidence=True, persisted_size=len(w.log))[1])
+    entities = (w.bundle_dir / "entities.toml").read_text().replace(
+        '[agents.refund-bot]\nroles = ["refund-agent"]', '[agents.refund-bot]\nroles = ["refund-agent", "refund-supervisor"]')
+    w.persist(w.core.load_policy(w.sign_bundle(2, {"entities.toml": entities}))[2])
+    v = decide(w, "refund-bot", ["refund-supervisor"], "refunds", "refund.approve_above_threshold", {"refund_id": "r"})
+    assert v.allowed is allowed, v.reason
+    if not allowed:
+        assert v.policy_ids == ("approvals-in-business-hours",)
+
+
+def test_discovery_scoping(w: World) -> None:
+    everything = [("refunds", "customer_lookup"), ("refunds", "refund.create"), ("research", "web_search"),
+                  ("research", "db_write")]
+    _, seen = w.core.visible_tools(w.token("research-bot", ["research-agent"]), everything)
+    assert ("refunds", "customer_lookup") not in seen  # no permit reaches refunds for this role
+    _, seen = w.core.visible_tools(w.token("refund-bot", ["refund-agent"]), everything)
+    assert ("refunds", "customer_lookup") in seen and ("research", "web_search") not in seen
+
+
+def test_an_oversize_bundle_is_refused_and_the_running_one_kept(w: World) -> None:
+    from enclave.core import PolicyRefused
+
+    with pytest.raises(Exception, match="limit"):
+        w.sign_bundle(9, {"policies/huge.cedar": "// " + "x" * (9 << 20)})
+    with pytest.raises(PolicyRefused, match="exceeds the limit"):
+        w.core.load_policy(b"\xd2" + b"\x00" * (9 << 20))
+    assert w.core.policy is not None and w.core.policy.version == 1
