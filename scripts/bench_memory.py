@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_memory.py [--entries N] [--authorize N] [--no-tracemalloc]
 
-In one process, an in-process `EnclaveCore` (mock NSM, the example bundle plus a bench server,
+In one process, an in-process `EnclaveCore` (mock NSM, a bundle with 500 agents, a bench server, rate and spend limits,
 the code `cloister enclave` runs) sequences a mix, interleaved evenly over the whole run:
 
 - `--authorize` (default 50,000) full decisions through `EnclaveCore.authorize`: strict JSON
@@ -51,7 +51,6 @@ sys.path.insert(0, str(ROOT))
 from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
 
-from cloister.devstate import example_bundle_dir  # noqa: E402
 from cloister.verify.bundle import sign_bundle  # noqa: E402
 from cloister.verify.entries import DecisionEntry, encode_entry  # noqa: E402
 from cloister.verify.jwt import encode_jwt  # noqa: E402
@@ -81,8 +80,12 @@ def build_core(work: Path, clock: Clock) -> tuple[EnclaveCore, list[str]]:
     issuer = ed25519.Ed25519PrivateKey.generate()
     admin = ed25519.Ed25519PrivateKey.generate()
     bundle = work / "bundle"
-    shutil.copytree(example_bundle_dir(), bundle)
-    entities = (bundle / "entities.toml").read_text().replace("[roles]\n", "[roles]\nbench = {}\n")
+    (bundle / "policies").mkdir(parents=True)
+    (bundle / "bundle.toml").write_text('[bundle]\nname = "bench-memory"\nmode = "enforce"\n')
+    (bundle / "issuers.toml").write_text(
+        '[issuers.cloister-dev]\nissuer = "cloister-dev"\naudience = "cloister"\n'
+        'keys = ["issuers/cloister-dev.pem"]\nroles_claim = "roles"\nmax_lifetime_s = 86400\n')
+    entities = "[roles]\nbench = {}\n"
     entities += "".join(f'\n[agents.bench-{i}]\nroles = ["bench"]\nregion = "eu"\n' for i in range(AGENTS))
     entities += '\n[servers.bench]\nregion = "eu"\ntools = ["echo", "pay"]\n'
     (bundle / "entities.toml").write_text(entities)
@@ -91,11 +94,10 @@ def build_core(work: Path, clock: Clock) -> tuple[EnclaveCore, list[str]]:
         '@id("bench-no-deny")\nforbid (principal, action, resource) when '
         '{ context.input has text && context.input.text like "deny*" };\n')
     (bundle / "limits.toml").write_text(
-        (bundle / "limits.toml").read_text()
-        + '\n[[limits]]\nid = "bench-rate"\nkind = "rate"\nper = "agent"\nroles = ["bench"]\nmax = "100000"\n'
-          'window = "10m"\n'
-          '\n[[limits]]\nid = "bench-spend"\nkind = "spend"\nper = "agent"\nroles = ["bench"]\n'
-          'tools = ["bench___pay"]\ncost = "argument:amount"\nmax = "1000000000"\nwindow = "1h"\n')
+        '[[limits]]\nid = "bench-rate"\nkind = "rate"\nper = "agent"\nroles = ["bench"]\nmax = "100000"\n'
+        'window = "10m"\n'
+        '\n[[limits]]\nid = "bench-spend"\nkind = "spend"\nper = "agent"\nroles = ["bench"]\n'
+        'tools = ["bench___pay"]\ncost = "argument:amount"\nmax = "1000000000"\nwindow = "1h"\n')
     (bundle / "issuers").mkdir(exist_ok=True)
     (bundle / "issuers" / "cloister-dev.pem").write_bytes(
         issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
@@ -193,9 +195,9 @@ def run(entries: int, authorize: int, traced: bool) -> list[Sample]:
         calls += 1
         clock.ms += 20
         token = tokens[i % TOKENS]
+        args: dict[str, str | int]
         if i % 20 == 19:
-            args = {"text": f"deny-{i}"}
-            tool = "echo"
+            args, tool = {"text": f"deny-{i}"}, "echo"
         elif i % 2:
             args, tool = {"amount": 1 + i % 7}, "pay"
         else:

@@ -33,7 +33,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from cloister.audit.source import DirSource, SourceSpec, read_tile
-from cloister.devstate import DevState, ensure_state, example_bundle_dir, free_port
+from cloister.devstate import DevState, ensure_state, free_port
 from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot
 from cloister.verify.canonical import canonical_sha256
 from cloister.verify.checkpoint import parse_checkpoint, verify_checkpoint
@@ -55,33 +55,52 @@ from tests.e2e.procs import wait_for
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
-SERVER, TOOL = "slow", "echo"
+SERVER, TOOL, SLOW_TOOL = "slow", "echo", "sleep"
 # Texts starting with this are denied by a forbid policy, so agents also receive denials.
 DENY_PREFIX = "deny-"
+# Agents named sleepy-<n> call slow___sleep (1.5 to 4.5 s upstream) instead of slow___echo.
+SLEEPY = "sleepy-"
 # Error codes after which the relay's MCP session is still usable.
 RELAY_CODES = {-32001, -32002, -32003, -32004, -32005, -32006}
 
 
-def args_hash(text: str) -> bytes:
-    return canonical_sha256({"text": text})
+def args_key(tool: str, args: dict[str, Any]) -> tuple[str, bytes]:
+    """What a decision entry commits to about a call: the tool and the SHA-256 of its canonical arguments."""
+    return tool, canonical_sha256(args)
+
+
+def label(tool: str, args: dict[str, Any]) -> str:
+    return f"{tool}({json.dumps(args)})"
 
 
 # ---- the stack --------------------------------------------------------------------------------
 
 
+ISSUERS_TOML = """[issuers.cloister-dev]
+issuer = "cloister-dev"
+audience = "cloister"
+keys = ["issuers/cloister-dev.pem"]
+roles_claim = "roles"
+max_lifetime_s = 86400
+"""
+
+
 def make_bundle(dst: Path, agents: Sequence[str]) -> Path:
-    shutil.copytree(example_bundle_dir(), dst)
-    entities = (dst / "entities.toml").read_text().replace("[roles]\n", "[roles]\ntester = {}\n")
+    """A self-contained bundle (ensure_state adds the dev issuer's key): role tester for every agent,
+    server slow with echo and sleep, a permit, and a forbid for texts that start with DENY_PREFIX."""
+    (dst / "policies").mkdir(parents=True)
+    (dst / "bundle.toml").write_text('[bundle]\nname = "crash"\nmode = "enforce"\nmax_argument_bytes = 4096\n')
+    (dst / "issuers.toml").write_text(ISSUERS_TOML)
+    entities = "[roles]\ntester = {}\n"
     for a in agents:
         entities += f'\n[agents.{a}]\nroles = ["tester"]\nregion = "eu"\n'
-    entities += f'\n[servers.{SERVER}]\nregion = "eu"\ntools = ["{TOOL}"]\n'
+    entities += f'\n[servers.{SERVER}]\nregion = "eu"\ntools = ["{TOOL}", "{SLOW_TOOL}"]\n'
     (dst / "entities.toml").write_text(entities)
     (dst / "policies" / "crash.cedar").write_text(
         '@id("tester-slow")\npermit (principal in Cloister::Role::"tester", action, '
         f'resource == Cloister::Server::"{SERVER}");\n\n'
         '@id("no-deny-texts")\nforbid (principal, action, resource) '
         f'when {{ context.input has text && context.input.text like "{DENY_PREFIX}*" }};\n')
-    (dst / "bundle.toml").write_text('[bundle]\nname = "crash"\nmax_argument_bytes = 4096\n')
     return dst
 
 
@@ -236,10 +255,15 @@ class Grant:
     """A successful tools/call result an agent received."""
 
     agent: str
-    text: str
+    tool: str
+    args: dict[str, Any]
     decision: int
     outcome: int
     checkpoint_size: int
+
+    @property
+    def what(self) -> str:
+        return f"{self.agent} got {label(self.tool, self.args)}"
 
 
 @dataclass(frozen=True)
@@ -247,7 +271,8 @@ class Refusal:
     """An error an agent received that names a log entry (`data.log_index`)."""
 
     agent: str
-    text: str
+    tool: str
+    args: dict[str, Any]
     code: int
     log_index: int
 
@@ -282,24 +307,37 @@ def _client(url: str, token: str) -> Client:
     return Client(streamable_http_client(url, http_client=http), cache=None)
 
 
-async def agent_loop(url: str, agent: str, token: str, obs: Observed, stop: anyio.Event, *,
-                     deny_every: int = 10, pause: float = 0.0) -> None:
-    """Call slow___echo with unique texts until `stop`; reconnect whenever the session breaks."""
+def echo_call(agent: str, seq: int, deny_every: int = 10) -> tuple[str, dict[str, Any], str | None]:
+    """A unique echo; one in `deny_every` is denied by policy. Returns (tool, args, expected text)."""
+    prefix = DENY_PREFIX if seq % deny_every == 0 else "ok-"
+    text = f"{prefix}{agent}-{seq}-{secrets.token_hex(4)}"
+    return TOOL, {"text": text}, text
+
+
+def sleep_call(agent: str, seq: int) -> tuple[str, dict[str, Any], str | None]:
+    """A call that spends 1.5 to 4.5 s upstream (kills land while it is there; an enclave may restart before it
+    returns, so its outcome is recorded by the next enclave), with unique arguments."""
+    seconds = 1.5 + (seq % 16) * 0.2 + int(agent.rsplit("-", 1)[-1]) * 1e-4 + seq * 1e-8
+    return SLOW_TOOL, {"seconds": seconds}, "awake"
+
+
+async def agent_loop(url: str, agent: str, token: str, obs: Observed, stop: anyio.Event,
+                     make_call: Callable[[str, int], tuple[str, dict[str, Any], str | None]] = echo_call) -> None:
+    """Make unique calls until `stop`; record every answer; reconnect whenever the session breaks."""
     seq = 0
     while not stop.is_set():
         try:
             async with _client(url, token) as c:
                 while not stop.is_set():
                     seq += 1
-                    prefix = DENY_PREFIX if seq % deny_every == 0 else "ok-"
-                    text = f"{prefix}{agent}-{seq}-{secrets.token_hex(4)}"
+                    tool, args, expect = make_call(agent, seq)
                     try:
                         with anyio.fail_after(30):
-                            result = await c.call_tool(f"{SERVER}___{TOOL}", {"text": text})
+                            result = await c.call_tool(f"{SERVER}___{tool}", args)
                     except MCPError as exc:
                         data = exc.data if isinstance(exc.data, dict) else {}
                         if "log_index" in data:
-                            obs.refusals.append(Refusal(agent, text, exc.code, int(data["log_index"])))
+                            obs.refusals.append(Refusal(agent, tool, args, exc.code, int(data["log_index"])))
                         else:
                             obs.errors[f"{exc.code}"] += 1
                         if exc.code not in RELAY_CODES:
@@ -308,15 +346,13 @@ async def agent_loop(url: str, agent: str, token: str, obs: Observed, stop: anyi
                             await anyio.sleep(0.05)
                         continue
                     meta = (result.meta or {}).get("dev.cloister/log")
-                    echoed = "".join(getattr(part, "text", "") for part in result.content)
-                    if result.is_error or not meta or echoed != text:
-                        obs.problems.append(f"{agent}: a successful result that is not the echo of {text!r} "
-                                            f"with log indexes: {result!r}")
+                    answer = "".join(getattr(part, "text", "") for part in result.content)
+                    if result.is_error or not meta or answer != expect:
+                        obs.problems.append(f"{agent}: {label(tool, args)} answered {result!r}, not {expect!r} "
+                                            "with log indexes")
                         continue
-                    obs.grants.append(Grant(agent, text, int(meta["decision"]), int(meta["outcome"]),
+                    obs.grants.append(Grant(agent, tool, args, int(meta["decision"]), int(meta["outcome"]),
                                             int(meta["checkpoint_size"])))
-                    if pause:
-                        await anyio.sleep(pause)
         except Exception as exc:  # the session broke (relay killed): count, pause, reconnect
             obs.errors[_error_name(exc)] += 1
         await anyio.sleep(0.1)
@@ -495,13 +531,13 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
             closed[e.decision_index] += 1
     problems += [f"decision {d} has {n} outcomes" for d, n in closed.items() if n > 1]
 
-    def decision(index: int, agent: str, text: str, want: str | None, what: str) -> None:
+    def decision(index: int, agent: str, tool: str, args: dict[str, Any], want: str | None, what: str) -> None:
         e = records.get(index)
         if index >= size:
             problems.append(f"{what}: decision {index} is not in storage (the log has {size} entries)")
         elif not isinstance(e, DecisionEntry):
             problems.append(f"{what}: entry {index} is a {type(e).__name__}, not its decision")
-        elif (e.agent, e.server, e.tool, e.args_sha256) != (agent, SERVER, TOOL, args_hash(text)):
+        elif (e.agent, e.server, e.tool, e.args_sha256) != (agent, SERVER, *args_key(tool, args)):
             problems.append(f"{what}: entry {index} decides {e.agent}/{e.server}/{e.tool} "
                             f"args {e.args_sha256.hex()[:12]}, another call")
         elif want is not None and e.decision != want:
@@ -511,8 +547,8 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
 
     # (a) Every acknowledged call: its decision (an allow for exactly this call) and its outcome.
     for g in obs.grants:
-        what = f"{g.agent} got {g.text!r}"
-        decision(g.decision, g.agent, g.text, "allow", what)
+        what = g.what
+        decision(g.decision, g.agent, g.tool, g.args, "allow", what)
         o = records.get(g.outcome)
         if g.outcome >= size:
             problems.append(f"{what}: outcome {g.outcome} is not in storage (the log has {size} entries)")
@@ -524,7 +560,7 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
             problems.append(f"{what}: the relay named a checkpoint of size {g.checkpoint_size} beyond the log")
     for r in obs.refusals:
         want = "deny" if r.code in (-32001, -32002, -32003) else None
-        decision(r.log_index, r.agent, r.text, want, f"{r.agent} refused {r.text!r} ({r.code})")
+        decision(r.log_index, r.agent, r.tool, r.args, want, f"{r.agent} refused {label(r.tool, r.args)} ({r.code})")
 
     # (b) Every checkpoint ever served is a prefix of the final one.
     for c in obs.checkpoints:
@@ -546,22 +582,21 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
             problems.append(f"{what}: not consistent with the final checkpoint: {exc}")
 
     # (d) Nothing reached the upstream without an allow for exactly those arguments.
-    allows: Counter[bytes] = Counter(e.args_sha256 for e in records.values()
-                                     if isinstance(e, DecisionEntry) and e.decision == "allow"
-                                     and (e.server, e.tool) == (SERVER, TOOL))
-    seen: Counter[bytes] = Counter()
+    allows: Counter[tuple[str, bytes]] = Counter((e.tool, e.args_sha256) for e in records.values()
+                                                 if isinstance(e, DecisionEntry) and e.decision == "allow"
+                                                 and e.server == SERVER)
+    seen: Counter[tuple[str, bytes]] = Counter()
     for call in obs.forwarded:
-        text = call.get("args", {}).get("text") if isinstance(call.get("args"), dict) else None
-        if call.get("tool") != TOOL or not isinstance(text, str):
+        tool, args = call.get("tool"), call.get("args")
+        if not isinstance(tool, str) or not isinstance(args, dict):
             problems.append(f"the upstream received {call!r}, which no agent sent")
             continue
-        h = args_hash(text)
-        seen[h] += 1
-        if seen[h] > allows[h]:
-            problems.append(f"the upstream received {text!r} without an allow decision in storage")
-    received = {c.get("args", {}).get("text") for c in obs.forwarded if isinstance(c.get("args"), dict)}
-    problems += [f"{g.agent} got {g.text!r} back, but the upstream never received it"
-                 for g in obs.grants if g.text not in received]
+        key = args_key(tool, args)
+        seen[key] += 1
+        if seen[key] > allows[key]:
+            problems.append(f"the upstream received {label(tool, args)} without an allow decision in storage")
+    problems += [f"{g.what} back, but the upstream never received it"
+                 for g in obs.grants if args_key(g.tool, g.args) not in seen]
     return problems
 
 
@@ -636,7 +671,8 @@ async def run_chaos(stack: ChaosStack, kills: Sequence[Kill], obs: Observed, *, 
 
     async with anyio.create_task_group() as tg:
         for a in stack.agents:
-            tg.start_soon(lambda a=a: agent_loop(stack.mcp_url, a, stack.token(a), obs, stop))
+            make_call = sleep_call if a.startswith(SLEEPY) else echo_call
+            tg.start_soon(lambda a=a, m=make_call: agent_loop(stack.mcp_url, a, stack.token(a), obs, stop, m))
         tg.start_soon(lambda: checkpoint_watcher(stack.url, obs, root, stack.pcr0, stop))
         try:
             await _wait_grants(obs, settle, timeout, "warm-up", stack)
@@ -662,3 +698,54 @@ async def run_chaos(stack: ChaosStack, kills: Sequence[Kill], obs: Observed, *, 
         finally:
             stop.set()
     obs.enclave_starts = stack.enclave_starts
+
+
+# ---- exact crash points, in-process ---------------------------------------------------------------------
+
+
+class InProcess:
+    """The enclave's code (EnclaveCore, mock NSM) and the relay's storage (LogWriter on a directory) in
+    one process, driven the way parent/relay.py drives them, to reproduce crash points exactly that
+    the process-level chaos only hits by chance (e.g. a response lost while a later one arrived)."""
+
+    def __init__(self, tmp: Path, agent: str = "agent-0") -> None:
+        from enclave.config import load_config
+        from enclave.measure import mock_pcrs
+
+        self.tmp = tmp
+        self.agent = agent
+        self.state = ensure_state(tmp / "state", bundle_source=make_bundle(tmp / "bundle", [agent]))
+        self.config = load_config(self.state.enclave_config)
+        self.pcrs = mock_pcrs(self.config.raw)
+        self.token = self.state.mint_token(agent, ["tester"], 600)
+
+    def new_core(self) -> Any:
+        from enclave.core import EnclaveCore
+        from enclave.mock_nsm import MockNsm
+
+        return EnclaveCore(self.config, MockNsm(self.state.mock_nsm_dir, self.pcrs), pcrs=self.pcrs,
+                           clock_ms=lambda: time.time_ns() // 1_000_000, mock_nsm=True)
+
+    async def open_writer(self) -> Any:
+        from parent.storage import LocalBackend, LogWriter
+
+        return await LogWriter.open(LocalBackend(self.state.log_dir))
+
+    @staticmethod
+    async def persist(writer: Any, append: Any, checkpoint: bytes | None = None) -> None:
+        """Relay._persist: the entries of an enclave answer and its checkpoint (or another one)."""
+        await writer.persist(append.first_index, list(append.entries), checkpoint or append.checkpoint.note)
+
+    def authorize(self, core: Any, writer: Any, text: str) -> Any:
+        return core.authorize(token=self.token, server=SERVER, tool=TOOL,
+                              arguments_json=json.dumps({"text": text}).encode(), request_id=text,
+                              persisted_size=writer.persisted_size)
+
+    async def start(self, core: Any, writer: Any) -> None:
+        """Relay.ensure_enclave_ready for an enclave with an empty log: start or resume, then the policy."""
+        import dataclasses as dc
+
+        material = await writer.resume_material(1_000_000, None)
+        started = core.start_new_log() if material is None else core.resume_log(**dc.asdict(material))
+        await self.persist(writer, started)
+        await self.persist(writer, core.load_policy(self.state.signed_bundle.read_bytes())[2])
