@@ -87,18 +87,28 @@ class World:
         return datetime.fromtimestamp(self.clock.ms / 1000, UTC)
 
 
+def decision_bundle(dst: Path) -> Path:
+    """The example bundle without upstream identities, pins or the cross-server guards.
+
+    Most tests are about decisions, not upstream identity (tests/enclave/test_servers.py); with
+    identities, every refunds call would be quarantined until a mock attestation is reported.
+    """
+    copy_example_bundle(dst)
+    entities = dst / "entities.toml"
+    text = re.sub(r"^identity = .*$", 'identity = { kind = "none" }', entities.read_text(), flags=re.M)
+    entities.write_text(re.sub(r"^pins = .*\n", "", text, flags=re.M))
+    (dst / "policies" / "guards.cedar").unlink()
+    return dst
+
+
 def make_world(root: Path, *, start: bool = True, policy: bool = True, identities: bool = False) -> World:
     admin = ed25519.Ed25519PrivateKey.generate()
     issuer = ed25519.Ed25519PrivateKey.generate()
     bundle_dir = root / "bundle"
-    copy_example_bundle(bundle_dir)
-    if not identities:
-        # Most tests are about decisions, not upstream identity (tests/enclave/test_servers.py).
-        entities = bundle_dir / "entities.toml"
-        text = re.sub(r"^identity = .*$", 'identity = { kind = "none" }', entities.read_text(), flags=re.M)
-        entities.write_text(re.sub(r"^pins = .*\n", "", text, flags=re.M))
-        # ...and the cross-server guards (payments need nitro) would then refuse every refunds call.
-        (bundle_dir / "policies" / "guards.cedar").unlink()
+    if identities:
+        copy_example_bundle(bundle_dir)
+    else:
+        decision_bundle(bundle_dir)
     (bundle_dir / "issuers").mkdir(exist_ok=True)
     (bundle_dir / "issuers" / "cloister-dev.pem").write_bytes(
         issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))

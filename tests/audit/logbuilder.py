@@ -45,6 +45,7 @@ from enclave.bundle import read_bundle_dir
 from enclave.config import EnclaveConfig
 from enclave.core import EnclaveCore, LogAppend, policy_extension
 from enclave.mock_nsm import MockNsm
+from tests.world import decision_bundle
 
 EXAMPLE_BUNDLE = Path(__file__).resolve().parents[2] / "cloister" / "examples" / "bundle"
 PCRS = {0: bytes.fromhex("a1" * 48), 1: bytes.fromhex("b2" * 48), 2: bytes.fromhex("c3" * 48)}
@@ -142,7 +143,7 @@ class TestLog:
         bundle_dir = self.workdir / f"bundle-{self.policy_version + 1}"
         if bundle_dir.exists():
             shutil.rmtree(bundle_dir)
-        shutil.copytree(EXAMPLE_BUNDLE, bundle_dir)
+        decision_bundle(bundle_dir)  # the example, minus upstream identities (tests/world.py)
         (bundle_dir / "issuers").mkdir(exist_ok=True)
         pem = self.issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         (bundle_dir / "issuers" / "cloister-dev.pem").write_bytes(pem)
