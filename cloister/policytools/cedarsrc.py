@@ -10,6 +10,7 @@ are placed on the first token the message quotes, or else on the statement's fir
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 _TOKEN = re.compile(
     r'//[^\n]*|"(?:[^"\\\n]|\\.)*"|[A-Za-z_][A-Za-z0-9_]*|\d+|::|==|!=|<=|>=|&&|\|\||\S'
 )
+# For splitting statements only comments, strings and `;` matter: coarser tokens, far fewer matches.
+_COARSE = re.compile(r'//[^\n]*|"(?:[^"\\\n]|\\.)*"|;|[^\s;"/]+|\S')
 _EOF_MESSAGES = ("unexpected end of input",)
 
 
@@ -64,24 +67,35 @@ def line_col(text: str, offset: int) -> Location:
     return Location(line, offset - (text.rfind("\n", 0, offset) + 1) + 1)
 
 
+class LineIndex:
+    """Offsets to lines in O(log n), for files with thousands of policies."""
+
+    def __init__(self, text: str) -> None:
+        self._starts = [0, *(m.end() for m in re.finditer("\n", text))]
+
+    def line(self, offset: int) -> int:
+        return bisect.bisect_right(self._starts, offset)
+
+
 def split_statements(text: str) -> list[Statement]:
     """The policies of a .cedar file, split at top-level `;` (Cedar has no other use for it
     outside string literals and comments, which the tokenizer keeps whole)."""
     out: list[Statement] = []
+    lines = LineIndex(text)
     current: list[Token] = []
     comment: list[Token] = []
     pending_comment: list[Token] = []
 
     def flush(end: int) -> None:
         first = current[0]
-        above = _comment_block(text, pending_comment, first)
+        above = _comment_block(lines, pending_comment, first)
         out.append(Statement(
-            index=len(out), start=first.start, end=end, line=line_col(text, first.start).line,
-            end_line=line_col(text, max(end - 1, first.start)).line, text=text[first.start:end],
+            index=len(out), start=first.start, end=end, line=lines.line(first.start),
+            end_line=lines.line(max(end - 1, first.start)), text=text[first.start:end],
             comment=above,
         ))
 
-    for tok in tokens(text):
+    for tok in (Token(m.group(0), m.start()) for m in _COARSE.finditer(text)):
         if tok.is_comment:
             if not current:
                 comment.append(tok)
@@ -98,12 +112,12 @@ def split_statements(text: str) -> list[Statement]:
     return out
 
 
-def _comment_block(text: str, comments: list[Token], first: Token) -> str:
+def _comment_block(lines: LineIndex, comments: list[Token], first: Token) -> str:
     """The comments that sit directly above `first` (no blank line between)."""
     block: list[str] = []
-    expect = line_col(text, first.start).line - 1
+    expect = lines.line(first.start) - 1
     for tok in reversed(comments):
-        if line_col(text, tok.start).line != expect:
+        if lines.line(tok.start) != expect:
             break
         block.append(tok.text)
         expect -= 1

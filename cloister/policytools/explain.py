@@ -20,6 +20,7 @@ from typing import Any
 import cedarpy
 
 from cloister.policytools.diff import describe_limit
+from cloister.policytools.schema import input_schemas
 from cloister.policytools.validate import PolicyInfo, Validation
 from cloister.verify.canonical import parse_json
 from cloister.verify.errors import DecodeError
@@ -112,11 +113,18 @@ def explain(validation: Validation, *, agent: str, roles: list[str] | None, serv
     engine = PolicyEngine(bundle)
     _set_attestation(ex, engine, bundle, server, attestation)
     principal = Principal(agent=agent, roles=frozenset(chosen), issuer="(explain)")
-    verdict = engine.evaluate(principal, server, tool, arguments, at)
+    # The running enclave types arguments by the tool's input schema as the upstream lists it
+    # (numbers are decimals unless it says integer); offline, that is inputs/<server>___<tool>.json.
+    input_schema = input_schemas(validation.files)[0].get(action_id(server, tool))
+    if input_schema is None:
+        ex.notes.append(f"no inputs/{action_id(server, tool)}.json: arguments are typed without the tool's input "
+                        "schema (every number is a decimal); the enclave uses the schema the upstream lists")
+    verdict = engine.evaluate(principal, server, tool, arguments, at, input_schema)
     ex.considered = engine.slice_size(server, tool)
     ex.discoverable = engine.may_call(principal, server, tool, at)
     ex.policies = [_policy_view(validation.policies.get(pid), pid, bundle) for pid in verdict.policy_ids]
-    ex.evaluation_errors = _evaluation_errors(bundle, principal, server, tool, arguments, at)
+    ex.evaluation_errors = _evaluation_errors(bundle, principal, server, tool, arguments, at, input_schema,
+                                              ex.attestation or "none")
     if not verdict.allowed:
         _deny(ex, verdict.code, verdict.reason)
     # 5. Limits on an empty book: which apply and what this call costs.
@@ -148,16 +156,8 @@ def _set_attestation(ex: Explanation, engine: PolicyEngine, bundle: PolicyBundle
                      level: str | None) -> None:
     """`resource.attestation` is what the server has proven to the running enclave; offline, assume
     the identity the bundle pins for it verified, unless --attestation says otherwise."""
-    spec = bundle.servers[server]
-    kind = getattr(spec.identity, "kind", None) or (spec.identity.get("kind") if isinstance(spec.identity, Mapping)
-                                                    else None)
-    chosen = level or str(kind or "none")
-    setter = getattr(engine, "set_server_levels", None)
-    if setter is None:
-        if level:
-            ex.notes.append("this enclave version has no server attestation levels; --attestation is ignored")
-        return
-    setter({server: chosen})
+    chosen = level or bundle.servers[server].identity.kind
+    engine.set_server_levels({server: chosen})
     ex.attestation = chosen
     if not level:
         ex.notes.append(f"resource.attestation is taken as {chosen!r} (the identity the bundle pins, as if verified); "
@@ -186,15 +186,21 @@ def _finish(ex: Explanation) -> Explanation:
 
 
 def _evaluation_errors(bundle: PolicyBundle, principal: Principal, server: str, tool: str,
-                       arguments: Mapping[str, Any], at: datetime) -> list[dict[str, str]]:
-    """Policies Cedar could not evaluate for this request (it skips them; a skipped forbid does
-    not forbid). The engine reports only the first and only when nothing permits, so evaluate
-    the same request once more here, with every policy, for the diagnostics alone."""
+                       arguments: Mapping[str, Any], at: datetime,
+                       input_schema: Mapping[str, Any] | None, attestation: str) -> list[dict[str, str]]:
+    """Policies Cedar could not evaluate for this request: it skips them, so an erroring permit
+    permits nothing, and the enclave denies when a forbid errors (decision 0006). The engine's
+    reason names only the first error, so evaluate the same request once more here, with every
+    policy, for the diagnostics alone."""
     ns = NAMESPACE
     attrs = {**(bundle.agents[principal.agent].attrs if principal.agent in bundle.agents else {}),
              "id": principal.agent}
     attrs.setdefault("region", "")
-    entities = [*json.loads(bundle.entities_json), {
+    servers = json.loads(bundle.entities_json)
+    for e in servers:
+        if e["uid"] == {"type": f"{ns}::Server", "id": server}:
+            e["attrs"]["attestation"] = attestation  # as the engine was told (set_server_levels)
+    entities = [*servers, {
         "uid": {"type": f"{ns}::Agent", "id": principal.agent}, "attrs": attrs,
         "parents": [{"type": f"{ns}::Role", "id": r} for r in sorted(principal.roles)]}]
     text = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{at.microsecond // 1000:03d}Z"
@@ -202,7 +208,8 @@ def _evaluation_errors(bundle: PolicyBundle, principal: Principal, server: str, 
         "principal": f"{ns}::Agent::{json.dumps(principal.agent)}",
         "action": f"{ns}::Action::{json.dumps(action_id(server, tool))}",
         "resource": f"{ns}::Server::{json.dumps(server)}",
-        "context": {"input": cedar_value(arguments), "system": {"now": {"__extn": {"fn": "datetime", "arg": text}}}},
+        "context": {"input": cedar_value(arguments, input_schema),
+                    "system": {"now": {"__extn": {"fn": "datetime", "arg": text}}}},
     }
     policies = cedarpy.PolicySet.from_json_str(json.dumps(
         {"staticPolicies": dict(bundle.policies), "templates": {}, "templateLinks": []}))
@@ -242,7 +249,7 @@ def render(ex: Explanation) -> str:
         source = "\n".join(x for x in (p.get("comment"), p.get("source")) if x)
         lines += [f"      {x}" for x in source.splitlines()]
     if ex.evaluation_errors:
-        lines.append("evaluation errors (Cedar skips these policies; a skipped forbid does not forbid):")
+        lines.append("evaluation errors (a permit that errors permits nothing; a forbid that errors denies):")
         lines += [f"  - {e['policy']}: {e['error']}" for e in ex.evaluation_errors]
     if ex.limits:
         lines.append("limits that apply to this call:")

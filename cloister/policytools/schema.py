@@ -77,9 +77,8 @@ def _record(entities: Iterable[Mapping[str, Any]], always: Mapping[str, str], wh
 def json_schema_type(schema: Any, depth: int = 0) -> str | None:
     """A Cedar type for a JSON Schema, or None when it has no single Cedar type.
 
-    JSON `number` becomes `Long`: the engine passes integral numbers as Longs, which is what
-    a condition such as `context.input.amount < 500` compares. A fractional value arrives as a
-    Cedar `decimal`, and a Long comparison on it is an evaluation error (the policy is skipped).
+    As the engine types arguments (and AWS AgentCore does): `integer` is a Long, `number` a
+    `decimal` (compared with `.lessThan(decimal("500.0"))`, not `<`).
     """
     if not isinstance(schema, Mapping) or depth > _MAX_DEPTH:
         return None
@@ -91,8 +90,10 @@ def json_schema_type(schema: Any, depth: int = 0) -> str | None:
         t = "string"
     if t == "string":
         return "String"
-    if t in ("integer", "number"):
+    if t == "integer":
         return "Long"
+    if t == "number":
+        return "decimal"
     if t == "boolean":
         return "Bool"
     if t == "array":

@@ -196,21 +196,43 @@ def _cedar_parse(text: str) -> None:
     cedarpy.policies_to_json_str(text)
 
 
+# cedarpy's parser and validator slow down more than linearly with the number of policies in one
+# call (10,000 policies: 2 s to parse, 12 s to validate at once; 0.3 s and 1.7 s in chunks).
+# Policies are parsed and validated independently, so chunks give the same answers.
+CHUNK = 200
+
+
+def _parse_in_chunks(statements: list[Statement]) -> list[Any] | None:
+    """The EST of each statement, or None when some chunk does not parse as static policies."""
+    out: list[Any] = []
+    for i in range(0, len(statements), CHUNK):
+        chunk = statements[i:i + CHUNK]
+        try:
+            est = json.loads(cedarpy.policies_to_json_str("\n".join(st.text for st in chunk)))
+        except ValueError:
+            return None
+        parsed = list(est.get("staticPolicies", {}).values())
+        if len(parsed) != len(chunk) or est.get("templates"):
+            return None
+        out.extend(parsed)
+    return out
+
+
 def _check_cedar(v: Validation, texts: Mapping[str, str]) -> dict[str, list[tuple[Statement, Any]]]:
     """Each policy file's statements with their parsed (EST) form; every syntax error located."""
     out: dict[str, list[tuple[Statement, Any]]] = {}
     for path in sorted(p for p in texts if p.startswith("policies/") and p.endswith(".cedar")):
         text = texts[path]
         statements = split_statements(text)
-        try:
-            est = json.loads(cedarpy.policies_to_json_str(text))
-        except ValueError:
-            est = None
-        if est is not None:
-            parsed = list(est.get("staticPolicies", {}).values())
-            if len(parsed) == len(statements):
-                out[path] = list(zip(statements, parsed, strict=True))
+        parsed = _parse_in_chunks(statements)
+        if parsed is not None:
+            out[path] = list(zip(statements, parsed, strict=True))
             continue
+        try:
+            _cedar_parse(text)
+            continue  # valid Cedar that the splitter did not cut as Cedar does: no source lines then
+        except ValueError:
+            pass
         # Find every statement that fails on its own, and where in it.
         found = False
         for st in statements:
@@ -400,7 +422,7 @@ def _line_of(text: str, p: PolicyInfo, needle: str) -> int | None:
         at = m.start() if m else -1
     if at < 0:
         at = text.find(needle, p.statement.start, p.statement.end)
-    return text.count("\n", 0, at) + 1 if at >= 0 else p.line
+    return p.statement.line + text.count("\n", p.statement.start, at) if at >= 0 else p.line
 
 
 def _check_against_schema(v: Validation, texts: Mapping[str, str]) -> None:
@@ -433,12 +455,19 @@ def _check_against_schema(v: Validation, texts: Mapping[str, str]) -> None:
     by_file: dict[str, list[PolicyInfo]] = {}
     for p in v.policies.values():
         by_file.setdefault(p.file, []).append(p)
+    schema = cedarpy.Schema.from_str(schema_text)
     for path, infos in by_file.items():
-        result = cedarpy.validate_policies(texts[path], schema_text)
+        if all(i.statement is not None for i in infos):
+            chunks = [(n, "\n".join(i.statement.text for i in infos[n:n + CHUNK] if i.statement))
+                      for n in range(0, len(infos), CHUNK)]
+        else:
+            chunks = [(0, texts[path])]
+        errors = [(n, e) for n, text in chunks for e in cedarpy.validate_policies(text, schema).errors]
         # The validator's order varies between runs; report in source order.
-        for err in sorted(result.errors, key=lambda e: (len(e.policy_id), e.policy_id, e.error)):
+        for n, err in sorted(errors, key=lambda x: (x[0], len(x[1].policy_id), x[1].policy_id, x[1].error)):
             m = re.fullmatch(r"policy(\d+)", err.policy_id)
-            info = infos[int(m.group(1))] if m and int(m.group(1)) < len(infos) else None
+            k = n + int(m.group(1)) if m else -1
+            info = infos[k] if 0 <= k < len(infos) else None
             message = re.sub(r"^for policy `policy\d+`, ", "", err.error)
             arg = re.search(r"attribute `input\.[^`]*` in context for [\w:]+::\"([^\"]+)\" not found", message)
             if arg and arg.group(1) in untyped:

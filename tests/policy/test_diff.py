@@ -28,7 +28,7 @@ def _changed_copy(bundle: Path, dst: Path) -> Path:
     (dst / "limits.toml").write_text((dst / "limits.toml").read_text() + (
         '\n[[limits]]\nid = "research-searches"\nkind = "rate"\nper = "tool"\n'
         'tools = ["research___web_search"]\nmax = "100"\nwindow = "1h"\n'))
-    _edit(dst / "policies" / "refunds.cedar", "context.input.amount > 5000", "context.input.amount > 2500")
+    _edit(dst / "policies" / "refunds.cedar", 'decimal("5000.0")', 'decimal("2500.0")')
     (dst / "policies" / "research.cedar").unlink()
     (dst / "policies" / "research2.cedar").write_text(
         '@id("research-agent-search")\npermit (\n  principal in Cloister::Role::"research-agent",\n'
@@ -62,7 +62,8 @@ def test_semantic_summary(bundle: Path, tmp_path: Path) -> None:
                  "  limit added: research-searches (rate max 100 per 1h per tool, cost call, "
                  "tools research___web_search)",
                  "--- policies/research.cedar (removed)", "--- policies/research2.cedar (added)",
-                 "-when { context.input.amount > 5000 };", "+when { context.input.amount > 2500 };"):
+                 '-when { context.input.amount.greaterThan(decimal("5000.0")) };',
+                 '+when { context.input.amount.greaterThan(decimal("2500.0")) };'):
         assert line in text.splitlines(), (line, text)
 
 

@@ -50,7 +50,8 @@ def test_the_documented_bundle_is_complete_and_valid(doc: tuple[dict[str, bytes]
                                                      validation: Validation) -> None:
     files = doc[0]
     assert {"bundle.toml", "entities.toml", "issuers.toml", "limits.toml", "schema.cedarschema",
-            "policies/refunds.cedar", "policies/guardrails.cedar", "policies/research.cedar"} <= set(files)
+            "policies/refunds.cedar", "policies/guardrails.cedar", "policies/research.cedar",
+            "inputs/refunds___refund.create.json"} <= set(files)
     assert validation.ok and not validation.findings, messages(validation)
     assert validation.schema == "file"
     assert len(validation.policies) == 6 and len(validation.bundle.limits) == 4  # type: ignore[union-attr]
@@ -62,6 +63,10 @@ def test_every_snippet_validates_in_the_documented_bundle(doc: tuple[dict[str, b
     for snippet in snippets:
         v = validate_files({**files, "policies/snippet.cedar": snippet.encode()})
         assert v.ok and not v.findings, (snippet, messages(v))
+
+
+def doc_snippet(policy_id: str) -> str:
+    return next(x for x in _blocks()[1] if f'@id("{policy_id}")' in x)
 
 
 def ask(v: Validation, agent: str, server: str, tool: str, args: object, *, at: datetime = AT,
@@ -77,6 +82,12 @@ def test_the_decisions_the_guide_describes(validation: Validation) -> None:
     assert ask(validation, *refund, {"amount": 700, "customer": "c-42"}).code == "no-permit"
     typed_wrong = ask(validation, *refund, {"amount": "120", "customer": "c-42"})
     assert typed_wrong.code == "no-permit" and typed_wrong.evaluation_errors
+    # An optional argument guarded with `has` (the snippet): absent is fine, present is checked.
+    files = {**validation.files, "policies/snippet.cedar": doc_snippet("no-test-refunds").encode()}
+    with_snippet = validate_files(files)
+    assert ask(with_snippet, *refund, {"amount": 120, "customer": "c-42"}).decision == "allow"
+    test = ask(with_snippet, *refund, {"amount": 120, "customer": "c-42", "reason": "a test"})
+    assert [p["id"] for p in test.policies] == ["no-test-refunds"]
     # Time window.
     late = ask(validation, *refund, {"amount": 120, "customer": "c-42"}, at=datetime(2026, 3, 2, 19, 0, tzinfo=UTC))
     assert [p["id"] for p in late.policies] == ["refunds-in-office-hours"]

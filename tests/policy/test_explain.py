@@ -75,7 +75,7 @@ def test_forbid_names_the_forbidding_policy(bundle: Path) -> None:
     ex = ask(bundle, args={"amount": 6000})
     assert (ex.decision, ex.code, ex.reason) == ("deny", "policy", "forbidden by policy refund-single-cap")
     assert [p["id"] for p in ex.policies] == ["refund-single-cap"]
-    assert "when { context.input.amount > 5000 };" in ex.policies[0]["source"]
+    assert 'when { context.input.amount.greaterThan(decimal("5000.0")) };' in ex.policies[0]["source"]
     assert "decision: DENY  [policy]" in render(ex)
 
 
@@ -97,14 +97,25 @@ def test_a_limit_the_call_cannot_fit_even_when_empty(bundle: Path) -> None:
 
 
 def test_arguments_cedar_cannot_compare_are_shown_as_evaluation_errors(bundle: Path) -> None:
-    # A string amount: the forbid cannot be evaluated, so Cedar skips it and the permit wins.
+    # A string amount: the forbid cannot be evaluated, and the enclave fails closed (decision 0006).
     ex = ask(bundle, args={"amount": "6000"})
-    assert ex.decision == "allow"
+    assert (ex.decision, ex.code, ex_ids(ex)) == ("deny", "policy", ["refund-single-cap"])
+    assert "failing closed" in ex.reason
     assert ex.evaluation_errors == [{"policy": "refund-single-cap", "error": "error while evaluating policy "
-                                     "`refund-single-cap`: type error: expected long, got string"}]
-    assert "a skipped forbid does not forbid" in render(ex)
-    # An amount that is not a number at all: the enclave refuses the call (the spend limit cannot charge it).
-    bad = ask(bundle, args={"amount": "lots"})
+                                     "`refund-single-cap`: type error: expected decimal, got string"}]
+    assert "a forbid that errors denies" in render(ex)
+    # Typed by the tool's input schema (inputs/...json), an integer amount is a Long: the decimal
+    # comparison errors, so it is denied too; as a number (a decimal), it passes.
+    integer = {"type": "object", "properties": {"amount": {"type": "integer"}}}
+    typed = ask(bundle, {"inputs/refunds___refund.create.json": json.dumps(integer)}, args={"amount": 100})
+    assert (typed.code, ex_ids(typed)) == ("policy", ["refund-single-cap"])
+    number = {"type": "object", "properties": {"amount": {"type": "number"}}}
+    assert ask(bundle, {"inputs/refunds___refund.create.json": json.dumps(number)}, args={"amount": 100}).code == ""
+    assert any("no inputs/refunds___refund.create.json" in n for n in ask(bundle).notes)
+    # An amount that is not a number at all is refused by the spend limit, even where Cedar allows it.
+    lenient = (bundle / "policies" / "refunds.cedar").read_text().replace(
+        'when { context.input.amount.greaterThan(decimal("5000.0")) };', "when { false };")
+    bad = ask(bundle, {"policies/refunds.cedar": lenient}, args={"amount": "lots"})
     assert (bad.decision, bad.code) == ("deny", "bad-arguments")
     assert "argument 'amount' is not a number" in bad.reason
 

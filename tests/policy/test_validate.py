@@ -35,7 +35,7 @@ SCHEMA = """namespace Cloister {
     in [CallTool] appliesTo { principal: [Agent], resource: [Server], context: { "input": {}, "system": Sys } };
   action "refunds___refund.create" in [CallTool] appliesTo {
     principal: [Agent], resource: [Server],
-    context: { "input": { "amount": Long, "customer"?: String }, "system": Sys }
+    context: { "input": { "amount": decimal, "customer"?: String }, "system": Sys }
   };
   action "research___web_search", "research___db_write" in [CallTool] appliesTo {
     principal: [Agent], resource: [Server], context: { "input": {}, "system": Sys } };
@@ -148,17 +148,17 @@ def test_generated_schema_catches_attribute_typos_as_warnings(bundle: Path) -> N
 
 
 def test_generated_schema_types_arguments_from_input_schemas(bundle: Path) -> None:
-    inputs = {"type": "object", "properties": {"amount": {"type": "integer"}, "customer": {"type": "string"}},
+    inputs = {"type": "object", "properties": {"amount": {"type": "number"}, "customer": {"type": "string"}},
               "required": ["amount"]}
     v = validate(bundle, {"inputs/refunds___refund.create.json": json.dumps(inputs), "policies/x.cedar": (
         '@id("x")\nforbid (principal, action == Cloister::Action::"refunds___refund.create", resource)\n'
-        'when { context.input.amount > "5" ||\n context.input.custmer == "x" };\n'
+        'when { context.input.amount > 5 ||\n context.input.custmer == "x" };\n'
         '@id("y")\nforbid (principal, action == Cloister::Action::"refunds___refund.create", resource)\n'
         'when { context.input.customer == "x" };\n')})
     assert v.ok
     # (The validator's order of errors within a policy varies between runs.)
     assert sorted((f.line, f.message.split(" (against")[0]) for f in v.warnings) == [
-        (1, "policy 'x': unexpected type: expected Long but saw String"),
+        (1, "policy 'x': unexpected type: expected Long but saw decimal"),  # numbers are decimals
         (4, "policy 'x': attribute `input.custmer` in context for Cloister::Action::\"refunds___refund.create\" "
             "not found"),
         (7, "policy 'y': unable to guarantee safety of access to optional attribute `input.customer` in context for "
@@ -176,7 +176,7 @@ def test_schema_file_violations_are_errors_with_lines(bundle: Path) -> None:
         '@id("x")\nforbid (principal, action == Cloister::Action::"refunds___refund.create", resource)\n'
         'when { context.input.amount like "5*" };\n')})
     assert [(f.file, f.line) for f in bad_policy.errors] == [("policies/x.cedar", 1)]
-    assert "expected String but saw Long" in bad_policy.errors[0].message
+    assert "expected String but saw decimal" in bad_policy.errors[0].message
     # An entity that does not conform: the agent's region is a String, the schema says Long.
     bad_entity = validate(bundle, {"schema.cedarschema": SCHEMA.replace('"region": String }', '"region": Long }')})
     got = messages(bad_entity)
