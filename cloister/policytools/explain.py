@@ -20,8 +20,8 @@ from typing import Any
 import cedarpy
 
 from cloister.policytools.diff import describe_limit
+from cloister.policytools.findings import PolicyInfo, Validation
 from cloister.policytools.schema import input_schemas
-from cloister.policytools.validate import PolicyInfo, Validation
 from cloister.verify.canonical import parse_json
 from cloister.verify.errors import DecodeError
 from enclave.bundle import MAX_LIMIT_VALUE, NAMESPACE, Limit, PolicyBundle, action_id

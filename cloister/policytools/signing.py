@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from cloister.policytools.findings import Validation
 from cloister.policytools.source import InputError, read_signed
-from cloister.policytools.validate import Validation, validate_files
+from cloister.policytools.validate import validate_files
 from cloister.verify.bundle import admin_key_id, read_bundle_header, sign_bundle
 from cloister.verify.cose import parse_cose_sign1
 from cloister.verify.errors import DecodeError

@@ -20,13 +20,14 @@ import json
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import cedarpy
 
 from cloister.policytools.cedarsrc import Statement, locate_parse_error, split_statements
-from cloister.policytools.schema import INPUTS_DIR, generate_schema, input_schemas
+from cloister.policytools.findings import BUNDLE, SCHEMA_FILE, Finding, PolicyInfo, Validation, guess_line, line_of
+from cloister.policytools.schema import INPUTS_DIR
+from cloister.policytools.schemacheck import CHUNK, check_against_schema
 from cloister.verify.bundle import pack_payload
 from cloister.verify.errors import DecodeError
 from enclave.bundle import (
@@ -39,97 +40,11 @@ from enclave.bundle import (
     parse_bundle_files,
 )
 
+__all__ = ["BUNDLE", "SCHEMA_FILE", "Finding", "PolicyInfo", "Validation", "entity_refs", "validate_files"]
+
 TOML_FILES = ("bundle.toml", "entities.toml", "issuers.toml", "limits.toml")
-SCHEMA_FILE = "schema.cedarschema"
-BUNDLE = "<bundle>"  # the file name of findings about the bundle as a whole
 _TOML_POS = re.compile(r"\s*\(at line (\d+), column (\d+)\)")
 _ENTITY_TYPES = {f"{NAMESPACE}::{t}" for t in ("Agent", "Role", "Server", "Action")}
-
-
-@dataclass(frozen=True)
-class Finding:
-    severity: Literal["error", "warning"]
-    file: str
-    line: int | None
-    message: str
-    column: int | None = None
-
-    def __str__(self) -> str:
-        where = self.file
-        if self.line:
-            where += f":{self.line}" + (f":{self.column}" if self.column else "")
-        return f"{where}: {self.severity}: {self.message}"
-
-    def as_json(self) -> dict[str, Any]:
-        return {"severity": self.severity, "file": self.file, "line": self.line, "column": self.column,
-                "message": self.message}
-
-
-@dataclass(frozen=True)
-class PolicyInfo:
-    """One policy: `key` is the id the enclave decides and logs with."""
-
-    key: str
-    file: str
-    statement: Statement | None  # None when the source could not be matched to the parse
-    est: Mapping[str, Any]
-    has_id: bool
-
-    @property
-    def line(self) -> int | None:
-        return self.statement.line if self.statement else None
-
-
-@dataclass
-class Validation:
-    files: dict[str, bytes]
-    findings: list[Finding] = field(default_factory=list)
-    bundle: PolicyBundle | None = None
-    policies: dict[str, PolicyInfo] = field(default_factory=dict)
-    schema: Literal["file", "generated", "none"] = "none"
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "warning"]
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def error(self, file: str, line: int | None, message: str, column: int | None = None) -> None:
-        self.findings.append(Finding("error", file, line, message, column))
-
-    def warn(self, file: str, line: int | None, message: str, column: int | None = None) -> None:
-        self.findings.append(Finding("warning", file, line, message, column))
-
-    def has_error_in(self, file: str) -> bool:
-        return any(f.file == file and f.severity == "error" for f in self.findings)
-
-    def summary(self) -> dict[str, Any]:
-        b = self.bundle
-        per_file: dict[str, int] = {}
-        for p in self.policies.values():
-            per_file[p.file] = per_file.get(p.file, 0) + 1
-        return {
-            "valid": self.ok,
-            "name": b.settings.name if b else None,
-            "mode": b.settings.mode if b else None,
-            "policies": dict(sorted(per_file.items())),
-            "agents": len(b.agents) if b else 0,
-            "roles": len(b.roles) if b else 0,
-            "servers": len(b.servers) if b else 0,
-            "tools": sum(len(s.tools) for s in b.servers.values()) if b else 0,
-            "limits": len(b.limits) if b else 0,
-            "issuers": len(b.issuers) if b else 0,
-            "schema": {"file": SCHEMA_FILE, "generated": "generated from entities.toml",
-                       "none": "none"}[self.schema],
-            "errors": len(self.errors),
-            "warnings": len(self.warnings),
-        }
 
 
 def validate_files(files: Mapping[str, bytes]) -> Validation:
@@ -154,7 +69,7 @@ def validate_files(files: Mapping[str, bytes]) -> Validation:
     _collect_policies(v, texts, statements)
     _check_ids(v)
     _check_references(v, texts)
-    _check_against_schema(v, texts)
+    check_against_schema(v, texts)
     _check_limit_semantics(v, texts)
     _check_unused_files(v)
     return v
@@ -194,12 +109,6 @@ def _check_toml(v: Validation, texts: Mapping[str, str]) -> dict[str, dict[str, 
 
 def _cedar_parse(text: str) -> None:
     cedarpy.policies_to_json_str(text)
-
-
-# cedarpy's parser and validator slow down more than linearly with the number of policies in one
-# call (10,000 policies: 2 s to parse, 12 s to validate at once; 0.3 s and 1.7 s in chunks).
-# Policies are parsed and validated independently, so chunks give the same answers.
-CHUNK = 200
 
 
 def _parse_in_chunks(statements: list[Statement]) -> list[Any] | None:
@@ -384,7 +293,7 @@ def _check_references(v: Validation, texts: Mapping[str, str]) -> None:
             reported.add((etype, eid))
             problem = _reference_problem(b, known_actions, etype, eid)
             if problem:
-                v.error(p.file, _line_of(texts.get(p.file, ""), p, eid or etype), f"policy {p.key!r}: {problem}")
+                v.error(p.file, line_of(texts.get(p.file, ""), p, eid or etype), f"policy {p.key!r}: {problem}")
 
 
 def _reference_problem(b: PolicyBundle, known_actions: set[str], etype: str, eid: str | None) -> str | None:
@@ -409,136 +318,6 @@ def _reference_problem(b: PolicyBundle, known_actions: set[str], etype: str, eid
             return f"unknown tool {eid!r}: entities.toml has no server {server!r}"
         tools = ", ".join(b.servers[server].tools) or "none"
         return f"unknown tool {eid!r}: server {server!r} has no tool {tool!r} in entities.toml (its tools: {tools})"
-    return None
-
-
-def _line_of(text: str, p: PolicyInfo, needle: str) -> int | None:
-    """The line of `needle` (quoted, as written in Cedar) inside policy `p`, else the policy's line."""
-    if p.statement is None:
-        return None
-    at = text.find(json.dumps(needle), p.statement.start, p.statement.end)
-    if at < 0 and needle.startswith("."):
-        m = re.compile(re.escape(needle) + r"\b").search(text, p.statement.start, p.statement.end)
-        at = m.start() if m else -1
-    if at < 0:
-        at = text.find(needle, p.statement.start, p.statement.end)
-    return p.statement.line + text.count("\n", p.statement.start, at) if at >= 0 else p.line
-
-
-def _check_against_schema(v: Validation, texts: Mapping[str, str]) -> None:
-    b = v.bundle
-    assert b is not None
-    if SCHEMA_FILE in texts:
-        if v.has_error_in(SCHEMA_FILE):
-            return
-        v.schema = "file"
-        schema_text = texts[SCHEMA_FILE]
-        severity: Literal["error", "warning"] = "error"
-        untyped: frozenset[str] = frozenset()
-        _check_entities_schema(v, schema_text, texts)
-    else:
-        inputs, problems = input_schemas(v.files)
-        for path, problem in problems:
-            v.warn(path, None, problem)
-        generated = generate_schema(b, inputs)
-        for note in generated.notes:
-            v.warn("entities.toml", None, f"generated schema: {note}")
-        try:
-            cedarpy.Schema.from_str(generated.text)
-        except ValueError as exc:
-            v.warn(BUNDLE, None, f"could not generate a schema from entities.toml: {exc}")
-            return
-        v.schema = "generated"
-        schema_text = generated.text
-        severity = "warning"
-        untyped = frozenset(action_id(s.name, t) for s in b.servers.values() for t in s.tools) - generated.typed_actions
-    by_file: dict[str, list[PolicyInfo]] = {}
-    for p in v.policies.values():
-        by_file.setdefault(p.file, []).append(p)
-    schema = cedarpy.Schema.from_str(schema_text)
-    for path, infos in by_file.items():
-        if all(i.statement is not None for i in infos):
-            chunks = [(n, "\n".join(i.statement.text for i in infos[n:n + CHUNK] if i.statement))
-                      for n in range(0, len(infos), CHUNK)]
-        else:
-            chunks = [(0, texts[path])]
-        errors = [(n, e) for n, text in chunks for e in cedarpy.validate_policies(text, schema).errors]
-        # The validator's order varies between runs; report in source order.
-        for n, err in sorted(errors, key=lambda x: (x[0], len(x[1].policy_id), x[1].policy_id, x[1].error)):
-            m = re.fullmatch(r"policy(\d+)", err.policy_id)
-            k = n + int(m.group(1)) if m else -1
-            info = infos[k] if 0 <= k < len(infos) else None
-            message = re.sub(r"^for policy `policy\d+`, ", "", err.error)
-            arg = re.search(r"attribute `input\.[^`]*` in context for [\w:]+::\"([^\"]+)\" not found", message)
-            if arg and arg.group(1) in untyped:
-                continue  # nothing is known about this tool's arguments
-            if severity == "warning" and re.match(
-                    r"unrecognized (action|entity type)|unable to find an applicable action", message):
-                continue  # unknown entities are errors already (_check_references), more precisely
-            where = f"policy {info.key!r}" if info else "policies"
-            suffix = "" if severity == "error" else " (against the schema generated from entities.toml)"
-            file, line = (path, info.line) if info else (SCHEMA_FILE if v.schema == "file" else path, None)
-            attr = re.search(r"attribute `(?:[^`]*\.)?([^`.]+)`", message)
-            if info and attr:  # point at the attribute's use rather than the policy's first line
-                line = _line_of(texts[path], info, "." + attr.group(1)) or line
-            v.findings.append(Finding(severity, file, line, f"{where}: {message}{suffix}"))
-
-
-def _check_entities_schema(v: Validation, schema_text: str, texts: Mapping[str, str]) -> None:
-    """The entities the engine builds (servers, and each agent with its roles) against the schema."""
-    b = v.bundle
-    assert b is not None
-    ns = NAMESPACE
-    entities = [e for e in json.loads(b.entities_json) if e["uid"]["type"] != f"{ns}::Action"]
-    for a in b.agents.values():
-        attrs = {**a.attrs, "id": a.name}
-        attrs.setdefault("region", "")
-        entities.append({"uid": {"type": f"{ns}::Agent", "id": a.name}, "attrs": attrs,
-                         "parents": [{"type": f"{ns}::Role", "id": r} for r in sorted(a.roles)]})
-
-    def conforms(items: list[Any]) -> bool:
-        try:
-            cedarpy.Entities.from_json_str(json.dumps(items), schema=schema_text)
-        except ValueError:
-            return False
-        return True
-
-    if not conforms(entities):
-        for e in entities:
-            if conforms([e]):
-                continue
-            etype, eid = e["uid"]["type"], e["uid"]["id"]
-            kind = {"Agent": "agents", "Server": "servers", "Role": "roles"}.get(etype.split("::")[-1], "")
-            header = f"[{kind}.{eid}]" if kind != "roles" else "[roles]"
-            problems = [f"attribute {k!r} = {val!r}: {msg}" for k, val in e["attrs"].items()
-                        if (msg := _attribute_problem(schema_text, etype, k, val))]
-            detail = "; ".join(problems) or "a required attribute is missing, or its type or parents are not declared"
-            v.error("entities.toml", guess_line(texts.get("entities.toml", ""), header),
-                    f"{header}: {etype}::{json.dumps(eid)} does not conform to {SCHEMA_FILE}: {detail}")
-    # Every tool should have its action in the schema, or policies naming it cannot be validated.
-    for s in b.servers.values():
-        for t in s.tools:
-            probe = f'permit (principal, action == {ns}::Action::{json.dumps(action_id(s.name, t))}, resource);'
-            if any("unrecognized action" in e.error for e in cedarpy.validate_policies(probe, schema_text).errors):
-                v.warn(SCHEMA_FILE, None, f"declares no action {json.dumps(action_id(s.name, t))} for tool "
-                       f"{t!r} of server {s.name!r}")
-
-
-def _attribute_problem(schema_text: str, etype: str, attr: str, value: Any) -> str | None:
-    """Why an attribute value does not fit the schema, from the validator's verdict on a probe policy
-    that uses the attribute as the value's type (cedarpy's entity check says only "does not conform")."""
-    var = "principal" if etype.endswith("::Agent") else "resource"
-    use = {bool: "|| true", int: "< 0"}.get(type(value), 'like "*"')
-    probe = f"permit ({var} is {etype}, action, resource) when {{ {var}[{json.dumps(attr)}] {use} }};"
-    for err in cedarpy.validate_policies(probe, schema_text).errors:
-        if "applicable action" in err.error:
-            continue
-        m = re.search(r"expected (\S+) but saw (\S+)", err.error)
-        if m:  # the probe expected the value's type; the schema declares the other one
-            return f"the schema declares {m.group(2)}, the value is a {m.group(1)}"
-        if "not found" in err.error:
-            return f"the schema does not declare it on {etype}"
-        return re.sub(r"^for policy `policy\d+`, ", "", err.error)
     return None
 
 
@@ -578,31 +357,3 @@ def _check_unused_files(v: Validation) -> None:
         v.warn(path, None, "not used by the enclave (it is still signed and shipped with the bundle)")
 
 
-def guess_line(text: str, message: str) -> int | None:
-    """The line a message about a TOML file points at: a `[table]` it names, then a value it quotes."""
-    if not text:
-        return None
-    lines = text.splitlines()
-    start = 0
-    table = re.search(r"\[([A-Za-z0-9_.:@\"' -]+)\]", message)
-    if table:
-        parts = [p.strip("\"'") for p in table.group(1).split(".")]
-        pattern = re.compile(r"^\s*\[\s*" + r"\s*\.\s*".join(f"[\"']?{re.escape(p)}[\"']?" for p in parts) + r"\s*\]")
-        for i, line in enumerate(lines):
-            if pattern.match(line):
-                start = i
-                break
-        else:
-            table = None
-    for value in re.findall(r"'([^']+)'", message):
-        for i in range(start, len(lines)):
-            if f'"{value}"' in lines[i] or f"'{value}'" in lines[i]:
-                return i + 1
-    if table:
-        return start + 1
-    m = re.match(r"(\w+)[ :]", message)  # "mode 'x' must be ..." is about `mode = ...`
-    if m:
-        for i, line in enumerate(lines):
-            if re.match(rf"\s*{re.escape(m.group(1))}\s*=", line):
-                return i + 1
-    return None
