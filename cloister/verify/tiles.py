@@ -239,25 +239,30 @@ def parse_entry_bundle(data: bytes, width: int | None = None) -> list[bytes]:
     """
     if width is not None and not 1 <= width <= TILE_WIDTH:
         raise ValueError(f"bundle width {width} is outside [1, {TILE_WIDTH}]")
+    data = bytes(data)
     entries: list[bytes] = []
+    append = entries.append
     end = len(data)
-    off = 0
-    while off < end:
-        if len(entries) == TILE_WIDTH:
-            raise DecodeError(f"entry bundle has data after {TILE_WIDTH} entries, at offset {off}")
-        if end - off < 2:
-            raise DecodeError(
-                f"entry bundle truncated: length prefix of entry {len(entries)} at offset {off} "
-                f"needs 2 bytes, {end - off} left"
-            )
-        length = int.from_bytes(data[off : off + 2], "big")
-        if end - off - 2 < length:
-            raise DecodeError(
-                f"entry bundle truncated: entry {len(entries)} at offset {off} has length {length}, "
-                f"{end - off - 2} bytes left"
-            )
-        entries.append(bytes(data[off + 2 : off + 2 + length]))
-        off += 2 + length
+    off = start = 0
+    # Hot path of log replay: split first, then check what the loop could not (once per bundle).
+    try:
+        while off < end:
+            start = off + 2
+            off = start + ((data[off] << 8) | data[start - 1])
+            append(data[start:off])
+    except IndexError:
+        raise DecodeError(
+            f"entry bundle truncated: length prefix of entry {len(entries)} at offset {start - 2} "
+            f"needs 2 bytes, 1 left"
+        ) from None
+    if off > end:
+        raise DecodeError(
+            f"entry bundle truncated: entry {len(entries) - 1} at offset {start - 2} has length {off - start}, "
+            f"{end - start} bytes left"
+        )
+    if len(entries) > TILE_WIDTH:
+        at = sum(2 + len(e) for e in entries[:TILE_WIDTH])
+        raise DecodeError(f"entry bundle has data after {TILE_WIDTH} entries, at offset {at}")
     if not entries:
         raise DecodeError("entry bundle is empty (empty tiles are never served)")
     if width is not None and len(entries) != width:
