@@ -340,3 +340,19 @@ def test_the_shipped_example_bundle_is_valid(tmp_path: Path) -> None:
     add_issuer_key(dst)
     v = validate(dst)
     assert v.ok, messages(v)
+
+
+def test_the_generated_schema_saved_as_the_bundle_schema_validates_it(bundle: Path) -> None:
+    (bundle / "inputs").mkdir()
+    (bundle / "inputs" / "refunds___refund.create.json").write_text(json.dumps(
+        {"type": "object", "properties": {"amount": {"type": "number"}, "tags": {"type": "array",
+                                                                                "items": {"type": "string"}}},
+         "required": ["amount"]}))
+    r = cli("schema", str(bundle))
+    assert r.returncode == 0, r.stderr
+    cedarpy.Schema.from_str(r.stdout)
+    assert '"input": {"amount": decimal, "tags"?: Set<String>}' in r.stdout
+    (bundle / "schema.cedarschema").write_text(r.stdout)
+    v = validate(bundle)
+    assert v.ok and v.schema == "file" and not v.findings, messages(v)
+    assert cli("schema", str(bundle / "nope")).returncode == 2
