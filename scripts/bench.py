@@ -324,6 +324,13 @@ def main() -> int:
     print(f"  sequencer: {log['sequencer_entries_per_s']:,.0f} entries/s (target >= 20,000)")
     print(f"  inclusion proof at 10M entries: p99 {log['inclusion_proof_10M_p99_ms']:.3f} ms to generate, "
           f"{log['inclusion_generate_and_verify_10M_p99_ms']:.3f} ms to generate and verify (target <= 1 ms)")
+    entries = 200_000 if args.quick else 1_000_000
+    print(f"\nReplay verification ({entries:,} entries; `cloister audit replay`, target >= 500,000 entries/s):",
+          flush=True)
+    out = subprocess.run([sys.executable, "-m", "tests.audit.bench_replay", "--entries", str(entries), "--dir",
+                          str(work / "replay")], cwd=ROOT, capture_output=True, text=True, check=False)
+    for line in (out.stdout + out.stderr).splitlines():
+        print(f"  {line}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
