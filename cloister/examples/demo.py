@@ -261,6 +261,15 @@ def audit(info: dict[str, Any], t: Transcript) -> None:
             what = type(record).__name__
         say(f"  entry {index:3}  proven in checkpoint  {what}", DIM)
     say(f"  {len(t.calls)} entries proven against the attested checkpoint", GREEN)
+    say("\n== Audit with the auditor's own tools (cloister audit)", BOLD)
+    trust = ["--trust-root", info["trust_root"], "--expect-pcr", f"0={info['pcr0']}"]
+    for verb, extra in (("checkpoint", ["--state", str(Path(info["state"]) / "audit")]), ("replay", ["--no-progress"])):
+        argv = [sys.executable, "-m", "cloister.cli", "audit", verb, "--log", log_url, *trust, *extra]
+        say(f"  $ cloister audit {verb} --log {log_url} --trust-root <mock root> --expect-pcr 0=<PCR0>", DIM)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        for line in (out.stdout + out.stderr).strip().splitlines():
+            say(f"    {line}")
+        t.expect(out.returncode == 0, f"cloister audit {verb} exited {out.returncode}")
 
 
 def wait_up(state: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:

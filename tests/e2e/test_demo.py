@@ -17,6 +17,8 @@ def test_demo_passes(tmp_path: Path) -> None:
     assert "refund-bot-hourly-refunds" in text and "approvals-need-a-supervisor" in text
     assert "grant refused (missing)" in text
     assert "entries proven against the attested checkpoint" in text
+    assert "refunds   nitro verified" in text and "refunds   nitro failed" in text  # redeployed code: quarantined
+    assert "replay verified: every entry decodes, the tree matches the signed checkpoint" in text
     assert "Everything behaved as the scenario says" in text
     # Every process `cloister up` started has stopped.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
