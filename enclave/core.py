@@ -340,7 +340,7 @@ class EnclaveCore:
     # ---- decisions -----------------------------------------------------------------------
 
     def authorize(self, *, token: str, server: str, tool: str, arguments_json: bytes, request_id: str,
-                  persisted_size: int) -> Verdict:
+                  persisted_size: int, payment_amount: str = "") -> Verdict:
         seq = self._ready_sequencer()
         seq.release(persisted_size)
         while True:
@@ -348,13 +348,13 @@ class EnclaveCore:
             if ps is None:
                 raise NotReady("no policy bundle is loaded; every call is refused")
             verdict = self._decide(ps, seq, token=token, server=server, tool=tool, arguments_json=arguments_json,
-                                   request_id=request_id[:MAX_REQUEST_ID])
+                                   request_id=request_id[:MAX_REQUEST_ID], payment_amount=payment_amount)
             if verdict is not None:
                 return verdict
             # The bundle changed between evaluation and sequencing: decide again on the new one.
 
     def _decide(self, ps: _PolicyState, seq: Sequencer, *, token: str, server: str, tool: str,
-                arguments_json: bytes, request_id: str) -> Verdict | None:
+                arguments_json: bytes, request_id: str, payment_amount: str) -> Verdict | None:
         now_ms = self._clock_ms()
         settings = ps.bundle.settings
         principal: Principal | None = None
@@ -373,6 +373,14 @@ class EnclaveCore:
             args_hash = canonical_sha256(arguments)
         except DecodeError as exc:
             code, reason = "bad-arguments", str(exc)
+        payment: Decimal | None = None
+        if payment_amount and not code:
+            try:
+                payment = Decimal(payment_amount[:40])
+                if not payment.is_finite() or payment <= 0:
+                    raise ArithmeticError
+            except ArithmeticError:
+                code, reason = "bad-arguments", f"x402 payment amount {payment_amount[:40]!r} is not a positive decimal"
         # 2. Identity.
         if not code:
             try:
@@ -404,7 +412,8 @@ class EnclaveCore:
                 return None
             if not code and principal is not None:
                 try:
-                    check = ps.limits.check(principal.agent, principal.roles, server, tool, arguments, now_ms)
+                    check = ps.limits.check(principal.agent, principal.roles, server, tool, arguments, now_ms,
+                                            payment)
                     if not check.ok:
                         code, reason = "limit", check.reason
                         log_only = settings.mode == "log-only"
@@ -483,11 +492,8 @@ class EnclaveCore:
                                  error=error[:4096], duration_us=duration_us, paid=str(paid) if paid_amount else "")
             data = encode_entry(entry)
             index = seq.append(data)
-            ps = self._policy
-            if paid and ps is not None:
-                ids = ps.limits.x402_limits(decision.agent, decision.roles, decision.server, decision.tool)
-                ps.limits.charge(decision.agent, decision.roles, decision.server, decision.tool,
-                                 dict.fromkeys(ids, paid), entry.time_ms)
+            # The payment was charged against x402 caps when the call was decided (exactly, before
+            # it went upstream); the outcome only records what was paid.
         return LogAppend(index, (data,), seq.checkpoint_covering(index + 1))
 
     def visible_tools(self, token: str, candidates: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:

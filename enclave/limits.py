@@ -83,14 +83,15 @@ def _keys(limit: Limit, agent: str, roles: frozenset[str], server: str, tool: st
     return ["*"]
 
 
-def _cost(limit: Limit, arguments: Mapping[str, Any]) -> Decimal:
+def _cost(limit: Limit, arguments: Mapping[str, Any], payment: Decimal | None) -> Decimal:
     kind, value = limit.cost
     if kind == "call":
         return Decimal(1)
     if kind == "price":
         return Decimal(value)
     if kind == "x402":
-        return Decimal(0)  # charged when the upstream's payment requirement is paid
+        # The payment the call carries; a call without one is the upstream's chance to say -32402.
+        return payment if payment is not None else Decimal(0)
     raw = arguments.get(value)
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
         raise BadCost(f"argument {value!r} must be a number for limit {limit.id!r}")
@@ -110,14 +111,14 @@ class LimitBook:
         self._windows: dict[tuple[str, str], _Window] = {}
 
     def check(self, agent: str, roles: frozenset[str], server: str, tool: str,
-              arguments: Mapping[str, Any], now_ms: int) -> LimitCheck:
+              arguments: Mapping[str, Any], now_ms: int, payment: Decimal | None = None) -> LimitCheck:
         """Whether every matching limit has room for this call. Does not charge."""
         charges: dict[str, Decimal] = {}
         statuses: list[LimitStatus] = []
         for limit in self.limits:
             if not limit.matches(agent, roles, server, tool):
                 continue
-            cost = _cost(limit, arguments)
+            cost = _cost(limit, arguments, payment)
             window_ms = limit.window_s * 1000
             for key in _keys(limit, agent, roles, server, tool):
                 w = self._windows.get((limit.id, key))
@@ -126,10 +127,11 @@ class LimitBook:
                     w.expire(now_ms - window_ms)
                     used = w.total
                 remaining = limit.maximum - used
-                # x402 limits cannot price the call up front: they refuse once the budget is spent.
-                exhausted = remaining <= 0 if limit.cost[0] == "x402" else cost > remaining
+                # An x402 call without a payment only needs some budget left (it will learn the price).
+                unpriced = limit.cost[0] == "x402" and payment is None
+                exhausted = remaining <= 0 if unpriced else cost > remaining
                 if exhausted:
-                    need = cost if limit.cost[0] != "x402" else Decimal("0.000001")
+                    need = cost if not unpriced else Decimal("0.000001")
                     wait_ms = w.retry_after_ms(need, limit.maximum, window_ms, now_ms) if w else window_ms
                     status = LimitStatus(limit.id, limit.kind, max(remaining, Decimal(0)), wait_ms / 1000)
                     what = "calls" if limit.kind == "rate" else "spend"
@@ -162,20 +164,14 @@ class LimitBook:
 
     def replay(self, history: Iterable[object], first_index: int, now_ms: int) -> None:
         """Rebuild windows from log entries (after a restart), from their recorded charges."""
-        from cloister.verify.entries import DecisionEntry, OutcomeEntry
+        from cloister.verify.entries import DecisionEntry
 
-        decisions: dict[int, DecisionEntry] = {}
-        for offset, e in enumerate(history):
+        # Every charge, x402 payments included, is recorded on the decision that made it.
+        for e in history:
             if isinstance(e, DecisionEntry) and e.decision == "allow":
-                decisions[first_index + offset] = e
                 charges = {k: Decimal(v) for k, v in e.charges.items() if k in self._by_id}
                 recent = {k: v for k, v in charges.items() if e.time_ms > now_ms - self._by_id[k].window_s * 1000}
                 self.charge(e.agent, frozenset(e.roles), e.server, e.tool, recent, e.time_ms)
-            elif isinstance(e, OutcomeEntry) and e.paid and e.decision_index in decisions:
-                d = decisions[e.decision_index]
-                ids = self.x402_limits(d.agent, frozenset(d.roles), d.server, d.tool)
-                self.charge(d.agent, frozenset(d.roles), d.server, d.tool, dict.fromkeys(ids, Decimal(e.paid)),
-                            e.time_ms)
 
     def x402_limits(self, agent: str, roles: frozenset[str], server: str, tool: str) -> list[str]:
         return [lim.id for lim in self.limits if lim.cost[0] == "x402" and lim.matches(agent, roles, server, tool)]

@@ -60,7 +60,7 @@ class EnclaveService(pb_grpc.EnclaveServicer):
         def run() -> pb.AuthorizeResponse:
             v = self.core.authorize(token=request.token, server=request.server, tool=request.tool,
                                     arguments_json=request.arguments_json, request_id=request.request_id,
-                                    persisted_size=request.persisted_size)
+                                    persisted_size=request.persisted_size, payment_amount=request.payment_amount)
             return pb.AuthorizeResponse(
                 decision=pb.ALLOW if v.allowed else pb.DENY, reason=v.reason, policy_ids=list(v.policy_ids),
                 deny_code=v.code, grant=v.grant, log_index=v.log_index, log=_log_append(v.log), agent=v.agent,

@@ -49,6 +49,8 @@ log = logging.getLogger("cloister.relay")
 
 TOOL_SEPARATOR = "___"
 LOG_META_KEY = "dev.cloister/log"
+X402_META_KEY = "x402/payment"  # the x402 MCP transport's payment payload in params._meta
+PAYMENT_REQUIRED = -32402  # the x402 MCP transport's error: the upstream wants a payment
 ATTESTATION_URI = "cloister://attestation/"
 MAX_BUNDLE_UPLOAD = 9 << 20
 
@@ -73,6 +75,26 @@ def _bearer(ctx: ServerRequestContext[Any, Any]) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def x402_amount(payment: Any) -> str:
+    """The amount an x402 payment payload authorises (decimal string).
+
+    Accepts the `exact` scheme's EIP-3009 authorisation value (`payload.authorization.value`)
+    or a plain `payload.amount`. The relay only reads it for the enclave's budget; the upstream
+    verifies the payment itself.
+    """
+    if not isinstance(payment, dict) or not isinstance(payment.get("payload"), dict):
+        raise ValueError("expected an object with a 'payload' object")
+    body = payment["payload"]
+    auth = body.get("authorization")
+    value = auth.get("value") if isinstance(auth, dict) else body.get("amount")
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise ValueError("no payload.authorization.value or payload.amount")
+    text = str(value)
+    if not text or len(text) > 40 or not all(c.isdigit() or c == "." for c in text):
+        raise ValueError(f"amount {text[:40]!r} is not a decimal number")
+    return text
 
 
 def split_tool_name(name: str) -> tuple[str, str]:
@@ -336,12 +358,18 @@ class Relay:
             raise MCPError(INVALID_PARAMS, f"arguments are {len(args_json)} bytes; this relay accepts at most "
                                            f"{self.config.max_argument_bytes} (nothing was forwarded)")
         request_id = uuid.uuid4().hex
+        payment = (params.meta or {}).get(X402_META_KEY)
+        try:
+            payment_amount = x402_amount(payment) if payment is not None else ""
+        except ValueError as exc:
+            raise MCPError(INVALID_PARAMS, f"the x402 payment in _meta is malformed: {exc} (nothing was forwarded)") \
+                from exc
         marks = [time.perf_counter()]
         # 1. Ask the enclave. Any failure here means no allow: nothing is forwarded.
         try:
             verdict = await self.enclave.authorize(pb.AuthorizeRequest(
                 token=_bearer(ctx), server=server, tool=tool, arguments_json=args_json, request_id=request_id,
-                persisted_size=self.log.persisted_size))
+                persisted_size=self.log.persisted_size, payment_amount=payment_amount))
         except EnclaveUnavailable as exc:
             raise MCPError(ENCLAVE_UNAVAILABLE, f"call refused, the enclave is unavailable (fail closed): {exc}") \
                 from exc
@@ -370,7 +398,9 @@ class Relay:
         if upstream is None:
             failure = UpstreamError("unavailable", f"no upstream named {server!r} is configured on this relay")
         else:
-            meta = {GRANT_META_KEY: _b64(verdict.grant), ATTESTATION_META_KEY: _b64(self.attestation)}
+            meta: dict[str, Any] = {GRANT_META_KEY: _b64(verdict.grant), ATTESTATION_META_KEY: _b64(self.attestation)}
+            if payment is not None:
+                meta[X402_META_KEY] = payment
             try:
                 result = await upstream.call(tool, arguments, meta)
             except UpstreamError as exc:
@@ -387,7 +417,8 @@ class Relay:
         try:
             outcome = await self.enclave.record_outcome(pb.OutcomeRequest(
                 decision_index=decision_index, result_sha256=result_hash, error=str(failure) if failure else "",
-                duration_us=duration_us, persisted_size=self.log.persisted_size))
+                duration_us=duration_us, persisted_size=self.log.persisted_size,
+                paid_amount=payment_amount if result is not None else ""))
         except (EnclaveUnavailable, EnclaveRefused) as exc:
             raise MCPError(LOG_UNAVAILABLE, f"the call ran but its outcome could not be logged, so it is not "
                                             f"acknowledged: {exc}", data={"log_index": decision_index}) from exc
@@ -402,6 +433,10 @@ class Relay:
                 f"{name} {1000 * (b - a):.2f}ms" for name, a, b in zip(phases, marks, marks[1:], strict=False)))
         log_meta = {"decision": decision_index, "outcome": outcome.log_index,
                     "checkpoint_size": outcome.log.first_index + len(outcome.log.entries)}
+        if failure is not None and failure.code == PAYMENT_REQUIRED:
+            # Pass the payment requirements through, as the x402 MCP transport specifies.
+            data = dict(failure.data) if isinstance(failure.data, dict) else {"upstream": failure.data}
+            raise MCPError(PAYMENT_REQUIRED, str(failure), data={**data, LOG_META_KEY: log_meta})
         if failure is not None:
             raise MCPError(failure.code if failure.kind == "error" and failure.code else UPSTREAM_FAILED,
                            str(failure), data={"kind": failure.kind, **log_meta, "upstream": failure.data})

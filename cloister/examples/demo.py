@@ -105,6 +105,27 @@ async def call(t: Transcript, client: Client, agent: str, tool: str, args: dict[
     return dict(result.structured_content) if result.structured_content else None
 
 
+async def paid_call(t: Transcript, client: Client, payment: dict[str, Any], *, expect: str, why: str = "") -> None:
+    args = {"query": "attestation"}
+    say(f"  research-bot  research___deep_search({json.dumps(args)}) paying {payment['payload']['amount']} USDC",
+        BOLD)
+    try:
+        result = await client.call_tool("research___deep_search", args, meta={"x402/payment": payment})  # type: ignore[arg-type]
+    except MCPError as exc:
+        say(f"    -> DENIED  {exc.message}", RED)
+        data = exc.data if isinstance(exc.data, dict) else {}
+        if "log_index" in data:
+            t.calls.append(("research-bot deep_search (denied)", int(data["log_index"])))
+        t.expect(expect == "deny" and why in exc.message, f"paid deep_search: {exc.message}")
+        return
+    meta = (result.meta or {}).get("dev.cloister/log", {})
+    say(f"    -> OK  paid; decision entry {meta.get('decision')} charged it, outcome entry {meta.get('outcome')} "
+        "records it", GREEN)
+    t.calls += [("research-bot deep_search (decision)", int(meta["decision"])),
+                ("research-bot deep_search (outcome)", int(meta["outcome"]))]
+    t.expect(expect == "allow", "the paid call should have been refused")
+
+
 async def run_agents(info: dict[str, Any], tokens: dict[str, str], t: Transcript) -> None:
     url = info["mcp_url"]
     refund = Agent("refund-bot", url, tokens["refund-bot"])
@@ -118,7 +139,8 @@ async def run_agents(info: dict[str, Any], tokens: dict[str, str], t: Transcript
         say(f"  research-bot sees {s_tools}")
         t.expect(r_tools == ["refunds___customer_lookup", "refunds___refund.create",
                              "refunds___transaction_history"], "refund-bot's tool list")
-        t.expect(s_tools == ["research___web_search"], "research-bot's tool list (no refunds server at all)")
+        t.expect(s_tools == ["research___deep_search", "research___web_search"],
+                 "research-bot's tool list (no refunds server at all)")
 
         say("\n== Allowed calls go upstream with an enclave grant", BOLD)
         await call(t, rc, "refund-bot", "refunds___customer_lookup", {"customer_id": "cus_1001"}, expect="allow")
@@ -141,6 +163,15 @@ async def run_agents(info: dict[str, Any], tokens: dict[str, str], t: Transcript
                    expect="deny", why="no policy permits")
         await call(t, sc, "research-bot", "research___db_write", {"key": "k", "value": "v"}, expect="deny",
                    why="no policy permits")
+
+        say("\n== x402: a paid tool, and a daily cap on what research-bot may pay", BOLD)
+        await call(t, sc, "research-bot", "research___deep_search", {"query": "attestation"}, expect="deny",
+                   why="payment required")
+        payment = {"x402Version": 1, "scheme": "exact", "network": "mock",
+                   "payload": {"amount": "0.05", "asset": "USDC", "payer": "research-bot"}}
+        for _ in range(2):
+            await paid_call(t, sc, payment, expect="allow")
+        await paid_call(t, sc, payment, expect="deny", why="research-daily-payments")
 
     if info.get("refunds_url"):
         say("\n== A direct call to the refunds server, skipping the enclave", BOLD)

@@ -13,7 +13,8 @@ def test_demo_passes(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     text = out.stdout
-    assert "research-bot sees ['research___web_search']" in text
+    assert "research-bot sees ['research___deep_search', 'research___web_search']" in text
+    assert "payment required" in text and "research-daily-payments" in text
     assert "refund-bot-hourly-refunds" in text and "approvals-need-a-supervisor" in text
     assert "grant refused (missing)" in text
     assert "entries proven against the attested checkpoint" in text

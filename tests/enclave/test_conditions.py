@@ -112,3 +112,34 @@ def test_an_oversize_bundle_is_refused_and_the_running_one_kept(w: World) -> Non
     with pytest.raises(PolicyRefused, match="exceeds the limit"):
         w.core.load_policy(b"\xd2" + b"\x00" * (9 << 20))
     assert w.core.policy is not None and w.core.policy.version == 1
+
+
+def test_x402_payments_are_charged_exactly_and_survive_a_restart(tmp_path: Path) -> None:
+    from tests.enclave.test_resume import material
+
+    w = make_world(tmp_path)  # no identities: research needs no checksum here
+    tok = w.token("research-bot", ["research-agent"])
+
+    def paid(amount: str):  # type: ignore[no-untyped-def]
+        v = w.core.authorize(token=tok, server="research", tool="deep_search", arguments_json=b'{"query": "q"}',
+                             request_id="", persisted_size=len(w.log), payment_amount=amount)
+        w.persist(v.log)
+        return v
+
+    unpaid = paid("")
+    assert unpaid.allowed  # the upstream will answer -32402 with its price
+    first = paid("0.06")
+    assert first.allowed and parse_entry(w.log[first.log_index]).charges == {"research-daily-payments": "0.06"}
+    over = paid("0.05")
+    assert not over.allowed and over.code == "limit" and "0.04 remains" in over.reason
+    assert paid("0.04").allowed
+    assert not paid("0.000001").allowed  # exactly at the cap: nothing left
+    assert not paid("-1").allowed and not paid("abc").allowed
+    # After an enclave restart the day's payments still count.
+    w.checkpoints.append(w.core.sync(len(w.log)).checkpoint.note)
+    fresh = w.new_core()
+    w.persist(fresh.resume_log(**material(w, start=0)))  # type: ignore[arg-type]
+    w.persist(fresh.load_policy(w.sign_bundle(1))[2])
+    v = fresh.authorize(token=tok, server="research", tool="deep_search", arguments_json=b'{"query": "q"}',
+                        request_id="", persisted_size=len(w.log), payment_amount="0.01")
+    assert not v.allowed and v.code == "limit"
