@@ -640,7 +640,11 @@ async def _wait_grants(obs: Observed, n: int, timeout: float, what: str, stack: 
         while len(obs.grants) < n:  # noqa: ASYNC110 (agents append to a list; polling it is simplest)
             await anyio.sleep(0.05)
         return
-    raise TimeoutError(f"{what}: {len(obs.grants)} acknowledged calls after {timeout}s, waiting for {n}; "
+    hint = ""
+    if "log storage failed" in stack.relay_log_tail(10**7):
+        hint = ("; the relay's log writer failed: see test_an_enclave_crash_that_loses_a_response_does_not_wedge_the_"
+                "relay (a known bug, reproduced deterministically there)")
+    raise TimeoutError(f"{what}: {len(obs.grants)} acknowledged calls after {timeout}s, waiting for {n}{hint}; "
                        f"agents saw {dict(obs.errors)}; relay log: {stack.relay_log_tail(1500)}")
 
 

@@ -138,7 +138,8 @@ def test_no_acknowledged_call_is_lost_when_processes_are_killed_under_load(run: 
     codes = Counter(r.code for r in obs.refusals)
     key_at = [i for i, e in enumerate(view.entries) if isinstance(parse_entry(e), KeyEntry)]
     across = sum(any(g.decision < k < g.outcome for k in key_at) for g in obs.grants)
-    summary = (f"seed {run.seed}: {len(obs.grants)} acknowledged calls, refusals by code {dict(codes)}, "
+    tools = Counter(g.tool for g in obs.grants)
+    summary = (f"seed {run.seed}: {len(obs.grants)} acknowledged calls {dict(tools)}, refusals by code {dict(codes)}, "
                f"{len(obs.checkpoints)} served checkpoints, {len(obs.forwarded)} forwarded calls, "
                f"{view.size} entries, {obs.enclave_starts} enclave starts, {across} calls decided by one enclave "
                f"and closed by the next, other errors {dict(obs.errors)}")
