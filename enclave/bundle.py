@@ -402,6 +402,79 @@ def _policies(files: Mapping[str, bytes]) -> tuple[dict[str, Any], dict[str, str
     return policies, sources
 
 
+def _check_schema(policies: Mapping[str, Any], sources: Mapping[str, str], schema_text: str) -> None:
+    """Refuse policies that do not validate against the bundle's own Cedar schema."""
+    try:
+        schema = cedarpy.Schema.from_str(schema_text)
+    except ValueError as exc:
+        raise BundleError(f"schema.cedarschema: invalid Cedar schema: {_first_line(exc)}") from exc
+    ids = list(policies)
+    # cedarpy's validator slows down more than linearly with the set's size: validate in chunks.
+    for start in range(0, len(ids), 200):
+        chunk = {pid: policies[pid] for pid in ids[start:start + 200]}
+        text = cedarpy.policies_from_json_str(json.dumps({"staticPolicies": chunk, "templates": {},
+                                                          "templateLinks": []}))
+        result = cedarpy.validate_policies(text, schema)
+        if not result.validation_passed:
+            err = result.errors[0]
+            pid = _policy_for(err.policy_id, list(chunk))
+            raise BundleError(f"{sources.get(pid, 'policies/')}: policy {pid!r} does not validate against "
+                              f"schema.cedarschema: {err.error}")
+
+
+def _policy_for(reported: str, ids: list[str]) -> str:
+    # The validator names policies by position (policy0, ...) in the text it was given.
+    if reported.startswith("policy") and reported[6:].isdigit() and int(reported[6:]) < len(ids):
+        return ids[int(reported[6:])]
+    return reported
+
+
+def _check_entities(policies: Mapping[str, Any], sources: Mapping[str, str], roles: frozenset[str],
+                    agents: Mapping[str, AgentSpec], servers: Mapping[str, ServerSpec]) -> None:
+    """Refuse policies that name an agent, role, server or tool the bundle does not declare.
+
+    Such a policy can never match as intended (a typo in a forbid silently forbids nothing).
+    """
+    known = {
+        f"{NAMESPACE}::Agent": set(agents),
+        f"{NAMESPACE}::Role": set(roles),
+        f"{NAMESPACE}::Server": set(servers),
+        f"{NAMESPACE}::Action": {action_id(sv.name, t) for sv in servers.values() for t in sv.tools}
+        | set(ACTION_GROUPS),
+    }
+    for pid, policy in policies.items():
+        for uid in _entity_refs(policy):
+            kind, eid = uid.get("type"), uid.get("id")
+            if not isinstance(kind, str) or not kind.startswith(f"{NAMESPACE}::"):
+                continue
+            if kind not in known:
+                raise BundleError(f"{sources[pid]}: policy {pid!r} uses entity type {kind!r}, which the entity "
+                                  f"model does not have (Agent, Role, Server, Action)")
+            if eid not in known[kind]:
+                raise BundleError(f"{sources[pid]}: policy {pid!r} names {kind}::{json.dumps(eid)}, which "
+                                  "entities.toml does not declare")
+
+
+def _entity_refs(node: Any) -> list[dict[str, Any]]:
+    """Every entity UID an EST policy mentions: in its scope and inside its conditions."""
+    found: list[dict[str, Any]] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            for key in ("entity", "__entity"):
+                uid = n.get(key)
+                if isinstance(uid, dict) and "type" in uid and "id" in uid:
+                    found.append(uid)
+            entities = n.get("entities")
+            if isinstance(entities, list):
+                found.extend(u for u in entities if isinstance(u, dict) and "type" in u and "id" in u)
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
+    return found
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
@@ -427,8 +500,13 @@ def _entities_json(roles: frozenset[str], agents: Mapping[str, AgentSpec],
     return json.dumps(out)
 
 
-def parse_bundle_files(files: Mapping[str, bytes]) -> PolicyBundle:
-    """Parse and cross-check a bundle's files. Raises BundleError naming the file at fault."""
+def parse_bundle_files(files: Mapping[str, bytes], *, check_references: bool = True) -> PolicyBundle:
+    """Parse and cross-check a bundle's files. Raises BundleError naming the file at fault.
+
+    `check_references=False` skips the schema and entity-reference checks, for
+    `cloister policy validate`, which runs its own versions of them to report every error with
+    its line; the enclave always checks.
+    """
     settings = _settings(files)
     issuers = _issuers(files)
     roles, agents, servers = _entities(files)
@@ -437,6 +515,10 @@ def parse_bundle_files(files: Mapping[str, bytes]) -> PolicyBundle:
     schema_text: str | None = None
     if "schema.cedarschema" in files:
         schema_text = files["schema.cedarschema"].decode("utf-8", "replace")
+        if check_references:
+            _check_schema(policies, sources, schema_text)
+    if check_references:
+        _check_entities(policies, sources, roles, agents, servers)
     entities_json = _entities_json(roles, agents, servers)
     try:
         cedarpy.Entities.from_json_str(entities_json)

@@ -57,7 +57,9 @@ def validate_files(files: Mapping[str, bytes]) -> Validation:
     _check_container(v)
     _check_limit_blocks(v, texts, tomls)
     try:
-        v.bundle = parse_bundle_files(files)
+        # The enclave's own reference and schema checks stop at the first problem; ours below
+        # report each with its line.
+        v.bundle = parse_bundle_files(files, check_references=False)
     except BundleError as exc:
         file, _, rest = str(exc).partition(": ")
         file = file if file in files or file in TOML_FILES or file.startswith("policies/") else BUNDLE

@@ -89,7 +89,9 @@ def verify_bundle(data: bytes, admin_keys: Mapping[str, ed25519.Ed25519PublicKey
         key.verify(msg.signature, sig_structure(msg.protected, msg.payload))
     except InvalidSignature as exc:
         raise VerificationError(f"bundle signature by admin key {kid!r} does not verify") from exc
-    # 4. The payload, now authenticated, must still be well-formed.
+    # 4. The payload, now authenticated, must still be well-formed and within the size cap.
+    if len(msg.payload) > MAX_BUNDLE_BYTES:
+        raise DecodeError(f"bundle is {len(msg.payload)} bytes; the limit is {MAX_BUNDLE_BYTES}")
     body = decode_cbor(msg.payload, what="bundle payload")
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise DecodeError(f"bundle payload is not {FORMAT}")

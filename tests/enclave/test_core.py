@@ -253,3 +253,25 @@ def test_storage_backpressure_stops_decisions(w: World) -> None:
     v = w.core.authorize(token=tok, server="refunds", tool="customer_lookup", arguments_json=b"{}",
                          request_id="", persisted_size=seq.size)
     assert v.allowed
+
+
+def test_bundles_naming_unknown_entities_or_breaking_their_schema_are_refused(w: World) -> None:
+    typo = ('@id("no-approvals")\nforbid (principal, action == Cloister::Action::"refunds___refund.aprove", '
+            'resource);\n')
+    with pytest.raises(PolicyRefused, match=r'policies/typo.cedar: policy .no-approvals. names Cloister::Action::"refunds___refund.aprove"'):
+        w.core.load_policy(w.sign_bundle(2, {"policies/typo.cedar": typo}))
+    ghost = '@id("ghost")\npermit (principal in Cloister::Role::"admin", action, resource);\n'
+    with pytest.raises(PolicyRefused, match=r'Cloister::Role::"admin", which entities.toml does not declare'):
+        w.core.load_policy(w.sign_bundle(2, {"policies/ghost.cedar": ghost}))
+    schema = (
+        "namespace Cloister { entity Role; entity Agent in [Role] { region: String };"
+        " entity Server { region: String, category: String };"
+        ' action "CallTool"; action "refunds___customer_lookup" in ["CallTool"] appliesTo { principal: [Agent],'
+        " resource: [Server], context: { input: { customer_id: String } } }; }"
+    )
+    bad = ('@id("bad-type")\npermit (principal, action == Cloister::Action::"refunds___customer_lookup", resource)'
+           " when { context.input.customer_id > 5 };\n")
+    with pytest.raises(PolicyRefused, match="does not validate against schema.cedarschema"):
+        w.core.load_policy(w.sign_bundle(2, {"schema.cedarschema": schema, "policies/refunds.cedar": bad,
+                                             "policies/research.cedar": None, "limits.toml": ""}))
+    assert w.core.policy is not None and w.core.policy.version == 1
