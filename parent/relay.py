@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import grpc
@@ -152,6 +152,8 @@ class Relay:
                         raise EnclaveUnavailable(f"cannot reach the enclave at {self.config.enclave}: {exc}") from exc
                     await anyio.sleep(0.2)
             if health.log_size == 0:
+                if not startup:
+                    await self._forget_unacknowledged()
                 material = await self.log.resume_material(max_history_entries=1_000_000,
                                                           window_start_ms=self._history_start_ms())
                 if material is None:
@@ -168,6 +170,22 @@ class Relay:
             await self._load_policy()
             await self.refresh_attestation()
             self.health_info = await self.enclave.health()
+
+    async def _forget_unacknowledged(self) -> None:
+        """A new enclave will sequence its own entries at the indexes the dead one left unpersisted.
+
+        Entries the writer holds beyond its durable size (waiting behind a gap, or written without
+        a durable checkpoint) were never acknowledged; keeping them would clash with the new
+        enclave's. Reopening the storage runs the same recovery as after a relay crash: it truncates
+        to the latest durable checkpoint. Calls still waiting on those entries fail, unacknowledged.
+        """
+        assert self.log is not None
+        old, durable = self.log, self.log.persisted_size
+        await old.close()
+        self.log = await open_storage(self.config.storage, s3_endpoint_url=self.config.s3_endpoint_url,
+                                      body_retention_days=self.config.body_retention_days, verify="tail")
+        log.warning("the enclave restarted: storage reopened at its durable size %d (was %d)",
+                    self.log.persisted_size, durable)
 
     def _history_start_ms(self) -> int | None:
         # The enclave refuses a bundle whose limit windows reach beyond the history it was given;
@@ -614,9 +632,10 @@ class Relay:
         return RequireBearer(app)
 
 
-async def open_storage(location: str, *, s3_endpoint_url: str | None, body_retention_days: int | None) -> LogWriter:
+async def open_storage(location: str, *, s3_endpoint_url: str | None, body_retention_days: int | None,
+                       verify: Literal["full", "tail"] = "full") -> LogWriter:
     """The log's storage: a local directory, or s3://bucket/prefix."""
-    options = WriterOptions(body_retention_days=body_retention_days)
+    options = WriterOptions(body_retention_days=body_retention_days, verify=verify)
     if location.startswith("s3://"):
         from parent.storage.s3 import S3Backend
 
