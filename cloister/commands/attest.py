@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 MAX_INPUT = 64 * 1024  # a document is at most 16 KiB; base64 and line breaks stay well below this
@@ -233,17 +232,12 @@ def _parse_pcr(spec: str) -> tuple[int, bytes]:
 
 
 def _read_input(name: str) -> bytes:
+    from cloister.cliinput import InputError, read_capped
+
     try:
-        if name == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT + 1)
-        else:
-            with Path(name).open("rb") as f:
-                data = f.read(MAX_INPUT + 1)
-    except OSError as exc:
-        raise _Usage(f"cannot read {name}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_INPUT:
-        raise _Usage(f"{name}: more than {MAX_INPUT} bytes, not an attestation document")
-    return data
+        return read_capped(name, MAX_INPUT, "an attestation document")
+    except InputError as exc:
+        raise _Usage(str(exc)) from exc
 
 
 def _decode_input(data: bytes) -> bytes:

@@ -234,17 +234,12 @@ def _emit(data: Any) -> None:
 
 
 def _read_input(name: str, what: str) -> bytes:
+    from cloister.cliinput import InputError, read_capped
+
     try:
-        if name == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT + 1)
-        else:
-            with Path(name).open("rb") as f:
-                data = f.read(MAX_INPUT + 1)
-    except OSError as exc:
-        raise _Usage(f"cannot read {name}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_INPUT:
-        raise _Usage(f"{name}: more than {MAX_INPUT} bytes, not a {what}")
-    return data
+        return read_capped(name, MAX_INPUT, f"a {what}")
+    except InputError as exc:
+        raise _Usage(str(exc)) from exc
 
 
 # --- checkpoint -------------------------------------------------------------------------------
