@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -87,12 +86,9 @@ def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def stop(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+    from cloister.proc import stop_group
+
+    stop_group(p, timeout=20)
 
 
 def wait_port(port: int, timeout: float = 30) -> None:

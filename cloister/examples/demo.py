@@ -34,6 +34,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
+from cloister.proc import stop_group
 from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot
 from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.enclave_identity import verify_enclave
@@ -339,15 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.failures.append(f"{type(exc).__name__}: {exc}")
         say(f"demo failed: {type(exc).__name__}: {exc}", RED)
     finally:
-        if patched is not None and patched.poll() is None:
-            os.killpg(patched.pid, signal.SIGTERM)
-            patched.wait(10)
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGTERM)
-            try:
-                up.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
+        if patched is not None:
+            stop_group(patched)
+        stop_group(up, timeout=30)
     if t.failures:
         say(f"\n{len(t.failures)} thing(s) did not behave as the scenario says:", RED)
         for f in t.failures:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from cloister.proc import stop_group
 
 
 def start_enclave(state_root: Path, listen: str, *, log: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
@@ -37,16 +38,7 @@ def start_enclave(state_root: Path, listen: str, *, log: Path) -> tuple[subproce
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    stop_group(proc, sig, timeout)
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> None:
