@@ -642,8 +642,8 @@ async def _wait_grants(obs: Observed, n: int, timeout: float, what: str, stack: 
         return
     hint = ""
     if "log storage failed" in stack.relay_log_tail(10**7):
-        hint = ("; the relay's log writer failed: see test_an_enclave_crash_that_loses_a_response_does_not_wedge_the_"
-                "relay (a known bug, reproduced deterministically there)")
+        hint = ("; the relay's log writer failed (compare test_an_enclave_crash_that_loses_a_response_does_not_"
+                "wedge_the_relay, which reproduces one such failure exactly)")
     raise TimeoutError(f"{what}: {len(obs.grants)} acknowledged calls after {timeout}s, waiting for {n}{hint}; "
                        f"agents saw {dict(obs.errors)}; relay log: {stack.relay_log_tail(1500)}")
 
@@ -707,14 +707,88 @@ async def run_chaos(stack: ChaosStack, kills: Sequence[Kill], obs: Observed, *, 
 # ---- exact crash points, in-process ---------------------------------------------------------------------
 
 
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What EnclaveService needs of a grpc.ServicerContext: abort raises (with the status, as gRPC does)."""
+
+    def abort(self, code: Any, details: str) -> None:
+        raise _Aborted(code, details)
+
+
+class InProcessEnclave:
+    """parent.enclave_client.EnclaveClient's interface, answered by the enclave's own gRPC servicer
+    (enclave.service.EnclaveService over an EnclaveCore) in this process, with no sockets. A dead
+    enclave's lost answers are simply answers the test never hands to the relay."""
+
+    def __init__(self, core: Any) -> None:
+        from enclave.service import EnclaveService
+
+        self.core = core
+        self.service = EnclaveService(core)
+
+    def restart(self, core: Any) -> None:
+        """SIGKILL and a fresh start: new keys, an empty log (AWAITING_LOG)."""
+        from enclave.service import EnclaveService
+
+        self.core, self.service = core, EnclaveService(core)
+
+    async def _call(self, method: str, request: Any) -> Any:
+        from parent.enclave_client import EnclaveRefused
+
+        try:
+            return getattr(self.service, method)(request, _Context())
+        except _Aborted as exc:
+            raise EnclaveRefused(*exc.args) from exc
+
+    async def health(self, timeout: float | None = None) -> Any:
+        from cloister.rpc import enclave_pb2 as pb
+
+        return await self._call("Health", pb.HealthRequest())
+
+    async def start_log(self, resume: Any) -> Any:
+        from cloister.rpc import enclave_pb2 as pb
+
+        return await self._call("StartLog", pb.StartLogRequest(resume=resume) if resume is not None
+                                else pb.StartLogRequest())
+
+    async def sync(self, persisted_size: int) -> Any:
+        from cloister.rpc import enclave_pb2 as pb
+
+        return await self._call("SyncLog", pb.SyncLogRequest(persisted_size=persisted_size))
+
+    async def load_policy(self, bundle: bytes, persisted_size: int) -> Any:
+        from cloister.rpc import enclave_pb2 as pb
+
+        return await self._call("LoadPolicy", pb.LoadPolicyRequest(bundle=bundle, persisted_size=persisted_size))
+
+    async def authorize(self, request: Any) -> Any:
+        return await self._call("Authorize", request)
+
+    async def record_outcome(self, request: Any) -> Any:
+        return await self._call("RecordOutcome", request)
+
+    async def attest(self, nonce: bytes, *, include_checkpoint: bool = False) -> Any:
+        from cloister.rpc import enclave_pb2 as pb
+
+        return await self._call("Attest", pb.AttestRequest(nonce=nonce, include_checkpoint=include_checkpoint))
+
+    async def close(self) -> None:
+        pass
+
+
 class InProcess:
-    """The enclave's code (EnclaveCore, mock NSM) and the relay's storage (LogWriter on a directory) in
-    one process, driven the way parent/relay.py drives them, to reproduce crash points exactly that
-    the process-level chaos only hits by chance (e.g. a response lost while a later one arrived)."""
+    """The relay's own code (parent.relay.Relay: its storage, start-up and enclave-restart handling)
+    over the enclave's own code (EnclaveCore behind EnclaveService, mock NSM), in one process and with
+    no sockets, to reproduce crash points exactly that the process-level chaos only hits by chance
+    (e.g. an enclave that dies after sequencing an entry whose answer never reaches the relay)."""
 
     def __init__(self, tmp: Path, agent: str = "agent-0") -> None:
         from enclave.config import load_config
         from enclave.measure import mock_pcrs
+        from parent.config import load_relay_config
 
         self.tmp = tmp
         self.agent = agent
@@ -722,6 +796,10 @@ class InProcess:
         self.config = load_config(self.state.enclave_config)
         self.pcrs = mock_pcrs(self.config.raw)
         self.token = self.state.mint_token(agent, ["tester"], 600)
+        relay_toml = tmp / "relay.toml"
+        relay_toml.write_text(f'[relay]\nlisten = "127.0.0.1:1"\nenclave = "unix:{tmp / "unused.sock"}"\n'
+                              'bundle = "state/bundle.signed"\nstorage = "state/log"\nrun_dir = "run"\n')
+        self.relay_config = load_relay_config(relay_toml)
 
     def new_core(self) -> Any:
         from enclave.core import EnclaveCore
@@ -730,26 +808,21 @@ class InProcess:
         return EnclaveCore(self.config, MockNsm(self.state.mock_nsm_dir, self.pcrs), pcrs=self.pcrs,
                            clock_ms=lambda: time.time_ns() // 1_000_000, mock_nsm=True)
 
-    async def open_writer(self) -> Any:
-        from parent.storage import LocalBackend, LogWriter
+    async def start_relay(self) -> tuple[Any, InProcessEnclave]:
+        """Relay.start without the network: open storage, then bring the enclave to a running log."""
+        from parent.relay import Relay, open_storage
 
-        return await LogWriter.open(LocalBackend(self.state.log_dir))
+        relay = Relay(self.relay_config)
+        enclave = InProcessEnclave(self.new_core())
+        relay.enclave = enclave  # type: ignore[assignment]
+        relay.log = await open_storage(self.relay_config.storage, s3_endpoint_url=None, body_retention_days=None)
+        await relay.ensure_enclave_ready(startup=True)
+        return relay, enclave
 
-    @staticmethod
-    async def persist(writer: Any, append: Any, checkpoint: bytes | None = None) -> None:
-        """Relay._persist: the entries of an enclave answer and its checkpoint (or another one)."""
-        await writer.persist(append.first_index, list(append.entries), checkpoint or append.checkpoint.note)
+    async def authorize(self, relay: Any, text: str) -> Any:
+        """Relay._call_tool's step 1: ask the enclave (the answer is persisted separately)."""
+        from cloister.rpc import enclave_pb2 as pb
 
-    def authorize(self, core: Any, writer: Any, text: str) -> Any:
-        return core.authorize(token=self.token, server=SERVER, tool=TOOL,
-                              arguments_json=json.dumps({"text": text}).encode(), request_id=text,
-                              persisted_size=writer.persisted_size)
-
-    async def start(self, core: Any, writer: Any) -> None:
-        """Relay.ensure_enclave_ready for an enclave with an empty log: start or resume, then the policy."""
-        import dataclasses as dc
-
-        material = await writer.resume_material(1_000_000, None)
-        started = core.start_new_log() if material is None else core.resume_log(**dc.asdict(material))
-        await self.persist(writer, started)
-        await self.persist(writer, core.load_policy(self.state.signed_bundle.read_bytes())[2])
+        return await relay.enclave.authorize(pb.AuthorizeRequest(
+            token=self.token, server=SERVER, tool=TOOL, arguments_json=json.dumps({"text": text}).encode(),
+            request_id=text, persisted_size=relay.log.persisted_size))
