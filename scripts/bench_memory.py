@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/bench_memory.py [--entries N] [--authorize N] [--no-tracemalloc]
 
-In one process, an in-process `EnclaveCore` (mock NSM, a bundle with 500 agents, a bench server, rate and spend limits,
-the code `cloister enclave` runs) sequences a mix, interleaved evenly over the whole run:
+In one process, an `EnclaveCore` (the code `cloister enclave` runs, with the mock NSM and a bundle
+of 500 agents, a bench server and rate and spend limits) sequences a mix, interleaved evenly over
+the whole run:
 
 - `--authorize` (default 50,000) full decisions through `EnclaveCore.authorize`: strict JSON
   arguments, JWT verification (20,000 distinct tokens cycle through the 10,000-entry token cache,
@@ -11,26 +12,33 @@ the code `cloister enclave` runs) sequences a mix, interleaved evenly over the w
   the grant and a checkpoint; nine in ten allowed calls get their outcome through
   `record_outcome`, one in ten never does (a relay that died mid-call), so open decisions pile up
   until the cap or the outcome window drops them; one call in twenty is denied;
-- the rest as decision-sized entries appended to the same `Sequencer` (a full decision costs
-  ~250 us on this machine, which would make a million of them a long wait).
+- the rest as decision-sized entries appended to the same `Sequencer` (a full decision costs a
+  few hundred microseconds here, which would make a million of them a long wait).
 
 The clock is simulated and advances 200 ms per decision (50,000 decisions span 2.8 hours), so the
 sliding limit windows (10 and 30 minutes) and the outcome window (grant lifetime + 15 minutes)
 really slide. What they hold is bounded by call rate x window, not by the size of the log; the
 warm-up runs 40 simulated minutes of decisions (12,000), past the longest of them, so that the
-samples compare steady states. The parent's durable size rides on every request as it does from the relay
-(`persisted_size`): here the "parent" persists everything it was handed up to one batch (1,024
-entries) behind, so the pending-entries buffer is released as storage confirms. A checkpoint is
-signed after every batch (group commit).
+samples compare steady states. The parent's durable size rides on every request as it does from
+the relay (`persisted_size`): here the "parent" persists everything it was handed up to one batch
+(1,024 entries) behind, so the pending-entries buffer is released as storage confirms. A
+checkpoint is signed after every batch (group commit).
 
 At 0 (after start, policy load and warm-up), 100k, 250k, 500k and 1M entries it samples the
 resident set (/proc/self/statm) and the Python heap (tracemalloc, started before the core is
-built; it slows the run down about 2x), after a full garbage collection, and the sizes of the
+built; it makes the run about 4x slower), after a full garbage collection, and the sizes of the
 structures that could grow: the pending-entries buffer, the compact range (O(log n) hashes),
 open decisions, the token cache and the limit windows. It prints a table and the growth from
 the first sample after warm-up to the last. Finally it shows that the pending buffer is bounded
 even when the parent stops confirming: the sequencer refuses to append (Backpressure) at
 MAX_PENDING_ENTRIES rather than grow.
+
+Measured on the 2-core machine (one run, 1,022,202 entries in all): with tracemalloc, RSS went
+from 92.0 MiB after warm-up to 92.8 MiB at +1M entries, and the Python heap from 15.8 to
+16.7 MiB (16.4 MiB already at +100k; what moves is the pending buffer, 446-703 KiB). Open
+decisions stayed at 480, cached tokens at 10,000, limit-window events at 6,900, and the compact
+range between 8 and 15 hashes. Without tracemalloc, RSS went from 74.5 to 75.4 MiB, and it was
+75.3 MiB after 3M entries.
 """
 
 from __future__ import annotations
