@@ -608,6 +608,24 @@ class Relay:
                 for t in upstream.tools}
         return JSONResponse({"server": name, "pins": pins})
 
+    async def redact(self, request: Request) -> Response:
+        """Replace a stored body by a tombstone that keeps its SHA-256: the log entry's commitment
+        still checks, the content is gone. The log itself is never changed."""
+        assert self.log is not None
+        try:
+            index = int(request.path_params["index"])
+        except ValueError:
+            return JSONResponse({"error": "index must be a number"}, status_code=400)
+        kind = request.path_params["kind"]
+        if kind not in ("args", "result"):
+            return JSONResponse({"error": "kind must be args or result"}, status_code=400)
+        try:
+            await self.log.redact_body(index, kind)
+        except KeyError as exc:
+            return JSONResponse({"error": str(exc).strip("'\"")}, status_code=404)
+        log.warning("redacted the %s body of log entry %d", kind, index)
+        return JSONResponse({"index": index, "kind": kind, "redacted": True})
+
     def routes(self) -> list[Route]:
         async def attestation(request: Request) -> Response:
             return await self.attestation_endpoint(request, with_checkpoint=False)
@@ -619,6 +637,7 @@ class Relay:
             Route("/healthz", self.healthz),
             Route("/admin/policy", self.push_policy, methods=["POST"]),
             Route("/admin/pins", self.tool_pins),
+            Route("/admin/redact/{index}/{kind}", self.redact, methods=["POST"]),
             Route("/attestation", attestation),
             Route("/log/attestation", log_attestation),
             Route("/log/proof/inclusion", self.inclusion),

@@ -78,6 +78,22 @@ def test_allowed_call_is_forwarded_with_a_grant_and_logged(stack: Stack) -> None
     assert stack.forwarded()[-1] == {"tool": "echo", "args": {"text": "hello"}}
 
 
+def test_bodies_are_kept_beside_the_log_and_can_be_redacted(stack: Stack) -> None:
+    from cloister.verify.canonical import canonical_sha256, parse_json
+
+    meta = call(stack, stack.token(), "slow___echo", {"text": "card 4242"}).meta["dev.cloister/log"]
+    decision = entry_at(stack, meta["decision"])
+    body = httpx2.get(f"{stack.relay_url}/log/body/{meta['decision']}/args")
+    assert body.status_code == 200 and canonical_sha256(parse_json(body.content)) == decision.args_sha256
+    result = httpx2.get(f"{stack.relay_url}/log/body/{meta['outcome']}/result")
+    assert canonical_sha256(parse_json(result.content)) == entry_at(stack, meta["outcome"]).result_sha256
+    r = httpx2.post(f"{stack.relay_url}/admin/redact/{meta['decision']}/args")
+    assert r.status_code == 200 and r.json()["redacted"] is True
+    assert httpx2.get(f"{stack.relay_url}/log/body/{meta['decision']}/args").status_code == 404
+    assert entry_at(stack, meta["decision"]) == decision  # the log is untouched
+    assert httpx2.post(f"{stack.relay_url}/admin/redact/999999/args").status_code == 404
+
+
 def test_tools_list_is_filtered_per_agent(stack: Stack) -> None:
     async def names(token: str) -> list[str]:
         async with client(stack, token) as c:
