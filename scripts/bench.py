@@ -144,6 +144,10 @@ def synthetic_bundle(src: Path, dst: Path, policies: int, agents: int) -> None:
     from cloister.devstate import copy_example_bundle
 
     copy_example_bundle(dst, src)
+    # Only the refunds policies apply to this bundle's servers (the enclave refuses policies that
+    # name undeclared servers), plus the generated bulk policies below.
+    (dst / "policies" / "research.cedar").unlink()
+    (dst / "policies" / "guards.cedar").unlink()
     (dst / "limits.toml").write_text(
         '[[limits]]\nid = "refund-cap"\nkind = "spend"\nper = "agent"\ntools = ["refunds___refund.create"]\n'
         'cost = "argument:amount"\nmax = "1000000000"\nwindow = "1h"\n')
@@ -286,6 +290,11 @@ def bench_log(quick: bool) -> dict[str, float]:
 
 
 def main() -> int:
+    import logging
+
+    # Building the example servers in-process (for their pins) turns on the SDK's INFO logging.
+    for noisy in ("httpx", "httpx2", "mcp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer calls; noisier figures")
     p.add_argument("--skip-e2e", action="store_true")
