@@ -424,7 +424,7 @@ class EnclaveCore:
             grant_it = allowed or log_only
             nonce = self._random(16) if grant_it else None
             expiry = now_ms + settings.grant_ttl_s * 1000 if grant_it else None
-            charges = {k: str(v) for k, v in check.charges.items()} if (allowed and check) else {}
+            charges = {k: str(v) for k, v in check.charges.items() if v} if (allowed and check) else {}
             entry = DecisionEntry(
                 time_ms=now_ms, agent=principal.agent if principal else "",
                 roles=tuple(sorted(principal.roles)) if principal else (),

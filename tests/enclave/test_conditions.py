@@ -143,3 +143,17 @@ def test_x402_payments_are_charged_exactly_and_survive_a_restart(tmp_path: Path)
     v = fresh.authorize(token=tok, server="research", tool="deep_search", arguments_json=b'{"query": "q"}',
                         request_id="", persisted_size=len(w.log), payment_amount="0.01")
     assert not v.allowed and v.code == "limit"
+
+
+def test_fixed_price_per_call(tmp_path: Path) -> None:
+    w = make_world(tmp_path)
+    tok = w.token("research-bot", ["research-agent"])
+    for i in range(250):
+        v = w.core.authorize(token=tok, server="research", tool="web_search", arguments_json=b'{"query": "q"}',
+                             request_id="", persisted_size=len(w.log))
+        w.persist(v.log)
+        assert v.allowed, (i, v.reason)
+        assert parse_entry(w.log[v.log_index]).charges == {"research-search-budget": "0.002"}
+    v = w.core.authorize(token=tok, server="research", tool="web_search", arguments_json=b'{"query": "q"}',
+                         request_id="", persisted_size=len(w.log))
+    assert not v.allowed and "research-search-budget" in v.reason and "0.000 remains" in v.reason
