@@ -71,6 +71,16 @@ def register(sub: Any) -> None:
     u.add_argument("--json", action="store_true")
     u.set_defaults(handler=_push)
 
+    pn = verbs.add_parser("pin", help="print the current tool-definition pins of an upstream, for entities.toml",
+                          description="Ask a relay for the SHA-256 of each tool definition an upstream lists now "
+                          "(name, description, input schema, annotations) and print a `pins = {...}` line to "
+                          "paste under [servers.NAME] in entities.toml. Review the tools before pinning them: "
+                          "the relay is not trusted, the enclave recomputes the hashes when it checks pins.")
+    pn.add_argument("--relay", required=True, metavar="URL", help="the relay's base URL")
+    pn.add_argument("--server", required=True, metavar="NAME", help="the upstream's name")
+    pn.add_argument("--tool", action="append", default=[], metavar="TOOL", help="pin only these tools (repeatable)")
+    pn.set_defaults(handler=_pin)
+
     d = verbs.add_parser("diff", help="compare two bundles (directories or signed files)",
                          description="Show versions, a summary of what changes in meaning (policies by @id, "
                          "entities, limits, settings) and a unified diff per file. Exit 0 if identical, 1 if not.")
@@ -217,6 +227,43 @@ def _sign(args: argparse.Namespace) -> int:
     print(f"  version:    {signed.version}")
     print(f"  sha256:     {signed.sha256}  (the enclave logs it with every decision)")
     print(f"  admin key:  {signed.key_id}  (the enclave must pin admin_keys = [\"{signed.public_hex}\"])")
+    return 0
+
+
+def _pin(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    base = args.relay.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        print("cloister policy pin: --relay must be an http(s) URL", file=sys.stderr)
+        return 2
+    url = f"{base}/admin/pins?{urllib.parse.urlencode({'server': args.server})}"
+    try:
+        with urllib.request.urlopen(url, timeout=15) as resp:  # noqa: S310 (scheme checked above)
+            body = json.loads(resp.read(1 << 20))
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read(1 << 16)).get("error", exc.reason)
+        except ValueError:
+            reason = exc.reason
+        print(f"cloister policy pin: {reason}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+        print(f"cloister policy pin: cannot reach {base}: {exc}", file=sys.stderr)
+        return 3
+    pins: dict[str, str] = body.get("pins", {})
+    missing = [t for t in args.tool if t not in pins]
+    if missing:
+        print(f"cloister policy pin: {args.server!r} does not list {', '.join(missing)}", file=sys.stderr)
+        return 1
+    chosen = {t: pins[t] for t in (args.tool or sorted(pins))}
+    inner = ", ".join(f'"{t}" = "{h}"' if not t.replace("_", "").isalnum() else f'{t} = "{h}"'
+                      for t, h in chosen.items())
+    print(f"# [servers.{args.server}] in entities.toml; review these tool definitions before pinning them")
+    print(f"pins = {{ {inner} }}")
     return 0
 
 

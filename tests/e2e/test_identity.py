@@ -183,3 +183,16 @@ def test_pins_endpoint_matches_what_the_enclave_checks(ident: IdentityStack) -> 
     assert r.status_code == 200, r.text
     assert r.json()["pins"]["lookup"] == _tool_hash(APPROVED)
     assert httpx2.get(f"{ident.stack.relay_url}/admin/pins", params={"server": "nope"}).status_code == 404
+
+
+def test_policy_pin_prints_pins_to_paste(ident: IdentityStack) -> None:
+    import tomllib
+
+    out = subprocess.run([sys.executable, "-m", "cloister.cli", "policy", "pin", "--relay", ident.stack.relay_url,
+                          "--server", "variant"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pins = tomllib.loads(out.stdout)["pins"]
+    assert pins["lookup"] == _tool_hash(APPROVED) and set(pins) == {"lookup", "store", "crash"}
+    bad = subprocess.run([sys.executable, "-m", "cloister.cli", "policy", "pin", "--relay", ident.stack.relay_url,
+                          "--server", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "no upstream named 'nope'" in bad.stderr
