@@ -553,15 +553,22 @@ class Relay:
             return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
         return JSONResponse({"from": old, "to": new, "proof": [_b64(h) for h in proof]})
 
-    async def body(self, request: Request) -> Response:
-        assert self.log is not None
-        try:
-            index = int(request.path_params["index"])
-        except ValueError:
+    @staticmethod
+    def _body_ref(request: Request) -> tuple[int, str] | JSONResponse:
+        """`/<index>/<args|result>` of a body route, or the 400 answer."""
+        index_text, kind = request.path_params["index"], request.path_params["kind"]
+        if not index_text.isdigit():
             return JSONResponse({"error": "index must be a number"}, status_code=400)
-        kind = request.path_params["kind"]
         if kind not in ("args", "result"):
             return JSONResponse({"error": "kind must be args or result"}, status_code=400)
+        return int(index_text), kind
+
+    async def body(self, request: Request) -> Response:
+        assert self.log is not None
+        ref = self._body_ref(request)
+        if isinstance(ref, JSONResponse):
+            return ref
+        index, kind = ref
         data = await self.log.get_body(index, kind)
         if data is None:
             return PlainTextResponse("not found\n", status_code=404)
@@ -612,13 +619,10 @@ class Relay:
         """Replace a stored body by a tombstone that keeps its SHA-256: the log entry's commitment
         still checks, the content is gone. The log itself is never changed."""
         assert self.log is not None
-        try:
-            index = int(request.path_params["index"])
-        except ValueError:
-            return JSONResponse({"error": "index must be a number"}, status_code=400)
-        kind = request.path_params["kind"]
-        if kind not in ("args", "result"):
-            return JSONResponse({"error": "kind must be args or result"}, status_code=400)
+        ref = self._body_ref(request)
+        if isinstance(ref, JSONResponse):
+            return ref
+        index, kind = ref
         try:
             await self.log.redact_body(index, kind)
         except KeyError as exc:

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -226,25 +225,9 @@ timeout_s = 10
 def _start_enclave(code: Path, state_root: Path, listen: str, *,
                    log: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """tests.e2e.procs.start_enclave, run from the code snapshot."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "enclave", "--listen", listen, "--config", str(state_root / "enclave.toml"),
-         "--mock-nsm", str(state_root / "mock-nsm")],
-        cwd=code, stdout=subprocess.PIPE, stderr=log.open("ab"), start_new_session=True)
-    ready: dict[str, Any] = {}
+    from tests.e2e.procs import start_enclave
 
-    def read() -> None:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if line:
-            ready.update(json.loads(line))
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    t.join(60)
-    if not ready:
-        proc.kill()
-        raise RuntimeError(f"enclave did not start; see {log}: {log.read_text()[-2000:]}")
-    return proc, ready
+    return start_enclave(state_root, listen, log=log, cwd=code)
 
 
 # ---- what agents and the auditor were told ---------------------------------------------------------
