@@ -23,6 +23,10 @@ def _run(args: argparse.Namespace) -> int:
     from parent.config import load_relay_config
     from parent.relay import serve
 
+    import os
+
+    # See enclave/__main__.py: the parent-side bridge's threads wait less for the GIL.
+    sys.setswitchinterval(float(os.environ.get("CLOISTER_SWITCH_INTERVAL", "0.0005")))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s relay %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpx2", "mcp", "uvicorn.access"):
