@@ -76,7 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from enclave.service import serve
 
     core = EnclaveCore(config, nsm, pcrs=pcrs, clock_ms=lambda: time.time_ns() // 1_000_000, mock_nsm=mock)
-    private = Path(tempfile.mkdtemp(prefix="cloister-enclave-"))
+    if listen.kind == "unix":
+        # Beside the public socket and reused across restarts: a SIGKILL leaves nothing behind in /tmp.
+        private = Path(listen.path).with_name(Path(listen.path).name + ".private")
+        private.mkdir(mode=0o700, exist_ok=True)
+        (private / "grpc.sock").unlink(missing_ok=True)
+    else:
+        private = Path(tempfile.mkdtemp(prefix="cloister-enclave-"))
     grpc_socket = private / "grpc.sock"
     server = serve(core, str(grpc_socket), workers=args.workers)
     try:
