@@ -110,6 +110,8 @@ class Settings:
     mode: Literal["enforce", "log-only"] = "enforce"
     max_argument_bytes: int = 64 * 1024
     grant_ttl_s: int = 60
+    # Policy sets (files under policies/) in log-only mode: decided and logged, never enforced.
+    log_only_sets: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,19 @@ def _settings(files: Mapping[str, bytes]) -> Settings:
     ttl = raw.get("grant_ttl_s", 60)
     if not isinstance(ttl, int) or not 1 <= ttl <= 3600:
         raise BundleError("bundle.toml: grant_ttl_s must be between 1 and 3600")
+    modes = _toml(files, "bundle.toml", required=True).get("modes", {})
+    if not isinstance(modes, dict):
+        raise BundleError("bundle.toml: [modes] maps policy files (policies/<name>.cedar) to enforce or log-only")
+    log_only: set[str] = set()
+    for path, set_mode in modes.items():
+        if f"policies/{path}" not in files or not path.endswith(".cedar"):
+            raise BundleError(f"bundle.toml: [modes] names {path!r}, which is not a file under policies/")
+        if set_mode not in ("enforce", "log-only"):
+            raise BundleError(f"bundle.toml: [modes] {path!r} must be 'enforce' or 'log-only'")
+        if set_mode == "log-only":
+            log_only.add(f"policies/{path}")
     return Settings(name=_name("bundle.toml: name", raw.get("name", "bundle")), mode=mode,
-                    max_argument_bytes=max_args, grant_ttl_s=ttl)
+                    max_argument_bytes=max_args, grant_ttl_s=ttl, log_only_sets=frozenset(log_only))
 
 
 def _load_key(files: Mapping[str, bytes], where: str, path: Any) -> PublicKey:

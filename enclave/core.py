@@ -363,6 +363,7 @@ class EnclaveCore:
         policy_ids: tuple[str, ...] = ()
         check: LimitCheck | None = None
         code, reason = "", ""
+        shadow_note = ""
         # 1. Arguments.
         try:
             parsed = parse_json(arguments_json or b"{}", what="arguments",
@@ -400,11 +401,14 @@ class EnclaveCore:
         # 4. Cedar.
         if not code:
             assert principal is not None
-            cedar = ps.engine.evaluate(principal, server, tool, arguments, datetime.fromtimestamp(now_ms / 1000, UTC),
-                                       self.servers.input_schema(server, tool))
+            now = datetime.fromtimestamp(now_ms / 1000, UTC)
+            schema = self.servers.input_schema(server, tool)
+            cedar = ps.engine.evaluate(principal, server, tool, arguments, now, schema)
             policy_ids = cedar.policy_ids
             if not cedar.allowed:
                 code, reason = cedar.code, cedar.reason
+            else:
+                shadow_note = ps.engine.shadow_verdict(principal, server, tool, arguments, now, schema)
         log_only = settings.mode == "log-only" and code in ("", "policy", "no-permit", "limit")
         # 5. Limits, the entry, and its sequencing: one critical section.
         with seq.lock:
@@ -430,7 +434,8 @@ class EnclaveCore:
                 roles=tuple(sorted(principal.roles)) if principal else (),
                 issuer=principal.issuer if principal else "", server=server[:256], tool=tool[:256],
                 args_sha256=args_hash, decision="allow" if allowed else "deny", code=code,
-                reason=reason or f"permitted by {', '.join(policy_ids)}", policies=policy_ids,
+                reason=reason or "; ".join(filter(None, (f"permitted by {', '.join(policy_ids)}", shadow_note))),
+                policies=policy_ids,
                 policy_sha256=ps.sha256, policy_version=ps.version, request_id=request_id,
                 grant_nonce=nonce, grant_expiry_ms=expiry, charges=charges,
                 mode="log-only" if settings.mode == "log-only" else "enforce",

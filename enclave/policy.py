@@ -110,7 +110,12 @@ class PolicyEngine:
         self.bundle = bundle
         self._general: dict[str, Any] = {}
         self._by_action: dict[str, dict[str, Any]] = {}
+        # Policies of log-only sets are evaluated apart: they are recorded, never enforced.
+        log_only = bundle.settings.log_only_sets
+        self._shadow = PolicyEngine(_only(bundle, log_only, keep=True)) if log_only else None
         for pid, policy in bundle.policies.items():
+            if bundle.policy_sources.get(pid) in log_only:
+                continue
             targets = _action_targets(policy.get("action", {}))
             if targets is None:
                 self._general[pid] = policy
@@ -154,6 +159,8 @@ class PolicyEngine:
         self._entities = entities
         self._principal_cache = lru_cache(maxsize=4096)(self._principal_entities)
         self._levels = dict(levels)
+        if self._shadow is not None:
+            self._shadow.set_server_levels(levels)
 
     def slice_size(self, server: str, tool: str) -> int:
         return len(self._slice(action_id(server, tool)))
@@ -209,6 +216,16 @@ class PolicyEngine:
         detail = f" ({len(errors)} policies could not be evaluated: {_error_text(errors[0])})" if errors else ""
         return CedarVerdict(False, (), "no-permit", "no policy permits this call" + detail)
 
+    def shadow_verdict(self, p: Principal, server: str, tool: str, arguments: Mapping[str, Any], now: datetime,
+                       input_schema: Mapping[str, Any] | None) -> str:
+        """What the log-only policy sets say about an allowed call: a note for the log, or ""."""
+        if self._shadow is None:
+            return ""
+        shadow = self._shadow.evaluate(p, server, tool, arguments, now, input_schema)
+        if shadow.code == "policy":
+            return f"log-only policy set would deny: {shadow.reason}"
+        return ""
+
     def may_call(self, p: Principal, server: str, tool: str, now: datetime) -> bool:
         """Whether some arguments could be permitted (partial evaluation, input unknown).
 
@@ -243,3 +260,12 @@ def _action_targets(scope: Mapping[str, Any]) -> list[str] | None:
             return None
         targets.append(eid)
     return targets
+
+
+def _only(bundle: PolicyBundle, sets: frozenset[str], *, keep: bool) -> PolicyBundle:
+    """The bundle with only (keep=True) or without the policies of the given sets."""
+    from dataclasses import replace
+
+    chosen = {pid: p for pid, p in bundle.policies.items() if (bundle.policy_sources.get(pid) in sets) == keep}
+    settings = replace(bundle.settings, log_only_sets=frozenset())
+    return replace(bundle, policies=chosen, settings=settings)

@@ -275,3 +275,20 @@ def test_bundles_naming_unknown_entities_or_breaking_their_schema_are_refused(w:
         w.core.load_policy(w.sign_bundle(2, {"schema.cedarschema": schema, "policies/refunds.cedar": bad,
                                              "policies/research.cedar": None, "limits.toml": ""}))
     assert w.core.policy is not None and w.core.policy.version == 1
+
+
+def test_log_only_policy_sets_are_recorded_not_enforced(w: World) -> None:
+    trial = ('@id("trial-no-lookups")\nforbid (principal, action == Cloister::Action::"refunds___customer_lookup", '
+             'resource);\n')
+    bundle_toml = '[bundle]\nname = "trial"\n\n[modes]\n"trial.cedar" = "log-only"\n"research.cedar" = "log-only"\n'
+    w.persist(w.core.load_policy(w.sign_bundle(2, {"bundle.toml": bundle_toml, "policies/trial.cedar": trial}))[2])
+    v = call(w, refund_bot(w), "refunds", "customer_lookup", {"customer_id": "cus_1001"})
+    entry = parse_entry(w.log[v.log_index])
+    assert v.allowed and isinstance(entry, DecisionEntry) and entry.decision == "allow"
+    assert "log-only policy set would deny: forbidden by policy trial-no-lookups" in entry.reason
+    # A permit in a log-only set grants nothing.
+    v = call(w, w.token("research-bot", ["research-agent"]), "research", "web_search", {"query": "q"})
+    assert not v.allowed and v.code == "no-permit"
+    bad = '[bundle]\nname = "trial"\n\n[modes]\n"nope.cedar" = "log-only"\n'
+    with pytest.raises(PolicyRefused, match="not a file under policies/"):
+        w.core.load_policy(w.sign_bundle(3, {"bundle.toml": bad}))
