@@ -18,6 +18,7 @@
     timeout_s = 30
 
     reattest_s = 300                          # re-prove the server's identity this often
+    # ca_file = "internal-ca.pem"             # for https:// upstreams signed by a private CA
 
     [[upstreams]]
     name = "research"
@@ -55,6 +56,7 @@ class UpstreamConfig:
     timeout_s: float = 30.0
     artifact: Path | None = None  # checksum identity: the file to hash before launching
     reattest_s: float = 300.0
+    ca_file: Path | None = None  # PEM CA certificates that verify an https:// upstream
 
 
 @dataclass(frozen=True)
@@ -131,13 +133,17 @@ def load_relay_config(path: Path) -> RelayConfig:
             raise ConfigError(f"{uw}: timeout_s must be in (0, 3600]")
         cwd = _get(u, "cwd", str, uw, None)
         artifact = _get(u, "artifact", str, uw, None)
+        ca_file = _get(u, "ca_file", str, uw, None)
+        if ca_file and not (url or "").startswith("https://"):
+            raise ConfigError(f"{uw}: ca_file goes with an https:// url")
         reattest = float(_get(u, "reattest_s", (int, float), uw, 300))
         if not 5 <= reattest <= 86400:
             raise ConfigError(f"{uw}: reattest_s must be in [5, 86400]")
         upstreams.append(UpstreamConfig(name=name, url=url, command=tuple(command),
                                         env={str(k): str(v) for k, v in env.items()},
                                         cwd=(base / cwd) if cwd else None, timeout_s=timeout,
-                                        artifact=(base / artifact) if artifact else None, reattest_s=reattest))
+                                        artifact=(base / artifact) if artifact else None, reattest_s=reattest,
+                                        ca_file=(base / ca_file) if ca_file else None))
     retention = _get(relay, "body_retention_days", int, where, None)
     return RelayConfig(
         path=path,

@@ -80,7 +80,17 @@ class Upstream:
         self._reattest = anyio.Event()
         self._tools_changed = anyio.Event()
 
-    def _target(self) -> str | StdioServerParameters:
+    def _target(self, stack: contextlib.AsyncExitStack) -> Any:
+        if self.config.url and self.config.ca_file is not None:
+            # A private CA verifies the upstream's certificate on the MCP connection itself; the
+            # enclave separately checks a `tls` identity's pinned key.
+            import httpx2
+            from mcp.client.streamable_http import streamable_http_client
+
+            ctx = ssl.create_default_context(cafile=str(self.config.ca_file))
+            http = httpx2.AsyncClient(verify=ctx, timeout=httpx2.Timeout(30, read=300))
+            stack.push_async_callback(http.aclose)
+            return streamable_http_client(self.config.url, http_client=http)
         if self.config.url:
             return self.config.url
         env = {**os.environ, **self.config.env}
@@ -99,8 +109,10 @@ class Upstream:
         while not self._stop.is_set():
             try:
                 challenge = await self._prelaunch()
-                async with Client(self._target(), cache=None, read_timeout_seconds=self.config.timeout_s,
-                                  message_handler=self._on_message) as client:
+                async with contextlib.AsyncExitStack() as stack:
+                    client = await stack.enter_async_context(Client(
+                        self._target(stack), cache=None, read_timeout_seconds=self.config.timeout_s,
+                        message_handler=self._on_message))
                     tools = await self._list_tools(client)
                     self._client, self.tools, self.state, self.last_error = client, tools, "up", ""
                     await self._prove(client, challenge, tools)
