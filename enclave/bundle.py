@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from cloister.verify.errors import DecodeError
-from cloister.verify.jwt import PublicKey
+from cloister.verify.jwt import PublicKey, load_jwks
 
 NAMESPACE = "Cloister"
 TOOL_SEPARATOR = "___"  # AgentCore Gateway's "<target>___<tool>" naming
@@ -246,12 +246,23 @@ def _issuers(files: Mapping[str, bytes]) -> dict[str, Issuer]:
                 keys.append((entry.get("kid"), _load_key(files, where, entry.get("file"))))
             else:
                 keys.append((None, _load_key(files, where, entry)))
+        jwks = t.get("jwks")
+        if jwks is not None:
+            if not isinstance(jwks, str) or jwks not in files:
+                raise BundleError(f"{where}: jwks file {jwks!r} is not in the bundle")
+            try:
+                keys.extend(load_jwks(files[jwks]))
+            except DecodeError as exc:
+                raise BundleError(f"{jwks}: {exc}") from exc
         if not keys:
-            raise BundleError(f"{where}: lists no keys")
+            raise BundleError(f"{where}: lists no keys (give `keys` PEM files or a `jwks` file)")
         lifetime = t.get("max_lifetime_s", 86400)
         if not isinstance(lifetime, int) or not 0 < lifetime <= 30 * 86400:
             raise BundleError(f"{where}: max_lifetime_s must be between 1 and 2592000")
-        out[iss] = Issuer(issuer=_name(f"{where}: issuer", iss), audience=str(t.get("audience", "cloister")),
+        # Issuers are often URLs (OIDC): any single line without spaces, as the token's `iss` says.
+        if not iss or len(iss) > 512 or any(c.isspace() for c in iss):
+            raise BundleError(f"{where}: issuer {iss[:80]!r} must be a non-empty string without spaces")
+        out[iss] = Issuer(issuer=iss, audience=str(t.get("audience", "cloister")),
                           keys=tuple(keys), roles_claim=str(t.get("roles_claim", "roles")), max_lifetime_s=lifetime)
     return out
 

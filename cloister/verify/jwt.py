@@ -56,6 +56,54 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+MAX_JWKS_KEYS = 64
+
+
+def load_jwks(data: bytes) -> list[tuple[str | None, PublicKey]]:
+    """The signing keys of a JWK Set (RFC 7517 §5): Ed25519 (OKP, RFC 8037), P-256 (EC), RSA.
+
+    Keys for other curves or uses (`use` other than "sig") are skipped; a malformed set or key is
+    a DecodeError naming the key.
+    """
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"JWK Set is not JSON: {exc}") from exc
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list) or not keys or len(keys) > MAX_JWKS_KEYS:
+        raise DecodeError(f"JWK Set needs a 'keys' array of 1 to {MAX_JWKS_KEYS} keys")
+    out: list[tuple[str | None, PublicKey]] = []
+    for i, jwk in enumerate(keys):
+        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
+            continue
+        kid = jwk.get("kid") if isinstance(jwk.get("kid"), str) else None
+        try:
+            key = _jwk_key(jwk)
+        except (DecodeError, ValueError, KeyError, TypeError) as exc:
+            raise DecodeError(f"JWK Set key #{i} ({kid or 'no kid'}): {exc}") from exc
+        if key is not None:
+            out.append((kid, key))
+    if not out:
+        raise DecodeError("JWK Set has no usable signing key (Ed25519, P-256 or RSA)")
+    return out
+
+
+def _jwk_key(jwk: dict[str, Any]) -> PublicKey | None:
+    def num(name: str) -> int:
+        return int.from_bytes(_b64url_decode(str(jwk[name]), name), "big")
+
+    kty = jwk.get("kty")
+    if kty == "OKP" and jwk.get("crv") == "Ed25519":
+        return ed25519.Ed25519PublicKey.from_public_bytes(_b64url_decode(str(jwk["x"]), "x"))
+    if kty == "EC" and jwk.get("crv") == "P-256":
+        return ec.EllipticCurvePublicNumbers(num("x"), num("y"), ec.SECP256R1()).public_key()
+    if kty == "RSA":
+        key = rsa.RSAPublicNumbers(num("e"), num("n")).public_key()
+        alg_for_key(key)  # refuses keys under 2048 bits
+        return key
+    return None
+
+
 def alg_for_key(key: PublicKey | PrivateKey) -> str:
     if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
         return "EdDSA"

@@ -292,3 +292,35 @@ def test_log_only_policy_sets_are_recorded_not_enforced(w: World) -> None:
     bad = '[bundle]\nname = "trial"\n\n[modes]\n"nope.cedar" = "log-only"\n'
     with pytest.raises(PolicyRefused, match="not a file under policies/"):
         w.core.load_policy(w.sign_bundle(3, {"bundle.toml": bad}))
+
+
+def test_an_oidc_issuer_with_a_jwks(w: World) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from cloister.verify.jwt import encode_jwt
+
+    def b64(n: int, size: int) -> str:
+        return base64.urlsafe_b64encode(n.to_bytes(size, "big")).rstrip(b"=").decode()
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ecn, rsan = ec_key.public_key().public_numbers(), rsa_key.public_key().public_numbers()
+    jwks = {"keys": [
+        {"kty": "EC", "crv": "P-256", "kid": "ec-1", "x": b64(ecn.x, 32), "y": b64(ecn.y, 32), "use": "sig"},
+        {"kty": "RSA", "kid": "rsa-1", "n": b64(rsan.n, 256), "e": b64(rsan.e, 3)},
+        {"kty": "EC", "crv": "P-256", "kid": "enc", "use": "enc", "x": "AA", "y": "AA"},
+    ]}
+    issuers = ('[issuers.idp]\nissuer = "https://idp.example.com/realms/agents"\naudience = "cloister"\n'
+               'jwks = "issuers/idp.jwks.json"\n')
+    w.persist(w.core.load_policy(w.sign_bundle(2, {"issuers.toml": issuers,
+                                                   "issuers/idp.jwks.json": json.dumps(jwks)}))[2])
+    now = w.clock.ms // 1000
+    claims = {"iss": "https://idp.example.com/realms/agents", "aud": "cloister", "sub": "refund-bot",
+              "roles": ["refund-agent"], "iat": now, "exp": now + 300}
+    for key, kid in ((ec_key, "ec-1"), (rsa_key, "rsa-1")):
+        assert call(w, encode_jwt(claims, key, kid=kid), "refunds", "customer_lookup", {}).allowed
+    bad = '{"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB"}]}'
+    with pytest.raises(PolicyRefused, match=r"issuers/idp.jwks.json: JWK Set key #0"):
+        w.core.load_policy(w.sign_bundle(3, {"issuers.toml": issuers, "issuers/idp.jwks.json": bad}))
