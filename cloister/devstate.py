@@ -15,6 +15,8 @@ Everything here is for development: private keys sit on disk in plain PEM (mode 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -139,14 +141,33 @@ def ensure_state(root: Path, *, bundle_source: Path | None = None) -> DevState:
     # The mock NSM's CA is created on first use; the enclave config pins its root.
     MockNsm(st.mock_nsm_dir, {}).root_pem()
     admin = st.admin_key()
-    config = (
-        "# The enclave's measured configuration (mock mode). Changing it changes PCR0.\n"
-        f'origin = "{st.origin()}"\n'
-        f'admin_keys = ["{_raw_hex(admin)}"]\n'
-        'trust_root = "mock:mock-nsm/root.pem"\n'
-    )
+    # Every image that has run this state's log may have signed it: pin the earlier ones as
+    # predecessors, as an operator does when upgrading the EIF, so changing enclave code does not
+    # strand the log. A new predecessor is added only when the measured code changed, so the
+    # config, and PCR0, stay the same from run to run otherwise.
+    from enclave.measure import code_digest, mock_pcrs, runtime_digest
+
+    history_file = st.root / "pcr0-history.json"
+    history: list[dict[str, str]] = json.loads(history_file.read_text()) if history_file.exists() else []
+    code = hashlib.sha384(code_digest() + runtime_digest()).hexdigest()
+    same_code = bool(history) and history[-1]["code"] == code
+    predecessors = [h["pcr0"] for h in (history[:-1] if same_code else history)]
+
+    def render(preds: list[str]) -> str:
+        return (
+            "# The enclave's measured configuration (mock mode). Changing it changes PCR0.\n"
+            f'origin = "{st.origin()}"\n'
+            f'admin_keys = ["{_raw_hex(admin)}"]\n'
+            'trust_root = "mock:mock-nsm/root.pem"\n'
+            + (f"predecessor_pcr0 = {json.dumps(preds)}\n" if preds else "")
+        )
+
+    config = render(predecessors)
     if not st.enclave_config.exists() or st.enclave_config.read_text() != config:
         st.enclave_config.write_text(config)
+    if not same_code:
+        pcr0 = mock_pcrs(config.encode())[0].hex()
+        history_file.write_text(json.dumps([*history, {"code": code, "pcr0": pcr0}], indent=1) + "\n")
     _refresh_bundle(st, bundle_source)
     return st
 

@@ -18,12 +18,12 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import os
+
     import anyio
 
     from parent.config import load_relay_config
     from parent.relay import serve
-
-    import os
 
     # See enclave/__main__.py: the parent-side bridge's threads wait less for the GIL.
     sys.setswitchinterval(float(os.environ.get("CLOISTER_SWITCH_INTERVAL", "0.0005")))
