@@ -73,7 +73,10 @@ class Stack:
     def dead(self) -> str | None:
         for name, proc in self.procs:
             if name not in self.optional and proc.poll() is not None:
-                return f"{name} exited with status {proc.returncode} (see its log in {self.log_dir}/{name}.log)"
+                log = self.log_dir / f"{name}.log"
+                lines = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+                last = "".join(f"\n    {line}" for line in lines)
+                return f"{name} exited with status {proc.returncode}; the end of {log}:{last}"
         return None
 
 
