@@ -38,14 +38,24 @@ def _b64(h: bytes | None) -> str:
 
 
 def key_checker(root: TrustRoot, expected_pcrs: Mapping[int, bytes] | None, allow_debug: bool,
-                origin: str) -> KeyChecker:
-    """Checks one key entry at `index`, given the root of the log's first `index` entries."""
+                origin: str, accepted_pcr0: frozenset[bytes] = frozenset()) -> KeyChecker:
+    """Checks one key entry at `index`, given the root of the log's first `index` entries.
+
+    `accepted_pcr0`: earlier images that may have run the log (upgrades): a key entry may carry
+    one of them as PCR0 instead of the expected one.
+    """
+    pcrs = dict(expected_pcrs or {})
+    allowed_pcr0 = accepted_pcr0 | ({pcrs.pop(0)} if 0 in pcrs else set())
 
     def check(index: int, entry: KeyEntry, root_before: bytes) -> tuple[EnclaveBinding, str]:
         # 1. The attestation verifies against the trust root and PCRs as of its own timestamp
         #    (key entries are old by nature), for this log's origin.
-        verified = verify_enclave(entry.attestation, root=root, at=DOCUMENT_TIME, expected_pcrs=expected_pcrs,
+        verified = verify_enclave(entry.attestation, root=root, at=DOCUMENT_TIME, expected_pcrs=pcrs,
                                   allow_debug=allow_debug, origin=origin)
+        pcr0 = verified.document.pcrs.get(0, b"")
+        if allowed_pcr0 and pcr0 not in allowed_pcr0:
+            raise VerificationError(f"its enclave's PCR0 {pcr0.hex()[:24]}... is neither --expect-pcr 0 nor an "
+                                    "--accept-pcr0 image")
         binding = verified.binding
         # 2. It binds exactly the keys the entry introduces.
         if binding.log_key != entry.log_key:
@@ -94,6 +104,7 @@ def replay_log(
     nonce: bytes,
     root: TrustRoot | None = None,
     expected_pcrs: Mapping[int, bytes] | None = None,
+    accepted_pcr0: frozenset[bytes] = frozenset(),
     allow_debug: bool = False,
     origin: str | None = None,
     generic_keys: Sequence[NoteVerifier] = (),
@@ -128,7 +139,7 @@ def replay_log(
     check = None
     if not generic_keys:
         assert root is not None
-        check = key_checker(root, expected_pcrs, allow_debug, checkpoint.origin)
+        check = key_checker(root, expected_pcrs, allow_debug, checkpoint.origin, accepted_pcr0)
     old = remembered(checkpoint.origin) if remembered is not None and not generic_keys else None
     want = [old.size] if old is not None and old.size <= checkpoint.size else []
     result = replay_tree(spec, checkpoint.size, decode=not generic_keys, check_key=check, want_sizes=want,

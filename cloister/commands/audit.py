@@ -74,6 +74,9 @@ def register(sub: Any) -> None:
     v.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     v.add_argument("--jobs", type=int, default=0, metavar="N",
                    help="worker processes (default: the number of CPUs; 1 = in this process)")
+    v.add_argument("--accept-pcr0", action="append", default=[], metavar="HEX",
+                   help="an earlier image's PCR0 that may have run this log (repeatable): key entries may carry "
+                   "it or --expect-pcr's PCR0, as the enclave's own predecessor_pcr0 allows upgrades")
     v.add_argument("--generic", action="store_true",
                    help="any C2SP tlog-tiles log: verify the tree and the checkpoint with --key, do not decode entries")
     v.add_argument("--key", action="append", default=[], metavar="VKEY",
@@ -486,7 +489,12 @@ def _replay(args: argparse.Namespace) -> int:
     now = _now()
     started = time.monotonic()
     try:
+        try:
+            accepted = frozenset(bytes.fromhex(h) for h in args.accept_pcr0)
+        except ValueError as exc:
+            raise _Usage(f"--accept-pcr0: not hex: {exc}") from exc
         replayed = replay_log(spec, now=now, nonce=os.urandom(32), root=root, expected_pcrs=pcrs,
+                              accepted_pcr0=accepted,
                               allow_debug=args.allow_debug, origin=args.origin, generic_keys=keys,
                               remembered=store.load if store is not None else None, jobs=jobs, progress=progress)
     except ValueError as exc:
