@@ -11,6 +11,7 @@
     trust_root = "aws"                        # or "mock:<root.pem>": to check the enclave's attestation
     max_argument_bytes = 1048576              # the relay refuses larger arguments outright
     enclave_timeout_s = 5
+    admin_token_file = "admin.token"          # enables POST /admin/redact for holders of this token
 
     [[upstreams]]
     name = "refunds"
@@ -76,6 +77,7 @@ class RelayConfig:
     upstreams: tuple[UpstreamConfig, ...]
     body_retention_days: int | None = None
     attestation_refresh_s: float = 3600.0
+    admin_token: str | None = None  # required by destructive admin endpoints (redaction); None disables them
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -145,6 +147,15 @@ def load_relay_config(path: Path) -> RelayConfig:
                                         artifact=(base / artifact) if artifact else None, reattest_s=reattest,
                                         ca_file=(base / ca_file) if ca_file else None))
     retention = _get(relay, "body_retention_days", int, where, None)
+    admin_token: str | None = None
+    token_file = _get(relay, "admin_token_file", str, where, None)
+    if token_file:
+        try:
+            admin_token = (base / token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: admin_token_file: cannot read {token_file}: {exc.strerror}") from exc
+        if len(admin_token) < 16:
+            raise ConfigError(f"{where}: the admin token must be at least 16 characters")
     return RelayConfig(
         path=path,
         host=host or "127.0.0.1",
@@ -161,4 +172,5 @@ def load_relay_config(path: Path) -> RelayConfig:
         upstreams=tuple(upstreams),
         body_retention_days=retention,
         attestation_refresh_s=float(_get(relay, "attestation_refresh_s", (int, float), where, 3600)),
+        admin_token=admin_token,
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hmac
 import json
 import logging
 import secrets
@@ -619,6 +620,13 @@ class Relay:
         """Replace a stored body by a tombstone that keeps its SHA-256: the log entry's commitment
         still checks, the content is gone. The log itself is never changed."""
         assert self.log is not None
+        token = self.config.admin_token
+        if token is None:
+            return JSONResponse({"error": "redaction is disabled: set admin_token_file in the relay config"},
+                                status_code=403)
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return JSONResponse({"error": "redaction needs 'Authorization: Bearer <admin token>'"}, status_code=401)
         ref = self._body_ref(request)
         if isinstance(ref, JSONResponse):
             return ref

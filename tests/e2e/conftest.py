@@ -19,6 +19,7 @@ from cloister.devstate import DevState, copy_example_bundle, ensure_state, free_
 from tests.e2e.procs import start_enclave, stop, wait_for
 
 HERE = Path(__file__).parent
+ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
 @dataclass
@@ -80,6 +81,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()
     calls = tmp / "calls.jsonl"
+    (tmp / "admin.token").write_text(ADMIN_TOKEN)
     py = json.dumps(sys.executable)
     (tmp / "relay.toml").write_text(f"""[relay]
 listen = "127.0.0.1:{port}"
@@ -87,6 +89,7 @@ enclave = "unix:{sock}"
 bundle = "state/bundle.signed"
 storage = "state/log"
 run_dir = "run"
+admin_token_file = "admin.token"
 max_argument_bytes = 65536
 enclave_timeout_s = 3
 

@@ -15,7 +15,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import ADMIN_TOKEN, Stack
 from tests.e2e.procs import stop, wait_for
 
 
@@ -87,11 +87,15 @@ def test_bodies_are_kept_beside_the_log_and_can_be_redacted(stack: Stack) -> Non
     assert body.status_code == 200 and canonical_sha256(parse_json(body.content)) == decision.args_sha256
     result = httpx2.get(f"{stack.relay_url}/log/body/{meta['outcome']}/result")
     assert canonical_sha256(parse_json(result.content)) == entry_at(stack, meta["outcome"]).result_sha256
-    r = httpx2.post(f"{stack.relay_url}/admin/redact/{meta['decision']}/args")
+    url = f"{stack.relay_url}/admin/redact/{meta['decision']}/args"
+    assert httpx2.post(url).status_code == 401
+    assert httpx2.post(url, headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    r = httpx2.post(url, headers=admin)
     assert r.status_code == 200 and r.json()["redacted"] is True
     assert httpx2.get(f"{stack.relay_url}/log/body/{meta['decision']}/args").status_code == 404
     assert entry_at(stack, meta["decision"]) == decision  # the log is untouched
-    assert httpx2.post(f"{stack.relay_url}/admin/redact/999999/args").status_code == 404
+    assert httpx2.post(f"{stack.relay_url}/admin/redact/999999/args", headers=admin).status_code == 404
 
 
 def test_tools_list_is_filtered_per_agent(stack: Stack) -> None:
