@@ -12,6 +12,10 @@ Every `tools/call` must then carry, in `params._meta`, a grant signed by an encl
 attestation document (also in `_meta`) verifies against the trust root and the expected
 PCRs. The grant must name this server, this tool and exactly these arguments, be unexpired,
 and is honoured once. Anything else is refused with JSON-RPC error GRANT_REFUSED.
+
+"Once" is per guard: the used nonces live in this process until the grants expire (the bundle's
+`grant_ttl_s`, 60 s by default). A server that restarts, or runs several replicas, within that
+window should share the nonces (subclass ReplayGuard over a shared store) or keep the TTL short.
 """
 
 from __future__ import annotations
