@@ -118,14 +118,21 @@ def _dump(obj: Any) -> None:
 
 # ---- validate / schema -----------------------------------------------------------------------
 
-def _validate(args: argparse.Namespace) -> int:
-    from cloister.policytools.validate import validate_files
+def _read_dir(args: argparse.Namespace) -> dict[str, bytes] | None:
+    """The bundle directory's files, or None after saying why they cannot be read."""
     from enclave.bundle import BundleError, read_bundle_dir
 
     try:
-        files = read_bundle_dir(args.dir)
+        return read_bundle_dir(args.dir)
     except (BundleError, OSError) as exc:
         _err(args, str(exc))
+        return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from cloister.policytools.validate import validate_files
+
+    if (files := _read_dir(args)) is None:
         return 2
     v = validate_files(files)
     failed = not v.ok or (args.strict and bool(v.warnings))
@@ -157,12 +164,9 @@ def _summary_text(s: dict[str, Any], where: Path, failed: bool) -> str:
 
 def _schema(args: argparse.Namespace) -> int:
     from cloister.policytools.schema import generate_schema, input_schemas
-    from enclave.bundle import BundleError, parse_bundle_files, read_bundle_dir
+    from enclave.bundle import BundleError, parse_bundle_files
 
-    try:
-        files = read_bundle_dir(args.dir)
-    except (BundleError, OSError) as exc:
-        _err(args, str(exc))
+    if (files := _read_dir(args)) is None:
         return 2
     try:
         bundle = parse_bundle_files(files)

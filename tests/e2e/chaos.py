@@ -50,7 +50,7 @@ from cloister.verify.merkle import (
 )
 from cloister.verify.note import Ed25519NoteVerifier
 from cloister.verify.tiles import TILE_WIDTH, TileNodeSource, entry_bundle_path, parse_entry_bundle
-from tests.e2e.procs import wait_for
+from tests.e2e.procs import start_relay, wait_for, write_relay_config
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -115,17 +115,10 @@ class ChaosStack:
         self.calls_file = tmp / "calls.jsonl"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.config = tmp / "relay.toml"
         py = json.dumps(sys.executable)
-        self.config.write_text(f"""[relay]
-listen = "127.0.0.1:{self.port}"
-enclave = "unix:{self.sock}"
-bundle = "state/bundle.signed"
-storage = "state/log"
-run_dir = "run"
-max_argument_bytes = 65536
-enclave_timeout_s = 5
-
+        self.config = write_relay_config(
+            tmp / "relay.toml", port=self.port, sock=self.sock,
+            extra="max_argument_bytes = 65536\nenclave_timeout_s = 5\n", upstreams=f"""
 [[upstreams]]
 name = "{SERVER}"
 command = [{py}, "{HERE / 'slow_server.py'}"]
@@ -166,9 +159,7 @@ timeout_s = 10
         self.enclave_starts += 1
 
     def start_relay(self) -> None:
-        self.relay = subprocess.Popen(
-            [sys.executable, "-m", "cloister.cli", "relay", "--config", str(self.config)], cwd=self.code,
-            stdout=(self.tmp / "relay.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.relay = start_relay(self.config, self.tmp / "relay.log", cwd=self.code)
         self.relay_starts += 1
 
     def health(self) -> dict[str, Any]:

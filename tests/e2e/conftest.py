@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from cloister.devstate import DevState, copy_example_bundle, ensure_state, free_port
-from tests.e2e.procs import start_enclave, stop, wait_for
+from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
 
 HERE = Path(__file__).parent
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -83,24 +83,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     calls = tmp / "calls.jsonl"
     (tmp / "admin.token").write_text(ADMIN_TOKEN)
     py = json.dumps(sys.executable)
-    (tmp / "relay.toml").write_text(f"""[relay]
-listen = "127.0.0.1:{port}"
-enclave = "unix:{sock}"
-bundle = "state/bundle.signed"
-storage = "state/log"
-run_dir = "run"
-admin_token_file = "admin.token"
-max_argument_bytes = 65536
-enclave_timeout_s = 3
-
+    config = write_relay_config(
+        tmp / "relay.toml", port=port, sock=sock,
+        extra='admin_token_file = "admin.token"\nmax_argument_bytes = 65536\nenclave_timeout_s = 3\n',
+        upstreams=f"""
 [[upstreams]]
 name = "slow"
 command = [{py}, "{HERE / 'slow_server.py'}"]
 env = {{ CALLS_FILE = "{calls}" }}
 timeout_s = 2
 """)
-    relay = subprocess.Popen([sys.executable, "-m", "cloister.cli", "relay", "--config", str(tmp / "relay.toml")],
-                             stdout=(tmp / "relay.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    relay = start_relay(config, tmp / "relay.log")
     s = Stack(state=state, relay_url=f"http://127.0.0.1:{port}", calls_file=calls, enclave=enclave, relay=relay,
               sock=sock, tmp=tmp)
     try:

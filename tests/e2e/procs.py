@@ -38,6 +38,24 @@ def start_enclave(state_root: Path, listen: str, *, log: Path,
     return proc, ready
 
 
+def write_relay_config(path: Path, *, port: int, sock: Path, extra: str = "", upstreams: str = "") -> Path:
+    """Write a relay config for the dev state next to `path`: `extra` adds `[relay]` keys, `upstreams` tables."""
+    path.write_text(f"""[relay]
+listen = "127.0.0.1:{port}"
+enclave = "unix:{sock}"
+bundle = "state/bundle.signed"
+storage = "state/log"
+run_dir = "run"
+{extra}{upstreams}""")
+    return path
+
+
+def start_relay(config: Path, log: Path, *, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start `python -m cloister.cli relay` in its own process group (`cwd`: run that code)."""
+    return subprocess.Popen([sys.executable, "-m", "cloister.cli", "relay", "--config", str(config)], cwd=cwd,
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
     stop_group(proc, sig, timeout)
 

@@ -20,7 +20,7 @@ from mcp.shared.exceptions import MCPError
 from cloister.devstate import DevState, copy_example_bundle, ensure_state, free_port
 from cloister.verify.tools import tool_definition_hash
 from tests.e2e.conftest import Stack
-from tests.e2e.procs import start_enclave, stop, wait_for
+from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
 from tests.e2e.test_relay import client
 
 HERE = Path(__file__).parent
@@ -61,14 +61,7 @@ class IdentityStack:
 def _write_relay(tmp: Path, port: int, sock: Path, variant_file: Path, artifact: Path) -> Path:
     # The relay launches the artifact itself, so changing the file changes what would run.
     py = json.dumps(sys.executable)
-    cfg = tmp / "relay.toml"
-    cfg.write_text(f"""[relay]
-listen = "127.0.0.1:{port}"
-enclave = "unix:{sock}"
-bundle = "state/bundle.signed"
-storage = "state/log"
-run_dir = "run"
-
+    return write_relay_config(tmp / "relay.toml", port=port, sock=sock, upstreams=f"""
 [[upstreams]]
 name = "variant"
 command = [{py}, "{artifact}"]
@@ -76,7 +69,6 @@ env = {{ VARIANT_FILE = "{variant_file}" }}
 artifact = "{artifact}"
 timeout_s = 5
 """)
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +97,7 @@ pins = {{ lookup = "{pin}" }}
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()
     cfg = _write_relay(tmp, port, sock, variant_file, artifact)
-    relay = subprocess.Popen([sys.executable, "-m", "cloister.cli", "relay", "--config", str(cfg)],
-                             stdout=(tmp / "relay.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    relay = start_relay(cfg, tmp / "relay.log")
     s = Stack(state=state, relay_url=f"http://127.0.0.1:{port}", calls_file=tmp / "calls", enclave=enclave,
               relay=relay, sock=sock, tmp=tmp)
     try:

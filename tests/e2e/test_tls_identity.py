@@ -22,7 +22,7 @@ from mcp.shared.exceptions import MCPError
 
 from cloister.devstate import copy_example_bundle, ensure_state, free_port
 from tests.e2e.conftest import Stack
-from tests.e2e.procs import start_enclave, stop, wait_for
+from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
 from tests.e2e.test_relay import client
 
 HERE = Path(__file__).parent
@@ -85,15 +85,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     upstreams = "".join(
         f'\n[[upstreams]]\nname = "{name}"\nurl = "https://127.0.0.1:{p}/mcp"\nca_file = "ca.pem"\ntimeout_s = 5\n'
         for name, (p, _) in servers.items())
-    (tmp / "relay.toml").write_text(f"""[relay]
-listen = "127.0.0.1:{port}"
-enclave = "unix:{sock}"
-bundle = "state/bundle.signed"
-storage = "state/log"
-run_dir = "run"
-{upstreams}""")
-    relay = subprocess.Popen([sys.executable, "-m", "cloister.cli", "relay", "--config", str(tmp / "relay.toml")],
-                             stdout=(tmp / "relay.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    relay = start_relay(write_relay_config(tmp / "relay.toml", port=port, sock=sock, upstreams=upstreams),
+                        tmp / "relay.log")
     s = Stack(state=state, relay_url=f"http://127.0.0.1:{port}", calls_file=tmp / "calls", enclave=enclave,
               relay=relay, sock=sock, tmp=tmp)
     try:

@@ -6,8 +6,6 @@ Every bad bundle is refused with the enclave's reason and leaves the running bun
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from cloister.policytools.signing import push
 from cloister.verify.bundle import ALG_EDDSA, admin_key_id, sign_bundle
 from cloister.verify.cose import encode_cose_sign1
 from enclave.bundle import read_bundle_dir
-from tests.e2e.procs import start_enclave, stop, wait_for
+from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
 from tests.policy.conftest import cli, make_bundle
 
 
@@ -53,16 +51,8 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     sock = tmp / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()
-    (tmp / "relay.toml").write_text(f"""[relay]
-listen = "127.0.0.1:{port}"
-enclave = "unix:{sock}"
-bundle = "state/bundle.signed"
-storage = "state/log"
-run_dir = "run"
-enclave_timeout_s = 5
-""")
-    proc = subprocess.Popen([sys.executable, "-m", "cloister.cli", "relay", "--config", str(tmp / "relay.toml")],
-                            stdout=(tmp / "relay.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    config = write_relay_config(tmp / "relay.toml", port=port, sock=sock, extra="enclave_timeout_s = 5\n")
+    proc = start_relay(config, tmp / "relay.log")
     r = Relay(url=f"http://127.0.0.1:{port}", state=state, tmp=tmp)
     try:
         wait_for(lambda: proc.poll() is not None or r.health().get("ready") is True, 60, "the relay to be ready")
