@@ -7,8 +7,8 @@ clock), so the code under test is exactly what `cloister enclave` runs.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -24,15 +24,33 @@ from enclave.measure import mock_pcrs
 from enclave.mock_nsm import MockNsm
 
 
+# The test world's epoch: a fixed instant, not the wall clock, so in-process tests give the same
+# answers on any date and at any hour (a Monday, inside the example's business hours).
+EPOCH = datetime(2026, 3, 2, 10, 30, tzinfo=UTC)
+
+
+def epoch_ms(at: datetime = EPOCH) -> int:
+    return int(at.timestamp() * 1000)
+
+
 @dataclass
 class Clock:
-    ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    """The one injectable clock of a test world: the enclave, the mock NSM's certificates and
+    documents, tokens and grants all read it, so moving it moves everything together."""
+
+    ms: int = field(default_factory=epoch_ms)
 
     def __call__(self) -> int:
         return self.ms
 
     def advance(self, seconds: float) -> None:
         self.ms += int(seconds * 1000)
+
+    def datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.ms / 1000, UTC)
+
+    def seconds(self) -> int:
+        return self.ms // 1000
 
 
 @dataclass
@@ -59,7 +77,7 @@ class World:
         self.checkpoints.append(a.checkpoint.note)
 
     def token(self, agent: str, roles: list[str], ttl: int = 600, **over: object) -> str:
-        now = self.clock.ms // 1000
+        now = self.clock.seconds()
         claims: dict[str, object] = {"iss": "cloister-dev", "aud": "cloister", "sub": agent, "roles": roles,
                                      "iat": now, "exp": now + ttl}
         claims.update(over)
@@ -78,13 +96,11 @@ class World:
     def new_core(self) -> EnclaveCore:
         config = load_config(self.config_path)
         pcrs = mock_pcrs(config.raw)
-        return EnclaveCore(config, MockNsm(self.root / "mock-nsm", pcrs, clock=self._dt), pcrs=pcrs,
-                           clock_ms=self.clock, mock_nsm=True)
+        return EnclaveCore(config, self.mock_nsm(pcrs), pcrs=pcrs, clock_ms=self.clock, mock_nsm=True)
 
-    def _dt(self):  # type: ignore[no-untyped-def]
-        from datetime import UTC, datetime
-
-        return datetime.fromtimestamp(self.clock.ms / 1000, UTC)
+    def mock_nsm(self, pcrs: dict[int, bytes]) -> MockNsm:
+        """A mock NSM on this world's CA and clock (an upstream's, or the enclave's)."""
+        return MockNsm(self.root / "mock-nsm", pcrs, clock=self.clock.datetime)
 
 
 def decision_bundle(dst: Path) -> Path:
@@ -101,7 +117,9 @@ def decision_bundle(dst: Path) -> Path:
     return dst
 
 
-def make_world(root: Path, *, start: bool = True, policy: bool = True, identities: bool = False) -> World:
+def make_world(root: Path, *, start: bool = True, policy: bool = True, identities: bool = False,
+               clock: Clock | None = None) -> World:
+    clock = clock or Clock()
     admin = ed25519.Ed25519PrivateKey.generate()
     issuer = ed25519.Ed25519PrivateKey.generate()
     bundle_dir = root / "bundle"
@@ -112,12 +130,11 @@ def make_world(root: Path, *, start: bool = True, policy: bool = True, identitie
     (bundle_dir / "issuers").mkdir(exist_ok=True)
     (bundle_dir / "issuers" / "cloister-dev.pem").write_bytes(
         issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
-    MockNsm(root / "mock-nsm", {}).root_pem()
+    MockNsm(root / "mock-nsm", {}, clock=clock.datetime).root_pem()  # the CA is born on the world's clock
     config_path = root / "enclave.toml"
     raw = admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
     config_path.write_text(f'origin = "cloister.test/log"\nadmin_keys = ["{raw}"]\n'
                            'trust_root = "mock:mock-nsm/root.pem"\n')
-    clock = Clock()
     w = World(root=root, admin=admin, issuer=issuer, clock=clock, core=None, config_path=config_path,  # type: ignore[arg-type]
               bundle_dir=bundle_dir)
     w.core = w.new_core()

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from cloister.verify.entries import DecisionEntry, parse_entry
-from enclave.mock_nsm import MockNsm
-from tests.world import World, make_world
+from tests.world import Clock, World, make_world
 
 
 def at(hour: int) -> int:
@@ -20,13 +19,13 @@ def at(hour: int) -> int:
 
 @pytest.fixture
 def w(tmp_path: Path) -> World:
-    w = make_world(tmp_path, identities=True)
-    w.clock.ms = at(10)
+    # The scenario's clock exists before the world, so the mock CA is born on it too.
+    w = make_world(tmp_path, identities=True, clock=Clock(at(10)))
     # Prove refunds' identity the way the relay would, with the mock NSM and the pinned PCR0.
     from cloister.examples.refunds import expected_pcr0
 
     nonce, _ = w.core.server_challenge("refunds", reconnect=True)
-    doc = MockNsm(w.root / "mock-nsm", {0: expected_pcr0()}, clock=w._dt).attestation(nonce=nonce)
+    doc = w.mock_nsm({0: expected_pcr0()}).attestation(nonce=nonce)
     rep, a = w.core.report_server(server="refunds", attestation=doc, artifact=b"", certificates=[], tools_json=b"",
                                   failure="", evidence=True, persisted_size=len(w.log))
     w.persist(a)
@@ -83,7 +82,7 @@ def test_time_window(w: World, hour: int, allowed: bool) -> None:
     from cloister.examples.refunds import expected_pcr0
 
     nonce, _ = w.core.server_challenge("refunds", reconnect=True)
-    doc = MockNsm(w.root / "mock-nsm", {0: expected_pcr0()}, clock=w._dt).attestation(nonce=nonce)
+    doc = w.mock_nsm({0: expected_pcr0()}).attestation(nonce=nonce)
     w.persist(w.core.report_server(server="refunds", attestation=doc, artifact=b"", certificates=[], tools_json=b"",
                                    failure="", evidence=True, persisted_size=len(w.log))[1])
     entities = (w.bundle_dir / "entities.toml").read_text().replace(

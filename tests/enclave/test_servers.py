@@ -16,8 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from cloister.verify.entries import ServerEntry, parse_entry
 from cloister.verify.tools import tool_definition_hash
-from enclave.mock_nsm import MockNsm
-from tests.world import World, make_world
+from tests.world import EPOCH, World, make_world
 
 UPSTREAM_PCR0 = hashlib.sha384(b"the approved refunds server").digest()
 ARTIFACT = b"#!/usr/bin/env python3\nprint('research server v1')\n"
@@ -27,10 +26,10 @@ TOOLS = [
 ]
 
 
-def tls_cert() -> tuple[bytes, str]:
+def tls_cert(now: dt.datetime = EPOCH) -> tuple[bytes, str]:
+    """A one-day certificate valid from the test world's epoch (never the wall clock)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "billing.internal")])
-    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
     spki = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
@@ -106,7 +105,7 @@ def visible(w: World) -> list[tuple[str, str]]:
 
 
 def nitro_doc(w: World, pcr0: bytes, nonce: bytes) -> bytes:
-    return MockNsm(w.root / "mock-nsm", {0: pcr0}, clock=w._dt).attestation(nonce=nonce)
+    return w.mock_nsm({0: pcr0}).attestation(nonce=nonce)
 
 
 def test_everything_that_must_prove_itself_starts_quarantined(w: World) -> None:

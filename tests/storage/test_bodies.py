@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -121,10 +120,14 @@ def test_retention_prunes_old_bodies(log: FakeLog, log_dir: Path) -> None:
         w.put_body(1, "args", ARGS)
         await w.persist(a.first_index, a.entries, a.checkpoint)
         await w.close()
-        eight_days_ago = time.time() - 8 * 86400
-        os.utime(log_dir / "bodies/000.args", (eight_days_ago, eight_days_ago))
+        # Both ages are set from one instant, which prune_bodies is then given: the file system's
+        # own mtimes and the wall clock never meet (under faketime they are 400 days apart).
+        now_s = 1_800_000_000
+        for name, age_days in (("000.args", 8), ("001.args", 1)):
+            then = now_s - age_days * 86400
+            os.utime(log_dir / "bodies" / name, (then, then))
         w = await open_writer(log_dir, body_retention_days=7)
-        assert await w.prune_bodies() == 1
+        assert await w.prune_bodies(now=now_s * 1000) == 1
         assert await w.get_body(0, "args") is None
         assert await w.get_body(1, "args") == ARGS
         await w.close()
