@@ -86,7 +86,7 @@ def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def stop(p: subprocess.Popen[bytes]) -> None:
-    from cloister.proc import stop_group
+    from cloister.dev.proc import stop_group
 
     stop_group(p, timeout=20)
 
@@ -104,7 +104,7 @@ def wait_port(port: int, timeout: float = 30) -> None:
 
 
 def bench_end_to_end(work: Path, quick: bool) -> dict[str, Any]:
-    from cloister.devstate import copy_example_bundle, free_port
+    from cloister.dev.state import copy_example_bundle, free_port
 
     bundle = work / "bench-bundle"
     copy_example_bundle(bundle)
@@ -113,7 +113,7 @@ def bench_end_to_end(work: Path, quick: bool) -> dict[str, Any]:
     up = start([sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0", "--bundle",
                 str(bundle)], work / "up.log")
     direct_port = free_port()
-    direct = start([sys.executable, "-m", "cloister.examples.refunds", "--port", str(direct_port),
+    direct = start([sys.executable, "-m", "cloister.dev.examples.refunds", "--port", str(direct_port),
                     "--unsafe-no-grants"], work / "direct.log")
     try:
         deadline = time.monotonic() + 120
@@ -141,7 +141,7 @@ def bench_end_to_end(work: Path, quick: bool) -> dict[str, Any]:
 # ---- 2. inside the enclave --------------------------------------------------------------------
 
 def synthetic_bundle(src: Path, dst: Path, policies: int, agents: int) -> None:
-    from cloister.devstate import copy_example_bundle
+    from cloister.dev.state import copy_example_bundle
 
     copy_example_bundle(dst, src)
     # Only the refunds policies apply to this bundle's servers (the enclave refuses policies that
@@ -177,14 +177,14 @@ def bench_enclave(work: Path, quick: bool) -> list[dict[str, Any]]:
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    from cloister.devstate import example_bundle_dir
+    from cloister.dev.measure import mock_pcrs
+    from cloister.dev.mock_nsm import MockNsm
+    from cloister.dev.state import example_bundle_dir
+    from cloister.enclave.bundle import read_bundle_dir
+    from cloister.enclave.config import load_config
+    from cloister.enclave.core import EnclaveCore
     from cloister.verify.bundle import sign_bundle
     from cloister.verify.jwt import encode_jwt
-    from enclave.bundle import read_bundle_dir
-    from enclave.config import load_config
-    from enclave.core import EnclaveCore
-    from enclave.measure import mock_pcrs
-    from enclave.mock_nsm import MockNsm
 
     rows = []
     issuer = ed25519.Ed25519PrivateKey.generate()
@@ -234,6 +234,7 @@ def bench_enclave(work: Path, quick: bool) -> list[dict[str, Any]]:
 def bench_log(quick: bool) -> dict[str, float]:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
+    from cloister.enclave.sequencer import Sequencer
     from cloister.verify.merkle import (
         CompactRange,
         compact_range_hashes,
@@ -243,7 +244,6 @@ def bench_log(quick: bool) -> dict[str, float]:
         verify_inclusion,
     )
     from cloister.verify.note import Ed25519NoteSigner
-    from enclave.sequencer import Sequencer
 
     out: dict[str, float] = {}
     seq = Sequencer("bench/log", Ed25519NoteSigner("bench/log", ed25519.Ed25519PrivateKey.generate()),

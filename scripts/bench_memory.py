@@ -62,15 +62,15 @@ sys.path.insert(0, str(ROOT))
 from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
 
+from cloister.dev.measure import mock_pcrs  # noqa: E402
+from cloister.dev.mock_nsm import MockNsm  # noqa: E402
+from cloister.enclave.bundle import read_bundle_dir  # noqa: E402
+from cloister.enclave.config import load_config  # noqa: E402
+from cloister.enclave.core import EnclaveCore  # noqa: E402
+from cloister.enclave.sequencer import MAX_PENDING_ENTRIES, Backpressure, Sequencer  # noqa: E402
 from cloister.verify.bundle import sign_bundle  # noqa: E402
 from cloister.verify.entries import DecisionEntry, encode_entry  # noqa: E402
 from cloister.verify.jwt import encode_jwt  # noqa: E402
-from enclave.bundle import read_bundle_dir  # noqa: E402
-from enclave.config import load_config  # noqa: E402
-from enclave.core import EnclaveCore  # noqa: E402
-from enclave.measure import mock_pcrs  # noqa: E402
-from enclave.mock_nsm import MockNsm  # noqa: E402
-from enclave.sequencer import MAX_PENDING_ENTRIES, Backpressure, Sequencer  # noqa: E402
 
 MARKS = (0, 100_000, 250_000, 500_000, 1_000_000)
 BATCH = 1024  # entries per "group commit": the parent confirms, a checkpoint is signed

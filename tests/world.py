@@ -14,15 +14,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from cloister.devstate import copy_example_bundle
+from cloister.dev.measure import mock_pcrs
+from cloister.dev.mock_nsm import MockNsm
+from cloister.dev.state import copy_example_bundle
+from cloister.enclave.bundle import read_bundle_dir
+from cloister.enclave.config import load_config
+from cloister.enclave.core import EnclaveCore, LogAppend
 from cloister.verify.bundle import sign_bundle
 from cloister.verify.jwt import encode_jwt
-from enclave.bundle import read_bundle_dir
-from enclave.config import load_config
-from enclave.core import EnclaveCore, LogAppend
-from enclave.measure import mock_pcrs
-from enclave.mock_nsm import MockNsm
-
 
 # The test world's epoch: a fixed instant, not the wall clock, so in-process tests give the same
 # answers on any date and at any hour (a Monday, inside the example's business hours).

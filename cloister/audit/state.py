@@ -39,7 +39,7 @@ MAX_STATE_FILE = 4 << 20
 
 
 def default_state_dir() -> Path:
-    from cloister.trustroot import state_dir
+    from cloister.audit.trustroot import state_dir
 
     return state_dir() / "audit"
 

@@ -1,6 +1,6 @@
 """The logic behind `cloister policy`: validate, sign, push, diff and explain policy bundles.
 
-Importable and testable without the command line; `cloister/commands/policy.py` only parses
+Importable and testable without the command line; `cloister/cli/policy.py` only parses
 arguments and prints. Each module does one thing:
 
 - `cedarsrc`: Cedar source split into statements, parse errors placed on lines;

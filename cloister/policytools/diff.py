@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloister.enclave.bundle import BundleError, Limit, PolicyBundle, action_id, parse_bundle_files
 from cloister.policytools.source import BundleSource
-from enclave.bundle import BundleError, Limit, PolicyBundle, action_id, parse_bundle_files
 
 
 @dataclass

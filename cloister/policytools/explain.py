@@ -19,14 +19,14 @@ from typing import Any
 
 import cedarpy
 
+from cloister.enclave.bundle import MAX_LIMIT_VALUE, NAMESPACE, Limit, PolicyBundle, action_id
+from cloister.enclave.limits import BadCost, LimitBook
+from cloister.enclave.policy import PolicyEngine, Principal, cedar_value
 from cloister.policytools.diff import describe_limit
 from cloister.policytools.findings import PolicyInfo, Validation
 from cloister.policytools.schema import input_schemas
 from cloister.verify.canonical import parse_json
 from cloister.verify.errors import DecodeError
-from enclave.bundle import MAX_LIMIT_VALUE, NAMESPACE, Limit, PolicyBundle, action_id
-from enclave.limits import BadCost, LimitBook
-from enclave.policy import PolicyEngine, Principal, cedar_value
 
 LIVE_STATE_NOTE = ("limits are checked against an empty window: this shows which limits apply and what this call "
                    "costs; what remains now is known only to the running enclave")

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from cloister.enclave.bundle import PolicyBundle
 from cloister.policytools.cedarsrc import Statement
-from enclave.bundle import PolicyBundle
 
 SCHEMA_FILE = "schema.cedarschema"
 BUNDLE = "<bundle>"  # the file name of findings about the bundle as a whole

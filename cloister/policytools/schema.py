@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from enclave.bundle import NAMESPACE, PolicyBundle, action_id
+from cloister.enclave.bundle import NAMESPACE, PolicyBundle, action_id
 
 INPUTS_DIR = "inputs/"
 _MAX_DEPTH = 8

@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 import cedarpy
 
+from cloister.enclave.bundle import NAMESPACE, action_id
 from cloister.policytools.findings import BUNDLE, SCHEMA_FILE, Finding, PolicyInfo, Validation, guess_line, line_of
 from cloister.policytools.schema import generate_schema, input_schemas
-from enclave.bundle import NAMESPACE, action_id
 
 # cedarpy's parser and validator slow down more than linearly with the number of policies in one
 # call (10,000 policies: 2 s to parse, 12 s to validate at once; 0.3 s and 1.7 s in chunks).

@@ -26,13 +26,13 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from cloister.enclave.bundle import read_bundle_dir
 from cloister.policytools.findings import Validation
 from cloister.policytools.source import InputError, read_signed
 from cloister.policytools.validate import validate_files
 from cloister.verify.bundle import admin_key_id, read_bundle_header, sign_bundle
 from cloister.verify.cose import parse_cose_sign1
 from cloister.verify.errors import DecodeError
-from enclave.bundle import read_bundle_dir
 
 MAX_ANSWER = 1 << 16
 

@@ -10,10 +10,10 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloister.enclave.bundle import read_bundle_dir
 from cloister.verify.bundle import MAX_BUNDLE_BYTES, read_bundle_header, unsigned_files
 from cloister.verify.cose import parse_cose_sign1
 from cloister.verify.errors import CloisterError, DecodeError
-from enclave.bundle import read_bundle_dir
 
 MAX_SIGNED_BYTES = MAX_BUNDLE_BYTES + 4096
 

@@ -1,6 +1,6 @@
 """`cloister policy validate`: every problem in a bundle, each with its file and line.
 
-The enclave's parser (`enclave.bundle.parse_bundle_files`) is the authority: a bundle it
+The enclave's parser (`cloister.enclave.bundle.parse_bundle_files`) is the authority: a bundle it
 refuses is invalid. It stops at the first problem, though, and names a file but rarely a
 line, so validation first checks each file on its own (TOML syntax, each Cedar statement,
 each limit), then runs the enclave's parser, then checks what the enclave does not:
@@ -24,21 +24,21 @@ from typing import Any
 
 import cedarpy
 
+from cloister.enclave.bundle import (
+    ACTION_GROUPS,
+    NAMESPACE,
+    BundleError,
+    PolicyBundle,
+    action_id,
+    parse_bundle_files,
+)
 from cloister.policytools.cedarsrc import Statement, locate_parse_error, split_statements
 from cloister.policytools.findings import BUNDLE, SCHEMA_FILE, Finding, PolicyInfo, Validation, guess_line, line_of
 from cloister.policytools.schema import INPUTS_DIR
 from cloister.policytools.schemacheck import CHUNK, check_against_schema
 from cloister.verify.bundle import pack_payload
 from cloister.verify.errors import DecodeError
-from enclave.bundle import (
-    ACTION_GROUPS,
-    NAMESPACE,
-    TOOL_SEPARATOR,
-    BundleError,
-    PolicyBundle,
-    action_id,
-    parse_bundle_files,
-)
+from cloister.wire.contract import TOOL_SEPARATOR
 
 __all__ = ["BUNDLE", "SCHEMA_FILE", "Finding", "PolicyInfo", "Validation", "entity_refs", "validate_files"]
 
@@ -202,7 +202,7 @@ def _limit_blocks(text: str) -> list[tuple[int, str]]:
 
 def _check_limit_blocks(v: Validation, texts: Mapping[str, str], tomls: Mapping[str, Any]) -> None:
     """Run the enclave's limit checks on each limit alone, so that every bad limit is reported."""
-    from enclave.bundle import _entities, _limits  # the enclave's own checks, one limit at a time
+    from cloister.enclave.bundle import _entities, _limits  # the enclave's own checks, one limit at a time
 
     raw = tomls.get("limits.toml", {}).get("limits")
     if "limits.toml" not in tomls or not isinstance(raw, list) or "entities.toml" not in tomls:
@@ -343,7 +343,7 @@ def _check_limit_semantics(v: Validation, texts: Mapping[str, str]) -> None:
 def _check_unused_files(v: Validation) -> None:
     b = v.bundle
     assert b is not None
-    from enclave.bundle import _toml
+    from cloister.enclave.bundle import _toml
 
     used = {*TOML_FILES, SCHEMA_FILE}
     issuers = _toml(v.files, "issuers.toml", required=False).get("issuers", {})

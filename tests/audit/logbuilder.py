@@ -1,6 +1,6 @@
 """Real Cloister logs for the auditor's tests, made by the real enclave code in this process.
 
-`TestLog` runs `enclave.core.EnclaveCore` on a `MockNsm` (AWS-format attestation documents from a
+`TestLog` runs `cloister.enclave.core.EnclaveCore` on a `MockNsm` (AWS-format attestation documents from a
 local CA), loads a signed policy bundle (the example bundle plus a test issuer key), makes
 decisions and outcomes, restarts the enclave over its own log (a resumed log, with a second key
 entry), and writes everything in the C2SP tlog-tiles layout with `write_tiles`.
@@ -28,6 +28,10 @@ from urllib.parse import parse_qs, urlsplit
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from cloister.dev.mock_nsm import MockNsm
+from cloister.enclave.bundle import read_bundle_dir
+from cloister.enclave.config import EnclaveConfig
+from cloister.enclave.core import EnclaveCore, LogAppend, policy_extension
 from cloister.verify.attestation import TrustRoot
 from cloister.verify.bundle import admin_key_id, sign_bundle
 from cloister.verify.checkpoint import Checkpoint
@@ -41,13 +45,9 @@ from cloister.verify.tiles import (
     entry_bundles,
     hash_tiles,
 )
-from enclave.bundle import read_bundle_dir
-from enclave.config import EnclaveConfig
-from enclave.core import EnclaveCore, LogAppend, policy_extension
-from enclave.mock_nsm import MockNsm
 from tests.world import decision_bundle
 
-EXAMPLE_BUNDLE = Path(__file__).resolve().parents[2] / "cloister" / "examples" / "bundle"
+EXAMPLE_BUNDLE = Path(__file__).resolve().parents[2] / "cloister" / "dev" / "examples" / "bundle"
 PCRS = {0: bytes.fromhex("a1" * 48), 1: bytes.fromhex("b2" * 48), 2: bytes.fromhex("c3" * 48)}
 ORIGIN = "audit.test/log"
 

@@ -32,7 +32,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from cloister.audit.source import DirSource, SourceSpec, read_tile
-from cloister.devstate import DevState, ensure_state, free_port
+from cloister.dev.state import DevState, ensure_state, free_port
 from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot
 from cloister.verify.canonical import canonical_sha256
 from cloister.verify.checkpoint import parse_checkpoint, verify_checkpoint
@@ -128,7 +128,7 @@ timeout_s = 10
         # The processes run a snapshot of the code taken now: other work in the same tree must not
         # change the enclave's measurement (its mock PCR0) between two starts of one run.
         self.code = tmp / "code"
-        for pkg in ("cloister", "enclave", "parent"):
+        for pkg in ("cloister",):
             shutil.copytree(ROOT / pkg, self.code / pkg, ignore=shutil.ignore_patterns("__pycache__"))
         self.enclave: subprocess.Popen[bytes] | None = None
         self.relay: subprocess.Popen[bytes] | None = None
@@ -693,24 +693,24 @@ class _Context:
 
 
 class InProcessEnclave:
-    """parent.enclave_client.EnclaveClient's interface, answered by the enclave's own gRPC servicer
+    """cloister.relay.enclave_client.EnclaveClient's interface, answered by the enclave's own gRPC servicer
     (enclave.service.EnclaveService over an EnclaveCore) in this process, with no sockets. A dead
     enclave's lost answers are simply answers the test never hands to the relay."""
 
     def __init__(self, core: Any) -> None:
-        from enclave.service import EnclaveService
+        from cloister.enclave.service import EnclaveService
 
         self.core = core
         self.service = EnclaveService(core)
 
     def restart(self, core: Any) -> None:
         """SIGKILL and a fresh start: new keys, an empty log (AWAITING_LOG)."""
-        from enclave.service import EnclaveService
+        from cloister.enclave.service import EnclaveService
 
         self.core, self.service = core, EnclaveService(core)
 
     async def _call(self, method: str, request: Any) -> Any:
-        from parent.enclave_client import EnclaveRefused
+        from cloister.relay.enclave_client import EnclaveRefused
 
         try:
             return getattr(self.service, method)(request, _Context())
@@ -718,23 +718,23 @@ class InProcessEnclave:
             raise EnclaveRefused(*exc.args) from exc
 
     async def health(self, timeout: float | None = None) -> Any:
-        from cloister.rpc import enclave_pb2 as pb
+        from cloister.wire import enclave_pb2 as pb
 
         return await self._call("Health", pb.HealthRequest())
 
     async def start_log(self, resume: Any) -> Any:
-        from cloister.rpc import enclave_pb2 as pb
+        from cloister.wire import enclave_pb2 as pb
 
         return await self._call("StartLog", pb.StartLogRequest(resume=resume) if resume is not None
                                 else pb.StartLogRequest())
 
     async def sync(self, persisted_size: int) -> Any:
-        from cloister.rpc import enclave_pb2 as pb
+        from cloister.wire import enclave_pb2 as pb
 
         return await self._call("SyncLog", pb.SyncLogRequest(persisted_size=persisted_size))
 
     async def load_policy(self, bundle: bytes, persisted_size: int) -> Any:
-        from cloister.rpc import enclave_pb2 as pb
+        from cloister.wire import enclave_pb2 as pb
 
         return await self._call("LoadPolicy", pb.LoadPolicyRequest(bundle=bundle, persisted_size=persisted_size))
 
@@ -745,7 +745,7 @@ class InProcessEnclave:
         return await self._call("RecordOutcome", request)
 
     async def attest(self, nonce: bytes, *, include_checkpoint: bool = False) -> Any:
-        from cloister.rpc import enclave_pb2 as pb
+        from cloister.wire import enclave_pb2 as pb
 
         return await self._call("Attest", pb.AttestRequest(nonce=nonce, include_checkpoint=include_checkpoint))
 
@@ -760,9 +760,9 @@ class InProcess:
     (e.g. an enclave that dies after sequencing an entry whose answer never reaches the relay)."""
 
     def __init__(self, tmp: Path, agent: str = "agent-0") -> None:
-        from enclave.config import load_config
-        from enclave.measure import mock_pcrs
-        from parent.config import load_relay_config
+        from cloister.dev.measure import mock_pcrs
+        from cloister.enclave.config import load_config
+        from cloister.relay.config import load_relay_config
 
         self.tmp = tmp
         self.agent = agent
@@ -776,15 +776,15 @@ class InProcess:
         self.relay_config = load_relay_config(relay_toml)
 
     def new_core(self) -> Any:
-        from enclave.core import EnclaveCore
-        from enclave.mock_nsm import MockNsm
+        from cloister.dev.mock_nsm import MockNsm
+        from cloister.enclave.core import EnclaveCore
 
         return EnclaveCore(self.config, MockNsm(self.state.mock_nsm_dir, self.pcrs), pcrs=self.pcrs,
                            clock_ms=lambda: time.time_ns() // 1_000_000, mock_nsm=True)
 
     async def start_relay(self) -> tuple[Any, InProcessEnclave]:
         """Relay.start without the network: open storage, then bring the enclave to a running log."""
-        from parent.relay import Relay, open_storage
+        from cloister.relay.relay import Relay, open_storage
 
         relay = Relay(self.relay_config)
         enclave = InProcessEnclave(self.new_core())
@@ -795,7 +795,7 @@ class InProcess:
 
     async def authorize(self, relay: Any, text: str) -> Any:
         """Relay._call_tool's step 1: ask the enclave (the answer is persisted separately)."""
-        from cloister.rpc import enclave_pb2 as pb
+        from cloister.wire import enclave_pb2 as pb
 
         return await relay.enclave.authorize(pb.AuthorizeRequest(
             token=self.token, server=SERVER, tool=TOOL, arguments_json=json.dumps({"text": text}).encode(),

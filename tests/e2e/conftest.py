@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cloister.devstate import DevState, copy_example_bundle, ensure_state, free_port
+from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
 from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
 
 HERE = Path(__file__).parent

@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloister.proc import stop_group
+from cloister.dev.proc import stop_group
 
 
 def start_enclave(state_root: Path, listen: str, *, log: Path,
                   cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """Start `python -m enclave` in mock mode and wait for its ready line (`cwd`: run that code)."""
+    """Start the enclave (`python -m cloister.dev.enclave`, mock NSM) and wait for its ready line (`cwd`: run that code)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "enclave", "--listen", listen, "--config", str(state_root / "enclave.toml"),
+        [sys.executable, "-m", "cloister.dev.enclave", "--listen", listen, "--config", str(state_root / "enclave.toml"),
          "--mock-nsm", str(state_root / "mock-nsm")],
         cwd=cwd, stdout=subprocess.PIPE, stderr=log.open("ab"), start_new_session=True)
     ready: dict[str, Any] = {}

@@ -79,12 +79,12 @@ import anyio
 import httpx2
 import pytest
 
+from cloister.relay.storage.errors import StorageError
 from cloister.verify.attestation import TrustRoot
 from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.entries import DecisionEntry, KeyEntry, OutcomeEntry, encode_entry, parse_entry
 from cloister.verify.note import Ed25519NoteVerifier
 from cloister.verify.tiles import TILE_WIDTH, encode_entry_bundle, entry_bundle_path, parse_entry_bundle
-from parent.storage.errors import StorageError
 from tests.e2e.chaos import (
     SLEEPY,
     ChaosStack,

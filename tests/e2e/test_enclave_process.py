@@ -12,15 +12,15 @@ from pathlib import Path
 import anyio
 import pytest
 
-from cloister.devstate import ensure_state
-from cloister.rpc import enclave_pb2 as pb
+from cloister.dev.measure import mock_pcrs
+from cloister.dev.state import ensure_state
+from cloister.enclave.config import load_config
+from cloister.relay.enclave_client import EnclaveClient, EnclaveRefused, EnclaveUnavailable
 from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot
 from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.enclave_identity import verify_enclave
 from cloister.verify.entries import DecisionEntry, parse_entry
-from enclave.config import load_config
-from enclave.measure import mock_pcrs
-from parent.enclave_client import EnclaveClient, EnclaveRefused, EnclaveUnavailable
+from cloister.wire import enclave_pb2 as pb
 from tests.e2e.procs import start_enclave, stop
 
 

@@ -17,7 +17,7 @@ import anyio
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from cloister.devstate import DevState, copy_example_bundle, ensure_state, free_port
+from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
 from cloister.verify.tools import tool_definition_hash
 from tests.e2e.conftest import Stack
 from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config

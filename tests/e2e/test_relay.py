@@ -187,8 +187,8 @@ def denied_after_forward(stack: Stack, tool: str, args: dict[str, Any]) -> MCPEr
 def test_policy_push_is_verified_by_the_enclave(stack: Stack) -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
+    from cloister.enclave.bundle import read_bundle_dir
     from cloister.verify.bundle import sign_bundle
-    from enclave.bundle import read_bundle_dir
 
     files = read_bundle_dir(stack.state.bundle_dir)
     url = f"{stack.relay_url}/admin/policy"

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from mcp.shared.exceptions import MCPError
 
-from cloister.devstate import copy_example_bundle, ensure_state, free_port
+from cloister.dev.state import copy_example_bundle, ensure_state, free_port
 from tests.e2e.conftest import Stack
 from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
 from tests.e2e.test_relay import client

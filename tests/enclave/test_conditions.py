@@ -22,7 +22,7 @@ def w(tmp_path: Path) -> World:
     # The scenario's clock exists before the world, so the mock CA is born on it too.
     w = make_world(tmp_path, identities=True, clock=Clock(at(10)))
     # Prove refunds' identity the way the relay would, with the mock NSM and the pinned PCR0.
-    from cloister.examples.refunds import expected_pcr0
+    from cloister.dev.examples.refunds import expected_pcr0
 
     nonce, _ = w.core.server_challenge("refunds", reconnect=True)
     doc = w.mock_nsm({0: expected_pcr0()}).attestation(nonce=nonce)
@@ -79,7 +79,7 @@ def test_time_window(w: World, hour: int, allowed: bool) -> None:
     w.clock.ms = at(hour)
     w.clock.ms -= 30 * 60 * 1000  # on the hour
     # Refresh refunds' proof at this time, then ask as a supervisor.
-    from cloister.examples.refunds import expected_pcr0
+    from cloister.dev.examples.refunds import expected_pcr0
 
     nonce, _ = w.core.server_challenge("refunds", reconnect=True)
     doc = w.mock_nsm({0: expected_pcr0()}).attestation(nonce=nonce)
@@ -104,7 +104,7 @@ def test_discovery_scoping(w: World) -> None:
 
 
 def test_an_oversize_bundle_is_refused_and_the_running_one_kept(w: World) -> None:
-    from enclave.core import PolicyRefused
+    from cloister.enclave.core import PolicyRefused
 
     with pytest.raises(Exception, match="limit"):
         w.sign_bundle(9, {"policies/huge.cedar": "// " + "x" * (9 << 20)})

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from cloister.enclave.core import NotReady, PolicyRefused
 from cloister.verify.canonical import canonical_sha256
 from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.enclave_identity import EnclaveBinding
 from cloister.verify.entries import DecisionEntry, KeyEntry, OutcomeEntry, PolicyEntry, parse_entry
 from cloister.verify.grant import GrantError, ReplayGuard, verify_grant
 from cloister.verify.merkle import leaf_hash, root_from_leaf_hashes
-from enclave.core import NotReady, PolicyRefused
 from tests.world import World, make_world
 
 
@@ -239,7 +239,7 @@ def test_log_only_mode_logs_the_denial_but_grants(w: World) -> None:
 
 
 def test_storage_backpressure_stops_decisions(w: World) -> None:
-    from enclave.sequencer import Backpressure
+    from cloister.enclave.sequencer import Backpressure
 
     seq = w.core.sequencer
     assert seq is not None

@@ -14,9 +14,8 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot, verify_attestation
-from enclave.mock_nsm import MockNsm
-from enclave.nsm import (
+from cloister.dev.mock_nsm import MockNsm
+from cloister.enclave.nsm import (
     NSM_IOCTL_RAW,
     NSM_MESSAGE,
     NSM_RESPONSE_MAX_SIZE,
@@ -27,6 +26,7 @@ from enclave.nsm import (
     NsmResponseError,
     ioc,
 )
+from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot, verify_attestation
 
 FAKE_FD = 1234
 

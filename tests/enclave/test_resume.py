@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from cloister.enclave.core import EnclaveCore, PolicyRefused
+from cloister.enclave.resume import ResumeRefused
 from cloister.verify.entries import KeyEntry, parse_entry
 from cloister.verify.merkle import compact_range_hashes, inclusion_proof, leaf_hash, node_hash
-from enclave.core import EnclaveCore, PolicyRefused
-from enclave.resume import ResumeRefused
 from tests.world import World, make_world
 
 

@@ -1,0 +1,234 @@
+"""`cloister up [--config FILE] [--state DIR]`: the whole stack in the foreground, mock NSM.
+
+Starts the enclave (mock NSM, AF_UNIX standing in for vsock), the example upstream servers
+and the relay; prints the agents' MCP URL, the log URL, the mock trust root, PCR0 and a
+ready token per example agent; stops everything on Ctrl-C or SIGTERM, or when any part dies.
+`--config` takes a relay config (TOML) whose [[upstreams]] replace the example servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+EXAMPLE_AGENTS = {"refund-bot": ["refund-agent"], "research-bot": ["research-agent"]}
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("up", help="run the embedded default: enclave (mock NSM), relay, "
+                                                           "example servers")
+    p.add_argument("--state", type=Path, default=None, help="state directory (default .cloister or $CLOISTER_STATE)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a relay config whose [[upstreams]] replace the example servers")
+    p.add_argument("--bundle", type=Path, default=None, help="a policy bundle directory (default: the example)")
+    p.add_argument("--host", default="127.0.0.1", help="address the relay listens on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8440, help="relay port (default 8440; 0 picks a free one)")
+    p.add_argument("--token-ttl", type=int, default=86400, help="lifetime of the printed tokens (seconds)")
+    p.set_defaults(handler=_run)
+
+
+class Stack:
+    """The child processes of `cloister up`, stopped together."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.optional: set[str] = set()
+        self.log_dir = log_dir
+        self.stopping = threading.Event()
+
+    def start(self, name: str, argv: list[str], *, ready_line: bool = False,
+              critical: bool = True) -> subprocess.Popen[bytes]:
+        logf = (self.log_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE if ready_line else logf, stderr=logf,
+                                start_new_session=True)
+        self.procs.append((name, proc))
+        if not critical:
+            # Upstream servers may be restarted or redeployed under us; the relay copes with that.
+            self.optional.add(name)
+        return proc
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for _name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _name, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def dead(self) -> str | None:
+        for name, proc in self.procs:
+            if name not in self.optional and proc.poll() is not None:
+                log = self.log_dir / f"{name}.log"
+                lines = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+                last = "".join(f"\n    {line}" for line in lines)
+                return f"{name} exited with status {proc.returncode}; the end of {log}:{last}"
+        return None
+
+
+def _wait_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    assert proc.stdout is not None
+    result: dict[str, Any] = {}
+
+    def read(stream: IO[bytes]) -> None:
+        line = stream.readline()
+        if line:
+            result.update(json.loads(line))
+
+    t = threading.Thread(target=read, args=(proc.stdout,), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        raise RuntimeError("the enclave did not become ready")
+    return result
+
+
+def _wait_http(url: str, timeout: float, stack: Stack) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (why := stack.dead()) is not None:
+            raise RuntimeError(why)
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (local URL we built)
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become ready within {timeout:g}s")
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cloister.dev.measure import mock_pcrs
+    from cloister.dev.state import default_state_dir, ensure_state, free_port, research_artifact
+    from cloister.enclave.config import load_config
+
+    state = ensure_state((args.state or default_state_dir()).resolve(), bundle_source=args.bundle)
+    config = load_config(state.enclave_config)
+    pcr0 = mock_pcrs(config.raw)[0].hex()
+    logs = state.root / "logs"
+    logs.mkdir(exist_ok=True)
+    py = sys.executable
+    relay_port = args.port or free_port(args.host)
+    upstream_tables: list[str] = []
+    refunds_port = 0
+    if args.config is not None:
+        custom = tomllib.loads(args.config.read_text("utf-8"))
+        for u in custom.get("upstreams", []):
+            lines = [f"{k} = {json.dumps(v)}" for k, v in u.items()]
+            upstream_tables.append("[[upstreams]]\n" + "\n".join(lines))
+    else:
+        refunds_port = free_port()
+        upstream_tables = [
+            f'[[upstreams]]\nname = "refunds"\nurl = "http://127.0.0.1:{refunds_port}/mcp"\ntimeout_s = 30',
+            f'[[upstreams]]\nname = "research"\ncommand = [{_toml_str(py)}, "-m", "cloister.dev.examples.research"]\n'
+            f"artifact = {_toml_str(str(research_artifact()))}\ntimeout_s = 30",
+        ]
+    public = f"http://{args.host}:{relay_port}"
+    state.relay_config.write_text(
+        "# Written by `cloister up`.\n[relay]\n"
+        f'listen = "{args.host}:{relay_port}"\npublic_url = "{public}"\n'
+        f'enclave = "unix:{state.run_dir / "enclave.vsock"}"\n'
+        'bundle = "bundle.signed"\nstorage = "log"\nrun_dir = "run"\n'
+        'trust_root = "mock:mock-nsm/root.pem"\n\n' + "\n\n".join(upstream_tables) + "\n"
+    )
+
+    stack = Stack(logs)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    try:
+        enclave = stack.start("enclave", [py, "-m", "cloister.dev.enclave",
+                                          "--listen", f"unix:{state.run_dir / 'enclave.vsock'}",
+                                          "--config", str(state.enclave_config), "--mock-nsm",
+                                          str(state.mock_nsm_dir)], ready_line=True)
+        ready = _wait_ready_line(enclave, 60)
+        refunds_argv = [py, "-m", "cloister.dev.examples.refunds", "--port", str(refunds_port), "--trust-root",
+                        str(state.mock_root), "--expect-pcr0", pcr0, "--mock-nsm", str(state.mock_nsm_dir)]
+        if refunds_port:
+            refunds = stack.start("refunds", refunds_argv, critical=False)
+            _wait_port(refunds_port, 30, stack)
+        stack.start("relay", [py, "-m", "cloister.cli", "relay", "--config", str(state.relay_config),
+                          *(["-v"] if os.environ.get("CLOISTER_DEBUG") else [])])
+        _wait_http(f"http://127.0.0.1:{relay_port}/healthz", 90, stack)
+    except (RuntimeError, OSError) as exc:
+        print(f"cloister up: {exc}", file=sys.stderr)
+        stack.stop()
+        return 1
+
+    tokens_dir = state.root / "tokens"
+    tokens_dir.mkdir(exist_ok=True)
+    tokens = {}
+    for agent, roles in EXAMPLE_AGENTS.items():
+        tokens[agent] = state.mint_token(agent, roles, args.token_ttl)
+        (tokens_dir / f"{agent}.jwt").write_text(tokens[agent] + "\n")
+    info = {"mcp_url": f"{public}/mcp", "log_url": f"{public}/log", "attestation_url": f"{public}/attestation",
+            "trust_root": str(state.mock_root), "pcr0": pcr0, "origin": ready.get("origin"),
+            "refunds_url": f"http://127.0.0.1:{refunds_port}/mcp" if refunds_port else None,
+            "refunds_pid": refunds.pid if refunds_port else None, "refunds_argv": refunds_argv[1:],
+            "state": str(state.root), "tokens": {a: str(tokens_dir / f"{a}.jwt") for a in tokens}}
+    (state.root / "up.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"""Cloister is up (mock NSM: for development only). State: {state.root}
+
+  Agents' MCP endpoint   {info['mcp_url']}
+  Log (C2SP tlog-tiles)  {info['log_url']}/
+  Attestation            {public}/attestation?nonce=<hex>
+  Mock trust root        {state.mock_root}
+  Enclave PCR0           {pcr0}
+  Log origin             {info['origin']}
+""")
+    if refunds_port:
+        print(f"  Upstream 'refunds'     {info['refunds_url']} (mock Nitro enclave; verifies grants)")
+        print("  Upstream 'research'    stdio, launched by the relay after its checksum verifies\n")
+    print("  Tokens (send as 'Authorization: Bearer <token>'):")
+    for agent, token in tokens.items():
+        print(f"    {agent:13} {token}")
+    print(f"""
+  Audit the log:  cloister audit checkpoint --log {info['log_url']} --trust-root {state.mock_root} \\
+                    --expect-pcr 0={pcr0}
+Logs of each process are in {logs}. Press Ctrl-C to stop.""", flush=True)
+    while not stopping.is_set():
+        if (why := stack.dead()) is not None:
+            print(f"cloister up: {why}; stopping everything", file=sys.stderr)
+            stack.stop()
+            return 1
+        stopping.wait(0.5)
+    print("stopping...", file=sys.stderr)
+    stack.stop()
+    return 0
+
+
+def _wait_port(port: int, timeout: float, stack: Stack) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (why := stack.dead()) is not None:
+            raise RuntimeError(why)
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout:g}s")
+
+
+
+

@@ -1,1 +1,0 @@
-"""Subcommands of the `cloister` console script: one module each, see `cloister.cli`."""

@@ -1,0 +1,578 @@
+"""The enclave's trust state, and where every tools/call is decided.
+
+`EnclaveCore` holds everything the enclave vouches for: its keys, the log sequencer, the
+policy bundle in force, and the rate/spend windows. It accepts only valid transitions
+(a log must be started or resumed before anything is decided; a policy bundle must be newer
+than the one in force) and does no I/O of its own: the NSM and the clock are injected, and
+the gRPC layer (`cloister.enclave.service`) only translates messages.
+
+`authorize` is the decision path, in order:
+  1. parse and hash the arguments (size-capped, strict JSON);
+  2. verify the agent's token against the bundle's issuers; map it to a principal;
+  3. check the server and tool are known to the bundle;
+  4. evaluate Cedar on the slice of policies for that tool;
+  5. under the sequencer lock: check and charge limits, append the decision entry;
+  6. sign the grant (allow only) and a checkpoint covering the entry.
+Nothing leaves before step 5 has sequenced the entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from cloister.enclave.bundle import PolicyBundle, parse_bundle_files
+from cloister.enclave.config import EnclaveConfig
+from cloister.enclave.limits import BadCost, LimitBook, LimitCheck, LimitStatus
+from cloister.enclave.nsm import Nsm
+from cloister.enclave.policy import PolicyEngine, Principal
+from cloister.enclave.resume import verify_resume
+from cloister.enclave.sequencer import Sequencer, SignedCheckpoint
+from cloister.enclave.servers import Report, ServerRegistry
+from cloister.verify.bundle import verify_bundle
+from cloister.verify.canonical import canonical_sha256, parse_json
+from cloister.verify.enclave_identity import EnclaveBinding
+from cloister.verify.entries import DecisionEntry, Entry, KeyEntry, OutcomeEntry, PolicyEntry, encode_entry
+from cloister.verify.errors import CloisterError, DecodeError, VerificationError
+from cloister.verify.grant import GrantClaims, encode_grant
+from cloister.verify.jwt import TokenError, peek_issuer, verify_jwt
+from cloister.verify.merkle import leaf_hash
+from cloister.verify.note import Ed25519NoteSigner
+
+MAX_REQUEST_ID = 128
+MAX_OPEN_DECISIONS = 200_000
+OUTCOME_GRACE_MS = 15 * 60 * 1000
+TOKEN_CACHE_SIZE = 10_000
+POLICY_EXTENSION = "cloister-policy"  # checkpoint extension line: "cloister-policy <version> <sha256 hex>"
+
+
+def policy_extension(version: int, sha256: bytes) -> str:
+    return f"{POLICY_EXTENSION} {version} {sha256.hex()}"
+
+
+def parse_policy_extension(extensions: tuple[str, ...]) -> tuple[int, bytes] | None:
+    for line in extensions:
+        parts = line.split(" ")
+        if len(parts) == 3 and parts[0] == POLICY_EXTENSION and parts[1].isdigit():
+            try:
+                return int(parts[1]), bytes.fromhex(parts[2])
+            except ValueError:
+                return None
+    return None
+
+
+class LogState(Enum):
+    AWAITING_LOG = "awaiting-log"  # keys exist; the parent must start or resume the log
+    READY = "ready"
+
+
+class NotReady(CloisterError):
+    """The enclave cannot serve this request in its current state (fail closed)."""
+
+
+class PolicyRefused(CloisterError):
+    """A policy bundle was refused; the bundle in force is untouched."""
+
+
+@dataclass(frozen=True)
+class LogAppend:
+    first_index: int
+    entries: tuple[bytes, ...]
+    checkpoint: SignedCheckpoint
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    code: str
+    reason: str
+    policy_ids: tuple[str, ...]
+    log: LogAppend
+    log_index: int
+    agent: str
+    grant: bytes = b""
+    limits: tuple[LimitStatus, ...] = ()
+
+
+@dataclass(frozen=True)
+class _OpenDecision:
+    agent: str
+    roles: frozenset[str]
+    server: str
+    tool: str
+    expires_ms: int
+
+
+@dataclass
+class _PolicyState:
+    """One bundle version and everything derived from it. Replaced whole, never mutated."""
+
+    bundle: PolicyBundle
+    engine: PolicyEngine
+    limits: LimitBook
+    sha256: bytes
+    version: int
+    signer: str
+    tokens: OrderedDict[str, tuple[Principal, int]] = field(default_factory=OrderedDict)
+
+
+class EnclaveCore:
+    def __init__(self, config: EnclaveConfig, nsm: Nsm, *, pcrs: Mapping[int, bytes],
+                 clock_ms: Callable[[], int], random: Callable[[int], bytes] = os.urandom,
+                 mock_nsm: bool = False) -> None:
+        self.config = config
+        self.nsm = nsm
+        self.pcrs = dict(pcrs)
+        self.mock_nsm = mock_nsm
+        self._clock_ms = clock_ms
+        self._random = random
+        # Keys are born here and never leave: only their public halves are exported.
+        self._log_key = ed25519.Ed25519PrivateKey.generate()
+        self._grant_key = ed25519.Ed25519PrivateKey.generate()
+        self.log_public = self._log_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.grant_public = self._grant_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.note_signer = Ed25519NoteSigner(config.origin, self._log_key)
+        self.state = LogState.AWAITING_LOG
+        self.sequencer: Sequencer | None = None
+        self._policy: _PolicyState | None = None
+        self._open: OrderedDict[int, _OpenDecision] = OrderedDict()
+        self._transition = threading.Lock()
+        self.servers = ServerRegistry()
+        # After a resume: the policy version in force at the checkpoint (no rollback below it),
+        # and the log tail the parent supplied, replayed into the limits of the first bundle.
+        self._min_policy: tuple[int, bytes] | None = None
+        self._history: tuple[Entry, ...] = ()
+        self._history_start = 0
+        self._history_floor_ms: int | None = None
+
+    # ---- identity and attestation -------------------------------------------------------
+
+    def binding(self, checkpoint: bytes | None = None) -> EnclaveBinding:
+        cp = hashlib.sha256(checkpoint).digest() if checkpoint is not None else None
+        return EnclaveBinding(origin=self.config.origin, log_key=self.log_public, grant_key=self.grant_public,
+                              checkpoint_sha256=cp)
+
+    def attest(self, nonce: bytes, *, include_checkpoint: bool) -> tuple[bytes, bytes]:
+        if len(nonce) > 512:
+            raise DecodeError(f"attestation nonce is {len(nonce)} bytes; at most 512 are accepted")
+        checkpoint = b""
+        if include_checkpoint:
+            checkpoint = self._ready_sequencer().latest_checkpoint().note
+        doc = self.nsm.attestation(user_data=self.binding(checkpoint or None).encode(), nonce=nonce or None)
+        return doc, checkpoint
+
+    # ---- log lifecycle -------------------------------------------------------------------
+
+    def _key_entry(self, previous: SignedCheckpoint | None) -> KeyEntry:
+        doc = self.nsm.attestation(user_data=self.binding().encode(), nonce=None)
+        return KeyEntry(
+            time_ms=self._clock_ms(), attestation=doc, log_key=self.log_public, grant_key=self.grant_public,
+            log_vkey=self.note_signer.vkey,
+            previous_size=previous.size if previous else None, previous_root=previous.root if previous else None,
+        )
+
+    def start_new_log(self) -> LogAppend:
+        """Begin a new log whose first entry introduces this enclave's keys."""
+        with self._transition:
+            if self.state is not LogState.AWAITING_LOG:
+                raise NotReady("the log is already running")
+            self.sequencer = Sequencer(self.config.origin, self.note_signer)
+            self.state = LogState.READY
+            return self._append([self._key_entry(None)])
+
+    def resume_log(self, *, checkpoint: bytes, range_size: int, range_hashes: list[bytes], entries: list[bytes],
+                   key_entry: bytes, key_entry_index: int, key_entry_proof: list[bytes], boundary_entry: bytes,
+                   boundary_proof: list[bytes]) -> LogAppend:
+        """Continue a stored log: verify it (enclave.resume), then introduce this enclave's keys."""
+        with self._transition:
+            if self.state is not LogState.AWAITING_LOG:
+                raise NotReady("the log is already running")
+            point = verify_resume(
+                config=self.config, own_pcr0=self.pcrs.get(0, b""), checkpoint=checkpoint, range_size=range_size,
+                range_hashes=range_hashes, entries=entries, key_entry=key_entry, key_entry_index=key_entry_index,
+                key_entry_proof=key_entry_proof, boundary_entry=boundary_entry, boundary_proof=boundary_proof,
+            )
+            self.sequencer = Sequencer(self.config.origin, self.note_signer, point.tree)
+            self._min_policy = parse_policy_extension(point.checkpoint.extensions)
+            self._history, self._history_start = point.history, point.history_start
+            self._history_floor_ms = point.history_floor_ms
+            self._reopen_decisions()
+            self.state = LogState.READY
+            previous = SignedCheckpoint(size=point.checkpoint.size, root=point.checkpoint.root_hash, note=point.note)
+            return self._append([self._key_entry(previous)])
+
+    def _reopen_decisions(self) -> None:
+        """Allowed calls still in flight when the previous enclave stopped may still report outcomes."""
+        now = self._clock_ms()
+        for offset, e in enumerate(self._history):
+            if isinstance(e, DecisionEntry) and e.grant_expiry_ms is not None \
+                    and e.grant_expiry_ms + OUTCOME_GRACE_MS > now:
+                self._open[self._history_start + offset] = _OpenDecision(
+                    e.agent, frozenset(e.roles), e.server, e.tool, e.grant_expiry_ms)
+            elif isinstance(e, OutcomeEntry):
+                self._open.pop(e.decision_index, None)
+
+    def _ready_sequencer(self) -> Sequencer:
+        if self.state is not LogState.READY or self.sequencer is None:
+            raise NotReady("the enclave's log has not been started or resumed yet")
+        return self.sequencer
+
+    def _sequence(self, entries: list[Entry]) -> tuple[int, tuple[bytes, ...]]:
+        seq = self._ready_sequencer()
+        encoded = tuple(encode_entry(e) for e in entries)
+        with seq.lock:
+            first = seq.append(encoded[0])
+            for data in encoded[1:]:
+                seq.append(data)
+        return first, encoded
+
+    def _append(self, entries: list[Entry]) -> LogAppend:
+        # Never call with the sequencer lock held: signing the checkpoint needs it.
+        first, encoded = self._sequence(entries)
+        return LogAppend(first, encoded, self._ready_sequencer().checkpoint_covering(first + len(encoded)))
+
+    def sync(self, persisted_size: int) -> LogAppend:
+        seq = self._ready_sequencer()
+        seq.release(persisted_size)
+        first, entries = seq.pending_from(persisted_size)
+        return LogAppend(first, tuple(entries), seq.latest_checkpoint())
+
+    # ---- policy --------------------------------------------------------------------------
+
+    def load_policy(self, data: bytes) -> tuple[int, bytes, LogAppend]:
+        """Verify and install a signed bundle, atomically; log the change."""
+        try:
+            signed = verify_bundle(data, self.config.admin_keys)
+            bundle = parse_bundle_files(signed.files)
+        except (DecodeError, VerificationError) as exc:
+            raise PolicyRefused(str(exc)) from exc
+        engine = PolicyEngine(bundle)
+        engine.set_server_levels(self.servers.levels(bundle.servers, self._clock_ms()))
+        seq = self._ready_sequencer()
+        with seq.lock:
+            current = self._policy
+            if current is not None and signed.version <= current.version:
+                raise PolicyRefused(
+                    f"bundle version {signed.version} is not above the version in force ({current.version}); "
+                    "rollbacks and replays are refused"
+                )
+            if current is None and self._min_policy is not None:
+                floor_version, floor_sha = self._min_policy
+                if signed.version < floor_version or (signed.version == floor_version and signed.sha256 != floor_sha):
+                    raise PolicyRefused(
+                        f"the log's latest checkpoint has bundle version {floor_version} in force; bundle version "
+                        f"{signed.version} would roll it back"
+                    )
+            now_ms = self._clock_ms()
+            limits = LimitBook(bundle.limits)
+            if current is not None:
+                limits.carry_over(current.limits)
+            else:
+                need_from = now_ms - limits.max_window_s * 1000
+                if self._history_floor_ms is not None and limits.max_window_s and self._history_floor_ms > need_from:
+                    raise PolicyRefused(
+                        f"this bundle's limit windows reach back {limits.max_window_s}s, but the log history given "
+                        "at resume does not reach that far; resume with more history so budgets are not reset"
+                    )
+                limits.replay(self._history, self._history_start, now_ms)
+            first_load_at_same_version = current is None and self._min_policy == (signed.version, signed.sha256)
+            # The checkpoints from here on name the new bundle, starting with the one covering its entry.
+            seq.set_extensions((policy_extension(signed.version, signed.sha256),))
+            if not first_load_at_same_version:
+                entry = PolicyEntry(time_ms=now_ms, bundle_sha256=signed.sha256, version=signed.version,
+                                    signer=signed.signer, mode=bundle.settings.mode)
+                self._sequence([entry])
+            self._policy = _PolicyState(bundle=bundle, engine=engine, limits=limits, sha256=signed.sha256,
+                                        version=signed.version, signer=signed.signer)
+            self._history = ()
+            size = seq.size
+        log = LogAppend(size - (0 if first_load_at_same_version else 1),
+                        () if first_load_at_same_version else (encode_entry(entry),), seq.checkpoint_covering(size))
+        return signed.version, signed.sha256, log
+
+    @property
+    def policy(self) -> _PolicyState | None:
+        return self._policy
+
+    # ---- identity ------------------------------------------------------------------------
+
+    def _principal(self, ps: _PolicyState, token: str, now_ms: int) -> Principal:
+        cached = ps.tokens.get(token)
+        if cached is not None and cached[1] * 1000 > now_ms:
+            return cached[0]
+        if not token:
+            raise TokenError("missing", "no bearer token: send 'Authorization: Bearer <JWT>'")
+        iss = peek_issuer(token)
+        issuer = ps.bundle.issuers.get(iss)
+        if issuer is None:
+            raise TokenError("unknown-issuer", f"token issuer {iss!r} is not trusted by the policy bundle")
+        verified = verify_jwt(token, issuer.keys, issuer=issuer.issuer, audience=issuer.audience,
+                              now=now_ms // 1000, max_lifetime_s=issuer.max_lifetime_s)
+        agent = verified.subject
+        spec = ps.bundle.agents.get(agent)
+        if spec is None:
+            raise TokenError("unknown-agent", f"agent {agent!r} is not registered in the policy bundle")
+        raw_roles = verified.claims.get(issuer.roles_claim, [])
+        if isinstance(raw_roles, str):
+            raw_roles = raw_roles.split()
+        if not isinstance(raw_roles, list) or not all(isinstance(r, str) for r in raw_roles):
+            raise TokenError("malformed", f"token claim {issuer.roles_claim!r} must be a list of role names")
+        for role in raw_roles:
+            if role not in spec.roles:
+                raise TokenError("role-not-granted", f"the bundle does not grant role {role!r} to agent {agent!r}")
+        principal = Principal(agent=agent, roles=frozenset(raw_roles), issuer=iss)
+        ps.tokens[token] = (principal, verified.expires_at)
+        if len(ps.tokens) > TOKEN_CACHE_SIZE:
+            ps.tokens.popitem(last=False)
+        return principal
+
+    # ---- decisions -----------------------------------------------------------------------
+
+    def authorize(self, *, token: str, server: str, tool: str, arguments_json: bytes, request_id: str,
+                  persisted_size: int, payment_amount: str = "") -> Verdict:
+        seq = self._ready_sequencer()
+        seq.release(persisted_size)
+        while True:
+            ps = self._policy
+            if ps is None:
+                raise NotReady("no policy bundle is loaded; every call is refused")
+            verdict = self._decide(ps, seq, token=token, server=server, tool=tool, arguments_json=arguments_json,
+                                   request_id=request_id[:MAX_REQUEST_ID], payment_amount=payment_amount)
+            if verdict is not None:
+                return verdict
+            # The bundle changed between evaluation and sequencing: decide again on the new one.
+
+    def _decide(self, ps: _PolicyState, seq: Sequencer, *, token: str, server: str, tool: str,
+                arguments_json: bytes, request_id: str, payment_amount: str) -> Verdict | None:
+        now_ms = self._clock_ms()
+        settings = ps.bundle.settings
+        principal: Principal | None = None
+        arguments: dict[str, Any] = {}
+        args_hash = hashlib.sha256(arguments_json).digest()
+        policy_ids: tuple[str, ...] = ()
+        check: LimitCheck | None = None
+        code, reason = "", ""
+        shadow_note = ""
+        # 1. Arguments.
+        try:
+            parsed = parse_json(arguments_json or b"{}", what="arguments",
+                                max_bytes=settings.max_argument_bytes)
+            if not isinstance(parsed, dict):
+                raise DecodeError("arguments: must be a JSON object")
+            arguments = parsed
+            args_hash = canonical_sha256(arguments)
+        except DecodeError as exc:
+            code, reason = "bad-arguments", str(exc)
+        payment: Decimal | None = None
+        if payment_amount and not code:
+            try:
+                payment = Decimal(payment_amount[:40])
+                if not payment.is_finite() or payment <= 0:
+                    raise ArithmeticError
+            except ArithmeticError:
+                code, reason = "bad-arguments", f"x402 payment amount {payment_amount[:40]!r} is not a positive decimal"
+        # 2. Identity.
+        if not code:
+            try:
+                principal = self._principal(ps, token, now_ms)
+            except TokenError as exc:
+                code = "unknown-agent" if exc.reason == "unknown-agent" else "unauthenticated"
+                reason = f"{exc.reason}: {exc}"
+        # 3. Known server and tool.
+        if not code:
+            spec = ps.bundle.servers.get(server)
+            if spec is None:
+                code, reason = "unknown-server", f"server {server!r} is not in the policy bundle"
+            elif tool not in spec.tools:
+                code, reason = "unknown-tool", f"tool {tool!r} is not a tool of server {server!r} in the policy bundle"
+            elif (refusal := self.servers.refusal(spec, tool, now_ms)) is not None:
+                code, reason = "quarantined", refusal
+        # 4. Cedar.
+        if not code:
+            assert principal is not None
+            now = datetime.fromtimestamp(now_ms / 1000, UTC)
+            schema = self.servers.input_schema(server, tool)
+            cedar = ps.engine.evaluate(principal, server, tool, arguments, now, schema)
+            policy_ids = cedar.policy_ids
+            if not cedar.allowed:
+                code, reason = cedar.code, cedar.reason
+            else:
+                shadow_note = ps.engine.shadow_verdict(principal, server, tool, arguments, now, schema)
+        log_only = settings.mode == "log-only" and code in ("", "policy", "no-permit", "limit")
+        # 5. Limits, the entry, and its sequencing: one critical section.
+        with seq.lock:
+            if self._policy is not ps:
+                return None
+            if not code and principal is not None:
+                try:
+                    check = ps.limits.check(principal.agent, principal.roles, server, tool, arguments, now_ms,
+                                            payment)
+                    if not check.ok:
+                        code, reason = "limit", check.reason
+                        log_only = settings.mode == "log-only"
+                except BadCost as exc:
+                    code, reason = "bad-arguments", str(exc)
+                    log_only = False
+            allowed = not code
+            grant_it = allowed or log_only
+            nonce = self._random(16) if grant_it else None
+            expiry = now_ms + settings.grant_ttl_s * 1000 if grant_it else None
+            charges = {k: str(v) for k, v in check.charges.items() if v} if (allowed and check) else {}
+            entry = DecisionEntry(
+                time_ms=now_ms, agent=principal.agent if principal else "",
+                roles=tuple(sorted(principal.roles)) if principal else (),
+                issuer=principal.issuer if principal else "", server=server[:256], tool=tool[:256],
+                args_sha256=args_hash, decision="allow" if allowed else "deny", code=code,
+                reason=reason or "; ".join(filter(None, (f"permitted by {', '.join(policy_ids)}", shadow_note))),
+                policies=policy_ids,
+                policy_sha256=ps.sha256, policy_version=ps.version, request_id=request_id,
+                grant_nonce=nonce, grant_expiry_ms=expiry, charges=charges,
+                mode="log-only" if settings.mode == "log-only" else "enforce",
+            )
+            data = encode_entry(entry)
+            index = seq.append(data)
+            if allowed and check is not None and principal is not None:
+                ps.limits.charge(principal.agent, principal.roles, server, tool, check.charges, now_ms)
+            if grant_it and principal is not None:
+                self._open_decision(index, _OpenDecision(principal.agent, principal.roles, server, tool,
+                                                         expiry or now_ms))
+        # 6. Grant and checkpoint, outside the lock.
+        grant = b""
+        if grant_it and principal is not None and nonce is not None and expiry is not None:
+            claims = GrantClaims(agent=principal.agent, server=server, tool=tool, args_sha256=args_hash,
+                                 policy_sha256=ps.sha256, log_index=index, entry_hash=leaf_hash(data),
+                                 origin=self.config.origin, issued_ms=now_ms, expires_ms=expiry, nonce=nonce)
+            grant = encode_grant(claims, self._grant_key.sign, self.grant_public)
+        checkpoint = seq.checkpoint_covering(index + 1)
+        statuses = check.statuses if check else ()
+        return Verdict(
+            allowed=grant_it, code="" if allowed else code,
+            reason=entry.reason,
+            policy_ids=policy_ids, log=LogAppend(index, (data,), checkpoint), log_index=index,
+            agent=principal.agent if principal else "", grant=grant, limits=statuses,
+        )
+
+    def _open_decision(self, index: int, d: _OpenDecision) -> None:
+        self._open[index] = d
+        cutoff = self._clock_ms() - OUTCOME_GRACE_MS
+        while self._open:
+            first = next(iter(self._open.values()))
+            if first.expires_ms >= cutoff and len(self._open) <= MAX_OPEN_DECISIONS:
+                break
+            self._open.popitem(last=False)
+
+    def record_outcome(self, *, decision_index: int, result_sha256: bytes | None, error: str, duration_us: int,
+                       paid_amount: str, persisted_size: int) -> LogAppend:
+        seq = self._ready_sequencer()
+        seq.release(persisted_size)
+        if result_sha256 is not None and len(result_sha256) != 32:
+            raise DecodeError("outcome result hash must be 32 bytes (SHA-256) or empty")
+        paid = Decimal(0)
+        if paid_amount:
+            try:
+                paid = Decimal(paid_amount)
+            except ArithmeticError as exc:
+                raise DecodeError(f"paid amount {paid_amount[:40]!r} is not a decimal number") from exc
+            if not paid.is_finite() or paid < 0:
+                raise DecodeError("paid amount must be a non-negative decimal")
+        with seq.lock:
+            decision = self._open.pop(decision_index, None)
+            if decision is None:
+                raise VerificationError(
+                    f"log entry {decision_index} is not an open allowed decision of this enclave "
+                    "(unknown, already closed, or older than the outcome window)"
+                )
+            entry = OutcomeEntry(time_ms=self._clock_ms(), decision_index=decision_index, result_sha256=result_sha256,
+                                 error=error[:4096], duration_us=duration_us, paid=str(paid) if paid_amount else "")
+            data = encode_entry(entry)
+            index = seq.append(data)
+            # The payment was charged against x402 caps when the call was decided (exactly, before
+            # it went upstream); the outcome only records what was paid.
+        return LogAppend(index, (data,), seq.checkpoint_covering(index + 1))
+
+    def visible_tools(self, token: str, candidates: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+        ps = self._policy
+        if ps is None:
+            raise NotReady("no policy bundle is loaded")
+        now_ms = self._clock_ms()
+        principal = self._principal(ps, token, now_ms)
+        now = datetime.fromtimestamp(now_ms / 1000, UTC)
+        out = []
+        for server, tool in candidates:
+            spec = ps.bundle.servers.get(server)
+            if spec is None or tool not in spec.tools or self.servers.refusal(spec, tool, now_ms) is not None:
+                continue
+            if ps.engine.may_call(principal, server, tool, now):
+                out.append((server, tool))
+        return principal.agent, out
+
+    # ---- upstream servers: identity and tool pins ---------------------------------------------
+
+    def _server_spec(self, server: str) -> tuple[_PolicyState, Any]:
+        ps = self._policy
+        if ps is None:
+            raise NotReady("no policy bundle is loaded")
+        spec = ps.bundle.servers.get(server)
+        if spec is None:
+            raise DecodeError(f"server {server!r} is not in the policy bundle")
+        return ps, spec
+
+    def server_challenge(self, server: str, *, reconnect: bool = False) -> tuple[bytes, str]:
+        """A fresh nonce the server must put in its attestation, and the identity kind required."""
+        _, spec = self._server_spec(server)
+        seq = self._ready_sequencer()
+        with seq.lock:
+            nonce = self.servers.challenge(spec, self._clock_ms(), self._random, reconnect=reconnect)
+            ps = self._policy
+            if reconnect and ps is not None:
+                ps.engine.set_server_levels(self.servers.levels(ps.bundle.servers, self._clock_ms()))
+            return nonce, spec.identity.kind
+
+    def report_server(self, *, server: str, attestation: bytes, artifact: bytes, certificates: list[bytes],
+                      tools_json: bytes, failure: str, evidence: bool, persisted_size: int) -> tuple[Report, LogAppend]:
+        """Verify the evidence the relay carried (inside the enclave), log the result and any drift."""
+        seq = self._ready_sequencer()
+        seq.release(persisted_size)
+        ps, spec = self._server_spec(server)
+        with seq.lock:
+            now_ms = self._clock_ms()
+            report = self.servers.report(spec, now_ms=now_ms, root=self.config.trust_root,
+                                         allow_debug=self.config.allow_debug, attestation=attestation,
+                                         artifact=artifact, certificates=certificates, tools_json=tools_json,
+                                         failure=failure, evidence=evidence)
+            ps.engine.set_server_levels(self.servers.levels(ps.bundle.servers, now_ms))
+            first = seq.size
+            encoded = []
+            for entry in report.entries:
+                data = encode_entry(entry)
+                seq.append(data)
+                encoded.append(data)
+        return report, LogAppend(first, tuple(encoded), seq.checkpoint_covering(first + len(encoded)))
+
+    def health(self) -> dict[str, Any]:
+        ps = self._policy
+        seq = self.sequencer
+        return {
+            "origin": self.config.origin,
+            "log_public_key": self.log_public,
+            "grant_public_key": self.grant_public,
+            "log_verifier_key": self.note_signer.vkey,
+            "policy_version": ps.version if ps else 0,
+            "policy_sha256": ps.sha256 if ps else b"",
+            "log_size": seq.size if seq else 0,
+            "pcr0": self.pcrs.get(0, b""),
+            "mock_nsm": self.mock_nsm,
+            "ready": self.state is LogState.READY and ps is not None,
+        }
+

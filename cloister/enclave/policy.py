@@ -1,0 +1,271 @@
+"""Cedar evaluation for one bundle version, sliced by action.
+
+cedarpy evaluates every policy of a set linearly, so the engine keeps one PolicySet per tool
+action holding only the policies whose action scope can match it (the action itself, a list
+containing it, an action group, or any action). Slices are built lazily and cached; each
+decision evaluates one slice.
+
+Entity model (following AWS AgentCore Policy where it fits, in the `Cloister` namespace):
+
+- principal `Cloister::Agent::"<sub>"`, a member of `Cloister::Role::"<role>"` for each role
+  its token carries, with the agent's attributes from entities.toml;
+- action `Cloister::Action::"<server>___<tool>"`, in `Action::"CallTool"`, in `Action::"Mcp"`;
+- resource `Cloister::Server::"<server>"` with its attributes (region, category, attestation...);
+- context `{input: <the tool arguments>, system: {now: datetime}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+import cedarpy
+
+from cloister.enclave.bundle import ACTION_GROUPS, NAMESPACE, PolicyBundle, action_id
+
+_ACTION_TYPE = f"{NAMESPACE}::Action"
+
+
+@dataclass(frozen=True)
+class Principal:
+    agent: str
+    roles: frozenset[str]
+    issuer: str
+
+
+@dataclass(frozen=True)
+class CedarVerdict:
+    allowed: bool
+    policy_ids: tuple[str, ...]
+    # "" when allowed; "policy" when a forbid matched; "no-permit" when nothing permitted.
+    code: str
+    reason: str
+
+
+def cedar_value(value: Any, schema: Mapping[str, Any] | None = None) -> Any:
+    """A JSON value as a Cedar value, typed as AWS AgentCore types tool inputs.
+
+    JSON numbers are Cedar `decimal`s (JSON Schema "number"), except where the tool's input schema
+    says "integer" (Cedar Long). A number a decimal cannot hold exactly (more than 4 fractional
+    digits, out of range) stays a string, so policies comparing it error, and erroring forbids fail
+    closed. Nulls are dropped, since Cedar has none.
+    """
+    kind = schema.get("type") if isinstance(schema, Mapping) else None
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int | float):
+        if kind == "integer" and (isinstance(value, int) or value.is_integer()) and abs(value) < 2**63:
+            return int(value)
+        return _decimal(value)
+    if isinstance(value, list):
+        items = schema.get("items") if isinstance(schema, Mapping) else None
+        return [cedar_value(v, items if isinstance(items, Mapping) else None) for v in value if v is not None]
+    if isinstance(value, dict):
+        props = schema.get("properties") if isinstance(schema, Mapping) else None
+        props = props if isinstance(props, Mapping) else {}
+        return {k: cedar_value(v, props.get(k)) for k, v in value.items() if v is not None}
+    return str(value)
+
+
+def _decimal(value: int | float) -> Any:
+    text = str(value) if isinstance(value, int) else repr(value)
+    if "e" in text or "E" in text:
+        return text
+    whole, _, frac = text.partition(".")
+    if len(frac) > 4 or abs(value) >= 922337203685477:
+        return text
+    return {"__extn": {"fn": "decimal", "arg": f"{whole}.{frac or '0'}"}}
+
+
+def _cedar_datetime(now: datetime) -> dict[str, Any]:
+    text = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{now.microsecond // 1000:03d}Z"
+    return {"__extn": {"fn": "datetime", "arg": text}}
+
+
+def _error_policy(error: Any) -> str:
+    """The policy id an evaluation error names (cedarpy reports errors as dicts or text)."""
+    if isinstance(error, dict):
+        return str(error.get("policy_id", ""))
+    text = str(error)
+    start = text.find("`")
+    end = text.find("`", start + 1)
+    return text[start + 1:end] if 0 <= start < end else ""
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("error", error))
+    return str(error)
+
+
+class PolicyEngine:
+    """Decides tools/call requests for one immutable bundle."""
+
+    def __init__(self, bundle: PolicyBundle) -> None:
+        self.bundle = bundle
+        self._general: dict[str, Any] = {}
+        self._by_action: dict[str, dict[str, Any]] = {}
+        # Policies of log-only sets are evaluated apart: they are recorded, never enforced.
+        log_only = bundle.settings.log_only_sets
+        self._shadow = PolicyEngine(_only(bundle, log_only, keep=True)) if log_only else None
+        for pid, policy in bundle.policies.items():
+            if bundle.policy_sources.get(pid) in log_only:
+                continue
+            targets = _action_targets(policy.get("action", {}))
+            if targets is None:
+                self._general[pid] = policy
+            else:
+                for t in targets:
+                    self._by_action.setdefault(t, {})[pid] = policy
+        self._entity_list: list[dict[str, Any]] = json.loads(bundle.entities_json)
+        self._levels: dict[str, str] = {}
+        self._entities = cedarpy.Entities.from_json_str(bundle.entities_json)
+        self._slices: dict[str, cedarpy.PolicySet] = {}
+        # Whether the policies that can apply to an action read `context.system` (the time):
+        # building a Cedar datetime costs about as much as evaluating a small policy set.
+        self._uses_system: dict[str, bool] = {}
+        self._lock = threading.Lock()
+        self._principal_cache = lru_cache(maxsize=4096)(self._principal_entities)
+
+    def _slice(self, action: str) -> cedarpy.PolicySet:
+        ps = self._slices.get(action)
+        if ps is None:
+            with self._lock:
+                ps = self._slices.get(action)
+                if ps is None:
+                    policies = {**self._general, **self._by_action.get(action, {})}
+                    est = {"staticPolicies": policies, "templates": {}, "templateLinks": []}
+                    text = json.dumps(est)
+                    ps = cedarpy.PolicySet.from_json_str(text)
+                    self._uses_system[action] = '"attr": "system"' in text or '"attr":"system"' in text
+                    self._slices[action] = ps
+        return ps
+
+    def set_server_levels(self, levels: dict[str, str]) -> None:
+        """Update `resource.attestation` (the identity each server has proven) for later decisions."""
+        if levels == self._levels:
+            return
+        for e in self._entity_list:
+            uid = e["uid"]
+            if uid["type"] == f"{NAMESPACE}::Server" and uid["id"] in levels:
+                e["attrs"]["attestation"] = levels[uid["id"]]
+        entities = cedarpy.Entities.from_json_str(json.dumps(self._entity_list))
+        # Swap whole objects: a concurrent decision sees either the old or the new entities.
+        self._entities = entities
+        self._principal_cache = lru_cache(maxsize=4096)(self._principal_entities)
+        self._levels = dict(levels)
+        if self._shadow is not None:
+            self._shadow.set_server_levels(levels)
+
+    def slice_size(self, server: str, tool: str) -> int:
+        return len(self._slice(action_id(server, tool)))
+
+    def _principal_entities(self, agent: str, roles: frozenset[str]) -> cedarpy.Entities:
+        spec = self.bundle.agents.get(agent)
+        attrs = dict(spec.attrs) if spec else {}
+        attrs.setdefault("region", "")
+        attrs["id"] = agent
+        delta = [{
+            "uid": {"type": f"{NAMESPACE}::Agent", "id": agent},
+            "attrs": attrs,
+            "parents": [{"type": f"{NAMESPACE}::Role", "id": r} for r in sorted(roles)],
+        }]
+        return self._entities.with_added_json_str(json.dumps(delta))
+
+    def _request(self, p: Principal, server: str, tool: str) -> dict[str, Any]:
+        return {
+            "principal": {"type": f"{NAMESPACE}::Agent", "id": p.agent},
+            "action": {"type": _ACTION_TYPE, "id": action_id(server, tool)},
+            "resource": {"type": f"{NAMESPACE}::Server", "id": server},
+        }
+
+    def evaluate(self, p: Principal, server: str, tool: str, arguments: Mapping[str, Any],
+                 now: datetime, input_schema: Mapping[str, Any] | None = None) -> CedarVerdict:
+        aid = action_id(server, tool)
+        request = self._request(p, server, tool)
+        context: dict[str, Any] = {"input": cedar_value(arguments, input_schema)}
+        if self._uses_system.get(aid, True):
+            context["system"] = {"now": _cedar_datetime(now)}
+        request["context"] = json.dumps(context)
+        # The extension's batch entry point with a pre-parsed PolicySet and Entities handle: the
+        # public wrapper re-serialises and re-wraps results, which costs more than the evaluation.
+        raw = cedarpy._internal.is_authorized_batch(
+            [request], self._slice(aid), self._principal_cache(p.agent, p.roles)._inner, None, False)
+        result = json.loads(raw[0])
+        diagnostics = result.get("diagnostics", {})
+        reasons = tuple(sorted(diagnostics.get("reason", [])))
+        errors = diagnostics.get("errors", [])
+        # Cedar ignores a policy whose evaluation errors (a type error, a missing attribute). For a
+        # forbid that would let the call through, so fail closed: an unevaluable forbid denies.
+        failed_forbids = tuple(sorted(pid for pid in map(_error_policy, errors)
+                                      if pid and self.bundle.policies.get(pid, {}).get("effect") == "forbid"))
+        if failed_forbids:
+            detail = _error_text(errors[0])
+            return CedarVerdict(False, failed_forbids, "policy",
+                                f"forbid policy {', '.join(failed_forbids)} could not be evaluated for these arguments "
+                                f"({detail}); failing closed")
+        if result.get("decision") == "Allow":
+            return CedarVerdict(True, reasons, "", "permitted by " + ", ".join(reasons))
+        if reasons:
+            return CedarVerdict(False, reasons, "policy", "forbidden by policy " + ", ".join(reasons))
+        detail = f" ({len(errors)} policies could not be evaluated: {_error_text(errors[0])})" if errors else ""
+        return CedarVerdict(False, (), "no-permit", "no policy permits this call" + detail)
+
+    def shadow_verdict(self, p: Principal, server: str, tool: str, arguments: Mapping[str, Any], now: datetime,
+                       input_schema: Mapping[str, Any] | None) -> str:
+        """What the log-only policy sets say about an allowed call: a note for the log, or ""."""
+        if self._shadow is None:
+            return ""
+        shadow = self._shadow.evaluate(p, server, tool, arguments, now, input_schema)
+        if shadow.code == "policy":
+            return f"log-only policy set would deny: {shadow.reason}"
+        return ""
+
+    def may_call(self, p: Principal, server: str, tool: str, now: datetime) -> bool:
+        """Whether some arguments could be permitted (partial evaluation, input unknown).
+
+        Used only to filter discovery; every call is decided by `evaluate`.
+        """
+        aid = action_id(server, tool)
+        if not self._general and aid not in self._by_action:
+            return False
+        request = {
+            "principal": f'{NAMESPACE}::Agent::{json.dumps(p.agent)}',
+            "action": f"{_ACTION_TYPE}::{json.dumps(aid)}",
+            "resource": f"{NAMESPACE}::Server::{json.dumps(server)}",
+            "context": {"input": {"__extn": {"fn": "unknown", "arg": "input"}},
+                        "system": {"now": _cedar_datetime(now)}},
+        }
+        result = cedarpy.is_authorized_partial(request, self._slice(aid), self._principal_cache(p.agent, p.roles))
+        return result.decision != cedarpy.Decision.Deny
+
+
+def _action_targets(scope: Mapping[str, Any]) -> list[str] | None:
+    """The tool actions a policy's action scope names, or None when it may match any action."""
+    op = scope.get("op")
+    if op == "All":
+        return None
+    entities = [scope["entity"]] if "entity" in scope else list(scope.get("entities", []))
+    targets: list[str] = []
+    for e in entities:
+        if not isinstance(e, Mapping) or e.get("type") != _ACTION_TYPE:
+            return None
+        eid = str(e.get("id"))
+        if op == "in" and eid in ACTION_GROUPS:
+            return None
+        targets.append(eid)
+    return targets
+
+
+def _only(bundle: PolicyBundle, sets: frozenset[str], *, keep: bool) -> PolicyBundle:
+    """The bundle with only (keep=True) or without the policies of the given sets."""
+    from dataclasses import replace
+
+    chosen = {pid: p for pid, p in bundle.policies.items() if (bundle.policy_sources.get(pid) in sets) == keep}
+    settings = replace(bundle.settings, log_only_sets=frozenset())
+    return replace(bundle, policies=chosen, settings=settings)

@@ -1,0 +1,178 @@
+"""Upstream servers' proven identities and tool pins: the enclave's view, kept across bundles.
+
+A server whose bundle entry requires an identity (nitro, checksum, tls) is quarantined until
+evidence for it verifies, and again when that verification is older than `reattest_s`: its
+tools are hidden from discovery and every call is denied with the reason. A pinned tool whose
+current definition differs from its pin (or is missing, or was never reported) is hidden and
+denied the same way. Every verification, failure and drift becomes a log entry.
+
+No I/O here: the relay carries evidence in, `EnclaveCore` sequences the entries this returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cloister.enclave.bundle import Identity, ServerSpec
+from cloister.enclave.server_identity import check_checksum, check_nitro, check_tls
+from cloister.verify.attestation import TrustRoot
+from cloister.verify.canonical import parse_json
+from cloister.verify.entries import ServerEntry
+from cloister.verify.errors import DecodeError, VerificationError
+from cloister.verify.tools import tool_definition_hash
+
+CHALLENGE_TTL_MS = 120_000
+MAX_TOOLS_JSON = 4 << 20
+MAX_TOOLS = 2000
+
+
+@dataclass
+class _State:
+    identity: Identity
+    verified_ms: int | None = None
+    detail: str = "not attested yet"
+    challenge: tuple[bytes, int] | None = None  # nonce, expiry
+    tool_hashes: dict[str, str] | None = None  # None until the relay reports the tool list
+    input_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    drift: dict[str, str] = field(default_factory=dict)  # tool -> description of the drift
+
+
+@dataclass(frozen=True)
+class Report:
+    status: str  # verified | failed | tools-only
+    detail: str
+    hidden: tuple[str, ...]
+    entries: tuple[ServerEntry, ...]
+
+
+class ServerRegistry:
+    def __init__(self) -> None:
+        self._states: dict[str, _State] = {}
+
+    def _state(self, spec: ServerSpec) -> _State:
+        st = self._states.get(spec.name)
+        if st is None or st.identity != spec.identity:
+            # A new bundle that changes what a server must prove starts it over.
+            st = _State(identity=spec.identity)
+            self._states[spec.name] = st
+        return st
+
+    def challenge(self, spec: ServerSpec, now_ms: int, random: Callable[[int], bytes], *, reconnect: bool) -> bytes:
+        nonce = random(32)
+        st = self._state(spec)
+        st.challenge = (nonce, now_ms + CHALLENGE_TTL_MS)
+        if reconnect and st.verified_ms is not None:
+            st.verified_ms, st.detail = None, "reconnected: waiting for new evidence"
+        return nonce
+
+    def level(self, spec: ServerSpec, now_ms: int) -> str:
+        """The `attestation` attribute Cedar sees: the kind that verified, 'none', or 'unverified'."""
+        if spec.identity.kind == "none":
+            return "none"
+        st = self._states.get(spec.name)
+        if st is None or st.identity != spec.identity or not self._fresh(st, now_ms):
+            return "unverified"
+        return spec.identity.kind
+
+    @staticmethod
+    def _fresh(st: _State, now_ms: int) -> bool:
+        return st.verified_ms is not None and now_ms - st.verified_ms <= st.identity.reattest_s * 1000
+
+    def refusal(self, spec: ServerSpec, tool: str, now_ms: int) -> str | None:
+        """Why a call to this server/tool must be refused now, or None."""
+        st = self._states.get(spec.name)
+        if spec.identity.kind != "none":
+            if st is None or st.identity != spec.identity or st.verified_ms is None:
+                why = st.detail if st is not None and st.identity == spec.identity else "not attested yet"
+                kind = spec.identity.kind
+                return f"server {spec.name!r} is quarantined: it has not proven its {kind} identity ({why})"
+            if not self._fresh(st, now_ms):
+                return (f"server {spec.name!r} is quarantined: its {spec.identity.kind} identity was last verified "
+                        f"more than {spec.identity.reattest_s}s ago")
+        pin = spec.pins.get(tool)
+        if pin is not None:
+            if st is None or st.tool_hashes is None:
+                return f"tool {tool!r} is pinned but the server's tool definitions have not been reported yet"
+            if tool in st.drift:
+                return f"tool {tool!r} is quarantined: {st.drift[tool]}"
+        return None
+
+    def report(self, spec: ServerSpec, *, now_ms: int, root: TrustRoot, allow_debug: bool, attestation: bytes,
+               artifact: bytes, certificates: list[bytes], tools_json: bytes, failure: str,
+               evidence: bool) -> Report:
+        st = self._state(spec)
+        entries: list[ServerEntry] = []
+        status, detail = "tools-only", ""
+        kind = spec.identity.kind
+        if evidence:
+            evidence_hash: bytes | None = None
+            try:
+                if failure:
+                    raise VerificationError(f"the relay could not obtain evidence: {failure[:300]}")
+                if kind == "nitro":
+                    challenge = st.challenge
+                    if challenge is None or challenge[1] < now_ms:
+                        raise VerificationError("no fresh challenge nonce was issued for this attestation")
+                    now = datetime.fromtimestamp(now_ms / 1000, UTC)
+                    detail, evidence_hash = check_nitro(attestation, root=root, pcrs=spec.identity.pcrs,
+                                                        nonce=challenge[0], now=now, allow_debug=allow_debug)
+                elif kind == "checksum":
+                    detail, evidence_hash = check_checksum(artifact, sha256_hex=spec.identity.sha256)
+                elif kind == "tls":
+                    detail, evidence_hash = check_tls(certificates, spki_sha256_hex=spec.identity.spki_sha256)
+                else:
+                    detail = "no identity required"
+                st.verified_ms, st.detail, status = now_ms, detail, "verified"
+            except (VerificationError, DecodeError) as exc:
+                st.verified_ms, st.detail, status = None, str(exc)[:1000], "failed"
+                detail = st.detail
+            st.challenge = None
+            entries.append(ServerEntry(time_ms=now_ms, server=spec.name, kind=kind, status=status, detail=detail,
+                                       evidence_sha256=evidence_hash))
+        if tools_json:
+            entries.extend(self._tools(spec, st, tools_json, now_ms))
+        hidden = tuple(sorted(t for t in spec.tools if self.refusal(spec, t, now_ms)))
+        return Report(status=status, detail=detail or st.detail, hidden=hidden, entries=tuple(entries))
+
+    def _tools(self, spec: ServerSpec, st: _State, tools_json: bytes, now_ms: int) -> list[ServerEntry]:
+        tools = parse_json(tools_json, what="tool definitions", max_bytes=MAX_TOOLS_JSON)
+        if not isinstance(tools, list) or len(tools) > MAX_TOOLS or not all(isinstance(t, dict) for t in tools):
+            raise DecodeError(f"tool definitions must be a JSON array of at most {MAX_TOOLS} objects")
+        hashes = {str(t.get("name")): tool_definition_hash(t) for t in tools}
+        st.tool_hashes = hashes
+        st.input_schemas = {str(t.get("name")): t["inputSchema"] for t in tools
+                            if isinstance(t.get("inputSchema"), dict)}
+        drift: dict[str, str] = {}
+        extra: dict[str, dict[str, str]] = {}
+        for tool, pin in spec.pins.items():
+            actual = hashes.get(tool)
+            if actual is None:
+                drift[tool] = f"the server no longer offers it (pinned {pin[:16]}...)"
+                extra[tool] = {"tool": tool, "pinned": pin, "actual": "missing"}
+            elif actual != pin:
+                drift[tool] = f"its definition drifted from the pin (pinned {pin[:16]}..., now {actual[:16]}...)"
+                extra[tool] = {"tool": tool, "pinned": pin, "actual": actual}
+        entries = [
+            ServerEntry(time_ms=now_ms, server=spec.name, kind="pin", status="drift", detail=drift[t], extra=extra[t])
+            for t in sorted(drift) if st.drift.get(t) != drift[t]
+        ]
+        entries += [
+            ServerEntry(time_ms=now_ms, server=spec.name, kind="pin", status="pin-restored",
+                        detail=f"tool {t!r} matches its pin again", extra={"tool": t, "pinned": spec.pins[t]})
+            for t in sorted(set(st.drift) - set(drift)) if t in spec.pins
+        ]
+        st.drift = drift
+        return entries
+
+    def input_schema(self, server: str, tool: str) -> dict[str, Any] | None:
+        """The tool's input schema as last reported (hash-checked when the tool is pinned)."""
+        st = self._states.get(server)
+        return st.input_schemas.get(tool) if st is not None else None
+
+    def levels(self, specs: Mapping[str, ServerSpec], now_ms: int) -> dict[str, str]:
+        return {name: self.level(spec, now_ms) for name, spec in specs.items()}
+
+

@@ -1,0 +1,165 @@
+"""The gRPC face of the enclave: translates messages to `EnclaveCore` calls and errors to codes.
+
+Fail closed: every error becomes a gRPC status the parent must treat as "no decision".
+NotReady -> UNAVAILABLE, storage lagging -> RESOURCE_EXHAUSTED, bad input -> INVALID_ARGUMENT,
+a refused policy -> FAILED_PRECONDITION, a failed check -> PERMISSION_DENIED. Unexpected
+exceptions are logged here, inside the enclave, and reported as INTERNAL without detail.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from cloister.enclave.core import EnclaveCore, LogAppend, NotReady, PolicyRefused
+from cloister.enclave.resume import ResumeRefused
+from cloister.enclave.sequencer import Backpressure
+from cloister.verify.errors import DecodeError, VerificationError
+from cloister.verify.jwt import TokenError
+from cloister.wire import enclave_pb2 as pb
+from cloister.wire import enclave_pb2_grpc as pb_grpc
+from cloister.wire.contract import MAX_MESSAGE_BYTES
+
+log = logging.getLogger("cloister.enclave.service")
+_T = TypeVar("_T")
+
+
+def _log_append(a: LogAppend) -> pb.LogAppend:
+    return pb.LogAppend(first_index=a.first_index, entries=list(a.entries), checkpoint=a.checkpoint.note)
+
+
+def _call(context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
+    try:
+        return fn()
+    except NotReady as exc:
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    except Backpressure as exc:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    except (PolicyRefused, ResumeRefused) as exc:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except TokenError as exc:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.reason}: {exc}")
+    except DecodeError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except VerificationError as exc:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    except Exception:
+        log.exception("internal error")
+        context.abort(grpc.StatusCode.INTERNAL, "internal error in the enclave (see the enclave's log)")
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+class EnclaveService(pb_grpc.EnclaveServicer):
+    def __init__(self, core: EnclaveCore) -> None:
+        self.core = core
+
+    def Authorize(self, request: pb.AuthorizeRequest, context: grpc.ServicerContext) -> pb.AuthorizeResponse:
+        def run() -> pb.AuthorizeResponse:
+            v = self.core.authorize(token=request.token, server=request.server, tool=request.tool,
+                                    arguments_json=request.arguments_json, request_id=request.request_id,
+                                    persisted_size=request.persisted_size, payment_amount=request.payment_amount)
+            return pb.AuthorizeResponse(
+                decision=pb.ALLOW if v.allowed else pb.DENY, reason=v.reason, policy_ids=list(v.policy_ids),
+                deny_code=v.code, grant=v.grant, log_index=v.log_index, log=_log_append(v.log), agent=v.agent,
+                limits=[pb.LimitState(limit_id=s.limit_id, kind=s.kind, remaining=str(s.remaining),
+                                      retry_after_s=s.retry_after_s) for s in v.limits],
+            )
+
+        return _call(context, run)
+
+    def FilterTools(self, request: pb.FilterToolsRequest, context: grpc.ServicerContext) -> pb.FilterToolsResponse:
+        def run() -> pb.FilterToolsResponse:
+            if len(request.candidates) > 10_000:
+                raise DecodeError("more than 10000 candidate tools")
+            agent, visible = self.core.visible_tools(request.token, [(c.server, c.tool) for c in request.candidates])
+            return pb.FilterToolsResponse(agent=agent, visible=[pb.ToolRef(server=s, tool=t) for s, t in visible])
+
+        return _call(context, run)
+
+    def RecordOutcome(self, request: pb.OutcomeRequest, context: grpc.ServicerContext) -> pb.OutcomeResponse:
+        def run() -> pb.OutcomeResponse:
+            a = self.core.record_outcome(decision_index=request.decision_index,
+                                         result_sha256=request.result_sha256 or None, error=request.error,
+                                         duration_us=request.duration_us, paid_amount=request.paid_amount,
+                                         persisted_size=request.persisted_size)
+            return pb.OutcomeResponse(log_index=a.first_index, log=_log_append(a))
+
+        return _call(context, run)
+
+    def GetCheckpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
+        return _call(context, lambda: pb.CheckpointResponse(checkpoint=self.core.sync(0).checkpoint.note))
+
+    def Attest(self, request: pb.AttestRequest, context: grpc.ServicerContext) -> pb.AttestResponse:
+        def run() -> pb.AttestResponse:
+            doc, cp = self.core.attest(request.nonce, include_checkpoint=request.include_checkpoint)
+            return pb.AttestResponse(document=doc, checkpoint=cp)
+
+        return _call(context, run)
+
+    def LoadPolicy(self, request: pb.LoadPolicyRequest, context: grpc.ServicerContext) -> pb.LoadPolicyResponse:
+        def run() -> pb.LoadPolicyResponse:
+            self.core.sync(request.persisted_size)
+            version, digest, a = self.core.load_policy(request.bundle)
+            return pb.LoadPolicyResponse(version=version, bundle_sha256=digest, log=_log_append(a))
+
+        return _call(context, run)
+
+    def SyncLog(self, request: pb.SyncLogRequest, context: grpc.ServicerContext) -> pb.SyncLogResponse:
+        return _call(context, lambda: pb.SyncLogResponse(log=_log_append(self.core.sync(request.persisted_size))))
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        return _call(context, lambda: pb.HealthResponse(**self.core.health()))
+
+    def ServerChallenge(self, request: pb.ServerChallengeRequest,
+                        context: grpc.ServicerContext) -> pb.ServerChallengeResponse:
+        def run() -> pb.ServerChallengeResponse:
+            nonce, kind = self.core.server_challenge(request.server, reconnect=request.reconnect)
+            return pb.ServerChallengeResponse(nonce=nonce, kind=kind)
+
+        return _call(context, run)
+
+    def ReportServer(self, request: pb.ServerReport, context: grpc.ServicerContext) -> pb.ServerReportResponse:
+        def run() -> pb.ServerReportResponse:
+            if len(request.certificates) > 16:
+                raise DecodeError("more than 16 certificates")
+            report, a = self.core.report_server(
+                server=request.server, attestation=request.attestation, artifact=request.artifact,
+                certificates=list(request.certificates), tools_json=request.tools_json, failure=request.failure,
+                evidence=request.evidence, persisted_size=request.persisted_size)
+            return pb.ServerReportResponse(status=report.status, detail=report.detail,
+                                           hidden_tools=list(report.hidden), log=_log_append(a))
+
+        return _call(context, run)
+
+    def StartLog(self, request: pb.StartLogRequest, context: grpc.ServicerContext) -> pb.StartLogResponse:
+        def run() -> pb.StartLogResponse:
+            if request.HasField("resume"):
+                r = request.resume
+                a = self.core.resume_log(
+                    checkpoint=r.checkpoint, range_size=r.range_size, range_hashes=list(r.range_hashes),
+                    entries=list(r.entries), key_entry=r.key_entry, key_entry_index=r.key_entry_index,
+                    key_entry_proof=list(r.key_entry_proof), boundary_entry=r.boundary_entry,
+                    boundary_proof=list(r.boundary_proof),
+                )
+            else:
+                a = self.core.start_new_log()
+            return pb.StartLogResponse(log=_log_append(a))
+
+        return _call(context, run)
+
+
+def serve(core: EnclaveCore, grpc_socket: str, *, workers: int = 16) -> grpc.Server:
+    from concurrent.futures import ThreadPoolExecutor
+
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enclave-rpc"), options=options)
+    pb_grpc.add_EnclaveServicer_to_server(EnclaveService(core), server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"unix:{grpc_socket}")
+    server.start()
+    return server

@@ -1,0 +1,176 @@
+"""The relay's configuration file (TOML).
+
+    [relay]
+    listen = "127.0.0.1:8440"                 # agents' MCP endpoint is http://<listen>/mcp
+    public_url = "http://127.0.0.1:8440"      # how agents and auditors reach it (printed, documented)
+    enclave = "vsock:16:5005"                 # or unix:PATH / tcp:HOST:PORT in mock mode
+    bundle = "bundle.signed"                  # admin-signed policy bundle pushed at start
+    storage = "log"                           # a directory, or s3://bucket/prefix
+    s3_endpoint_url = ""                      # for S3-compatible servers
+    run_dir = "run"                           # private sockets (the parent-side bridge)
+    trust_root = "aws"                        # or "mock:<root.pem>": to check the enclave's attestation
+    max_argument_bytes = 1048576              # the relay refuses larger arguments outright
+    enclave_timeout_s = 5
+    admin_token_file = "admin.token"          # enables POST /admin/redact for holders of this token
+
+    [[upstreams]]
+    name = "refunds"
+    url = "http://127.0.0.1:8441/mcp"         # streamable HTTP
+    timeout_s = 30
+
+    reattest_s = 300                          # re-prove the server's identity this often
+    # ca_file = "internal-ca.pem"             # for https:// upstreams signed by a private CA
+
+    [[upstreams]]
+    name = "research"
+    command = ["python", "-m", "cloister.dev.examples.research"]   # stdio; launched by the relay
+    env = { KEY = "value" }
+    artifact = "research.py"                  # checksum identity: hashed (by the enclave) before launch
+
+Relative paths are relative to the config file. Errors name the file and the key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloister.verify.errors import DecodeError
+
+_UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(DecodeError):
+    """The relay configuration is invalid; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    url: str | None = None
+    command: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    timeout_s: float = 30.0
+    artifact: Path | None = None  # checksum identity: the file to hash before launching
+    reattest_s: float = 300.0
+    ca_file: Path | None = None  # PEM CA certificates that verify an https:// upstream
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    path: Path
+    host: str
+    port: int
+    public_url: str
+    enclave: str
+    bundle: Path | None
+    storage: str
+    s3_endpoint_url: str | None
+    run_dir: Path
+    trust_root: str
+    max_argument_bytes: int
+    enclave_timeout_s: float
+    upstreams: tuple[UpstreamConfig, ...]
+    body_retention_days: int | None = None
+    attestation_refresh_s: float = 3600.0
+    admin_token: str | None = None  # required by destructive admin endpoints (redaction); None disables them
+
+
+def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{where}: missing required key {key!r}")
+        return default
+    value = table[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"{where}: {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def load_relay_config(path: Path) -> RelayConfig:
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    base = path.parent
+    relay = data.get("relay")
+    if not isinstance(relay, dict):
+        raise ConfigError(f"{path}: needs a [relay] table")
+    where = f"{path} [relay]"
+    listen = _get(relay, "listen", str, where, "127.0.0.1:8440")
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ConfigError(f"{where}: listen {listen!r} must be HOST:PORT")
+    bundle = _get(relay, "bundle", str, where, "")
+    storage = _get(relay, "storage", str, where, "log")
+    if not storage.startswith("s3://"):
+        storage = str((base / storage).resolve())
+    upstreams: list[UpstreamConfig] = []
+    names: set[str] = set()
+    for i, u in enumerate(data.get("upstreams", [])):
+        uw = f"{path} [[upstreams]] #{i + 1}"
+        if not isinstance(u, dict):
+            raise ConfigError(f"{uw}: must be a table")
+        name = _get(u, "name", str, uw)
+        if not _UPSTREAM_NAME.match(name) or "___" in name:
+            raise ConfigError(f"{uw}: name {name!r} must be letters, digits, _ . - (no '___')")
+        if name in names:
+            raise ConfigError(f"{uw}: upstream {name!r} is declared twice")
+        names.add(name)
+        url = _get(u, "url", str, uw, None)
+        command = _get(u, "command", list, uw, [])
+        if (url is None) == (not command):
+            raise ConfigError(f"{uw}: give exactly one of 'url' (streamable HTTP) or 'command' (stdio)")
+        if not all(isinstance(c, str) for c in command):
+            raise ConfigError(f"{uw}: 'command' must be a list of strings")
+        env = _get(u, "env", dict, uw, {})
+        timeout = float(_get(u, "timeout_s", (int, float), uw, 30))
+        if not 0 < timeout <= 3600:
+            raise ConfigError(f"{uw}: timeout_s must be in (0, 3600]")
+        cwd = _get(u, "cwd", str, uw, None)
+        artifact = _get(u, "artifact", str, uw, None)
+        ca_file = _get(u, "ca_file", str, uw, None)
+        if ca_file and not (url or "").startswith("https://"):
+            raise ConfigError(f"{uw}: ca_file goes with an https:// url")
+        reattest = float(_get(u, "reattest_s", (int, float), uw, 300))
+        if not 5 <= reattest <= 86400:
+            raise ConfigError(f"{uw}: reattest_s must be in [5, 86400]")
+        upstreams.append(UpstreamConfig(name=name, url=url, command=tuple(command),
+                                        env={str(k): str(v) for k, v in env.items()},
+                                        cwd=(base / cwd) if cwd else None, timeout_s=timeout,
+                                        artifact=(base / artifact) if artifact else None, reattest_s=reattest,
+                                        ca_file=(base / ca_file) if ca_file else None))
+    retention = _get(relay, "body_retention_days", int, where, None)
+    admin_token: str | None = None
+    token_file = _get(relay, "admin_token_file", str, where, None)
+    if token_file:
+        try:
+            admin_token = (base / token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: admin_token_file: cannot read {token_file}: {exc.strerror}") from exc
+        if len(admin_token) < 16:
+            raise ConfigError(f"{where}: the admin token must be at least 16 characters")
+    return RelayConfig(
+        path=path,
+        host=host or "127.0.0.1",
+        port=int(port_text),
+        public_url=_get(relay, "public_url", str, where, f"http://{listen}"),
+        enclave=_get(relay, "enclave", str, where),
+        bundle=(base / bundle) if bundle else None,
+        storage=storage,
+        s3_endpoint_url=_get(relay, "s3_endpoint_url", str, where, "") or None,
+        run_dir=base / _get(relay, "run_dir", str, where, "run"),
+        trust_root=_get(relay, "trust_root", str, where, "aws"),
+        max_argument_bytes=_get(relay, "max_argument_bytes", int, where, 1 << 20),
+        enclave_timeout_s=float(_get(relay, "enclave_timeout_s", (int, float), where, 5)),
+        upstreams=tuple(upstreams),
+        body_retention_days=retention,
+        attestation_refresh_s=float(_get(relay, "attestation_refresh_s", (int, float), where, 3600)),
+        admin_token=admin_token,
+    )

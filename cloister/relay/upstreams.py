@@ -1,0 +1,339 @@
+"""MCP client connections from the relay to the upstream servers (official SDK).
+
+One long-lived session per upstream, shared by all agents (the SDK multiplexes concurrent
+requests). A session that breaks (process exit, network) is re-established with backoff;
+while it is down, calls fail fast with `UpstreamUnavailable`. Every call has a deadline.
+
+Identity: before launching or connecting, the relay asks the enclave what the server must prove
+(`challenge`). A `checksum` server's artifact is reported before it is launched, and the server
+is not launched if the enclave refuses it. After connecting, a `nitro` server's attestation
+(read from its `cloister://attestation/{nonce}` resource, made with the enclave's nonce) or a
+`tls` server's certificate is reported, with the tool list for pin checks. This repeats every
+`reattest_s`, on reconnect, and whenever `reattest_all` is called (after an enclave restart).
+The relay only carries evidence: the enclave verifies it and hides what fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import ssl
+import urllib.parse
+from typing import Any, Protocol, cast
+
+import anyio
+import anyio.abc
+import mcp_types as types
+from mcp import Client, StdioServerParameters
+from mcp.shared.exceptions import MCPError
+from mcp_types.jsonrpc import CONNECTION_CLOSED
+
+from cloister.relay.config import UpstreamConfig
+from cloister.verify.errors import CloisterError
+
+log = logging.getLogger("cloister.relay.upstreams")
+MAX_TOOLS_PAGES = 50
+MAX_ARTIFACT = 16 << 20
+ATTESTATION_URI = "cloister://attestation/"
+
+
+class UpstreamError(CloisterError):
+    """An upstream call failed. `kind` is "unavailable", "timeout" or "error"."""
+
+    def __init__(self, kind: str, message: str, *, code: int | None = None, data: Any = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+        self.data = data
+
+
+class Refused(CloisterError):
+    """The enclave refused a server's pre-launch evidence: do not launch it."""
+
+
+class IdentityReporter(Protocol):
+    """What the relay provides so upstreams can prove themselves to the enclave."""
+
+    async def challenge(self, server: str, *, reconnect: bool) -> tuple[bytes, str] | None: ...
+
+    async def report(self, server: str, *, evidence: bool, tools: list[types.Tool] | None,
+                     attestation: bytes = b"", artifact: bytes = b"", certificates: list[bytes] | None = None,
+                     failure: str = "") -> str: ...
+
+
+class Upstream:
+    def __init__(self, config: UpstreamConfig, reporter: IdentityReporter | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.reporter = reporter
+        self.tools: list[types.Tool] = []
+        self.state = "connecting"
+        self.identity = "unknown"
+        self.last_error = ""
+        self._client: Client | None = None
+        self._broken = anyio.Event()
+        self._stop = anyio.Event()
+        self._ready = anyio.Event()
+        self._reattest = anyio.Event()
+        self._tools_changed = anyio.Event()
+
+    def _target(self, stack: contextlib.AsyncExitStack) -> Any:
+        if self.config.url and self.config.ca_file is not None:
+            # A private CA verifies the upstream's certificate on the MCP connection itself; the
+            # enclave separately checks a `tls` identity's pinned key.
+            import httpx2
+            from mcp.client.streamable_http import streamable_http_client
+
+            ctx = ssl.create_default_context(cafile=str(self.config.ca_file))
+            http = httpx2.AsyncClient(verify=ctx, timeout=httpx2.Timeout(30, read=300))
+            stack.push_async_callback(http.aclose)
+            return streamable_http_client(self.config.url, http_client=http)
+        if self.config.url:
+            return self.config.url
+        env = {**os.environ, **self.config.env}
+        return StdioServerParameters(command=self.config.command[0], args=list(self.config.command[1:]), env=env,
+                                     cwd=str(self.config.cwd) if self.config.cwd else None)
+
+    async def _on_message(self, message: Any) -> None:
+        # A changed tool list is re-read and re-checked against the pins at once.
+        inner = getattr(message, "root", message)
+        if getattr(inner, "method", None) == "notifications/tools/list_changed":
+            self._tools_changed.set()
+
+    async def run(self) -> None:
+        """Keep a session open until stopped, reconnecting with backoff."""
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                challenge = await self._prelaunch()
+                async with contextlib.AsyncExitStack() as stack:
+                    client = await stack.enter_async_context(Client(
+                        self._target(stack), cache=None, read_timeout_seconds=self.config.timeout_s,
+                        message_handler=self._on_message))
+                    tools = await self._list_tools(client)
+                    self._client, self.tools, self.state, self.last_error = client, tools, "up", ""
+                    await self._prove(client, challenge, tools)
+                    self._broken = anyio.Event()
+                    self._ready.set()
+                    backoff = 0.2
+                    log.info("upstream %s connected: %d tools, identity %s", self.name, len(tools), self.identity)
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._wait_then_cancel, tg)
+                        tg.start_soon(self._keep_proving, client)
+            except Refused as exc:
+                self.state, self.last_error = "quarantined", str(exc)
+                log.warning("upstream %s not launched: %s", self.name, exc)
+                backoff = max(backoff, 5.0)
+            except Exception as exc:  # any transport failure: mark down and retry
+                self.last_error = _describe(exc)
+                log.warning("upstream %s unavailable: %s", self.name, self.last_error)
+            finally:
+                self._client = None
+                if self.state == "up":
+                    log.warning("upstream %s disconnected", self.name)
+                if self.state != "quarantined":
+                    self.state = "down" if not self._stop.is_set() else "stopped"
+                self._ready.set()
+            if self._stop.is_set():
+                break
+            with anyio.move_on_after(backoff):
+                await self._stop.wait()
+            backoff = min(backoff * 2, 5.0)
+
+    # ---- identity -------------------------------------------------------------------------------
+
+    async def _prelaunch(self) -> tuple[bytes, str] | None:
+        """Ask what to prove; a checksum server's artifact is proven before it is launched."""
+        if self.reporter is None:
+            return None
+        self.identity = "proving"
+        challenge = await self.reporter.challenge(self.name, reconnect=True)
+        if challenge is None or challenge[1] != "checksum":
+            return challenge
+        artifact, failure = b"", ""
+        path = self.config.artifact
+        if path is None:
+            failure = "no `artifact` is configured for this upstream"
+        else:
+            try:
+                with path.open("rb") as f:
+                    artifact = f.read(MAX_ARTIFACT + 1)
+            except OSError as exc:
+                failure = f"cannot read artifact {path}: {exc.strerror}"
+        status = await self.reporter.report(self.name, evidence=True, tools=None, artifact=artifact, failure=failure)
+        self.identity = f"checksum {status}"
+        if status != "verified":
+            raise Refused(f"the enclave refused the artifact of {self.name!r}: {failure or 'checksum mismatch'}")
+        return challenge
+
+    async def _prove(self, client: Client, challenge: tuple[bytes, str] | None, tools: list[types.Tool]) -> None:
+        if self.reporter is None:
+            return
+        if challenge is None:
+            challenge = await self.reporter.challenge(self.name, reconnect=False)
+        kind = challenge[1] if challenge else "none"
+        evidence: dict[str, Any] = {}
+        if kind == "nitro" and challenge is not None:
+            evidence = await self._nitro_evidence(client, challenge[0])
+        elif kind == "tls":
+            evidence = await self._tls_evidence()
+        has_evidence = kind in ("nitro", "tls")
+        status = await self.reporter.report(self.name, evidence=has_evidence, tools=tools, **evidence)
+        if has_evidence:
+            self.identity = f"{kind} {status}"
+        elif kind != "checksum":
+            self.identity = kind
+
+    async def _nitro_evidence(self, client: Client, nonce: bytes) -> dict[str, Any]:
+        try:
+            result = await client.read_resource(f"{ATTESTATION_URI}{nonce.hex()}")
+            text = getattr(result.contents[0], "text", "")
+            return {"attestation": base64.b64decode(json.loads(text)["document"], validate=True)}
+        except Exception as exc:  # the server could not or would not attest: report why
+            return {"failure": f"reading {ATTESTATION_URI}<nonce> failed: {type(exc).__name__}: {exc}"[:500]}
+
+    async def _tls_evidence(self) -> dict[str, Any]:
+        url = urllib.parse.urlsplit(self.config.url or "")
+        if url.scheme != "https" or not url.hostname:
+            return {"failure": "a tls identity needs an https:// upstream URL"}
+        host, port = url.hostname, url.port or 443
+        try:
+            der = await anyio.to_thread.run_sync(_peer_certificate, host, port)
+        except OSError as exc:
+            return {"failure": f"TLS handshake with {host}:{port} failed: {exc}"}
+        return {"certificates": [der]}
+
+    async def _keep_proving(self, client: Client) -> None:
+        while True:
+            with anyio.move_on_after(self.config.reattest_s):
+                async with anyio.create_task_group() as tg:
+                    async def first(event: anyio.Event) -> None:
+                        await event.wait()
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(first, self._reattest)
+                    tg.start_soon(first, self._tools_changed)
+            self._reattest = anyio.Event()
+            self._tools_changed = anyio.Event()
+            try:
+                tools = await self._list_tools(client)
+                self.tools = tools
+                await self._prove(client, None, tools)
+            except Exception as exc:
+                log.warning("re-attesting upstream %s failed: %s", self.name, exc)
+
+    def reattest(self) -> None:
+        self._reattest.set()
+
+    # ---- session --------------------------------------------------------------------------------
+
+    async def _wait_then_cancel(self, tg: anyio.abc.TaskGroup) -> None:
+        async with anyio.create_task_group() as inner:
+            async def stop_on(event: anyio.Event) -> None:
+                await event.wait()
+                inner.cancel_scope.cancel()
+
+            inner.start_soon(stop_on, self._stop)
+            inner.start_soon(stop_on, self._broken)
+        tg.cancel_scope.cancel()
+
+    async def _list_tools(self, client: Client) -> list[types.Tool]:
+        tools: list[types.Tool] = []
+        cursor: str | None = None
+        for _ in range(MAX_TOOLS_PAGES):
+            page = await client.list_tools(cursor=cursor)
+            tools.extend(page.tools)
+            cursor = page.next_cursor
+            if not cursor:
+                break
+        return tools
+
+    async def wait_ready(self, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            await self._ready.wait()
+
+    async def call(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any]) -> types.CallToolResult:
+        client = self._client
+        if client is None:
+            why = self.last_error or "connecting"
+            raise UpstreamError("unavailable", f"upstream {self.name!r} is unavailable: {why}")
+        try:
+            with anyio.fail_after(self.config.timeout_s):
+                return await client.call_tool(tool, arguments, meta=cast(types.RequestParamsMeta, meta))
+        except TimeoutError as exc:
+            raise UpstreamError("timeout", f"upstream {self.name!r} did not answer within {self.config.timeout_s:g}s") \
+                from exc
+        except MCPError as exc:
+            if exc.code == CONNECTION_CLOSED:
+                # The transport died under the call (process exit, dropped stream): reconnect.
+                self._broken.set()
+                raise UpstreamError("unavailable", f"upstream {self.name!r} closed the connection during the call") \
+                    from exc
+            raise UpstreamError("error", f"upstream {self.name!r} refused the call: {exc.message}", code=exc.code,
+                                data=exc.data) from exc
+        except Exception as exc:  # transport failures come in many types (httpx, anyio, OSError)
+            self._broken.set()
+            raise UpstreamError("unavailable", f"upstream {self.name!r} connection failed: {exc!r}"[:500]) from exc
+
+    def restart(self) -> None:
+        """Drop the session; `run` reconnects (and re-proves identity)."""
+        self._broken.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost error of an exception group (the SDK wraps transport errors in task groups)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _peer_certificate(host: str, port: int) -> bytes:
+    """The server's certificate (DER). Not verified here: the enclave checks it against the pin."""
+    import socket
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
+        der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise OSError("the server presented no certificate")
+    return der
+
+
+class Upstreams:
+    def __init__(self, configs: tuple[UpstreamConfig, ...], reporter: IdentityReporter | None = None) -> None:
+        self.by_name = {c.name: Upstream(c, reporter) for c in configs}
+
+    async def run(self, tg: anyio.abc.TaskGroup) -> None:
+        for u in self.by_name.values():
+            tg.start_soon(u.run)
+
+    async def wait_ready(self, timeout: float) -> None:
+        with contextlib.suppress(Exception):
+            async with anyio.create_task_group() as tg:
+                for u in self.by_name.values():
+                    tg.start_soon(u.wait_ready, timeout)
+
+    def reattest_all(self) -> None:
+        for u in self.by_name.values():
+            if u.state == "quarantined":
+                u.restart()
+            u.reattest()
+
+    def stop(self) -> None:
+        for u in self.by_name.values():
+            u.stop()
+
+    def candidates(self) -> list[tuple[str, str]]:
+        return [(u.name, t.name) for u in self.by_name.values() for t in u.tools]
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {u.name: {"state": u.state, "tools": len(u.tools), "identity": u.identity, "error": u.last_error}
+                for u in self.by_name.values()}
