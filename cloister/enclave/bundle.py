@@ -128,7 +128,7 @@ class PolicyBundle:
     entities_json: str = field(repr=False, default="[]")
 
 
-def _toml(files: Mapping[str, bytes], name: str, *, required: bool) -> dict[str, Any]:
+def read_toml(files: Mapping[str, bytes], name: str, *, required: bool) -> dict[str, Any]:
     data = files.get(name)
     if data is None:
         if required:
@@ -190,7 +190,7 @@ def _decimal(where: str, value: Any) -> Decimal:
 
 
 def _settings(files: Mapping[str, bytes]) -> Settings:
-    raw = _toml(files, "bundle.toml", required=True).get("bundle")
+    raw = read_toml(files, "bundle.toml", required=True).get("bundle")
     if not isinstance(raw, dict):
         raise BundleError("bundle.toml: needs a [bundle] table")
     mode = raw.get("mode", "enforce")
@@ -202,7 +202,7 @@ def _settings(files: Mapping[str, bytes]) -> Settings:
     ttl = raw.get("grant_ttl_s", 60)
     if not isinstance(ttl, int) or not 1 <= ttl <= 3600:
         raise BundleError("bundle.toml: grant_ttl_s must be between 1 and 3600")
-    modes = _toml(files, "bundle.toml", required=True).get("modes", {})
+    modes = read_toml(files, "bundle.toml", required=True).get("modes", {})
     if not isinstance(modes, dict):
         raise BundleError("bundle.toml: [modes] maps policy files (policies/<name>.cedar) to enforce or log-only")
     log_only: set[str] = set()
@@ -230,7 +230,7 @@ def _load_key(files: Mapping[str, bytes], where: str, path: Any) -> PublicKey:
 
 
 def _issuers(files: Mapping[str, bytes]) -> dict[str, Issuer]:
-    raw = _toml(files, "issuers.toml", required=True).get("issuers", {})
+    raw = read_toml(files, "issuers.toml", required=True).get("issuers", {})
     if not isinstance(raw, dict) or not raw:
         raise BundleError("issuers.toml: needs at least one [issuers.<name>] table")
     out: dict[str, Issuer] = {}
@@ -266,8 +266,8 @@ def _issuers(files: Mapping[str, bytes]) -> dict[str, Issuer]:
     return out
 
 
-def _entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str, AgentSpec], dict[str, ServerSpec]]:
-    raw = _toml(files, "entities.toml", required=True)
+def parse_entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str, AgentSpec], dict[str, ServerSpec]]:
+    raw = read_toml(files, "entities.toml", required=True)
     roles_raw = raw.get("roles", {})
     if not isinstance(roles_raw, dict):
         raise BundleError("entities.toml: [roles] must be a table of role names")
@@ -343,9 +343,9 @@ def _identity(where: str, raw: Any) -> Identity:
     return Identity(reattest_s=reattest)
 
 
-def _limits(files: Mapping[str, bytes], roles: frozenset[str], agents: Mapping[str, AgentSpec],
+def parse_limits(files: Mapping[str, bytes], roles: frozenset[str], agents: Mapping[str, AgentSpec],
             servers: Mapping[str, ServerSpec]) -> tuple[Limit, ...]:
-    raw = _toml(files, "limits.toml", required=False).get("limits", [])
+    raw = read_toml(files, "limits.toml", required=False).get("limits", [])
     if not isinstance(raw, list):
         raise BundleError("limits.toml: use [[limits]] tables")
     out: list[Limit] = []
@@ -532,8 +532,8 @@ def parse_bundle_files(files: Mapping[str, bytes], *, check_references: bool = T
     """
     settings = _settings(files)
     issuers = _issuers(files)
-    roles, agents, servers = _entities(files)
-    limits = _limits(files, roles, agents, servers)
+    roles, agents, servers = parse_entities(files)
+    limits = parse_limits(files, roles, agents, servers)
     policies, sources = _policies(files)
     schema_text: str | None = None
     if "schema.cedarschema" in files:

@@ -202,13 +202,13 @@ def _limit_blocks(text: str) -> list[tuple[int, str]]:
 
 def _check_limit_blocks(v: Validation, texts: Mapping[str, str], tomls: Mapping[str, Any]) -> None:
     """Run the enclave's limit checks on each limit alone, so that every bad limit is reported."""
-    from cloister.enclave.bundle import _entities, _limits  # the enclave's own checks, one limit at a time
+    from cloister.enclave.bundle import parse_entities, parse_limits  # the enclave's own checks, one at a time
 
     raw = tomls.get("limits.toml", {}).get("limits")
     if "limits.toml" not in tomls or not isinstance(raw, list) or "entities.toml" not in tomls:
         return
     try:
-        roles, agents, servers = _entities(v.files)
+        roles, agents, servers = parse_entities(v.files)
     except BundleError:
         return  # reported for entities.toml by the full parse
     blocks = _limit_blocks(texts["limits.toml"])
@@ -223,7 +223,7 @@ def _check_limit_blocks(v: Validation, texts: Mapping[str, str], tomls: Mapping[
                 v.error("limits.toml", first_line, f"limit {lid!r}: id already used by the limit on line {ids[lid]}")
             ids.setdefault(lid, first_line)
         try:
-            _limits({"limits.toml": block.encode()}, roles, agents, servers)
+            parse_limits({"limits.toml": block.encode()}, roles, agents, servers)
         except BundleError as exc:
             msg = str(exc).removeprefix("limits.toml: ").replace("limit #1", f"limit #{n + 1}")
             v.error("limits.toml", _limit_key_line(block, first_line, msg), msg)
@@ -343,10 +343,10 @@ def _check_limit_semantics(v: Validation, texts: Mapping[str, str]) -> None:
 def _check_unused_files(v: Validation) -> None:
     b = v.bundle
     assert b is not None
-    from cloister.enclave.bundle import _toml
+    from cloister.enclave.bundle import read_toml
 
     used = {*TOML_FILES, SCHEMA_FILE}
-    issuers = _toml(v.files, "issuers.toml", required=False).get("issuers", {})
+    issuers = read_toml(v.files, "issuers.toml", required=False).get("issuers", {})
     for t in issuers.values() if isinstance(issuers, dict) else ():
         for entry in t.get("keys", []) if isinstance(t, dict) else ():
             name = entry.get("file") if isinstance(entry, dict) else entry
