@@ -33,7 +33,7 @@ from cloister.audit.errors import ForkDetected, ForkEvidence
 from cloister.audit.proofs import TileNodes, b64
 from cloister.audit.source import LogSource
 from cloister.audit.state import CheckpointStore, RememberedCheckpoint
-from cloister.verify.attestation import AttestationDocument, TrustRoot
+from cloister.verify.attestation import AttestationDocument, AttestationPolicy, TrustRoot
 from cloister.verify.checkpoint import Checkpoint, verify_checkpoint
 from cloister.verify.enclave_identity import EnclaveBinding, verify_enclave
 from cloister.verify.errors import DecodeError, VerificationError
@@ -76,17 +76,9 @@ def fetch_attested_checkpoint(
     if reply.nonce != nonce:
         raise VerificationError("the attestation reply is for another nonce than the one asked for (a replay?)")
     # 2. The document: trust root, time, nonce, PCRs, debug mode, and the exact checkpoint bytes.
-    verified = verify_enclave(
-        reply.document,
-        root=root,
-        at=now,
-        now=now,
-        expected_pcrs=expected_pcrs,
-        nonce=nonce,
-        allow_debug=allow_debug,
-        origin=origin,
-        checkpoint=reply.checkpoint,
-    )
+    policy = AttestationPolicy(root=root, at=now, now=now, expected_pcrs=expected_pcrs or {}, nonce=nonce,
+                               allow_debug=allow_debug)
+    verified = verify_enclave(reply.document, policy, origin=origin, checkpoint=reply.checkpoint)
     binding = verified.binding
     # 3. The note is signed by the bound log key, for the bound origin.
     try:

@@ -23,7 +23,7 @@ from cloister.audit.attested import AttestedCheckpoint, fetch_attested_checkpoin
 from cloister.audit.replay import KeyChecker, Problem, ReplayResult, replay_tree
 from cloister.audit.source import MAX_CHECKPOINT, SourceSpec, open_source
 from cloister.audit.state import RememberedCheckpoint
-from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot
+from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot
 from cloister.verify.checkpoint import Checkpoint, parse_checkpoint, verify_checkpoint
 from cloister.verify.enclave_identity import EnclaveBinding, verify_enclave
 from cloister.verify.entries import KeyEntry
@@ -46,12 +46,13 @@ def key_checker(root: TrustRoot, expected_pcrs: Mapping[int, bytes] | None, allo
     """
     pcrs = dict(expected_pcrs or {})
     allowed_pcr0 = accepted_pcr0 | ({pcrs.pop(0)} if 0 in pcrs else set())
+    # Key entries are old by nature: each is checked as of its own timestamp.
+    policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, expected_pcrs=pcrs, allow_debug=allow_debug)
 
     def check(index: int, entry: KeyEntry, root_before: bytes) -> tuple[EnclaveBinding, str]:
         # 1. The attestation verifies against the trust root and PCRs as of its own timestamp
         #    (key entries are old by nature), for this log's origin.
-        verified = verify_enclave(entry.attestation, root=root, at=DOCUMENT_TIME, expected_pcrs=pcrs,
-                                  allow_debug=allow_debug, origin=origin)
+        verified = verify_enclave(entry.attestation, policy, origin=origin)
         pcr0 = verified.document.pcrs.get(0, b"")
         if allowed_pcr0 and pcr0 not in allowed_pcr0:
             raise VerificationError(f"its enclave's PCR0 {pcr0.hex()[:24]}... is neither --expect-pcr 0 nor an "

@@ -34,7 +34,7 @@ from typing import Literal
 
 import cbor2
 
-from cloister.verify.attestation import DOCUMENT_TIME, AttestationDocument, TrustRoot
+from cloister.verify.attestation import DOCUMENT_TIME, AttestationDocument, AttestationPolicy, TrustRoot
 from cloister.verify.checkpoint import Checkpoint
 from cloister.verify.cose import decode_cbor
 from cloister.verify.enclave_identity import EnclaveBinding, verify_enclave
@@ -115,8 +115,8 @@ def verify_receipt(
     proof = parse_tlog_proof(data)
     entry_bytes, attestation = _parse_extra(proof.extra)
     # 2. The attestation, as of its own time (or the caller's), binding exactly this checkpoint note.
-    verified = verify_enclave(attestation, root=root, at=at, expected_pcrs=expected_pcrs, allow_debug=allow_debug,
-                              origin=origin, checkpoint=proof.checkpoint_note)
+    policy = AttestationPolicy(root=root, at=at, expected_pcrs=expected_pcrs or {}, allow_debug=allow_debug)
+    verified = verify_enclave(attestation, policy, origin=origin, checkpoint=proof.checkpoint_note)
     binding = verified.binding
     # 3 and 4. The checkpoint signature by the bound key, and the entry's inclusion.
     result = verify_tlog_proof(data, [binding.log_verifier()], origin=binding.origin,

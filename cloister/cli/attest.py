@@ -54,7 +54,7 @@ def _enclave(args: argparse.Namespace) -> int:
     from datetime import UTC
 
     from cloister.audit.trustroot import TrustRootError, load_trust_root, parse_pcr_spec
-    from cloister.verify.attestation import AttestationError
+    from cloister.verify.attestation import AttestationError, AttestationPolicy
     from cloister.verify.enclave_identity import verify_enclave
     from cloister.verify.errors import DecodeError, VerificationError
 
@@ -79,10 +79,11 @@ def _enclave(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, TypeError) as exc:
         print(f"cloister attest enclave: the relay's answer is not an attestation: {exc}", file=sys.stderr)
         return 1
-    now = datetime.now(UTC)
+    now = datetime.now(UTC)  # the CLI reads the clock; the verifier never does
+    policy = AttestationPolicy(root=root, at=now, now=now, max_age=timedelta(minutes=5), expected_pcrs=pcrs,
+                               nonce=nonce, allow_debug=args.allow_debug)
     try:
-        verified = verify_enclave(document, root=root, at=now, now=now, max_age=timedelta(minutes=5),
-                                  expected_pcrs=pcrs, nonce=nonce, allow_debug=args.allow_debug)
+        verified = verify_enclave(document, policy)
     except (AttestationError, VerificationError, DecodeError) as exc:
         reason = getattr(exc, "reason", "malformed")
         print(f"attestation rejected: {reason}: {exc}", file=sys.stderr)
@@ -163,7 +164,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _verify_or_raise(args: argparse.Namespace) -> int:
     from datetime import UTC
 
-    from cloister.verify.attestation import DOCUMENT_TIME, verify_attestation
+    from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, verify_attestation
     from cloister.verify.errors import DecodeError, VerificationError
 
     now = datetime.now(UTC)  # the CLI reads the clock; the verifier never does
@@ -180,16 +181,9 @@ def _verify_or_raise(args: argparse.Namespace) -> int:
     document = _decode_input(_read_input(args.file))
     try:
         root = _load_root(args.root)
-        doc = verify_attestation(
-            document,
-            root=root,
-            at=at,
-            now=now,
-            max_age=max_age,
-            expected_pcrs=expected,
-            nonce=nonce,
-            allow_debug=args.allow_debug,
-        )
+        policy = AttestationPolicy(root=root, at=at, now=now, max_age=max_age, expected_pcrs=expected, nonce=nonce,
+                                   allow_debug=args.allow_debug)
+        doc = verify_attestation(document, policy)
     except (DecodeError, VerificationError) as exc:
         reason = getattr(exc, "reason", "error")
         detail = getattr(exc, "detail", str(exc))

@@ -73,14 +73,14 @@ def _verify(config: EnclaveConfig, own_pcr0: bytes, checkpoint: bytes, range_siz
             range_hashes: Sequence[bytes], entries: Sequence[bytes], key_entry: bytes, key_entry_index: int,
             key_entry_proof: Sequence[bytes], boundary_entry: bytes, boundary_proof: Sequence[bytes]) -> ResumePoint:
     # Local import: attestation verification pulls in x509 code the decision path never needs.
-    from cloister.verify.attestation import verify_attestation
+    from cloister.verify.attestation import AttestationPolicy, verify_attestation
 
     # 1. The key entry and its attestation, as of the document's own time.
     intro = parse_entry(key_entry)
     if not isinstance(intro, KeyEntry):
         raise ResumeRefused(f"entry {key_entry_index} given as the key entry is a {type(intro).__name__}")
-    doc = verify_attestation(intro.attestation, root=config.trust_root, at=DOCUMENT_TIME,
-                             allow_debug=config.allow_debug)
+    policy = AttestationPolicy(root=config.trust_root, at=DOCUMENT_TIME, allow_debug=config.allow_debug)
+    doc = verify_attestation(intro.attestation, policy)
     pcr0 = doc.pcrs.get(0, b"")
     if pcr0 != own_pcr0 and pcr0 not in config.predecessor_pcr0:
         raise ResumeRefused(

@@ -14,26 +14,23 @@ VerificationError/DecodeError naming what failed. The parent only carries the ev
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from cloister.verify.attestation import TrustRoot, verify_attestation
+from cloister.verify.attestation import AttestationPolicy, verify_attestation
 from cloister.verify.errors import DecodeError, VerificationError
 
 MAX_ARTIFACT_BYTES = 16 << 20
 
 
-def check_nitro(document: bytes, *, root: TrustRoot, pcrs: Mapping[int, bytes], nonce: bytes, now: datetime,
-                allow_debug: bool) -> tuple[str, bytes]:
-    """Returns (detail, evidence hash)."""
+def check_nitro(document: bytes, policy: AttestationPolicy) -> tuple[str, bytes]:
+    """Returns (detail, evidence hash). `policy` carries the trust root, the pinned PCRs, the
+    challenge nonce and the enclave's time."""
     if not document:
         raise VerificationError("no attestation document was presented")
-    doc = verify_attestation(document, root=root, at=now, now=now, expected_pcrs=pcrs, nonce=nonce,
-                             allow_debug=allow_debug)
-    pinned = ", ".join(f"PCR{i}" for i in sorted(pcrs)) or "no PCRs pinned"
+    doc = verify_attestation(document, policy)
+    pinned = ", ".join(f"PCR{i}" for i in sorted(policy.expected_pcrs)) or "no PCRs pinned"
     return f"Nitro attestation from {doc.module_id}: {pinned} as pinned, fresh nonce", hashlib.sha256(document).digest()
 
 

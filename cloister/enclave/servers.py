@@ -18,7 +18,7 @@ from typing import Any
 
 from cloister.enclave.bundle import Identity, ServerSpec
 from cloister.enclave.server_identity import check_checksum, check_nitro, check_tls
-from cloister.verify.attestation import TrustRoot
+from cloister.verify.attestation import AttestationPolicy, TrustRoot
 from cloister.verify.canonical import parse_json
 from cloister.verify.entries import ServerEntry
 from cloister.verify.errors import DecodeError, VerificationError
@@ -117,8 +117,9 @@ class ServerRegistry:
                     if challenge is None or challenge[1] < now_ms:
                         raise VerificationError("no fresh challenge nonce was issued for this attestation")
                     now = datetime.fromtimestamp(now_ms / 1000, UTC)
-                    detail, evidence_hash = check_nitro(attestation, root=root, pcrs=spec.identity.pcrs,
-                                                        nonce=challenge[0], now=now, allow_debug=allow_debug)
+                    policy = AttestationPolicy(root=root, at=now, now=now, expected_pcrs=spec.identity.pcrs,
+                                               nonce=challenge[0], allow_debug=allow_debug)
+                    detail, evidence_hash = check_nitro(attestation, policy)
                 elif kind == "checksum":
                     detail, evidence_hash = check_checksum(artifact, sha256_hex=spec.identity.sha256)
                 elif kind == "tls":

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
-from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot
+from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot
 from cloister.verify.enclave_identity import verify_enclave
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.grant import (
@@ -112,10 +112,10 @@ class GrantGuard:
             cached = self._keys.get(digest)
             if cached is not None and now - cached[1] < timedelta(minutes=10):
                 return cached[0]
+        policy = AttestationPolicy(root=self.trust_root, at=DOCUMENT_TIME, now=now, max_age=self.max_attestation_age,
+                                   expected_pcrs=self.expected_pcrs, allow_debug=self.allow_debug)
         try:
-            verified = verify_enclave(document, root=self.trust_root, at=DOCUMENT_TIME, now=now,
-                                      max_age=self.max_attestation_age, expected_pcrs=self.expected_pcrs,
-                                      allow_debug=self.allow_debug, origin=self.origin)
+            verified = verify_enclave(document, policy, origin=self.origin)
         except (DecodeError, VerificationError) as exc:
             raise GrantError("untrusted-enclave", f"the enclave's attestation does not verify: {exc}") from exc
         keys = verified.binding.grant_keys()

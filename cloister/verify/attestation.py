@@ -8,7 +8,8 @@ tests/fixtures/nitro/README.md): the COSE_Sign1 arrives untagged, absent optiona
 null, user_data and nonce carry up to 1024 bytes.
 
 The verifier never reads the clock and does not know whether its anchor is AWS's root or a mock
-root: the caller passes the time and the `TrustRoot`. It returns the verified document or raises;
+root: the caller passes one `AttestationPolicy` (the `TrustRoot`, the time, the expected PCRs,
+nonce and bound data, whether debug mode is allowed). It returns the verified document or raises;
 every rejection carries a machine-readable `reason`.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
@@ -64,7 +65,7 @@ _UNDERSTOOD_CRITICAL: Final = frozenset({ExtensionOID.BASIC_CONSTRAINTS, Extensi
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 DOCUMENT_TIME: Final = "document"
-"""Pass as `at=` to verify an archived document as of its own timestamp."""
+"""`AttestationPolicy.at` for an archived document: check it as of its own timestamp."""
 
 
 class MalformedAttestation(DecodeError):
@@ -142,65 +143,94 @@ class AttestationDocument:
     nonce: bytes | None
 
 
-@dataclass(frozen=True)
-class _Cert:
-    der: bytes
-    cert: x509.Certificate
-    extensions: x509.Extensions
-    key: CertificatePublicKeyTypes
-    where: str
+@dataclass(frozen=True, kw_only=True)
+class AttestationPolicy:
+    """What a verifier accepts: one value for `verify_attestation` instead of a row of keywords.
+
+    - `root`: the certificate `cabundle[0]` must equal byte for byte (AWS's, or a mock NSM's).
+    - `at`: the time at which every certificate must be valid, a timezone-aware datetime, or
+      `DOCUMENT_TIME` to check an archived document as of its own timestamp. There is no
+      default: the verifier never reads the clock, the caller says when.
+    - `now`, `max_age`: when `max_age` is set, the document must be at most that old relative to
+      `now` (which defaults to `at` when that is a datetime) and not ahead of it by more than
+      CLOCK_SKEW.
+    - `expected_pcrs`: PCR index -> value the document must carry (absent PCRs fail).
+    - `nonce`, `user_data`, `public_key`: when given, the document's field must equal them.
+    - `allow_debug`: accept debug-mode documents (PCR0 all zero).
+
+    Construction checks the times (ValueError), and `expected_pcrs` is copied read-only.
+    """
+
+    root: TrustRoot
+    at: datetime | Literal["document"]
+    now: datetime | None = None
+    max_age: timedelta | None = None
+    expected_pcrs: Mapping[int, bytes] = field(default_factory=lambda: MappingProxyType({}))
+    nonce: bytes | None = None
+    user_data: bytes | None = None
+    public_key: bytes | None = None
+    allow_debug: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.at, datetime) and self.at != DOCUMENT_TIME:
+            raise ValueError("`at` must be a datetime or DOCUMENT_TIME")
+        if isinstance(self.at, datetime) and self.at.tzinfo is None:
+            raise ValueError("`at` must be timezone-aware")
+        if self.now is not None and self.now.tzinfo is None:
+            raise ValueError("`now` must be timezone-aware")
+        if self.max_age is not None and self.now is None and not isinstance(self.at, datetime):
+            raise ValueError("`max_age` with at=DOCUMENT_TIME needs `now`")
+        object.__setattr__(self, "expected_pcrs", MappingProxyType(dict(self.expected_pcrs)))
 
 
-def verify_attestation(
-    data: bytes,
-    *,
-    root: TrustRoot,
-    at: datetime | Literal["document"],
-    now: datetime | None = None,
-    max_age: timedelta | None = None,
-    expected_pcrs: Mapping[int, bytes] | None = None,
-    nonce: bytes | None = None,
-    user_data: bytes | None = None,
-    public_key: bytes | None = None,
-    allow_debug: bool = False,
-) -> AttestationDocument:
-    """Verify a Nitro attestation document and return its verified content.
+def verify_attestation(data: bytes, policy: AttestationPolicy) -> AttestationDocument:
+    """Verify a Nitro attestation document under `policy` and return its verified content.
 
-    `at` is the time at which every certificate must be valid: a timezone-aware datetime, or
-    `DOCUMENT_TIME` to check an archived document as of its own timestamp. `max_age` bounds the
-    document's age relative to `now` (defaults to `at` when that is a datetime). `nonce`,
-    `user_data` and `public_key`, when given, must equal the document's fields.
+    The steps are AWS's "Attestation document validation" (verify-root.html), in order:
+
+      1. Syntactical validation: decode the COSE_Sign1 and type-check every payload field.
+      2. Semantic validation: `cabundle[0]` is the pinned root, byte for byte.
+      3. Certificates validity and chain: root -> ... -> leaf, each valid at `policy.at`,
+         with CA constraints (RFC 5280 §6.1).
+      4. Cryptographic validation: ES384 over Sig_structure (RFC 9052 §4.4) with the leaf key.
+      5. PCRs: not a debug-mode document unless allowed; the expected PCRs.
+      6. Nonce, user_data and public_key, when the policy names them.
+      7. Age, when the policy bounds it.
+
     Raises MalformedAttestation (a DecodeError) or AttestationError (a VerificationError).
     """
-    if not isinstance(at, datetime) and at != DOCUMENT_TIME:
-        raise ValueError("`at` must be a datetime or DOCUMENT_TIME")
-    if isinstance(at, datetime) and at.tzinfo is None:
-        raise ValueError("`at` must be timezone-aware")
-    if now is not None and now.tzinfo is None:
-        raise ValueError("`now` must be timezone-aware")
-    if max_age is not None and now is None and not isinstance(at, datetime):
-        raise ValueError("`max_age` with at=DOCUMENT_TIME needs `now`")
-
     # Step 1 (AWS "Syntactical validation"): decode, then type-check every field.
     cose = _parse_cose(data)
     doc = _parse_payload(cose.payload)
     chain = [_parse_cert(der, f"cabundle[{i}]") for i, der in enumerate(doc.cabundle)]
     leaf = _parse_cert(doc.certificate, "certificate")
-    t = at if isinstance(at, datetime) else doc.timestamp
-
+    t = policy.at if isinstance(policy.at, datetime) else doc.timestamp
     # Step 2 (AWS "Semantic validation"): cabundle is [ROOT, INTERM_1, ..., INTERM_N] and the
     # root must be the pinned one, byte for byte.
+    _check_root(doc, policy.root)
+    # Step 3 (AWS "Certificates validity" and "Certificates chain"): root -> ... -> leaf.
+    leaf_key = _check_chain([*chain, leaf], t)
+    # Step 4 (AWS "Cryptographic validation").
+    _check_signature(cose, leaf_key)
+    # Step 5: PCRs. Debug-mode enclaves are signed by the same PKI but PCR0 is all zero.
+    _check_pcrs(doc, policy)
+    # Step 6: freshness comes from the nonce; then the data the document binds.
+    _check_bound_data(doc, policy)
+    # Step 7: optional age bound relative to the caller's clock.
+    _check_age(doc, policy, t)
+    return doc
+
+
+def _check_root(doc: AttestationDocument, root: TrustRoot) -> None:
     if doc.cabundle[0] != root.der:
         got = hashlib.sha256(doc.cabundle[0]).hexdigest()
         raise AttestationError(
             "wrong-root", f"cabundle[0] (sha256 {got}) is not the pinned {root.name} ({root.sha256})"
         )
 
-    # Step 3 (AWS "Certificates validity" and "Certificates chain"): root -> ... -> leaf.
-    leaf_key = _check_chain([*chain, leaf], t)
 
-    # Step 4 (AWS "Cryptographic validation"): ES384 over Sig_structure built from the
-    # protected header bytes exactly as received (RFC 9052 §4.4), with the leaf's key.
+def _check_signature(cose: CoseSign1, leaf_key: ec.EllipticCurvePublicKey) -> None:
+    """ES384 over Sig_structure built from the protected header bytes exactly as received."""
     r = int.from_bytes(cose.signature[:48], "big")
     s = int.from_bytes(cose.signature[48:], "big")
     try:
@@ -210,34 +240,37 @@ def verify_attestation(
     except InvalidSignature as exc:
         raise AttestationError("bad-signature", "COSE_Sign1 ES384 signature does not verify with the leaf key") from exc
 
-    # Step 5: PCRs. Debug-mode enclaves are signed by the same PKI but PCR0 is all zero.
+
+def _check_pcrs(doc: AttestationDocument, policy: AttestationPolicy) -> None:
     pcr0 = doc.pcrs.get(0)
-    if not allow_debug and (pcr0 is None or not any(pcr0)):
+    if not policy.allow_debug and (pcr0 is None or not any(pcr0)):
         raise AttestationError("debug-mode", "PCR0 is all zero (debug-mode enclave) and debug is not allowed")
-    for index, want in sorted((expected_pcrs or {}).items()):
-        got_pcr = doc.pcrs.get(index)
-        if got_pcr != want:
-            shown = "absent" if got_pcr is None else got_pcr.hex()
+    for index, want in sorted(policy.expected_pcrs.items()):
+        got = doc.pcrs.get(index)
+        if got != want:
+            shown = "absent" if got is None else got.hex()
             raise AttestationError("pcr-mismatch", f"PCR{index} is {shown}, expected {want.hex()}")
 
-    # Step 6: freshness comes from the nonce; then the data the document binds.
-    if nonce is not None and doc.nonce != nonce:
+
+def _check_bound_data(doc: AttestationDocument, policy: AttestationPolicy) -> None:
+    if policy.nonce is not None and doc.nonce != policy.nonce:
         raise AttestationError("nonce-mismatch", "document nonce differs from the expected nonce")
-    if user_data is not None and doc.user_data != user_data:
+    if policy.user_data is not None and doc.user_data != policy.user_data:
         raise AttestationError("user-data-mismatch", "document user_data differs from the expected value")
-    if public_key is not None and doc.public_key != public_key:
+    if policy.public_key is not None and doc.public_key != policy.public_key:
         raise AttestationError("public-key-mismatch", "document public_key differs from the expected key")
 
-    # Step 7: optional age bound relative to the caller's clock.
-    if max_age is not None:
-        ref = now if now is not None else t
-        if doc.timestamp < ref - max_age:
-            raise AttestationError(
-                "stale", f"document from {_iso(doc.timestamp)} is older than {max_age} at {_iso(ref)}"
-            )
-        if doc.timestamp > ref + CLOCK_SKEW:
-            raise AttestationError("future-timestamp", f"document from {_iso(doc.timestamp)} is ahead of {_iso(ref)}")
-    return doc
+
+def _check_age(doc: AttestationDocument, policy: AttestationPolicy, t: datetime) -> None:
+    if policy.max_age is None:
+        return
+    ref = policy.now if policy.now is not None else t
+    if doc.timestamp < ref - policy.max_age:
+        raise AttestationError(
+            "stale", f"document from {_iso(doc.timestamp)} is older than {policy.max_age} at {_iso(ref)}"
+        )
+    if doc.timestamp > ref + CLOCK_SKEW:
+        raise AttestationError("future-timestamp", f"document from {_iso(doc.timestamp)} is ahead of {_iso(ref)}")
 
 
 def _parse_cose(data: bytes) -> CoseSign1:
@@ -263,6 +296,7 @@ def _parse_cose(data: bytes) -> CoseSign1:
 
 
 def _parse_payload(payload: bytes) -> AttestationDocument:
+    """AWS "Syntactical validation" of the payload: the field set, then each field's type and size."""
     try:
         doc = decode_cbor(payload, what="attestation payload")
     except DecodeError as exc:
@@ -276,37 +310,10 @@ def _parse_payload(payload: bytes) -> AttestationDocument:
     if missing:
         raise MalformedAttestation(f"payload lacks fields {missing}")
 
-    module_id = doc["module_id"]
-    if not isinstance(module_id, str) or not 0 < len(module_id) <= MAX_MODULE_ID:
-        raise MalformedAttestation("module_id must be non-empty text")
-    if doc["digest"] != "SHA384":
-        raise MalformedAttestation(f"digest is {doc['digest']!r}, expected 'SHA384'")
-    ts = doc["timestamp"]
-    if not _is_uint(ts) or not 0 < ts <= _MAX_TIMESTAMP_MS:
-        raise MalformedAttestation(f"timestamp {ts!r} is not a uint of milliseconds since the epoch")
-    pcrs = doc["pcrs"]
-    if not isinstance(pcrs, dict) or not 0 < len(pcrs) <= MAX_PCRS:
-        raise MalformedAttestation(f"pcrs must be a map of 1 to {MAX_PCRS} entries")
-    for index, value in pcrs.items():
-        if not _is_uint(index) or index >= MAX_PCRS:
-            raise MalformedAttestation(f"pcrs key {index!r} is not an index in [0, {MAX_PCRS})")
-        if not isinstance(value, bytes) or len(value) not in PCR_SIZES:
-            raise MalformedAttestation(f"pcrs[{index}] must be 32, 48 or 64 bytes")
-    certificate = doc["certificate"]
-    if not isinstance(certificate, bytes) or not 0 < len(certificate) <= MAX_CERT_SIZE:
-        raise MalformedAttestation(f"certificate must be 1 to {MAX_CERT_SIZE} bytes")
-    cabundle = doc["cabundle"]
-    if not isinstance(cabundle, list) or not 0 < len(cabundle) <= MAX_CABUNDLE:
-        raise MalformedAttestation(f"cabundle must be an array of 1 to {MAX_CABUNDLE} certificates")
-    for i, der in enumerate(cabundle):
-        if not isinstance(der, bytes) or not 0 < len(der) <= MAX_CERT_SIZE:
-            raise MalformedAttestation(f"cabundle[{i}] must be 1 to {MAX_CERT_SIZE} bytes")
-    bound: dict[str, bytes | None] = {}
-    for key in _OPTIONAL:
-        value = doc.get(key)
-        if value is not None and (not isinstance(value, bytes) or len(value) > MAX_BOUND_FIELD):
-            raise MalformedAttestation(f"{key} must be null or at most {MAX_BOUND_FIELD} bytes")
-        bound[key] = value
+    module_id, ts = _check_module_and_time(doc)
+    pcrs = _check_pcr_map(doc["pcrs"])
+    certificate, cabundle = _check_certificate_fields(doc["certificate"], doc["cabundle"])
+    bound = _check_bound_fields(doc)
     if not any(certificate):
         raise AttestationError("unsigned-qemu", "certificate is zero-filled: an unsigned QEMU nitro-enclave document")
 
@@ -322,6 +329,59 @@ def _parse_payload(payload: bytes) -> AttestationDocument:
         user_data=bound["user_data"],
         nonce=bound["nonce"],
     )
+
+
+def _check_module_and_time(doc: dict[Any, Any]) -> tuple[str, int]:
+    module_id = doc["module_id"]
+    if not isinstance(module_id, str) or not 0 < len(module_id) <= MAX_MODULE_ID:
+        raise MalformedAttestation("module_id must be non-empty text")
+    if doc["digest"] != "SHA384":
+        raise MalformedAttestation(f"digest is {doc['digest']!r}, expected 'SHA384'")
+    ts = doc["timestamp"]
+    if not _is_uint(ts) or not 0 < ts <= _MAX_TIMESTAMP_MS:
+        raise MalformedAttestation(f"timestamp {ts!r} is not a uint of milliseconds since the epoch")
+    return module_id, ts
+
+
+def _check_pcr_map(pcrs: Any) -> dict[int, bytes]:
+    if not isinstance(pcrs, dict) or not 0 < len(pcrs) <= MAX_PCRS:
+        raise MalformedAttestation(f"pcrs must be a map of 1 to {MAX_PCRS} entries")
+    for index, value in pcrs.items():
+        if not _is_uint(index) or index >= MAX_PCRS:
+            raise MalformedAttestation(f"pcrs key {index!r} is not an index in [0, {MAX_PCRS})")
+        if not isinstance(value, bytes) or len(value) not in PCR_SIZES:
+            raise MalformedAttestation(f"pcrs[{index}] must be 32, 48 or 64 bytes")
+    return pcrs
+
+
+def _check_certificate_fields(certificate: Any, cabundle: Any) -> tuple[bytes, list[bytes]]:
+    if not isinstance(certificate, bytes) or not 0 < len(certificate) <= MAX_CERT_SIZE:
+        raise MalformedAttestation(f"certificate must be 1 to {MAX_CERT_SIZE} bytes")
+    if not isinstance(cabundle, list) or not 0 < len(cabundle) <= MAX_CABUNDLE:
+        raise MalformedAttestation(f"cabundle must be an array of 1 to {MAX_CABUNDLE} certificates")
+    for i, der in enumerate(cabundle):
+        if not isinstance(der, bytes) or not 0 < len(der) <= MAX_CERT_SIZE:
+            raise MalformedAttestation(f"cabundle[{i}] must be 1 to {MAX_CERT_SIZE} bytes")
+    return certificate, cabundle
+
+
+def _check_bound_fields(doc: dict[Any, Any]) -> dict[str, bytes | None]:
+    bound: dict[str, bytes | None] = {}
+    for key in _OPTIONAL:
+        value = doc.get(key)
+        if value is not None and (not isinstance(value, bytes) or len(value) > MAX_BOUND_FIELD):
+            raise MalformedAttestation(f"{key} must be null or at most {MAX_BOUND_FIELD} bytes")
+        bound[key] = value
+    return bound
+
+
+@dataclass(frozen=True)
+class _Cert:
+    der: bytes
+    cert: x509.Certificate
+    extensions: x509.Extensions
+    key: CertificatePublicKeyTypes
+    where: str
 
 
 def _parse_cert(der: bytes, where: str) -> _Cert:
@@ -342,31 +402,45 @@ def _parse_cert(der: bytes, where: str) -> _Cert:
 def _check_chain(chain: Sequence[_Cert], t: datetime) -> ec.EllipticCurvePublicKey:
     """RFC 5280 §6.1 checks on the fixed path chain[0] (root) -> ... -> chain[-1] (leaf).
 
+    a. every certificate is valid at `t`, understood, and holds a P-384 key;
+    b. the issuers are CAs with room for the path below them; the leaf is an end entity;
+    c. each certificate is signed by the one before it, with ecdsa-with-SHA384.
+
     Returns the leaf's public key.
     """
     key: ec.EllipticCurvePublicKey | None = None
     for c in chain:
-        if t < c.cert.not_valid_before_utc:
-            raise AttestationError(
-                "certificate-not-yet-valid",
-                f"{c.where} is valid from {_iso(c.cert.not_valid_before_utc)}, checked at {_iso(t)}",
-            )
-        if t > c.cert.not_valid_after_utc:
-            raise AttestationError(
-                "expired-certificate", f"{c.where} expired at {_iso(c.cert.not_valid_after_utc)}, checked at {_iso(t)}"
-            )
-        critical = {e.oid for e in c.extensions if e.critical} - _UNDERSTOOD_CRITICAL
-        if critical:
-            raise AttestationError(
-                "unsupported-critical-extension",
-                f"{c.where} has critical extensions {sorted(o.dotted_string for o in critical)}",
-            )
-        pk = c.key
-        if not isinstance(pk, ec.EllipticCurvePublicKey) or not isinstance(pk.curve, ec.SECP384R1):
-            raise AttestationError("bad-chain", f"{c.where} key is not ECDSA P-384")
-        key = pk
+        key = _check_certificate(c, t)
+    _check_ca_constraints(chain[:-1], chain[-1])
+    for issuer, subject in pairwise(chain):
+        _check_issued_by(subject, issuer)
+    assert key is not None  # the chain is never empty: cabundle has at least one entry
+    return key
 
-    issuers, leaf = chain[:-1], chain[-1]
+
+def _check_certificate(c: _Cert, t: datetime) -> ec.EllipticCurvePublicKey:
+    if t < c.cert.not_valid_before_utc:
+        raise AttestationError(
+            "certificate-not-yet-valid",
+            f"{c.where} is valid from {_iso(c.cert.not_valid_before_utc)}, checked at {_iso(t)}",
+        )
+    if t > c.cert.not_valid_after_utc:
+        raise AttestationError(
+            "expired-certificate", f"{c.where} expired at {_iso(c.cert.not_valid_after_utc)}, checked at {_iso(t)}"
+        )
+    critical = {e.oid for e in c.extensions if e.critical} - _UNDERSTOOD_CRITICAL
+    if critical:
+        raise AttestationError(
+            "unsupported-critical-extension",
+            f"{c.where} has critical extensions {sorted(o.dotted_string for o in critical)}",
+        )
+    pk = c.key
+    if not isinstance(pk, ec.EllipticCurvePublicKey) or not isinstance(pk.curve, ec.SECP384R1):
+        raise AttestationError("bad-chain", f"{c.where} key is not ECDSA P-384")
+    return pk
+
+
+def _check_ca_constraints(issuers: Sequence[_Cert], leaf: _Cert) -> None:
     for depth, ca in enumerate(issuers):
         bc = _ext(ca, x509.BasicConstraints)
         if bc is None or not bc.ca:
@@ -384,17 +458,16 @@ def _check_chain(chain: Sequence[_Cert], t: datetime) -> ec.EllipticCurvePublicK
     if leaf_ku is None or not leaf_ku.digital_signature:
         raise AttestationError("ca-constraints", "the signing certificate lacks digitalSignature key usage")
 
-    for issuer, subject in pairwise(chain):
-        if subject.cert.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA384:
-            raise AttestationError("bad-chain", f"{subject.where} is not signed with ecdsa-with-SHA384")
-        try:
-            subject.cert.verify_directly_issued_by(issuer.cert)
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            raise AttestationError(
-                "bad-chain", f"{subject.where} is not issued by {issuer.where}: {exc or 'bad signature'}"
-            ) from exc
-    assert key is not None  # the chain is never empty: cabundle has at least one entry
-    return key
+
+def _check_issued_by(subject: _Cert, issuer: _Cert) -> None:
+    if subject.cert.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA384:
+        raise AttestationError("bad-chain", f"{subject.where} is not signed with ecdsa-with-SHA384")
+    try:
+        subject.cert.verify_directly_issued_by(issuer.cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise AttestationError(
+            "bad-chain", f"{subject.where} is not issued by {issuer.where}: {exc or 'bad signature'}"
+        ) from exc
 
 
 _E = TypeVar("_E", bound=x509.ExtensionType)

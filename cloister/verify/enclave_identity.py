@@ -13,15 +13,12 @@ The NSM `public_key` field is left for KMS (an RSA recipient key), as AWS intend
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Literal
 
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cloister.verify.attestation import AttestationDocument, AttestationError, TrustRoot, verify_attestation
+from cloister.verify.attestation import AttestationDocument, AttestationError, AttestationPolicy, verify_attestation
 from cloister.verify.cose import decode_cbor
 from cloister.verify.errors import DecodeError
 from cloister.verify.grant import grant_key_id
@@ -89,27 +86,20 @@ class VerifiedEnclave:
 
 def verify_enclave(
     document: bytes,
+    policy: AttestationPolicy,
     *,
-    root: TrustRoot,
-    at: datetime | Literal["document"],
-    now: datetime | None = None,
-    max_age: timedelta | None = None,
-    expected_pcrs: Mapping[int, bytes] | None = None,
-    nonce: bytes | None = None,
-    allow_debug: bool = False,
     origin: str | None = None,
     checkpoint: bytes | None = None,
 ) -> VerifiedEnclave:
     """Verify a Cloister enclave's attestation and return the keys it binds, or raise.
 
-    1. The document verifies per AWS's procedure (cloister.verify.attestation), with the
-       caller's PCR expectations and nonce.
+    1. The document verifies per AWS's procedure (cloister.verify.attestation) under `policy`:
+       trust root, time, PCRs, nonce, debug allowance, age.
     2. Its user_data is a Cloister binding.
     3. The binding names the expected log origin, if one is given.
     4. When a checkpoint note is given, the binding commits to exactly that note.
     """
-    doc = verify_attestation(document, root=root, at=at, now=now, max_age=max_age, expected_pcrs=expected_pcrs,
-                             nonce=nonce, allow_debug=allow_debug)
+    doc = verify_attestation(document, policy)
     binding = parse_binding(doc.user_data)
     if origin is not None and binding.origin != origin:
         raise AttestationError("origin-mismatch", f"enclave serves log {binding.origin!r}, not {origin!r}")

@@ -20,11 +20,13 @@ from cloister.enclave.nsm import Nsm, NsmError
 from cloister.verify.attestation import (
     DOCUMENT_TIME,
     AttestationError,
+    AttestationPolicy,
     MalformedAttestation,
     TrustRoot,
     verify_attestation,
 )
 from cloister.verify.errors import DecodeError, VerificationError
+from tests.world import EPOCH
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "nitro"
 PROD = "evervault_cage_cert_san_2023-01-18_nondebug_pcr8.b64"
@@ -46,7 +48,7 @@ class Clock:
 
 @pytest.fixture
 def mock(tmp_path: Path) -> MockNsm:
-    return MockNsm(tmp_path / "mock-nsm", {0: PCR0})
+    return MockNsm(tmp_path / "mock-nsm", {0: PCR0}, clock=Clock(EPOCH))
 
 
 def mock_root(m: MockNsm) -> TrustRoot:
@@ -163,34 +165,37 @@ def test_chain_is_shaped_like_aws(mock: MockNsm) -> None:
 
 def test_mock_documents_verify_with_the_mock_root(mock: MockNsm) -> None:
     raw = mock.attestation(nonce=b"n1")
-    doc = verify_attestation(raw, root=mock_root(mock), at=DOCUMENT_TIME, expected_pcrs={0: PCR0}, nonce=b"n1")
+    policy = AttestationPolicy(root=mock_root(mock), at=DOCUMENT_TIME, expected_pcrs={0: PCR0}, nonce=b"n1")
+    doc = verify_attestation(raw, policy)
     assert doc.module_id == DEFAULT_MODULE_ID
     assert doc.pcrs[0] == PCR0 and doc.pcrs[1] == bytes(48) and sorted(doc.pcrs) == list(range(16))
-    now = datetime.now(UTC)
-    verify_attestation(raw, root=mock_root(mock), at=now, now=now, max_age=timedelta(minutes=1))
+    now = EPOCH + timedelta(seconds=30)  # the test world's time, not the wall clock
+    verify_attestation(raw, AttestationPolicy(root=mock_root(mock), at=now, now=now, max_age=timedelta(minutes=1)))
 
 
 def test_mock_and_real_roots_do_not_mix(mock: MockNsm) -> None:
     raw = mock.attestation()
     with pytest.raises(AttestationError) as info:
-        verify_attestation(raw, root=TrustRoot.aws(), at=DOCUMENT_TIME)
+        verify_attestation(raw, AttestationPolicy(root=TrustRoot.aws(), at=DOCUMENT_TIME))
     assert info.value.reason == "wrong-root"
     with pytest.raises(AttestationError) as info:
-        verify_attestation(load(PROD), root=mock_root(mock), at=DOCUMENT_TIME)
+        verify_attestation(load(PROD), AttestationPolicy(root=mock_root(mock), at=DOCUMENT_TIME))
     assert info.value.reason == "wrong-root"
 
 
 def test_bound_fields_round_trip(mock: MockNsm) -> None:
     root = TrustRoot.from_pem(mock.root_pem())
     big = {"user_data": b"u" * 1024, "nonce": b"n" * 1024, "public_key": b"p" * 1024}
-    doc = verify_attestation(mock.attestation(**big), root=root, at=DOCUMENT_TIME, **big)
+    policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, user_data=big["user_data"], nonce=big["nonce"],
+                               public_key=big["public_key"])
+    doc = verify_attestation(mock.attestation(**big), policy)
     assert (doc.user_data, doc.nonce, doc.public_key) == (big["user_data"], big["nonce"], big["public_key"])
-    doc = verify_attestation(mock.attestation(), root=root, at=DOCUMENT_TIME)
+    doc = verify_attestation(mock.attestation(), AttestationPolicy(root=root, at=DOCUMENT_TIME))
     assert (doc.user_data, doc.nonce, doc.public_key) == (None, None, None)
-    empty = verify_attestation(mock.attestation(nonce=b""), root=root, at=DOCUMENT_TIME, nonce=b"")
+    empty = verify_attestation(mock.attestation(nonce=b""), AttestationPolicy(root=root, at=DOCUMENT_TIME, nonce=b""))
     assert empty.nonce == b""
     with pytest.raises(AttestationError) as info:
-        verify_attestation(mock.attestation(nonce=b"a"), root=root, at=DOCUMENT_TIME, nonce=b"b")
+        verify_attestation(mock.attestation(nonce=b"a"), AttestationPolicy(root=root, at=DOCUMENT_TIME, nonce=b"b"))
     assert info.value.reason == "nonce-mismatch"
     with pytest.raises(NsmError) as err:
         mock.attestation(user_data=b"u" * 1025)
@@ -198,12 +203,12 @@ def test_bound_fields_round_trip(mock: MockNsm) -> None:
 
 
 def test_debug_mode_when_pcr0_is_zero(tmp_path: Path) -> None:
-    m = MockNsm(tmp_path, {})
+    m = MockNsm(tmp_path, {}, clock=Clock(EPOCH))
     raw = m.attestation()
     with pytest.raises(AttestationError) as info:
-        verify_attestation(raw, root=mock_root(m), at=DOCUMENT_TIME)
+        verify_attestation(raw, AttestationPolicy(root=mock_root(m), at=DOCUMENT_TIME))
     assert info.value.reason == "debug-mode"
-    verify_attestation(raw, root=mock_root(m), at=DOCUMENT_TIME, allow_debug=True)
+    verify_attestation(raw, AttestationPolicy(root=mock_root(m), at=DOCUMENT_TIME, allow_debug=True))
 
 
 @pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
@@ -215,28 +220,28 @@ def test_mock_document_mutants_are_rejected(mock: MockNsm) -> None:
         m = bytearray(raw)
         m[pos] ^= rng.randrange(1, 256)
         with pytest.raises((DecodeError, VerificationError)):
-            verify_attestation(bytes(m), root=root, at=DOCUMENT_TIME)
+            verify_attestation(bytes(m), AttestationPolicy(root=root, at=DOCUMENT_TIME))
 
 
 # --- state, reissue, PCR operations -----------------------------------------------------------
 
 
 def test_root_persists_across_instances(tmp_path: Path) -> None:
-    a = MockNsm(tmp_path, {0: PCR0})
+    a = MockNsm(tmp_path, {0: PCR0}, clock=Clock(EPOCH))
     raw = a.attestation()
-    b = MockNsm(tmp_path, {0: PCR0})
+    b = MockNsm(tmp_path, {0: PCR0}, clock=Clock(EPOCH))
     assert b.root_pem() == a.root_pem() == (tmp_path / "root.pem").read_bytes()
     root = TrustRoot.from_pem(b.root_pem())
-    verify_attestation(raw, root=root, at=DOCUMENT_TIME)
-    verify_attestation(b.attestation(), root=root, at=DOCUMENT_TIME)
+    verify_attestation(raw, AttestationPolicy(root=root, at=DOCUMENT_TIME))
+    verify_attestation(b.attestation(), AttestationPolicy(root=root, at=DOCUMENT_TIME))
     assert stat.S_IMODE((tmp_path / "root-key.pem").stat().st_mode) == 0o600
 
 
 def test_half_a_root_is_an_error(tmp_path: Path) -> None:
-    MockNsm(tmp_path, {}).root_pem()
+    MockNsm(tmp_path, {}, clock=Clock(EPOCH)).root_pem()
     (tmp_path / "root-key.pem").unlink()
     with pytest.raises(NsmError, match="only half"):
-        MockNsm(tmp_path, {}).attestation()
+        MockNsm(tmp_path, {}, clock=Clock(EPOCH)).attestation()
 
 
 def test_leaf_is_reissued_near_expiry(tmp_path: Path) -> None:
@@ -251,16 +256,16 @@ def test_leaf_is_reissued_near_expiry(tmp_path: Path) -> None:
     leaf = [cbor2.loads(cbor2.loads(d)[2])["certificate"] for d in (first, second, third)]
     assert leaf[0] == leaf[1] != leaf[2]
     for d in (first, second, third):
-        verify_attestation(d, root=root, at=DOCUMENT_TIME)
+        verify_attestation(d, AttestationPolicy(root=root, at=DOCUMENT_TIME))
     with pytest.raises(AttestationError) as info:
-        verify_attestation(first, root=root, at=clock.t + timedelta(hours=1))
+        verify_attestation(first, AttestationPolicy(root=root, at=clock.t + timedelta(hours=1)))
     assert info.value.reason == "expired-certificate"
-    verify_attestation(third, root=root, at=clock.t + timedelta(hours=2))
+    verify_attestation(third, AttestationPolicy(root=root, at=clock.t + timedelta(hours=2)))
     bundle = cbor2.loads(cbor2.loads(third)[2])["cabundle"]
     clock.t += timedelta(days=2)  # past the instance CA's day: the intermediates are reissued too
     later = m.attestation()
     assert cbor2.loads(cbor2.loads(later)[2])["cabundle"][1:] != bundle[1:]
-    verify_attestation(later, root=root, at=DOCUMENT_TIME)
+    verify_attestation(later, AttestationPolicy(root=root, at=DOCUMENT_TIME))
 
 
 def test_pcr_operations(mock: MockNsm) -> None:
@@ -280,7 +285,7 @@ def test_pcr_operations(mock: MockNsm) -> None:
     desc = nsm.describe()
     assert desc.locked_pcrs == frozenset(range(17)) and desc.max_pcrs == 32 and desc.digest == "SHA384"
     assert desc.module_id == DEFAULT_MODULE_ID
-    doc = verify_attestation(nsm.attestation(), root=mock_root(mock), at=DOCUMENT_TIME)
+    doc = verify_attestation(nsm.attestation(), AttestationPolicy(root=mock_root(mock), at=DOCUMENT_TIME))
     assert doc.pcrs[16] == new  # locked PCRs appear in documents, as on real hardware
     with pytest.raises(NsmError) as info:
         nsm.describe_pcr(32)
@@ -310,7 +315,7 @@ def test_concurrent_use(mock: MockNsm) -> None:
     leaves = {cbor2.loads(cbor2.loads(d)[2])["certificate"] for d in docs}
     assert len(docs) == 4 and len(leaves) == 1
     for d in docs:
-        verify_attestation(d, root=root, at=DOCUMENT_TIME, nonce=b"t")
+        verify_attestation(d, AttestationPolicy(root=root, at=DOCUMENT_TIME, nonce=b"t"))
 
 
 def test_malformed_is_a_decode_error() -> None:

@@ -33,7 +33,7 @@ from mcp.shared.exceptions import MCPError
 
 from cloister.audit.source import DirSource, SourceSpec, read_tile
 from cloister.dev.state import DevState, ensure_state, free_port
-from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot
+from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot
 from cloister.verify.canonical import canonical_sha256
 from cloister.verify.checkpoint import parse_checkpoint, verify_checkpoint
 from cloister.verify.enclave_identity import verify_enclave
@@ -343,8 +343,9 @@ def verify_attested(reply: dict[str, Any], nonce: bytes, root: TrustRoot, pcr0: 
     note = str(reply["checkpoint"]).encode()
     if bytes.fromhex(str(reply["nonce"])) != nonce:
         raise CloisterError("the reply is for another nonce")
-    enclave = verify_enclave(base64.b64decode(reply["document"]), root=root, at=DOCUMENT_TIME,
-                             now=datetime.now(UTC), nonce=nonce, expected_pcrs={0: pcr0}, checkpoint=note)
+    policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, now=datetime.now(UTC), nonce=nonce,
+                               expected_pcrs={0: pcr0})
+    enclave = verify_enclave(base64.b64decode(reply["document"]), policy, checkpoint=note)
     cp = verify_checkpoint(note, [enclave.binding.log_verifier()], origin=enclave.binding.origin).checkpoint
     return ServedCheckpoint(cp.size, cp.root_hash, enclave.binding.log_key, note, "attestation")
 
@@ -481,7 +482,8 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
             problems.append(f"key entry {i}: previous_root is not the root of the log's first {k.previous_size} "
                             "entries")
         try:
-            enclave = verify_enclave(k.attestation, root=root, at=DOCUMENT_TIME, expected_pcrs={0: pcr0})
+            policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, expected_pcrs={0: pcr0})
+            enclave = verify_enclave(k.attestation, policy)
             if (enclave.binding.log_key, enclave.binding.grant_key) != (k.log_key, k.grant_key):
                 problems.append(f"key entry {i}: its attestation binds other keys")
             verifiers.append(enclave.binding.log_verifier())

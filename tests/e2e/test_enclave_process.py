@@ -16,7 +16,7 @@ from cloister.dev.measure import mock_pcrs
 from cloister.dev.state import ensure_state
 from cloister.enclave.config import load_config
 from cloister.relay.enclave_client import EnclaveClient, EnclaveRefused, EnclaveUnavailable
-from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot
+from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot
 from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.enclave_identity import verify_enclave
 from cloister.verify.entries import DecisionEntry, parse_entry
@@ -51,9 +51,9 @@ def test_enclave_over_the_bridge(state, tmp_path: Path) -> None:  # type: ignore
             # The attestation binds the keys, carries our nonce and PCR0 of the loaded code.
             nonce = secrets.token_bytes(16)
             att = await client.attest(nonce, include_checkpoint=True)
-            verified = verify_enclave(att.document, root=root, at=DOCUMENT_TIME, nonce=nonce,
-                                      expected_pcrs={0: expected_pcr0}, checkpoint=att.checkpoint,
-                                      now=datetime.now(UTC))
+            policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, now=datetime.now(UTC), nonce=nonce,
+                                       expected_pcrs={0: expected_pcr0})
+            verified = verify_enclave(att.document, policy, checkpoint=att.checkpoint)
             assert verified.binding.log_key == health.log_public_key
             cp = verify_checkpoint(att.checkpoint, [verified.binding.log_verifier()],
                                    origin=verified.binding.origin).checkpoint

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import cbor2
@@ -26,7 +25,8 @@ from cloister.enclave.nsm import (
     NsmResponseError,
     ioc,
 )
-from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot, verify_attestation
+from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot, verify_attestation
+from tests.world import EPOCH
 
 FAKE_FD = 1234
 
@@ -274,7 +274,7 @@ def test_open_and_close(tmp_path: Path) -> None:
 
 def test_documents_through_the_device_path_verify(tmp_path: Path) -> None:
     """A document returned through the ioctl path is the same bytes the verifier accepts."""
-    mock = MockNsm(tmp_path, {0: b"\x07" * 48})
+    mock = MockNsm(tmp_path, {0: b"\x07" * 48}, clock=lambda: EPOCH)
 
     def reply(req: bytes) -> bytes:
         body = cbor2.loads(req)["Attestation"]
@@ -284,5 +284,6 @@ def test_documents_through_the_device_path_verify(tmp_path: Path) -> None:
     typed: Nsm = nsm
     doc = typed.attestation(nonce=b"fresh", user_data=b"bound")
     root = TrustRoot.from_pem((tmp_path / "root.pem").read_bytes())
-    verified = verify_attestation(doc, root=root, at=DOCUMENT_TIME, nonce=b"fresh", user_data=b"bound")
-    assert verified.timestamp <= datetime.now(UTC)
+    verified = verify_attestation(doc, AttestationPolicy(root=root, at=DOCUMENT_TIME, nonce=b"fresh",
+                                                         user_data=b"bound"))
+    assert verified.timestamp == EPOCH

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from cloister.verify.attestation import (
     DOCUMENT_TIME,
     AttestationDocument,
     AttestationError,
+    AttestationPolicy,
     MalformedAttestation,
     TrustRoot,
     verify_attestation,
@@ -42,6 +44,7 @@ PROD_PCRS = {
     8: "97c5395a83c0d6a04d53ff962663c714c178c24500bf97f78456ed3721d922cf3f940614da4bb90107c439bc4a1443ca",
 }
 AWS = TrustRoot.aws()
+AS_ISSUED = AttestationPolicy(root=AWS, at=DOCUMENT_TIME)  # a document checked as of its own timestamp
 
 
 def load(name: str) -> bytes:
@@ -68,7 +71,7 @@ def resign_payload(doc: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
 
 
 def test_production_document_verifies_at_its_own_time() -> None:
-    doc = verify_attestation(load(PROD), root=AWS, at=DOCUMENT_TIME)
+    doc = verify_attestation(load(PROD), AS_ISSUED)
     assert isinstance(doc, AttestationDocument)
     assert doc.module_id == "i-0ec0e572c8263d8ff-enc0185c4fd382eeb25"
     assert doc.digest == "SHA384"
@@ -85,105 +88,127 @@ def test_production_document_verifies_at_its_own_time() -> None:
 
 def test_production_document_matches_expected_pcrs() -> None:
     expected = {i: bytes.fromhex(h) for i, h in PROD_PCRS.items()}
-    verify_attestation(load(PROD), root=AWS, at=DOCUMENT_TIME, expected_pcrs=expected)
+    verify_attestation(load(PROD), replace(AS_ISSUED, expected_pcrs=expected))
     wrong = dict(expected)
     wrong[2] = bytes([expected[2][0] ^ 1]) + expected[2][1:]
-    assert reason_of(lambda: verify_attestation(load(PROD), root=AWS, at=DOCUMENT_TIME, expected_pcrs=wrong)) == (
+    assert reason_of(lambda: verify_attestation(load(PROD), replace(AS_ISSUED, expected_pcrs=wrong))) == (
         "pcr-mismatch"
     )
     absent = {20: bytes(48)}
-    assert reason_of(lambda: verify_attestation(load(PROD), root=AWS, at=DOCUMENT_TIME, expected_pcrs=absent)) == (
+    assert reason_of(lambda: verify_attestation(load(PROD), replace(AS_ISSUED, expected_pcrs=absent))) == (
         "pcr-mismatch"
     )
 
 
 def test_debug_document_needs_allow_debug() -> None:
-    doc = verify_attestation(load(DEBUG), root=AWS, at=DOCUMENT_TIME, allow_debug=True)
+    doc = verify_attestation(load(DEBUG), replace(AS_ISSUED, allow_debug=True))
     assert doc.timestamp == datetime(2023, 9, 18, 15, 3, 30, 860000, tzinfo=UTC)
     assert not any(doc.pcrs[0]) and any(doc.pcrs[3])
-    assert reason_of(lambda: verify_attestation(load(DEBUG), root=AWS, at=DOCUMENT_TIME)) == "debug-mode"
+    assert reason_of(lambda: verify_attestation(load(DEBUG), AS_ISSUED)) == "debug-mode"
 
 
 @pytest.mark.parametrize("name", [PROD, DEBUG])
 def test_real_documents_expire_three_hours_later(name: str) -> None:
-    doc = verify_attestation(load(name), root=AWS, at=DOCUMENT_TIME, allow_debug=True)
-    verify_attestation(load(name), root=AWS, at=doc.timestamp, allow_debug=True)  # explicit datetime
+    doc = verify_attestation(load(name), replace(AS_ISSUED, allow_debug=True))
+    verify_attestation(load(name), AttestationPolicy(root=AWS, at=doc.timestamp, allow_debug=True))  # explicit datetime
     later = doc.timestamp + timedelta(hours=3)
     with pytest.raises(AttestationError) as info:
-        verify_attestation(load(name), root=AWS, at=later, allow_debug=True)
+        verify_attestation(load(name), AttestationPolicy(root=AWS, at=later, allow_debug=True))
     assert info.value.reason == "expired-certificate"
     assert "certificate expired" in str(info.value)  # the leaf goes first
 
 
 def test_before_the_chain_was_issued() -> None:
     early = datetime(2020, 1, 1, tzinfo=UTC)
-    assert reason_of(lambda: verify_attestation(load(PROD), root=AWS, at=early)) == "certificate-not-yet-valid"
+    policy = AttestationPolicy(root=AWS, at=early)
+    assert reason_of(lambda: verify_attestation(load(PROD), policy)) == "certificate-not-yet-valid"
 
 
 def test_tagged_form_is_accepted() -> None:
     tagged = b"\xd2" + load(PROD)  # tag 18 around the same array
-    verify_attestation(tagged, root=AWS, at=DOCUMENT_TIME)
+    verify_attestation(tagged, AS_ISSUED)
 
 
 def test_negative_blocky_document_is_rejected() -> None:
     with pytest.raises(MalformedAttestation) as info:
-        verify_attestation(load(NEGATIVE), root=AWS, at=DOCUMENT_TIME)
+        verify_attestation(load(NEGATIVE), AS_ISSUED)
     assert info.value.reason == "malformed"
     assert "unprotected header [1] is null" in str(info.value)
     # Past that first defect it still fails: cabundle null, then a self-signed leaf and 8-byte PCRs.
     cose = cbor2.loads(load(NEGATIVE))
     cose[1] = {}
     with pytest.raises(MalformedAttestation, match="cabundle"):
-        verify_attestation(cbor2.dumps(cose), root=AWS, at=DOCUMENT_TIME)
+        verify_attestation(cbor2.dumps(cose), AS_ISSUED)
 
 
 def test_real_document_fails_against_another_root() -> None:
     other = TrustRoot.from_pem(_make_chain([_Spec()])[0].cert.public_bytes(Encoding.PEM))
-    assert reason_of(lambda: verify_attestation(load(PROD), root=other, at=DOCUMENT_TIME)) == "wrong-root"
+    assert reason_of(lambda: verify_attestation(load(PROD), replace(AS_ISSUED, root=other))) == "wrong-root"
 
 
 def test_bound_fields() -> None:
     raw = load(PROD)
-    doc = verify_attestation(raw, root=AWS, at=DOCUMENT_TIME)
+    doc = verify_attestation(raw, AS_ISSUED)
     assert doc.nonce is not None and doc.user_data is not None
-    verify_attestation(raw, root=AWS, at=DOCUMENT_TIME, nonce=doc.nonce, user_data=doc.user_data)
-    assert reason_of(lambda: verify_attestation(raw, root=AWS, at=DOCUMENT_TIME, nonce=b"x" * 256)) == (
+    verify_attestation(raw, replace(AS_ISSUED, nonce=doc.nonce, user_data=doc.user_data))
+    assert reason_of(lambda: verify_attestation(raw, replace(AS_ISSUED, nonce=b"x" * 256))) == (
         "nonce-mismatch"
     )
-    assert reason_of(lambda: verify_attestation(raw, root=AWS, at=DOCUMENT_TIME, user_data=b"x")) == (
+    assert reason_of(lambda: verify_attestation(raw, replace(AS_ISSUED, user_data=b"x"))) == (
         "user-data-mismatch"
     )
-    assert reason_of(lambda: verify_attestation(raw, root=AWS, at=DOCUMENT_TIME, public_key=b"k")) == (
+    assert reason_of(lambda: verify_attestation(raw, replace(AS_ISSUED, public_key=b"k"))) == (
         "public-key-mismatch"
     )
 
 
 def test_freshness_relative_to_callers_now() -> None:
     raw = load(PROD)
-    ts = verify_attestation(raw, root=AWS, at=DOCUMENT_TIME).timestamp
+    ts = verify_attestation(raw, AS_ISSUED).timestamp
     five = timedelta(minutes=5)
-    verify_attestation(raw, root=AWS, at=DOCUMENT_TIME, now=ts + timedelta(minutes=1), max_age=five)
-    verify_attestation(raw, root=AWS, at=ts + timedelta(minutes=1), max_age=five)  # now defaults to `at`
+    verify_attestation(raw, replace(AS_ISSUED, now=ts + timedelta(minutes=1), max_age=five))
+    # `now` defaults to `at`:
+    verify_attestation(raw, AttestationPolicy(root=AWS, at=ts + timedelta(minutes=1), max_age=five))
     stale = ts + timedelta(minutes=10)
-    assert reason_of(lambda: verify_attestation(raw, root=AWS, at=DOCUMENT_TIME, now=stale, max_age=five)) == "stale"
+    assert reason_of(lambda: verify_attestation(raw, replace(AS_ISSUED, now=stale, max_age=five))) == "stale"
     early = ts - timedelta(minutes=10)
-    assert reason_of(lambda: verify_attestation(raw, root=AWS, at=DOCUMENT_TIME, now=early, max_age=five)) == (
+    assert reason_of(lambda: verify_attestation(raw, replace(AS_ISSUED, now=early, max_age=five))) == (
         "future-timestamp"
     )
 
 
 def test_programming_errors_are_not_verification_errors() -> None:
-    raw = load(PROD)
     with pytest.raises(ValueError, match="timezone-aware"):
-        verify_attestation(raw, root=AWS, at=datetime(2023, 1, 18, 14))
+        AttestationPolicy(root=AWS, at=datetime(2023, 1, 18, 14))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        AttestationPolicy(root=AWS, at=DOCUMENT_TIME, now=datetime(2023, 1, 18, 14))
     with pytest.raises(ValueError, match="needs `now`"):
-        verify_attestation(raw, root=AWS, at=DOCUMENT_TIME, max_age=timedelta(minutes=1))
+        replace(AS_ISSUED, max_age=timedelta(minutes=1))
     with pytest.raises(ValueError, match="DOCUMENT_TIME"):
-        verify_attestation(raw, root=AWS, at="now")  # type: ignore[arg-type]
+        AttestationPolicy(root=AWS, at="now")  # type: ignore[arg-type]
+
+
+def test_the_policy_names_its_time_and_is_immutable() -> None:
+    # No default time: the caller says when the certificates must be valid.
+    with pytest.raises(TypeError):
+        AttestationPolicy(root=AWS)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        AttestationPolicy(AWS, DOCUMENT_TIME)  # type: ignore[misc]  # keyword-only
+    with pytest.raises(TypeError):
+        verify_attestation(load(PROD), root=AWS, at=DOCUMENT_TIME)  # type: ignore[call-arg]  # the old interface
+    pcrs = {i: bytes.fromhex(v) for i, v in PROD_PCRS.items()}
+    policy = replace(AS_ISSUED, expected_pcrs=pcrs)
+    pcrs[0] = bytes(48)  # the caller's dict changes later: the policy does not
+    assert verify_attestation(load(PROD), policy).pcrs[0] == policy.expected_pcrs[0] != bytes(48)
+    with pytest.raises(TypeError):
+        policy.expected_pcrs[0] = bytes(48)  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.allow_debug = True  # type: ignore[misc]
+    assert AS_ISSUED.expected_pcrs == {} and not AS_ISSUED.allow_debug and AS_ISSUED.nonce is None
 
 
 def test_returned_document_is_immutable() -> None:
-    doc = verify_attestation(load(PROD), root=AWS, at=DOCUMENT_TIME)
+    doc = verify_attestation(load(PROD), AS_ISSUED)
     with pytest.raises(dataclasses.FrozenInstanceError):
         doc.nonce = b""  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -271,14 +296,14 @@ def _drop(key: str) -> Callable[[dict[str, Any]], None]:
 def test_payload_type_checks(edit: Callable[[dict[str, Any]], None], fragment: str) -> None:
     doc = resign_payload(load(PROD), edit)
     with pytest.raises(MalformedAttestation) as info:
-        verify_attestation(doc, root=AWS, at=DOCUMENT_TIME)
+        verify_attestation(doc, AS_ISSUED)
     assert fragment in str(info.value)
 
 
 def test_optional_fields_may_be_absent() -> None:
     """AWS's CDDL marks them optional: absence parses (and here fails only the signature)."""
     doc = resign_payload(load(PROD), _drop("public_key"))
-    assert reason_of(lambda: verify_attestation(doc, root=AWS, at=DOCUMENT_TIME)) == "bad-signature"
+    assert reason_of(lambda: verify_attestation(doc, AS_ISSUED)) == "bad-signature"
 
 
 def test_envelope_checks() -> None:
@@ -290,17 +315,17 @@ def test_envelope_checks() -> None:
         c[i] = value
         return bytes(cbor2.dumps(c))
 
-    assert reason_of(lambda: verify_attestation(variant(0, b"\xa1\x01\x26"), root=AWS, at=DOCUMENT_TIME)) == (
+    assert reason_of(lambda: verify_attestation(variant(0, b"\xa1\x01\x26"), AS_ISSUED)) == (
         "unsupported-algorithm"
     )
     assert reason_of(
-        lambda: verify_attestation(variant(0, b"\xa2\x01\x38\x22\x04\x00"), root=AWS, at=DOCUMENT_TIME)
+        lambda: verify_attestation(variant(0, b"\xa2\x01\x38\x22\x04\x00"), AS_ISSUED)
     ) == ("unsupported-algorithm")
     # {1: -35} with a non-minimal integer: same map, other bytes.
     nonminimal = variant(0, b"\xa1\x01\x39\x00\x22")
-    assert reason_of(lambda: verify_attestation(nonminimal, root=AWS, at=DOCUMENT_TIME)) == "malformed"
-    assert reason_of(lambda: verify_attestation(variant(3, cose[3][:95]), root=AWS, at=DOCUMENT_TIME)) == "malformed"
-    assert reason_of(lambda: verify_attestation(variant(2, cbor2.dumps([1])), root=AWS, at=DOCUMENT_TIME)) == (
+    assert reason_of(lambda: verify_attestation(nonminimal, AS_ISSUED)) == "malformed"
+    assert reason_of(lambda: verify_attestation(variant(3, cose[3][:95]), AS_ISSUED)) == "malformed"
+    assert reason_of(lambda: verify_attestation(variant(2, cbor2.dumps([1])), AS_ISSUED)) == (
         "malformed"
     )
 
@@ -308,14 +333,14 @@ def test_envelope_checks() -> None:
 def test_oversize_document() -> None:
     doc = resign_payload(load(PROD), _set("padding", b"\x00" * 20000))
     with pytest.raises(MalformedAttestation, match="exceeds the limit"):
-        verify_attestation(doc, root=AWS, at=DOCUMENT_TIME)
+        verify_attestation(doc, AS_ISSUED)
 
 
 def test_unprotected_header_is_not_signed() -> None:
     """A different unprotected map does not change the signed bytes (RFC 9052 §4.4)."""
     cose = cbor2.loads(load(PROD))
     cose[1] = {4: b"kid"}
-    verify_attestation(cbor2.dumps(cose), root=AWS, at=DOCUMENT_TIME)
+    verify_attestation(cbor2.dumps(cose), AS_ISSUED)
 
 
 def qemu_document(*, alg: int = -1) -> bytes:
@@ -336,7 +361,7 @@ def qemu_document(*, alg: int = -1) -> bytes:
 
 def test_qemu_unsigned_document_is_rejected() -> None:
     with pytest.raises(AttestationError) as info:
-        verify_attestation(qemu_document(), root=AWS, at=DOCUMENT_TIME, allow_debug=True)
+        verify_attestation(qemu_document(), replace(AS_ISSUED, allow_debug=True))
     assert info.value.reason == "unsigned-qemu"
     assert "QEMU" in str(info.value)
 
@@ -345,7 +370,7 @@ def test_zero_filled_certificate_is_rejected_even_with_es384_header() -> None:
     cose = cbor2.loads(qemu_document(alg=-35))
     cose[3] = bytes(96)
     doc = cbor2.dumps(cose)
-    assert reason_of(lambda: verify_attestation(doc, root=AWS, at=DOCUMENT_TIME, allow_debug=True)) == ("unsigned-qemu")
+    assert reason_of(lambda: verify_attestation(doc, replace(AS_ISSUED, allow_debug=True))) == ("unsigned-qemu")
 
 
 # --- mutants ---------------------------------------------------------------------------------
@@ -390,7 +415,7 @@ def test_mutants_of_a_real_document_are_all_rejected() -> None:
     reasons: set[str] = set()
     for label, mutant in mutants:
         try:
-            verify_attestation(mutant, root=AWS, at=DOCUMENT_TIME)
+            verify_attestation(mutant, AS_ISSUED)
         except (DecodeError, VerificationError) as exc:
             reasons.add(getattr(exc, "reason", "?"))
         else:
@@ -478,7 +503,7 @@ def _leaf(**kw: Any) -> _Spec:
 
 def test_crafted_good_chain_verifies() -> None:
     doc, root = _doc_for(_make_chain([_Spec(), _Spec(path_length=1), _Spec(path_length=0), _leaf()]))
-    verify_attestation(doc, root=root, at=NOW)
+    verify_attestation(doc, AttestationPolicy(root=root, at=NOW))
 
 
 @pytest.mark.parametrize(
@@ -501,7 +526,7 @@ def test_crafted_good_chain_verifies() -> None:
 def test_crafted_chain_rejections(specs: list[_Spec], reason: str, fragment: str) -> None:
     doc, root = _doc_for(_make_chain(specs))
     with pytest.raises(AttestationError) as info:
-        verify_attestation(doc, root=root, at=NOW)
+        verify_attestation(doc, AttestationPolicy(root=root, at=NOW))
     assert info.value.reason == reason
     assert fragment in str(info.value)
 
@@ -511,4 +536,5 @@ def test_crafted_chain_bad_document_signature() -> None:
     doc, root = _doc_for(chain)
     cose = cbor2.loads(doc)
     cose[3] = bytes([cose[3][0] ^ 1]) + cose[3][1:]
-    assert reason_of(lambda: verify_attestation(cbor2.dumps(cose), root=root, at=NOW)) == "bad-signature"
+    policy = AttestationPolicy(root=root, at=NOW)
+    assert reason_of(lambda: verify_attestation(cbor2.dumps(cose), policy)) == "bad-signature"

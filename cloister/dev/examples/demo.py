@@ -35,7 +35,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from cloister.dev.proc import stop_group
-from cloister.verify.attestation import DOCUMENT_TIME, TrustRoot
+from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot
 from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.enclave_identity import verify_enclave
 from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
@@ -266,8 +266,9 @@ def audit(info: dict[str, Any], t: Transcript) -> None:
     att = json.loads(_get(f"{log_url}/attestation?nonce={nonce.hex()}"))
     checkpoint = att["checkpoint"].encode()
     root = TrustRoot.from_pem(Path(info["trust_root"]).read_bytes())
-    enclave = verify_enclave(base64.b64decode(att["document"]), root=root, at=DOCUMENT_TIME, now=datetime.now(UTC),
-                             nonce=nonce, expected_pcrs={0: bytes.fromhex(info["pcr0"])}, checkpoint=checkpoint)
+    policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, now=datetime.now(UTC), nonce=nonce,
+                               expected_pcrs={0: bytes.fromhex(info["pcr0"])})
+    enclave = verify_enclave(base64.b64decode(att["document"]), policy, checkpoint=checkpoint)
     cp = verify_checkpoint(checkpoint, [enclave.binding.log_verifier()], origin=enclave.binding.origin).checkpoint
     say(f"  attestation verified: mock root, PCR0 {info['pcr0'][:16]}..., our nonce {nonce.hex()[:16]}...")
     say(f"  checkpoint verified:  {cp.origin}, size {cp.size}, root {cp.root_hash.hex()[:16]}...")
