@@ -2,29 +2,51 @@
 
 Fail closed: every error becomes a gRPC status the parent must treat as "no decision".
 NotReady -> UNAVAILABLE, storage lagging -> RESOURCE_EXHAUSTED, bad input -> INVALID_ARGUMENT,
-a refused policy -> FAILED_PRECONDITION, a failed check -> PERMISSION_DENIED. Unexpected
-exceptions are logged here, inside the enclave, and reported as INTERNAL without detail.
+a refused policy -> FAILED_PRECONDITION (ALREADY_EXISTS when a bundle at or above its version is
+in force: `POLICY_NOT_NEWER_STATUS`), a failed check -> PERMISSION_DENIED. Unexpected exceptions
+are logged here, inside the enclave, and reported as INTERNAL without detail.
+
+A decision's deny code leaves as the proto's `DenyCode` (`DENIALS`, one table). A code outside
+`cloister.wire.contract.DenyCode` is a programming error: the answer is a plain denial, logged.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
 
 import grpc
 
-from cloister.enclave.core import EnclaveCore, LogAppend, NotReady, PolicyRefused
+from cloister.enclave.core import EnclaveCore, LogAppend, NotReady, PolicyRefused, Verdict
 from cloister.enclave.resume import ResumeRefused
 from cloister.enclave.sequencer import Backpressure
-from cloister.verify.errors import DecodeError, VerificationError
+from cloister.verify.bundle import verify_bundle
+from cloister.verify.errors import CloisterError, DecodeError, VerificationError
 from cloister.verify.jwt import TokenError
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire import enclave_pb2_grpc as pb_grpc
-from cloister.wire.contract import MAX_MESSAGE_BYTES
+from cloister.wire.contract import MAX_MESSAGE_BYTES, POLICY_NOT_NEWER_STATUS, DenyCode
 
 log = logging.getLogger("cloister.enclave.service")
 _T = TypeVar("_T")
+
+# Every DenyCode on the wire (tests/wire/test_contract.py checks that this covers both enums).
+DENIALS: Final[Mapping[DenyCode, pb.DenyCode]] = {
+    DenyCode.BAD_ARGUMENTS: pb.DENY_CODE_BAD_ARGUMENTS,
+    DenyCode.UNAUTHENTICATED: pb.DENY_CODE_UNAUTHENTICATED,
+    DenyCode.UNKNOWN_AGENT: pb.DENY_CODE_UNKNOWN_AGENT,
+    DenyCode.UNKNOWN_SERVER: pb.DENY_CODE_UNKNOWN_SERVER,
+    DenyCode.UNKNOWN_TOOL: pb.DENY_CODE_UNKNOWN_TOOL,
+    DenyCode.QUARANTINED: pb.DENY_CODE_QUARANTINED,
+    DenyCode.POLICY: pb.DENY_CODE_POLICY,
+    DenyCode.NO_PERMIT: pb.DENY_CODE_NO_PERMIT,
+    DenyCode.LIMIT: pb.DENY_CODE_LIMIT,
+}
+
+
+class PolicyNotNewer(CloisterError):
+    """A validly signed bundle was refused because a bundle at or above its version is in force."""
 
 
 def _log_append(a: LogAppend) -> pb.LogAppend:
@@ -38,6 +60,8 @@ def _call(context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     except Backpressure as exc:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    except PolicyNotNewer as exc:
+        context.abort(grpc.StatusCode[POLICY_NOT_NEWER_STATUS], str(exc))
     except (PolicyRefused, ResumeRefused) as exc:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except TokenError as exc:
@@ -52,21 +76,33 @@ def _call(context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
     raise AssertionError("unreachable")  # context.abort raises
 
 
+def _authorize_response(v: Verdict) -> pb.AuthorizeResponse:
+    allowed, grant, denial = v.allowed, v.grant, pb.DENY_CODE_UNSPECIFIED
+    if v.code:
+        try:
+            denial = DENIALS[DenyCode(v.code)]
+        except ValueError:  # a code outside the contract: fail closed, as a plain denial
+            log.error("decision %d has deny code %r, which is not a DenyCode: answering a denial",
+                      v.log_index, v.code)
+            allowed, grant = False, b""
+    return pb.AuthorizeResponse(
+        decision=pb.ALLOW if allowed else pb.DENY, reason=v.reason, policy_ids=list(v.policy_ids),
+        deny_code=v.code, denial=denial, grant=grant, log_index=v.log_index, log=_log_append(v.log),
+        agent=v.agent, limits=[pb.LimitState(limit_id=s.limit_id, kind=s.kind, remaining=str(s.remaining),
+                                             retry_after_s=s.retry_after_s) for s in v.limits],
+    )
+
+
 class EnclaveService(pb_grpc.EnclaveServicer):
     def __init__(self, core: EnclaveCore) -> None:
         self.core = core
 
     def Authorize(self, request: pb.AuthorizeRequest, context: grpc.ServicerContext) -> pb.AuthorizeResponse:
         def run() -> pb.AuthorizeResponse:
-            v = self.core.authorize(token=request.token, server=request.server, tool=request.tool,
-                                    arguments_json=request.arguments_json, request_id=request.request_id,
-                                    persisted_size=request.persisted_size, payment_amount=request.payment_amount)
-            return pb.AuthorizeResponse(
-                decision=pb.ALLOW if v.allowed else pb.DENY, reason=v.reason, policy_ids=list(v.policy_ids),
-                deny_code=v.code, grant=v.grant, log_index=v.log_index, log=_log_append(v.log), agent=v.agent,
-                limits=[pb.LimitState(limit_id=s.limit_id, kind=s.kind, remaining=str(s.remaining),
-                                      retry_after_s=s.retry_after_s) for s in v.limits],
-            )
+            return _authorize_response(self.core.authorize(
+                token=request.token, server=request.server, tool=request.tool,
+                arguments_json=request.arguments_json, request_id=request.request_id,
+                persisted_size=request.persisted_size, payment_amount=request.payment_amount))
 
         return _call(context, run)
 
@@ -102,10 +138,24 @@ class EnclaveService(pb_grpc.EnclaveServicer):
     def LoadPolicy(self, request: pb.LoadPolicyRequest, context: grpc.ServicerContext) -> pb.LoadPolicyResponse:
         def run() -> pb.LoadPolicyResponse:
             self.core.sync(request.persisted_size)
-            version, digest, a = self.core.load_policy(request.bundle)
+            try:
+                version, digest, a = self.core.load_policy(request.bundle)
+            except PolicyRefused as exc:
+                if self._not_newer(request.bundle):
+                    raise PolicyNotNewer(str(exc)) from exc
+                raise
             return pb.LoadPolicyResponse(version=version, bundle_sha256=digest, log=_log_append(a))
 
         return _call(context, run)
+
+    def _not_newer(self, data: bytes) -> bool:
+        """Is this a validly signed bundle whose version is not above the one in force?"""
+        try:
+            signed = verify_bundle(data, self.core.config.admin_keys)
+        except (DecodeError, VerificationError):
+            return False
+        health = self.core.health()
+        return bool(health["policy_sha256"]) and signed.version <= int(health["policy_version"])
 
     def SyncLog(self, request: pb.SyncLogRequest, context: grpc.ServicerContext) -> pb.SyncLogResponse:
         return _call(context, lambda: pb.SyncLogResponse(log=_log_append(self.core.sync(request.persisted_size))))

@@ -38,6 +38,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cloister import __version__
+from cloister.relay.codes import (
+    ENCLAVE_UNAVAILABLE,
+    INVALID_PARAMS,
+    LOG_UNAVAILABLE,
+    PAYMENT_REQUIRED,
+    UNAUTHENTICATED,
+    UPSTREAM_FAILED,
+    denial_error,
+)
 from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient, EnclaveRefused, EnclaveUnavailable
 from cloister.relay.storage import LocalBackend, LogWriter, WriterOptions
@@ -48,6 +57,7 @@ from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import (
     LOG_META_KEY,
     MAX_LIMIT_WINDOW_S,
+    POLICY_NOT_NEWER_STATUS,
     RESUME_HISTORY_MARGIN_S,
     TOOL_SEPARATOR,
     X402_META_KEY,
@@ -55,18 +65,9 @@ from cloister.wire.contract import (
 
 log = logging.getLogger("cloister.relay")
 
-PAYMENT_REQUIRED = -32402  # the x402 MCP transport's error: the upstream wants a payment
 ATTESTATION_URI = "cloister://attestation/"
 MAX_BUNDLE_UPLOAD = 9 << 20
-
-# JSON-RPC error codes the relay answers with (documented in the README).
-DENIED = -32001  # the enclave denied the call (policy, identity, unknown server/tool, bad arguments)
-LIMITED = -32002  # a rate limit or spend cap was hit
-UNAUTHENTICATED = -32003  # missing, expired or forged token
-ENCLAVE_UNAVAILABLE = -32004  # fail closed: no decision could be obtained
-UPSTREAM_FAILED = -32005  # the upstream crashed, hung or refused
-LOG_UNAVAILABLE = -32006  # the decision could not be persisted; nothing was forwarded
-INVALID_PARAMS = -32602
+POLICY_NOT_NEWER = grpc.StatusCode[POLICY_NOT_NEWER_STATUS]
 
 
 def _b64(data: bytes) -> str:
@@ -232,10 +233,9 @@ class Relay:
             await self._persist(resp.log)
             log.info("policy bundle version %d (%s) in force", resp.version, resp.bundle_sha256.hex()[:16])
         except EnclaveRefused as exc:
-            if "not above the version in force" in str(exc):
-                log.info("policy bundle already in force: %s", exc)
-            else:
+            if exc.code != POLICY_NOT_NEWER:
                 raise
+            log.info("policy bundle already in force: %s", exc)
 
     async def refresh_attestation(self) -> None:
         resp = await self.enclave.attest(secrets.token_bytes(16))
@@ -404,8 +404,7 @@ class Relay:
         marks.append(time.perf_counter())
         decision_index = verdict.log_index
         if verdict.decision != pb.ALLOW:
-            code = {"limit": LIMITED, "unauthenticated": UNAUTHENTICATED}.get(verdict.deny_code, DENIED)
-            raise MCPError(code, f"denied: {verdict.reason}", data={
+            raise MCPError(denial_error(verdict.denial), f"denied: {verdict.reason}", data={
                 "decision": "deny", "code": verdict.deny_code, "reason": verdict.reason,
                 "policies": list(verdict.policy_ids), "log_index": decision_index, "agent": verdict.agent,
                 "limits": [{"limit": s.limit_id, "kind": s.kind, "remaining": s.remaining,
@@ -594,7 +593,7 @@ class Relay:
         except EnclaveUnavailable as exc:
             return JSONResponse({"error": f"the enclave is unavailable: {exc}"}, status_code=503)
         except EnclaveRefused as exc:
-            status = 409 if exc.code == grpc.StatusCode.FAILED_PRECONDITION else 400
+            status = 409 if exc.code in (grpc.StatusCode.FAILED_PRECONDITION, POLICY_NOT_NEWER) else 400
             return JSONResponse({"error": f"the enclave refused the bundle: {exc}"}, status_code=status)
         (self._bundle_store() / f"v{resp.version}.signed").write_bytes(body)
         self.health_info = await self.enclave.health()

@@ -12,9 +12,32 @@ class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_UNSPECIFIED: _ClassVar[Decision]
     ALLOW: _ClassVar[Decision]
     DENY: _ClassVar[Decision]
+
+class DenyCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DENY_CODE_UNSPECIFIED: _ClassVar[DenyCode]
+    DENY_CODE_BAD_ARGUMENTS: _ClassVar[DenyCode]
+    DENY_CODE_UNAUTHENTICATED: _ClassVar[DenyCode]
+    DENY_CODE_UNKNOWN_AGENT: _ClassVar[DenyCode]
+    DENY_CODE_UNKNOWN_SERVER: _ClassVar[DenyCode]
+    DENY_CODE_UNKNOWN_TOOL: _ClassVar[DenyCode]
+    DENY_CODE_QUARANTINED: _ClassVar[DenyCode]
+    DENY_CODE_POLICY: _ClassVar[DenyCode]
+    DENY_CODE_NO_PERMIT: _ClassVar[DenyCode]
+    DENY_CODE_LIMIT: _ClassVar[DenyCode]
 DECISION_UNSPECIFIED: Decision
 ALLOW: Decision
 DENY: Decision
+DENY_CODE_UNSPECIFIED: DenyCode
+DENY_CODE_BAD_ARGUMENTS: DenyCode
+DENY_CODE_UNAUTHENTICATED: DenyCode
+DENY_CODE_UNKNOWN_AGENT: DenyCode
+DENY_CODE_UNKNOWN_SERVER: DenyCode
+DENY_CODE_UNKNOWN_TOOL: DenyCode
+DENY_CODE_QUARANTINED: DenyCode
+DENY_CODE_POLICY: DenyCode
+DENY_CODE_NO_PERMIT: DenyCode
+DENY_CODE_LIMIT: DenyCode
 
 class LogAppend(_message.Message):
     __slots__ = ("first_index", "entries", "checkpoint")
@@ -57,7 +80,7 @@ class LimitState(_message.Message):
     def __init__(self, limit_id: _Optional[str] = ..., kind: _Optional[str] = ..., remaining: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("decision", "reason", "policy_ids", "deny_code", "grant", "log_index", "log", "agent", "limits")
+    __slots__ = ("decision", "reason", "policy_ids", "deny_code", "grant", "log_index", "log", "agent", "limits", "denial")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     POLICY_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +90,7 @@ class AuthorizeResponse(_message.Message):
     LOG_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DENIAL_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     reason: str
     policy_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -76,7 +100,8 @@ class AuthorizeResponse(_message.Message):
     log: LogAppend
     agent: str
     limits: _containers.RepeatedCompositeFieldContainer[LimitState]
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., policy_ids: _Optional[_Iterable[str]] = ..., deny_code: _Optional[str] = ..., grant: _Optional[bytes] = ..., log_index: _Optional[int] = ..., log: _Optional[_Union[LogAppend, _Mapping]] = ..., agent: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ...) -> None: ...
+    denial: DenyCode
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., policy_ids: _Optional[_Iterable[str]] = ..., deny_code: _Optional[str] = ..., grant: _Optional[bytes] = ..., log_index: _Optional[int] = ..., log: _Optional[_Union[LogAppend, _Mapping]] = ..., agent: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ..., denial: _Optional[_Union[DenyCode, str]] = ...) -> None: ...
 
 class ToolRef(_message.Message):
     __slots__ = ("server", "tool")

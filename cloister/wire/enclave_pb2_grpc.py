@@ -132,7 +132,10 @@ class EnclaveServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadPolicy(self, request, context):
-        """Install an admin-signed policy bundle (a higher version than the current one).
+        """Install an admin-signed policy bundle (a higher version than the current one). A validly
+        signed bundle whose version is not above the one in force (typically the same bundle again)
+        is refused with ALREADY_EXISTS (cloister.wire.contract.POLICY_NOT_NEWER_STATUS); any other
+        refusal is FAILED_PRECONDITION. Parents branch on the status, never on its message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
