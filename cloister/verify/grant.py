@@ -125,21 +125,12 @@ def read_grant(grant: bytes) -> GrantClaims:
         raise GrantError("malformed", f"grant is malformed: {exc}") from exc
 
 
-def verify_grant(
-    grant: bytes,
-    *,
-    grant_keys: Mapping[bytes, ed25519.Ed25519PublicKey],
-    server: str,
-    tool: str,
-    arguments: Mapping[str, Any] | None,
-    now_ms: int,
-    max_lifetime_ms: int = 3_600_000,
-    clock_skew_ms: int = 30_000,
-) -> GrantClaims:
-    """Verify a grant for exactly this call. Returns its claims or raises GrantError.
+def verify_grant_signature(grant: bytes, grant_keys: Mapping[bytes, ed25519.Ed25519PublicKey]) -> GrantClaims:
+    """Steps 1 to 4 of `verify_grant`: the grant is signed by one of `grant_keys`. Returns its
+    claims, now authenticated, without judging them against any call; or raises GrantError.
 
-    `grant_keys` maps key ids to enclave grant keys that the caller trusts because their
-    attestation verified. Single use is the caller's job (see ReplayGuard), after this passes.
+    Auditors use this alone: a logged grant is checked against its decision entry, not a call.
+    Reasons: "malformed", "unknown-key" (no key in `grant_keys` has its kid), "bad-signature".
     """
     # 1. Parse the COSE_Sign1 envelope (RFC 9052 §4.2), capped in size.
     try:
@@ -160,9 +151,29 @@ def verify_grant(
         raise GrantError("bad-signature", "grant signature does not verify with the enclave grant key") from exc
     # 4. The authenticated payload.
     try:
-        claims = parse_grant_claims(msg.payload)
+        return parse_grant_claims(msg.payload)
     except DecodeError as exc:
         raise GrantError("malformed", f"grant payload is malformed: {exc}") from exc
+
+
+def verify_grant(
+    grant: bytes,
+    *,
+    grant_keys: Mapping[bytes, ed25519.Ed25519PublicKey],
+    server: str,
+    tool: str,
+    arguments: Mapping[str, Any] | None,
+    now_ms: int,
+    max_lifetime_ms: int = 3_600_000,
+    clock_skew_ms: int = 30_000,
+) -> GrantClaims:
+    """Verify a grant for exactly this call. Returns its claims or raises GrantError.
+
+    `grant_keys` maps key ids to enclave grant keys that the caller trusts because their
+    attestation verified. Single use is the caller's job (see ReplayGuard), after this passes.
+    """
+    # 1 to 4. The envelope, the header, the signature by a trusted key, the payload.
+    claims = verify_grant_signature(grant, grant_keys)
     # 5. It is for this server and tool.
     if claims.server != server or claims.tool != tool:
         raise GrantError("wrong-call", f"grant is for {claims.server}/{claims.tool}, not {server}/{tool}")

@@ -10,8 +10,16 @@ import cbor2
 import pytest
 
 from cloister.verify.canonical import canonical_json
-from cloister.verify.entries import KeyEntry, parse_entry
-from cloister.verify.grant import GrantClaims, encode_grant, read_grant
+from cloister.verify.cose import encode_cose_sign1
+from cloister.verify.entries import KeyEntry, dumps_deterministic, parse_entry
+from cloister.verify.grant import (
+    GrantClaims,
+    GrantError,
+    encode_grant,
+    grant_key_id,
+    read_grant,
+    verify_grant_signature,
+)
 from cloister.verify.merkle import leaf_hash
 from tests.audit.clirun import cli
 from tests.audit.conftest import trust
@@ -75,6 +83,46 @@ def test_a_grant_for_a_deny_is_refused(built: TestLog, server: LogServer, tmp_pa
     r = cli("audit", "inclusion", "--log", server.url, *trust(built, tmp_path), "--grant", str(grant_file))
     assert r.code == 1
     assert f"entry {deny} is not a decision that issued a grant" in r.err
+
+
+def _resigned(built: TestLog, index: int, protected: dict[int, object]) -> bytes:
+    """The grant at `index` with another protected header, signed by the running enclave's grant key."""
+    assert built.core is not None
+    claims = read_grant(built.grants[index])
+    payload = dumps_deterministic(claims.to_map())
+    return encode_cose_sign1(protected, {}, payload, built.core._grant_key.sign, tagged=True)
+
+
+def test_a_grant_with_a_bad_signature_is_refused(built: TestLog, server: LogServer, tmp_path: Path) -> None:
+    protected, unprotected, payload, signature = cbor2.loads(built.grants[max(built.grants)]).value
+    forged = cbor2.CBORTag(18, [protected, unprotected, payload, bytes([signature[0] ^ 1]) + signature[1:]])
+    grant_file = tmp_path / "grant"
+    grant_file.write_bytes(cbor2.dumps(forged))
+    r = cli("audit", "inclusion", "--log", server.url, *trust(built, tmp_path), "--grant", str(grant_file))
+    assert r.code == 1
+    assert "the grant's signature does not verify with the attested grant key" in r.err
+
+
+def test_the_auditor_refuses_a_grant_header_that_upstreams_refuse(built: TestLog, server: LogServer,
+                                                                   tmp_path: Path) -> None:
+    """Regression: the audit checked the signature by hand and ignored the header's algorithm, so it
+    reported "verified" for a grant every upstream (cloister.verify.grant) refuses as malformed."""
+    index = max(built.grants)
+    assert built.core is not None
+    kid = grant_key_id(built.core.grant_public)
+    grant = _resigned(built, index, {1: -7, 4: kid})  # ES256 in the header, an Ed25519 signature
+    with pytest.raises(GrantError, match=r"not EdDSA \(-8\)"):
+        verify_grant_signature(grant, {kid: built.core._grant_key.public_key()})
+    grant_file = tmp_path / "grant"
+    grant_file.write_bytes(grant)
+    r = cli("audit", "inclusion", "--log", server.url, *trust(built, tmp_path), "--grant", str(grant_file))
+    assert r.code == 1
+    assert "grant algorithm is not EdDSA (-8)" in r.err
+    # The same claims under the right header verify, as the enclave signs them.
+    grant_file.write_bytes(_resigned(built, index, {1: -8, 4: kid}))
+    r = cli("audit", "inclusion", "--log", server.url, *trust(built, tmp_path), "--grant", str(grant_file))
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["grant"]["signature"] == "verified with the attested enclave's grant key"
 
 
 def test_a_malformed_grant_is_a_clear_error(built: TestLog, server: LogServer, tmp_path: Path) -> None:
