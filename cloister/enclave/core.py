@@ -6,14 +6,19 @@ policy bundle in force, and the rate/spend windows. It accepts only valid transi
 than the one in force) and does no I/O of its own: the NSM and the clock are injected, and
 the gRPC layer (`cloister.enclave.service`) only translates messages.
 
-`authorize` is the decision path, in order:
-  1. parse and hash the arguments (size-capped, strict JSON);
-  2. verify the agent's token against the bundle's issuers; map it to a principal;
-  3. check the server and tool are known to the bundle;
-  4. evaluate Cedar on the slice of policies for that tool;
-  5. under the sequencer lock: check and charge limits, append the decision entry;
-  6. sign the grant (allow only) and a checkpoint covering the entry.
-Nothing leaves before step 5 has sequenced the entry.
+`authorize` is the decision path. The decision itself is `cloister.enclave.decide` (arguments,
+identity, server and tool, quarantine, Cedar, limits: the same function `policy explain` runs);
+around it, this module:
+  - runs decide's steps 1-5 outside any lock, on the bundle in force;
+  - under the sequencer lock, in one critical section: re-checks that bundle is still in force,
+    runs step 6 (limits), appends the decision entry, charges the limits;
+  - outside the lock: signs the grant (when the call goes through) and a checkpoint covering the entry.
+Nothing leaves before the entry is sequenced.
+
+Locks: `Sequencer.lock` (reentrant) serialises every append and guards the state a decision
+changes: the limit book, the open decisions, the server registry, which bundle is in force.
+`_transition` guards the log's lifecycle (start, resume). Each policy state's token cache has its
+own lock. Which lock guards each field is noted where it is declared.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -34,19 +39,18 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from cloister.enclave.bundle import PolicyBundle, parse_bundle_files
 from cloister.enclave.config import EnclaveConfig
-from cloister.enclave.limits import BadCost, LimitBook, LimitCheck, LimitStatus
+from cloister.enclave.decide import Call, Decision, State, decide_before_limits, decide_limits, principal_from_token
+from cloister.enclave.limits import LimitBook, LimitStatus
 from cloister.enclave.nsm import Nsm
 from cloister.enclave.policy import PolicyEngine, Principal
 from cloister.enclave.resume import verify_resume
 from cloister.enclave.sequencer import Sequencer, SignedCheckpoint
 from cloister.enclave.servers import Report, ServerRegistry
 from cloister.verify.bundle import verify_bundle
-from cloister.verify.canonical import canonical_sha256, parse_json
 from cloister.verify.enclave_identity import EnclaveBinding
 from cloister.verify.entries import DecisionEntry, Entry, KeyEntry, OutcomeEntry, PolicyEntry, encode_entry
 from cloister.verify.errors import CloisterError, DecodeError, VerificationError
 from cloister.verify.grant import GrantClaims, encode_grant
-from cloister.verify.jwt import TokenError, peek_issuer, verify_jwt
 from cloister.verify.merkle import leaf_hash
 from cloister.verify.note import Ed25519NoteSigner
 
@@ -114,17 +118,58 @@ class _OpenDecision:
     expires_ms: int
 
 
-@dataclass
-class _PolicyState:
-    """One bundle version and everything derived from it. Replaced whole, never mutated."""
+class _TokenCache:
+    """Tokens verified under one bundle version: token -> (principal, expiry in seconds).
 
-    bundle: PolicyBundle
+    A memo only (a miss verifies the token again), bounded, oldest first out; its own lock."""
+
+    def __init__(self, size: int = TOKEN_CACHE_SIZE) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[str, tuple[Principal, int]] = OrderedDict()  # guarded by _lock
+
+    def get(self, token: str, now_ms: int) -> Principal | None:
+        with self._lock:
+            hit = self._items.get(token)
+        return hit[0] if hit is not None and hit[1] * 1000 > now_ms else None
+
+    def put(self, token: str, principal: Principal, expires_at: int) -> None:
+        with self._lock:
+            self._items[token] = (principal, expires_at)
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class _CachedToken:
+    """A bearer token as decide's identity: verified once per bundle version, then cached."""
+
+    token: str
+    cache: _TokenCache
+
+    def principal(self, bundle: PolicyBundle, now_ms: int) -> Principal:
+        hit = self.cache.get(self.token, now_ms)
+        if hit is not None:
+            return hit
+        principal, expires_at = principal_from_token(bundle, self.token, now_ms)
+        self.cache.put(self.token, principal, expires_at)
+        return principal
+
+
+@dataclass(frozen=True)
+class _PolicyState:
+    """One bundle version and what derives from it. Installed whole by `load_policy`; the
+    fields below that change while it is in force say which lock guards them."""
+
+    bundle: PolicyBundle  # immutable
+    # Its server attestation levels are replaced under the sequencer lock (whole objects, so a
+    # decision outside the lock sees the old or the new levels); its slice cache has its own lock.
     engine: PolicyEngine
-    limits: LimitBook
+    limits: LimitBook  # checked, charged and pruned only under the sequencer lock
     sha256: bytes
     version: int
     signer: str
-    tokens: OrderedDict[str, tuple[Principal, int]] = field(default_factory=OrderedDict)
+    tokens: _TokenCache = field(default_factory=_TokenCache)  # its own lock
 
 
 class EnclaveCore:
@@ -143,14 +188,22 @@ class EnclaveCore:
         self.log_public = self._log_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.grant_public = self._grant_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.note_signer = Ed25519NoteSigner(config.origin, self._log_key)
-        self.state = LogState.AWAITING_LOG
-        self.sequencer: Sequencer | None = None
+        self._transition = threading.Lock()  # guards the log's lifecycle: state, sequencer
+        self.state = LogState.AWAITING_LOG  # set under _transition
+        self.sequencer: Sequencer | None = None  # set once, under _transition
+        # The bundle in force: replaced under the sequencer lock; read without it (one reference),
+        # and re-checked under it before a decision is sequenced.
         self._policy: _PolicyState | None = None
+        # Allowed decisions that may still report an outcome: under the sequencer lock (filled at
+        # resume under _transition, before the log is READY).
         self._open: OrderedDict[int, _OpenDecision] = OrderedDict()
-        self._transition = threading.Lock()
+        # Servers' proven identities and tool definitions: changed under the sequencer lock; read
+        # by decisions without it (a decision sees the registry as it was when it was evaluated).
         self.servers = ServerRegistry()
-        # After a resume: the policy version in force at the checkpoint (no rollback below it),
-        # and the log tail the parent supplied, replayed into the limits of the first bundle.
+        # After a resume (set under _transition before READY; read and cleared by the first
+        # load_policy, under the sequencer lock): the policy version in force at the checkpoint
+        # (no rollback below it), and the log tail the parent supplied, replayed into the limits
+        # of the first bundle.
         self._min_policy: tuple[int, bytes] | None = None
         self._history: tuple[Entry, ...] = ()
         self._history_start = 0
@@ -228,19 +281,29 @@ class EnclaveCore:
             raise NotReady("the enclave's log has not been started or resumed yet")
         return self.sequencer
 
-    def _sequence(self, entries: list[Entry]) -> tuple[int, tuple[bytes, ...]]:
-        seq = self._ready_sequencer()
+    # Every entry is appended by `_log` and answered with `_covered`; `_append` does both, for
+    # callers whose critical section is the append alone.
+
+    @staticmethod
+    def _log(seq: Sequencer, entries: Sequence[Entry]) -> tuple[int, tuple[bytes, ...]]:
+        """Append entries in order: their first index and encodings. Takes the sequencer lock,
+        reentrantly: a caller whose critical section must cover more than the append holds it."""
         encoded = tuple(encode_entry(e) for e in entries)
         with seq.lock:
-            first = seq.append(encoded[0])
-            for data in encoded[1:]:
+            first = seq.size
+            for data in encoded:
                 seq.append(data)
         return first, encoded
 
-    def _append(self, entries: list[Entry]) -> LogAppend:
-        # Never call with the sequencer lock held: signing the checkpoint needs it.
-        first, encoded = self._sequence(entries)
-        return LogAppend(first, encoded, self._ready_sequencer().checkpoint_covering(first + len(encoded)))
+    @staticmethod
+    def _covered(seq: Sequencer, first: int, encoded: tuple[bytes, ...]) -> LogAppend:
+        """The appended entries and a signed checkpoint covering them. Never call with the
+        sequencer lock held: signing the checkpoint takes it (and other signers wait for it)."""
+        return LogAppend(first, encoded, seq.checkpoint_covering(first + len(encoded)))
+
+    def _append(self, entries: Sequence[Entry]) -> LogAppend:
+        seq = self._ready_sequencer()
+        return self._covered(seq, *self._log(seq, entries))
 
     def sync(self, persisted_size: int) -> LogAppend:
         seq = self._ready_sequencer()
@@ -287,55 +350,22 @@ class EnclaveCore:
                     )
                 limits.replay(self._history, self._history_start, now_ms)
             first_load_at_same_version = current is None and self._min_policy == (signed.version, signed.sha256)
-            # The checkpoints from here on name the new bundle, starting with the one covering its entry.
+            entries = [] if first_load_at_same_version else [
+                PolicyEntry(time_ms=now_ms, bundle_sha256=signed.sha256, version=signed.version,
+                            signer=signed.signer, mode=bundle.settings.mode)]
+            first, encoded = self._log(seq, entries)
+            # The checkpoints from here on name the new bundle, starting with the one covering its
+            # entry (none is signed while this holds the lock). Set only once the entry is appended:
+            # a refused append (back-pressure) leaves the bundle in force named.
             seq.set_extensions((policy_extension(signed.version, signed.sha256),))
-            if not first_load_at_same_version:
-                entry = PolicyEntry(time_ms=now_ms, bundle_sha256=signed.sha256, version=signed.version,
-                                    signer=signed.signer, mode=bundle.settings.mode)
-                self._sequence([entry])
             self._policy = _PolicyState(bundle=bundle, engine=engine, limits=limits, sha256=signed.sha256,
                                         version=signed.version, signer=signed.signer)
             self._history = ()
-            size = seq.size
-        log = LogAppend(size - (0 if first_load_at_same_version else 1),
-                        () if first_load_at_same_version else (encode_entry(entry),), seq.checkpoint_covering(size))
-        return signed.version, signed.sha256, log
+        return signed.version, signed.sha256, self._covered(seq, first, encoded)
 
     @property
     def policy(self) -> _PolicyState | None:
         return self._policy
-
-    # ---- identity ------------------------------------------------------------------------
-
-    def _principal(self, ps: _PolicyState, token: str, now_ms: int) -> Principal:
-        cached = ps.tokens.get(token)
-        if cached is not None and cached[1] * 1000 > now_ms:
-            return cached[0]
-        if not token:
-            raise TokenError("missing", "no bearer token: send 'Authorization: Bearer <JWT>'")
-        iss = peek_issuer(token)
-        issuer = ps.bundle.issuers.get(iss)
-        if issuer is None:
-            raise TokenError("unknown-issuer", f"token issuer {iss!r} is not trusted by the policy bundle")
-        verified = verify_jwt(token, issuer.keys, issuer=issuer.issuer, audience=issuer.audience,
-                              now=now_ms // 1000, max_lifetime_s=issuer.max_lifetime_s)
-        agent = verified.subject
-        spec = ps.bundle.agents.get(agent)
-        if spec is None:
-            raise TokenError("unknown-agent", f"agent {agent!r} is not registered in the policy bundle")
-        raw_roles = verified.claims.get(issuer.roles_claim, [])
-        if isinstance(raw_roles, str):
-            raw_roles = raw_roles.split()
-        if not isinstance(raw_roles, list) or not all(isinstance(r, str) for r in raw_roles):
-            raise TokenError("malformed", f"token claim {issuer.roles_claim!r} must be a list of role names")
-        for role in raw_roles:
-            if role not in spec.roles:
-                raise TokenError("role-not-granted", f"the bundle does not grant role {role!r} to agent {agent!r}")
-        principal = Principal(agent=agent, roles=frozenset(raw_roles), issuer=iss)
-        ps.tokens[token] = (principal, verified.expires_at)
-        if len(ps.tokens) > TOKEN_CACHE_SIZE:
-            ps.tokens.popitem(last=False)
-        return principal
 
     # ---- decisions -----------------------------------------------------------------------
 
@@ -347,120 +377,42 @@ class EnclaveCore:
             ps = self._policy
             if ps is None:
                 raise NotReady("no policy bundle is loaded; every call is refused")
-            verdict = self._decide(ps, seq, token=token, server=server, tool=tool, arguments_json=arguments_json,
-                                   request_id=request_id[:MAX_REQUEST_ID], payment_amount=payment_amount)
+            call = Call(identity=_CachedToken(token, ps.tokens), server=server, tool=tool,
+                        arguments_json=arguments_json, payment_amount=payment_amount, now_ms=self._clock_ms())
+            verdict = self._decide(ps, seq, call, request_id[:MAX_REQUEST_ID])
             if verdict is not None:
                 return verdict
             # The bundle changed between evaluation and sequencing: decide again on the new one.
 
-    def _decide(self, ps: _PolicyState, seq: Sequencer, *, token: str, server: str, tool: str,
-                arguments_json: bytes, request_id: str, payment_amount: str) -> Verdict | None:
-        now_ms = self._clock_ms()
-        settings = ps.bundle.settings
-        principal: Principal | None = None
-        arguments: dict[str, Any] = {}
-        args_hash = hashlib.sha256(arguments_json).digest()
-        policy_ids: tuple[str, ...] = ()
-        check: LimitCheck | None = None
-        code, reason = "", ""
-        shadow_note = ""
-        # 1. Arguments.
-        try:
-            parsed = parse_json(arguments_json or b"{}", what="arguments",
-                                max_bytes=settings.max_argument_bytes)
-            if not isinstance(parsed, dict):
-                raise DecodeError("arguments: must be a JSON object")
-            arguments = parsed
-            args_hash = canonical_sha256(arguments)
-        except DecodeError as exc:
-            code, reason = "bad-arguments", str(exc)
-        payment: Decimal | None = None
-        if payment_amount and not code:
-            try:
-                payment = Decimal(payment_amount[:40])
-                if not payment.is_finite() or payment <= 0:
-                    raise ArithmeticError
-            except ArithmeticError:
-                code, reason = "bad-arguments", f"x402 payment amount {payment_amount[:40]!r} is not a positive decimal"
-        # 2. Identity.
-        if not code:
-            try:
-                principal = self._principal(ps, token, now_ms)
-            except TokenError as exc:
-                code = "unknown-agent" if exc.reason == "unknown-agent" else "unauthenticated"
-                reason = f"{exc.reason}: {exc}"
-        # 3. Known server and tool.
-        if not code:
-            spec = ps.bundle.servers.get(server)
-            if spec is None:
-                code, reason = "unknown-server", f"server {server!r} is not in the policy bundle"
-            elif tool not in spec.tools:
-                code, reason = "unknown-tool", f"tool {tool!r} is not a tool of server {server!r} in the policy bundle"
-            elif (refusal := self.servers.refusal(spec, tool, now_ms)) is not None:
-                code, reason = "quarantined", refusal
-        # 4. Cedar.
-        if not code:
-            assert principal is not None
-            now = datetime.fromtimestamp(now_ms / 1000, UTC)
-            schema = self.servers.input_schema(server, tool)
-            cedar = ps.engine.evaluate(principal, server, tool, arguments, now, schema)
-            policy_ids = cedar.policy_ids
-            if not cedar.allowed:
-                code, reason = cedar.code, cedar.reason
-            else:
-                shadow_note = ps.engine.shadow_verdict(principal, server, tool, arguments, now, schema)
-        log_only = settings.mode == "log-only" and code in ("", "policy", "no-permit", "limit")
-        # 5. Limits, the entry, and its sequencing: one critical section.
+    def _decide(self, ps: _PolicyState, seq: Sequencer, call: Call, request_id: str) -> Verdict | None:
+        # Steps 1-5 of the decision, outside the lock.
+        pending = decide_before_limits(call, State(ps.bundle, ps.engine, self.servers, ps.limits))
+        # Step 6 (limits), the entry, its sequencing and the charge: one critical section.
         with seq.lock:
             if self._policy is not ps:
                 return None
-            if not code and principal is not None:
-                try:
-                    check = ps.limits.check(principal.agent, principal.roles, server, tool, arguments, now_ms,
-                                            payment)
-                    if not check.ok:
-                        code, reason = "limit", check.reason
-                        log_only = settings.mode == "log-only"
-                except BadCost as exc:
-                    code, reason = "bad-arguments", str(exc)
-                    log_only = False
-            allowed = not code
-            grant_it = allowed or log_only
-            nonce = self._random(16) if grant_it else None
-            expiry = now_ms + settings.grant_ttl_s * 1000 if grant_it else None
-            charges = {k: str(v) for k, v in check.charges.items() if v} if (allowed and check) else {}
-            entry = DecisionEntry(
-                time_ms=now_ms, agent=principal.agent if principal else "",
-                roles=tuple(sorted(principal.roles)) if principal else (),
-                issuer=principal.issuer if principal else "", server=server[:256], tool=tool[:256],
-                args_sha256=args_hash, decision="allow" if allowed else "deny", code=code,
-                reason=reason or "; ".join(filter(None, (f"permitted by {', '.join(policy_ids)}", shadow_note))),
-                policies=policy_ids,
-                policy_sha256=ps.sha256, policy_version=ps.version, request_id=request_id,
-                grant_nonce=nonce, grant_expiry_ms=expiry, charges=charges,
-                mode="log-only" if settings.mode == "log-only" else "enforce",
-            )
-            data = encode_entry(entry)
-            index = seq.append(data)
-            if allowed and check is not None and principal is not None:
-                ps.limits.charge(principal.agent, principal.roles, server, tool, check.charges, now_ms)
-            if grant_it and principal is not None:
-                self._open_decision(index, _OpenDecision(principal.agent, principal.roles, server, tool,
-                                                         expiry or now_ms))
-        # 6. Grant and checkpoint, outside the lock.
+            d = decide_limits(call, pending, ps.limits)
+            p = d.principal
+            nonce = self._random(16) if d.goes_through else None
+            expiry = call.now_ms + ps.bundle.settings.grant_ttl_s * 1000 if d.goes_through else None
+            entry = _decision_entry(ps, call, d, request_id, nonce, expiry)
+            index, (data,) = self._log(seq, [entry])
+            if d.allowed and d.limit_check is not None and p is not None:
+                ps.limits.charge(p.agent, p.roles, call.server, call.tool, d.limit_check.charges, call.now_ms)
+            if d.goes_through and p is not None:
+                self._open_decision(index, _OpenDecision(p.agent, p.roles, call.server, call.tool,
+                                                         expiry or call.now_ms))
+        # The grant and the checkpoint, outside the lock.
         grant = b""
-        if grant_it and principal is not None and nonce is not None and expiry is not None:
-            claims = GrantClaims(agent=principal.agent, server=server, tool=tool, args_sha256=args_hash,
+        if p is not None and nonce is not None and expiry is not None:
+            claims = GrantClaims(agent=p.agent, server=call.server, tool=call.tool, args_sha256=d.args_sha256,
                                  policy_sha256=ps.sha256, log_index=index, entry_hash=leaf_hash(data),
-                                 origin=self.config.origin, issued_ms=now_ms, expires_ms=expiry, nonce=nonce)
+                                 origin=self.config.origin, issued_ms=call.now_ms, expires_ms=expiry, nonce=nonce)
             grant = encode_grant(claims, self._grant_key.sign, self.grant_public)
-        checkpoint = seq.checkpoint_covering(index + 1)
-        statuses = check.statuses if check else ()
         return Verdict(
-            allowed=grant_it, code="" if allowed else code,
-            reason=entry.reason,
-            policy_ids=policy_ids, log=LogAppend(index, (data,), checkpoint), log_index=index,
-            agent=principal.agent if principal else "", grant=grant, limits=statuses,
+            allowed=d.goes_through, code=d.code, reason=entry.reason, policy_ids=d.policy_ids,
+            log=self._covered(seq, index, (data,)), log_index=index, agent=p.agent if p else "", grant=grant,
+            limits=d.limit_check.statuses if d.limit_check else (),
         )
 
     def _open_decision(self, index: int, d: _OpenDecision) -> None:
@@ -495,18 +447,17 @@ class EnclaveCore:
                 )
             entry = OutcomeEntry(time_ms=self._clock_ms(), decision_index=decision_index, result_sha256=result_sha256,
                                  error=error[:4096], duration_us=duration_us, paid=str(paid) if paid_amount else "")
-            data = encode_entry(entry)
-            index = seq.append(data)
+            first, encoded = self._log(seq, [entry])
             # The payment was charged against x402 caps when the call was decided (exactly, before
             # it went upstream); the outcome only records what was paid.
-        return LogAppend(index, (data,), seq.checkpoint_covering(index + 1))
+        return self._covered(seq, first, encoded)
 
     def visible_tools(self, token: str, candidates: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
         ps = self._policy
         if ps is None:
             raise NotReady("no policy bundle is loaded")
         now_ms = self._clock_ms()
-        principal = self._principal(ps, token, now_ms)
+        principal = _CachedToken(token, ps.tokens).principal(ps.bundle, now_ms)
         now = datetime.fromtimestamp(now_ms / 1000, UTC)
         out = []
         for server, tool in candidates:
@@ -552,13 +503,8 @@ class EnclaveCore:
                                          artifact=artifact, certificates=certificates, tools_json=tools_json,
                                          failure=failure, evidence=evidence)
             ps.engine.set_server_levels(self.servers.levels(ps.bundle.servers, now_ms))
-            first = seq.size
-            encoded = []
-            for entry in report.entries:
-                data = encode_entry(entry)
-                seq.append(data)
-                encoded.append(data)
-        return report, LogAppend(first, tuple(encoded), seq.checkpoint_covering(first + len(encoded)))
+            first, encoded = self._log(seq, report.entries)
+        return report, self._covered(seq, first, encoded)
 
     def health(self) -> dict[str, Any]:
         ps = self._policy
@@ -576,3 +522,15 @@ class EnclaveCore:
             "ready": self.state is LogState.READY and ps is not None,
         }
 
+
+
+def _decision_entry(ps: _PolicyState, call: Call, d: Decision, request_id: str, nonce: bytes | None,
+                    expiry: int | None) -> DecisionEntry:
+    p = d.principal
+    return DecisionEntry(
+        time_ms=call.now_ms, agent=p.agent if p else "", roles=tuple(sorted(p.roles)) if p else (),
+        issuer=p.issuer if p else "", server=call.server[:256], tool=call.tool[:256], args_sha256=d.args_sha256,
+        decision="allow" if d.allowed else "deny", code=d.code, reason=d.reason, policies=d.policy_ids,
+        policy_sha256=ps.sha256, policy_version=ps.version, request_id=request_id, grant_nonce=nonce,
+        grant_expiry_ms=expiry, charges=d.charges, mode=d.mode,
+    )

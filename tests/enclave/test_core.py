@@ -324,3 +324,22 @@ def test_an_oidc_issuer_with_a_jwks(w: World) -> None:
     bad = '{"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB"}]}'
     with pytest.raises(PolicyRefused, match=r"issuers/idp.jwks.json: JWK Set key #0"):
         w.core.load_policy(w.sign_bundle(3, {"issuers.toml": issuers, "issuers/idp.jwks.json": bad}))
+
+
+def test_a_bundle_refused_by_backpressure_leaves_the_checkpoints_naming_the_one_in_force(w: World) -> None:
+    # Regression: the checkpoint extension was switched to the new bundle before its entry was
+    # appended, so a load refused by back-pressure left checkpoints naming a bundle never in force.
+    from cloister.enclave.sequencer import Backpressure
+
+    seq = w.core.sequencer
+    assert seq is not None and w.core.policy is not None
+    in_force = w.core.policy.version
+    seq._max_pending = len(w.log)
+    with pytest.raises(Backpressure):
+        w.core.load_policy(w.sign_bundle(2))
+    assert w.core.policy.version == in_force
+    seq._max_pending = 1000
+    w.persist(call(w, refund_bot(w), "refunds", "customer_lookup", {"customer_id": "cus_1001"}).log)
+    binding = EnclaveBinding(origin="cloister.test/log", log_key=w.core.log_public, grant_key=w.core.grant_public)
+    cp = verify_checkpoint(w.checkpoints[-1], [binding.log_verifier()], origin="cloister.test/log").checkpoint
+    assert cp.extensions[0].startswith(f"cloister-policy {in_force} ")

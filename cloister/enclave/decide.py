@@ -1,0 +1,266 @@
+"""One decision for one tools/call, in numbered steps: the enclave's, and `policy explain`'s.
+
+  1. arguments: strict JSON, size-capped, an object; an x402 payment, a positive decimal;
+  2. identity: the bearer token (offline: the claimed agent and roles) as a principal of the bundle;
+  3. server and tool: named by the bundle;
+  4. quarantine: the server has proven its identity and the tool matches its pin;
+  5. Cedar: the policies that can apply to the tool (log-only policy sets noted, not enforced);
+  6. limits: every matching rate and spend limit has room for this call's cost.
+
+The first step that denies decides. Everything read is passed in: the time (in the `Call`, never
+a clock), the bundle and its engine, the servers' view, the limit book. Nothing here sequences,
+signs or charges. Steps 1-5 (`decide_before_limits`) read no state that a decision changes, so
+the enclave runs them outside its locks; step 6 (`decide_limits`) reads the limit book, so the
+enclave runs it under the sequencer lock, in one critical section with the charge and the
+append, which keeps limits exact under concurrency. `decide` runs all six (explain, tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal, Protocol
+
+from cloister.enclave.bundle import AgentSpec, PolicyBundle, ServerSpec
+from cloister.enclave.limits import BadCost, LimitBook, LimitCheck
+from cloister.enclave.policy import PolicyEngine, Principal
+from cloister.verify.canonical import canonical_sha256, parse_json
+from cloister.verify.errors import DecodeError
+from cloister.verify.jwt import TokenError, peek_issuer, verify_jwt
+
+# Denials that a bundle in log-only mode logs but lets through; identity and argument problems never pass.
+LOG_ONLY_CODES = frozenset({"policy", "no-permit", "limit"})
+
+
+class Identity(Protocol):
+    """Who is calling: `principal` returns the bundle's principal or raises TokenError."""
+
+    def principal(self, bundle: PolicyBundle, now_ms: int) -> Principal: ...
+
+
+class ServerView(Protocol):
+    """What the enclave knows of upstream servers (`ServerRegistry`; offline, explain's assumptions)."""
+
+    def refusal(self, spec: ServerSpec, tool: str, now_ms: int) -> str | None: ...
+
+    def input_schema(self, server: str, tool: str) -> Mapping[str, Any] | None: ...
+
+
+@dataclass(frozen=True)
+class Call:
+    identity: Identity
+    server: str
+    tool: str
+    arguments_json: bytes
+    payment_amount: str  # the x402 payment the call carries, "" for none
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class State:
+    """The state a decision reads. `engine` has the servers' attestation levels set."""
+
+    bundle: PolicyBundle
+    engine: PolicyEngine
+    servers: ServerView
+    limits: LimitBook
+
+
+@dataclass
+class Decision:
+    """What `decide` found. Built by the steps below; a value once returned."""
+
+    mode: Literal["enforce", "log-only"]
+    args_sha256: bytes
+    code: str = ""  # "" when allowed, else the denial code
+    denial: str = ""  # why, when denied
+    step: int = 0  # the step that denied; 0 when allowed
+    principal: Principal | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+    payment: Decimal | None = None
+    policy_ids: tuple[str, ...] = ()
+    shadow_note: str = ""  # what log-only policy sets say about an allowed call
+    limit_check: LimitCheck | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return not self.code
+
+    @property
+    def log_only(self) -> bool:
+        """A denial that the bundle's log-only mode logs as a denial but lets through."""
+        return self.mode == "log-only" and self.code in LOG_ONLY_CODES
+
+    @property
+    def goes_through(self) -> bool:
+        return self.allowed or self.log_only
+
+    @property
+    def reason(self) -> str:
+        if self.code:
+            return self.denial
+        return "; ".join(filter(None, (f"permitted by {', '.join(self.policy_ids)}", self.shadow_note)))
+
+    @property
+    def charges(self) -> dict[str, str]:
+        """What an allowed call charges, per limit id (as the decision entry records it)."""
+        if not self.allowed or self.limit_check is None:
+            return {}
+        return {k: str(v) for k, v in self.limit_check.charges.items() if v}
+
+    def deny(self, code: str, reason: str) -> None:
+        self.code, self.denial = code, reason
+
+
+def decide(call: Call, state: State) -> Decision:
+    """The whole decision, steps 1-6."""
+    return decide_limits(call, decide_before_limits(call, state), state.limits)
+
+
+def decide_before_limits(call: Call, state: State) -> Decision:
+    """Steps 1-5."""
+    d = Decision(mode="log-only" if state.bundle.settings.mode == "log-only" else "enforce",
+                 args_sha256=hashlib.sha256(call.arguments_json).digest())
+    for number, step in enumerate(_STEPS, start=1):
+        step(d, call, state)
+        if d.code:
+            d.step = number
+            break
+    return d
+
+
+# 1. Arguments, and the x402 payment.
+def _arguments(d: Decision, call: Call, state: State) -> None:
+    try:
+        parsed = parse_json(call.arguments_json or b"{}", what="arguments",
+                            max_bytes=state.bundle.settings.max_argument_bytes)
+        if not isinstance(parsed, dict):
+            raise DecodeError("arguments: must be a JSON object")
+    except DecodeError as exc:
+        d.deny("bad-arguments", str(exc))
+        return
+    d.arguments, d.args_sha256 = parsed, canonical_sha256(parsed)
+    if call.payment_amount:
+        try:
+            d.payment = Decimal(call.payment_amount[:40])
+            if not d.payment.is_finite() or d.payment <= 0:
+                raise ArithmeticError
+        except ArithmeticError:
+            d.payment = None
+            d.deny("bad-arguments", f"x402 payment amount {call.payment_amount[:40]!r} is not a positive decimal")
+
+
+# 2. Identity.
+def _identity(d: Decision, call: Call, state: State) -> None:
+    try:
+        d.principal = call.identity.principal(state.bundle, call.now_ms)
+    except TokenError as exc:
+        d.deny("unknown-agent" if exc.reason == "unknown-agent" else "unauthenticated", f"{exc.reason}: {exc}")
+
+
+# 3. The server and the tool are the bundle's.
+def _server_and_tool(d: Decision, call: Call, state: State) -> None:
+    spec = state.bundle.servers.get(call.server)
+    if spec is None:
+        d.deny("unknown-server", f"server {call.server!r} is not in the policy bundle")
+    elif call.tool not in spec.tools:
+        d.deny("unknown-tool", f"tool {call.tool!r} is not a tool of server {call.server!r} in the policy bundle")
+
+
+# 4. Quarantine: an unproven server identity, a drifted or unreported pinned tool.
+def _quarantine(d: Decision, call: Call, state: State) -> None:
+    refusal = state.servers.refusal(state.bundle.servers[call.server], call.tool, call.now_ms)
+    if refusal is not None:
+        d.deny("quarantined", refusal)
+
+
+# 5. Cedar, on the tool's slice of policies.
+def _cedar(d: Decision, call: Call, state: State) -> None:
+    assert d.principal is not None
+    now = datetime.fromtimestamp(call.now_ms / 1000, UTC)
+    schema = state.servers.input_schema(call.server, call.tool)
+    cedar = state.engine.evaluate(d.principal, call.server, call.tool, d.arguments, now, schema)
+    d.policy_ids = cedar.policy_ids
+    if not cedar.allowed:
+        d.deny(cedar.code, cedar.reason)
+    else:
+        d.shadow_note = state.engine.shadow_verdict(d.principal, call.server, call.tool, d.arguments, now, schema)
+
+
+_STEPS = (_arguments, _identity, _server_and_tool, _quarantine, _cedar)
+
+
+# 6. Limits. Checks, never charges; `LimitBook.check` drops expired charges from its windows, so
+#    the enclave calls this under the sequencer lock.
+def decide_limits(call: Call, d: Decision, limits: LimitBook) -> Decision:
+    p = d.principal
+    if d.code or p is None:
+        return d
+    try:
+        check = limits.check(p.agent, p.roles, call.server, call.tool, d.arguments, call.now_ms, d.payment)
+    except BadCost as exc:
+        return replace(d, code="bad-arguments", denial=str(exc), step=6)
+    if not check.ok:
+        return replace(d, code="limit", denial=check.reason, step=6, limit_check=check)
+    return replace(d, limit_check=check)
+
+
+# ---- identities -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BearerToken:
+    """A JWT, verified against the bundle's issuers on every call (the enclave caches it)."""
+
+    token: str
+
+    def principal(self, bundle: PolicyBundle, now_ms: int) -> Principal:
+        return principal_from_token(bundle, self.token, now_ms)[0]
+
+
+@dataclass(frozen=True)
+class ClaimedIdentity:
+    """An agent and the roles its token would claim, taken as given (offline: no token is checked)."""
+
+    agent: str
+    roles: tuple[str, ...]
+    issuer: str = "(explain)"
+
+    def principal(self, bundle: PolicyBundle, now_ms: int) -> Principal:
+        return _granted(_registered(bundle, self.agent), self.agent, self.roles, self.issuer)
+
+
+def principal_from_token(bundle: PolicyBundle, token: str, now_ms: int) -> tuple[Principal, int]:
+    """The principal a token names, and when the token expires (seconds); raises TokenError."""
+    if not token:
+        raise TokenError("missing", "no bearer token: send 'Authorization: Bearer <JWT>'")
+    iss = peek_issuer(token)
+    issuer = bundle.issuers.get(iss)
+    if issuer is None:
+        raise TokenError("unknown-issuer", f"token issuer {iss!r} is not trusted by the policy bundle")
+    verified = verify_jwt(token, issuer.keys, issuer=issuer.issuer, audience=issuer.audience,
+                          now=now_ms // 1000, max_lifetime_s=issuer.max_lifetime_s)
+    spec = _registered(bundle, verified.subject)
+    raw_roles = verified.claims.get(issuer.roles_claim, [])
+    if isinstance(raw_roles, str):
+        raw_roles = raw_roles.split()
+    if not isinstance(raw_roles, list) or not all(isinstance(r, str) for r in raw_roles):
+        raise TokenError("malformed", f"token claim {issuer.roles_claim!r} must be a list of role names")
+    return _granted(spec, verified.subject, raw_roles, iss), verified.expires_at
+
+
+def _registered(bundle: PolicyBundle, agent: str) -> AgentSpec:
+    spec = bundle.agents.get(agent)
+    if spec is None:
+        raise TokenError("unknown-agent", f"agent {agent!r} is not registered in the policy bundle")
+    return spec
+
+
+def _granted(spec: AgentSpec, agent: str, roles: Sequence[str], issuer: str) -> Principal:
+    for role in roles:
+        if role not in spec.roles:
+            raise TokenError("role-not-granted", f"the bundle does not grant role {role!r} to agent {agent!r}")
+    return Principal(agent=agent, roles=frozenset(roles), issuer=issuer)
