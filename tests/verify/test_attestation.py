@@ -193,7 +193,7 @@ def test_the_policy_names_its_time_and_is_immutable() -> None:
     with pytest.raises(TypeError):
         AttestationPolicy(root=AWS)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
-        AttestationPolicy(AWS, DOCUMENT_TIME)  # type: ignore[misc]  # keyword-only
+        AttestationPolicy(AWS, DOCUMENT_TIME)  # type: ignore[call-arg]  # keyword-only
     with pytest.raises(TypeError):
         verify_attestation(load(PROD), root=AWS, at=DOCUMENT_TIME)  # type: ignore[call-arg]  # the old interface
     pcrs = {i: bytes.fromhex(v) for i, v in PROD_PCRS.items()}
