@@ -756,7 +756,7 @@ class InProcessEnclave:
 
 
 class InProcess:
-    """The relay's own code (parent.relay.Relay: its storage, start-up and enclave-restart handling)
+    """The relay's own code (cloister.relay.relay.Relay: its storage, start-up and enclave-restart handling)
     over the enclave's own code (EnclaveCore behind EnclaveService, mock NSM), in one process and with
     no sockets, to reproduce crash points exactly that the process-level chaos only hits by chance
     (e.g. an enclave that dies after sequencing an entry whose answer never reaches the relay)."""
@@ -786,19 +786,21 @@ class InProcess:
 
     async def start_relay(self) -> tuple[Any, InProcessEnclave]:
         """Relay.start without the network: open storage, then bring the enclave to a running log."""
-        from cloister.relay.relay import Relay, open_storage
+        from cloister.relay.lifecycle import open_storage
+        from cloister.relay.relay import Relay
 
         relay = Relay(self.relay_config)
         enclave = InProcessEnclave(self.new_core())
-        relay.enclave = enclave  # type: ignore[assignment]
-        relay.log = await open_storage(self.relay_config.storage, s3_endpoint_url=None, body_retention_days=None)
-        await relay.ensure_enclave_ready(startup=True)
+        relay.state.enclave = enclave  # type: ignore[assignment]
+        relay.state.writer = await open_storage(self.relay_config.storage, s3_endpoint_url=None,
+                                                body_retention_days=None)
+        await relay.lifecycle.ensure_enclave_ready(startup=True)
         return relay, enclave
 
     async def authorize(self, relay: Any, text: str) -> Any:
-        """Relay._call_tool's step 1: ask the enclave (the answer is persisted separately)."""
+        """CallPath.call's step 1: ask the enclave (the answer is persisted separately)."""
         from cloister.wire import enclave_pb2 as pb
 
-        return await relay.enclave.authorize(pb.AuthorizeRequest(
+        return await relay.state.enclave.authorize(pb.AuthorizeRequest(
             token=self.token, server=SERVER, tool=TOOL, arguments_json=json.dumps({"text": text}).encode(),
-            request_id=text, persisted_size=relay.log.persisted_size))
+            request_id=text, persisted_size=relay.state.writer.persisted_size))

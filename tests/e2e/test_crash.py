@@ -290,7 +290,7 @@ def test_an_enclave_crash_that_loses_a_response_does_not_wedge_the_relay(tmp_pat
     Found by the crash tests (the chaos above hits this only rarely; with 24 agents and a niced
     enclave it wedged the relay in the 10th enclave kill): the writer kept what it held beyond its
     durable size, the new enclave's entries at those indexes clashed with it (StorageInconsistency)
-    and the relay acknowledged nothing more until it was restarted. Fixed in parent/relay.py
+    and the relay acknowledged nothing more until it was restarted. Fixed in cloister/relay/lifecycle.py
     (`_forget_unacknowledged`: reopen storage, which truncates to the durable checkpoint).
     """
     world = InProcess(tmp_path)
@@ -298,15 +298,15 @@ def test_an_enclave_crash_that_loses_a_response_does_not_wedge_the_relay(tmp_pat
 
     async def unacknowledged(relay: Any, append: Any, checkpoint: bytes | None = None) -> None:
         try:
-            await relay.log.persist(append.first_index, list(append.entries), checkpoint or append.checkpoint)
+            await relay.state.writer.persist(append.first_index, list(append.entries), checkpoint or append.checkpoint)
             ended.append("acknowledged")
         except StorageError:
             ended.append("refused")
 
     async def scenario() -> None:
         relay, enclave = await world.start_relay()
-        await relay._persist((await world.authorize(relay, "ok-acknowledged")).log)
-        durable = relay.log.persisted_size
+        await relay.state.persist((await world.authorize(relay, "ok-acknowledged")).log)
+        durable = relay.state.writer.persisted_size
         n = await world.authorize(relay, "ok-lost-1")
         n1 = await world.authorize(relay, "ok-lost-2")
         assert (n.log_index, n1.log_index) == (durable, durable + 1)
@@ -319,21 +319,21 @@ def test_an_enclave_crash_that_loses_a_response_does_not_wedge_the_relay(tmp_pat
             else:
                 tg.start_soon(unacknowledged, relay, n.log, enclave.core.sequencer.latest_checkpoint().note)
             await anyio.sleep(0.3)  # the relay handled what arrived
-            assert relay.log.persisted_size == durable + (2 if lost == "nothing" else 0)
+            assert relay.state.writer.persisted_size == durable + (2 if lost == "nothing" else 0)
             # SIGKILL: the old enclave is gone; a new one starts with an empty log, and the relay's
-            # watcher brings it up (Relay._watch_enclave calls ensure_enclave_ready).
+            # watcher brings it up (Lifecycle.watch_enclave calls ensure_enclave_ready).
             enclave.restart(world.new_core())
             with anyio.fail_after(30):
-                await relay.ensure_enclave_ready()
+                await relay.lifecycle.ensure_enclave_ready()
                 after = await world.authorize(relay, "ok-after-the-restart")
-                await relay._persist(after.log)
-            assert relay.log.persisted_size == after.log_index + 1
+                await relay.state.persist(after.log)
+            assert relay.state.writer.persisted_size == after.log_index + 1
             with anyio.fail_after(10):
                 while len(ended) < (2 if lost == "nothing" else 1):  # noqa: ASYNC110
                     await anyio.sleep(0.05)
         assert ended == (["acknowledged"] * 2 if lost == "nothing" else ["refused"])
-        stored = await relay.log.read_entries(0, relay.log.persisted_size)
-        await relay.log.close()
+        stored = await relay.state.writer.read_entries(0, relay.state.writer.persisted_size)
+        await relay.state.writer.close()
         view = view_from_entries(stored)
         obs = Observed(enclave_starts=2, serving_enclaves=2)
         problems = check_invariants(view, obs, root=TrustRoot.from_pem(world.state.mock_root.read_bytes()),

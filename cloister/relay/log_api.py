@@ -1,0 +1,141 @@
+"""The relay's read-only HTTP API: `/healthz`, the enclave's attestation (`/attestation`, and
+`/log/attestation` with a checkpoint), and the log for auditors (`/log/...`: C2SP tlog-tiles,
+proofs, and the bodies entries commit to). Nothing here changes state but publishing tiles."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
+from cloister.relay.state import RelayState
+from cloister.relay.upstreams import Upstreams
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _nonce(request: Request) -> bytes:
+    text = request.query_params.get("nonce", "")
+    try:
+        nonce = bytes.fromhex(text)
+    except ValueError:
+        nonce = b""
+    if not 8 <= len(nonce) <= 64:
+        raise ValueError("nonce must be 8 to 64 bytes, hex-encoded: ?nonce=<hex>")
+    return nonce
+
+
+def body_ref(request: Request) -> tuple[int, str] | JSONResponse:
+    """`/<index>/<args|result>` of a body route, or the 400 answer."""
+    index_text, kind = request.path_params["index"], request.path_params["kind"]
+    if not index_text.isdigit():
+        return JSONResponse({"error": "index must be a number"}, status_code=400)
+    if kind not in ("args", "result"):
+        return JSONResponse({"error": "kind must be args or result"}, status_code=400)
+    return int(index_text), kind
+
+
+class LogApi:
+    def __init__(self, state: RelayState, upstreams: Upstreams) -> None:
+        self.state = state
+        self.upstreams = upstreams
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/healthz", self.healthz),
+            Route("/attestation", self.attestation),
+            Route("/log/attestation", self.log_attestation),
+            Route("/log/proof/inclusion", self.inclusion),
+            Route("/log/proof/consistency", self.consistency),
+            Route("/log/body/{index}/{kind}", self.body),
+            Route("/log/{path:path}", self.log_object),
+        ]
+
+    async def healthz(self, request: Request) -> Response:
+        info = self.state.health_info
+        body = {
+            "ready": bool(info and info.ready),
+            "enclave": {"origin": info.origin, "pcr0": info.pcr0.hex(), "mock_nsm": info.mock_nsm,
+                        "policy_version": info.policy_version, "log_verifier_key": info.log_verifier_key}
+            if info else None,
+            "log_size": self.state.writer.persisted_size,
+            "upstreams": self.upstreams.status(),
+        }
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    async def attestation(self, request: Request) -> Response:
+        return await self._attestation(request, with_checkpoint=False)
+
+    async def log_attestation(self, request: Request) -> Response:
+        return await self._attestation(request, with_checkpoint=True)
+
+    async def _attestation(self, request: Request, *, with_checkpoint: bool) -> Response:
+        try:
+            nonce = _nonce(request)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        try:
+            resp = await self.state.enclave.attest(nonce, include_checkpoint=with_checkpoint)
+            if with_checkpoint:
+                await self._publish_through(resp.checkpoint)
+        except (EnclaveUnavailable, EnclaveRefused) as exc:
+            return JSONResponse({"error": f"the enclave is unavailable: {exc}"}, status_code=503)
+        body: dict[str, Any] = {"document": _b64(resp.document), "nonce": nonce.hex()}
+        if with_checkpoint:
+            body["checkpoint"] = resp.checkpoint.decode("utf-8")
+        return JSONResponse(body)
+
+    async def _publish_through(self, checkpoint: bytes) -> None:
+        """Make the tiles for an attested checkpoint readable before handing it to an auditor."""
+        size = int(checkpoint.split(b"\n", 2)[1])
+        if self.state.writer.persisted_size < size:
+            synced = await self.state.enclave.sync(self.state.writer.persisted_size)
+            await self.state.persist(synced.log)
+        if self.state.writer.store.published_size < size:
+            await self.state.writer.publish()
+
+    async def log_object(self, request: Request) -> Response:
+        path = request.path_params["path"]
+        data = await self.state.writer.read_path(path)
+        if data is None:
+            return PlainTextResponse("not found\n", status_code=404)
+        immutable = path.startswith("tile/") and ".p/" not in path
+        headers = {"Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache"}
+        media = "text/plain; charset=utf-8" if path == "checkpoint" else "application/octet-stream"
+        return Response(data, media_type=media, headers=headers)
+
+    async def inclusion(self, request: Request) -> Response:
+        writer = self.state.writer
+        try:
+            index = int(request.query_params["index"])
+            size = int(request.query_params.get("size", writer.store.published_size))
+            proof = await writer.inclusion_proof(index, size)
+        except (KeyError, ValueError) as exc:
+            return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
+        return JSONResponse({"index": index, "size": size, "proof": [_b64(h) for h in proof]})
+
+    async def consistency(self, request: Request) -> Response:
+        writer = self.state.writer
+        try:
+            old = int(request.query_params["from"])
+            new = int(request.query_params.get("to", writer.store.published_size))
+            proof = await writer.consistency_proof(old, new)
+        except (KeyError, ValueError) as exc:
+            return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
+        return JSONResponse({"from": old, "to": new, "proof": [_b64(h) for h in proof]})
+
+    async def body(self, request: Request) -> Response:
+        ref = body_ref(request)
+        if isinstance(ref, JSONResponse):
+            return ref
+        index, kind = ref
+        data = await self.state.writer.get_body(index, kind)
+        if data is None:
+            return PlainTextResponse("not found\n", status_code=404)
+        return Response(data, media_type="application/json")
