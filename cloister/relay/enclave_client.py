@@ -37,6 +37,13 @@ class EnclaveRefused(CloisterError):
         self.code = code
 
 
+def enclave_error(code: grpc.StatusCode, details: str) -> EnclaveUnavailable | EnclaveRefused:
+    """What a gRPC status from the enclave means to the relay: no answer, or a refusal."""
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return EnclaveUnavailable(f"enclave unavailable ({code.name}): {details}")
+    return EnclaveRefused(code, details or code.name)
+
+
 class EnclaveClient:
     def __init__(self, endpoint: str, run_dir: Path, *, timeout_s: float = 5.0) -> None:
         self.endpoint = Endpoint.parse(endpoint)
@@ -69,10 +76,7 @@ class EnclaveClient:
         try:
             return await getattr(self._stub, method)(request, timeout=timeout or self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                raise EnclaveUnavailable(f"enclave unavailable ({code.name}): {exc.details()}") from exc
-            raise EnclaveRefused(code, exc.details() or code.name) from exc
+            raise enclave_error(exc.code(), exc.details() or "") from exc
 
     async def health(self, timeout: float | None = None) -> pb.HealthResponse:
         resp: pb.HealthResponse = await self._call("Health", pb.HealthRequest(), timeout)

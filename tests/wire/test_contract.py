@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import pytest
@@ -18,20 +18,8 @@ from cloister.enclave.service import DENIALS, EnclaveService
 from cloister.verify.bundle import sign_bundle
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import POLICY_NOT_NEWER_STATUS, DenyCode
+from tests.relay.inprocess import Aborted, ServicerContext
 from tests.world import World, make_world
-
-
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(code, details)
-        self.code, self.details = code, details
-
-
-class Context:
-    """What EnclaveService uses of a grpc.ServicerContext: abort raises, as gRPC's does."""
-
-    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
-        raise Aborted(code, details)
 
 
 def test_deny_codes_match_the_proto_enum_both_ways() -> None:
@@ -60,7 +48,7 @@ def authorize(w: World, token: str, server: str, tool: str, args: dict[str, Any]
     raw = args if isinstance(args, bytes) else json.dumps(args).encode()
     resp = EnclaveService(w.core).Authorize(pb.AuthorizeRequest(
         token=token, server=server, tool=tool, arguments_json=raw, persisted_size=len(w.log),
-        payment_amount=payment), Context())  # type: ignore[arg-type]
+        payment_amount=payment), ServicerContext())  # type: ignore[arg-type]
     for i, data in enumerate(resp.log.entries):
         if resp.log.first_index + i == len(w.log):
             w.log.append(data)
@@ -122,7 +110,7 @@ def test_a_deny_code_outside_the_contract_fails_closed(w: World, monkeypatch: py
 
 def load(w: World, bundle: bytes) -> pb.LoadPolicyResponse:
     return EnclaveService(w.core).LoadPolicy(pb.LoadPolicyRequest(bundle=bundle, persisted_size=len(w.log)),
-                                             Context())  # type: ignore[arg-type]
+                                             ServicerContext())  # type: ignore[arg-type]
 
 
 def test_a_bundle_not_above_the_version_in_force_has_its_own_status(w: World) -> None:

@@ -1,0 +1,207 @@
+"""The relay's call path (`CallPath.call`, i.e. tools/call) in-process and without sockets.
+
+Real objects throughout: the relay's `CallPath` and `RelayState`, its `EnclaveClient` over the
+enclave's own servicer and `EnclaveCore` (the test world's: mock NSM, the world's clock), and the
+real storage `LogWriter` on tmp_path. Only the upstream MCP server is a stand-in, which records
+what reached it and what the log held at that moment.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import mcp_types as types
+import pytest
+from mcp.shared.exceptions import MCPError
+
+from cloister.relay.call_path import CallPath
+from cloister.relay.codes import DENIED, ENCLAVE_UNAVAILABLE, LIMITED, UNAUTHENTICATED
+from cloister.relay.config import RelayConfig, UpstreamConfig
+from cloister.relay.state import RelayState
+from cloister.relay.storage import LocalBackend, LogWriter
+from cloister.relay.upstreams import Upstream, Upstreams
+from cloister.verify.canonical import canonical_sha256
+from cloister.verify.enclave_identity import EnclaveBinding
+from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
+from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY, read_grant, verify_grant
+from cloister.wire.contract import LOG_META_KEY, X402_META_KEY
+from tests.relay.inprocess import InProcessEnclave
+from tests.world import World, make_world
+
+
+@dataclass
+class Forwarded:
+    tool: str
+    arguments: dict[str, Any]
+    meta: dict[str, Any]
+    durable_size: int  # the relay's durable log size when the call reached the upstream
+    decision: Any  # the entry at the grant's log index, read back from storage at that moment
+
+
+class StandInUpstream(Upstream):
+    """The upstream MCP server, answering every call; it never connects anywhere."""
+
+    def __init__(self, name: str, writer: Callable[[], LogWriter]) -> None:
+        super().__init__(UpstreamConfig(name=name, url="http://upstream.invalid/mcp"))
+        self.state = "up"
+        self._writer = writer
+        self.forwarded: list[Forwarded] = []
+
+    async def call(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any]) -> types.CallToolResult:
+        writer = self._writer()
+        grant = base64.b64decode(meta[GRANT_META_KEY])
+        index = read_grant(grant).log_index
+        stored = await writer.read_entries(index, index + 1) if index < writer.persisted_size else []
+        self.forwarded.append(Forwarded(tool, arguments, meta, writer.persisted_size,
+                                        parse_entry(stored[0]) if stored else None))
+        return types.CallToolResult(content=[types.TextContent(text=json.dumps({"ok": arguments}))])
+
+
+@dataclass
+class Rig:
+    world: World
+    enclave: InProcessEnclave
+    state: RelayState
+    upstreams: Upstreams
+    calls: CallPath
+    stand_ins: dict[str, StandInUpstream] = field(default_factory=dict)
+
+    async def call(self, token: str, name: str, arguments: dict[str, Any],
+                   meta: dict[str, Any] | None = None) -> types.CallToolResult:
+        params = types.CallToolRequestParams(name=name, arguments=arguments, _meta=meta)
+        return await self.calls.call(token, params)
+
+    async def entry(self, index: int) -> Any:
+        return parse_entry((await self.state.writer.read_entries(index, index + 1))[0])
+
+    def forwarded(self) -> list[Forwarded]:
+        return [f for s in self.stand_ins.values() for f in s.forwarded]
+
+
+def relay_config(tmp: Path) -> RelayConfig:
+    return RelayConfig(path=tmp / "relay.toml", host="127.0.0.1", port=0, public_url="http://relay.invalid",
+                       enclave="unix:/nonexistent/enclave.sock", bundle=None, storage=str(tmp / "log"),
+                       s3_endpoint_url=None, run_dir=tmp / "run", trust_root="mock", max_argument_bytes=1 << 20,
+                       enclave_timeout_s=5.0, upstreams=())
+
+
+async def make_rig(tmp: Path, world: World) -> Rig:
+    config = relay_config(tmp)
+    enclave = InProcessEnclave(world.core, config.run_dir)
+    state = RelayState(config, enclave)
+    state.writer = await LogWriter.open(LocalBackend(config.storage))
+    # What the relay's start-up does (Lifecycle.ensure_enclave_ready), in short.
+    await state.persist((await enclave.start_log(None)).log)
+    await state.persist((await enclave.load_policy(world.sign_bundle(1), state.writer.persisted_size)).log)
+    state.attestation = (await enclave.attest(b"call-path-test")).document
+    upstreams = Upstreams(())
+    rig = Rig(world, enclave, state, upstreams, CallPath(state, upstreams))
+    for name in ("refunds", "research"):
+        rig.stand_ins[name] = upstreams.by_name[name] = StandInUpstream(name, lambda: state.writer)
+    return rig
+
+
+def run(tmp: Path, scenario: Callable[[Rig], Awaitable[None]]) -> None:
+    world = make_world(tmp / "world", start=False)  # outside the event loop: it runs one of its own
+
+    async def main() -> None:
+        rig = await make_rig(tmp, world)
+        try:
+            with anyio.fail_after(10):
+                await scenario(rig)
+        finally:
+            await rig.state.writer.close()
+
+    anyio.run(main)
+
+
+def refund_bot(rig: Rig) -> str:
+    return rig.world.token("refund-bot", ["refund-agent"])
+
+
+def research_bot(rig: Rig) -> str:
+    return rig.world.token("research-bot", ["research-agent"])
+
+
+def test_an_allow_persists_the_decision_before_forwarding(tmp_path: Path) -> None:
+    args = {"customer_id": "cus_1001"}
+
+    async def scenario(rig: Rig) -> None:
+        result = await rig.call(refund_bot(rig), "refunds___customer_lookup", args)
+        [f] = rig.forwarded()
+        index = result.meta[LOG_META_KEY]["decision"] if result.meta else -1
+        # When the call reached the upstream, its decision entry was already durable in storage.
+        assert f.durable_size > index
+        assert isinstance(f.decision, DecisionEntry) and f.decision.decision == "allow"
+        assert f.decision.args_sha256 == canonical_sha256(args) and f.decision.agent == "refund-bot"
+        # The upstream got exactly the agent's arguments, the enclave's grant for them, and its attestation.
+        assert (f.tool, f.arguments) == ("customer_lookup", args)
+        keys = EnclaveBinding("o", rig.world.core.log_public, rig.world.core.grant_public).grant_keys()
+        claims = verify_grant(base64.b64decode(f.meta[GRANT_META_KEY]), grant_keys=keys, server="refunds",
+                              tool="customer_lookup", arguments=args, now_ms=rig.world.clock.ms)
+        assert claims.log_index == index
+        assert base64.b64decode(f.meta[ATTESTATION_META_KEY]) == rig.state.attestation
+        # The outcome is durable too before the agent's answer, which names both entries.
+        assert result.meta is not None
+        outcome_index = result.meta[LOG_META_KEY]["outcome"]
+        assert rig.state.writer.persisted_size > outcome_index > index
+        outcome = await rig.entry(outcome_index)
+        assert isinstance(outcome, OutcomeEntry) and outcome.decision_index == index
+        assert outcome.result_sha256 == canonical_sha256(result.model_dump(
+            mode="json", by_alias=True, exclude_none=True, exclude={"meta"}))
+        assert await rig.state.writer.get_body(index, "args") == json.dumps(args, separators=(",", ":")).encode()
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize(
+    ("who", "name", "arguments", "meta", "jsonrpc", "code"),
+    [
+        (research_bot, "refunds___customer_lookup", {"customer_id": "c"}, None, DENIED, "no-permit"),
+        (refund_bot, "refunds___refund.approve_above_threshold", {"refund_id": "r"}, None, DENIED, "policy"),
+        (refund_bot, "refunds___delete_all", {}, None, DENIED, "unknown-tool"),
+        (lambda rig: "", "refunds___customer_lookup", {"customer_id": "c"}, None, UNAUTHENTICATED,
+         "unauthenticated"),
+        (research_bot, "research___deep_search", {"query": "q"}, {X402_META_KEY: {"payload": {"amount": "0.11"}}},
+         LIMITED, "limit"),
+    ],
+)
+def test_an_enclave_denial_forwards_nothing_upstream(
+        tmp_path: Path, who: Callable[[Rig], str], name: str, arguments: dict[str, Any],
+        meta: dict[str, Any] | None, jsonrpc: int, code: str) -> None:
+    async def scenario(rig: Rig) -> None:
+        with pytest.raises(MCPError) as denied:
+            await rig.call(who(rig), name, arguments, meta)
+        assert rig.forwarded() == []
+        # The agent's error code comes from the typed denial class; the denial itself is logged and durable.
+        err = denied.value.error
+        assert err.code == jsonrpc and isinstance(err.data, dict) and err.data["code"] == code
+        index = err.data["log_index"]
+        assert rig.state.writer.persisted_size == index + 1
+        entry = await rig.entry(index)
+        assert isinstance(entry, DecisionEntry) and entry.decision == "deny" and entry.code == code
+        assert await rig.state.writer.get_body(index, "args") is None
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("how", ["the connection is gone", "a new enclave has no log yet"])
+def test_an_unavailable_enclave_fails_closed(tmp_path: Path, how: str) -> None:
+    async def scenario(rig: Rig) -> None:
+        if how == "the connection is gone":
+            rig.enclave.reachable = False
+        else:  # restarted: fresh keys, AWAITING_LOG, so the core answers NotReady (gRPC UNAVAILABLE)
+            rig.enclave.restart(rig.world.new_core())
+        durable = rig.state.writer.persisted_size
+        with pytest.raises(MCPError) as refused:
+            await rig.call(refund_bot(rig), "refunds___customer_lookup", {"customer_id": "cus_1001"})
+        assert refused.value.error.code == ENCLAVE_UNAVAILABLE and "fail closed" in refused.value.error.message
+        assert rig.forwarded() == [] and rig.state.writer.persisted_size == durable
+
+    run(tmp_path, scenario)
