@@ -7,7 +7,8 @@
     cloister policy push BUNDLE --relay URL [--timeout S] [--json]
     cloister policy diff OLD NEW [--json]
     cloister policy explain --bundle DIR|BUNDLE --agent A [--role R ...] --server S --tool T
-                            [--args JSON|@FILE] [--at ISO8601] [--attestation LEVEL] [--json]
+                            [--args JSON|@FILE] [--at ISO8601] [--attestation LEVEL] [--payment AMOUNT]
+                            [--json]
 
 Exit status: 0 success (valid, signed, in force, identical, allowed); 1 the answer is no
 (invalid, refused, different, denied); 2 unusable arguments or input; 3 (push) the relay or
@@ -103,7 +104,10 @@ def register(sub: Any) -> None:
     e.add_argument("--at", default=None, metavar="ISO8601", help="the time of the call (default now)")
     e.add_argument("--attestation", default=None, metavar="LEVEL",
                    help="resource.attestation for the server (default: the identity kind the bundle pins for it, "
-                   "as if its evidence had verified)")
+                   "as if its evidence had verified); a server that pins an identity and is at another level, such "
+                   "as 'unverified', is quarantined, as in the enclave")
+    e.add_argument("--payment", default="", metavar="AMOUNT",
+                   help="the x402 payment the call carries (charged against x402 spend caps when it is decided)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(handler=_explain)
 
@@ -337,7 +341,7 @@ def _explain(args: argparse.Namespace) -> int:
         _err(args, f"{args.bundle} does not parse; nothing to explain")
         return 2
     ex = explain(validation, agent=args.agent, roles=args.role or None, server=args.server, tool=args.tool,
-                 arguments_json=arguments, at=at, attestation=args.attestation)
+                 arguments_json=arguments, at=at, attestation=args.attestation, payment=args.payment)
     ex.notes.insert(0, f"bundle: {src.describe()}" + ("; its signature is not checked here" if src.signed else ""))
     if args.json:
         _dump(ex.as_json())

@@ -7,12 +7,10 @@
   5. Cedar: the policies that can apply to the tool (log-only policy sets noted, not enforced);
   6. limits: every matching rate and spend limit has room for this call's cost.
 
-The first step that denies decides. Everything read is passed in: the time (in the `Call`, never
-a clock), the bundle and its engine, the servers' view, the limit book. Nothing here sequences,
-signs or charges. Steps 1-5 (`decide_before_limits`) read no state that a decision changes, so
-the enclave runs them outside its locks; step 6 (`decide_limits`) reads the limit book, so the
-enclave runs it under the sequencer lock, in one critical section with the charge and the
-append, which keeps limits exact under concurrency. `decide` runs all six (explain, tests).
+The first step that denies decides. Everything read is passed in, the time too (never a clock);
+nothing here sequences, signs or charges. The enclave runs steps 1-5 (`decide_before_limits`)
+outside its locks, and step 6 (`decide_limits`) under the sequencer lock with the charge and the
+append, so limits stay exact under concurrency. `decide` runs all six (explain, tests).
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from enum import IntEnum
 from typing import Any, Literal, Protocol
 
 from cloister.enclave.bundle import AgentSpec, PolicyBundle, ServerSpec
@@ -30,9 +29,19 @@ from cloister.enclave.policy import PolicyEngine, Principal
 from cloister.verify.canonical import canonical_sha256, parse_json
 from cloister.verify.errors import DecodeError
 from cloister.verify.jwt import TokenError, peek_issuer, verify_jwt
+from cloister.wire.contract import DenyCode
 
 # Denials that a bundle in log-only mode logs but lets through; identity and argument problems never pass.
-LOG_ONLY_CODES = frozenset({"policy", "no-permit", "limit"})
+LOG_ONLY_CODES = frozenset({DenyCode.POLICY, DenyCode.NO_PERMIT, DenyCode.LIMIT})
+
+
+class Step(IntEnum):
+    ARGUMENTS = 1
+    IDENTITY = 2
+    SERVER_AND_TOOL = 3
+    QUARANTINE = 4
+    CEDAR = 5
+    LIMITS = 6
 
 
 class Identity(Protocol):
@@ -75,9 +84,9 @@ class Decision:
 
     mode: Literal["enforce", "log-only"]
     args_sha256: bytes
-    code: str = ""  # "" when allowed, else the denial code
+    code: str = ""  # "" when allowed, else a DenyCode
     denial: str = ""  # why, when denied
-    step: int = 0  # the step that denied; 0 when allowed
+    step: int = 0  # the Step that denied; 0 when allowed
     principal: Principal | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
     payment: Decimal | None = None
@@ -111,7 +120,7 @@ class Decision:
             return {}
         return {k: str(v) for k, v in self.limit_check.charges.items() if v}
 
-    def deny(self, code: str, reason: str) -> None:
+    def deny(self, code: DenyCode, reason: str) -> None:
         self.code, self.denial = code, reason
 
 
@@ -124,7 +133,7 @@ def decide_before_limits(call: Call, state: State) -> Decision:
     """Steps 1-5."""
     d = Decision(mode="log-only" if state.bundle.settings.mode == "log-only" else "enforce",
                  args_sha256=hashlib.sha256(call.arguments_json).digest())
-    for number, step in enumerate(_STEPS, start=1):
+    for number, step in _STEPS:
         step(d, call, state)
         if d.code:
             d.step = number
@@ -140,7 +149,7 @@ def _arguments(d: Decision, call: Call, state: State) -> None:
         if not isinstance(parsed, dict):
             raise DecodeError("arguments: must be a JSON object")
     except DecodeError as exc:
-        d.deny("bad-arguments", str(exc))
+        d.deny(DenyCode.BAD_ARGUMENTS, str(exc))
         return
     d.arguments, d.args_sha256 = parsed, canonical_sha256(parsed)
     if call.payment_amount:
@@ -150,7 +159,8 @@ def _arguments(d: Decision, call: Call, state: State) -> None:
                 raise ArithmeticError
         except ArithmeticError:
             d.payment = None
-            d.deny("bad-arguments", f"x402 payment amount {call.payment_amount[:40]!r} is not a positive decimal")
+            d.deny(DenyCode.BAD_ARGUMENTS,
+                   f"x402 payment amount {call.payment_amount[:40]!r} is not a positive decimal")
 
 
 # 2. Identity.
@@ -158,23 +168,25 @@ def _identity(d: Decision, call: Call, state: State) -> None:
     try:
         d.principal = call.identity.principal(state.bundle, call.now_ms)
     except TokenError as exc:
-        d.deny("unknown-agent" if exc.reason == "unknown-agent" else "unauthenticated", f"{exc.reason}: {exc}")
+        code = DenyCode.UNKNOWN_AGENT if exc.reason == "unknown-agent" else DenyCode.UNAUTHENTICATED
+        d.deny(code, f"{exc.reason}: {exc}")
 
 
 # 3. The server and the tool are the bundle's.
 def _server_and_tool(d: Decision, call: Call, state: State) -> None:
     spec = state.bundle.servers.get(call.server)
     if spec is None:
-        d.deny("unknown-server", f"server {call.server!r} is not in the policy bundle")
+        d.deny(DenyCode.UNKNOWN_SERVER, f"server {call.server!r} is not in the policy bundle")
     elif call.tool not in spec.tools:
-        d.deny("unknown-tool", f"tool {call.tool!r} is not a tool of server {call.server!r} in the policy bundle")
+        d.deny(DenyCode.UNKNOWN_TOOL,
+               f"tool {call.tool!r} is not a tool of server {call.server!r} in the policy bundle")
 
 
 # 4. Quarantine: an unproven server identity, a drifted or unreported pinned tool.
 def _quarantine(d: Decision, call: Call, state: State) -> None:
     refusal = state.servers.refusal(state.bundle.servers[call.server], call.tool, call.now_ms)
     if refusal is not None:
-        d.deny("quarantined", refusal)
+        d.deny(DenyCode.QUARANTINED, refusal)
 
 
 # 5. Cedar, on the tool's slice of policies.
@@ -185,12 +197,13 @@ def _cedar(d: Decision, call: Call, state: State) -> None:
     cedar = state.engine.evaluate(d.principal, call.server, call.tool, d.arguments, now, schema)
     d.policy_ids = cedar.policy_ids
     if not cedar.allowed:
-        d.deny(cedar.code, cedar.reason)
+        d.deny(DenyCode(cedar.code), cedar.reason)
     else:
         d.shadow_note = state.engine.shadow_verdict(d.principal, call.server, call.tool, d.arguments, now, schema)
 
 
-_STEPS = (_arguments, _identity, _server_and_tool, _quarantine, _cedar)
+_STEPS = ((Step.ARGUMENTS, _arguments), (Step.IDENTITY, _identity), (Step.SERVER_AND_TOOL, _server_and_tool),
+          (Step.QUARANTINE, _quarantine), (Step.CEDAR, _cedar))
 
 
 # 6. Limits. Checks, never charges; `LimitBook.check` drops expired charges from its windows, so
@@ -202,35 +215,13 @@ def decide_limits(call: Call, d: Decision, limits: LimitBook) -> Decision:
     try:
         check = limits.check(p.agent, p.roles, call.server, call.tool, d.arguments, call.now_ms, d.payment)
     except BadCost as exc:
-        return replace(d, code="bad-arguments", denial=str(exc), step=6)
+        return replace(d, code=DenyCode.BAD_ARGUMENTS, denial=str(exc), step=Step.LIMITS)
     if not check.ok:
-        return replace(d, code="limit", denial=check.reason, step=6, limit_check=check)
+        return replace(d, code=DenyCode.LIMIT, denial=check.reason, step=Step.LIMITS, limit_check=check)
     return replace(d, limit_check=check)
 
 
-# ---- identities -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BearerToken:
-    """A JWT, verified against the bundle's issuers on every call (the enclave caches it)."""
-
-    token: str
-
-    def principal(self, bundle: PolicyBundle, now_ms: int) -> Principal:
-        return principal_from_token(bundle, self.token, now_ms)[0]
-
-
-@dataclass(frozen=True)
-class ClaimedIdentity:
-    """An agent and the roles its token would claim, taken as given (offline: no token is checked)."""
-
-    agent: str
-    roles: tuple[str, ...]
-    issuer: str = "(explain)"
-
-    def principal(self, bundle: PolicyBundle, now_ms: int) -> Principal:
-        return _granted(_registered(bundle, self.agent), self.agent, self.roles, self.issuer)
+# ---- identity: a token's (the enclave caches it, core._CachedToken), or offline a claimed one --
 
 
 def principal_from_token(bundle: PolicyBundle, token: str, now_ms: int) -> tuple[Principal, int]:
@@ -243,23 +234,23 @@ def principal_from_token(bundle: PolicyBundle, token: str, now_ms: int) -> tuple
         raise TokenError("unknown-issuer", f"token issuer {iss!r} is not trusted by the policy bundle")
     verified = verify_jwt(token, issuer.keys, issuer=issuer.issuer, audience=issuer.audience,
                           now=now_ms // 1000, max_lifetime_s=issuer.max_lifetime_s)
-    spec = _registered(bundle, verified.subject)
+    spec = registered(bundle, verified.subject)
     raw_roles = verified.claims.get(issuer.roles_claim, [])
     if isinstance(raw_roles, str):
         raw_roles = raw_roles.split()
     if not isinstance(raw_roles, list) or not all(isinstance(r, str) for r in raw_roles):
         raise TokenError("malformed", f"token claim {issuer.roles_claim!r} must be a list of role names")
-    return _granted(spec, verified.subject, raw_roles, iss), verified.expires_at
+    return granted(spec, verified.subject, raw_roles, iss), verified.expires_at
 
 
-def _registered(bundle: PolicyBundle, agent: str) -> AgentSpec:
+def registered(bundle: PolicyBundle, agent: str) -> AgentSpec:
     spec = bundle.agents.get(agent)
     if spec is None:
         raise TokenError("unknown-agent", f"agent {agent!r} is not registered in the policy bundle")
     return spec
 
 
-def _granted(spec: AgentSpec, agent: str, roles: Sequence[str], issuer: str) -> Principal:
+def granted(spec: AgentSpec, agent: str, roles: Sequence[str], issuer: str) -> Principal:
     for role in roles:
         if role not in spec.roles:
             raise TokenError("role-not-granted", f"the bundle does not grant role {role!r} to agent {agent!r}")

@@ -1,10 +1,15 @@
-"""`cloister policy explain`: decide one call offline, with the enclave's own engine, and say why.
+"""`cloister policy explain`: decide one call offline, with the enclave's own `decide()`, and say why.
 
-The steps follow `EnclaveCore._decide` in order: arguments (size cap, a JSON object), the
-agent and the roles its token would claim, the server and tool, Cedar (`PolicyEngine.evaluate`),
-then limits (`LimitBook.check`). Limits are checked on a fresh book: this shows which limits
-apply and what this call costs, not what remains; live budget state is in the running
-enclave only. Token signatures are not checked here: the principal is taken as given.
+The decision is `cloister.enclave.decide.decide`, the function the enclave runs, in its order:
+arguments and x402 payment, identity, server and tool, quarantine, Cedar, limits. What a
+running enclave would know, explain assumes, and says so in its notes:
+
+- identity: the agent and the roles its token would claim, taken as given (no token is checked);
+- servers: each has proven the identity its bundle entry pins (`--attestation` sets another level
+  for the called server: one that is not the pinned identity quarantines it, as in the enclave),
+  and pinned tools match their pins; input schemas are the bundle's `inputs/<server>___<tool>.json`;
+- limits: an empty limit book, so this shows which limits apply and what this call costs, not
+  what remains; live budget state is in the running enclave only.
 """
 
 from __future__ import annotations
@@ -19,14 +24,15 @@ from typing import Any
 
 import cedarpy
 
-from cloister.enclave.bundle import MAX_LIMIT_VALUE, NAMESPACE, Limit, PolicyBundle, action_id
+from cloister.enclave.bundle import MAX_LIMIT_VALUE, NAMESPACE, Limit, PolicyBundle, ServerSpec, action_id
+from cloister.enclave.decide import Call, Decision, State, Step, decide, granted, registered
 from cloister.enclave.limits import BadCost, LimitBook
 from cloister.enclave.policy import PolicyEngine, Principal, cedar_value
 from cloister.policytools.diff import describe_limit
 from cloister.policytools.findings import PolicyInfo, Validation
 from cloister.policytools.schema import input_schemas
-from cloister.verify.canonical import parse_json
 from cloister.verify.errors import DecodeError
+from cloister.wire.contract import DenyCode
 
 LIVE_STATE_NOTE = ("limits are checked against an empty window: this shows which limits apply and what this call "
                    "costs; what remains now is known only to the running enclave")
@@ -50,6 +56,7 @@ class Explanation:
     considered: int = 0  # policies in the action's slice
     attestation: str | None = None  # resource.attestation assumed for the server
     discoverable: bool | None = None
+    payment: str | None = None  # the x402 payment the call carries (--payment)
     limits: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -78,8 +85,45 @@ def _policy_view(info: PolicyInfo | None, key: str, bundle: PolicyBundle) -> dic
     return view
 
 
+@dataclass(frozen=True)
+class ClaimedIdentity:
+    """decide's identity offline: an agent and the roles its token would claim, taken as given;
+    checked as the enclave checks a token's (registered agent, granted roles)."""
+
+    agent: str
+    roles: tuple[str, ...]
+
+    def principal(self, bundle: PolicyBundle, now_ms: int) -> Principal:
+        return granted(registered(bundle, self.agent), self.agent, self.roles, "(explain)")
+
+
+class OfflineServers:
+    """The enclave's server registry (`decide.ServerView`) as explain assumes it: every server has
+    proven the identity its bundle entry pins, except that `attestation` names the level of
+    `server`; a server that pins an identity and is at any other level is quarantined, as the
+    enclave quarantines every server whose pinned identity is not proven. Pinned tools are taken
+    to match their pins. Input schemas are the bundle's inputs/<server>___<tool>.json."""
+
+    def __init__(self, bundle: PolicyBundle, files: Mapping[str, bytes], server: str, attestation: str | None):
+        self.levels: dict[str, str] = {name: spec.identity.kind for name, spec in bundle.servers.items()}
+        if attestation and server in self.levels:
+            self.levels[server] = attestation
+        self._schemas = input_schemas(files)[0]
+
+    def refusal(self, spec: ServerSpec, tool: str, now_ms: int) -> str | None:
+        kind, level = spec.identity.kind, self.levels.get(spec.name, spec.identity.kind)
+        if kind != "none" and level != kind:
+            return (f"server {spec.name!r} is quarantined: it has not proven its {kind} identity "
+                    f"(resource.attestation taken as {level!r})")
+        return None
+
+    def input_schema(self, server: str, tool: str) -> Mapping[str, Any] | None:
+        schema = self._schemas.get(action_id(server, tool))
+        return schema if isinstance(schema, Mapping) else None
+
+
 def explain(validation: Validation, *, agent: str, roles: list[str] | None, server: str, tool: str,
-            arguments_json: str, at: datetime, attestation: str | None = None) -> Explanation:
+            arguments_json: str, at: datetime, attestation: str | None = None, payment: str = "") -> Explanation:
     bundle = validation.bundle
     assert bundle is not None, "explain needs a bundle that parses"
     spec = bundle.agents.get(agent)
@@ -87,96 +131,84 @@ def explain(validation: Validation, *, agent: str, roles: list[str] | None, serv
     chosen = sorted(set(roles)) if roles else granted
     ex = Explanation(agent=agent, roles=chosen, roles_source="--role" if roles else "all roles granted to the agent",
                      server=server, tool=tool, at=at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-                     mode=bundle.settings.mode)
+                     mode=bundle.settings.mode, payment=payment or None)
     ex.notes.append("the token is not checked: the agent and roles are taken as given")
-    # 1. Arguments, as the enclave parses them.
-    try:
-        arguments = parse_json(arguments_json.encode(), what="arguments", max_bytes=bundle.settings.max_argument_bytes)
-        if not isinstance(arguments, dict):
-            raise DecodeError("arguments: must be a JSON object")
-    except DecodeError as exc:
-        return _deny(ex, "bad-arguments", str(exc))
-    # 2. The principal.
-    if spec is None:
-        return _deny(ex, "unknown-agent", f"agent {agent!r} is not registered in the policy bundle")
-    for role in chosen:
-        if role not in spec.roles:
-            return _deny(ex, "unauthenticated",
-                         f"role-not-granted: the bundle does not grant role {role!r} to agent {agent!r}")
-    # 3. Server and tool.
-    server_spec = bundle.servers.get(server)
-    if server_spec is None:
-        return _deny(ex, "unknown-server", f"server {server!r} is not in the policy bundle")
-    if tool not in server_spec.tools:
-        return _deny(ex, "unknown-tool", f"tool {tool!r} is not a tool of server {server!r} in the policy bundle")
-    # 4. Cedar, with the enclave's engine.
+    servers = OfflineServers(bundle, validation.files, server, attestation)
     engine = PolicyEngine(bundle)
-    _set_attestation(ex, engine, bundle, server, attestation)
-    principal = Principal(agent=agent, roles=frozenset(chosen), issuer="(explain)")
-    # The running enclave types arguments by the tool's input schema as the upstream lists it
-    # (numbers are decimals unless it says integer); offline, that is inputs/<server>___<tool>.json.
-    input_schema = input_schemas(validation.files)[0].get(action_id(server, tool))
-    if input_schema is None:
-        ex.notes.append(f"no inputs/{action_id(server, tool)}.json: arguments are typed without the tool's input "
-                        "schema (every number is a decimal); the enclave uses the schema the upstream lists")
-    verdict = engine.evaluate(principal, server, tool, arguments, at, input_schema)
-    ex.considered = engine.slice_size(server, tool)
-    ex.discoverable = engine.may_call(principal, server, tool, at)
-    ex.policies = [_policy_view(validation.policies.get(pid), pid, bundle) for pid in verdict.policy_ids]
-    ex.evaluation_errors = _evaluation_errors(bundle, principal, server, tool, arguments, at, input_schema,
-                                              ex.attestation or "none")
-    if not verdict.allowed:
-        _deny(ex, verdict.code, verdict.reason)
-    # 5. Limits on an empty book: which apply and what this call costs.
-    now_ms = int(at.timestamp() * 1000)
-    roleset = frozenset(chosen)
-    matching = [lim for lim in bundle.limits if lim.matches(agent, roleset, server, tool)]
-    try:
-        # Each limit's cost, read through the enclave's own LimitBook with the cap lifted.
-        costs = {lim.id: LimitBook([replace(lim, maximum=MAX_LIMIT_VALUE)]).check(
-            agent, roleset, server, tool, arguments, now_ms).charges.get(lim.id) for lim in matching}
-    except BadCost as exc:
-        ex.limits = [_limit_view(lim, None) for lim in matching]
-        if verdict.allowed:
-            _deny(ex, "bad-arguments", str(exc))
-        return _finish(ex)
-    ex.limits = [_limit_view(lim, costs[lim.id]) for lim in matching]
-    fresh = LimitBook(bundle.limits).check(agent, roleset, server, tool, arguments, now_ms)
-    if verdict.allowed and not fresh.ok and fresh.denied_by is not None:
-        lim = next(x for x in matching if x.id == fresh.denied_by.limit_id)
-        _deny(ex, "limit", f"limit {lim.id!r}: this call costs {costs[lim.id]}, and its max is {lim.maximum} "
-              f"per {describe_limit(lim)['window']}: it cannot pass even with an empty window")
-    elif verdict.allowed:
-        ex.decision, ex.code = "allow", ""
-        ex.reason = "permitted by " + ", ".join(verdict.policy_ids)
+    engine.set_server_levels(servers.levels)
+    call = Call(identity=ClaimedIdentity(agent, tuple(chosen)), server=server, tool=tool,
+                arguments_json=arguments_json.encode(), payment_amount=payment, now_ms=int(at.timestamp() * 1000))
+    d = decide(call, State(bundle, engine, servers, LimitBook(bundle.limits)))
+    ex.decision, ex.code, ex.reason, ex.enforced = ("allow" if d.allowed else "deny"), d.code, d.reason, not d.log_only
+    # What each step that ran looked at (a call denied at step N never reaches the steps after it).
+    if d.allowed or d.step >= Step.QUARANTINE:
+        _attestation(ex, bundle.servers[server], servers.levels[server], attestation)
+    if d.allowed or d.step >= Step.CEDAR:
+        _cedar_view(ex, validation, engine, d, at)
+        _limits_view(ex, bundle, d, call.now_ms)
     return _finish(ex)
 
 
-def _set_attestation(ex: Explanation, engine: PolicyEngine, bundle: PolicyBundle, server: str,
-                     level: str | None) -> None:
-    """`resource.attestation` is what the server has proven to the running enclave; offline, assume
-    the identity the bundle pins for it verified, unless --attestation says otherwise."""
-    chosen = level or bundle.servers[server].identity.kind
-    engine.set_server_levels({server: chosen})
-    ex.attestation = chosen
-    if not level:
-        ex.notes.append(f"resource.attestation is taken as {chosen!r} (the identity the bundle pins, as if verified); "
+def _attestation(ex: Explanation, spec: ServerSpec, level: str, asked: str | None) -> None:
+    """`resource.attestation` is what the server has proven to the running enclave; offline,
+    the identity the bundle pins, as if verified, unless --attestation says otherwise."""
+    ex.attestation = level
+    if not asked:
+        ex.notes.append(f"resource.attestation is taken as {level!r} (the identity the bundle pins, as if verified); "
                         "pass --attestation to try another level")
+    elif spec.identity.kind == "none" and level != "none":
+        ex.notes.append(f"server {spec.name!r} pins no identity, so the running enclave sees resource.attestation "
+                        f"'none'; evaluated as if it had proven {level!r}")
+    if spec.pins.get(ex.tool):
+        ex.notes.append(f"tool {ex.tool!r} is pinned: taken to match its pin (the enclave quarantines it if the "
+                        "definition the upstream lists differs, or has not been reported)")
+
+
+def _cedar_view(ex: Explanation, validation: Validation, engine: PolicyEngine, d: Decision, at: datetime) -> None:
+    bundle = validation.bundle
+    assert bundle is not None and d.principal is not None
+    # The running enclave types arguments by the tool's input schema as the upstream lists it
+    # (numbers are decimals unless it says integer); offline, that is inputs/<server>___<tool>.json.
+    aid = action_id(ex.server, ex.tool)
+    input_schema = input_schemas(validation.files)[0].get(aid)
+    if input_schema is None:
+        ex.notes.append(f"no inputs/{aid}.json: arguments are typed without the tool's input "
+                        "schema (every number is a decimal); the enclave uses the schema the upstream lists")
+    ex.considered = engine.slice_size(ex.server, ex.tool)
+    ex.discoverable = engine.may_call(d.principal, ex.server, ex.tool, at)
+    ex.policies = [_policy_view(validation.policies.get(pid), pid, bundle) for pid in d.policy_ids]
+    ex.evaluation_errors = _evaluation_errors(bundle, d.principal, ex.server, ex.tool, d.arguments, at, input_schema,
+                                              ex.attestation or "none")
+
+
+def _limits_view(ex: Explanation, bundle: PolicyBundle, d: Decision, now_ms: int) -> None:
+    """The limits that apply and what this call costs each (read through the enclave's LimitBook
+    with the cap lifted); a limit denial on an empty book is restated as what it means."""
+    assert d.principal is not None
+    agent, roles = d.principal.agent, d.principal.roles
+    matching = [lim for lim in bundle.limits if lim.matches(agent, roles, ex.server, ex.tool)]
+    costs: dict[str, Decimal | None] = {}
+    for lim in matching:
+        try:
+            costs[lim.id] = LimitBook([replace(lim, maximum=MAX_LIMIT_VALUE)]).check(
+                agent, roles, ex.server, ex.tool, d.arguments, now_ms, d.payment).charges.get(lim.id)
+        except BadCost:
+            costs[lim.id] = None
+    ex.limits = [_limit_view(lim, costs[lim.id]) for lim in matching]
+    denied_by = d.limit_check.denied_by if d.code == DenyCode.LIMIT and d.limit_check else None
+    full = next((x for x in matching if denied_by and x.id == denied_by.limit_id), None)
+    if full is not None:
+        ex.reason = (f"limit {full.id!r}: this call costs {costs[full.id]}, and its max is {full.maximum} "
+                     f"per {describe_limit(full)['window']}: it cannot pass even with an empty window")
 
 
 def _limit_view(lim: Limit, cost: Decimal | None) -> dict[str, Any]:
     view = describe_limit(lim)
     view = {"id": lim.id, **view, "cost_source": view.pop("cost"), "cost": str(cost) if cost is not None else None}
     if lim.cost[0] == "x402":
-        view["note"] = "charged after the call, with the amount the upstream's x402 payment requirement names"
+        view["note"] = ("charged when the call is decided, with the x402 payment it carries (--payment AMOUNT); "
+                        "a call without one passes while budget remains, and the upstream names its price")
     return view
-
-
-def _deny(ex: Explanation, code: str, reason: str) -> Explanation:
-    ex.decision, ex.code, ex.reason = "deny", code, reason
-    # As in the enclave: log-only lets policy, no-permit and limit denials through (logged as denials).
-    ex.enforced = not (ex.mode == "log-only" and code in ("policy", "no-permit", "limit"))
-    return _finish(ex)
 
 
 def _finish(ex: Explanation) -> Explanation:
@@ -223,6 +255,11 @@ def _evaluation_errors(bundle: PolicyBundle, principal: Principal, server: str, 
     return out
 
 
+# Denials that come before the limits are looked at (or, for bad-arguments, before they are known).
+_BEFORE_LIMITS = frozenset({DenyCode.BAD_ARGUMENTS, DenyCode.UNKNOWN_AGENT, DenyCode.UNAUTHENTICATED,
+                            DenyCode.UNKNOWN_SERVER, DenyCode.UNKNOWN_TOOL, DenyCode.QUARANTINED})
+
+
 def render(ex: Explanation) -> str:
     verdict = ex.decision.upper()
     if ex.decision == "deny" and not ex.enforced:
@@ -234,6 +271,8 @@ def render(ex: Explanation) -> str:
         f"roles:    {', '.join(ex.roles) or '(none)'} ({ex.roles_source})",
         f"mode:     {ex.mode}",
     ]
+    if ex.payment is not None:
+        lines.append(f"payment:  x402 {ex.payment}")
     if ex.attestation is not None:
         lines.append(f"server:   resource.attestation = {ex.attestation!r}")
     if ex.discoverable is not None:
@@ -259,7 +298,7 @@ def render(ex: Explanation) -> str:
                          f"cost {lim['cost_source']}; {cost}")
             if lim.get("note"):
                 lines.append(f"      {lim['note']}")
-    elif ex.code not in ("bad-arguments", "unknown-agent", "unauthenticated", "unknown-server", "unknown-tool"):
+    elif ex.code not in _BEFORE_LIMITS:
         lines.append("limits: none apply to this call")
     lines += [f"note: {n}" for n in ex.notes]
     return "\n".join(lines) + "\n"

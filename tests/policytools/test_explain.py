@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,9 +39,22 @@ when { resource.category == "payments" && resource.attestation != "nitro" };
 """
 
 
+X402 = """
+[[limits]]
+id = "research-payments"
+kind = "spend"
+per = "agent"
+roles = ["research-agent"]
+servers = ["research"]
+cost = "x402"
+max = "0.10"
+window = "1d"
+"""
+
+
 def ask(bundle: Path, edits: dict[str, str] | None = None, *, agent: str = "refund-bot", roles: list[str] | None = None,
         server: str = "refunds", tool: str = "refund.create", args: object = None, at: datetime = AT,
-        attestation: str | None = None) -> Explanation:
+        attestation: str | None = None, payment: str = "") -> Explanation:
     files = read_bundle_dir(bundle)
     for name, text in (edits or {}).items():
         files[name] = text.encode()
@@ -48,7 +62,7 @@ def ask(bundle: Path, edits: dict[str, str] | None = None, *, agent: str = "refu
     assert v.bundle is not None, [str(f) for f in v.findings]
     return explain(v, agent=agent, roles=roles, server=server, tool=tool,
                    arguments_json=json.dumps({"amount": 100} if args is None else args), at=at,
-                   attestation=attestation)
+                   attestation=attestation, payment=payment)
 
 
 def test_allow_names_the_permit_its_source_and_the_limits_with_costs(bundle: Path) -> None:
@@ -161,6 +175,61 @@ def test_attestation_level(bundle: Path) -> None:
     assert (unproven.code, ex_ids(unproven), unproven.attestation) == ("policy", ["payments-need-nitro"], "none")
     proven = ask(bundle, edits, attestation="nitro")
     assert proven.decision == "allow" and "resource.attestation = 'nitro'" in render(proven)
+
+
+def test_a_server_that_has_not_proven_its_pinned_identity_is_quarantined(bundle: Path) -> None:
+    pcr0 = "ab" * 48
+    entities = (bundle / "entities.toml").read_text().replace(
+        'tools = ["customer_lookup", "transaction_history", "refund.create", "refund.approve_above_threshold"]\n'
+        'identity = { kind = "none" }',
+        'tools = ["customer_lookup", "transaction_history", "refund.create", "refund.approve_above_threshold"]\n'
+        f'identity = {{ kind = "nitro", pcrs = {{ "0" = "{pcr0}" }} }}')
+    edits = {"entities.toml": entities, "policies/attestation.cedar": ATTESTATION}
+    # By default the pinned identity is taken as proven: Cedar sees resource.attestation "nitro".
+    proven = ask(bundle, edits)
+    assert (proven.decision, proven.attestation) == ("allow", "nitro"), proven.reason
+    # Not proven: the enclave quarantines the server before Cedar, and so does explain.
+    for level in ("unverified", "tls"):
+        q = ask(bundle, edits, attestation=level)
+        assert (q.decision, q.code, q.policies, q.considered) == ("deny", "quarantined", [], 0)
+        assert q.reason == (f"server 'refunds' is quarantined: it has not proven its nitro identity "
+                            f"(resource.attestation taken as {level!r})")
+        assert q.enforced and q.attestation == level and q.limits == []
+        assert "decision: DENY  [quarantined]" in render(q) and "limits: none apply" not in render(q)
+    # Quarantine comes after identity and before Cedar, as in the enclave.
+    assert ask(bundle, edits, attestation="unverified", agent="ghost").code == "unknown-agent"
+    assert ask(bundle, edits, attestation="unverified", args={"amount": 6000}).code == "quarantined"
+    # In log-only mode a quarantined call is still refused.
+    log_only = ask(bundle, {**edits, "bundle.toml": '[bundle]\nname = "x"\nmode = "log-only"\n'},
+                   attestation="unverified")
+    assert (log_only.code, log_only.enforced) == ("quarantined", True)
+
+
+def test_x402_payments_are_decided_as_the_enclave_charges_them(bundle: Path) -> None:
+    edits = {"limits.toml": (bundle / "limits.toml").read_text() + X402}
+    research = functools.partial(ask, bundle, agent="research-bot", server="research", tool="web_search",
+                                 args={"query": "q"})
+    # No payment: the call passes while budget remains (the upstream will name its price).
+    unpaid = research(edits)
+    assert unpaid.decision == "allow" and unpaid.payment is None
+    assert [(lim["id"], lim["cost"]) for lim in unpaid.limits] == [("research-payments", "0")]
+    paid = research(edits, payment="0.06")
+    assert paid.decision == "allow" and paid.limits[0]["cost"] == "0.06"
+    assert "payment:  x402 0.06" in render(paid)
+    over = research(edits, payment="0.25")
+    assert (over.decision, over.code) == ("deny", "limit")
+    assert over.reason == ("limit 'research-payments': this call costs 0.25, and its max is 0.10 per 1d: "
+                           "it cannot pass even with an empty window")
+    for bad in ("abc", "-1", "0", "NaN"):
+        refused = research(edits, payment=bad)
+        assert (refused.code, refused.reason) == ("bad-arguments",
+                                                  f"x402 payment amount {bad!r} is not a positive decimal")
+    # Over the cap in log-only mode: logged as a denial, the call goes through.
+    lenient = research({**edits, "bundle.toml": '[bundle]\nname = "x"\nmode = "log-only"\n'}, payment="0.25")
+    assert (lenient.code, lenient.enforced) == ("limit", False)
+    r = cli("explain", "--bundle", str(bundle), "--agent", "research-bot", "--server", "research", "--tool",
+            "web_search", "--args", '{"query": "q"}', "--payment", "abc", "--at", "2026-03-02T10:30:00Z")
+    assert r.returncode == 1 and "decision: DENY  [bad-arguments]" in r.stdout, r.stderr
 
 
 def ex_ids(ex: Explanation) -> list[str]:
