@@ -392,14 +392,14 @@ class EnclaveCore:
             if self._policy is not ps:
                 return None
             d = decide_limits(call, pending, ps.limits)
-            p = d.principal
-            nonce = self._random(16) if d.goes_through else None
-            expiry = call.now_ms + ps.bundle.settings.grant_ttl_s * 1000 if d.goes_through else None
+            p, through = d.principal, d.goes_through
+            nonce = self._random(16) if through else None
+            expiry = call.now_ms + ps.bundle.settings.grant_ttl_s * 1000 if through else None
             entry = _decision_entry(ps, call, d, request_id, nonce, expiry)
             index, (data,) = self._log(seq, [entry])
-            if d.allowed and d.limit_check is not None and p is not None:
+            if not d.code and d.limit_check is not None and p is not None:
                 ps.limits.charge(p.agent, p.roles, call.server, call.tool, d.limit_check.charges, call.now_ms)
-            if d.goes_through and p is not None:
+            if through and p is not None:
                 self._open_decision(index, _OpenDecision(p.agent, p.roles, call.server, call.tool,
                                                          expiry or call.now_ms))
         # The grant and the checkpoint, outside the lock.
@@ -410,7 +410,7 @@ class EnclaveCore:
                                  origin=self.config.origin, issued_ms=call.now_ms, expires_ms=expiry, nonce=nonce)
             grant = encode_grant(claims, self._grant_key.sign, self.grant_public)
         return Verdict(
-            allowed=d.goes_through, code=d.code, reason=entry.reason, policy_ids=d.policy_ids,
+            allowed=through, code=d.code, reason=entry.reason, policy_ids=d.policy_ids,
             log=self._covered(seq, index, (data,)), log_index=index, agent=p.agent if p else "", grant=grant,
             limits=d.limit_check.statuses if d.limit_check else (),
         )

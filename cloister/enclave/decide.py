@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import IntEnum
@@ -80,7 +80,7 @@ class State:
 
 @dataclass
 class Decision:
-    """What `decide` found. Built by the steps below; a value once returned."""
+    """What `decide` found: built by the steps below, each filling in what it found."""
 
     mode: Literal["enforce", "log-only"]
     args_sha256: bytes
@@ -105,7 +105,7 @@ class Decision:
 
     @property
     def goes_through(self) -> bool:
-        return self.allowed or self.log_only
+        return not self.code or (self.mode == "log-only" and self.code in LOG_ONLY_CODES)
 
     @property
     def reason(self) -> str:
@@ -207,18 +207,21 @@ _STEPS = ((Step.ARGUMENTS, _arguments), (Step.IDENTITY, _identity), (Step.SERVER
 
 
 # 6. Limits. Checks, never charges; `LimitBook.check` drops expired charges from its windows, so
-#    the enclave calls this under the sequencer lock.
+#    the enclave calls this under the sequencer lock. Completes `d`, steps 1-5's decision.
 def decide_limits(call: Call, d: Decision, limits: LimitBook) -> Decision:
     p = d.principal
     if d.code or p is None:
         return d
     try:
-        check = limits.check(p.agent, p.roles, call.server, call.tool, d.arguments, call.now_ms, d.payment)
+        d.limit_check = limits.check(p.agent, p.roles, call.server, call.tool, d.arguments, call.now_ms, d.payment)
     except BadCost as exc:
-        return replace(d, code=DenyCode.BAD_ARGUMENTS, denial=str(exc), step=Step.LIMITS)
-    if not check.ok:
-        return replace(d, code=DenyCode.LIMIT, denial=check.reason, step=Step.LIMITS, limit_check=check)
-    return replace(d, limit_check=check)
+        d.deny(DenyCode.BAD_ARGUMENTS, str(exc))
+        d.step = Step.LIMITS
+        return d
+    if not d.limit_check.ok:
+        d.deny(DenyCode.LIMIT, d.limit_check.reason)
+        d.step = Step.LIMITS
+    return d
 
 
 # ---- identity: a token's (the enclave caches it, core._CachedToken), or offline a claimed one --
