@@ -127,8 +127,8 @@ def explain(validation: Validation, *, agent: str, roles: list[str] | None, serv
     bundle = validation.bundle
     assert bundle is not None, "explain needs a bundle that parses"
     spec = bundle.agents.get(agent)
-    granted = sorted(spec.roles) if spec else []
-    chosen = sorted(set(roles)) if roles else granted
+    all_roles = sorted(spec.roles) if spec else []
+    chosen = sorted(set(roles)) if roles else all_roles
     ex = Explanation(agent=agent, roles=chosen, roles_source="--role" if roles else "all roles granted to the agent",
                      server=server, tool=tool, at=at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
                      mode=bundle.settings.mode, payment=payment or None)
@@ -144,7 +144,7 @@ def explain(validation: Validation, *, agent: str, roles: list[str] | None, serv
     if d.allowed or d.step >= Step.QUARANTINE:
         _attestation(ex, bundle.servers[server], servers.levels[server], attestation)
     if d.allowed or d.step >= Step.CEDAR:
-        _cedar_view(ex, validation, engine, d, at)
+        _cedar_view(ex, validation, engine, servers, d, at)
         _limits_view(ex, bundle, d, call.now_ms)
     return _finish(ex)
 
@@ -158,19 +158,20 @@ def _attestation(ex: Explanation, spec: ServerSpec, level: str, asked: str | Non
                         "pass --attestation to try another level")
     elif spec.identity.kind == "none" and level != "none":
         ex.notes.append(f"server {spec.name!r} pins no identity, so the running enclave sees resource.attestation "
-                        f"'none'; evaluated as if it had proven {level!r}")
+                        f"'none'; evaluated with {level!r} instead")
     if spec.pins.get(ex.tool):
         ex.notes.append(f"tool {ex.tool!r} is pinned: taken to match its pin (the enclave quarantines it if the "
                         "definition the upstream lists differs, or has not been reported)")
 
 
-def _cedar_view(ex: Explanation, validation: Validation, engine: PolicyEngine, d: Decision, at: datetime) -> None:
+def _cedar_view(ex: Explanation, validation: Validation, engine: PolicyEngine, servers: OfflineServers, d: Decision,
+                at: datetime) -> None:
     bundle = validation.bundle
     assert bundle is not None and d.principal is not None
     # The running enclave types arguments by the tool's input schema as the upstream lists it
     # (numbers are decimals unless it says integer); offline, that is inputs/<server>___<tool>.json.
     aid = action_id(ex.server, ex.tool)
-    input_schema = input_schemas(validation.files)[0].get(aid)
+    input_schema = servers.input_schema(ex.server, ex.tool)
     if input_schema is None:
         ex.notes.append(f"no inputs/{aid}.json: arguments are typed without the tool's input "
                         "schema (every number is a decimal); the enclave uses the schema the upstream lists")
