@@ -89,6 +89,14 @@ class PolicyRefused(CloisterError):
     """A policy bundle was refused; the bundle in force is untouched."""
 
 
+class PolicyNotNewer(PolicyRefused):
+    """A validly signed bundle whose version is not above the one in force (a replay or rollback).
+
+    Its own type so the gRPC layer answers with its own status (contract.POLICY_NOT_NEWER_STATUS)
+    and the relay never matches message text.
+    """
+
+
 @dataclass(frozen=True)
 class LogAppend:
     first_index: int
@@ -326,7 +334,7 @@ class EnclaveCore:
         with seq.lock:
             current = self._policy
             if current is not None and signed.version <= current.version:
-                raise PolicyRefused(
+                raise PolicyNotNewer(
                     f"bundle version {signed.version} is not above the version in force ({current.version}); "
                     "rollbacks and replays are refused"
                 )

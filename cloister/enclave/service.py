@@ -18,11 +18,10 @@ from typing import Any, Final, TypeVar
 
 import grpc
 
-from cloister.enclave.core import EnclaveCore, LogAppend, NotReady, PolicyRefused, Verdict
+from cloister.enclave.core import EnclaveCore, LogAppend, NotReady, PolicyNotNewer, PolicyRefused, Verdict
 from cloister.enclave.resume import ResumeRefused
 from cloister.enclave.sequencer import Backpressure
-from cloister.verify.bundle import verify_bundle
-from cloister.verify.errors import CloisterError, DecodeError, VerificationError
+from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.jwt import TokenError
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire import enclave_pb2_grpc as pb_grpc
@@ -43,10 +42,6 @@ DENIALS: Final[Mapping[DenyCode, pb.DenyCode]] = {
     DenyCode.NO_PERMIT: pb.DENY_CODE_NO_PERMIT,
     DenyCode.LIMIT: pb.DENY_CODE_LIMIT,
 }
-
-
-class PolicyNotNewer(CloisterError):
-    """A validly signed bundle was refused because a bundle at or above its version is in force."""
 
 
 def _log_append(a: LogAppend) -> pb.LogAppend:
@@ -138,24 +133,10 @@ class EnclaveService(pb_grpc.EnclaveServicer):
     def LoadPolicy(self, request: pb.LoadPolicyRequest, context: grpc.ServicerContext) -> pb.LoadPolicyResponse:
         def run() -> pb.LoadPolicyResponse:
             self.core.sync(request.persisted_size)
-            try:
-                version, digest, a = self.core.load_policy(request.bundle)
-            except PolicyRefused as exc:
-                if self._not_newer(request.bundle):
-                    raise PolicyNotNewer(str(exc)) from exc
-                raise
+            version, digest, a = self.core.load_policy(request.bundle)
             return pb.LoadPolicyResponse(version=version, bundle_sha256=digest, log=_log_append(a))
 
         return _call(context, run)
-
-    def _not_newer(self, data: bytes) -> bool:
-        """Is this a validly signed bundle whose version is not above the one in force?"""
-        try:
-            signed = verify_bundle(data, self.core.config.admin_keys)
-        except (DecodeError, VerificationError):
-            return False
-        health = self.core.health()
-        return bool(health["policy_sha256"]) and signed.version <= int(health["policy_version"])
 
     def SyncLog(self, request: pb.SyncLogRequest, context: grpc.ServicerContext) -> pb.SyncLogResponse:
         return _call(context, lambda: pb.SyncLogResponse(log=_log_append(self.core.sync(request.persisted_size))))
