@@ -124,7 +124,10 @@ def unsigned_files(data: bytes) -> dict[str, bytes]:
     files = body.get("files") if isinstance(body, dict) else None
     if not isinstance(files, dict):
         raise DecodeError("bundle payload has no files")
-    return {str(k): bytes(v) for k, v in files.items()}
+    # Checked, not converted: bytes(v) of an integer would allocate that many zero bytes.
+    if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in files.items()):
+        raise DecodeError("bundle payload 'files' must map names to bytes")
+    return dict(files)
 
 
 def load_admin_key(data: bytes) -> ed25519.Ed25519PublicKey:

@@ -11,7 +11,8 @@ holding the bodies all compute the same bytes from the same JSON value.
   where a JavaScript implementation would round them. Values outside float range are refused.
 
 `parse_json` is the one parser for untrusted JSON text: it refuses duplicate member names,
-NaN/Infinity, excessive size and excessive nesting, with a DecodeError that says where.
+NaN/Infinity, lone surrogates (text that has no UTF-8 form), integers longer than Python reads,
+excessive size and excessive nesting, with a DecodeError that says where.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +29,8 @@ from cloister.verify.errors import DecodeError
 
 MAX_JSON_BYTES = 1 << 20
 MAX_DEPTH = 64
+# A \uD800-\uDFFF escape without its pair decodes to a lone surrogate: not Unicode text, not UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _ESCAPES = {
     0x08: "\\b",
@@ -40,13 +45,24 @@ _ESCAPES = {
 
 def canonical_json(value: Any) -> bytes:
     """The RFC 8785 canonical UTF-8 bytes of a JSON value (dict/list/str/int/float/bool/None)."""
-    if _plain(value):
-        # Without floats or astral-plane member names, json.dumps emits exactly RFC 8785:
-        # same escapes, and code point order equals UTF-16 order inside the BMP.
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    out: list[str] = []
-    _emit(value, out, 0)
-    return "".join(out).encode("utf-8")
+    try:
+        if _plain(value):
+            # Without floats or astral-plane member names, json.dumps emits exactly RFC 8785:
+            # same escapes, and code point order equals UTF-16 order inside the BMP.
+            return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        out: list[str] = []
+        _emit(value, out, 0)
+        return "".join(out).encode("utf-8")
+    except DecodeError:
+        raise
+    except UnicodeEncodeError as exc:
+        raise DecodeError(f"JSON value: {_surrogate_message(exc.object[exc.start])}") from exc
+    except ValueError as exc:  # str() of an integer longer than sys.get_int_max_str_digits()
+        raise DecodeError(f"JSON value has an integer of more than {sys.get_int_max_str_digits()} digits") from exc
+
+
+def _surrogate_message(char: str, holder: str = "a string") -> str:
+    return f"{holder} holds a lone surrogate (U+{ord(char):04X}), which is not Unicode text"
 
 
 def _plain(value: Any) -> bool:
@@ -175,6 +191,8 @@ def parse_json(data: bytes | str, *, what: str = "JSON", max_bytes: int = MAX_JS
         raise DecodeError(f"{what}: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError as exc:
         raise DecodeError(f"{what}: nested too deeply") from exc
+    except ValueError as exc:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise DecodeError(f"{what}: a number has more than {sys.get_int_max_str_digits()} digits") from exc
     _check_depth(value, what)
     return value
 
@@ -184,6 +202,8 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for k, v in pairs:
         if k in out:
             raise DecodeError(f"duplicate member name {k!r}")
+        if (m := _LONE_SURROGATE.search(k)) is not None:
+            raise DecodeError(_surrogate_message(m.group(), "a member name"))
         out[k] = v
     return out
 
@@ -204,3 +224,5 @@ def _check_depth(value: Any, what: str) -> None:
             stack.extend((c, d + 1) for c in v)
         elif isinstance(v, float) and math.isinf(v):
             raise DecodeError(f"{what}: number out of range")
+        elif isinstance(v, str) and (m := _LONE_SURROGATE.search(v)) is not None:
+            raise DecodeError(f"{what}: {_surrogate_message(m.group())}")

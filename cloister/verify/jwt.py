@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,22 @@ def _b64url_decode(part: str, what: str) -> bytes:
         raise DecodeError(f"token {what}: not base64url") from exc
 
 
+def _json(raw: bytes, what: str) -> Any:
+    """JSON text in UTF-8 (RFC 8259 §8.1), or a DecodeError that says what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"{what}: not UTF-8 (byte {exc.start})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DecodeError(f"{what}: not JSON ({exc.msg} at column {exc.colno})") from exc
+    except RecursionError as exc:
+        raise DecodeError(f"{what}: JSON nested too deeply") from exc
+    except ValueError as exc:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise DecodeError(f"{what}: a number has more than {sys.get_int_max_str_digits()} digits") from exc
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -65,10 +82,7 @@ def load_jwks(data: bytes) -> list[tuple[str | None, PublicKey]]:
     Keys for other curves or uses (`use` other than "sig") are skipped; a malformed set or key is
     a DecodeError naming the key.
     """
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"JWK Set is not JSON: {exc}") from exc
+    doc = _json(data, "JWK Set")
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list) or not keys or len(keys) > MAX_JWKS_KEYS:
         raise DecodeError(f"JWK Set needs a 'keys' array of 1 to {MAX_JWKS_KEYS} keys")
@@ -170,10 +184,10 @@ def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
     if len(parts) != 3:
         raise TokenError("malformed", "token is not a JWS compact serialisation (header.payload.signature)")
     try:
-        header = json.loads(_b64url_decode(parts[0], "header"))
-        payload = json.loads(_b64url_decode(parts[1], "payload"))
+        header = _json(_b64url_decode(parts[0], "header"), "token header")
+        payload = _json(_b64url_decode(parts[1], "payload"), "token payload")
         sig = _b64url_decode(parts[2], "signature")
-    except (DecodeError, ValueError) as exc:
+    except DecodeError as exc:
         raise TokenError("malformed", f"token is malformed: {exc}") from exc
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise TokenError("malformed", "token header and payload must be JSON objects")
