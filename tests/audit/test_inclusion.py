@@ -56,7 +56,7 @@ def test_a_grant_from_an_earlier_enclave_is_matched_but_its_signature_left_to_it
 def _regrant(built: TestLog, index: int, **change: object) -> bytes:
     claims = read_grant(built.grants[index])
     fields = {**claims.__dict__, **change}
-    return encode_grant(GrantClaims(**fields), lambda data: b"\x00" * 64, b"\x01" * 32)  # type: ignore[arg-type]
+    return encode_grant(GrantClaims(**fields), lambda data: b"\x00" * 64, b"\x01" * 32)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -67,7 +67,7 @@ def test_the_untouched_copy_verifies(built: TestLog, log_copy: Path, tmp_path: P
 
 # --- Stored objects changed: replay reports each with its path -------------------------------
 
-CASES: list[tuple[str, Callable[[Path], None], list[str]]] = [
+CASES: list[tuple[str, Callable[[Path], object], list[str]]] = [
     ("flip a byte inside entry 5",
      lambda d: _flip(d / B0, _entry_offset((d / B0).read_bytes(), 5) + 3),
      [f"{T0}: 1 of its 256 hashes differ from those recomputed from {B0}: hash 5 (byte offset 160, leaves 5)",
@@ -117,7 +117,7 @@ CASES: list[tuple[str, Callable[[Path], None], list[str]]] = [
 
 @pytest.mark.parametrize(("change", "expect"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_replay_reports_each_change_where_it_is(built: TestLog, log_copy: Path, tmp_path: Path,
-                                                change: Callable[[Path], None], expect: list[str]) -> None:
+                                                change: Callable[[Path], object], expect: list[str]) -> None:
     change(log_copy)
     r = replay(built, log_copy, tmp_path / "state")
     assert r.code == 1, r.out + r.err
@@ -226,7 +226,7 @@ def test_inclusion_past_the_checkpoint_is_refused(built: TestLog, server: LogSer
 # --- The attested checkpoint: document, nonce, note, PCRs ------------------------------------
 
 
-def _reply_hook(edit: Callable[[dict[str, str]], None], built: TestLog) -> Callable[..., tuple[int, bytes] | None]:
+def _reply_hook(edit: Callable[[dict[str, str]], object], built: TestLog) -> Callable[..., tuple[int, bytes] | None]:
     def hook(path: str, query: dict[str, list[str]]) -> tuple[int, bytes] | None:
         if path != "attestation":
             return None
@@ -245,7 +245,7 @@ def _flip_b64(text: str, at: int) -> str:
     return base64.b64encode(bytes(raw)).decode()
 
 
-ATTESTATION_CASES: list[tuple[str, Callable[[dict[str, str]], None], str]] = [
+ATTESTATION_CASES: list[tuple[str, Callable[[dict[str, str]], object], str]] = [
     ("checkpoint size changed", lambda b: b.update(checkpoint=b["checkpoint"].replace("\n", "\n1", 1)),
      "checkpoint-mismatch"),
     ("checkpoint line deleted", lambda b: b.update(checkpoint=b["checkpoint"].split("\n", 1)[1]),
@@ -261,7 +261,7 @@ ATTESTATION_CASES: list[tuple[str, Callable[[dict[str, str]], None], str]] = [
 
 @pytest.mark.parametrize(("edit", "message"), [c[1:] for c in ATTESTATION_CASES], ids=[c[0] for c in ATTESTATION_CASES])
 def test_a_tampered_attestation_reply_is_rejected(built: TestLog, server: LogServer, tmp_path: Path,
-                                                  edit: Callable[[dict[str, str]], None], message: str) -> None:
+                                                  edit: Callable[[dict[str, str]], object], message: str) -> None:
     server.overrides.append(_reply_hook(edit, built))
     r = cli("audit", "checkpoint", "--log", server.url, *trust(built, tmp_path))
     assert r.code == 1, r.err

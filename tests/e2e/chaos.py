@@ -652,7 +652,7 @@ async def run_chaos(stack: ChaosStack, kills: Sequence[Kill], obs: Observed, *, 
     async with anyio.create_task_group() as tg:
         for a in stack.agents:
             make_call = sleep_call if a.startswith(SLEEPY) else echo_call
-            tg.start_soon(lambda a=a, m=make_call: agent_loop(stack.mcp_url, a, stack.token(a), obs, stop, m))
+            tg.start_soon(agent_loop, stack.mcp_url, a, stack.token(a), obs, stop, make_call)
         tg.start_soon(lambda: checkpoint_watcher(stack.url, obs, root, stack.pcr0, stop))
         try:
             await _wait_grants(obs, settle, timeout, "warm-up", stack)

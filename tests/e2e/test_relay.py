@@ -215,7 +215,7 @@ def test_enclave_down_fails_closed_then_recovers_by_resuming_the_log(stack: Stac
 
     def works() -> bool:
         try:
-            return call(stack, stack.token(), "slow___echo", {"text": "after"}).content[0].text == "after"
+            return bool(call(stack, stack.token(), "slow___echo", {"text": "after"}).content[0].text == "after")
         except MCPError:
             return False
 

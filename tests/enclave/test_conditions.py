@@ -128,7 +128,9 @@ def test_x402_payments_are_charged_exactly_and_survive_a_restart(tmp_path: Path)
     unpaid = paid("")
     assert unpaid.allowed  # the upstream will answer -32402 with its price
     first = paid("0.06")
-    assert first.allowed and parse_entry(w.log[first.log_index]).charges == {"research-daily-payments": "0.06"}
+    entry = parse_entry(w.log[first.log_index])
+    assert first.allowed and isinstance(entry, DecisionEntry)
+    assert entry.charges == {"research-daily-payments": "0.06"}
     over = paid("0.05")
     assert not over.allowed and over.code == "limit" and "0.04 remains" in over.reason
     assert paid("0.04").allowed
@@ -152,7 +154,8 @@ def test_fixed_price_per_call(tmp_path: Path) -> None:
                              request_id="", persisted_size=len(w.log))
         w.persist(v.log)
         assert v.allowed, (i, v.reason)
-        assert parse_entry(w.log[v.log_index]).charges == {"research-search-budget": "0.002"}
+        entry = parse_entry(w.log[v.log_index])
+        assert isinstance(entry, DecisionEntry) and entry.charges == {"research-search-budget": "0.002"}
     v = w.core.authorize(token=tok, server="research", tool="web_search", arguments_json=b'{"query": "q"}',
                          request_id="", persisted_size=len(w.log))
     assert not v.allowed and "research-search-budget" in v.reason and "0.000 remains" in v.reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def w(tmp_path: Path) -> World:
     return make_world(tmp_path)
 
 
-def call(w: World, token: str, server: str, tool: str, args: dict[str, object] | bytes):  # type: ignore[no-untyped-def]
+def call(w: World, token: str, server: str, tool: str, args: Mapping[str, object] | bytes):  # type: ignore[no-untyped-def]
     raw = args if isinstance(args, bytes) else json.dumps(args).encode()
     v = w.core.authorize(token=token, server=server, tool=tool, arguments_json=raw, request_id="t",
                          persisted_size=len(w.log))

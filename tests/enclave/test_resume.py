@@ -91,15 +91,15 @@ def test_resume_refuses_short_history_for_limits(w: World) -> None:
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
-        (lambda w, m: m.update(entries=[*m["entries"][:-1], m["entries"][-1][:-1] + b"\x00"]),  # type: ignore[index]
+        (lambda w, m: m.update(entries=[*m["entries"][:-1], m["entries"][-1][:-1] + b"\x00"]),
          "do not hash to the checkpoint"),
-        (lambda w, m: m.update(entries=m["entries"][:-1]), "entries != checkpoint size"),  # type: ignore[index]
+        (lambda w, m: m.update(entries=m["entries"][:-1]), "entries != checkpoint size"),
         (lambda w, m: m.update(checkpoint=w.checkpoints[-1].replace(b"cloister.test/log\n", b"other/log\n", 1)),
          "signature|origin|known key"),
         (lambda w, m: m.update(key_entry_index=1), "inclusion|proof|root"),
         (lambda w, m: m.update(key_entry=w.log[1]), "is a PolicyEntry"),
         (lambda w, m: m.update(checkpoint=w.checkpoints[1]), "inclusion proof too long"),  # an older checkpoint
-        (lambda w, m: m.update(range_size=5, entries=m["entries"][5:]), "popcount|hashes"),  # type: ignore[index]
+        (lambda w, m: m.update(range_size=5, entries=m["entries"][5:]), "popcount|hashes"),
     ],
 )
 def test_resume_refuses_storage_that_does_not_prove_out(w: World, tamper, message: str) -> None:  # type: ignore[no-untyped-def]

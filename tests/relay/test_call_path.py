@@ -13,7 +13,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import mcp_types as types
@@ -74,7 +74,8 @@ class Rig:
 
     async def call(self, token: str, name: str, arguments: dict[str, Any],
                    meta: dict[str, Any] | None = None) -> types.CallToolResult:
-        params = types.CallToolRequestParams(name=name, arguments=arguments, _meta=meta)
+        params = types.CallToolRequestParams(name=name, arguments=arguments,
+                                             _meta=cast("types.RequestParamsMeta | None", meta))
         return await self.calls.call(token, params)
 
     async def entry(self, index: int) -> Any:

@@ -54,6 +54,7 @@ def load(name: str) -> bytes:
 def reason_of(call: Callable[[], object]) -> str:
     with pytest.raises((MalformedAttestation, AttestationError)) as info:
         call()
+    assert isinstance(info.value, (MalformedAttestation, AttestationError))
     reason: str = info.value.reason
     return reason
 
@@ -433,7 +434,7 @@ class _Spec:
     cert_sign: bool = True
     digital_signature: bool = True
     curve: ec.EllipticCurve = dataclasses.field(default_factory=ec.SECP384R1)
-    hash_alg: hashes.HashAlgorithm = dataclasses.field(default_factory=hashes.SHA384)
+    hash_alg: hashes.SHA256 | hashes.SHA384 | hashes.SHA512 = dataclasses.field(default_factory=hashes.SHA384)
     extra_critical: bool = False
     signed_by_stranger: bool = False
 

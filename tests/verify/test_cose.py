@@ -71,9 +71,9 @@ def test_independent_producer_pycose() -> None:
     """
     from pycose.algorithms import EdDSA
     from pycose.headers import Algorithm
-    from pycose.keys import OKPKey
     from pycose.keys.curves import Ed25519
-    from pycose.messages import Sign1Message
+    from pycose.keys.okp import OKPKey
+    from pycose.messages.sign1message import Sign1Message
 
     cose_key = OKPKey.generate_key(crv=Ed25519)
     msg = Sign1Message(phdr={Algorithm: EdDSA}, payload=b"from pycose")
