@@ -9,7 +9,7 @@ below (or the pinned libraries in `eif/requirements-enclave.txt`, or the base im
 - tests/test_tcb.py lays the image out from this list and imports the enclave from it alone:
   it must import nothing outside the list but `TCB_DISTRIBUTIONS`, and every listed module
   must be imported (nothing ships that the enclave never runs).
-- The README's image size is `python -m cloister.tcb` (lines of code per path).
+- The README's image size is `python -m cloister.tcb` (lines per path; tests/test_tcb.py checks it).
 
 Paths are relative to the repository root (and to site-packages in an installed wheel).
 A path ending in "/" is a whole package: every .py file below it.
@@ -68,33 +68,42 @@ def tcb_files(root: Path | None = None) -> list[Path]:
     for entry in TCB_PATHS:
         path = root / entry
         if entry.endswith("/"):
-            files.update(p for p in path.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES
-                         and "__pycache__" not in p.parts)
+            files.update(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix in SOURCE_SUFFIXES and "__pycache__" not in p.parts
+            )
         else:
             files.add(path)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def code_lines(root: Path | None = None) -> dict[str, int]:
-    """Non-blank, non-comment lines of each TCB Python file (what the README reports)."""
+def line_counts(root: Path | None = None) -> dict[str, tuple[int, int]]:
+    """Per TCB Python file: (all lines, lines of code: non-blank, not a comment)."""
     root = root or source_root()
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, int]] = {}
     for path in tcb_files(root):
         if path.suffix == ".py":
             lines = path.read_text().splitlines()
-            out[path.relative_to(root).as_posix()] = sum(
-                1 for line in lines if line.strip() and not line.strip().startswith("#"))
+            code = sum(1 for line in lines if line.strip() and not line.strip().startswith("#"))
+            out[path.relative_to(root).as_posix()] = (len(lines), code)
     return out
 
 
+def hand_written_lines(root: Path | None = None) -> tuple[int, int]:
+    """(all lines, lines of code) of the TCB's Python written by hand (not the gRPC stubs)."""
+    counts = [v for k, v in line_counts(root).items() if "_pb2" not in k]
+    return sum(v[0] for v in counts), sum(v[1] for v in counts)
+
+
 def main() -> int:
-    counts = code_lines()
-    generated = {k: v for k, v in counts.items() if "_pb2" in k}
-    for path, n in counts.items():
-        print(f"{n:6d}  {path}")
-    total = sum(counts.values())
-    print(f"{total:6d}  total ({total - sum(generated.values())} written by hand, "
-          f"{sum(generated.values())} generated gRPC stubs)")
+    counts = line_counts()
+    print("  lines    code  file")
+    for path, (lines, code) in counts.items():
+        print(f"{lines:7d} {code:7d}  {path}")
+    lines, code = hand_written_lines()
+    total = sum(v[0] for v in counts.values())
+    print(f"{lines:7d} {code:7d}  written by hand ({total - lines} more lines are generated gRPC stubs)")
     return 0
 
 

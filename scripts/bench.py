@@ -25,7 +25,8 @@ from typing import Any
 import anyio
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
+
+from cloister.dev.mcp_http import mcp_http_client
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,12 +43,13 @@ def fmt_ms(seconds: float) -> str:
 
 # ---- 1. end to end -------------------------------------------------------------------------------
 
+
 async def run_calls(url: str, token: str | None, agents: int, calls: int, warmup: int) -> tuple[list[float], float]:
     latencies: list[float] = []
 
     async def agent(n: int) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        http = create_mcp_http_client(headers=headers)
+        http = mcp_http_client(headers=headers)
         async with Client(streamable_http_client(url, http_client=http), cache=None) as c:
             tool = "refunds___customer_lookup" if token else "customer_lookup"
             for _ in range(warmup):
@@ -110,11 +112,15 @@ def bench_end_to_end(work: Path, quick: bool) -> dict[str, Any]:
     copy_example_bundle(bundle)
     (bundle / "limits.toml").write_text("# no limits: the benchmark measures the decision path itself\n")
     state = work / "state"
-    up = start([sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0", "--bundle",
-                str(bundle)], work / "up.log")
+    up = start(
+        [sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0", "--bundle", str(bundle)],
+        work / "up.log",
+    )
     direct_port = free_port()
-    direct = start([sys.executable, "-m", "cloister.dev.examples.refunds", "--port", str(direct_port),
-                    "--unsafe-no-grants"], work / "direct.log")
+    direct = start(
+        [sys.executable, "-m", "cloister.dev.examples.refunds", "--port", str(direct_port), "--unsafe-no-grants"],
+        work / "direct.log",
+    )
     try:
         deadline = time.monotonic() + 120
         while not (state / "up.json").exists():
@@ -130,8 +136,12 @@ def bench_end_to_end(work: Path, quick: bool) -> dict[str, Any]:
         for label, agents, calls in (("1 agent", 1, calls1), ("16 agents", 16, calls16)):
             for path, url, tok in (("direct", direct_url, None), ("governed", info["mcp_url"], token)):
                 lat, elapsed = anyio.run(run_calls, url, tok, agents, calls, warm)
-                results[(label, path)] = {"p50": pct(lat, 50), "p99": pct(lat, 99), "rps": len(lat) / elapsed,
-                                          "n": len(lat)}
+                results[(label, path)] = {
+                    "p50": pct(lat, 50),
+                    "p99": pct(lat, 99),
+                    "rps": len(lat) / elapsed,
+                    "n": len(lat),
+                }
         return results
     finally:
         stop(up)
@@ -139,6 +149,7 @@ def bench_end_to_end(work: Path, quick: bool) -> dict[str, Any]:
 
 
 # ---- 2. inside the enclave --------------------------------------------------------------------
+
 
 def synthetic_bundle(src: Path, dst: Path, policies: int, agents: int) -> None:
     from cloister.dev.state import copy_example_bundle
@@ -150,26 +161,33 @@ def synthetic_bundle(src: Path, dst: Path, policies: int, agents: int) -> None:
     (dst / "policies" / "guards.cedar").unlink()
     (dst / "limits.toml").write_text(
         '[[limits]]\nid = "refund-cap"\nkind = "spend"\nper = "agent"\ntools = ["refunds___refund.create"]\n'
-        'cost = "argument:amount"\nmax = "1000000000"\nwindow = "1h"\n')
+        'cost = "argument:amount"\nmax = "1000000000"\nwindow = "1h"\n'
+    )
     tools = [f"tool_{i}" for i in range(max(1, policies // 2))]
-    roles = "\n".join(f'r{i} = {{}}' for i in range(50))
-    agent_lines = "\n".join(f'[agents.agent-{i}]\nroles = ["r{i % 50}", "refund-agent"]\nregion = "eu"'
-                            for i in range(agents))
+    roles = "\n".join(f"r{i} = {{}}" for i in range(50))
+    agent_lines = "\n".join(
+        f'[agents.agent-{i}]\nroles = ["r{i % 50}", "refund-agent"]\nregion = "eu"' for i in range(agents)
+    )
     (dst / "entities.toml").write_text(
         f"[roles]\nrefund-agent = {{}}\nresearch-agent = {{}}\nrefund-supervisor = {{}}\n{roles}\n\n"
-        f"[agents.refund-bot]\nroles = [\"refund-agent\"]\nregion = \"eu\"\n\n{agent_lines}\n\n"
-        "[servers.refunds]\nregion = \"eu\"\ncategory = \"payments\"\n"
+        f'[agents.refund-bot]\nroles = ["refund-agent"]\nregion = "eu"\n\n{agent_lines}\n\n'
+        '[servers.refunds]\nregion = "eu"\ncategory = "payments"\n'
         'tools = ["customer_lookup", "transaction_history", "refund.create", "refund.approve_above_threshold"]\n\n'
-        "[servers.bulk]\nregion = \"us\"\ntools = [" + ", ".join(f'"{t}"' for t in tools) + "]\n")
+        '[servers.bulk]\nregion = "us"\ntools = [' + ", ".join(f'"{t}"' for t in tools) + "]\n"
+    )
     extra = []
     for i in range(policies - 4):
         t = tools[i % len(tools)]
         if i % 2:
-            extra.append(f'@id("p{i}")\npermit (principal in Cloister::Role::"r{i % 50}", '
-                         f'action == Cloister::Action::"bulk___{t}", resource) when {{ context.input.n < {i} }};')
+            extra.append(
+                f'@id("p{i}")\npermit (principal in Cloister::Role::"r{i % 50}", '
+                f'action == Cloister::Action::"bulk___{t}", resource) when {{ context.input.n < {i} }};'
+            )
         else:
-            extra.append(f'@id("p{i}")\nforbid (principal, action == Cloister::Action::"bulk___{t}", resource) '
-                         f'when {{ context.input.n == {i} }};')
+            extra.append(
+                f'@id("p{i}")\nforbid (principal, action == Cloister::Action::"bulk___{t}", resource) '
+                f"when {{ context.input.n == {i} }};"
+            )
     (dst / "policies" / "bulk.cedar").write_text("\n".join(extra) + "\n")
 
 
@@ -191,43 +209,78 @@ def bench_enclave(work: Path, quick: bool) -> list[dict[str, Any]]:
     admin = ed25519.Ed25519PrivateKey.generate()
     MockNsm(work / "mock-nsm", {}).root_pem()
     cfg = work / "enclave.toml"
-    cfg.write_text(f'origin = "bench/log"\nadmin_keys = ["'
-                   f'{admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()}"]\n'
-                   'trust_root = "mock:mock-nsm/root.pem"\n')
+    cfg.write_text(
+        f'origin = "bench/log"\nadmin_keys = ["'
+        f'{admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()}"]\n'
+        'trust_root = "mock:mock-nsm/root.pem"\n'
+    )
     sizes = (10, 100, 1000, 10_000)
     for n_policies in sizes:
         d = work / f"bundle-{n_policies}"
         synthetic_bundle(example_bundle_dir(), d, n_policies, 10_000)
         (d / "issuers").mkdir(exist_ok=True)
         (d / "issuers" / "cloister-dev.pem").write_bytes(
-            issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+            issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        )
         config = load_config(cfg)
         pcrs = mock_pcrs(config.raw)
-        core = EnclaveCore(config, MockNsm(work / "mock-nsm", pcrs), pcrs=pcrs,
-                           clock_ms=lambda: time.time_ns() // 1_000_000, mock_nsm=True)
+        core = EnclaveCore(
+            config,
+            MockNsm(work / "mock-nsm", pcrs),
+            pcrs=pcrs,
+            clock_ms=lambda: time.time_ns() // 1_000_000,
+            mock_nsm=True,
+        )
         core.start_new_log()
         t0 = time.perf_counter()
         core.load_policy(sign_bundle(read_bundle_dir(d), 1, admin))
         load_s = time.perf_counter() - t0
         now = int(time.time())
-        tokens = [encode_jwt({"iss": "cloister-dev", "aud": "cloister", "sub": f"agent-{i}",
-                              "roles": [f"r{i % 50}", "refund-agent"], "iat": now, "exp": now + 3600}, issuer)
-                  for i in range(200)]
-        cases = [("refunds", "refund.create", b'{"customer_id": "c", "amount": 10}'),
-                 ("bulk", "tool_1", b'{"n": 5}'), ("refunds", "customer_lookup", b'{"customer_id": "c"}')]
+        tokens = [
+            encode_jwt(
+                {
+                    "iss": "cloister-dev",
+                    "aud": "cloister",
+                    "sub": f"agent-{i}",
+                    "roles": [f"r{i % 50}", "refund-agent"],
+                    "iat": now,
+                    "exp": now + 3600,
+                },
+                issuer,
+            )
+            for i in range(200)
+        ]
+        cases = [
+            ("refunds", "refund.create", b'{"customer_id": "c", "amount": 10}'),
+            ("bulk", "tool_1", b'{"n": 5}'),
+            ("refunds", "customer_lookup", b'{"customer_id": "c"}'),
+        ]
         n_calls = 2000 if quick else 6000
         lat = []
         for i in range(n_calls + 300):
             server, tool, args = cases[i % 3]
             t0 = time.perf_counter()
-            core.authorize(token=tokens[i % 200], server=server, tool=tool, arguments_json=args, request_id="",
-                           persisted_size=core.sequencer.size if core.sequencer else 0)
+            core.authorize(
+                token=tokens[i % 200],
+                server=server,
+                tool=tool,
+                arguments_json=args,
+                request_id="",
+                persisted_size=core.sequencer.size if core.sequencer else 0,
+            )
             if i >= 300:  # the first calls warm the token cache and policy slices
                 lat.append(time.perf_counter() - t0)
         assert core.policy is not None
-        rows.append({"policies": n_policies, "agents": 10_000, "p50_us": pct(lat, 50) * 1e6,
-                     "p99_us": pct(lat, 99) * 1e6, "load_s": load_s,
-                     "slice": core.policy.engine.slice_size("bulk", "tool_1")})
+        rows.append(
+            {
+                "policies": n_policies,
+                "agents": 10_000,
+                "p50_us": pct(lat, 50) * 1e6,
+                "p99_us": pct(lat, 99) * 1e6,
+                "load_s": load_s,
+                "slice": core.policy.engine.slice_size("bulk", "tool_1"),
+            }
+        )
     return rows
 
 
@@ -246,8 +299,12 @@ def bench_log(quick: bool) -> dict[str, float]:
     from cloister.verify.note import Ed25519NoteSigner
 
     out: dict[str, float] = {}
-    seq = Sequencer("bench/log", Ed25519NoteSigner("bench/log", ed25519.Ed25519PrivateKey.generate()),
-                    max_pending=10**9, max_pending_bytes=1 << 40)
+    seq = Sequencer(
+        "bench/log",
+        Ed25519NoteSigner("bench/log", ed25519.Ed25519PrivateKey.generate()),
+        max_pending=10**9,
+        max_pending_bytes=1 << 40,
+    )
     entry = b"\xa1" + b"x" * 200
     n = 100_000 if quick else 300_000
     t0 = time.perf_counter()
@@ -300,8 +357,10 @@ def main() -> int:
     p.add_argument("--skip-e2e", action="store_true")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cloister-bench-"))
-    print(f"Cloister benchmark ({'quick' if args.quick else 'full'}); machine: {os.cpu_count()} CPUs; "
-          f"work dir {work}\n", flush=True)
+    print(
+        f"Cloister benchmark ({'quick' if args.quick else 'full'}); machine: {os.cpu_count()} CPUs; work dir {work}\n",
+        flush=True,
+    )
     if not args.skip_e2e:
         (work / "e2e").mkdir()
         r = bench_end_to_end(work / "e2e", args.quick)
@@ -313,27 +372,41 @@ def main() -> int:
                 print(f"  {label:10} {path:9} {fmt_ms(x['p50'])} {fmt_ms(x['p99'])} {x['rps']:9.0f}")
         d1, g1 = r[("1 agent", "direct")], r[("1 agent", "governed")]
         d16, g16 = r[("16 agents", "direct")], r[("16 agents", "governed")]
-        print(f"\n  added latency, 1 agent:  p50 {fmt_ms(g1['p50'] - d1['p50'])} (target <= 1 ms), "
-              f"p99 {fmt_ms(g1['p99'] - d1['p99'])} (target <= 3 ms)")
-        print(f"  throughput, 16 agents:   governed/direct = {g16['rps'] / d16['rps']:.0%} (target >= 80%)\n",
-              flush=True)
+        print(
+            f"\n  added latency, 1 agent:  p50 {fmt_ms(g1['p50'] - d1['p50'])} (target <= 1 ms), "
+            f"p99 {fmt_ms(g1['p99'] - d1['p99'])} (target <= 3 ms)"
+        )
+        print(
+            f"  throughput, 16 agents:   governed/direct = {g16['rps'] / d16['rps']:.0%} (target >= 80%)\n", flush=True
+        )
     rows = bench_enclave(work, args.quick)
     print("Inside the enclave: decide + limits + append + sign (grant and checkpoint), 10,000 agents:")
     print(f"  {'policies':>8} {'slice':>6} {'p50':>9} {'p99':>9} {'bundle load':>12}")
     for row in rows:
-        print(f"  {row['policies']:8} {row['slice']:6} {row['p50_us']:7.0f} us {row['p99_us']:7.0f} us "
-              f"{row['load_s']:10.2f} s")
+        print(
+            f"  {row['policies']:8} {row['slice']:6} {row['p50_us']:7.0f} us {row['p99_us']:7.0f} us "
+            f"{row['load_s']:10.2f} s"
+        )
     print("  (target: p99 <= 100 us at 10,000 policies; 'slice' = policies evaluated for one tool)\n", flush=True)
     log = bench_log(args.quick)
     print("Log:")
     print(f"  sequencer: {log['sequencer_entries_per_s']:,.0f} entries/s (target >= 20,000)")
-    print(f"  inclusion proof at 10M entries: p99 {log['inclusion_proof_10M_p99_ms']:.3f} ms to generate, "
-          f"{log['inclusion_generate_and_verify_10M_p99_ms']:.3f} ms to generate and verify (target <= 1 ms)")
+    print(
+        f"  inclusion proof at 10M entries: p99 {log['inclusion_proof_10M_p99_ms']:.3f} ms to generate, "
+        f"{log['inclusion_generate_and_verify_10M_p99_ms']:.3f} ms to generate and verify (target <= 1 ms)"
+    )
     entries = 200_000 if args.quick else 1_000_000
-    print(f"\nReplay verification ({entries:,} entries; `cloister audit replay`, target >= 500,000 entries/s):",
-          flush=True)
-    out = subprocess.run([sys.executable, "-m", "tests.audit.bench_replay", "--entries", str(entries), "--dir",
-                          str(work / "replay")], cwd=ROOT, capture_output=True, text=True, check=False)
+    print(
+        f"\nReplay verification ({entries:,} entries; `cloister audit replay`, target >= 500,000 entries/s):",
+        flush=True,
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.audit.bench_replay", "--entries", str(entries), "--dir", str(work / "replay")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     for line in (out.stdout + out.stderr).splitlines():
         print(f"  {line}")
     shutil.rmtree(work, ignore_errors=True)

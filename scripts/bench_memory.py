@@ -97,7 +97,8 @@ def build_core(work: Path, clock: Clock) -> tuple[EnclaveCore, list[str]]:
     (bundle / "bundle.toml").write_text('[bundle]\nname = "bench-memory"\nmode = "enforce"\n')
     (bundle / "issuers.toml").write_text(
         '[issuers.cloister-dev]\nissuer = "cloister-dev"\naudience = "cloister"\n'
-        'keys = ["issuers/cloister-dev.pem"]\nroles_claim = "roles"\nmax_lifetime_s = 86400\n')
+        'keys = ["issuers/cloister-dev.pem"]\nroles_claim = "roles"\nmax_lifetime_s = 86400\n'
+    )
     entities = "[roles]\nbench = {}\n"
     entities += "".join(f'\n[agents.bench-{i}]\nroles = ["bench"]\nregion = "eu"\n' for i in range(AGENTS))
     entities += '\n[servers.bench]\nregion = "eu"\ntools = ["echo", "pay"]\n'
@@ -105,28 +106,45 @@ def build_core(work: Path, clock: Clock) -> tuple[EnclaveCore, list[str]]:
     (bundle / "policies" / "bench.cedar").write_text(
         '@id("bench")\npermit (principal in Cloister::Role::"bench", action, resource == Cloister::Server::"bench");\n'
         '@id("bench-no-deny")\nforbid (principal, action, resource) when '
-        '{ context.input has text && context.input.text like "deny*" };\n')
+        '{ context.input has text && context.input.text like "deny*" };\n'
+    )
     (bundle / "limits.toml").write_text(
         '[[limits]]\nid = "bench-rate"\nkind = "rate"\nper = "agent"\nroles = ["bench"]\nmax = "100000"\n'
         'window = "10m"\n'
         '\n[[limits]]\nid = "bench-spend"\nkind = "spend"\nper = "agent"\nroles = ["bench"]\n'
-        'tools = ["bench___pay"]\ncost = "argument:amount"\nmax = "1000000000"\nwindow = "30m"\n')
+        'tools = ["bench___pay"]\ncost = "argument:amount"\nmax = "1000000000"\nwindow = "30m"\n'
+    )
     (bundle / "issuers").mkdir(exist_ok=True)
     (bundle / "issuers" / "cloister-dev.pem").write_bytes(
-        issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+        issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
     MockNsm(work / "mock-nsm", {}).root_pem()
     cfg = work / "enclave.toml"
-    cfg.write_text(f'origin = "bench/memory"\nadmin_keys = ["'
-                   f'{admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()}"]\n'
-                   'trust_root = "mock:mock-nsm/root.pem"\n')
+    cfg.write_text(
+        f'origin = "bench/memory"\nadmin_keys = ["'
+        f'{admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()}"]\n'
+        'trust_root = "mock:mock-nsm/root.pem"\n'
+    )
     config = load_config(cfg)
     pcrs = mock_pcrs(config.raw)
     core = EnclaveCore(config, MockNsm(work / "mock-nsm", pcrs), pcrs=pcrs, clock_ms=clock, mock_nsm=True)
     core.start_new_log()
     core.load_policy(sign_bundle(read_bundle_dir(bundle), 1, admin))
     now = clock.ms // 1000
-    tokens = [encode_jwt({"iss": "cloister-dev", "aud": "cloister", "sub": f"bench-{i % AGENTS}", "roles": ["bench"],
-                          "iat": now + i // AGENTS, "exp": now + 86_000}, issuer) for i in range(TOKENS)]
+    tokens = [
+        encode_jwt(
+            {
+                "iss": "cloister-dev",
+                "aud": "cloister",
+                "sub": f"bench-{i % AGENTS}",
+                "roles": ["bench"],
+                "iat": now + i // AGENTS,
+                "exp": now + 86_000,
+            },
+            issuer,
+        )
+        for i in range(TOKENS)
+    ]
     return core, tokens
 
 
@@ -158,9 +176,16 @@ def sample(core: EnclaveCore, t0: float, traced: bool) -> Sample:
     # Introspection of the structures that could grow with the log (private, read only).
     windows = core.policy.limits._windows
     return Sample(
-        entries=seq.size, seconds=time.perf_counter() - t0, rss_mib=rss / 2**20, heap_mib=heap, heap_peak_mib=peak,
-        pending=len(seq._pending), pending_kib=seq._pending_bytes / 1024, compact_range=len(seq.tree().hashes),
-        open_decisions=len(core._open), tokens_cached=len(core.policy.tokens),
+        entries=seq.size,
+        seconds=time.perf_counter() - t0,
+        rss_mib=rss / 2**20,
+        heap_mib=heap,
+        heap_peak_mib=peak,
+        pending=len(seq._pending),
+        pending_kib=seq._pending_bytes / 1024,
+        compact_range=len(seq.tree().hashes),
+        open_decisions=len(core._open),
+        tokens_cached=len(core.policy.tokens),
         limit_events=sum(len(w.events) for w in windows.values()),
     )
 
@@ -175,15 +200,30 @@ class Filler:
     MARK = bytes(range(1, 33))
 
     def __init__(self, clock: Clock) -> None:
-        self.template = encode_entry(DecisionEntry(
-            time_ms=clock.ms, agent="bench-1", roles=("bench",), issuer="cloister-dev", server="bench",
-            tool="echo", args_sha256=self.MARK, decision="allow", code="", reason="permitted by bench",
-            policies=("bench",), policy_sha256=bytes(32), policy_version=1, request_id="0" * 32,
-            grant_nonce=bytes(16), grant_expiry_ms=clock.ms + 60_000))
+        self.template = encode_entry(
+            DecisionEntry(
+                time_ms=clock.ms,
+                agent="bench-1",
+                roles=("bench",),
+                issuer="cloister-dev",
+                server="bench",
+                tool="echo",
+                args_sha256=self.MARK,
+                decision="allow",
+                code="",
+                reason="permitted by bench",
+                policies=("bench",),
+                policy_sha256=bytes(32),
+                policy_version=1,
+                request_id="0" * 32,
+                grant_nonce=bytes(16),
+                grant_expiry_ms=clock.ms + 60_000,
+            )
+        )
         self.at = self.template.index(self.MARK)
 
     def __call__(self, i: int) -> bytes:
-        return self.template[:self.at] + i.to_bytes(32, "big") + self.template[self.at + 32:]
+        return self.template[: self.at] + i.to_bytes(32, "big") + self.template[self.at + 32 :]
 
 
 def run(entries: int, authorize: int, traced: bool) -> list[Sample]:
@@ -215,12 +255,24 @@ def run(entries: int, authorize: int, traced: bool) -> list[Sample]:
             args, tool = {"amount": 1 + i % 7}, "pay"
         else:
             args, tool = {"text": f"hello {i}"}, "echo"
-        verdict = core.authorize(token=token, server="bench", tool=tool, arguments_json=json.dumps(args).encode(),
-                                 request_id=f"{i:x}", persisted_size=persisted)
+        verdict = core.authorize(
+            token=token,
+            server="bench",
+            tool=tool,
+            arguments_json=json.dumps(args).encode(),
+            request_id=f"{i:x}",
+            persisted_size=persisted,
+        )
         decisions += 1
         if verdict.allowed and i % 10 != 3:
-            core.record_outcome(decision_index=verdict.log_index, result_sha256=bytes(32), error="", duration_us=100,
-                                paid_amount="", persisted_size=persisted)
+            core.record_outcome(
+                decision_index=verdict.log_index,
+                result_sha256=bytes(32),
+                error="",
+                duration_us=100,
+                paid_amount="",
+                persisted_size=persisted,
+            )
 
     # Warm-up: fill the token cache, build the policy slices, fill the limit and outcome windows.
     for _ in range(min(authorize, WARM_UP_MS // STEP_MS)):
@@ -231,8 +283,11 @@ def run(entries: int, authorize: int, traced: bool) -> list[Sample]:
     t0 = time.perf_counter()
     base = seq.size
     samples = [sample(core, t0, traced)]
-    print(f"warm-up: {decisions} decisions; sampling at {', '.join(f'{m:,}' for m in MARKS[1:] if m <= entries)} "
-          f"entries (plus the {base:,} of warm-up)", flush=True)
+    print(
+        f"warm-up: {decisions} decisions; sampling at {', '.join(f'{m:,}' for m in MARKS[1:] if m <= entries)} "
+        f"entries (plus the {base:,} of warm-up)",
+        flush=True,
+    )
     warm_calls = calls
     filler = Filler(clock)
     rest = authorize - warm_calls
@@ -285,28 +340,38 @@ def main(argv: list[str] | None = None) -> int:
     samples = run(args.entries, args.authorize, traced)
     base = samples[0].entries
     print()
-    head = (f"{'entries':>10} {'time s':>7} {'RSS MiB':>8} {'heap MiB':>9} {'peak MiB':>9} {'pending':>8} "
-            f"{'pend KiB':>8} {'range':>6} {'open dec':>9} {'tokens':>7} {'lim ev':>7}")
+    head = (
+        f"{'entries':>10} {'time s':>7} {'RSS MiB':>8} {'heap MiB':>9} {'peak MiB':>9} {'pending':>8} "
+        f"{'pend KiB':>8} {'range':>6} {'open dec':>9} {'tokens':>7} {'lim ev':>7}"
+    )
     print(head)
     print("-" * len(head))
     for s in samples:
         heap = f"{s.heap_mib:9.1f} {s.heap_peak_mib:9.1f}" if s.heap_mib is not None else f"{'-':>9} {'-':>9}"
-        print(f"{s.entries - base:>10,} {s.seconds:7.1f} {s.rss_mib:8.1f} {heap} {s.pending:>8,} {s.pending_kib:8.0f} "
-              f"{s.compact_range:>6} {s.open_decisions:>9,} {s.tokens_cached:>7,} {s.limit_events:>7,}")
+        print(
+            f"{s.entries - base:>10,} {s.seconds:7.1f} {s.rss_mib:8.1f} {heap} {s.pending:>8,} {s.pending_kib:8.0f} "
+            f"{s.compact_range:>6} {s.open_decisions:>9,} {s.tokens_cached:>7,} {s.limit_events:>7,}"
+        )
     first, last = samples[0], samples[-1]
     n = max(1, last.entries - first.entries)
     print()
     print(f"log size at the end: {last.entries:,} entries (compact range: {last.compact_range} hashes)")
-    print(f"RSS: {first.rss_mib:.1f} MiB after warm-up, {last.rss_mib:.1f} MiB after {n:,} more entries: "
-          f"{last.rss_mib - first.rss_mib:+.1f} MiB ({(last.rss_mib - first.rss_mib) * 2**20 / n:.2f} bytes/entry)")
+    print(
+        f"RSS: {first.rss_mib:.1f} MiB after warm-up, {last.rss_mib:.1f} MiB after {n:,} more entries: "
+        f"{last.rss_mib - first.rss_mib:+.1f} MiB ({(last.rss_mib - first.rss_mib) * 2**20 / n:.2f} bytes/entry)"
+    )
     if last.heap_mib is not None and first.heap_mib is not None:
-        print(f"Python heap (tracemalloc): {first.heap_mib:.1f} -> {last.heap_mib:.1f} MiB "
-              f"({last.heap_mib - first.heap_mib:+.1f} MiB, {(last.heap_mib - first.heap_mib) * 2**20 / n:.2f} "
-              "bytes/entry)")
+        print(
+            f"Python heap (tracemalloc): {first.heap_mib:.1f} -> {last.heap_mib:.1f} MiB "
+            f"({last.heap_mib - first.heap_mib:+.1f} MiB, {(last.heap_mib - first.heap_mib) * 2**20 / n:.2f} "
+            "bytes/entry)"
+        )
     print(f"max RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MiB")
     capped = backpressure_check()
-    print(f"with no confirmations from the parent, the sequencer refuses the entry after {capped:,} pending "
-          f"(MAX_PENDING_ENTRIES = {MAX_PENDING_ENTRIES:,}): the buffer is bounded either way")
+    print(
+        f"with no confirmations from the parent, the sequencer refuses the entry after {capped:,} pending "
+        f"(MAX_PENDING_ENTRIES = {MAX_PENDING_ENTRIES:,}): the buffer is bounded either way"
+    )
     return 0
 
 

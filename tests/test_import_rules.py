@@ -22,8 +22,14 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
 def run_lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tree, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"}, timeout=120)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +46,24 @@ def test_the_real_tree_keeps_every_contract(copy_of_tree: Path) -> None:
     assert "0 broken" in out.stdout
 
 
-@pytest.mark.parametrize(("module", "planted", "contract"), [
-    ("cloister/enclave/planted.py", "import cloister.relay.relay", "The enclave (TCB) imports nothing untrusted"),
-    ("cloister/enclave/planted.py", "import cloister.dev.mock_nsm", "The enclave (TCB) imports nothing untrusted"),
-    ("cloister/wire/planted.py", "import mcp", "The enclave (TCB) imports nothing untrusted"),
-    ("cloister/verify/planted.py", "import grpc", "The verification library imports neither grpc nor mcp"),
-    ("cloister/relay/planted.py", "import cloister.enclave.core", "The relay uses the enclave only through the wire"),
-    ("cloister/audit/planted.py", "import cloister.wire.enclave_pb2", "Auditors and upstreams need neither"),
-])
-def test_a_planted_forbidden_import_breaks_its_contract(copy_of_tree: Path, module: str, planted: str,
-                                                         contract: str) -> None:
+@pytest.mark.parametrize(
+    ("module", "planted", "contract"),
+    [
+        ("cloister/enclave/planted.py", "import cloister.relay.relay", "The enclave (TCB) imports nothing untrusted"),
+        ("cloister/enclave/planted.py", "import cloister.dev.mock_nsm", "The enclave (TCB) imports nothing untrusted"),
+        ("cloister/wire/planted.py", "import mcp", "The enclave (TCB) imports nothing untrusted"),
+        ("cloister/verify/planted.py", "import grpc", "The verification library imports neither grpc nor mcp"),
+        (
+            "cloister/relay/planted.py",
+            "import cloister.enclave.core",
+            "The relay uses the enclave only through the wire",
+        ),
+        ("cloister/audit/planted.py", "import cloister.wire.enclave_pb2", "Auditors and upstreams need neither"),
+    ],
+)
+def test_a_planted_forbidden_import_breaks_its_contract(
+    copy_of_tree: Path, module: str, planted: str, contract: str
+) -> None:
     path = copy_of_tree / module
     path.write_text(planted + "\n")
     try:
@@ -75,8 +89,11 @@ def private_imports_across_subpackages(root: Path) -> list[str]:
                 continue
             if subpackage(node.module) == subpackage(here):
                 continue
-            found += [f"{path.relative_to(root)}:{node.lineno} imports {node.module}.{a.name}"
-                      for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            found += [
+                f"{path.relative_to(root)}:{node.lineno} imports {node.module}.{a.name}"
+                for a in node.names
+                if a.name.startswith("_") and not a.name.startswith("__")
+            ]
     return found
 
 
@@ -86,4 +103,5 @@ def test_no_subpackage_imports_another_ones_private_names(tmp_path: Path) -> Non
     (tmp_path / "cloister" / "relay").mkdir(parents=True)
     (tmp_path / "cloister" / "relay" / "x.py").write_text("from cloister.enclave.core import _PolicyState\n")
     assert private_imports_across_subpackages(tmp_path) == [
-        "cloister/relay/x.py:1 imports cloister.enclave.core._PolicyState"]
+        "cloister/relay/x.py:1 imports cloister.enclave.core._PolicyState"
+    ]

@@ -77,13 +77,20 @@ class World:
 
     def token(self, agent: str, roles: list[str], ttl: int = 600, **over: object) -> str:
         now = self.clock.seconds()
-        claims: dict[str, object] = {"iss": "cloister-dev", "aud": "cloister", "sub": agent, "roles": roles,
-                                     "iat": now, "exp": now + ttl}
+        claims: dict[str, object] = {
+            "iss": "cloister-dev",
+            "aud": "cloister",
+            "sub": agent,
+            "roles": roles,
+            "iat": now,
+            "exp": now + ttl,
+        }
         claims.update(over)
         return encode_jwt(claims, self.issuer)
 
-    def sign_bundle(self, version: int, edit: dict[str, str | None] | None = None,
-                    key: ed25519.Ed25519PrivateKey | None = None) -> bytes:
+    def sign_bundle(
+        self, version: int, edit: dict[str, str | None] | None = None, key: ed25519.Ed25519PrivateKey | None = None
+    ) -> bytes:
         files = read_bundle_dir(self.bundle_dir)
         for path, text in (edit or {}).items():
             if text is None:
@@ -116,8 +123,9 @@ def decision_bundle(dst: Path) -> Path:
     return dst
 
 
-def make_world(root: Path, *, start: bool = True, policy: bool = True, identities: bool = False,
-               clock: Clock | None = None) -> World:
+def make_world(
+    root: Path, *, start: bool = True, policy: bool = True, identities: bool = False, clock: Clock | None = None
+) -> World:
     clock = clock or Clock()
     admin = ed25519.Ed25519PrivateKey.generate()
     issuer = ed25519.Ed25519PrivateKey.generate()
@@ -128,14 +136,23 @@ def make_world(root: Path, *, start: bool = True, policy: bool = True, identitie
         decision_bundle(bundle_dir)
     (bundle_dir / "issuers").mkdir(exist_ok=True)
     (bundle_dir / "issuers" / "cloister-dev.pem").write_bytes(
-        issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+        issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
     MockNsm(root / "mock-nsm", {}, clock=clock.datetime).root_pem()  # the CA is born on the world's clock
     config_path = root / "enclave.toml"
     raw = admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-    config_path.write_text(f'origin = "cloister.test/log"\nadmin_keys = ["{raw}"]\n'
-                           'trust_root = "mock:mock-nsm/root.pem"\n')
-    w = World(root=root, admin=admin, issuer=issuer, clock=clock, core=None, config_path=config_path,  # type: ignore[arg-type]
-              bundle_dir=bundle_dir)
+    config_path.write_text(
+        f'origin = "cloister.test/log"\nadmin_keys = ["{raw}"]\ntrust_root = "mock:mock-nsm/root.pem"\n'
+    )
+    w = World(
+        root=root,
+        admin=admin,
+        issuer=issuer,
+        clock=clock,
+        core=None,  # type: ignore[arg-type]
+        config_path=config_path,
+        bundle_dir=bundle_dir,
+    )
     w.core = w.new_core()
     if start:
         w.persist(w.core.start_new_log())

@@ -76,8 +76,9 @@ def fetch_attested_checkpoint(
     if reply.nonce != nonce:
         raise VerificationError("the attestation reply is for another nonce than the one asked for (a replay?)")
     # 2. The document: trust root, time, nonce, PCRs, debug mode, and the exact checkpoint bytes.
-    policy = AttestationPolicy(root=root, at=now, now=now, expected_pcrs=expected_pcrs or {}, nonce=nonce,
-                               allow_debug=allow_debug)
+    policy = AttestationPolicy(
+        root=root, at=now, now=now, expected_pcrs=expected_pcrs or {}, nonce=nonce, allow_debug=allow_debug
+    )
     verified = verify_enclave(reply.document, policy, origin=origin, checkpoint=reply.checkpoint)
     binding = verified.binding
     # 3. The note is signed by the bound log key, for the bound origin.
@@ -87,8 +88,13 @@ def fetch_attested_checkpoint(
         raise DecodeError(f"the attested checkpoint: {exc}") from exc
     except VerificationError as exc:
         raise VerificationError(f"the attested checkpoint: {exc}") from exc
-    return AttestedCheckpoint(checkpoint=checkpoint, note=reply.checkpoint, binding=binding,
-                              document=verified.document, document_bytes=reply.document)
+    return AttestedCheckpoint(
+        checkpoint=checkpoint,
+        note=reply.checkpoint,
+        binding=binding,
+        document=verified.document,
+        document_bytes=reply.document,
+    )
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,15 @@ def check_remembered(
         result = ConsistencyResult("first", None)
     elif checkpoint.size < old.size:
         # 4. Logs only grow.
-        raise _fork(store, old, checkpoint, note, now,
-                    f"the served tree has {checkpoint.size} entries, fewer than the {old.size} of a checkpoint "
-                    "the log signed before (a rollback, or a different view for different auditors)")
+        raise _fork(
+            store,
+            old,
+            checkpoint,
+            note,
+            now,
+            f"the served tree has {checkpoint.size} entries, fewer than the {old.size} of a checkpoint "
+            "the log signed before (a rollback, or a different view for different auditors)",
+        )
     elif checkpoint.size == old.size:
         # 5. One size, one root.
         if checkpoint.root_hash != old.root:
@@ -133,9 +145,15 @@ def check_remembered(
     elif prefix_root is not None:
         # 6, with a prefix root the caller authenticated itself.
         if prefix_root != old.root:
-            raise _fork(store, old, checkpoint, note, now,
-                        f"the first {old.size} entries of the served tree hash to {b64(prefix_root)}, not to the "
-                        "remembered root")
+            raise _fork(
+                store,
+                old,
+                checkpoint,
+                note,
+                now,
+                f"the first {old.size} entries of the served tree hash to {b64(prefix_root)}, not to the "
+                "remembered root",
+            )
         result = ConsistencyResult("extended", old)
     else:
         # 6. A consistency proof from the tiles.
@@ -158,20 +176,41 @@ def check_remembered(
                     f"size {old.size}: the hash tiles ({tiles}) do not match the served checkpoint itself "
                     f"({tiles_exc}); a hash tile was altered"
                 ) from exc
-            raise _fork(store, old, checkpoint, note, now,
-                        f"the first {old.size} entries of the served tree hash to {b64(served_prefix)}, not to the "
-                        "remembered root") from exc
+            raise _fork(
+                store,
+                old,
+                checkpoint,
+                note,
+                now,
+                f"the first {old.size} entries of the served tree hash to {b64(served_prefix)}, not to the "
+                "remembered root",
+            ) from exc
         result = ConsistencyResult("extended", old, tuple(proof))
     if remember:
-        store.remember(origin=checkpoint.origin, size=checkpoint.size, root=checkpoint.root_hash, log_key=log_key,
-                       note=note, now=now)
+        store.remember(
+            origin=checkpoint.origin,
+            size=checkpoint.size,
+            root=checkpoint.root_hash,
+            log_key=log_key,
+            note=note,
+            now=now,
+        )
     return result
 
 
-def _fork(store: CheckpointStore, old: RememberedCheckpoint, new: Checkpoint, new_note: bytes, now: datetime,
-          reason: str) -> ForkDetected:
-    evidence = ForkEvidence(origin=new.origin, old_size=old.size, old_root=old.root, new_size=new.size,
-                            new_root=new.root_hash, reason=reason, old_note=old.note, new_note=new_note)
+def _fork(
+    store: CheckpointStore, old: RememberedCheckpoint, new: Checkpoint, new_note: bytes, now: datetime, reason: str
+) -> ForkDetected:
+    evidence = ForkEvidence(
+        origin=new.origin,
+        old_size=old.size,
+        old_root=old.root,
+        new_size=new.size,
+        new_root=new.root_hash,
+        reason=reason,
+        old_note=old.note,
+        new_note=new_note,
+    )
     try:
         saved: str | None = str(store.save_fork(evidence, now))
     except OSError:

@@ -37,8 +37,13 @@ def _b64(h: bytes | None) -> str:
     return "(unknown)" if h is None else base64.b64encode(h).decode("ascii")
 
 
-def key_checker(root: TrustRoot, expected_pcrs: Mapping[int, bytes] | None, allow_debug: bool,
-                origin: str, accepted_pcr0: frozenset[bytes] = frozenset()) -> KeyChecker:
+def key_checker(
+    root: TrustRoot,
+    expected_pcrs: Mapping[int, bytes] | None,
+    allow_debug: bool,
+    origin: str,
+    accepted_pcr0: frozenset[bytes] = frozenset(),
+) -> KeyChecker:
     """Checks one key entry at `index`, given the root of the log's first `index` entries.
 
     `accepted_pcr0`: earlier images that may have run the log (upgrades): a key entry may carry
@@ -55,16 +60,21 @@ def key_checker(root: TrustRoot, expected_pcrs: Mapping[int, bytes] | None, allo
         verified = verify_enclave(entry.attestation, policy, origin=origin)
         pcr0 = verified.document.pcrs.get(0, b"")
         if allowed_pcr0 and pcr0 not in allowed_pcr0:
-            raise VerificationError(f"its enclave's PCR0 {pcr0.hex()[:24]}... is neither --expect-pcr 0 nor an "
-                                    "--accept-pcr0 image")
+            raise VerificationError(
+                f"its enclave's PCR0 {pcr0.hex()[:24]}... is neither --expect-pcr 0 nor an --accept-pcr0 image"
+            )
         binding = verified.binding
         # 2. It binds exactly the keys the entry introduces.
         if binding.log_key != entry.log_key:
-            raise VerificationError(f"its attestation binds log key {binding.log_key.hex()[:16]}..., but the entry "
-                                    f"introduces {entry.log_key.hex()[:16]}...")
+            raise VerificationError(
+                f"its attestation binds log key {binding.log_key.hex()[:16]}..., but the entry "
+                f"introduces {entry.log_key.hex()[:16]}..."
+            )
         if binding.grant_key != entry.grant_key:
-            raise VerificationError(f"its attestation binds grant key {binding.grant_key.hex()[:16]}..., but the "
-                                    f"entry introduces {entry.grant_key.hex()[:16]}...")
+            raise VerificationError(
+                f"its attestation binds grant key {binding.grant_key.hex()[:16]}..., but the "
+                f"entry introduces {entry.grant_key.hex()[:16]}..."
+            )
         # 3. Its verifier key string is that log key under the origin (what note verifiers use).
         if entry.log_vkey != binding.log_verifier().vkey:
             raise VerificationError(f"its verifier key {entry.log_vkey[:120]!r} is not {binding.log_verifier().vkey}")
@@ -74,11 +84,14 @@ def key_checker(root: TrustRoot, expected_pcrs: Mapping[int, bytes] | None, allo
                 raise VerificationError(f"it starts a new log (no previous checkpoint), but {index} entries precede it")
         else:
             if entry.previous_size != index:
-                raise VerificationError(f"it continues a checkpoint of size {entry.previous_size}, but it is entry "
-                                        f"{index}")
+                raise VerificationError(
+                    f"it continues a checkpoint of size {entry.previous_size}, but it is entry {index}"
+                )
             if entry.previous_root != root_before:
-                raise VerificationError(f"its previous root {_b64(entry.previous_root)} is not the root of the "
-                                        f"{index} entries before it ({_b64(root_before)})")
+                raise VerificationError(
+                    f"its previous root {_b64(entry.previous_root)} is not the root of the "
+                    f"{index} entries before it ({_b64(root_before)})"
+                )
         return binding, verified.document.pcrs.get(0, b"").hex()
 
     return check
@@ -127,8 +140,9 @@ def replay_log(
     elif spec.is_url:
         if root is None:
             raise ValueError("a trust root is needed to replay a Cloister log")
-        attested = fetch_attested_checkpoint(source, root=root, now=now, nonce=nonce, expected_pcrs=expected_pcrs,
-                                             allow_debug=allow_debug, origin=origin)
+        attested = fetch_attested_checkpoint(
+            source, root=root, now=now, nonce=nonce, expected_pcrs=expected_pcrs, allow_debug=allow_debug, origin=origin
+        )
         checkpoint, note = attested.checkpoint, attested.note
     else:
         # Read unverified only to learn the size; trusted after the replay, by the key entries.
@@ -143,20 +157,27 @@ def replay_log(
         check = key_checker(root, expected_pcrs, allow_debug, checkpoint.origin, accepted_pcr0)
     old = remembered(checkpoint.origin) if remembered is not None and not generic_keys else None
     want = [old.size] if old is not None and old.size <= checkpoint.size else []
-    result = replay_tree(spec, checkpoint.size, decode=not generic_keys, check_key=check, want_sizes=want,
-                         jobs=jobs, progress=progress)
+    result = replay_tree(
+        spec, checkpoint.size, decode=not generic_keys, check_key=check, want_sizes=want, jobs=jobs, progress=progress
+    )
     problems: list[Problem] = []
     # The recomputed root is the signed one.
     if result.root != checkpoint.root_hash:
-        problems.append(Problem("checkpoint", f"the root recomputed from the {checkpoint.size} entries is "
-                                f"{_b64(result.root)}, but the checkpoint signs {_b64(checkpoint.root_hash)}"))
+        problems.append(
+            Problem(
+                "checkpoint",
+                f"the root recomputed from the {checkpoint.size} entries is "
+                f"{_b64(result.root)}, but the checkpoint signs {_b64(checkpoint.root_hash)}",
+            )
+        )
     trusted = bool(generic_keys)
     if not generic_keys:
         trusted, signer = _check_signer(checkpoint, note, result, attested, problems)
     result.problems += problems  # after the causes (a tampered bundle) come the consequences
     result.problem_count += len(problems)
-    return ReplayedLog(checkpoint=checkpoint, note=note, result=result, attested=attested, verified=trusted,
-                       signer=signer)
+    return ReplayedLog(
+        checkpoint=checkpoint, note=note, result=result, attested=attested, verified=trusted, signer=signer
+    )
 
 
 @contextmanager
@@ -170,29 +191,44 @@ def _about(what: str) -> Iterator[None]:
         raise VerificationError(f"{what}: {exc}") from exc
 
 
-def _check_signer(checkpoint: Checkpoint, note: bytes, result: ReplayResult, attested: AttestedCheckpoint | None,
-                  problems: list[Problem]) -> tuple[bool, str]:
+def _check_signer(
+    checkpoint: Checkpoint,
+    note: bytes,
+    result: ReplayResult,
+    attested: AttestedCheckpoint | None,
+    problems: list[Problem],
+) -> tuple[bool, str]:
     """The checkpoint's key is the one the last key entry before its size introduced."""
     last: EnclaveBinding | None = result.last_key
     if last is None:
-        what = ("no key entry" if result.last_key_index is None
-                else f"the last key entry (entry {result.last_key_index}) does not verify, so no attested key")
+        what = (
+            "no key entry"
+            if result.last_key_index is None
+            else f"the last key entry (entry {result.last_key_index}) does not verify, so no attested key"
+        )
         problems.append(Problem("checkpoint", f"{what} introduces the key that signs it"))
         return False, ""
     vkey = last.log_verifier().vkey
     if attested is not None:
         if attested.binding.log_key != last.log_key:
-            problems.append(Problem(
-                "checkpoint",
-                f"it is signed by the running enclave's key {attested.binding.log_verifier().vkey}, but the last key "
-                f"entry in the log (entry {result.last_key_index}) introduced {vkey}",
-            ))
+            problems.append(
+                Problem(
+                    "checkpoint",
+                    f"it is signed by the running enclave's key {attested.binding.log_verifier().vkey}, "
+                    "but the last key "
+                    f"entry in the log (entry {result.last_key_index}) introduced {vkey}",
+                )
+            )
             return False, attested.binding.log_verifier().vkey
         return True, vkey
     try:
         verify_checkpoint(note, [last.log_verifier()], origin=last.origin)
     except (DecodeError, VerificationError) as exc:
-        problems.append(Problem("checkpoint", f"not signed by the key of the last key entry (entry "
-                                f"{result.last_key_index}, {vkey}): {exc}"))
+        problems.append(
+            Problem(
+                "checkpoint",
+                f"not signed by the key of the last key entry (entry {result.last_key_index}, {vkey}): {exc}",
+            )
+        )
         return False, ""
     return True, vkey

@@ -106,12 +106,14 @@ def prove_inclusion(source: LogSource, checkpoint: Checkpoint, index: int) -> In
         verify_inclusion(leaf, index, checkpoint.size, proof, checkpoint.root_hash)
     except VerificationError as exc:
         raise _blame_inclusion(entry, leaf, nodes, proof, checkpoint) from exc
-    return InclusionProof(entry=entry, leaf_hash=leaf, tree_size=checkpoint.size, root=checkpoint.root_hash,
-                          proof=tuple(proof))
+    return InclusionProof(
+        entry=entry, leaf_hash=leaf, tree_size=checkpoint.size, root=checkpoint.root_hash, proof=tuple(proof)
+    )
 
 
-def _blame_inclusion(entry: StoredEntry, leaf: bytes, nodes: TileNodes, proof: list[bytes],
-                     checkpoint: Checkpoint) -> VerificationError:
+def _blame_inclusion(
+    entry: StoredEntry, leaf: bytes, nodes: TileNodes, proof: list[bytes], checkpoint: Checkpoint
+) -> VerificationError:
     """The inclusion proof failed: is the entry altered, or the hash tiles on its path?"""
     index, size = entry.index, checkpoint.size
     where = f"entry {index} ({entry.bundle_path}, byte offset {entry.offset})"
@@ -169,8 +171,9 @@ def prove_consistency(source: LogSource, checkpoint: Checkpoint, size1: int, siz
     return ConsistencyProof(size1=size1, size2=size2, root1=root1, root2=root2, proof=tuple(proof))
 
 
-def _verify_from_tiles(nodes: TileNodes, size1: int, size2: int, proof: list[bytes], root1: bytes,
-                       root2: bytes) -> None:
+def _verify_from_tiles(
+    nodes: TileNodes, size1: int, size2: int, proof: list[bytes], root1: bytes, root2: bytes
+) -> None:
     try:
         verify_consistency(size1, size2, proof, root1, root2)
     except VerificationError as exc:

@@ -60,8 +60,9 @@ def _encode_extra(entry: bytes, attestation: bytes) -> bytes:
     return cbor2.dumps({"f": FORMAT, "entry": entry, "attestation": attestation}, canonical=True)
 
 
-def make_receipt(*, index: int, proof: tuple[bytes, ...], checkpoint_note: bytes, entry: bytes,
-                 attestation: bytes) -> bytes:
+def make_receipt(
+    *, index: int, proof: tuple[bytes, ...], checkpoint_note: bytes, entry: bytes, attestation: bytes
+) -> bytes:
     """Serialise a receipt. The caller has verified every part (an attested checkpoint, a proof)."""
     extra = _encode_extra(entry, attestation)
     if len(extra) > MAX_EXTRA_SIZE:
@@ -69,8 +70,9 @@ def make_receipt(*, index: int, proof: tuple[bytes, ...], checkpoint_note: bytes
             f"entry {index} ({len(entry)} bytes) and the attestation ({len(attestation)} bytes) do not fit in a "
             f"receipt's extra data ({len(extra)} > {MAX_EXTRA_SIZE} bytes)"
         )
-    return format_tlog_proof(TlogProof(index=index, inclusion_proof=proof, checkpoint_note=checkpoint_note,
-                                       extra=extra))
+    return format_tlog_proof(
+        TlogProof(index=index, inclusion_proof=proof, checkpoint_note=checkpoint_note, extra=extra)
+    )
 
 
 def _parse_extra(extra: bytes | None) -> tuple[bytes, bytes]:
@@ -119,9 +121,14 @@ def verify_receipt(
     verified = verify_enclave(attestation, policy, origin=origin, checkpoint=proof.checkpoint_note)
     binding = verified.binding
     # 3 and 4. The checkpoint signature by the bound key, and the entry's inclusion.
-    result = verify_tlog_proof(data, [binding.log_verifier()], origin=binding.origin,
-                               leaf_hash=leaf_hash(entry_bytes))
+    result = verify_tlog_proof(data, [binding.log_verifier()], origin=binding.origin, leaf_hash=leaf_hash(entry_bytes))
     # 5. The entry is a Cloister record.
     entry = parse_entry(entry_bytes)
-    return VerifiedReceipt(index=proof.index, entry=entry, entry_bytes=entry_bytes, checkpoint=result.checkpoint,
-                           binding=binding, document=verified.document)
+    return VerifiedReceipt(
+        index=proof.index,
+        entry=entry,
+        entry_bytes=entry_bytes,
+        checkpoint=result.checkpoint,
+        binding=binding,
+        document=verified.document,
+    )

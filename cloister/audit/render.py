@@ -108,8 +108,10 @@ def replay_text(result: ReplayResult) -> str:
     if result.policies:
         lines.append("policy versions:")
         for p in result.policies:
-            lines.append(f"  entry {p.index}: version {p.version} bundle {p.bundle_sha256[:16]}... "
-                         f"signed by {p.signer}, {p.mode}")
+            lines.append(
+                f"  entry {p.index}: version {p.version} bundle {p.bundle_sha256[:16]}... "
+                f"signed by {p.signer}, {p.mode}"
+            )
     return "\n".join(lines)
 
 

@@ -217,7 +217,7 @@ def _read_all(source: LogSource, requests: Sequence[tuple[str, int]]) -> list[by
     return list(pool.map(one, requests))
 
 
-def scan_chunk(plan: ScanPlan, first: int, end: int) -> ChunkResult:
+def scan_chunk(plan: ScanPlan, first: int, end: int) -> ChunkResult:  # noqa: C901 (over the gate before it existed; split when next changed)
     """Bundles [first, end) of the tree: hashes, level-0 tile checks, and (decode mode) entry facts."""
     source = _source_for(plan.spec)
     n = plan.tree_size
@@ -342,8 +342,9 @@ def _tile_diff(stored: bytes, computed: Sequence[bytes], first_leaf: int, tile_l
     return f"{len(bad)} of its {width} hashes differ from those recomputed from {source_path}: {shown}{more}"
 
 
-def _decode_bundle(out: ChunkResult, templates: TemplateCache, entries: list[bytes], bundle: int,
-                   bundle_path: str) -> None:
+def _decode_bundle(
+    out: ChunkResult, templates: TemplateCache, entries: list[bytes], bundle: int, bundle_path: str
+) -> None:
     """Decode one bundle's entries: templates first, parse_entry for the rest (the hot loop)."""
     base = bundle * TILE_WIDTH
     kinds_append = out.kinds.append
@@ -372,8 +373,9 @@ def _decode_bundle(out: ChunkResult, templates: TemplateCache, entries: list[byt
                 entry = parse_entry(data)
             except DecodeError as exc:
                 offset = sum(2 + len(e) for e in entries[:i])
-                out.problems.append(Problem(f"entry {base + i} ({bundle_path}, byte offset {offset})",
-                                            f"does not decode: {exc}"))
+                out.problems.append(
+                    Problem(f"entry {base + i} ({bundle_path}, byte offset {offset})", f"does not decode: {exc}")
+                )
                 kinds_append(KIND_UNDECODABLE)
                 continue
             out.summary.full_decodes += 1
@@ -404,8 +406,9 @@ def _decode_bundle(out: ChunkResult, templates: TemplateCache, entries: list[byt
     out.summary.fast_decodes += len(entries) - slow
 
 
-def _count_direct(out: ChunkResult, entry: DecisionEntry | OutcomeEntry, index: int,
-                  current: tuple[int, bytes] | None) -> tuple[int, bytes] | None:
+def _count_direct(
+    out: ChunkResult, entry: DecisionEntry | OutcomeEntry, index: int, current: tuple[int, bytes] | None
+) -> tuple[int, bytes] | None:
     """Facts of a decision or outcome that no template covers; returns the policy now current."""
     if isinstance(entry, OutcomeEntry):
         out.kinds.append(KIND_OUTCOME)
@@ -414,9 +417,17 @@ def _count_direct(out: ChunkResult, entry: DecisionEntry | OutcomeEntry, index: 
         out.summary.count_outcome(OutcomeInfo(error=bool(entry.error), paid=bool(entry.paid)), 1)
         return current
     out.kinds.append(decision_kind(entry))
-    info = DecisionInfo(agent=entry.agent, server=entry.server, tool=entry.tool, decision=entry.decision,
-                        code=entry.code, mode=entry.mode, granted=entry.grant_nonce is not None,
-                        policy=(entry.policy_version, entry.policy_sha256), reason=entry.reason)
+    info = DecisionInfo(
+        agent=entry.agent,
+        server=entry.server,
+        tool=entry.tool,
+        decision=entry.decision,
+        code=entry.code,
+        mode=entry.mode,
+        granted=entry.grant_nonce is not None,
+        policy=(entry.policy_version, entry.policy_sha256),
+        reason=entry.reason,
+    )
     out.summary.count_decision(info, 1)
     if entry.decision == "deny":
         out.summary.deny_reasons[(entry.code, entry.reason)] += 1
@@ -482,8 +493,14 @@ KeyChecker = Callable[[int, KeyEntry, bytes], Any]
 
 
 class _Merger:
-    def __init__(self, tree_size: int, decode: bool, check_key: KeyChecker | None, want_sizes: Sequence[int],
-                 leaves_wanted: frozenset[int]) -> None:
+    def __init__(
+        self,
+        tree_size: int,
+        decode: bool,
+        check_key: KeyChecker | None,
+        want_sizes: Sequence[int],
+        leaves_wanted: frozenset[int],
+    ) -> None:
         self.n = tree_size
         self.decode = decode
         self.check_key = check_key
@@ -561,24 +578,38 @@ class _Merger:
 
     def _policy_entry(self, index: int, entry: PolicyEntry) -> None:
         if self.policy is not None and entry.version <= self.policy[0]:
-            self.problem(f"entry {index}", f"policy version {entry.version} does not increase on version "
-                         f"{self.policy[0]} (entry {self.policy_index})")
+            self.problem(
+                f"entry {index}",
+                f"policy version {entry.version} does not increase on version "
+                f"{self.policy[0]} (entry {self.policy_index})",
+            )
         self.policy = (entry.version, entry.bundle_sha256)
         self.policy_index = index
-        self.policies.append(PolicyChange(index=index, time_ms=entry.time_ms, version=entry.version,
-                                          bundle_sha256=entry.bundle_sha256.hex(), signer=entry.signer,
-                                          mode=entry.mode))
+        self.policies.append(
+            PolicyChange(
+                index=index,
+                time_ms=entry.time_ms,
+                version=entry.version,
+                bundle_sha256=entry.bundle_sha256.hex(),
+                signer=entry.signer,
+                mode=entry.mode,
+            )
+        )
 
     def _policy_run(self, index: int, policy: tuple[int, bytes]) -> None:
         if self._gap(self.policy_index + 1, index):
             return  # a policy entry may be in the entries that could not be read (reported already)
         if self.policy is None:
-            self.problem(f"entry {index}", f"a decision under policy version {policy[0]}, but no policy entry "
-                         "precedes it")
+            self.problem(
+                f"entry {index}", f"a decision under policy version {policy[0]}, but no policy entry precedes it"
+            )
         elif policy != self.policy:
-            self.problem(f"entry {index}", f"a decision under policy version {policy[0]} "
-                         f"(bundle {policy[1].hex()[:16]}...), but version {self.policy[0]} (bundle "
-                         f"{self.policy[1].hex()[:16]}..., entry {self.policy_index}) is in force")
+            self.problem(
+                f"entry {index}",
+                f"a decision under policy version {policy[0]} "
+                f"(bundle {policy[1].hex()[:16]}...), but version {self.policy[0]} (bundle "
+                f"{self.policy[1].hex()[:16]}..., entry {self.policy_index}) is in force",
+            )
 
     def _key_entry(self, index: int, data: bytes) -> None:
         entry = parse_entry(data)
@@ -597,8 +628,16 @@ class _Merger:
         elif before is None:
             self.problem(f"entry {index}", "key entry cannot be checked: the log before it could not be read")
             self.last_key, self.last_key_index = None, index
-        self.keys.append(KeyIntroduction(index=index, time_ms=entry.time_ms, log_vkey=entry.log_vkey, pcr0=pcr0,
-                                         previous_size=entry.previous_size, verified=verified))
+        self.keys.append(
+            KeyIntroduction(
+                index=index,
+                time_ms=entry.time_ms,
+                log_vkey=entry.log_vkey,
+                pcr0=pcr0,
+                previous_size=entry.previous_size,
+                verified=verified,
+            )
+        )
 
     def prefix_root(self, size: int) -> bytes | None:
         """The root of the first `size` leaves, from recomputed hashes; None if some are unknown."""
@@ -666,10 +705,18 @@ def replay_tree(
             progress(done, tree_size)
     root = merger.prefix_root(tree_size)
     _check_upper_tiles(open_source(spec), tree_size, merger)
-    return ReplayResult(tree_size=tree_size, root=root, summary=merger.summary, problems=merger.problems,
-                        problem_count=merger.problem_count, keys=merger.keys, policies=merger.policies,
-                        last_key=merger.last_key, last_key_index=merger.last_key_index,
-                        prefix_roots=merger.prefix_roots)
+    return ReplayResult(
+        tree_size=tree_size,
+        root=root,
+        summary=merger.summary,
+        problems=merger.problems,
+        problem_count=merger.problem_count,
+        keys=merger.keys,
+        policies=merger.policies,
+        last_key=merger.last_key,
+        last_key_index=merger.last_key_index,
+        prefix_roots=merger.prefix_roots,
+    )
 
 
 MIN_BUNDLES_FOR_PROCESSES = 64  # below ~16k entries, starting worker processes costs more than it saves

@@ -180,8 +180,12 @@ class HttpSource:
                     raise DecodeError(f"{what}: unsupported Content-Encoding {encoding[:40]!r}")
                 # The cap applies to the decompressed bytes; a gzip stream is at most ~1000x smaller.
                 length = resp.headers.get("Content-Length")
-                if encoding == "identity" and length is not None and length.strip().isdigit() \
-                        and int(length) > max_size:
+                if (
+                    encoding == "identity"
+                    and length is not None
+                    and length.strip().isdigit()
+                    and int(length) > max_size
+                ):
                     raise DecodeError(
                         f"{what}: the server announces {int(length)} bytes, more than the cap of {max_size}"
                     )
@@ -343,8 +347,9 @@ def read_tile(source: LogSource, path: str, max_size: int) -> bytes:
         tile = parse_tile_path(path)
         if not tile.is_partial:
             raise
-        full_path = (EntryBundleId(tile.index) if isinstance(tile, EntryBundleId)
-                     else HashTileId(tile.level, tile.index)).path()
+        full_path = (
+            EntryBundleId(tile.index) if isinstance(tile, EntryBundleId) else HashTileId(tile.level, tile.index)
+        ).path()
         try:
             full = source.read(full_path, max_size=max_size)
         except MissingData:

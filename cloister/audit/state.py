@@ -95,8 +95,14 @@ class CheckpointStore:
         cp = verify_checkpoint(note, [verifier], origin=origin).checkpoint
         if cp.size != m["size"] or base64.b64encode(cp.root_hash).decode() != m["root"]:
             raise DecodeError("its size or root differ from its own signed note")
-        return RememberedCheckpoint(origin=origin, size=cp.size, root=cp.root_hash, log_key=log_key, note=note,
-                                    seen_at=str(m.get("seen_at", "")))
+        return RememberedCheckpoint(
+            origin=origin,
+            size=cp.size,
+            root=cp.root_hash,
+            log_key=log_key,
+            note=note,
+            seen_at=str(m.get("seen_at", "")),
+        )
 
     def remember(self, *, origin: str, size: int, root: bytes, log_key: bytes, note: bytes, now: datetime) -> Path:
         """Replace the remembered checkpoint for `origin` (the caller has proven consistency)."""

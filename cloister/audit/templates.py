@@ -107,11 +107,32 @@ def decision_kind(entry: DecisionEntry) -> int:
 class Template:
     """One parsed entry with slots; the fields the replay reads per match are plain attributes."""
 
-    __slots__ = ("data", "decision_const", "decision_group", "deny_code", "fullmatch", "hints", "hits", "info",
-                 "kind", "mask", "policy", "reason", "reason_group")
+    __slots__ = (
+        "data",
+        "decision_const",
+        "decision_group",
+        "deny_code",
+        "fullmatch",
+        "hints",
+        "hits",
+        "info",
+        "kind",
+        "mask",
+        "policy",
+        "reason",
+        "reason_group",
+    )
 
-    def __init__(self, pattern: bytes, kind: int, info: DecisionInfo | OutcomeInfo, *, decision_group: int = 0,
-                 decision_const: int = 0, reason_group: int = 0) -> None:
+    def __init__(
+        self,
+        pattern: bytes,
+        kind: int,
+        info: DecisionInfo | OutcomeInfo,
+        *,
+        decision_group: int = 0,
+        decision_const: int = 0,
+        reason_group: int = 0,
+    ) -> None:
         self.fullmatch: Callable[[bytes], re.Match[bytes] | None] = re.compile(pattern, re.DOTALL).fullmatch
         self.kind = kind
         self.info = info
@@ -170,9 +191,16 @@ def build_template(data: bytes, entry: Entry) -> Template | None:
     if isinstance(entry, DecisionEntry):
         kind: int = decision_kind(entry)
         info: DecisionInfo | OutcomeInfo = DecisionInfo(
-            agent=entry.agent, server=entry.server, tool=entry.tool, decision=entry.decision, code=entry.code,
-            mode=entry.mode, granted=entry.grant_nonce is not None,
-            policy=(entry.policy_version, entry.policy_sha256), reason=entry.reason)
+            agent=entry.agent,
+            server=entry.server,
+            tool=entry.tool,
+            decision=entry.decision,
+            code=entry.code,
+            mode=entry.mode,
+            granted=entry.grant_nonce is not None,
+            policy=(entry.policy_version, entry.policy_sha256),
+            reason=entry.reason,
+        )
     elif isinstance(entry, OutcomeEntry):
         kind, info = KIND_OUTCOME, OutcomeInfo(error=bool(entry.error), paid=bool(entry.paid))
     else:
@@ -204,8 +232,14 @@ def build_template(data: bytes, entry: Entry) -> Template | None:
     if b.pos != len(data):
         return None
     decision_const = entry.decision_index if isinstance(entry, OutcomeEntry) and not decision_group else 0
-    template = Template(b"".join(b.parts), kind, info, decision_group=decision_group,
-                        decision_const=decision_const, reason_group=reason_group)
+    template = Template(
+        b"".join(b.parts),
+        kind,
+        info,
+        decision_group=decision_group,
+        decision_const=decision_const,
+        reason_group=reason_group,
+    )
     template.data, template.mask, template.hints = data, bytes(b.mask), tuple(b.hints)
     return template
 

@@ -80,8 +80,15 @@ def _enclave(args: argparse.Namespace) -> int:
         print(f"cloister attest enclave: the relay's answer is not an attestation: {exc}", file=sys.stderr)
         return 1
     now = datetime.now(UTC)  # the CLI reads the clock; the verifier never does
-    policy = AttestationPolicy(root=root, at=now, now=now, max_age=timedelta(minutes=5), expected_pcrs=pcrs,
-                               nonce=nonce, allow_debug=args.allow_debug)
+    policy = AttestationPolicy(
+        root=root,
+        at=now,
+        now=now,
+        max_age=timedelta(minutes=5),
+        expected_pcrs=pcrs,
+        nonce=nonce,
+        allow_debug=args.allow_debug,
+    )
     try:
         verified = verify_enclave(document, policy)
     except (AttestationError, VerificationError, DecodeError) as exc:
@@ -181,8 +188,15 @@ def _verify_or_raise(args: argparse.Namespace) -> int:
     document = _decode_input(_read_input(args.file))
     try:
         root = _load_root(args.root)
-        policy = AttestationPolicy(root=root, at=at, now=now, max_age=max_age, expected_pcrs=expected, nonce=nonce,
-                                   allow_debug=args.allow_debug)
+        policy = AttestationPolicy(
+            root=root,
+            at=at,
+            now=now,
+            max_age=max_age,
+            expected_pcrs=expected,
+            nonce=nonce,
+            allow_debug=args.allow_debug,
+        )
         doc = verify_attestation(document, policy)
     except (DecodeError, VerificationError) as exc:
         reason = getattr(exc, "reason", "error")

@@ -44,62 +44,123 @@ def register(sub: Any) -> None:
     )
     verbs = p.add_subparsers(dest="audit_verb", metavar="VERB", required=True)
 
-    v = _verb(verbs, "checkpoint", _checkpoint, "fetch and verify an attested checkpoint; detect forks",
-              "Fetch the latest checkpoint with an attestation for a fresh nonce, verify both, and prove it "
-              "consistent with the checkpoint remembered for this log (from tiles). A fork exits 4.")
+    v = _verb(
+        verbs,
+        "checkpoint",
+        _checkpoint,
+        "fetch and verify an attested checkpoint; detect forks",
+        "Fetch the latest checkpoint with an attestation for a fresh nonce, verify both, and prove it "
+        "consistent with the checkpoint remembered for this log (from tiles). A fork exits 4.",
+    )
     _log_args(v)
 
-    v = _verb(verbs, "inclusion", _inclusion, "prove that one entry (or a grant's entry) is in the log",
-              "Verify an attested checkpoint, read the entry from its bundle, prove its inclusion from the hash "
-              "tiles and print it as JSON. With --grant, also check that the entry is the allow the grant describes.")
+    v = _verb(
+        verbs,
+        "inclusion",
+        _inclusion,
+        "prove that one entry (or a grant's entry) is in the log",
+        "Verify an attested checkpoint, read the entry from its bundle, prove its inclusion from the hash "
+        "tiles and print it as JSON. With --grant, also check that the entry is the allow the grant describes.",
+    )
     _log_args(v)
     which = v.add_mutually_exclusive_group(required=True)
     which.add_argument("--index", type=_nonneg, metavar="N", help="the entry's index")
     which.add_argument("--grant", metavar="FILE", help="a grant (COSE_Sign1, raw or base64): check its decision entry")
-    v.add_argument("--bodies", action="store_true",
-                   help="also fetch the bodies the entry commits to and check their SHA-256 (if the relay kept them)")
+    v.add_argument(
+        "--bodies",
+        action="store_true",
+        help="also fetch the bodies the entry commits to and check their SHA-256 (if the relay kept them)",
+    )
 
-    v = _verb(verbs, "consistency", _consistency, "prove append-only growth between two tree sizes",
-              "Verify an attested checkpoint and prove, from the hash tiles, that the tree of --from entries is a "
-              "prefix of the tree of --to entries (default: the checkpoint's size).")
+    v = _verb(
+        verbs,
+        "consistency",
+        _consistency,
+        "prove append-only growth between two tree sizes",
+        "Verify an attested checkpoint and prove, from the hash tiles, that the tree of --from entries is a "
+        "prefix of the tree of --to entries (default: the checkpoint's size).",
+    )
     _log_args(v)
     v.add_argument("--from", dest="size_from", type=_nonneg, required=True, metavar="SIZE")
     v.add_argument("--to", dest="size_to", type=_nonneg, metavar="SIZE")
 
-    v = _verb(verbs, "replay", _replay, "recompute the whole log and check every entry",
-              "Read every entry bundle and hash tile, recompute the root and compare it with the verified "
-              "checkpoint, decode every entry, and check the structure across entries (outcomes, key "
-              "introductions, policy versions). --log may be a relay URL or a storage directory.")
+    v = _verb(
+        verbs,
+        "replay",
+        _replay,
+        "recompute the whole log and check every entry",
+        "Read every entry bundle and hash tile, recompute the root and compare it with the verified "
+        "checkpoint, decode every entry, and check the structure across entries (outcomes, key "
+        "introductions, policy versions). --log may be a relay URL or a storage directory.",
+    )
     _log_args(v, url_only=False)
     v.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    v.add_argument("--jobs", type=int, default=0, metavar="N",
-                   help="worker processes (default: the number of CPUs; 1 = in this process)")
-    v.add_argument("--accept-pcr0", action="append", default=[], metavar="HEX",
-                   help="an earlier image's PCR0 that may have run this log (repeatable): key entries may carry "
-                   "it or --expect-pcr's PCR0, as the enclave's own predecessor_pcr0 allows upgrades")
-    v.add_argument("--generic", action="store_true",
-                   help="any C2SP tlog-tiles log: verify the tree and the checkpoint with --key, do not decode entries")
-    v.add_argument("--key", action="append", default=[], metavar="VKEY",
-                   help="with --generic: a note verifier key name+id+base64 (repeatable)")
+    v.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="worker processes (default: the number of CPUs; 1 = in this process)",
+    )
+    v.add_argument(
+        "--accept-pcr0",
+        action="append",
+        default=[],
+        metavar="HEX",
+        help="an earlier image's PCR0 that may have run this log (repeatable): key entries may carry "
+        "it or --expect-pcr's PCR0, as the enclave's own predecessor_pcr0 allows upgrades",
+    )
+    v.add_argument(
+        "--generic",
+        action="store_true",
+        help="any C2SP tlog-tiles log: verify the tree and the checkpoint with --key, do not decode entries",
+    )
+    v.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="VKEY",
+        help="with --generic: a note verifier key name+id+base64 (repeatable)",
+    )
 
-    v = _verb(verbs, "receipt", _receipt, "print an offline-verifiable proof of one entry",
-              "Print a self-contained receipt for one entry: a C2SP tlog-proof whose extra data carries the entry "
-              "and the attestation that binds the checkpoint (see cloister/audit/receipt.py).")
+    v = _verb(
+        verbs,
+        "receipt",
+        _receipt,
+        "print an offline-verifiable proof of one entry",
+        "Print a self-contained receipt for one entry: a C2SP tlog-proof whose extra data carries the entry "
+        "and the attestation that binds the checkpoint (see cloister/audit/receipt.py).",
+    )
     _log_args(v)
     v.add_argument("--index", type=_nonneg, required=True, metavar="N")
 
-    v = _verb(verbs, "verify-receipt", _verify_receipt, "verify a receipt offline",
-              "Verify a receipt without network: the attestation as of its own time, the log key it binds, the "
-              "checkpoint signature, the entry's inclusion. Prints the entry.")
+    v = _verb(
+        verbs,
+        "verify-receipt",
+        _verify_receipt,
+        "verify a receipt offline",
+        "Verify a receipt without network: the attestation as of its own time, the log key it binds, the "
+        "checkpoint signature, the entry's inclusion. Prints the entry.",
+    )
     v.add_argument("file", metavar="FILE|-")
     _trust_args(v)
     v.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    v = _verb(verbs, "verify-note", _verify_note, "verify any C2SP signed note",
-              "Verify a C2SP signed note (e.g. a checkpoint of any transparency log) against verifier keys.")
+    v = _verb(
+        verbs,
+        "verify-note",
+        _verify_note,
+        "verify any C2SP signed note",
+        "Verify a C2SP signed note (e.g. a checkpoint of any transparency log) against verifier keys.",
+    )
     v.add_argument("file", metavar="FILE|-")
-    v.add_argument("--key", action="append", required=True, metavar="VKEY",
-                   help="verifier key, name+hex id+base64 (repeatable), or @FILE holding one per line")
+    v.add_argument(
+        "--key",
+        action="append",
+        required=True,
+        metavar="VKEY",
+        help="verifier key, name+hex id+base64 (repeatable), or @FILE holding one per line",
+    )
     v.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -110,21 +171,33 @@ def _verb(verbs: Any, name: str, impl: Any, help_text: str, description: str) ->
 
 
 def _trust_args(v: argparse.ArgumentParser) -> None:
-    v.add_argument("--trust-root", default="aws", metavar="aws|mock|PEM",
-                   help="attestation trust anchor: AWS Nitro Enclaves Root-G1 (default), the mock NSM's root "
-                   "($CLOISTER_STATE/mock-nsm/root.pem, state dir .cloister by default), or a PEM file")
+    v.add_argument(
+        "--trust-root",
+        default="aws",
+        metavar="aws|mock|PEM",
+        help="attestation trust anchor: AWS Nitro Enclaves Root-G1 (default), the mock NSM's root "
+        "($CLOISTER_STATE/mock-nsm/root.pem, state dir .cloister by default), or a PEM file",
+    )
     v.add_argument("--expect-pcr", action="append", default=[], metavar="I=HEX", help="require PCR I (repeatable)")
     v.add_argument("--allow-debug", action="store_true", help="accept debug-mode enclaves (PCR0 all zero)")
     v.add_argument("--origin", help="require this log origin")
 
 
 def _log_args(v: argparse.ArgumentParser, *, url_only: bool = True) -> None:
-    v.add_argument("--log", required=True, metavar="URL" if url_only else "URL|DIR",
-                   help="the log: the relay's URL (http://host:port means its /log/)"
-                   + ("" if url_only else ", or a storage directory in the tlog-tiles layout"))
+    v.add_argument(
+        "--log",
+        required=True,
+        metavar="URL" if url_only else "URL|DIR",
+        help="the log: the relay's URL (http://host:port means its /log/)"
+        + ("" if url_only else ", or a storage directory in the tlog-tiles layout"),
+    )
     _trust_args(v)
-    v.add_argument("--state", type=Path, metavar="DIR",
-                   help="where remembered checkpoints live (default $CLOISTER_STATE/audit, else .cloister/audit)")
+    v.add_argument(
+        "--state",
+        type=Path,
+        metavar="DIR",
+        help="where remembered checkpoints live (default $CLOISTER_STATE/audit, else .cloister/audit)",
+    )
     v.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per request (default 30)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -175,8 +248,9 @@ def _run(args: argparse.Namespace) -> int:
         # Never a traceback for an auditor; CLOISTER_DEBUG=1 shows it, to report the bug.
         if os.environ.get("CLOISTER_DEBUG"):
             raise
-        print(f"{prog}: internal error ({type(exc).__name__}: {exc}); set CLOISTER_DEBUG=1 for details",
-              file=sys.stderr)
+        print(
+            f"{prog}: internal error ({type(exc).__name__}: {exc}); set CLOISTER_DEBUG=1 for details", file=sys.stderr
+        )
         return EXIT_BAD
 
 
@@ -219,10 +293,23 @@ def _attested(args: argparse.Namespace, source: Any) -> tuple[Any, Any]:
 
     root, pcrs = _trust(args)
     now = _now()
-    attested = fetch_attested_checkpoint(source, root=root, now=now, nonce=os.urandom(32), expected_pcrs=pcrs,
-                                         allow_debug=args.allow_debug, origin=args.origin)
-    consistency = check_remembered(_store(args), checkpoint=attested.checkpoint, note=attested.note,
-                                   log_key=attested.binding.log_key, now=now, source=source)
+    attested = fetch_attested_checkpoint(
+        source,
+        root=root,
+        now=now,
+        nonce=os.urandom(32),
+        expected_pcrs=pcrs,
+        allow_debug=args.allow_debug,
+        origin=args.origin,
+    )
+    consistency = check_remembered(
+        _store(args),
+        checkpoint=attested.checkpoint,
+        note=attested.note,
+        log_key=attested.binding.log_key,
+        now=now,
+        source=source,
+    )
     return attested, consistency
 
 
@@ -275,9 +362,18 @@ def _checkpoint(args: argparse.Namespace) -> int:
     cp = attested.checkpoint
     root_name = _trust(args)[0].name
     if args.json:
-        _emit({"verified": True, "origin": cp.origin, "size": cp.size, "root": _b64(cp.root_hash),
-               "extensions": list(cp.extensions), "note": attested.note.decode("utf-8"),
-               "attestation": _attestation_json(attested, root_name), "consistency": _consistency_json(consistency)})
+        _emit(
+            {
+                "verified": True,
+                "origin": cp.origin,
+                "size": cp.size,
+                "root": _b64(cp.root_hash),
+                "extensions": list(cp.extensions),
+                "note": attested.note.decode("utf-8"),
+                "attestation": _attestation_json(attested, root_name),
+                "consistency": _consistency_json(consistency),
+            }
+        )
         return EXIT_OK
     doc = attested.document
     print(f"checkpoint verified: {cp.origin}")
@@ -285,8 +381,10 @@ def _checkpoint(args: argparse.Namespace) -> int:
     for ext in cp.extensions:
         print(f"  extension: {ext}")
     print(f"  signed by {attested.binding.log_verifier().vkey}")
-    print(f"  attested for a fresh nonce by enclave {doc.module_id}, PCR0 {doc.pcrs.get(0, b'').hex()}, "
-          f"at {doc.timestamp.isoformat(timespec='seconds')}, trust root {root_name}")
+    print(
+        f"  attested for a fresh nonce by enclave {doc.module_id}, PCR0 {doc.pcrs.get(0, b'').hex()}, "
+        f"at {doc.timestamp.isoformat(timespec='seconds')}, trust root {root_name}"
+    )
     print(f"  {_consistency_line(consistency)}")
     return EXIT_OK
 
@@ -370,23 +468,34 @@ def _check_grant(claims: Any, grant: bytes, leaf: bytes, entry: Any, attested: A
     index = claims.log_index
     # 1. The grant names this very entry (its leaf hash), not just its index.
     if claims.entry_hash != leaf:
-        raise VerificationError(f"entry {index}'s leaf hash {_b64(leaf)} is not the grant's entry hash "
-                                f"{_b64(claims.entry_hash)}")
+        raise VerificationError(
+            f"entry {index}'s leaf hash {_b64(leaf)} is not the grant's entry hash {_b64(claims.entry_hash)}"
+        )
     # 2. It is a decision that issued a grant.
     if not isinstance(entry, DecisionEntry) or entry.grant_nonce is None:
         raise VerificationError(f"entry {index} is not a decision that issued a grant")
     # 3. Field by field, the decision is the grant's.
-    pairs = [("agent", entry.agent, claims.agent), ("server", entry.server, claims.server),
-             ("tool", entry.tool, claims.tool), ("args_sha256", entry.args_sha256, claims.args_sha256),
-             ("nonce", entry.grant_nonce, claims.nonce), ("expiry", entry.grant_expiry_ms, claims.expires_ms),
-             ("policy_sha256", entry.policy_sha256, claims.policy_sha256)]
+    pairs = [
+        ("agent", entry.agent, claims.agent),
+        ("server", entry.server, claims.server),
+        ("tool", entry.tool, claims.tool),
+        ("args_sha256", entry.args_sha256, claims.args_sha256),
+        ("nonce", entry.grant_nonce, claims.nonce),
+        ("expiry", entry.grant_expiry_ms, claims.expires_ms),
+        ("policy_sha256", entry.policy_sha256, claims.policy_sha256),
+    ]
     for name, logged, granted in pairs:
         if logged != granted:
             raise VerificationError(f"entry {index} and the grant differ in {name}")
     # 4. The signature, when the running enclave issued it (older grant keys are in key entries).
     signature = _grant_signature(grant, attested)
-    return {"entry_hash": "matches", "decision": entry.decision, "mode": entry.mode, "fields": "match",
-            "signature": signature}
+    return {
+        "entry_hash": "matches",
+        "decision": entry.decision,
+        "mode": entry.mode,
+        "fields": "match",
+        "signature": signature,
+    }
 
 
 def _grant_signature(grant: bytes, attested: Any) -> str:
@@ -425,8 +534,9 @@ def _check_bodies(source: Any, index: int, entry: Any) -> dict[str, Any]:
         return {kind: {"status": "not retained"}}
     body = parse_json(data, what=path, max_bytes=MAX_BODY)
     if canonical_sha256(body) != want:
-        raise VerificationError(f"{path}: the body's SHA-256 (RFC 8785 canonical JSON) is not the one entry {index} "
-                                "commits to")
+        raise VerificationError(
+            f"{path}: the body's SHA-256 (RFC 8785 canonical JSON) is not the one entry {index} commits to"
+        )
     return {kind: {"status": "verified", "body": body}}
 
 
@@ -444,8 +554,18 @@ def _consistency(args: argparse.Namespace) -> int:
         raise _Usage(f"need --from ({args.size_from}) <= --to ({size_to}) <= the checkpoint's size ({cp.size})")
     p = prove_consistency(source, cp, args.size_from, size_to)
     if args.json:
-        _emit({"consistent": True, "origin": cp.origin, "checkpoint_size": cp.size, "from": p.size1, "to": p.size2,
-               "root_from": _b64(p.root1), "root_to": _b64(p.root2), "proof": [_b64(h) for h in p.proof]})
+        _emit(
+            {
+                "consistent": True,
+                "origin": cp.origin,
+                "checkpoint_size": cp.size,
+                "from": p.size1,
+                "to": p.size2,
+                "root_from": _b64(p.root1),
+                "root_to": _b64(p.root2),
+                "proof": [_b64(h) for h in p.proof],
+            }
+        )
         return EXIT_OK
     print(f"log {cp.origin}, attested checkpoint of size {cp.size}")
     print(f"  root at {p.size1}: {_b64(p.root1)}")
@@ -489,10 +609,20 @@ def _replay(args: argparse.Namespace) -> int:
             accepted = frozenset(bytes.fromhex(h) for h in args.accept_pcr0)
         except ValueError as exc:
             raise _Usage(f"--accept-pcr0: not hex: {exc}") from exc
-        replayed = replay_log(spec, now=now, nonce=os.urandom(32), root=root, expected_pcrs=pcrs,
-                              accepted_pcr0=accepted,
-                              allow_debug=args.allow_debug, origin=args.origin, generic_keys=keys,
-                              remembered=store.load if store is not None else None, jobs=jobs, progress=progress)
+        replayed = replay_log(
+            spec,
+            now=now,
+            nonce=os.urandom(32),
+            root=root,
+            expected_pcrs=pcrs,
+            accepted_pcr0=accepted,
+            allow_debug=args.allow_debug,
+            origin=args.origin,
+            generic_keys=keys,
+            remembered=store.load if store is not None else None,
+            jobs=jobs,
+            progress=progress,
+        )
     except ValueError as exc:
         from cloister.verify.errors import DecodeError
 
@@ -511,18 +641,35 @@ def _replay(args: argparse.Namespace) -> int:
         prefix = result.prefix_roots.get(old.size) if old is not None else None
         # The replay recomputed the prefix root at the remembered size; no tile proof is needed.
         fallback = None if prefix is not None else _source(args, url_only=False)
-        consistency = check_remembered(store, checkpoint=cp, note=replayed.note, log_key=result.last_key.log_key,
-                                       now=now, prefix_root=prefix, source=fallback)
+        consistency = check_remembered(
+            store,
+            checkpoint=cp,
+            note=replayed.note,
+            log_key=result.last_key.log_key,
+            now=now,
+            prefix_root=prefix,
+            source=fallback,
+        )
     if args.json:
         out = replay_json(result, checkpoint_root=cp.root_hash, rate=rate)
-        out.update({"origin": cp.origin, "verified": replayed.ok, "signed_by": replayed.signer,
-                    "consistency": _consistency_json(consistency) if consistency else None})
+        out.update(
+            {
+                "origin": cp.origin,
+                "verified": replayed.ok,
+                "signed_by": replayed.signer,
+                "consistency": _consistency_json(consistency) if consistency else None,
+            }
+        )
         _emit(out)
     else:
-        print(f"log {cp.origin}: {cp.size:,} entries replayed in {elapsed:.2f}s"
-              + (f" ({rate:,.0f} entries/s)" if rate else ""))
-        print(f"  root {_b64(result.root) if result.root else '(not recomputable)'}; "
-              f"checkpoint {'signed by ' + replayed.signer if replayed.signer else 'NOT VERIFIED'}")
+        print(
+            f"log {cp.origin}: {cp.size:,} entries replayed in {elapsed:.2f}s"
+            + (f" ({rate:,.0f} entries/s)" if rate else "")
+        )
+        print(
+            f"  root {_b64(result.root) if result.root else '(not recomputable)'}; "
+            f"checkpoint {'signed by ' + replayed.signer if replayed.signer else 'NOT VERIFIED'}"
+        )
         if consistency is not None:
             print(f"  {_consistency_line(consistency)}")
         text = replay_text(result)
@@ -533,8 +680,11 @@ def _replay(args: argparse.Namespace) -> int:
             print(f"PROBLEM: {p}", file=sys.stderr)
         if result.problem_count > len(result.problems):
             print(f"... and {result.problem_count - len(result.problems)} more problems", file=sys.stderr)
-        print(f"cloister audit replay: FAILED: {result.problem_count} problem(s)"
-              + ("" if replayed.verified else "; the checkpoint is not verified"), file=sys.stderr)
+        print(
+            f"cloister audit replay: FAILED: {result.problem_count} problem(s)"
+            + ("" if replayed.verified else "; the checkpoint is not verified"),
+            file=sys.stderr,
+        )
         return EXIT_BAD
     print("replay verified: every entry decodes, the tree matches the signed checkpoint", file=sys.stderr)
     return EXIT_OK
@@ -547,8 +697,11 @@ def _verifier_keys(specs: list[str]) -> list[Any]:
     texts: list[str] = []
     for spec in specs:
         if spec.startswith("@"):
-            texts += [line.strip() for line in _read_input(spec[1:], "key file").decode("utf-8", "replace").splitlines()
-                      if line.strip() and not line.startswith("#")]
+            texts += [
+                line.strip()
+                for line in _read_input(spec[1:], "key file").decode("utf-8", "replace").splitlines()
+                if line.strip() and not line.startswith("#")
+            ]
         else:
             texts.append(spec.strip())
     keys = []
@@ -574,12 +727,19 @@ def _receipt(args: argparse.Namespace) -> int:
     source = _source(args)
     attested, _ = _attested(args, source)
     proof = prove_inclusion(source, attested.checkpoint, args.index)
-    receipt = make_receipt(index=args.index, proof=proof.proof, checkpoint_note=attested.note,
-                           entry=proof.entry.data, attestation=attested.document_bytes)
+    receipt = make_receipt(
+        index=args.index,
+        proof=proof.proof,
+        checkpoint_note=attested.note,
+        entry=proof.entry.data,
+        attestation=attested.document_bytes,
+    )
     sys.stdout.buffer.write(receipt)
     sys.stdout.flush()
-    print(f"receipt for entry {args.index} of {attested.checkpoint.origin} (checkpoint size "
-          f"{attested.checkpoint.size})", file=sys.stderr)
+    print(
+        f"receipt for entry {args.index} of {attested.checkpoint.origin} (checkpoint size {attested.checkpoint.size})",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -598,16 +758,22 @@ def _verify_receipt(args: argparse.Namespace) -> int:
         "checkpoint_size": r.checkpoint.size,
         "root": _b64(r.checkpoint.root_hash),
         "signed_by": r.binding.log_verifier().vkey,
-        "attestation": {"module_id": doc.module_id, "timestamp": doc.timestamp.isoformat(),
-                        "pcr0": doc.pcrs.get(0, b"").hex(), "trust_root": root.name},
+        "attestation": {
+            "module_id": doc.module_id,
+            "timestamp": doc.timestamp.isoformat(),
+            "pcr0": doc.pcrs.get(0, b"").hex(),
+            "trust_root": root.name,
+        },
         "entry": entry_json(r.entry, r.index),
     }
     if args.json:
         _emit(out)
     else:
         print(f"receipt verified: entry {r.index} of {r.checkpoint.origin} (checkpoint size {r.checkpoint.size})")
-        print(f"  signed by {out['signed_by']}, attested by enclave {doc.module_id} (PCR0 "
-              f"{doc.pcrs.get(0, b'').hex()[:24]}...) at {doc.timestamp.isoformat(timespec='seconds')}")
+        print(
+            f"  signed by {out['signed_by']}, attested by enclave {doc.module_id} (PCR0 "
+            f"{doc.pcrs.get(0, b'').hex()[:24]}...) at {doc.timestamp.isoformat(timespec='seconds')}"
+        )
         print(json.dumps(out["entry"], indent=2, ensure_ascii=False))
     return EXIT_OK
 
@@ -627,8 +793,12 @@ def _verify_note(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"verified": True, "signed_by": signers, "signatures": len(verified.note.signatures)}
     try:
         cp = parse_checkpoint(verified.text)
-        out["checkpoint"] = {"origin": cp.origin, "size": cp.size, "root": _b64(cp.root_hash),
-                             "extensions": list(cp.extensions)}
+        out["checkpoint"] = {
+            "origin": cp.origin,
+            "size": cp.size,
+            "root": _b64(cp.root_hash),
+            "extensions": list(cp.extensions),
+        }
     except DecodeError:
         out["checkpoint"] = None  # a note, not a checkpoint: fine
     if args.json:

@@ -27,87 +27,131 @@ from typing import Any
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "policy", help="validate, sign, push, diff and explain policy bundles",
+        "policy",
+        help="validate, sign, push, diff and explain policy bundles",
         description="Policy bundles: validate, sign, push to a relay, compare, and explain decisions offline. "
-        "See docs/policy.md.")
+        "See docs/policy.md.",
+    )
     verbs = p.add_subparsers(dest="policy_verb", metavar="VERB", required=True)
 
-    v = verbs.add_parser("validate", help="check a bundle directory as the enclave will, with file and line",
-                         description="Check a bundle directory: exit 0 if valid, 1 if not (every problem is listed "
-                         "as FILE:LINE[:COL]: error|warning: MESSAGE), 2 if DIR cannot be read.")
+    v = verbs.add_parser(
+        "validate",
+        help="check a bundle directory as the enclave will, with file and line",
+        description="Check a bundle directory: exit 0 if valid, 1 if not (every problem is listed "
+        "as FILE:LINE[:COL]: error|warning: MESSAGE), 2 if DIR cannot be read.",
+    )
     v.add_argument("dir", type=Path, metavar="DIR")
     v.add_argument("--strict", action="store_true", help="fail on warnings too")
     v.add_argument("--json", action="store_true", help="print findings and summary as JSON")
     v.set_defaults(handler=_validate)
 
-    sc = verbs.add_parser("schema", help="print a Cedar schema generated from the bundle's entities",
-                          description="Print the Cedar schema `validate` uses when the bundle has no "
-                          "schema.cedarschema: a starting point to save as schema.cedarschema.")
+    sc = verbs.add_parser(
+        "schema",
+        help="print a Cedar schema generated from the bundle's entities",
+        description="Print the Cedar schema `validate` uses when the bundle has no "
+        "schema.cedarschema: a starting point to save as schema.cedarschema.",
+    )
     sc.add_argument("dir", type=Path, metavar="DIR")
     sc.set_defaults(handler=_schema)
 
-    k = verbs.add_parser("keygen", help="create an admin key pair for signing bundles",
-                         description="Write an Ed25519 admin key: FILE (private, PEM, mode 0600) and FILE.pub "
-                         "(public, PEM), and print the hex to pin in the enclave's admin_keys.")
+    k = verbs.add_parser(
+        "keygen",
+        help="create an admin key pair for signing bundles",
+        description="Write an Ed25519 admin key: FILE (private, PEM, mode 0600) and FILE.pub "
+        "(public, PEM), and print the hex to pin in the enclave's admin_keys.",
+    )
     k.add_argument("--out", type=Path, required=True, metavar="FILE")
     k.set_defaults(handler=_keygen)
 
-    s = verbs.add_parser("sign", help="validate a bundle directory, then sign it with an admin key",
-                         description="Validate DIR (an invalid bundle is not signed: exit 1), sign it with the "
-                         "admin key as version N, and write the signed bundle to BUNDLE.")
+    s = verbs.add_parser(
+        "sign",
+        help="validate a bundle directory, then sign it with an admin key",
+        description="Validate DIR (an invalid bundle is not signed: exit 1), sign it with the "
+        "admin key as version N, and write the signed bundle to BUNDLE.",
+    )
     s.add_argument("dir", type=Path, metavar="DIR")
     s.add_argument("--key", type=Path, required=True, metavar="ADMIN_KEY", help="Ed25519 private key (PEM)")
-    s.add_argument("--version", type=int, required=True, metavar="N",
-                   help="the bundle version: above the one in force, or the enclave refuses it")
+    s.add_argument(
+        "--version",
+        type=int,
+        required=True,
+        metavar="N",
+        help="the bundle version: above the one in force, or the enclave refuses it",
+    )
     s.add_argument("--out", type=Path, required=True, metavar="BUNDLE")
     s.add_argument("--json", action="store_true")
     s.set_defaults(handler=_sign)
 
-    u = verbs.add_parser("push", help="send a signed bundle to a relay, for its enclave to load",
-                         description="POST BUNDLE to <URL>/admin/policy. Exit 0 when the enclave put it in force, "
-                         "1 when it refused (the reason is printed), 3 when the relay or the enclave is unreachable.")
+    u = verbs.add_parser(
+        "push",
+        help="send a signed bundle to a relay, for its enclave to load",
+        description="POST BUNDLE to <URL>/admin/policy. Exit 0 when the enclave put it in force, "
+        "1 when it refused (the reason is printed), 3 when the relay or the enclave is unreachable.",
+    )
     u.add_argument("bundle", type=Path, metavar="BUNDLE")
     u.add_argument("--relay", required=True, metavar="URL", help="the relay's base URL, e.g. http://127.0.0.1:8440")
     u.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait (default 30)")
     u.add_argument("--json", action="store_true")
     u.set_defaults(handler=_push)
 
-    pn = verbs.add_parser("pin", help="print the current tool-definition pins of an upstream, for entities.toml",
-                          description="Ask a relay for the SHA-256 of each tool definition an upstream lists now "
-                          "(name, description, input schema, annotations) and print a `pins = {...}` line to "
-                          "paste under [servers.NAME] in entities.toml. Review the tools before pinning them: "
-                          "the relay is not trusted, the enclave recomputes the hashes when it checks pins.")
+    pn = verbs.add_parser(
+        "pin",
+        help="print the current tool-definition pins of an upstream, for entities.toml",
+        description="Ask a relay for the SHA-256 of each tool definition an upstream lists now "
+        "(name, description, input schema, annotations) and print a `pins = {...}` line to "
+        "paste under [servers.NAME] in entities.toml. Review the tools before pinning them: "
+        "the relay is not trusted, the enclave recomputes the hashes when it checks pins.",
+    )
     pn.add_argument("--relay", required=True, metavar="URL", help="the relay's base URL")
     pn.add_argument("--server", required=True, metavar="NAME", help="the upstream's name")
     pn.add_argument("--tool", action="append", default=[], metavar="TOOL", help="pin only these tools (repeatable)")
     pn.set_defaults(handler=_pin)
 
-    d = verbs.add_parser("diff", help="compare two bundles (directories or signed files)",
-                         description="Show versions, a summary of what changes in meaning (policies by @id, "
-                         "entities, limits, settings) and a unified diff per file. Exit 0 if identical, 1 if not.")
+    d = verbs.add_parser(
+        "diff",
+        help="compare two bundles (directories or signed files)",
+        description="Show versions, a summary of what changes in meaning (policies by @id, "
+        "entities, limits, settings) and a unified diff per file. Exit 0 if identical, 1 if not.",
+    )
     d.add_argument("old", type=Path, metavar="OLD")
     d.add_argument("new", type=Path, metavar="NEW")
     d.add_argument("--json", action="store_true")
     d.set_defaults(handler=_diff)
 
-    e = verbs.add_parser("explain", help="decide one call offline and show why",
-                         description="Evaluate a call with the enclave's own policy engine: the decision, the "
-                         "policies that made it, discovery, and the limits that apply with this call's cost. "
-                         "Exit 0 if allowed, 1 if denied, 2 for bad arguments or a bundle that does not parse.")
+    e = verbs.add_parser(
+        "explain",
+        help="decide one call offline and show why",
+        description="Evaluate a call with the enclave's own policy engine: the decision, the "
+        "policies that made it, discovery, and the limits that apply with this call's cost. "
+        "Exit 0 if allowed, 1 if denied, 2 for bad arguments or a bundle that does not parse.",
+    )
     e.add_argument("--bundle", type=Path, required=True, metavar="DIR|BUNDLE")
     e.add_argument("--agent", required=True)
-    e.add_argument("--role", action="append", default=[], metavar="R",
-                   help="a role the token claims (repeatable; default: every role the bundle grants the agent)")
+    e.add_argument(
+        "--role",
+        action="append",
+        default=[],
+        metavar="R",
+        help="a role the token claims (repeatable; default: every role the bundle grants the agent)",
+    )
     e.add_argument("--server", required=True)
     e.add_argument("--tool", required=True)
     e.add_argument("--args", default="{}", metavar="JSON|@FILE", help="the tool arguments (default {})")
     e.add_argument("--at", default=None, metavar="ISO8601", help="the time of the call (default now)")
-    e.add_argument("--attestation", default=None, metavar="LEVEL",
-                   help="resource.attestation for the server (default: the identity kind the bundle pins for it, "
-                   "as if its evidence had verified); a server that pins an identity and is at another level, such "
-                   "as 'unverified', is quarantined, as in the enclave")
-    e.add_argument("--payment", default="", metavar="AMOUNT",
-                   help="the x402 payment the call carries (charged against x402 spend caps when it is decided)")
+    e.add_argument(
+        "--attestation",
+        default=None,
+        metavar="LEVEL",
+        help="resource.attestation for the server (default: the identity kind the bundle pins for it, "
+        "as if its evidence had verified); a server that pins an identity and is at another level, such "
+        "as 'unverified', is quarantined, as in the enclave",
+    )
+    e.add_argument(
+        "--payment",
+        default="",
+        metavar="AMOUNT",
+        help="the x402 payment the call carries (charged against x402 spend caps when it is decided)",
+    )
     e.add_argument("--json", action="store_true")
     e.set_defaults(handler=_explain)
 
@@ -121,6 +165,7 @@ def _dump(obj: Any) -> None:
 
 
 # ---- validate / schema -----------------------------------------------------------------------
+
 
 def _read_dir(args: argparse.Namespace) -> dict[str, bytes] | None:
     """The bundle directory's files, or None after saying why they cannot be read."""
@@ -141,8 +186,14 @@ def _validate(args: argparse.Namespace) -> int:
     v = validate_files(files)
     failed = not v.ok or (args.strict and bool(v.warnings))
     if args.json:
-        _dump({"findings": [f.as_json() for f in v.findings], "summary": v.summary(), "strict": args.strict,
-               "valid": not failed})
+        _dump(
+            {
+                "findings": [f.as_json() for f in v.findings],
+                "summary": v.summary(),
+                "strict": args.strict,
+                "valid": not failed,
+            }
+        )
         return 1 if failed else 0
     for f in v.findings:
         print(f)
@@ -186,6 +237,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 # ---- keys, signing, pushing ----------------------------------------------------------------------
 
+
 def _keygen(args: argparse.Namespace) -> int:
     from cloister.policytools.signing import keygen
     from cloister.policytools.source import InputError
@@ -198,7 +250,7 @@ def _keygen(args: argparse.Namespace) -> int:
     print(f"private key: {info.private_path} (mode 0600; keep it offline)")
     print(f"public key:  {info.public_path}")
     print(f"key id:      {info.key_id}")
-    print(f"pin it in the enclave's config: admin_keys = [\"{info.public_hex}\"]")
+    print(f'pin it in the enclave\'s config: admin_keys = ["{info.public_hex}"]')
     return 0
 
 
@@ -225,16 +277,24 @@ def _sign(args: argparse.Namespace) -> int:
         _err(args, f"not signed: {args.dir} has {len(validation.errors)} error(s)")
         return 1
     if args.json:
-        _dump({"out": str(signed.out), "version": signed.version, "bundle_sha256": signed.sha256,
-               "admin_key_id": signed.key_id, "admin_public_key": signed.public_hex, "bytes": signed.size,
-               "warnings": [f.as_json() for f in validation.warnings]})
+        _dump(
+            {
+                "out": str(signed.out),
+                "version": signed.version,
+                "bundle_sha256": signed.sha256,
+                "admin_key_id": signed.key_id,
+                "admin_public_key": signed.public_hex,
+                "bytes": signed.size,
+                "warnings": [f.as_json() for f in validation.warnings],
+            }
+        )
         return 0
     for f in validation.warnings:
         print(f, file=sys.stderr)
     print(f"signed {args.dir} -> {signed.out} ({signed.size} bytes)")
     print(f"  version:    {signed.version}")
     print(f"  sha256:     {signed.sha256}  (the enclave logs it with every decision)")
-    print(f"  admin key:  {signed.key_id}  (the enclave must pin admin_keys = [\"{signed.public_hex}\"])")
+    print(f'  admin key:  {signed.key_id}  (the enclave must pin admin_keys = ["{signed.public_hex}"])')
     return 0
 
 
@@ -268,8 +328,9 @@ def _pin(args: argparse.Namespace) -> int:
         print(f"cloister policy pin: {args.server!r} does not list {', '.join(missing)}", file=sys.stderr)
         return 1
     chosen = {t: pins[t] for t in (args.tool or sorted(pins))}
-    inner = ", ".join(f'"{t}" = "{h}"' if not t.replace("_", "").isalnum() else f'{t} = "{h}"'
-                      for t, h in chosen.items())
+    inner = ", ".join(
+        f'"{t}" = "{h}"' if not t.replace("_", "").isalnum() else f'{t} = "{h}"' for t, h in chosen.items()
+    )
     print(f"# [servers.{args.server}] in entities.toml; review these tool definitions before pinning them")
     print(f"pins = {{ {inner} }}")
     return 0
@@ -289,8 +350,15 @@ def _push(args: argparse.Namespace) -> int:
         _err(args, str(exc))
         return 1
     if args.json:
-        _dump({"outcome": result.outcome, "message": result.message, "version": result.version,
-               "bundle_sha256": result.sha256, "http_status": result.http_status})
+        _dump(
+            {
+                "outcome": result.outcome,
+                "message": result.message,
+                "version": result.version,
+                "bundle_sha256": result.sha256,
+                "http_status": result.http_status,
+            }
+        )
         return result.exit_code
     if result.outcome == "in-force":
         print(f"in force: version {result.version}, sha256 {result.sha256}")
@@ -302,6 +370,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 # ---- diff, explain ---------------------------------------------------------------------------------
+
 
 def _diff(args: argparse.Namespace) -> int:
     from cloister.policytools.diff import diff_bundles, render
@@ -340,8 +409,17 @@ def _explain(args: argparse.Namespace) -> int:
             print(f, file=sys.stderr)
         _err(args, f"{args.bundle} does not parse; nothing to explain")
         return 2
-    ex = explain(validation, agent=args.agent, roles=args.role or None, server=args.server, tool=args.tool,
-                 arguments_json=arguments, at=at, attestation=args.attestation, payment=args.payment)
+    ex = explain(
+        validation,
+        agent=args.agent,
+        roles=args.role or None,
+        server=args.server,
+        tool=args.tool,
+        arguments_json=arguments,
+        at=at,
+        attestation=args.attestation,
+        payment=args.payment,
+    )
     ex.notes.insert(0, f"bundle: {src.describe()}" + ("; its signature is not checked here" if src.signed else ""))
     if args.json:
         _dump(ex.as_json())

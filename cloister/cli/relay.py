@@ -11,7 +11,8 @@ from typing import Any
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "relay", help="run the relay: MCP at /mcp for agents, the log at /log for auditors")
+        "relay", help="run the relay: MCP at /mcp for agents, the log at /log for auditors"
+    )
     p.add_argument("--config", required=True, type=Path, metavar="FILE", help="relay configuration (TOML)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     p.set_defaults(handler=_run)
@@ -27,8 +28,11 @@ def _run(args: argparse.Namespace) -> int:
 
     # See enclave/__main__.py: the parent-side bridge's threads wait less for the GIL.
     sys.setswitchinterval(float(os.environ.get("CLOISTER_SWITCH_INTERVAL", "0.0005")))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s relay %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s relay %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("httpx", "httpx2", "mcp", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from cloister.verify.errors import CloisterError

@@ -32,8 +32,10 @@ def _issue(args: argparse.Namespace) -> int:
         return 2
     state = DevState((args.state or default_state_dir()).resolve())
     if not (state.root / "keys" / "issuer.key").exists():
-        print(f"cloister token issue: no dev issuer key in {state.root}/keys; run `cloister up` first "
-              "(or pass --state)", file=sys.stderr)
+        print(
+            f"cloister token issue: no dev issuer key in {state.root}/keys; run `cloister up` first (or pass --state)",
+            file=sys.stderr,
+        )
         return 2
     print(state.mint_token(args.agent, args.role, args.ttl))
     return 0

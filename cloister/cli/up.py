@@ -25,11 +25,13 @@ EXAMPLE_AGENTS = {"refund-bot": ["refund-agent"], "research-bot": ["research-age
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("up", help="run the embedded default: enclave (mock NSM), relay, "
-                                                           "example servers")
+    p: argparse.ArgumentParser = sub.add_parser(
+        "up", help="run the embedded default: enclave (mock NSM), relay, example servers"
+    )
     p.add_argument("--state", type=Path, default=None, help="state directory (default .cloister or $CLOISTER_STATE)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="a relay config whose [[upstreams]] replace the example servers")
+    p.add_argument(
+        "--config", type=Path, default=None, help="a relay config whose [[upstreams]] replace the example servers"
+    )
     p.add_argument("--bundle", type=Path, default=None, help="a policy bundle directory (default: the example)")
     p.add_argument("--host", default="127.0.0.1", help="address the relay listens on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8440, help="relay port (default 8440; 0 picks a free one)")
@@ -46,11 +48,13 @@ class Stack:
         self.log_dir = log_dir
         self.stopping = threading.Event()
 
-    def start(self, name: str, argv: list[str], *, ready_line: bool = False,
-              critical: bool = True) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], *, ready_line: bool = False, critical: bool = True
+    ) -> subprocess.Popen[bytes]:
         logf = (self.log_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE if ready_line else logf, stderr=logf,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE if ready_line else logf, stderr=logf, start_new_session=True
+        )
         self.procs.append((name, proc))
         if not critical:
             # Upstream servers may be restarted or redeployed under us; the relay copes with that.
@@ -156,18 +160,50 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     try:
-        enclave = stack.start("enclave", [py, "-m", "cloister.dev.enclave",
-                                          "--listen", f"unix:{state.run_dir / 'enclave.vsock'}",
-                                          "--config", str(state.enclave_config), "--mock-nsm",
-                                          str(state.mock_nsm_dir)], ready_line=True)
+        enclave = stack.start(
+            "enclave",
+            [
+                py,
+                "-m",
+                "cloister.dev.enclave",
+                "--listen",
+                f"unix:{state.run_dir / 'enclave.vsock'}",
+                "--config",
+                str(state.enclave_config),
+                "--mock-nsm",
+                str(state.mock_nsm_dir),
+            ],
+            ready_line=True,
+        )
         ready = _wait_ready_line(enclave, 60)
-        refunds_argv = [py, "-m", "cloister.dev.examples.refunds", "--port", str(refunds_port), "--trust-root",
-                        str(state.mock_root), "--expect-pcr0", pcr0, "--mock-nsm", str(state.mock_nsm_dir)]
+        refunds_argv = [
+            py,
+            "-m",
+            "cloister.dev.examples.refunds",
+            "--port",
+            str(refunds_port),
+            "--trust-root",
+            str(state.mock_root),
+            "--expect-pcr0",
+            pcr0,
+            "--mock-nsm",
+            str(state.mock_nsm_dir),
+        ]
         if refunds_port:
             refunds = stack.start("refunds", refunds_argv, critical=False)
             _wait_port(refunds_port, 30, stack)
-        stack.start("relay", [py, "-m", "cloister.cli", "relay", "--config", str(state.relay_config),
-                          *(["-v"] if os.environ.get("CLOISTER_DEBUG") else [])])
+        stack.start(
+            "relay",
+            [
+                py,
+                "-m",
+                "cloister.cli",
+                "relay",
+                "--config",
+                str(state.relay_config),
+                *(["-v"] if os.environ.get("CLOISTER_DEBUG") else []),
+            ],
+        )
         _wait_http(f"http://127.0.0.1:{relay_port}/healthz", 90, stack)
     except (RuntimeError, OSError) as exc:
         print(f"cloister up: {exc}", file=sys.stderr)
@@ -180,20 +216,28 @@ def _run(args: argparse.Namespace) -> int:
     for agent, roles in EXAMPLE_AGENTS.items():
         tokens[agent] = state.mint_token(agent, roles, args.token_ttl)
         (tokens_dir / f"{agent}.jwt").write_text(tokens[agent] + "\n")
-    info = {"mcp_url": f"{public}/mcp", "log_url": f"{public}/log", "attestation_url": f"{public}/attestation",
-            "trust_root": str(state.mock_root), "pcr0": pcr0, "origin": ready.get("origin"),
-            "refunds_url": f"http://127.0.0.1:{refunds_port}/mcp" if refunds_port else None,
-            "refunds_pid": refunds.pid if refunds_port else None, "refunds_argv": refunds_argv[1:],
-            "state": str(state.root), "tokens": {a: str(tokens_dir / f"{a}.jwt") for a in tokens}}
+    info = {
+        "mcp_url": f"{public}/mcp",
+        "log_url": f"{public}/log",
+        "attestation_url": f"{public}/attestation",
+        "trust_root": str(state.mock_root),
+        "pcr0": pcr0,
+        "origin": ready.get("origin"),
+        "refunds_url": f"http://127.0.0.1:{refunds_port}/mcp" if refunds_port else None,
+        "refunds_pid": refunds.pid if refunds_port else None,
+        "refunds_argv": refunds_argv[1:],
+        "state": str(state.root),
+        "tokens": {a: str(tokens_dir / f"{a}.jwt") for a in tokens},
+    }
     (state.root / "up.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"""Cloister is up (mock NSM: for development only). State: {state.root}
 
-  Agents' MCP endpoint   {info['mcp_url']}
-  Log (C2SP tlog-tiles)  {info['log_url']}/
+  Agents' MCP endpoint   {info["mcp_url"]}
+  Log (C2SP tlog-tiles)  {info["log_url"]}/
   Attestation            {public}/attestation?nonce=<hex>
   Mock trust root        {state.mock_root}
   Enclave PCR0           {pcr0}
-  Log origin             {info['origin']}
+  Log origin             {info["origin"]}
 """)
     if refunds_port:
         print(f"  Upstream 'refunds'     {info['refunds_url']} (mock Nitro enclave; verifies grants)")
@@ -201,10 +245,13 @@ def _run(args: argparse.Namespace) -> int:
     print("  Tokens (send as 'Authorization: Bearer <token>'):")
     for agent, token in tokens.items():
         print(f"    {agent:13} {token}")
-    print(f"""
-  Audit the log:  cloister audit checkpoint --log {info['log_url']} --trust-root {state.mock_root} \\
+    print(
+        f"""
+  Audit the log:  cloister audit checkpoint --log {info["log_url"]} --trust-root {state.mock_root} \\
                     --expect-pcr 0={pcr0}
-Logs of each process are in {logs}. Press Ctrl-C to stop.""", flush=True)
+Logs of each process are in {logs}. Press Ctrl-C to stop.""",
+        flush=True,
+    )
     while not stopping.is_set():
         if (why := stack.dead()) is not None:
             print(f"cloister up: {why}; stopping everything", file=sys.stderr)
@@ -228,7 +275,3 @@ def _wait_port(port: int, timeout: float, stack: Stack) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listens on port {port} after {timeout:g}s")
-
-
-
-

@@ -24,15 +24,22 @@ log = logging.getLogger("enclave")
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser: argparse.ArgumentParser = build_parser()
-    parser.add_argument("--mock-nsm", type=Path, metavar="DIR", required=True,
-                        help="use a software NSM whose CA lives in DIR instead of /dev/nsm "
-                             "(not secure: CI and laptops)")
+    parser.add_argument(
+        "--mock-nsm",
+        type=Path,
+        metavar="DIR",
+        required=True,
+        help="use a software NSM whose CA lives in DIR instead of /dev/nsm (not secure: CI and laptops)",
+    )
     args = parser.parse_args(argv)
 
     def mock_nsm(config: EnclaveConfig) -> tuple[Nsm, dict[int, bytes]]:
         pcrs = mock_pcrs(config.raw)
-        log.warning("MOCK NSM in use: attestation documents are signed by the local CA in %s, not by AWS. "
-                    "Never use this mode for real workloads.", args.mock_nsm)
+        log.warning(
+            "MOCK NSM in use: attestation documents are signed by the local CA in %s, not by AWS. "
+            "Never use this mode for real workloads.",
+            args.mock_nsm,
+        )
         return MockNsm(args.mock_nsm, pcrs), pcrs
 
     return run(args.listen, args.config, workers=args.workers, nsm_factory=mock_nsm, mock=True)

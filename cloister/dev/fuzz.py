@@ -237,14 +237,88 @@ def make_target(name: str, fx: Fixtures) -> Target:
 
 # ---- byte-level mutations -----------------------------------------------------------------------------
 
-_INTERESTING_BYTES: Final = (0x00, 0x01, 0x09, 0x0A, 0x0D, 0x20, 0x22, 0x2B, 0x2E, 0x2F, 0x3A, 0x3D, 0x5C, 0x7F,
-                             0x80, 0xBF, 0xC0, 0xE2, 0xED, 0xF4, 0xF8, 0xFE, 0xFF)
-_INTERESTING_INTS: Final = (0, 1, 2, 23, 24, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF,
-                            0x80000000, 0xFFFFFFFF, 1 << 32, (1 << 53) + 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1)
-_DECIMALS: Final = ("0", "-0", "00", "01", "-1", "+1", "1.0", "1e3", "255", "256", "65535", "65536", "4294967296",
-                    "9007199254740993", "9223372036854775807", "9223372036854775808", "18446744073709551615",
-                    "18446744073709551616", "99999999999999999999999", "1" + "0" * 300, "9" * 4301, "1e999",
-                    "-1e999", "1e-999", "NaN", "Infinity", "0x10", "\uff11", "\u00b2", "\u0661", "1_000", " 1")
+_INTERESTING_BYTES: Final = (
+    0x00,
+    0x01,
+    0x09,
+    0x0A,
+    0x0D,
+    0x20,
+    0x22,
+    0x2B,
+    0x2E,
+    0x2F,
+    0x3A,
+    0x3D,
+    0x5C,
+    0x7F,
+    0x80,
+    0xBF,
+    0xC0,
+    0xE2,
+    0xED,
+    0xF4,
+    0xF8,
+    0xFE,
+    0xFF,
+)
+_INTERESTING_INTS: Final = (
+    0,
+    1,
+    2,
+    23,
+    24,
+    0x7F,
+    0x80,
+    0xFF,
+    0x100,
+    0x7FFF,
+    0x8000,
+    0xFFFF,
+    0x10000,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    1 << 32,
+    (1 << 53) + 1,
+    (1 << 63) - 1,
+    1 << 63,
+    (1 << 64) - 1,
+)
+_DECIMALS: Final = (
+    "0",
+    "-0",
+    "00",
+    "01",
+    "-1",
+    "+1",
+    "1.0",
+    "1e3",
+    "255",
+    "256",
+    "65535",
+    "65536",
+    "4294967296",
+    "9007199254740993",
+    "9223372036854775807",
+    "9223372036854775808",
+    "18446744073709551615",
+    "18446744073709551616",
+    "99999999999999999999999",
+    "1" + "0" * 300,
+    "9" * 4301,
+    "1e999",
+    "-1e999",
+    "1e-999",
+    "NaN",
+    "Infinity",
+    "0x10",
+    "\uff11",
+    "\u00b2",
+    "\u0661",
+    "1_000",
+    " 1",
+)
 
 
 @dataclass(frozen=True)
@@ -276,7 +350,7 @@ def _op_byte(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
 def _op_delete(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
     if b:
         i = rng.randrange(len(b))
-        del b[i:i + _small(rng, len(b) - i)]
+        del b[i : i + _small(rng, len(b) - i)]
 
 
 def _op_insert(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
@@ -291,13 +365,13 @@ def _op_token(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
         if rng.random() < 0.5:
             b[i:i] = tok
         else:
-            b[i:i + len(tok)] = tok
+            b[i : i + len(tok)] = tok
 
 
 def _op_duplicate(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
     if b:
         i = rng.randrange(len(b))
-        chunk = b[i:i + _small(rng, len(b) - i)]
+        chunk = b[i : i + _small(rng, len(b) - i)]
         j = rng.randint(0, len(b))
         b[j:j] = chunk
 
@@ -305,14 +379,14 @@ def _op_duplicate(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
 def _op_repeat(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
     if b:
         i = rng.randrange(len(b))
-        chunk = b[i:i + _small(rng, min(16, len(b) - i))]
+        chunk = b[i : i + _small(rng, min(16, len(b) - i))]
         times = rng.choice((2, 3, 16, 100, 1000, 4096, 65536))
         times = max(1, min(times, (ctx.max_size - len(b)) // max(1, len(chunk))))
         b[i:i] = chunk * times
 
 
 def _op_truncate(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
-    del b[rng.randint(0, len(b)):]
+    del b[rng.randint(0, len(b)) :]
 
 
 def _op_int(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
@@ -323,7 +397,7 @@ def _op_int(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
     value += rng.choice((0, 0, -1, 1))
     raw = (value & ((1 << (8 * width)) - 1)).to_bytes(width, rng.choice(("big", "little")))
     i = rng.randint(0, len(b))
-    b[i:i + (width if rng.random() < 0.7 else 0)] = raw
+    b[i : i + (width if rng.random() < 0.7 else 0)] = raw
 
 
 def _op_splice(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
@@ -339,7 +413,7 @@ def _op_swap(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
         i = rng.randrange(len(b) - n + 1)
         j = rng.randrange(len(b) - n + 1)
         if abs(i - j) >= n:
-            b[i:i + n], b[j:j + n] = b[j:j + n], b[i:i + n]
+            b[i : i + n], b[j : j + n] = b[j : j + n], b[i : i + n]
 
 
 _DIGITS = re.compile(rb"-?[0-9]+")
@@ -371,8 +445,23 @@ def _op_random(b: bytearray, rng: random.Random, ctx: _Ctx) -> None:
 
 
 _BYTE_OPS: Final[Sequence[Callable[[bytearray, random.Random, _Ctx], None]]] = (
-    _op_flip, _op_flip, _op_byte, _op_byte, _op_delete, _op_insert, _op_token, _op_token, _op_duplicate, _op_repeat,
-    _op_truncate, _op_int, _op_splice, _op_swap, _op_number, _op_limit, _op_random,
+    _op_flip,
+    _op_flip,
+    _op_byte,
+    _op_byte,
+    _op_delete,
+    _op_insert,
+    _op_token,
+    _op_token,
+    _op_duplicate,
+    _op_repeat,
+    _op_truncate,
+    _op_int,
+    _op_splice,
+    _op_swap,
+    _op_number,
+    _op_limit,
+    _op_random,
 )
 
 
@@ -381,7 +470,7 @@ def _byte_mutate(data: bytes, rng: random.Random, ctx: _Ctx) -> bytes:
     for _ in range(1 + min(15, int(rng.expovariate(0.7)))):
         rng.choice(_BYTE_OPS)(b, rng, ctx)
         if len(b) > ctx.max_size:
-            del b[ctx.max_size:]
+            del b[ctx.max_size :]
     return bytes(b)
 
 
@@ -411,7 +500,7 @@ def generate_input(target: Target, seed: int, index: int) -> tuple[bytes, bool]:
             failed, structured = True, False
     if not structured or rng.random() < 0.2:
         data = _byte_mutate(data, rng, ctx)
-    return data[:target.max_size], failed
+    return data[: target.max_size], failed
 
 
 # ---- structure-aware mutations: JSON and CBOR trees ---------------------------------------------------
@@ -443,11 +532,31 @@ def _deep_json(rng: random.Random) -> bytes:
     return b'{"a":' * depth + b"1" + b"}" * depth
 
 
-_JSON_RAW: Final = (b'"\\ud800"', b'"\\udc00\\ud800"', b'"a\\ud83dz"', b'"\x01"', b'"\xff\xfe"', b'"\xed\xa0\x80"',
-                    b"1e999", b"-1e999", b"-0", b"1E+2", b"0.0000000000000000000001", b"NaN", b"Infinity",
-                    b"9" * 4300, b"9" * 4301, b"-" + b"9" * 5000, b'{"a":1,"a":2}', b"[1,]", b'"\\x41"',
-                    b"\xef\xbb\xbf1",
-                    b"1" + b"0" * 400 + b".5", b'"\\u0000"', b'"\\u2028"')
+_JSON_RAW: Final = (
+    b'"\\ud800"',
+    b'"\\udc00\\ud800"',
+    b'"a\\ud83dz"',
+    b'"\x01"',
+    b'"\xff\xfe"',
+    b'"\xed\xa0\x80"',
+    b"1e999",
+    b"-1e999",
+    b"-0",
+    b"1E+2",
+    b"0.0000000000000000000001",
+    b"NaN",
+    b"Infinity",
+    b"9" * 4300,
+    b"9" * 4301,
+    b"-" + b"9" * 5000,
+    b'{"a":1,"a":2}',
+    b"[1,]",
+    b'"\\x41"',
+    b"\xef\xbb\xbf1",
+    b"1" + b"0" * 400 + b".5",
+    b'"\\u0000"',
+    b'"\\u2028"',
+)
 
 
 def _json_leaf(rng: random.Random, strings: Sequence[str]) -> Any:
@@ -455,8 +564,28 @@ def _json_leaf(rng: random.Random, strings: Sequence[str]) -> Any:
     if r < 0.15:
         return _Raw(_deep_json(rng) if rng.random() < 0.5 else rng.choice(_JSON_RAW))
     if r < 0.35:
-        return rng.choice((None, True, False, 0, -1, 1, 0.5, -0.0, 1e308, 5e-324, 2**31, 2**53 + 1, 2**63 - 1, 2**63,
-                           2**64 - 1, 2**64, -(2**63) - 1, 10**40))
+        return rng.choice(
+            (
+                None,
+                True,
+                False,
+                0,
+                -1,
+                1,
+                0.5,
+                -0.0,
+                1e308,
+                5e-324,
+                2**31,
+                2**53 + 1,
+                2**63 - 1,
+                2**63,
+                2**64 - 1,
+                2**64,
+                -(2**63) - 1,
+                10**40,
+            )
+        )
     if r < 0.6:
         n = rng.choice((0, 1, 2, 64, 255, 256, 1024, 4097, 65536, 1 << 20))
         return rng.choice(("x", "\u2014", "\U0001f600", "a b", "\n", "/", "..", "+")) * n
@@ -483,8 +612,21 @@ def _cbor_leaf(rng: random.Random, strings: Sequence[str]) -> Any:
             return rng.choice(strings)
         return rng.choice(("", "x" * 1025, "\u2014", "a\nb", "\x00", "\ud7ff\ue000", "SHA384", "allow", "deny"))
     if r < 0.8:
-        return rng.choice((None, True, False, cbor2.undefined, 0.0, -0.0, math.nan, math.inf, 1e300, 5e-324,
-                           cbor2.CBORSimpleValue(rng.choice((0, 19, 32, 255)))))
+        return rng.choice(
+            (
+                None,
+                True,
+                False,
+                cbor2.undefined,
+                0.0,
+                -0.0,
+                math.nan,
+                math.inf,
+                1e300,
+                5e-324,
+                cbor2.CBORSimpleValue(rng.choice((0, 19, 32, 255))),
+            )
+        )
     if r < 0.9:
         tag = rng.choice((0, 1, 2, 3, 4, 5, 18, 24, 28, 29, 30, 32, 256, 258, 55799, (1 << 64) - 1))
         return _Tag(tag, _cbor_leaf(rng, strings) if rng.random() < 0.7 else [1, 2])
@@ -533,8 +675,15 @@ def _set(container: Any, key: Any, value: Any) -> None:
         container[key] = value
 
 
-def _mutate_tree(root: Any, rng: random.Random, leaf: Callable[[], Any], nested: Callable[[Any], Any] | None,
-                 keys: Sequence[Any], *, text_keys: bool = False) -> Any:
+def _mutate_tree(
+    root: Any,
+    rng: random.Random,
+    leaf: Callable[[], Any],
+    nested: Callable[[Any], Any] | None,
+    keys: Sequence[Any],
+    *,
+    text_keys: bool = False,
+) -> Any:
     """Change one node: replace it, delete it, add a sibling, rename a key, wrap or multiply it."""
     container, key = rng.choice(_nodes(root))
     current = root if container is None else _get(container, key)
@@ -586,8 +735,13 @@ def _json_dumps(value: Any, rng: random.Random) -> bytes:
             return f"\x00raw{len(raws) - 1}\x00"
         return str(o)
 
-    text = json.dumps(value, ensure_ascii=rng.random() < 0.5, allow_nan=True, default=default,
-                      separators=(",", ":") if rng.random() < 0.7 else (", ", ": "))
+    text = json.dumps(
+        value,
+        ensure_ascii=rng.random() < 0.5,
+        allow_nan=True,
+        default=default,
+        separators=(",", ":") if rng.random() < 0.7 else (", ", ": "),
+    )
     return _splice_raw(text.encode("utf-8", "surrogatepass"), raws)
 
 
@@ -676,8 +830,13 @@ def cbor_mutate(data: bytes, rng: random.Random, strings: Sequence[str] = (), ke
     return cbor_dumps(value, rng)
 
 
-def cose_mutate(data: bytes, rng: random.Random, sign: Callable[[bytes], bytes] | None,
-                strings: Sequence[str] = (), keys: Sequence[str] = ()) -> bytes:
+def cose_mutate(
+    data: bytes,
+    rng: random.Random,
+    sign: Callable[[bytes], bytes] | None,
+    strings: Sequence[str] = (),
+    keys: Sequence[str] = (),
+) -> bytes:
     """Mutate a COSE_Sign1's structure (headers and payload inside their byte strings), then re-sign it with
     the real key most of the time, so the checks after the signature see the mutated content."""
     mutated = cbor_mutate(data, rng, strings, keys)
@@ -747,8 +906,22 @@ def jwt_mutate(data: bytes, rng: random.Random, keys: Sequence[tuple[str, JwsKey
         header, claims = json.loads(_b64url_decode(parts[0])), json.loads(_b64url_decode(parts[1]))
     except (ValueError, RecursionError):
         return data
-    strings = ("cloister-dev", "cloister", "refund-bot", "research-bot", "refund-agent", "refund-supervisor",
-               "EdDSA", "ES256", "RS256", "none", "HS256", "k1", "k2", "JWT")
+    strings = (
+        "cloister-dev",
+        "cloister",
+        "refund-bot",
+        "research-bot",
+        "refund-agent",
+        "refund-supervisor",
+        "EdDSA",
+        "ES256",
+        "RS256",
+        "none",
+        "HS256",
+        "k1",
+        "k2",
+        "JWT",
+    )
     times = (now, now - 31, now + 31, now - 86_401, now + 86_401, 0, -1, 2**31, 2**63, 10**18, 1.5, "1", None, True)
     r = rng.random()
     if r < 0.3 and isinstance(claims, dict):
@@ -766,17 +939,48 @@ def jwt_mutate(data: bytes, rng: random.Random, keys: Sequence[tuple[str, JwsKey
 
 
 _EM_DASH: Final = "\N{EM DASH} ".encode()
-_LINE_POOL: Final = (b"", b" ", b"\t", b"\x00", b"\x7f", b"\xff\xfe", b"\xed\xa0\x80", b"\xe2\x80\x94", b"- x AAAA",
-                     "\N{EN DASH} x AAAA".encode(), _EM_DASH + b"x", _EM_DASH + b"x AAAA", _EM_DASH + b"x+y AAAAAAAA",
-                     _EM_DASH + b" AAAAAAAA", _EM_DASH + b"a b c", b"\xc2\xa0", b"x" * 4097, b"A" * 16385,
-                     b"cloister-policy 1 00", b"cloister-policy \xc2\xb2 zz", b"c2sp.org/tlog-proof@v1",
-                     b"index 0", b"index 18446744073709551616", b"extra ", b"extra AA==", b"\r", b"\xe2\x80\xa8")
+_LINE_POOL: Final = (
+    b"",
+    b" ",
+    b"\t",
+    b"\x00",
+    b"\x7f",
+    b"\xff\xfe",
+    b"\xed\xa0\x80",
+    b"\xe2\x80\x94",
+    b"- x AAAA",
+    "\N{EN DASH} x AAAA".encode(),
+    _EM_DASH + b"x",
+    _EM_DASH + b"x AAAA",
+    _EM_DASH + b"x+y AAAAAAAA",
+    _EM_DASH + b" AAAAAAAA",
+    _EM_DASH + b"a b c",
+    b"\xc2\xa0",
+    b"x" * 4097,
+    b"A" * 16385,
+    b"cloister-policy 1 00",
+    b"cloister-policy \xc2\xb2 zz",
+    b"c2sp.org/tlog-proof@v1",
+    b"index 0",
+    b"index 18446744073709551616",
+    b"extra ",
+    b"extra AA==",
+    b"\r",
+    b"\xe2\x80\xa8",
+)
 
 
 def _b64_variant(line: bytes, rng: random.Random) -> bytes:
-    ops = (lambda s: s.rstrip(b"="), lambda s: s + b"=", lambda s: s[:-2] + b"B=" if len(s) > 2 else s,
-           lambda s: s.replace(b"+", b"-").replace(b"/", b"_"), lambda s: s[:-1], lambda s: s + b"AAAA",
-           lambda s: b" " + s, lambda s: s.replace(b"A", b"\n", 1))
+    ops = (
+        lambda s: s.rstrip(b"="),
+        lambda s: s + b"=",
+        lambda s: s[:-2] + b"B=" if len(s) > 2 else s,
+        lambda s: s.replace(b"+", b"-").replace(b"/", b"_"),
+        lambda s: s[:-1],
+        lambda s: s + b"AAAA",
+        lambda s: b" " + s,
+        lambda s: s.replace(b"A", b"\n", 1),
+    )
     return cast(bytes, rng.choice(ops)(line))
 
 
@@ -818,7 +1022,7 @@ def note_signature_line(name: str, key: ed25519.Ed25519PrivateKey, text: bytes) 
 def note_mutate(data: bytes, rng: random.Random, signers: Sequence[tuple[str, ed25519.Ed25519PrivateKey]]) -> bytes:
     """Change lines of the text or the signatures; then, most of the time, re-sign the text with a real key."""
     sep = data.rfind(b"\n\n")
-    text, sigs = (data[:sep + 1], data[sep + 2:]) if sep >= 0 else (data, b"")
+    text, sigs = (data[: sep + 1], data[sep + 2 :]) if sep >= 0 else (data, b"")
     text_lines = text.split(b"\n")[:-1] if text.endswith(b"\n") else text.split(b"\n")
     sig_lines = sigs.split(b"\n")[:-1] if sigs.endswith(b"\n") else sigs.split(b"\n")
     if rng.random() < 0.7:
@@ -833,25 +1037,105 @@ def note_mutate(data: bytes, rng: random.Random, signers: Sequence[tuple[str, ed
     return new_text + b"\n" + b"".join(s + b"\n" for s in sig_lines)
 
 
-_TOML_VALUES: Final = ('"x"', '""', "0", "-1", "1", "10", "9223372036854775807", "-9223372036854775808",
-                       "9223372036854775808", "1.5", "inf", "nan", "true", "false", "[]", "{}", '["refund-agent"]',
-                       '["nobody"]', "[1, 2]", '{ kind = "nitro" }', '{ kind = "nitro", pcrs = { "0" = "zz" } }',
-                       '{ kind = "nitro", pcrs = { "\u00b2" = "' + "00" * 48 + '" } }',
-                       '{ kind = "nitro", pcrs = { "99" = "' + "00" * 48 + '" } }',
-                       '{ kind = "tls", spki_sha256 = "00" }',
-                       '{ kind = "checksum", sha256 = "' + "A" * 64 + '" }', '{ kind = "none", reattest_s = 5 }',
-                       '"1h"', '"0s"', '"31d"', '"32d"', '"' + "9" * 5000 + 'd"', '"\u0661m"', '"argument:"',
-                       '"argument:amount"', '"price:-1"', '"price:1e999"', '"price:NaN"', '"price:1E+1000000"',
-                       '"x402"', '"log-only"', '"enforce"', "1979-05-27T07:32:00Z", "07:32:00", '"\\u0000"',
-                       "'''a\nb'''",
-                       '"' + "a" * 10_000 + '"', '"refunds___refund.create"', '"issuers/cloister-dev.pem"',
-                       '"../../etc/passwd"', '"jwks.json"', '"1e15"', '"1000000000000001"', '"0.0000000001"')
-_TOML_KEYS: Final = ("name", "mode", "max_argument_bytes", "grant_ttl_s", "issuer", "audience", "keys", "jwks",
-                     "roles_claim", "max_lifetime_s", "roles", "tools", "identity", "pins", "reattest_s", "region",
-                     "category", "id", "kind", "per", "cost", "max", "window", "agents", "servers", '"\u00b2"',
-                     '"a b"', "refunds___x")
-_TOML_HEADERS: Final = ("[bundle]", "[modes]", "[roles]", "[agents.x]", '[agents."a b"]', "[servers.a___b]",
-                        "[servers.new]", "[[limits]]", "[issuers.x]", "[[agents]]", "[issuers]", "[limits]")
+_TOML_VALUES: Final = (
+    '"x"',
+    '""',
+    "0",
+    "-1",
+    "1",
+    "10",
+    "9223372036854775807",
+    "-9223372036854775808",
+    "9223372036854775808",
+    "1.5",
+    "inf",
+    "nan",
+    "true",
+    "false",
+    "[]",
+    "{}",
+    '["refund-agent"]',
+    '["nobody"]',
+    "[1, 2]",
+    '{ kind = "nitro" }',
+    '{ kind = "nitro", pcrs = { "0" = "zz" } }',
+    '{ kind = "nitro", pcrs = { "\u00b2" = "' + "00" * 48 + '" } }',
+    '{ kind = "nitro", pcrs = { "99" = "' + "00" * 48 + '" } }',
+    '{ kind = "tls", spki_sha256 = "00" }',
+    '{ kind = "checksum", sha256 = "' + "A" * 64 + '" }',
+    '{ kind = "none", reattest_s = 5 }',
+    '"1h"',
+    '"0s"',
+    '"31d"',
+    '"32d"',
+    '"' + "9" * 5000 + 'd"',
+    '"\u0661m"',
+    '"argument:"',
+    '"argument:amount"',
+    '"price:-1"',
+    '"price:1e999"',
+    '"price:NaN"',
+    '"price:1E+1000000"',
+    '"x402"',
+    '"log-only"',
+    '"enforce"',
+    "1979-05-27T07:32:00Z",
+    "07:32:00",
+    '"\\u0000"',
+    "'''a\nb'''",
+    '"' + "a" * 10_000 + '"',
+    '"refunds___refund.create"',
+    '"issuers/cloister-dev.pem"',
+    '"../../etc/passwd"',
+    '"jwks.json"',
+    '"1e15"',
+    '"1000000000000001"',
+    '"0.0000000001"',
+)
+_TOML_KEYS: Final = (
+    "name",
+    "mode",
+    "max_argument_bytes",
+    "grant_ttl_s",
+    "issuer",
+    "audience",
+    "keys",
+    "jwks",
+    "roles_claim",
+    "max_lifetime_s",
+    "roles",
+    "tools",
+    "identity",
+    "pins",
+    "reattest_s",
+    "region",
+    "category",
+    "id",
+    "kind",
+    "per",
+    "cost",
+    "max",
+    "window",
+    "agents",
+    "servers",
+    '"\u00b2"',
+    '"a b"',
+    "refunds___x",
+)
+_TOML_HEADERS: Final = (
+    "[bundle]",
+    "[modes]",
+    "[roles]",
+    "[agents.x]",
+    '[agents."a b"]',
+    "[servers.a___b]",
+    "[servers.new]",
+    "[[limits]]",
+    "[issuers.x]",
+    "[[agents]]",
+    "[issuers]",
+    "[limits]",
+)
 
 
 def _deep_toml(rng: random.Random) -> str:
@@ -882,15 +1166,72 @@ def toml_mutate(text: str, rng: random.Random) -> str:
     return "\n".join(lines)
 
 
-_CEDAR_TOKENS: Final = ("permit", "forbid", "when", "unless", "principal", "action", "resource", "context", "in",
-                        "==", "!=", "<", "<=", "has", "like", "is", "&&", "||", "!", "-", "if", "then", "else", "(",
-                        ")", "[", "]", "{", "}", ",", ";", ".", "::", "true", "false", '"x"', '"*"', "0", "-1",
-                        "9223372036854775807", "9223372036854775808", "-9223372036854775808", 'decimal("1.0")',
-                        'decimal("99999999999999999.9999")', 'ip("10.0.0.0/8")', 'datetime("2026-03-02")',
-                        'duration("1h")', "context.input.amount", "context.system.now", "resource.attestation",
-                        'Cloister::Role::"refund-agent"', 'Cloister::Action::"CallTool"', 'Cloister::Agent::"nobody"',
-                        'Cloister::Nope::"x"', 'Cloister::Action::"refunds___nope"', '@id("x")', '@id("")',
-                        "?template", "greaterThan", ".contains", ".containsAll", "\u00e9", '"\\u{0}"', '"\\x00"')
+_CEDAR_TOKENS: Final = (
+    "permit",
+    "forbid",
+    "when",
+    "unless",
+    "principal",
+    "action",
+    "resource",
+    "context",
+    "in",
+    "==",
+    "!=",
+    "<",
+    "<=",
+    "has",
+    "like",
+    "is",
+    "&&",
+    "||",
+    "!",
+    "-",
+    "if",
+    "then",
+    "else",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    ";",
+    ".",
+    "::",
+    "true",
+    "false",
+    '"x"',
+    '"*"',
+    "0",
+    "-1",
+    "9223372036854775807",
+    "9223372036854775808",
+    "-9223372036854775808",
+    'decimal("1.0")',
+    'decimal("99999999999999999.9999")',
+    'ip("10.0.0.0/8")',
+    'datetime("2026-03-02")',
+    'duration("1h")',
+    "context.input.amount",
+    "context.system.now",
+    "resource.attestation",
+    'Cloister::Role::"refund-agent"',
+    'Cloister::Action::"CallTool"',
+    'Cloister::Agent::"nobody"',
+    'Cloister::Nope::"x"',
+    'Cloister::Action::"refunds___nope"',
+    '@id("x")',
+    '@id("")',
+    "?template",
+    "greaterThan",
+    ".contains",
+    ".containsAll",
+    "\u00e9",
+    '"\\u{0}"',
+    '"\\x00"',
+)
 _CEDAR_TOKEN_RE: Final = re.compile(r'"(?:\\.|[^"\\])*"|\w+|::|==|!=|<=|>=|&&|\|\||\S')
 
 
@@ -901,7 +1242,7 @@ def cedar_mutate(text: str, rng: random.Random) -> str:
     if r < 0.35:
         tokens.insert(i, rng.choice(_CEDAR_TOKENS))
     elif r < 0.55 and tokens:
-        del tokens[min(i, len(tokens) - 1):min(i, len(tokens) - 1) + _small(rng, 4)]
+        del tokens[min(i, len(tokens) - 1) : min(i, len(tokens) - 1) + _small(rng, 4)]
     elif r < 0.75 and tokens:
         tokens[min(i, len(tokens) - 1)] = rng.choice(_CEDAR_TOKENS)
     elif r < 0.85:
@@ -912,19 +1253,60 @@ def cedar_mutate(text: str, rng: random.Random) -> str:
         tokens.insert(i, '"' + "a" * rng.choice((1000, 100_000)) + '"')
     elif tokens:
         j = min(i, len(tokens) - 1)
-        tokens[j:j] = tokens[j:j + _small(rng, 20)] * rng.choice((2, 50, 2000))
+        tokens[j:j] = tokens[j : j + _small(rng, 20)] * rng.choice((2, 50, 2000))
     return " ".join(tokens)
 
 
 # ---- structure-aware mutations: protobuf ---------------------------------------------------------------
 
-_PROTO_TOKENS: Final = (b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", b"\x0b", b"\x0c",
-                        b"\x0e", b"\x0f", b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\xfa\xff\xff\xff\x0f\x00",
-                        b"\x1a\x00", b"\x22\x05\xff\xfe\xfd\xfc\xfb", b"\x0a\x02\xc0\x80")
-_STRINGS: Final = ("refunds", "research", "vault", "refund.create", "customer_lookup", "web_search", "deep_search",
-                   "refund.approve_above_threshold", "db_write", "nope", "", " ", "refunds___x", "a" * 300,
-                   "\u2014", "\U0001f600", "0.05", "1e999999", "-1", "NaN", "sNaN", "Infinity", "0", "1" * 41,
-                   "\uff11", "1_0", " 1 ", "0x10", "1e-999999999", "1E+1000000000000000000", "0.", ".", "1.2.3")
+_PROTO_TOKENS: Final = (
+    b"\x0a\xff\xff\xff\xff\x0f",
+    b"\x12\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01",
+    b"\x0b",
+    b"\x0c",
+    b"\x0e",
+    b"\x0f",
+    b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",
+    b"\xfa\xff\xff\xff\x0f\x00",
+    b"\x1a\x00",
+    b"\x22\x05\xff\xfe\xfd\xfc\xfb",
+    b"\x0a\x02\xc0\x80",
+)
+_STRINGS: Final = (
+    "refunds",
+    "research",
+    "vault",
+    "refund.create",
+    "customer_lookup",
+    "web_search",
+    "deep_search",
+    "refund.approve_above_threshold",
+    "db_write",
+    "nope",
+    "",
+    " ",
+    "refunds___x",
+    "a" * 300,
+    "\u2014",
+    "\U0001f600",
+    "0.05",
+    "1e999999",
+    "-1",
+    "NaN",
+    "sNaN",
+    "Infinity",
+    "0",
+    "1" * 41,
+    "\uff11",
+    "1_0",
+    " 1 ",
+    "0x10",
+    "1e-999999999",
+    "1E+1000000000000000000",
+    "0.",
+    ".",
+    "1.2.3",
+)
 
 
 def _proto_scalar(f: Any, current: Any, rng: random.Random, nested: Mapping[str, Mutator], ctx: _Ctx) -> Any:
@@ -955,8 +1337,9 @@ def _proto_scalar(f: Any, current: Any, rng: random.Random, nested: Mapping[str,
     return max(-(1 << 63), min((1 << 63) - 1, value if rng.random() < 0.5 else -value))
 
 
-def _mutate_repeated(msg: Any, f: Any, rng: random.Random, nested: Mapping[str, Mutator], ctx: _Ctx,
-                     depth: int) -> None:
+def _mutate_repeated(
+    msg: Any, f: Any, rng: random.Random, nested: Mapping[str, Mutator], ctx: _Ctx, depth: int
+) -> None:
     container = getattr(msg, f.name)
     is_msg = f.type == f.TYPE_MESSAGE
     r = rng.random()
@@ -1108,8 +1491,15 @@ class _Run:
         leaves = _leaves(exc)
         bad = [e for e in leaves if not isinstance(e, self.target.clean)]
         if bad:
-            self.fail("crash", index, data, f"{type(bad[0]).__name__}: {bad[0]}", _format_exc(bad[0]), seconds,
-                      _signature(bad[0]))
+            self.fail(
+                "crash",
+                index,
+                data,
+                f"{type(bad[0]).__name__}: {bad[0]}",
+                _format_exc(bad[0]),
+                seconds,
+                _signature(bad[0]),
+            )
             return
         r.rejected += 1
         for e in leaves:
@@ -1117,8 +1507,15 @@ class _Run:
             r.messages.setdefault(message_prefix(message), message[:300])
             why = unclear_reason(message)
             if why is not None:
-                self.fail("unclear", index, data, f"{type(e).__name__}: {message[:1000]} ({why})", _format_exc(e),
-                          seconds, f"unclear {type(e).__name__}: {message_prefix(message)}")
+                self.fail(
+                    "unclear",
+                    index,
+                    data,
+                    f"{type(e).__name__}: {message[:1000]} ({why})",
+                    _format_exc(e),
+                    seconds,
+                    f"unclear {type(e).__name__}: {message_prefix(message)}",
+                )
 
 
 def _rss() -> int:
@@ -1156,10 +1553,18 @@ def run_one(target: Target, data: bytes, *, hard_timeout: float | None = None) -
             target.after()
 
 
-def run_target(target: Target, count: int, seed: int, *, out: Path | None = None, start: int = 0,
-               skip: frozenset[int] = frozenset(), hard_timeout: float | None = None,
-               progress: Callable[[int, bytes], None] | None = None,
-               snapshot: Callable[[TargetResult, int], None] | None = None) -> TargetResult:
+def run_target(
+    target: Target,
+    count: int,
+    seed: int,
+    *,
+    out: Path | None = None,
+    start: int = 0,
+    skip: frozenset[int] = frozenset(),
+    hard_timeout: float | None = None,
+    progress: Callable[[int, bytes], None] | None = None,
+    snapshot: Callable[[TargetResult, int], None] | None = None,
+) -> TargetResult:
     """Run inputs [start, start + count) of `target`: the harness the CLI's workers and the suite share."""
     result = TargetResult(target.name, target.boundary)
     run = _Run(target, result, out)
@@ -1209,7 +1614,7 @@ def minimize(target: Target, data: bytes, signature: str, *, budget: int = 1500)
     while chunk >= 1 and runs < budget:
         i, shrunk = 0, False
         while i < len(data) and runs < budget:
-            candidate = data[:i] + data[i + chunk:]
+            candidate = data[:i] + data[i + chunk :]
             runs += 1
             if same(candidate):
                 data, shrunk = candidate, True
@@ -1273,8 +1678,9 @@ def rsa_key(seed: int, label: str, bits: int = 2048) -> rsa.RSAPrivateKey:
 
     p, q = prime(), prime()
     d = pow(e, -1, (p - 1) * (q - 1))
-    numbers = rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q),
-                                    rsa.RSAPublicNumbers(e, p * q))
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q), rsa.RSAPublicNumbers(e, p * q)
+    )
     return numbers.private_key()
 
 
@@ -1296,20 +1702,41 @@ class FixedClock:
 
 ARTIFACT: Final = b"#!/usr/bin/env python3\n# the research server's artifact, as the fuzz world pins it\n"
 RESEARCH_TOOLS: Final = [
-    {"name": "web_search", "description": "Search the web (offline corpus) for a query.",
-     "inputSchema": {"type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
-                     "required": ["query"]}},
-    {"name": "deep_search", "description": "A paid deep search.",
-     "inputSchema": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
-    {"name": "db_write", "description": "Write a scratch value.",
-     "inputSchema": {"type": "object", "properties": {"key": {"type": "string"}, "value": {}}}},
+    {
+        "name": "web_search",
+        "description": "Search the web (offline corpus) for a query.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+            "required": ["query"],
+        },
+    },
+    {
+        "name": "deep_search",
+        "description": "A paid deep search.",
+        "inputSchema": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+    },
+    {
+        "name": "db_write",
+        "description": "Write a scratch value.",
+        "inputSchema": {"type": "object", "properties": {"key": {"type": "string"}, "value": {}}},
+    },
 ]
 REFUNDS_TOOLS: Final = [
-    {"name": "customer_lookup", "description": "Look a customer up.",
-     "inputSchema": {"type": "object", "properties": {"customer_id": {"type": "string"}}}},
-    {"name": "refund.create", "description": "Create a refund.",
-     "inputSchema": {"type": "object", "properties": {"amount": {"type": "number"}, "customer_id": {"type": "string"}},
-                     "required": ["amount"]}},
+    {
+        "name": "customer_lookup",
+        "description": "Look a customer up.",
+        "inputSchema": {"type": "object", "properties": {"customer_id": {"type": "string"}}},
+    },
+    {
+        "name": "refund.create",
+        "description": "Create a refund.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"amount": {"type": "number"}, "customer_id": {"type": "string"}},
+            "required": ["amount"],
+        },
+    },
 ]
 _VAULT_TOML: Final = """
 [servers.vault]
@@ -1340,8 +1767,11 @@ class Fixtures:
 
     @cached_property
     def jwt_keys(self) -> list[tuple[str, JwsKey]]:
-        return [("EdDSA", ed25519_key(self.seed, "jwt-ed")), ("ES256", p256_key(self.seed, "jwt-ec")),
-                ("RS256", rsa_key(self.seed, "jwt-rsa"))]
+        return [
+            ("EdDSA", ed25519_key(self.seed, "jwt-ed")),
+            ("ES256", p256_key(self.seed, "jwt-ec")),
+            ("RS256", rsa_key(self.seed, "jwt-rsa")),
+        ]
 
     @cached_property
     def grant_key(self) -> ed25519.Ed25519PrivateKey:
@@ -1349,17 +1779,26 @@ class Fixtures:
 
     @cached_property
     def note_keys(self) -> list[tuple[str, ed25519.Ed25519PrivateKey]]:
-        return [(ORIGIN, ed25519_key(self.seed, "log")), ("witness.example/w1", ed25519_key(self.seed, "witness")),
-                ("stranger", ed25519_key(self.seed, "stranger"))]
+        return [
+            (ORIGIN, ed25519_key(self.seed, "log")),
+            ("witness.example/w1", ed25519_key(self.seed, "witness")),
+            ("stranger", ed25519_key(self.seed, "stranger")),
+        ]
 
     @cached_property
     def tls_cert(self) -> bytes:
         key = p256_key(self.seed, "tls")
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vault.fuzz")])
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(int.from_bytes(_derived(self.seed, "tls-serial")[:8], "big") | 1)
-                .not_valid_before(EPOCH - timedelta(days=1)).not_valid_after(EPOCH + timedelta(days=365))
-                .sign(key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(int.from_bytes(_derived(self.seed, "tls-serial")[:8], "big") | 1)
+            .not_valid_before(EPOCH - timedelta(days=1))
+            .not_valid_after(EPOCH + timedelta(days=365))
+            .sign(key, hashes.SHA256())
+        )
         return cert.public_bytes(Encoding.DER)
 
     @cached_property
@@ -1394,13 +1833,20 @@ class Fixtures:
         text = files["entities.toml"].decode()
         text = text.replace("@REFUNDS_PCR0@", self.upstream_pcr0.hex())
         text = text.replace("@RESEARCH_SHA256@", hashlib.sha256(ARTIFACT).hexdigest())
-        text = re.sub(r"@PIN:research:([\w.]+)@",
-                      lambda m: tool_definition_hash(tools.get(m.group(1), {"name": m.group(1)})), text)
-        spki = x509.load_der_x509_certificate(self.tls_cert).public_key().public_bytes(
-            Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        text = re.sub(
+            r"@PIN:research:([\w.]+)@",
+            lambda m: tool_definition_hash(tools.get(m.group(1), {"name": m.group(1)})),
+            text,
+        )
+        spki = (
+            x509.load_der_x509_certificate(self.tls_cert)
+            .public_key()
+            .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        )
         files["entities.toml"] = (text + _VAULT_TOML.format(spki=hashlib.sha256(spki).hexdigest())).encode()
         files["issuers/cloister-dev.pem"] = self.issuer.public_key().public_bytes(
-            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
+        )
         return files
 
     @cached_property
@@ -1420,13 +1866,20 @@ class Fixtures:
     def token(self, agent: str, roles: Sequence[str], **over: Any) -> str:
         from cloister.verify.jwt import encode_jwt
 
-        claims: dict[str, Any] = {"iss": "cloister-dev", "aud": "cloister", "sub": agent, "roles": list(roles),
-                                  "iat": self.now_s, "exp": self.now_s + 86_000}
+        claims: dict[str, Any] = {
+            "iss": "cloister-dev",
+            "aud": "cloister",
+            "sub": agent,
+            "roles": list(roles),
+            "iat": self.now_s,
+            "exp": self.now_s + 86_000,
+        }
         claims.update(over)
         return encode_jwt(claims, self.issuer)
 
-    def signed_bundle(self, version: int, files: Mapping[str, bytes] | None = None,
-                      key: ed25519.Ed25519PrivateKey | None = None) -> bytes:
+    def signed_bundle(
+        self, version: int, files: Mapping[str, bytes] | None = None, key: ed25519.Ed25519PrivateKey | None = None
+    ) -> bytes:
         from cloister.verify.bundle import sign_bundle
 
         return sign_bundle(dict(files if files is not None else self.bundle_files), version, key or self.admin)
@@ -1529,8 +1982,9 @@ class EnclaveWorld:
     def new_core(self) -> Any:
         from cloister.enclave.core import EnclaveCore
 
-        return EnclaveCore(self.config, self.nsm, pcrs=self.pcrs, clock_ms=self.clock, random=self._rng.randbytes,
-                           mock_nsm=True)
+        return EnclaveCore(
+            self.config, self.nsm, pcrs=self.pcrs, clock_ms=self.clock, random=self._rng.randbytes, mock_nsm=True
+        )
 
     def persist(self, append: Any) -> None:
         for i, data in enumerate(append.entries):
@@ -1543,9 +1997,14 @@ class EnclaveWorld:
             seq.release(seq.size)
 
     def allowed_call(self) -> int:
-        verdict = self.core.authorize(token=self.fx.token("refund-bot", ["refund-agent"]), server="refunds",
-                                      tool="customer_lookup", arguments_json=b'{"customer_id":"c-1"}',
-                                      request_id="setup", persisted_size=0)
+        verdict = self.core.authorize(
+            token=self.fx.token("refund-bot", ["refund-agent"]),
+            server="refunds",
+            tool="customer_lookup",
+            arguments_json=b'{"customer_id":"c-1"}',
+            request_id="setup",
+            persisted_size=0,
+        )
         if not verdict.allowed:
             raise HarnessError(f"the fuzz world's allowed call was denied: {verdict.reason}")
         self.persist(verdict.log)
@@ -1567,17 +2026,44 @@ class EnclaveWorld:
         core = self.core
         try:
             nonce, _ = core.server_challenge("refunds", reconnect=False)
-            self.persist(core.report_server(
-                server="refunds", attestation=self.upstream.attestation(nonce=nonce), artifact=b"", certificates=[],
-                tools_json=json.dumps(REFUNDS_TOOLS).encode(), failure="", evidence=True, persisted_size=0)[1])
+            self.persist(
+                core.report_server(
+                    server="refunds",
+                    attestation=self.upstream.attestation(nonce=nonce),
+                    artifact=b"",
+                    certificates=[],
+                    tools_json=json.dumps(REFUNDS_TOOLS).encode(),
+                    failure="",
+                    evidence=True,
+                    persisted_size=0,
+                )[1]
+            )
             core.server_challenge("research", reconnect=False)
-            self.persist(core.report_server(
-                server="research", attestation=b"", artifact=ARTIFACT, certificates=[],
-                tools_json=json.dumps(RESEARCH_TOOLS).encode(), failure="", evidence=True, persisted_size=0)[1])
+            self.persist(
+                core.report_server(
+                    server="research",
+                    attestation=b"",
+                    artifact=ARTIFACT,
+                    certificates=[],
+                    tools_json=json.dumps(RESEARCH_TOOLS).encode(),
+                    failure="",
+                    evidence=True,
+                    persisted_size=0,
+                )[1]
+            )
             core.server_challenge("vault", reconnect=False)
-            self.persist(core.report_server(
-                server="vault", attestation=b"", artifact=b"", certificates=[self.fx.tls_cert], tools_json=b"",
-                failure="", evidence=True, persisted_size=0)[1])
+            self.persist(
+                core.report_server(
+                    server="vault",
+                    attestation=b"",
+                    artifact=b"",
+                    certificates=[self.fx.tls_cert],
+                    tools_json=b"",
+                    failure="",
+                    evidence=True,
+                    persisted_size=0,
+                )[1]
+            )
         except Exception as exc:
             raise HarnessError(f"the parent's upkeep failed: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -1634,7 +2120,7 @@ class EnclaveWorld:
         leaves = [leaf_hash(e) for e in self.log]
 
         def node(level: int, index: int) -> bytes:
-            return root_from_leaf_hashes(leaves[index << level:(index + 1) << level])
+            return root_from_leaf_hashes(leaves[index << level : (index + 1) << level])
 
         checkpoint = self.core.sync(size).checkpoint
         if checkpoint.size != size:
@@ -1643,22 +2129,68 @@ class EnclaveWorld:
         tree = CompactRange.empty()
         for h in leaves[:start]:
             tree.append(h)
-        return pb.StartLogRequest(resume=pb.ResumeFrom(
-            checkpoint=checkpoint.note, range_size=start, range_hashes=list(tree.hashes), entries=self.log[start:],
-            key_entry=self.log[0], key_entry_index=0, key_entry_proof=inclusion_proof(0, size, node),
-            boundary_entry=self.log[start - 1], boundary_proof=inclusion_proof(start - 1, size, node)))
+        return pb.StartLogRequest(
+            resume=pb.ResumeFrom(
+                checkpoint=checkpoint.note,
+                range_size=start,
+                range_hashes=list(tree.hashes),
+                entries=self.log[start:],
+                key_entry=self.log[0],
+                key_entry_index=0,
+                key_entry_proof=inclusion_proof(0, size, node),
+                boundary_entry=self.log[start - 1],
+                boundary_proof=inclusion_proof(start - 1, size, node),
+            )
+        )
 
 
 # ---- the targets ------------------------------------------------------------------------------------------
 
 _CLEAN_VERIFY: Final = (DecodeError, VerificationError)
-_JSON_TOKENS: Final = (b"{", b"}", b"[", b"]", b'"', b":", b",", b"\\", b"\\u", b"\\ud800", b"null", b"true", b"1e999",
-                       b"-0", b"\x00", b"\xff", b"\xef\xbb\xbf", b"NaN", b"/*", b"\t", b"\xe2\x80\xa8")
-_CBOR_TOKENS: Final = (b"\x1b\xff\xff\xff\xff\xff\xff\xff\xff", b"\x5b\xff\xff\xff\xff\xff\xff\xff\xff",
-                       b"\x9b\x00\x00\x00\x01\x00\x00\x00\x00", b"\xbf", b"\x9f", b"\xff", b"\xd8\x18", b"\xd8\x1c",
-                       b"\xd8\x1d\x00", b"\xd2", b"\xc2\x41\x01", b"\xf9\x7e\x00", b"\xf7",
-                       b"\xfb\x7f\xf8\x00\x00\x00\x00\x00\x00",
-                       b"\x7f\x61\x61\xff", b"\x5f\x41\x61\xff", b"\xa1\x01\x38\x22", b"\xa1\x01\x27", b"\xd9\xd9\xf7")
+_JSON_TOKENS: Final = (
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b'"',
+    b":",
+    b",",
+    b"\\",
+    b"\\u",
+    b"\\ud800",
+    b"null",
+    b"true",
+    b"1e999",
+    b"-0",
+    b"\x00",
+    b"\xff",
+    b"\xef\xbb\xbf",
+    b"NaN",
+    b"/*",
+    b"\t",
+    b"\xe2\x80\xa8",
+)
+_CBOR_TOKENS: Final = (
+    b"\x1b\xff\xff\xff\xff\xff\xff\xff\xff",
+    b"\x5b\xff\xff\xff\xff\xff\xff\xff\xff",
+    b"\x9b\x00\x00\x00\x01\x00\x00\x00\x00",
+    b"\xbf",
+    b"\x9f",
+    b"\xff",
+    b"\xd8\x18",
+    b"\xd8\x1c",
+    b"\xd8\x1d\x00",
+    b"\xd2",
+    b"\xc2\x41\x01",
+    b"\xf9\x7e\x00",
+    b"\xf7",
+    b"\xfb\x7f\xf8\x00\x00\x00\x00\x00\x00",
+    b"\x7f\x61\x61\xff",
+    b"\x5f\x41\x61\xff",
+    b"\xa1\x01\x38\x22",
+    b"\xa1\x01\x27",
+    b"\xd9\xd9\xf7",
+)
 
 
 def _call(fn: Callable[[bytes], object]) -> Callable[[bytes], None]:
@@ -1692,19 +2224,38 @@ def _text(data: bytes) -> str:
         return data.decode("latin-1")
 
 
-@_target("json_arguments", "JSON-RPC bodies and headers",
-         "cloister.verify.canonical.parse_json + canonical_json (tools/call arguments, as the enclave hashes them)")
+@_target(
+    "json_arguments",
+    "JSON-RPC bodies and headers",
+    "cloister.verify.canonical.parse_json + canonical_json (tools/call arguments, as the enclave hashes them)",
+)
 def _t_json(fx: Fixtures) -> Target:
     from cloister.verify.canonical import MAX_JSON_BYTES, canonical_json, parse_json
 
     def run(data: bytes) -> None:
         canonical_json(parse_json(data, what="arguments"))
 
-    seeds = [b'{"customer_id":"c-1","amount":100}', b'{"query":"nitro enclaves","limit":3}',
-             '{"a":[1,2.5,-0.0,1e21,1e-7,"\u2014",{"\U0001f600":null}],"b":true}'.encode(), b"[]", b'"x"',
-             b'{"nested":{"deep":[[[{"x":[1,{"y":2}]}]]]}}', b"123456789012345678901234567890"]
-    return Target("json_arguments", "", "", run, seeds, (DecodeError,), (lambda d, r: json_mutate(d, r),),
-                  _JSON_TOKENS, (MAX_JSON_BYTES,), MAX_JSON_BYTES + 16)
+    seeds = [
+        b'{"customer_id":"c-1","amount":100}',
+        b'{"query":"nitro enclaves","limit":3}',
+        '{"a":[1,2.5,-0.0,1e21,1e-7,"\u2014",{"\U0001f600":null}],"b":true}'.encode(),
+        b"[]",
+        b'"x"',
+        b'{"nested":{"deep":[[[{"x":[1,{"y":2}]}]]]}}',
+        b"123456789012345678901234567890",
+    ]
+    return Target(
+        "json_arguments",
+        "",
+        "",
+        run,
+        seeds,
+        (DecodeError,),
+        (lambda d, r: json_mutate(d, r),),
+        _JSON_TOKENS,
+        (MAX_JSON_BYTES,),
+        MAX_JSON_BYTES + 16,
+    )
 
 
 def _relay_attr(name: str) -> Any:
@@ -1726,11 +2277,14 @@ def _relay_helpers() -> tuple[Callable[[Any], str], Callable[[str], tuple[str, s
     return _relay_attr("x402_amount"), _relay_attr("split_tool_name"), _relay_attr("RequireBearer")
 
 
-@_target("jsonrpc_body", "JSON-RPC bodies and headers",
-         "MCP SDK's body parsing as the relay's transport runs it (pydantic_core.from_json + "
-         "jsonrpc_message_adapter; json.loads + JSONRPCRequest + classify_inbound_request), "
-         "CallToolRequestParams, the relay's split_tool_name/argument encoding/x402_amount, then the enclave's "
-         "parse_json + canonical_sha256 of the arguments")
+@_target(
+    "jsonrpc_body",
+    "JSON-RPC bodies and headers",
+    "MCP SDK's body parsing as the relay's transport runs it (pydantic_core.from_json + "
+    "jsonrpc_message_adapter; json.loads + JSONRPCRequest + classify_inbound_request), "
+    "CallToolRequestParams, the relay's split_tool_name/argument encoding/x402_amount, then the enclave's "
+    "parse_json + canonical_sha256 of the arguments",
+)
 def _t_jsonrpc(fx: Fixtures) -> Target:
     import pydantic_core
     from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request
@@ -1741,8 +2295,11 @@ def _t_jsonrpc(fx: Fixtures) -> Target:
     from cloister.wire.contract import X402_META_KEY
 
     x402_amount, split_tool_name, _ = _relay_helpers()
-    headers = {"mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call",
-               "mcp-name": "refunds___customer_lookup"}
+    headers = {
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": "tools/call",
+        "mcp-name": "refunds___customer_lookup",
+    }
 
     # The rejections carry the message the SDK sends the client (mcp/server/streamable_http.py and
     # _streamable_http_modern.py), not the exception text it does not send.
@@ -1767,8 +2324,9 @@ def _t_jsonrpc(fx: Fixtures) -> Target:
                 return
             req = JSONRPCRequest.model_validate(decoded)
         except ValidationError as exc:
-            raise SdkRejection("modern transport: Body must be a single JSON-RPC request or notification object") \
-                from exc
+            raise SdkRejection(
+                "modern transport: Body must be a single JSON-RPC request or notification object"
+            ) from exc
         verdict = classify_inbound_request(decoded, headers=headers)
         if isinstance(verdict, InboundLadderRejection):
             raise SdkRejection(f"modern transport: {verdict.message}")
@@ -1794,33 +2352,84 @@ def _t_jsonrpc(fx: Fixtures) -> Target:
 
     meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
     calls = [
-        {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-         "params": {"name": "refunds___customer_lookup", "arguments": {"customer_id": "c-1"}, "_meta": meta}},
-        {"jsonrpc": "2.0", "id": "a", "method": "tools/call",
-         "params": {"name": "research___deep_search", "arguments": {"query": "q"},
-                    "_meta": {**meta, X402_META_KEY: {"x402Version": 1, "scheme": "exact",
-                                                      "payload": {"amount": "0.05"}}}}},
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "refunds___customer_lookup", "arguments": {"customer_id": "c-1"}, "_meta": meta},
+        },
+        {
+            "jsonrpc": "2.0",
+            "id": "a",
+            "method": "tools/call",
+            "params": {
+                "name": "research___deep_search",
+                "arguments": {"query": "q"},
+                "_meta": {**meta, X402_META_KEY: {"x402Version": 1, "scheme": "exact", "payload": {"amount": "0.05"}}},
+            },
+        },
         {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {"_meta": meta}},
-        {"jsonrpc": "2.0", "id": 3, "method": "initialize",
-         "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "c", "version": "1"}}},
+        {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "c", "version": "1"},
+            },
+        },
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
-        {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
-         "params": {"name": "x", "arguments": {"a": [1, 2.5, None]}}},
+        {
+            "jsonrpc": "2.0",
+            "id": 4,
+            "method": "tools/call",
+            "params": {"name": "x", "arguments": {"a": [1, 2.5, None]}},
+        },
     ]
     seeds = [json.dumps(c, separators=(",", ":")).encode() for c in calls]
-    strings = ("2.0", "tools/call", "tools/list", "refunds___refund.create", "x402/payment", "_meta", "payload",
-               "authorization", "value", "amount", "arguments", "name", "params", "method", "id", "jsonrpc")
-    return Target("jsonrpc_body", "", "", run, seeds, (SdkRejection, DecodeError),
-                  (lambda d, r: json_mutate(d, r, strings, strings),), _JSON_TOKENS, (1 << 20,), (1 << 20) + 16)
+    strings = (
+        "2.0",
+        "tools/call",
+        "tools/list",
+        "refunds___refund.create",
+        "x402/payment",
+        "_meta",
+        "payload",
+        "authorization",
+        "value",
+        "amount",
+        "arguments",
+        "name",
+        "params",
+        "method",
+        "id",
+        "jsonrpc",
+    )
+    return Target(
+        "jsonrpc_body",
+        "",
+        "",
+        run,
+        seeds,
+        (SdkRejection, DecodeError),
+        (lambda d, r: json_mutate(d, r, strings, strings),),
+        _JSON_TOKENS,
+        (1 << 20,),
+        (1 << 20) + 16,
+    )
 
 
 _HTTP_TOKEN: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _HTTP_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-@_target("http_headers", "JSON-RPC bodies and headers",
-         "the relay's RequireBearer middleware (ASGI, real scope), the MCP SDK's check_accept_headers, "
-         "find_duplicated_routing_header and classify_inbound_request, then peek_issuer on the bearer token")
+@_target(
+    "http_headers",
+    "JSON-RPC bodies and headers",
+    "the relay's RequireBearer middleware (ASGI, real scope), the MCP SDK's check_accept_headers, "
+    "find_duplicated_routing_header and classify_inbound_request, then peek_issuer on the bearer token",
+)
 def _t_headers(fx: Fixtures) -> Target:
     from mcp.server.streamable_http import check_accept_headers
     from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request, find_duplicated_routing_header
@@ -1833,10 +2442,19 @@ def _t_headers(fx: Fixtures) -> Target:
     # Stands for the MCP transport behind the middleware: answers 202 when the middleware lets a request through.
     app = require_bearer(PlainTextResponse("passed to the MCP transport", status_code=202))
     loop = asyncio.new_event_loop()
-    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-            "params": {"name": "refunds___customer_lookup", "arguments": {},
-                       "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
-                                 "io.modelcontextprotocol/clientCapabilities": {}}}}
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {
+            "name": "refunds___customer_lookup",
+            "arguments": {},
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+            },
+        },
+    }
 
     async def drive(scope: dict[str, Any]) -> int:
         sent: list[Mapping[str, Any]] = []
@@ -1861,9 +2479,19 @@ def _t_headers(fx: Fixtures) -> Target:
             if not sep or not _HTTP_TOKEN.fullmatch(name) or _HTTP_BAD_VALUE.search(value):
                 raise SdkRejection("HTTP: malformed header line (the HTTP server answers 400)")
             raw.append((name.lower(), value))
-        scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/mcp", "raw_path": b"/mcp",
-                                 "query_string": b"", "headers": raw, "scheme": "http", "http_version": "1.1",
-                                 "server": ("127.0.0.1", 8440), "client": ("127.0.0.1", 1), "root_path": ""}
+        scope: dict[str, Any] = {
+            "type": "http",
+            "method": "POST",
+            "path": "/mcp",
+            "raw_path": b"/mcp",
+            "query_string": b"",
+            "headers": raw,
+            "scheme": "http",
+            "http_version": "1.1",
+            "server": ("127.0.0.1", 8440),
+            "client": ("127.0.0.1", 1),
+            "root_path": "",
+        }
         status = loop.run_until_complete(drive(scope))
         if status == 401:
             raise SdkRejection("relay: 401, no bearer token")
@@ -1880,16 +2508,36 @@ def _t_headers(fx: Fixtures) -> Target:
             peek_issuer(token.strip())
 
     token = fx.token("refund-bot", ["refund-agent"])
-    base = (b"Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n"
-            b"MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\nMcp-Name: refunds___customer_lookup\r\n")
-    seeds = [f"Authorization: Bearer {token}\r\n".encode() + base, b"authorization: bearer x.y.z\r\n" + base,
-             base, b"Authorization: Basic dXNlcjpwYXNz\r\n" + base,
-             f"Authorization: Bearer {token}\r\nAuthorization: Bearer {token}\r\n".encode() + base,
-             f"Authorization: Bearer {token}\r\nMcp-Method: tools/list\r\nAccept: */*\r\n".encode()]
-    tokens = (b"Authorization", b"Bearer ", b"bearer", b"\t", b" ", b":", b"\r\n", b"\xff", b"Mcp-Name: ", b"*/*",
-              b"MCP-Protocol-Version: ", b"=?utf-8?", b"\x00")
-    return Target("http_headers", "", "", run, seeds, (SdkRejection, TokenError, DecodeError), (), tokens,
-                  (8192, 65536), 1 << 17)
+    base = (
+        b"Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n"
+        b"MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\nMcp-Name: refunds___customer_lookup\r\n"
+    )
+    seeds = [
+        f"Authorization: Bearer {token}\r\n".encode() + base,
+        b"authorization: bearer x.y.z\r\n" + base,
+        base,
+        b"Authorization: Basic dXNlcjpwYXNz\r\n" + base,
+        f"Authorization: Bearer {token}\r\nAuthorization: Bearer {token}\r\n".encode() + base,
+        f"Authorization: Bearer {token}\r\nMcp-Method: tools/list\r\nAccept: */*\r\n".encode(),
+    ]
+    tokens = (
+        b"Authorization",
+        b"Bearer ",
+        b"bearer",
+        b"\t",
+        b" ",
+        b":",
+        b"\r\n",
+        b"\xff",
+        b"Mcp-Name: ",
+        b"*/*",
+        b"MCP-Protocol-Version: ",
+        b"=?utf-8?",
+        b"\x00",
+    )
+    return Target(
+        "http_headers", "", "", run, seeds, (SdkRejection, TokenError, DecodeError), (), tokens, (8192, 65536), 1 << 17
+    )
 
 
 @_target("jwt_peek_issuer", "JWTs", "cloister.verify.jwt.peek_issuer (the enclave's first look at a bearer token)")
@@ -1900,14 +2548,21 @@ def _t_jwt_peek(fx: Fixtures) -> Target:
         peek_issuer(_text(data))
 
     seeds, mutators, tokens = _jwt_material(fx)
-    return Target("jwt_peek_issuer", "", "", run, seeds, (TokenError, DecodeError), mutators, tokens,
-                  (MAX_TOKEN_BYTES,), 1 << 16)
+    return Target(
+        "jwt_peek_issuer", "", "", run, seeds, (TokenError, DecodeError), mutators, tokens, (MAX_TOKEN_BYTES,), 1 << 16
+    )
 
 
 def _jwt_material(fx: Fixtures) -> tuple[list[bytes], tuple[Mutator, ...], tuple[bytes, ...]]:
     now = fx.now_s
-    base = {"iss": "fuzz-issuer", "aud": "cloister", "sub": "refund-bot", "roles": ["refund-agent"], "iat": now,
-            "exp": now + 600}
+    base = {
+        "iss": "fuzz-issuer",
+        "aud": "cloister",
+        "sub": "refund-bot",
+        "roles": ["refund-agent"],
+        "iat": now,
+        "exp": now + 600,
+    }
     seeds = []
     for i, (alg, key) in enumerate(fx.jwt_keys):
         seeds.append(jws_encode({"alg": alg, "typ": "JWT", "kid": f"k{i}"}, base, key))
@@ -1933,8 +2588,9 @@ def _t_jwt_verify(fx: Fixtures) -> Target:
         verify_jwt(_text(data), keys, issuer="fuzz-issuer", audience="cloister", now=fx.now_s, max_lifetime_s=3600)
 
     seeds, mutators, tokens = _jwt_material(fx)
-    return Target("jwt_verify", "", "", run, seeds, (TokenError, DecodeError), mutators, tokens,
-                  (MAX_TOKEN_BYTES,), 1 << 16)
+    return Target(
+        "jwt_verify", "", "", run, seeds, (TokenError, DecodeError), mutators, tokens, (MAX_TOKEN_BYTES,), 1 << 16
+    )
 
 
 @_target("jwks", "JWTs", "cloister.verify.jwt.load_jwks (issuer JWK Sets in policy bundles)")
@@ -1943,24 +2599,60 @@ def _t_jwks(fx: Fixtures) -> Target:
 
     def jwk(alg: str, key: JwsKey, kid: str) -> dict[str, Any]:
         if isinstance(key, ed25519.Ed25519PrivateKey):
-            return {"kty": "OKP", "crv": "Ed25519", "kid": kid,
-                    "x": b64url(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))}
+            return {
+                "kty": "OKP",
+                "crv": "Ed25519",
+                "kid": kid,
+                "x": b64url(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)),
+            }
         if isinstance(key, ec.EllipticCurvePrivateKey):
             n = key.public_key().public_numbers()
-            return {"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "x": b64url(n.x.to_bytes(32, "big")),
-                    "y": b64url(n.y.to_bytes(32, "big"))}
+            return {
+                "kty": "EC",
+                "crv": "P-256",
+                "kid": kid,
+                "use": "sig",
+                "x": b64url(n.x.to_bytes(32, "big")),
+                "y": b64url(n.y.to_bytes(32, "big")),
+            }
         rn = key.public_key().public_numbers()
-        return {"kty": "RSA", "kid": kid, "alg": alg, "e": b64url(rn.e.to_bytes(3, "big")),
-                "n": b64url(rn.n.to_bytes(256, "big"))}
+        return {
+            "kty": "RSA",
+            "kid": kid,
+            "alg": alg,
+            "e": b64url(rn.e.to_bytes(3, "big")),
+            "n": b64url(rn.n.to_bytes(256, "big")),
+        }
 
     keys = [jwk(a, k, f"k{i}") for i, (a, k) in enumerate(fx.jwt_keys)]
-    seeds = [json.dumps({"keys": keys}).encode(), json.dumps({"keys": keys[:1]}).encode(),
-             json.dumps({"keys": [*keys, {"kty": "EC", "crv": "P-384", "x": "AA", "y": "AA"},
-                                  {"kty": "oct", "k": "AA"}, {**keys[0], "use": "enc"}]}).encode()]
+    seeds = [
+        json.dumps({"keys": keys}).encode(),
+        json.dumps({"keys": keys[:1]}).encode(),
+        json.dumps(
+            {
+                "keys": [
+                    *keys,
+                    {"kty": "EC", "crv": "P-384", "x": "AA", "y": "AA"},
+                    {"kty": "oct", "k": "AA"},
+                    {**keys[0], "use": "enc"},
+                ]
+            }
+        ).encode(),
+    ]
     strings = ("OKP", "EC", "RSA", "Ed25519", "P-256", "P-384", "sig", "enc", "AQAB", "AA", "")
     keynames = ("keys", "kty", "crv", "x", "y", "n", "e", "kid", "use", "alg")
-    return Target("jwks", "", "", _call(load_jwks), seeds, (DecodeError,),
-                  (lambda d, r: json_mutate(d, r, strings, keynames),), _JSON_TOKENS, (), 1 << 20)
+    return Target(
+        "jwks",
+        "",
+        "",
+        _call(load_jwks),
+        seeds,
+        (DecodeError,),
+        (lambda d, r: json_mutate(d, r, strings, keynames),),
+        _JSON_TOKENS,
+        (),
+        1 << 20,
+    )
 
 
 def _grant_material(fx: Fixtures) -> tuple[list[bytes], dict[bytes, Any], dict[str, Any]]:
@@ -1972,21 +2664,47 @@ def _grant_material(fx: Fixtures) -> tuple[list[bytes], dict[bytes, Any], dict[s
     now = EPOCH_MS
     seeds = []
     for i, (tool, a) in enumerate((("refund.create", args), ("refund.create", {}), ("customer_lookup", args))):
-        claims = GrantClaims(agent="refund-bot", server="refunds", tool=tool, args_sha256=canonical_sha256(a),
-                             policy_sha256=hashlib.sha256(b"policy").digest(), log_index=7 + i,
-                             entry_hash=hashlib.sha256(b"entry").digest(), origin=ORIGIN, issued_ms=now - 1000,
-                             expires_ms=now + 59_000, nonce=_derived(fx.seed, f"nonce{i}")[:16])
+        claims = GrantClaims(
+            agent="refund-bot",
+            server="refunds",
+            tool=tool,
+            args_sha256=canonical_sha256(a),
+            policy_sha256=hashlib.sha256(b"policy").digest(),
+            log_index=7 + i,
+            entry_hash=hashlib.sha256(b"entry").digest(),
+            origin=ORIGIN,
+            issued_ms=now - 1000,
+            expires_ms=now + 59_000,
+            nonce=_derived(fx.seed, f"nonce{i}")[:16],
+        )
         seeds.append(encode_grant(claims, fx.grant_key.sign, pub))
     keys = {grant_key_id(pub): fx.grant_key.public_key()}
     return seeds, keys, args
 
 
-_GRANT_STRINGS: Final = ("v", "agent", "server", "tool", "args", "policy", "log", "entry", "origin", "iat", "exp",
-                         "nonce", "refunds", "refund.create", "refund-bot", ORIGIN)
+_GRANT_STRINGS: Final = (
+    "v",
+    "agent",
+    "server",
+    "tool",
+    "args",
+    "policy",
+    "log",
+    "entry",
+    "origin",
+    "iat",
+    "exp",
+    "nonce",
+    "refunds",
+    "refund.create",
+    "refund-bot",
+    ORIGIN,
+)
 
 
-@_target("grant_verify", "grants",
-         "cloister.verify.grant.verify_grant with the real grant key (mutations re-signed with it)")
+@_target(
+    "grant_verify", "grants", "cloister.verify.grant.verify_grant with the real grant key (mutations re-signed with it)"
+)
 def _t_grant_verify(fx: Fixtures) -> Target:
     from cloister.verify.grant import MAX_GRANT_BYTES, verify_grant
 
@@ -1998,8 +2716,9 @@ def _t_grant_verify(fx: Fixtures) -> Target:
     def mutate(data: bytes, rng: random.Random) -> bytes:
         return cose_mutate(data, rng, fx.grant_key.sign, _GRANT_STRINGS, _GRANT_STRINGS)
 
-    return Target("grant_verify", "", "", run, seeds, _CLEAN_VERIFY, (mutate,), _CBOR_TOKENS, (MAX_GRANT_BYTES,),
-                  1 << 16)
+    return Target(
+        "grant_verify", "", "", run, seeds, _CLEAN_VERIFY, (mutate,), _CBOR_TOKENS, (MAX_GRANT_BYTES,), 1 << 16
+    )
 
 
 @_target("grant_read", "grants", "cloister.verify.grant.read_grant (claims of an unverified grant, for audits)")
@@ -2011,13 +2730,26 @@ def _t_grant_read(fx: Fixtures) -> Target:
     def mutate(data: bytes, rng: random.Random) -> bytes:
         return cose_mutate(data, rng, None, _GRANT_STRINGS, _GRANT_STRINGS)
 
-    return Target("grant_read", "", "", _call(read_grant), seeds, _CLEAN_VERIFY, (mutate,),
-                  _CBOR_TOKENS, (MAX_GRANT_BYTES,), 1 << 16)
+    return Target(
+        "grant_read",
+        "",
+        "",
+        _call(read_grant),
+        seeds,
+        _CLEAN_VERIFY,
+        (mutate,),
+        _CBOR_TOKENS,
+        (MAX_GRANT_BYTES,),
+        1 << 16,
+    )
 
 
-@_target("x402_payment", "payments",
-         "the relay's x402_amount on the _meta payment (as the SDK decodes it), then the enclave's Authorize with "
-         "that amount (research-bot, deep_search, the x402 spend cap) through its gRPC servicer")
+@_target(
+    "x402_payment",
+    "payments",
+    "the relay's x402_amount on the _meta payment (as the SDK decodes it), then the enclave's Authorize with "
+    "that amount (research-bot, deep_search, the x402 spend cap) through its gRPC servicer",
+)
 def _t_x402(fx: Fixtures) -> Target:
     import pydantic_core
 
@@ -2036,24 +2768,73 @@ def _t_x402(fx: Fixtures) -> Target:
             amount = x402_amount(payment)
         except ValueError as exc:
             raise SdkRejection(f"relay: the x402 payment in _meta is malformed: {exc}") from exc
-        world.call(world.service, "Authorize", pb.AuthorizeRequest(
-            token=token, server="research", tool="deep_search", arguments_json=b'{"query":"q"}', request_id="x402",
-            persisted_size=len(world.log), payment_amount=amount))
+        world.call(
+            world.service,
+            "Authorize",
+            pb.AuthorizeRequest(
+                token=token,
+                server="research",
+                tool="deep_search",
+                arguments_json=b'{"query":"q"}',
+                request_id="x402",
+                persisted_size=len(world.log),
+                payment_amount=amount,
+            ),
+        )
 
-    payments = [{"x402Version": 1, "scheme": "exact", "network": "base-sepolia",
-                 "payload": {"signature": "0x" + "ab" * 65,
-                             "authorization": {"from": "0x" + "11" * 20, "to": "0x" + "22" * 20, "value": "50000",
-                                               "validAfter": "0", "validBefore": "9999999999",
-                                               "nonce": "0x" + "33" * 32}}},
-                {"x402Version": 1, "scheme": "exact", "network": "mock", "payload": {"amount": "0.05"}},
-                {"payload": {"amount": 1}}, {"payload": {"authorization": {"value": "0.001"}}}]
+    payments = [
+        {
+            "x402Version": 1,
+            "scheme": "exact",
+            "network": "base-sepolia",
+            "payload": {
+                "signature": "0x" + "ab" * 65,
+                "authorization": {
+                    "from": "0x" + "11" * 20,
+                    "to": "0x" + "22" * 20,
+                    "value": "50000",
+                    "validAfter": "0",
+                    "validBefore": "9999999999",
+                    "nonce": "0x" + "33" * 32,
+                },
+            },
+        },
+        {"x402Version": 1, "scheme": "exact", "network": "mock", "payload": {"amount": "0.05"}},
+        {"payload": {"amount": 1}},
+        {"payload": {"authorization": {"value": "0.001"}}},
+    ]
     seeds = [json.dumps(p).encode() for p in payments]
-    strings = ("0.05", "0", "1", ".", "0.", "1.2.3", "9" * 40, "9" * 41, "00001", "0.0000000000000000000000000001",
-               "１", "payload", "authorization", "value", "amount")
+    strings = (
+        "0.05",
+        "0",
+        "1",
+        ".",
+        "0.",
+        "1.2.3",
+        "9" * 40,
+        "9" * 41,
+        "00001",
+        "0.0000000000000000000000000001",
+        "１",
+        "payload",
+        "authorization",
+        "value",
+        "amount",
+    )
     keys = ("payload", "authorization", "value", "amount", "x402Version", "scheme")
-    return Target("x402_payment", "", "", run, seeds, (SdkRejection, GrpcStatus),
-                  (lambda d, r: json_mutate(d, r, strings, keys),), _JSON_TOKENS, (), 1 << 16,
-                  after=world.after_call)
+    return Target(
+        "x402_payment",
+        "",
+        "",
+        run,
+        seeds,
+        (SdkRejection, GrpcStatus),
+        (lambda d, r: json_mutate(d, r, strings, keys),),
+        _JSON_TOKENS,
+        (),
+        1 << 16,
+        after=world.after_call,
+    )
 
 
 def _note_seeds(fx: Fixtures) -> tuple[list[bytes], bytes]:
@@ -2063,10 +2844,14 @@ def _note_seeds(fx: Fixtures) -> tuple[list[bytes], bytes]:
 
     signers = [Ed25519NoteSigner(name, key) for name, key in fx.note_keys]
     leaf = leaf_hash(b"entry 0")
-    texts = [Checkpoint(ORIGIN, 1, leaf).to_text(),
-             Checkpoint(ORIGIN, 123456, hashlib.sha256(b"root").digest(),
-                        ("cloister-policy 3 " + "ab" * 32, "ext line")).to_text(),
-             Checkpoint(ORIGIN, 0, hashlib.sha256(b"").digest()).to_text(), b"free text\nsecond line\n"]
+    texts = [
+        Checkpoint(ORIGIN, 1, leaf).to_text(),
+        Checkpoint(
+            ORIGIN, 123456, hashlib.sha256(b"root").digest(), ("cloister-policy 3 " + "ab" * 32, "ext line")
+        ).to_text(),
+        Checkpoint(ORIGIN, 0, hashlib.sha256(b"").digest()).to_text(),
+        b"free text\nsecond line\n",
+    ]
     seeds = [sign_note(t, signers[:1]) for t in texts]
     seeds.append(sign_note(texts[1], signers))
     seeds.append(sign_note(texts[0], signers[1:]))
@@ -2083,13 +2868,25 @@ def _t_note(fx: Fixtures) -> Target:
     def mutate(data: bytes, rng: random.Random) -> bytes:
         return note_mutate(data, rng, fx.note_keys)
 
-    return Target("note_verify", "", "", _call(lambda d: verify_note(d, verifiers)), seeds, _CLEAN_VERIFY,
-                  (mutate,), (b"\n", b"\n\n", _EM_DASH, b" ", b"+", b"=", b"\xe2\x80", b"\x00", b"\r"),
-                  (MAX_NOTE_SIZE, MAX_SIGNATURE_LINE), MAX_NOTE_SIZE + 16)
+    return Target(
+        "note_verify",
+        "",
+        "",
+        _call(lambda d: verify_note(d, verifiers)),
+        seeds,
+        _CLEAN_VERIFY,
+        (mutate,),
+        (b"\n", b"\n\n", _EM_DASH, b" ", b"+", b"=", b"\xe2\x80", b"\x00", b"\r"),
+        (MAX_NOTE_SIZE, MAX_SIGNATURE_LINE),
+        MAX_NOTE_SIZE + 16,
+    )
 
 
-@_target("checkpoint_verify", "signed notes",
-         "cloister.verify.checkpoint.verify_checkpoint (mutated texts re-signed with the log key) and parse_checkpoint")
+@_target(
+    "checkpoint_verify",
+    "signed notes",
+    "cloister.verify.checkpoint.verify_checkpoint (mutated texts re-signed with the log key) and parse_checkpoint",
+)
 def _t_checkpoint(fx: Fixtures) -> Target:
     from cloister.verify.checkpoint import parse_checkpoint, verify_checkpoint
     from cloister.verify.note import MAX_NOTE_SIZE, Ed25519NoteVerifier
@@ -2102,15 +2899,23 @@ def _t_checkpoint(fx: Fixtures) -> Target:
 
     def text_only(data: bytes) -> None:
         sep = data.rfind(b"\n\n")
-        parse_checkpoint(data[:sep + 1] if sep >= 0 else data)
+        parse_checkpoint(data[: sep + 1] if sep >= 0 else data)
 
     def mutate(data: bytes, rng: random.Random) -> bytes:
         return note_mutate(data, rng, fx.note_keys[:1])
 
-    return Target("checkpoint_verify", "", "", lambda d: _stages(d, (verified, text_only), _CLEAN_VERIFY), seeds,
-                  _CLEAN_VERIFY, (mutate,), (b"\n", b"\n\n", _EM_DASH, b" ", b"=", b"0", b"\x00"),
-                  (4096, MAX_NOTE_SIZE),
-                  MAX_NOTE_SIZE + 16)
+    return Target(
+        "checkpoint_verify",
+        "",
+        "",
+        lambda d: _stages(d, (verified, text_only), _CLEAN_VERIFY),
+        seeds,
+        _CLEAN_VERIFY,
+        (mutate,),
+        (b"\n", b"\n\n", _EM_DASH, b" ", b"=", b"0", b"\x00"),
+        (4096, MAX_NOTE_SIZE),
+        MAX_NOTE_SIZE + 16,
+    )
 
 
 @_target("tlog_proof", "signed notes", "cloister.verify.tlog_proof.verify_tlog_proof (C2SP tlog-proof)")
@@ -2120,9 +2925,11 @@ def _t_tlog_proof(fx: Fixtures) -> Target:
 
     verifiers = [Ed25519NoteVerifier(ORIGIN, fx.note_keys[0][1].public_key())]
     notes, leaf = _note_seeds(fx)
-    seeds = [format_tlog_proof(TlogProof(0, (), notes[0])),
-             format_tlog_proof(TlogProof(5, (hashlib.sha256(b"a").digest(),) * 3, notes[1], extra=b"extra data")),
-             format_tlog_proof(TlogProof(2**63, (), notes[4]))]
+    seeds = [
+        format_tlog_proof(TlogProof(0, (), notes[0])),
+        format_tlog_proof(TlogProof(5, (hashlib.sha256(b"a").digest(),) * 3, notes[1], extra=b"extra data")),
+        format_tlog_proof(TlogProof(2**63, (), notes[4])),
+    ]
 
     def run(data: bytes) -> None:
         verify_tlog_proof(data, verifiers, origin=ORIGIN, leaf_hash=leaf)
@@ -2135,8 +2942,18 @@ def _t_tlog_proof(fx: Fixtures) -> Target:
             return b"\n".join(lines) + sep + note
         return head + sep + note_mutate(note, rng, fx.note_keys[:1])
 
-    return Target("tlog_proof", "", "", run, seeds, _CLEAN_VERIFY, (mutate,),
-                  (b"\n", b"index ", b"extra ", b"c2sp.org/tlog-proof@v1\n", b"=", b"\x00"), (64, 65, 87384), 1 << 21)
+    return Target(
+        "tlog_proof",
+        "",
+        "",
+        run,
+        seeds,
+        _CLEAN_VERIFY,
+        (mutate,),
+        (b"\n", b"index ", b"extra ", b"c2sp.org/tlog-proof@v1\n", b"=", b"\x00"),
+        (64, 65, 87384),
+        1 << 21,
+    )
 
 
 @_target("note_vkey", "signed notes", "cloister.verify.note.Ed25519NoteVerifier.from_vkey (verifier keys)")
@@ -2148,8 +2965,9 @@ def _t_vkey(fx: Fixtures) -> Target:
     def run(data: bytes) -> None:
         Ed25519NoteVerifier.from_vkey(data.decode("utf-8", "replace"))
 
-    return Target("note_vkey", "", "", run, seeds, (DecodeError,), (), (b"+", b"=", b"/", b"\x00", b" ", b"\xff"),
-                  (), 4096)
+    return Target(
+        "note_vkey", "", "", run, seeds, (DecodeError,), (), (b"+", b"=", b"/", b"\x00", b" ", b"\xff"), (), 4096
+    )
 
 
 class _Tree:
@@ -2172,13 +2990,15 @@ class _Tree:
             first = tile.index * 256
             hashes = [self.node(8 * tile.level, first + i) for i in range(tile.width)]
             self.tiles[tile.path()] = b"".join(hashes)
-        self.bundles = {b.path(): encode_entry_bundle(self.entries[b.index * 256:b.index * 256 + b.width])
-                        for b in entry_bundles(size)}
+        self.bundles = {
+            b.path(): encode_entry_bundle(self.entries[b.index * 256 : b.index * 256 + b.width])
+            for b in entry_bundles(size)
+        }
 
     def node(self, level: int, index: int) -> bytes:
         from cloister.verify.merkle import root_from_leaf_hashes
 
-        return root_from_leaf_hashes(self.leaves[index << level:(index + 1) << level])
+        return root_from_leaf_hashes(self.leaves[index << level : (index + 1) << level])
 
 
 def _synthetic_entries(seed: int, size: int) -> list[bytes]:
@@ -2190,56 +3010,144 @@ def _synthetic_entries(seed: int, size: int) -> list[bytes]:
         k = i % 6
         t = EPOCH_MS + i
         if k == 0:
-            e: Any = KeyEntry(time_ms=t, attestation=rng.randbytes(rng.choice((0, 40, 4000))),
-                              log_key=rng.randbytes(32),
-                              grant_key=rng.randbytes(32), log_vkey=f"{ORIGIN}+01234567+AQ==",
-                              previous_size=i or None, previous_root=rng.randbytes(32) if i else None)
+            e: Any = KeyEntry(
+                time_ms=t,
+                attestation=rng.randbytes(rng.choice((0, 40, 4000))),
+                log_key=rng.randbytes(32),
+                grant_key=rng.randbytes(32),
+                log_vkey=f"{ORIGIN}+01234567+AQ==",
+                previous_size=i or None,
+                previous_root=rng.randbytes(32) if i else None,
+            )
         elif k in (1, 2):
             allow = k == 1
-            e = DecisionEntry(time_ms=t, agent="refund-bot", roles=("refund-agent",), issuer="cloister-dev",
-                              server="refunds", tool="refund.create", args_sha256=rng.randbytes(32),
-                              decision="allow" if allow else "deny", code="" if allow else "policy",
-                              reason="permitted by refund-agent-tools" if allow else "forbidden by refund-single-cap",
-                              policies=("refund-agent-tools",), policy_sha256=rng.randbytes(32), policy_version=3,
-                              request_id=f"r{i}", grant_nonce=rng.randbytes(16) if allow else None,
-                              grant_expiry_ms=t + 60_000 if allow else None,
-                              charges={"refund-bot-hourly-refunds": "100"} if allow else {})
+            e = DecisionEntry(
+                time_ms=t,
+                agent="refund-bot",
+                roles=("refund-agent",),
+                issuer="cloister-dev",
+                server="refunds",
+                tool="refund.create",
+                args_sha256=rng.randbytes(32),
+                decision="allow" if allow else "deny",
+                code="" if allow else "policy",
+                reason="permitted by refund-agent-tools" if allow else "forbidden by refund-single-cap",
+                policies=("refund-agent-tools",),
+                policy_sha256=rng.randbytes(32),
+                policy_version=3,
+                request_id=f"r{i}",
+                grant_nonce=rng.randbytes(16) if allow else None,
+                grant_expiry_ms=t + 60_000 if allow else None,
+                charges={"refund-bot-hourly-refunds": "100"} if allow else {},
+            )
         elif k == 3:
-            e = OutcomeEntry(time_ms=t, decision_index=i - 2, result_sha256=rng.randbytes(32), error="",
-                             duration_us=1234,
-                             paid="0.05")
+            e = OutcomeEntry(
+                time_ms=t,
+                decision_index=i - 2,
+                result_sha256=rng.randbytes(32),
+                error="",
+                duration_us=1234,
+                paid="0.05",
+            )
         elif k == 4:
-            e = PolicyEntry(time_ms=t, bundle_sha256=rng.randbytes(32), version=i, signer="0123456789abcdef",
-                            mode="enforce")
+            e = PolicyEntry(
+                time_ms=t, bundle_sha256=rng.randbytes(32), version=i, signer="0123456789abcdef", mode="enforce"
+            )
         else:
-            e = ServerEntry(time_ms=t, server="refunds", kind="nitro", status="verified", detail="ok",
-                            evidence_sha256=rng.randbytes(32), extra={"tool": "x"})
+            e = ServerEntry(
+                time_ms=t,
+                server="refunds",
+                kind="nitro",
+                status="verified",
+                detail="ok",
+                evidence_sha256=rng.randbytes(32),
+                extra={"tool": "x"},
+            )
         out.append(encode_entry(e))
     return out
 
 
-_ENTRY_STRINGS: Final = ("t", "v", "time", "agent", "roles", "iss", "server", "tool", "args", "decision", "code",
-                         "reason", "policies", "policy", "policy_version", "request", "grant_nonce", "grant_exp",
-                         "charges", "mode", "outcome", "key", "server", "allow", "deny", "log-only", "enforce",
-                         "attestation", "log_key", "grant_key", "vkey", "prev_size", "prev_root", "bundle",
-                         "version", "signer", "kind", "status", "detail", "evidence", "extra", "result", "error",
-                         "duration_us", "paid")
+_ENTRY_STRINGS: Final = (
+    "t",
+    "v",
+    "time",
+    "agent",
+    "roles",
+    "iss",
+    "server",
+    "tool",
+    "args",
+    "decision",
+    "code",
+    "reason",
+    "policies",
+    "policy",
+    "policy_version",
+    "request",
+    "grant_nonce",
+    "grant_exp",
+    "charges",
+    "mode",
+    "outcome",
+    "key",
+    "server",
+    "allow",
+    "deny",
+    "log-only",
+    "enforce",
+    "attestation",
+    "log_key",
+    "grant_key",
+    "vkey",
+    "prev_size",
+    "prev_root",
+    "bundle",
+    "version",
+    "signer",
+    "kind",
+    "status",
+    "detail",
+    "evidence",
+    "extra",
+    "result",
+    "error",
+    "duration_us",
+    "paid",
+)
 
 
 @_target("tile_path", "tiles", "cloister.verify.tiles.parse_tile_path (C2SP tlog-tiles paths)")
 def _t_tile_path(fx: Fixtures) -> Target:
     from cloister.verify.tiles import parse_tile_path
 
-    seeds = [b"tile/0/000", b"tile/entries/x001/x234/067", b"tile/1/000.p/17", b"tile/entries/002.p/188",
-             b"tile/63/x018/x446/x744/x073/x709/x551/615", b"tile/2/x999/999.p/255"]
-    return Target("tile_path", "", "", _call(lambda d: parse_tile_path(d.decode("utf-8", "replace"))), seeds,
-                  (DecodeError,), (), (b"/", b"x", b".p/", b"000", b"entries", b"tile/", b"..", b"\x00"), (100, 101),
-                  4096)
+    seeds = [
+        b"tile/0/000",
+        b"tile/entries/x001/x234/067",
+        b"tile/1/000.p/17",
+        b"tile/entries/002.p/188",
+        b"tile/63/x018/x446/x744/x073/x709/x551/615",
+        b"tile/2/x999/999.p/255",
+    ]
+    return Target(
+        "tile_path",
+        "",
+        "",
+        _call(lambda d: parse_tile_path(d.decode("utf-8", "replace"))),
+        seeds,
+        (DecodeError,),
+        (),
+        (b"/", b"x", b".p/", b"000", b"entries", b"tile/", b"..", b"\x00"),
+        (100, 101),
+        4096,
+    )
 
 
-@_target("hash_tile", "tiles",
-         "cloister.verify.tiles.parse_tile_path + TileNodeSource (parse_hash_tile) serving a mutated tile in a real "
-         "700-leaf tree; merkle inclusion and consistency proofs from it checked against the real root")
+@_target(
+    "hash_tile",
+    "tiles",
+    "cloister.verify.tiles.parse_tile_path + TileNodeSource (parse_hash_tile) serving a mutated tile in a real "
+    "700-leaf tree; merkle inclusion and consistency proofs from it checked against the real root",
+)
 def _t_hash_tile(fx: Fixtures) -> Target:
     from cloister.verify.merkle import (
         consistency_proof,
@@ -2270,13 +3178,26 @@ def _t_hash_tile(fx: Fixtures) -> Target:
         verify_consistency(old_size, tree.size, consistency_proof(old_size, tree.size, src), old_root, tree.root)
 
     seeds = [p.encode() + b"\n" + t for p, t in tree.tiles.items()]
-    return Target("hash_tile", "", "", run, seeds, _CLEAN_VERIFY, (), (b"\n", b"/", b".p/", b"\x00" * 32),
-                  (8192, 32, 8191), 1 << 16)
+    return Target(
+        "hash_tile",
+        "",
+        "",
+        run,
+        seeds,
+        _CLEAN_VERIFY,
+        (),
+        (b"\n", b"/", b".p/", b"\x00" * 32),
+        (8192, 32, 8191),
+        1 << 16,
+    )
 
 
-@_target("entry_bundle", "tiles",
-         "cloister.verify.tiles.parse_entry_bundle, then each entry's inclusion in the real tree (merkle) and "
-         "parse_entry, as an auditor's replay does")
+@_target(
+    "entry_bundle",
+    "tiles",
+    "cloister.verify.tiles.parse_entry_bundle, then each entry's inclusion in the real tree (merkle) and "
+    "parse_entry, as an auditor's replay does",
+)
 def _t_entry_bundle(fx: Fixtures) -> Target:
     from cloister.verify.entries import parse_entry
     from cloister.verify.merkle import inclusion_proof, leaf_hash, verify_inclusion
@@ -2299,8 +3220,18 @@ def _t_entry_bundle(fx: Fixtures) -> Target:
             parse_entry(entry)
 
     seeds = [p.encode() + b"\n" + b for p, b in tree.bundles.items()]
-    return Target("entry_bundle", "", "", run, seeds, _CLEAN_VERIFY, (), (b"\x00\x00", b"\xff\xff", b"\x00\x01"),
-                  (65537,), 1 << 18)
+    return Target(
+        "entry_bundle",
+        "",
+        "",
+        run,
+        seeds,
+        _CLEAN_VERIFY,
+        (),
+        (b"\x00\x00", b"\xff\xff", b"\x00\x01"),
+        (65537,),
+        1 << 18,
+    )
 
 
 @_target("log_entry", "log entries", "cloister.verify.entries.parse_entry (deterministic CBOR log entries)")
@@ -2312,22 +3243,54 @@ def _t_entry(fx: Fixtures) -> Target:
     def mutate(data: bytes, rng: random.Random) -> bytes:
         return cbor_mutate(data, rng, _ENTRY_STRINGS, _ENTRY_STRINGS)
 
-    return Target("log_entry", "", "", _call(parse_entry), seeds, (DecodeError,), (mutate,),
-                  _CBOR_TOKENS, (MAX_ENTRY_BYTES,), MAX_ENTRY_BYTES + 16)
+    return Target(
+        "log_entry",
+        "",
+        "",
+        _call(parse_entry),
+        seeds,
+        (DecodeError,),
+        (mutate,),
+        _CBOR_TOKENS,
+        (MAX_ENTRY_BYTES,),
+        MAX_ENTRY_BYTES + 16,
+    )
 
 
-def verify_attestation_adapter(data: bytes, root: Any, *, at: datetime | str, now: datetime | None = None,
-                               max_age: timedelta | None = None, expected_pcrs: Mapping[int, bytes] | None = None,
-                               nonce: bytes | None = None) -> Any:
+def verify_attestation_adapter(
+    data: bytes,
+    root: Any,
+    *,
+    at: datetime | str,
+    now: datetime | None = None,
+    max_age: timedelta | None = None,
+    expected_pcrs: Mapping[int, bytes] | None = None,
+    nonce: bytes | None = None,
+) -> Any:
     """The one call of verify_attestation (its signature is changing: keep the change here)."""
     from cloister.verify.attestation import AttestationPolicy, verify_attestation
 
-    return verify_attestation(data, AttestationPolicy(root=root, at=cast(Any, at), now=now, max_age=max_age,
-                                                      expected_pcrs=expected_pcrs or {}, nonce=nonce))
+    return verify_attestation(
+        data,
+        AttestationPolicy(
+            root=root, at=cast(Any, at), now=now, max_age=max_age, expected_pcrs=expected_pcrs or {}, nonce=nonce
+        ),
+    )
 
 
-_ATTESTATION_STRINGS: Final = ("module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle", "public_key",
-                               "user_data", "nonce", "SHA384", "SHA256")
+_ATTESTATION_STRINGS: Final = (
+    "module_id",
+    "digest",
+    "timestamp",
+    "pcrs",
+    "certificate",
+    "cabundle",
+    "public_key",
+    "user_data",
+    "nonce",
+    "SHA384",
+    "SHA256",
+)
 
 
 def _attestation_seeds(fx: Fixtures) -> list[bytes]:
@@ -2335,17 +3298,24 @@ def _attestation_seeds(fx: Fixtures) -> list[bytes]:
 
     clock = FixedClock()
     nsm = fx.mock_nsm({0: fx.upstream_pcr0, 1: b"\x01" * 48}, clock)
-    binding = EnclaveBinding(origin=ORIGIN, log_key=b"\x01" * 32, grant_key=b"\x02" * 32,
-                             checkpoint_sha256=b"\x03" * 32).encode()
-    docs = [nsm.attestation(), nsm.attestation(nonce=b"n" * 32, user_data=binding),
-            nsm.attestation(nonce=b"\x00" * 1024, user_data=b"u" * 1024, public_key=b"k" * 1024)]
+    binding = EnclaveBinding(
+        origin=ORIGIN, log_key=b"\x01" * 32, grant_key=b"\x02" * 32, checkpoint_sha256=b"\x03" * 32
+    ).encode()
+    docs = [
+        nsm.attestation(),
+        nsm.attestation(nonce=b"n" * 32, user_data=binding),
+        nsm.attestation(nonce=b"\x00" * 1024, user_data=b"u" * 1024, public_key=b"k" * 1024),
+    ]
     docs.append(cbor2.dumps(cbor2.CBORTag(18, cbor2.loads(docs[1]))))
     return docs
 
 
-@_target("attestation", "attestation documents",
-         "cloister.verify.attestation.verify_attestation (AWS procedure) against the mock NSM root, as of the "
-         "document's time and as of a fixed time with an age bound and pinned PCR0")
+@_target(
+    "attestation",
+    "attestation documents",
+    "cloister.verify.attestation.verify_attestation (AWS procedure) against the mock NSM root, as of the "
+    "document's time and as of a fixed time with an age bound and pinned PCR0",
+)
 def _t_attestation(fx: Fixtures) -> Target:
     from cloister.verify.attestation import DOCUMENT_TIME, MAX_DOCUMENT_SIZE
 
@@ -2356,49 +3326,85 @@ def _t_attestation(fx: Fixtures) -> Target:
         verify_attestation_adapter(data, root, at=DOCUMENT_TIME)
 
     def at_fixed_time(data: bytes) -> None:
-        verify_attestation_adapter(data, root, at=EPOCH + timedelta(minutes=1), max_age=timedelta(minutes=5),
-                                   expected_pcrs=pcrs)
+        verify_attestation_adapter(
+            data, root, at=EPOCH + timedelta(minutes=1), max_age=timedelta(minutes=5), expected_pcrs=pcrs
+        )
 
     def mutate(data: bytes, rng: random.Random) -> bytes:
         return cose_mutate(data, rng, None, _ATTESTATION_STRINGS, _ATTESTATION_STRINGS)
 
-    return Target("attestation", "", "", lambda d: _stages(d, (at_document_time, at_fixed_time), _CLEAN_VERIFY),
-                  _attestation_seeds(fx), _CLEAN_VERIFY, (mutate,), _CBOR_TOKENS, (MAX_DOCUMENT_SIZE, 1024),
-                  MAX_DOCUMENT_SIZE + 64)
+    return Target(
+        "attestation",
+        "",
+        "",
+        lambda d: _stages(d, (at_document_time, at_fixed_time), _CLEAN_VERIFY),
+        _attestation_seeds(fx),
+        _CLEAN_VERIFY,
+        (mutate,),
+        _CBOR_TOKENS,
+        (MAX_DOCUMENT_SIZE, 1024),
+        MAX_DOCUMENT_SIZE + 64,
+    )
 
 
-@_target("enclave_binding", "attestation documents",
-         "cloister.verify.enclave_identity.parse_binding (the attestation's user_data)")
+@_target(
+    "enclave_binding",
+    "attestation documents",
+    "cloister.verify.enclave_identity.parse_binding (the attestation's user_data)",
+)
 def _t_binding(fx: Fixtures) -> Target:
     from cloister.verify.enclave_identity import EnclaveBinding, parse_binding
 
-    seeds = [EnclaveBinding(ORIGIN, b"\x01" * 32, b"\x02" * 32).encode(),
-             EnclaveBinding("o", b"\x01" * 32, b"\x02" * 32, b"\x03" * 32).encode()]
+    seeds = [
+        EnclaveBinding(ORIGIN, b"\x01" * 32, b"\x02" * 32).encode(),
+        EnclaveBinding("o", b"\x01" * 32, b"\x02" * 32, b"\x03" * 32).encode(),
+    ]
     strings = ("f", "origin", "log_key", "grant_key", "checkpoint", "cloister-enclave/1")
 
     def mutate(data: bytes, rng: random.Random) -> bytes:
         return cbor_mutate(data, rng, strings, strings)
 
-    return Target("enclave_binding", "", "", _call(parse_binding), seeds, (DecodeError,), (mutate,),
-                  _CBOR_TOKENS, (1024,), 4096)
+    return Target(
+        "enclave_binding", "", "", _call(parse_binding), seeds, (DecodeError,), (mutate,), _CBOR_TOKENS, (1024,), 4096
+    )
 
 
-@_target("attestation_reply", "attestation documents",
-         "cloister.audit.source.parse_attestation_reply (the relay's /log/attestation JSON, read by auditors)")
+@_target(
+    "attestation_reply",
+    "attestation documents",
+    "cloister.audit.source.parse_attestation_reply (the relay's /log/attestation JSON, read by auditors)",
+)
 def _t_attestation_reply(fx: Fixtures) -> Target:
     from cloister.audit.source import parse_attestation_reply
 
     notes, _ = _note_seeds(fx)
     docs = _attestation_seeds(fx)
-    seeds = [json.dumps({"document": base64.b64encode(d).decode(), "nonce": "ab" * 16,
-                         "checkpoint": notes[0].decode()}).encode() for d in docs[:2]]
+    seeds = [
+        json.dumps(
+            {"document": base64.b64encode(d).decode(), "nonce": "ab" * 16, "checkpoint": notes[0].decode()}
+        ).encode()
+        for d in docs[:2]
+    ]
     strings = ("document", "nonce", "checkpoint", "AAAA", "ab", "zz", "")
-    return Target("attestation_reply", "", "", _call(parse_attestation_reply), seeds, _CLEAN_VERIFY,
-                  (lambda d, r: json_mutate(d, r, strings, strings),), _JSON_TOKENS, (), 1 << 20)
+    return Target(
+        "attestation_reply",
+        "",
+        "",
+        _call(parse_attestation_reply),
+        seeds,
+        _CLEAN_VERIFY,
+        (lambda d, r: json_mutate(d, r, strings, strings),),
+        _JSON_TOKENS,
+        (),
+        1 << 20,
+    )
 
 
-@_target("cose_sign1", "attestation documents",
-         "cloister.verify.cose.parse_cose_sign1 + sig_structure (the envelope of grants, bundles, attestations)")
+@_target(
+    "cose_sign1",
+    "attestation documents",
+    "cloister.verify.cose.parse_cose_sign1 + sig_structure (the envelope of grants, bundles, attestations)",
+)
 def _t_cose(fx: Fixtures) -> Target:
     from cloister.verify.cose import parse_cose_sign1, sig_structure
 
@@ -2409,24 +3415,54 @@ def _t_cose(fx: Fixtures) -> Target:
         msg = parse_cose_sign1(data, max_size=1 << 20)
         sig_structure(msg.protected, msg.payload)
 
-    return Target("cose_sign1", "", "", run, seeds, (DecodeError,), (lambda d, r: cbor_mutate(d, r),), _CBOR_TOKENS,
-                  (4096, 16384), 1 << 20)
+    return Target(
+        "cose_sign1",
+        "",
+        "",
+        run,
+        seeds,
+        (DecodeError,),
+        (lambda d, r: cbor_mutate(d, r),),
+        _CBOR_TOKENS,
+        (4096, 16384),
+        1 << 20,
+    )
 
 
-_BUNDLE_STRINGS: Final = ("format", "version", "files", "cloister-bundle/1", "bundle.toml", "entities.toml",
-                          "issuers.toml", "limits.toml", "policies/refunds.cedar", "policies/x.cedar", "../x", "a//b",
-                          "schema.cedarschema", "jwks.json", "issuers/cloister-dev.pem")
+_BUNDLE_STRINGS: Final = (
+    "format",
+    "version",
+    "files",
+    "cloister-bundle/1",
+    "bundle.toml",
+    "entities.toml",
+    "issuers.toml",
+    "limits.toml",
+    "policies/refunds.cedar",
+    "policies/x.cedar",
+    "../x",
+    "a//b",
+    "schema.cedarschema",
+    "jwks.json",
+    "issuers/cloister-dev.pem",
+)
 
 
-@_target("bundle_verify", "bundles",
-         "cloister.verify.bundle.verify_bundle with the real admin key (mutations re-signed with it), "
-         "read_bundle_header, unsigned_files")
+@_target(
+    "bundle_verify",
+    "bundles",
+    "cloister.verify.bundle.verify_bundle with the real admin key (mutations re-signed with it), "
+    "read_bundle_header, unsigned_files",
+)
 def _t_bundle_verify(fx: Fixtures) -> Target:
     from cloister.verify.bundle import admin_key_id, read_bundle_header, unsigned_files, verify_bundle
 
     keys = {admin_key_id(fx.admin.public_key()): fx.admin.public_key()}
-    seeds = [fx.signed_bundle(1), fx.signed_bundle(7, {"bundle.toml": b"[bundle]\n", "a/b_c.d": b""}),
-             fx.signed_bundle(2, key=ed25519_key(fx.seed, "not-admin"))]
+    seeds = [
+        fx.signed_bundle(1),
+        fx.signed_bundle(7, {"bundle.toml": b"[bundle]\n", "a/b_c.d": b""}),
+        fx.signed_bundle(2, key=ed25519_key(fx.seed, "not-admin")),
+    ]
 
     def mutate(data: bytes, rng: random.Random) -> bytes:
         return cose_mutate(data, rng, fx.admin.sign, _BUNDLE_STRINGS, _BUNDLE_STRINGS)
@@ -2434,8 +3470,9 @@ def _t_bundle_verify(fx: Fixtures) -> Target:
     def run(data: bytes) -> None:
         _stages(data, (lambda d: verify_bundle(d, keys), read_bundle_header, unsigned_files), _CLEAN_VERIFY)
 
-    return Target("bundle_verify", "", "", run, seeds, _CLEAN_VERIFY, (mutate,), _CBOR_TOKENS, (8 << 20,),
-                  (8 << 20) + 8192)
+    return Target(
+        "bundle_verify", "", "", run, seeds, _CLEAN_VERIFY, (mutate,), _CBOR_TOKENS, (8 << 20,), (8 << 20) + 8192
+    )
 
 
 def _bundle_variants(fx: Fixtures) -> list[dict[str, bytes]]:
@@ -2447,8 +3484,9 @@ def _bundle_variants(fx: Fixtures) -> list[dict[str, bytes]]:
     jwks = dict(files)
     ed = fx.jwt_keys[0][1].public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     jwks["jwks.json"] = json.dumps({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k0", "x": b64url(ed)}]}).encode()
-    jwks["issuers.toml"] = (files["issuers.toml"]
-                            + b'\n[issuers.oidc]\nissuer = "https://id.example"\njwks = "jwks.json"\n')
+    jwks["issuers.toml"] = (
+        files["issuers.toml"] + b'\n[issuers.oidc]\nissuer = "https://id.example"\njwks = "jwks.json"\n'
+    )
     variants.append(jwks)
     try:
         from cloister.enclave.bundle import parse_bundle_files
@@ -2485,17 +3523,24 @@ def bundle_payload_mutate(data: bytes, rng: random.Random) -> bytes:
         files[rng.choice(_BUNDLE_STRINGS)] = content
     elif r < 0.95:
         files[f"policies/extra{rng.randrange(3)}.cedar"] = cedar_mutate(
-            files.get("policies/refunds.cedar", b"permit(principal, action, resource);").decode(), rng).encode()
+            files.get("policies/refunds.cedar", b"permit(principal, action, resource);").decode(), rng
+        ).encode()
     else:
         files[name] = json_mutate(content, rng) if name.endswith(".json") else content * rng.choice((2, 100))
-    body = {"format": body.get("format"), "version": rng.randrange(2, 1 << 40) if rng.random() < 0.9 else
-            rng.choice((0, -1, 1 << 63, 1 << 64, "2", 1.5)), "files": files}
+    body = {
+        "format": body.get("format"),
+        "version": rng.randrange(2, 1 << 40) if rng.random() < 0.9 else rng.choice((0, -1, 1 << 63, 1 << 64, "2", 1.5)),
+        "files": files,
+    }
     return cbor2.dumps(body, canonical=True)
 
 
-@_target("bundle_load", "bundles",
-         "EnclaveCore.load_policy on bundles signed with the real admin key whose payload is mutated (TOML, Cedar, "
-         "file names, versions): verify_bundle, enclave.bundle.parse_bundle_files, the policy engine and limits")
+@_target(
+    "bundle_load",
+    "bundles",
+    "EnclaveCore.load_policy on bundles signed with the real admin key whose payload is mutated (TOML, Cedar, "
+    "file names, versions): verify_bundle, enclave.bundle.parse_bundle_files, the policy engine and limits",
+)
 def _t_bundle_load(fx: Fixtures) -> Target:
     from cloister.enclave.core import PolicyRefused
     from cloister.verify.bundle import ALG_EDDSA, admin_key_id, pack_payload
@@ -2513,8 +3558,19 @@ def _t_bundle_load(fx: Fixtures) -> Target:
         world.release()
         world.clock.advance_ms(10)
 
-    return Target("bundle_load", "", "", run, seeds, (PolicyRefused, DecodeError, VerificationError),
-                  (bundle_payload_mutate,), _CBOR_TOKENS, (8 << 20,), (8 << 20) + 16, after=after)
+    return Target(
+        "bundle_load",
+        "",
+        "",
+        run,
+        seeds,
+        (PolicyRefused, DecodeError, VerificationError),
+        (bundle_payload_mutate,),
+        _CBOR_TOKENS,
+        (8 << 20,),
+        (8 << 20) + 16,
+        after=after,
+    )
 
 
 # ---- the gRPC targets: every request message the parent can send ---------------------------------------------
@@ -2544,9 +3600,19 @@ def _grpc_nested(fx: Fixtures) -> dict[str, Mutator]:
     def bundle(d: bytes, r: random.Random) -> bytes:
         return cose_mutate(d, r, None, _BUNDLE_STRINGS, _BUNDLE_STRINGS)
 
-    return {"token": tokens, "arguments_json": jsons, "tools_json": jsons, "attestation": cbors, "entries": cbors,
-            "key_entry": cbors, "boundary_entry": cbors, "payment_amount": decimals, "paid_amount": decimals,
-            "checkpoint": note, "bundle": bundle}
+    return {
+        "token": tokens,
+        "arguments_json": jsons,
+        "tools_json": jsons,
+        "attestation": cbors,
+        "entries": cbors,
+        "key_entry": cbors,
+        "boundary_entry": cbors,
+        "payment_amount": decimals,
+        "paid_amount": decimals,
+        "checkpoint": note,
+        "bundle": bundle,
+    }
 
 
 def _grpc_seeds(fx: Fixtures, world: EnclaveWorld, method: str, cls: Any) -> list[Any]:
@@ -2556,56 +3622,110 @@ def _grpc_seeds(fx: Fixtures, world: EnclaveWorld, method: str, cls: Any) -> lis
     research = fx.token("research-bot", ["research-agent"])
     size = len(world.log)
     if method == "Authorize":
-        return [pb.AuthorizeRequest(token=refund, server="refunds", tool="customer_lookup",
-                                    arguments_json=b'{"customer_id":"c-1"}', request_id="r1", persisted_size=size),
-                pb.AuthorizeRequest(token=refund, server="refunds", tool="refund.create",
-                                    arguments_json=b'{"amount":100,"customer_id":"c-1"}', request_id="r2"),
-                pb.AuthorizeRequest(token=refund, server="refunds", tool="refund.create",
-                                    arguments_json=b'{"amount":6000.5}'),
-                pb.AuthorizeRequest(token=refund, server="refunds", tool="refund.approve_above_threshold"),
-                pb.AuthorizeRequest(token=research, server="research", tool="web_search",
-                                    arguments_json=b'{"query":"nitro","limit":3}'),
-                pb.AuthorizeRequest(token=research, server="research", tool="deep_search",
-                                    arguments_json=b'{"query":"q"}', payment_amount="0.05"),
-                pb.AuthorizeRequest(token=research, server="vault", tool="get_secret", arguments_json=b"{}"),
-                pb.AuthorizeRequest(token=fx.token("refund-bot", ["refund-supervisor"]), server="refunds",
-                                    tool="customer_lookup", arguments_json=b"{}"),
-                pb.AuthorizeRequest(token="", server="refunds", tool="customer_lookup")]
+        return [
+            pb.AuthorizeRequest(
+                token=refund,
+                server="refunds",
+                tool="customer_lookup",
+                arguments_json=b'{"customer_id":"c-1"}',
+                request_id="r1",
+                persisted_size=size,
+            ),
+            pb.AuthorizeRequest(
+                token=refund,
+                server="refunds",
+                tool="refund.create",
+                arguments_json=b'{"amount":100,"customer_id":"c-1"}',
+                request_id="r2",
+            ),
+            pb.AuthorizeRequest(
+                token=refund, server="refunds", tool="refund.create", arguments_json=b'{"amount":6000.5}'
+            ),
+            pb.AuthorizeRequest(token=refund, server="refunds", tool="refund.approve_above_threshold"),
+            pb.AuthorizeRequest(
+                token=research, server="research", tool="web_search", arguments_json=b'{"query":"nitro","limit":3}'
+            ),
+            pb.AuthorizeRequest(
+                token=research,
+                server="research",
+                tool="deep_search",
+                arguments_json=b'{"query":"q"}',
+                payment_amount="0.05",
+            ),
+            pb.AuthorizeRequest(token=research, server="vault", tool="get_secret", arguments_json=b"{}"),
+            pb.AuthorizeRequest(
+                token=fx.token("refund-bot", ["refund-supervisor"]),
+                server="refunds",
+                tool="customer_lookup",
+                arguments_json=b"{}",
+            ),
+            pb.AuthorizeRequest(token="", server="refunds", tool="customer_lookup"),
+        ]
     if method == "FilterTools":
-        tools = [pb.ToolRef(server=s, tool=t) for s, ts in (("refunds", ("customer_lookup", "refund.create")),
-                                                            ("research", ("web_search", "deep_search", "db_write")),
-                                                            ("vault", ("get_secret",)), ("nope", ("x",))) for t in ts]
-        return [pb.FilterToolsRequest(token=refund, candidates=tools),
-                pb.FilterToolsRequest(token=research, candidates=tools)]
+        tools = [
+            pb.ToolRef(server=s, tool=t)
+            for s, ts in (
+                ("refunds", ("customer_lookup", "refund.create")),
+                ("research", ("web_search", "deep_search", "db_write")),
+                ("vault", ("get_secret",)),
+                ("nope", ("x",)),
+            )
+            for t in ts
+        ]
+        return [
+            pb.FilterToolsRequest(token=refund, candidates=tools),
+            pb.FilterToolsRequest(token=research, candidates=tools),
+        ]
     if method == "RecordOutcome":
         world.clock.advance_ms(61_000)  # a fresh rate window for the decisions this target may close
         opened = [world.allowed_call() for _ in range(200)]
-        return [pb.OutcomeRequest(decision_index=i, result_sha256=hashlib.sha256(str(i).encode()).digest(),
-                                  duration_us=1500, persisted_size=size, paid_amount="0.05" if i % 2 else "",
-                                  error="" if i % 3 else "timeout") for i in opened]
+        return [
+            pb.OutcomeRequest(
+                decision_index=i,
+                result_sha256=hashlib.sha256(str(i).encode()).digest(),
+                duration_us=1500,
+                persisted_size=size,
+                paid_amount="0.05" if i % 2 else "",
+                error="" if i % 3 else "timeout",
+            )
+            for i in opened
+        ]
     if method == "Attest":
         return [pb.AttestRequest(nonce=b"n" * 32, include_checkpoint=True), pb.AttestRequest(nonce=b"x" * 512)]
     if method == "LoadPolicy":
         # The same files at rising versions: each is accepted once, and the policy in force does not change.
-        return [pb.LoadPolicyRequest(bundle=fx.signed_bundle(1), persisted_size=size),
-                pb.LoadPolicyRequest(bundle=fx.signed_bundle(9, key=ed25519_key(fx.seed, "not-admin"))),
-                *(pb.LoadPolicyRequest(bundle=fx.signed_bundle(v), persisted_size=size) for v in range(2, 31))]
+        return [
+            pb.LoadPolicyRequest(bundle=fx.signed_bundle(1), persisted_size=size),
+            pb.LoadPolicyRequest(bundle=fx.signed_bundle(9, key=ed25519_key(fx.seed, "not-admin"))),
+            *(pb.LoadPolicyRequest(bundle=fx.signed_bundle(v), persisted_size=size) for v in range(2, 31)),
+        ]
     if method == "SyncLog":
         return [pb.SyncLogRequest(persisted_size=0), pb.SyncLogRequest(persisted_size=size)]
     if method == "StartLog":
         return [pb.StartLogRequest(), fx.resume_world.resume_request()]
     if method == "ServerChallenge":
-        return [pb.ServerChallengeRequest(server=s, reconnect=r) for s in ("refunds", "research", "vault", "nope")
-                for r in (False, True)]
+        return [
+            pb.ServerChallengeRequest(server=s, reconnect=r)
+            for s in ("refunds", "research", "vault", "nope")
+            for r in (False, True)
+        ]
     if method == "ReportServer":
         nonce, _ = world.core.server_challenge("refunds", reconnect=False)
-        return [pb.ServerReport(server="refunds", evidence=True, attestation=world.upstream.attestation(nonce=nonce),
-                                tools_json=json.dumps(REFUNDS_TOOLS).encode(), persisted_size=size),
-                pb.ServerReport(server="research", evidence=True, artifact=ARTIFACT,
-                                tools_json=json.dumps(RESEARCH_TOOLS).encode()),
-                pb.ServerReport(server="research", tools_json=json.dumps(RESEARCH_TOOLS[1:]).encode()),
-                pb.ServerReport(server="vault", evidence=True, certificates=[fx.tls_cert]),
-                pb.ServerReport(server="refunds", evidence=True, failure="connection refused")]
+        return [
+            pb.ServerReport(
+                server="refunds",
+                evidence=True,
+                attestation=world.upstream.attestation(nonce=nonce),
+                tools_json=json.dumps(REFUNDS_TOOLS).encode(),
+                persisted_size=size,
+            ),
+            pb.ServerReport(
+                server="research", evidence=True, artifact=ARTIFACT, tools_json=json.dumps(RESEARCH_TOOLS).encode()
+            ),
+            pb.ServerReport(server="research", tools_json=json.dumps(RESEARCH_TOOLS[1:]).encode()),
+            pb.ServerReport(server="vault", evidence=True, certificates=[fx.tls_cert]),
+            pb.ServerReport(server="refunds", evidence=True, failure="connection refused"),
+        ]
     return [cls()]
 
 
@@ -2637,8 +3757,19 @@ def _grpc_factory(method: str) -> Callable[[Fixtures], Target]:
         def mutate(data: bytes, rng: random.Random) -> bytes:
             return proto_mutate(data, rng, cls, nested)
 
-        return Target(f"grpc_{method}", "", "", run, seeds, (SdkRejection, GrpcStatus), (mutate,), _PROTO_TOKENS,
-                      (512, 1 << 16), 1 << 20, after=lambda: world.after_call(force_upkeep=upkeep))
+        return Target(
+            f"grpc_{method}",
+            "",
+            "",
+            run,
+            seeds,
+            (SdkRejection, GrpcStatus),
+            (mutate,),
+            _PROTO_TOKENS,
+            (512, 1 << 16),
+            1 << 20,
+            after=lambda: world.after_call(force_upkeep=upkeep),
+        )
 
     return factory
 
@@ -2652,7 +3783,8 @@ def _register_grpc_targets() -> None:
         _REGISTRY[f"grpc_{m.name}"] = _Spec(
             "gRPC messages to the enclave",
             f"EnclaveService.{m.name}({m.input_type.name}.FromString(bytes)) over a real EnclaveCore",
-            _grpc_factory(m.name))
+            _grpc_factory(m.name),
+        )
 
 
 # ---- running many targets -----------------------------------------------------------------------------------
@@ -2679,8 +3811,9 @@ def build(name: str, fx: Fixtures) -> Target:
     """A target with its registry metadata filled in."""
     t = make_target(name, fx)
     spec = _REGISTRY[name]
-    return Target(name, spec.boundary, spec.entry, t.run, t.seeds, t.clean, t.mutators, t.tokens, t.limits,
-                  t.max_size, t.after)
+    return Target(
+        name, spec.boundary, spec.entry, t.run, t.seeds, t.clean, t.mutators, t.tokens, t.limits, t.max_size, t.after
+    )
 
 
 def run_in_process(names: Sequence[str], count: int, seed: int, *, out: Path | None = None) -> list[TargetResult]:
@@ -2709,8 +3842,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     def progress(index: int, data: bytes) -> None:
         n = min(len(data), _PROGRESS_SIZE - _PROGRESS_HEADER.size)
-        mm[_PROGRESS_HEADER.size:_PROGRESS_HEADER.size + n] = data[:n]
-        mm[:_PROGRESS_HEADER.size] = _PROGRESS_HEADER.pack(index, n, time.monotonic_ns())
+        mm[_PROGRESS_HEADER.size : _PROGRESS_HEADER.size + n] = data[:n]
+        mm[: _PROGRESS_HEADER.size] = _PROGRESS_HEADER.pack(index, n, time.monotonic_ns())
 
     def snapshot(result: TargetResult, next_index: int) -> None:
         tmp = snapshot_path.with_suffix(".tmp")
@@ -2720,11 +3853,20 @@ def _worker(args: argparse.Namespace) -> int:
     skip = frozenset(int(x) for x in args.skip.split(",") if x) if args.skip else frozenset()
     with fixtures(args.seed) as fx:
         target = build(args.worker, fx)
-        result = run_target(target, args.count, args.seed, out=Path(args.out), start=args.start, skip=skip,
-                            hard_timeout=HARD_TIMEOUT_S, progress=progress, snapshot=snapshot)
+        result = run_target(
+            target,
+            args.count,
+            args.seed,
+            out=Path(args.out),
+            start=args.start,
+            skip=skip,
+            hard_timeout=HARD_TIMEOUT_S,
+            progress=progress,
+            snapshot=snapshot,
+        )
         if args.minimize:
             _minimize_failures(target, result)
-    mm[:_PROGRESS_HEADER.size] = _PROGRESS_HEADER.pack(-1, 0, 0)
+    mm[: _PROGRESS_HEADER.size] = _PROGRESS_HEADER.pack(-1, 0, 0)
     snapshot(result, args.start + args.count)
     return 0
 
@@ -2763,11 +3905,29 @@ def _spawn(job: _Job, args: argparse.Namespace, workdir: Path) -> None:
         f.truncate(_PROGRESS_SIZE)
     job.snapshot.unlink(missing_ok=True)
     end = args.first + job.count
-    cmd = [sys.executable, "-m", "cloister.dev.fuzz", "--worker", job.name, "--seed", str(args.seed),
-           "--start", str(job.start), "--count", str(end - job.start), "--out", str(args.out),
-           "--progress", str(job.progress), "--snapshot", str(job.snapshot),
-           "--skip", ",".join(str(i) for i in sorted(job.skip)),
-           "--memory-limit", str(args.memory_limit)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cloister.dev.fuzz",
+        "--worker",
+        job.name,
+        "--seed",
+        str(args.seed),
+        "--start",
+        str(job.start),
+        "--count",
+        str(end - job.start),
+        "--out",
+        str(args.out),
+        "--progress",
+        str(job.progress),
+        "--snapshot",
+        str(job.snapshot),
+        "--skip",
+        ",".join(str(i) for i in sorted(job.skip)),
+        "--memory-limit",
+        str(args.memory_limit),
+    ]
     if not args.minimize:
         cmd.append("--no-minimize")
     job.stderr = workdir / f"{job.name}.stderr"
@@ -2806,8 +3966,7 @@ def _finish(job: _Job, args: argparse.Namespace, workdir: Path) -> bool:
         path = Path(args.out) / job.name / f"died-{index:08d}.bin"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        job.result.failures.append(Failure("died", index, what, "", 0.0, f"died: {what}", str(path),
-                                           data[:4096].hex()))
+        job.result.failures.append(Failure("died", index, what, "", 0.0, f"died: {what}", str(path), data[:4096].hex()))
         job.skip.add(index)
     job.start = int(snap["next"]) if snap else job.start
     job.restarts += 1
@@ -2854,14 +4013,19 @@ def _supervise(args: argparse.Namespace, names: Sequence[str], counts: Mapping[s
     return [j.result for j in sorted(done, key=lambda j: order[j.name])]
 
 
-_HEADER: Final = (f"{'target':<22} {'boundary':<29} {'inputs':>8} {'accepted':>8} {'rejected':>8} {'crashes':>7} "
-                  f"{'hangs':>5} {'unclear':>7} {'peakRSS+':>9} {'slowest':>9} {'msgs':>5}")
+_HEADER: Final = (
+    f"{'target':<22} {'boundary':<29} {'inputs':>8} {'accepted':>8} {'rejected':>8} {'crashes':>7} "
+    f"{'hangs':>5} {'unclear':>7} {'peakRSS+':>9} {'slowest':>9} {'msgs':>5}"
+)
 
 
 def _print_row(r: TargetResult) -> None:
     mem = f"{r.peak_rss_growth / (1 << 20):.1f}MiB" + ("!" if r.unbounded_memory else "")
-    print(f"{r.target:<22} {r.boundary[:29]:<29} {r.inputs:>8} {r.accepted:>8} {r.rejected:>8} {r.crashes:>7} "
-          f"{r.hangs:>5} {r.unclear:>7} {mem:>9} {r.slowest_s * 1000:>7.1f}ms {len(r.messages):>5}", flush=True)
+    print(
+        f"{r.target:<22} {r.boundary[:29]:<29} {r.inputs:>8} {r.accepted:>8} {r.rejected:>8} {r.crashes:>7} "
+        f"{r.hangs:>5} {r.unclear:>7} {mem:>9} {r.slowest_s * 1000:>7.1f}ms {len(r.messages):>5}",
+        flush=True,
+    )
 
 
 def _summary(results: Sequence[TargetResult]) -> list[str]:
@@ -2870,15 +4034,21 @@ def _summary(results: Sequence[TargetResult]) -> list[str]:
     for r in results:
         by_class.setdefault(r.boundary, []).append(r)
     for boundary, rs in by_class.items():
-        lines.append(f"class {boundary}: {sum(r.inputs for r in rs)} inputs over {len(rs)} target(s), "
-                     f"{sum(r.crashes for r in rs)} crashes, {sum(r.hangs for r in rs)} hangs, "
-                     f"{sum(r.unclear for r in rs)} unclear errors")
-    total = {k: sum(getattr(r, k) for r in results) for k in ("inputs", "accepted", "rejected", "crashes", "hangs",
-                                                              "unclear")}
+        lines.append(
+            f"class {boundary}: {sum(r.inputs for r in rs)} inputs over {len(rs)} target(s), "
+            f"{sum(r.crashes for r in rs)} crashes, {sum(r.hangs for r in rs)} hangs, "
+            f"{sum(r.unclear for r in rs)} unclear errors"
+        )
+    total = {
+        k: sum(getattr(r, k) for r in results)
+        for k in ("inputs", "accepted", "rejected", "crashes", "hangs", "unclear")
+    }
     unbounded = sum(r.unbounded_memory for r in results)
-    lines.append(f"TOTAL inputs={total['inputs']} accepted={total['accepted']} rejected={total['rejected']} "
-                 f"crashes={total['crashes']} hangs={total['hangs']} unclear={total['unclear']} "
-                 f"unbounded_memory={unbounded} targets={len(results)}")
+    lines.append(
+        f"TOTAL inputs={total['inputs']} accepted={total['accepted']} rejected={total['rejected']} "
+        f"crashes={total['crashes']} hangs={total['hangs']} unclear={total['unclear']} "
+        f"unbounded_memory={unbounded} targets={len(results)}"
+    )
     return lines
 
 
@@ -2897,8 +4067,9 @@ def _print_failures(results: Sequence[TargetResult]) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cloister.dev.fuzz", description=__doc__.split("\n\n")[0] if __doc__
-                                else None)
+    p = argparse.ArgumentParser(
+        prog="python -m cloister.dev.fuzz", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     p.add_argument("--per-target", type=int, default=1000, help="inputs per target (default 1000)")
     p.add_argument("--per-class", type=int, help="inputs per boundary class, split evenly over its targets")
     p.add_argument("--seed", type=int, default=1)
@@ -2950,8 +4121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     print(f"elapsed {time.monotonic() - began:.0f} s")
     _print_failures(results)
-    (Path(args.out) / "summary.json").write_text(json.dumps(
-        {"seed": args.seed, "results": [r.to_json() for r in results], "summary": summary}, indent=1))
+    (Path(args.out) / "summary.json").write_text(
+        json.dumps({"seed": args.seed, "results": [r.to_json() for r in results], "summary": summary}, indent=1)
+    )
     return 0 if all(r.ok for r in results) and len(results) == len(names) else 1
 
 

@@ -158,8 +158,7 @@ def ensure_state(root: Path, *, bundle_source: Path | None = None) -> DevState:
             "# The enclave's measured configuration (mock mode). Changing it changes PCR0.\n"
             f'origin = "{st.origin()}"\n'
             f'admin_keys = ["{_raw_hex(admin)}"]\n'
-            'trust_root = "mock:mock-nsm/root.pem"\n'
-            + (f"predecessor_pcr0 = {json.dumps(preds)}\n" if preds else "")
+            'trust_root = "mock:mock-nsm/root.pem"\n' + (f"predecessor_pcr0 = {json.dumps(preds)}\n" if preds else "")
         )
 
     config = render(predecessors)
@@ -188,8 +187,10 @@ def example_pins() -> dict[str, str]:
     from cloister.verify.tools import tool_definition_hash
 
     async def research_tools() -> list[dict[str, object]]:
-        return [t.model_dump(mode="json", by_alias=True, exclude_none=True)
-                for t in await research.build_server().list_tools()]
+        return [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for t in await research.build_server().list_tools()
+        ]
 
     values = {
         "@REFUNDS_PCR0@": refunds.expected_pcr0().hex(),

@@ -36,10 +36,19 @@ log = logging.getLogger("enclave")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cloister enclave", description="Run the Cloister enclave (the trusted half).")
-    p.add_argument("--listen", required=True, metavar="ENDPOINT",
-                   help="where the bridge listens: vsock:PORT (Nitro), unix:PATH or tcp:HOST:PORT (mock mode)")
-    p.add_argument("--config", required=True, type=Path, metavar="FILE",
-                   help="the measured enclave configuration (origin, admin keys, trust root)")
+    p.add_argument(
+        "--listen",
+        required=True,
+        metavar="ENDPOINT",
+        help="where the bridge listens: vsock:PORT (Nitro), unix:PATH or tcp:HOST:PORT (mock mode)",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the measured enclave configuration (origin, admin keys, trust root)",
+    )
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (default 16)")
     return p
 
@@ -97,8 +106,18 @@ def run(listen_spec: str, config_path: Path, *, workers: int, nsm_factory: NsmFa
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(json.dumps({"event": "ready", "listen": str(bridge.listen_endpoint), "pcr0": pcrs.get(0, b"").hex(),
-                      "mock_nsm": mock, "origin": config.origin}), flush=True)
+    print(
+        json.dumps(
+            {
+                "event": "ready",
+                "listen": str(bridge.listen_endpoint),
+                "pcr0": pcrs.get(0, b"").hex(),
+                "mock_nsm": mock,
+                "origin": config.origin,
+            }
+        ),
+        flush=True,
+    )
     log.info("serving on %s (origin %s, PCR0 %s)", bridge.listen_endpoint, config.origin, pcrs.get(0, b"").hex())
     stop.wait()
     log.info("stopping")

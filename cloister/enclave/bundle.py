@@ -183,7 +183,7 @@ def _decimal(where: str, value: Any) -> Decimal:
     except InvalidOperation:
         d = None
     if d is None or not d.is_finite():
-        raise BundleError(f"{where}: {value!r} is not a decimal number (write it as a string, e.g. \"10000\")")
+        raise BundleError(f'{where}: {value!r} is not a decimal number (write it as a string, e.g. "10000")')
     if d < 0 or d > MAX_LIMIT_VALUE:
         raise BundleError(f"{where}: {value!r} is negative or absurdly large")
     return d
@@ -213,8 +213,13 @@ def _settings(files: Mapping[str, bytes]) -> Settings:
             raise BundleError(f"bundle.toml: [modes] {path!r} must be 'enforce' or 'log-only'")
         if set_mode == "log-only":
             log_only.add(f"policies/{path}")
-    return Settings(name=_name("bundle.toml: name", raw.get("name", "bundle")), mode=mode,
-                    max_argument_bytes=max_args, grant_ttl_s=ttl, log_only_sets=frozenset(log_only))
+    return Settings(
+        name=_name("bundle.toml: name", raw.get("name", "bundle")),
+        mode=mode,
+        max_argument_bytes=max_args,
+        grant_ttl_s=ttl,
+        log_only_sets=frozenset(log_only),
+    )
 
 
 def _load_key(files: Mapping[str, bytes], where: str, path: Any) -> PublicKey:
@@ -261,8 +266,13 @@ def _issuers(files: Mapping[str, bytes]) -> dict[str, Issuer]:
         # Issuers are often URLs (OIDC): any single line without spaces, as the token's `iss` says.
         if not iss or len(iss) > 512 or any(c.isspace() for c in iss):
             raise BundleError(f"{where}: issuer {iss[:80]!r} must be a non-empty string without spaces")
-        out[iss] = Issuer(issuer=iss, audience=str(t.get("audience", "cloister")),
-                          keys=tuple(keys), roles_claim=str(t.get("roles_claim", "roles")), max_lifetime_s=lifetime)
+        out[iss] = Issuer(
+            issuer=iss,
+            audience=str(t.get("audience", "cloister")),
+            keys=tuple(keys),
+            roles_claim=str(t.get("roles_claim", "roles")),
+            max_lifetime_s=lifetime,
+        )
     return out
 
 
@@ -281,8 +291,9 @@ def parse_entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str
         for r in agent_roles:
             if r not in roles:
                 raise BundleError(f"{where}: role {r!r} is not declared under [roles]")
-        agents[_name(where, name)] = AgentSpec(name=name, roles=frozenset(agent_roles),
-                                               attrs=_attrs(where, t, ("roles",)))
+        agents[_name(where, name)] = AgentSpec(
+            name=name, roles=frozenset(agent_roles), attrs=_attrs(where, t, ("roles",))
+        )
     servers: dict[str, ServerSpec] = {}
     for name, t in (raw.get("servers") or {}).items():
         where = f"entities.toml: [servers.{name}]"
@@ -300,8 +311,11 @@ def parse_entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str
         ):
             raise BundleError(f"{where}: pins must map listed tools to 64 hex characters (SHA-256)")
         servers[_name(where, name)] = ServerSpec(
-            name=name, tools=tools, attrs=_attrs(where, t, ("tools", "identity", "pins")),
-            identity=identity, pins=dict(pins),
+            name=name,
+            tools=tools,
+            attrs=_attrs(where, t, ("tools", "identity", "pins")),
+            identity=identity,
+            pins=dict(pins),
         )
     return roles, agents, servers
 
@@ -316,8 +330,9 @@ def _identity(where: str, raw: Any) -> Identity:
     if not isinstance(raw, dict) or raw.get("kind") not in ("none", "nitro", "checksum", "tls"):
         raise BundleError(f"{where}: identity.kind must be none, nitro, checksum or tls")
     kind = raw["kind"]
-    known = {"kind", "reattest_s"} | {"nitro": {"pcrs"}, "checksum": {"sha256"},
-                                      "tls": {"spki_sha256"}, "none": set()}[kind]
+    known = {"kind", "reattest_s"} | {"nitro": {"pcrs"}, "checksum": {"sha256"}, "tls": {"spki_sha256"}, "none": set()}[
+        kind
+    ]
     unknown = sorted(set(raw) - known)
     if unknown:
         raise BundleError(f"{where}: identity of kind {kind!r} does not take {unknown}")
@@ -327,7 +342,7 @@ def _identity(where: str, raw: Any) -> Identity:
     if kind == "nitro":
         pcrs_raw = raw.get("pcrs")
         if not isinstance(pcrs_raw, dict) or "0" not in pcrs_raw:
-            raise BundleError(f"{where}: a nitro identity pins at least PCR0: pcrs = {{ \"0\" = \"<96 hex>\" }}")
+            raise BundleError(f'{where}: a nitro identity pins at least PCR0: pcrs = {{ "0" = "<96 hex>" }}')
         pcrs: dict[int, bytes] = {}
         for index, value in pcrs_raw.items():
             if not str(index).isdigit() or not 0 <= int(index) < 32:
@@ -335,16 +350,24 @@ def _identity(where: str, raw: Any) -> Identity:
             pcrs[int(index)] = bytes.fromhex(_hex(f"{where}: PCR{index}", value, 48))
         return Identity(kind="nitro", pcrs=pcrs, reattest_s=reattest)
     if kind == "checksum":
-        return Identity(kind="checksum", sha256=_hex(f"{where}: identity.sha256", raw.get("sha256"), 32),
-                        reattest_s=reattest)
+        return Identity(
+            kind="checksum", sha256=_hex(f"{where}: identity.sha256", raw.get("sha256"), 32), reattest_s=reattest
+        )
     if kind == "tls":
-        return Identity(kind="tls", spki_sha256=_hex(f"{where}: identity.spki_sha256", raw.get("spki_sha256"), 32),
-                        reattest_s=reattest)
+        return Identity(
+            kind="tls",
+            spki_sha256=_hex(f"{where}: identity.spki_sha256", raw.get("spki_sha256"), 32),
+            reattest_s=reattest,
+        )
     return Identity(reattest_s=reattest)
 
 
-def parse_limits(files: Mapping[str, bytes], roles: frozenset[str], agents: Mapping[str, AgentSpec],
-            servers: Mapping[str, ServerSpec]) -> tuple[Limit, ...]:
+def parse_limits(
+    files: Mapping[str, bytes],
+    roles: frozenset[str],
+    agents: Mapping[str, AgentSpec],
+    servers: Mapping[str, ServerSpec],
+) -> tuple[Limit, ...]:
     raw = read_toml(files, "limits.toml", required=False).get("limits", [])
     if not isinstance(raw, list):
         raise BundleError("limits.toml: use [[limits]] tables")
@@ -383,13 +406,26 @@ def parse_limits(files: Mapping[str, bytes], roles: frozenset[str], agents: Mapp
         if kind == "rate" and maximum != maximum.to_integral_value():
             raise BundleError(f"{where}: a rate limit's max is a whole number of calls")
         sel = {k: frozenset(_strings(f"{where}: {k}", t.get(k))) for k in ("agents", "roles", "servers", "tools")}
-        for k, known in (("agents", set(agents)), ("roles", set(roles)), ("servers", set(servers)),
-                         ("tools", known_tools)):
+        for k, known in (
+            ("agents", set(agents)),
+            ("roles", set(roles)),
+            ("servers", set(servers)),
+            ("tools", known_tools),
+        ):
             unknown = sorted(sel[k] - known)
             if unknown:
                 raise BundleError(f"{where}: unknown {k[:-1]} {unknown[0]!r}")
-        out.append(Limit(id=lid, kind=kind, per=per, maximum=maximum, window_s=_duration(where, t.get("window")),
-                         cost=cost, **sel))
+        out.append(
+            Limit(
+                id=lid,
+                kind=kind,
+                per=per,
+                maximum=maximum,
+                window_s=_duration(where, t.get("window")),
+                cost=cost,
+                **sel,
+            )
+        )
     return tuple(out)
 
 
@@ -434,15 +470,18 @@ def _check_schema(policies: Mapping[str, Any], sources: Mapping[str, str], schem
     ids = list(policies)
     # cedarpy's validator slows down more than linearly with the set's size: validate in chunks.
     for start in range(0, len(ids), 200):
-        chunk = {pid: policies[pid] for pid in ids[start:start + 200]}
-        text = cedarpy.policies_from_json_str(json.dumps({"staticPolicies": chunk, "templates": {},
-                                                          "templateLinks": []}))
+        chunk = {pid: policies[pid] for pid in ids[start : start + 200]}
+        text = cedarpy.policies_from_json_str(
+            json.dumps({"staticPolicies": chunk, "templates": {}, "templateLinks": []})
+        )
         result = cedarpy.validate_policies(text, schema)
         if not result.validation_passed:
             err = result.errors[0]
             pid = _policy_for(err.policy_id, list(chunk))
-            raise BundleError(f"{sources.get(pid, 'policies/')}: policy {pid!r} does not validate against "
-                              f"schema.cedarschema: {err.error}")
+            raise BundleError(
+                f"{sources.get(pid, 'policies/')}: policy {pid!r} does not validate against "
+                f"schema.cedarschema: {err.error}"
+            )
 
 
 def _policy_for(reported: str, ids: list[str]) -> str:
@@ -452,8 +491,13 @@ def _policy_for(reported: str, ids: list[str]) -> str:
     return reported
 
 
-def _check_entities(policies: Mapping[str, Any], sources: Mapping[str, str], roles: frozenset[str],
-                    agents: Mapping[str, AgentSpec], servers: Mapping[str, ServerSpec]) -> None:
+def _check_entities(
+    policies: Mapping[str, Any],
+    sources: Mapping[str, str],
+    roles: frozenset[str],
+    agents: Mapping[str, AgentSpec],
+    servers: Mapping[str, ServerSpec],
+) -> None:
     """Refuse policies that name an agent, role, server or tool the bundle does not declare.
 
     Such a policy can never match as intended (a typo in a forbid silently forbids nothing).
@@ -471,11 +515,15 @@ def _check_entities(policies: Mapping[str, Any], sources: Mapping[str, str], rol
             if not isinstance(kind, str) or not kind.startswith(f"{NAMESPACE}::"):
                 continue
             if kind not in known:
-                raise BundleError(f"{sources[pid]}: policy {pid!r} uses entity type {kind!r}, which the entity "
-                                  f"model does not have (Agent, Role, Server, Action)")
+                raise BundleError(
+                    f"{sources[pid]}: policy {pid!r} uses entity type {kind!r}, which the entity "
+                    f"model does not have (Agent, Role, Server, Action)"
+                )
             if eid not in known[kind]:
-                raise BundleError(f"{sources[pid]}: policy {pid!r} names {kind}::{json.dumps(eid)}, which "
-                                  "entities.toml does not declare")
+                raise BundleError(
+                    f"{sources[pid]}: policy {pid!r} names {kind}::{json.dumps(eid)}, which "
+                    "entities.toml does not declare"
+                )
 
 
 def _entity_refs(node: Any) -> list[dict[str, Any]]:
@@ -502,24 +550,37 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _entities_json(roles: frozenset[str], agents: Mapping[str, AgentSpec],
-                   servers: Mapping[str, ServerSpec]) -> str:
+def _entities_json(roles: frozenset[str], agents: Mapping[str, AgentSpec], servers: Mapping[str, ServerSpec]) -> str:
     ns = NAMESPACE
     out: list[dict[str, Any]] = [
         {"uid": {"type": f"{ns}::Role", "id": r}, "attrs": {}, "parents": []} for r in sorted(roles)
     ]
     out.append({"uid": {"type": f"{ns}::Action", "id": "Mcp"}, "attrs": {}, "parents": []})
-    out.append({"uid": {"type": f"{ns}::Action", "id": "CallTool"}, "attrs": {},
-                "parents": [{"type": f"{ns}::Action", "id": "Mcp"}]})
+    out.append(
+        {
+            "uid": {"type": f"{ns}::Action", "id": "CallTool"},
+            "attrs": {},
+            "parents": [{"type": f"{ns}::Action", "id": "Mcp"}],
+        }
+    )
     for s in servers.values():
-        attrs = {"name": s.name, **s.attrs, "attestation": "none" if s.identity.kind == "none" else "unverified",
-                 "identity": s.identity.kind}
+        attrs = {
+            "name": s.name,
+            **s.attrs,
+            "attestation": "none" if s.identity.kind == "none" else "unverified",
+            "identity": s.identity.kind,
+        }
         attrs.setdefault("region", "")
         attrs.setdefault("category", "")
         out.append({"uid": {"type": f"{ns}::Server", "id": s.name}, "attrs": attrs, "parents": []})
         for t in s.tools:
-            out.append({"uid": {"type": f"{ns}::Action", "id": action_id(s.name, t)}, "attrs": {},
-                        "parents": [{"type": f"{ns}::Action", "id": "CallTool"}]})
+            out.append(
+                {
+                    "uid": {"type": f"{ns}::Action", "id": action_id(s.name, t)},
+                    "attrs": {},
+                    "parents": [{"type": f"{ns}::Action", "id": "CallTool"}],
+                }
+            )
     return json.dumps(out)
 
 
@@ -547,9 +608,18 @@ def parse_bundle_files(files: Mapping[str, bytes], *, check_references: bool = T
         cedarpy.Entities.from_json_str(entities_json)
     except ValueError as exc:
         raise BundleError(f"entities.toml: the entities are not valid Cedar entities: {_first_line(exc)}") from exc
-    return PolicyBundle(settings=settings, issuers=issuers, roles=roles, agents=agents, servers=servers,
-                        limits=limits, policies=policies, policy_sources=sources, schema_text=schema_text,
-                        entities_json=entities_json)
+    return PolicyBundle(
+        settings=settings,
+        issuers=issuers,
+        roles=roles,
+        agents=agents,
+        servers=servers,
+        limits=limits,
+        policies=policies,
+        policy_sources=sources,
+        schema_text=schema_text,
+        entities_json=entities_json,
+    )
 
 
 def read_bundle_dir(path: Any) -> dict[str, bytes]:

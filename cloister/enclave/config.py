@@ -67,5 +67,11 @@ def load_config(path: Path) -> EnclaveConfig:
         preds = frozenset(bytes.fromhex(h) for h in data.get("predecessor_pcr0", []))
     except ValueError as exc:
         raise DecodeError(f"enclave config {path}: predecessor_pcr0 must be hex strings") from exc
-    return EnclaveConfig(origin=origin, admin_keys=keys, trust_root=root, predecessor_pcr0=preds,
-                         allow_debug=bool(data.get("allow_debug", False)), raw=raw)
+    return EnclaveConfig(
+        origin=origin,
+        admin_keys=keys,
+        trust_root=root,
+        predecessor_pcr0=preds,
+        allow_debug=bool(data.get("allow_debug", False)),
+        raw=raw,
+    )

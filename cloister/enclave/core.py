@@ -181,9 +181,16 @@ class _PolicyState:
 
 
 class EnclaveCore:
-    def __init__(self, config: EnclaveConfig, nsm: Nsm, *, pcrs: Mapping[int, bytes],
-                 clock_ms: Callable[[], int], random: Callable[[int], bytes] = os.urandom,
-                 mock_nsm: bool = False) -> None:
+    def __init__(
+        self,
+        config: EnclaveConfig,
+        nsm: Nsm,
+        *,
+        pcrs: Mapping[int, bytes],
+        clock_ms: Callable[[], int],
+        random: Callable[[int], bytes] = os.urandom,
+        mock_nsm: bool = False,
+    ) -> None:
         self.config = config
         self.nsm = nsm
         self.pcrs = dict(pcrs)
@@ -221,8 +228,9 @@ class EnclaveCore:
 
     def binding(self, checkpoint: bytes | None = None) -> EnclaveBinding:
         cp = hashlib.sha256(checkpoint).digest() if checkpoint is not None else None
-        return EnclaveBinding(origin=self.config.origin, log_key=self.log_public, grant_key=self.grant_public,
-                              checkpoint_sha256=cp)
+        return EnclaveBinding(
+            origin=self.config.origin, log_key=self.log_public, grant_key=self.grant_public, checkpoint_sha256=cp
+        )
 
     def attest(self, nonce: bytes, *, include_checkpoint: bool) -> tuple[bytes, bytes]:
         if len(nonce) > 512:
@@ -238,9 +246,13 @@ class EnclaveCore:
     def _key_entry(self, previous: SignedCheckpoint | None) -> KeyEntry:
         doc = self.nsm.attestation(user_data=self.binding().encode(), nonce=None)
         return KeyEntry(
-            time_ms=self._clock_ms(), attestation=doc, log_key=self.log_public, grant_key=self.grant_public,
+            time_ms=self._clock_ms(),
+            attestation=doc,
+            log_key=self.log_public,
+            grant_key=self.grant_public,
             log_vkey=self.note_signer.vkey,
-            previous_size=previous.size if previous else None, previous_root=previous.root if previous else None,
+            previous_size=previous.size if previous else None,
+            previous_root=previous.root if previous else None,
         )
 
     def start_new_log(self) -> LogAppend:
@@ -252,17 +264,35 @@ class EnclaveCore:
             self.state = LogState.READY
             return self._append([self._key_entry(None)])
 
-    def resume_log(self, *, checkpoint: bytes, range_size: int, range_hashes: list[bytes], entries: list[bytes],
-                   key_entry: bytes, key_entry_index: int, key_entry_proof: list[bytes], boundary_entry: bytes,
-                   boundary_proof: list[bytes]) -> LogAppend:
+    def resume_log(
+        self,
+        *,
+        checkpoint: bytes,
+        range_size: int,
+        range_hashes: list[bytes],
+        entries: list[bytes],
+        key_entry: bytes,
+        key_entry_index: int,
+        key_entry_proof: list[bytes],
+        boundary_entry: bytes,
+        boundary_proof: list[bytes],
+    ) -> LogAppend:
         """Continue a stored log: verify it (enclave.resume), then introduce this enclave's keys."""
         with self._transition:
             if self.state is not LogState.AWAITING_LOG:
                 raise NotReady("the log is already running")
             point = verify_resume(
-                config=self.config, own_pcr0=self.pcrs.get(0, b""), checkpoint=checkpoint, range_size=range_size,
-                range_hashes=range_hashes, entries=entries, key_entry=key_entry, key_entry_index=key_entry_index,
-                key_entry_proof=key_entry_proof, boundary_entry=boundary_entry, boundary_proof=boundary_proof,
+                config=self.config,
+                own_pcr0=self.pcrs.get(0, b""),
+                checkpoint=checkpoint,
+                range_size=range_size,
+                range_hashes=range_hashes,
+                entries=entries,
+                key_entry=key_entry,
+                key_entry_index=key_entry_index,
+                key_entry_proof=key_entry_proof,
+                boundary_entry=boundary_entry,
+                boundary_proof=boundary_proof,
             )
             self.sequencer = Sequencer(self.config.origin, self.note_signer, point.tree)
             self._min_policy = parse_policy_extension(point.checkpoint.extensions)
@@ -277,10 +307,14 @@ class EnclaveCore:
         """Allowed calls still in flight when the previous enclave stopped may still report outcomes."""
         now = self._clock_ms()
         for offset, e in enumerate(self._history):
-            if isinstance(e, DecisionEntry) and e.grant_expiry_ms is not None \
-                    and e.grant_expiry_ms + OUTCOME_GRACE_MS > now:
+            if (
+                isinstance(e, DecisionEntry)
+                and e.grant_expiry_ms is not None
+                and e.grant_expiry_ms + OUTCOME_GRACE_MS > now
+            ):
                 self._open[self._history_start + offset] = _OpenDecision(
-                    e.agent, frozenset(e.roles), e.server, e.tool, e.grant_expiry_ms)
+                    e.agent, frozenset(e.roles), e.server, e.tool, e.grant_expiry_ms
+                )
             elif isinstance(e, OutcomeEntry):
                 self._open.pop(e.decision_index, None)
 
@@ -358,16 +392,32 @@ class EnclaveCore:
                     )
                 limits.replay(self._history, self._history_start, now_ms)
             first_load_at_same_version = current is None and self._min_policy == (signed.version, signed.sha256)
-            entries = [] if first_load_at_same_version else [
-                PolicyEntry(time_ms=now_ms, bundle_sha256=signed.sha256, version=signed.version,
-                            signer=signed.signer, mode=bundle.settings.mode)]
+            entries = (
+                []
+                if first_load_at_same_version
+                else [
+                    PolicyEntry(
+                        time_ms=now_ms,
+                        bundle_sha256=signed.sha256,
+                        version=signed.version,
+                        signer=signed.signer,
+                        mode=bundle.settings.mode,
+                    )
+                ]
+            )
             first, encoded = self._log(seq, entries)
             # The checkpoints from here on name the new bundle, starting with the one covering its
             # entry (none is signed while this holds the lock). Set only once the entry is appended:
             # a refused append (back-pressure) leaves the bundle in force named.
             seq.set_extensions((policy_extension(signed.version, signed.sha256),))
-            self._policy = _PolicyState(bundle=bundle, engine=engine, limits=limits, sha256=signed.sha256,
-                                        version=signed.version, signer=signed.signer)
+            self._policy = _PolicyState(
+                bundle=bundle,
+                engine=engine,
+                limits=limits,
+                sha256=signed.sha256,
+                version=signed.version,
+                signer=signed.signer,
+            )
             self._history = ()
         return signed.version, signed.sha256, self._covered(seq, first, encoded)
 
@@ -377,16 +427,31 @@ class EnclaveCore:
 
     # ---- decisions -----------------------------------------------------------------------
 
-    def authorize(self, *, token: str, server: str, tool: str, arguments_json: bytes, request_id: str,
-                  persisted_size: int, payment_amount: str = "") -> Verdict:
+    def authorize(
+        self,
+        *,
+        token: str,
+        server: str,
+        tool: str,
+        arguments_json: bytes,
+        request_id: str,
+        persisted_size: int,
+        payment_amount: str = "",
+    ) -> Verdict:
         seq = self._ready_sequencer()
         seq.release(persisted_size)
         while True:
             ps = self._policy
             if ps is None:
                 raise NotReady("no policy bundle is loaded; every call is refused")
-            call = Call(identity=_CachedToken(token, ps.tokens), server=server, tool=tool,
-                        arguments_json=arguments_json, payment_amount=payment_amount, now_ms=self._clock_ms())
+            call = Call(
+                identity=_CachedToken(token, ps.tokens),
+                server=server,
+                tool=tool,
+                arguments_json=arguments_json,
+                payment_amount=payment_amount,
+                now_ms=self._clock_ms(),
+            )
             verdict = self._decide(ps, seq, call, request_id[:MAX_REQUEST_ID])
             if verdict is not None:
                 return verdict
@@ -408,18 +473,35 @@ class EnclaveCore:
             if not d.code and d.limit_check is not None and p is not None:
                 ps.limits.charge(p.agent, p.roles, call.server, call.tool, d.limit_check.charges, call.now_ms)
             if through and p is not None:
-                self._open_decision(index, _OpenDecision(p.agent, p.roles, call.server, call.tool,
-                                                         expiry or call.now_ms))
+                self._open_decision(
+                    index, _OpenDecision(p.agent, p.roles, call.server, call.tool, expiry or call.now_ms)
+                )
         # The grant and the checkpoint, outside the lock.
         grant = b""
         if p is not None and nonce is not None and expiry is not None:
-            claims = GrantClaims(agent=p.agent, server=call.server, tool=call.tool, args_sha256=d.args_sha256,
-                                 policy_sha256=ps.sha256, log_index=index, entry_hash=leaf_hash(data),
-                                 origin=self.config.origin, issued_ms=call.now_ms, expires_ms=expiry, nonce=nonce)
+            claims = GrantClaims(
+                agent=p.agent,
+                server=call.server,
+                tool=call.tool,
+                args_sha256=d.args_sha256,
+                policy_sha256=ps.sha256,
+                log_index=index,
+                entry_hash=leaf_hash(data),
+                origin=self.config.origin,
+                issued_ms=call.now_ms,
+                expires_ms=expiry,
+                nonce=nonce,
+            )
             grant = encode_grant(claims, self._grant_key.sign, self.grant_public)
         return Verdict(
-            allowed=through, code=d.code, reason=entry.reason, policy_ids=d.policy_ids,
-            log=self._covered(seq, index, (data,)), log_index=index, agent=p.agent if p else "", grant=grant,
+            allowed=through,
+            code=d.code,
+            reason=entry.reason,
+            policy_ids=d.policy_ids,
+            log=self._covered(seq, index, (data,)),
+            log_index=index,
+            agent=p.agent if p else "",
+            grant=grant,
             limits=d.limit_check.statuses if d.limit_check else (),
         )
 
@@ -432,8 +514,16 @@ class EnclaveCore:
                 break
             self._open.popitem(last=False)
 
-    def record_outcome(self, *, decision_index: int, result_sha256: bytes | None, error: str, duration_us: int,
-                       paid_amount: str, persisted_size: int) -> LogAppend:
+    def record_outcome(
+        self,
+        *,
+        decision_index: int,
+        result_sha256: bytes | None,
+        error: str,
+        duration_us: int,
+        paid_amount: str,
+        persisted_size: int,
+    ) -> LogAppend:
         seq = self._ready_sequencer()
         seq.release(persisted_size)
         if result_sha256 is not None and len(result_sha256) != 32:
@@ -453,8 +543,14 @@ class EnclaveCore:
                     f"log entry {decision_index} is not an open allowed decision of this enclave "
                     "(unknown, already closed, or older than the outcome window)"
                 )
-            entry = OutcomeEntry(time_ms=self._clock_ms(), decision_index=decision_index, result_sha256=result_sha256,
-                                 error=error[:4096], duration_us=duration_us, paid=str(paid) if paid_amount else "")
+            entry = OutcomeEntry(
+                time_ms=self._clock_ms(),
+                decision_index=decision_index,
+                result_sha256=result_sha256,
+                error=error[:4096],
+                duration_us=duration_us,
+                paid=str(paid) if paid_amount else "",
+            )
             first, encoded = self._log(seq, [entry])
             # The payment was charged against x402 caps when the call was decided (exactly, before
             # it went upstream); the outcome only records what was paid.
@@ -498,18 +594,36 @@ class EnclaveCore:
                 ps.engine.set_server_levels(self.servers.levels(ps.bundle.servers, self._clock_ms()))
             return nonce, spec.identity.kind
 
-    def report_server(self, *, server: str, attestation: bytes, artifact: bytes, certificates: list[bytes],
-                      tools_json: bytes, failure: str, evidence: bool, persisted_size: int) -> tuple[Report, LogAppend]:
+    def report_server(
+        self,
+        *,
+        server: str,
+        attestation: bytes,
+        artifact: bytes,
+        certificates: list[bytes],
+        tools_json: bytes,
+        failure: str,
+        evidence: bool,
+        persisted_size: int,
+    ) -> tuple[Report, LogAppend]:
         """Verify the evidence the relay carried (inside the enclave), log the result and any drift."""
         seq = self._ready_sequencer()
         seq.release(persisted_size)
         ps, spec = self._server_spec(server)
         with seq.lock:
             now_ms = self._clock_ms()
-            report = self.servers.report(spec, now_ms=now_ms, root=self.config.trust_root,
-                                         allow_debug=self.config.allow_debug, attestation=attestation,
-                                         artifact=artifact, certificates=certificates, tools_json=tools_json,
-                                         failure=failure, evidence=evidence)
+            report = self.servers.report(
+                spec,
+                now_ms=now_ms,
+                root=self.config.trust_root,
+                allow_debug=self.config.allow_debug,
+                attestation=attestation,
+                artifact=artifact,
+                certificates=certificates,
+                tools_json=tools_json,
+                failure=failure,
+                evidence=evidence,
+            )
             ps.engine.set_server_levels(self.servers.levels(ps.bundle.servers, now_ms))
             first, encoded = self._log(seq, report.entries)
         return report, self._covered(seq, first, encoded)
@@ -531,14 +645,27 @@ class EnclaveCore:
         }
 
 
-
-def _decision_entry(ps: _PolicyState, call: Call, d: Decision, request_id: str, nonce: bytes | None,
-                    expiry: int | None) -> DecisionEntry:
+def _decision_entry(
+    ps: _PolicyState, call: Call, d: Decision, request_id: str, nonce: bytes | None, expiry: int | None
+) -> DecisionEntry:
     p = d.principal
     return DecisionEntry(
-        time_ms=call.now_ms, agent=p.agent if p else "", roles=tuple(sorted(p.roles)) if p else (),
-        issuer=p.issuer if p else "", server=call.server[:256], tool=call.tool[:256], args_sha256=d.args_sha256,
-        decision="allow" if d.allowed else "deny", code=d.code, reason=d.reason, policies=d.policy_ids,
-        policy_sha256=ps.sha256, policy_version=ps.version, request_id=request_id, grant_nonce=nonce,
-        grant_expiry_ms=expiry, charges=d.charges, mode=d.mode,
+        time_ms=call.now_ms,
+        agent=p.agent if p else "",
+        roles=tuple(sorted(p.roles)) if p else (),
+        issuer=p.issuer if p else "",
+        server=call.server[:256],
+        tool=call.tool[:256],
+        args_sha256=d.args_sha256,
+        decision="allow" if d.allowed else "deny",
+        code=d.code,
+        reason=d.reason,
+        policies=d.policy_ids,
+        policy_sha256=ps.sha256,
+        policy_version=ps.version,
+        request_id=request_id,
+        grant_nonce=nonce,
+        grant_expiry_ms=expiry,
+        charges=d.charges,
+        mode=d.mode,
     )

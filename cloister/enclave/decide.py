@@ -131,8 +131,10 @@ def decide(call: Call, state: State) -> Decision:
 
 def decide_before_limits(call: Call, state: State) -> Decision:
     """Steps 1-5."""
-    d = Decision(mode="log-only" if state.bundle.settings.mode == "log-only" else "enforce",
-                 args_sha256=hashlib.sha256(call.arguments_json).digest())
+    d = Decision(
+        mode="log-only" if state.bundle.settings.mode == "log-only" else "enforce",
+        args_sha256=hashlib.sha256(call.arguments_json).digest(),
+    )
     for number, step in _STEPS:
         step(d, call, state)
         if d.code:
@@ -144,8 +146,9 @@ def decide_before_limits(call: Call, state: State) -> Decision:
 # 1. Arguments, and the x402 payment.
 def _arguments(d: Decision, call: Call, state: State) -> None:
     try:
-        parsed = parse_json(call.arguments_json or b"{}", what="arguments",
-                            max_bytes=state.bundle.settings.max_argument_bytes)
+        parsed = parse_json(
+            call.arguments_json or b"{}", what="arguments", max_bytes=state.bundle.settings.max_argument_bytes
+        )
         if not isinstance(parsed, dict):
             raise DecodeError("arguments: must be a JSON object")
     except DecodeError as exc:
@@ -159,8 +162,9 @@ def _arguments(d: Decision, call: Call, state: State) -> None:
                 raise ArithmeticError
         except ArithmeticError:
             d.payment = None
-            d.deny(DenyCode.BAD_ARGUMENTS,
-                   f"x402 payment amount {call.payment_amount[:40]!r} is not a positive decimal")
+            d.deny(
+                DenyCode.BAD_ARGUMENTS, f"x402 payment amount {call.payment_amount[:40]!r} is not a positive decimal"
+            )
 
 
 # 2. Identity.
@@ -178,8 +182,9 @@ def _server_and_tool(d: Decision, call: Call, state: State) -> None:
     if spec is None:
         d.deny(DenyCode.UNKNOWN_SERVER, f"server {call.server!r} is not in the policy bundle")
     elif call.tool not in spec.tools:
-        d.deny(DenyCode.UNKNOWN_TOOL,
-               f"tool {call.tool!r} is not a tool of server {call.server!r} in the policy bundle")
+        d.deny(
+            DenyCode.UNKNOWN_TOOL, f"tool {call.tool!r} is not a tool of server {call.server!r} in the policy bundle"
+        )
 
 
 # 4. Quarantine: an unproven server identity, a drifted or unreported pinned tool.
@@ -202,8 +207,13 @@ def _cedar(d: Decision, call: Call, state: State) -> None:
         d.shadow_note = state.engine.shadow_verdict(d.principal, call.server, call.tool, d.arguments, now, schema)
 
 
-_STEPS = ((Step.ARGUMENTS, _arguments), (Step.IDENTITY, _identity), (Step.SERVER_AND_TOOL, _server_and_tool),
-          (Step.QUARANTINE, _quarantine), (Step.CEDAR, _cedar))
+_STEPS = (
+    (Step.ARGUMENTS, _arguments),
+    (Step.IDENTITY, _identity),
+    (Step.SERVER_AND_TOOL, _server_and_tool),
+    (Step.QUARANTINE, _quarantine),
+    (Step.CEDAR, _cedar),
+)
 
 
 # 6. Limits. Checks, never charges; `LimitBook.check` drops expired charges from its windows, so
@@ -235,8 +245,14 @@ def principal_from_token(bundle: PolicyBundle, token: str, now_ms: int) -> tuple
     issuer = bundle.issuers.get(iss)
     if issuer is None:
         raise TokenError("unknown-issuer", f"token issuer {iss!r} is not trusted by the policy bundle")
-    verified = verify_jwt(token, issuer.keys, issuer=issuer.issuer, audience=issuer.audience,
-                          now=now_ms // 1000, max_lifetime_s=issuer.max_lifetime_s)
+    verified = verify_jwt(
+        token,
+        issuer.keys,
+        issuer=issuer.issuer,
+        audience=issuer.audience,
+        now=now_ms // 1000,
+        max_lifetime_s=issuer.max_lifetime_s,
+    )
     spec = registered(bundle, verified.subject)
     raw_roles = verified.claims.get(issuer.roles_claim, [])
     if isinstance(raw_roles, str):

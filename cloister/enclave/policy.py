@@ -94,7 +94,7 @@ def _error_policy(error: Any) -> str:
     text = str(error)
     start = text.find("`")
     end = text.find("`", start + 1)
-    return text[start + 1:end] if 0 <= start < end else ""
+    return text[start + 1 : end] if 0 <= start < end else ""
 
 
 def _error_text(error: Any) -> str:
@@ -170,11 +170,13 @@ class PolicyEngine:
         attrs = dict(spec.attrs) if spec else {}
         attrs.setdefault("region", "")
         attrs["id"] = agent
-        delta = [{
-            "uid": {"type": f"{NAMESPACE}::Agent", "id": agent},
-            "attrs": attrs,
-            "parents": [{"type": f"{NAMESPACE}::Role", "id": r} for r in sorted(roles)],
-        }]
+        delta = [
+            {
+                "uid": {"type": f"{NAMESPACE}::Agent", "id": agent},
+                "attrs": attrs,
+                "parents": [{"type": f"{NAMESPACE}::Role", "id": r} for r in sorted(roles)],
+            }
+        ]
         return self._entities.with_added_json_str(json.dumps(delta))
 
     def _request(self, p: Principal, server: str, tool: str) -> dict[str, Any]:
@@ -184,8 +186,15 @@ class PolicyEngine:
             "resource": {"type": f"{NAMESPACE}::Server", "id": server},
         }
 
-    def evaluate(self, p: Principal, server: str, tool: str, arguments: Mapping[str, Any],
-                 now: datetime, input_schema: Mapping[str, Any] | None = None) -> CedarVerdict:
+    def evaluate(
+        self,
+        p: Principal,
+        server: str,
+        tool: str,
+        arguments: Mapping[str, Any],
+        now: datetime,
+        input_schema: Mapping[str, Any] | None = None,
+    ) -> CedarVerdict:
         aid = action_id(server, tool)
         request = self._request(p, server, tool)
         context: dict[str, Any] = {"input": cedar_value(arguments, input_schema)}
@@ -195,20 +204,30 @@ class PolicyEngine:
         # The extension's batch entry point with a pre-parsed PolicySet and Entities handle: the
         # public wrapper re-serialises and re-wraps results, which costs more than the evaluation.
         raw = cedarpy._internal.is_authorized_batch(
-            [request], self._slice(aid), self._principal_cache(p.agent, p.roles)._inner, None, False)
+            [request], self._slice(aid), self._principal_cache(p.agent, p.roles)._inner, None, False
+        )
         result = json.loads(raw[0])
         diagnostics = result.get("diagnostics", {})
         reasons = tuple(sorted(diagnostics.get("reason", [])))
         errors = diagnostics.get("errors", [])
         # Cedar ignores a policy whose evaluation errors (a type error, a missing attribute). For a
         # forbid that would let the call through, so fail closed: an unevaluable forbid denies.
-        failed_forbids = tuple(sorted(pid for pid in map(_error_policy, errors)
-                                      if pid and self.bundle.policies.get(pid, {}).get("effect") == "forbid"))
+        failed_forbids = tuple(
+            sorted(
+                pid
+                for pid in map(_error_policy, errors)
+                if pid and self.bundle.policies.get(pid, {}).get("effect") == "forbid"
+            )
+        )
         if failed_forbids:
             detail = _error_text(errors[0])
-            return CedarVerdict(False, failed_forbids, "policy",
-                                f"forbid policy {', '.join(failed_forbids)} could not be evaluated for these arguments "
-                                f"({detail}); failing closed")
+            return CedarVerdict(
+                False,
+                failed_forbids,
+                "policy",
+                f"forbid policy {', '.join(failed_forbids)} could not be evaluated for these arguments "
+                f"({detail}); failing closed",
+            )
         if result.get("decision") == "Allow":
             return CedarVerdict(True, reasons, "", "permitted by " + ", ".join(reasons))
         if reasons:
@@ -216,8 +235,15 @@ class PolicyEngine:
         detail = f" ({len(errors)} policies could not be evaluated: {_error_text(errors[0])})" if errors else ""
         return CedarVerdict(False, (), "no-permit", "no policy permits this call" + detail)
 
-    def shadow_verdict(self, p: Principal, server: str, tool: str, arguments: Mapping[str, Any], now: datetime,
-                       input_schema: Mapping[str, Any] | None) -> str:
+    def shadow_verdict(
+        self,
+        p: Principal,
+        server: str,
+        tool: str,
+        arguments: Mapping[str, Any],
+        now: datetime,
+        input_schema: Mapping[str, Any] | None,
+    ) -> str:
         """What the log-only policy sets say about an allowed call: a note for the log, or ""."""
         if self._shadow is None:
             return ""
@@ -235,11 +261,13 @@ class PolicyEngine:
         if not self._general and aid not in self._by_action:
             return False
         request = {
-            "principal": f'{NAMESPACE}::Agent::{json.dumps(p.agent)}',
+            "principal": f"{NAMESPACE}::Agent::{json.dumps(p.agent)}",
             "action": f"{_ACTION_TYPE}::{json.dumps(aid)}",
             "resource": f"{NAMESPACE}::Server::{json.dumps(server)}",
-            "context": {"input": {"__extn": {"fn": "unknown", "arg": "input"}},
-                        "system": {"now": _cedar_datetime(now)}},
+            "context": {
+                "input": {"__extn": {"fn": "unknown", "arg": "input"}},
+                "system": {"now": _cedar_datetime(now)},
+            },
         }
         result = cedarpy.is_authorized_partial(request, self._slice(aid), self._principal_cache(p.agent, p.roles))
         return result.decision != cedarpy.Decision.Deny

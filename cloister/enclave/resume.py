@@ -63,15 +63,36 @@ def verify_resume(
     boundary_proof: Sequence[bytes],
 ) -> ResumePoint:
     try:
-        return _verify(config, own_pcr0, checkpoint, range_size, range_hashes, entries, key_entry, key_entry_index,
-                       key_entry_proof, boundary_entry, boundary_proof)
+        return _verify(
+            config,
+            own_pcr0,
+            checkpoint,
+            range_size,
+            range_hashes,
+            entries,
+            key_entry,
+            key_entry_index,
+            key_entry_proof,
+            boundary_entry,
+            boundary_proof,
+        )
     except (DecodeError, VerificationError) as exc:
         raise ResumeRefused(f"cannot resume the stored log: {exc}") from exc
 
 
-def _verify(config: EnclaveConfig, own_pcr0: bytes, checkpoint: bytes, range_size: int,
-            range_hashes: Sequence[bytes], entries: Sequence[bytes], key_entry: bytes, key_entry_index: int,
-            key_entry_proof: Sequence[bytes], boundary_entry: bytes, boundary_proof: Sequence[bytes]) -> ResumePoint:
+def _verify(
+    config: EnclaveConfig,
+    own_pcr0: bytes,
+    checkpoint: bytes,
+    range_size: int,
+    range_hashes: Sequence[bytes],
+    entries: Sequence[bytes],
+    key_entry: bytes,
+    key_entry_index: int,
+    key_entry_proof: Sequence[bytes],
+    boundary_entry: bytes,
+    boundary_proof: Sequence[bytes],
+) -> ResumePoint:
     # Local import: attestation verification pulls in x509 code the decision path never needs.
     from cloister.verify.attestation import AttestationPolicy, verify_attestation
 
@@ -111,5 +132,11 @@ def _verify(config: EnclaveConfig, own_pcr0: bytes, checkpoint: bytes, range_siz
     if range_size > 0:
         verify_inclusion(leaf_hash(boundary_entry), range_size - 1, cp.size, boundary_proof, cp.root_hash)
         floor = parse_entry(boundary_entry).time_ms
-    return ResumePoint(checkpoint=cp, note=checkpoint, tree=tree, history_start=range_size,
-                       history=tuple(history), history_floor_ms=floor)
+    return ResumePoint(
+        checkpoint=cp,
+        note=checkpoint,
+        tree=tree,
+        history_start=range_size,
+        history=tuple(history),
+        history_floor_ms=floor,
+    )

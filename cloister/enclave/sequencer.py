@@ -37,8 +37,15 @@ class SignedCheckpoint:
 
 
 class Sequencer:
-    def __init__(self, origin: str, signer: Ed25519NoteSigner, tree: CompactRange | None = None,
-                 *, max_pending: int = MAX_PENDING_ENTRIES, max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
+    def __init__(
+        self,
+        origin: str,
+        signer: Ed25519NoteSigner,
+        tree: CompactRange | None = None,
+        *,
+        max_pending: int = MAX_PENDING_ENTRIES,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+    ) -> None:
         self.origin = origin
         self._signer = signer
         self._tree = tree.copy() if tree is not None else CompactRange.empty()

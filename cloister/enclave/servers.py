@@ -90,8 +90,10 @@ class ServerRegistry:
                 kind = spec.identity.kind
                 return f"server {spec.name!r} is quarantined: it has not proven its {kind} identity ({why})"
             if not self._fresh(st, now_ms):
-                return (f"server {spec.name!r} is quarantined: its {spec.identity.kind} identity was last verified "
-                        f"more than {spec.identity.reattest_s}s ago")
+                return (
+                    f"server {spec.name!r} is quarantined: its {spec.identity.kind} identity was last verified "
+                    f"more than {spec.identity.reattest_s}s ago"
+                )
         pin = spec.pins.get(tool)
         if pin is not None:
             if st is None or st.tool_hashes is None:
@@ -100,9 +102,20 @@ class ServerRegistry:
                 return f"tool {tool!r} is quarantined: {st.drift[tool]}"
         return None
 
-    def report(self, spec: ServerSpec, *, now_ms: int, root: TrustRoot, allow_debug: bool, attestation: bytes,
-               artifact: bytes, certificates: list[bytes], tools_json: bytes, failure: str,
-               evidence: bool) -> Report:
+    def report(
+        self,
+        spec: ServerSpec,
+        *,
+        now_ms: int,
+        root: TrustRoot,
+        allow_debug: bool,
+        attestation: bytes,
+        artifact: bytes,
+        certificates: list[bytes],
+        tools_json: bytes,
+        failure: str,
+        evidence: bool,
+    ) -> Report:
         st = self._state(spec)
         entries: list[ServerEntry] = []
         status, detail = "tools-only", ""
@@ -117,8 +130,14 @@ class ServerRegistry:
                     if challenge is None or challenge[1] < now_ms:
                         raise VerificationError("no fresh challenge nonce was issued for this attestation")
                     now = datetime.fromtimestamp(now_ms / 1000, UTC)
-                    policy = AttestationPolicy(root=root, at=now, now=now, expected_pcrs=spec.identity.pcrs,
-                                               nonce=challenge[0], allow_debug=allow_debug)
+                    policy = AttestationPolicy(
+                        root=root,
+                        at=now,
+                        now=now,
+                        expected_pcrs=spec.identity.pcrs,
+                        nonce=challenge[0],
+                        allow_debug=allow_debug,
+                    )
                     detail, evidence_hash = check_nitro(attestation, policy)
                 elif kind == "checksum":
                     detail, evidence_hash = check_checksum(artifact, sha256_hex=spec.identity.sha256)
@@ -131,8 +150,16 @@ class ServerRegistry:
                 st.verified_ms, st.detail, status = None, str(exc)[:1000], "failed"
                 detail = st.detail
             st.challenge = None
-            entries.append(ServerEntry(time_ms=now_ms, server=spec.name, kind=kind, status=status, detail=detail,
-                                       evidence_sha256=evidence_hash))
+            entries.append(
+                ServerEntry(
+                    time_ms=now_ms,
+                    server=spec.name,
+                    kind=kind,
+                    status=status,
+                    detail=detail,
+                    evidence_sha256=evidence_hash,
+                )
+            )
         if tools_json:
             entries.extend(self._tools(spec, st, tools_json, now_ms))
         hidden = tuple(sorted(t for t in spec.tools if self.refusal(spec, t, now_ms)))
@@ -144,8 +171,9 @@ class ServerRegistry:
             raise DecodeError(f"tool definitions must be a JSON array of at most {MAX_TOOLS} objects")
         hashes = {str(t.get("name")): tool_definition_hash(t) for t in tools}
         st.tool_hashes = hashes
-        st.input_schemas = {str(t.get("name")): t["inputSchema"] for t in tools
-                            if isinstance(t.get("inputSchema"), dict)}
+        st.input_schemas = {
+            str(t.get("name")): t["inputSchema"] for t in tools if isinstance(t.get("inputSchema"), dict)
+        }
         drift: dict[str, str] = {}
         extra: dict[str, dict[str, str]] = {}
         for tool, pin in spec.pins.items():
@@ -158,12 +186,20 @@ class ServerRegistry:
                 extra[tool] = {"tool": tool, "pinned": pin, "actual": actual}
         entries = [
             ServerEntry(time_ms=now_ms, server=spec.name, kind="pin", status="drift", detail=drift[t], extra=extra[t])
-            for t in sorted(drift) if st.drift.get(t) != drift[t]
+            for t in sorted(drift)
+            if st.drift.get(t) != drift[t]
         ]
         entries += [
-            ServerEntry(time_ms=now_ms, server=spec.name, kind="pin", status="pin-restored",
-                        detail=f"tool {t!r} matches its pin again", extra={"tool": t, "pinned": spec.pins[t]})
-            for t in sorted(set(st.drift) - set(drift)) if t in spec.pins
+            ServerEntry(
+                time_ms=now_ms,
+                server=spec.name,
+                kind="pin",
+                status="pin-restored",
+                detail=f"tool {t!r} matches its pin again",
+                extra={"tool": t, "pinned": spec.pins[t]},
+            )
+            for t in sorted(set(st.drift) - set(drift))
+            if t in spec.pins
         ]
         st.drift = drift
         return entries
@@ -175,5 +211,3 @@ class ServerRegistry:
 
     def levels(self, specs: Mapping[str, ServerSpec], now_ms: int) -> dict[str, str]:
         return {name: self.level(spec, now_ms) for name, spec in specs.items()}
-
-

@@ -77,14 +77,22 @@ def _authorize_response(v: Verdict) -> pb.AuthorizeResponse:
         try:
             denial = DENIALS[DenyCode(v.code)]
         except ValueError:  # a code outside the contract: fail closed, as a plain denial
-            log.error("decision %d has deny code %r, which is not a DenyCode: answering a denial",
-                      v.log_index, v.code)
+            log.error("decision %d has deny code %r, which is not a DenyCode: answering a denial", v.log_index, v.code)
             allowed, grant = False, b""
     return pb.AuthorizeResponse(
-        decision=pb.ALLOW if allowed else pb.DENY, reason=v.reason, policy_ids=list(v.policy_ids),
-        deny_code=v.code, denial=denial, grant=grant, log_index=v.log_index, log=_log_append(v.log),
-        agent=v.agent, limits=[pb.LimitState(limit_id=s.limit_id, kind=s.kind, remaining=str(s.remaining),
-                                             retry_after_s=s.retry_after_s) for s in v.limits],
+        decision=pb.ALLOW if allowed else pb.DENY,
+        reason=v.reason,
+        policy_ids=list(v.policy_ids),
+        deny_code=v.code,
+        denial=denial,
+        grant=grant,
+        log_index=v.log_index,
+        log=_log_append(v.log),
+        agent=v.agent,
+        limits=[
+            pb.LimitState(limit_id=s.limit_id, kind=s.kind, remaining=str(s.remaining), retry_after_s=s.retry_after_s)
+            for s in v.limits
+        ],
     )
 
 
@@ -94,10 +102,17 @@ class EnclaveService(pb_grpc.EnclaveServicer):
 
     def Authorize(self, request: pb.AuthorizeRequest, context: grpc.ServicerContext) -> pb.AuthorizeResponse:
         def run() -> pb.AuthorizeResponse:
-            return _authorize_response(self.core.authorize(
-                token=request.token, server=request.server, tool=request.tool,
-                arguments_json=request.arguments_json, request_id=request.request_id,
-                persisted_size=request.persisted_size, payment_amount=request.payment_amount))
+            return _authorize_response(
+                self.core.authorize(
+                    token=request.token,
+                    server=request.server,
+                    tool=request.tool,
+                    arguments_json=request.arguments_json,
+                    request_id=request.request_id,
+                    persisted_size=request.persisted_size,
+                    payment_amount=request.payment_amount,
+                )
+            )
 
         return _call(context, run)
 
@@ -112,10 +127,14 @@ class EnclaveService(pb_grpc.EnclaveServicer):
 
     def RecordOutcome(self, request: pb.OutcomeRequest, context: grpc.ServicerContext) -> pb.OutcomeResponse:
         def run() -> pb.OutcomeResponse:
-            a = self.core.record_outcome(decision_index=request.decision_index,
-                                         result_sha256=request.result_sha256 or None, error=request.error,
-                                         duration_us=request.duration_us, paid_amount=request.paid_amount,
-                                         persisted_size=request.persisted_size)
+            a = self.core.record_outcome(
+                decision_index=request.decision_index,
+                result_sha256=request.result_sha256 or None,
+                error=request.error,
+                duration_us=request.duration_us,
+                paid_amount=request.paid_amount,
+                persisted_size=request.persisted_size,
+            )
             return pb.OutcomeResponse(log_index=a.first_index, log=_log_append(a))
 
         return _call(context, run)
@@ -144,8 +163,9 @@ class EnclaveService(pb_grpc.EnclaveServicer):
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         return _call(context, lambda: pb.HealthResponse(**self.core.health()))
 
-    def ServerChallenge(self, request: pb.ServerChallengeRequest,
-                        context: grpc.ServicerContext) -> pb.ServerChallengeResponse:
+    def ServerChallenge(
+        self, request: pb.ServerChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.ServerChallengeResponse:
         def run() -> pb.ServerChallengeResponse:
             nonce, kind = self.core.server_challenge(request.server, reconnect=request.reconnect)
             return pb.ServerChallengeResponse(nonce=nonce, kind=kind)
@@ -157,11 +177,18 @@ class EnclaveService(pb_grpc.EnclaveServicer):
             if len(request.certificates) > 16:
                 raise DecodeError("more than 16 certificates")
             report, a = self.core.report_server(
-                server=request.server, attestation=request.attestation, artifact=request.artifact,
-                certificates=list(request.certificates), tools_json=request.tools_json, failure=request.failure,
-                evidence=request.evidence, persisted_size=request.persisted_size)
-            return pb.ServerReportResponse(status=report.status, detail=report.detail,
-                                           hidden_tools=list(report.hidden), log=_log_append(a))
+                server=request.server,
+                attestation=request.attestation,
+                artifact=request.artifact,
+                certificates=list(request.certificates),
+                tools_json=request.tools_json,
+                failure=request.failure,
+                evidence=request.evidence,
+                persisted_size=request.persisted_size,
+            )
+            return pb.ServerReportResponse(
+                status=report.status, detail=report.detail, hidden_tools=list(report.hidden), log=_log_append(a)
+            )
 
         return _call(context, run)
 
@@ -170,9 +197,14 @@ class EnclaveService(pb_grpc.EnclaveServicer):
             if request.HasField("resume"):
                 r = request.resume
                 a = self.core.resume_log(
-                    checkpoint=r.checkpoint, range_size=r.range_size, range_hashes=list(r.range_hashes),
-                    entries=list(r.entries), key_entry=r.key_entry, key_entry_index=r.key_entry_index,
-                    key_entry_proof=list(r.key_entry_proof), boundary_entry=r.boundary_entry,
+                    checkpoint=r.checkpoint,
+                    range_size=r.range_size,
+                    range_hashes=list(r.range_hashes),
+                    entries=list(r.entries),
+                    key_entry=r.key_entry,
+                    key_entry_index=r.key_entry_index,
+                    key_entry_proof=list(r.key_entry_proof),
+                    boundary_entry=r.boundary_entry,
                     boundary_proof=list(r.boundary_proof),
                 )
             else:

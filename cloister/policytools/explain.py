@@ -34,8 +34,10 @@ from cloister.policytools.schema import input_schemas
 from cloister.verify.errors import DecodeError
 from cloister.wire.contract import DenyCode
 
-LIVE_STATE_NOTE = ("limits are checked against an empty window: this shows which limits apply and what this call "
-                   "costs; what remains now is known only to the running enclave")
+LIVE_STATE_NOTE = (
+    "limits are checked against an empty window: this shows which limits apply and what this call "
+    "costs; what remains now is known only to the running enclave"
+)
 
 
 @dataclass
@@ -113,8 +115,10 @@ class OfflineServers:
     def refusal(self, spec: ServerSpec, tool: str, now_ms: int) -> str | None:
         kind, level = spec.identity.kind, self.levels.get(spec.name, spec.identity.kind)
         if kind != "none" and level != kind:
-            return (f"server {spec.name!r} is quarantined: it has not proven its {kind} identity "
-                    f"(resource.attestation taken as {level!r})")
+            return (
+                f"server {spec.name!r} is quarantined: it has not proven its {kind} identity "
+                f"(resource.attestation taken as {level!r})"
+            )
         return None
 
     def input_schema(self, server: str, tool: str) -> Mapping[str, Any] | None:
@@ -122,22 +126,45 @@ class OfflineServers:
         return schema if isinstance(schema, Mapping) else None
 
 
-def explain(validation: Validation, *, agent: str, roles: list[str] | None, server: str, tool: str,
-            arguments_json: str, at: datetime, attestation: str | None = None, payment: str = "") -> Explanation:
+def explain(
+    validation: Validation,
+    *,
+    agent: str,
+    roles: list[str] | None,
+    server: str,
+    tool: str,
+    arguments_json: str,
+    at: datetime,
+    attestation: str | None = None,
+    payment: str = "",
+) -> Explanation:
     bundle = validation.bundle
     assert bundle is not None, "explain needs a bundle that parses"
     spec = bundle.agents.get(agent)
     all_roles = sorted(spec.roles) if spec else []
     chosen = sorted(set(roles)) if roles else all_roles
-    ex = Explanation(agent=agent, roles=chosen, roles_source="--role" if roles else "all roles granted to the agent",
-                     server=server, tool=tool, at=at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-                     mode=bundle.settings.mode, payment=payment or None)
+    ex = Explanation(
+        agent=agent,
+        roles=chosen,
+        roles_source="--role" if roles else "all roles granted to the agent",
+        server=server,
+        tool=tool,
+        at=at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        mode=bundle.settings.mode,
+        payment=payment or None,
+    )
     ex.notes.append("the token is not checked: the agent and roles are taken as given")
     servers = OfflineServers(bundle, validation.files, server, attestation)
     engine = PolicyEngine(bundle)
     engine.set_server_levels(servers.levels)
-    call = Call(identity=ClaimedIdentity(agent, tuple(chosen)), server=server, tool=tool,
-                arguments_json=arguments_json.encode(), payment_amount=payment, now_ms=int(at.timestamp() * 1000))
+    call = Call(
+        identity=ClaimedIdentity(agent, tuple(chosen)),
+        server=server,
+        tool=tool,
+        arguments_json=arguments_json.encode(),
+        payment_amount=payment,
+        now_ms=int(at.timestamp() * 1000),
+    )
     d = decide(call, State(bundle, engine, servers, LimitBook(bundle.limits)))
     ex.decision, ex.code, ex.reason, ex.enforced = ("allow" if d.allowed else "deny"), d.code, d.reason, not d.log_only
     # What each step that ran looked at (a call denied at step N never reaches the steps after it).
@@ -154,18 +181,25 @@ def _attestation(ex: Explanation, spec: ServerSpec, level: str, asked: str | Non
     the identity the bundle pins, as if verified, unless --attestation says otherwise."""
     ex.attestation = level
     if not asked:
-        ex.notes.append(f"resource.attestation is taken as {level!r} (the identity the bundle pins, as if verified); "
-                        "pass --attestation to try another level")
+        ex.notes.append(
+            f"resource.attestation is taken as {level!r} (the identity the bundle pins, as if verified); "
+            "pass --attestation to try another level"
+        )
     elif spec.identity.kind == "none" and level != "none":
-        ex.notes.append(f"server {spec.name!r} pins no identity, so the running enclave sees resource.attestation "
-                        f"'none'; evaluated with {level!r} instead")
+        ex.notes.append(
+            f"server {spec.name!r} pins no identity, so the running enclave sees resource.attestation "
+            f"'none'; evaluated with {level!r} instead"
+        )
     if spec.pins.get(ex.tool):
-        ex.notes.append(f"tool {ex.tool!r} is pinned: taken to match its pin (the enclave quarantines it if the "
-                        "definition the upstream lists differs, or has not been reported)")
+        ex.notes.append(
+            f"tool {ex.tool!r} is pinned: taken to match its pin (the enclave quarantines it if the "
+            "definition the upstream lists differs, or has not been reported)"
+        )
 
 
-def _cedar_view(ex: Explanation, validation: Validation, engine: PolicyEngine, servers: OfflineServers, d: Decision,
-                at: datetime) -> None:
+def _cedar_view(
+    ex: Explanation, validation: Validation, engine: PolicyEngine, servers: OfflineServers, d: Decision, at: datetime
+) -> None:
     bundle = validation.bundle
     assert bundle is not None and d.principal is not None
     # The running enclave types arguments by the tool's input schema as the upstream lists it
@@ -173,13 +207,16 @@ def _cedar_view(ex: Explanation, validation: Validation, engine: PolicyEngine, s
     aid = action_id(ex.server, ex.tool)
     input_schema = servers.input_schema(ex.server, ex.tool)
     if input_schema is None:
-        ex.notes.append(f"no inputs/{aid}.json: arguments are typed without the tool's input "
-                        "schema (every number is a decimal); the enclave uses the schema the upstream lists")
+        ex.notes.append(
+            f"no inputs/{aid}.json: arguments are typed without the tool's input "
+            "schema (every number is a decimal); the enclave uses the schema the upstream lists"
+        )
     ex.considered = engine.slice_size(ex.server, ex.tool)
     ex.discoverable = engine.may_call(d.principal, ex.server, ex.tool, at)
     ex.policies = [_policy_view(validation.policies.get(pid), pid, bundle) for pid in d.policy_ids]
-    ex.evaluation_errors = _evaluation_errors(bundle, d.principal, ex.server, ex.tool, d.arguments, at, input_schema,
-                                              ex.attestation or "none")
+    ex.evaluation_errors = _evaluation_errors(
+        bundle, d.principal, ex.server, ex.tool, d.arguments, at, input_schema, ex.attestation or "none"
+    )
 
 
 def _limits_view(ex: Explanation, bundle: PolicyBundle, d: Decision, now_ms: int) -> None:
@@ -191,24 +228,31 @@ def _limits_view(ex: Explanation, bundle: PolicyBundle, d: Decision, now_ms: int
     costs: dict[str, Decimal | None] = {}
     for lim in matching:
         try:
-            costs[lim.id] = LimitBook([replace(lim, maximum=MAX_LIMIT_VALUE)]).check(
-                agent, roles, ex.server, ex.tool, d.arguments, now_ms, d.payment).charges.get(lim.id)
+            costs[lim.id] = (
+                LimitBook([replace(lim, maximum=MAX_LIMIT_VALUE)])
+                .check(agent, roles, ex.server, ex.tool, d.arguments, now_ms, d.payment)
+                .charges.get(lim.id)
+            )
         except BadCost:
             costs[lim.id] = None
     ex.limits = [_limit_view(lim, costs[lim.id]) for lim in matching]
     denied_by = d.limit_check.denied_by if d.code == DenyCode.LIMIT and d.limit_check else None
     full = next((x for x in matching if denied_by and x.id == denied_by.limit_id), None)
     if full is not None:
-        ex.reason = (f"limit {full.id!r}: this call costs {costs[full.id]}, and its max is {full.maximum} "
-                     f"per {describe_limit(full)['window']}: it cannot pass even with an empty window")
+        ex.reason = (
+            f"limit {full.id!r}: this call costs {costs[full.id]}, and its max is {full.maximum} "
+            f"per {describe_limit(full)['window']}: it cannot pass even with an empty window"
+        )
 
 
 def _limit_view(lim: Limit, cost: Decimal | None) -> dict[str, Any]:
     view = describe_limit(lim)
     view = {"id": lim.id, **view, "cost_source": view.pop("cost"), "cost": str(cost) if cost is not None else None}
     if lim.cost[0] == "x402":
-        view["note"] = ("charged when the call is decided, with the x402 payment it carries (--payment AMOUNT); "
-                        "a call without one passes while budget remains, and the upstream names its price")
+        view["note"] = (
+            "charged when the call is decided, with the x402 payment it carries (--payment AMOUNT); "
+            "a call without one passes while budget remains, and the upstream names its price"
+        )
     return view
 
 
@@ -218,34 +262,51 @@ def _finish(ex: Explanation) -> Explanation:
     return ex
 
 
-def _evaluation_errors(bundle: PolicyBundle, principal: Principal, server: str, tool: str,
-                       arguments: Mapping[str, Any], at: datetime,
-                       input_schema: Mapping[str, Any] | None, attestation: str) -> list[dict[str, str]]:
+def _evaluation_errors(
+    bundle: PolicyBundle,
+    principal: Principal,
+    server: str,
+    tool: str,
+    arguments: Mapping[str, Any],
+    at: datetime,
+    input_schema: Mapping[str, Any] | None,
+    attestation: str,
+) -> list[dict[str, str]]:
     """Policies Cedar could not evaluate for this request: it skips them, so an erroring permit
     permits nothing, and the enclave denies when a forbid errors (decision 0006). The engine's
     reason names only the first error, so evaluate the same request once more here, with every
     policy, for the diagnostics alone."""
     ns = NAMESPACE
-    attrs = {**(bundle.agents[principal.agent].attrs if principal.agent in bundle.agents else {}),
-             "id": principal.agent}
+    attrs = {
+        **(bundle.agents[principal.agent].attrs if principal.agent in bundle.agents else {}),
+        "id": principal.agent,
+    }
     attrs.setdefault("region", "")
     servers = json.loads(bundle.entities_json)
     for e in servers:
         if e["uid"] == {"type": f"{ns}::Server", "id": server}:
             e["attrs"]["attestation"] = attestation  # as the engine was told (set_server_levels)
-    entities = [*servers, {
-        "uid": {"type": f"{ns}::Agent", "id": principal.agent}, "attrs": attrs,
-        "parents": [{"type": f"{ns}::Role", "id": r} for r in sorted(principal.roles)]}]
+    entities = [
+        *servers,
+        {
+            "uid": {"type": f"{ns}::Agent", "id": principal.agent},
+            "attrs": attrs,
+            "parents": [{"type": f"{ns}::Role", "id": r} for r in sorted(principal.roles)],
+        },
+    ]
     text = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{at.microsecond // 1000:03d}Z"
     request = {
         "principal": f"{ns}::Agent::{json.dumps(principal.agent)}",
         "action": f"{ns}::Action::{json.dumps(action_id(server, tool))}",
         "resource": f"{ns}::Server::{json.dumps(server)}",
-        "context": {"input": cedar_value(arguments, input_schema),
-                    "system": {"now": {"__extn": {"fn": "datetime", "arg": text}}}},
+        "context": {
+            "input": cedar_value(arguments, input_schema),
+            "system": {"now": {"__extn": {"fn": "datetime", "arg": text}}},
+        },
     }
-    policies = cedarpy.PolicySet.from_json_str(json.dumps(
-        {"staticPolicies": dict(bundle.policies), "templates": {}, "templateLinks": []}))
+    policies = cedarpy.PolicySet.from_json_str(
+        json.dumps({"staticPolicies": dict(bundle.policies), "templates": {}, "templateLinks": []})
+    )
     result = cedarpy.is_authorized(request, policies, json.dumps(entities))
     out = []
     for err in result.diagnostics.errors:
@@ -257,8 +318,16 @@ def _evaluation_errors(bundle: PolicyBundle, principal: Principal, server: str, 
 
 
 # Denials that come before the limits are looked at (or, for bad-arguments, before they are known).
-_BEFORE_LIMITS = frozenset({DenyCode.BAD_ARGUMENTS, DenyCode.UNKNOWN_AGENT, DenyCode.UNAUTHENTICATED,
-                            DenyCode.UNKNOWN_SERVER, DenyCode.UNKNOWN_TOOL, DenyCode.QUARANTINED})
+_BEFORE_LIMITS = frozenset(
+    {
+        DenyCode.BAD_ARGUMENTS,
+        DenyCode.UNKNOWN_AGENT,
+        DenyCode.UNAUTHENTICATED,
+        DenyCode.UNKNOWN_SERVER,
+        DenyCode.UNKNOWN_TOOL,
+        DenyCode.QUARANTINED,
+    }
+)
 
 
 def render(ex: Explanation) -> str:
@@ -277,12 +346,18 @@ def render(ex: Explanation) -> str:
     if ex.attestation is not None:
         lines.append(f"server:   resource.attestation = {ex.attestation!r}")
     if ex.discoverable is not None:
-        lines.append(f"discovery: {ex.server}___{ex.tool} "
-                     + ("appears in this agent's tools/list" if ex.discoverable else
-                        "is hidden from this agent's tools/list (no arguments could be permitted)"))
+        lines.append(
+            f"discovery: {ex.server}___{ex.tool} "
+            + (
+                "appears in this agent's tools/list"
+                if ex.discoverable
+                else "is hidden from this agent's tools/list (no arguments could be permitted)"
+            )
+        )
     if ex.considered:
-        lines.append(f"policies:  {ex.considered} can apply to this tool; determining:"
-                     + ("" if ex.policies else " none"))
+        lines.append(
+            f"policies:  {ex.considered} can apply to this tool; determining:" + ("" if ex.policies else " none")
+        )
     for p in ex.policies:
         where = f"{p.get('file')}:{p.get('line')}" if p.get("line") else str(p.get("file"))
         lines.append(f"  - {p['id']} ({p.get('effect', '?')}, {where})")
@@ -295,8 +370,10 @@ def render(ex: Explanation) -> str:
         lines.append("limits that apply to this call:")
         for lim in ex.limits:
             cost = f"this call costs {lim['cost']}" if lim.get("cost") is not None else "cost not computed"
-            lines.append(f"  - {lim['id']}: {lim['kind']} max {lim['max']} per {lim['window']} per {lim['per']}, "
-                         f"cost {lim['cost_source']}; {cost}")
+            lines.append(
+                f"  - {lim['id']}: {lim['kind']} max {lim['max']} per {lim['window']} per {lim['per']}, "
+                f"cost {lim['cost_source']}; {cost}"
+            )
             if lim.get("note"):
                 lines.append(f"      {lim['note']}")
     elif ex.code not in _BEFORE_LIMITS:

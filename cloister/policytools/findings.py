@@ -30,8 +30,13 @@ class Finding:
         return f"{where}: {self.severity}: {self.message}"
 
     def as_json(self) -> dict[str, Any]:
-        return {"severity": self.severity, "file": self.file, "line": self.line, "column": self.column,
-                "message": self.message}
+        return {
+            "severity": self.severity,
+            "file": self.file,
+            "line": self.line,
+            "column": self.column,
+            "message": self.message,
+        }
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,7 @@ class Validation:
             "tools": sum(len(s.tools) for s in b.servers.values()) if b else 0,
             "limits": len(b.limits) if b else 0,
             "issuers": len(b.issuers) if b else 0,
-            "schema": {"file": SCHEMA_FILE, "generated": "generated from entities.toml",
-                       "none": "none"}[self.schema],
+            "schema": {"file": SCHEMA_FILE, "generated": "generated from entities.toml", "none": "none"}[self.schema],
             "errors": len(self.errors),
             "warnings": len(self.warnings),
         }

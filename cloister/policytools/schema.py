@@ -47,8 +47,7 @@ def _value_type(value: Any) -> str:
     return "String"
 
 
-def _record(entities: Iterable[Mapping[str, Any]], always: Mapping[str, str], what: str,
-            notes: list[str]) -> list[str]:
+def _record(entities: Iterable[Mapping[str, Any]], always: Mapping[str, str], what: str, notes: list[str]) -> list[str]:
     """The fields of a record type covering every entity's attributes: required when all have it."""
     items = list(entities)
     types: dict[str, set[str]] = {}
@@ -126,7 +125,7 @@ def input_schemas(files: Mapping[str, bytes]) -> tuple[dict[str, Any], list[tupl
         if not (path.startswith(INPUTS_DIR) and path.endswith(".json")):
             continue
         try:
-            out[path[len(INPUTS_DIR):-len(".json")]] = json.loads(data)
+            out[path[len(INPUTS_DIR) : -len(".json")]] = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             problems.append((path, f"not a JSON document: {exc}"))
     return out, problems

@@ -53,8 +53,10 @@ def check_against_schema(v: Validation, texts: Mapping[str, str]) -> None:
     schema = cedarpy.Schema.from_str(schema_text)
     for path, infos in by_file.items():
         if all(i.statement is not None for i in infos):
-            chunks = [(n, "\n".join(i.statement.text for i in infos[n:n + CHUNK] if i.statement))
-                      for n in range(0, len(infos), CHUNK)]
+            chunks = [
+                (n, "\n".join(i.statement.text for i in infos[n : n + CHUNK] if i.statement))
+                for n in range(0, len(infos), CHUNK)
+            ]
         else:
             chunks = [(0, texts[path])]
         errors = [(n, e) for n, text in chunks for e in cedarpy.validate_policies(text, schema).errors]
@@ -68,7 +70,8 @@ def check_against_schema(v: Validation, texts: Mapping[str, str]) -> None:
             if arg and arg.group(1) in untyped:
                 continue  # nothing is known about this tool's arguments
             if severity == "warning" and re.match(
-                    r"unrecognized (action|entity type)|unable to find an applicable action", message):
+                r"unrecognized (action|entity type)|unable to find an applicable action", message
+            ):
                 continue  # unknown entities are errors already (_check_references), more precisely
             where = f"policy {info.key!r}" if info else "policies"
             suffix = "" if severity == "error" else " (against the schema generated from entities.toml)"
@@ -88,8 +91,13 @@ def _check_entities_schema(v: Validation, schema_text: str, texts: Mapping[str, 
     for a in b.agents.values():
         attrs = {**a.attrs, "id": a.name}
         attrs.setdefault("region", "")
-        entities.append({"uid": {"type": f"{ns}::Agent", "id": a.name}, "attrs": attrs,
-                         "parents": [{"type": f"{ns}::Role", "id": r} for r in sorted(a.roles)]})
+        entities.append(
+            {
+                "uid": {"type": f"{ns}::Agent", "id": a.name},
+                "attrs": attrs,
+                "parents": [{"type": f"{ns}::Role", "id": r} for r in sorted(a.roles)],
+            }
+        )
 
     def conforms(items: list[Any]) -> bool:
         try:
@@ -105,18 +113,27 @@ def _check_entities_schema(v: Validation, schema_text: str, texts: Mapping[str, 
             etype, eid = e["uid"]["type"], e["uid"]["id"]
             kind = {"Agent": "agents", "Server": "servers", "Role": "roles"}.get(etype.split("::")[-1], "")
             header = f"[{kind}.{eid}]" if kind != "roles" else "[roles]"
-            problems = [f"attribute {k!r} = {val!r}: {msg}" for k, val in e["attrs"].items()
-                        if (msg := _attribute_problem(schema_text, etype, k, val))]
+            problems = [
+                f"attribute {k!r} = {val!r}: {msg}"
+                for k, val in e["attrs"].items()
+                if (msg := _attribute_problem(schema_text, etype, k, val))
+            ]
             detail = "; ".join(problems) or "a required attribute is missing, or its type or parents are not declared"
-            v.error("entities.toml", guess_line(texts.get("entities.toml", ""), header),
-                    f"{header}: {etype}::{json.dumps(eid)} does not conform to {SCHEMA_FILE}: {detail}")
+            v.error(
+                "entities.toml",
+                guess_line(texts.get("entities.toml", ""), header),
+                f"{header}: {etype}::{json.dumps(eid)} does not conform to {SCHEMA_FILE}: {detail}",
+            )
     # Every tool should have its action in the schema, or policies naming it cannot be validated.
     for s in b.servers.values():
         for t in s.tools:
-            probe = f'permit (principal, action == {ns}::Action::{json.dumps(action_id(s.name, t))}, resource);'
+            probe = f"permit (principal, action == {ns}::Action::{json.dumps(action_id(s.name, t))}, resource);"
             if any("unrecognized action" in e.error for e in cedarpy.validate_policies(probe, schema_text).errors):
-                v.warn(SCHEMA_FILE, None, f"declares no action {json.dumps(action_id(s.name, t))} for tool "
-                       f"{t!r} of server {s.name!r}")
+                v.warn(
+                    SCHEMA_FILE,
+                    None,
+                    f"declares no action {json.dumps(action_id(s.name, t))} for tool {t!r} of server {s.name!r}",
+                )
 
 
 def _attribute_problem(schema_text: str, etype: str, attr: str, value: Any) -> str | None:

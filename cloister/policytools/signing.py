@@ -93,8 +93,9 @@ class Signed:
     size: int
 
 
-def sign_dir(bundle_dir: Path, key: ed25519.Ed25519PrivateKey, version: int,
-             out: Path) -> tuple[Validation, Signed | None]:
+def sign_dir(
+    bundle_dir: Path, key: ed25519.Ed25519PrivateKey, version: int, out: Path
+) -> tuple[Validation, Signed | None]:
     """Validate, then sign. An invalid bundle is not signed (the Validation says why)."""
     if not bundle_dir.is_dir():
         raise InputError(f"{bundle_dir}: not a directory")
@@ -111,8 +112,14 @@ def sign_dir(bundle_dir: Path, key: ed25519.Ed25519PrivateKey, version: int,
         raise InputError(f"{out}: cannot write: {exc.strerror}") from exc
     payload = parse_cose_sign1(data, max_size=len(data)).payload
     public_hex, kid = key_info(key.public_key())
-    return validation, Signed(out=out, version=version, sha256=hashlib.sha256(payload).hexdigest(), key_id=kid,
-                              public_hex=public_hex, size=len(data))
+    return validation, Signed(
+        out=out,
+        version=version,
+        sha256=hashlib.sha256(payload).hexdigest(),
+        key_id=kid,
+        public_hex=public_hex,
+        size=len(data),
+    )
 
 
 @dataclass(frozen=True)
@@ -138,8 +145,12 @@ def push(bundle: Path, relay: str, *, timeout: float = 30.0) -> PushResult:
     except DecodeError as exc:
         raise DecodeError(f"{bundle}: not a signed bundle: {exc}") from exc
     url = relay.rstrip("/") + "/admin/policy"
-    req = urllib.request.Request(url, data=data, method="POST",  # noqa: S310 (scheme checked above)
-                                 headers={"Content-Type": "application/octet-stream"})
+    req = urllib.request.Request(  # noqa: S310 (scheme checked above)
+        url,
+        data=data,
+        method="POST",
+        headers={"Content-Type": "application/octet-stream"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
             status, body = resp.status, resp.read(MAX_ANSWER)
@@ -154,11 +165,19 @@ def push(bundle: Path, relay: str, *, timeout: float = 30.0) -> PushResult:
         answer = None
     if not isinstance(answer, dict):
         text = body[:200].decode("utf-8", "replace").strip()
-        return PushResult("refused" if status < 500 else "unavailable",
-                          f"{url} answered HTTP {status} without the expected JSON: {text!r}", http_status=status)
+        return PushResult(
+            "refused" if status < 500 else "unavailable",
+            f"{url} answered HTTP {status} without the expected JSON: {text!r}",
+            http_status=status,
+        )
     if status == 200 and isinstance(answer.get("version"), int):
-        return PushResult("in-force", f"version {answer['version']} is in force", version=answer["version"],
-                          sha256=str(answer.get("bundle_sha256", "")), http_status=status)
+        return PushResult(
+            "in-force",
+            f"version {answer['version']} is in force",
+            version=answer["version"],
+            sha256=str(answer.get("bundle_sha256", "")),
+            http_status=status,
+        )
     error = str(answer.get("error") or answer)
     if status == 503:
         return PushResult("unavailable", error, http_status=status)

@@ -66,5 +66,11 @@ def load_source(path: str | Path) -> BundleSource:
         payload = parse_cose_sign1(data, max_size=MAX_SIGNED_BYTES).payload
     except DecodeError as exc:
         raise DecodeError(f"{p}: not a signed bundle: {exc}") from exc
-    return BundleSource(path=str(p), files=files, signed=True, version=version, signer=signer,
-                        sha256=hashlib.sha256(payload).hexdigest())
+    return BundleSource(
+        path=str(p),
+        files=files,
+        signed=True,
+        version=version,
+        signer=signer,
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )

@@ -63,8 +63,9 @@ def validate_files(files: Mapping[str, bytes]) -> Validation:
     except BundleError as exc:
         file, _, rest = str(exc).partition(": ")
         file = file if file in files or file in TOML_FILES or file.startswith("policies/") else BUNDLE
-        if not v.has_error_in(file) and not (file == "policies/" and any(
-                f.file.startswith("policies/") for f in v.errors)):
+        if not v.has_error_in(file) and not (
+            file == "policies/" and any(f.file.startswith("policies/") for f in v.errors)
+        ):
             v.error(file, guess_line(texts.get(file, ""), rest), rest if file != BUNDLE else str(exc))
     if v.bundle is None:
         return v
@@ -78,6 +79,7 @@ def validate_files(files: Mapping[str, bytes]) -> Validation:
 
 
 # ---- per file ------------------------------------------------------------------------------
+
 
 def _decode(v: Validation) -> dict[str, str]:
     texts: dict[str, str] = {}
@@ -117,7 +119,7 @@ def _parse_in_chunks(statements: list[Statement]) -> list[Any] | None:
     """The EST of each statement, or None when some chunk does not parse as static policies."""
     out: list[Any] = []
     for i in range(0, len(statements), CHUNK):
-        chunk = statements[i:i + CHUNK]
+        chunk = statements[i : i + CHUNK]
         try:
             est = json.loads(cedarpy.policies_to_json_str("\n".join(st.text for st in chunk)))
         except ValueError:
@@ -243,8 +245,10 @@ def _limit_key_line(block: str, first_line: int, message: str) -> int:
 
 # ---- with the parsed bundle ----------------------------------------------------------------------
 
-def _collect_policies(v: Validation, texts: Mapping[str, str],
-                      statements: Mapping[str, list[tuple[Statement, Any]]]) -> None:
+
+def _collect_policies(
+    v: Validation, texts: Mapping[str, str], statements: Mapping[str, list[tuple[Statement, Any]]]
+) -> None:
     """The policies as the enclave names them, each with its source statement."""
     assert v.bundle is not None
     for path in sorted(p for p in texts if p.startswith("policies/") and p.endswith(".cedar")):
@@ -252,7 +256,8 @@ def _collect_policies(v: Validation, texts: Mapping[str, str],
         if pairs is None:  # the statements could not be matched: use the parse alone
             est = json.loads(cedarpy.policies_to_json_str(texts[path]))
             pairs_or_none: list[tuple[Statement | None, Any]] = [
-                (None, p) for p in est.get("staticPolicies", {}).values()]
+                (None, p) for p in est.get("staticPolicies", {}).values()
+            ]
         else:
             pairs_or_none = list(pairs)
         for n, (st, policy) in enumerate(pairs_or_none):
@@ -264,8 +269,12 @@ def _collect_policies(v: Validation, texts: Mapping[str, str],
 def _check_ids(v: Validation) -> None:
     for p in v.policies.values():
         if not p.has_id:
-            v.error(p.file, p.line, f"policy #{p.statement.index if p.statement else '?'} has no @id(\"...\"): "
-                    f"decisions and the log would call it {p.key!r}, which changes when policies move")
+            v.error(
+                p.file,
+                p.line,
+                f'policy #{p.statement.index if p.statement else "?"} has no @id("..."): '
+                f"decisions and the log would call it {p.key!r}, which changes when policies move",
+            )
 
 
 def entity_refs(node: Any) -> Iterator[tuple[str, str | None]]:
@@ -301,8 +310,10 @@ def _check_references(v: Validation, texts: Mapping[str, str]) -> None:
 def _reference_problem(b: PolicyBundle, known_actions: set[str], etype: str, eid: str | None) -> str | None:
     ns = NAMESPACE
     if etype not in _ENTITY_TYPES:
-        return (f"entity type {etype} is not in Cloister's model ({', '.join(sorted(_ENTITY_TYPES))}); "
-                "nothing of that type is ever evaluated")
+        return (
+            f"entity type {etype} is not in Cloister's model ({', '.join(sorted(_ENTITY_TYPES))}); "
+            "nothing of that type is ever evaluated"
+        )
     if eid is None:
         return None
     if etype == f"{ns}::Agent" and eid not in b.agents:
@@ -314,8 +325,10 @@ def _reference_problem(b: PolicyBundle, known_actions: set[str], etype: str, eid
     if etype == f"{ns}::Action" and eid not in known_actions:
         server, sep, tool = eid.partition(TOOL_SEPARATOR)
         if not sep:
-            return (f"unknown action {eid!r}: actions are tools, named '<server>{TOOL_SEPARATOR}<tool>', "
-                    f"or the groups {', '.join(ACTION_GROUPS)}")
+            return (
+                f"unknown action {eid!r}: actions are tools, named '<server>{TOOL_SEPARATOR}<tool>', "
+                f"or the groups {', '.join(ACTION_GROUPS)}"
+            )
         if server not in b.servers:
             return f"unknown tool {eid!r}: entities.toml has no server {server!r}"
         tools = ", ".join(b.servers[server].tools) or "none"
@@ -329,15 +342,22 @@ def _check_limit_semantics(v: Validation, texts: Mapping[str, str]) -> None:
     text = texts.get("limits.toml", "")
     for lim in b.limits:
         line = guess_line(text, f"id = '{lim.id}'")
-        reaches = [a for a in b.agents.values()
-                   if (not lim.agents or a.name in lim.agents) and (not lim.roles or a.roles & lim.roles)]
+        reaches = [
+            a
+            for a in b.agents.values()
+            if (not lim.agents or a.name in lim.agents) and (not lim.roles or a.roles & lim.roles)
+        ]
         if not reaches:
             v.warn("limits.toml", line, f"limit {lim.id!r} matches no registered agent (check its agents and roles)")
         if lim.kind == "rate" and lim.maximum == 0:
             v.warn("limits.toml", line, f"limit {lim.id!r} has max 0: it refuses every call it matches")
         if lim.cost[0] == "argument" and not lim.tools and not lim.servers:
-            v.warn("limits.toml", line, f"limit {lim.id!r} charges argument {lim.cost[1]!r} but selects no tools "
-                   f"or servers: every call it matches without a numeric {lim.cost[1]!r} argument is refused")
+            v.warn(
+                "limits.toml",
+                line,
+                f"limit {lim.id!r} charges argument {lim.cost[1]!r} but selects no tools "
+                f"or servers: every call it matches without a numeric {lim.cost[1]!r} argument is refused",
+            )
 
 
 def _check_unused_files(v: Validation) -> None:
@@ -353,9 +373,10 @@ def _check_unused_files(v: Validation) -> None:
             if isinstance(name, str):
                 used.add(name)
     for path in sorted(v.files):
-        if path in used or (path.startswith("policies/") and path.endswith(".cedar")) or (
-                path.startswith(INPUTS_DIR) and path.endswith(".json")):
+        if (
+            path in used
+            or (path.startswith("policies/") and path.endswith(".cedar"))
+            or (path.startswith(INPUTS_DIR) and path.endswith(".json"))
+        ):
             continue
         v.warn(path, None, "not used by the enclave (it is still signed and shipped with the bundle)")
-
-

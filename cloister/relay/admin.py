@@ -67,13 +67,17 @@ class Admin:
         name = request.query_params.get("server", "")
         upstream = self.upstreams.by_name.get(name)
         if upstream is None:
-            return JSONResponse({"error": f"no upstream named {name!r}; known: {sorted(self.upstreams.by_name)}"},
-                                status_code=404)
+            return JSONResponse(
+                {"error": f"no upstream named {name!r}; known: {sorted(self.upstreams.by_name)}"}, status_code=404
+            )
         if upstream.state != "up":
-            return JSONResponse({"error": f"upstream {name!r} is {upstream.state}: {upstream.last_error}"},
-                                status_code=503)
-        pins = {t.name: tool_definition_hash(t.model_dump(mode="json", by_alias=True, exclude_none=True))
-                for t in upstream.tools}
+            return JSONResponse(
+                {"error": f"upstream {name!r} is {upstream.state}: {upstream.last_error}"}, status_code=503
+            )
+        pins = {
+            t.name: tool_definition_hash(t.model_dump(mode="json", by_alias=True, exclude_none=True))
+            for t in upstream.tools
+        }
         return JSONResponse({"server": name, "pins": pins})
 
     async def redact(self, request: Request) -> Response:
@@ -81,8 +85,9 @@ class Admin:
         still checks, the content is gone. The log itself is never changed."""
         token = self.state.config.admin_token
         if token is None:
-            return JSONResponse({"error": "redaction is disabled: set admin_token_file in the relay config"},
-                                status_code=403)
+            return JSONResponse(
+                {"error": "redaction is disabled: set admin_token_file in the relay config"}, status_code=403
+            )
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
             return JSONResponse({"error": "redaction needs 'Authorization: Bearer <admin token>'"}, status_code=401)

@@ -67,12 +67,22 @@ def _compact_json(value: Any) -> bytes:
 
 def _denied(verdict: pb.AuthorizeResponse) -> MCPError:
     """The agent's error for a denial: its JSON-RPC code comes from the typed class (`denial`)."""
-    return MCPError(denial_error(verdict.denial), f"denied: {verdict.reason}", data={
-        "decision": "deny", "code": verdict.deny_code, "reason": verdict.reason,
-        "policies": list(verdict.policy_ids), "log_index": verdict.log_index, "agent": verdict.agent,
-        "limits": [{"limit": s.limit_id, "kind": s.kind, "remaining": s.remaining,
-                    "retry_after_s": s.retry_after_s} for s in verdict.limits],
-    })
+    return MCPError(
+        denial_error(verdict.denial),
+        f"denied: {verdict.reason}",
+        data={
+            "decision": "deny",
+            "code": verdict.deny_code,
+            "reason": verdict.reason,
+            "policies": list(verdict.policy_ids),
+            "log_index": verdict.log_index,
+            "agent": verdict.agent,
+            "limits": [
+                {"limit": s.limit_id, "kind": s.kind, "remaining": s.remaining, "retry_after_s": s.retry_after_s}
+                for s in verdict.limits
+            ],
+        },
+    )
 
 
 class CallPath:
@@ -86,14 +96,18 @@ class CallPath:
         arguments = dict(params.arguments or {})
         args_json = _compact_json(arguments)
         if len(args_json) > self.state.config.max_argument_bytes:
-            raise MCPError(INVALID_PARAMS, f"arguments are {len(args_json)} bytes; this relay accepts at most "
-                                           f"{self.state.config.max_argument_bytes} (nothing was forwarded)")
+            raise MCPError(
+                INVALID_PARAMS,
+                f"arguments are {len(args_json)} bytes; this relay accepts at most "
+                f"{self.state.config.max_argument_bytes} (nothing was forwarded)",
+            )
         payment = (params.meta or {}).get(X402_META_KEY)
         try:
             payment_amount = x402_amount(payment) if payment is not None else ""
         except ValueError as exc:
-            raise MCPError(INVALID_PARAMS, f"the x402 payment in _meta is malformed: {exc} (nothing was forwarded)") \
-                from exc
+            raise MCPError(
+                INVALID_PARAMS, f"the x402 payment in _meta is malformed: {exc} (nothing was forwarded)"
+            ) from exc
         marks = [time.perf_counter()]
         # 1. Ask the enclave. Any failure here means no allow: nothing is forwarded.
         verdict = await self._authorize(token, server, tool, args_json, payment_amount)
@@ -111,38 +125,61 @@ class CallPath:
         duration_us = int((time.monotonic() - started) * 1_000_000)
         marks.append(time.perf_counter())
         # 4. The outcome is recorded and durable before the agent gets its answer.
-        outcome = await self._record_outcome(verdict.log_index, result, failure, duration_us,
-                                             payment_amount if result is not None else "")
+        outcome = await self._record_outcome(
+            verdict.log_index, result, failure, duration_us, payment_amount if result is not None else ""
+        )
         marks.append(time.perf_counter())
         await self._persist_or_fail(outcome.log)
         marks.append(time.perf_counter())
         if log.isEnabledFor(logging.DEBUG):
             phases = ("authorize", "persist", "upstream", "outcome", "persist")
-            log.debug("call %s/%s: %s", server, tool, " ".join(
-                f"{name} {1000 * (b - a):.2f}ms" for name, a, b in zip(phases, marks, marks[1:], strict=False)))
-        log_meta = {"decision": verdict.log_index, "outcome": outcome.log_index,
-                    "checkpoint_size": outcome.log.first_index + len(outcome.log.entries)}
+            log.debug(
+                "call %s/%s: %s",
+                server,
+                tool,
+                " ".join(
+                    f"{name} {1000 * (b - a):.2f}ms" for name, a, b in zip(phases, marks, marks[1:], strict=False)
+                ),
+            )
+        log_meta = {
+            "decision": verdict.log_index,
+            "outcome": outcome.log_index,
+            "checkpoint_size": outcome.log.first_index + len(outcome.log.entries),
+        }
         return _answer(result, failure, log_meta)
 
-    async def _authorize(self, token: str, server: str, tool: str, args_json: bytes,
-                         payment_amount: str) -> pb.AuthorizeResponse:
+    async def _authorize(
+        self, token: str, server: str, tool: str, args_json: bytes, payment_amount: str
+    ) -> pb.AuthorizeResponse:
         try:
-            return await self.state.enclave.authorize(pb.AuthorizeRequest(
-                token=token, server=server, tool=tool, arguments_json=args_json, request_id=uuid.uuid4().hex,
-                persisted_size=self.state.writer.persisted_size, payment_amount=payment_amount))
+            return await self.state.enclave.authorize(
+                pb.AuthorizeRequest(
+                    token=token,
+                    server=server,
+                    tool=tool,
+                    arguments_json=args_json,
+                    request_id=uuid.uuid4().hex,
+                    persisted_size=self.state.writer.persisted_size,
+                    payment_amount=payment_amount,
+                )
+            )
         except EnclaveUnavailable as exc:
-            raise MCPError(ENCLAVE_UNAVAILABLE, f"call refused, the enclave is unavailable (fail closed): {exc}") \
-                from exc
+            raise MCPError(
+                ENCLAVE_UNAVAILABLE, f"call refused, the enclave is unavailable (fail closed): {exc}"
+            ) from exc
         except EnclaveRefused as exc:
             raise MCPError(ENCLAVE_UNAVAILABLE, f"call refused, the enclave could not decide: {exc}") from exc
 
-    async def _forward(self, server: str, tool: str, arguments: dict[str, Any], grant: bytes,
-                       payment: Any) -> tuple[types.CallToolResult | None, UpstreamError | None]:
+    async def _forward(
+        self, server: str, tool: str, arguments: dict[str, Any], grant: bytes, payment: Any
+    ) -> tuple[types.CallToolResult | None, UpstreamError | None]:
         upstream = self.upstreams.by_name.get(server)
         if upstream is None:
             return None, UpstreamError("unavailable", f"no upstream named {server!r} is configured on this relay")
-        meta: dict[str, Any] = {GRANT_META_KEY: base64.b64encode(grant).decode("ascii"),
-                                ATTESTATION_META_KEY: base64.b64encode(self.state.attestation).decode("ascii")}
+        meta: dict[str, Any] = {
+            GRANT_META_KEY: base64.b64encode(grant).decode("ascii"),
+            ATTESTATION_META_KEY: base64.b64encode(self.state.attestation).decode("ascii"),
+        }
         if payment is not None:
             meta[X402_META_KEY] = payment
         try:
@@ -150,8 +187,14 @@ class CallPath:
         except UpstreamError as exc:
             return None, exc
 
-    async def _record_outcome(self, decision_index: int, result: types.CallToolResult | None,
-                              failure: UpstreamError | None, duration_us: int, paid: str) -> pb.OutcomeResponse:
+    async def _record_outcome(
+        self,
+        decision_index: int,
+        result: types.CallToolResult | None,
+        failure: UpstreamError | None,
+        duration_us: int,
+        paid: str,
+    ) -> pb.OutcomeResponse:
         result_body = b""
         result_hash = b""
         if result is not None:
@@ -159,12 +202,22 @@ class CallPath:
             result_hash = canonical_sha256(result_value)
             result_body = _compact_json(result_value)
         try:
-            outcome = await self.state.enclave.record_outcome(pb.OutcomeRequest(
-                decision_index=decision_index, result_sha256=result_hash, error=str(failure) if failure else "",
-                duration_us=duration_us, persisted_size=self.state.writer.persisted_size, paid_amount=paid))
+            outcome = await self.state.enclave.record_outcome(
+                pb.OutcomeRequest(
+                    decision_index=decision_index,
+                    result_sha256=result_hash,
+                    error=str(failure) if failure else "",
+                    duration_us=duration_us,
+                    persisted_size=self.state.writer.persisted_size,
+                    paid_amount=paid,
+                )
+            )
         except (EnclaveUnavailable, EnclaveRefused) as exc:
-            raise MCPError(LOG_UNAVAILABLE, f"the call ran but its outcome could not be logged, so it is not "
-                                            f"acknowledged: {exc}", data={"log_index": decision_index}) from exc
+            raise MCPError(
+                LOG_UNAVAILABLE,
+                f"the call ran but its outcome could not be logged, so it is not acknowledged: {exc}",
+                data={"log_index": decision_index},
+            ) from exc
         if result_body:
             self.state.writer.put_body(outcome.log_index, "result", result_body)
         return outcome
@@ -177,19 +230,24 @@ class CallPath:
             raise MCPError(LOG_UNAVAILABLE, f"the log could not be persisted; nothing was forwarded: {exc}") from exc
 
 
-def _answer(result: types.CallToolResult | None, failure: UpstreamError | None,
-            log_meta: dict[str, int]) -> types.CallToolResult:
+def _answer(
+    result: types.CallToolResult | None, failure: UpstreamError | None, log_meta: dict[str, int]
+) -> types.CallToolResult:
     """The agent's answer: the upstream's result or error, with the log indexes of the call's entries."""
     if failure is not None and failure.code == PAYMENT_REQUIRED:
         # Pass the payment requirements through, as the x402 MCP transport specifies.
         data = dict(failure.data) if isinstance(failure.data, dict) else {"upstream": failure.data}
         raise MCPError(PAYMENT_REQUIRED, str(failure), data={**data, LOG_META_KEY: log_meta})
     if failure is not None:
-        raise MCPError(failure.code if failure.kind == "error" and failure.code else UPSTREAM_FAILED,
-                       str(failure), data={"kind": failure.kind, **log_meta, "upstream": failure.data})
+        raise MCPError(
+            failure.code if failure.kind == "error" and failure.code else UPSTREAM_FAILED,
+            str(failure),
+            data={"kind": failure.kind, **log_meta, "upstream": failure.data},
+        )
     assert result is not None
     # The upstream's serverInfo stamp describes the upstream, not this server: drop it.
-    meta_out: dict[str, Any] = {k: v for k, v in (result.meta or {}).items()
-                                if k != "io.modelcontextprotocol/serverInfo"}
+    meta_out: dict[str, Any] = {
+        k: v for k, v in (result.meta or {}).items() if k != "io.modelcontextprotocol/serverInfo"
+    }
     meta_out[LOG_META_KEY] = log_meta
     return result.model_copy(update={"meta": meta_out})

@@ -58,10 +58,12 @@ class EnclaveClient:
         self.bridge.start()
         self._channel = grpc.aio.insecure_channel(
             f"unix:{self._socket}",
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.initial_reconnect_backoff_ms", 200),
-                     ("grpc.max_reconnect_backoff_ms", 2000)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
         )
         self._stub = pb_grpc.EnclaveStub(self._channel)  # type: ignore[no-untyped-call]
 
@@ -93,7 +95,8 @@ class EnclaveClient:
 
     async def load_policy(self, bundle: bytes, persisted_size: int) -> pb.LoadPolicyResponse:
         resp: pb.LoadPolicyResponse = await self._call(
-            "LoadPolicy", pb.LoadPolicyRequest(bundle=bundle, persisted_size=persisted_size), 60)
+            "LoadPolicy", pb.LoadPolicyRequest(bundle=bundle, persisted_size=persisted_size), 60
+        )
         return resp
 
     async def authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
@@ -111,12 +114,14 @@ class EnclaveClient:
 
     async def attest(self, nonce: bytes, *, include_checkpoint: bool = False) -> pb.AttestResponse:
         resp: pb.AttestResponse = await self._call(
-            "Attest", pb.AttestRequest(nonce=nonce, include_checkpoint=include_checkpoint))
+            "Attest", pb.AttestRequest(nonce=nonce, include_checkpoint=include_checkpoint)
+        )
         return resp
 
     async def server_challenge(self, server: str, *, reconnect: bool) -> pb.ServerChallengeResponse:
         resp: pb.ServerChallengeResponse = await self._call(
-            "ServerChallenge", pb.ServerChallengeRequest(server=server, reconnect=reconnect))
+            "ServerChallenge", pb.ServerChallengeRequest(server=server, reconnect=reconnect)
+        )
         return resp
 
     async def report_server(self, report: pb.ServerReport) -> pb.ServerReportResponse:

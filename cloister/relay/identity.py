@@ -27,18 +27,35 @@ class UpstreamIdentity:
             return None
         return resp.nonce, resp.kind
 
-    async def report(self, server: str, *, evidence: bool, tools: list[types.Tool] | None,
-                     attestation: bytes = b"", artifact: bytes = b"", certificates: list[bytes] | None = None,
-                     failure: str = "") -> str:
+    async def report(
+        self,
+        server: str,
+        *,
+        evidence: bool,
+        tools: list[types.Tool] | None,
+        attestation: bytes = b"",
+        artifact: bytes = b"",
+        certificates: list[bytes] | None = None,
+        failure: str = "",
+    ) -> str:
         tools_json = b""
         if tools is not None:
-            tools_json = json.dumps([t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tools])\
-                .encode()
+            tools_json = json.dumps(
+                [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tools]
+            ).encode()
         try:
-            resp = await self.state.enclave.report_server(pb.ServerReport(
-                server=server, evidence=evidence, attestation=attestation, artifact=artifact,
-                certificates=certificates or [], failure=failure, tools_json=tools_json,
-                persisted_size=self.state.writer.persisted_size))
+            resp = await self.state.enclave.report_server(
+                pb.ServerReport(
+                    server=server,
+                    evidence=evidence,
+                    attestation=attestation,
+                    artifact=artifact,
+                    certificates=certificates or [],
+                    failure=failure,
+                    tools_json=tools_json,
+                    persisted_size=self.state.writer.persisted_size,
+                )
+            )
         except EnclaveRefused as exc:
             log.warning("the enclave refused the report for upstream %s: %s", server, exc)
             return "refused"

@@ -28,8 +28,13 @@ log = logging.getLogger("cloister.relay")
 POLICY_NOT_NEWER = grpc.StatusCode[POLICY_NOT_NEWER_STATUS]
 
 
-async def open_storage(location: str, *, s3_endpoint_url: str | None, body_retention_days: int | None,
-                       verify: Literal["full", "tail"] = "full") -> LogWriter:
+async def open_storage(
+    location: str,
+    *,
+    s3_endpoint_url: str | None,
+    body_retention_days: int | None,
+    verify: Literal["full", "tail"] = "full",
+) -> LogWriter:
     """The log's storage: a local directory, or s3://bucket/prefix."""
     options = WriterOptions(body_retention_days=body_retention_days, verify=verify)
     if location.startswith("s3://"):
@@ -75,8 +80,9 @@ class Lifecycle:
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         config = self.state.config
-        self.state.writer = await open_storage(config.storage, s3_endpoint_url=config.s3_endpoint_url,
-                                               body_retention_days=config.body_retention_days)
+        self.state.writer = await open_storage(
+            config.storage, s3_endpoint_url=config.s3_endpoint_url, body_retention_days=config.body_retention_days
+        )
         await self.state.enclave.start()
         await self.ensure_enclave_ready(startup=True)
         await self.upstreams.run(tg)
@@ -91,8 +97,9 @@ class Lifecycle:
             if health.log_size == 0:
                 if not startup:
                     await self._forget_unacknowledged()
-                material = await state.writer.resume_material(max_history_entries=1_000_000,
-                                                              window_start_ms=self._history_start_ms())
+                material = await state.writer.resume_material(
+                    max_history_entries=1_000_000, window_start_ms=self._history_start_ms()
+                )
                 if material is None:
                     log.info("starting a new log %s", health.origin)
                     started = await enclave.start_log(None)
@@ -115,8 +122,7 @@ class Lifecycle:
                 return await self.state.enclave.health(timeout=2)
             except (EnclaveUnavailable, EnclaveRefused) as exc:
                 if time.monotonic() > deadline:
-                    raise EnclaveUnavailable(f"cannot reach the enclave at {self.state.config.enclave}: {exc}") \
-                        from exc
+                    raise EnclaveUnavailable(f"cannot reach the enclave at {self.state.config.enclave}: {exc}") from exc
                 await anyio.sleep(0.2)
 
     async def _forget_unacknowledged(self) -> None:
@@ -131,10 +137,17 @@ class Lifecycle:
         old = state.writer
         durable = old.persisted_size
         await old.close()
-        state.writer = await open_storage(config.storage, s3_endpoint_url=config.s3_endpoint_url,
-                                          body_retention_days=config.body_retention_days, verify="tail")
-        log.warning("the enclave restarted: storage reopened at its durable size %d (was %d)",
-                    state.writer.persisted_size, durable)
+        state.writer = await open_storage(
+            config.storage,
+            s3_endpoint_url=config.s3_endpoint_url,
+            body_retention_days=config.body_retention_days,
+            verify="tail",
+        )
+        log.warning(
+            "the enclave restarted: storage reopened at its durable size %d (was %d)",
+            state.writer.persisted_size,
+            durable,
+        )
 
     def _history_start_ms(self) -> int | None:
         # The enclave refuses a bundle whose limit windows reach beyond the history it was given;

@@ -61,9 +61,15 @@ class LogApi:
         info = self.state.health_info
         body = {
             "ready": bool(info and info.ready),
-            "enclave": {"origin": info.origin, "pcr0": info.pcr0.hex(), "mock_nsm": info.mock_nsm,
-                        "policy_version": info.policy_version, "log_verifier_key": info.log_verifier_key}
-            if info else None,
+            "enclave": {
+                "origin": info.origin,
+                "pcr0": info.pcr0.hex(),
+                "mock_nsm": info.mock_nsm,
+                "policy_version": info.policy_version,
+                "log_verifier_key": info.log_verifier_key,
+            }
+            if info
+            else None,
             "log_size": self.state.writer.persisted_size,
             "upstreams": self.upstreams.status(),
         }

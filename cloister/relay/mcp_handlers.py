@@ -56,8 +56,9 @@ class McpHandlers:
             on_read_resource=self.read_resource,
         )
 
-    async def call_tool(self, ctx: ServerRequestContext[Any, Any],
-                        params: types.CallToolRequestParams) -> types.CallToolResult:
+    async def call_tool(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
         return await self.calls.call(bearer(ctx), params)
 
     # ---- tools/list ---------------------------------------------------------------------------
@@ -70,8 +71,9 @@ class McpHandlers:
                 return dict(t.input_schema)
         return None
 
-    async def list_tools(self, ctx: ServerRequestContext[Any, Any],
-                         params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+    async def list_tools(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
         token = bearer(ctx)
         by_key = {(u.name, t.name): t for u in self.upstreams.by_name.values() for t in u.tools}
         try:
@@ -81,34 +83,46 @@ class McpHandlers:
                 raise MCPError(UNAUTHENTICATED, f"unauthenticated: {exc}") from exc
             raise MCPError(ENCLAVE_UNAVAILABLE, f"the enclave refused to list tools: {exc}") from exc
         except EnclaveUnavailable as exc:
-            raise MCPError(ENCLAVE_UNAVAILABLE, f"no tools are listed while the enclave is unavailable: {exc}") \
-                from exc
+            raise MCPError(ENCLAVE_UNAVAILABLE, f"no tools are listed while the enclave is unavailable: {exc}") from exc
         tools = []
         for ref in resp.visible:
             t = by_key[(ref.server, ref.tool)]
-            tools.append(t.model_copy(update={
-                "name": f"{ref.server}{TOOL_SEPARATOR}{ref.tool}",
-                "description": f"[{ref.server}] {t.description or ''}".strip(),
-            }))
+            tools.append(
+                t.model_copy(
+                    update={
+                        "name": f"{ref.server}{TOOL_SEPARATOR}{ref.tool}",
+                        "description": f"[{ref.server}] {t.description or ''}".strip(),
+                    }
+                )
+            )
         return types.ListToolsResult(tools=tools)
 
     # ---- the enclave's attestation, for agents --------------------------------------------------
 
-    async def list_resources(self, ctx: ServerRequestContext[Any, Any],
-                             params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
+    async def list_resources(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
         return types.ListResourcesResult(resources=[])
 
-    async def list_resource_templates(self, ctx: ServerRequestContext[Any, Any],
-                                      params: types.PaginatedRequestParams | None
-                                      ) -> types.ListResourceTemplatesResult:
-        return types.ListResourceTemplatesResult(resource_templates=[types.ResourceTemplate(
-            name="enclave-attestation", uri_template=ATTESTATION_URI + "{nonce}", mime_type="application/json",
-            description="The Cloister enclave's NSM attestation document (base64) with your nonce (hex, 8-64 "
-                        "bytes); its user_data binds the enclave's grant and log keys. Verify it with "
-                        "cloister.verify.enclave_identity.verify_enclave or `cloister attest verify`.")])
+    async def list_resource_templates(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        return types.ListResourceTemplatesResult(
+            resource_templates=[
+                types.ResourceTemplate(
+                    name="enclave-attestation",
+                    uri_template=ATTESTATION_URI + "{nonce}",
+                    mime_type="application/json",
+                    description="The Cloister enclave's NSM attestation document (base64) with your nonce (hex, 8-64 "
+                    "bytes); its user_data binds the enclave's grant and log keys. Verify it with "
+                    "cloister.verify.enclave_identity.verify_enclave or `cloister attest verify`.",
+                )
+            ]
+        )
 
-    async def read_resource(self, ctx: ServerRequestContext[Any, Any],
-                            params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
+    async def read_resource(
+        self, ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
         uri = str(params.uri)
         if not uri.startswith(ATTESTATION_URI):
             raise MCPError(INVALID_PARAMS, f"unknown resource {uri!r}; try {ATTESTATION_URI}<nonce hex>")
@@ -123,5 +137,6 @@ class McpHandlers:
         except (EnclaveUnavailable, EnclaveRefused) as exc:
             raise MCPError(ENCLAVE_UNAVAILABLE, f"the enclave is unavailable: {exc}") from exc
         body = json.dumps({"document": base64.b64encode(resp.document).decode("ascii"), "nonce": nonce.hex()})
-        return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, mime_type="application/json",
-                                                                            text=body)])
+        return types.ReadResourceResult(
+            contents=[types.TextResourceContents(uri=uri, mime_type="application/json", text=body)]
+        )

@@ -51,8 +51,9 @@ log = logging.getLogger("cloister.relay")
 class Relay:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.state = RelayState(config, EnclaveClient(config.enclave, config.run_dir,
-                                                      timeout_s=config.enclave_timeout_s))
+        self.state = RelayState(
+            config, EnclaveClient(config.enclave, config.run_dir, timeout_s=config.enclave_timeout_s)
+        )
         self.upstreams = Upstreams(config.upstreams, UpstreamIdentity(self.state))
         self.lifecycle = Lifecycle(self.state, self.upstreams)
         self.calls = CallPath(self.state, self.upstreams)
@@ -92,9 +93,17 @@ class RequireBearer:
             headers = dict(scope.get("headers") or [])
             if not headers.get(b"authorization", b"").lower().startswith(b"bearer "):
                 response = JSONResponse(
-                    {"jsonrpc": "2.0", "id": None, "error": {"code": UNAUTHENTICATED,
-                     "message": "unauthenticated: send 'Authorization: Bearer <JWT>' (cloister token issue ...)"}},
-                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="cloister"'})
+                    {
+                        "jsonrpc": "2.0",
+                        "id": None,
+                        "error": {
+                            "code": UNAUTHENTICATED,
+                            "message": "unauthenticated: send 'Authorization: Bearer <JWT>' (cloister token issue ...)",
+                        },
+                    },
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="cloister"'},
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -106,8 +115,9 @@ async def serve(config: RelayConfig, *, ready: Callable[[Relay], Coroutine[Any, 
     relay = Relay(config)
     async with anyio.create_task_group() as tg:
         await relay.start(tg)
-        server = uvicorn.Server(uvicorn.Config(relay.asgi_app(), host=config.host, port=config.port,
-                                               log_level="warning", lifespan="on"))
+        server = uvicorn.Server(
+            uvicorn.Config(relay.asgi_app(), host=config.host, port=config.port, log_level="warning", lifespan="on")
+        )
         log.info("relay serving MCP at http://%s:%d/mcp", config.host, config.port)
         if ready is not None:
             tg.start_soon(ready, relay)

@@ -59,9 +59,17 @@ class IdentityReporter(Protocol):
 
     async def challenge(self, server: str, *, reconnect: bool) -> tuple[bytes, str] | None: ...
 
-    async def report(self, server: str, *, evidence: bool, tools: list[types.Tool] | None,
-                     attestation: bytes = b"", artifact: bytes = b"", certificates: list[bytes] | None = None,
-                     failure: str = "") -> str: ...
+    async def report(
+        self,
+        server: str,
+        *,
+        evidence: bool,
+        tools: list[types.Tool] | None,
+        attestation: bytes = b"",
+        artifact: bytes = b"",
+        certificates: list[bytes] | None = None,
+        failure: str = "",
+    ) -> str: ...
 
 
 class Upstream:
@@ -94,8 +102,12 @@ class Upstream:
         if self.config.url:
             return self.config.url
         env = {**os.environ, **self.config.env}
-        return StdioServerParameters(command=self.config.command[0], args=list(self.config.command[1:]), env=env,
-                                     cwd=str(self.config.cwd) if self.config.cwd else None)
+        return StdioServerParameters(
+            command=self.config.command[0],
+            args=list(self.config.command[1:]),
+            env=env,
+            cwd=str(self.config.cwd) if self.config.cwd else None,
+        )
 
     async def _on_message(self, message: Any) -> None:
         # A changed tool list is re-read and re-checked against the pins at once.
@@ -110,9 +122,14 @@ class Upstream:
             try:
                 challenge = await self._prelaunch()
                 async with contextlib.AsyncExitStack() as stack:
-                    client = await stack.enter_async_context(Client(
-                        self._target(stack), cache=None, read_timeout_seconds=self.config.timeout_s,
-                        message_handler=self._on_message))
+                    client = await stack.enter_async_context(
+                        Client(
+                            self._target(stack),
+                            cache=None,
+                            read_timeout_seconds=self.config.timeout_s,
+                            message_handler=self._on_message,
+                        )
+                    )
                     tools = await self._list_tools(client)
                     self._client, self.tools, self.state, self.last_error = client, tools, "up", ""
                     await self._prove(client, challenge, tools)
@@ -210,6 +227,7 @@ class Upstream:
         while True:
             with anyio.move_on_after(self.config.reattest_s):
                 async with anyio.create_task_group() as tg:
+
                     async def first(event: anyio.Event) -> None:
                         await event.wait()
                         tg.cancel_scope.cancel()
@@ -232,6 +250,7 @@ class Upstream:
 
     async def _wait_then_cancel(self, tg: anyio.abc.TaskGroup) -> None:
         async with anyio.create_task_group() as inner:
+
             async def stop_on(event: anyio.Event) -> None:
                 await event.wait()
                 inner.cancel_scope.cancel()
@@ -264,16 +283,19 @@ class Upstream:
             with anyio.fail_after(self.config.timeout_s):
                 return await client.call_tool(tool, arguments, meta=cast(types.RequestParamsMeta, meta))
         except TimeoutError as exc:
-            raise UpstreamError("timeout", f"upstream {self.name!r} did not answer within {self.config.timeout_s:g}s") \
-                from exc
+            raise UpstreamError(
+                "timeout", f"upstream {self.name!r} did not answer within {self.config.timeout_s:g}s"
+            ) from exc
         except MCPError as exc:
             if exc.code == CONNECTION_CLOSED:
                 # The transport died under the call (process exit, dropped stream): reconnect.
                 self._broken.set()
-                raise UpstreamError("unavailable", f"upstream {self.name!r} closed the connection during the call") \
-                    from exc
-            raise UpstreamError("error", f"upstream {self.name!r} refused the call: {exc.message}", code=exc.code,
-                                data=exc.data) from exc
+                raise UpstreamError(
+                    "unavailable", f"upstream {self.name!r} closed the connection during the call"
+                ) from exc
+            raise UpstreamError(
+                "error", f"upstream {self.name!r} refused the call: {exc.message}", code=exc.code, data=exc.data
+            ) from exc
         except Exception as exc:  # transport failures come in many types (httpx, anyio, OSError)
             self._broken.set()
             raise UpstreamError("unavailable", f"upstream {self.name!r} connection failed: {exc!r}"[:500]) from exc
@@ -335,5 +357,7 @@ class Upstreams:
         return [(u.name, t.name) for u in self.by_name.values() for t in u.tools]
 
     def status(self) -> dict[str, dict[str, Any]]:
-        return {u.name: {"state": u.state, "tools": len(u.tools), "identity": u.identity, "error": u.last_error}
-                for u in self.by_name.values()}
+        return {
+            u.name: {"state": u.state, "tools": len(u.tools), "identity": u.identity, "error": u.last_error}
+            for u in self.by_name.values()
+        }

@@ -25,8 +25,12 @@ ATTESTATION_TEMPLATE = "cloister://attestation/{nonce}"
 
 
 def serve_attestation(mcp: MCPServer, nsm: Nsm) -> None:
-    @mcp.resource(ATTESTATION_TEMPLATE, name="attestation", mime_type="application/json",
-                  description="This server's Nitro attestation document with your nonce (hex, 8-64 bytes).")
+    @mcp.resource(
+        ATTESTATION_TEMPLATE,
+        name="attestation",
+        mime_type="application/json",
+        description="This server's Nitro attestation document with your nonce (hex, 8-64 bytes).",
+    )
     def attestation(nonce: str) -> str:
         try:
             raw = bytes.fromhex(nonce)

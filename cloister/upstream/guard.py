@@ -95,15 +95,20 @@ class GrantGuard:
             grant = _b64_field(meta, GRANT_META_KEY)
             document = _b64_field(meta, ATTESTATION_META_KEY)
             keys = self._enclave_keys(document, now)
-            claims = verify_grant(grant, grant_keys=keys, server=self.server, tool=name,
-                                  arguments=params.get("arguments"), now_ms=int(now.timestamp() * 1000))
+            claims = verify_grant(
+                grant,
+                grant_keys=keys,
+                server=self.server,
+                tool=name,
+                arguments=params.get("arguments"),
+                now_ms=int(now.timestamp() * 1000),
+            )
             if self.origin is not None and claims.origin != self.origin:
                 raise GrantError("wrong-log", f"grant was logged in {claims.origin!r}, not {self.origin!r}")
             self._replay.use(claims, int(now.timestamp() * 1000))
         except GrantError as exc:
             log.warning("refused tools/call %r: %s: %s", name, exc.reason, exc)
-            raise MCPError(GRANT_REFUSED, f"grant refused ({exc.reason}): {exc}",
-                           data={"reason": exc.reason}) from exc
+            raise MCPError(GRANT_REFUSED, f"grant refused ({exc.reason}): {exc}", data={"reason": exc.reason}) from exc
         log.info("accepted tools/call %r: grant for log entry %d, agent %r", name, claims.log_index, claims.agent)
 
     def _enclave_keys(self, document: bytes, now: datetime) -> dict[bytes, ed25519.Ed25519PublicKey]:
@@ -112,8 +117,14 @@ class GrantGuard:
             cached = self._keys.get(digest)
             if cached is not None and now - cached[1] < timedelta(minutes=10):
                 return cached[0]
-        policy = AttestationPolicy(root=self.trust_root, at=DOCUMENT_TIME, now=now, max_age=self.max_attestation_age,
-                                   expected_pcrs=self.expected_pcrs, allow_debug=self.allow_debug)
+        policy = AttestationPolicy(
+            root=self.trust_root,
+            at=DOCUMENT_TIME,
+            now=now,
+            max_age=self.max_attestation_age,
+            expected_pcrs=self.expected_pcrs,
+            allow_debug=self.allow_debug,
+        )
         try:
             verified = verify_enclave(document, policy, origin=self.origin)
         except (DecodeError, VerificationError) as exc:
@@ -129,8 +140,9 @@ class GrantGuard:
 def _b64_field(meta: Mapping[str, Any], key: str) -> bytes:
     value = meta.get(key)
     if value is None:
-        raise GrantError("missing", f"no {key!r} in _meta: this server only accepts calls authorised by a "
-                                    "Cloister enclave")
+        raise GrantError(
+            "missing", f"no {key!r} in _meta: this server only accepts calls authorised by a Cloister enclave"
+        )
     if not isinstance(value, str) or len(value) > MAX_META_B64:
         raise GrantError("malformed", f"_meta {key!r} must be a base64 string of at most {MAX_META_B64} chars")
     try:

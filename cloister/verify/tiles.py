@@ -252,8 +252,7 @@ def parse_entry_bundle(data: bytes, width: int | None = None) -> list[bytes]:
             append(data[start:off])
     except IndexError:
         raise DecodeError(
-            f"entry bundle truncated: length prefix of entry {len(entries)} at offset {start - 2} "
-            f"needs 2 bytes, 1 left"
+            f"entry bundle truncated: length prefix of entry {len(entries)} at offset {start - 2} needs 2 bytes, 1 left"
         ) from None
     if off > end:
         raise DecodeError(

@@ -49,14 +49,17 @@ def main() -> int:
         replay._worker_state.clear()  # cold: no templates learned by a previous run
         cpu0 = _cpu()
         t0 = time.perf_counter()
-        replayed = replay_log(SourceSpec(str(directory / "log")), now=datetime.now(UTC), nonce=os.urandom(16),
-                              root=root, jobs=jobs)
+        replayed = replay_log(
+            SourceSpec(str(directory / "log")), now=datetime.now(UTC), nonce=os.urandom(16), root=root, jobs=jobs
+        )
         dt = time.perf_counter() - t0
         cpu = _cpu() - cpu0  # this process and its (finished) workers: steadier than wall time on a busy VM
         r = replayed.result
-        print(f"replay jobs={jobs}: {r.tree_size:,} entries in {dt:.2f}s = {r.tree_size / dt:,.0f} entries/s "
-              f"({cpu / r.tree_size * 1e6:.2f} µs of CPU per entry; ok={replayed.ok}, problems={r.problem_count}, "
-              f"by template {r.summary.fast_decodes:,}, by parser {r.summary.full_decodes:,})")
+        print(
+            f"replay jobs={jobs}: {r.tree_size:,} entries in {dt:.2f}s = {r.tree_size / dt:,.0f} entries/s "
+            f"({cpu / r.tree_size * 1e6:.2f} µs of CPU per entry; ok={replayed.ok}, problems={r.problem_count}, "
+            f"by template {r.summary.fast_decodes:,}, by parser {r.summary.full_decodes:,})"
+        )
     return 0
 
 

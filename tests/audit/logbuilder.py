@@ -64,8 +64,12 @@ def tree_levels(entries: list[bytes]) -> list[list[bytes]]:
     levels = [[leaf_hash(e) for e in entries]]
     while len(levels[-1]) >= TILE_WIDTH:
         below = levels[-1]
-        levels.append([root_from_leaf_hashes(below[i : i + TILE_WIDTH])
-                       for i in range(0, len(below) - TILE_WIDTH + 1, TILE_WIDTH)])
+        levels.append(
+            [
+                root_from_leaf_hashes(below[i : i + TILE_WIDTH])
+                for i in range(0, len(below) - TILE_WIDTH + 1, TILE_WIDTH)
+            ]
+        )
     return levels
 
 
@@ -93,8 +97,9 @@ class TestLog:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, workdir: Path, *, origin: str = ORIGIN, pcrs: dict[int, bytes] = PCRS,
-                 nsm_dir: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, origin: str = ORIGIN, pcrs: dict[int, bytes] = PCRS, nsm_dir: Path | None = None
+    ) -> None:
         self.workdir = workdir
         self.origin = origin
         self.pcrs = dict(pcrs)
@@ -123,8 +128,9 @@ class TestLog:
     # ---- the enclave ---------------------------------------------------------------------
 
     def _new_core(self) -> EnclaveCore:
-        return EnclaveCore(self.config, self.nsm, pcrs=self.pcrs, clock_ms=lambda: time.time_ns() // 1_000_000,
-                           mock_nsm=True)
+        return EnclaveCore(
+            self.config, self.nsm, pcrs=self.pcrs, clock_ms=lambda: time.time_ns() // 1_000_000, mock_nsm=True
+        )
 
     def _absorb(self, append: LogAppend) -> None:
         first = append.first_index
@@ -154,37 +160,61 @@ class TestLog:
 
     def token(self, agent: str, roles: list[str]) -> str:
         now = int(time.time())
-        claims = {"iss": "cloister-dev", "aud": "cloister", "sub": agent, "roles": roles, "iat": now,
-                  "exp": now + 3600}
+        claims = {"iss": "cloister-dev", "aud": "cloister", "sub": agent, "roles": roles, "iat": now, "exp": now + 3600}
         return encode_jwt(claims, self.issuer)
 
-    def call(self, agent: str, roles: list[str], server: str, tool: str, args: dict[str, Any],
-             *, outcome: bool = True, request_id: str = "req-1", token: str | None = None) -> int:
+    def call(
+        self,
+        agent: str,
+        roles: list[str],
+        server: str,
+        tool: str,
+        args: dict[str, Any],
+        *,
+        outcome: bool = True,
+        request_id: str = "req-1",
+        token: str | None = None,
+    ) -> int:
         """One decision (and its outcome when allowed); returns the decision's index."""
         assert self.core is not None
         token = self.token(agent, roles) if token is None else token
-        verdict = self.core.authorize(token=token, server=server, tool=tool,
-                                      arguments_json=json.dumps(args).encode(), request_id=request_id,
-                                      persisted_size=len(self.entries))
+        verdict = self.core.authorize(
+            token=token,
+            server=server,
+            tool=tool,
+            arguments_json=json.dumps(args).encode(),
+            request_id=request_id,
+            persisted_size=len(self.entries),
+        )
         self._absorb(verdict.log)
         if verdict.grant:
             self.grants[verdict.log_index] = verdict.grant
         if verdict.allowed and outcome:
-            self._absorb(self.core.record_outcome(decision_index=verdict.log_index, result_sha256=b"\x01" * 32,
-                                                  error="", duration_us=1234, paid_amount="",
-                                                  persisted_size=len(self.entries)))
+            self._absorb(
+                self.core.record_outcome(
+                    decision_index=verdict.log_index,
+                    result_sha256=b"\x01" * 32,
+                    error="",
+                    duration_us=1234,
+                    paid_amount="",
+                    persisted_size=len(self.entries),
+                )
+            )
         return verdict.log_index
 
     def typical_traffic(self, rounds: int = 3) -> None:
         """Allows, policy denies, unknown tools, an unauthenticated call, outcomes."""
         for r in range(rounds):
-            self.call("refund-bot", ["refund-agent"], "refunds", "refund.create", {"amount": 10 + r},
-                      request_id=f"r{r}-a")
-            self.call("refund-bot", ["refund-agent"], "refunds", "refund.create", {"amount": 6000},
-                      request_id=f"r{r}-b")
+            self.call(
+                "refund-bot", ["refund-agent"], "refunds", "refund.create", {"amount": 10 + r}, request_id=f"r{r}-a"
+            )
+            self.call(
+                "refund-bot", ["refund-agent"], "refunds", "refund.create", {"amount": 6000}, request_id=f"r{r}-b"
+            )
             self.call("refund-bot", ["refund-agent"], "refunds", "customer_lookup", {"id": r}, request_id=f"r{r}-c")
-            self.call("research-bot", ["research-agent"], "research", "web_search", {"q": f"q{r}"},
-                      request_id=f"r{r}-d")
+            self.call(
+                "research-bot", ["research-agent"], "research", "web_search", {"q": f"q{r}"}, request_id=f"r{r}-d"
+            )
             self.call("research-bot", ["research-agent"], "research", "db_write", {"x": r}, request_id=f"r{r}-e")
             if r == 0:
                 self.call("refund-bot", ["refund-agent"], "refunds", "no.such.tool", {}, request_id="r0-f")
@@ -200,14 +230,24 @@ class TestLog:
             return root_from_leaf_hashes(hashes[index << level : (index + 1) << level])
 
         self.core = self._new_core()
-        self._absorb(self.core.resume_log(
-            checkpoint=self.note, range_size=0, range_hashes=[], entries=list(self.entries),
-            key_entry=self.entries[key_index], key_entry_index=key_index,
-            key_entry_proof=inclusion_proof(key_index, size, node), boundary_entry=b"", boundary_proof=[]))
+        self._absorb(
+            self.core.resume_log(
+                checkpoint=self.note,
+                range_size=0,
+                range_hashes=[],
+                entries=list(self.entries),
+                key_entry=self.entries[key_index],
+                key_entry_index=key_index,
+                key_entry_proof=inclusion_proof(key_index, size, node),
+                boundary_entry=b"",
+                boundary_proof=[],
+            )
+        )
         # The same bundle again: the enclave logs nothing new for it (same version as in force).
         assert self.core is not None
-        signed = sign_bundle(read_bundle_dir(self.workdir / f"bundle-{self.policy_version}"), self.policy_version,
-                             self.admin)
+        signed = sign_bundle(
+            read_bundle_dir(self.workdir / f"bundle-{self.policy_version}"), self.policy_version, self.admin
+        )
         _, _, append = self.core.load_policy(signed)
         self._absorb(append)
 
@@ -233,11 +273,23 @@ def build_log(workdir: Path, *, rounds: int = 3, restart: bool = True, **kw: Any
     return log
 
 
-AGENTS = [("refund-bot", "refund-agent"), ("research-bot", "research-agent"), ("ops-bot", "ops"),
-          ("billing-bot", "billing"), ("triage-bot", "triage")]
-TOOLS = [("refunds", "refund.create"), ("refunds", "customer_lookup"), ("refunds", "transaction_history"),
-         ("research", "web_search"), ("research", "db_write"), ("crm", "note.add"), ("crm", "ticket.close"),
-         ("mail", "send")]
+AGENTS = [
+    ("refund-bot", "refund-agent"),
+    ("research-bot", "research-agent"),
+    ("ops-bot", "ops"),
+    ("billing-bot", "billing"),
+    ("triage-bot", "triage"),
+]
+TOOLS = [
+    ("refunds", "refund.create"),
+    ("refunds", "customer_lookup"),
+    ("refunds", "transaction_history"),
+    ("research", "web_search"),
+    ("research", "db_write"),
+    ("crm", "note.add"),
+    ("crm", "ticket.close"),
+    ("mail", "send"),
+]
 
 
 def synthetic_log(directory: Path, n: int, seed: int = 1) -> TestLog:
@@ -257,26 +309,54 @@ def synthetic_log(directory: Path, n: int, seed: int = 1) -> TestLog:
         t += rnd.randint(0, 3)
         if open_allow and rnd.random() < 0.45:
             d = open_allow.pop(rnd.randrange(len(open_allow)))
-            entries.append(encode_entry(OutcomeEntry(time_ms=t, decision_index=d,
-                                                     result_sha256=hashlib.sha256(os.urandom(8)).digest(),
-                                                     error="" if rnd.random() < 0.97 else "upstream timeout",
-                                                     duration_us=rnd.randint(200, 900_000))))
+            entries.append(
+                encode_entry(
+                    OutcomeEntry(
+                        time_ms=t,
+                        decision_index=d,
+                        result_sha256=hashlib.sha256(os.urandom(8)).digest(),
+                        error="" if rnd.random() < 0.97 else "upstream timeout",
+                        duration_us=rnd.randint(200, 900_000),
+                    )
+                )
+            )
             continue
         agent, role = rnd.choice(AGENTS)
         server, tool = rnd.choice(TOOLS)
         req += 1
         deny = rnd.random() < 0.15
         code = rnd.choice(["policy", "no-permit", "limit"]) if deny else ""
-        entries.append(encode_entry(DecisionEntry(
-            time_ms=t, agent=agent, roles=(role,), issuer="cloister-dev", server=server, tool=tool,
-            args_sha256=hashlib.sha256(os.urandom(8)).digest(), decision="deny" if deny else "allow", code=code,
-            reason=(f"limit: {agent} over {rnd.randint(1, 999)} calls/min" if code == "limit"
-                    else "forbidden by policy refund-single-cap" if code == "policy"
-                    else "no policy permits this call" if code else "permitted by refund-agent-tools"),
-            policies=("refund-agent-tools",) if not deny else (), policy_sha256=sha, policy_version=version,
-            request_id=f"{req:x}", grant_nonce=None if deny else os.urandom(16),
-            grant_expiry_ms=None if deny else t + 60_000,
-            charges={"refund-agent-call-rate": "1"} if not deny and tool == "refund.create" else {})))
+        entries.append(
+            encode_entry(
+                DecisionEntry(
+                    time_ms=t,
+                    agent=agent,
+                    roles=(role,),
+                    issuer="cloister-dev",
+                    server=server,
+                    tool=tool,
+                    args_sha256=hashlib.sha256(os.urandom(8)).digest(),
+                    decision="deny" if deny else "allow",
+                    code=code,
+                    reason=(
+                        f"limit: {agent} over {rnd.randint(1, 999)} calls/min"
+                        if code == "limit"
+                        else "forbidden by policy refund-single-cap"
+                        if code == "policy"
+                        else "no policy permits this call"
+                        if code
+                        else "permitted by refund-agent-tools"
+                    ),
+                    policies=("refund-agent-tools",) if not deny else (),
+                    policy_sha256=sha,
+                    policy_version=version,
+                    request_id=f"{req:x}",
+                    grant_nonce=None if deny else os.urandom(16),
+                    grant_expiry_ms=None if deny else t + 60_000,
+                    charges={"refund-agent-call-rate": "1"} if not deny and tool == "refund.create" else {},
+                )
+            )
+        )
         if not deny:
             open_allow.append(len(entries) - 1)
     del entries[n:]
@@ -284,8 +364,9 @@ def synthetic_log(directory: Path, n: int, seed: int = 1) -> TestLog:
     levels = tree_levels(entries)
     for h in levels[0]:
         tree.append(h)
-    text = Checkpoint(origin=log.origin, size=n, root_hash=tree.root(),
-                      extensions=(policy_extension(version, sha),)).to_text()
+    text = Checkpoint(
+        origin=log.origin, size=n, root_hash=tree.root(), extensions=(policy_extension(version, sha),)
+    ).to_text()
     log.note = sign_note(text, [core.note_signer])
     write_tiles(log.dir, entries, log.note, levels=levels)
     return log

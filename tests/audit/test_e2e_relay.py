@@ -23,8 +23,11 @@ def _works(s: Stack) -> bool:
         return False
 
 
-def test_the_relay_log_verifies_end_to_end(stack: Stack, tmp_path: Path,  # noqa: F811
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_relay_log_verifies_end_to_end(
+    stack: Stack,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("CLOISTER_STATE", str(stack.state.root))  # --trust-root mock: the stack's mock CA
     state = ["--state", str(tmp_path / "state")]
     url = ["--log", stack.relay_url, "--trust-root", "mock", *state]

@@ -38,15 +38,23 @@ def _rewritten(log: TestLog, tmp: Path, *, extra: int = 0) -> tuple[Path, bytes,
     i = next(i for i, e in enumerate(entries) if isinstance(parse_entry(e), OutcomeEntry))
     o = parse_entry(entries[i])
     assert isinstance(o, OutcomeEntry)
-    entries[i] = encode_entry(OutcomeEntry(time_ms=o.time_ms, decision_index=o.decision_index,
-                                           result_sha256=b"\x02" * 32, error="", duration_us=o.duration_us))
+    entries[i] = encode_entry(
+        OutcomeEntry(
+            time_ms=o.time_ms,
+            decision_index=o.decision_index,
+            result_sha256=b"\x02" * 32,
+            error="",
+            duration_us=o.duration_us,
+        )
+    )
     entries += [entries[i]] * extra
     tree = CompactRange()
     for e in entries:
         tree.append(leaf_hash(e))
     assert forger.core is not None
-    note = sign_note(Checkpoint(origin=log.origin, size=len(entries), root_hash=tree.root()).to_text(),
-                     [forger.core.note_signer])
+    note = sign_note(
+        Checkpoint(origin=log.origin, size=len(entries), root_hash=tree.root()).to_text(), [forger.core.note_signer]
+    )
     directory = tmp / "forged"
     write_tiles(directory, entries, note)
     return directory, note, forger
@@ -94,8 +102,13 @@ def test_a_second_log_with_the_same_origin_is_a_fork(built: TestLog, remembered:
     assert len(other.entries) > len(built.entries)
     with LogServer(other.dir, other.attest) as srv:
         r = cli("audit", "checkpoint", "--log", srv.url, *trust(built, remembered))
-        _assert_fork(r, _checkpoint(built.note), _checkpoint(other.note),
-                     f"the first {len(built.entries)} entries of the served tree hash to", remembered)
+        _assert_fork(
+            r,
+            _checkpoint(built.note),
+            _checkpoint(other.note),
+            f"the first {len(built.entries)} entries of the served tree hash to",
+            remembered,
+        )
         # Every later look still sees the fork: the remembered checkpoint is the first one.
         assert cli("audit", "inclusion", "--log", srv.url, *trust(built, remembered), "--index", "0").code == 4
     # A replay of the other log's storage (trusted through its own key entries) sees it too.
@@ -109,24 +122,39 @@ def test_a_smaller_log_is_a_fork(built: TestLog, remembered: Path, tmp_path: Pat
     other.write()
     with LogServer(other.dir, other.attest) as srv:
         r = cli("audit", "checkpoint", "--log", srv.url, *trust(built, remembered))
-    _assert_fork(r, _checkpoint(built.note), _checkpoint(other.note),
-                 f"the served tree has {len(other.entries)} entries, fewer than the {len(built.entries)}", remembered)
+    _assert_fork(
+        r,
+        _checkpoint(built.note),
+        _checkpoint(other.note),
+        f"the served tree has {len(other.entries)} entries, fewer than the {len(built.entries)}",
+        remembered,
+    )
 
 
 def test_a_rewritten_history_of_the_same_size_is_a_fork(built: TestLog, remembered: Path, tmp_path: Path) -> None:
     directory, note, forger = _rewritten(built, tmp_path)
     with LogServer(directory, _forged_attest(forger, note)) as srv:
         r = cli("audit", "checkpoint", "--log", srv.url, *trust(built, remembered))
-    _assert_fork(r, _checkpoint(built.note), _checkpoint(note), f"two different roots for the same size "
-                 f"{len(built.entries)}", remembered)
+    _assert_fork(
+        r,
+        _checkpoint(built.note),
+        _checkpoint(note),
+        f"two different roots for the same size {len(built.entries)}",
+        remembered,
+    )
 
 
 def test_a_rewritten_and_extended_history_is_a_fork(built: TestLog, remembered: Path, tmp_path: Path) -> None:
     directory, note, forger = _rewritten(built, tmp_path, extra=5)
     with LogServer(directory, _forged_attest(forger, note)) as srv:
         r = cli("audit", "checkpoint", "--log", srv.url, *trust(built, remembered))
-    _assert_fork(r, _checkpoint(built.note), _checkpoint(note),
-                 f"the first {len(built.entries)} entries of the served tree hash to", remembered)
+    _assert_fork(
+        r,
+        _checkpoint(built.note),
+        _checkpoint(note),
+        f"the first {len(built.entries)} entries of the served tree hash to",
+        remembered,
+    )
 
 
 def test_the_forged_log_verifies_for_a_fresh_auditor(built: TestLog, tmp_path: Path) -> None:

@@ -44,7 +44,8 @@ def test_a_grant_from_the_running_enclave_is_checked_fully(built: TestLog, serve
 
 
 def test_a_grant_from_an_earlier_enclave_is_matched_but_its_signature_left_to_its_key_entry(
-        built: TestLog, server: LogServer, tmp_path: Path) -> None:
+    built: TestLog, server: LogServer, tmp_path: Path
+) -> None:
     index = min(built.grants)
     grant_file = tmp_path / "grant.cose"
     grant_file.write_bytes(built.grants[index])  # raw COSE bytes work too
@@ -59,15 +60,19 @@ def _regrant(built: TestLog, index: int, **change: object) -> bytes:
     return encode_grant(GrantClaims(**fields), lambda data: b"\x00" * 64, b"\x01" * 32)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"agent": "someone-else"}, "differ in agent"),
-    ({"args_sha256": b"\x09" * 32}, "differ in args_sha256"),
-    ({"nonce": b"\x09" * 16}, "differ in nonce"),
-    ({"entry_hash": b"\x09" * 32}, "is not the grant's entry hash"),
-    ({"origin": "another.log/x"}, "the grant names log 'another.log/x'"),
-])
-def test_a_grant_that_does_not_describe_its_entry_is_refused(built: TestLog, server: LogServer, tmp_path: Path,
-                                                            change: dict[str, object], message: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"agent": "someone-else"}, "differ in agent"),
+        ({"args_sha256": b"\x09" * 32}, "differ in args_sha256"),
+        ({"nonce": b"\x09" * 16}, "differ in nonce"),
+        ({"entry_hash": b"\x09" * 32}, "is not the grant's entry hash"),
+        ({"origin": "another.log/x"}, "the grant names log 'another.log/x'"),
+    ],
+)
+def test_a_grant_that_does_not_describe_its_entry_is_refused(
+    built: TestLog, server: LogServer, tmp_path: Path, change: dict[str, object], message: str
+) -> None:
     grant_file = tmp_path / "grant"
     grant_file.write_bytes(_regrant(built, max(built.grants), **change))
     r = cli("audit", "inclusion", "--log", server.url, *trust(built, tmp_path), "--grant", str(grant_file))
@@ -103,8 +108,9 @@ def test_a_grant_with_a_bad_signature_is_refused(built: TestLog, server: LogServ
     assert "the grant's signature does not verify with the attested grant key" in r.err
 
 
-def test_the_auditor_refuses_a_grant_header_that_upstreams_refuse(built: TestLog, server: LogServer,
-                                                                   tmp_path: Path) -> None:
+def test_the_auditor_refuses_a_grant_header_that_upstreams_refuse(
+    built: TestLog, server: LogServer, tmp_path: Path
+) -> None:
     """Regression: the audit checked the signature by hand and ignored the header's algorithm, so it
     reported "verified" for a grant every upstream (cloister.verify.grant) refuses as malformed."""
     index = max(built.grants)
@@ -132,8 +138,9 @@ def test_a_malformed_grant_is_a_clear_error(built: TestLog, server: LogServer, t
     assert r.code == 1 and "grant is malformed" in r.err
 
 
-def test_bodies_are_checked_against_their_commitments(built: TestLog, server: LogServer, log_copy: Path,
-                                                      tmp_path: Path) -> None:
+def test_bodies_are_checked_against_their_commitments(
+    built: TestLog, server: LogServer, log_copy: Path, tmp_path: Path
+) -> None:
     # The last web_search was made in the last round of traffic (round 0 after the restart): q0.
     index = max(i for i, e in enumerate(built.entries) if getattr(parse_entry(e), "tool", "") == "web_search")
     body = log_copy / "body" / str(index) / "args"
@@ -154,8 +161,18 @@ def test_bodies_are_checked_against_their_commitments(built: TestLog, server: Lo
 def test_consistency_between_any_two_sizes(built: TestLog, server: LogServer, tmp_path: Path) -> None:
     n = len(built.entries)
     for a, b in [(0, 0), (0, n), (1, 2), (5, 256), (255, 257), (256, n), (n, n)]:
-        r = cli("audit", "consistency", "--log", server.url, *trust(built, tmp_path), "--from", str(a), "--to", str(b),
-                "--json")
+        r = cli(
+            "audit",
+            "consistency",
+            "--log",
+            server.url,
+            *trust(built, tmp_path),
+            "--from",
+            str(a),
+            "--to",
+            str(b),
+            "--json",
+        )
         assert r.code == 0, (a, b, r.err)
         out = json.loads(r.out)
         assert (out["from"], out["to"]) == (a, b)

@@ -34,8 +34,9 @@ def _root(log: TestLog) -> TrustRoot:
     return TrustRoot.from_pem(log.root_pem.read_bytes())
 
 
-def test_a_receipt_is_a_tlog_proof_with_the_entry_and_the_attestation(built: TestLog,
-                                                                     receipts: dict[int, bytes]) -> None:
+def test_a_receipt_is_a_tlog_proof_with_the_entry_and_the_attestation(
+    built: TestLog, receipts: dict[int, bytes]
+) -> None:
     proof = parse_tlog_proof(receipts[2])
     assert proof.index == 2
     assert proof.checkpoint_note.startswith(built.origin.encode() + b"\n")
@@ -61,8 +62,12 @@ def test_verify_receipt_cli_json_and_failures(built: TestLog, receipts: dict[int
 def _rebuild(receipt: bytes, **change: object) -> bytes:
     proof = parse_tlog_proof(receipt)
     extra = cbor2.loads(proof.extra or b"")
-    fields = {"index": proof.index, "inclusion_proof": proof.inclusion_proof,
-              "checkpoint_note": proof.checkpoint_note, "extra": proof.extra}
+    fields = {
+        "index": proof.index,
+        "inclusion_proof": proof.inclusion_proof,
+        "checkpoint_note": proof.checkpoint_note,
+        "extra": proof.extra,
+    }
     for key in ("entry", "attestation"):
         if key in change:
             extra[key] = change.pop(key)
@@ -88,29 +93,59 @@ def test_every_part_of_a_receipt_is_bound(built: TestLog, receipts: dict[int, by
         # the right entry, another index
         (_rebuild(good, index=3), VerificationError, "does not match"),
         # a changed proof hash
-        (_rebuild(good, inclusion_proof=(_flip(proof.inclusion_proof[0], 0), *proof.inclusion_proof[1:])),
-         VerificationError, "does not match"),
+        (
+            _rebuild(good, inclusion_proof=(_flip(proof.inclusion_proof[0], 0), *proof.inclusion_proof[1:])),
+            VerificationError,
+            "does not match",
+        ),
         # a changed checkpoint: the attestation binds the original note
-        (_rebuild(good, checkpoint_note=proof.checkpoint_note.replace(b"\n", b"\n1", 1)), VerificationError,
-         "checkpoint-mismatch"),
+        (
+            _rebuild(good, checkpoint_note=proof.checkpoint_note.replace(b"\n", b"\n1", 1)),
+            VerificationError,
+            "checkpoint-mismatch",
+        ),
         # the attestation of the key entry (binds the key, but not this checkpoint)
-        (_rebuild(good, attestation=cbor2.loads(built.entries[0])["attestation"]), VerificationError,
-         "checkpoint-mismatch"),
+        (
+            _rebuild(good, attestation=cbor2.loads(built.entries[0])["attestation"]),
+            VerificationError,
+            "checkpoint-mismatch",
+        ),
         # a damaged attestation
-        (_rebuild(good, attestation=_flip(extra["attestation"], len(extra["attestation"]) - 3)), VerificationError,
-         "bad-signature"),
+        (
+            _rebuild(good, attestation=_flip(extra["attestation"], len(extra["attestation"]) - 3)),
+            VerificationError,
+            "bad-signature",
+        ),
         # not a Cloister receipt
-        (format_tlog_proof(TlogProof(index=2, inclusion_proof=proof.inclusion_proof,
-                                     checkpoint_note=proof.checkpoint_note)), DecodeError, "no extra data"),
-        (format_tlog_proof(TlogProof(index=2, inclusion_proof=proof.inclusion_proof,
-                                     checkpoint_note=proof.checkpoint_note, extra=b"\xa0")), DecodeError,
-         "not a cloister-receipt/1 map"),
+        (
+            format_tlog_proof(
+                TlogProof(index=2, inclusion_proof=proof.inclusion_proof, checkpoint_note=proof.checkpoint_note)
+            ),
+            DecodeError,
+            "no extra data",
+        ),
+        (
+            format_tlog_proof(
+                TlogProof(
+                    index=2, inclusion_proof=proof.inclusion_proof, checkpoint_note=proof.checkpoint_note, extra=b"\xa0"
+                )
+            ),
+            DecodeError,
+            "not a cloister-receipt/1 map",
+        ),
         # extra data in a non-canonical encoding
-        (format_tlog_proof(TlogProof(index=2, inclusion_proof=proof.inclusion_proof,
-                                     checkpoint_note=proof.checkpoint_note,
-                                     extra=cbor2.dumps({"entry": extra["entry"], "f": FORMAT,
-                                                        "attestation": extra["attestation"]}))),
-         DecodeError, "deterministic"),
+        (
+            format_tlog_proof(
+                TlogProof(
+                    index=2,
+                    inclusion_proof=proof.inclusion_proof,
+                    checkpoint_note=proof.checkpoint_note,
+                    extra=cbor2.dumps({"entry": extra["entry"], "f": FORMAT, "attestation": extra["attestation"]}),
+                )
+            ),
+            DecodeError,
+            "deterministic",
+        ),
         (good[:-30], VerificationError, "checkpoint-mismatch"),
         (b"c2sp.org/tlog-proof@v1\nindex 1\n", DecodeError, "ends inside"),
     ]

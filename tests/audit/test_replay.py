@@ -68,8 +68,10 @@ def test_the_live_key_must_be_the_last_introduced_one(built: TestLog, log_copy: 
     intruder = TestLog(tmp_path / "intruder", nsm_dir=built.nsm_dir).start()
     assert intruder.core is not None
     core = intruder.core
-    note = sign_note(Checkpoint(origin=built.origin, size=len(built.entries),
-                                root_hash=_root(built.entries)).to_text(), [core.note_signer])
+    note = sign_note(
+        Checkpoint(origin=built.origin, size=len(built.entries), root_hash=_root(built.entries)).to_text(),
+        [core.note_signer],
+    )
 
     def attest(nonce: bytes) -> tuple[bytes, bytes]:
         return core.nsm.attestation(user_data=core.binding(note).encode(), nonce=nonce), note
@@ -97,8 +99,10 @@ def _crafted(tmp_path: Path, make: object) -> tuple[TestLog, Path]:
     log.load_policy()
     assert log.core is not None and log.core.policy is not None
     log.entries += make(log)  # type: ignore[operator]
-    note = sign_note(Checkpoint(origin=log.origin, size=len(log.entries), root_hash=_root(log.entries)).to_text(),
-                     [log.core.note_signer])
+    note = sign_note(
+        Checkpoint(origin=log.origin, size=len(log.entries), root_hash=_root(log.entries)).to_text(),
+        [log.core.note_signer],
+    )
     write_tiles(log.dir, log.entries, note)
     return log, log.dir
 
@@ -106,42 +110,89 @@ def _crafted(tmp_path: Path, make: object) -> tuple[TestLog, Path]:
 def _decision(log: TestLog, *, allow: bool = True, version: int | None = None, t: int = 1) -> bytes:
     assert log.core is not None and log.core.policy is not None
     ps = log.core.policy
-    return encode_entry(DecisionEntry(
-        time_ms=1_700_000_000_000 + t, agent="refund-bot", roles=("refund-agent",), issuer="cloister-dev",
-        server="refunds", tool="customer_lookup", args_sha256=b"\x00" * 32, decision="allow" if allow else "deny",
-        code="" if allow else "policy", reason="permitted" if allow else "forbidden", policies=(),
-        policy_sha256=ps.sha256, policy_version=ps.version if version is None else version, request_id=f"q{t}",
-        grant_nonce=bytes(16) if allow else None, grant_expiry_ms=1_700_000_060_000 if allow else None))
+    return encode_entry(
+        DecisionEntry(
+            time_ms=1_700_000_000_000 + t,
+            agent="refund-bot",
+            roles=("refund-agent",),
+            issuer="cloister-dev",
+            server="refunds",
+            tool="customer_lookup",
+            args_sha256=b"\x00" * 32,
+            decision="allow" if allow else "deny",
+            code="" if allow else "policy",
+            reason="permitted" if allow else "forbidden",
+            policies=(),
+            policy_sha256=ps.sha256,
+            policy_version=ps.version if version is None else version,
+            request_id=f"q{t}",
+            grant_nonce=bytes(16) if allow else None,
+            grant_expiry_ms=1_700_000_060_000 if allow else None,
+        )
+    )
 
 
 def _outcome(decision: int, t: int = 1) -> bytes:
-    return encode_entry(OutcomeEntry(time_ms=1_700_000_000_000 + t, decision_index=decision, result_sha256=None,
-                                     error="", duration_us=5))
+    return encode_entry(
+        OutcomeEntry(
+            time_ms=1_700_000_000_000 + t, decision_index=decision, result_sha256=None, error="", duration_us=5
+        )
+    )
 
 
 STRUCTURE_CASES = [
-    ("outcome of an enforced deny", lambda log: [_decision(log, allow=False), _outcome(2)],
-     "entry 3: outcome names entry 2, which is an enforced deny, not a decision that issued a grant"),
-    ("two outcomes for one decision", lambda log: [_decision(log), _outcome(2), _outcome(2, 2)],
-     "entry 4: second outcome for decision 2"),
-    ("outcome before its decision", lambda log: [_outcome(3), _decision(log)],
-     "entry 2: outcome names decision 3, which is not an earlier entry"),
-    ("outcome of a policy entry", lambda log: [_outcome(1)],
-     "entry 2: outcome names entry 1, which is a policy entry, not a decision that issued a grant"),
-    ("decision under another policy version", lambda log: [_decision(log, version=7)],
-     "entry 2: a decision under policy version 7"),
-    ("policy version going back", lambda log: [encode_entry(PolicyEntry(time_ms=1, bundle_sha256=b"\x01" * 32,
-                                                                        version=1, signer="x", mode="enforce"))],
-     "entry 2: policy version 1 does not increase on version 1 (entry 1)"),
-    ("a second new-log key entry", lambda log: [_key_entry(log)],
-     "entry 2: key entry does not verify: it starts a new log (no previous checkpoint), but 2 entries precede it"),
-    ("a key entry that claims another size", lambda log: [_key_entry(log, previous=(1, _root(log.entries[:1])))],
-     "entry 2: key entry does not verify: it continues a checkpoint of size 1, but it is entry 2"),
-    ("a key entry that claims another root", lambda log: [_key_entry(log, previous=(2, b"\x07" * 32))],
-     "entry 2: key entry does not verify: its previous root"),
-    ("a key entry whose document binds another key", lambda log: [_key_entry(log, swap_key=True,
-                                                                            previous=(2, _root(log.entries)))],
-     "entry 2: key entry does not verify: its attestation binds log key"),
+    (
+        "outcome of an enforced deny",
+        lambda log: [_decision(log, allow=False), _outcome(2)],
+        "entry 3: outcome names entry 2, which is an enforced deny, not a decision that issued a grant",
+    ),
+    (
+        "two outcomes for one decision",
+        lambda log: [_decision(log), _outcome(2), _outcome(2, 2)],
+        "entry 4: second outcome for decision 2",
+    ),
+    (
+        "outcome before its decision",
+        lambda log: [_outcome(3), _decision(log)],
+        "entry 2: outcome names decision 3, which is not an earlier entry",
+    ),
+    (
+        "outcome of a policy entry",
+        lambda log: [_outcome(1)],
+        "entry 2: outcome names entry 1, which is a policy entry, not a decision that issued a grant",
+    ),
+    (
+        "decision under another policy version",
+        lambda log: [_decision(log, version=7)],
+        "entry 2: a decision under policy version 7",
+    ),
+    (
+        "policy version going back",
+        lambda log: [
+            encode_entry(PolicyEntry(time_ms=1, bundle_sha256=b"\x01" * 32, version=1, signer="x", mode="enforce"))
+        ],
+        "entry 2: policy version 1 does not increase on version 1 (entry 1)",
+    ),
+    (
+        "a second new-log key entry",
+        lambda log: [_key_entry(log)],
+        "entry 2: key entry does not verify: it starts a new log (no previous checkpoint), but 2 entries precede it",
+    ),
+    (
+        "a key entry that claims another size",
+        lambda log: [_key_entry(log, previous=(1, _root(log.entries[:1])))],
+        "entry 2: key entry does not verify: it continues a checkpoint of size 1, but it is entry 2",
+    ),
+    (
+        "a key entry that claims another root",
+        lambda log: [_key_entry(log, previous=(2, b"\x07" * 32))],
+        "entry 2: key entry does not verify: its previous root",
+    ),
+    (
+        "a key entry whose document binds another key",
+        lambda log: [_key_entry(log, swap_key=True, previous=(2, _root(log.entries)))],
+        "entry 2: key entry does not verify: its attestation binds log key",
+    ),
 ]
 
 
@@ -150,9 +201,17 @@ def _key_entry(log: TestLog, *, previous: tuple[int, bytes] | None = None, swap_
     assert core is not None
     doc = core.nsm.attestation(user_data=core.binding().encode(), nonce=None)
     log_key = bytes(32) if swap_key else core.log_public
-    return encode_entry(KeyEntry(time_ms=1, attestation=doc, log_key=log_key, grant_key=core.grant_public,
-                                 log_vkey=core.note_signer.vkey, previous_size=previous[0] if previous else None,
-                                 previous_root=previous[1] if previous else None))
+    return encode_entry(
+        KeyEntry(
+            time_ms=1,
+            attestation=doc,
+            log_key=log_key,
+            grant_key=core.grant_public,
+            log_vkey=core.note_signer.vkey,
+            previous_size=previous[0] if previous else None,
+            previous_root=previous[1] if previous else None,
+        )
+    )
 
 
 @pytest.mark.parametrize(("make", "message"), [c[1:] for c in STRUCTURE_CASES], ids=[c[0] for c in STRUCTURE_CASES])
@@ -166,8 +225,11 @@ def test_structure_violations_are_reported(tmp_path: Path, make: object, message
 def test_a_well_formed_crafted_log_verifies(tmp_path: Path) -> None:
     # The control for the cases above: a grant, its outcome, a server entry, a newer policy.
     def make(log: TestLog) -> list[bytes]:
-        return [_decision(log), _outcome(2), encode_entry(ServerEntry(time_ms=1, server="refunds", kind="none",
-                                                                      status="verified", detail=""))]
+        return [
+            _decision(log),
+            _outcome(2),
+            encode_entry(ServerEntry(time_ms=1, server="refunds", kind="none", status="verified", detail="")),
+        ]
 
     log, d = _crafted(tmp_path, make)
     r = cli("audit", "replay", "--log", str(d), *trust(log, tmp_path / "state"), "--no-progress")
@@ -181,8 +243,17 @@ def test_an_unverifiable_key_entry_taints_the_checkpoint(tmp_path: Path) -> None
     log.write()
     # Another trust root: the key entry's attestation does not verify, so nothing vouches for the key.
     other = TestLog(tmp_path / "y")
-    r = cli("audit", "replay", "--log", str(log.dir), "--trust-root", str(other.root_pem), "--state",
-            str(tmp_path / "s"), "--no-progress")
+    r = cli(
+        "audit",
+        "replay",
+        "--log",
+        str(log.dir),
+        "--trust-root",
+        str(other.root_pem),
+        "--state",
+        str(tmp_path / "s"),
+        "--no-progress",
+    )
     assert r.code == 1
     assert "entry 0: key entry does not verify: wrong-root" in r.err
     assert "the last key entry (entry 0) does not verify, so no attested key introduces the key that signs it" in r.err
@@ -208,8 +279,13 @@ def _replay(log: TestLog, jobs: int):  # type: ignore[no-untyped-def]
     from cloister.audit import replay
 
     replay._worker_state.clear()
-    return replay_log(SourceSpec(str(log.dir)), now=datetime.now(UTC), nonce=os.urandom(16),
-                      root=TrustRoot.from_pem(log.root_pem.read_bytes()), jobs=jobs)
+    return replay_log(
+        SourceSpec(str(log.dir)),
+        now=datetime.now(UTC),
+        nonce=os.urandom(16),
+        root=TrustRoot.from_pem(log.root_pem.read_bytes()),
+        jobs=jobs,
+    )
 
 
 def test_worker_processes_give_the_same_result(big: TestLog) -> None:
@@ -222,8 +298,14 @@ def test_worker_processes_give_the_same_result(big: TestLog) -> None:
     assert one.ok and two.ok
     assert one.result.root == two.result.root
     a, b = one.result.summary, two.result.summary
-    assert (a.decisions, a.by_agent, a.by_tool, a.denials, a.deny_reasons, a.outcomes) == \
-           (b.decisions, b.by_agent, b.by_tool, b.denials, b.deny_reasons, b.outcomes)
+    assert (a.decisions, a.by_agent, a.by_tool, a.denials, a.deny_reasons, a.outcomes) == (
+        b.decisions,
+        b.by_agent,
+        b.by_tool,
+        b.denials,
+        b.deny_reasons,
+        b.outcomes,
+    )
     assert sum(a.decisions.values()) + a.outcomes + 2 == len(big.entries)
 
 

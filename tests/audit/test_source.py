@@ -102,10 +102,15 @@ def test_redirects_away_from_http_are_refused(redirect_elsewhere: str) -> None:
         HttpSource(SourceSpec(redirect_elsewhere, timeout=5)).read("checkpoint", max_size=1000)
 
 
-@pytest.mark.parametrize(("given", "base"), [
-    ("http://h:1", "http://h:1/log/"), ("http://h:1/", "http://h:1/log/"), ("https://h/log", "https://h/log/"),
-    ("http://h/prefix/log/", "http://h/prefix/log/"),
-])
+@pytest.mark.parametrize(
+    ("given", "base"),
+    [
+        ("http://h:1", "http://h:1/log/"),
+        ("http://h:1/", "http://h:1/log/"),
+        ("https://h/log", "https://h/log/"),
+        ("http://h/prefix/log/", "http://h/prefix/log/"),
+    ],
+)
 def test_the_log_prefix(given: str, base: str) -> None:
     assert HttpSource(SourceSpec(given)).base == base
 
@@ -136,13 +141,16 @@ def test_a_directory_source(tmp_path: Path) -> None:
         source.attestation(b"n" * 16)
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    (b'{"document": "AA==", "nonce": "zz", "checkpoint": "c"}', "'nonce' is not hex"),
-    (b'{"document": "AA==", "nonce": "00", "checkpoint": ""}', "has no 'checkpoint'"),
-    (b'{"document": "AA=", "nonce": "00", "checkpoint": "c"}', "not valid base64"),
-    (b'{"document": "AA==", "document": "AA==", "nonce": "00", "checkpoint": "c"}', "duplicate member"),
-    (b'{"document": NaN}', "NaN is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"document": "AA==", "nonce": "zz", "checkpoint": "c"}', "'nonce' is not hex"),
+        (b'{"document": "AA==", "nonce": "00", "checkpoint": ""}', "has no 'checkpoint'"),
+        (b'{"document": "AA=", "nonce": "00", "checkpoint": "c"}', "not valid base64"),
+        (b'{"document": "AA==", "document": "AA==", "nonce": "00", "checkpoint": "c"}', "duplicate member"),
+        (b'{"document": NaN}', "NaN is not valid JSON"),
+    ],
+)
 def test_attestation_replies_are_parsed_strictly(body: bytes, message: str) -> None:
     with pytest.raises(DecodeError, match=message):
         parse_attestation_reply(body)
@@ -167,14 +175,18 @@ def test_gzip_answers_are_decompressed(built: TestLog, server: LogServer, log_co
     assert r.code == 0, r.err
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    (gzip.compress(b"\x00" * 10_000_000), "more than the cap of 8192 bytes (after gzip decompression)"),
-    (gzip.compress(b"\x00" * 8192)[:-12], "gzip stream is truncated"),
-    (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 20, "gzip stream is corrupt"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (gzip.compress(b"\x00" * 10_000_000), "more than the cap of 8192 bytes (after gzip decompression)"),
+        (gzip.compress(b"\x00" * 8192)[:-12], "gzip stream is truncated"),
+        (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 20, "gzip stream is corrupt"),
+    ],
+)
 def test_bad_gzip_is_refused(built: TestLog, server: LogServer, tmp_path: Path, body: bytes, message: str) -> None:
     server.overrides.append(
-        lambda path, q: (200, body, {"Content-Encoding": "gzip"}) if path.startswith("tile/0/") else None)
+        lambda path, q: (200, body, {"Content-Encoding": "gzip"}) if path.startswith("tile/0/") else None
+    )
     r = cli("audit", "inclusion", "--log", server.url, *trust(built, tmp_path), "--index", "1")
     assert r.code == 1
     assert message in r.err

@@ -68,56 +68,81 @@ def test_the_untouched_copy_verifies(built: TestLog, log_copy: Path, tmp_path: P
 # --- Stored objects changed: replay reports each with its path -------------------------------
 
 CASES: list[tuple[str, Callable[[Path], object], list[str]]] = [
-    ("flip a byte inside entry 5",
-     lambda d: _flip(d / B0, _entry_offset((d / B0).read_bytes(), 5) + 3),
-     [f"{T0}: 1 of its 256 hashes differ from those recomputed from {B0}: hash 5 (byte offset 160, leaves 5)",
-      "the root recomputed from the"]),
-    ("flip a length prefix in a bundle",
-     lambda d: _flip(d / B0, _entry_offset((d / B0).read_bytes(), 9) - 2, 0x40),
-     [f"{B0}: entry bundle"]),
-    ("flip a hash in a level-0 tile",
-     lambda d: _flip(d / T0, 7 * 32 + 4),
-     [f"{T0}: 1 of its 256 hashes differ from those recomputed from {B0}: hash 7 (byte offset 224, leaves 7)"]),
-    ("flip the level-1 tile",
-     lambda d: _flip(d / "tile/1/000.p/1", 31),
-     ["tile/1/000.p/1: 1 of its 1 hashes differ from those recomputed from the entry bundles: hash 0 "
-      "(byte offset 0, leaves 0..255)"]),
-    ("truncate the partial bundle",
-     lambda d: _partial(d, "entries").write_bytes(_partial(d, "entries").read_bytes()[:-3]),
-     ["tile/entries/001.p/", "entry bundle truncated: entry", "bytes left"]),
-    ("truncate a hash tile",
-     lambda d: (d / T0).write_bytes((d / T0).read_bytes()[:-1]),
-     [f"{T0}: is 8191 bytes, but the tree needs 256 hashes of 32 bytes here (8192 bytes)"]),
-    ("swap entries 3 and 4",
-     lambda d: _edit_bundle(d, lambda es: [*es[:3], es[4], es[3], *es[5:]]),
-     [f"{T0}: 2 of its 256 hashes differ", "hash 3 (byte offset 96, leaves 3)", "hash 4 (byte offset 128"]),
-    ("delete entry 10",
-     lambda d: _edit_bundle(d, lambda es: es[:10] + es[11:]),
-     [f"{B0}: entry bundle has 255 entries, want 256"]),
-    ("append an entry to a full bundle",
-     lambda d: (d / B0).write_bytes((d / B0).read_bytes() + b"\x00\x01A"),
-     [f"{B0}: entry bundle has data after 256 entries, at offset"]),
-    ("delete an entry bundle",
-     lambda d: (d / B0).unlink(),
-     [f"{B0}: missing: the log's storage does not have it, but the checkpoint covers it"]),
-    ("delete a hash tile",
-     lambda d: (d / T0).unlink(),
-     [f"{T0}: missing"]),
-    ("delete the level-1 tile",
-     lambda d: (d / "tile/1/000.p/1").unlink(),
-     ["tile/1/000.p/1: missing"]),
-    ("flip a bit of the checkpoint's signature",
-     lambda d: _flip_signature(d / "checkpoint"),
-     ["checkpoint: not signed by the key of the last key entry (entry", "does not verify"]),
-    ("make the checkpoint's signature invalid base64",
-     lambda d: (d / "checkpoint").write_bytes((d / "checkpoint").read_bytes()[:-3] + b"!=\n"),
-     ["checkpoint", "not valid base64"]),
+    (
+        "flip a byte inside entry 5",
+        lambda d: _flip(d / B0, _entry_offset((d / B0).read_bytes(), 5) + 3),
+        [
+            f"{T0}: 1 of its 256 hashes differ from those recomputed from {B0}: hash 5 (byte offset 160, leaves 5)",
+            "the root recomputed from the",
+        ],
+    ),
+    (
+        "flip a length prefix in a bundle",
+        lambda d: _flip(d / B0, _entry_offset((d / B0).read_bytes(), 9) - 2, 0x40),
+        [f"{B0}: entry bundle"],
+    ),
+    (
+        "flip a hash in a level-0 tile",
+        lambda d: _flip(d / T0, 7 * 32 + 4),
+        [f"{T0}: 1 of its 256 hashes differ from those recomputed from {B0}: hash 7 (byte offset 224, leaves 7)"],
+    ),
+    (
+        "flip the level-1 tile",
+        lambda d: _flip(d / "tile/1/000.p/1", 31),
+        [
+            "tile/1/000.p/1: 1 of its 1 hashes differ from those recomputed from the entry bundles: hash 0 "
+            "(byte offset 0, leaves 0..255)"
+        ],
+    ),
+    (
+        "truncate the partial bundle",
+        lambda d: _partial(d, "entries").write_bytes(_partial(d, "entries").read_bytes()[:-3]),
+        ["tile/entries/001.p/", "entry bundle truncated: entry", "bytes left"],
+    ),
+    (
+        "truncate a hash tile",
+        lambda d: (d / T0).write_bytes((d / T0).read_bytes()[:-1]),
+        [f"{T0}: is 8191 bytes, but the tree needs 256 hashes of 32 bytes here (8192 bytes)"],
+    ),
+    (
+        "swap entries 3 and 4",
+        lambda d: _edit_bundle(d, lambda es: [*es[:3], es[4], es[3], *es[5:]]),
+        [f"{T0}: 2 of its 256 hashes differ", "hash 3 (byte offset 96, leaves 3)", "hash 4 (byte offset 128"],
+    ),
+    (
+        "delete entry 10",
+        lambda d: _edit_bundle(d, lambda es: es[:10] + es[11:]),
+        [f"{B0}: entry bundle has 255 entries, want 256"],
+    ),
+    (
+        "append an entry to a full bundle",
+        lambda d: (d / B0).write_bytes((d / B0).read_bytes() + b"\x00\x01A"),
+        [f"{B0}: entry bundle has data after 256 entries, at offset"],
+    ),
+    (
+        "delete an entry bundle",
+        lambda d: (d / B0).unlink(),
+        [f"{B0}: missing: the log's storage does not have it, but the checkpoint covers it"],
+    ),
+    ("delete a hash tile", lambda d: (d / T0).unlink(), [f"{T0}: missing"]),
+    ("delete the level-1 tile", lambda d: (d / "tile/1/000.p/1").unlink(), ["tile/1/000.p/1: missing"]),
+    (
+        "flip a bit of the checkpoint's signature",
+        lambda d: _flip_signature(d / "checkpoint"),
+        ["checkpoint: not signed by the key of the last key entry (entry", "does not verify"],
+    ),
+    (
+        "make the checkpoint's signature invalid base64",
+        lambda d: (d / "checkpoint").write_bytes((d / "checkpoint").read_bytes()[:-3] + b"!=\n"),
+        ["checkpoint", "not valid base64"],
+    ),
 ]
 
 
 @pytest.mark.parametrize(("change", "expect"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_replay_reports_each_change_where_it_is(built: TestLog, log_copy: Path, tmp_path: Path,
-                                                change: Callable[[Path], object], expect: list[str]) -> None:
+def test_replay_reports_each_change_where_it_is(
+    built: TestLog, log_copy: Path, tmp_path: Path, change: Callable[[Path], object], expect: list[str]
+) -> None:
     change(log_copy)
     r = replay(built, log_copy, tmp_path / "state")
     assert r.code == 1, r.out + r.err
@@ -160,9 +185,15 @@ def test_replay_detects_a_consistently_rewritten_history(built: TestLog, log_cop
     index = next(i for i, e in enumerate(entries) if isinstance(parse_entry(e), OutcomeEntry))
     old = parse_entry(entries[index])
     assert isinstance(old, OutcomeEntry)
-    entries[index] = encode_entry(OutcomeEntry(time_ms=old.time_ms, decision_index=old.decision_index,
-                                               result_sha256=old.result_sha256, error="rewritten",
-                                               duration_us=old.duration_us))
+    entries[index] = encode_entry(
+        OutcomeEntry(
+            time_ms=old.time_ms,
+            decision_index=old.decision_index,
+            result_sha256=old.result_sha256,
+            error="rewritten",
+            duration_us=old.duration_us,
+        )
+    )
     write_tiles(log_copy, entries, built.note)
     r = replay(built, log_copy, tmp_path / "state")
     assert r.code == 1
@@ -209,8 +240,9 @@ def test_inclusion_names_altered_hash_tiles(built: TestLog, server: LogServer, l
     assert cli("audit", "inclusion", "--log", server.url, *trust(built, tmp_path), "--index", "270").code == 0
 
 
-def test_inclusion_of_a_truncated_bundle_is_a_decode_error(built: TestLog, server: LogServer, log_copy: Path,
-                                                          tmp_path: Path) -> None:
+def test_inclusion_of_a_truncated_bundle_is_a_decode_error(
+    built: TestLog, server: LogServer, log_copy: Path, tmp_path: Path
+) -> None:
     (log_copy / B0).write_bytes((log_copy / B0).read_bytes()[:1000])
     r = cli("audit", "inclusion", "--log", server.url, *trust(built, tmp_path), "--index", "3")
     assert r.code == 1
@@ -246,13 +278,22 @@ def _flip_b64(text: str, at: int) -> str:
 
 
 ATTESTATION_CASES: list[tuple[str, Callable[[dict[str, str]], object], str]] = [
-    ("checkpoint size changed", lambda b: b.update(checkpoint=b["checkpoint"].replace("\n", "\n1", 1)),
-     "checkpoint-mismatch"),
-    ("checkpoint line deleted", lambda b: b.update(checkpoint=b["checkpoint"].split("\n", 1)[1]),
-     "checkpoint-mismatch"),
+    (
+        "checkpoint size changed",
+        lambda b: b.update(checkpoint=b["checkpoint"].replace("\n", "\n1", 1)),
+        "checkpoint-mismatch",
+    ),
+    (
+        "checkpoint line deleted",
+        lambda b: b.update(checkpoint=b["checkpoint"].split("\n", 1)[1]),
+        "checkpoint-mismatch",
+    ),
     ("document signature flipped", lambda b: b.update(document=_flip_b64(b["document"], -5)), "bad-signature"),
-    ("document truncated", lambda b: b.update(document=base64.b64encode(base64.b64decode(b["document"])[:-9]).decode()),
-     "attestation rejected: malformed"),
+    (
+        "document truncated",
+        lambda b: b.update(document=base64.b64encode(base64.b64decode(b["document"])[:-9]).decode()),
+        "attestation rejected: malformed",
+    ),
     ("another nonce", lambda b: b.update(nonce="00" * 32), "for another nonce"),
     ("document not base64", lambda b: b.update(document="%%%"), "not valid base64"),
     ("no checkpoint", lambda b: b.pop("checkpoint"), "has no 'checkpoint'"),
@@ -260,8 +301,9 @@ ATTESTATION_CASES: list[tuple[str, Callable[[dict[str, str]], object], str]] = [
 
 
 @pytest.mark.parametrize(("edit", "message"), [c[1:] for c in ATTESTATION_CASES], ids=[c[0] for c in ATTESTATION_CASES])
-def test_a_tampered_attestation_reply_is_rejected(built: TestLog, server: LogServer, tmp_path: Path,
-                                                  edit: Callable[[dict[str, str]], object], message: str) -> None:
+def test_a_tampered_attestation_reply_is_rejected(
+    built: TestLog, server: LogServer, tmp_path: Path, edit: Callable[[dict[str, str]], object], message: str
+) -> None:
     server.overrides.append(_reply_hook(edit, built))
     r = cli("audit", "checkpoint", "--log", server.url, *trust(built, tmp_path))
     assert r.code == 1, r.err
@@ -269,9 +311,10 @@ def test_a_tampered_attestation_reply_is_rejected(built: TestLog, server: LogSer
     assert not (tmp_path / "checkpoints").exists()  # nothing unverified is remembered
 
 
-@pytest.mark.parametrize("body", [b"", b"{", b"[]", b"{\"document\": 1}", b"\xff\xfe", b"{}" * 100_000])
-def test_malformed_attestation_replies_are_clear_errors(built: TestLog, server: LogServer, tmp_path: Path,
-                                                        body: bytes) -> None:
+@pytest.mark.parametrize("body", [b"", b"{", b"[]", b'{"document": 1}', b"\xff\xfe", b"{}" * 100_000])
+def test_malformed_attestation_replies_are_clear_errors(
+    built: TestLog, server: LogServer, tmp_path: Path, body: bytes
+) -> None:
     server.overrides.append(lambda path, q: (200, body) if path == "attestation" else None)
     r = cli("audit", "checkpoint", "--log", server.url, *trust(built, tmp_path))
     assert r.code == 1
@@ -280,8 +323,18 @@ def test_malformed_attestation_replies_are_clear_errors(built: TestLog, server: 
 
 
 def test_unexpected_pcrs_are_rejected(built: TestLog, server: LogServer, tmp_path: Path) -> None:
-    r = cli("audit", "checkpoint", "--log", server.url, "--trust-root", str(built.root_pem), "--state", str(tmp_path),
-            "--expect-pcr", "0=" + "00" * 47 + "01")
+    r = cli(
+        "audit",
+        "checkpoint",
+        "--log",
+        server.url,
+        "--trust-root",
+        str(built.root_pem),
+        "--state",
+        str(tmp_path),
+        "--expect-pcr",
+        "0=" + "00" * 47 + "01",
+    )
     assert r.code == 1
     assert "pcr-mismatch: PCR0 is a1a1" in r.err
 
@@ -313,7 +366,8 @@ def test_the_levels_helper_matches_the_checkpoint(built: TestLog) -> None:
 def test_a_pinned_origin_must_match(built: TestLog, server: LogServer, log_copy: Path, tmp_path: Path) -> None:
     r = cli("audit", "checkpoint", "--log", server.url, *trust(built, tmp_path), "--origin", "another.log/x")
     assert r.code == 1 and "origin-mismatch" in r.err
-    r = cli("audit", "replay", "--log", str(log_copy), *trust(built, tmp_path), "--origin", "another.log/x",
-            "--no-progress")
+    r = cli(
+        "audit", "replay", "--log", str(log_copy), *trust(built, tmp_path), "--origin", "another.log/x", "--no-progress"
+    )
     assert r.code == 1 and "is not the expected 'another.log/x'" in r.err
     assert cli("audit", "checkpoint", "--log", server.url, *trust(built, tmp_path), "--origin", built.origin).code == 0

@@ -35,8 +35,14 @@ def _agrees(t: Template, data: bytes) -> None:
         assert isinstance(entry, DecisionEntry) and isinstance(t.info, DecisionInfo)
         i = t.info
         assert (i.agent, i.server, i.tool, i.decision, i.code, i.mode, i.policy) == (
-            entry.agent, entry.server, entry.tool, entry.decision, entry.code, entry.mode,
-            (entry.policy_version, entry.policy_sha256))
+            entry.agent,
+            entry.server,
+            entry.tool,
+            entry.decision,
+            entry.code,
+            entry.mode,
+            (entry.policy_version, entry.policy_sha256),
+        )
         assert t.kind == (KIND_DECISION_GRANTED if entry.grant_nonce is not None else KIND_DECISION_DENIED)
         reason = m.group(t.reason_group).decode() if t.reason_group else t.reason
         assert reason == entry.reason
@@ -86,15 +92,26 @@ def test_random_mutations_are_never_accepted_wrongly(built: TestLog) -> None:
 
 
 def _outcome(decision: int, **kw: object) -> bytes:
-    fields: dict[str, object] = {"time_ms": 1_700_000_000_000, "decision_index": decision,
-                                 "result_sha256": b"\x05" * 32, "error": "", "duration_us": 300}
+    fields: dict[str, object] = {
+        "time_ms": 1_700_000_000_000,
+        "decision_index": decision,
+        "result_sha256": b"\x05" * 32,
+        "error": "",
+        "duration_us": 300,
+    }
     fields.update(kw)
     return encode_entry(OutcomeEntry(**fields))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("width_of", "values"), [
-    (24, [24, 255]), (256, [256, 65535]), (65536, [65536, 2**32 - 1]), (2**32, [2**32, 2**64 - 1]),
-])
+@pytest.mark.parametrize(
+    ("width_of", "values"),
+    [
+        (24, [24, 255]),
+        (256, [256, 65535]),
+        (65536, [65536, 2**32 - 1]),
+        (2**32, [2**32, 2**64 - 1]),
+    ],
+)
 def test_integer_slots_keep_the_shortest_form(width_of: int, values: list[int]) -> None:
     t = build_template(_outcome(width_of), parse_entry(_outcome(width_of)))
     assert t is not None
@@ -137,11 +154,26 @@ def test_the_cache_indexes_many_templates_of_one_length() -> None:
     tools = [f"tool-{c}" for c in "abcdefghijklmnop"]  # same lengths, different bytes
 
     def decision(tool: str, t: int) -> bytes:
-        return encode_entry(DecisionEntry(
-            time_ms=1_700_000_000_000 + t, agent="a", roles=(), issuer="i", server="s", tool=tool,
-            args_sha256=bytes([t % 256]) * 32, decision="allow", code="", reason="ok", policies=(),
-            policy_sha256=b"\x01" * 32, policy_version=1, request_id=f"{t:04d}", grant_nonce=bytes(16),
-            grant_expiry_ms=1_700_000_060_000 + t))
+        return encode_entry(
+            DecisionEntry(
+                time_ms=1_700_000_000_000 + t,
+                agent="a",
+                roles=(),
+                issuer="i",
+                server="s",
+                tool=tool,
+                args_sha256=bytes([t % 256]) * 32,
+                decision="allow",
+                code="",
+                reason="ok",
+                policies=(),
+                policy_sha256=b"\x01" * 32,
+                policy_version=1,
+                request_id=f"{t:04d}",
+                grant_nonce=bytes(16),
+                grant_expiry_ms=1_700_000_060_000 + t,
+            )
+        )
 
     for tool in tools:
         d = decision(tool, 0)

@@ -215,16 +215,38 @@ def silent_server() -> Iterator[str]:
     sock.close()
 
 
-def test_a_server_that_never_answers_times_out_with_exit_3(silent_server: str, tmp_path: Path,
-                                                           real_log: TestLog) -> None:
+def test_a_server_that_never_answers_times_out_with_exit_3(
+    silent_server: str, tmp_path: Path, real_log: TestLog
+) -> None:
     started = time.monotonic()
-    r = cli("audit", "checkpoint", "--log", silent_server, "--trust-root", str(real_log.root_pem),
-            "--state", str(tmp_path), "--timeout", "0.5")
+    r = cli(
+        "audit",
+        "checkpoint",
+        "--log",
+        silent_server,
+        "--trust-root",
+        str(real_log.root_pem),
+        "--state",
+        str(tmp_path),
+        "--timeout",
+        "0.5",
+    )
     assert r.code == 3
     assert "timed out" in r.err and "attestation" in r.err
     assert time.monotonic() - started < 5
-    r = cli("audit", "replay", "--log", silent_server, "--trust-root", str(real_log.root_pem),
-            "--state", str(tmp_path), "--timeout", "0.5", "--no-progress")
+    r = cli(
+        "audit",
+        "replay",
+        "--log",
+        silent_server,
+        "--trust-root",
+        str(real_log.root_pem),
+        "--state",
+        str(tmp_path),
+        "--timeout",
+        "0.5",
+        "--no-progress",
+    )
     assert r.code == 3
 
 
@@ -232,12 +254,21 @@ def test_a_refused_connection_and_http_errors_exit_3(real_log: TestLog, tmp_path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    r = cli("audit", "checkpoint", "--log", f"http://127.0.0.1:{port}/", "--trust-root", str(real_log.root_pem),
-            "--state", str(tmp_path))
+    r = cli(
+        "audit",
+        "checkpoint",
+        "--log",
+        f"http://127.0.0.1:{port}/",
+        "--trust-root",
+        str(real_log.root_pem),
+        "--state",
+        str(tmp_path),
+    )
     assert r.code == 3 and "cannot read the log" in r.err
     with LogServer(real_log.dir, real_log.attest) as srv:
         srv.overrides.append(lambda path, q: (503, b"enclave unavailable") if path == "attestation" else None)
-        r = cli("audit", "checkpoint", "--log", srv.url, "--trust-root", str(real_log.root_pem),
-                "--state", str(tmp_path))
+        r = cli(
+            "audit", "checkpoint", "--log", srv.url, "--trust-root", str(real_log.root_pem), "--state", str(tmp_path)
+        )
         assert r.code == 3
         assert "HTTP 503" in r.err and "enclave unavailable" in r.err

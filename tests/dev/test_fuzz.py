@@ -37,8 +37,10 @@ def fixtures() -> Iterator[fuzz.Fixtures]:
 
 def describe(result: fuzz.TargetResult) -> str:
     lines = [f"{result.target}: {result.crashes} crashes, {result.hangs} hangs, {result.unclear} unclear"]
-    lines += [f"  {f.kind} at input {f.index} ({f.signature}): {f.error[:300]}\n{f.traceback[-1500:]}"
-              for f in result.failures]
+    lines += [
+        f"  {f.kind} at input {f.index} ({f.signature}): {f.error[:300]}\n{f.traceback[-1500:]}"
+        for f in result.failures
+    ]
     return "\n".join(lines)
 
 
@@ -50,18 +52,31 @@ def test_a_sample_of_every_target_finds_no_crash_hang_or_unclear_error(fixtures:
     assert result.mutator_errors == 0
     assert not result.unbounded_memory, f"{name}: peak RSS grew {result.peak_rss_growth >> 20} MiB"
     known = KNOWN_CRASHES.get(name, ())
-    if known and result.failures and all(
-            f.kind == "crash" and any(k in f.signature for k in known) for f in result.failures):
+    if (
+        known
+        and result.failures
+        and all(f.kind == "crash" and any(k in f.signature for k in known) for f in result.failures)
+    ):
         pytest.xfail(f"known crash in {', '.join(known)} (reported): {result.failures[0].signature}")
     assert result.ok, describe(result)
     # Not vacuous: the sample reached both outcomes (the seeds are accepted, mutations mostly rejected).
-    assert result.accepted > 0 and result.rejected > 0, f"{name}: {result.accepted} accepted, {result.rejected} rejected"
+    assert result.accepted > 0 and result.rejected > 0, (
+        f"{name}: {result.accepted} accepted, {result.rejected} rejected"
+    )
 
 
-def broken_target(run: Callable[[bytes], None], clean: tuple[type[BaseException], ...] = (DecodeError,)
-                  ) -> fuzz.Target:
-    return fuzz.Target("broken", "test", "a deliberately broken target", run, [b"seed", b"{}"], clean,
-                       tokens=(b"x",), limits=(16,), max_size=64)
+def broken_target(run: Callable[[bytes], None], clean: tuple[type[BaseException], ...] = (DecodeError,)) -> fuzz.Target:
+    return fuzz.Target(
+        "broken",
+        "test",
+        "a deliberately broken target",
+        run,
+        [b"seed", b"{}"],
+        clean,
+        tokens=(b"x",),
+        limits=(16,),
+        max_size=64,
+    )
 
 
 def test_the_harness_reports_an_unexpected_exception_as_a_crash_with_its_input(tmp_path: Path) -> None:
@@ -138,8 +153,9 @@ def test_unclear_messages_are_python_internals_not_domain_text() -> None:
 
 
 def test_the_cli_runs_targets_in_workers_and_prints_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = fuzz.main(["--per-target", "40", "--seed", "2", "--target", "tile_path", "--target", "note_vkey",
-                      "--out", str(tmp_path)])
+    code = fuzz.main(
+        ["--per-target", "40", "--seed", "2", "--target", "tile_path", "--target", "note_vkey", "--out", str(tmp_path)]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "TOTAL inputs=80 " in out and "crashes=0 hangs=0 unclear=0 unbounded_memory=0 targets=2" in out

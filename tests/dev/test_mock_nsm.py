@@ -186,8 +186,9 @@ def test_mock_and_real_roots_do_not_mix(mock: MockNsm) -> None:
 def test_bound_fields_round_trip(mock: MockNsm) -> None:
     root = TrustRoot.from_pem(mock.root_pem())
     big = {"user_data": b"u" * 1024, "nonce": b"n" * 1024, "public_key": b"p" * 1024}
-    policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, user_data=big["user_data"], nonce=big["nonce"],
-                               public_key=big["public_key"])
+    policy = AttestationPolicy(
+        root=root, at=DOCUMENT_TIME, user_data=big["user_data"], nonce=big["nonce"], public_key=big["public_key"]
+    )
     doc = verify_attestation(mock.attestation(**big), policy)
     assert (doc.user_data, doc.nonce, doc.public_key) == (big["user_data"], big["nonce"], big["public_key"])
     doc = verify_attestation(mock.attestation(), AttestationPolicy(root=root, at=DOCUMENT_TIME))

@@ -28,10 +28,10 @@ import anyio
 import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from cloister.audit.source import DirSource, SourceSpec, read_tile
+from cloister.dev.mcp_http import mcp_http_client
 from cloister.dev.state import DevState, ensure_state, free_port
 from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot
 from cloister.verify.canonical import canonical_sha256
@@ -99,7 +99,8 @@ def make_bundle(dst: Path, agents: Sequence[str]) -> Path:
         '@id("tester-slow")\npermit (principal in Cloister::Role::"tester", action, '
         f'resource == Cloister::Server::"{SERVER}");\n\n'
         '@id("no-deny-texts")\nforbid (principal, action, resource) '
-        f'when {{ context.input has text && context.input.text like "{DENY_PREFIX}*" }};\n')
+        f'when {{ context.input has text && context.input.text like "{DENY_PREFIX}*" }};\n'
+    )
     return dst
 
 
@@ -117,14 +118,18 @@ class ChaosStack:
         self.url = f"http://127.0.0.1:{self.port}"
         py = json.dumps(sys.executable)
         self.config = write_relay_config(
-            tmp / "relay.toml", port=self.port, sock=self.sock,
-            extra="max_argument_bytes = 65536\nenclave_timeout_s = 5\n", upstreams=f"""
+            tmp / "relay.toml",
+            port=self.port,
+            sock=self.sock,
+            extra="max_argument_bytes = 65536\nenclave_timeout_s = 5\n",
+            upstreams=f"""
 [[upstreams]]
 name = "{SERVER}"
-command = [{py}, "{HERE / 'slow_server.py'}"]
+command = [{py}, "{HERE / "slow_server.py"}"]
 env = {{ CALLS_FILE = "{self.calls_file}" }}
 timeout_s = 10
-""")
+""",
+        )
         # The processes run a snapshot of the code taken now: other work in the same tree must not
         # change the enclave's measurement (its mock PCR0) between two starts of one run.
         self.code = tmp / "code"
@@ -151,8 +156,9 @@ timeout_s = 10
         return self.state.mint_token(agent, ["tester"], 3600)
 
     def start_enclave(self) -> None:
-        self.enclave, ready = _start_enclave(self.code, self.state.root, f"unix:{self.sock}",
-                                             log=self.tmp / "enclave.log")
+        self.enclave, ready = _start_enclave(
+            self.code, self.state.root, f"unix:{self.sock}", log=self.tmp / "enclave.log"
+        )
         pcr0 = bytes.fromhex(ready["pcr0"])
         assert not self.pcr0 or pcr0 == self.pcr0, "the same enclave code must measure the same"
         self.pcr0 = pcr0
@@ -213,8 +219,9 @@ timeout_s = 10
         self._kill(self.enclave, signal.SIGTERM)
 
 
-def _start_enclave(code: Path, state_root: Path, listen: str, *,
-                   log: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+def _start_enclave(
+    code: Path, state_root: Path, listen: str, *, log: Path
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """tests.e2e.procs.start_enclave, run from the code snapshot."""
     from tests.e2e.procs import start_enclave
 
@@ -276,8 +283,7 @@ class Observed:
 
 
 def _client(url: str, token: str) -> Client:
-    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"},
-                                  timeout=httpx2.Timeout(20.0, read=20.0))
+    http = mcp_http_client(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(20.0, read=20.0))
     return Client(streamable_http_client(url, http_client=http), cache=None)
 
 
@@ -295,8 +301,14 @@ def sleep_call(agent: str, seq: int) -> tuple[str, dict[str, Any], str | None]:
     return SLOW_TOOL, {"seconds": seconds}, "awake"
 
 
-async def agent_loop(url: str, agent: str, token: str, obs: Observed, stop: anyio.Event,
-                     make_call: Callable[[str, int], tuple[str, dict[str, Any], str | None]] = echo_call) -> None:
+async def agent_loop(
+    url: str,
+    agent: str,
+    token: str,
+    obs: Observed,
+    stop: anyio.Event,
+    make_call: Callable[[str, int], tuple[str, dict[str, Any], str | None]] = echo_call,
+) -> None:
     """Make unique calls until `stop`; record every answer; reconnect whenever the session breaks."""
     seq = 0
     while not stop.is_set():
@@ -322,11 +334,15 @@ async def agent_loop(url: str, agent: str, token: str, obs: Observed, stop: anyi
                     meta = (result.meta or {}).get("dev.cloister/log")
                     answer = "".join(getattr(part, "text", "") for part in result.content)
                     if result.is_error or not meta or answer != expect:
-                        obs.problems.append(f"{agent}: {label(tool, args)} answered {result!r}, not {expect!r} "
-                                            "with log indexes")
+                        obs.problems.append(
+                            f"{agent}: {label(tool, args)} answered {result!r}, not {expect!r} with log indexes"
+                        )
                         continue
-                    obs.grants.append(Grant(agent, tool, args, int(meta["decision"]), int(meta["outcome"]),
-                                            int(meta["checkpoint_size"])))
+                    obs.grants.append(
+                        Grant(
+                            agent, tool, args, int(meta["decision"]), int(meta["outcome"]), int(meta["checkpoint_size"])
+                        )
+                    )
         except Exception as exc:  # the session broke (relay killed): count, pause, reconnect
             obs.errors[_error_name(exc)] += 1
         await anyio.sleep(0.1)
@@ -343,15 +359,15 @@ def verify_attested(reply: dict[str, Any], nonce: bytes, root: TrustRoot, pcr0: 
     note = str(reply["checkpoint"]).encode()
     if bytes.fromhex(str(reply["nonce"])) != nonce:
         raise CloisterError("the reply is for another nonce")
-    policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, now=datetime.now(UTC), nonce=nonce,
-                               expected_pcrs={0: pcr0})
+    policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, now=datetime.now(UTC), nonce=nonce, expected_pcrs={0: pcr0})
     enclave = verify_enclave(base64.b64decode(reply["document"]), policy, checkpoint=note)
     cp = verify_checkpoint(note, [enclave.binding.log_verifier()], origin=enclave.binding.origin).checkpoint
     return ServedCheckpoint(cp.size, cp.root_hash, enclave.binding.log_key, note, "attestation")
 
 
-async def checkpoint_watcher(url: str, obs: Observed, root: TrustRoot, pcr0: bytes, stop: anyio.Event,
-                             interval: float = 0.2) -> None:
+async def checkpoint_watcher(
+    url: str, obs: Observed, root: TrustRoot, pcr0: bytes, stop: anyio.Event, interval: float = 0.2
+) -> None:
     """Ask for an attested checkpoint (fresh nonce) and the published one, again and again."""
     async with httpx2.AsyncClient(timeout=10) as h:
         while not stop.is_set():
@@ -431,7 +447,7 @@ def view_from_entries(entries: Sequence[bytes], where: str = "memory") -> LogVie
 # ---- the invariants ---------------------------------------------------------------------------------
 
 
-def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: bytes) -> list[str]:
+def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: bytes) -> list[str]:  # noqa: C901 (over the gate before it existed; split when next changed)
     """Everything the crash tests claim, as a list of problems (empty: all hold). See test_crash.py."""
     problems: list[str] = list(obs.problems)
     size = view.size
@@ -445,8 +461,10 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
         rng.append(leaf_hash(data))
         prefix_roots[rng.size] = rng.root()
     if rng.root() != view.root:
-        problems.append(f"the stored entries hash to {rng.root().hex()[:16]}, not to the final checkpoint's root "
-                        f"{view.root.hex()[:16]} ({view.where})")
+        problems.append(
+            f"the stored entries hash to {rng.root().hex()[:16]}, not to the final checkpoint's root "
+            f"{view.root.hex()[:16]} ({view.where})"
+        )
 
     records: dict[int, Entry] = {}
     for i, data in enumerate(view.entries):
@@ -479,8 +497,9 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
         elif k.previous_size != i:
             problems.append(f"key entry {i} continues from size {k.previous_size}, not from the entries before it")
         elif prefix_roots.get(k.previous_size) != k.previous_root:
-            problems.append(f"key entry {i}: previous_root is not the root of the log's first {k.previous_size} "
-                            "entries")
+            problems.append(
+                f"key entry {i}: previous_root is not the root of the log's first {k.previous_size} entries"
+            )
         try:
             policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, expected_pcrs={0: pcr0})
             enclave = verify_enclave(k.attestation, policy)
@@ -490,12 +509,15 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
         except CloisterError as exc:
             problems.append(f"key entry {i}: its attestation does not verify: {exc}")
     if len(keys) > obs.enclave_starts or len(log_keys) != len(keys):
-        problems.append(f"{len(keys)} key entries ({len(log_keys)} distinct keys) for {obs.enclave_starts} enclave "
-                        "starts")
+        problems.append(
+            f"{len(keys)} key entries ({len(log_keys)} distinct keys) for {obs.enclave_starts} enclave starts"
+        )
     served_keys = {c.log_key for c in obs.checkpoints if c.log_key is not None}
     if len(keys) < obs.serving_enclaves or not served_keys <= log_keys:
-        problems.append(f"{len(keys)} key entries, but {obs.serving_enclaves} enclaves served calls and "
-                        f"{len(served_keys - log_keys)} attested log keys are not introduced by any")
+        problems.append(
+            f"{len(keys)} key entries, but {obs.serving_enclaves} enclaves served calls and "
+            f"{len(served_keys - log_keys)} attested log keys are not introduced by any"
+        )
 
     # Outcomes follow their allowed decision, once.
     closed: Counter[int] = Counter()
@@ -514,8 +536,10 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
         elif not isinstance(e, DecisionEntry):
             problems.append(f"{what}: entry {index} is a {type(e).__name__}, not its decision")
         elif (e.agent, e.server, e.tool, e.args_sha256) != (agent, SERVER, *args_key(tool, args)):
-            problems.append(f"{what}: entry {index} decides {e.agent}/{e.server}/{e.tool} "
-                            f"args {e.args_sha256.hex()[:12]}, another call")
+            problems.append(
+                f"{what}: entry {index} decides {e.agent}/{e.server}/{e.tool} "
+                f"args {e.args_sha256.hex()[:12]}, another call"
+            )
         elif want is not None and e.decision != want:
             problems.append(f"{what}: entry {index} is a {e.decision}, the agent was told {want}")
         else:
@@ -558,9 +582,11 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
             problems.append(f"{what}: not consistent with the final checkpoint: {exc}")
 
     # (d) Nothing reached the upstream without an allow for exactly those arguments.
-    allows: Counter[tuple[str, bytes]] = Counter((e.tool, e.args_sha256) for e in records.values()
-                                                 if isinstance(e, DecisionEntry) and e.decision == "allow"
-                                                 and e.server == SERVER)
+    allows: Counter[tuple[str, bytes]] = Counter(
+        (e.tool, e.args_sha256)
+        for e in records.values()
+        if isinstance(e, DecisionEntry) and e.decision == "allow" and e.server == SERVER
+    )
     seen: Counter[tuple[str, bytes]] = Counter()
     for call in obs.forwarded:
         tool, args = call.get("tool"), call.get("args")
@@ -571,8 +597,9 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
         seen[key] += 1
         if seen[key] > allows[key]:
             problems.append(f"the upstream received {label(tool, args)} without an allow decision in storage")
-    problems += [f"{g.what} back, but the upstream never received it"
-                 for g in obs.grants if args_key(g.tool, g.args) not in seen]
+    problems += [
+        f"{g.what} back, but the upstream never received it" for g in obs.grants if args_key(g.tool, g.args) not in seen
+    ]
     return problems
 
 
@@ -606,9 +633,16 @@ def plan_kills(seed: int, rounds: int) -> list[Kill]:
     targets = ["enclave", "relay", "both"] * (rounds // 3 + 1)
     order = targets[:rounds]
     rng.shuffle(order)
-    return [Kill(t, rng.randint(10, 80), round(rng.uniform(0, 0.3), 3), round(rng.uniform(0, 1.0), 2),
-                 round(rng.uniform(0.05, 1.5), 2) if rng.random() < 0.3 else None)
-            for t in order]
+    return [
+        Kill(
+            t,
+            rng.randint(10, 80),
+            round(rng.uniform(0, 0.3), 3),
+            round(rng.uniform(0, 1.0), 2),
+            round(rng.uniform(0.05, 1.5), 2) if rng.random() < 0.3 else None,
+        )
+        for t in order
+    ]
 
 
 async def _wait_grants(obs: Observed, n: int, timeout: float, what: str, stack: ChaosStack) -> None:
@@ -618,14 +652,25 @@ async def _wait_grants(obs: Observed, n: int, timeout: float, what: str, stack: 
         return
     hint = ""
     if "log storage failed" in stack.relay_log_tail(10**7):
-        hint = ("; the relay's log writer failed (compare test_an_enclave_crash_that_loses_a_response_does_not_"
-                "wedge_the_relay, which reproduces one such failure exactly)")
-    raise TimeoutError(f"{what}: {len(obs.grants)} acknowledged calls after {timeout}s, waiting for {n}{hint}; "
-                       f"agents saw {dict(obs.errors)}; relay log: {stack.relay_log_tail(1500)}")
+        hint = (
+            "; the relay's log writer failed (compare test_an_enclave_crash_that_loses_a_response_does_not_"
+            "wedge_the_relay, which reproduces one such failure exactly)"
+        )
+    raise TimeoutError(
+        f"{what}: {len(obs.grants)} acknowledged calls after {timeout}s, waiting for {n}{hint}; "
+        f"agents saw {dict(obs.errors)}; relay log: {stack.relay_log_tail(1500)}"
+    )
 
 
-async def run_chaos(stack: ChaosStack, kills: Sequence[Kill], obs: Observed, *, say: Callable[[str], None],
-                    settle: int = 16, timeout: float = 60) -> None:
+async def run_chaos(
+    stack: ChaosStack,
+    kills: Sequence[Kill],
+    obs: Observed,
+    *,
+    say: Callable[[str], None],
+    settle: int = 16,
+    timeout: float = 60,
+) -> None:
     """Agents call continuously while `kills` happen; returns with the agents stopped, stack up."""
     t0 = time.monotonic()
     stop = anyio.Event()
@@ -658,8 +703,7 @@ async def run_chaos(stack: ChaosStack, kills: Sequence[Kill], obs: Observed, *, 
             await _wait_grants(obs, settle, timeout, "warm-up", stack)
             obs.serving_enclaves += 1
             for k in kills:
-                await _wait_grants(obs, len(obs.grants) + k.after_grants, timeout, f"before killing {k.target}",
-                                   stack)
+                await _wait_grants(obs, len(obs.grants) + k.after_grants, timeout, f"before killing {k.target}", stack)
                 await anyio.sleep(k.delay)
                 await kill(k.target)
                 note(f"SIGKILL {k.target}")
@@ -727,8 +771,9 @@ class InProcessEnclave:
     async def start_log(self, resume: Any) -> Any:
         from cloister.wire import enclave_pb2 as pb
 
-        return await self._call("StartLog", pb.StartLogRequest(resume=resume) if resume is not None
-                                else pb.StartLogRequest())
+        return await self._call(
+            "StartLog", pb.StartLogRequest(resume=resume) if resume is not None else pb.StartLogRequest()
+        )
 
     async def sync(self, persisted_size: int) -> Any:
         from cloister.wire import enclave_pb2 as pb
@@ -773,16 +818,23 @@ class InProcess:
         self.pcrs = mock_pcrs(self.config.raw)
         self.token = self.state.mint_token(agent, ["tester"], 600)
         relay_toml = tmp / "relay.toml"
-        relay_toml.write_text(f'[relay]\nlisten = "127.0.0.1:1"\nenclave = "unix:{tmp / "unused.sock"}"\n'
-                              'bundle = "state/bundle.signed"\nstorage = "state/log"\nrun_dir = "run"\n')
+        relay_toml.write_text(
+            f'[relay]\nlisten = "127.0.0.1:1"\nenclave = "unix:{tmp / "unused.sock"}"\n'
+            'bundle = "state/bundle.signed"\nstorage = "state/log"\nrun_dir = "run"\n'
+        )
         self.relay_config = load_relay_config(relay_toml)
 
     def new_core(self) -> Any:
         from cloister.dev.mock_nsm import MockNsm
         from cloister.enclave.core import EnclaveCore
 
-        return EnclaveCore(self.config, MockNsm(self.state.mock_nsm_dir, self.pcrs), pcrs=self.pcrs,
-                           clock_ms=lambda: time.time_ns() // 1_000_000, mock_nsm=True)
+        return EnclaveCore(
+            self.config,
+            MockNsm(self.state.mock_nsm_dir, self.pcrs),
+            pcrs=self.pcrs,
+            clock_ms=lambda: time.time_ns() // 1_000_000,
+            mock_nsm=True,
+        )
 
     async def start_relay(self) -> tuple[Any, InProcessEnclave]:
         """Relay.start without the network: open storage, then bring the enclave to a running log."""
@@ -792,8 +844,9 @@ class InProcess:
         relay = Relay(self.relay_config)
         enclave = InProcessEnclave(self.new_core())
         relay.state.enclave = enclave  # type: ignore[assignment]
-        relay.state.writer = await open_storage(self.relay_config.storage, s3_endpoint_url=None,
-                                                body_retention_days=None)
+        relay.state.writer = await open_storage(
+            self.relay_config.storage, s3_endpoint_url=None, body_retention_days=None
+        )
         await relay.lifecycle.ensure_enclave_ready(startup=True)
         return relay, enclave
 
@@ -801,6 +854,13 @@ class InProcess:
         """CallPath.call's step 1: ask the enclave (the answer is persisted separately)."""
         from cloister.wire import enclave_pb2 as pb
 
-        return await relay.state.enclave.authorize(pb.AuthorizeRequest(
-            token=self.token, server=SERVER, tool=TOOL, arguments_json=json.dumps({"text": text}).encode(),
-            request_id=text, persisted_size=relay.state.writer.persisted_size))
+        return await relay.state.enclave.authorize(
+            pb.AuthorizeRequest(
+                token=self.token,
+                server=SERVER,
+                tool=TOOL,
+                arguments_json=json.dumps({"text": text}).encode(),
+                request_id=text,
+                persisted_size=relay.state.writer.persisted_size,
+            )
+        )

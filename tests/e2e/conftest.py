@@ -65,10 +65,12 @@ def _bundle(dst: Path) -> Path:
     (dst / "entities.toml").write_text(
         entities.replace("[roles]\n", "[roles]\ntester = {}\n")
         + '\n[agents.test-bot]\nroles = ["tester"]\nregion = "eu"\n\n'
-        '[servers.slow]\nregion = "eu"\ntools = ["echo", "sleep", "crash"]\n')
+        '[servers.slow]\nregion = "eu"\ntools = ["echo", "sleep", "crash"]\n'
+    )
     (dst / "policies" / "test.cedar").write_text(
         '@id("tester-slow")\npermit (principal in Cloister::Role::"tester", action, '
-        'resource == Cloister::Server::"slow");\n')
+        'resource == Cloister::Server::"slow");\n'
+    )
     (dst / "bundle.toml").write_text('[bundle]\nname = "e2e"\nmax_argument_bytes = 4096\n')
     return dst
 
@@ -84,18 +86,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     (tmp / "admin.token").write_text(ADMIN_TOKEN)
     py = json.dumps(sys.executable)
     config = write_relay_config(
-        tmp / "relay.toml", port=port, sock=sock,
+        tmp / "relay.toml",
+        port=port,
+        sock=sock,
         extra='admin_token_file = "admin.token"\nmax_argument_bytes = 65536\nenclave_timeout_s = 3\n',
         upstreams=f"""
 [[upstreams]]
 name = "slow"
-command = [{py}, "{HERE / 'slow_server.py'}"]
+command = [{py}, "{HERE / "slow_server.py"}"]
 env = {{ CALLS_FILE = "{calls}" }}
 timeout_s = 2
-""")
+""",
+    )
     relay = start_relay(config, tmp / "relay.log")
-    s = Stack(state=state, relay_url=f"http://127.0.0.1:{port}", calls_file=calls, enclave=enclave, relay=relay,
-              sock=sock, tmp=tmp)
+    s = Stack(
+        state=state,
+        relay_url=f"http://127.0.0.1:{port}",
+        calls_file=calls,
+        enclave=enclave,
+        relay=relay,
+        sock=sock,
+        tmp=tmp,
+    )
     try:
         wait_for(lambda: relay.poll() is not None or s.health().get("ready") is True, 60, "the relay to be ready")
         if relay.poll() is not None:

@@ -14,13 +14,27 @@ from typing import Any
 from cloister.dev.proc import stop_group
 
 
-def start_enclave(state_root: Path, listen: str, *, log: Path,
-                  cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+def start_enclave(
+    state_root: Path, listen: str, *, log: Path, cwd: Path | None = None
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start the enclave (`python -m cloister.dev.enclave`, mock NSM) and wait for its ready line (`cwd`: run that code)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloister.dev.enclave", "--listen", listen, "--config", str(state_root / "enclave.toml"),
-         "--mock-nsm", str(state_root / "mock-nsm")],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=log.open("ab"), start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "cloister.dev.enclave",
+            "--listen",
+            listen,
+            "--config",
+            str(state_root / "enclave.toml"),
+            "--mock-nsm",
+            str(state_root / "mock-nsm"),
+        ],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=log.open("ab"),
+        start_new_session=True,
+    )
     ready: dict[str, Any] = {}
 
     def read() -> None:
@@ -52,8 +66,13 @@ run_dir = "run"
 
 def start_relay(config: Path, log: Path, *, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     """Start `python -m cloister.cli relay` in its own process group (`cwd`: run that code)."""
-    return subprocess.Popen([sys.executable, "-m", "cloister.cli", "relay", "--config", str(config)], cwd=cwd,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cloister.cli", "relay", "--config", str(config)],
+        cwd=cwd,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:

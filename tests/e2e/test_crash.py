@@ -115,8 +115,7 @@ class Run:
     seed: int
 
     def check(self, view: LogView | None = None, obs: Observed | None = None) -> list[str]:
-        return check_invariants(view or self.view, obs or self.obs, root=self.stack.trust_root(),
-                                pcr0=self.stack.pcr0)
+        return check_invariants(view or self.view, obs or self.obs, root=self.stack.trust_root(), pcr0=self.stack.pcr0)
 
 
 def _final_checkpoint(stack: ChaosStack) -> ServedCheckpoint:
@@ -149,8 +148,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         origin = stored.split(b"\n", 1)[0].decode()
         import cryptography.hazmat.primitives.asymmetric.ed25519 as ed
 
-        cp = verify_checkpoint(stored, [Ed25519NoteVerifier(origin, ed.Ed25519PublicKey.from_public_bytes(
-            final.log_key))], origin=origin).checkpoint
+        cp = verify_checkpoint(
+            stored, [Ed25519NoteVerifier(origin, ed.Ed25519PublicKey.from_public_bytes(final.log_key))], origin=origin
+        ).checkpoint
         assert (cp.size, cp.root_hash) == (final.size, final.root), "the log grew after the agents stopped"
         obs.forwarded = read_forwarded(stack.calls_file)
         yield Run(stack, read_log_dir(stack.log_dir, cp.size, cp.root_hash), obs, SEED)
@@ -167,20 +167,24 @@ def test_no_acknowledged_call_is_lost_when_processes_are_killed_under_load(run: 
     key_at = [i for i, e in enumerate(view.entries) if isinstance(parse_entry(e), KeyEntry)]
     across = sum(any(g.decision < k < g.outcome for k in key_at) for g in obs.grants)
     tools = Counter(g.tool for g in obs.grants)
-    summary = (f"seed {run.seed}: {len(obs.grants)} acknowledged calls {dict(tools)}, refusals by code {dict(codes)}, "
-               f"{len(obs.checkpoints)} served checkpoints, {len(obs.forwarded)} forwarded calls, "
-               f"{view.size} entries, {obs.enclave_starts} enclave starts, {across} calls decided by one enclave "
-               f"and closed by the next, other errors {dict(obs.errors)}")
+    summary = (
+        f"seed {run.seed}: {len(obs.grants)} acknowledged calls {dict(tools)}, refusals by code {dict(codes)}, "
+        f"{len(obs.checkpoints)} served checkpoints, {len(obs.forwarded)} forwarded calls, "
+        f"{view.size} entries, {obs.enclave_starts} enclave starts, {across} calls decided by one enclave "
+        f"and closed by the next, other errors {dict(obs.errors)}"
+    )
     print(summary)
     problems = run.check()
     assert not problems, f"{summary}\n" + "\n".join(problems[:40])
     # The run exercised what it claims to.
     assert kinds == {"enclave", "relay", "both"} or ROUNDS < 3, kinds
-    assert obs.serving_enclaves == 1 + sum(t.split()[1] in ("enclave", "both") for _, t in obs.events
-                                           if t.startswith("SIGKILL") and "again" not in t)
+    assert obs.serving_enclaves == 1 + sum(
+        t.split()[1] in ("enclave", "both") for _, t in obs.events if t.startswith("SIGKILL") and "again" not in t
+    )
     assert len(obs.grants) > 200 and any(r.code == -32001 for r in obs.refusals)
-    assert len({c.log_key for c in obs.checkpoints if c.log_key}) >= obs.serving_enclaves, \
+    assert len({c.log_key for c in obs.checkpoints if c.log_key}) >= obs.serving_enclaves, (
         "attested checkpoints from every enclave that served"
+    )
     assert obs.forwarded and len(obs.forwarded) >= len(obs.grants)
 
 
@@ -214,7 +218,7 @@ def test_checker_flags_a_rewritten_history_that_lost_acknowledged_calls(run: Run
     # Storage that is self-consistent but shorter (a rollback to before the last acknowledgments):
     # roots and proofs all agree with themselves, and it is still caught.
     last = max(run.obs.grants, key=lambda g: g.outcome)
-    problems = run.check(view=view_from_entries(run.view.entries[:last.decision]))
+    problems = run.check(view=view_from_entries(run.view.entries[: last.decision]))
     assert any(f"decision {last.decision} is not in storage" in p for p in problems), problems
     assert any("rolled back" in p for p in problems), problems
 
@@ -261,7 +265,9 @@ def test_checker_flags_an_outcome_that_points_nowhere(run: Run) -> None:
     g = run.obs.grants[-1]
     o = parse_entry(entries[g.outcome])
     assert isinstance(o, OutcomeEntry)
-    d = next(i for i, e in enumerate(map(parse_entry, entries)) if isinstance(e, DecisionEntry) and e.decision == "deny")
+    d = next(
+        i for i, e in enumerate(map(parse_entry, entries)) if isinstance(e, DecisionEntry) and e.decision == "deny"
+    )
     entries[g.outcome] = encode_entry(dataclasses.replace(o, decision_index=d))
     problems = run.check(view=view_from_entries(entries))
     assert any(f"outcome {g.outcome} points to entry {d}" in p for p in problems), problems
@@ -270,8 +276,9 @@ def test_checker_flags_an_outcome_that_points_nowhere(run: Run) -> None:
 # ---- a crash point the chaos above only hits by chance -------------------------------------------------
 
 
-@pytest.mark.parametrize("lost", ["nothing", "a-response-before-one-that-arrived",
-                                  "an-entry-a-delivered-checkpoint-covers"])
+@pytest.mark.parametrize(
+    "lost", ["nothing", "a-response-before-one-that-arrived", "an-entry-a-delivered-checkpoint-covers"]
+)
 def test_an_enclave_crash_that_loses_a_response_does_not_wedge_the_relay(tmp_path: Path, lost: str) -> None:
     """The enclave is SIGKILLed with two calls in flight: it sequenced entries n and n+1, then died.
 
@@ -336,8 +343,9 @@ def test_an_enclave_crash_that_loses_a_response_does_not_wedge_the_relay(tmp_pat
         await relay.state.writer.close()
         view = view_from_entries(stored)
         obs = Observed(enclave_starts=2, serving_enclaves=2)
-        problems = check_invariants(view, obs, root=TrustRoot.from_pem(world.state.mock_root.read_bytes()),
-                                    pcr0=world.pcrs[0])
+        problems = check_invariants(
+            view, obs, root=TrustRoot.from_pem(world.state.mock_root.read_bytes()), pcr0=world.pcrs[0]
+        )
         assert not problems, problems
 
     anyio.run(scenario)

@@ -9,8 +9,12 @@ from pathlib import Path
 
 
 def test_demo_passes(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "cloister.dev.examples.demo", "--state", str(tmp_path / "state")],
-                         capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-m", "cloister.dev.examples.demo", "--state", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     text = out.stdout
     assert "research-bot sees ['research___deep_search', 'research___web_search']" in text

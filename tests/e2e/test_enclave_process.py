@@ -51,17 +51,25 @@ def test_enclave_over_the_bridge(state, tmp_path: Path) -> None:  # type: ignore
             # The attestation binds the keys, carries our nonce and PCR0 of the loaded code.
             nonce = secrets.token_bytes(16)
             att = await client.attest(nonce, include_checkpoint=True)
-            policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, now=datetime.now(UTC), nonce=nonce,
-                                       expected_pcrs={0: expected_pcr0})
+            policy = AttestationPolicy(
+                root=root, at=DOCUMENT_TIME, now=datetime.now(UTC), nonce=nonce, expected_pcrs={0: expected_pcr0}
+            )
             verified = verify_enclave(att.document, policy, checkpoint=att.checkpoint)
             assert verified.binding.log_key == health.log_public_key
-            cp = verify_checkpoint(att.checkpoint, [verified.binding.log_verifier()],
-                                   origin=verified.binding.origin).checkpoint
+            cp = verify_checkpoint(
+                att.checkpoint, [verified.binding.log_verifier()], origin=verified.binding.origin
+            ).checkpoint
             assert cp.size == 2
             token = state.mint_token("refund-bot", ["refund-agent"])
-            v = await client.authorize(pb.AuthorizeRequest(
-                token=token, server="refunds", tool="customer_lookup",
-                arguments_json=json.dumps({"customer_id": "cus_1001"}).encode(), persisted_size=2))
+            v = await client.authorize(
+                pb.AuthorizeRequest(
+                    token=token,
+                    server="refunds",
+                    tool="customer_lookup",
+                    arguments_json=json.dumps({"customer_id": "cus_1001"}).encode(),
+                    persisted_size=2,
+                )
+            )
             assert v.decision == pb.ALLOW and v.grant and v.log_index == 2
             assert isinstance(parse_entry(v.log.entries[0]), DecisionEntry)
             assert started.log.first_index == 0
@@ -71,8 +79,9 @@ def test_enclave_over_the_bridge(state, tmp_path: Path) -> None:  # type: ignore
             # Kill the enclave: the client fails closed with "unavailable", quickly.
             stop(proc, signal.SIGKILL)
             with anyio.fail_after(10), pytest.raises(EnclaveUnavailable):
-                await client.authorize(pb.AuthorizeRequest(token=token, server="refunds", tool="customer_lookup",
-                                                           arguments_json=b"{}"))
+                await client.authorize(
+                    pb.AuthorizeRequest(token=token, server="refunds", tool="customer_lookup", arguments_json=b"{}")
+                )
 
     try:
         anyio.run(scenario)

@@ -61,14 +61,19 @@ class IdentityStack:
 def _write_relay(tmp: Path, port: int, sock: Path, variant_file: Path, artifact: Path) -> Path:
     # The relay launches the artifact itself, so changing the file changes what would run.
     py = json.dumps(sys.executable)
-    return write_relay_config(tmp / "relay.toml", port=port, sock=sock, upstreams=f"""
+    return write_relay_config(
+        tmp / "relay.toml",
+        port=port,
+        sock=sock,
+        upstreams=f"""
 [[upstreams]]
 name = "variant"
 command = [{py}, "{artifact}"]
 env = {{ VARIANT_FILE = "{variant_file}" }}
 artifact = "{artifact}"
 timeout_s = 5
-""")
+""",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +83,9 @@ def ident(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdentityStack]:
     artifact = tmp / "variant_server.py"
     artifact.write_bytes((HERE / "variant_server.py").read_bytes())
     pin = _tool_hash(APPROVED)
-    (bundle / "entities.toml").write_text((bundle / "entities.toml").read_text().replace("[roles]\n", "[roles]\ntester = {}\n") + f"""
+    (bundle / "entities.toml").write_text(
+        (bundle / "entities.toml").read_text().replace("[roles]\n", "[roles]\ntester = {}\n")
+        + f"""
 [agents.test-bot]
 roles = ["tester"]
 
@@ -86,10 +93,12 @@ roles = ["tester"]
 tools = ["lookup", "store", "crash"]
 identity = {{ kind = "checksum", sha256 = "{hashlib.sha256(artifact.read_bytes()).hexdigest()}" }}
 pins = {{ lookup = "{pin}" }}
-""")
+"""
+    )
     (bundle / "policies" / "test.cedar").write_text(
         '@id("tester-variant")\npermit (principal in Cloister::Role::"tester", action, '
-        'resource == Cloister::Server::"variant");\n')
+        'resource == Cloister::Server::"variant");\n'
+    )
     state = ensure_state(tmp / "state", bundle_source=bundle)
     variant_file = tmp / "variant.json"
     variant_file.write_text(json.dumps({"lookup": APPROVED}))
@@ -98,8 +107,15 @@ pins = {{ lookup = "{pin}" }}
     port = free_port()
     cfg = _write_relay(tmp, port, sock, variant_file, artifact)
     relay = start_relay(cfg, tmp / "relay.log")
-    s = Stack(state=state, relay_url=f"http://127.0.0.1:{port}", calls_file=tmp / "calls", enclave=enclave,
-              relay=relay, sock=sock, tmp=tmp)
+    s = Stack(
+        state=state,
+        relay_url=f"http://127.0.0.1:{port}",
+        calls_file=tmp / "calls",
+        enclave=enclave,
+        relay=relay,
+        sock=sock,
+        tmp=tmp,
+    )
     try:
         wait_for(lambda: s.health().get("upstreams", {}).get("variant", {}).get("state") == "up", 60, "variant up")
         yield IdentityStack(stack=s, variant_file=variant_file, state=state, artifact=artifact)
@@ -179,11 +195,29 @@ def test_pins_endpoint_matches_what_the_enclave_checks(ident: IdentityStack) -> 
 def test_policy_pin_prints_pins_to_paste(ident: IdentityStack) -> None:
     import tomllib
 
-    out = subprocess.run([sys.executable, "-m", "cloister.cli", "policy", "pin", "--relay", ident.stack.relay_url,
-                          "--server", "variant"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cloister.cli",
+            "policy",
+            "pin",
+            "--relay",
+            ident.stack.relay_url,
+            "--server",
+            "variant",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     pins = tomllib.loads(out.stdout)["pins"]
     assert pins["lookup"] == _tool_hash(APPROVED) and set(pins) == {"lookup", "store", "crash"}
-    bad = subprocess.run([sys.executable, "-m", "cloister.cli", "policy", "pin", "--relay", ident.stack.relay_url,
-                          "--server", "nope"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "cloister.cli", "policy", "pin", "--relay", ident.stack.relay_url, "--server", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 1 and "no upstream named 'nope'" in bad.stderr

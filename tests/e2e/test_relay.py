@@ -11,9 +11,9 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
+from cloister.dev.mcp_http import mcp_http_client
 from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
 from tests.e2e.procs import stop, wait_for
@@ -21,7 +21,7 @@ from tests.e2e.procs import stop, wait_for
 
 def client(stack: Stack, token: str | None) -> Client:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    http = create_mcp_http_client(headers=headers)
+    http = mcp_http_client(headers=headers)
     return Client(streamable_http_client(stack.mcp_url, http_client=http), cache=None)
 
 
@@ -124,8 +124,11 @@ def test_bad_tokens(stack: Stack, token: Any, code: int, text: str) -> None:
 
 
 def test_missing_token_is_refused_at_the_door(stack: Stack) -> None:
-    r = httpx2.post(stack.mcp_url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-                    headers={"Accept": "application/json, text/event-stream"})
+    r = httpx2.post(
+        stack.mcp_url,
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        headers={"Accept": "application/json, text/event-stream"},
+    )
     assert r.status_code == 401 and "Bearer" in r.headers["www-authenticate"]
     assert "Authorization: Bearer" in r.json()["error"]["message"]
 
@@ -139,8 +142,7 @@ def test_missing_token_is_refused_at_the_door(stack: Stack) -> None:
         ("slow___echo", {"text": "x" * 5000}, "exceeds the limit of 4096 bytes"),
     ],
 )
-def test_unknown_server_tool_and_oversize_arguments(stack: Stack, tool: str, args: dict[str, Any],
-                                                   text: str) -> None:
+def test_unknown_server_tool_and_oversize_arguments(stack: Stack, tool: str, args: dict[str, Any], text: str) -> None:
     err = denied(stack, stack.token(), tool, args)
     assert err.code == -32001 and text in err.message
     assert isinstance(entry_at(stack, err.data["log_index"]), DecisionEntry)
@@ -152,8 +154,11 @@ def test_arguments_over_the_relay_limit_never_leave_the_relay(stack: Stack) -> N
 
 
 def test_malformed_json_rpc(stack: Stack) -> None:
-    headers = {"Authorization": f"Bearer {stack.token()}", "Accept": "application/json, text/event-stream",
-               "Content-Type": "application/json"}
+    headers = {
+        "Authorization": f"Bearer {stack.token()}",
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+    }
     for body in (b"{not json", b'{"jsonrpc": "2.0", "id": 1}', b"[]", b'{"jsonrpc": "1.0", "method": 5}'):
         r = httpx2.post(stack.mcp_url, content=body, headers=headers)
         assert 400 <= r.status_code < 500, (body, r.status_code, r.text)

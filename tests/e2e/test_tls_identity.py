@@ -32,9 +32,17 @@ def make_ca(tmp: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test internal CA")])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     (tmp / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key, cert
 
@@ -43,16 +51,21 @@ def server_cert(tmp: Path, name: str, ca: tuple[ec.EllipticCurvePrivateKey, x509
     """Writes NAME.pem / NAME.key signed by the CA; returns the hex SHA-256 of the key's SPKI."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca[1].subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca[0], hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca[1].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca[0], hashes.SHA256())
+    )
     (tmp / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                        serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
+    (tmp / f"{name}.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).hexdigest()
 
@@ -66,32 +79,59 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     servers = {}
     for name in ("secure", "imposter"):
         port = free_port()
-        servers[name] = (port, subprocess.Popen(
-            [sys.executable, str(HERE / "tls_server.py"), str(port), str(tmp / f"{name}.pem"), str(tmp / f"{name}.key")],
-            stdout=subprocess.DEVNULL, stderr=(tmp / f"{name}.log").open("ab"), start_new_session=True))
+        servers[name] = (
+            port,
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(HERE / "tls_server.py"),
+                    str(port),
+                    str(tmp / f"{name}.pem"),
+                    str(tmp / f"{name}.key"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=(tmp / f"{name}.log").open("ab"),
+                start_new_session=True,
+            ),
+        )
     bundle = copy_example_bundle(tmp / "bundle")
     entities = (bundle / "entities.toml").read_text().replace("[roles]\n", "[roles]\ntester = {}\n")
     entities += '\n[agents.test-bot]\nroles = ["tester"]\n'
     for name in ("secure", "imposter"):
-        entities += (f'\n[servers.{name}]\ncategory = "payments-test"\ntools = ["charge"]\n'
-                     f'identity = {{ kind = "tls", spki_sha256 = "{pin}" }}\n')
+        entities += (
+            f'\n[servers.{name}]\ncategory = "payments-test"\ntools = ["charge"]\n'
+            f'identity = {{ kind = "tls", spki_sha256 = "{pin}" }}\n'
+        )
     (bundle / "entities.toml").write_text(entities)
     (bundle / "policies" / "test.cedar").write_text(
-        '@id("tester-all")\npermit (principal in Cloister::Role::"tester", action, resource);\n')
+        '@id("tester-all")\npermit (principal in Cloister::Role::"tester", action, resource);\n'
+    )
     state = ensure_state(tmp / "state", bundle_source=bundle)
     sock = tmp / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()
     upstreams = "".join(
         f'\n[[upstreams]]\nname = "{name}"\nurl = "https://127.0.0.1:{p}/mcp"\nca_file = "ca.pem"\ntimeout_s = 5\n'
-        for name, (p, _) in servers.items())
-    relay = start_relay(write_relay_config(tmp / "relay.toml", port=port, sock=sock, upstreams=upstreams),
-                        tmp / "relay.log")
-    s = Stack(state=state, relay_url=f"http://127.0.0.1:{port}", calls_file=tmp / "calls", enclave=enclave,
-              relay=relay, sock=sock, tmp=tmp)
+        for name, (p, _) in servers.items()
+    )
+    relay = start_relay(
+        write_relay_config(tmp / "relay.toml", port=port, sock=sock, upstreams=upstreams), tmp / "relay.log"
+    )
+    s = Stack(
+        state=state,
+        relay_url=f"http://127.0.0.1:{port}",
+        calls_file=tmp / "calls",
+        enclave=enclave,
+        relay=relay,
+        sock=sock,
+        tmp=tmp,
+    )
     try:
-        wait_for(lambda: all(s.health().get("upstreams", {}).get(n, {}).get("state") == "up" for n in servers),
-                 60, "both TLS upstreams")
+        wait_for(
+            lambda: all(s.health().get("upstreams", {}).get(n, {}).get("state") == "up" for n in servers),
+            60,
+            "both TLS upstreams",
+        )
         yield s
     finally:
         stop(relay)

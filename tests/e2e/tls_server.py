@@ -17,5 +17,6 @@ def charge(amount: int) -> str:
 
 if __name__ == "__main__":
     port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    uvicorn.run(mcp.streamable_http_app(), host="127.0.0.1", port=port, ssl_certfile=cert, ssl_keyfile=key,
-                log_level="warning")
+    uvicorn.run(
+        mcp.streamable_http_app(), host="127.0.0.1", port=port, ssl_certfile=cert, ssl_keyfile=key, log_level="warning"
+    )

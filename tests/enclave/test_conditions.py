@@ -26,16 +26,30 @@ def w(tmp_path: Path) -> World:
 
     nonce, _ = w.core.server_challenge("refunds", reconnect=True)
     doc = w.mock_nsm({0: expected_pcr0()}).attestation(nonce=nonce)
-    rep, a = w.core.report_server(server="refunds", attestation=doc, artifact=b"", certificates=[], tools_json=b"",
-                                  failure="", evidence=True, persisted_size=len(w.log))
+    rep, a = w.core.report_server(
+        server="refunds",
+        attestation=doc,
+        artifact=b"",
+        certificates=[],
+        tools_json=b"",
+        failure="",
+        evidence=True,
+        persisted_size=len(w.log),
+    )
     w.persist(a)
     assert rep.status == "verified", rep.detail
     return w
 
 
 def decide(w: World, agent: str, roles: list[str], server: str, tool: str, args: dict[str, object]):  # type: ignore[no-untyped-def]
-    v = w.core.authorize(token=w.token(agent, roles), server=server, tool=tool,
-                         arguments_json=json.dumps(args).encode(), request_id="", persisted_size=len(w.log))
+    v = w.core.authorize(
+        token=w.token(agent, roles),
+        server=server,
+        tool=tool,
+        arguments_json=json.dumps(args).encode(),
+        request_id="",
+        persisted_size=len(w.log),
+    )
     w.persist(v.log)
     assert isinstance(parse_entry(v.log.entries[0]), DecisionEntry)
     return v
@@ -65,8 +79,10 @@ def test_attestation_level_for_payments(w: World) -> None:
 def test_residency(w: World, tmp_path: Path) -> None:
     # A bundle where an EU agent may use the US research server by role: residency still forbids it.
     entities = (w.bundle_dir / "entities.toml").read_text()
-    entities = entities.replace('[agents.research-bot]\nroles = ["research-agent"]\nregion = "us"',
-                                '[agents.research-bot]\nroles = ["research-agent"]\nregion = "eu"')
+    entities = entities.replace(
+        '[agents.research-bot]\nroles = ["research-agent"]\nregion = "us"',
+        '[agents.research-bot]\nroles = ["research-agent"]\nregion = "eu"',
+    )
     entities = entities.replace('identity = { kind = "checksum"', 'identity = { kind = "none" }\n#')
     entities = entities.replace("pins = { web_search", "# pins = { web_search")
     w.persist(w.core.load_policy(w.sign_bundle(2, {"entities.toml": entities}))[2])
@@ -83,10 +99,26 @@ def test_time_window(w: World, hour: int, allowed: bool) -> None:
 
     nonce, _ = w.core.server_challenge("refunds", reconnect=True)
     doc = w.mock_nsm({0: expected_pcr0()}).attestation(nonce=nonce)
-    w.persist(w.core.report_server(server="refunds", attestation=doc, artifact=b"", certificates=[], tools_json=b"",
-                                   failure="", evidence=True, persisted_size=len(w.log))[1])
-    entities = (w.bundle_dir / "entities.toml").read_text().replace(
-        '[agents.refund-bot]\nroles = ["refund-agent"]', '[agents.refund-bot]\nroles = ["refund-agent", "refund-supervisor"]')
+    w.persist(
+        w.core.report_server(
+            server="refunds",
+            attestation=doc,
+            artifact=b"",
+            certificates=[],
+            tools_json=b"",
+            failure="",
+            evidence=True,
+            persisted_size=len(w.log),
+        )[1]
+    )
+    entities = (
+        (w.bundle_dir / "entities.toml")
+        .read_text()
+        .replace(
+            '[agents.refund-bot]\nroles = ["refund-agent"]',
+            '[agents.refund-bot]\nroles = ["refund-agent", "refund-supervisor"]',
+        )
+    )
     w.persist(w.core.load_policy(w.sign_bundle(2, {"entities.toml": entities}))[2])
     v = decide(w, "refund-bot", ["refund-supervisor"], "refunds", "refund.approve_above_threshold", {"refund_id": "r"})
     assert v.allowed is allowed, v.reason
@@ -95,8 +127,12 @@ def test_time_window(w: World, hour: int, allowed: bool) -> None:
 
 
 def test_discovery_scoping(w: World) -> None:
-    everything = [("refunds", "customer_lookup"), ("refunds", "refund.create"), ("research", "web_search"),
-                  ("research", "db_write")]
+    everything = [
+        ("refunds", "customer_lookup"),
+        ("refunds", "refund.create"),
+        ("research", "web_search"),
+        ("research", "db_write"),
+    ]
     _, seen = w.core.visible_tools(w.token("research-bot", ["research-agent"]), everything)
     assert ("refunds", "customer_lookup") not in seen  # no permit reaches refunds for this role
     _, seen = w.core.visible_tools(w.token("refund-bot", ["refund-agent"]), everything)
@@ -120,8 +156,15 @@ def test_x402_payments_are_charged_exactly_and_survive_a_restart(tmp_path: Path)
     tok = w.token("research-bot", ["research-agent"])
 
     def paid(amount: str):  # type: ignore[no-untyped-def]
-        v = w.core.authorize(token=tok, server="research", tool="deep_search", arguments_json=b'{"query": "q"}',
-                             request_id="", persisted_size=len(w.log), payment_amount=amount)
+        v = w.core.authorize(
+            token=tok,
+            server="research",
+            tool="deep_search",
+            arguments_json=b'{"query": "q"}',
+            request_id="",
+            persisted_size=len(w.log),
+            payment_amount=amount,
+        )
         w.persist(v.log)
         return v
 
@@ -141,8 +184,15 @@ def test_x402_payments_are_charged_exactly_and_survive_a_restart(tmp_path: Path)
     fresh = w.new_core()
     w.persist(fresh.resume_log(**material(w, start=0)))  # type: ignore[arg-type]
     w.persist(fresh.load_policy(w.sign_bundle(1))[2])
-    v = fresh.authorize(token=tok, server="research", tool="deep_search", arguments_json=b'{"query": "q"}',
-                        request_id="", persisted_size=len(w.log), payment_amount="0.01")
+    v = fresh.authorize(
+        token=tok,
+        server="research",
+        tool="deep_search",
+        arguments_json=b'{"query": "q"}',
+        request_id="",
+        persisted_size=len(w.log),
+        payment_amount="0.01",
+    )
     assert not v.allowed and v.code == "limit"
 
 
@@ -150,12 +200,24 @@ def test_fixed_price_per_call(tmp_path: Path) -> None:
     w = make_world(tmp_path)
     tok = w.token("research-bot", ["research-agent"])
     for i in range(250):
-        v = w.core.authorize(token=tok, server="research", tool="web_search", arguments_json=b'{"query": "q"}',
-                             request_id="", persisted_size=len(w.log))
+        v = w.core.authorize(
+            token=tok,
+            server="research",
+            tool="web_search",
+            arguments_json=b'{"query": "q"}',
+            request_id="",
+            persisted_size=len(w.log),
+        )
         w.persist(v.log)
         assert v.allowed, (i, v.reason)
         entry = parse_entry(w.log[v.log_index])
         assert isinstance(entry, DecisionEntry) and entry.charges == {"research-search-budget": "0.002"}
-    v = w.core.authorize(token=tok, server="research", tool="web_search", arguments_json=b'{"query": "q"}',
-                         request_id="", persisted_size=len(w.log))
+    v = w.core.authorize(
+        token=tok,
+        server="research",
+        tool="web_search",
+        arguments_json=b'{"query": "q"}',
+        request_id="",
+        persisted_size=len(w.log),
+    )
     assert not v.allowed and "research-search-budget" in v.reason and "0.000 remains" in v.reason

@@ -26,8 +26,9 @@ def w(tmp_path: Path) -> World:
 
 def call(w: World, token: str, server: str, tool: str, args: Mapping[str, object] | bytes):  # type: ignore[no-untyped-def]
     raw = args if isinstance(args, bytes) else json.dumps(args).encode()
-    v = w.core.authorize(token=token, server=server, tool=tool, arguments_json=raw, request_id="t",
-                         persisted_size=len(w.log))
+    v = w.core.authorize(
+        token=token, server=server, tool=tool, arguments_json=raw, request_id="t", persisted_size=len(w.log)
+    )
     w.persist(v.log)
     return v
 
@@ -54,20 +55,29 @@ def test_allowed_call_gets_a_grant_for_exactly_these_arguments(w: World) -> None
     entry = parse_entry(w.log[v.log_index])
     assert isinstance(entry, DecisionEntry) and entry.decision == "allow" and entry.agent == "refund-bot"
     keys = EnclaveBinding("o", w.core.log_public, w.core.grant_public).grant_keys()
-    claims = verify_grant(v.grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=args,
-                          now_ms=w.clock.ms)
+    claims = verify_grant(
+        v.grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=args, now_ms=w.clock.ms
+    )
     assert claims.log_index == v.log_index and claims.entry_hash == leaf_hash(w.log[v.log_index])
     assert claims.args_sha256 == canonical_sha256(args) == entry.args_sha256
     for bad in ({"customer_id": "cus_1002"}, {}, {"customer_id": "cus_1001", "x": 1}):
         with pytest.raises(GrantError, match="different arguments"):
-            verify_grant(v.grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=bad,
-                         now_ms=w.clock.ms)
+            verify_grant(
+                v.grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=bad, now_ms=w.clock.ms
+            )
     with pytest.raises(GrantError, match="not refunds/refund.create"):
-        verify_grant(v.grant, grant_keys=keys, server="refunds", tool="refund.create", arguments=args,
-                     now_ms=w.clock.ms)
+        verify_grant(
+            v.grant, grant_keys=keys, server="refunds", tool="refund.create", arguments=args, now_ms=w.clock.ms
+        )
     with pytest.raises(GrantError, match="expired"):
-        verify_grant(v.grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=args,
-                     now_ms=w.clock.ms + 61_000)
+        verify_grant(
+            v.grant,
+            grant_keys=keys,
+            server="refunds",
+            tool="customer_lookup",
+            arguments=args,
+            now_ms=w.clock.ms + 61_000,
+        )
     guard = ReplayGuard()
     guard.use(claims, w.clock.ms)
     with pytest.raises(GrantError, match="already used"):
@@ -77,22 +87,51 @@ def test_allowed_call_gets_a_grant_for_exactly_these_arguments(w: World) -> None
 @pytest.mark.parametrize(
     ("agent", "roles", "server", "tool", "args", "code", "reason"),
     [
-        ("refund-bot", ["refund-agent"], "refunds", "refund.approve_above_threshold", {"refund_id": "re_1"},
-         "policy", "approvals-need-a-supervisor"),
-        ("research-bot", ["research-agent"], "research", "db_write", {"key": "k", "value": "v"},
-         "no-permit", "no policy permits"),
-        ("research-bot", ["research-agent"], "refunds", "customer_lookup", {"customer_id": "cus_1001"},
-         "no-permit", "no policy permits"),
-        ("refund-bot", ["refund-agent"], "refunds", "refund.create", {"customer_id": "c", "amount": 6000},
-         "policy", "refund-single-cap"),
+        (
+            "refund-bot",
+            ["refund-agent"],
+            "refunds",
+            "refund.approve_above_threshold",
+            {"refund_id": "re_1"},
+            "policy",
+            "approvals-need-a-supervisor",
+        ),
+        (
+            "research-bot",
+            ["research-agent"],
+            "research",
+            "db_write",
+            {"key": "k", "value": "v"},
+            "no-permit",
+            "no policy permits",
+        ),
+        (
+            "research-bot",
+            ["research-agent"],
+            "refunds",
+            "customer_lookup",
+            {"customer_id": "cus_1001"},
+            "no-permit",
+            "no policy permits",
+        ),
+        (
+            "refund-bot",
+            ["refund-agent"],
+            "refunds",
+            "refund.create",
+            {"customer_id": "c", "amount": 6000},
+            "policy",
+            "refund-single-cap",
+        ),
         ("refund-bot", ["refund-agent"], "billing", "charge", {}, "unknown-server", "'billing' is not in"),
         ("refund-bot", ["refund-agent"], "refunds", "delete_all", {}, "unknown-tool", "'delete_all' is not a tool"),
         ("mallory-bot", [], "refunds", "customer_lookup", {}, "unknown-agent", "not registered"),
         ("research-bot", ["refund-agent"], "refunds", "customer_lookup", {}, "unauthenticated", "does not grant role"),
     ],
 )
-def test_denials_are_logged_with_their_reason(w: World, agent: str, roles: list[str], server: str, tool: str,
-                                              args: dict[str, object], code: str, reason: str) -> None:
+def test_denials_are_logged_with_their_reason(
+    w: World, agent: str, roles: list[str], server: str, tool: str, args: dict[str, object], code: str, reason: str
+) -> None:
     v = call(w, w.token(agent, roles), server, tool, args)
     assert not v.allowed and v.code == code and reason in v.reason and not v.grant
     entry = parse_entry(w.log[v.log_index])
@@ -152,9 +191,14 @@ def test_spend_cap_is_exact_under_concurrency(w: World) -> None:
 
     def worker() -> None:
         for _ in range(4):
-            v = w.core.authorize(token=tok, server="refunds", tool="refund.create",
-                                 arguments_json=b'{"customer_id": "c", "amount": 333.33}', request_id="",
-                                 persisted_size=0)
+            v = w.core.authorize(
+                token=tok,
+                server="refunds",
+                tool="refund.create",
+                arguments_json=b'{"customer_id": "c", "amount": 333.33}',
+                request_id="",
+                persisted_size=0,
+            )
             with lock:
                 results.append(v.allowed)
 
@@ -167,30 +211,48 @@ def test_spend_cap_is_exact_under_concurrency(w: World) -> None:
 
 
 def test_discovery_is_filtered(w: World) -> None:
-    everything = [("refunds", t) for t in ("customer_lookup", "transaction_history", "refund.create",
-                                           "refund.approve_above_threshold")] + \
-                 [("research", "web_search"), ("research", "db_write"), ("ghost", "x")]
+    everything = [
+        ("refunds", t)
+        for t in ("customer_lookup", "transaction_history", "refund.create", "refund.approve_above_threshold")
+    ] + [("research", "web_search"), ("research", "db_write"), ("ghost", "x")]
     agent, visible = w.core.visible_tools(w.token("research-bot", ["research-agent"]), everything)
     assert agent == "research-bot" and visible == [("research", "web_search")]
     _, visible = w.core.visible_tools(refund_bot(w), everything)
-    assert visible == [("refunds", "customer_lookup"), ("refunds", "transaction_history"),
-                       ("refunds", "refund.create")]
+    assert visible == [("refunds", "customer_lookup"), ("refunds", "transaction_history"), ("refunds", "refund.create")]
 
 
 def test_outcome_is_logged_once_per_decision(w: World) -> None:
     v = call(w, refund_bot(w), "refunds", "customer_lookup", {"customer_id": "cus_1001"})
-    a = w.core.record_outcome(decision_index=v.log_index, result_sha256=b"\x01" * 32, error="", duration_us=10,
-                              paid_amount="", persisted_size=len(w.log))
+    a = w.core.record_outcome(
+        decision_index=v.log_index,
+        result_sha256=b"\x01" * 32,
+        error="",
+        duration_us=10,
+        paid_amount="",
+        persisted_size=len(w.log),
+    )
     w.persist(a)
     out = parse_entry(w.log[a.first_index])
     assert isinstance(out, OutcomeEntry) and out.decision_index == v.log_index
     with pytest.raises(Exception, match="not an open allowed decision"):
-        w.core.record_outcome(decision_index=v.log_index, result_sha256=None, error="x", duration_us=1,
-                              paid_amount="", persisted_size=len(w.log))
+        w.core.record_outcome(
+            decision_index=v.log_index,
+            result_sha256=None,
+            error="x",
+            duration_us=1,
+            paid_amount="",
+            persisted_size=len(w.log),
+        )
     denied = call(w, refund_bot(w), "refunds", "refund.approve_above_threshold", {"refund_id": "r"})
     with pytest.raises(Exception, match="not an open allowed decision"):
-        w.core.record_outcome(decision_index=denied.log_index, result_sha256=None, error="", duration_us=1,
-                              paid_amount="", persisted_size=len(w.log))
+        w.core.record_outcome(
+            decision_index=denied.log_index,
+            result_sha256=None,
+            error="",
+            duration_us=1,
+            paid_amount="",
+            persisted_size=len(w.log),
+        )
 
 
 def test_nothing_is_decided_before_the_log_and_policy(tmp_path: Path) -> None:
@@ -209,14 +271,26 @@ def test_policy_bundles_are_checked(w: World) -> None:
         (w.sign_bundle(1), "not above the version in force"),
         (w.sign_bundle(2, key=ed25519.Ed25519PrivateKey.generate()), "not a pinned admin key"),
         (w.sign_bundle(2)[:-5] + b"xxxxx", "does not verify"),
-        (w.sign_bundle(2, {"policies/bad.cedar": "permit(principal, action, resource) when { oops };"}),
-         "policies/bad.cedar: invalid Cedar"),
-        (w.sign_bundle(2, {"limits.toml": '[[limits]]\nid="x"\nkind="spend"\ncost="price:1"\nmax="-5"\nwindow="1h"\n'}),
-         "negative or absurdly large"),
-        (w.sign_bundle(2, {"limits.toml": '[[limits]]\nid="x"\nkind="rate"\nmax="5"\nwindow="1h"\n'
-                                          'tools=["refunds___nope"]\n'}), "unknown tool 'refunds___nope'"),
-        (w.sign_bundle(2, {"entities.toml": '[roles]\nr = {}\n[agents.a]\nroles = ["ghost"]\n'}),
-         "role 'ghost' is not declared"),
+        (
+            w.sign_bundle(2, {"policies/bad.cedar": "permit(principal, action, resource) when { oops };"}),
+            "policies/bad.cedar: invalid Cedar",
+        ),
+        (
+            w.sign_bundle(
+                2, {"limits.toml": '[[limits]]\nid="x"\nkind="spend"\ncost="price:1"\nmax="-5"\nwindow="1h"\n'}
+            ),
+            "negative or absurdly large",
+        ),
+        (
+            w.sign_bundle(
+                2, {"limits.toml": '[[limits]]\nid="x"\nkind="rate"\nmax="5"\nwindow="1h"\ntools=["refunds___nope"]\n'}
+            ),
+            "unknown tool 'refunds___nope'",
+        ),
+        (
+            w.sign_bundle(2, {"entities.toml": '[roles]\nr = {}\n[agents.a]\nroles = ["ghost"]\n'}),
+            "role 'ghost' is not declared",
+        ),
         (w.sign_bundle(2, {"bundle.toml": None}), "bundle.toml: missing"),
         (b"\x00" * 100, "COSE_Sign1"),
     ]
@@ -248,18 +322,32 @@ def test_storage_backpressure_stops_decisions(w: World) -> None:
     tok = refund_bot(w)
     with pytest.raises(Backpressure):
         for _ in range(10):
-            w.core.authorize(token=tok, server="refunds", tool="customer_lookup", arguments_json=b"{}",
-                             request_id="", persisted_size=0)
+            w.core.authorize(
+                token=tok,
+                server="refunds",
+                tool="customer_lookup",
+                arguments_json=b"{}",
+                request_id="",
+                persisted_size=0,
+            )
     # Once the parent reports what it persisted, decisions resume.
-    v = w.core.authorize(token=tok, server="refunds", tool="customer_lookup", arguments_json=b"{}",
-                         request_id="", persisted_size=seq.size)
+    v = w.core.authorize(
+        token=tok,
+        server="refunds",
+        tool="customer_lookup",
+        arguments_json=b"{}",
+        request_id="",
+        persisted_size=seq.size,
+    )
     assert v.allowed
 
 
 def test_bundles_naming_unknown_entities_or_breaking_their_schema_are_refused(w: World) -> None:
-    typo = ('@id("no-approvals")\nforbid (principal, action == Cloister::Action::"refunds___refund.aprove", '
-            'resource);\n')
-    with pytest.raises(PolicyRefused, match=r'policies/typo.cedar: policy .no-approvals. names Cloister::Action::"refunds___refund.aprove"'):
+    typo = '@id("no-approvals")\nforbid (principal, action == Cloister::Action::"refunds___refund.aprove", resource);\n'
+    with pytest.raises(
+        PolicyRefused,
+        match=r'policies/typo.cedar: policy .no-approvals. names Cloister::Action::"refunds___refund.aprove"',
+    ):
         w.core.load_policy(w.sign_bundle(2, {"policies/typo.cedar": typo}))
     ghost = '@id("ghost")\npermit (principal in Cloister::Role::"admin", action, resource);\n'
     with pytest.raises(PolicyRefused, match=r'Cloister::Role::"admin", which entities.toml does not declare'):
@@ -270,17 +358,30 @@ def test_bundles_naming_unknown_entities_or_breaking_their_schema_are_refused(w:
         ' action "CallTool"; action "refunds___customer_lookup" in ["CallTool"] appliesTo { principal: [Agent],'
         " resource: [Server], context: { input: { customer_id: String } } }; }"
     )
-    bad = ('@id("bad-type")\npermit (principal, action == Cloister::Action::"refunds___customer_lookup", resource)'
-           " when { context.input.customer_id > 5 };\n")
+    bad = (
+        '@id("bad-type")\npermit (principal, action == Cloister::Action::"refunds___customer_lookup", resource)'
+        " when { context.input.customer_id > 5 };\n"
+    )
     with pytest.raises(PolicyRefused, match="does not validate against schema.cedarschema"):
-        w.core.load_policy(w.sign_bundle(2, {"schema.cedarschema": schema, "policies/refunds.cedar": bad,
-                                             "policies/research.cedar": None, "limits.toml": ""}))
+        w.core.load_policy(
+            w.sign_bundle(
+                2,
+                {
+                    "schema.cedarschema": schema,
+                    "policies/refunds.cedar": bad,
+                    "policies/research.cedar": None,
+                    "limits.toml": "",
+                },
+            )
+        )
     assert w.core.policy is not None and w.core.policy.version == 1
 
 
 def test_log_only_policy_sets_are_recorded_not_enforced(w: World) -> None:
-    trial = ('@id("trial-no-lookups")\nforbid (principal, action == Cloister::Action::"refunds___customer_lookup", '
-             'resource);\n')
+    trial = (
+        '@id("trial-no-lookups")\nforbid (principal, action == Cloister::Action::"refunds___customer_lookup", '
+        "resource);\n"
+    )
     bundle_toml = '[bundle]\nname = "trial"\n\n[modes]\n"trial.cedar" = "log-only"\n"research.cedar" = "log-only"\n'
     w.persist(w.core.load_policy(w.sign_bundle(2, {"bundle.toml": bundle_toml, "policies/trial.cedar": trial}))[2])
     v = call(w, refund_bot(w), "refunds", "customer_lookup", {"customer_id": "cus_1001"})
@@ -308,18 +409,29 @@ def test_an_oidc_issuer_with_a_jwks(w: World) -> None:
     ec_key = ec.generate_private_key(ec.SECP256R1())
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ecn, rsan = ec_key.public_key().public_numbers(), rsa_key.public_key().public_numbers()
-    jwks = {"keys": [
-        {"kty": "EC", "crv": "P-256", "kid": "ec-1", "x": b64(ecn.x, 32), "y": b64(ecn.y, 32), "use": "sig"},
-        {"kty": "RSA", "kid": "rsa-1", "n": b64(rsan.n, 256), "e": b64(rsan.e, 3)},
-        {"kty": "EC", "crv": "P-256", "kid": "enc", "use": "enc", "x": "AA", "y": "AA"},
-    ]}
-    issuers = ('[issuers.idp]\nissuer = "https://idp.example.com/realms/agents"\naudience = "cloister"\n'
-               'jwks = "issuers/idp.jwks.json"\n')
-    w.persist(w.core.load_policy(w.sign_bundle(2, {"issuers.toml": issuers,
-                                                   "issuers/idp.jwks.json": json.dumps(jwks)}))[2])
+    jwks = {
+        "keys": [
+            {"kty": "EC", "crv": "P-256", "kid": "ec-1", "x": b64(ecn.x, 32), "y": b64(ecn.y, 32), "use": "sig"},
+            {"kty": "RSA", "kid": "rsa-1", "n": b64(rsan.n, 256), "e": b64(rsan.e, 3)},
+            {"kty": "EC", "crv": "P-256", "kid": "enc", "use": "enc", "x": "AA", "y": "AA"},
+        ]
+    }
+    issuers = (
+        '[issuers.idp]\nissuer = "https://idp.example.com/realms/agents"\naudience = "cloister"\n'
+        'jwks = "issuers/idp.jwks.json"\n'
+    )
+    w.persist(
+        w.core.load_policy(w.sign_bundle(2, {"issuers.toml": issuers, "issuers/idp.jwks.json": json.dumps(jwks)}))[2]
+    )
     now = w.clock.ms // 1000
-    claims = {"iss": "https://idp.example.com/realms/agents", "aud": "cloister", "sub": "refund-bot",
-              "roles": ["refund-agent"], "iat": now, "exp": now + 300}
+    claims = {
+        "iss": "https://idp.example.com/realms/agents",
+        "aud": "cloister",
+        "sub": "refund-bot",
+        "roles": ["refund-agent"],
+        "iat": now,
+        "exp": now + 300,
+    }
     for key, kid in ((ec_key, "ec-1"), (rsa_key, "rsa-1")):
         assert call(w, encode_jwt(claims, key, kid=kid), "refunds", "customer_lookup", {}).allowed
     bad = '{"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB"}]}'

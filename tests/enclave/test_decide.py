@@ -40,8 +40,9 @@ def w(tmp_path_factory: pytest.TempPathFactory) -> World:
 class Servers:
     """A ServerView: every server proven unless `refused` names it; input schemas as given."""
 
-    def __init__(self, refused: dict[str, str] | None = None,
-                 schemas: dict[tuple[str, str], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, refused: dict[str, str] | None = None, schemas: dict[tuple[str, str], dict[str, Any]] | None = None
+    ) -> None:
         self.refused = refused or {}
         self.schemas = schemas or {}
 
@@ -75,11 +76,26 @@ def state(w: World, servers: Servers | None = None, limits: LimitBook | None = N
     return State(ps.bundle, ps.engine, servers or Servers(), limits or LimitBook(ps.bundle.limits))
 
 
-def call(w: World, identity: Identity | None = None, *, server: str = "refunds", tool: str = "customer_lookup",
-         args: object = None, raw: bytes | None = None, payment: str = "", now_ms: int | None = None) -> Call:
+def call(
+    w: World,
+    identity: Identity | None = None,
+    *,
+    server: str = "refunds",
+    tool: str = "customer_lookup",
+    args: object = None,
+    raw: bytes | None = None,
+    payment: str = "",
+    now_ms: int | None = None,
+) -> Call:
     data = raw if raw is not None else json.dumps({} if args is None else args).encode()
-    return Call(identity=identity or ClaimedIdentity("refund-bot", ("refund-agent",)), server=server, tool=tool,
-                arguments_json=data, payment_amount=payment, now_ms=w.clock.ms if now_ms is None else now_ms)
+    return Call(
+        identity=identity or ClaimedIdentity("refund-bot", ("refund-agent",)),
+        server=server,
+        tool=tool,
+        arguments_json=data,
+        payment_amount=payment,
+        now_ms=w.clock.ms if now_ms is None else now_ms,
+    )
 
 
 RESEARCH = ClaimedIdentity("research-bot", ("research-agent",))
@@ -108,10 +124,14 @@ def test_step_2_identity_is_a_token_or_a_claimed_principal(w: World) -> None:
     assert missing.reason.startswith("missing: no bearer token")
     stranger = decide(call(w, BearerToken(w.token("mallory-bot", []))), state(w))
     assert (stranger.code, stranger.reason) == (
-        "unknown-agent", "unknown-agent: agent 'mallory-bot' is not registered in the policy bundle")
+        "unknown-agent",
+        "unknown-agent: agent 'mallory-bot' is not registered in the policy bundle",
+    )
     claimed = decide(call(w, ClaimedIdentity("research-bot", ("research-agent", "refund-agent"))), state(w))
     assert (claimed.code, claimed.reason) == (
-        "unauthenticated", "role-not-granted: the bundle does not grant role 'refund-agent' to agent 'research-bot'")
+        "unauthenticated",
+        "role-not-granted: the bundle does not grant role 'refund-agent' to agent 'research-bot'",
+    )
     token = w.token("refund-bot", ["refund-agent"], ttl=600)
     good = decide(call(w, BearerToken(token)), state(w))
     assert good.allowed and good.principal == Principal("refund-bot", frozenset({"refund-agent"}), "cloister-dev")
@@ -122,8 +142,11 @@ def test_step_2_identity_is_a_token_or_a_claimed_principal(w: World) -> None:
 
 def test_step_3_the_server_and_tool_must_be_the_bundles(w: World) -> None:
     d = decide(call(w, server="billing", tool="charge"), state(w))
-    assert (d.code, d.step, d.reason) == ("unknown-server", Step.SERVER_AND_TOOL,
-                                          "server 'billing' is not in the policy bundle")
+    assert (d.code, d.step, d.reason) == (
+        "unknown-server",
+        Step.SERVER_AND_TOOL,
+        "server 'billing' is not in the policy bundle",
+    )
     d = decide(call(w, tool="delete_all"), state(w))
     assert (d.code, d.step) == ("unknown-tool", Step.SERVER_AND_TOOL)
 
@@ -132,8 +155,12 @@ def test_step_4_quarantine_comes_before_cedar(w: World) -> None:
     servers = Servers(refused={"refunds": "server 'refunds' is quarantined: not attested yet"})
     # A call Cedar would forbid is refused as quarantined: Cedar is never asked.
     d = decide(call(w, tool="refund.create", args={"amount": 6000}), state(w, servers))
-    assert (d.code, d.step, d.reason, d.policy_ids) == ("quarantined", Step.QUARANTINE,
-                                                        "server 'refunds' is quarantined: not attested yet", ())
+    assert (d.code, d.step, d.reason, d.policy_ids) == (
+        "quarantined",
+        Step.QUARANTINE,
+        "server 'refunds' is quarantined: not attested yet",
+        (),
+    )
 
 
 def test_step_5_cedar_with_the_servers_input_schema(w: World) -> None:
@@ -143,8 +170,9 @@ def test_step_5_cedar_with_the_servers_input_schema(w: World) -> None:
     assert allowed.allowed and allowed.reason == "permitted by refund-agent-tools"
     # The view's input schema types the arguments: an integer amount is a Long, which the
     # decimal comparison cannot take, so the forbid errors and fails closed.
-    integer = Servers(schemas={("refunds", "refund.create"): {"type": "object",
-                                                              "properties": {"amount": {"type": "integer"}}}})
+    integer = Servers(
+        schemas={("refunds", "refund.create"): {"type": "object", "properties": {"amount": {"type": "integer"}}}}
+    )
     typed = decide(call(w, tool="refund.create", args={"amount": 100}), state(w, integer))
     assert (typed.code, typed.policy_ids) == ("policy", ("refund-single-cap",)) and "failing closed" in typed.reason
     none = decide(call(w, RESEARCH, server="research", tool="db_write", args={"key": "k"}), state(w))
@@ -158,8 +186,14 @@ def test_step_6_limits_check_and_never_charge(w: World) -> None:
     for _ in range(3):  # checked, not charged: the same answer every time
         d = decide(paid, st)
         assert d.allowed and d.charges == {"research-daily-payments": "0.06"}
-    book.charge("research-bot", frozenset({"research-agent"}), "research", "deep_search",
-                {"research-daily-payments": Decimal("0.06")}, w.clock.ms)
+    book.charge(
+        "research-bot",
+        frozenset({"research-agent"}),
+        "research",
+        "deep_search",
+        {"research-daily-payments": Decimal("0.06")},
+        w.clock.ms,
+    )
     over = decide(paid, st)
     assert (over.code, over.step, over.charges) == ("limit", Step.LIMITS, {})
     assert over.limit_check is not None and over.limit_check.denied_by is not None
@@ -173,8 +207,15 @@ def test_step_6_limits_check_and_never_charge(w: World) -> None:
 
 
 def test_log_only_lets_policy_and_limit_denials_through_only() -> None:
-    for code, through in (("policy", True), ("no-permit", True), ("limit", True), ("quarantined", False),
-                          ("unauthenticated", False), ("bad-arguments", False), ("", True)):
+    for code, through in (
+        ("policy", True),
+        ("no-permit", True),
+        ("limit", True),
+        ("quarantined", False),
+        ("unauthenticated", False),
+        ("bad-arguments", False),
+        ("", True),
+    ):
         d = Decision(mode="log-only", args_sha256=b"", code=code, denial="x")
         assert d.goes_through is through and d.log_only is (bool(code) and through)
         assert not Decision(mode="enforce", args_sha256=b"", code=code, denial="x").log_only
@@ -221,21 +262,62 @@ CASES = [
     Case("x402-paid", *SEARCH, "research", "deep_search", {"query": "q"}, "", payment="0.06"),
     Case("x402-over-cap", *SEARCH, "research", "deep_search", {"query": "q"}, "limit", payment="0.25"),
     Case("fixed-price", *SEARCH, "research", "web_search", {"query": "q"}, ""),
-    Case("log-only-forbid", *REFUND, "refunds", "refund.approve_above_threshold", {"refund_id": "r"}, "policy",
-         edits=LOG_ONLY),
-    Case("log-only-over-cap", *SEARCH, "research", "deep_search", {"query": "q"}, "limit", payment="0.25",
-         edits=LOG_ONLY),
-    Case("log-only-unknown-agent", "mallory-bot", (), "refunds", "customer_lookup", {}, "unknown-agent",
-         edits=LOG_ONLY),
-    Case("quarantined-nitro", *REFUND, "refunds", "customer_lookup", {}, "quarantined", identities=True,
-         attestation="unverified"),
-    Case("quarantined-checksum", *SEARCH, "research", "web_search", {"query": "q"}, "quarantined", identities=True,
-         attestation="unverified"),
-    Case("quarantined-before-cedar", *REFUND, "refunds", "refund.create", {"amount": 6000}, "quarantined",
-         identities=True, attestation="unverified"),
+    Case(
+        "log-only-forbid",
+        *REFUND,
+        "refunds",
+        "refund.approve_above_threshold",
+        {"refund_id": "r"},
+        "policy",
+        edits=LOG_ONLY,
+    ),
+    Case(
+        "log-only-over-cap", *SEARCH, "research", "deep_search", {"query": "q"}, "limit", payment="0.25", edits=LOG_ONLY
+    ),
+    Case(
+        "log-only-unknown-agent", "mallory-bot", (), "refunds", "customer_lookup", {}, "unknown-agent", edits=LOG_ONLY
+    ),
+    Case(
+        "quarantined-nitro",
+        *REFUND,
+        "refunds",
+        "customer_lookup",
+        {},
+        "quarantined",
+        identities=True,
+        attestation="unverified",
+    ),
+    Case(
+        "quarantined-checksum",
+        *SEARCH,
+        "research",
+        "web_search",
+        {"query": "q"},
+        "quarantined",
+        identities=True,
+        attestation="unverified",
+    ),
+    Case(
+        "quarantined-before-cedar",
+        *REFUND,
+        "refunds",
+        "refund.create",
+        {"amount": 6000},
+        "quarantined",
+        identities=True,
+        attestation="unverified",
+    ),
     Case("proven", *REFUND, "refunds", "customer_lookup", {}, "", identities=True, prove_refunds=True),
-    Case("proven-forbid", *REFUND, "refunds", "refund.create", {"amount": 6000}, "policy", identities=True,
-         prove_refunds=True),
+    Case(
+        "proven-forbid",
+        *REFUND,
+        "refunds",
+        "refund.create",
+        {"amount": 6000},
+        "policy",
+        identities=True,
+        prove_refunds=True,
+    ),
 ]
 
 
@@ -244,8 +326,16 @@ def prove_refunds(w: World) -> None:
 
     nonce, _ = w.core.server_challenge("refunds", reconnect=True)
     doc = w.mock_nsm({0: expected_pcr0()}).attestation(nonce=nonce)
-    rep, a = w.core.report_server(server="refunds", attestation=doc, artifact=b"", certificates=[], tools_json=b"",
-                                  failure="", evidence=True, persisted_size=len(w.log))
+    rep, a = w.core.report_server(
+        server="refunds",
+        attestation=doc,
+        artifact=b"",
+        certificates=[],
+        tools_json=b"",
+        failure="",
+        evidence=True,
+        persisted_size=len(w.log),
+    )
     w.persist(a)
     assert rep.status == "verified", rep.detail
 
@@ -258,18 +348,32 @@ def test_explain_decides_what_the_enclave_decides(tmp_path: Path, case: Case) ->
     if case.edits:
         world.persist(world.core.load_policy(world.sign_bundle(2, dict(case.edits)))[2])
     arguments = json.dumps(case.args)
-    v = world.core.authorize(token=world.token(case.agent, list(case.roles)), server=case.server, tool=case.tool,
-                             arguments_json=arguments.encode(), request_id="", persisted_size=len(world.log),
-                             payment_amount=case.payment)
+    v = world.core.authorize(
+        token=world.token(case.agent, list(case.roles)),
+        server=case.server,
+        tool=case.tool,
+        arguments_json=arguments.encode(),
+        request_id="",
+        persisted_size=len(world.log),
+        payment_amount=case.payment,
+    )
     world.persist(v.log)
     entry = parse_entry(world.log[v.log_index])
     assert isinstance(entry, DecisionEntry)
 
     files = read_bundle_dir(world.bundle_dir)
     files.update({path: text.encode() for path, text in case.edits.items()})
-    ex = explain(validate_files(files), agent=case.agent, roles=list(case.roles) or None, server=case.server,
-                 tool=case.tool, arguments_json=arguments, at=world.clock.datetime(), attestation=case.attestation,
-                 payment=case.payment)
+    ex = explain(
+        validate_files(files),
+        agent=case.agent,
+        roles=list(case.roles) or None,
+        server=case.server,
+        tool=case.tool,
+        arguments_json=arguments,
+        at=world.clock.datetime(),
+        attestation=case.attestation,
+        payment=case.payment,
+    )
 
     assert entry.code == case.code, entry.reason  # the table covers what it says it covers
     assert (ex.decision, ex.code, [p["id"] for p in ex.policies]) == (entry.decision, entry.code, list(entry.policies))

@@ -284,6 +284,7 @@ def test_documents_through_the_device_path_verify(tmp_path: Path) -> None:
     typed: Nsm = nsm
     doc = typed.attestation(nonce=b"fresh", user_data=b"bound")
     root = TrustRoot.from_pem((tmp_path / "root.pem").read_bytes())
-    verified = verify_attestation(doc, AttestationPolicy(root=root, at=DOCUMENT_TIME, nonce=b"fresh",
-                                                         user_data=b"bound"))
+    verified = verify_attestation(
+        doc, AttestationPolicy(root=root, at=DOCUMENT_TIME, nonce=b"fresh", user_data=b"bound")
+    )
     assert verified.timestamp == EPOCH

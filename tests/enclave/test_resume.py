@@ -29,10 +29,15 @@ def material(w: World, start: int | None = None, **over: object) -> dict[str, ob
     s = n if start is None else start
     key_index = max(i for i, e in enumerate(log) if isinstance(parse_entry(e), KeyEntry))
     m: dict[str, object] = dict(
-        checkpoint=w.checkpoints[-1], range_size=s, range_hashes=compact_range_hashes(s, get),
-        entries=log[s:], key_entry=log[key_index], key_entry_index=key_index,
+        checkpoint=w.checkpoints[-1],
+        range_size=s,
+        range_hashes=compact_range_hashes(s, get),
+        entries=log[s:],
+        key_entry=log[key_index],
+        key_entry_index=key_index,
         key_entry_proof=inclusion_proof(key_index, n, get),
-        boundary_entry=log[s - 1] if s else b"", boundary_proof=inclusion_proof(s - 1, n, get) if s else [],
+        boundary_entry=log[s - 1] if s else b"",
+        boundary_proof=inclusion_proof(s - 1, n, get) if s else [],
     )
     m.update(over)
     return m
@@ -40,9 +45,14 @@ def material(w: World, start: int | None = None, **over: object) -> dict[str, ob
 
 def spend(w: World, core: EnclaveCore, amount: int) -> bool:
     tok = w.token("refund-bot", ["refund-agent"])
-    v = core.authorize(token=tok, server="refunds", tool="refund.create",
-                       arguments_json=json.dumps({"customer_id": "c", "amount": amount}).encode(),
-                       request_id="", persisted_size=len(w.log))
+    v = core.authorize(
+        token=tok,
+        server="refunds",
+        tool="refund.create",
+        arguments_json=json.dumps({"customer_id": "c", "amount": amount}).encode(),
+        request_id="",
+        persisted_size=len(w.log),
+    )
     w.persist(v.log)
     return v.allowed
 
@@ -91,11 +101,15 @@ def test_resume_refuses_short_history_for_limits(w: World) -> None:
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
-        (lambda w, m: m.update(entries=[*m["entries"][:-1], m["entries"][-1][:-1] + b"\x00"]),
-         "do not hash to the checkpoint"),
+        (
+            lambda w, m: m.update(entries=[*m["entries"][:-1], m["entries"][-1][:-1] + b"\x00"]),
+            "do not hash to the checkpoint",
+        ),
         (lambda w, m: m.update(entries=m["entries"][:-1]), "entries != checkpoint size"),
-        (lambda w, m: m.update(checkpoint=w.checkpoints[-1].replace(b"cloister.test/log\n", b"other/log\n", 1)),
-         "signature|origin|known key"),
+        (
+            lambda w, m: m.update(checkpoint=w.checkpoints[-1].replace(b"cloister.test/log\n", b"other/log\n", 1)),
+            "signature|origin|known key",
+        ),
         (lambda w, m: m.update(key_entry_index=1), "inclusion|proof|root"),
         (lambda w, m: m.update(key_entry=w.log[1]), "is a PolicyEntry"),
         (lambda w, m: m.update(checkpoint=w.checkpoints[1]), "inclusion proof too long"),  # an older checkpoint

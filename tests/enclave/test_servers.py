@@ -30,8 +30,16 @@ def tls_cert(now: dt.datetime = EPOCH) -> tuple[bytes, str]:
     """A one-day certificate valid from the test world's epoch (never the wall clock)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "billing.internal")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     spki = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return cert.public_bytes(Encoding.DER), hashlib.sha256(spki).hexdigest()
 
@@ -75,22 +83,44 @@ when { resource.category == "payments" && resource.attestation != "nitro" };
 @pytest.fixture
 def w(tmp_path: Path) -> World:
     w = make_world(tmp_path)
-    w.persist(w.core.load_policy(w.sign_bundle(2, {"entities.toml": ENTITIES, "limits.toml": "",
-                                                   "policies/refunds.cedar": POLICIES,
-                                                   "policies/research.cedar": None}))[2])
+    w.persist(
+        w.core.load_policy(
+            w.sign_bundle(
+                2,
+                {
+                    "entities.toml": ENTITIES,
+                    "limits.toml": "",
+                    "policies/refunds.cedar": POLICIES,
+                    "policies/research.cedar": None,
+                },
+            )
+        )[2]
+    )
     return w
 
 
 def call(w: World, server: str, tool: str) -> tuple[bool, str]:
-    v = w.core.authorize(token=w.token("refund-bot", ["refund-agent"]), server=server, tool=tool,
-                         arguments_json=b"{}", request_id="", persisted_size=len(w.log))
+    v = w.core.authorize(
+        token=w.token("refund-bot", ["refund-agent"]),
+        server=server,
+        tool=tool,
+        arguments_json=b"{}",
+        request_id="",
+        persisted_size=len(w.log),
+    )
     w.persist(v.log)
     return v.allowed, v.reason
 
 
 def report(w: World, server: str, **kw: object) -> tuple[str, list[str], list[ServerEntry]]:
-    args: dict[str, object] = {"attestation": b"", "artifact": b"", "certificates": [], "tools_json": b"",
-                               "failure": "", "evidence": True}
+    args: dict[str, object] = {
+        "attestation": b"",
+        "artifact": b"",
+        "certificates": [],
+        "tools_json": b"",
+        "failure": "",
+        "evidence": True,
+    }
     args.update(kw)
     rep, a = w.core.report_server(server=server, persisted_size=len(w.log), **args)  # type: ignore[arg-type]
     w.persist(a)
@@ -99,8 +129,15 @@ def report(w: World, server: str, **kw: object) -> tuple[str, list[str], list[Se
 
 
 def visible(w: World) -> list[tuple[str, str]]:
-    cands = [(s, t) for s, ts in (("refunds", ["customer_lookup"]), ("research", ["web_search", "db_write"]),
-                                  ("billing", ["charge"])) for t in ts]
+    cands = [
+        (s, t)
+        for s, ts in (
+            ("refunds", ["customer_lookup"]),
+            ("research", ["web_search", "db_write"]),
+            ("billing", ["charge"]),
+        )
+        for t in ts
+    ]
     return w.core.visible_tools(w.token("refund-bot", ["refund-agent"]), cands)[1]
 
 

@@ -31,7 +31,9 @@ def make_bundle(dst: Path) -> Path:
 def add_issuer_key(dst: Path) -> Path:
     (dst / "issuers").mkdir(exist_ok=True)
     key = ed25519.Ed25519PrivateKey.generate().public_key()
-    (dst / "issuers" / "cloister-dev.pem").write_bytes(key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    (dst / "issuers" / "cloister-dev.pem").write_bytes(
+        key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
     return dst
 
 
@@ -56,5 +58,10 @@ def messages(v: Validation) -> list[str]:
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cloister.cli", "policy", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cloister.cli", "policy", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=timeout,
+    )

@@ -25,16 +25,21 @@ def _changed_copy(bundle: Path, dst: Path) -> Path:
     shutil.copytree(bundle, dst)
     _edit(dst / "bundle.toml", 'mode = "enforce"', 'mode = "log-only"')
     _edit(dst / "limits.toml", 'max = "10000"\nwindow = "1h"', 'max = "5000"\nwindow = "30m"')
-    (dst / "limits.toml").write_text((dst / "limits.toml").read_text() + (
-        '\n[[limits]]\nid = "research-searches"\nkind = "rate"\nper = "tool"\n'
-        'tools = ["research___web_search"]\nmax = "100"\nwindow = "1h"\n'))
+    (dst / "limits.toml").write_text(
+        (dst / "limits.toml").read_text()
+        + (
+            '\n[[limits]]\nid = "research-searches"\nkind = "rate"\nper = "tool"\n'
+            'tools = ["research___web_search"]\nmax = "100"\nwindow = "1h"\n'
+        )
+    )
     _edit(dst / "policies" / "refunds.cedar", 'decimal("5000.0")', 'decimal("2500.0")')
     (dst / "policies" / "research.cedar").unlink()
     (dst / "policies" / "research2.cedar").write_text(
         '@id("research-agent-search")\npermit (\n  principal in Cloister::Role::"research-agent",\n'
         '  action == Cloister::Action::"research___web_search",\n  resource == Cloister::Server::"research"\n);\n'
-        '@id("eu-only")\nforbid (principal, action, resource) unless { principal.region == resource.region };\n')
-    _edit(dst / "entities.toml", "[agents.research-bot]", '[agents.audit-bot]\nroles = []\n\n[agents.research-bot]')
+        '@id("eu-only")\nforbid (principal, action, resource) unless { principal.region == resource.region };\n'
+    )
+    _edit(dst / "entities.toml", "[agents.research-bot]", "[agents.audit-bot]\nroles = []\n\n[agents.research-bot]")
     _edit(dst / "entities.toml", 'tools = ["web_search", "db_write"]', 'tools = ["web_search", "db_write", "fetch"]')
     return dst
 
@@ -44,26 +49,32 @@ def test_semantic_summary(bundle: Path, tmp_path: Path) -> None:
     d = diff_bundles(load_source(bundle), load_source(new))
     s = d.semantic
     assert s["settings"] == {"mode": ["enforce", "log-only"]}
-    assert s["policies"] == {"added": ["eu-only"], "removed": [], "changed": ["refund-single-cap"],
-                             "moved": {"research-agent-search": ["policies/research.cedar",
-                                                                 "policies/research2.cedar"]}}
+    assert s["policies"] == {
+        "added": ["eu-only"],
+        "removed": [],
+        "changed": ["refund-single-cap"],
+        "moved": {"research-agent-search": ["policies/research.cedar", "policies/research2.cedar"]},
+    }
     assert s["agents"] == {"added": ["audit-bot"], "removed": [], "changed": []}
     assert s["tools"] == {"added": ["research___fetch"], "removed": [], "changed": []}
     assert s["servers"]["changed"] == []  # tools are reported as tools
-    assert s["limits"]["changed"] == {"refund-bot-hourly-refunds": {"max": ["10000", "5000"],
-                                                                    "window": ["1h", "30m"]}}
+    assert s["limits"]["changed"] == {"refund-bot-hourly-refunds": {"max": ["10000", "5000"], "window": ["1h", "30m"]}}
     assert list(s["limits"]["added"]) == ["research-searches"]
     text = render(d)
-    for line in ("  mode: enforce -> log-only   (log-only decides and logs but does not block)",
-                 "  policy added: eu-only", "  policy changed: refund-single-cap",
-                 "  policy moved: research-agent-search (policies/research.cedar -> policies/research2.cedar)",
-                 "  agent added: audit-bot", "  tool added: research___fetch",
-                 "  limit changed: refund-bot-hourly-refunds: max 10000 -> 5000, window 1h -> 30m",
-                 "  limit added: research-searches (rate max 100 per 1h per tool, cost call, "
-                 "tools research___web_search)",
-                 "--- policies/research.cedar (removed)", "--- policies/research2.cedar (added)",
-                 '-when { context.input.amount.greaterThan(decimal("5000.0")) };',
-                 '+when { context.input.amount.greaterThan(decimal("2500.0")) };'):
+    for line in (
+        "  mode: enforce -> log-only   (log-only decides and logs but does not block)",
+        "  policy added: eu-only",
+        "  policy changed: refund-single-cap",
+        "  policy moved: research-agent-search (policies/research.cedar -> policies/research2.cedar)",
+        "  agent added: audit-bot",
+        "  tool added: research___fetch",
+        "  limit changed: refund-bot-hourly-refunds: max 10000 -> 5000, window 1h -> 30m",
+        "  limit added: research-searches (rate max 100 per 1h per tool, cost call, tools research___web_search)",
+        "--- policies/research.cedar (removed)",
+        "--- policies/research2.cedar (added)",
+        '-when { context.input.amount.greaterThan(decimal("5000.0")) };',
+        '+when { context.input.amount.greaterThan(decimal("2500.0")) };',
+    ):
         assert line in text.splitlines(), (line, text)
 
 

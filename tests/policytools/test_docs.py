@@ -46,12 +46,21 @@ def validation(doc: tuple[dict[str, bytes], list[str], str]) -> Validation:
     return validate_files(doc[0])
 
 
-def test_the_documented_bundle_is_complete_and_valid(doc: tuple[dict[str, bytes], list[str], str],
-                                                     validation: Validation) -> None:
+def test_the_documented_bundle_is_complete_and_valid(
+    doc: tuple[dict[str, bytes], list[str], str], validation: Validation
+) -> None:
     files = doc[0]
-    assert {"bundle.toml", "entities.toml", "issuers.toml", "limits.toml", "schema.cedarschema",
-            "policies/refunds.cedar", "policies/guardrails.cedar", "policies/research.cedar",
-            "inputs/refunds___refund.create.json"} <= set(files)
+    assert {
+        "bundle.toml",
+        "entities.toml",
+        "issuers.toml",
+        "limits.toml",
+        "schema.cedarschema",
+        "policies/refunds.cedar",
+        "policies/guardrails.cedar",
+        "policies/research.cedar",
+        "inputs/refunds___refund.create.json",
+    } <= set(files)
     assert validation.ok and not validation.findings, messages(validation)
     assert validation.schema == "file"
     assert len(validation.policies) == 6 and len(validation.bundle.limits) == 4  # type: ignore[union-attr]
@@ -69,10 +78,26 @@ def doc_snippet(policy_id: str) -> str:
     return next(x for x in _blocks()[1] if f'@id("{policy_id}")' in x)
 
 
-def ask(v: Validation, agent: str, server: str, tool: str, args: object, *, at: datetime = AT,
-        attestation: str | None = "nitro") -> Explanation:
-    return explain(v, agent=agent, roles=None, server=server, tool=tool, arguments_json=json.dumps(args), at=at,
-                   attestation=attestation)
+def ask(
+    v: Validation,
+    agent: str,
+    server: str,
+    tool: str,
+    args: object,
+    *,
+    at: datetime = AT,
+    attestation: str | None = "nitro",
+) -> Explanation:
+    return explain(
+        v,
+        agent=agent,
+        roles=None,
+        server=server,
+        tool=tool,
+        arguments_json=json.dumps(args),
+        at=at,
+        attestation=attestation,
+    )
 
 
 def test_the_decisions_the_guide_describes(validation: Validation) -> None:
@@ -103,18 +128,22 @@ def test_the_decisions_the_guide_describes(validation: Validation) -> None:
     for tool in ("customer_lookup", "refund.create"):
         assert ask(validation, "research-bot", "refunds", tool, {}).discoverable is False
     # Limits: the costs the guide lists.
-    costs = {lim["id"]: lim["cost"] for lim in ask(validation, "research-bot", "research", "web_search",
-                                                   {"query": "x"}).limits}
+    costs = {
+        lim["id"]: lim["cost"]
+        for lim in ask(validation, "research-bot", "research", "web_search", {"query": "x"}).limits
+    }
     assert costs == {"agent-call-rate": "1", "search-spend": "0.002", "research-x402": "0"}
 
 
-def test_the_explain_example_output_is_what_explain_prints(doc: tuple[dict[str, bytes], list[str], str],
-                                                           validation: Validation) -> None:
+def test_the_explain_example_output_is_what_explain_prints(
+    doc: tuple[dict[str, bytes], list[str], str], validation: Validation
+) -> None:
     text = doc[2]
-    example = text[text.index("$ cloister policy explain"):]
-    example = example[example.index("decision:"):example.index("```")]
-    out = render(ask(validation, "refund-bot", "refunds", "refund.create", {"amount": 700, "customer": "c-42"},
-                     attestation=None)).splitlines()
+    example = text[text.index("$ cloister policy explain") :]
+    example = example[example.index("decision:") : example.index("```")]
+    out = render(
+        ask(validation, "refund-bot", "refunds", "refund.create", {"amount": 700, "customer": "c-42"}, attestation=None)
+    ).splitlines()
     for line in example.splitlines():
         if line.strip() and line.strip() != "...":
             assert line in out, (line, out)

@@ -91,7 +91,8 @@ def test_sign_then_push_then_every_bad_bundle_is_refused(relay: Relay, tmp_path:
     # A stale version (a replay of the one in force) and a rollback.
     assert refused(signed.read_bytes(), "replay") == (
         "cloister policy push: refused: the enclave refused the bundle: bundle version 2 is not above the version in "
-        "force (2); rollbacks and replays are refused\n")
+        "force (2); rollbacks and replays are refused\n"
+    )
     assert "bundle version 1 is not above" in refused(sign_bundle(files, 1, admin), "rollback")
     # Signed by a key the enclave does not pin.
     stranger = ed25519.Ed25519PrivateKey.generate()
@@ -100,21 +101,27 @@ def test_sign_then_push_then_every_bad_bundle_is_refused(relay: Relay, tmp_path:
     good = bytearray(sign_bundle(files, 3, admin))
     good[-1] ^= 1
     assert f"bundle signature by admin key '{admin_key_id(admin.public_key())}' does not verify" in refused(
-        bytes(good), "tampered")
+        bytes(good), "tampered"
+    )
     # Content the enclave's parser refuses, signed by the real key (bypassing `policy sign`).
     bad_cedar = {**files, "policies/x.cedar": b'@id("x") permit (principal, action, resource) when { 1 + };'}
     assert "policies/x.cedar: invalid Cedar" in refused(sign_bundle(bad_cedar, 3, admin), "cedar")
     negative = {**files, "limits.toml": b'[[limits]]\nid = "n"\nkind = "rate"\nmax = "-1"\nwindow = "1h"\n'}
     assert "limits.toml: limit 'n': max: '-1' is negative or absurdly large" in refused(
-        sign_bundle(negative, 3, admin), "negative")
-    unknown = {**files, "limits.toml": b'[[limits]]\nid = "u"\nkind = "rate"\nagents = ["ghost"]\nmax = "1"\n'
-                                        b'window = "1h"\n'}
+        sign_bundle(negative, 3, admin), "negative"
+    )
+    unknown = {
+        **files,
+        "limits.toml": b'[[limits]]\nid = "u"\nkind = "rate"\nagents = ["ghost"]\nmax = "1"\nwindow = "1h"\n',
+    }
     assert "limits.toml: limit 'u': unknown agent 'ghost'" in refused(sign_bundle(unknown, 3, admin), "unknown")
 
     # The next version, validated and signed by the CLI, is accepted.
     v3 = tmp_path / "v3.bundle"
-    assert cli("sign", str(relay.state.bundle_dir), "--key", str(admin_key), "--version", "3",
-               "--out", str(v3)).returncode == 0
+    assert (
+        cli("sign", str(relay.state.bundle_dir), "--key", str(admin_key), "--version", "3", "--out", str(v3)).returncode
+        == 0
+    )
     result = push(v3, relay.url)
     assert (result.outcome, result.version, result.exit_code) == ("in-force", 3, 0)
 
@@ -126,8 +133,14 @@ def test_an_oversize_bundle_is_refused(relay: Relay, tmp_path: Path) -> None:
     files = read_bundle_dir(relay.state.bundle_dir)
     before = relay.version
     # `sign_bundle` refuses to make one, so build the COSE_Sign1 by hand.
-    payload = cbor2.dumps({"format": "cloister-bundle/1", "version": before + 1,
-                           "files": {**files, "big.txt": b"x" * ((8 << 20) + (64 << 10))}}, canonical=True)
+    payload = cbor2.dumps(
+        {
+            "format": "cloister-bundle/1",
+            "version": before + 1,
+            "files": {**files, "big.txt": b"x" * ((8 << 20) + (64 << 10))},
+        },
+        canonical=True,
+    )
     kid = admin_key_id(admin.public_key()).encode()
     path = tmp_path / "big.bundle"
     path.write_bytes(encode_cose_sign1({1: ALG_EDDSA, 4: kid}, {}, payload, admin.sign, tagged=True))
@@ -135,8 +148,12 @@ def test_an_oversize_bundle_is_refused(relay: Relay, tmp_path: Path) -> None:
     r = cli("push", str(path), "--relay", relay.url)
     assert r.returncode == 1 and "more than a bundle may have" in r.stderr, r.stderr
     # Sent anyway, the enclave refuses it with the reason.
-    req = urllib.request.Request(f"{relay.url}/admin/policy", data=path.read_bytes(), method="POST",
-                                 headers={"Content-Type": "application/octet-stream"})
+    req = urllib.request.Request(
+        f"{relay.url}/admin/policy",
+        data=path.read_bytes(),
+        method="POST",
+        headers={"Content-Type": "application/octet-stream"},
+    )
     with pytest.raises(urllib.error.HTTPError) as answer:
         urllib.request.urlopen(req, timeout=30)
     assert answer.value.code in (409, 413)

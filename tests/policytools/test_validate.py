@@ -63,7 +63,8 @@ def test_cli_lists_every_error_with_file_and_line_and_exits_1(bundle: Path) -> N
     (bundle / "bundle.toml").write_text('[bundle]\nname = "x"\nmode = \n')
     (bundle / "policies" / "bad.cedar").write_text(
         '@id("a")\npermit (principal, action, resource)\nwhen { context.input.amount < };\n\n'
-        '@id("b")\npermit (principal, action, resource) when { foo(1) };\n')
+        '@id("b")\npermit (principal, action, resource) when { foo(1) };\n'
+    )
     r = cli("validate", str(bundle), "--json")
     assert r.returncode == 1
     out = json.loads(r.stdout)
@@ -94,38 +95,71 @@ def test_bad_setting_points_at_its_line(bundle: Path) -> None:
 
 
 def test_invalid_cedar_every_statement_is_located(bundle: Path) -> None:
-    v = validate(bundle, {"policies/x.cedar": (
-        '// a comment with a ; in it\n'
-        '@id("one")\npermit (principal, action, resource)\n  when { context.input.amount < };\n'
-        '@id("two")\npermit (principal == Cloister::Role, action, resource);\n'
-        '@id("three")\n@id("again") permit (principal, action, resource);\n'
-        '@id("four")\npermit (principal, action, resource) when { "unterminated };\n')})
+    v = validate(
+        bundle,
+        {
+            "policies/x.cedar": (
+                "// a comment with a ; in it\n"
+                '@id("one")\npermit (principal, action, resource)\n  when { context.input.amount < };\n'
+                '@id("two")\npermit (principal == Cloister::Role, action, resource);\n'
+                '@id("three")\n@id("again") permit (principal, action, resource);\n'
+                '@id("four")\npermit (principal, action, resource) when { "unterminated };\n'
+            )
+        },
+    )
     assert [(f.file, f.line) for f in v.errors] == [
-        ("policies/x.cedar", 4), ("policies/x.cedar", 6), ("policies/x.cedar", 8), ("policies/x.cedar", 10)
+        ("policies/x.cedar", 4),
+        ("policies/x.cedar", 6),
+        ("policies/x.cedar", 8),
+        ("policies/x.cedar", 10),
     ], messages(v)
     assert "unexpected token `}`" in v.errors[0].message
     assert "duplicate annotation" in v.errors[2].message
 
 
 def test_a_policy_without_id_is_an_error(bundle: Path) -> None:
-    v = validate(bundle, {"policies/x.cedar": '\n\npermit (principal, action == Cloister::Action::"research___web_search",'
-                                              ' resource);\n'})
+    v = validate(
+        bundle,
+        {
+            "policies/x.cedar": '\n\npermit (principal, action == Cloister::Action::"research___web_search",'
+            " resource);\n"
+        },
+    )
     assert not v.ok
-    assert messages(v) == ["policies/x.cedar:3: error: policy #0 has no @id(\"...\"): decisions and the log would "
-                           "call it 'x.cedar#0', which changes when policies move"]
+    assert messages(v) == [
+        'policies/x.cedar:3: error: policy #0 has no @id("..."): decisions and the log would '
+        "call it 'x.cedar#0', which changes when policies move"
+    ]
 
 
 def test_unknown_entities_in_policies(bundle: Path) -> None:
-    v = validate(bundle, {"policies/x.cedar": (
-        '@id("a")\npermit (\n  principal in Cloister::Role::"nobody",\n'
-        '  action == Cloister::Action::"refunds___refund.delete",\n  resource == Cloister::Server::"payroll"\n);\n'
-        '@id("b")\npermit (principal == AgentCore::User::"x", action, resource)\n'
-        '  when { principal == Cloister::Agent::"ghost" };\n')})
+    v = validate(
+        bundle,
+        {
+            "policies/x.cedar": (
+                '@id("a")\npermit (\n  principal in Cloister::Role::"nobody",\n'
+                '  action == Cloister::Action::"refunds___refund.delete",\n  resource == Cloister::Server::"payroll"\n);\n'
+                '@id("b")\npermit (principal == AgentCore::User::"x", action, resource)\n'
+                '  when { principal == Cloister::Agent::"ghost" };\n'
+            )
+        },
+    )
     got = messages(v)
-    assert "policies/x.cedar:3: error: policy 'a': unknown role 'nobody' (entities.toml [roles] does not declare it)" in got
-    assert any(m.startswith("policies/x.cedar:4: error: policy 'a': unknown tool 'refunds___refund.delete': server "
-                            "'refunds' has no tool 'refund.delete'") for m in got), got
-    assert "policies/x.cedar:5: error: policy 'a': unknown server 'payroll' (entities.toml has no [servers.payroll])" in got
+    assert (
+        "policies/x.cedar:3: error: policy 'a': unknown role 'nobody' (entities.toml [roles] does not declare it)"
+        in got
+    )
+    assert any(
+        m.startswith(
+            "policies/x.cedar:4: error: policy 'a': unknown tool 'refunds___refund.delete': server "
+            "'refunds' has no tool 'refund.delete'"
+        )
+        for m in got
+    ), got
+    assert (
+        "policies/x.cedar:5: error: policy 'a': unknown server 'payroll' (entities.toml has no [servers.payroll])"
+        in got
+    )
     assert any(m.startswith("policies/x.cedar:8: error: policy 'b': entity type AgentCore::User") for m in got), got
     assert "policies/x.cedar:9: error: policy 'b': unknown agent 'ghost' (entities.toml has no [agents.ghost])" in got
     # The generated schema does not repeat what the reference check already said.
@@ -133,65 +167,106 @@ def test_unknown_entities_in_policies(bundle: Path) -> None:
 
 
 def test_generated_schema_catches_attribute_typos_as_warnings(bundle: Path) -> None:
-    v = validate(bundle, {"policies/x.cedar": (
-        '@id("typo")\nforbid (principal, action, resource)\nwhen { principal.regoin != resource.region };\n')})
+    v = validate(
+        bundle,
+        {
+            "policies/x.cedar": (
+                '@id("typo")\nforbid (principal, action, resource)\nwhen { principal.regoin != resource.region };\n'
+            )
+        },
+    )
     assert v.ok
     assert [(f.file, f.line) for f in v.warnings] == [("policies/x.cedar", 3)]
     assert "attribute `regoin` on entity type `Cloister::Agent` not found" in v.warnings[0].message
     assert "generated" in v.warnings[0].message
     # --strict turns warnings into failure.
     (bundle / "policies" / "x.cedar").write_text(
-        '@id("typo")\nforbid (principal, action, resource)\nwhen { principal.regoin != resource.region };\n')
+        '@id("typo")\nforbid (principal, action, resource)\nwhen { principal.regoin != resource.region };\n'
+    )
     assert cli("validate", str(bundle)).returncode == 0
     strict = cli("validate", "--strict", str(bundle))
     assert strict.returncode == 1 and "1 warning(s) (--strict)" in strict.stdout
 
 
 def test_generated_schema_types_arguments_from_input_schemas(bundle: Path) -> None:
-    inputs = {"type": "object", "properties": {"amount": {"type": "number"}, "customer": {"type": "string"}},
-              "required": ["amount"]}
-    v = validate(bundle, {"inputs/refunds___refund.create.json": json.dumps(inputs), "policies/x.cedar": (
-        '@id("x")\nforbid (principal, action == Cloister::Action::"refunds___refund.create", resource)\n'
-        'when { context.input.amount > 5 ||\n context.input.custmer == "x" };\n'
-        '@id("y")\nforbid (principal, action == Cloister::Action::"refunds___refund.create", resource)\n'
-        'when { context.input.customer == "x" };\n')})
+    inputs = {
+        "type": "object",
+        "properties": {"amount": {"type": "number"}, "customer": {"type": "string"}},
+        "required": ["amount"],
+    }
+    v = validate(
+        bundle,
+        {
+            "inputs/refunds___refund.create.json": json.dumps(inputs),
+            "policies/x.cedar": (
+                '@id("x")\nforbid (principal, action == Cloister::Action::"refunds___refund.create", resource)\n'
+                'when { context.input.amount > 5 ||\n context.input.custmer == "x" };\n'
+                '@id("y")\nforbid (principal, action == Cloister::Action::"refunds___refund.create", resource)\n'
+                'when { context.input.customer == "x" };\n'
+            ),
+        },
+    )
     assert v.ok
     # (The validator's order of errors within a policy varies between runs.)
     assert sorted((f.line, f.message.split(" (against")[0]) for f in v.warnings) == [
         (1, "policy 'x': unexpected type: expected Long but saw decimal"),  # numbers are decimals
-        (4, "policy 'x': attribute `input.custmer` in context for Cloister::Action::\"refunds___refund.create\" "
-            "not found"),
-        (7, "policy 'y': unable to guarantee safety of access to optional attribute `input.customer` in context for "
-            "Cloister::Action::\"refunds___refund.create\""),
+        (
+            4,
+            "policy 'x': attribute `input.custmer` in context for Cloister::Action::\"refunds___refund.create\" "
+            "not found",
+        ),
+        (
+            7,
+            "policy 'y': unable to guarantee safety of access to optional attribute `input.customer` in context for "
+            'Cloister::Action::"refunds___refund.create"',
+        ),
     ], messages(v)
     # Untyped tools: nothing is said about their arguments.
-    v2 = validate(bundle, {"policies/x.cedar": '@id("x")\nforbid (principal, action == '
-                           'Cloister::Action::"refunds___refund.create", resource) when { context.input.anything };\n'})
+    v2 = validate(
+        bundle,
+        {
+            "policies/x.cedar": '@id("x")\nforbid (principal, action == '
+            'Cloister::Action::"refunds___refund.create", resource) when { context.input.anything };\n'
+        },
+    )
     assert v2.ok and not v2.findings, messages(v2)
 
 
 def test_schema_file_violations_are_errors_with_lines(bundle: Path) -> None:
     assert validate(bundle, {"schema.cedarschema": SCHEMA}).findings == []
-    bad_policy = validate(bundle, {"schema.cedarschema": SCHEMA, "policies/x.cedar": (
-        '@id("x")\nforbid (principal, action == Cloister::Action::"refunds___refund.create", resource)\n'
-        'when { context.input.amount like "5*" };\n')})
+    bad_policy = validate(
+        bundle,
+        {
+            "schema.cedarschema": SCHEMA,
+            "policies/x.cedar": (
+                '@id("x")\nforbid (principal, action == Cloister::Action::"refunds___refund.create", resource)\n'
+                'when { context.input.amount like "5*" };\n'
+            ),
+        },
+    )
     assert [(f.file, f.line) for f in bad_policy.errors] == [("policies/x.cedar", 1)]
     assert "expected String but saw decimal" in bad_policy.errors[0].message
     # An entity that does not conform: the agent's region is a String, the schema says Long.
     bad_entity = validate(bundle, {"schema.cedarschema": SCHEMA.replace('"region": String }', '"region": Long }')})
     got = messages(bad_entity)
-    assert ("entities.toml:9: error: [agents.refund-bot]: Cloister::Agent::\"refund-bot\" does not conform to "
-            "schema.cedarschema: attribute 'region' = 'eu': the schema declares Long, the value is a String") in got
+    assert (
+        'entities.toml:9: error: [agents.refund-bot]: Cloister::Agent::"refund-bot" does not conform to '
+        "schema.cedarschema: attribute 'region' = 'eu': the schema declares Long, the value is a String"
+    ) in got
     # A schema that does not parse is located too.
-    broken = validate(bundle, {"schema.cedarschema": "namespace Cloister {\n  entity Role;\n  entity Agent in [Role]\n}\n"})
+    broken = validate(
+        bundle, {"schema.cedarschema": "namespace Cloister {\n  entity Role;\n  entity Agent in [Role]\n}\n"}
+    )
     assert [(f.file, f.line) for f in broken.errors] == [("schema.cedarschema", 4)], messages(broken)
     # A tool the schema does not declare is a warning (policies naming it cannot be validated).
-    partial = validate(bundle, {"schema.cedarschema": SCHEMA.replace('"research___web_search", ', '')})
+    partial = validate(bundle, {"schema.cedarschema": SCHEMA.replace('"research___web_search", ', "")})
     assert any('declares no action "research___web_search"' in f.message for f in partial.warnings)
 
 
 def test_limits_every_bad_limit_is_reported_with_its_line(bundle: Path) -> None:
-    text = EXAMPLE_LIMITS + """
+    text = (
+        EXAMPLE_LIMITS
+        + """
 [[limits]]
 id = "negative"
 kind = "spend"
@@ -232,6 +307,7 @@ tools = ["refunds___refund.delete"]
 max = "1"
 window = "1m"
 """
+    )
     got = messages(validate(bundle, {"limits.toml": text}))
     assert got == [
         "limits.toml:16: error: limit 'negative': max: '-5' is negative or absurdly large",
@@ -262,9 +338,13 @@ window = "1h"
     v = validate(bundle, {"limits.toml": text})
     assert v.ok
     got = messages(v)
-    assert any("limits.toml:3: warning: limit 'every-call-needs-amount' charges argument 'amount' but selects no "
-               "tools" in m for m in got), got
-    assert "limits.toml:10: warning: limit 'nobody-has-it' matches no registered agent (check its agents and roles)" in got
+    assert any(
+        "limits.toml:3: warning: limit 'every-call-needs-amount' charges argument 'amount' but selects no tools" in m
+        for m in got
+    ), got
+    assert (
+        "limits.toml:10: warning: limit 'nobody-has-it' matches no registered agent (check its agents and roles)" in got
+    )
     assert "limits.toml:10: warning: limit 'nobody-has-it' has max 0: it refuses every call it matches" in got
 
 
@@ -282,11 +362,12 @@ def test_oversize_bundle(bundle: Path) -> None:
 
 def test_missing_pieces(bundle: Path) -> None:
     assert messages(validate(bundle, {"issuers/cloister-dev.pem": None})) == [
-        "issuers.toml:5: error: [issuers.cloister-dev]: key file 'issuers/cloister-dev.pem' is not in the bundle"]
+        "issuers.toml:5: error: [issuers.cloister-dev]: key file 'issuers/cloister-dev.pem' is not in the bundle"
+    ]
     assert messages(validate(bundle, {"policies/refunds.cedar": None, "policies/research.cedar": None})) == [
-        "policies/: error: no .cedar files (a bundle without policies would deny everything)"]
-    assert messages(validate(bundle, {"bundle.toml": None})) == [
-        "bundle.toml: error: missing (every bundle needs one)"]
+        "policies/: error: no .cedar files (a bundle without policies would deny everything)"
+    ]
+    assert messages(validate(bundle, {"bundle.toml": None})) == ["bundle.toml: error: missing (every bundle needs one)"]
     assert messages(validate(bundle, {"policies/x.cedar": ""})) == []  # an empty file is allowed
 
 
@@ -298,17 +379,21 @@ def test_not_utf8(bundle: Path) -> None:
 
 # ---- the locator, on its own ----------------------------------------------------------------------
 
+
 def _parse(text: str) -> None:
     cedarpy.policies_to_json_str(text)
 
 
-@pytest.mark.parametrize(("text", "line", "col"), [
-    ("permit (principal, action, resource)\nwhen { 1 + };", 2, 12),
-    ("permit (\n  principal,\n  action,\n  resource\n) when {\n  foo(1) };", 6, 3),
-    ("permit (principal, action, resource)\nwhen { context.x.bar(1) };", 2, 18),
-    ("permitt (principal, action, resource);", 1, 1),
-    ("permit (principal, action, resource)", 1, 37),  # end of input
-])
+@pytest.mark.parametrize(
+    ("text", "line", "col"),
+    [
+        ("permit (principal, action, resource)\nwhen { 1 + };", 2, 12),
+        ("permit (\n  principal,\n  action,\n  resource\n) when {\n  foo(1) };", 6, 3),
+        ("permit (principal, action, resource)\nwhen { context.x.bar(1) };", 2, 18),
+        ("permitt (principal, action, resource);", 1, 1),
+        ("permit (principal, action, resource)", 1, 37),  # end of input
+    ],
+)
 def test_locate_parse_error(text: str, line: int, col: int) -> None:
     with pytest.raises(ValueError, match=r".") as exc:
         _parse(text)
@@ -317,8 +402,10 @@ def test_locate_parse_error(text: str, line: int, col: int) -> None:
 
 
 def test_split_statements_keeps_comments_and_strings() -> None:
-    text = ('// first\n// policy\n@id("a;b")\npermit (principal, action, resource)\n'
-            'when { context.input.q == "x;y" };\n\n// unrelated\n\n@id("c") forbid (principal, action, resource);\n')
+    text = (
+        '// first\n// policy\n@id("a;b")\npermit (principal, action, resource)\n'
+        'when { context.input.q == "x;y" };\n\n// unrelated\n\n@id("c") forbid (principal, action, resource);\n'
+    )
     sts = split_statements(text)
     assert [(s.index, s.line, s.end_line) for s in sts] == [(0, 3, 5), (1, 9, 9)]
     assert sts[0].comment == "// first\n// policy" and sts[1].comment == ""
@@ -344,10 +431,15 @@ def test_the_shipped_example_bundle_is_valid(tmp_path: Path) -> None:
 
 def test_the_generated_schema_saved_as_the_bundle_schema_validates_it(bundle: Path) -> None:
     (bundle / "inputs").mkdir()
-    (bundle / "inputs" / "refunds___refund.create.json").write_text(json.dumps(
-        {"type": "object", "properties": {"amount": {"type": "number"}, "tags": {"type": "array",
-                                                                                "items": {"type": "string"}}},
-         "required": ["amount"]}))
+    (bundle / "inputs" / "refunds___refund.create.json").write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {"amount": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"}}},
+                "required": ["amount"],
+            }
+        )
+    )
     r = cli("schema", str(bundle))
     assert r.returncode == 0, r.stderr
     cedarpy.Schema.from_str(r.stdout)

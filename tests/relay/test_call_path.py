@@ -58,8 +58,9 @@ class StandInUpstream(Upstream):
         grant = base64.b64decode(meta[GRANT_META_KEY])
         index = read_grant(grant).log_index
         stored = await writer.read_entries(index, index + 1) if index < writer.persisted_size else []
-        self.forwarded.append(Forwarded(tool, arguments, meta, writer.persisted_size,
-                                        parse_entry(stored[0]) if stored else None))
+        self.forwarded.append(
+            Forwarded(tool, arguments, meta, writer.persisted_size, parse_entry(stored[0]) if stored else None)
+        )
         return types.CallToolResult(content=[types.TextContent(text=json.dumps({"ok": arguments}))])
 
 
@@ -72,10 +73,12 @@ class Rig:
     calls: CallPath
     stand_ins: dict[str, StandInUpstream] = field(default_factory=dict)
 
-    async def call(self, token: str, name: str, arguments: dict[str, Any],
-                   meta: dict[str, Any] | None = None) -> types.CallToolResult:
-        params = types.CallToolRequestParams(name=name, arguments=arguments,
-                                             _meta=cast("types.RequestParamsMeta | None", meta))
+    async def call(
+        self, token: str, name: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> types.CallToolResult:
+        params = types.CallToolRequestParams(
+            name=name, arguments=arguments, _meta=cast("types.RequestParamsMeta | None", meta)
+        )
         return await self.calls.call(token, params)
 
     async def entry(self, index: int) -> Any:
@@ -86,10 +89,21 @@ class Rig:
 
 
 def relay_config(tmp: Path) -> RelayConfig:
-    return RelayConfig(path=tmp / "relay.toml", host="127.0.0.1", port=0, public_url="http://relay.invalid",
-                       enclave="unix:/nonexistent/enclave.sock", bundle=None, storage=str(tmp / "log"),
-                       s3_endpoint_url=None, run_dir=tmp / "run", trust_root="mock", max_argument_bytes=1 << 20,
-                       enclave_timeout_s=5.0, upstreams=())
+    return RelayConfig(
+        path=tmp / "relay.toml",
+        host="127.0.0.1",
+        port=0,
+        public_url="http://relay.invalid",
+        enclave="unix:/nonexistent/enclave.sock",
+        bundle=None,
+        storage=str(tmp / "log"),
+        s3_endpoint_url=None,
+        run_dir=tmp / "run",
+        trust_root="mock",
+        max_argument_bytes=1 << 20,
+        enclave_timeout_s=5.0,
+        upstreams=(),
+    )
 
 
 async def make_rig(tmp: Path, world: World) -> Rig:
@@ -144,8 +158,14 @@ def test_an_allow_persists_the_decision_before_forwarding(tmp_path: Path) -> Non
         # The upstream got exactly the agent's arguments, the enclave's grant for them, and its attestation.
         assert (f.tool, f.arguments) == ("customer_lookup", args)
         keys = EnclaveBinding("o", rig.world.core.log_public, rig.world.core.grant_public).grant_keys()
-        claims = verify_grant(base64.b64decode(f.meta[GRANT_META_KEY]), grant_keys=keys, server="refunds",
-                              tool="customer_lookup", arguments=args, now_ms=rig.world.clock.ms)
+        claims = verify_grant(
+            base64.b64decode(f.meta[GRANT_META_KEY]),
+            grant_keys=keys,
+            server="refunds",
+            tool="customer_lookup",
+            arguments=args,
+            now_ms=rig.world.clock.ms,
+        )
         assert claims.log_index == index
         assert base64.b64decode(f.meta[ATTESTATION_META_KEY]) == rig.state.attestation
         # The outcome is durable too before the agent's answer, which names both entries.
@@ -154,8 +174,9 @@ def test_an_allow_persists_the_decision_before_forwarding(tmp_path: Path) -> Non
         assert rig.state.writer.persisted_size > outcome_index > index
         outcome = await rig.entry(outcome_index)
         assert isinstance(outcome, OutcomeEntry) and outcome.decision_index == index
-        assert outcome.result_sha256 == canonical_sha256(result.model_dump(
-            mode="json", by_alias=True, exclude_none=True, exclude={"meta"}))
+        assert outcome.result_sha256 == canonical_sha256(
+            result.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"meta"})
+        )
         assert await rig.state.writer.get_body(index, "args") == json.dumps(args, separators=(",", ":")).encode()
 
     run(tmp_path, scenario)
@@ -167,15 +188,26 @@ def test_an_allow_persists_the_decision_before_forwarding(tmp_path: Path) -> Non
         (research_bot, "refunds___customer_lookup", {"customer_id": "c"}, None, DENIED, "no-permit"),
         (refund_bot, "refunds___refund.approve_above_threshold", {"refund_id": "r"}, None, DENIED, "policy"),
         (refund_bot, "refunds___delete_all", {}, None, DENIED, "unknown-tool"),
-        (lambda rig: "", "refunds___customer_lookup", {"customer_id": "c"}, None, UNAUTHENTICATED,
-         "unauthenticated"),
-        (research_bot, "research___deep_search", {"query": "q"}, {X402_META_KEY: {"payload": {"amount": "0.11"}}},
-         LIMITED, "limit"),
+        (lambda rig: "", "refunds___customer_lookup", {"customer_id": "c"}, None, UNAUTHENTICATED, "unauthenticated"),
+        (
+            research_bot,
+            "research___deep_search",
+            {"query": "q"},
+            {X402_META_KEY: {"payload": {"amount": "0.11"}}},
+            LIMITED,
+            "limit",
+        ),
     ],
 )
 def test_an_enclave_denial_forwards_nothing_upstream(
-        tmp_path: Path, who: Callable[[Rig], str], name: str, arguments: dict[str, Any],
-        meta: dict[str, Any] | None, jsonrpc: int, code: str) -> None:
+    tmp_path: Path,
+    who: Callable[[Rig], str],
+    name: str,
+    arguments: dict[str, Any],
+    meta: dict[str, Any] | None,
+    jsonrpc: int,
+    code: str,
+) -> None:
     async def scenario(rig: Rig) -> None:
         with pytest.raises(MCPError) as denied:
             await rig.call(who(rig), name, arguments, meta)

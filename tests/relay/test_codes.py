@@ -12,7 +12,11 @@ from cloister.wire.contract import DenyCode
 def test_every_denial_class_has_a_jsonrpc_code() -> None:
     assert set(ERROR_FOR_DENIAL) == set(pb.DenyCode.values())
     for code in DenyCode:
-        assert denial_error(cast(pb.DenyCode, pb.DenyCode.Value(f"DENY_CODE_{code.name}"))) in (DENIED, LIMITED, UNAUTHENTICATED)
+        assert denial_error(cast(pb.DenyCode, pb.DenyCode.Value(f"DENY_CODE_{code.name}"))) in (
+            DENIED,
+            LIMITED,
+            UNAUTHENTICATED,
+        )
 
 
 def test_the_mapping_agents_rely_on() -> None:

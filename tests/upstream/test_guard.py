@@ -24,18 +24,34 @@ def w(tmp_path: Path) -> World:
 
 def guard_for(w: World, **kw: object) -> GrantGuard:
     root = TrustRoot.from_pem((w.root / "mock-nsm" / "root.pem").read_bytes())
-    return GrantGuard("refunds", trust_root=root, expected_pcrs={0: w.core.pcrs[0]},
-                      clock=lambda: datetime.fromtimestamp(w.clock.ms / 1000, UTC), **kw)  # type: ignore[arg-type]
+    return GrantGuard(
+        "refunds",
+        trust_root=root,
+        expected_pcrs={0: w.core.pcrs[0]},
+        clock=lambda: datetime.fromtimestamp(w.clock.ms / 1000, UTC),
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def grant_params(w: World, args: dict[str, object]) -> dict[str, object]:
-    v = w.core.authorize(token=w.token("refund-bot", ["refund-agent"]), server="refunds", tool="customer_lookup",
-                         arguments_json=json.dumps(args).encode(), request_id="", persisted_size=0)
+    v = w.core.authorize(
+        token=w.token("refund-bot", ["refund-agent"]),
+        server="refunds",
+        tool="customer_lookup",
+        arguments_json=json.dumps(args).encode(),
+        request_id="",
+        persisted_size=0,
+    )
     assert v.allowed
     doc, _ = w.core.attest(b"n" * 16, include_checkpoint=False)
-    return {"name": "customer_lookup", "arguments": args,
-            "_meta": {GRANT_META_KEY: base64.b64encode(v.grant).decode(),
-                      ATTESTATION_META_KEY: base64.b64encode(doc).decode()}}
+    return {
+        "name": "customer_lookup",
+        "arguments": args,
+        "_meta": {
+            GRANT_META_KEY: base64.b64encode(v.grant).decode(),
+            ATTESTATION_META_KEY: base64.b64encode(doc).decode(),
+        },
+    }
 
 
 def refused(guard: GrantGuard, params: dict[str, object], reason: str) -> None:
@@ -75,8 +91,12 @@ def test_expired_grant_is_refused(w: World) -> None:
 
 def test_an_enclave_with_other_code_is_not_trusted(w: World) -> None:
     root = TrustRoot.from_pem((w.root / "mock-nsm" / "root.pem").read_bytes())
-    guard = GrantGuard("refunds", trust_root=root, expected_pcrs={0: b"\x01" * 48},
-                       clock=lambda: datetime.fromtimestamp(w.clock.ms / 1000, UTC))
+    guard = GrantGuard(
+        "refunds",
+        trust_root=root,
+        expected_pcrs={0: b"\x01" * 48},
+        clock=lambda: datetime.fromtimestamp(w.clock.ms / 1000, UTC),
+    )
     refused(guard, grant_params(w, {"customer_id": "cus_1001"}), "untrusted-enclave")
 
 

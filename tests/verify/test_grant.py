@@ -31,9 +31,17 @@ def _key() -> tuple[ed25519.Ed25519PrivateKey, bytes]:
 
 def _claims(**change: object) -> GrantClaims:
     fields: dict[str, object] = {
-        "agent": "refund-bot", "server": "refunds", "tool": "customer_lookup", "args_sha256": canonical_sha256(ARGS),
-        "policy_sha256": b"\x02" * 32, "log_index": 7, "entry_hash": b"\x03" * 32, "origin": "cloister.test/log",
-        "issued_ms": NOW_MS, "expires_ms": NOW_MS + 60_000, "nonce": b"\x04" * 16,
+        "agent": "refund-bot",
+        "server": "refunds",
+        "tool": "customer_lookup",
+        "args_sha256": canonical_sha256(ARGS),
+        "policy_sha256": b"\x02" * 32,
+        "log_index": 7,
+        "entry_hash": b"\x03" * 32,
+        "origin": "cloister.test/log",
+        "issued_ms": NOW_MS,
+        "expires_ms": NOW_MS + 60_000,
+        "nonce": b"\x04" * 16,
     }
     return GrantClaims(**{**fields, **change})  # type: ignore[arg-type]
 
@@ -43,8 +51,10 @@ def test_a_grant_signed_by_a_trusted_key_yields_its_claims() -> None:
     grant = encode_grant(_claims(), key.sign, public)
     keys = {grant_key_id(public): key.public_key()}
     assert verify_grant_signature(grant, keys) == _claims()
-    assert verify_grant(grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=ARGS,
-                        now_ms=NOW_MS) == _claims()
+    assert (
+        verify_grant(grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=ARGS, now_ms=NOW_MS)
+        == _claims()
+    )
 
 
 def test_signature_step_reasons() -> None:
@@ -77,8 +87,13 @@ def test_call_steps_follow_the_signature_steps() -> None:
     grant = encode_grant(_claims(), key.sign, public)
 
     def reason(**call: object) -> str:
-        kw: dict[str, object] = {"server": "refunds", "tool": "customer_lookup", "arguments": ARGS, "now_ms": NOW_MS,
-                                 **call}
+        kw: dict[str, object] = {
+            "server": "refunds",
+            "tool": "customer_lookup",
+            "arguments": ARGS,
+            "now_ms": NOW_MS,
+            **call,
+        }
         with pytest.raises(GrantError) as info:
             verify_grant(grant, grant_keys=keys, **kw)  # type: ignore[arg-type]
         return info.value.reason

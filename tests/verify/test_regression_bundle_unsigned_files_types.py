@@ -31,4 +31,6 @@ def test_a_file_map_that_is_not_names_to_bytes_is_a_decode_error(files: Any) -> 
 
 def test_well_formed_files_are_returned_as_they_are() -> None:
     assert unsigned_files(bundle_with({"bundle.toml": b"[bundle]\n", "policies/a.cedar": b""})) == {
-        "bundle.toml": b"[bundle]\n", "policies/a.cedar": b""}
+        "bundle.toml": b"[bundle]\n",
+        "policies/a.cedar": b"",
+    }

@@ -40,20 +40,25 @@ CASES = [
 
 @pytest.mark.parametrize(("text", "message"), CASES)
 def test_malformed_json_in_a_token_is_a_malformed_token_with_a_clear_message(text: str, message: str) -> None:
-    for check in (lambda: peek_issuer(text),
-                  lambda: verify_jwt(text, [(None, KEY.public_key())], issuer="i", audience="a", now=0)):
+    for check in (
+        lambda: peek_issuer(text),
+        lambda: verify_jwt(text, [(None, KEY.public_key())], issuer="i", audience="a", now=0),
+    ):
         with pytest.raises(TokenError) as info:
             check()
         assert info.value.reason == "malformed"
         assert str(info.value) == f"token is malformed: {message}"
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (b'{"keys":' + DEEP + b"}", "JWK Set: JSON nested too deeply"),
-    (b'{"keys":"\xfe"}', "JWK Set: not UTF-8 (byte 9)"),
-    (b'{"keys":[' + b"1" * 5000 + b"]}", "JWK Set: a number has more than 4300 digits"),
-    (b"\xef\xbb\xbf{}", "JWK Set: not JSON (Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1)"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'{"keys":' + DEEP + b"}", "JWK Set: JSON nested too deeply"),
+        (b'{"keys":"\xfe"}', "JWK Set: not UTF-8 (byte 9)"),
+        (b'{"keys":[' + b"1" * 5000 + b"]}", "JWK Set: a number has more than 4300 digits"),
+        (b"\xef\xbb\xbf{}", "JWK Set: not JSON (Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1)"),
+    ],
+)
 def test_malformed_jwk_set_json_is_a_decode_error_with_a_clear_message(data: bytes, message: str) -> None:
     with pytest.raises(DecodeError) as info:
         load_jwks(data)

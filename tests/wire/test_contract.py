@@ -34,8 +34,19 @@ def test_deny_codes_match_the_proto_enum_both_ways() -> None:
 
 def test_deny_code_values_are_the_strings_the_enclave_logs() -> None:
     # The decision entry's `code` (and the auditor's and `policy explain`'s vocabulary).
-    assert sorted(DenyCode) == sorted(["bad-arguments", "unauthenticated", "unknown-agent", "unknown-server",
-                                       "unknown-tool", "quarantined", "policy", "no-permit", "limit"])
+    assert sorted(DenyCode) == sorted(
+        [
+            "bad-arguments",
+            "unauthenticated",
+            "unknown-agent",
+            "unknown-server",
+            "unknown-tool",
+            "quarantined",
+            "policy",
+            "no-permit",
+            "limit",
+        ]
+    )
 
 
 @pytest.fixture
@@ -43,12 +54,16 @@ def w(tmp_path: Path) -> World:
     return make_world(tmp_path)
 
 
-def authorize(w: World, token: str, server: str, tool: str, args: dict[str, Any] | bytes,
-              payment: str = "") -> pb.AuthorizeResponse:
+def authorize(
+    w: World, token: str, server: str, tool: str, args: dict[str, Any] | bytes, payment: str = ""
+) -> pb.AuthorizeResponse:
     raw = args if isinstance(args, bytes) else json.dumps(args).encode()
-    resp = EnclaveService(w.core).Authorize(pb.AuthorizeRequest(
-        token=token, server=server, tool=tool, arguments_json=raw, persisted_size=len(w.log),
-        payment_amount=payment), ServicerContext())  # type: ignore[arg-type]
+    resp = EnclaveService(w.core).Authorize(
+        pb.AuthorizeRequest(
+            token=token, server=server, tool=tool, arguments_json=raw, persisted_size=len(w.log), payment_amount=payment
+        ),
+        ServicerContext(),  # type: ignore[arg-type]
+    )
     for i, data in enumerate(resp.log.entries):
         if resp.log.first_index + i == len(w.log):
             w.log.append(data)
@@ -71,8 +86,15 @@ REFUND, RESEARCH = ("refund-bot", ["refund-agent"]), ("research-bot", ["research
         (RESEARCH, "research", "deep_search", {"query": "q"}, "0.11", DenyCode.LIMIT),
     ],
 )
-def test_each_denial_crosses_the_wire_typed(w: World, who: tuple[str, list[str]], server: str, tool: str,
-                                            args: dict[str, Any] | bytes, payment: str, code: DenyCode) -> None:
+def test_each_denial_crosses_the_wire_typed(
+    w: World,
+    who: tuple[str, list[str]],
+    server: str,
+    tool: str,
+    args: dict[str, Any] | bytes,
+    payment: str,
+    code: DenyCode,
+) -> None:
     resp = authorize(w, w.token(*who), server, tool, args, payment)
     assert resp.decision == pb.DENY and not resp.grant
     assert resp.denial == DENIALS[code] and resp.deny_code == code.value
@@ -91,8 +113,9 @@ def test_an_allow_carries_no_denial(w: World) -> None:
     assert resp.denial == pb.DENY_CODE_UNSPECIFIED and resp.deny_code == ""
 
 
-def test_a_deny_code_outside_the_contract_fails_closed(w: World, monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_a_deny_code_outside_the_contract_fails_closed(
+    w: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     # A programming error in the core (an allow that names a code the contract lacks) is answered
     # as a plain denial, without the grant, and logged inside the enclave.
     real = w.core.authorize
@@ -102,15 +125,16 @@ def test_a_deny_code_outside_the_contract_fails_closed(w: World, monkeypatch: py
 
     monkeypatch.setattr(w.core, "authorize", odd)
     with caplog.at_level(logging.ERROR, logger="cloister.enclave.service"):
-        resp = authorize(w, w.token("refund-bot", ["refund-agent"]), "refunds", "customer_lookup",
-                         {"customer_id": "c"})
+        resp = authorize(w, w.token("refund-bot", ["refund-agent"]), "refunds", "customer_lookup", {"customer_id": "c"})
     assert resp.decision == pb.DENY and not resp.grant and resp.denial == pb.DENY_CODE_UNSPECIFIED
     assert "'made-up', which is not a DenyCode" in caplog.text
 
 
 def load(w: World, bundle: bytes) -> pb.LoadPolicyResponse:
-    return EnclaveService(w.core).LoadPolicy(pb.LoadPolicyRequest(bundle=bundle, persisted_size=len(w.log)),
-                                             ServicerContext())  # type: ignore[arg-type]
+    return EnclaveService(w.core).LoadPolicy(
+        pb.LoadPolicyRequest(bundle=bundle, persisted_size=len(w.log)),
+        ServicerContext(),  # type: ignore[arg-type]
+    )
 
 
 def test_a_bundle_not_above_the_version_in_force_has_its_own_status(w: World) -> None:
@@ -124,8 +148,11 @@ def test_a_bundle_not_above_the_version_in_force_has_its_own_status(w: World) ->
     # Every other refusal stays FAILED_PRECONDITION, whatever its version: the status says "a signed
     # bundle at or above this version is in force", so an unsigned low version does not get it.
     stranger = ed25519.Ed25519PrivateKey.generate()
-    for refused_bundle in (sign_bundle(read_bundle_dir(w.bundle_dir), 1, stranger), b"garbage",
-                           w.sign_bundle(3, {"policies/x.cedar": "permit (principal, action, resource) when { 1 + };"})):
+    for refused_bundle in (
+        sign_bundle(read_bundle_dir(w.bundle_dir), 1, stranger),
+        b"garbage",
+        w.sign_bundle(3, {"policies/x.cedar": "permit (principal, action, resource) when { 1 + };"}),
+    ):
         with pytest.raises(Aborted) as refused:
             load(w, refused_bundle)
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details

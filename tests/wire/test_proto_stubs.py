@@ -13,11 +13,18 @@ STUBS = ("enclave_pb2.py", "enclave_pb2.pyi", "enclave_pb2_grpc.py")
 def test_stubs_match_proto(tmp_path: Path) -> None:
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", "-Iproto",
-            f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iproto",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
             "proto/cloister/wire/enclave.proto",
         ],
-        cwd=ROOT, check=True, capture_output=True,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
     for name in STUBS:
         fresh = (tmp_path / "cloister" / "wire" / name).read_bytes()
@@ -34,9 +41,16 @@ def test_drift_is_detected(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp_path / 'in'}", f"--python_out={out}",
-         "cloister/wire/enclave.proto"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{tmp_path / 'in'}",
+            f"--python_out={out}",
+            "cloister/wire/enclave.proto",
+        ],
+        check=True,
+        capture_output=True,
     )
     assert (out / "cloister" / "wire" / "enclave_pb2.py").read_bytes() != (
         ROOT / "cloister" / "wire" / "enclave_pb2.py"

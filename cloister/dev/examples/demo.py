@@ -31,9 +31,9 @@ from typing import Any
 import anyio
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
+from cloister.dev.mcp_http import mcp_http_client
 from cloister.dev.proc import stop_group
 from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot
 from cloister.verify.checkpoint import verify_checkpoint
@@ -69,12 +69,13 @@ class Agent:
         self.name, self.url, self.token = name, url, token
 
     def client(self) -> Client:
-        http = create_mcp_http_client(headers={"Authorization": f"Bearer {self.token}"})
+        http = mcp_http_client(headers={"Authorization": f"Bearer {self.token}"})
         return Client(streamable_http_client(self.url, http_client=http), cache=None)
 
 
-async def call(t: Transcript, client: Client, agent: str, tool: str, args: dict[str, Any], *,
-               expect: str, why: str = "") -> dict[str, Any] | None:
+async def call(
+    t: Transcript, client: Client, agent: str, tool: str, args: dict[str, Any], *, expect: str, why: str = ""
+) -> dict[str, Any] | None:
     if expect == "quiet":
         with contextlib.suppress(MCPError):
             await client.call_tool(tool, args)
@@ -101,15 +102,16 @@ async def call(t: Transcript, client: Client, agent: str, tool: str, args: dict[
         say(f"       decision logged as entry {meta['decision']}, outcome as entry {meta['outcome']}", DIM)
         t.calls.append((f"{agent} {tool} (decision)", int(meta["decision"])))
         t.calls.append((f"{agent} {tool} (outcome)", int(meta["outcome"])))
-    t.expect(expect == "any" or (expect == "allow" and not result.is_error),
-             f"{agent} {tool} should have been denied: {text}")
+    t.expect(
+        expect == "any" or (expect == "allow" and not result.is_error),
+        f"{agent} {tool} should have been denied: {text}",
+    )
     return dict(result.structured_content) if result.structured_content else None
 
 
 async def paid_call(t: Transcript, client: Client, payment: dict[str, Any], *, expect: str, why: str = "") -> None:
     args = {"query": "attestation"}
-    say(f"  research-bot  research___deep_search({json.dumps(args)}) paying {payment['payload']['amount']} USDC",
-        BOLD)
+    say(f"  research-bot  research___deep_search({json.dumps(args)}) paying {payment['payload']['amount']} USDC", BOLD)
     try:
         result = await client.call_tool("research___deep_search", args, meta={"x402/payment": payment})  # type: ignore[arg-type]
     except MCPError as exc:
@@ -120,10 +122,15 @@ async def paid_call(t: Transcript, client: Client, payment: dict[str, Any], *, e
         t.expect(expect == "deny" and why in exc.message, f"paid deep_search: {exc.message}")
         return
     meta = (result.meta or {}).get("dev.cloister/log", {})
-    say(f"    -> OK  paid; decision entry {meta.get('decision')} charged it, outcome entry {meta.get('outcome')} "
-        "records it", GREEN)
-    t.calls += [("research-bot deep_search (decision)", int(meta["decision"])),
-                ("research-bot deep_search (outcome)", int(meta["outcome"]))]
+    say(
+        f"    -> OK  paid; decision entry {meta.get('decision')} charged it, outcome entry {meta.get('outcome')} "
+        "records it",
+        GREEN,
+    )
+    t.calls += [
+        ("research-bot deep_search (decision)", int(meta["decision"])),
+        ("research-bot deep_search (outcome)", int(meta["outcome"])),
+    ]
     t.expect(expect == "allow", "the paid call should have been refused")
 
 
@@ -138,38 +145,86 @@ async def run_agents(info: dict[str, Any], tokens: dict[str, str], t: Transcript
         s_tools = sorted(tool.name for tool in (await sc.list_tools()).tools)
         say(f"  refund-bot   sees {r_tools}")
         say(f"  research-bot sees {s_tools}")
-        t.expect(r_tools == ["refunds___customer_lookup", "refunds___refund.create",
-                             "refunds___transaction_history"], "refund-bot's tool list")
-        t.expect(s_tools == ["research___deep_search", "research___web_search"],
-                 "research-bot's tool list (no refunds server at all)")
+        t.expect(
+            r_tools == ["refunds___customer_lookup", "refunds___refund.create", "refunds___transaction_history"],
+            "refund-bot's tool list",
+        )
+        t.expect(
+            s_tools == ["research___deep_search", "research___web_search"],
+            "research-bot's tool list (no refunds server at all)",
+        )
 
         say("\n== Allowed calls go upstream with an enclave grant", BOLD)
         await call(t, rc, "refund-bot", "refunds___customer_lookup", {"customer_id": "cus_1001"}, expect="allow")
-        await call(t, rc, "refund-bot", "refunds___transaction_history", {"customer_id": "cus_1001"},
-                   expect="allow")
-        await call(t, sc, "research-bot", "research___web_search", {"query": "nitro enclaves attestation"},
-                   expect="allow")
+        await call(t, rc, "refund-bot", "refunds___transaction_history", {"customer_id": "cus_1001"}, expect="allow")
+        await call(
+            t, sc, "research-bot", "research___web_search", {"query": "nitro enclaves attestation"}, expect="allow"
+        )
 
         say("\n== Refunds: $1,000 at a time against a $10,000/hour cap", BOLD)
         for i in range(10):
-            await call(t, rc, "refund-bot", "refunds___refund.create",
-                       {"customer_id": "cus_1001", "amount": 1000, "reason": f"demo refund {i + 1}"}, expect="allow")
+            await call(
+                t,
+                rc,
+                "refund-bot",
+                "refunds___refund.create",
+                {"customer_id": "cus_1001", "amount": 1000, "reason": f"demo refund {i + 1}"},
+                expect="allow",
+            )
         say("\n== Denials, each with its reason", BOLD)
-        await call(t, rc, "refund-bot", "refunds___refund.create",
-                   {"customer_id": "cus_1001", "amount": 1000, "reason": "the 11th thousand"}, expect="deny",
-                   why="refund-bot-hourly-refunds")
-        await call(t, rc, "refund-bot", "refunds___refund.approve_above_threshold", {"refund_id": "re_0001"},
-                   expect="deny", why="approvals-need-a-supervisor")
-        await call(t, sc, "research-bot", "refunds___customer_lookup", {"customer_id": "cus_1001"},
-                   expect="deny", why="no policy permits")
-        await call(t, sc, "research-bot", "research___db_write", {"key": "k", "value": "v"}, expect="deny",
-                   why="no policy permits")
+        await call(
+            t,
+            rc,
+            "refund-bot",
+            "refunds___refund.create",
+            {"customer_id": "cus_1001", "amount": 1000, "reason": "the 11th thousand"},
+            expect="deny",
+            why="refund-bot-hourly-refunds",
+        )
+        await call(
+            t,
+            rc,
+            "refund-bot",
+            "refunds___refund.approve_above_threshold",
+            {"refund_id": "re_0001"},
+            expect="deny",
+            why="approvals-need-a-supervisor",
+        )
+        await call(
+            t,
+            sc,
+            "research-bot",
+            "refunds___customer_lookup",
+            {"customer_id": "cus_1001"},
+            expect="deny",
+            why="no policy permits",
+        )
+        await call(
+            t,
+            sc,
+            "research-bot",
+            "research___db_write",
+            {"key": "k", "value": "v"},
+            expect="deny",
+            why="no policy permits",
+        )
 
         say("\n== x402: a paid tool, and a daily cap on what research-bot may pay", BOLD)
-        await call(t, sc, "research-bot", "research___deep_search", {"query": "attestation"}, expect="deny",
-                   why="payment required")
-        payment = {"x402Version": 1, "scheme": "exact", "network": "mock",
-                   "payload": {"amount": "0.05", "asset": "USDC", "payer": "research-bot"}}
+        await call(
+            t,
+            sc,
+            "research-bot",
+            "research___deep_search",
+            {"query": "attestation"},
+            expect="deny",
+            why="payment required",
+        )
+        payment = {
+            "x402Version": 1,
+            "scheme": "exact",
+            "network": "mock",
+            "payload": {"amount": "0.05", "asset": "USDC", "payer": "research-bot"},
+        }
         for _ in range(2):
             await paid_call(t, sc, payment, expect="allow")
         await paid_call(t, sc, payment, expect="deny", why="research-daily-payments")
@@ -183,11 +238,12 @@ async def run_agents(info: dict[str, Any], tokens: dict[str, str], t: Transcript
             except MCPError as exc:
                 say(f"  (no grant)    refund.create -> REFUSED  {exc.message}", RED)
                 t.expect("grant refused" in exc.message, "the refusal names the missing grant")
-            forged = {"dev.cloister/grant": base64.b64encode(secrets.token_bytes(120)).decode(),
-                      "dev.cloister/attestation": base64.b64encode(b"not a document").decode()}
+            forged = {
+                "dev.cloister/grant": base64.b64encode(secrets.token_bytes(120)).decode(),
+                "dev.cloister/attestation": base64.b64encode(b"not a document").decode(),
+            }
             try:
-                await direct.call_tool("refund.create", {"customer_id": "cus_1001", "amount": 5000},
-                                       meta=forged)  # type: ignore[arg-type]
+                await direct.call_tool("refund.create", {"customer_id": "cus_1001", "amount": 5000}, meta=forged)  # type: ignore[arg-type]
                 t.expect(False, "the refunds server accepted a forged grant")
             except MCPError as exc:
                 say(f"  (forged)      refund.create -> REFUSED  {exc.message}", RED)
@@ -198,8 +254,7 @@ async def tool_names(agent: Agent) -> list[str]:
         return sorted(t.name for t in (await c.list_tools()).tools)
 
 
-async def one_call(agent: Agent, tool: str, args: dict[str, Any], t: Transcript, *, expect: str,
-                   why: str = "") -> None:
+async def one_call(agent: Agent, tool: str, args: dict[str, Any], t: Transcript, *, expect: str, why: str = "") -> None:
     async with agent.client() as c:
         await call(t, c, agent.name, tool, args, expect=expect, why=why)
 
@@ -230,26 +285,50 @@ def redeploy_refunds(info: dict[str, Any], t: Transcript) -> subprocess.Popen[by
     os.killpg(int(info["refunds_pid"]), signal.SIGTERM)
     time.sleep(0.5)
     argv = [sys.executable, str(patched_dir / "refunds.py"), *info["refunds_argv"][2:]]
-    patched = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=(state / "logs" / "refunds-redeployed.log")
-                               .open("ab"), start_new_session=True)
-    say(f"  new PCR0 {refunds_module.expected_pcr0(patched_dir / 'refunds.py').hex()[:16]}... "
-        f"(pinned: {refunds_module.expected_pcr0().hex()[:16]}...)")
+    patched = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=(state / "logs" / "refunds-redeployed.log").open("ab"),
+        start_new_session=True,
+    )
+    say(
+        f"  new PCR0 {refunds_module.expected_pcr0(patched_dir / 'refunds.py').hex()[:16]}... "
+        f"(pinned: {refunds_module.expected_pcr0().hex()[:16]}...)"
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         # The next call finds the old session gone; the relay reconnects and the enclave re-checks.
         with contextlib.suppress(Exception):  # the first calls race the restart; only the end state matters
-            anyio.run(partial(one_call, refund, "refunds___customer_lookup", {"customer_id": "cus_1001"},
-                              Transcript(), expect="quiet"))
-        if "quarantined" in upstream_identities(info).get("refunds", "") or \
-                "failed" in upstream_identities(info).get("refunds", ""):
+            anyio.run(
+                partial(
+                    one_call,
+                    refund,
+                    "refunds___customer_lookup",
+                    {"customer_id": "cus_1001"},
+                    Transcript(),
+                    expect="quiet",
+                )
+            )
+        if "quarantined" in upstream_identities(info).get("refunds", "") or "failed" in upstream_identities(info).get(
+            "refunds", ""
+        ):
             break
         time.sleep(0.5)
     say(f"  refunds   {upstream_identities(info).get('refunds')}")
     names = anyio.run(tool_names, refund)
     say(f"  refund-bot now sees {names}")
     t.expect(not any(n.startswith("refunds___") for n in names), "the quarantined server's tools vanish")
-    anyio.run(partial(one_call, refund, "refunds___customer_lookup", {"customer_id": "cus_1001"}, t,
-                      expect="deny", why="quarantined"))
+    anyio.run(
+        partial(
+            one_call,
+            refund,
+            "refunds___customer_lookup",
+            {"customer_id": "cus_1001"},
+            t,
+            expect="deny",
+            why="quarantined",
+        )
+    )
     return patched
 
 
@@ -266,8 +345,9 @@ def audit(info: dict[str, Any], t: Transcript) -> None:
     att = json.loads(_get(f"{log_url}/attestation?nonce={nonce.hex()}"))
     checkpoint = att["checkpoint"].encode()
     root = TrustRoot.from_pem(Path(info["trust_root"]).read_bytes())
-    policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, now=datetime.now(UTC), nonce=nonce,
-                               expected_pcrs={0: bytes.fromhex(info["pcr0"])})
+    policy = AttestationPolicy(
+        root=root, at=DOCUMENT_TIME, now=datetime.now(UTC), nonce=nonce, expected_pcrs={0: bytes.fromhex(info["pcr0"])}
+    )
     enclave = verify_enclave(base64.b64decode(att["document"]), policy, checkpoint=checkpoint)
     cp = verify_checkpoint(checkpoint, [enclave.binding.log_verifier()], origin=enclave.binding.origin).checkpoint
     say(f"  attestation verified: mock root, PCR0 {info['pcr0'][:16]}..., our nonce {nonce.hex()[:16]}...")
@@ -283,8 +363,7 @@ def audit(info: dict[str, Any], t: Transcript) -> None:
             bundles[n] = parse_entry_bundle(_get(f"{log_url}/{entry_bundle_path(n, width)}"))
         entry = bundles[n][index % 256]
         proof = json.loads(_get(f"{log_url}/proof/inclusion?index={index}&size={cp.size}"))
-        verify_inclusion(leaf_hash(entry), index, cp.size, [base64.b64decode(h) for h in proof["proof"]],
-                         cp.root_hash)
+        verify_inclusion(leaf_hash(entry), index, cp.size, [base64.b64decode(h) for h in proof["proof"]], cp.root_hash)
         record = parse_entry(entry)
         if isinstance(record, DecisionEntry):
             what = f"{record.decision} {record.agent} {record.server}/{record.tool}"
@@ -326,8 +405,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if state.exists():
         shutil.rmtree(state)
     say("Starting `cloister up` (enclave with mock NSM, relay, example servers)...", BOLD)
-    up = subprocess.Popen([sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     t = Transcript()
     patched: subprocess.Popen[bytes] | None = None
     try:

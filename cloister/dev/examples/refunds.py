@@ -32,8 +32,10 @@ CUSTOMERS: dict[str, dict[str, Any]] = {
     "cus_1003": {"name": "Margaret Hamilton", "email": "margaret@example.com", "country": "US", "tier": "gold"},
 }
 TRANSACTIONS: dict[str, list[dict[str, Any]]] = {
-    "cus_1001": [{"id": "txn_501", "amount": 1299.00, "currency": "USD", "item": "Analytical Engine (refurb)"},
-                 {"id": "txn_502", "amount": 49.50, "currency": "USD", "item": "Punch cards x500"}],
+    "cus_1001": [
+        {"id": "txn_501", "amount": 1299.00, "currency": "USD", "item": "Analytical Engine (refurb)"},
+        {"id": "txn_502", "amount": 49.50, "currency": "USD", "item": "Punch cards x500"},
+    ],
     "cus_1002": [{"id": "txn_601", "amount": 310.25, "currency": "USD", "item": "COBOL manual"}],
     "cus_1003": [{"id": "txn_701", "amount": 8800.00, "currency": "USD", "item": "Guidance computer"}],
 }
@@ -64,8 +66,10 @@ def build_server(guard: GrantGuard | None) -> MCPServer:
         refunds[refund_id] = {"customer_id": customer_id, "amount": amount, "reason": reason, "status": status}
         return {"refund_id": refund_id, **refunds[refund_id]}
 
-    @mcp.tool(name="refund.approve_above_threshold",
-              description=f"Approve a refund above ${APPROVAL_THRESHOLD} that is pending approval.")
+    @mcp.tool(
+        name="refund.approve_above_threshold",
+        description=f"Approve a refund above ${APPROVAL_THRESHOLD} that is pending approval.",
+    )
     def refund_approve(refund_id: str) -> dict[str, Any]:
         refund = refunds.get(refund_id)
         if refund is None:
@@ -96,13 +100,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8441)
     p.add_argument("--trust-root", type=Path, help="PEM root for enclave attestations (default: AWS Root-G1)")
     p.add_argument("--expect-pcr0", help="the enclave image's PCR0 (hex) that grants must come from")
-    p.add_argument("--mock-nsm", type=Path, metavar="DIR",
-                   help="present a mock-NSM attestation (PCR0 measures this code), signed by the mock CA in DIR")
-    p.add_argument("--unsafe-no-grants", action="store_true",
-                   help="accept calls without grants (UNSAFE: for the benchmark's direct baseline only)")
+    p.add_argument(
+        "--mock-nsm",
+        type=Path,
+        metavar="DIR",
+        help="present a mock-NSM attestation (PCR0 measures this code), signed by the mock CA in DIR",
+    )
+    p.add_argument(
+        "--unsafe-no-grants",
+        action="store_true",
+        help="accept calls without grants (UNSAFE: for the benchmark's direct baseline only)",
+    )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s refunds %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s refunds %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("mcp", "uvicorn.access", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     guard = None

@@ -22,9 +22,17 @@ DEEP_SEARCH_PRICE = Decimal("0.05")
 REQUIREMENTS = {
     "x402Version": 1,
     "error": "payment required",
-    "accepts": [{"scheme": "exact", "network": "mock", "maxAmountRequired": str(DEEP_SEARCH_PRICE), "asset": "USDC",
-                 "payTo": "research.example", "resource": "mcp://research/deep_search",
-                 "description": f"Deep search, {DEEP_SEARCH_PRICE} USDC per query"}],
+    "accepts": [
+        {
+            "scheme": "exact",
+            "network": "mock",
+            "maxAmountRequired": str(DEEP_SEARCH_PRICE),
+            "asset": "USDC",
+            "payTo": "research.example",
+            "resource": "mcp://research/deep_search",
+            "description": f"Deep search, {DEEP_SEARCH_PRICE} USDC per query",
+        }
+    ],
 }
 
 
@@ -41,6 +49,7 @@ async def require_payment(ctx: ServerRequestContext[Any, Any], call_next: CallNe
             raise MCPError(-32402, f"payment required: {DEEP_SEARCH_PRICE} USDC", data=REQUIREMENTS)
     return await call_next(ctx)
 
+
 CORPUS = [
     ("Model Context Protocol", "MCP is an open protocol that connects AI agents to tools and data sources."),
     ("AWS Nitro Enclaves", "Nitro Enclaves are isolated compute environments with cryptographic attestation."),
@@ -50,21 +59,26 @@ CORPUS = [
 
 
 def build_server() -> MCPServer:
-    mcp = MCPServer("research", instructions="Offline web search and a scratch database.",
-                    middleware=[require_payment])
+    mcp = MCPServer("research", instructions="Offline web search and a scratch database.", middleware=[require_payment])
     db: dict[str, Any] = {}
 
     @mcp.tool(description="Search the web (offline corpus) for a query.")
     def web_search(query: str, limit: int = 3) -> dict[str, Any]:
         words = {w.lower() for w in query.split()}
-        hits = [{"title": t, "snippet": s} for t, s in CORPUS
-                if words & {w.lower().strip(".,") for w in (t + " " + s).split()}]
+        hits = [
+            {"title": t, "snippet": s}
+            for t, s in CORPUS
+            if words & {w.lower().strip(".,") for w in (t + " " + s).split()}
+        ]
         return {"query": query, "results": hits[: max(0, limit)]}
 
     @mcp.tool(description=f"Deep search with sources (paid: {DEEP_SEARCH_PRICE} USDC per query, x402).")
     def deep_search(query: str) -> dict[str, Any]:
-        hits = [{"title": t, "snippet": s, "source": f"https://example.org/{t.replace(' ', '-').lower()}"}
-                for t, s in CORPUS if any(w.lower() in (t + s).lower() for w in query.split())]
+        hits = [
+            {"title": t, "snippet": s, "source": f"https://example.org/{t.replace(' ', '-').lower()}"}
+            for t, s in CORPUS
+            if any(w.lower() in (t + s).lower() for w in query.split())
+        ]
         return {"query": query, "results": hits, "paid": str(DEEP_SEARCH_PRICE)}
 
     @mcp.tool(description="Write a record to the research database.")

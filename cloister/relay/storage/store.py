@@ -281,7 +281,7 @@ class LogStore:
         self._next_seq = next_seq
         return frames
 
-    def _replay_wal(self, published: int) -> None:
+    def _replay_wal(self, published: int) -> None:  # noqa: C901 (over the gate before it existed; split when next changed)
         where = self.backend.description
         frames = self._wal_frames()
         tail_first: int | None = None
@@ -456,7 +456,7 @@ class LogStore:
             self._failed = e
             raise
 
-    def _append_batch(self, batch: Batch) -> int:
+    def _append_batch(self, batch: Batch) -> int:  # noqa: C901 (over the gate before it existed; split when next changed)
         start = self.written_size
         if batch.first_index != start:
             raise ValueError(f"batch starts at {batch.first_index}, the WAL ends at {start}")

@@ -20,7 +20,10 @@ REPO = Path(__file__).resolve().parents[3]
 def test_kill_9_loses_no_acknowledged_entry(tmp_path: Path, acks_before_kill: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen(
-        [sys.executable, "-m", "tests.relay.storage.crash_child", str(tmp_path)], stdout=subprocess.PIPE, cwd=REPO, env=env
+        [sys.executable, "-m", "tests.relay.storage.crash_child", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        env=env,
     )
     assert child.stdout is not None
     acked = 0

@@ -19,7 +19,12 @@ from cloister.relay.storage.wal import (
 )
 
 BODY = BodyRecord.of(7, "args", b'{"amount":5}', 1234)
-RECORDS: list[WalEntries | WalCheckpoint | WalBody | WalTruncate] = [WalBody(BODY), WalEntries(10, (b"a", b"", b"c" * 300)), WalCheckpoint(b"note\n"), WalTruncate(9)]
+RECORDS: list[WalEntries | WalCheckpoint | WalBody | WalTruncate] = [
+    WalBody(BODY),
+    WalEntries(10, (b"a", b"", b"c" * 300)),
+    WalCheckpoint(b"note\n"),
+    WalTruncate(9),
+]
 
 
 def test_round_trip() -> None:
