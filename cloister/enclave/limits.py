@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from cloister.enclave.bundle import Limit, action_id
+from cloister.enclave.bundle import MAX_LIMIT_VALUE, Limit, action_id
+
+# With amounts at most MAX_LIMIT_VALUE (16 integer digits), 12 places keep every total within
+# the 28 digits of Decimal's default context, so windows add and subtract without rounding.
+MAX_COST_PLACES = 12
 
 
 class BadCost(Exception):
@@ -97,10 +101,16 @@ def _cost(limit: Limit, arguments: Mapping[str, Any], payment: Decimal | None) -
         raise BadCost(f"argument {value!r} must be a number for limit {limit.id!r}")
     try:
         amount = Decimal(str(raw))
-    except InvalidOperation as exc:
+    except (InvalidOperation, ValueError) as exc:  # ValueError: an int too long for str()
         raise BadCost(f"argument {value!r} is not a number (limit {limit.id!r})") from exc
     if not amount.is_finite() or amount < 0:
         raise BadCost(f"argument {value!r} must be a non-negative number (limit {limit.id!r})")
+    # The amount is written into the decision entry (and a denial's reason), whose parser takes
+    # short charges only; and it must add up exactly. No cap exceeds MAX_LIMIT_VALUE.
+    if amount > MAX_LIMIT_VALUE:
+        raise BadCost(f"argument {value!r} is larger than any limit allows ({MAX_LIMIT_VALUE}) (limit {limit.id!r})")
+    if -int(amount.as_tuple().exponent) > MAX_COST_PLACES:  # finite, so the exponent is a number
+        raise BadCost(f"argument {value!r} has more than {MAX_COST_PLACES} decimal places (limit {limit.id!r})")
     return amount
 
 
@@ -110,8 +120,16 @@ class LimitBook:
         self._by_id = {lim.id: lim for lim in self.limits}
         self._windows: dict[tuple[str, str], _Window] = {}
 
-    def check(self, agent: str, roles: frozenset[str], server: str, tool: str,
-              arguments: Mapping[str, Any], now_ms: int, payment: Decimal | None = None) -> LimitCheck:
+    def check(
+        self,
+        agent: str,
+        roles: frozenset[str],
+        server: str,
+        tool: str,
+        arguments: Mapping[str, Any],
+        now_ms: int,
+        payment: Decimal | None = None,
+    ) -> LimitCheck:
         """Whether every matching limit has room for this call. Does not charge."""
         charges: dict[str, Decimal] = {}
         statuses: list[LimitStatus] = []
@@ -145,8 +163,9 @@ class LimitBook:
             charges[limit.id] = cost
         return LimitCheck(True, charges, None, tuple(statuses))
 
-    def charge(self, agent: str, roles: frozenset[str], server: str, tool: str,
-               charges: Mapping[str, Decimal], time_ms: int) -> None:
+    def charge(
+        self, agent: str, roles: frozenset[str], server: str, tool: str, charges: Mapping[str, Decimal], time_ms: int
+    ) -> None:
         for limit_id, amount in charges.items():
             limit = self._by_id.get(limit_id)
             if limit is None or amount == 0:

@@ -59,8 +59,8 @@ class Endpoint:
                 raise DecodeError(f"endpoint {text!r}: vsock port {port} is nitro-cli's heartbeat port")
             if not cid_text:
                 return cls(kind="vsock", port=port)
-            if not cid_text.isdigit():
-                raise DecodeError(f"endpoint {text!r}: vsock CID must be a number")
+            if not (cid_text.isascii() and cid_text.isdigit()) or int(cid_text) > VMADDR_CID_ANY:
+                raise DecodeError(f"endpoint {text!r}: vsock CID must be a number in 0..{VMADDR_CID_ANY}")
             return cls(kind="vsock", cid=int(cid_text), port=port)
         raise DecodeError(f"endpoint {text!r}: unknown kind {kind!r} (use vsock, unix or tcp)")
 
@@ -117,7 +117,7 @@ class Endpoint:
 
 
 def _port(text: str, port: str) -> int:
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise DecodeError(f"endpoint {text!r}: port must be a number in 1..65535")
     return int(port)
 
@@ -131,7 +131,9 @@ class Bridge:
         self._max = max_connections
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._open: set[socket.socket] = set()
+        self._open: set[socket.socket] = set()  # every socket not yet closed, so stop() reaches it
+        self._drained: set[socket.socket] = set()  # sockets whose pump has seen EOF
+        self._pumps: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -157,6 +159,11 @@ class Bridge:
                     s.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout=2)
+        # The accept loop has ended, so no pump starts now; wait for those that run to finish.
+        with self._lock:
+            pumps = list(self._pumps)
+        for t in pumps:
+            t.join(timeout=2)
         if self.listen_endpoint.kind == "unix":
             with contextlib.suppress(FileNotFoundError):
                 Path(self.listen_endpoint.path).unlink()
@@ -183,11 +190,18 @@ class Bridge:
             if self.listen_endpoint.kind == "tcp":
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
+                if self._stopping.is_set():  # stop() has already shut the open connections down
+                    client.close()
+                    upstream.close()
+                    return
                 self._open.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(
-                    target=self._pump, args=(src, dst), daemon=True, name=f"bridge pump {self.listen_endpoint}"
-                ).start()
+                self._pumps = {t for t in self._pumps if t.is_alive()}
+                for src, dst in ((client, upstream), (upstream, client)):
+                    pump = threading.Thread(
+                        target=self._pump, args=(src, dst), daemon=True, name=f"bridge pump {self.listen_endpoint}"
+                    )
+                    self._pumps.add(pump)
+                    pump.start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         buf = bytearray(_CHUNK)
@@ -207,8 +221,11 @@ class Bridge:
             with contextlib.suppress(OSError):
                 src.shutdown(socket.SHUT_RD)
             with self._lock:
-                closing = src in self._open and dst not in self._open
-                self._open.discard(src)
+                self._drained.add(src)
+                closing = dst in self._drained
+                if closing:
+                    self._open -= {src, dst}
+                    self._drained -= {src, dst}
             if closing:
                 src.close()
                 dst.close()
