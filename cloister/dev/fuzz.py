@@ -97,7 +97,7 @@ _UNCLEAR: Final = re.compile(
 
 @dataclass
 class Failure:
-    kind: str  # crash | hang | unclear | died
+    kind: str  # crash | hang | unclear | memory | died
     index: int
     error: str  # exception type and message (crash), or the unclear message
     traceback: str
@@ -703,7 +703,9 @@ def _mutate_tree(
         container[rng.choice(keys) if keys and rng.random() < 0.7 else leaf_key(rng, text_keys)] = value
         return root
     elif op < 0.9:
-        new = rng.choice(([current], {"a": current}, [current] * rng.choice((2, 17, 257))))
+        # Copies of one subtree: bounded, or serialising repeated references would blow up the generator.
+        copies = max(1, min(rng.choice((2, 17, 257)), _TREE_BUDGET // _tree_size(current)))
+        new = rng.choice(([current], {"a": current}, [current] * copies))
     elif isinstance(container, dict):
         container[rng.choice(keys) if keys else leaf_key(rng, text_keys)] = leaf()
         return root
@@ -713,6 +715,30 @@ def _mutate_tree(
         return new
     _set(container, key, new)
     return root
+
+
+_TREE_BUDGET: Final = 1 << 20
+
+
+def _tree_size(root: Any) -> int:
+    """Roughly how many bytes a tree serialises to, counting up to _TREE_BUDGET (then stopping)."""
+    total, stack = 0, [root]
+    while stack and total <= _TREE_BUDGET:
+        v = stack.pop()
+        if isinstance(v, _Tag):
+            stack.append(v.value)
+        elif isinstance(v, _Raw):
+            total += len(v.data)
+        elif isinstance(v, list | tuple):
+            total += 2 + len(v)
+            stack.extend(v)
+        elif isinstance(v, dict):
+            total += 2 + 2 * len(v)
+            for k, x in v.items():
+                stack.extend((k, x))
+        else:
+            total += len(v) if isinstance(v, str | bytes) else 8
+    return max(1, total)
 
 
 def leaf_key(rng: random.Random, text: bool = False) -> Any:
@@ -1467,8 +1493,9 @@ class _Run:
         return str(path)
 
     def fail(self, kind: str, index: int, data: bytes, error: str, tb: str, seconds: float, sig: str) -> None:
-        counter = {"crash": "crashes", "hang": "hangs", "unclear": "unclear"}[kind]
-        setattr(self.result, counter, getattr(self.result, counter) + 1)
+        counter = {"crash": "crashes", "hang": "hangs", "unclear": "unclear"}.get(kind)
+        if counter is not None:  # "memory" counts through TargetResult.peak_rss_growth
+            setattr(self.result, counter, getattr(self.result, counter) + 1)
         known = sum(1 for f in self.result.failures if f.signature == sig and f.kind == kind)
         if known >= 3:
             return
@@ -1529,10 +1556,37 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _reset_peak_rss() -> None:
-    """Reset the kernel's peak RSS of this process (Linux 4.0+), so the peak is this target's alone."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+class _PeakRss:
+    """The peak RSS of the target's own calls: the kernel's high-water mark is reset (Linux 4.0+,
+    /proc/self/clear_refs) just before each input runs, so generating inputs does not count."""
+
+    def __init__(self) -> None:
+        self.baseline = _rss()
+        self.peak = self.baseline
+        try:
+            self._fd: int | None = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        except OSError:
+            self._fd = None
+
+    def reset(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._fd, b"5")
+
+    def sample(self) -> int:
+        """Record the peak since the last reset; returns it."""
+        peak = _peak_rss()
+        self.peak = max(self.peak, peak)
+        return peak
+
+    @property
+    def growth(self) -> int:
+        return max(0, self.peak - self.baseline)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def run_one(target: Target, data: bytes, *, hard_timeout: float | None = None) -> BaseException | None:
@@ -1573,8 +1627,7 @@ def run_target(
         if target.after is None:  # warm up lazily initialised code (not counted); stateful targets warm up in setup
             for s in target.seeds:
                 run_one(target, s, hard_timeout=hard_timeout)
-        baseline = _rss()
-        _reset_peak_rss()
+        memory = _PeakRss()
         began = time.perf_counter()
         last_snapshot = began
         for index in range(start, start + count):
@@ -1584,16 +1637,24 @@ def run_target(
             result.mutator_errors += failed
             if progress is not None:
                 progress(index, data)
+            memory.reset()
+            before = _peak_rss()
             t0 = time.perf_counter()
             exc = run_one(target, data, hard_timeout=hard_timeout)
-            run.record(index, data, exc, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            grew = memory.sample() - before
+            run.record(index, data, exc, seconds)
+            if grew > UNBOUNDED_MEMORY:
+                run.fail("memory", index, data, f"RSS grew {grew >> 20} MiB while this input ran", "", seconds,
+                         "memory")
             if snapshot is not None and time.perf_counter() - last_snapshot > 2.0:
                 last_snapshot = time.perf_counter()
                 result.seconds = last_snapshot - began
-                result.peak_rss_growth = max(0, _peak_rss() - baseline)
+                result.peak_rss_growth = memory.growth
                 snapshot(result, index + 1)
         result.seconds = time.perf_counter() - began
-        result.peak_rss_growth = max(0, _peak_rss() - baseline)
+        result.peak_rss_growth = memory.growth
+        memory.close()
     finally:
         if old is not None:
             signal.signal(signal.SIGALRM, old)
