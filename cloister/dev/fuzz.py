@@ -1645,8 +1645,9 @@ def run_target(
             grew = memory.sample() - before
             run.record(index, data, exc, seconds)
             if grew > UNBOUNDED_MEMORY:
-                run.fail("memory", index, data, f"RSS grew {grew >> 20} MiB while this input ran", "", seconds,
-                         "memory")
+                run.fail(
+                    "memory", index, data, f"RSS grew {grew >> 20} MiB while this input ran", "", seconds, "memory"
+                )
             if snapshot is not None and time.perf_counter() - last_snapshot > 2.0:
                 last_snapshot = time.perf_counter()
                 result.seconds = last_snapshot - began
@@ -2488,10 +2489,12 @@ _HTTP_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 @_target(
     "http_headers",
     "JSON-RPC bodies and headers",
-    "the relay's RequireBearer middleware (ASGI, real scope), the MCP SDK's check_accept_headers, "
-    "find_duplicated_routing_header and classify_inbound_request, then peek_issuer on the bearer token",
+    "the relay's RequireBearer middleware (ASGI, real scope) and bearer() token extraction, the MCP SDK's "
+    "check_accept_headers, find_duplicated_routing_header and classify_inbound_request, then the enclave's "
+    "peek_issuer on the token",
 )
 def _t_headers(fx: Fixtures) -> Target:
+    from mcp.server.context import ServerRequestContext
     from mcp.server.streamable_http import check_accept_headers
     from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request, find_duplicated_routing_header
     from starlette.requests import Request
@@ -2500,6 +2503,7 @@ def _t_headers(fx: Fixtures) -> Target:
     from cloister.verify.jwt import TokenError, peek_issuer
 
     _, _, require_bearer = _relay_helpers()
+    bearer = _relay_attr("bearer")
     # Stands for the MCP transport behind the middleware: answers 202 when the middleware lets a request through.
     app = require_bearer(PlainTextResponse("passed to the MCP transport", status_code=202))
     loop = asyncio.new_event_loop()
@@ -2564,9 +2568,17 @@ def _t_headers(fx: Fixtures) -> Target:
         verdict = classify_inbound_request(body, headers=dict(request.headers))
         if isinstance(verdict, InboundLadderRejection):
             raise SdkRejection(f"modern transport: {verdict.message}")
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            peek_issuer(token.strip())
+        # The relay's handlers read the token from the SDK's request context (only `request` matters to it).
+        ctx = ServerRequestContext(
+            session=cast(Any, None),
+            lifespan_context=None,
+            protocol_version="2026-07-28",
+            method="tools/call",
+            request=request,
+        )
+        token = bearer(ctx)
+        if token:
+            peek_issuer(token)
 
     token = fx.token("refund-bot", ["refund-agent"])
     base = (
