@@ -233,7 +233,9 @@ def bench_enclave(work: Path, quick: bool) -> list[dict[str, Any]]:
         )
         core.start_new_log()
         t0 = time.perf_counter()
-        core.load_policy(sign_bundle(read_bundle_dir(d), 1, admin))
+        core.load_policy(
+            sign_bundle(read_bundle_dir(d), 1, admin, origin=config.origin, not_after=int(time.time()) + 86400)
+        )
         load_s = time.perf_counter() - t0
         now = int(time.time())
         tokens = [

@@ -129,7 +129,9 @@ def build_core(work: Path, clock: Clock) -> tuple[EnclaveCore, list[str]]:
     pcrs = mock_pcrs(config.raw)
     core = EnclaveCore(config, MockNsm(work / "mock-nsm", pcrs), pcrs=pcrs, clock_ms=clock, mock_nsm=True)
     core.start_new_log()
-    core.load_policy(sign_bundle(read_bundle_dir(bundle), 1, admin))
+    core.load_policy(
+        sign_bundle(read_bundle_dir(bundle), 1, admin, origin=config.origin, not_after=clock.ms // 1000 + 90 * 86400)
+    )
     now = clock.ms // 1000
     tokens = [
         encode_jwt(

@@ -26,6 +26,8 @@ from cloister.verify.jwt import encode_jwt
 # The test world's epoch: a fixed instant, not the wall clock, so in-process tests give the same
 # answers on any date and at any hour (a Monday, inside the example's business hours).
 EPOCH = datetime(2026, 3, 2, 10, 30, tzinfo=UTC)
+ORIGIN = "cloister.test/log"  # the world enclave's log origin (enclave.toml)
+BUNDLE_VALIDITY_S = 90 * 86400  # how long World.sign_bundle's bundles stay loadable by default
 
 
 def epoch_ms(at: datetime = EPOCH) -> int:
@@ -89,15 +91,25 @@ class World:
         return encode_jwt(claims, self.issuer)
 
     def sign_bundle(
-        self, version: int, edit: dict[str, str | None] | None = None, key: ed25519.Ed25519PrivateKey | None = None
+        self,
+        version: int,
+        edit: dict[str, str | None] | None = None,
+        key: ed25519.Ed25519PrivateKey | None = None,
+        *,
+        origin: str = ORIGIN,
+        not_after: int | None = None,
     ) -> bytes:
+        """The world's bundle (with `edit`s), signed for `origin` (the world's log by default),
+        loadable until `not_after` (Unix seconds; default 90 days from the world's clock)."""
         files = read_bundle_dir(self.bundle_dir)
         for path, text in (edit or {}).items():
             if text is None:
                 files.pop(path, None)
             else:
                 files[path] = text.encode()
-        return sign_bundle(files, version, key or self.admin)
+        if not_after is None:
+            not_after = self.clock.seconds() + BUNDLE_VALIDITY_S
+        return sign_bundle(files, version, key or self.admin, origin=origin, not_after=not_after)
 
     def new_core(self) -> EnclaveCore:
         config = load_config(self.config_path)
@@ -141,9 +153,7 @@ def make_world(
     MockNsm(root / "mock-nsm", {}, clock=clock.datetime).root_pem()  # the CA is born on the world's clock
     config_path = root / "enclave.toml"
     raw = admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-    config_path.write_text(
-        f'origin = "cloister.test/log"\nadmin_keys = ["{raw}"]\ntrust_root = "mock:mock-nsm/root.pem"\n'
-    )
+    config_path.write_text(f'origin = "{ORIGIN}"\nadmin_keys = ["{raw}"]\ntrust_root = "mock:mock-nsm/root.pem"\n')
     w = World(
         root=root,
         admin=admin,

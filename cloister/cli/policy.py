@@ -3,7 +3,7 @@
     cloister policy validate DIR [--strict] [--json]
     cloister policy schema DIR
     cloister policy keygen --out FILE
-    cloister policy sign DIR --key ADMIN_KEY --version N --out BUNDLE [--json]
+    cloister policy sign DIR --key ADMIN_KEY --version N --origin ORIGIN [--not-after ISO8601] --out BUNDLE [--json]
     cloister policy push BUNDLE --relay URL [--timeout S] [--json]
     cloister policy diff OLD NEW [--json]
     cloister policy explain --bundle DIR|BUNDLE --agent A [--role R ...] --server S --tool T
@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,8 @@ def register(sub: Any) -> None:
         "sign",
         help="validate a bundle directory, then sign it with an admin key",
         description="Validate DIR (an invalid bundle is not signed: exit 1), sign it with the "
-        "admin key as version N, and write the signed bundle to BUNDLE.",
+        "admin key as version N for the log ORIGIN, loadable until --not-after, and write the signed "
+        "bundle to BUNDLE.",
     )
     s.add_argument("dir", type=Path, metavar="DIR")
     s.add_argument("--key", type=Path, required=True, metavar="ADMIN_KEY", help="Ed25519 private key (PEM)")
@@ -77,6 +80,19 @@ def register(sub: Any) -> None:
         required=True,
         metavar="N",
         help="the bundle version: above the one in force, or the enclave refuses it",
+    )
+    s.add_argument(
+        "--origin",
+        required=True,
+        metavar="ORIGIN",
+        help="the log this bundle is for: the `origin` in that enclave's enclave.toml; any other enclave refuses it",
+    )
+    s.add_argument(
+        "--not-after",
+        default=None,
+        metavar="ISO8601",
+        help="the last time an enclave may load it, with its zone, e.g. 2026-06-01T00:00:00Z "
+        "(default: 90 days from now; at most 366 days ahead)",
     )
     s.add_argument("--out", type=Path, required=True, metavar="BUNDLE")
     s.add_argument("--json", action="store_true")
@@ -254,17 +270,23 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sign(args: argparse.Namespace) -> int:
-    from cloister.policytools.signing import load_private_key, sign_dir
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _sign(args: argparse.Namespace, *, clock: Callable[[], datetime] = _utc_now) -> int:
+    from cloister.policytools.signing import load_private_key, resolve_not_after, sign_dir
     from cloister.policytools.source import InputError
+    from cloister.verify.bundle import iso_time
     from cloister.verify.errors import DecodeError
 
     if not 0 < args.version < 1 << 63:
         _err(args, f"--version must be a positive integer, got {args.version}")
         return 2
     try:
+        not_after = resolve_not_after(args.not_after, clock())
         key = load_private_key(args.key)
-        validation, signed = sign_dir(args.dir, key, args.version, args.out)
+        validation, signed = sign_dir(args.dir, key, args.version, args.out, origin=args.origin, not_after=not_after)
     except InputError as exc:
         _err(args, str(exc))
         return 2
@@ -284,6 +306,8 @@ def _sign(args: argparse.Namespace) -> int:
                 "bundle_sha256": signed.sha256,
                 "admin_key_id": signed.key_id,
                 "admin_public_key": signed.public_hex,
+                "origin": signed.origin,
+                "not_after": iso_time(signed.not_after),
                 "bytes": signed.size,
                 "warnings": [f.as_json() for f in validation.warnings],
             }
@@ -293,6 +317,8 @@ def _sign(args: argparse.Namespace) -> int:
         print(f, file=sys.stderr)
     print(f"signed {args.dir} -> {signed.out} ({signed.size} bytes)")
     print(f"  version:    {signed.version}")
+    print(f"  origin:     {signed.origin}  (only the enclave whose enclave.toml names this origin loads it)")
+    print(f"  not after:  {iso_time(signed.not_after)}  (no enclave loads it later; sign again before then)")
     print(f"  sha256:     {signed.sha256}  (the enclave logs it with every decision)")
     print(f'  admin key:  {signed.key_id}  (the enclave must pin admin_keys = ["{signed.public_hex}"])')
     return 0

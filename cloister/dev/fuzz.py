@@ -82,6 +82,7 @@ MAX_SAVED_PER_KIND: Final = 25
 EPOCH: Final = datetime(2026, 3, 2, 10, 30, tzinfo=UTC)  # the test world's epoch (tests/world.py)
 EPOCH_MS: Final = int(EPOCH.timestamp() * 1000)
 ORIGIN: Final = "cloister.fuzz/log"
+BUNDLE_VALIDITY_S: Final = 90 * 86400  # the fuzz world's bundles stay loadable this long after EPOCH
 
 # Text of internal Python exceptions: a rejection carrying one of these is not a clear error.
 _UNCLEAR: Final = re.compile(
@@ -1944,7 +1945,13 @@ class Fixtures:
     ) -> bytes:
         from cloister.verify.bundle import sign_bundle
 
-        return sign_bundle(dict(files if files is not None else self.bundle_files), version, key or self.admin)
+        return sign_bundle(
+            dict(files if files is not None else self.bundle_files),
+            version,
+            key or self.admin,
+            origin=ORIGIN,
+            not_after=EPOCH_MS // 1000 + BUNDLE_VALIDITY_S,
+        )
 
     @cached_property
     def world(self) -> EnclaveWorld:
@@ -3507,6 +3514,9 @@ _BUNDLE_STRINGS: Final = (
     "version",
     "files",
     "cloister-bundle/1",
+    "cloister-bundle/2",
+    "origin",
+    "not_after",
     "bundle.toml",
     "entities.toml",
     "issuers.toml",
@@ -3541,7 +3551,11 @@ def _t_bundle_verify(fx: Fixtures) -> Target:
         return cose_mutate(data, rng, fx.admin.sign, _BUNDLE_STRINGS, _BUNDLE_STRINGS)
 
     def run(data: bytes) -> None:
-        _stages(data, (lambda d: verify_bundle(d, keys), read_bundle_header, unsigned_files), _CLEAN_VERIFY)
+        _stages(
+            data,
+            (lambda d: verify_bundle(d, keys, origin=ORIGIN, now_ms=EPOCH_MS), read_bundle_header, unsigned_files),
+            _CLEAN_VERIFY,
+        )
 
     return Target(
         "bundle_verify", "", "", run, seeds, _CLEAN_VERIFY, (mutate,), _CBOR_TOKENS, (8 << 20,), (8 << 20) + 8192
@@ -3603,6 +3617,8 @@ def bundle_payload_mutate(data: bytes, rng: random.Random) -> bytes:
     body = {
         "format": body.get("format"),
         "version": rng.randrange(2, 1 << 40) if rng.random() < 0.9 else rng.choice((0, -1, 1 << 63, 1 << 64, "2", 1.5)),
+        "origin": body.get("origin") if rng.random() < 0.95 else rng.choice(("", "other/log", "x\n", 7)),
+        "not_after": body.get("not_after") if rng.random() < 0.95 else rng.choice((0, -1, 1, 1 << 64, "9")),
         "files": files,
     }
     return cbor2.dumps(body, canonical=True)
@@ -3621,7 +3637,10 @@ def _t_bundle_load(fx: Fixtures) -> Target:
 
     world = fx.load_world
     kid = admin_key_id(fx.admin.public_key()).encode()
-    seeds = [pack_payload(files, 2 + i) for i, files in enumerate(_bundle_variants(fx))]
+    not_after = EPOCH_MS // 1000 + BUNDLE_VALIDITY_S
+    seeds = [
+        pack_payload(files, 2 + i, origin=ORIGIN, not_after=not_after) for i, files in enumerate(_bundle_variants(fx))
+    ]
 
     def run(data: bytes) -> None:
         signed = encode_cose_sign1({1: ALG_EDDSA, 4: kid}, {}, data, fx.admin.sign, tagged=True)

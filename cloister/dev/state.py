@@ -5,7 +5,9 @@
     keys/issuer.key          dev token issuer key (cloister token issue)
     enclave.toml             the enclave's measured config (origin, admin key, trust root)
     bundle/                  the example bundle, with the dev issuer's public key added
-    bundle.signed            that bundle, signed by the admin key (version bumps when it changes)
+    bundle.signed            that bundle, signed by the admin key for this state's origin, valid for
+                             90 days (re-signed, with a higher version, when it changes, names
+                             another origin, or has less than 30 days left)
     relay.toml               the relay's config
     log/                     the log's storage (C2SP tlog-tiles layout)
     run/                     sockets
@@ -22,6 +24,7 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,7 +38,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from cloister.verify.bundle import read_bundle_header, sign_bundle, unsigned_files
+from cloister.verify.bundle import read_bundle_header, read_bundle_scope, sign_bundle, unsigned_files
 from cloister.verify.errors import DecodeError
 from cloister.verify.jwt import encode_jwt
 
@@ -130,8 +133,10 @@ class DevState:
         return encode_jwt(claims, self.issuer_key())
 
 
-def ensure_state(root: Path, *, bundle_source: Path | None = None) -> DevState:
-    """Create (or refresh) the dev state: keys, mock CA, enclave config, signed example bundle."""
+def ensure_state(root: Path, *, bundle_source: Path | None = None, clock: Callable[[], float] = time.time) -> DevState:
+    """Create (or refresh) the dev state: keys, mock CA, enclave config, signed example bundle.
+
+    `clock` (Unix seconds) dates the bundle's not-after."""
     from cloister.dev.mock_nsm import MockNsm
 
     st = DevState(root.resolve())
@@ -167,7 +172,7 @@ def ensure_state(root: Path, *, bundle_source: Path | None = None) -> DevState:
     if not same_code:
         pcr0 = mock_pcrs(config.encode())[0].hex()
         history_file.write_text(json.dumps([*history, {"code": code, "pcr0": pcr0}], indent=1) + "\n")
-    _refresh_bundle(st, bundle_source)
+    _refresh_bundle(st, bundle_source, int(clock()))
     return st
 
 
@@ -219,8 +224,13 @@ def copy_example_bundle(dst: Path, source: Path | None = None) -> Path:
     return dst
 
 
-def _refresh_bundle(st: DevState, source: Path | None) -> None:
-    """Copy the bundle, add the dev issuer key, and sign it when its content changed."""
+DEV_BUNDLE_VALIDITY_S = 90 * 86400
+DEV_BUNDLE_RESIGN_S = 30 * 86400  # re-sign a bundle with less than this left
+
+
+def _refresh_bundle(st: DevState, source: Path | None, now_s: int) -> None:
+    """Copy the bundle, add the dev issuer key, and sign it for this state's origin when its
+    content changed, it names another origin or none, or it expires within 30 days."""
     if st.bundle_dir.exists():
         shutil.rmtree(st.bundle_dir)
     copy_example_bundle(st.bundle_dir, source)
@@ -229,10 +239,14 @@ def _refresh_bundle(st: DevState, source: Path | None) -> None:
     from cloister.enclave.bundle import read_bundle_dir
 
     files = read_bundle_dir(st.bundle_dir)
+    origin = st.origin()
     version = 1
     if st.signed_bundle.exists():
         old = st.signed_bundle.read_bytes()
-        if unsigned_files(old) == files:
+        old_origin, old_not_after = read_bundle_scope(old)
+        fresh = old_not_after is not None and old_not_after - now_s >= DEV_BUNDLE_RESIGN_S
+        if unsigned_files(old) == files and old_origin == origin and fresh:
             return
         version = read_bundle_header(old)[0] + 1
-    st.signed_bundle.write_bytes(sign_bundle(files, version, st.admin_key()))
+    not_after = now_s + DEV_BUNDLE_VALIDITY_S
+    st.signed_bundle.write_bytes(sign_bundle(files, version, st.admin_key(), origin=origin, not_after=not_after))

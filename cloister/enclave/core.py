@@ -358,7 +358,8 @@ class EnclaveCore:
     def load_policy(self, data: bytes) -> tuple[int, bytes, LogAppend]:
         """Verify and install a signed bundle, atomically; log the change."""
         try:
-            signed = verify_bundle(data, self.config.admin_keys)
+            # Only bundles signed for this log's origin and not past their not-after (decision 0012).
+            signed = verify_bundle(data, self.config.admin_keys, origin=self.config.origin, now_ms=self._clock_ms())
             bundle = parse_bundle_files(signed.files)
         except (DecodeError, VerificationError) as exc:
             raise PolicyRefused(str(exc)) from exc

@@ -14,6 +14,7 @@ import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -30,11 +31,13 @@ from cloister.enclave.bundle import read_bundle_dir
 from cloister.policytools.findings import Validation
 from cloister.policytools.source import InputError, read_signed
 from cloister.policytools.validate import validate_files
-from cloister.verify.bundle import admin_key_id, read_bundle_header, sign_bundle
+from cloister.verify.bundle import admin_key_id, origin_problem, read_bundle_header, sign_bundle
 from cloister.verify.cose import parse_cose_sign1
 from cloister.verify.errors import DecodeError
 
 MAX_ANSWER = 1 << 16
+DEFAULT_VALIDITY = timedelta(days=90)  # `sign` without --not-after
+MAX_VALIDITY = timedelta(days=366)
 
 
 @dataclass(frozen=True)
@@ -91,19 +94,56 @@ class Signed:
     key_id: str
     public_hex: str
     size: int
+    origin: str  # the only log whose enclave loads it
+    not_after: int  # Unix seconds: no enclave loads it later
+
+
+def resolve_not_after(text: str | None, now: datetime) -> int:
+    """`--not-after` as Unix seconds: an ISO 8601 time with its zone, or `now` + DEFAULT_VALIDITY.
+
+    Refused: a time without a zone (whose zone would be a guess), one not after `now`, one more
+    than MAX_VALIDITY ahead (bundles are meant to expire; sign again instead).
+    """
+    if text is None:
+        return int((now + DEFAULT_VALIDITY).timestamp())
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError as exc:
+        raise InputError(f"--not-after {text!r}: not an ISO 8601 time (e.g. 2026-06-01T00:00:00Z)") from exc
+    if at.tzinfo is None or "T" not in text.upper():
+        raise InputError(f"--not-after {text!r}: give a date, a time and a zone, e.g. 2026-06-01T00:00:00Z")
+    if at <= now:
+        raise InputError(f"--not-after {text!r} is not in the future (it is {now:%Y-%m-%dT%H:%M:%SZ})")
+    if at - now > MAX_VALIDITY:
+        raise InputError(
+            f"--not-after {text!r} is more than {MAX_VALIDITY.days} days away; bundles are meant to expire: "
+            "sign a new version before then"
+        )
+    return int(at.timestamp())
 
 
 def sign_dir(
-    bundle_dir: Path, key: ed25519.Ed25519PrivateKey, version: int, out: Path
+    bundle_dir: Path,
+    key: ed25519.Ed25519PrivateKey,
+    version: int,
+    out: Path,
+    *,
+    origin: str,
+    not_after: int,
 ) -> tuple[Validation, Signed | None]:
-    """Validate, then sign. An invalid bundle is not signed (the Validation says why)."""
+    """Validate, then sign for the log `origin`, loadable until `not_after` (Unix seconds).
+
+    An invalid bundle is not signed (the Validation says why)."""
     if not bundle_dir.is_dir():
         raise InputError(f"{bundle_dir}: not a directory")
+    problem = origin_problem(origin)
+    if problem is not None:
+        raise InputError(f"--origin: {problem}")
     files = read_bundle_dir(bundle_dir)
     validation = validate_files(files)
     if not validation.ok:
         return validation, None
-    data = sign_bundle(files, version, key)
+    data = sign_bundle(files, version, key, origin=origin, not_after=not_after)
     tmp = out.with_name(out.name + ".tmp")
     try:
         tmp.write_bytes(data)
@@ -119,6 +159,8 @@ def sign_dir(
         key_id=kid,
         public_hex=public_hex,
         size=len(data),
+        origin=origin,
+        not_after=not_after,
     )
 
 

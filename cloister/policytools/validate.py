@@ -36,7 +36,7 @@ from cloister.policytools.cedarsrc import Statement, locate_parse_error, split_s
 from cloister.policytools.findings import BUNDLE, SCHEMA_FILE, Finding, PolicyInfo, Validation, guess_line, line_of
 from cloister.policytools.schema import INPUTS_DIR
 from cloister.policytools.schemacheck import CHUNK, check_against_schema
-from cloister.verify.bundle import pack_payload
+from cloister.verify.bundle import MAX_NOT_AFTER, MAX_ORIGIN_CHARS, pack_payload
 from cloister.verify.errors import DecodeError
 from cloister.wire.contract import TOOL_SEPARATOR
 
@@ -185,7 +185,7 @@ def _check_schema_syntax(v: Validation, texts: Mapping[str, str]) -> None:
 def _check_container(v: Validation) -> None:
     """What signing would refuse: file names, count and total size."""
     try:
-        pack_payload(v.files, 1)
+        pack_payload(v.files, 1, origin="o" * MAX_ORIGIN_CHARS, not_after=MAX_NOT_AFTER)
     except DecodeError as exc:
         v.error(BUNDLE, None, str(exc))
 

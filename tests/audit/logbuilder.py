@@ -154,9 +154,13 @@ class TestLog:
         pem = self.issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         (bundle_dir / "issuers" / "cloister-dev.pem").write_bytes(pem)
         self.policy_version += 1
-        signed = sign_bundle(read_bundle_dir(bundle_dir), self.policy_version, self.admin)
+        signed = self._sign(read_bundle_dir(bundle_dir), self.policy_version)
         _, _, append = self.core.load_policy(signed)
         self._absorb(append)
+
+    def _sign(self, files: dict[str, bytes], version: int) -> bytes:
+        """Signed for this log's origin, loadable for 90 days (the enclave here runs on the real clock)."""
+        return sign_bundle(files, version, self.admin, origin=self.origin, not_after=int(time.time()) + 90 * 86400)
 
     def token(self, agent: str, roles: list[str]) -> str:
         now = int(time.time())
@@ -245,9 +249,7 @@ class TestLog:
         )
         # The same bundle again: the enclave logs nothing new for it (same version as in force).
         assert self.core is not None
-        signed = sign_bundle(
-            read_bundle_dir(self.workdir / f"bundle-{self.policy_version}"), self.policy_version, self.admin
-        )
+        signed = self._sign(read_bundle_dir(self.workdir / f"bundle-{self.policy_version}"), self.policy_version)
         _, _, append = self.core.load_policy(signed)
         self._absorb(append)
 

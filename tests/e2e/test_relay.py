@@ -4,6 +4,7 @@ nothing is forwarded without an allow, and nothing is acknowledged without a log
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
 
 import anyio
@@ -197,11 +198,16 @@ def test_policy_push_is_verified_by_the_enclave(stack: Stack) -> None:
 
     files = read_bundle_dir(stack.state.bundle_dir)
     url = f"{stack.relay_url}/admin/policy"
-    ok = httpx2.post(url, content=sign_bundle(files, 2, stack.state.admin_key()))
+    origin, not_after = stack.state.origin(), int(time.time()) + 86400
+
+    def sign(version: int, key: ed25519.Ed25519PrivateKey) -> bytes:
+        return sign_bundle(files, version, key, origin=origin, not_after=not_after)
+
+    ok = httpx2.post(url, content=sign(2, stack.state.admin_key()))
     assert ok.status_code == 200 and ok.json()["version"] == 2, ok.text
-    stale = httpx2.post(url, content=sign_bundle(files, 2, stack.state.admin_key()))
+    stale = httpx2.post(url, content=sign(2, stack.state.admin_key()))
     assert stale.status_code == 409 and "not above the version in force" in stale.json()["error"]
-    forged = httpx2.post(url, content=sign_bundle(files, 3, ed25519.Ed25519PrivateKey.generate()))
+    forged = httpx2.post(url, content=sign(3, ed25519.Ed25519PrivateKey.generate()))
     assert forged.status_code == 409 and "not a pinned admin key" in forged.json()["error"]
     garbage = httpx2.post(url, content=b"\x00" * 100)
     assert garbage.status_code == 409 and "COSE_Sign1" in garbage.json()["error"]

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from cloister.enclave.bundle import read_bundle_dir
 from cloister.policytools.validate import Validation, validate_files
+from cloister.verify.bundle import sign_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,6 +36,16 @@ def add_issuer_key(dst: Path) -> Path:
         key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     )
     return dst
+
+
+# For bundles that only the local tools read (diff, explain, push's input checks), which check
+# neither origin nor expiry; a bundle a running enclave loads is signed for its origin and clock.
+LOCAL_ORIGIN = "cloister.test/policytools"
+LOCAL_NOT_AFTER = 4102444800  # 2100-01-01T00:00:00Z
+
+
+def sign_local(files: dict[str, bytes], version: int, key: ed25519.Ed25519PrivateKey) -> bytes:
+    return sign_bundle(files, version, key, origin=LOCAL_ORIGIN, not_after=LOCAL_NOT_AFTER)
 
 
 @pytest.fixture

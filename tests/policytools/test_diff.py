@@ -11,8 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cloister.enclave.bundle import read_bundle_dir
 from cloister.policytools.diff import diff_bundles, render
 from cloister.policytools.source import load_source
-from cloister.verify.bundle import sign_bundle
-from tests.policytools.conftest import cli
+from tests.policytools.conftest import cli, sign_local
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -81,7 +80,7 @@ def test_semantic_summary(bundle: Path, tmp_path: Path) -> None:
 def test_cli_signed_against_directory_and_json(bundle: Path, tmp_path: Path) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     old = tmp_path / "v4.bundle"
-    old.write_bytes(sign_bundle(read_bundle_dir(bundle), 4, key))
+    old.write_bytes(sign_local(read_bundle_dir(bundle), 4, key))
     new = _changed_copy(bundle, tmp_path / "new")
     r = cli("diff", str(old), str(new))
     assert r.returncode == 1, r.stderr
@@ -101,8 +100,8 @@ def test_versions_that_would_be_refused_are_noted(bundle: Path, tmp_path: Path) 
     key = ed25519.Ed25519PrivateKey.generate()
     files = read_bundle_dir(bundle)
     a, b = tmp_path / "a", tmp_path / "b"
-    a.write_bytes(sign_bundle(files, 5, key))
-    b.write_bytes(sign_bundle({**files, "policies/x.cedar": b'@id("x") forbid (principal, action, resource);'}, 5, key))
+    a.write_bytes(sign_local(files, 5, key))
+    b.write_bytes(sign_local({**files, "policies/x.cedar": b'@id("x") forbid (principal, action, resource);'}, 5, key))
     r = cli("diff", str(a), str(b))
     assert r.returncode == 1
     assert "note: the new bundle's version 5 is not above 5: an enclave running the old one would refuse it" in r.stdout

@@ -14,8 +14,7 @@ from cloister.enclave.bundle import read_bundle_dir
 from cloister.enclave.policy import PolicyEngine
 from cloister.policytools.explain import Explanation, explain, render
 from cloister.policytools.validate import validate_files
-from cloister.verify.bundle import sign_bundle
-from tests.policytools.conftest import cli
+from tests.policytools.conftest import cli, sign_local
 
 AT = datetime(2026, 3, 2, 10, 30, tzinfo=UTC)  # a Monday, 10:30 UTC
 
@@ -312,7 +311,7 @@ def test_cli_text_json_signed_bundle_and_args_file(bundle: Path, tmp_path: Path)
     assert r.returncode == 1, r.stderr
     assert r.stdout.startswith("decision: DENY  [policy]\nreason:   forbidden by policy refund-single-cap\n")
     signed = tmp_path / "b.signed"
-    signed.write_bytes(sign_bundle(read_bundle_dir(bundle), 3, ed25519.Ed25519PrivateKey.generate()))
+    signed.write_bytes(sign_local(read_bundle_dir(bundle), 3, ed25519.Ed25519PrivateKey.generate()))
     (tmp_path / "args.json").write_text('{"amount": 10}')
     j = cli(
         "explain",

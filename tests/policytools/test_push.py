@@ -6,6 +6,7 @@ Every bad bundle is refused with the enclave's reason and leaves the running bun
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,10 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cloister.dev.state import DevState, ensure_state, free_port
 from cloister.enclave.bundle import read_bundle_dir
 from cloister.policytools.signing import push
-from cloister.verify.bundle import ALG_EDDSA, admin_key_id, sign_bundle
+from cloister.verify.bundle import ALG_EDDSA, FORMAT, admin_key_id
+from cloister.verify.bundle import sign_bundle as sign
 from cloister.verify.cose import encode_cose_sign1
 from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
-from tests.policytools.conftest import cli, make_bundle
+from tests.policytools.conftest import cli, make_bundle, sign_local
 
 
 @dataclass
@@ -66,9 +68,14 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
 
 def test_sign_then_push_then_every_bad_bundle_is_refused(relay: Relay, tmp_path: Path) -> None:
     admin_key = relay.state.root / "keys" / "admin.key"
+    origin = relay.state.origin()
     assert relay.version == 1
     signed = tmp_path / "v2.bundle"
-    s = cli("sign", str(relay.state.bundle_dir), "--key", str(admin_key), "--version", "2", "--out", str(signed))
+    s = cli(
+        "sign",
+        str(relay.state.bundle_dir),
+        *("--key", str(admin_key), "--version", "2", "--origin", origin, "--out", str(signed)),
+    )
     assert s.returncode == 0, s.stderr
     sha = s.stdout.split("sha256:")[1].split()[0]
 
@@ -88,6 +95,13 @@ def test_sign_then_push_then_every_bad_bundle_is_refused(relay: Relay, tmp_path:
 
     files = read_bundle_dir(relay.state.bundle_dir)
     admin = relay.state.admin_key()
+
+    def sign_bundle(
+        files: dict[str, bytes], version: int, key: ed25519.Ed25519PrivateKey, *, for_origin: str = origin
+    ) -> bytes:
+        # The relay's enclave runs on the real clock, as this test process does.
+        return sign(files, version, key, origin=for_origin, not_after=int(time.time()) + 86400)
+
     # A stale version (a replay of the one in force) and a rollback.
     assert refused(signed.read_bytes(), "replay") == (
         "cloister policy push: refused: the enclave refused the bundle: bundle version 2 is not above the version in "
@@ -115,13 +129,16 @@ def test_sign_then_push_then_every_bad_bundle_is_refused(relay: Relay, tmp_path:
         "limits.toml": b'[[limits]]\nid = "u"\nkind = "rate"\nagents = ["ghost"]\nmax = "1"\nwindow = "1h"\n',
     }
     assert "limits.toml: limit 'u': unknown agent 'ghost'" in refused(sign_bundle(unknown, 3, admin), "unknown")
+    # Signed by the real key for another deployment (a staging log), or past its not-after.
+    staging = sign_bundle(files, 3, admin, for_origin="cloister.example/staging")
+    assert f"bundle is for the log 'cloister.example/staging', not this one ('{origin}')" in refused(staging, "staging")
+    expired = sign(files, 3, admin, origin=origin, not_after=int(time.time()) - 60)
+    assert "bundle expired: not after " in refused(expired, "expired")
 
     # The next version, validated and signed by the CLI, is accepted.
     v3 = tmp_path / "v3.bundle"
-    assert (
-        cli("sign", str(relay.state.bundle_dir), "--key", str(admin_key), "--version", "3", "--out", str(v3)).returncode
-        == 0
-    )
+    v3_args = ("--key", str(admin_key), "--version", "3", "--origin", origin, "--out", str(v3))
+    assert cli("sign", str(relay.state.bundle_dir), *v3_args).returncode == 0
     result = push(v3, relay.url)
     assert (result.outcome, result.version, result.exit_code) == ("in-force", 3, 0)
 
@@ -135,8 +152,10 @@ def test_an_oversize_bundle_is_refused(relay: Relay, tmp_path: Path) -> None:
     # `sign_bundle` refuses to make one, so build the COSE_Sign1 by hand.
     payload = cbor2.dumps(
         {
-            "format": "cloister-bundle/1",
+            "format": FORMAT,
             "version": before + 1,
+            "origin": relay.state.origin(),
+            "not_after": int(time.time()) + 86400,
             "files": {**files, "big.txt": b"x" * ((8 << 20) + (64 << 10))},
         },
         canonical=True,
@@ -165,7 +184,7 @@ def test_push_network_and_input_errors(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "b")
     key = ed25519.Ed25519PrivateKey.generate()
     signed = tmp_path / "x.bundle"
-    signed.write_bytes(sign_bundle(read_bundle_dir(bundle), 1, key))
+    signed.write_bytes(sign_local(read_bundle_dir(bundle), 1, key))
     port = free_port()  # nothing listens there
     down = cli("push", str(signed), "--relay", f"http://127.0.0.1:{port}", "--timeout", "5")
     assert down.returncode == 3 and "cannot reach" in down.stderr

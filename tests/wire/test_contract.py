@@ -13,9 +13,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cloister.enclave.bundle import read_bundle_dir
 from cloister.enclave.service import DENIALS, EnclaveService
-from cloister.verify.bundle import sign_bundle
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import POLICY_NOT_NEWER_STATUS, DenyCode
 from tests.relay.inprocess import Aborted, ServicerContext
@@ -149,7 +147,7 @@ def test_a_bundle_not_above_the_version_in_force_has_its_own_status(w: World) ->
     # bundle at or above this version is in force", so an unsigned low version does not get it.
     stranger = ed25519.Ed25519PrivateKey.generate()
     for refused_bundle in (
-        sign_bundle(read_bundle_dir(w.bundle_dir), 1, stranger),
+        w.sign_bundle(1, key=stranger),
         b"garbage",
         w.sign_bundle(3, {"policies/x.cedar": "permit (principal, action, resource) when { 1 + };"}),
     ):
