@@ -32,8 +32,11 @@ from cloister.wire.contract import MAX_LIMIT_WINDOW_S, TOOL_SEPARATOR
 
 NAMESPACE = "Cloister"
 ACTION_GROUPS = ("CallTool", "Mcp")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
-_TOOL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")  # agents, roles, limit ids (fullmatch)
+# Servers and tools name Cedar actions `<server>___<tool>` and the MCP tools agents see: see
+# server_name_problem and tool_name_problem, the one rule that `policy validate` runs too.
+_SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # MCP (2025-11-25): letters, digits, _ - . and 1 to 128
 MAX_LIMIT_VALUE = Decimal("1e15")
 
 
@@ -43,6 +46,41 @@ class BundleError(DecodeError):
 
 def action_id(server: str, tool: str) -> str:
     return f"{server}{TOOL_SEPARATOR}{tool}"
+
+
+# Action ids must name one (server, tool) each, or a policy, a limit or an agent's tool name
+# written for one pair would apply to another ('pay_' + 'wire' and 'pay' + '_wire' are both
+# 'pay____wire'). Neither name may contain the separator, a server name may not end with '_' and a
+# tool name may not start with one: then every action id contains the separator exactly once, so
+# `partition` and `rpartition` both split it back into the one pair it came from (decision 0012).
+
+
+def server_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a server name, or None when it can."""
+    if not isinstance(name, str) or not _SERVER_NAME.fullmatch(name):
+        return f"server name {name!r} must be 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+    if TOOL_SEPARATOR in name:
+        return f"server name {name!r} contains {TOOL_SEPARATOR!r}, the separator in action ids '<server>___<tool>'"
+    if name.endswith("_"):
+        return (
+            f"server name {name!r} ends with '_': its action ids '{name}___<tool>' would read as server "
+            f"{name.rstrip('_')!r} with a tool starting with '_'"
+        )
+    return None
+
+
+def tool_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a tool name in a bundle, or None when it can."""
+    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+        return f"tool name {name!r} must be 1 to 128 letters, digits, '_', '.' or '-' (MCP's tool names)"
+    if TOOL_SEPARATOR in name:
+        return f"tool name {name!r} contains {TOOL_SEPARATOR!r}, the separator in action ids '<server>___<tool>'"
+    if name.startswith("_"):
+        return (
+            f"tool name {name!r} starts with '_': its action id '<server>___{name}' would read as a server "
+            "ending with '_'"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -143,7 +181,7 @@ def read_toml(files: Mapping[str, bytes], name: str, *, required: bool) -> dict[
 
 
 def _name(where: str, value: Any, pattern: re.Pattern[str] = _NAME) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise BundleError(f"{where}: {value!r} is not a valid name (letters, digits, _ . : @ -, at most 128)")
     return value
 
@@ -299,9 +337,10 @@ def parse_entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str
         where = f"entities.toml: [servers.{name}]"
         if not isinstance(t, dict):
             raise BundleError(f"{where}: must be a table")
-        if TOOL_SEPARATOR in name:
-            raise BundleError(f"{where}: server names may not contain {TOOL_SEPARATOR!r}")
-        tools = tuple(_name(f"{where}: tool", x, _TOOL) for x in _strings(f"{where}: tools", t.get("tools")))
+        tools = tuple(_strings(f"{where}: tools", t.get("tools")))
+        for problem in (server_name_problem(name), *map(tool_name_problem, tools)):
+            if problem is not None:
+                raise BundleError(f"{where}: {problem}")
         if len(set(tools)) != len(tools):
             raise BundleError(f"{where}: a tool is listed twice")
         identity = _identity(where, t.get("identity", {"kind": "none"}))
@@ -310,7 +349,7 @@ def parse_entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str
             k in tools and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in pins.items()
         ):
             raise BundleError(f"{where}: pins must map listed tools to 64 hex characters (SHA-256)")
-        servers[_name(where, name)] = ServerSpec(
+        servers[name] = ServerSpec(
             name=name,
             tools=tools,
             attrs=_attrs(where, t, ("tools", "identity", "pins")),

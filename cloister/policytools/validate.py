@@ -3,7 +3,8 @@
 The enclave's parser (`cloister.enclave.bundle.parse_bundle_files`) is the authority: a bundle it
 refuses is invalid. It stops at the first problem, though, and names a file but rarely a
 line, so validation first checks each file on its own (TOML syntax, each Cedar statement,
-each limit), then runs the enclave's parser, then checks what the enclave does not:
+each limit, each server and tool name), then runs the enclave's parser, then checks what the
+enclave does not:
 
 - every policy has an `@id` (error: decisions, log entries and `policy diff` name policies by
   it, and the positional fallback id `<file>#<n>` changes whenever a policy moves);
@@ -31,6 +32,8 @@ from cloister.enclave.bundle import (
     PolicyBundle,
     action_id,
     parse_bundle_files,
+    server_name_problem,
+    tool_name_problem,
 )
 from cloister.policytools.cedarsrc import Statement, locate_parse_error, split_statements
 from cloister.policytools.findings import BUNDLE, SCHEMA_FILE, Finding, PolicyInfo, Validation, guess_line, line_of
@@ -55,6 +58,7 @@ def validate_files(files: Mapping[str, bytes]) -> Validation:
     statements = _check_cedar(v, texts)
     _check_schema_syntax(v, texts)
     _check_container(v)
+    _check_names(v, texts, tomls)
     _check_limit_blocks(v, texts, tomls)
     try:
         # The enclave's own reference and schema checks stop at the first problem; ours below
@@ -188,6 +192,52 @@ def _check_container(v: Validation) -> None:
         pack_payload(v.files, 1, origin="o" * MAX_ORIGIN_CHARS, not_after=MAX_NOT_AFTER)
     except DecodeError as exc:
         v.error(BUNDLE, None, str(exc))
+
+
+# ---- server and tool names: the enclave's rule, every name with its line -------------------------
+
+
+def _check_names(v: Validation, texts: Mapping[str, str], tomls: Mapping[str, Any]) -> None:
+    """Every server and tool name the enclave would refuse (`server_name_problem`,
+    `tool_name_problem`: action ids `<server>___<tool>` must name one pair each)."""
+    servers = tomls.get("entities.toml", {}).get("servers")
+    if not isinstance(servers, dict):
+        return
+    text = texts.get("entities.toml", "")
+    for name, table in servers.items():
+        server_line = _server_line(text, name)
+        problem = server_name_problem(name)
+        if problem is not None:
+            v.error("entities.toml", server_line, f"[servers.{name}]: {problem}")
+        tools = table.get("tools") if isinstance(table, dict) else None
+        for tool in tools if isinstance(tools, list) else ():
+            problem = tool_name_problem(tool)
+            if problem is not None:
+                v.error("entities.toml", _value_line(text, server_line, tool), f"[servers.{name}]: {problem}")
+
+
+def _server_line(text: str, name: str) -> int | None:
+    """The line of `[servers.<name>]` (bare or quoted), or of `<name> = ...` under `[servers]`."""
+    quoted = (re.escape(name), re.escape(json.dumps(name)), re.escape(f"'{name}'"))
+    header = re.compile(r"^\s*\[\s*servers\s*\.\s*(?:" + "|".join(quoted) + r")\s*\]")
+    key = re.compile(r"^\s*(?:" + "|".join(quoted) + r")\s*=")
+    lines = text.splitlines()
+    for pattern in (header, key):
+        for i, line in enumerate(lines):
+            if pattern.match(line):
+                return i + 1
+    return None
+
+
+def _value_line(text: str, start: int | None, value: object) -> int | None:
+    """The first line from `start` on that quotes `value`, else `start`."""
+    if not isinstance(value, str) or start is None:
+        return start
+    lines = text.splitlines()
+    for i in range(start - 1, len(lines)):
+        if any(q in lines[i] for q in (json.dumps(value), f'"{value}"', f"'{value}'")):
+            return i + 1
+    return start
 
 
 # ---- limits, one [[limits]] table at a time ----------------------------------------------------
