@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cloister.verify.errors import CloisterError
 
-COMMANDS = ("up", "enclave", "relay", "token", "attest", "audit", "policy")
+COMMANDS = ("up", "enclave", "relay", "token", "attest", "audit", "policy", "witness")
 
 
 def build_parser() -> argparse.ArgumentParser:
