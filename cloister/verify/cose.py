@@ -33,8 +33,15 @@ class CoseSign1:
     tagged: bool
 
 
-def decode_cbor(data: bytes, *, what: str) -> Any:
+# Data items one decode may hold. A decoded item costs tens of bytes for each byte it took on the
+# wire (8 MiB of one-byte integers is a list of 8 million objects), so the count is checked on the
+# wire, before decoding. Cloister's own CBOR holds at most a few thousand (a bundle of 512 files).
+MAX_CBOR_ITEMS = 65_536
+
+
+def decode_cbor(data: bytes, *, what: str, max_items: int = MAX_CBOR_ITEMS) -> Any:
     """Decode exactly one CBOR item that spans all of `data`, or raise DecodeError."""
+    _check_item_count(data, what, max_items)
     fp = io.BytesIO(data)
     try:
         item = cbor2.CBORDecoder(fp).decode()
@@ -43,6 +50,53 @@ def decode_cbor(data: bytes, *, what: str) -> Any:
     if fp.tell() != len(data):
         raise DecodeError(f"{what}: {len(data) - fp.tell()} trailing bytes after the CBOR item")
     return item
+
+
+def _head(data: bytes, pos: int) -> tuple[int, int | None, int] | None:
+    """(major type, argument or None for an indefinite length, position after the head), or None if reserved."""
+    major, info = data[pos] >> 5, data[pos] & 0x1F
+    if info < 24:
+        return major, info, pos + 1
+    if info < 28:
+        end = pos + 1 + (1 << (info - 24))
+        return major, int.from_bytes(data[pos + 1 : end], "big"), end
+    if info == 31 and major in (2, 3, 4, 5):
+        return major, None, pos + 1
+    return None
+
+
+def _check_item_count(data: bytes, what: str, max_items: int) -> None:
+    """Count the data items of the CBOR item at the start of `data` from their heads alone (RFC 8949 §3),
+    and refuse more than `max_items`. Malformed input is left for the decoder to describe."""
+    expected = [1]  # items still to read in each open container; -1 until a break for indefinite lengths
+    pos, items = 0, 0
+    while expected and pos < len(data):
+        if expected[-1] == 0:
+            expected.pop()
+            continue
+        if data[pos] == 0xFF:  # "break": ends an indefinite-length item
+            if expected.pop() != -1:
+                return
+            pos += 1
+            continue
+        head = _head(data, pos)
+        if head is None:
+            return
+        major, arg, pos = head
+        items += 1
+        if items > max_items:
+            raise DecodeError(f"{what}: more than {max_items} CBOR data items")
+        if expected[-1] > 0:
+            expected[-1] -= 1
+        if major in (2, 3):
+            if arg is None:
+                expected.append(-1)
+            else:
+                pos += arg
+        elif major in (4, 5):
+            expected.append(-1 if arg is None else arg * (major - 3))
+        elif major == 6:
+            expected.append(1)
 
 
 def cbor_type_name(value: object) -> str:
