@@ -51,13 +51,9 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _vkey(args: argparse.Namespace) -> int:
-    from cloister.witness.state import WitnessState
+    from cloister.witness.state import load_key
 
-    state = WitnessState.open(args.state, ())
-    try:
-        print(state.cosigner.vkey)
-    finally:
-        state.close()
+    print(load_key(args.state).vkey)
     return 0
 
 

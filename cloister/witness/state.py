@@ -42,6 +42,7 @@ __all__ = [
     "decode_private_key",
     "encode_private_key",
     "init_state",
+    "load_key",
     "origin_hash",
     "write_atomic",
 ]
@@ -128,6 +129,19 @@ def init_state(directory: Path, name: str, key: Ed25519PrivateKey | None = None)
     return decode_private_key(line)
 
 
+def load_key(directory: Path) -> Ed25519Cosigner:
+    """The witness's cosigning key from its state directory (refused if others can read it)."""
+    key_path = directory / KEY_FILE
+    if not key_path.is_file():
+        raise WitnessSetupError(f"{key_path} does not exist: run `cloister witness init` first")
+    if stat.S_IMODE(key_path.stat().st_mode) & 0o077:
+        raise WitnessSetupError(f"{key_path} is readable by others: chmod 600 it")
+    try:
+        return decode_private_key(key_path.read_text("ascii"))
+    except (DecodeError, UnicodeDecodeError) as e:
+        raise WitnessSetupError(f"{key_path}: {e}") from e
+
+
 @dataclass(frozen=True)
 class Record:
     """The latest checkpoint cosigned for one origin, and the note served to monitors."""
@@ -151,15 +165,8 @@ class WitnessState:
     @classmethod
     def open(cls, directory: Path, origins: Iterable[str]) -> WitnessState:
         """Lock the directory, load the key and the records of `origins` (the configured logs)."""
-        key_path = directory / KEY_FILE
-        if not key_path.is_file():
-            raise WitnessSetupError(f"{key_path} does not exist: run `cloister witness init` first")
-        if stat.S_IMODE(key_path.stat().st_mode) & 0o077:
-            raise WitnessSetupError(f"{key_path} is readable by others: chmod 600 it")
-        try:
-            cosigner = decode_private_key(key_path.read_text("ascii"))
-        except (DecodeError, UnicodeDecodeError) as e:
-            raise WitnessSetupError(f"{key_path}: {e}") from e
+        cosigner = load_key(directory)
+        (directory / CHECKPOINTS_DIR).mkdir(mode=0o700, exist_ok=True)
         lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

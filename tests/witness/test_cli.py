@@ -13,6 +13,7 @@ import pytest
 from cloister.cli import main
 from cloister.verify.cosignature import Ed25519CosignatureVerifier, verify_cosignature_line
 from cloister.verify.note import parse_note
+from cloister.witness.state import WitnessState
 
 from .harness import TestLog
 
@@ -28,6 +29,13 @@ def test_init_prints_the_vkey_and_vkey_repeats_it(tmp_path: Path, capsys: pytest
     assert capsys.readouterr().out.strip() == vkey
     assert main(["witness", "init", "--state", str(state), "--name", "witness.test/cli"]) == 1
     assert "initialised" in capsys.readouterr().err
+    # vkey reads the key without taking the state's lock: it works while a witness serves.
+    held = WitnessState.open(state, [])
+    try:
+        assert main(["witness", "vkey", "--state", str(state)]) == 0
+        assert capsys.readouterr().out.strip() == vkey
+    finally:
+        held.close()
 
 
 def test_serve_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -86,6 +86,10 @@ def test_one_process_per_state_directory(tmp_path: Path) -> None:
         WitnessState.open(state_dir, [])
     first.close()
     WitnessState.open(state_dir, []).close()
+    # A key put in place by hand (no checkpoints/ yet) is enough to start.
+    (state_dir / CHECKPOINTS_DIR).rmdir()
+    WitnessState.open(state_dir, []).close()
+    assert (state_dir / CHECKPOINTS_DIR).is_dir()
 
 
 def cosign_up_to(state_dir: Path, size: int) -> None:
