@@ -226,12 +226,11 @@ def verify_cosignature_line(line: str | bytes, checkpoint_text: bytes, witness: 
     raw = line.encode("utf-8") if isinstance(line, str) else bytes(line)
     if not raw.endswith(b"\n"):
         raw += b"\n"
-    # 1. signed-note §Signatures: parse the line as a note signature on this checkpoint (one line).
+    # 1. signed-note §Signatures: exactly one signature line, parsed as one on this checkpoint.
+    if raw.count(b"\n") != 1:
+        raise DecodeError("expected one cosignature line, got several")
     parse_checkpoint(checkpoint_text)
-    note = parse_note(checkpoint_text + b"\n" + raw)
-    if len(note.signatures) != 1:
-        raise DecodeError(f"expected one cosignature line, got {len(note.signatures)}")
-    sig = note.signatures[0]
+    sig = parse_note(checkpoint_text + b"\n" + raw).signatures[0]
     # 2. signed-note §Signatures: the key name and key ID identify the key; both must be the witness's.
     if sig.name != witness.name:
         raise VerificationError(f"cosignature is by {sig.name!r}, not by the witness {witness.name!r}")
@@ -241,7 +240,7 @@ def verify_cosignature_line(line: str | bytes, checkpoint_text: bytes, witness: 
             f"cosignature key ID {sig.key_id:08x} is not {witness.name}'s cosignature/v1 key ID {witness.key_id:08x}"
         )
     # 4. tlog-cosignature §Format and §Ed25519 signed message: timestamp bounds and signature.
-    return witness.verify_timestamped(note.text, sig.signature)
+    return witness.verify_timestamped(checkpoint_text, sig.signature)
 
 
 @dataclass(frozen=True)

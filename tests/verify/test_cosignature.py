@@ -240,7 +240,14 @@ def test_only_checkpoints_are_cosigned() -> None:
 
 def test_malformed_lines_are_decode_errors() -> None:
     good = line(W1.cosign(TEXT, T))
-    for bad in (good.replace(EM, "-"), good + good, good.replace(" ", "  ", 1), f"{EM} {W1.name} !!!!\n"):
+    bad_lines = (
+        good.replace(EM, "-"),
+        good + good,
+        "\n" + good,  # would move the blank line: the signed text would no longer be the checkpoint's
+        good.replace(" ", "  ", 1),
+        f"{EM} {W1.name} !!!!\n",
+    )
+    for bad in bad_lines:
         with pytest.raises(DecodeError):
             verify_cosignature_line(bad, TEXT, W1.verifier)
 
