@@ -3,10 +3,8 @@
 # Needs Docker and nitro-cli (an EC2 instance with Nitro Enclaves enabled).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if grep -q "REPLACE-ME" eif/enclave.toml; then
-  echo "eif/enclave.toml still has placeholders: set origin and admin_keys first" >&2
-  exit 2
-fi
+# Placeholders, a trust root other than "aws" (mock roots are for the mock NSM), allow_debug: exit 2.
+bash eif/check-config.sh eif/enclave.toml
 docker build -f Dockerfile.enclave -t cloister-enclave:latest .
 nitro-cli build-enclave --docker-uri cloister-enclave:latest --output-file eif/cloister.eif | tee eif/measurements.json
 echo "Pin PCR0 from eif/measurements.json in your auditors' and upstream servers' configuration."

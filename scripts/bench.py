@@ -222,7 +222,7 @@ def bench_enclave(work: Path, quick: bool) -> list[dict[str, Any]]:
         (d / "issuers" / "cloister-dev.pem").write_bytes(
             issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         )
-        config = load_config(cfg)
+        config = load_config(cfg, mock_nsm=True)
         pcrs = mock_pcrs(config.raw)
         core = EnclaveCore(
             config,

@@ -125,7 +125,7 @@ def build_core(work: Path, clock: Clock) -> tuple[EnclaveCore, list[str]]:
         f'{admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()}"]\n'
         'trust_root = "mock:mock-nsm/root.pem"\n'
     )
-    config = load_config(cfg)
+    config = load_config(cfg, mock_nsm=True)
     pcrs = mock_pcrs(config.raw)
     core = EnclaveCore(config, MockNsm(work / "mock-nsm", pcrs), pcrs=pcrs, clock_ms=clock, mock_nsm=True)
     core.start_new_log()

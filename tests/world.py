@@ -112,7 +112,7 @@ class World:
         return sign_bundle(files, version, key or self.admin, origin=origin, not_after=not_after)
 
     def new_core(self) -> EnclaveCore:
-        config = load_config(self.config_path)
+        config = load_config(self.config_path, mock_nsm=True)
         pcrs = mock_pcrs(config.raw)
         return EnclaveCore(config, self.mock_nsm(pcrs), pcrs=pcrs, clock_ms=self.clock, mock_nsm=True)
 

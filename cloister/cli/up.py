@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     from cloister.enclave.config import load_config
 
     state = ensure_state((args.state or default_state_dir()).resolve(), bundle_source=args.bundle)
-    config = load_config(state.enclave_config)
+    config = load_config(state.enclave_config, mock_nsm=True)
     pcr0 = mock_pcrs(config.raw)[0].hex()
     logs = state.root / "logs"
     logs.mkdir(exist_ok=True)

@@ -3,6 +3,8 @@
 The enclave image has no mock NSM: this launcher lives outside the TCB, builds a `MockNsm`
 whose CA is in DIR and whose PCRs measure the TCB files (`cloister.dev.measure`), and hands it
 to the image's own `cloister.enclave.__main__.run`. Everything past the NSM is the same code.
+`run(..., mock=True)` loads the config for the mock NSM, so a config whose trust root is `aws`
+(a production config) is refused here, as a `mock:` root is refused by the image's entry point.
 """
 
 from __future__ import annotations

@@ -2028,7 +2028,7 @@ class EnclaveWorld:
 
         self.fx = fx
         self.clock = FixedClock()
-        self.config = load_config(fx.config_path)
+        self.config = load_config(fx.config_path, mock_nsm=True)
         self.pcrs = fx.enclave_pcrs
         self.nsm = fx.mock_nsm(self.pcrs, self.clock)
         self.upstream = fx.mock_nsm({0: fx.upstream_pcr0}, self.clock)

@@ -76,7 +76,7 @@ def run(listen_spec: str, config_path: Path, *, workers: int, nsm_factory: NsmFa
     logging.basicConfig(level=logging.INFO, format="%(asctime)s enclave %(levelname)s %(message)s", stream=sys.stderr)
     try:
         listen = Endpoint.parse(listen_spec)
-        config = load_config(config_path)
+        config = load_config(config_path, mock_nsm=mock)  # a mock root only with the mock NSM, and back
         nsm, pcrs = nsm_factory(config)
     except (CloisterError, OSError) as exc:
         print(f"cloister enclave: {exc}", file=sys.stderr)

@@ -122,6 +122,7 @@ class TestLog:
         self.note = b""
         self.core: EnclaveCore | None = None
         self.policy_version = 0
+        self.signed_bundle = b""  # the bundle in force, as signed (a restart loads these bytes again)
         self.grants: dict[int, bytes] = {}
         self.dir = workdir / "log"
 
@@ -154,8 +155,8 @@ class TestLog:
         pem = self.issuer.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         (bundle_dir / "issuers" / "cloister-dev.pem").write_bytes(pem)
         self.policy_version += 1
-        signed = self._sign(read_bundle_dir(bundle_dir), self.policy_version)
-        _, _, append = self.core.load_policy(signed)
+        self.signed_bundle = self._sign(read_bundle_dir(bundle_dir), self.policy_version)
+        _, _, append = self.core.load_policy(self.signed_bundle)
         self._absorb(append)
 
     def _sign(self, files: dict[str, bytes], version: int) -> bytes:
@@ -247,10 +248,11 @@ class TestLog:
                 boundary_proof=[],
             )
         )
-        # The same bundle again: the enclave logs nothing new for it (same version as in force).
+        # The same bundle again, as the relay keeps it: the enclave logs nothing new for it (same
+        # version and hash as in force). Signed anew it would differ (its not-after moves with the
+        # clock) and be refused as a rollback.
         assert self.core is not None
-        signed = self._sign(read_bundle_dir(self.workdir / f"bundle-{self.policy_version}"), self.policy_version)
-        _, _, append = self.core.load_policy(signed)
+        _, _, append = self.core.load_policy(self.signed_bundle)
         self._absorb(append)
 
     def attest(self, nonce: bytes) -> tuple[bytes, bytes]:

@@ -814,7 +814,7 @@ class InProcess:
         self.tmp = tmp
         self.agent = agent
         self.state = ensure_state(tmp / "state", bundle_source=make_bundle(tmp / "bundle", [agent]))
-        self.config = load_config(self.state.enclave_config)
+        self.config = load_config(self.state.enclave_config, mock_nsm=True)
         self.pcrs = mock_pcrs(self.config.raw)
         self.token = self.state.mint_token(agent, ["tester"], 600)
         relay_toml = tmp / "relay.toml"

@@ -34,7 +34,7 @@ def state(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_enclave_over_the_bridge(state, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sock = tmp_path / "enclave.vsock"
     proc, ready = start_enclave(state.root, f"unix:{sock}", log=tmp_path / "enclave.log")
-    expected_pcr0 = mock_pcrs(load_config(state.enclave_config).raw)[0]
+    expected_pcr0 = mock_pcrs(load_config(state.enclave_config, mock_nsm=True).raw)[0]
     assert ready["pcr0"] == expected_pcr0.hex() and ready["mock_nsm"] is True
     root = TrustRoot.from_pem(state.mock_root.read_bytes())
 
