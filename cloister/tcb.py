@@ -36,6 +36,7 @@ TCB_PATHS: Final = (
     "cloister/verify/canonical.py",
     "cloister/verify/checkpoint.py",
     "cloister/verify/cose.py",
+    "cloister/verify/der.py",
     "cloister/verify/enclave_identity.py",
     "cloister/verify/entries.py",
     "cloister/verify/errors.py",
@@ -44,6 +45,7 @@ TCB_PATHS: Final = (
     "cloister/verify/merkle.py",
     "cloister/verify/note.py",
     "cloister/verify/tools.py",
+    "cloister/verify/x402.py",
 )
 # The measured configuration (origin, pinned admin keys, trust root); copied beside the code.
 ENCLAVE_CONFIG: Final = "eif/enclave.toml"
