@@ -242,7 +242,7 @@ def bench_enclave(work: Path, quick: bool) -> list[dict[str, Any]]:
             encode_jwt(
                 {
                     "iss": "cloister-dev",
-                    "aud": "cloister",
+                    "aud": config.origin,  # the example issuer's audience
                     "sub": f"agent-{i}",
                     "roles": [f"r{i % 50}", "refund-agent"],
                     "iat": now,

@@ -81,7 +81,7 @@ class World:
         now = self.clock.seconds()
         claims: dict[str, object] = {
             "iss": "cloister-dev",
-            "aud": "cloister",
+            "aud": ORIGIN,  # the example issuer's audience: the log origin
             "sub": agent,
             "roles": roles,
             "iat": now,

@@ -44,6 +44,7 @@ from cloister.audit.source import MAX_ENTRY_BUNDLE, MAX_HASH_TILE, LogSource, So
 from cloister.audit.templates import (
     KIND_DECISION_DENIED,
     KIND_DECISION_GRANTED,
+    KIND_DENIALS,
     KIND_KEY,
     KIND_OUTCOME,
     KIND_POLICY,
@@ -56,7 +57,15 @@ from cloister.audit.templates import (
     TemplateCache,
     decision_kind,
 )
-from cloister.verify.entries import DecisionEntry, KeyEntry, OutcomeEntry, PolicyEntry, ServerEntry, parse_entry
+from cloister.verify.entries import (
+    DecisionEntry,
+    DenialsEntry,
+    KeyEntry,
+    OutcomeEntry,
+    PolicyEntry,
+    ServerEntry,
+    parse_entry,
+)
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.merkle import EMPTY_ROOT, CompactRange, compact_range_hashes, root_from_leaf_hashes
 from cloister.verify.tiles import (
@@ -78,6 +87,7 @@ __all__ = [
 ]
 
 MAX_PROBLEMS = 200
+DENIED_UNLOGGED = "deny (counted, not logged one by one)"
 MAX_REASONS = 500
 _KIND_NAMES = {
     KIND_UNKNOWN: "an entry that could not be read",
@@ -88,6 +98,7 @@ _KIND_NAMES = {
     KIND_POLICY: "a policy entry",
     KIND_SERVER: "a server entry",
     KIND_UNDECODABLE: "an undecodable entry",
+    KIND_DENIALS: "a count of denials",
 }
 
 
@@ -138,6 +149,12 @@ class Summary:
         self.by_tool[f"{info.server}/{info.tool}"] += n
         if info.decision == "deny":
             self.denials[info.code] += n
+
+    def count_denials(self, entry: DenialsEntry) -> None:
+        """Anonymous denials the enclave counted rather than logged one by one (decision 0009)."""
+        self.decisions[DENIED_UNLOGGED] += entry.count
+        self.by_agent["(unauthenticated)"] += entry.count
+        self.denials.update(entry.codes)
 
     def count_outcome(self, info: OutcomeInfo, n: int) -> None:
         self.outcomes += n
@@ -446,6 +463,9 @@ def _other_entry(out: ChunkResult, entry: Any, index: int, data: bytes) -> None:
     elif isinstance(entry, ServerEntry):
         out.kinds.append(KIND_SERVER)
         out.summary.servers[(entry.server, entry.kind, entry.status)] += 1
+    elif isinstance(entry, DenialsEntry):
+        out.kinds.append(KIND_DENIALS)
+        out.summary.count_denials(entry)
     else:  # a record type parse_entry knows and this replay does not: say so rather than skip it
         out.kinds.append(KIND_UNKNOWN)
         out.problems.append(Problem(f"entry {index}", f"record type {type(entry).__name__} is not audited"))

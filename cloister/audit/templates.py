@@ -24,7 +24,7 @@ encoding canonical:
 
 Fields the summary or the cross-entry checks read (type, agent, roles, server, tool, decision,
 code, mode, policy version and hash, grant presence) are never slots, so they are the template's.
-Entries of other types (key, policy, server) are rare and always go to parse_entry.
+Entries of other types (key, policy, server, denials) are rare and always go to parse_entry.
 """
 
 from __future__ import annotations
@@ -36,11 +36,19 @@ from typing import Any
 
 import cbor2
 
-from cloister.verify.entries import DecisionEntry, Entry, OutcomeEntry, dumps_deterministic
+from cloister.verify.entries import (
+    DECISION_FIELDS,
+    OUTCOME_FIELDS,
+    DecisionEntry,
+    Entry,
+    OutcomeEntry,
+    dumps_deterministic,
+)
 
 __all__ = [
     "KIND_DECISION_DENIED",
     "KIND_DECISION_GRANTED",
+    "KIND_DENIALS",
     "KIND_KEY",
     "KIND_OUTCOME",
     "KIND_POLICY",
@@ -64,12 +72,17 @@ KIND_KEY = 4
 KIND_POLICY = 5
 KIND_SERVER = 6
 KIND_UNDECODABLE = 7
+KIND_DENIALS = 8  # denials counted, not logged one by one (cloister.verify.entries.DenialsEntry)
 
 _UINT_SLOTS = {"decision": frozenset({"time", "grant_exp"}), "outcome": frozenset({"time", "decision", "duration_us"})}
 _BYTES_SLOTS = {"decision": frozenset({"args", "grant_nonce"}), "outcome": frozenset({"result"})}
-# Text slots and the character caps parse_entry applies to them (a slot is made only within the cap).
-_TEXT_SLOTS = {"decision": {"request": 1024, "reason": 4096}, "outcome": {"error": 4096, "paid": 1024}}
-_NESTED_TEXT_SLOTS = {"decision": {"charges": 64}}  # map of limit id -> amount text
+# Text slots and the character caps parse_entry applies to them (a slot is made only within the cap),
+# read from the entries' own table of field limits.
+_TEXT_SLOTS = {
+    "decision": {f.key: f.max_len for f in (DECISION_FIELDS["request_id"], DECISION_FIELDS["reason"])},
+    "outcome": {f.key: f.max_len for f in (OUTCOME_FIELDS["error"], OUTCOME_FIELDS["paid"])},
+}
+_NESTED_TEXT_SLOTS = {"decision": {"charges": DECISION_FIELDS["charges"].value_len}}  # limit id -> amount text
 # For a head byte announcing n following bytes: the pattern of values that need exactly n bytes.
 _UINT_CONTENT = {
     0x18: rb"[\x18-\xff]",

@@ -43,7 +43,6 @@ from cloister.verify.errors import DecodeError
 from cloister.verify.jwt import encode_jwt
 
 DEV_ISSUER = "cloister-dev"
-DEV_AUDIENCE = "cloister"
 
 
 def default_state_dir() -> Path:
@@ -128,8 +127,10 @@ class DevState:
         return path.read_text().strip()
 
     def mint_token(self, agent: str, roles: list[str], ttl_s: int = 3600) -> str:
+        # The audience is this state's log origin, the example issuer's (default) audience: a token
+        # minted for one deployment is refused by another.
         now = int(time.time())
-        claims = {"iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "sub": agent, "roles": roles, "iat": now, "exp": now + ttl_s}
+        claims = {"iss": DEV_ISSUER, "aud": self.origin(), "sub": agent, "roles": roles, "iat": now, "exp": now + ttl_s}
         return encode_jwt(claims, self.issuer_key())
 
 

@@ -18,7 +18,7 @@ import json
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ import cedarpy
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from cloister.verify.entries import DECISION_FIELDS, SERVER_FIELDS
 from cloister.verify.errors import DecodeError
 from cloister.verify.jwt import PublicKey, load_jwks
 from cloister.wire.contract import MAX_LIMIT_WINDOW_S, TOOL_SEPARATOR
@@ -38,6 +39,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")  # agents, roles, limi
 _SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # MCP (2025-11-25): letters, digits, _ - . and 1 to 128
 MAX_LIMIT_VALUE = Decimal("1e15")
+# With amounts at most MAX_LIMIT_VALUE (16 integer digits), 12 places keep every total within
+# the 28 digits of Decimal's default context, so windows add and subtract without rounding.
+MAX_COST_PLACES = 12
+# A decision entry lists the roles a call used (cloister.verify.entries.DECISION_FIELDS).
+MAX_AGENT_ROLES = DECISION_FIELDS["roles"].max_len
 
 
 class BundleError(DecodeError):
@@ -97,6 +103,9 @@ class AgentSpec:
     name: str
     roles: frozenset[str]
     attrs: Mapping[str, Any]
+    # The issuers (their `iss`) whose tokens may name this agent: `issuers = [...]` in entities.toml,
+    # or the bundle's only issuer when it lists none (parse_bundle_files binds them).
+    issuers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -224,6 +233,8 @@ def _decimal(where: str, value: Any) -> Decimal:
         raise BundleError(f'{where}: {value!r} is not a decimal number (write it as a string, e.g. "10000")')
     if d < 0 or d > MAX_LIMIT_VALUE:
         raise BundleError(f"{where}: {value!r} is negative or absurdly large")
+    if -int(d.as_tuple().exponent) > MAX_COST_PLACES:
+        raise BundleError(f"{where}: {value!r} has more than {MAX_COST_PLACES} decimal places")
     return d
 
 
@@ -272,7 +283,16 @@ def _load_key(files: Mapping[str, bytes], where: str, path: Any) -> PublicKey:
     return key
 
 
-def _issuers(files: Mapping[str, bytes]) -> dict[str, Issuer]:
+def _audience(where: str, value: Any, origin: str) -> str:
+    """An issuer's audience: what it sets, else the log's origin (not a word other deployments share)."""
+    if value is None:
+        return origin
+    if not isinstance(value, str) or not value or len(value) > 512:
+        raise BundleError(f"{where}: audience must be a non-empty string of at most 512 characters")
+    return value
+
+
+def _issuers(files: Mapping[str, bytes], origin: str = "") -> dict[str, Issuer]:
     raw = read_toml(files, "issuers.toml", required=True).get("issuers", {})
     if not isinstance(raw, dict) or not raw:
         raise BundleError("issuers.toml: needs at least one [issuers.<name>] table")
@@ -306,7 +326,7 @@ def _issuers(files: Mapping[str, bytes]) -> dict[str, Issuer]:
             raise BundleError(f"{where}: issuer {iss[:80]!r} must be a non-empty string without spaces")
         out[iss] = Issuer(
             issuer=iss,
-            audience=str(t.get("audience", "cloister")),
+            audience=_audience(where, t.get("audience"), origin),
             keys=tuple(keys),
             roles_claim=str(t.get("roles_claim", "roles")),
             max_lifetime_s=lifetime,
@@ -329,8 +349,13 @@ def parse_entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str
         for r in agent_roles:
             if r not in roles:
                 raise BundleError(f"{where}: role {r!r} is not declared under [roles]")
+        if len(set(agent_roles)) > MAX_AGENT_ROLES:
+            raise BundleError(f"{where}: more than {MAX_AGENT_ROLES} roles (a decision entry lists the roles it used)")
         agents[_name(where, name)] = AgentSpec(
-            name=name, roles=frozenset(agent_roles), attrs=_attrs(where, t, ("roles",))
+            name=name,
+            roles=frozenset(agent_roles),
+            attrs=_attrs(where, t, ("roles", "issuers")),
+            issuers=frozenset(_strings(f"{where}: issuers", t.get("issuers"))),
         )
     servers: dict[str, ServerSpec] = {}
     for name, t in (raw.get("servers") or {}).items():
@@ -623,16 +648,54 @@ def _entities_json(roles: frozenset[str], agents: Mapping[str, AgentSpec], serve
     return json.dumps(out)
 
 
-def parse_bundle_files(files: Mapping[str, bytes], *, check_references: bool = True) -> PolicyBundle:
+def bind_issuers(agents: Mapping[str, AgentSpec], issuers: Mapping[str, Issuer]) -> dict[str, AgentSpec]:
+    """Each agent with the issuers that may mint its tokens. An agent lists them (`issuers = [...]`,
+    the issuers' `iss`); one that lists none gets the bundle's only issuer. With several issuers and
+    none listed the bundle is refused: any issuer could otherwise mint tokens for any agent."""
+    out: dict[str, AgentSpec] = {}
+    for name, spec in agents.items():
+        where = f"entities.toml: [agents.{name}]"
+        unknown = sorted(spec.issuers - set(issuers))
+        if unknown:
+            raise BundleError(f"{where}: issuer {unknown[0]!r} is not declared in issuers.toml (give its `issuer`)")
+        bound = spec.issuers
+        if not bound:
+            if len(issuers) != 1:
+                raise BundleError(
+                    f"{where}: the bundle has {len(issuers)} issuers ({', '.join(sorted(issuers))}); list the ones "
+                    "that may mint this agent's tokens: issuers = [...]"
+                )
+            bound = frozenset(issuers)
+        out[name] = replace(spec, issuers=bound)
+    return out
+
+
+def _check_entry_limits(servers: Mapping[str, ServerSpec]) -> None:
+    """What the log's entries could not record. A drifted pin's entry names its tool in a text map
+    whose values are short (cloister.verify.entries.SERVER_FIELDS)."""
+    short = SERVER_FIELDS["extra"].value_len
+    for spec in servers.values():
+        for tool in spec.pins:
+            if len(tool) > short:
+                raise BundleError(
+                    f"entities.toml: [servers.{spec.name}]: pinned tool {tool[:40]!r}... has a name longer than "
+                    f"{short} characters, which the log's server entries cannot record"
+                )
+
+
+def parse_bundle_files(files: Mapping[str, bytes], *, check_references: bool = True, origin: str = "") -> PolicyBundle:
     """Parse and cross-check a bundle's files. Raises BundleError naming the file at fault.
 
     `check_references=False` skips the schema and entity-reference checks, for
     `cloister policy validate`, which runs its own versions of them to report every error with
-    its line; the enclave always checks.
+    its line; the enclave always checks. `origin` is the log's origin (the enclave's config):
+    the audience of an issuer that names none. Offline tools that verify no token leave it "".
     """
     settings = _settings(files)
-    issuers = _issuers(files)
+    issuers = _issuers(files, origin)
     roles, agents, servers = parse_entities(files)
+    agents = bind_issuers(agents, issuers)
+    _check_entry_limits(servers)
     limits = parse_limits(files, roles, agents, servers)
     policies, sources = _policies(files)
     schema_text: str | None = None

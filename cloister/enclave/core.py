@@ -28,7 +28,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum
@@ -37,7 +37,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from cloister.enclave.bundle import PolicyBundle, parse_bundle_files
+from cloister.enclave.anonymous import AnonymousDenials
+from cloister.enclave.bundle import MAX_COST_PLACES, MAX_LIMIT_VALUE, PolicyBundle, parse_bundle_files
 from cloister.enclave.config import EnclaveConfig
 from cloister.enclave.decide import Call, Decision, State, decide_before_limits, decide_limits, principal_from_token
 from cloister.enclave.limits import LimitBook, LimitStatus
@@ -48,7 +49,19 @@ from cloister.enclave.sequencer import Sequencer, SignedCheckpoint
 from cloister.enclave.servers import Report, ServerRegistry
 from cloister.verify.bundle import verify_bundle
 from cloister.verify.enclave_identity import EnclaveBinding
-from cloister.verify.entries import DecisionEntry, Entry, KeyEntry, OutcomeEntry, PolicyEntry, encode_entry
+from cloister.verify.entries import (
+    MAX_DECIMAL_TEXT,
+    MAX_ENTRY_BYTES,
+    DecisionEntry,
+    Entry,
+    KeyEntry,
+    OutcomeEntry,
+    PolicyEntry,
+    bounded,
+    decimal_text,
+    encode_entry,
+    quoted,
+)
 from cloister.verify.errors import CloisterError, DecodeError, VerificationError
 from cloister.verify.grant import GrantClaims, encode_grant
 from cloister.verify.merkle import leaf_hash
@@ -223,6 +236,8 @@ class EnclaveCore:
         self._history: tuple[Entry, ...] = ()
         self._history_start = 0
         self._history_floor_ms: int | None = None
+        # Anonymous denials over the budget of individual entries, counted: under the sequencer lock.
+        self._anonymous = AnonymousDenials()
 
     # ---- identity and attestation -------------------------------------------------------
 
@@ -360,7 +375,7 @@ class EnclaveCore:
         try:
             # Only bundles signed for this log's origin and not past their not-after (decision 0012).
             signed = verify_bundle(data, self.config.admin_keys, origin=self.config.origin, now_ms=self._clock_ms())
-            bundle = parse_bundle_files(signed.files)
+            bundle = parse_bundle_files(signed.files, origin=self.config.origin)
         except (DecodeError, VerificationError) as exc:
             raise PolicyRefused(str(exc)) from exc
         engine = PolicyEngine(bundle)
@@ -381,7 +396,7 @@ class EnclaveCore:
                         f"{signed.version} would roll it back"
                     )
             now_ms = self._clock_ms()
-            limits = LimitBook(bundle.limits)
+            limits = LimitBook.for_bundle(bundle)
             if current is not None:
                 limits.carry_over(current.limits)
             else:
@@ -453,7 +468,7 @@ class EnclaveCore:
                 payment_amount=payment_amount,
                 now_ms=self._clock_ms(),
             )
-            verdict = self._decide(ps, seq, call, request_id[:MAX_REQUEST_ID])
+            verdict = self._decide(ps, seq, call, bounded(request_id, MAX_REQUEST_ID))
             if verdict is not None:
                 return verdict
             # The bundle changed between evaluation and sequencing: decide again on the new one.
@@ -470,9 +485,16 @@ class EnclaveCore:
             nonce = self._random(16) if through else None
             expiry = call.now_ms + ps.bundle.settings.grant_ttl_s * 1000 if through else None
             entry = _decision_entry(ps, call, d, request_id, nonce, expiry)
-            index, (data,) = self._log(seq, [entry])
+            # An anonymous denial gets its own entry only within its window's budget (decision 0009);
+            # a count of an earlier window goes out first, with whichever decision comes next.
+            counted = self._anonymous.closed(call.now_ms)
+            logged = p is not None or self._anonymous.has_room(call.now_ms)
+            first, encoded = self._log(seq, [*([counted] if counted else []), *([entry] if logged else [])])
+            self._anonymous.settle(call.now_ms, entry if p is None else None, logged=logged)
+            # The decision's index; for a denial only counted, the log's size (its count comes later).
+            index, data = first + len(encoded) - logged, encoded[-1] if logged else b""
             if not d.code and d.limit_check is not None and p is not None:
-                ps.limits.charge(p.agent, p.roles, call.server, call.tool, d.limit_check.charges, call.now_ms)
+                ps.limits.charge(p.agent, call.server, call.tool, d.limit_check.charges, call.now_ms)
             if through and p is not None:
                 self._open_decision(
                     index, _OpenDecision(p.agent, p.roles, call.server, call.tool, expiry or call.now_ms)
@@ -499,7 +521,7 @@ class EnclaveCore:
             code=d.code,
             reason=entry.reason,
             policy_ids=d.policy_ids,
-            log=self._covered(seq, index, (data,)),
+            log=self._covered(seq, first, encoded),
             log_index=index,
             agent=p.agent if p else "",
             grant=grant,
@@ -529,14 +551,16 @@ class EnclaveCore:
         seq.release(persisted_size)
         if result_sha256 is not None and len(result_sha256) != 32:
             raise DecodeError("outcome result hash must be 32 bytes (SHA-256) or empty")
-        paid = Decimal(0)
-        if paid_amount:
-            try:
-                paid = Decimal(paid_amount)
-            except ArithmeticError as exc:
-                raise DecodeError(f"paid amount {paid_amount[:40]!r} is not a decimal number") from exc
-            if not paid.is_finite() or paid < 0:
-                raise DecodeError("paid amount must be a non-negative decimal")
+        # The entry is made (and so checked) before the decision is closed: a refused outcome
+        # leaves the decision open for a correct report. The upstream's error text is bounded.
+        entry = OutcomeEntry(
+            time_ms=self._clock_ms(),
+            decision_index=decision_index,
+            result_sha256=result_sha256,
+            error=bounded(error, OutcomeEntry.FIELDS["error"].max_len),
+            duration_us=duration_us,
+            paid=_paid_text(paid_amount),
+        )
         with seq.lock:
             decision = self._open.pop(decision_index, None)
             if decision is None:
@@ -544,14 +568,6 @@ class EnclaveCore:
                     f"log entry {decision_index} is not an open allowed decision of this enclave "
                     "(unknown, already closed, or older than the outcome window)"
                 )
-            entry = OutcomeEntry(
-                time_ms=self._clock_ms(),
-                decision_index=decision_index,
-                result_sha256=result_sha256,
-                error=error[:4096],
-                duration_us=duration_us,
-                paid=str(paid) if paid_amount else "",
-            )
             first, encoded = self._log(seq, [entry])
             # The payment was charged against x402 caps when the call was decided (exactly, before
             # it went upstream); the outcome only records what was paid.
@@ -646,22 +662,53 @@ class EnclaveCore:
         }
 
 
+def _paid_text(paid_amount: str) -> str:
+    """An outcome's paid amount as the entry records it: normalised plain digits ("" for none),
+    within the bounds a charge has (DecodeError otherwise)."""
+    if not paid_amount:
+        return ""
+    what = f"paid amount {quoted(paid_amount)}"
+    if len(paid_amount) > MAX_DECIMAL_TEXT:
+        raise DecodeError(f"{what} is longer than {MAX_DECIMAL_TEXT} characters")
+    try:
+        paid = Decimal(paid_amount)
+    except ArithmeticError as exc:
+        raise DecodeError(f"{what} is not a decimal number") from exc
+    if not paid.is_finite() or paid < 0 or paid > MAX_LIMIT_VALUE:
+        raise DecodeError(f"{what} must be a non-negative decimal of at most {MAX_LIMIT_VALUE}")
+    if -int(paid.as_tuple().exponent) > MAX_COST_PLACES:
+        raise DecodeError(f"{what} has more than {MAX_COST_PLACES} decimal places")
+    return decimal_text(paid)
+
+
+# Server and tool names in a decision entry: the bundle's are at most 128 characters and recorded
+# as they are; a longer name (an unknown one, from anyone) is kept as a prefix and its hash.
+NAME_BOUND = 256
+# When a decision entry would not fit MAX_ENTRY_BYTES (policy ids and reasons of many multi-byte
+# characters), its reason and policy list are cut further.
+_SMALL_REASON, _SMALL_POLICIES = 1024, 8
+
+
 def _decision_entry(
     ps: _PolicyState, call: Call, d: Decision, request_id: str, nonce: bytes | None, expiry: int | None
 ) -> DecisionEntry:
+    """The decision's entry, one `parse_entry` accepts whatever the caller sent: every text that
+    comes from the call (names, the reason built from a token's claims or an upstream's answer) is
+    `bounded`, and the whole fits an entry."""
     p = d.principal
-    return DecisionEntry(
+    fields = DecisionEntry.FIELDS
+    entry = DecisionEntry(
         time_ms=call.now_ms,
         agent=p.agent if p else "",
         roles=tuple(sorted(p.roles)) if p else (),
         issuer=p.issuer if p else "",
-        server=call.server[:256],
-        tool=call.tool[:256],
+        server=bounded(call.server, NAME_BOUND),
+        tool=bounded(call.tool, NAME_BOUND),
         args_sha256=d.args_sha256,
         decision="allow" if d.allowed else "deny",
         code=d.code,
-        reason=d.reason,
-        policies=d.policy_ids,
+        reason=bounded(d.reason, fields["reason"].max_len),
+        policies=_bounded_ids(d.policy_ids, fields["policies"].max_len),
         policy_sha256=ps.sha256,
         policy_version=ps.version,
         request_id=request_id,
@@ -670,3 +717,19 @@ def _decision_entry(
         charges=d.charges,
         mode=d.mode,
     )
+    size = sum(len(x.encode("utf-8")) for x in (entry.reason, *entry.policies))
+    if size > MAX_ENTRY_BYTES // 2:
+        entry = replace(
+            entry,
+            reason=bounded(entry.reason, _SMALL_REASON),
+            policies=_bounded_ids(entry.policies, _SMALL_POLICIES),
+        )
+    return entry
+
+
+def _bounded_ids(ids: Sequence[str], count: int) -> tuple[str, ...]:
+    """Policy ids for an entry: each bounded, and at most `count` (the last says how many more)."""
+    item = DecisionEntry.FIELDS["policies"].item_len
+    if len(ids) <= count:
+        return tuple(bounded(i, item) for i in ids)
+    return (*(bounded(i, item) for i in ids[: count - 1]), f"…(and {len(ids) - count + 1} more)")

@@ -27,6 +27,7 @@ from cloister.enclave.bundle import AgentSpec, PolicyBundle, ServerSpec
 from cloister.enclave.limits import BadCost, LimitBook, LimitCheck
 from cloister.enclave.policy import PolicyEngine, Principal
 from cloister.verify.canonical import canonical_sha256, parse_json
+from cloister.verify.entries import decimal_text, quoted
 from cloister.verify.errors import DecodeError
 from cloister.verify.jwt import TokenError, peek_issuer, verify_jwt
 from cloister.wire.contract import DenyCode
@@ -118,7 +119,7 @@ class Decision:
         """What an allowed call charges, per limit id (as the decision entry records it)."""
         if not self.allowed or self.limit_check is None:
             return {}
-        return {k: str(v) for k, v in self.limit_check.charges.items() if v}
+        return {k: decimal_text(v) for k, v in self.limit_check.charges.items() if v}
 
     def deny(self, code: DenyCode, reason: str) -> None:
         self.code, self.denial = code, reason
@@ -180,11 +181,9 @@ def _identity(d: Decision, call: Call, state: State) -> None:
 def _server_and_tool(d: Decision, call: Call, state: State) -> None:
     spec = state.bundle.servers.get(call.server)
     if spec is None:
-        d.deny(DenyCode.UNKNOWN_SERVER, f"server {call.server!r} is not in the policy bundle")
+        d.deny(DenyCode.UNKNOWN_SERVER, f"server {quoted(call.server)} is not in the policy bundle")
     elif call.tool not in spec.tools:
-        d.deny(
-            DenyCode.UNKNOWN_TOOL, f"tool {call.tool!r} is not a tool of server {call.server!r} in the policy bundle"
-        )
+        d.deny(DenyCode.UNKNOWN_TOOL, f"tool {quoted(call.tool)} is not a tool of server {call.server!r} in the bundle")
 
 
 # 4. Quarantine: an unproven server identity, a drifted or unreported pinned tool.
@@ -223,7 +222,8 @@ def decide_limits(call: Call, d: Decision, limits: LimitBook) -> Decision:
     if d.code or p is None:
         return d
     try:
-        d.limit_check = limits.check(p.agent, p.roles, call.server, call.tool, d.arguments, call.now_ms, d.payment)
+        # By the roles the bundle grants the agent, never by those its token chose to present.
+        d.limit_check = limits.check(p.agent, call.server, call.tool, d.arguments, call.now_ms, d.payment)
     except BadCost as exc:
         d.deny(DenyCode.BAD_ARGUMENTS, str(exc))
         d.step = Step.LIMITS
@@ -244,7 +244,9 @@ def principal_from_token(bundle: PolicyBundle, token: str, now_ms: int) -> tuple
     iss = peek_issuer(token)
     issuer = bundle.issuers.get(iss)
     if issuer is None:
-        raise TokenError("unknown-issuer", f"token issuer {iss!r} is not trusted by the policy bundle")
+        raise TokenError("unknown-issuer", f"token issuer {quoted(iss)} is not trusted by the policy bundle")
+    if not issuer.audience:  # a bundle parsed without the log's origin (never in the enclave)
+        raise TokenError("no-audience", f"issuer {iss!r} has no audience: its tokens cannot be checked")
     verified = verify_jwt(
         token,
         issuer.keys,
@@ -254,6 +256,10 @@ def principal_from_token(bundle: PolicyBundle, token: str, now_ms: int) -> tuple
         max_lifetime_s=issuer.max_lifetime_s,
     )
     spec = registered(bundle, verified.subject)
+    if iss not in spec.issuers:
+        raise TokenError(
+            "issuer-not-bound", f"issuer {iss!r} may not mint tokens for agent {verified.subject!r} (entities.toml)"
+        )
     raw_roles = verified.claims.get(issuer.roles_claim, [])
     if isinstance(raw_roles, str):
         raw_roles = raw_roles.split()
@@ -265,12 +271,12 @@ def principal_from_token(bundle: PolicyBundle, token: str, now_ms: int) -> tuple
 def registered(bundle: PolicyBundle, agent: str) -> AgentSpec:
     spec = bundle.agents.get(agent)
     if spec is None:
-        raise TokenError("unknown-agent", f"agent {agent!r} is not registered in the policy bundle")
+        raise TokenError("unknown-agent", f"agent {quoted(agent)} is not registered in the policy bundle")
     return spec
 
 
 def granted(spec: AgentSpec, agent: str, roles: Sequence[str], issuer: str) -> Principal:
     for role in roles:
         if role not in spec.roles:
-            raise TokenError("role-not-granted", f"the bundle does not grant role {role!r} to agent {agent!r}")
+            raise TokenError("role-not-granted", f"the bundle does not grant role {quoted(role)} to agent {agent!r}")
     return Principal(agent=agent, roles=frozenset(roles), issuer=issuer)

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from cloister.enclave.bundle import MAX_LIMIT_VALUE, Limit, action_id
+from cloister.enclave.bundle import MAX_COST_PLACES, MAX_LIMIT_VALUE, Limit, PolicyBundle, action_id
+from cloister.verify.entries import DECISION_FIELDS, decimal_text
 
-# With amounts at most MAX_LIMIT_VALUE (16 integer digits), 12 places keep every total within
-# the 28 digits of Decimal's default context, so windows add and subtract without rounding.
-MAX_COST_PLACES = 12
+__all__ = ["MAX_CHARGES", "MAX_COST_PLACES", "BadCost", "LimitBook", "LimitCheck", "LimitStatus"]
+# A decision entry records what the call charged each limit, in a map this large at most.
+MAX_CHARGES = DECISION_FIELDS["charges"].max_len
 
 
 class BadCost(Exception):
@@ -92,10 +93,10 @@ def _cost(limit: Limit, arguments: Mapping[str, Any], payment: Decimal | None) -
     if kind == "call":
         return Decimal(1)
     if kind == "price":
-        return Decimal(value)
+        return Decimal(value)  # the bundle's, checked as parsed (cloister.enclave.bundle._decimal)
     if kind == "x402":
         # The payment the call carries; a call without one is the upstream's chance to say -32402.
-        return payment if payment is not None else Decimal(0)
+        return _recordable(payment, "the x402 payment", limit) if payment is not None else Decimal(0)
     raw = arguments.get(value)
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
         raise BadCost(f"argument {value!r} must be a number for limit {limit.id!r}")
@@ -103,27 +104,44 @@ def _cost(limit: Limit, arguments: Mapping[str, Any], payment: Decimal | None) -
         amount = Decimal(str(raw))
     except (InvalidOperation, ValueError) as exc:  # ValueError: an int too long for str()
         raise BadCost(f"argument {value!r} is not a number (limit {limit.id!r})") from exc
+    return _recordable(amount, f"argument {value!r}", limit)
+
+
+def _recordable(amount: Decimal, what: str, limit: Limit) -> Decimal:
+    """`amount` if a decision entry can record it and windows can add it exactly, else BadCost."""
     if not amount.is_finite() or amount < 0:
-        raise BadCost(f"argument {value!r} must be a non-negative number (limit {limit.id!r})")
+        raise BadCost(f"{what} must be a non-negative number (limit {limit.id!r})")
     # The amount is written into the decision entry (and a denial's reason), whose parser takes
     # short charges only; and it must add up exactly. No cap exceeds MAX_LIMIT_VALUE.
     if amount > MAX_LIMIT_VALUE:
-        raise BadCost(f"argument {value!r} is larger than any limit allows ({MAX_LIMIT_VALUE}) (limit {limit.id!r})")
+        raise BadCost(f"{what} is larger than any limit allows ({MAX_LIMIT_VALUE}) (limit {limit.id!r})")
     if -int(amount.as_tuple().exponent) > MAX_COST_PLACES:  # finite, so the exponent is a number
-        raise BadCost(f"argument {value!r} has more than {MAX_COST_PLACES} decimal places (limit {limit.id!r})")
+        raise BadCost(f"{what} has more than {MAX_COST_PLACES} decimal places (limit {limit.id!r})")
     return amount
 
 
 class LimitBook:
-    def __init__(self, limits: Iterable[Limit]) -> None:
+    """The windows of one bundle's limits. Limits apply to an agent by its identity and by the
+    roles the bundle grants it (`roles`, agent -> roles), never by the roles a token presents: a
+    token that presents fewer roles narrows what Cedar permits, not what the limits count."""
+
+    def __init__(self, limits: Iterable[Limit], roles: Mapping[str, frozenset[str]] | None = None) -> None:
         self.limits = tuple(limits)
         self._by_id = {lim.id: lim for lim in self.limits}
+        self._roles = dict(roles or {})
         self._windows: dict[tuple[str, str], _Window] = {}
+
+    @classmethod
+    def for_bundle(cls, bundle: PolicyBundle) -> LimitBook:
+        return cls(bundle.limits, {name: spec.roles for name, spec in bundle.agents.items()})
+
+    def roles(self, agent: str) -> frozenset[str]:
+        """The roles the bundle grants `agent` (none for an agent it does not know)."""
+        return self._roles.get(agent, frozenset())
 
     def check(
         self,
         agent: str,
-        roles: frozenset[str],
         server: str,
         tool: str,
         arguments: Mapping[str, Any],
@@ -133,6 +151,7 @@ class LimitBook:
         """Whether every matching limit has room for this call. Does not charge."""
         charges: dict[str, Decimal] = {}
         statuses: list[LimitStatus] = []
+        roles = self.roles(agent)
         for limit in self.limits:
             if not limit.matches(agent, roles, server, tool):
                 continue
@@ -155,17 +174,19 @@ class LimitBook:
                     what = "calls" if limit.kind == "rate" else "spend"
                     reason = (
                         f"limit {limit.id!r} reached: {what} of {limit.maximum} per {_window(limit.window_s)} "
-                        f"for {limit.per} {key!r}; this call needs {cost}, {max(remaining, Decimal(0))} remains; "
+                        f"for {limit.per} {key!r}; this call needs {decimal_text(cost)}, "
+                        f"{decimal_text(max(remaining, Decimal(0)))} remains; "
                         f"retry in {wait_ms / 1000:.0f}s"
                     )
                     return LimitCheck(False, {}, status, (*statuses, status), reason)
                 statuses.append(LimitStatus(limit.id, limit.kind, remaining - cost, 0.0))
             charges[limit.id] = cost
+        if sum(1 for c in charges.values() if c) > MAX_CHARGES:
+            raise BadCost(f"this call would charge more than {MAX_CHARGES} limits, more than its log entry can record")
         return LimitCheck(True, charges, None, tuple(statuses))
 
-    def charge(
-        self, agent: str, roles: frozenset[str], server: str, tool: str, charges: Mapping[str, Decimal], time_ms: int
-    ) -> None:
+    def charge(self, agent: str, server: str, tool: str, charges: Mapping[str, Decimal], time_ms: int) -> None:
+        roles = self.roles(agent)
         for limit_id, amount in charges.items():
             limit = self._by_id.get(limit_id)
             if limit is None or amount == 0:
@@ -182,7 +203,8 @@ class LimitBook:
                 self._windows[(limit_id, key)] = window
 
     def replay(self, history: Iterable[object], first_index: int, now_ms: int) -> None:
-        """Rebuild windows from log entries (after a restart), from their recorded charges."""
+        """Rebuild windows from log entries (after a restart), from their recorded charges, keyed
+        as `check` keys them: by the agent and the roles this bundle grants it."""
         from cloister.verify.entries import DecisionEntry
 
         # Every charge, x402 payments included, is recorded on the decision that made it.
@@ -190,9 +212,10 @@ class LimitBook:
             if isinstance(e, DecisionEntry) and e.decision == "allow":
                 charges = {k: Decimal(v) for k, v in e.charges.items() if k in self._by_id}
                 recent = {k: v for k, v in charges.items() if e.time_ms > now_ms - self._by_id[k].window_s * 1000}
-                self.charge(e.agent, frozenset(e.roles), e.server, e.tool, recent, e.time_ms)
+                self.charge(e.agent, e.server, e.tool, recent, e.time_ms)
 
-    def x402_limits(self, agent: str, roles: frozenset[str], server: str, tool: str) -> list[str]:
+    def x402_limits(self, agent: str, server: str, tool: str) -> list[str]:
+        roles = self.roles(agent)
         return [lim.id for lim in self.limits if lim.cost[0] == "x402" and lim.matches(agent, roles, server, tool)]
 
     @property

@@ -11,7 +11,8 @@ Entity model (following AWS AgentCore Policy where it fits, in the `Cloister` na
   its token carries, with the agent's attributes from entities.toml;
 - action `Cloister::Action::"<server>___<tool>"`, in `Action::"CallTool"`, in `Action::"Mcp"`;
 - resource `Cloister::Server::"<server>"` with its attributes (region, category, attestation...);
-- context `{input: <the tool arguments>, system: {now: datetime}}`.
+- context `{input: <the tool arguments>, system: {now: datetime}, issuer: <the token's issuer>}`:
+  the issuer that authenticated this call (its `iss`), one the bundle binds to the agent.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ class PolicyEngine:
     ) -> CedarVerdict:
         aid = action_id(server, tool)
         request = self._request(p, server, tool)
-        context: dict[str, Any] = {"input": cedar_value(arguments, input_schema)}
+        context: dict[str, Any] = {"input": cedar_value(arguments, input_schema), "issuer": p.issuer}
         if self._uses_system.get(aid, True):
             context["system"] = {"now": _cedar_datetime(now)}
         request["context"] = json.dumps(context)
@@ -267,6 +268,7 @@ class PolicyEngine:
             "context": {
                 "input": {"__extn": {"fn": "unknown", "arg": "input"}},
                 "system": {"now": _cedar_datetime(now)},
+                "issuer": p.issuer,
             },
         }
         result = cedarpy.is_authorized_partial(request, self._slice(aid), self._principal_cache(p.agent, p.roles))

@@ -96,7 +96,9 @@ class ClaimedIdentity:
     roles: tuple[str, ...]
 
     def principal(self, bundle: PolicyBundle, now_ms: int) -> Principal:
-        return granted(registered(bundle, self.agent), self.agent, self.roles, "(explain)")
+        # The issuer is the first the bundle binds to the agent (context.issuer in Cedar).
+        spec = registered(bundle, self.agent)
+        return granted(spec, self.agent, self.roles, min(spec.issuers, default=""))
 
 
 class OfflineServers:
@@ -165,7 +167,7 @@ def explain(
         payment_amount=payment,
         now_ms=int(at.timestamp() * 1000),
     )
-    d = decide(call, State(bundle, engine, servers, LimitBook(bundle.limits)))
+    d = decide(call, State(bundle, engine, servers, LimitBook.for_bundle(bundle)))
     ex.decision, ex.code, ex.reason, ex.enforced = ("allow" if d.allowed else "deny"), d.code, d.reason, not d.log_only
     # What each step that ran looked at (a call denied at step N never reaches the steps after it).
     if d.allowed or d.step >= Step.QUARANTINE:
@@ -223,14 +225,15 @@ def _limits_view(ex: Explanation, bundle: PolicyBundle, d: Decision, now_ms: int
     """The limits that apply and what this call costs each (read through the enclave's LimitBook
     with the cap lifted); a limit denial on an empty book is restated as what it means."""
     assert d.principal is not None
-    agent, roles = d.principal.agent, d.principal.roles
+    book = LimitBook.for_bundle(bundle)
+    agent, roles = d.principal.agent, book.roles(d.principal.agent)  # limits apply by the bundle's roles
     matching = [lim for lim in bundle.limits if lim.matches(agent, roles, ex.server, ex.tool)]
     costs: dict[str, Decimal | None] = {}
     for lim in matching:
         try:
             costs[lim.id] = (
-                LimitBook([replace(lim, maximum=MAX_LIMIT_VALUE)])
-                .check(agent, roles, ex.server, ex.tool, d.arguments, now_ms, d.payment)
+                LimitBook([replace(lim, maximum=MAX_LIMIT_VALUE)], {agent: roles})
+                .check(agent, ex.server, ex.tool, d.arguments, now_ms, d.payment)
                 .charges.get(lim.id)
             )
         except BadCost:
@@ -302,6 +305,7 @@ def _evaluation_errors(
         "context": {
             "input": cedar_value(arguments, input_schema),
             "system": {"now": {"__extn": {"fn": "datetime", "arg": text}}},
+            "issuer": principal.issuer,
         },
     }
     policies = cedarpy.PolicySet.from_json_str(

@@ -7,7 +7,8 @@ It describes exactly what the enclave's engine builds (see `enclave/policy.py`):
 - `Cloister::Server` with the attributes the engine gives it (`name`, `region`, `category`,
   `attestation`... and those from entities.toml), read from the bundle's entity list;
 - `Action::"Mcp"` ⊃ `Action::"CallTool"` ⊃ one action per tool, `"<server>___<tool>"`, whose
-  context is `{input: <the tool's arguments>, system: {now: datetime}}`.
+  context is `{input: <the tool's arguments>, system: {now: datetime}, issuer: String}` (the
+  issuer that authenticated the call).
 
 The arguments are typed only for tools whose JSON Schema the bundle carries as
 `inputs/<server>___<tool>.json` (the `inputSchema` an MCP server lists in `tools/list`; the
@@ -164,7 +165,7 @@ def generate_schema(bundle: PolicyBundle, inputs: Mapping[str, Any]) -> Generate
                 f"  action {_q(aid)} in [CallTool] appliesTo {{",
                 "    principal: [Agent],",
                 "    resource: [Server],",
-                f'    context: {{ "input": {input_type}, "system": {{ "now": datetime }} }}',
+                f'    context: {{ "input": {input_type}, "system": {{ "now": datetime }}, "issuer": String }}',
                 "  };",
             ]
     for aid in sorted(set(inputs) - {action_id(s.name, t) for s in bundle.servers.values() for t in s.tools}):

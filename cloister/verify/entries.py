@@ -7,13 +7,22 @@ re-encodes what it decoded and refuses the entry unless the bytes are identical,
 logical record has exactly one byte string and one leaf hash. See
 docs/decisions/0001-entry-encoding.md.
 
+What each field may hold is one table per record type (`FIELDS`): the parser (`from_map`) and
+the constructors (`__post_init__`) both check it, so an entry that `parse_entry` would refuse
+cannot be built, and the enclave can never sequence one. Text that comes from anyone else (a
+token's claims, a tool name, an upstream's error) goes into an entry through `bounded`, which
+keeps a prefix and a SHA-256 of the whole when it is too long.
+
 An entry commits to bodies (tool arguments, results) by the SHA-256 of their RFC 8785
 canonical JSON; the bodies themselves live beside the log, kept by the parent.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, ClassVar, Literal
 
 import cbor2
@@ -55,53 +64,249 @@ def _ordered(value: Any) -> Any:
     return value
 
 
-def _str(m: dict[str, Any], key: str, *, max_len: int = 1024) -> str:
-    v = m.get(key)
-    if not isinstance(v, str):
-        raise DecodeError(f"entry field {key!r}: expected text, got {type(v).__name__}")
-    if len(v) > max_len:
-        raise DecodeError(f"entry field {key!r}: longer than {max_len} characters")
-    return v
+# ---- Untrusted text and amounts, made fit for an entry ----------------------------------------
 
 
-def _uint(m: dict[str, Any], key: str) -> int:
-    v = m.get(key)
+def _unicode(text: str) -> bool:
+    """Whether `text` is valid Unicode text (no lone surrogate), so it encodes as UTF-8."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+MIN_BOUND = 128  # the mark `bounded` appends takes up to about 100 characters
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text` itself when it is valid Unicode of at most `limit` characters; otherwise a prefix,
+    then "…(N chars, sha256:<hex>)" naming the whole (its UTF-8 bytes, lone surrogates passed
+    through), together at most `limit` characters and valid Unicode (a lone surrogate in the
+    prefix becomes U+FFFD). Whoever holds the whole text can show it is the one the log names."""
+    if limit < MIN_BOUND:
+        raise ValueError(f"bounded() needs a limit of at least {MIN_BOUND} characters, got {limit}")
+    if len(text) <= limit and _unicode(text):
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    mark = f"…({len(text)} chars, sha256:{digest})"
+    prefix = text[: limit - len(mark)]
+    if not _unicode(prefix):
+        prefix = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in prefix)
+    return prefix + mark
+
+
+def quoted(value: object, limit: int = 64) -> str:
+    """`value` quoted for a message (its repr), never longer than about `limit` characters of
+    the original: a longer text is cut, and the message says how long it was."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(text) if isinstance(value, str) else text
+    return f"{text[:limit]!r}…({len(text)} chars)"
+
+
+MAX_DECIMAL_TEXT = 64  # as long as a value of an entry's text map may be
+
+
+def decimal_text(amount: Decimal, max_len: int = MAX_DECIMAL_TEXT) -> str:
+    """An amount as an entry records it: plain digits (never an exponent), no trailing zeros in
+    the fraction, "0" for zero. ValueError for a non-finite or negative amount, or one whose
+    text would be longer than `max_len` (known before the text is made, so it stays cheap)."""
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"amount {quoted(str(amount))} is not a finite non-negative decimal")
+    if amount == 0:
+        return "0"
+    _, digits, exponent = amount.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    keep = len(digits)
+    while digits[keep - 1] == 0:  # trailing zeros of the coefficient, exactly (no rounding)
+        keep, exponent = keep - 1, exponent + 1
+    digits = digits[:keep]
+    length = keep + exponent if exponent >= 0 else max(keep, 1 - exponent) + 1
+    if length > max_len:
+        raise ValueError(f"amount {quoted(str(amount))} is longer than {max_len} characters in plain digits")
+    return format(Decimal((0, digits, exponent)), "f")
+
+
+# ---- What each field may hold: one table, read by the parser and by the constructors ----------
+
+FieldKind = Literal["uint", "text", "bytes", "texts", "text_map", "counts"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of an entry: its CBOR key and what it may hold.
+
+    `max_len` is characters for text, bytes for bytes, items for lists and maps; `item_len` caps
+    a list's texts and a map's keys (characters), `value_len` a text map's values."""
+
+    key: str
+    kind: FieldKind
+    max_len: int = 1024
+    size: int | None = None  # bytes of exactly this length
+    optional: bool = False  # None is allowed
+    item_len: int = 256
+    value_len: int = 64
+    choices: tuple[str, ...] = ()  # text: one of these
+
+    def check(self, v: Any) -> None:
+        """Raise DecodeError unless `v` is a value this field may hold."""
+        if v is None and self.optional:
+            return
+        _CHECKS[self.kind](self, v)
+
+
+def _fail(f: Field, what: str) -> DecodeError:
+    return DecodeError(f"entry field {f.key!r}: {what}")
+
+
+def _check_uint(f: Field, v: Any) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise DecodeError(f"entry field {key!r}: expected an unsigned integer, got {v!r}")
-    return v
+        raise _fail(f, f"expected an unsigned integer, got {quoted(v)}")
 
 
-def _bytes(m: dict[str, Any], key: str, *, size: int | None = None, max_len: int = MAX_ENTRY_BYTES) -> bytes:
-    v = m.get(key)
+def _check_text(f: Field, v: Any) -> None:
+    if not isinstance(v, str):
+        raise _fail(f, f"expected text, got {type(v).__name__}")
+    if f.choices and v not in f.choices:
+        raise _fail(f, f"expected {' or '.join(f.choices)}, got {quoted(v)}")
+    if len(v) > f.max_len:
+        raise _fail(f, f"longer than {f.max_len} characters")
+    if not _unicode(v):
+        raise _fail(f, "not valid Unicode text (a lone surrogate)")
+
+
+def _check_bytes(f: Field, v: Any) -> None:
     if not isinstance(v, bytes):
-        raise DecodeError(f"entry field {key!r}: expected bytes, got {type(v).__name__}")
-    if size is not None and len(v) != size:
-        raise DecodeError(f"entry field {key!r}: expected {size} bytes, got {len(v)}")
-    if len(v) > max_len:
-        raise DecodeError(f"entry field {key!r}: longer than {max_len} bytes")
-    return v
+        raise _fail(f, f"expected bytes, got {type(v).__name__}")
+    if f.size is not None and len(v) != f.size:
+        raise _fail(f, f"expected {f.size} bytes, got {len(v)}")
+    if len(v) > f.max_len:
+        raise _fail(f, f"longer than {f.max_len} bytes")
 
 
-def _opt_bytes(m: dict[str, Any], key: str, *, size: int) -> bytes | None:
-    return None if m.get(key) is None else _bytes(m, key, size=size)
+def _short_text(v: Any, limit: int) -> bool:
+    return isinstance(v, str) and len(v) <= limit and _unicode(v)
 
 
-def _str_map(m: dict[str, Any], key: str, *, max_items: int = 64) -> dict[str, str]:
-    v = m.get(key)
+def _check_texts(f: Field, v: Any) -> None:
+    if not isinstance(v, list | tuple) or len(v) > f.max_len or not all(_short_text(s, f.item_len) for s in v):
+        raise _fail(f, f"expected a list of at most {f.max_len} short texts")
+
+
+def _check_text_map(f: Field, v: Any) -> None:
     if (
         not isinstance(v, dict)
-        or len(v) > max_items
-        or not all(isinstance(k, str) and isinstance(x, str) and len(k) <= 256 and len(x) <= 64 for k, x in v.items())
+        or len(v) > f.max_len
+        or not all(_short_text(k, f.item_len) and _short_text(x, f.value_len) for k, x in v.items())
     ):
-        raise DecodeError(f"entry field {key!r}: expected a map of at most {max_items} short texts to texts")
-    return dict(v)
+        raise _fail(f, f"expected a map of at most {f.max_len} short texts to texts")
 
 
-def _strs(m: dict[str, Any], key: str, *, max_items: int = 64) -> tuple[str, ...]:
-    v = m.get(key)
-    if not isinstance(v, list) or len(v) > max_items or not all(isinstance(s, str) and len(s) <= 256 for s in v):
-        raise DecodeError(f"entry field {key!r}: expected a list of at most {max_items} short texts")
-    return tuple(v)
+def _check_counts(f: Field, v: Any) -> None:
+    if (
+        not isinstance(v, dict)
+        or len(v) > f.max_len
+        or not all(
+            _short_text(k, f.item_len) and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+            for k, n in v.items()
+        )
+    ):
+        raise _fail(f, f"expected a map of at most {f.max_len} short texts to unsigned integers")
+
+
+_CHECKS = {
+    "uint": _check_uint,
+    "text": _check_text,
+    "bytes": _check_bytes,
+    "texts": _check_texts,
+    "text_map": _check_text_map,
+    "counts": _check_counts,
+}
+
+
+def _check_fields(entry: Any) -> None:
+    for name, f in entry.FIELDS.items():
+        f.check(getattr(entry, name))
+
+
+def _from_map(cls: Any, m: Mapping[str, Any]) -> Any:
+    """The entry `m` holds, lists as tuples and maps copied. The constructor (`__post_init__`)
+    checks every field against the table, once."""
+    values: dict[str, Any] = {}
+    for name, f in cls.FIELDS.items():
+        v = m.get(f.key)
+        if f.kind == "texts" and isinstance(v, list):
+            v = tuple(v)
+        elif f.kind in ("text_map", "counts") and isinstance(v, dict):
+            v = dict(v)
+        values[name] = v
+    return cls(**values)
+
+
+DECISION_FIELDS: dict[str, Field] = {
+    "time_ms": Field("time", "uint"),
+    "agent": Field("agent", "text"),
+    "roles": Field("roles", "texts", 64),
+    "issuer": Field("iss", "text"),
+    "server": Field("server", "text"),
+    "tool": Field("tool", "text"),
+    "args_sha256": Field("args", "bytes", size=32),
+    "decision": Field("decision", "text", choices=("allow", "deny")),
+    "code": Field("code", "text"),
+    "reason": Field("reason", "text", 4096),
+    "policies": Field("policies", "texts", 64),
+    "policy_sha256": Field("policy", "bytes", size=32),
+    "policy_version": Field("policy_version", "uint"),
+    "request_id": Field("request", "text"),
+    "grant_nonce": Field("grant_nonce", "bytes", size=16, optional=True),
+    "grant_expiry_ms": Field("grant_exp", "uint", optional=True),
+    "charges": Field("charges", "text_map", 64),
+    "mode": Field("mode", "text", choices=("enforce", "log-only")),
+}
+OUTCOME_FIELDS: dict[str, Field] = {
+    "time_ms": Field("time", "uint"),
+    "decision_index": Field("decision", "uint"),
+    "result_sha256": Field("result", "bytes", size=32, optional=True),
+    "error": Field("error", "text", 4096),
+    "duration_us": Field("duration_us", "uint"),
+    "paid": Field("paid", "text"),
+}
+KEY_FIELDS: dict[str, Field] = {
+    "time_ms": Field("time", "uint"),
+    "attestation": Field("attestation", "bytes", 16384),
+    "log_key": Field("log_key", "bytes", size=32),
+    "grant_key": Field("grant_key", "bytes", size=32),
+    "log_vkey": Field("vkey", "text"),
+    "previous_size": Field("prev_size", "uint", optional=True),
+    "previous_root": Field("prev_root", "bytes", size=32, optional=True),
+}
+POLICY_FIELDS: dict[str, Field] = {
+    "time_ms": Field("time", "uint"),
+    "bundle_sha256": Field("bundle", "bytes", size=32),
+    "version": Field("version", "uint"),
+    "signer": Field("signer", "text"),
+    "mode": Field("mode", "text"),
+}
+SERVER_FIELDS: dict[str, Field] = {
+    "time_ms": Field("time", "uint"),
+    "server": Field("server", "text"),
+    "kind": Field("kind", "text"),
+    "status": Field("status", "text"),
+    "detail": Field("detail", "text", 4096),
+    "evidence_sha256": Field("evidence", "bytes", size=32, optional=True),
+    "extra": Field("extra", "text_map", 64),
+}
+DENIALS_FIELDS: dict[str, Field] = {
+    "time_ms": Field("time", "uint"),
+    "first_ms": Field("first", "uint"),
+    "last_ms": Field("last", "uint"),
+    "count": Field("count", "uint"),
+    "codes": Field("codes", "counts", 64),
+    "sample_sha256": Field("sample", "bytes", size=32),
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +314,7 @@ class DecisionEntry:
     """One authorization decision, allow or deny, sequenced before the answer left the enclave."""
 
     TYPE: ClassVar[str] = "decision"
+    FIELDS: ClassVar[dict[str, Field]] = DECISION_FIELDS
     time_ms: int
     agent: str
     roles: tuple[str, ...]
@@ -129,6 +335,16 @@ class DecisionEntry:
     # rebuilt exactly from the log after a restart.
     charges: dict[str, str] = field(default_factory=dict)
     mode: Literal["enforce", "log-only"] = "enforce"
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        has_nonce, has_expiry = self.grant_nonce is not None, self.grant_expiry_ms is not None
+        if has_nonce != has_expiry:
+            raise DecodeError("decision entry: grant nonce and expiry must be both present or both absent")
+        if self.decision == "allow" and not has_nonce:
+            raise DecodeError("decision entry: an allow must carry its grant nonce and expiry")
+        if self.decision == "deny" and self.mode == "enforce" and has_nonce:
+            raise DecodeError("decision entry: an enforced deny cannot carry a grant")
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -156,42 +372,7 @@ class DecisionEntry:
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> DecisionEntry:
-        decision = _str(m, "decision")
-        if decision not in ("allow", "deny"):
-            raise DecodeError(f"entry field 'decision': expected allow or deny, got {decision!r}")
-        mode = _str(m, "mode")
-        if mode not in ("enforce", "log-only"):
-            raise DecodeError(f"entry field 'mode': expected enforce or log-only, got {mode!r}")
-        exp = m.get("grant_exp")
-        if exp is not None:
-            exp = _uint(m, "grant_exp")
-        entry = cls(
-            time_ms=_uint(m, "time"),
-            agent=_str(m, "agent"),
-            roles=_strs(m, "roles"),
-            issuer=_str(m, "iss"),
-            server=_str(m, "server"),
-            tool=_str(m, "tool"),
-            args_sha256=_bytes(m, "args", size=32),
-            decision=decision,  # type: ignore[arg-type]
-            code=_str(m, "code"),
-            reason=_str(m, "reason", max_len=4096),
-            policies=_strs(m, "policies"),
-            policy_sha256=_bytes(m, "policy", size=32),
-            policy_version=_uint(m, "policy_version"),
-            request_id=_str(m, "request"),
-            grant_nonce=_opt_bytes(m, "grant_nonce", size=16),
-            grant_expiry_ms=exp,
-            charges=_str_map(m, "charges"),
-            mode=mode,  # type: ignore[arg-type]
-        )
-        has_grant = entry.grant_nonce is not None and entry.grant_expiry_ms is not None
-        if has_grant != (entry.grant_nonce is not None or entry.grant_expiry_ms is not None):
-            raise DecodeError("decision entry: grant nonce and expiry must be both present or both absent")
-        if entry.decision == "allow" and not has_grant:
-            raise DecodeError("decision entry: an allow must carry its grant nonce and expiry")
-        if entry.decision == "deny" and entry.mode == "enforce" and has_grant:
-            raise DecodeError("decision entry: an enforced deny cannot carry a grant")
+        entry: DecisionEntry = _from_map(cls, m)
         return entry
 
 
@@ -200,12 +381,16 @@ class OutcomeEntry:
     """What the upstream answered to an allowed call, as the relay reported it."""
 
     TYPE: ClassVar[str] = "outcome"
+    FIELDS: ClassVar[dict[str, Field]] = OUTCOME_FIELDS
     time_ms: int
     decision_index: int
     result_sha256: bytes | None
     error: str
     duration_us: int
     paid: str = ""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -221,14 +406,8 @@ class OutcomeEntry:
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> OutcomeEntry:
-        return cls(
-            time_ms=_uint(m, "time"),
-            decision_index=_uint(m, "decision"),
-            result_sha256=_opt_bytes(m, "result", size=32),
-            error=_str(m, "error", max_len=4096),
-            duration_us=_uint(m, "duration_us"),
-            paid=_str(m, "paid"),
-        )
+        entry: OutcomeEntry = _from_map(cls, m)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -236,6 +415,7 @@ class KeyEntry:
     """An enclave start: its new keys, bound by the attestation document it carries."""
 
     TYPE: ClassVar[str] = "key"
+    FIELDS: ClassVar[dict[str, Field]] = KEY_FIELDS
     time_ms: int
     attestation: bytes
     log_key: bytes
@@ -244,6 +424,11 @@ class KeyEntry:
     # The checkpoint this enclave continued from: (size, root hash), or None for a new log.
     previous_size: int | None = None
     previous_root: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if (self.previous_size is None) != (self.previous_root is None):
+            raise DecodeError("key entry: prev_size and prev_root must both be present or both absent")
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -260,19 +445,8 @@ class KeyEntry:
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> KeyEntry:
-        prev_size = None if m.get("prev_size") is None else _uint(m, "prev_size")
-        prev_root = _opt_bytes(m, "prev_root", size=32)
-        if (prev_size is None) != (prev_root is None):
-            raise DecodeError("key entry: prev_size and prev_root must both be present or both absent")
-        return cls(
-            time_ms=_uint(m, "time"),
-            attestation=_bytes(m, "attestation", max_len=16384),
-            log_key=_bytes(m, "log_key", size=32),
-            grant_key=_bytes(m, "grant_key", size=32),
-            log_vkey=_str(m, "vkey"),
-            previous_size=prev_size,
-            previous_root=prev_root,
-        )
+        entry: KeyEntry = _from_map(cls, m)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -280,11 +454,15 @@ class PolicyEntry:
     """A policy bundle change: which admin-signed bundle is in force from here on."""
 
     TYPE: ClassVar[str] = "policy"
+    FIELDS: ClassVar[dict[str, Field]] = POLICY_FIELDS
     time_ms: int
     bundle_sha256: bytes
     version: int
     signer: str
     mode: str
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -299,13 +477,8 @@ class PolicyEntry:
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> PolicyEntry:
-        return cls(
-            time_ms=_uint(m, "time"),
-            bundle_sha256=_bytes(m, "bundle", size=32),
-            version=_uint(m, "version"),
-            signer=_str(m, "signer"),
-            mode=_str(m, "mode"),
-        )
+        entry: PolicyEntry = _from_map(cls, m)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -313,6 +486,7 @@ class ServerEntry:
     """The verified identity of an upstream server (or its failure and quarantine)."""
 
     TYPE: ClassVar[str] = "server"
+    FIELDS: ClassVar[dict[str, Field]] = SERVER_FIELDS
     time_ms: int
     server: str
     kind: str  # nitro, checksum, tls, none
@@ -320,6 +494,9 @@ class ServerEntry:
     detail: str
     evidence_sha256: bytes | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -336,21 +513,56 @@ class ServerEntry:
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> ServerEntry:
-        extra = _str_map(m, "extra")
-        return cls(
-            time_ms=_uint(m, "time"),
-            server=_str(m, "server"),
-            kind=_str(m, "kind"),
-            status=_str(m, "status"),
-            detail=_str(m, "detail", max_len=4096),
-            evidence_sha256=_opt_bytes(m, "evidence", size=32),
-            extra=extra,
-        )
+        entry: ServerEntry = _from_map(cls, m)
+        return entry
 
 
-Entry = DecisionEntry | OutcomeEntry | KeyEntry | PolicyEntry | ServerEntry
-_TYPES: dict[str, type[DecisionEntry | OutcomeEntry | KeyEntry | PolicyEntry | ServerEntry]] = {
-    t.TYPE: t for t in (DecisionEntry, OutcomeEntry, KeyEntry, PolicyEntry, ServerEntry)
+@dataclass(frozen=True)
+class DenialsEntry:
+    """Denials the enclave counted rather than logged one by one: anonymous requests (no
+    principal: the token, or the arguments before it, did not pass) beyond the enclave's budget
+    of individual entries per window (docs/decisions/0009-unauthenticated-denials.md).
+
+    `count` denials between `first_ms` and `last_ms`, by deny code; `sample_sha256` is the
+    SHA-256 of the first one's decision entry as it would have been encoded."""
+
+    TYPE: ClassVar[str] = "denials"
+    FIELDS: ClassVar[dict[str, Field]] = DENIALS_FIELDS
+    time_ms: int
+    first_ms: int
+    last_ms: int
+    count: int
+    codes: dict[str, int]
+    sample_sha256: bytes
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if not self.first_ms <= self.last_ms <= self.time_ms:
+            raise DecodeError("denials entry: expected first <= last <= time")
+        if self.count < 1 or sum(self.codes.values()) != self.count:
+            raise DecodeError("denials entry: the counts by code must add up to a positive count")
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "t": self.TYPE,
+            "v": VERSION,
+            "time": self.time_ms,
+            "first": self.first_ms,
+            "last": self.last_ms,
+            "count": self.count,
+            "codes": dict(self.codes),
+            "sample": self.sample_sha256,
+        }
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> DenialsEntry:
+        entry: DenialsEntry = _from_map(cls, m)
+        return entry
+
+
+Entry = DecisionEntry | OutcomeEntry | KeyEntry | PolicyEntry | ServerEntry | DenialsEntry
+_TYPES: dict[str, type[Entry]] = {
+    t.TYPE: t for t in (DecisionEntry, OutcomeEntry, KeyEntry, PolicyEntry, ServerEntry, DenialsEntry)
 }
 
 
@@ -374,15 +586,15 @@ def parse_entry(data: bytes) -> Entry:
     kind = m.get("t")
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise DecodeError(f"entry has unknown type {kind!r}")
+        raise DecodeError(f"entry has unknown type {quoted(kind)}")
     if m.get("v") != VERSION:
-        raise DecodeError(f"{kind} entry has unsupported version {m.get('v')!r}")
+        raise DecodeError(f"{kind} entry has unsupported version {quoted(m.get('v'))}")
     entry = cls.from_map(m)
     expected = entry.to_map()
     if set(m) != set(expected):
-        extra = sorted(set(m) - set(expected))
+        extra = sorted(quoted(k) for k in set(m) - set(expected))
         missing = sorted(set(expected) - set(m))
-        raise DecodeError(f"{kind} entry: unexpected fields {extra} / missing fields {missing}")
+        raise DecodeError(f"{kind} entry: unexpected fields [{', '.join(extra)}] / missing fields {missing}")
     if dumps_deterministic(expected) != bytes(data):
         raise DecodeError(f"{kind} entry is not in deterministic CBOR encoding (RFC 8949 §4.2.1)")
     return entry

@@ -14,13 +14,14 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from cloister.verify.entries import quoted
 from cloister.verify.errors import DecodeError, VerificationError
 
 MAX_TOKEN_BYTES = 8192
@@ -194,6 +195,14 @@ def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
     return header, payload, (parts[0] + "." + parts[1]).encode("ascii"), sig
 
 
+# NumericDate claims (RFC 7519 §2) are whole seconds here, in a range a message can quote.
+MAX_NUMERIC_DATE = 2**53
+
+
+def _numeric_date(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_NUMERIC_DATE
+
+
 def verify_jwt(
     token: str,
     keys: Sequence[tuple[str | None, PublicKey]],
@@ -213,14 +222,14 @@ def verify_jwt(
     # 2. The algorithm is one we support; never "none" (RFC 8725 §3.1).
     alg = header.get("alg")
     if alg not in ("EdDSA", "ES256", "RS256"):
-        raise TokenError("bad-signature", f"token algorithm {alg!r} is not accepted (EdDSA, ES256, RS256)")
+        raise TokenError("bad-signature", f"token algorithm {quoted(alg)} is not accepted (EdDSA, ES256, RS256)")
     if "crit" in header:
         raise TokenError("malformed", "token header has 'crit' extensions, which are not supported")
     # 3. Pick the key by kid when the token names one, else try each key of the issuer.
     kid = header.get("kid")
     candidates = [k for (k_id, k) in keys if kid is None or k_id is None or k_id == kid]
     if not candidates:
-        raise TokenError("unknown-key", f"token key id {kid!r} is not a key of issuer {issuer!r}")
+        raise TokenError("unknown-key", f"token key id {quoted(kid)} is not a key of issuer {quoted(issuer)}")
     # 4. Verify the signature (RFC 7515 §5.2 step 8).
     last: TokenError | None = None
     for key in candidates:
@@ -234,24 +243,30 @@ def verify_jwt(
         raise last
     # 5. Registered claims (RFC 7519 §4.1).
     if claims.get("iss") != issuer:
-        raise TokenError("wrong-issuer", f"token issuer {claims.get('iss')!r} is not {issuer!r}")
+        raise TokenError("wrong-issuer", f"token issuer {quoted(claims.get('iss'))} is not {quoted(issuer)}")
     aud = claims.get("aud")
     if not (aud == audience or (isinstance(aud, list) and audience in aud)):
-        raise TokenError("wrong-audience", f"token audience {aud!r} does not include {audience!r}")
+        raise TokenError("wrong-audience", f"token audience {quoted(aud)} does not include {quoted(audience)}")
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise TokenError("malformed", "token has no 'sub' claim")
     exp = claims.get("exp")
-    if not isinstance(exp, int) or isinstance(exp, bool):
-        raise TokenError("malformed", "token has no numeric 'exp' claim")
+    if not _numeric_date(exp):
+        raise TokenError("malformed", f"token has no numeric 'exp' claim (whole seconds, 0 to {MAX_NUMERIC_DATE})")
     if now >= exp + leeway_s:
         raise TokenError("expired", f"token expired {now - exp}s ago")
-    nbf = claims.get("nbf", claims.get("iat"))
-    if nbf is not None and (not isinstance(nbf, int) or isinstance(nbf, bool)):
-        raise TokenError("malformed", "token 'nbf'/'iat' must be numeric")
+    iat = claims.get("iat")
+    nbf = claims.get("nbf", iat)
+    if any(v is not None and not _numeric_date(v) for v in (iat, claims.get("nbf"))):
+        raise TokenError("malformed", f"token 'nbf'/'iat' must be numeric (whole seconds, 0 to {MAX_NUMERIC_DATE})")
     if isinstance(nbf, int) and now + leeway_s < nbf:
         raise TokenError("not-yet-valid", f"token is not valid for another {nbf - now}s")
-    iat = claims.get("iat")
+    # The lifetime is bounded whether or not the token says when it was issued: a token without
+    # `iat` (or with one in the past) may not stay valid longer from now than the issuer allows.
     if isinstance(iat, int) and exp - iat > max_lifetime_s:
         raise TokenError("too-long-lived", f"token lifetime {exp - iat}s exceeds the issuer's {max_lifetime_s}s")
+    if exp - now > max_lifetime_s + leeway_s:
+        raise TokenError(
+            "too-long-lived", f"token is valid for another {exp - now}s, longer than the issuer's {max_lifetime_s}s"
+        )
     return VerifiedToken(issuer=issuer, subject=sub, claims=claims, expires_at=exp)

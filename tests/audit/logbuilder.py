@@ -165,7 +165,14 @@ class TestLog:
 
     def token(self, agent: str, roles: list[str]) -> str:
         now = int(time.time())
-        claims = {"iss": "cloister-dev", "aud": "cloister", "sub": agent, "roles": roles, "iat": now, "exp": now + 3600}
+        claims = {
+            "iss": "cloister-dev",
+            "aud": self.origin,
+            "sub": agent,
+            "roles": roles,
+            "iat": now,
+            "exp": now + 3600,
+        }
         return encode_jwt(claims, self.issuer)
 
     def call(

@@ -77,7 +77,6 @@ def label(tool: str, args: dict[str, Any]) -> str:
 
 ISSUERS_TOML = """[issuers.cloister-dev]
 issuer = "cloister-dev"
-audience = "cloister"
 keys = ["issuers/cloister-dev.pem"]
 roles_claim = "roles"
 max_lifetime_s = 86400

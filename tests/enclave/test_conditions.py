@@ -220,4 +220,4 @@ def test_fixed_price_per_call(tmp_path: Path) -> None:
         request_id="",
         persisted_size=len(w.log),
     )
-    assert not v.allowed and "research-search-budget" in v.reason and "0.000 remains" in v.reason
+    assert not v.allowed and "research-search-budget" in v.reason and "needs 0.002, 0 remains" in v.reason

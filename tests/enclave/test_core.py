@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -420,9 +421,14 @@ def test_an_oidc_issuer_with_a_jwks(w: World) -> None:
         '[issuers.idp]\nissuer = "https://idp.example.com/realms/agents"\naudience = "cloister"\n'
         'jwks = "issuers/idp.jwks.json"\n'
     )
-    w.persist(
-        w.core.load_policy(w.sign_bundle(2, {"issuers.toml": issuers, "issuers/idp.jwks.json": json.dumps(jwks)}))[2]
-    )
+    # The bundle's only issuer: agents that list none are bound to it.
+    entities = re.sub(r"^issuers = .*\n", "", (w.bundle_dir / "entities.toml").read_text(), flags=re.M)
+    files: dict[str, str | None] = {
+        "issuers.toml": issuers,
+        "issuers/idp.jwks.json": json.dumps(jwks),
+        "entities.toml": entities,
+    }
+    w.persist(w.core.load_policy(w.sign_bundle(2, files))[2])
     now = w.clock.ms // 1000
     claims = {
         "iss": "https://idp.example.com/realms/agents",
@@ -436,7 +442,7 @@ def test_an_oidc_issuer_with_a_jwks(w: World) -> None:
         assert call(w, encode_jwt(claims, key, kid=kid), "refunds", "customer_lookup", {}).allowed
     bad = '{"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB"}]}'
     with pytest.raises(PolicyRefused, match=r"issuers/idp.jwks.json: JWK Set key #0"):
-        w.core.load_policy(w.sign_bundle(3, {"issuers.toml": issuers, "issuers/idp.jwks.json": bad}))
+        w.core.load_policy(w.sign_bundle(3, {**files, "issuers/idp.jwks.json": bad}))
 
 
 def test_a_bundle_refused_by_backpressure_leaves_the_checkpoints_naming_the_one_in_force(w: World) -> None:

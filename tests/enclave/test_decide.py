@@ -73,7 +73,7 @@ class Nobody:
 def state(w: World, servers: Servers | None = None, limits: LimitBook | None = None) -> State:
     ps = w.core.policy
     assert ps is not None
-    return State(ps.bundle, ps.engine, servers or Servers(), limits or LimitBook(ps.bundle.limits))
+    return State(ps.bundle, ps.engine, servers or Servers(), limits or LimitBook.for_bundle(ps.bundle))
 
 
 def call(
@@ -180,7 +180,7 @@ def test_step_5_cedar_with_the_servers_input_schema(w: World) -> None:
 
 
 def test_step_6_limits_check_and_never_charge(w: World) -> None:
-    book = LimitBook(w.core.policy.bundle.limits)  # type: ignore[union-attr]
+    book = LimitBook.for_bundle(w.core.policy.bundle)  # type: ignore[union-attr]
     st = state(w, limits=book)
     paid = call(w, RESEARCH, server="research", tool="deep_search", args={"query": "q"}, payment="0.06")
     for _ in range(3):  # checked, not charged: the same answer every time
@@ -188,7 +188,6 @@ def test_step_6_limits_check_and_never_charge(w: World) -> None:
         assert d.allowed and d.charges == {"research-daily-payments": "0.06"}
     book.charge(
         "research-bot",
-        frozenset({"research-agent"}),
         "research",
         "deep_search",
         {"research-daily-payments": Decimal("0.06")},

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from cloister.dev.state import example_bundle_dir
 from cloister.enclave.bundle import MAX_LIMIT_VALUE, Limit, parse_entities, parse_limits, read_bundle_dir
 from cloister.enclave.limits import BadCost, LimitBook, LimitCheck
-from cloister.verify.entries import DecisionEntry, OutcomeEntry, encode_entry, parse_entry
+from cloister.verify.entries import DecisionEntry, OutcomeEntry, decimal_text, encode_entry, parse_entry
 from tests.world import epoch_ms
 
 pytestmark = pytest.mark.timeout(10)
@@ -60,7 +60,7 @@ def limits(toml: str) -> tuple[Limit, ...]:
 
 
 def book(toml: str) -> LimitBook:
-    return LimitBook(limits(toml))
+    return LimitBook(limits(toml), ROLES)
 
 
 def rate(lid: str, per: str, maximum: int, window: str, **select: list[str]) -> str:
@@ -91,7 +91,7 @@ def check(
     args: Mapping[str, Any] | None = None,
     payment: Decimal | None = None,
 ) -> LimitCheck:
-    return b.check(agent, ROLES[agent], server, tool, args or {}, now, payment)
+    return b.check(agent, server, tool, args or {}, now, payment)
 
 
 def call(
@@ -106,7 +106,7 @@ def call(
     """What the enclave does: check, and charge only what an allowed call charges."""
     c = check(b, agent, server, tool, now, args, payment)
     if c.ok:
-        b.charge(agent, ROLES[agent], server, tool, c.charges, now)
+        b.charge(agent, server, tool, c.charges, now)
     return c
 
 
@@ -135,23 +135,23 @@ def example_limits() -> tuple[Limit, ...]:
 
 
 def test_the_example_bundles_limits() -> None:
-    b = LimitBook(example_limits())
     refund, research = frozenset({"refund-agent"}), frozenset({"research-agent"})
+    b = LimitBook(example_limits(), {"refund-bot": refund, "research-bot": research})
     assert b.max_window_s == 86400
     for i in range(10):
-        c = b.check("refund-bot", refund, "refunds", "refund.create", {"amount": 1000}, T0 + i * MIN)
+        c = b.check("refund-bot", "refunds", "refund.create", {"amount": 1000}, T0 + i * MIN)
         assert c.ok and c.charges == {"refund-bot-hourly-refunds": Decimal(1000), "refund-agent-call-rate": 1}
-        b.charge("refund-bot", refund, "refunds", "refund.create", c.charges, T0 + i * MIN)
-    over = b.check("refund-bot", refund, "refunds", "refund.create", {"amount": "0.01"}, T0 + 10 * MIN)
+        b.charge("refund-bot", "refunds", "refund.create", c.charges, T0 + i * MIN)
+    over = b.check("refund-bot", "refunds", "refund.create", {"amount": "0.01"}, T0 + 10 * MIN)
     assert not over.ok and over.denied_by is not None and over.denied_by.limit_id == "refund-bot-hourly-refunds"
     # Lookups cost nothing against the spend cap, only a call against the rate limit.
-    lookup = b.check("refund-bot", refund, "refunds", "customer_lookup", {}, T0 + 10 * MIN)
+    lookup = b.check("refund-bot", "refunds", "customer_lookup", {}, T0 + 10 * MIN)
     assert lookup.ok and lookup.charges == {"refund-agent-call-rate": 1}
     # Research: a fixed price per web search, and x402 payments on any research tool.
-    search = b.check("research-bot", research, "research", "web_search", {"query": "q"}, T0)
+    search = b.check("research-bot", "research", "web_search", {"query": "q"}, T0)
     assert search.ok and search.charges == {"research-daily-payments": 0, "research-search-budget": Decimal("0.002")}
-    assert b.x402_limits("research-bot", research, "research", "deep_search") == ["research-daily-payments"]
-    assert b.x402_limits("refund-bot", refund, "refunds", "refund.create") == []
+    assert b.x402_limits("research-bot", "research", "deep_search") == ["research-daily-payments"]
+    assert b.x402_limits("refund-bot", "refunds", "refund.create") == []
 
 
 # --- Rate and spend limits per agent, role, tool, server and everyone ---------------------------
@@ -332,8 +332,8 @@ def test_fixed_price_per_call() -> None:
 
 def test_x402_payments() -> None:
     b = book(spend("pay", "agent", "0.10", "1d", "x402", servers=["bank"]))
-    assert b.x402_limits("carol", ROLES["carol"], "bank", "pay") == ["pay"]
-    assert b.x402_limits("carol", ROLES["carol"], "shop", "buy") == []
+    assert b.x402_limits("carol", "bank", "pay") == ["pay"]
+    assert b.x402_limits("carol", "shop", "buy") == []
     # A call without a payment is let through at no charge, to learn the price.
     unpaid = call(b, "carol", "bank", "pay", T0)
     assert unpaid.ok and unpaid.charges == {"pay": 0}
@@ -419,7 +419,7 @@ def test_every_cost_the_book_accepts_fits_the_decision_entry_it_is_written_to(ra
     b = book(spend("s", "agent", str(MAX_LIMIT_VALUE), "1h", "argument:amount"))
     for used in (Decimal(0), MAX_LIMIT_VALUE):  # an allow, then (with the cap used up) a denial
         if used:
-            b.charge("alice", ROLES["alice"], "shop", "buy", {"s": used}, T0)
+            b.charge("alice", "shop", "buy", {"s": used}, T0)
         try:
             c = check(b, "alice", "shop", "buy", T0, {"amount": raw})
         except BadCost:
@@ -427,7 +427,7 @@ def test_every_cost_the_book_accepts_fits_the_decision_entry_it_is_written_to(ra
         entry = decision(
             T0,
             "alice",
-            {k: str(v) for k, v in c.charges.items()} if c.ok else {},
+            {k: decimal_text(v) for k, v in c.charges.items()} if c.ok else {},
             "allow" if c.ok else "deny",
             reason=c.reason or "permitted",
         )
@@ -516,7 +516,7 @@ def test_replay_rebuilds_the_same_state_as_the_live_book() -> None:
     for agent, minute, amount in plan:
         now = T0 + minute * MIN
         c = call(live, agent, "shop", "buy", now, {"amount": amount})
-        charges = {k: str(v) for k, v in c.charges.items() if v} if c.ok else {}
+        charges = {k: decimal_text(v) for k, v in c.charges.items() if v} if c.ok else {}
         entry = decision(now, agent, charges, "allow" if c.ok else "deny", reason=c.reason or "permitted")
         history.append(parse_entry(encode_entry(entry)))  # as read back from the log
     assert any(isinstance(e, DecisionEntry) and e.decision == "deny" for e in history)

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import re
+from decimal import Context, Decimal
+from typing import cast
+
 import cbor2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cloister.verify.entries import (
+    MIN_BOUND,
     DecisionEntry,
+    DenialsEntry,
+    Entry,
+    Field,
     KeyEntry,
     OutcomeEntry,
     PolicyEntry,
     ServerEntry,
+    bounded,
+    decimal_text,
     dumps_deterministic,
     encode_entry,
     parse_entry,
+    quoted,
 )
 from cloister.verify.errors import DecodeError
 
@@ -38,7 +51,7 @@ ALLOW = DecisionEntry(
     grant_expiry_ms=1_700_000_060_000,
     charges={"refund-cap": "125.50", "refund-rate": "1"},
 )
-SAMPLES = [
+SAMPLES: list[Entry] = [
     ALLOW,
     DecisionEntry(
         time_ms=1,
@@ -77,6 +90,14 @@ SAMPLES = [
         detail="PCR0 ok",
         evidence_sha256=b"\x09" * 32,
         extra={"pcr0": "ab"},
+    ),
+    DenialsEntry(
+        time_ms=9,
+        first_ms=6,
+        last_ms=8,
+        count=5,
+        codes={"unauthenticated": 4, "bad-arguments": 1},
+        sample_sha256=b"\x0a" * 32,
     ),
 ]
 
@@ -138,3 +159,146 @@ _cbor = st.recursive(
 def test_deterministic_encoder_matches_rfc8949_canonical_ordering(value: object) -> None:
     # cbor2's canonical mode implements RFC 8949 §4.2.1 ordering for text keys; ours must agree.
     assert dumps_deterministic(value) == cbor2.dumps(value, canonical=True)
+
+
+# ---- The table of field limits: what the parser refuses cannot be built --------------------------
+
+
+def _too_much(f: Field) -> list[object]:
+    """Values just outside what field `f` may hold (and a few of the wrong type)."""
+    if f.kind == "uint":
+        return [-1, True, "1", None] if not f.optional else [-1, True, "1"]
+    if f.kind == "text":
+        return ["x" * (f.max_len + 1), "\ud800", 1, None, *(["bogus"] if f.choices else [])]
+    if f.kind == "bytes":
+        wrong = [b"\x00" * (f.size + 1)] if f.size is not None else [b"\x00" * (f.max_len + 1)]
+        return [*wrong, "text", *([] if f.optional else [None])]
+    if f.kind == "texts":
+        return [("x" * (f.item_len + 1),), ("r",) * (f.max_len + 1), ("\udc00",), (1,), "abc"]
+    if f.kind == "text_map":
+        return [
+            {"k": "v" * (f.value_len + 1)},
+            {"k" * (f.item_len + 1): "v"},
+            {str(i): "1" for i in range(f.max_len + 1)},
+        ]
+    return [{"k": -1}, {"k": True}, {str(i): 1 for i in range(f.max_len + 1)}]
+
+
+_CASES = [(e, name, bad) for e in SAMPLES for name, f in e.FIELDS.items() for bad in _too_much(f)]
+
+
+@pytest.mark.parametrize(
+    ("entry", "name", "bad"),
+    _CASES,
+    ids=lambda v: (
+        str(v)[:24]
+        if not isinstance(v, DecisionEntry | OutcomeEntry | KeyEntry | PolicyEntry | ServerEntry | DenialsEntry)
+        else type(v).__name__
+    ),
+)
+def test_what_the_parser_refuses_cannot_be_constructed(entry: Entry, name: str, bad: object) -> None:
+    """One table of field limits: a value the parser refuses in a field is refused when an entry
+    is built with it, by the same check and with the same message."""
+    f = entry.FIELDS[name]
+    with pytest.raises(DecodeError, match=f"entry field {f.key!r}") as built:
+        dataclasses.replace(entry, **{name: bad})  # type: ignore[arg-type]
+    m = cbor2.loads(encode_entry(entry))
+    m[f.key] = list(bad) if isinstance(bad, tuple) else bad
+    try:
+        data = dumps_deterministic(m)
+    except (UnicodeEncodeError, DecodeError):
+        return  # not even encodable: no log can hold it
+    with pytest.raises(DecodeError, match=f"entry field {f.key!r}") as parsed:
+        parse_entry(data)
+    assert str(parsed.value) == str(built.value)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: dataclasses.replace(ALLOW, grant_nonce=None), "grant nonce and expiry must be both"),
+        (lambda: dataclasses.replace(ALLOW, grant_nonce=None, grant_expiry_ms=None), "an allow must carry"),
+        (
+            lambda: dataclasses.replace(cast(DecisionEntry, SAMPLES[1]), grant_nonce=b"\x00" * 16, grant_expiry_ms=5),
+            "enforced deny cannot",
+        ),
+        (lambda: dataclasses.replace(cast(KeyEntry, SAMPLES[4]), previous_size=3), "prev_size and prev_root"),
+        (lambda: dataclasses.replace(cast(DenialsEntry, SAMPLES[-1]), count=6), "add up to a positive count"),
+        (lambda: dataclasses.replace(cast(DenialsEntry, SAMPLES[-1]), last_ms=10), "first <= last <= time"),
+    ],
+)
+def test_cross_field_rules_hold_at_construction(build: object, match: str) -> None:
+    with pytest.raises(DecodeError, match=match):
+        build()  # type: ignore[operator]
+
+
+def test_encode_refuses_an_entry_over_the_cap() -> None:
+    big = dataclasses.replace(ALLOW, policies=tuple("\U0001f600" * 256 for _ in range(64)))
+    with pytest.raises(DecodeError, match="capped at 65535"):
+        encode_entry(big)
+
+
+_any_text = st.one_of(
+    st.text(st.characters(codec=None, categories=None), max_size=300),
+    st.builds(
+        lambda c, n: c * n,
+        st.text(st.characters(codec=None, categories=None), min_size=1, max_size=2),
+        st.integers(0, 5000),
+    ),
+)
+
+
+@given(_any_text, st.integers(MIN_BOUND, 5000))
+def test_bounded_text_always_fits_and_names_what_it_cut(text: str, limit: int) -> None:
+    out = bounded(text, limit)
+    assert len(out) <= limit
+    out.encode("utf-8")  # valid Unicode, whatever came in
+    if len(text) <= limit and out == text:
+        return
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    assert out.endswith(f"…({len(text)} chars, sha256:{digest})")
+    # It fits every text field of an entry whose cap is at least `limit`.
+    entry = dataclasses.replace(ALLOW, reason=bounded(text, 4096), request_id=bounded(text, 1024))
+    assert parse_entry(encode_entry(entry)) == entry
+
+
+def test_bounded_refuses_a_limit_too_small_for_its_mark() -> None:
+    with pytest.raises(ValueError, match="at least"):
+        bounded("x" * 100, MIN_BOUND - 1)
+
+
+@given(st.one_of(_any_text, st.integers(), st.lists(st.text(max_size=2000), max_size=3)))
+def test_quoted_values_stay_short(value: object) -> None:
+    assert len(quoted(value)) <= 64 * 10 + 40  # a repr escapes a character in at most 10
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False, min_value=0))
+def test_decimal_text_is_plain_and_normalised(amount: Decimal) -> None:
+    try:
+        text = decimal_text(amount)
+    except ValueError:
+        plain = format(amount.normalize(Context(prec=10_000)), "f")
+        assert len(plain) > 64
+        return
+    assert Decimal(text) == amount and len(text) <= 64
+    assert re.fullmatch(r"(0|[1-9]\d*)(\.\d*[1-9])?", text), text
+
+
+@pytest.mark.parametrize(
+    ("amount", "text"),
+    [
+        ("1E+3", "1000"),
+        ("100.5000", "100.5"),
+        ("0E-7", "0"),
+        ("0.000000000001", "0.000000000001"),
+        ("1e15", "1" + "0" * 15),
+    ],
+)
+def test_decimal_text_examples(amount: str, text: str) -> None:
+    assert decimal_text(Decimal(amount)) == text
+
+
+@pytest.mark.parametrize("amount", ["-1", "NaN", "Infinity", "1E+100", "1E-100", "9" * 65, "1E+999999999"])
+def test_decimal_text_refuses(amount: str) -> None:
+    with pytest.raises(ValueError):
+        decimal_text(Decimal(amount))

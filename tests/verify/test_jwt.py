@@ -87,3 +87,41 @@ def test_kid_selects_key() -> None:
     assert verify_jwt(tok, keys, issuer="dev", audience="cloister", now=NOW).subject == "refund-bot"
     with pytest.raises(TokenError, match="key id 'k2'"):
         verify_jwt(tok, keys[:1], issuer="dev", audience="cloister", now=NOW)
+
+
+def test_a_token_without_iat_is_bounded_by_the_lifetime_too() -> None:
+    """Regression (issue 9): without `iat`, `exp - iat` could not be checked, so a token valid for
+    years passed max_lifetime_s. The time left (`exp - now`) is bounded as well."""
+    with pytest.raises(TokenError) as err:
+        verify(encode_jwt(claims(iat=None, exp=NOW + 10 * 365 * 86400), ED), max_lifetime_s=3600)
+    assert err.value.reason == "too-long-lived"
+    with pytest.raises(TokenError) as err:  # an iat in the future does not help either
+        verify(encode_jwt(claims(iat=NOW + 20, nbf=NOW, exp=NOW + 20 + 3600), ED), max_lifetime_s=3600, leeway_s=0)
+    assert err.value.reason == "too-long-lived"
+    assert verify(encode_jwt(claims(iat=None, exp=NOW + 3600), ED), max_lifetime_s=3600)
+    assert verify(encode_jwt(claims(iat=None, exp=NOW + 3620), ED), max_lifetime_s=3600)  # within the leeway
+
+
+@pytest.mark.parametrize("name", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize("value", [-(10**4000), 10**4000, -1, 2**53 + 1, 1.5, "1", True])
+def test_numeric_dates_are_whole_seconds_in_range(name: str, value: object) -> None:
+    with pytest.raises(TokenError) as err:
+        verify(encode_jwt(claims(**{name: value}), ED))
+    assert err.value.reason == "malformed" and len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        encode_jwt(claims(iss="i" * 4000), ED),
+        encode_jwt(claims(aud=["a" * 2000, "b" * 2000]), ED),
+        encode_jwt(claims(), ED, kid="k" * 4000),
+        _b64({"alg": "x" * 4000}) + "." + _b64(claims()) + ".AAAA",
+    ],
+    ids=["iss", "aud", "kid", "alg"],
+)
+def test_refusals_quote_claims_briefly(token: str) -> None:
+    """Regression (issue 9): messages quoted whole claims, and the enclave logged the message."""
+    with pytest.raises(TokenError) as err:
+        verify_jwt(token, [("k1", ED.public_key())], issuer="dev", audience="cloister", now=NOW)
+    assert len(str(err.value)) < 400 and "chars)" in str(err.value)
