@@ -15,11 +15,15 @@ from dataclasses import dataclass
 
 from cloister.verify.errors import CloisterError, VerificationError
 
-__all__ = ["FetchError", "ForkDetected", "ForkEvidence", "MissingData"]
+__all__ = ["FetchError", "ForkDetected", "ForkEvidence", "MissingData", "NotAuthorized"]
 
 
 class FetchError(CloisterError):
     """Reading from the log failed (connection, timeout, HTTP 5xx, I/O): nothing about the data."""
+
+
+class NotAuthorized(FetchError):
+    """The relay refused to serve it to us (HTTP 401, 403): bodies need the auditor token."""
 
 
 class MissingData(VerificationError):

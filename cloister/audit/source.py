@@ -7,7 +7,8 @@ A log is a C2SP tlog-tiles tree (https://c2sp.org/tlog-tiles) under a prefix:
     <prefix>/tile/entries/<N>[.p/<W>]       entry bundles
     <prefix>/attestation?nonce=<hex>        (relay only) the enclave's attestation for a fresh nonce,
                                             with the checkpoint it vouches for
-    <prefix>/body/<index>/<args|result>     (relay only) bodies that entries commit to
+    <prefix>/body/<index>/<args|result>     (relay only) bodies that entries commit to, for
+                                            holders of the relay's auditor token (`bearer`)
 
 `--log` is either an http(s) URL of the prefix (a bare `http://host:port` means the relay's
 `/log/`), or a directory with the same layout at its root.
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cloister.audit.errors import FetchError, MissingData
+from cloister.audit.errors import FetchError, MissingData, NotAuthorized
 from cloister.verify.errors import DecodeError
 from cloister.verify.note import MAX_NOTE_SIZE, b64decode_strict
 from cloister.verify.tiles import (
@@ -158,20 +159,23 @@ class HttpSource:
     def where(self, path: str) -> str:
         return self.base + path
 
-    def read(self, path: str, *, max_size: int) -> bytes:
+    def read(self, path: str, *, max_size: int, bearer: str | None = None) -> bytes:
+        """As LogSource.read; `bearer` is sent as `Authorization: Bearer` (the auditor token for bodies)."""
         _check_rel_path(path)
-        return self._get(self.base + path, max_size, path)
+        return self._get(self.base + path, max_size, path, bearer)
 
     def attestation(self, nonce: bytes) -> AttestationReply:
         data = self._get(f"{self.base}attestation?nonce={nonce.hex()}", MAX_ATTESTATION_REPLY, "attestation")
         return parse_attestation_reply(data)
 
-    def _get(self, url: str, max_size: int, what: str) -> bytes:
+    def _get(self, url: str, max_size: int, what: str, bearer: str | None = None) -> bytes:
         timeout = self.spec.timeout
         deadline = time.monotonic() + timeout
         # The scheme is http(s): checked in __init__, and the opener has no file or ftp handler.
         # tlog-tiles: entry bundles SHOULD be compressed at the HTTP layer, and clients SHOULD accept gzip.
         headers = {"User-Agent": "cloister-audit/1", "Accept-Encoding": "gzip, identity"}
+        if bearer is not None:
+            headers["Authorization"] = f"Bearer {bearer}"
         request = urllib.request.Request(url, headers=headers)  # noqa: S310
         try:
             with self._opener.open(request, timeout=timeout) as resp:
@@ -211,13 +215,19 @@ class HttpSource:
                     raise DecodeError(f"{what}: the gzip stream is truncated")
                 return b"".join(chunks)
         except urllib.error.HTTPError as exc:
-            if exc.code in (404, 410):
-                raise MissingData(f"{what}: not found (HTTP {exc.code} from {url})") from exc
-            raise FetchError(f"GET {url}: HTTP {exc.code} {exc.reason}{_error_snippet(exc)}") from exc
+            raise _http_error(exc, url, what) from exc
         except urllib.error.URLError as exc:
             raise FetchError(f"GET {url}: {_reason(exc.reason)}") from exc
         except (TimeoutError, http.client.HTTPException, OSError) as exc:
             raise FetchError(f"GET {url}: {_reason(exc)}") from exc
+
+
+def _http_error(exc: urllib.error.HTTPError, url: str, what: str) -> FetchError | MissingData:
+    if exc.code in (404, 410):
+        return MissingData(f"{what}: not found (HTTP {exc.code} from {url})")
+    if exc.code in (401, 403):
+        return NotAuthorized(f"GET {url}: HTTP {exc.code} {exc.reason}{_error_snippet(exc)}")
+    return FetchError(f"GET {url}: HTTP {exc.code} {exc.reason}{_error_snippet(exc)}")
 
 
 def _inflate(inflate: zlib._Decompress, chunk: bytes, room: int, what: str, cap: int) -> bytes:
@@ -237,9 +247,14 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     max_redirections = 5
 
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
-        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+        target = urllib.parse.urlsplit(newurl)
+        if target.scheme not in ("http", "https"):
             raise urllib.error.HTTPError(newurl, code, "redirect to a non-HTTP URL refused", headers, fp)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        here = urllib.parse.urlsplit(req.full_url)
+        if new is not None and (target.scheme, target.netloc) != (here.scheme, here.netloc):
+            new.remove_header("Authorization")  # the auditor token goes to the relay it was meant for only
+        return new
 
 
 def _reason(exc: object) -> str:

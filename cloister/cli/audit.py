@@ -1,7 +1,8 @@
 """`cloister audit`: verify a Cloister log from the outside, trusting neither the relay nor its storage.
 
     cloister audit checkpoint --log URL [--trust-root aws|mock|PEM] [--expect-pcr I=HEX ...]
-    cloister audit inclusion  --log URL (--index N | --grant FILE) [--bodies]
+    cloister audit inclusion  --log URL (--index N | --grant FILE) [--bodies [--auditor-token-file F] [--body-key K]]
+    cloister audit body       --log URL --index N --auditor-token-file FILE [--key X25519-PEM]
     cloister audit consistency --log URL --from SIZE [--to SIZE]
     cloister audit replay     --log URL|DIR [--json] [--no-progress] [--jobs N] [--generic --key VKEY]
     cloister audit receipt    --log URL --index N > receipt
@@ -69,8 +70,23 @@ def register(sub: Any) -> None:
     v.add_argument(
         "--bodies",
         action="store_true",
-        help="also fetch the bodies the entry commits to and check their SHA-256 (if the relay kept them)",
+        help="also fetch the bodies the entry commits to and check their SHA-256 (if the relay kept them "
+        "and you hold its auditor token)",
     )
+    _body_args(v, key_option="--body-key", required=False)
+
+    v = _verb(
+        verbs,
+        "body",
+        _body,
+        "fetch one entry's body (arguments or result), open it, and check it against the entry",
+        "Verify an attested checkpoint, prove the entry's inclusion, fetch the body it commits to (a decision's "
+        "arguments, an outcome's result) with the relay's auditor token, open it with the auditor's X25519 "
+        "private key if it is stored sealed, and check its SHA-256 (RFC 8785) against the entry. Prints JSON.",
+    )
+    _log_args(v)
+    v.add_argument("--index", type=_nonneg, required=True, metavar="N", help="the decision's or outcome's index")
+    _body_args(v, key_option="--key", required=True)
 
     v = _verb(
         verbs,
@@ -162,6 +178,22 @@ def register(sub: Any) -> None:
         help="verifier key, name+hex id+base64 (repeatable), or @FILE holding one per line",
     )
     v.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _body_args(v: argparse.ArgumentParser, *, key_option: str, required: bool) -> None:
+    v.add_argument(
+        "--auditor-token-file",
+        required=required,
+        metavar="FILE",
+        help="the relay's auditor token (its auditor_token_file): the relay serves bodies to nobody else",
+    )
+    v.add_argument(
+        key_option,
+        dest="body_key",
+        metavar="PEM",
+        help="the auditor's X25519 private key (PEM, e.g. openssl genpkey -algorithm X25519), to open bodies "
+        "the relay stores sealed (body_encryption_public_key)",
+    )
 
 
 def _verb(verbs: Any, name: str, impl: Any, help_text: str, description: str) -> argparse.ArgumentParser:
@@ -434,7 +466,10 @@ def _inclusion(args: argparse.Namespace) -> int:
     if claims is not None and grant_bytes is not None:
         out["grant"] = _check_grant(claims, grant_bytes, proof.leaf_hash, entry, attested)
     if args.bodies:
-        out["bodies"] = _check_bodies(source, index, entry)
+        from cloister.audit.bodies import read_checked_body
+
+        token, key = _body_credentials(args)
+        out["bodies"] = read_checked_body(source, index, entry, token=token, key=key)
     _emit(out)
     print(f"entry {index} is included in the attested checkpoint of size {cp.size} ({cp.origin})", file=sys.stderr)
     return EXIT_OK
@@ -514,30 +549,67 @@ def _grant_signature(grant: bytes, attested: Any) -> str:
     return "verified with the attested enclave's grant key"
 
 
-def _check_bodies(source: Any, index: int, entry: Any) -> dict[str, Any]:
-    from cloister.audit.errors import MissingData
-    from cloister.audit.source import MAX_BODY
-    from cloister.verify.canonical import canonical_sha256, parse_json
-    from cloister.verify.entries import DecisionEntry, OutcomeEntry
+def _body_credentials(args: argparse.Namespace) -> tuple[str | None, Any]:
+    """The auditor token and X25519 private key named on the command line (either may be absent)."""
+    from cloister.audit.sealed import load_private_key
+    from cloister.verify.errors import DecodeError
+
+    token = key = None
+    if args.auditor_token_file:
+        try:
+            token = Path(args.auditor_token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _Usage(f"--auditor-token-file: cannot read {args.auditor_token_file}: {exc}") from exc
+        if not token:
+            raise _Usage(f"--auditor-token-file: {args.auditor_token_file} is empty")
+    if args.body_key:
+        try:
+            key = load_private_key(Path(args.body_key))
+        except (OSError, DecodeError) as exc:
+            raise _Usage(f"the X25519 private key: {exc}") from exc
+    return token, key
+
+
+# --- body -------------------------------------------------------------------------------------
+
+
+def _body(args: argparse.Namespace) -> int:
+    from cloister.audit.bodies import body_commitment, check_body, fetch_body
+    from cloister.audit.proofs import prove_inclusion
+    from cloister.audit.render import entry_json
+    from cloister.verify.entries import parse_entry
     from cloister.verify.errors import VerificationError
 
-    if isinstance(entry, DecisionEntry):
-        kind, want = "args", entry.args_sha256
-    elif isinstance(entry, OutcomeEntry) and entry.result_sha256 is not None:
-        kind, want = "result", entry.result_sha256
-    else:
-        return {}
-    path = f"body/{index}/{kind}"
-    try:
-        data = source.read(path, max_size=MAX_BODY)
-    except MissingData:
-        return {kind: {"status": "not retained"}}
-    body = parse_json(data, what=path, max_bytes=MAX_BODY)
-    if canonical_sha256(body) != want:
-        raise VerificationError(
-            f"{path}: the body's SHA-256 (RFC 8785 canonical JSON) is not the one entry {index} commits to"
-        )
-    return {kind: {"status": "verified", "body": body}}
+    source = _source(args)
+    token, key = _body_credentials(args)
+    attested, _ = _attested(args, source)
+    cp = attested.checkpoint
+    proof = prove_inclusion(source, cp, args.index)
+    entry = parse_entry(proof.entry.data)
+    committed = body_commitment(entry)
+    if committed is None:
+        raise VerificationError(f"entry {args.index} commits to no body (it is not a decision or a result)")
+    kind, commitment = committed
+    data = fetch_body(source, args.index, kind, token)
+    checked = check_body(data, index=args.index, kind=kind, commitment=commitment, key=key)
+    _emit(
+        {
+            "index": args.index,
+            "kind": kind,
+            "tree_size": cp.size,
+            "commitment": commitment.hex(),
+            "entry": entry_json(entry, args.index),
+            "sealed": checked.sealed_to is not None,
+            **checked.as_json(),
+        }
+    )
+    sealed = f", opened with key {checked.sealed_to}" if checked.sealed_to else " (stored unsealed)"
+    print(
+        f"the {kind} body of entry {args.index} matches its commitment{sealed}; the entry is in the attested "
+        f"checkpoint of size {cp.size}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
 
 # --- consistency ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     cloister policy schema DIR
     cloister policy keygen --out FILE
     cloister policy sign DIR --key ADMIN_KEY --version N --origin ORIGIN [--not-after ISO8601] --out BUNDLE [--json]
-    cloister policy push BUNDLE --relay URL [--timeout S] [--json]
+    cloister policy push BUNDLE --relay URL --admin-token-file FILE [--timeout S] [--json]
     cloister policy diff OLD NEW [--json]
     cloister policy explain --bundle DIR|BUNDLE --agent A [--role R ...] --server S --tool T
                             [--args JSON|@FILE] [--at ISO8601] [--attestation LEVEL] [--payment AMOUNT]
@@ -107,6 +107,12 @@ def register(sub: Any) -> None:
     u.add_argument("bundle", type=Path, metavar="BUNDLE")
     u.add_argument("--relay", required=True, metavar="URL", help="the relay's base URL, e.g. http://127.0.0.1:8440")
     u.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait (default 30)")
+    u.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help="the relay's admin token (its admin_token_file): the relay refuses pushes without it",
+    )
     u.add_argument("--json", action="store_true")
     u.set_defaults(handler=_push)
 
@@ -121,6 +127,7 @@ def register(sub: Any) -> None:
     pn.add_argument("--relay", required=True, metavar="URL", help="the relay's base URL")
     pn.add_argument("--server", required=True, metavar="NAME", help="the upstream's name")
     pn.add_argument("--tool", action="append", default=[], metavar="TOOL", help="pin only these tools (repeatable)")
+    pn.add_argument("--admin-token-file", type=Path, metavar="FILE", help="the relay's admin token (admin_token_file)")
     pn.set_defaults(handler=_pin)
 
     d = verbs.add_parser(
@@ -335,8 +342,18 @@ def _pin(args: argparse.Namespace) -> int:
         print("cloister policy pin: --relay must be an http(s) URL", file=sys.stderr)
         return 2
     url = f"{base}/admin/pins?{urllib.parse.urlencode({'server': args.server})}"
+    request = urllib.request.Request(url)  # noqa: S310 (scheme checked above)
+    if args.admin_token_file:
+        from cloister.policytools.signing import read_admin_token
+        from cloister.policytools.source import InputError
+
+        try:
+            request.add_header("Authorization", f"Bearer {read_admin_token(args.admin_token_file)}")
+        except InputError as exc:
+            print(f"cloister policy pin: {exc}", file=sys.stderr)
+            return 2
     try:
-        with urllib.request.urlopen(url, timeout=15) as resp:  # noqa: S310 (scheme checked above)
+        with urllib.request.urlopen(request, timeout=15) as resp:  # noqa: S310 (scheme checked above)
             body = json.loads(resp.read(1 << 20))
     except urllib.error.HTTPError as exc:
         try:
@@ -363,12 +380,13 @@ def _pin(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from cloister.policytools.signing import push
+    from cloister.policytools.signing import push, read_admin_token
     from cloister.policytools.source import InputError
     from cloister.verify.errors import DecodeError
 
     try:
-        result = push(args.bundle, args.relay, timeout=args.timeout)
+        token = read_admin_token(args.admin_token_file) if args.admin_token_file else None
+        result = push(args.bundle, args.relay, timeout=args.timeout, admin_token=token)
     except InputError as exc:
         _err(args, str(exc))
         return 2

@@ -4,6 +4,8 @@ Starts the enclave (mock NSM, AF_UNIX standing in for vsock), the example upstre
 and the relay; prints the agents' MCP URL, the log URL, the mock trust root, PCR0 and a
 ready token per example agent; stops everything on Ctrl-C or SIGTERM, or when any part dies.
 `--config` takes a relay config (TOML) whose [[upstreams]] replace the example servers.
+The relay gets the state's admin token (/admin/*), auditor token (stored bodies) and the
+auditor's X25519 public key (bodies are stored sealed to it); `up` prints where they are.
 """
 
 from __future__ import annotations
@@ -152,7 +154,11 @@ def _run(args: argparse.Namespace) -> int:
         f'listen = "{args.host}:{relay_port}"\npublic_url = "{public}"\n'
         f'enclave = "unix:{state.run_dir / "enclave.vsock"}"\n'
         'bundle = "bundle.signed"\nstorage = "log"\nrun_dir = "run"\n'
-        'trust_root = "mock:mock-nsm/root.pem"\n\n' + "\n\n".join(upstream_tables) + "\n"
+        'trust_root = "mock:mock-nsm/root.pem"\n'
+        f"admin_token_file = {_toml_str(state.admin_token_file.name)}\n"
+        f"auditor_token_file = {_toml_str(state.auditor_token_file.name)}\n"
+        f"body_encryption_public_key = {_toml_str(str(state.body_public_key_file.relative_to(state.root)))}\n"
+        "keep_denied_arguments = false\n\n" + "\n\n".join(upstream_tables) + "\n"
     )
 
     stack = Stack(logs)
@@ -228,6 +234,9 @@ def _run(args: argparse.Namespace) -> int:
         "refunds_argv": refunds_argv[1:],
         "state": str(state.root),
         "tokens": {a: str(tokens_dir / f"{a}.jwt") for a in tokens},
+        "admin_token_file": str(state.admin_token_file),
+        "auditor_token_file": str(state.auditor_token_file),
+        "body_key": str(state.body_key_file),
     }
     (state.root / "up.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"""Cloister is up (mock NSM: for development only). State: {state.root}
@@ -247,8 +256,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"    {agent:13} {token}")
     print(
         f"""
+  Admin token     {state.admin_token_file}  (/admin/*: cloister policy push --admin-token-file ...)
+  Auditor token   {state.auditor_token_file}  (GET /log/body/...: bodies go to nobody else)
+  Body key        {state.body_key_file}  (X25519: the relay stores bodies sealed to its public half)
+
   Audit the log:  cloister audit checkpoint --log {info["log_url"]} --trust-root {state.mock_root} \\
                     --expect-pcr 0={pcr0}
+  Read a body:    cloister audit body --log {info["log_url"]} --trust-root {state.mock_root} --index N \\
+                    --auditor-token-file {state.auditor_token_file} --key {state.body_key_file}
 Logs of each process are in {logs}. Press Ctrl-C to stop.""",
         flush=True,
     )

@@ -3,6 +3,9 @@
     mock-nsm/root.pem        the mock NSM's root certificate: auditors pin it (--trust-root mock)
     keys/admin.key           dev admin key: signs policy bundles (pinned in enclave.toml)
     keys/issuer.key          dev token issuer key (cloister token issue)
+    keys/body.key, body.pub  the auditor's X25519 key pair: the relay seals stored bodies to body.pub
+    admin.token              the relay's admin token (/admin/*: policy push, pins, redaction)
+    auditor.token            the relay's auditor token (GET /log/body/...)
     enclave.toml             the enclave's measured config (origin, admin key, trust root)
     bundle/                  the example bundle, with the dev issuer's public key added
     bundle.signed            that bundle, signed by the admin key for this state's origin, valid for
@@ -63,6 +66,13 @@ def _private_key(path: Path) -> ed25519.Ed25519PrivateKey:
     return key
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def _public_pem(key: ed25519.Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
 
@@ -116,6 +126,36 @@ class DevState:
     def admin_key(self) -> ed25519.Ed25519PrivateKey:
         return _private_key(self.root / "keys" / "admin.key")
 
+    @property
+    def admin_token_file(self) -> Path:
+        return self.root / "admin.token"
+
+    @property
+    def auditor_token_file(self) -> Path:
+        return self.root / "auditor.token"
+
+    @property
+    def body_key_file(self) -> Path:
+        return self.root / "keys" / "body.key"
+
+    @property
+    def body_public_key_file(self) -> Path:
+        return self.root / "keys" / "body.pub"
+
+    def relay_secrets(self) -> None:
+        """The relay's admin and auditor tokens (two different random secrets) and the auditor's
+        X25519 key pair for sealed bodies; created once, private files (0600)."""
+        from cryptography.hazmat.primitives.asymmetric import x25519
+
+        for path in (self.admin_token_file, self.auditor_token_file):
+            if not path.exists():
+                _write_private(path, (secrets.token_urlsafe(32) + "\n").encode())
+        if not self.body_key_file.exists():
+            key = x25519.X25519PrivateKey.generate()
+            _write_private(self.body_key_file, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+            pub = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+            self.body_public_key_file.write_bytes(pub)
+
     def issuer_key(self) -> ed25519.Ed25519PrivateKey:
         return _private_key(self.root / "keys" / "issuer.key")
 
@@ -147,6 +187,7 @@ def ensure_state(root: Path, *, bundle_source: Path | None = None, clock: Callab
     # The mock NSM's CA is created on first use; the enclave config pins its root.
     MockNsm(st.mock_nsm_dir, {}).root_pem()
     admin = st.admin_key()
+    st.relay_secrets()
     # Every image that has run this state's log may have signed it: pin the earlier ones as
     # predecessors, as an operator does when upgrading the EIF, so changing enclave code does not
     # strand the log. A new predecessor is added only when the measured code changed, so the

@@ -4,13 +4,27 @@ A server whose bundle entry requires an identity (nitro, checksum, tls) is quara
 evidence for it verifies, and again when that verification is older than `reattest_s`: its
 tools are hidden from discovery and every call is denied with the reason. A pinned tool whose
 current definition differs from its pin (or is missing, or was never reported) is hidden and
-denied the same way. Every verification, failure and drift becomes a log entry.
+denied the same way.
+
+What is logged: every *change* of a server's identity (its kind, status and verified detail, as
+the last entry for it recorded them) and of its pins' drift. A verification identical to the
+one logged, of a server that has stayed verified since, only refreshes the proof's time: it
+appends nothing, however often the relay reports it. Every change that lets agents reach more
+(a server verified again, a pin restored) is logged before it takes effect.
+
+The relay is untrusted, so the enclave bounds this itself: at most `MAX_LOGGING_REPORTS`
+reports per server per minute (by the enclave's clock) append entries. Past that, changes that
+restrict (a failure, a drift) still take effect, without an entry (the next entry for the
+server counts them in `extra["unlogged"]`), and changes that widen wait: the server or tool
+stays quarantined until a report can be logged.
 
 No I/O here: the relay carries evidence in, `EnclaveCore` sequences the entries this returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +41,8 @@ from cloister.verify.tools import tool_definition_hash
 CHALLENGE_TTL_MS = 120_000
 MAX_TOOLS_JSON = 4 << 20
 MAX_TOOLS = 2000
+MAX_LOGGING_REPORTS = 10  # per server, per BUDGET_WINDOW_MS of the enclave's clock
+BUDGET_WINDOW_MS = 60_000
 
 
 @dataclass
@@ -38,6 +54,8 @@ class _State:
     tool_hashes: dict[str, str] | None = None  # None until the relay reports the tool list
     input_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
     drift: dict[str, str] = field(default_factory=dict)  # tool -> description of the drift
+    logged: tuple[str, str, str] | None = None  # (kind, status, detail) of the last identity entry
+    unlogged: int = 0  # restricting changes applied without an entry (budget spent) since the last one
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,9 @@ class Report:
 class ServerRegistry:
     def __init__(self) -> None:
         self._states: dict[str, _State] = {}
+        # When reports of each server appended entries, within the last BUDGET_WINDOW_MS. Kept by
+        # name, apart from _State, so that a new bundle does not refill a server's budget.
+        self._logging: dict[str, deque[int]] = {}
 
     def _state(self, spec: ServerSpec) -> _State:
         st = self._states.get(spec.name)
@@ -117,55 +138,123 @@ class ServerRegistry:
         evidence: bool,
     ) -> Report:
         st = self._state(spec)
+        room = self._room(spec.name, now_ms)
         entries: list[ServerEntry] = []
         status, detail = "tools-only", ""
-        kind = spec.identity.kind
         if evidence:
-            evidence_hash: bytes | None = None
-            try:
-                if failure:
-                    raise VerificationError(f"the relay could not obtain evidence: {failure[:300]}")
-                if kind == "nitro":
-                    challenge = st.challenge
-                    if challenge is None or challenge[1] < now_ms:
-                        raise VerificationError("no fresh challenge nonce was issued for this attestation")
-                    now = datetime.fromtimestamp(now_ms / 1000, UTC)
-                    policy = AttestationPolicy(
-                        root=root,
-                        at=now,
-                        now=now,
-                        expected_pcrs=spec.identity.pcrs,
-                        nonce=challenge[0],
-                        allow_debug=allow_debug,
-                    )
-                    detail, evidence_hash = check_nitro(attestation, policy)
-                elif kind == "checksum":
-                    detail, evidence_hash = check_checksum(artifact, sha256_hex=spec.identity.sha256)
-                elif kind == "tls":
-                    detail, evidence_hash = check_tls(certificates, spki_sha256_hex=spec.identity.spki_sha256)
-                else:
-                    detail = "no identity required"
-                st.verified_ms, st.detail, status = now_ms, detail, "verified"
-            except (VerificationError, DecodeError) as exc:
-                st.verified_ms, st.detail, status = None, str(exc)[:1000], "failed"
-                detail = st.detail
-            st.challenge = None
-            entries.append(
-                ServerEntry(
-                    time_ms=now_ms,
-                    server=spec.name,
-                    kind=kind,
-                    status=status,
-                    detail=detail,
-                    evidence_sha256=evidence_hash,
-                )
+            status, detail, evidence_hash = self._verify(
+                spec,
+                st,
+                now_ms=now_ms,
+                root=root,
+                allow_debug=allow_debug,
+                attestation=attestation,
+                artifact=artifact,
+                certificates=certificates,
+                failure=failure,
             )
+            st.challenge = None
+            status, detail, entry = self._apply_identity(spec, st, status, detail, evidence_hash, now_ms, room=room)
+            entries.extend(entry)
         if tools_json:
-            entries.extend(self._tools(spec, st, tools_json, now_ms))
+            entries.extend(self._tools(spec, st, tools_json, now_ms, room=room))
+        if entries:
+            self._logging[spec.name].append(now_ms)
         hidden = tuple(sorted(t for t in spec.tools if self.refusal(spec, t, now_ms)))
         return Report(status=status, detail=detail or st.detail, hidden=hidden, entries=tuple(entries))
 
-    def _tools(self, spec: ServerSpec, st: _State, tools_json: bytes, now_ms: int) -> list[ServerEntry]:
+    def _room(self, server: str, now_ms: int) -> bool:
+        """Whether a report of `server` may append entries now (its budget is not spent)."""
+        times = self._logging.setdefault(server, deque())
+        while times and times[0] <= now_ms - BUDGET_WINDOW_MS:
+            times.popleft()
+        return len(times) < MAX_LOGGING_REPORTS
+
+    @staticmethod
+    def _verify(
+        spec: ServerSpec,
+        st: _State,
+        *,
+        now_ms: int,
+        root: TrustRoot,
+        allow_debug: bool,
+        attestation: bytes,
+        artifact: bytes,
+        certificates: list[bytes],
+        failure: str,
+    ) -> tuple[str, str, bytes | None]:
+        """Check the evidence: (status, detail, evidence hash). Changes nothing."""
+        kind = spec.identity.kind
+        try:
+            if failure:
+                raise VerificationError(f"the relay could not obtain evidence: {failure[:300]}")
+            if kind == "nitro":
+                challenge = st.challenge
+                if challenge is None or challenge[1] < now_ms:
+                    raise VerificationError("no fresh challenge nonce was issued for this attestation")
+                now = datetime.fromtimestamp(now_ms / 1000, UTC)
+                policy = AttestationPolicy(
+                    root=root,
+                    at=now,
+                    now=now,
+                    expected_pcrs=spec.identity.pcrs,
+                    nonce=challenge[0],
+                    allow_debug=allow_debug,
+                )
+                return ("verified", *check_nitro(attestation, policy))
+            if kind == "checksum":
+                return ("verified", *check_checksum(artifact, sha256_hex=spec.identity.sha256))
+            if kind == "tls":
+                return ("verified", *check_tls(certificates, spki_sha256_hex=spec.identity.spki_sha256))
+            return "verified", "no identity required", None
+        except (VerificationError, DecodeError) as exc:
+            return "failed", str(exc)[:1000], None
+
+    @staticmethod
+    def _apply_identity(
+        spec: ServerSpec,
+        st: _State,
+        status: str,
+        detail: str,
+        evidence_hash: bytes | None,
+        now_ms: int,
+        *,
+        room: bool,
+    ) -> tuple[str, str, list[ServerEntry]]:
+        """Apply a verification's result; the entry to log, if it is a change and may be logged."""
+        key = (spec.identity.kind, status, detail)
+        if status == "verified" and key == st.logged and st.verified_ms is not None:
+            st.verified_ms, st.detail = now_ms, detail  # the same identity, proven again: a refresh
+            return status, detail, []
+        if status == "verified" and not room:
+            why = (
+                f"verified, but not applied: reports of this server were logged {MAX_LOGGING_REPORTS} times "
+                "in the last minute; it stays quarantined until its next report"
+            )
+            st.verified_ms, st.detail = None, why
+            return "failed", why, []
+        if status == "verified":
+            st.verified_ms, st.detail = now_ms, detail
+        else:
+            st.verified_ms, st.detail = None, detail  # a failure quarantines at once, logged or not
+            if key == st.logged:
+                return status, detail, []
+            if not room:
+                st.unlogged += 1
+                return status, detail, []
+        st.logged = key
+        entry = ServerEntry(
+            time_ms=now_ms,
+            server=spec.name,
+            kind=spec.identity.kind,
+            status=status,
+            detail=detail,
+            evidence_sha256=evidence_hash,
+            extra=_take_unlogged(st),
+        )
+        return status, detail, [entry]
+
+    def _tools(self, spec: ServerSpec, st: _State, tools_json: bytes, now_ms: int, *, room: bool) -> list[ServerEntry]:
         tools = parse_json(tools_json, what="tool definitions", max_bytes=MAX_TOOLS_JSON)
         if not isinstance(tools, list) or len(tools) > MAX_TOOLS or not all(isinstance(t, dict) for t in tools):
             raise DecodeError(f"tool definitions must be a JSON array of at most {MAX_TOOLS} objects")
@@ -184,10 +273,16 @@ class ServerRegistry:
             elif actual != pin:
                 drift[tool] = f"its definition drifted from the pin (pinned {pin[:16]}..., now {actual[:16]}...)"
                 extra[tool] = {"tool": tool, "pinned": pin, "actual": actual}
+        drifted = [t for t in sorted(drift) if st.drift.get(t) != drift[t]]
+        restored = [t for t in sorted(set(st.drift) - set(drift)) if t in spec.pins]
+        if not room:
+            # Drifts take effect unlogged; restorations wait (those tools stay quarantined).
+            st.unlogged += len(drifted)
+            st.drift = {**drift, **{t: st.drift[t] for t in restored}}
+            return []
         entries = [
             ServerEntry(time_ms=now_ms, server=spec.name, kind="pin", status="drift", detail=drift[t], extra=extra[t])
-            for t in sorted(drift)
-            if st.drift.get(t) != drift[t]
+            for t in drifted
         ]
         entries += [
             ServerEntry(
@@ -198,10 +293,11 @@ class ServerRegistry:
                 detail=f"tool {t!r} matches its pin again",
                 extra={"tool": t, "pinned": spec.pins[t]},
             )
-            for t in sorted(set(st.drift) - set(drift))
-            if t in spec.pins
+            for t in restored
         ]
         st.drift = drift
+        if entries:
+            entries[0] = dataclasses.replace(entries[0], extra={**entries[0].extra, **_take_unlogged(st)})
         return entries
 
     def input_schema(self, server: str, tool: str) -> dict[str, Any] | None:
@@ -211,3 +307,9 @@ class ServerRegistry:
 
     def levels(self, specs: Mapping[str, ServerSpec], now_ms: int) -> dict[str, str]:
         return {name: self.level(spec, now_ms) for name, spec in specs.items()}
+
+
+def _take_unlogged(st: _State) -> dict[str, str]:
+    """`extra` for the next entry of a server: how many changes took effect unlogged before it."""
+    n, st.unlogged = st.unlogged, 0
+    return {"unlogged": str(n)} if n else {}

@@ -177,8 +177,20 @@ class PushResult:
         return {"in-force": 0, "refused": 1, "unavailable": 3, "unreachable": 3}[self.outcome]
 
 
-def push(bundle: Path, relay: str, *, timeout: float = 30.0) -> PushResult:
-    """POST a signed bundle to `<relay>/admin/policy` and report what the enclave said."""
+def read_admin_token(path: Path) -> str:
+    """The relay's admin token from a file (its admin_token_file); InputError if unreadable or empty."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--admin-token-file: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if not token:
+        raise InputError(f"--admin-token-file: {path} is empty")
+    return token
+
+
+def push(bundle: Path, relay: str, *, timeout: float = 30.0, admin_token: str | None = None) -> PushResult:
+    """POST a signed bundle to `<relay>/admin/policy` with the relay's admin token (it refuses a
+    push without it) and report what the enclave said."""
     if not relay.startswith(("http://", "https://")):
         raise InputError(f"--relay {relay!r}: must be an http(s) URL")
     data = read_signed(bundle)
@@ -193,6 +205,8 @@ def push(bundle: Path, relay: str, *, timeout: float = 30.0) -> PushResult:
         method="POST",
         headers={"Content-Type": "application/octet-stream"},
     )
+    if admin_token is not None:
+        req.add_header("Authorization", f"Bearer {admin_token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
             status, body = resp.status, resp.read(MAX_ANSWER)

@@ -1,9 +1,13 @@
 """The relay's admin HTTP API: push a policy bundle (only the enclave decides whether it takes
-effect), list an upstream's tool-definition hashes to pin, and redact a stored body."""
+effect), list an upstream's tool-definition hashes to pin, and redact a stored body.
+
+Every route needs the admin token (`admin_token_file`; `cloister.relay.auth`), and all are
+disabled without one. The enclave still judges every bundle by its signature: the token is
+defence in depth, so that anyone who can reach the relay cannot push, list servers' tools
+that policy hides from them, or destroy bodies."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 import grpc
@@ -11,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cloister.relay.auth import ADMIN, refuse_unless
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.lifecycle import POLICY_NOT_NEWER, bundle_store
 from cloister.relay.log_api import body_ref
@@ -36,9 +41,14 @@ class Admin:
             Route("/admin/redact/{index}/{kind}", self.redact, methods=["POST"]),
         ]
 
+    def _refuse(self, request: Request, what: str) -> JSONResponse | None:
+        return refuse_unless(request, ADMIN, self.state.config.admin_token, what)
+
     async def push_policy(self, request: Request) -> Response:
-        """Forward an admin-signed bundle to the enclave. Anyone may push: only the enclave decides,
-        and it accepts only bundles signed by an admin key pinned in its measured image."""
+        """Forward an admin-signed bundle to the enclave, for holders of the admin token. The enclave
+        decides: it accepts only bundles signed by an admin key pinned in its measured image."""
+        if (refused := self._refuse(request, "pushing a policy bundle")) is not None:
+            return refused
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -64,6 +74,8 @@ class Admin:
         before pinning them. The enclave recomputes the hashes itself when it checks pins."""
         from cloister.verify.tools import tool_definition_hash
 
+        if (refused := self._refuse(request, "listing tool pins")) is not None:
+            return refused
         name = request.query_params.get("server", "")
         upstream = self.upstreams.by_name.get(name)
         if upstream is None:
@@ -83,14 +95,8 @@ class Admin:
     async def redact(self, request: Request) -> Response:
         """Replace a stored body by a tombstone that keeps its SHA-256: the log entry's commitment
         still checks, the content is gone. The log itself is never changed."""
-        token = self.state.config.admin_token
-        if token is None:
-            return JSONResponse(
-                {"error": "redaction is disabled: set admin_token_file in the relay config"}, status_code=403
-            )
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return JSONResponse({"error": "redaction needs 'Authorization: Bearer <admin token>'"}, status_code=401)
+        if (refused := self._refuse(request, "redaction")) is not None:
+            return refused
         ref = body_ref(request)
         if isinstance(ref, JSONResponse):
             return ref

@@ -19,11 +19,15 @@ from mcp.shared.exceptions import MCPError
 
 from cloister.relay.codes import (
     ENCLAVE_UNAVAILABLE,
+    FROM_CLOISTER,
+    FROM_UPSTREAM,
     INVALID_PARAMS,
     LOG_UNAVAILABLE,
     PAYMENT_REQUIRED,
+    SOURCE,
     UPSTREAM_FAILED,
     denial_error,
+    upstream_error_code,
 )
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.state import RelayState
@@ -34,6 +38,7 @@ from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import LOG_META_KEY, TOOL_SEPARATOR, X402_META_KEY
 
 log = logging.getLogger("cloister.relay")
+CLOISTER_META_PREFIX = LOG_META_KEY.split("/", 1)[0] + "/"  # "dev.cloister/"
 
 
 def split_tool_name(name: str) -> tuple[str, str]:
@@ -71,6 +76,7 @@ def _denied(verdict: pb.AuthorizeResponse) -> MCPError:
         denial_error(verdict.denial),
         f"denied: {verdict.reason}",
         data={
+            SOURCE: FROM_CLOISTER,  # an upstream's errors say "upstream": never the same as a denial
             "decision": "deny",
             "code": verdict.deny_code,
             "reason": verdict.reason,
@@ -100,6 +106,7 @@ class CallPath:
                 INVALID_PARAMS,
                 f"arguments are {len(args_json)} bytes; this relay accepts at most "
                 f"{self.state.config.max_argument_bytes} (nothing was forwarded)",
+                data={SOURCE: FROM_CLOISTER},
             )
         payment = (params.meta or {}).get(X402_META_KEY)
         try:
@@ -116,9 +123,10 @@ class CallPath:
         await self._persist_or_fail(verdict.log)
         marks.append(time.perf_counter())
         if verdict.decision != pb.ALLOW:
+            await self._keep_denied_arguments(verdict, args_json)
             raise _denied(verdict)
         # Bodies join the next group commit; the outcome's persist waits for them to be durable.
-        self.state.writer.put_body(verdict.log_index, "args", args_json)
+        self.state.store_body(verdict.log_index, "args", args_json)
         # 3. Forward, with the grant, to the upstream.
         started = time.monotonic()
         result, failure = await self._forward(server, tool, arguments, verdict.grant, payment)
@@ -146,7 +154,17 @@ class CallPath:
             "outcome": outcome.log_index,
             "checkpoint_size": outcome.log.first_index + len(outcome.log.entries),
         }
-        return _answer(result, failure, log_meta)
+        return _answer(result, failure, log_meta, server)
+
+    async def _keep_denied_arguments(self, verdict: pb.AuthorizeResponse, args_json: bytes) -> None:
+        """With `keep_denied_arguments`, store a denied call's arguments beside its decision entry
+        (sealed like any body). Off by default: a denied call's arguments are never stored."""
+        if not self.state.config.keep_denied_arguments or not verdict.log.entries:
+            return
+        try:
+            await self.state.store_body(verdict.log_index, "args", args_json)
+        except Exception as exc:  # the denial stands and is logged; only its arguments are lost
+            log.warning("could not keep the arguments of denied entry %d: %s", verdict.log_index, exc)
 
     async def _authorize(
         self, token: str, server: str, tool: str, args_json: bytes, payment_amount: str
@@ -165,10 +183,14 @@ class CallPath:
             )
         except EnclaveUnavailable as exc:
             raise MCPError(
-                ENCLAVE_UNAVAILABLE, f"call refused, the enclave is unavailable (fail closed): {exc}"
+                ENCLAVE_UNAVAILABLE,
+                f"call refused, the enclave is unavailable (fail closed): {exc}",
+                data={SOURCE: FROM_CLOISTER},
             ) from exc
         except EnclaveRefused as exc:
-            raise MCPError(ENCLAVE_UNAVAILABLE, f"call refused, the enclave could not decide: {exc}") from exc
+            raise MCPError(
+                ENCLAVE_UNAVAILABLE, f"call refused, the enclave could not decide: {exc}", data={SOURCE: FROM_CLOISTER}
+            ) from exc
 
     async def _forward(
         self, server: str, tool: str, arguments: dict[str, Any], grant: bytes, payment: Any
@@ -216,10 +238,10 @@ class CallPath:
             raise MCPError(
                 LOG_UNAVAILABLE,
                 f"the call ran but its outcome could not be logged, so it is not acknowledged: {exc}",
-                data={"log_index": decision_index},
+                data={SOURCE: FROM_CLOISTER, "log_index": decision_index},
             ) from exc
         if result_body:
-            self.state.writer.put_body(outcome.log_index, "result", result_body)
+            self.state.store_body(outcome.log_index, "result", result_body)
         return outcome
 
     async def _persist_or_fail(self, append: pb.LogAppend) -> None:
@@ -227,27 +249,47 @@ class CallPath:
             await self.state.persist(append)
         except Exception as exc:
             log.exception("persisting log entries failed")
-            raise MCPError(LOG_UNAVAILABLE, f"the log could not be persisted; nothing was forwarded: {exc}") from exc
+            raise MCPError(
+                LOG_UNAVAILABLE,
+                f"the log could not be persisted; nothing was forwarded: {exc}",
+                data={SOURCE: FROM_CLOISTER},
+            ) from exc
 
 
 def _answer(
-    result: types.CallToolResult | None, failure: UpstreamError | None, log_meta: dict[str, int]
+    result: types.CallToolResult | None, failure: UpstreamError | None, log_meta: dict[str, int], server: str
 ) -> types.CallToolResult:
-    """The agent's answer: the upstream's result or error, with the log indexes of the call's entries."""
-    if failure is not None and failure.code == PAYMENT_REQUIRED:
+    """The agent's answer: the upstream's result or error, with the log indexes of the call's entries.
+
+    An upstream's error never passes for Cloister's: it says `source: "upstream"`, and a code of
+    Cloister's own block becomes UPSTREAM_FAILED (the original is `upstream_code`)."""
+    if failure is not None and failure.code == PAYMENT_REQUIRED and failure.kind == "error":
         # Pass the payment requirements through, as the x402 MCP transport specifies.
         data = dict(failure.data) if isinstance(failure.data, dict) else {"upstream": failure.data}
-        raise MCPError(PAYMENT_REQUIRED, str(failure), data={**data, LOG_META_KEY: log_meta})
-    if failure is not None:
+        marks = {SOURCE: FROM_UPSTREAM, "upstream_server": server, LOG_META_KEY: log_meta}
+        raise MCPError(PAYMENT_REQUIRED, str(failure), data={**data, **marks})
+    if failure is not None and failure.kind == "error" and failure.code:
         raise MCPError(
-            failure.code if failure.kind == "error" and failure.code else UPSTREAM_FAILED,
+            upstream_error_code(failure.code),
             str(failure),
-            data={"kind": failure.kind, **log_meta, "upstream": failure.data},
+            data={
+                SOURCE: FROM_UPSTREAM,
+                "upstream_server": server,
+                "upstream_code": failure.code,
+                "kind": failure.kind,
+                **log_meta,
+                "upstream": failure.data,
+            },
         )
+    if failure is not None:  # unavailable, timeout: the relay's verdict on the upstream
+        raise MCPError(UPSTREAM_FAILED, str(failure), data={SOURCE: FROM_CLOISTER, "kind": failure.kind, **log_meta})
     assert result is not None
-    # The upstream's serverInfo stamp describes the upstream, not this server: drop it.
+    # The upstream's serverInfo stamp describes the upstream, not this server, and Cloister's own
+    # meta keys (dev.cloister/...) are only Cloister's to set: drop both.
     meta_out: dict[str, Any] = {
-        k: v for k, v in (result.meta or {}).items() if k != "io.modelcontextprotocol/serverInfo"
+        k: v
+        for k, v in (result.meta or {}).items()
+        if k != "io.modelcontextprotocol/serverInfo" and not k.startswith(CLOISTER_META_PREFIX)
     }
     meta_out[LOG_META_KEY] = log_meta
     return result.model_copy(update={"meta": meta_out})

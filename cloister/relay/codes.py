@@ -1,5 +1,12 @@
-"""The JSON-RPC error codes the relay answers agents with (the README's "Errors agents see"), and
-the one table that maps the enclave's denial classes (the proto's `DenyCode`) to them."""
+"""The JSON-RPC error codes the relay answers agents with (the README's "Errors agents see"), the
+one table that maps the enclave's denial classes (the proto's `DenyCode`) to them, and how an
+upstream's errors are kept apart from Cloister's own.
+
+Every error the relay makes carries `data.source = "cloister"`; every error an upstream made
+carries `data.source = "upstream"` and `data.upstream_server`. An upstream cannot answer with a
+code of Cloister's own block (`CLOISTER_CODES`): it could pass for an enclave denial, so
+`upstream_error_code` turns it into UPSTREAM_FAILED and the original goes in `data.upstream_code`.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,12 @@ UPSTREAM_FAILED: Final = -32005  # the upstream crashed, hung or refused
 LOG_UNAVAILABLE: Final = -32006  # the decision could not be persisted; nothing was forwarded
 INVALID_PARAMS: Final = -32602
 PAYMENT_REQUIRED: Final = -32402  # the x402 MCP transport's error: the upstream wants a payment
+
+# Cloister's own block: codes only the relay may answer with (README, "Errors agents see").
+CLOISTER_CODES: Final = range(-32009, -32000)  # -32009 ... -32001
+SOURCE: Final = "source"  # the `data` key that says who made an error
+FROM_CLOISTER: Final = "cloister"
+FROM_UPSTREAM: Final = "upstream"
 
 # Every proto DenyCode (tests/relay/test_codes.py checks that none is missing).
 ERROR_FOR_DENIAL: Final[Mapping[pb.DenyCode, int]] = {
@@ -35,3 +48,9 @@ ERROR_FOR_DENIAL: Final[Mapping[pb.DenyCode, int]] = {
 def denial_error(denial: pb.DenyCode) -> int:
     """The JSON-RPC code for a denial; a class this relay does not know yet (a newer enclave) is DENIED."""
     return ERROR_FOR_DENIAL.get(denial, DENIED)
+
+
+def upstream_error_code(code: int) -> int:
+    """The code an agent sees for an upstream's JSON-RPC error: its own, unless it is one of
+    Cloister's (then UPSTREAM_FAILED, so it cannot pass for a denial or any other Cloister verdict)."""
+    return UPSTREAM_FAILED if code in CLOISTER_CODES else code

@@ -11,7 +11,10 @@
     trust_root = "aws"                        # or "mock:<root.pem>": to check the enclave's attestation
     max_argument_bytes = 1048576              # the relay refuses larger arguments outright
     enclave_timeout_s = 5
-    admin_token_file = "admin.token"          # enables POST /admin/redact for holders of this token
+    admin_token_file = "admin.token"          # enables /admin/* for holders of this bearer token
+    auditor_token_file = "auditor.token"      # enables GET /log/body/... for holders of this one
+    body_encryption_public_key = "body.pub"   # X25519 (PEM): bodies are stored sealed to it
+    keep_denied_arguments = false             # also keep the arguments of denied calls
 
     [[upstreams]]
     name = "refunds"
@@ -19,6 +22,7 @@
     timeout_s = 30
 
     reattest_s = 300                          # re-prove the server's identity this often
+    reproof_min_interval_s = 5                # tools/list_changed re-proves at most this often
     # ca_file = "internal-ca.pem"             # for https:// upstreams signed by a private CA
 
     [[upstreams]]
@@ -27,17 +31,22 @@
     env = { KEY = "value" }
     artifact = "research.py"                  # checksum identity: hashed (by the enclave) before launch
 
-Relative paths are relative to the config file. Errors name the file and the key.
+Relative paths are relative to the config file. Errors name the file and the key. The admin
+and auditor tokens are bearer secrets of at least 16 characters, and must differ.
 """
 
 from __future__ import annotations
 
+import hmac
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from cloister.audit.sealed import load_public_key
 from cloister.verify.errors import DecodeError
 
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -58,6 +67,7 @@ class UpstreamConfig:
     artifact: Path | None = None  # checksum identity: the file to hash before launching
     reattest_s: float = 300.0
     ca_file: Path | None = None  # PEM CA certificates that verify an https:// upstream
+    reproof_min_interval_s: float = 5.0  # tools/list_changed bursts coalesce into one re-proof per interval
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,10 @@ class RelayConfig:
     upstreams: tuple[UpstreamConfig, ...]
     body_retention_days: int | None = None
     attestation_refresh_s: float = 3600.0
-    admin_token: str | None = None  # required by destructive admin endpoints (redaction); None disables them
+    admin_token: str | None = None  # required by every /admin endpoint; None disables them
+    auditor_token: str | None = None  # required by GET /log/body; None disables it
+    body_public_key: X25519PublicKey | None = None  # bodies are stored sealed to this auditor key
+    keep_denied_arguments: bool = False  # store the arguments of denied calls too
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -91,7 +104,7 @@ def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
     return value
 
 
-def load_relay_config(path: Path) -> RelayConfig:  # noqa: C901 (over the gate before it existed; split when next changed)
+def load_relay_config(path: Path) -> RelayConfig:
     try:
         data = tomllib.loads(path.read_text("utf-8"))
     except OSError as exc:
@@ -111,59 +124,16 @@ def load_relay_config(path: Path) -> RelayConfig:  # noqa: C901 (over the gate b
     storage = _get(relay, "storage", str, where, "log")
     if not storage.startswith("s3://"):
         storage = str((base / storage).resolve())
-    upstreams: list[UpstreamConfig] = []
-    names: set[str] = set()
-    for i, u in enumerate(data.get("upstreams", [])):
-        uw = f"{path} [[upstreams]] #{i + 1}"
-        if not isinstance(u, dict):
-            raise ConfigError(f"{uw}: must be a table")
-        name = _get(u, "name", str, uw)
-        if not _UPSTREAM_NAME.match(name) or "___" in name:
-            raise ConfigError(f"{uw}: name {name!r} must be letters, digits, _ . - (no '___')")
-        if name in names:
-            raise ConfigError(f"{uw}: upstream {name!r} is declared twice")
-        names.add(name)
-        url = _get(u, "url", str, uw, None)
-        command = _get(u, "command", list, uw, [])
-        if (url is None) == (not command):
-            raise ConfigError(f"{uw}: give exactly one of 'url' (streamable HTTP) or 'command' (stdio)")
-        if not all(isinstance(c, str) for c in command):
-            raise ConfigError(f"{uw}: 'command' must be a list of strings")
-        env = _get(u, "env", dict, uw, {})
-        timeout = float(_get(u, "timeout_s", (int, float), uw, 30))
-        if not 0 < timeout <= 3600:
-            raise ConfigError(f"{uw}: timeout_s must be in (0, 3600]")
-        cwd = _get(u, "cwd", str, uw, None)
-        artifact = _get(u, "artifact", str, uw, None)
-        ca_file = _get(u, "ca_file", str, uw, None)
-        if ca_file and not (url or "").startswith("https://"):
-            raise ConfigError(f"{uw}: ca_file goes with an https:// url")
-        reattest = float(_get(u, "reattest_s", (int, float), uw, 300))
-        if not 5 <= reattest <= 86400:
-            raise ConfigError(f"{uw}: reattest_s must be in [5, 86400]")
-        upstreams.append(
-            UpstreamConfig(
-                name=name,
-                url=url,
-                command=tuple(command),
-                env={str(k): str(v) for k, v in env.items()},
-                cwd=(base / cwd) if cwd else None,
-                timeout_s=timeout,
-                artifact=(base / artifact) if artifact else None,
-                reattest_s=reattest,
-                ca_file=(base / ca_file) if ca_file else None,
-            )
-        )
-    retention = _get(relay, "body_retention_days", int, where, None)
-    admin_token: str | None = None
-    token_file = _get(relay, "admin_token_file", str, where, None)
-    if token_file:
-        try:
-            admin_token = (base / token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}: admin_token_file: cannot read {token_file}: {exc.strerror}") from exc
-        if len(admin_token) < 16:
-            raise ConfigError(f"{where}: the admin token must be at least 16 characters")
+    upstreams = _upstreams(path, data.get("upstreams", []))
+    admin_token = _token(relay, "admin_token_file", base, where)
+    auditor_token = _token(relay, "auditor_token_file", base, where)
+    if admin_token is not None and auditor_token is not None and hmac.compare_digest(admin_token, auditor_token):
+        raise ConfigError(f"{where}: admin_token_file and auditor_token_file hold the same token; they must differ")
+    key_file = _get(relay, "body_encryption_public_key", str, where, None)
+    try:
+        body_key = load_public_key(base / key_file) if key_file else None
+    except (OSError, DecodeError) as exc:
+        raise ConfigError(f"{where}: body_encryption_public_key: {getattr(exc, 'strerror', None) or exc}") from exc
     return RelayConfig(
         path=path,
         host=host or "127.0.0.1",
@@ -177,8 +147,81 @@ def load_relay_config(path: Path) -> RelayConfig:  # noqa: C901 (over the gate b
         trust_root=_get(relay, "trust_root", str, where, "aws"),
         max_argument_bytes=_get(relay, "max_argument_bytes", int, where, 1 << 20),
         enclave_timeout_s=float(_get(relay, "enclave_timeout_s", (int, float), where, 5)),
-        upstreams=tuple(upstreams),
-        body_retention_days=retention,
+        upstreams=upstreams,
+        body_retention_days=_get(relay, "body_retention_days", int, where, None),
         attestation_refresh_s=float(_get(relay, "attestation_refresh_s", (int, float), where, 3600)),
         admin_token=admin_token,
+        auditor_token=auditor_token,
+        body_public_key=body_key,
+        keep_denied_arguments=_get(relay, "keep_denied_arguments", bool, where, False),
+    )
+
+
+def _token(relay: dict[str, Any], key: str, base: Path, where: str) -> str | None:
+    """A bearer secret read from the file named by `key`, or None when the key is absent."""
+    token_file = _get(relay, key, str, where, None)
+    if not token_file:
+        return None
+    try:
+        token: str = (base / str(token_file)).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: {key}: cannot read {token_file}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if len(token) < 16 or not token.isprintable() or " " in token:
+        raise ConfigError(f"{where}: {key}: the token must be at least 16 printable characters without spaces")
+    return token
+
+
+def _upstreams(path: Path, tables: Any) -> tuple[UpstreamConfig, ...]:
+    if not isinstance(tables, list):
+        raise ConfigError(f"{path}: [[upstreams]] must be an array of tables")
+    upstreams: list[UpstreamConfig] = []
+    names: set[str] = set()
+    for i, u in enumerate(tables):
+        uw = f"{path} [[upstreams]] #{i + 1}"
+        if not isinstance(u, dict):
+            raise ConfigError(f"{uw}: must be a table")
+        upstream = _upstream(u, path.parent, uw)
+        if upstream.name in names:
+            raise ConfigError(f"{uw}: upstream {upstream.name!r} is declared twice")
+        names.add(upstream.name)
+        upstreams.append(upstream)
+    return tuple(upstreams)
+
+
+def _upstream(u: dict[str, Any], base: Path, uw: str) -> UpstreamConfig:
+    name = _get(u, "name", str, uw)
+    if not _UPSTREAM_NAME.match(name) or "___" in name:
+        raise ConfigError(f"{uw}: name {name!r} must be letters, digits, _ . - (no '___')")
+    url = _get(u, "url", str, uw, None)
+    command = _get(u, "command", list, uw, [])
+    if (url is None) == (not command):
+        raise ConfigError(f"{uw}: give exactly one of 'url' (streamable HTTP) or 'command' (stdio)")
+    if not all(isinstance(c, str) for c in command):
+        raise ConfigError(f"{uw}: 'command' must be a list of strings")
+    env = _get(u, "env", dict, uw, {})
+    timeout = float(_get(u, "timeout_s", (int, float), uw, 30))
+    if not 0 < timeout <= 3600:
+        raise ConfigError(f"{uw}: timeout_s must be in (0, 3600]")
+    cwd = _get(u, "cwd", str, uw, None)
+    artifact = _get(u, "artifact", str, uw, None)
+    ca_file = _get(u, "ca_file", str, uw, None)
+    if ca_file and not (url or "").startswith("https://"):
+        raise ConfigError(f"{uw}: ca_file goes with an https:// url")
+    reattest = float(_get(u, "reattest_s", (int, float), uw, 300))
+    if not 5 <= reattest <= 86400:
+        raise ConfigError(f"{uw}: reattest_s must be in [5, 86400]")
+    reproof = float(_get(u, "reproof_min_interval_s", (int, float), uw, 5))
+    if not 1 <= reproof <= 3600:
+        raise ConfigError(f"{uw}: reproof_min_interval_s must be in [1, 3600]")
+    return UpstreamConfig(
+        name=name,
+        url=url,
+        command=tuple(command),
+        env={str(k): str(v) for k, v in env.items()},
+        cwd=(base / cwd) if cwd else None,
+        timeout_s=timeout,
+        artifact=(base / artifact) if artifact else None,
+        reattest_s=reattest,
+        ca_file=(base / ca_file) if ca_file else None,
+        reproof_min_interval_s=reproof,
     )

@@ -1,6 +1,12 @@
 """The relay's read-only HTTP API: `/healthz`, the enclave's attestation (`/attestation`, and
 `/log/attestation` with a checkpoint), and the log for auditors (`/log/...`: C2SP tlog-tiles,
-proofs, and the bodies entries commit to). Nothing here changes state but publishing tiles."""
+proofs, and the bodies entries commit to). Nothing here changes state but publishing tiles.
+
+Tiles, checkpoints and proofs are public: they hold hashes only. Bodies (the arguments and
+results entries commit to) go only to holders of the auditor token (`cloister.relay.auth`), as
+stored: sealed to the auditor key when one is configured. Malformed indexes, sizes and kinds are
+answered 400, whatever their size.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from cloister.audit.sealed import is_sealed
+from cloister.relay.auth import AUDITOR, parse_index, refuse_unless
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import Upstreams
@@ -34,11 +42,22 @@ def _nonce(request: Request) -> bytes:
 def body_ref(request: Request) -> tuple[int, str] | JSONResponse:
     """`/<index>/<args|result>` of a body route, or the 400 answer."""
     index_text, kind = request.path_params["index"], request.path_params["kind"]
-    if not index_text.isdigit():
-        return JSONResponse({"error": "index must be a number"}, status_code=400)
+    try:
+        index = parse_index(index_text, "the log index")
+    except ValueError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
     if kind not in ("args", "result"):
         return JSONResponse({"error": "kind must be args or result"}, status_code=400)
-    return int(index_text), kind
+    return index, kind
+
+
+def _query_index(request: Request, name: str, default: int | None = None) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        if default is None:
+            raise ValueError(f"missing ?{name}=")
+        return default
+    return parse_index(text, name)
 
 
 class LogApi:
@@ -119,29 +138,37 @@ class LogApi:
     async def inclusion(self, request: Request) -> Response:
         writer = self.state.writer
         try:
-            index = int(request.query_params["index"])
-            size = int(request.query_params.get("size", writer.store.published_size))
+            index = _query_index(request, "index")
+            size = _query_index(request, "size", writer.store.published_size)
             proof = await writer.inclusion_proof(index, size)
-        except (KeyError, ValueError) as exc:
+        except ValueError as exc:
             return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
         return JSONResponse({"index": index, "size": size, "proof": [_b64(h) for h in proof]})
 
     async def consistency(self, request: Request) -> Response:
         writer = self.state.writer
         try:
-            old = int(request.query_params["from"])
-            new = int(request.query_params.get("to", writer.store.published_size))
+            old = _query_index(request, "from")
+            new = _query_index(request, "to", writer.store.published_size)
             proof = await writer.consistency_proof(old, new)
-        except (KeyError, ValueError) as exc:
+        except ValueError as exc:
             return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
         return JSONResponse({"from": old, "to": new, "proof": [_b64(h) for h in proof]})
 
     async def body(self, request: Request) -> Response:
+        """A stored body, for auditors only: as stored (sealed bytes when encryption is on)."""
+        refused = refuse_unless(request, AUDITOR, self.state.config.auditor_token, "reading bodies")
+        if refused is not None:
+            return refused
         ref = body_ref(request)
         if isinstance(ref, JSONResponse):
             return ref
         index, kind = ref
-        data = await self.state.writer.get_body(index, kind)
-        if data is None:
-            return PlainTextResponse("not found\n", status_code=404)
-        return Response(data, media_type="application/json")
+        rec = await self.state.writer.get_body_record(index, kind)
+        headers = {"Cache-Control": "no-store"}
+        if rec is None:
+            return JSONResponse({"error": f"no {kind} body is kept for entry {index}"}, 404, headers=headers)
+        if rec.data is None:
+            return JSONResponse({"error": f"the {kind} body of entry {index} was redacted"}, 410, headers=headers)
+        media = "application/octet-stream" if is_sealed(rec.data) else "application/json"
+        return Response(rec.data, media_type=media, headers=headers)

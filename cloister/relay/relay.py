@@ -6,7 +6,8 @@
   with the enclave's grant in `params._meta`. The outcome is recorded by the enclave and
   persisted before the agent gets its answer.
 - Auditors read the log over HTTP at `/log/...` (C2SP tlog-tiles) and ask for attested
-  checkpoints; anyone can ask for the enclave's attestation at `/attestation?nonce=HEX`.
+  checkpoints; anyone can ask for the enclave's attestation at `/attestation?nonce=HEX`. Stored
+  bodies go only to holders of the auditor token, sealed to the auditor key when configured.
 
 The relay can drop or delay traffic, but it cannot forge a decision, a grant, a log entry or
 a checkpoint: those are signed inside the enclave, and upstreams and auditors check them.
@@ -19,7 +20,8 @@ This module wires the relay's roles together, each in its own module:
 | `mcp_handlers` | MCP for agents: tools/list, the attestation resource, tools/call's entry |
 | `call_path`    | tools/call: authorize, persist, forward, outcome |
 | `log_api`      | HTTP: health, attestation, the log's read API |
-| `admin`        | HTTP: policy push, tool pins, redaction |
+| `admin`        | HTTP: policy push, tool pins, redaction (admin token) |
+| `auth`         | the admin and auditor tokens; strict log indexes |
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cloister.relay.admin import Admin
 from cloister.relay.call_path import CallPath
-from cloister.relay.codes import UNAUTHENTICATED
+from cloister.relay.codes import FROM_CLOISTER, SOURCE, UNAUTHENTICATED
 from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient
 from cloister.relay.identity import UpstreamIdentity
@@ -99,6 +101,7 @@ class RequireBearer:
                         "error": {
                             "code": UNAUTHENTICATED,
                             "message": "unauthenticated: send 'Authorization: Bearer <JWT>' (cloister token issue ...)",
+                            "data": {SOURCE: FROM_CLOISTER},
                         },
                     },
                     status_code=401,

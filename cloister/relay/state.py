@@ -3,6 +3,9 @@ what the enclave last said about itself (attestation, health)."""
 
 from __future__ import annotations
 
+import asyncio
+
+from cloister.audit.sealed import seal_body
 from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient
 from cloister.relay.storage import LogWriter
@@ -33,3 +36,10 @@ class RelayState:
         """Make the enclave's entries and checkpoint durable (in index order)."""
         if append.entries or append.checkpoint:
             await self.writer.persist(append.first_index, list(append.entries), append.checkpoint)
+
+    def store_body(self, index: int, kind: str, data: bytes) -> asyncio.Future[None]:
+        """Keep the body entry `index` commits to, sealed to the auditor key when one is configured
+        (so neither storage nor this host can read it later); the future resolves when durable."""
+        key = self.config.body_public_key
+        stored = seal_body(key, index, kind, data) if key is not None else data
+        return self.writer.put_body(index, kind, stored)

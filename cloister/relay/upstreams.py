@@ -9,8 +9,12 @@ Identity: before launching or connecting, the relay asks the enclave what the se
 is not launched if the enclave refuses it. After connecting, a `nitro` server's attestation
 (read from its `cloister://attestation/{nonce}` resource, made with the enclave's nonce) or a
 `tls` server's certificate is reported, with the tool list for pin checks. This repeats every
-`reattest_s`, on reconnect, and whenever `reattest_all` is called (after an enclave restart).
-The relay only carries evidence: the enclave verifies it and hides what fails.
+`reattest_s`, on reconnect, whenever `reattest_all` is called (after an enclave restart), and
+after a `notifications/tools/list_changed`, at most once per `reproof_min_interval_s`: a burst
+or a flood of notifications coalesces into one re-proof at the end of the interval. A session
+that breaks soon after it was proven does not reset the reconnection backoff.
+The relay only carries evidence: the enclave verifies it and hides what fails (and bounds, on
+its own side, how much an upstream's re-proofs can log).
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class Upstream:
         self._ready = anyio.Event()
         self._reattest = anyio.Event()
         self._tools_changed = anyio.Event()
+        self.reproofs = 0  # re-proofs of a connected session (after the first proof)
 
     def _target(self, stack: contextlib.AsyncExitStack) -> Any:
         if self.config.url and self.config.ca_file is not None:
@@ -109,8 +114,9 @@ class Upstream:
             cwd=str(self.config.cwd) if self.config.cwd else None,
         )
 
-    async def _on_message(self, message: Any) -> None:
-        # A changed tool list is re-read and re-checked against the pins at once.
+    async def on_message(self, message: Any) -> None:
+        """The session's incoming notifications: a changed tool list is re-read and re-checked
+        against the pins (rate-limited by `_keep_proving`)."""
         inner = getattr(message, "root", message)
         if getattr(inner, "method", None) == "notifications/tools/list_changed":
             self._tools_changed.set()
@@ -119,6 +125,7 @@ class Upstream:
         """Keep a session open until stopped, reconnecting with backoff."""
         backoff = 0.2
         while not self._stop.is_set():
+            connected_at: float | None = None
             try:
                 challenge = await self._prelaunch()
                 async with contextlib.AsyncExitStack() as stack:
@@ -127,7 +134,7 @@ class Upstream:
                             self._target(stack),
                             cache=None,
                             read_timeout_seconds=self.config.timeout_s,
-                            message_handler=self._on_message,
+                            message_handler=self.on_message,
                         )
                     )
                     tools = await self._list_tools(client)
@@ -135,7 +142,7 @@ class Upstream:
                     await self._prove(client, challenge, tools)
                     self._broken = anyio.Event()
                     self._ready.set()
-                    backoff = 0.2
+                    connected_at = anyio.current_time()
                     log.info("upstream %s connected: %d tools, identity %s", self.name, len(tools), self.identity)
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._wait_then_cancel, tg)
@@ -156,6 +163,8 @@ class Upstream:
                 self._ready.set()
             if self._stop.is_set():
                 break
+            if connected_at is not None and anyio.current_time() - connected_at >= self.config.reproof_min_interval_s:
+                backoff = 0.2  # a session that lasted: reconnect quickly; one that flaps backs off
             with anyio.move_on_after(backoff):
                 await self._stop.wait()
             backoff = min(backoff * 2, 5.0)
@@ -224,24 +233,26 @@ class Upstream:
         return {"certificates": [der]}
 
     async def _keep_proving(self, client: Client) -> None:
+        """Re-prove every `reattest_s`; at once on `reattest()`; after a tools/list_changed, not
+        sooner than `reproof_min_interval_s` after the previous proof. Notifications that arrive
+        meanwhile only set the same event again, so any number of them costs one re-proof."""
+        last = anyio.current_time()
         while True:
             with anyio.move_on_after(self.config.reattest_s):
-                async with anyio.create_task_group() as tg:
-
-                    async def first(event: anyio.Event) -> None:
-                        await event.wait()
-                        tg.cancel_scope.cancel()
-
-                    tg.start_soon(first, self._reattest)
-                    tg.start_soon(first, self._tools_changed)
+                await _first_of(self._reattest, self._tools_changed)
+            if not self._reattest.is_set():
+                with anyio.move_on_after(last + self.config.reproof_min_interval_s - anyio.current_time()):
+                    await self._reattest.wait()  # an explicit reattest (enclave restart) cuts the wait
             self._reattest = anyio.Event()
             self._tools_changed = anyio.Event()
+            self.reproofs += 1
             try:
                 tools = await self._list_tools(client)
                 self.tools = tools
                 await self._prove(client, None, tools)
             except Exception as exc:
                 log.warning("re-attesting upstream %s failed: %s", self.name, exc)
+            last = anyio.current_time()
 
     def reattest(self) -> None:
         self._reattest.set()
@@ -306,6 +317,18 @@ class Upstream:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    """Return as soon as one of the events is set."""
+    async with anyio.create_task_group() as tg:
+
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
 
 
 def _describe(exc: BaseException) -> str:

@@ -58,13 +58,14 @@ class IdentityStack:
     artifact: Path
 
 
-def _write_relay(tmp: Path, port: int, sock: Path, variant_file: Path, artifact: Path) -> Path:
+def _write_relay(tmp: Path, port: int, sock: Path, variant_file: Path, artifact: Path, admin_token: Path) -> Path:
     # The relay launches the artifact itself, so changing the file changes what would run.
     py = json.dumps(sys.executable)
     return write_relay_config(
         tmp / "relay.toml",
         port=port,
         sock=sock,
+        extra=f"admin_token_file = {json.dumps(str(admin_token))}\n",
         upstreams=f"""
 [[upstreams]]
 name = "variant"
@@ -105,7 +106,7 @@ pins = {{ lookup = "{pin}" }}
     sock = tmp / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()
-    cfg = _write_relay(tmp, port, sock, variant_file, artifact)
+    cfg = _write_relay(tmp, port, sock, variant_file, artifact, state.admin_token_file)
     relay = start_relay(cfg, tmp / "relay.log")
     s = Stack(
         state=state,
@@ -186,10 +187,15 @@ def test_a_changed_artifact_is_never_launched(ident: IdentityStack) -> None:
 def test_pins_endpoint_matches_what_the_enclave_checks(ident: IdentityStack) -> None:
     import httpx2
 
-    r = httpx2.get(f"{ident.stack.relay_url}/admin/pins", params={"server": "variant"})
+    url = f"{ident.stack.relay_url}/admin/pins"
+    admin = {"Authorization": f"Bearer {ident.state.admin_token_file.read_text().strip()}"}
+    # Without the admin token, the relay names no server's tools (policy may hide them from the caller).
+    anonymous = httpx2.get(url, params={"server": "variant"})
+    assert anonymous.status_code == 401 and "lookup" not in anonymous.text
+    r = httpx2.get(url, params={"server": "variant"}, headers=admin)
     assert r.status_code == 200, r.text
     assert r.json()["pins"]["lookup"] == _tool_hash(APPROVED)
-    assert httpx2.get(f"{ident.stack.relay_url}/admin/pins", params={"server": "nope"}).status_code == 404
+    assert httpx2.get(url, params={"server": "nope"}, headers=admin).status_code == 404
 
 
 def test_policy_pin_prints_pins_to_paste(ident: IdentityStack) -> None:
@@ -206,6 +212,8 @@ def test_policy_pin_prints_pins_to_paste(ident: IdentityStack) -> None:
             ident.stack.relay_url,
             "--server",
             "variant",
+            "--admin-token-file",
+            str(ident.state.admin_token_file),
         ],
         capture_output=True,
         text=True,
@@ -215,7 +223,10 @@ def test_policy_pin_prints_pins_to_paste(ident: IdentityStack) -> None:
     pins = tomllib.loads(out.stdout)["pins"]
     assert pins["lookup"] == _tool_hash(APPROVED) and set(pins) == {"lookup", "store", "crash"}
     bad = subprocess.run(
-        [sys.executable, "-m", "cloister.cli", "policy", "pin", "--relay", ident.stack.relay_url, "--server", "nope"],
+        [
+            *(sys.executable, "-m", "cloister.cli", "policy", "pin", "--relay", ident.stack.relay_url),
+            *("--server", "nope", "--admin-token-file", str(ident.state.admin_token_file)),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -79,22 +79,21 @@ def test_allowed_call_is_forwarded_with_a_grant_and_logged(stack: Stack) -> None
     assert stack.forwarded()[-1] == {"tool": "echo", "args": {"text": "hello"}}
 
 
-def test_bodies_are_kept_beside_the_log_and_can_be_redacted(stack: Stack) -> None:
-    from cloister.verify.canonical import canonical_sha256, parse_json
-
+def test_bodies_are_not_served_without_an_auditor_token_and_can_be_redacted(stack: Stack) -> None:
+    # This relay has an admin token but no auditor token: reading bodies is disabled for everyone.
     meta = call(stack, stack.token(), "slow___echo", {"text": "card 4242"}).meta["dev.cloister/log"]
     decision = entry_at(stack, meta["decision"])
-    body = httpx2.get(f"{stack.relay_url}/log/body/{meta['decision']}/args")
-    assert body.status_code == 200 and canonical_sha256(parse_json(body.content)) == decision.args_sha256
-    result = httpx2.get(f"{stack.relay_url}/log/body/{meta['outcome']}/result")
-    assert canonical_sha256(parse_json(result.content)) == entry_at(stack, meta["outcome"]).result_sha256
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    for headers in ({}, admin, {"Authorization": f"Bearer {stack.token()}"}):
+        body = httpx2.get(f"{stack.relay_url}/log/body/{meta['decision']}/args", headers=headers)
+        assert body.status_code == 403 and "auditor_token_file" in body.json()["error"]
+        assert "4242" not in body.text
+    # Redaction (of what is stored) needs the admin token.
     url = f"{stack.relay_url}/admin/redact/{meta['decision']}/args"
     assert httpx2.post(url).status_code == 401
     assert httpx2.post(url, headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     r = httpx2.post(url, headers=admin)
     assert r.status_code == 200 and r.json()["redacted"] is True
-    assert httpx2.get(f"{stack.relay_url}/log/body/{meta['decision']}/args").status_code == 404
     assert entry_at(stack, meta["decision"]) == decision  # the log is untouched
     assert httpx2.post(f"{stack.relay_url}/admin/redact/999999/args", headers=admin).status_code == 404
 
@@ -198,18 +197,20 @@ def test_policy_push_is_verified_by_the_enclave(stack: Stack) -> None:
 
     files = read_bundle_dir(stack.state.bundle_dir)
     url = f"{stack.relay_url}/admin/policy"
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     origin, not_after = stack.state.origin(), int(time.time()) + 86400
 
     def sign(version: int, key: ed25519.Ed25519PrivateKey) -> bytes:
         return sign_bundle(files, version, key, origin=origin, not_after=not_after)
 
-    ok = httpx2.post(url, content=sign(2, stack.state.admin_key()))
+    assert httpx2.post(url, content=sign(2, stack.state.admin_key())).status_code == 401  # no admin token
+    ok = httpx2.post(url, content=sign(2, stack.state.admin_key()), headers=admin)
     assert ok.status_code == 200 and ok.json()["version"] == 2, ok.text
-    stale = httpx2.post(url, content=sign(2, stack.state.admin_key()))
+    stale = httpx2.post(url, content=sign(2, stack.state.admin_key()), headers=admin)
     assert stale.status_code == 409 and "not above the version in force" in stale.json()["error"]
-    forged = httpx2.post(url, content=sign(3, ed25519.Ed25519PrivateKey.generate()))
+    forged = httpx2.post(url, content=sign(3, ed25519.Ed25519PrivateKey.generate()), headers=admin)
     assert forged.status_code == 409 and "not a pinned admin key" in forged.json()["error"]
-    garbage = httpx2.post(url, content=b"\x00" * 100)
+    garbage = httpx2.post(url, content=b"\x00" * 100, headers=admin)
     assert garbage.status_code == 409 and "COSE_Sign1" in garbage.json()["error"]
     assert stack.health()["enclave"]["policy_version"] == 2
     # Calls still work under the new version.

@@ -53,7 +53,8 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     sock = tmp / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()
-    config = write_relay_config(tmp / "relay.toml", port=port, sock=sock, extra="enclave_timeout_s = 5\n")
+    extra = f'enclave_timeout_s = 5\nadmin_token_file = "{state.admin_token_file}"\n'
+    config = write_relay_config(tmp / "relay.toml", port=port, sock=sock, extra=extra)
     proc = start_relay(config, tmp / "relay.log")
     r = Relay(url=f"http://127.0.0.1:{port}", state=state, tmp=tmp)
     try:
@@ -79,7 +80,12 @@ def test_sign_then_push_then_every_bad_bundle_is_refused(relay: Relay, tmp_path:
     assert s.returncode == 0, s.stderr
     sha = s.stdout.split("sha256:")[1].split()[0]
 
-    ok = cli("push", str(signed), "--relay", relay.url)
+    token = ("--admin-token-file", str(relay.state.admin_token_file))
+    # Without the relay's admin token the push does not reach the enclave.
+    anonymous = cli("push", str(signed), "--relay", relay.url)
+    assert anonymous.returncode == 1 and "needs the admin token" in anonymous.stderr, anonymous.stderr
+    assert relay.version == 1
+    ok = cli("push", str(signed), "--relay", relay.url, *token)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == f"in force: version 2, sha256 {sha}"
     assert relay.version == 2
@@ -87,7 +93,7 @@ def test_sign_then_push_then_every_bad_bundle_is_refused(relay: Relay, tmp_path:
     def refused(data: bytes, name: str) -> str:
         path = tmp_path / name
         path.write_bytes(data)
-        r = cli("push", str(path), "--relay", relay.url)
+        r = cli("push", str(path), "--relay", relay.url, *token)
         assert r.returncode == 1, (r.stdout, r.stderr)
         assert r.stderr.startswith("cloister policy push: refused: the enclave refused the bundle: "), r.stderr
         assert relay.version == 2  # the running bundle is untouched
@@ -139,7 +145,7 @@ def test_sign_then_push_then_every_bad_bundle_is_refused(relay: Relay, tmp_path:
     v3 = tmp_path / "v3.bundle"
     v3_args = ("--key", str(admin_key), "--version", "3", "--origin", origin, "--out", str(v3))
     assert cli("sign", str(relay.state.bundle_dir), *v3_args).returncode == 0
-    result = push(v3, relay.url)
+    result = push(v3, relay.url, admin_token=relay.state.admin_token_file.read_text().strip())
     assert (result.outcome, result.version, result.exit_code) == ("in-force", 3, 0)
 
 
@@ -171,7 +177,10 @@ def test_an_oversize_bundle_is_refused(relay: Relay, tmp_path: Path) -> None:
         f"{relay.url}/admin/policy",
         data=path.read_bytes(),
         method="POST",
-        headers={"Content-Type": "application/octet-stream"},
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Authorization": f"Bearer {relay.state.admin_token_file.read_text().strip()}",
+        },
     )
     with pytest.raises(urllib.error.HTTPError) as answer:
         urllib.request.urlopen(req, timeout=30)
@@ -189,6 +198,8 @@ def test_push_network_and_input_errors(tmp_path: Path) -> None:
     down = cli("push", str(signed), "--relay", f"http://127.0.0.1:{port}", "--timeout", "5")
     assert down.returncode == 3 and "cannot reach" in down.stderr
     assert cli("push", str(tmp_path / "missing"), "--relay", "http://127.0.0.1:1").returncode == 2
+    no_token = cli("push", str(signed), "--relay", "http://127.0.0.1:1", "--admin-token-file", str(tmp_path / "none"))
+    assert no_token.returncode == 2 and "--admin-token-file: cannot read" in no_token.stderr
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\x00" * 64)
     not_bundle = cli("push", str(garbage), "--relay", f"http://127.0.0.1:{port}")

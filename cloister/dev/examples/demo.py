@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -382,6 +383,34 @@ def audit(info: dict[str, Any], t: Transcript) -> None:
         for line in (out.stdout + out.stderr).strip().splitlines():
             say(f"    {line}")
         t.expect(out.returncode == 0, f"cloister audit {verb} exited {out.returncode}")
+    audit_body(info, t, trust)
+
+
+def audit_body(info: dict[str, Any], t: Transcript, trust: list[str]) -> None:
+    """A call's arguments: refused to anyone without the auditor token, stored sealed to the
+    auditor's key, opened and checked against the entry by `cloister audit body`."""
+    index = next((i for label, i in t.calls if label.endswith("(decision)")), None)
+    if index is None:
+        return
+    log_url = info["log_url"]
+    say("\n== Bodies: served only to the auditor, stored sealed to the auditor's key", BOLD)
+    try:
+        _get(f"{log_url}/body/{index}/args")
+        t.expect(False, "an anonymous client read a stored body")
+    except urllib.error.HTTPError as exc:
+        say(f"  anonymous GET /log/body/{index}/args -> HTTP {exc.code}")
+        t.expect(exc.code == 401, f"an anonymous body read should be refused with 401, not {exc.code}")
+    creds = ["--auditor-token-file", info["auditor_token_file"], "--key", info["body_key"]]
+    argv = [sys.executable, "-m", "cloister.cli", "audit", "body", "--log", log_url, *trust, "--index", str(index)]
+    argv += [*creds, "--state", str(Path(info["state"]) / "audit")]
+    say(f"  $ cloister audit body --log {log_url} ... --index {index} --auditor-token-file F --key KEY", DIM)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    for line in out.stderr.strip().splitlines():
+        say(f"    {line}")
+    opened = json.loads(out.stdout) if out.returncode == 0 else {}
+    if opened:
+        say(f"    arguments: {json.dumps(opened['body'])}")
+    t.expect(opened.get("sealed") is True, f"cloister audit body exited {out.returncode}, or the body was not sealed")
 
 
 def wait_up(state: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:
