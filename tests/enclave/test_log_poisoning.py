@@ -333,11 +333,19 @@ def test_hostile_server_reports_never_poison_the_log(tmp_path: Path) -> None:
 def test_long_token_claims_cannot_poison_the_log(w: World) -> None:
     """One unauthenticated request whose claims are thousands of characters long made the enclave
     sequence a denial its own parser refuses; replay and restart then failed for good."""
-    for claims in ({"iss": "x" * 5000}, {"iss": "cloister-dev", "aud": ["y" * 3000] * 3, "sub": "z" * 9000}):
-        v = authorize(w, unsigned({"alg": "EdDSA", "kid": "k" * 4000}, claims))
+    for header, claims in (
+        ({"alg": "EdDSA"}, {"iss": "x" * 5000}),
+        ({"alg": "EdDSA", "kid": "k" * 5000}, {"iss": "cloister-dev"}),
+        ({"alg": "x" * 5000}, {"iss": "cloister-dev"}),
+    ):
+        token = unsigned(header, claims)
+        assert len(token) < 8192  # under the token size cap: the claims are read and quoted
+        v = authorize(w, token)
         assert not v.allowed and v.code == "unauthenticated"
-    signed = encode_jwt({"iss": "cloister-dev", "aud": "a" * 6000, "sub": "refund-bot", "exp": 1}, w.issuer)
-    assert authorize(w, signed).code == "unauthenticated"
+    for claims in ({"aud": "a" * 5000}, {"aud": ORIGIN, "sub": "s" * 5000}, {"aud": ORIGIN, "roles": ["r" * 5000]}):
+        now = w.clock.seconds()
+        signed = encode_jwt({"iss": "cloister-dev", "sub": "refund-bot", "exp": now + 60, **claims}, w.issuer)
+        assert not authorize(w, signed).allowed
     assert_log_sound(w)
 
 
@@ -355,17 +363,37 @@ def test_long_unknown_tool_and_server_names_cannot_poison_the_log(w: World) -> N
 
 
 def test_cost_with_dozens_of_digits_in_an_allowed_call_cannot_poison_the_log(w: World) -> None:
-    token = w.token("refund-bot", ["refund-agent"])
-    for amount in ("0." + "1" * 70, "1" * 40, str(10**40), "1E+3", "100.5000", "2.50E-1"):
-        v = authorize(w, token, "refunds", "refund.create", b'{"customer_id": "c", "amount": %s}' % amount.encode())
-        assert v.allowed == (len(amount) < 10), v.reason
-    charged = [
-        e.charges["refund-bot-hourly-refunds"]
-        for e in map(parse_entry, w.log)
-        if isinstance(e, DecisionEntry) and e.decision == "allow" and e.tool == "refund.create"
-    ]
-    assert charged == ["1000", "100.5", "0.25"]  # normalised: no exponent, no trailing zeros
-    assert_log_sound(w)
+    """A cost argument the enclave charged as written ("0.1" and 68 zeros) made an allowed call's
+    decision entry record a charge its parser refuses. Costs are bounded, and recorded normalised."""
+    limit = (
+        '\n[[limits]]\nid = "search-by-budget"\nkind = "spend"\nper = "agent"\ntools = ["research___web_search"]\n'
+        'cost = "argument:budget"\nmax = "100"\nwindow = "1h"\n'
+    )
+    bundle = w.sign_bundle(2, {"limits.toml": (w.bundle_dir / "limits.toml").read_text() + limit})
+    persist(w, w.core.load_policy(bundle)[2])
+    search = w.token("research-bot", ["research-agent"])
+    for budget, charged in (
+        ("0.1" + "0" * 68, None),
+        ("0." + "1" * 70, None),
+        ("1" * 40, None),
+        ("1E+1", "10"),
+        ("12.500", "12.5"),
+        ("0.000000000001", "0.000000000001"),
+    ):
+        v = authorize(w, search, "research", "web_search", {"query": "q", "budget": budget})
+        if charged is None:
+            assert not v.allowed and v.code == "bad-arguments", v.reason
+            continue
+        assert v.allowed, v.reason
+        entry = parse_entry(w.log[v.log_index])
+        assert isinstance(entry, DecisionEntry) and entry.charges["search-by-budget"] == charged
+    # JSON numbers too: recorded in plain digits, without an exponent or trailing zeros.
+    refund = w.token("refund-bot", ["refund-agent"])
+    for number, charged in ((b"1E+3", "1000"), (b"100.5000", "100.5"), (b"2.50E-1", "0.25")):
+        v = authorize(w, refund, "refunds", "refund.create", b'{"customer_id": "c", "amount": %s}' % number)
+        entry = parse_entry(w.log[v.log_index])
+        assert isinstance(entry, DecisionEntry) and entry.charges["refund-bot-hourly-refunds"] == charged
+    assert_log_sound(w, bundle)
 
 
 def test_payment_with_thousands_of_digits_cannot_poison_the_outcome(w: World) -> None:
