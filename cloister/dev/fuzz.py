@@ -1931,7 +1931,7 @@ class Fixtures:
 
         claims: dict[str, Any] = {
             "iss": "cloister-dev",
-            "aud": "cloister",
+            "aud": ORIGIN,  # the example issuer's audience: the log origin (issue 9, item 3)
             "sub": agent,
             "roles": list(roles),
             "iat": self.now_s,
