@@ -448,3 +448,21 @@ def test_the_generated_schema_saved_as_the_bundle_schema_validates_it(bundle: Pa
     v = validate(bundle)
     assert v.ok and v.schema == "file" and not v.findings, messages(v)
     assert cli("schema", str(bundle / "nope")).returncode == 2
+
+
+def test_the_generated_schema_declares_the_issuer_policies_can_read(bundle: Path) -> None:
+    """context.issuer (issue 9, item 3): the issuer that authenticated a call, which the bundle
+    binds to its agent. A policy that reads it validates against the generated schema."""
+    (bundle / "inputs").mkdir()
+    schema = {"type": "object", "properties": {"amount": {"type": "number"}}, "required": ["amount"]}
+    (bundle / "inputs" / "refunds___refund.create.json").write_text(json.dumps(schema))
+    (bundle / "policies" / "issuer.cedar").write_text(
+        '@id("dev-issuer-only")\nforbid (principal, action == Cloister::Action::"refunds___refund.create", '
+        'resource) unless { context.issuer == "cloister-dev" };\n'
+    )
+    r = cli("schema", str(bundle))
+    assert r.returncode == 0, r.stderr
+    assert '"issuer": String' in r.stdout
+    (bundle / "schema.cedarschema").write_text(r.stdout)
+    v = validate(bundle)
+    assert v.ok and v.schema == "file" and not v.findings, messages(v)
