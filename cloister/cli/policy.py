@@ -7,7 +7,7 @@
     cloister policy push BUNDLE --relay URL --admin-token-file FILE [--timeout S] [--json]
     cloister policy diff OLD NEW [--json]
     cloister policy explain --bundle DIR|BUNDLE --agent A [--role R ...] --server S --tool T
-                            [--args JSON|@FILE] [--at ISO8601] [--attestation LEVEL] [--payment AMOUNT]
+                            [--args JSON|@FILE] [--at ISO8601] [--attestation LEVEL] [--payment JSON|AMOUNT]
                             [--json]
 
 Exit status: 0 success (valid, signed, in force, identical, allowed); 1 the answer is no
@@ -172,8 +172,9 @@ def register(sub: Any) -> None:
     e.add_argument(
         "--payment",
         default="",
-        metavar="AMOUNT",
-        help="the x402 payment the call carries (charged against x402 spend caps when it is decided)",
+        metavar="JSON|AMOUNT",
+        help="the x402 payment the call carries: its payload as JSON, priced from the server's accepted payments "
+        "(a bare AMOUNT only for a server that names none); charged against x402 spend caps when decided",
     )
     e.add_argument("--json", action="store_true")
     e.set_defaults(handler=_explain)

@@ -56,7 +56,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -2341,9 +2341,9 @@ def _relay_attr(name: str) -> Any:
     raise HarnessError(f"the relay has no public {name} any more: update cloister/dev/fuzz.py")
 
 
-def _relay_helpers() -> tuple[Callable[[Any], str], Callable[[str], tuple[str, str]], Any]:
-    """The relay's payment reader, tool-name splitter and bearer-check middleware."""
-    return _relay_attr("x402_amount"), _relay_attr("split_tool_name"), _relay_attr("RequireBearer")
+def _relay_helpers() -> tuple[Callable[[Any], bytes], Callable[[str], tuple[str, str]], Any]:
+    """The relay's payment encoder, tool-name splitter and bearer-check middleware."""
+    return _relay_attr("x402_payload"), _relay_attr("split_tool_name"), _relay_attr("RequireBearer")
 
 
 @_target(
@@ -2351,7 +2351,7 @@ def _relay_helpers() -> tuple[Callable[[Any], str], Callable[[str], tuple[str, s
     "JSON-RPC bodies and headers",
     "MCP SDK's body parsing as the relay's transport runs it (pydantic_core.from_json + "
     "jsonrpc_message_adapter; json.loads + JSONRPCRequest + classify_inbound_request), "
-    "CallToolRequestParams, the relay's split_tool_name/argument encoding/x402_amount, then the enclave's "
+    "CallToolRequestParams, the relay's split_tool_name/argument encoding/x402_payload, then the enclave's "
     "parse_json + canonical_sha256 of the arguments",
 )
 def _t_jsonrpc(fx: Fixtures) -> Target:
@@ -2363,7 +2363,7 @@ def _t_jsonrpc(fx: Fixtures) -> Target:
     from cloister.verify.canonical import canonical_sha256, parse_json
     from cloister.wire.contract import X402_META_KEY
 
-    x402_amount, split_tool_name, _ = _relay_helpers()
+    x402_payload, split_tool_name, _ = _relay_helpers()
     headers = {
         "mcp-protocol-version": "2026-07-28",
         "mcp-method": "tools/call",
@@ -2411,7 +2411,7 @@ def _t_jsonrpc(fx: Fixtures) -> Target:
         payment = (params.meta or {}).get(X402_META_KEY)
         if payment is not None:
             try:
-                x402_amount(payment)
+                x402_payload(payment)
             except ValueError as exc:
                 raise SdkRejection(f"relay: the x402 payment in _meta is malformed: {exc}") from exc
         canonical_sha256(parse_json(args_json, what="arguments"))
@@ -2758,6 +2758,10 @@ def _grant_material(fx: Fixtures) -> tuple[list[bytes], dict[bytes, Any], dict[s
             nonce=_derived(fx.seed, f"nonce{i}")[:16],
         )
         seeds.append(encode_grant(claims, fx.grant_key.sign, pub))
+    paid = replace(
+        claims, audience="refunds-eu-1", payment_sha256=hashlib.sha256(b"pay").digest(), payment_amount="0.05"
+    )
+    seeds.append(encode_grant(paid, fx.grant_key.sign, pub))
     keys = {grant_key_id(pub): fx.grant_key.public_key()}
     return seeds, keys, args
 
@@ -2775,6 +2779,9 @@ _GRANT_STRINGS: Final = (
     "iat",
     "exp",
     "nonce",
+    "aud",
+    "pay",
+    "amount",
     "refunds",
     "refund.create",
     "refund-bot",
@@ -2824,18 +2831,51 @@ def _t_grant_read(fx: Fixtures) -> Target:
     )
 
 
+@_target("x402_parse", "payments", "cloister.verify.x402.read_payment against the example's accepted payment")
+def _t_x402_parse(fx: Fixtures) -> Target:
+    from cloister.dev.examples import payments
+    from cloister.verify.x402 import MAX_PAYMENT_BYTES, accepted_payment, read_payment
+
+    accepted = [accepted_payment("exact", payments.NETWORK, payments.USDC, 6, payments.PAY_TO)]
+
+    def run(data: bytes) -> None:
+        read_payment(data, accepted, now_s=fx.now_s)
+
+    seeds = [
+        json.dumps(payments.payment("0.05", now_s=fx.now_s, nonce="p1")).encode(),
+        json.dumps(payments.payment("1", now_s=fx.now_s, nonce="p2", version=1)).encode(),
+        json.dumps(payments.payment("0.25", now_s=fx.now_s, nonce="p3", value="0X3D090")).encode(),
+    ]
+    strings = ("0", "1", "0x", "0x0", "9" * 78, "9" * 79, "eip155:84532", "base-sepolia", "exact", "permit2", "")
+    keys = ("x402Version", "accepted", "payload", "authorization", "value", "amount", "payTo", "to", "asset", "extra")
+    return Target(
+        "x402_parse",
+        "",
+        "",
+        run,
+        seeds,
+        (DecodeError,),
+        (lambda d, r: json_mutate(d, r, strings, keys),),
+        _JSON_TOKENS,
+        (MAX_PAYMENT_BYTES,),
+        MAX_PAYMENT_BYTES + 16,
+    )
+
+
 @_target(
     "x402_payment",
     "payments",
-    "the relay's x402_amount on the _meta payment (as the SDK decodes it), then the enclave's Authorize with "
-    "that amount (research-bot, deep_search, the x402 spend cap) through its gRPC servicer",
+    "the relay's x402_payload on the _meta payment (as the SDK decodes it), then the enclave's Authorize with "
+    "that payload (research-bot, deep_search: parsed per the scheme research accepts, the x402 spend cap) "
+    "through its gRPC servicer",
 )
 def _t_x402(fx: Fixtures) -> Target:
     import pydantic_core
 
+    from cloister.dev.examples.payments import payment as example_payment
     from cloister.wire import enclave_pb2 as pb
 
-    x402_amount, _, _ = _relay_helpers()
+    x402_payload, _, _ = _relay_helpers()
     world = fx.world
     token = fx.token("research-bot", ["research-agent"])
 
@@ -2845,7 +2885,7 @@ def _t_x402(fx: Fixtures) -> Target:
         except ValueError as exc:
             raise SdkRejection(f"MCP SDK: the request body is not JSON: {exc}") from exc
         try:
-            amount = x402_amount(payment)
+            payload = x402_payload(payment)
         except ValueError as exc:
             raise SdkRejection(f"relay: the x402 payment in _meta is malformed: {exc}") from exc
         world.call(
@@ -2858,11 +2898,14 @@ def _t_x402(fx: Fixtures) -> Target:
                 arguments_json=b'{"query":"q"}',
                 request_id="x402",
                 persisted_size=len(world.log),
-                payment_amount=amount,
+                payment=payload,
             ),
         )
 
     payments = [
+        example_payment("0.05", now_s=fx.now_s, nonce="fuzz-1"),
+        example_payment("0.05", now_s=fx.now_s, nonce="fuzz-2", version=1),
+        example_payment("0.25", now_s=fx.now_s, nonce="fuzz-3", value="0x3d090"),
         {
             "x402Version": 1,
             "scheme": "exact",
@@ -2901,7 +2944,22 @@ def _t_x402(fx: Fixtures) -> Target:
         "value",
         "amount",
     )
-    keys = ("payload", "authorization", "value", "amount", "x402Version", "scheme")
+    keys = (
+        "payload",
+        "authorization",
+        "value",
+        "amount",
+        "x402Version",
+        "scheme",
+        "accepted",
+        "network",
+        "asset",
+        "payTo",
+        "to",
+        "validBefore",
+        "extra",
+        "assetTransferMethod",
+    )
     return Target(
         "x402_payment",
         "",
@@ -3701,6 +3759,7 @@ def _grpc_nested(fx: Fixtures) -> dict[str, Mutator]:
         "key_entry": cbors,
         "boundary_entry": cbors,
         "payment_amount": decimals,
+        "payment": jsons,
         "paid_amount": decimals,
         "checkpoint": note,
         "bundle": bundle,
@@ -3708,6 +3767,7 @@ def _grpc_nested(fx: Fixtures) -> dict[str, Mutator]:
 
 
 def _grpc_seeds(fx: Fixtures, world: EnclaveWorld, method: str, cls: Any) -> list[Any]:
+    from cloister.dev.examples.payments import payment as example_payment
     from cloister.wire import enclave_pb2 as pb
 
     refund = fx.token("refund-bot", ["refund-agent"])
@@ -3742,7 +3802,7 @@ def _grpc_seeds(fx: Fixtures, world: EnclaveWorld, method: str, cls: Any) -> lis
                 server="research",
                 tool="deep_search",
                 arguments_json=b'{"query":"q"}',
-                payment_amount="0.05",
+                payment=json.dumps(example_payment("0.05", now_s=fx.now_s, nonce="grpc")).encode(),
             ),
             pb.AuthorizeRequest(token=research, server="vault", tool="get_secret", arguments_json=b"{}"),
             pb.AuthorizeRequest(

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cloister.verify.entries import DECISION_FIELDS, SERVER_FIELDS
 from cloister.verify.errors import DecodeError
 from cloister.verify.jwt import PublicKey, load_jwks
+from cloister.verify.x402 import AcceptedPayment, PaymentError, accepted_payment
 from cloister.wire.contract import MAX_LIMIT_WINDOW_S, TOOL_SEPARATOR
 
 NAMESPACE = "Cloister"
@@ -126,6 +127,10 @@ class ServerSpec:
     attrs: Mapping[str, Any]
     identity: Identity
     pins: Mapping[str, str]  # tool -> sha256 hex of its definition (cloister.verify.tools)
+    # The upstream instance grants for this server are bound to ("": none; docs/decisions/0010).
+    instance: str = ""
+    # The x402 payments the server accepts (scheme, network, asset and its decimals, pay-to).
+    x402: tuple[AcceptedPayment, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -377,11 +382,37 @@ def parse_entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str
         servers[name] = ServerSpec(
             name=name,
             tools=tools,
-            attrs=_attrs(where, t, ("tools", "identity", "pins")),
+            attrs=_attrs(where, t, ("tools", "identity", "pins", "instance", "x402")),
             identity=identity,
             pins=dict(pins),
+            instance=_instance(where, t.get("instance", "")),
+            x402=_x402_terms(where, t.get("x402", [])),
         )
     return roles, agents, servers
+
+
+def _instance(where: str, value: Any) -> str:
+    if value == "":
+        return ""
+    return _name(f"{where}: instance", value)
+
+
+def _x402_terms(where: str, raw: Any) -> tuple[AcceptedPayment, ...]:
+    """`x402 = [{ scheme, network, asset, decimals, pay_to }, ...]`: the payments the server accepts."""
+    if not isinstance(raw, list):
+        raise BundleError(f"{where}: x402 must be a list of accepted payments")
+    terms: list[AcceptedPayment] = []
+    for i, t in enumerate(raw):
+        known = {"scheme", "network", "asset", "decimals", "pay_to"}
+        if not isinstance(t, dict) or set(t) != known:
+            raise BundleError(f"{where}: x402 entry #{i + 1} must have exactly {', '.join(sorted(known))}")
+        try:
+            terms.append(accepted_payment(t["scheme"], t["network"], t["asset"], t["decimals"], t["pay_to"]))
+        except PaymentError as exc:
+            raise BundleError(f"{where}: x402 entry #{i + 1}: {str(exc).removeprefix('x402 payment: ')}") from exc
+    if len({(a.scheme, a.network, a.asset, a.pay_to) for a in terms}) != len(terms):
+        raise BundleError(f"{where}: an x402 entry is listed twice")
+    return tuple(terms)
 
 
 def _hex(where: str, value: Any, size: int) -> str:

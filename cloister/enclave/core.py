@@ -453,6 +453,7 @@ class EnclaveCore:
         request_id: str,
         persisted_size: int,
         payment_amount: str = "",
+        payment: bytes = b"",
     ) -> Verdict:
         seq = self._ready_sequencer()
         seq.release(persisted_size)
@@ -467,6 +468,7 @@ class EnclaveCore:
                 arguments_json=arguments_json,
                 payment_amount=payment_amount,
                 now_ms=self._clock_ms(),
+                payment=payment,
             )
             verdict = self._decide(ps, seq, call, bounded(request_id, MAX_REQUEST_ID))
             if verdict is not None:
@@ -514,6 +516,10 @@ class EnclaveCore:
                 issued_ms=call.now_ms,
                 expires_ms=expiry,
                 nonce=nonce,
+                # The upstream instance, from the bundle; the payment as the enclave parsed and charged it.
+                audience=spec.instance if (spec := ps.bundle.servers.get(call.server)) is not None else "",
+                payment_sha256=d.payment_sha256,
+                payment_amount=format(d.payment, "f") if d.payment_sha256 is not None else "",
             )
             grant = encode_grant(claims, self._grant_key.sign, self.grant_public)
         return Verdict(

@@ -1,6 +1,7 @@
 """One decision for one tools/call, in numbered steps: the enclave's, and `policy explain`'s.
 
-  1. arguments: strict JSON, size-capped, an object; an x402 payment, a positive decimal;
+  1. arguments: strict JSON, size-capped, an object, nothing Cedar reads as an escape; an x402
+     payment, parsed per the scheme the bundle lets the server accept and priced in its asset;
   2. identity: the bearer token (offline: the claimed agent and roles) as a principal of the bundle;
   3. server and tool: named by the bundle;
   4. quarantine: the server has proven its identity and the tool matches its pin;
@@ -23,17 +24,20 @@ from decimal import Decimal
 from enum import IntEnum
 from typing import Any, Literal, Protocol
 
-from cloister.enclave.bundle import AgentSpec, PolicyBundle, ServerSpec
+from cloister.enclave.bundle import MAX_LIMIT_VALUE, AgentSpec, PolicyBundle, ServerSpec
 from cloister.enclave.limits import BadCost, LimitBook, LimitCheck
-from cloister.enclave.policy import PolicyEngine, Principal
+from cloister.enclave.policy import PolicyEngine, Principal, cedar_escape
 from cloister.verify.canonical import canonical_sha256, parse_json
 from cloister.verify.entries import decimal_text, quoted
 from cloister.verify.errors import DecodeError
 from cloister.verify.jwt import TokenError, peek_issuer, verify_jwt
+from cloister.verify.x402 import PaymentError, read_payment
 from cloister.wire.contract import DenyCode
 
 # Denials that a bundle in log-only mode logs but lets through; identity and argument problems never pass.
 LOG_ONLY_CODES = frozenset({DenyCode.POLICY, DenyCode.NO_PERMIT, DenyCode.LIMIT})
+# A payment is charged exactly: at most this many decimal places keep every window's sums exact.
+MAX_PAYMENT_PLACES = 12
 
 
 class Step(IntEnum):
@@ -65,8 +69,9 @@ class Call:
     server: str
     tool: str
     arguments_json: bytes
-    payment_amount: str  # the x402 payment the call carries, "" for none
+    payment_amount: str  # a bare x402 amount (old relays, explain), "" for none; see `payment`
     now_ms: int
+    payment: bytes = b""  # the x402 payment payload the call carries (JSON), b"" for none
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,8 @@ class Decision:
     step: int = 0  # the Step that denied; 0 when allowed
     principal: Principal | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
-    payment: Decimal | None = None
+    payment: Decimal | None = None  # what the call's x402 payment is charged, in its asset's units
+    payment_sha256: bytes | None = None  # its payload's canonical SHA-256, bound into the grant
     policy_ids: tuple[str, ...] = ()
     shadow_note: str = ""  # what log-only policy sets say about an allowed call
     limit_check: LimitCheck | None = None
@@ -155,17 +161,66 @@ def _arguments(d: Decision, call: Call, state: State) -> None:
     except DecodeError as exc:
         d.deny(DenyCode.BAD_ARGUMENTS, str(exc))
         return
+    escape = cedar_escape(parsed)
+    if escape is not None:
+        d.deny(
+            DenyCode.BAD_ARGUMENTS,
+            f"arguments: {escape} is a Cedar escape (object members starting with '__' are refused: Cedar "
+            "would read the object as an entity or extension value, not the data the upstream receives)",
+        )
+        return
     d.arguments, d.args_sha256 = parsed, canonical_sha256(parsed)
-    if call.payment_amount:
-        try:
-            d.payment = Decimal(call.payment_amount[:40])
-            if not d.payment.is_finite() or d.payment <= 0:
-                raise ArithmeticError
-        except ArithmeticError:
-            d.payment = None
-            d.deny(
-                DenyCode.BAD_ARGUMENTS, f"x402 payment amount {call.payment_amount[:40]!r} is not a positive decimal"
-            )
+    if call.payment:
+        _payment(d, call, state)
+    elif call.payment_amount:
+        _bare_amount(d, call, state)
+
+
+def _payment(d: Decision, call: Call, state: State) -> None:
+    """The x402 payload, read as the scheme the server accepts it defines; charged exactly that."""
+    spec = state.bundle.servers.get(call.server)
+    if spec is None:
+        return  # step 3 denies the call
+    if not spec.x402:
+        d.deny(
+            DenyCode.BAD_ARGUMENTS,
+            f"x402 payment: server {call.server!r} accepts no x402 payments in the policy bundle "
+            "(its `x402` list of accepted payments is empty)",
+        )
+        return
+    try:
+        charge = read_payment(call.payment, spec.x402, now_s=call.now_ms // 1000, server=f"server {call.server!r}")
+    except PaymentError as exc:
+        d.deny(DenyCode.BAD_ARGUMENTS, str(exc))
+        return
+    exponent = charge.amount.as_tuple().exponent
+    if charge.amount > MAX_LIMIT_VALUE or (isinstance(exponent, int) and -exponent > MAX_PAYMENT_PLACES):
+        d.deny(
+            DenyCode.BAD_ARGUMENTS,
+            f"x402 payment: {charge.amount} is beyond what budgets count exactly "
+            f"(at most {MAX_LIMIT_VALUE} and {MAX_PAYMENT_PLACES} decimal places)",
+        )
+        return
+    d.payment, d.payment_sha256 = charge.amount, charge.payment.sha256
+
+
+def _bare_amount(d: Decision, call: Call, state: State) -> None:
+    """A bare amount (no payload): refused for a server that names the payments it accepts."""
+    spec = state.bundle.servers.get(call.server)
+    if spec is not None and spec.x402:
+        d.deny(
+            DenyCode.BAD_ARGUMENTS,
+            f"x402 payment: server {call.server!r} names the payments it accepts, so a bare amount is not "
+            "charged: send the x402 payment payload",
+        )
+        return
+    try:
+        d.payment = Decimal(call.payment_amount[:40])
+        if not d.payment.is_finite() or d.payment <= 0:
+            raise ArithmeticError
+    except ArithmeticError:
+        d.payment = None
+        d.deny(DenyCode.BAD_ARGUMENTS, f"x402 payment amount {call.payment_amount[:40]!r} is not a positive decimal")
 
 
 # 2. Identity.

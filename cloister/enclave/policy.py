@@ -48,13 +48,43 @@ class CedarVerdict:
     reason: str
 
 
+# Cedar's JSON formats (entities, context) read an object with a member `__entity` as an entity
+# reference, `__extn` as an extension value (decimal("1.0"), ip(...)), and `__expr` (refused by
+# current versions) as an expression: not as a record. Every escape Cedar defines starts with
+# "__", so tool arguments with such a member anywhere are refused (decide, step 1): Cedar would
+# evaluate a value other than the one the upstream receives.
+CEDAR_ESCAPE_PREFIX = "__"
+
+
+class CedarEscape(ValueError):
+    """Tool arguments hold an object member that Cedar would read as an escape."""
+
+
+def cedar_escape(value: Any) -> str | None:
+    """Where a JSON value holds an object member Cedar could read as an escape (a path such as
+    `input.amount.__extn`), or None when it holds none."""
+    stack: list[tuple[Any, str]] = [(value, "input")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, dict):
+            for k, x in v.items():
+                where = f"{path}.{k}" if isinstance(k, str) else f"{path}[{k!r}]"
+                if isinstance(k, str) and k.startswith(CEDAR_ESCAPE_PREFIX):
+                    return where
+                stack.append((x, where))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]") for i, x in enumerate(v))
+    return None
+
+
 def cedar_value(value: Any, schema: Mapping[str, Any] | None = None) -> Any:
     """A JSON value as a Cedar value, typed as AWS AgentCore types tool inputs.
 
     JSON numbers are Cedar `decimal`s (JSON Schema "number"), except where the tool's input schema
     says "integer" (Cedar Long). A number a decimal cannot hold exactly (more than 4 fractional
     digits, out of range) stays a string, so policies comparing it error, and erroring forbids fail
-    closed. Nulls are dropped, since Cedar has none.
+    closed. Nulls are dropped, since Cedar has none. An object member that Cedar would read as an
+    escape raises CedarEscape: argument data never becomes an entity or an extension value.
     """
     kind = schema.get("type") if isinstance(schema, Mapping) else None
     if isinstance(value, bool | str):
@@ -67,6 +97,8 @@ def cedar_value(value: Any, schema: Mapping[str, Any] | None = None) -> Any:
         items = schema.get("items") if isinstance(schema, Mapping) else None
         return [cedar_value(v, items if isinstance(items, Mapping) else None) for v in value if v is not None]
     if isinstance(value, dict):
+        if any(isinstance(k, str) and k.startswith(CEDAR_ESCAPE_PREFIX) for k in value):
+            raise CedarEscape(f"an argument object has a member starting with {CEDAR_ESCAPE_PREFIX!r}")
         props = schema.get("properties") if isinstance(schema, Mapping) else None
         props = props if isinstance(props, Mapping) else {}
         return {k: cedar_value(v, props.get(k)) for k, v in value.items() if v is not None}

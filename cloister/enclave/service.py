@@ -111,6 +111,7 @@ class EnclaveService(pb_grpc.EnclaveServicer):
                     request_id=request.request_id,
                     persisted_size=request.persisted_size,
                     payment_amount=request.payment_amount,
+                    payment=request.payment,
                 )
             )
 

@@ -159,13 +159,15 @@ def explain(
     servers = OfflineServers(bundle, validation.files, server, attestation)
     engine = PolicyEngine(bundle)
     engine.set_server_levels(servers.levels)
+    payload = payment.lstrip().startswith("{")  # an x402 payment payload (JSON), else a bare amount
     call = Call(
         identity=ClaimedIdentity(agent, tuple(chosen)),
         server=server,
         tool=tool,
         arguments_json=arguments_json.encode(),
-        payment_amount=payment,
+        payment_amount="" if payload else payment,
         now_ms=int(at.timestamp() * 1000),
+        payment=payment.encode() if payload else b"",
     )
     d = decide(call, State(bundle, engine, servers, LimitBook.for_bundle(bundle)))
     ex.decision, ex.code, ex.reason, ex.enforced = ("allow" if d.allowed else "deny"), d.code, d.reason, not d.log_only

@@ -33,7 +33,8 @@ from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import UpstreamError, Upstreams
 from cloister.verify.canonical import canonical_sha256
-from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY
+from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY, GrantError, read_grant
+from cloister.verify.x402 import MAX_PAYMENT_BYTES
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import LOG_META_KEY, TOOL_SEPARATOR, X402_META_KEY
 
@@ -46,24 +47,27 @@ def split_tool_name(name: str) -> tuple[str, str]:
     return (server, tool) if sep else ("", name)
 
 
-def x402_amount(payment: Any) -> str:
-    """The amount an x402 payment payload authorises (decimal string).
+def x402_payload(payment: Any) -> bytes:
+    """The agent's x402 payment payload (`_meta["x402/payment"]`) as JSON for the enclave.
 
-    Accepts the `exact` scheme's EIP-3009 authorisation value (`payload.authorization.value`)
-    or a plain `payload.amount`. The relay only reads it for the enclave's budget; the upstream
-    verifies the payment itself.
+    The relay reads no amount from it: the enclave parses the payload per the scheme the bundle
+    lets the server accept, charges what it parses, and binds the payload's hash into the grant
+    (so the upstream refuses any other payment). Only its shape and size are checked here.
     """
-    if not isinstance(payment, dict) or not isinstance(payment.get("payload"), dict):
-        raise ValueError("expected an object with a 'payload' object")
-    body = payment["payload"]
-    auth = body.get("authorization")
-    value = auth.get("value") if isinstance(auth, dict) else body.get("amount")
-    if not isinstance(value, str | int) or isinstance(value, bool):
-        raise ValueError("no payload.authorization.value or payload.amount")
-    text = str(value)
-    if not text or len(text) > 40 or not all(c.isdigit() or c == "." for c in text):
-        raise ValueError(f"amount {text[:40]!r} is not a decimal number")
-    return text
+    if not isinstance(payment, dict):
+        raise ValueError("expected a JSON object")
+    data = _compact_json(payment)
+    if len(data) > MAX_PAYMENT_BYTES:
+        raise ValueError(f"{len(data)} bytes; at most {MAX_PAYMENT_BYTES} are accepted")
+    return data
+
+
+def _granted_payment(grant: bytes) -> str:
+    """The amount the enclave charged for the call's payment, as its grant states it ("" for none)."""
+    try:
+        return read_grant(grant).payment_amount
+    except GrantError:
+        return ""
 
 
 def _compact_json(value: Any) -> bytes:
@@ -110,14 +114,14 @@ class CallPath:
             )
         payment = (params.meta or {}).get(X402_META_KEY)
         try:
-            payment_amount = x402_amount(payment) if payment is not None else ""
+            payment_json = x402_payload(payment) if payment is not None else b""
         except ValueError as exc:
             raise MCPError(
                 INVALID_PARAMS, f"the x402 payment in _meta is malformed: {exc} (nothing was forwarded)"
             ) from exc
         marks = [time.perf_counter()]
         # 1. Ask the enclave. Any failure here means no allow: nothing is forwarded.
-        verdict = await self._authorize(token, server, tool, args_json, payment_amount)
+        verdict = await self._authorize(token, server, tool, args_json, payment_json)
         marks.append(time.perf_counter())
         # 2. The decision entry is durable before anything depends on it.
         await self._persist_or_fail(verdict.log)
@@ -134,7 +138,11 @@ class CallPath:
         marks.append(time.perf_counter())
         # 4. The outcome is recorded and durable before the agent gets its answer.
         outcome = await self._record_outcome(
-            verdict.log_index, result, failure, duration_us, payment_amount if result is not None else ""
+            verdict.log_index,
+            result,
+            failure,
+            duration_us,
+            _granted_payment(verdict.grant) if result is not None else "",
         )
         marks.append(time.perf_counter())
         await self._persist_or_fail(outcome.log)
@@ -167,7 +175,7 @@ class CallPath:
             log.warning("could not keep the arguments of denied entry %d: %s", verdict.log_index, exc)
 
     async def _authorize(
-        self, token: str, server: str, tool: str, args_json: bytes, payment_amount: str
+        self, token: str, server: str, tool: str, args_json: bytes, payment: bytes
     ) -> pb.AuthorizeResponse:
         try:
             return await self.state.enclave.authorize(
@@ -178,7 +186,7 @@ class CallPath:
                     arguments_json=args_json,
                     request_id=uuid.uuid4().hex,
                     persisted_size=self.state.writer.persisted_size,
-                    payment_amount=payment_amount,
+                    payment=payment,
                 )
             )
         except EnclaveUnavailable as exc:

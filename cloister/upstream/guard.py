@@ -10,24 +10,38 @@ An upstream that wants protection from a relay that skips the enclave adds one m
 
 Every `tools/call` must then carry, in `params._meta`, a grant signed by an enclave whose
 attestation document (also in `_meta`) verifies against the trust root and the expected
-PCRs. The grant must name this server, this tool and exactly these arguments, be unexpired,
-and is honoured once. Anything else is refused with JSON-RPC error GRANT_REFUSED.
+PCRs. The grant must name this server, this tool, exactly these arguments and exactly the x402
+payment the call carries (or none), and this upstream instance; it must be unexpired, and it is
+honoured once per nonce store. Anything else is refused with JSON-RPC error GRANT_REFUSED.
 
-"Once" is per guard: the used nonces live in this process until the grants expire (the bundle's
-`grant_ttl_s`, 60 s by default). A server that restarts, or runs several replicas, within that
-window should share the nonces (subclass ReplayGuard over a shared store) or keep the TTL short.
+What single use means, exactly:
+
+- `instance`: the id the policy bundle gives this upstream (`instance = "..."` under its
+  `[servers.<name>]`). The enclave writes it into every grant for the server (`aud`), taken from
+  the bundle, never from the relay; a guard with `instance="refunds-eu-1"` refuses grants for any
+  other instance, and a guard without one refuses grants bound to an instance. Two instances
+  with different ids can therefore never both honour one grant.
+- `nonces`: where redeemed grant nonces are kept until the grants expire (the bundle's
+  `grant_ttl_s`, 60 s by default, at most 1 h). A grant is honoured once per store. The default
+  is this process's memory (`MemoryNonceStore`): replicas that share an instance id, or a
+  restarted process, each have their own and could each accept a grant once within its
+  lifetime. Give them one shared store: `FileNonceStore(dir)` for processes on one host (a
+  restart included), or your own `NonceStore` over a database all replicas share.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -41,9 +55,14 @@ from cloister.verify.grant import (
     ATTESTATION_META_KEY,
     GRANT_META_KEY,
     GrantError,
+    MemoryNonceStore,
+    NonceStore,
     ReplayGuard,
     verify_grant,
 )
+from cloister.verify.x402 import X402_META_KEY
+
+__all__ = ["GRANT_REFUSED", "FileNonceStore", "GrantGuard", "MemoryNonceStore", "NonceStore"]
 
 log = logging.getLogger("cloister.upstream.guard")
 GRANT_REFUSED = -32010
@@ -66,16 +85,19 @@ class GrantGuard:
         allow_debug: bool = False,
         max_attestation_age: timedelta = timedelta(hours=24),
         origin: str | None = None,
+        instance: str = "",
+        nonces: NonceStore | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.server = server
+        self.instance = instance
         self.trust_root = trust_root
         self.expected_pcrs = dict(expected_pcrs or {})
         self.allow_debug = allow_debug
         self.max_attestation_age = max_attestation_age
         self.origin = origin
         self._clock = clock
-        self._replay = ReplayGuard()
+        self._replay = ReplayGuard(nonces if nonces is not None else MemoryNonceStore())
         self._keys: OrderedDict[bytes, tuple[dict[bytes, ed25519.Ed25519PublicKey], datetime]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -102,6 +124,8 @@ class GrantGuard:
                 tool=name,
                 arguments=params.get("arguments"),
                 now_ms=int(now.timestamp() * 1000),
+                audience=self.instance,
+                payment=meta.get(X402_META_KEY),
             )
             if self.origin is not None and claims.origin != self.origin:
                 raise GrantError("wrong-log", f"grant was logged in {claims.origin!r}, not {self.origin!r}")
@@ -149,3 +173,67 @@ def _b64_field(meta: Mapping[str, Any], key: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise GrantError("malformed", f"_meta {key!r} is not valid base64") from exc
+
+
+class FileNonceStore:
+    """Redeemed nonces as files in one directory: single use across the processes of one host
+    that share the directory (replicas, and a process restarted on the same disk).
+
+    Redeeming creates `<dir>/<nonce hex>` with O_CREAT | O_EXCL, which is atomic: of any number
+    of processes redeeming one nonce, exactly one creates the file. The file holds the grant's
+    expiry; files expired for longer than `keep_ms` (slack for clocks that differ between the
+    processes) are deleted at most once per `sweep_every_ms` of the caller's clock. Any error
+    other than "already exists" refuses the grant (fail closed). Keep the directory on a local
+    file system: exclusive creation is not atomic on every network file system.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], *, sweep_every_ms: int = 10_000, keep_ms: int = 60_000
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._sweep_every_ms = sweep_every_ms
+        self._keep_ms = keep_ms
+        self._next_sweep_ms = 0
+        self._lock = threading.Lock()
+
+    def redeem(self, nonce: bytes, expires_ms: int, now_ms: int) -> bool:
+        self._sweep(now_ms)
+        path = self.directory / nonce.hex()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise GrantError("replay-store-unavailable", f"cannot record the grant's nonce: {exc}") from exc
+        try:
+            os.write(fd, str(expires_ms).encode())
+            os.fsync(fd)
+        except OSError as exc:
+            # The nonce is recorded (the file exists) even if its expiry is not: it is then kept
+            # until a sweep finds it unreadable and old, never forgotten early.
+            raise GrantError("replay-store-unavailable", f"cannot record the grant's expiry: {exc}") from exc
+        finally:
+            os.close(fd)
+        return True
+
+    def _sweep(self, now_ms: int) -> None:
+        with self._lock:
+            if now_ms < self._next_sweep_ms:
+                return
+            self._next_sweep_ms = now_ms + self._sweep_every_ms
+        try:
+            paths = list(self.directory.iterdir())
+        except OSError as exc:
+            raise GrantError("replay-store-unavailable", f"cannot read the redeemed nonces: {exc}") from exc
+        for path in paths:
+            try:
+                expires_ms = int(path.read_bytes()[:20])
+            except (OSError, ValueError):
+                continue  # being written (empty), or unreadable: kept
+            if expires_ms + self._keep_ms <= now_ms:
+                try:
+                    path.unlink()
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        log.warning("could not delete the expired nonce %s: %s", path.name, exc)

@@ -1,18 +1,28 @@
-"""Grants: the enclave's signed permission for exactly one tools/call.
+"""Grants: the enclave's signed permission for exactly one tools/call, at one upstream instance.
 
 A grant is a tagged COSE_Sign1 (RFC 9052 §4.2) signed with the enclave's grant key, alg EdDSA
 (-8), `kid` = the first 8 bytes of SHA-256 over the raw grant public key. The payload is
 deterministic CBOR (RFC 8949 §4.2.1):
 
-    {"v": 1, "agent": text, "server": text, "tool": text,
+    {"v": 2, "agent": text, "server": text, "tool": text,
      "args": SHA-256 of the RFC 8785 canonical JSON of the arguments,
      "policy": SHA-256 of the policy bundle, "log": index of the decision entry,
      "entry": leaf hash (RFC 9162) of the decision entry, "origin": the log's origin line,
-     "iat": ms, "exp": ms, "nonce": 16 bytes}
+     "iat": ms, "exp": ms, "nonce": 16 bytes,
+     "aud": the upstream instance the grant is for (the bundle's `instance` of the server;
+            "" when the bundle names none),
+     and, for a call that carries an x402 payment, both of
+     "pay": SHA-256 of the payment payload's RFC 8785 canonical JSON,
+     "amount": the amount the enclave charged for it, a decimal string in the asset's units}
 
-The relay forwards it to the upstream server in the request's `_meta` under GRANT_META_KEY,
-with the enclave's attestation document under ATTESTATION_META_KEY. An upstream that
-verifies grants accepts a call only for exactly those arguments, before `exp`, once.
+Version 1 grants (the same map with "v": 1 and no "aud", "pay" or "amount") still decode, so
+an auditor can read old grants, but `verify_grant` refuses them for calls: they name no
+upstream instance and bind no payment (docs/decisions/0010-grant-audience-and-payment.md).
+
+The relay forwards the grant to the upstream server in the request's `_meta` under
+GRANT_META_KEY, with the enclave's attestation document under ATTESTATION_META_KEY. An
+upstream that verifies grants accepts a call only for exactly those arguments and that
+payment, at the instance named, before `exp`, once per nonce store (`NonceStore`).
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ import hashlib
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from decimal import Decimal, InvalidOperation
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -30,12 +41,16 @@ from cloister.verify.canonical import canonical_sha256
 from cloister.verify.cose import decode_cbor, encode_cose_sign1, parse_cose_sign1, sig_structure
 from cloister.verify.entries import dumps_deterministic
 from cloister.verify.errors import DecodeError, VerificationError
+from cloister.verify.x402 import payment_sha256
 
 GRANT_META_KEY = "dev.cloister/grant"
 ATTESTATION_META_KEY = "dev.cloister/attestation"
 MAX_GRANT_BYTES = 4096
 ALG_EDDSA = -8
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # decoded; only VERSION is accepted for a call
+MAX_AUDIENCE = 256
+MAX_AMOUNT = 64
 
 
 class GrantError(VerificationError):
@@ -63,10 +78,16 @@ class GrantClaims:
     issued_ms: int
     expires_ms: int
     nonce: bytes
+    # Version 2: the upstream instance the grant is for ("" when the bundle names none), and the
+    # x402 payment the call carries (its canonical SHA-256 and the amount charged), if any.
+    audience: str = ""
+    payment_sha256: bytes | None = None
+    payment_amount: str = ""
+    version: int = VERSION
 
     def to_map(self) -> dict[str, Any]:
-        return {
-            "v": VERSION,
+        m: dict[str, Any] = {
+            "v": self.version,
             "agent": self.agent,
             "server": self.server,
             "tool": self.tool,
@@ -79,6 +100,12 @@ class GrantClaims:
             "exp": self.expires_ms,
             "nonce": self.nonce,
         }
+        if self.version >= 2:
+            m["aud"] = self.audience
+            if self.payment_sha256 is not None:
+                m["pay"] = self.payment_sha256
+                m["amount"] = self.payment_amount
+        return m
 
 
 def encode_grant(claims: GrantClaims, sign: Callable[[bytes], bytes], public_key: bytes) -> bytes:
@@ -95,10 +122,30 @@ def _field(m: Mapping[str, Any], key: str, kind: type, size: int | None = None) 
     return v
 
 
+def _amount(m: Mapping[str, Any]) -> str:
+    text: str = _field(m, "amount", str)
+    try:
+        ok = 0 < len(text) <= MAX_AMOUNT and all(c in "0123456789." for c in text) and Decimal(text) > 0
+    except InvalidOperation:
+        ok = False
+    if not ok:
+        raise GrantError("malformed", "grant field 'amount' must be a positive decimal string")
+    return text
+
+
 def parse_grant_claims(payload: bytes) -> GrantClaims:
     m = decode_cbor(payload, what="grant payload")
-    if not isinstance(m, dict) or m.get("v") != VERSION:
-        raise GrantError("malformed", "grant payload is not a version 1 grant")
+    version = m.get("v") if isinstance(m, dict) else None
+    if not isinstance(m, dict) or isinstance(version, bool) or version not in VERSIONS:
+        raise GrantError("malformed", f"grant payload is not a grant of version {' or '.join(map(str, VERSIONS))}")
+    extra: dict[str, Any] = {}
+    if version >= 2:
+        extra["audience"] = _field(m, "aud", str)
+        if len(extra["audience"]) > MAX_AUDIENCE:
+            raise GrantError("malformed", f"grant field 'aud' is longer than {MAX_AUDIENCE} characters")
+        if "pay" in m or "amount" in m:
+            extra["payment_sha256"] = _field(m, "pay", bytes, 32)
+            extra["payment_amount"] = _amount(m)
     claims = GrantClaims(
         agent=_field(m, "agent", str),
         server=_field(m, "server", str),
@@ -111,6 +158,8 @@ def parse_grant_claims(payload: bytes) -> GrantClaims:
         issued_ms=_field(m, "iat", int),
         expires_ms=_field(m, "exp", int),
         nonce=_field(m, "nonce", bytes, 16),
+        version=version,
+        **extra,
     )
     if set(m) != set(claims.to_map()):
         raise GrantError("malformed", f"grant payload has unexpected fields {sorted(set(m) - set(claims.to_map()))}")
@@ -164,26 +213,40 @@ def verify_grant(
     tool: str,
     arguments: Mapping[str, Any] | None,
     now_ms: int,
+    audience: str = "",
+    payment: Any = None,
     max_lifetime_ms: int = 3_600_000,
     clock_skew_ms: int = 30_000,
 ) -> GrantClaims:
-    """Verify a grant for exactly this call. Returns its claims or raises GrantError.
+    """Verify a grant for exactly this call at this upstream instance. Returns its claims or
+    raises GrantError.
 
     `grant_keys` maps key ids to enclave grant keys that the caller trusts because their
-    attestation verified. Single use is the caller's job (see ReplayGuard), after this passes.
+    attestation verified. `audience` is this upstream's instance id ("" for an upstream that
+    names none: it then accepts only grants the bundle bound to no instance). `payment` is the
+    x402 payment payload the call carries (the JSON value of `_meta["x402/payment"]`), None for
+    none. Single use is the caller's job (`ReplayGuard` over a `NonceStore`), after this passes.
     """
     # 1 to 4. The envelope, the header, the signature by a trusted key, the payload.
     claims = verify_grant_signature(grant, grant_keys)
-    # 5. It is for this server and tool.
+    if claims.version != VERSION:
+        raise GrantError(
+            "old-version",
+            f"grant is of version {claims.version}, which names no upstream instance and binds no payment; "
+            f"this upstream accepts version {VERSION} grants only (the enclave must be upgraded)",
+        )
+    # 5. It is for this server and tool, at this instance.
     if claims.server != server or claims.tool != tool:
         raise GrantError("wrong-call", f"grant is for {claims.server}/{claims.tool}, not {server}/{tool}")
-    # 6. It is for exactly these arguments.
+    _check_audience(claims.audience, audience)
+    # 6. It is for exactly these arguments, and exactly this payment (or none).
     try:
         digest = canonical_sha256(dict(arguments or {}))
     except DecodeError as exc:
         raise GrantError("wrong-arguments", f"arguments cannot be canonicalised: {exc}") from exc
     if digest != claims.args_sha256:
         raise GrantError("wrong-arguments", "grant was issued for different arguments")
+    _check_payment(claims, payment)
     # 7. It is current.
     if claims.issued_ms > now_ms + clock_skew_ms:
         raise GrantError("not-yet-valid", "grant is issued in the future")
@@ -194,11 +257,66 @@ def verify_grant(
     return claims
 
 
-class ReplayGuard:
-    """Remembers grant nonces until their expiry, so each grant is honoured once.
+def _check_audience(granted: str, audience: str) -> None:
+    if granted == audience:
+        return
+    if not granted:
+        raise GrantError(
+            "wrong-audience",
+            f"grant is bound to no upstream instance and this is instance {audience!r}: the policy bundle must "
+            f"name it as the server's `instance`",
+        )
+    if not audience:
+        raise GrantError(
+            "wrong-audience",
+            f"grant is for upstream instance {granted!r}, and this upstream names no instance "
+            "(configure its instance id, e.g. GrantGuard(instance=...), if it is that instance)",
+        )
+    raise GrantError("wrong-audience", f"grant is for upstream instance {granted!r}, not {audience!r}")
 
-    Memory is capped: when full of unexpired grants it refuses new ones (fail closed)
-    rather than forgetting a nonce that could then be replayed.
+
+def _check_payment(claims: GrantClaims, payment: Any) -> None:
+    if claims.payment_sha256 is None:
+        if payment is not None:
+            raise GrantError(
+                "wrong-payment",
+                "the call carries an x402 payment that the grant does not bind: the enclave charged no "
+                "payment for this call",
+            )
+        return
+    if payment is None:
+        raise GrantError(
+            "wrong-payment",
+            f"the grant binds an x402 payment (charged {claims.payment_amount}) and the call carries none",
+        )
+    try:
+        digest = payment_sha256(payment)
+    except DecodeError as exc:
+        raise GrantError("wrong-payment", f"the call's x402 payment cannot be canonicalised: {exc}") from exc
+    if digest != claims.payment_sha256:
+        raise GrantError(
+            "wrong-payment",
+            f"the call's x402 payment differs from the one the grant binds (charged {claims.payment_amount})",
+        )
+
+
+class NonceStore(Protocol):
+    """Where redeemed grant nonces are kept: a grant is honoured once per store.
+
+    `redeem` records `nonce` as used until `expires_ms` and returns True, or returns False when
+    it is already recorded. It must be atomic across everyone sharing the store (threads,
+    processes, replicas), remember a nonce at least until `expires_ms`, and fail closed: raise
+    GrantError rather than forget a nonce that is still unexpired.
+    """
+
+    def redeem(self, nonce: bytes, expires_ms: int, now_ms: int) -> bool: ...
+
+
+class MemoryNonceStore:
+    """This process's memory: single use per process, forgotten at a restart.
+
+    Capped: when full of unexpired nonces it refuses new ones (fail closed) rather than
+    forgetting a nonce that could then be replayed.
     """
 
     def __init__(self, max_entries: int = 200_000) -> None:
@@ -206,12 +324,24 @@ class ReplayGuard:
         self._max = max_entries
         self._lock = threading.Lock()
 
-    def use(self, claims: GrantClaims, now_ms: int) -> None:
+    def redeem(self, nonce: bytes, expires_ms: int, now_ms: int) -> bool:
         with self._lock:
-            if claims.nonce in self._seen:
-                raise GrantError("replayed", "grant was already used")
+            if nonce in self._seen:
+                return False
             if len(self._seen) >= self._max:
                 self._seen = {n: exp for n, exp in self._seen.items() if exp > now_ms}
                 if len(self._seen) >= self._max:
                     raise GrantError("replay-cache-full", "too many unexpired grants outstanding; try again")
-            self._seen[claims.nonce] = claims.expires_ms
+            self._seen[nonce] = expires_ms
+            return True
+
+
+class ReplayGuard:
+    """Honours each grant once per `NonceStore` (this process's memory by default)."""
+
+    def __init__(self, store: NonceStore | None = None, *, max_entries: int = 200_000) -> None:
+        self.store: NonceStore = store if store is not None else MemoryNonceStore(max_entries)
+
+    def use(self, claims: GrantClaims, now_ms: int) -> None:
+        if not self.store.redeem(claims.nonce, claims.expires_ms, now_ms):
+            raise GrantError("replayed", "grant was already used")

@@ -50,7 +50,7 @@ class LogAppend(_message.Message):
     def __init__(self, first_index: _Optional[int] = ..., entries: _Optional[_Iterable[bytes]] = ..., checkpoint: _Optional[bytes] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("token", "server", "tool", "arguments_json", "request_id", "persisted_size", "payment_amount")
+    __slots__ = ("token", "server", "tool", "arguments_json", "request_id", "persisted_size", "payment_amount", "payment")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SERVER_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class AuthorizeRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PERSISTED_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYMENT_AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    PAYMENT_FIELD_NUMBER: _ClassVar[int]
     token: str
     server: str
     tool: str
@@ -65,7 +66,8 @@ class AuthorizeRequest(_message.Message):
     request_id: str
     persisted_size: int
     payment_amount: str
-    def __init__(self, token: _Optional[str] = ..., server: _Optional[str] = ..., tool: _Optional[str] = ..., arguments_json: _Optional[bytes] = ..., request_id: _Optional[str] = ..., persisted_size: _Optional[int] = ..., payment_amount: _Optional[str] = ...) -> None: ...
+    payment: bytes
+    def __init__(self, token: _Optional[str] = ..., server: _Optional[str] = ..., tool: _Optional[str] = ..., arguments_json: _Optional[bytes] = ..., request_id: _Optional[str] = ..., persisted_size: _Optional[int] = ..., payment_amount: _Optional[str] = ..., payment: _Optional[bytes] = ...) -> None: ...
 
 class LimitState(_message.Message):
     __slots__ = ("limit_id", "kind", "remaining", "retry_after_s")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cloister.dev.examples.payments import payment as x402_payment
 from cloister.verify.entries import DecisionEntry, parse_entry
 from tests.world import Clock, World, make_world
 
@@ -163,10 +164,20 @@ def test_x402_payments_are_charged_exactly_and_survive_a_restart(tmp_path: Path)
             arguments_json=b'{"query": "q"}',
             request_id="",
             persisted_size=len(w.log),
-            payment_amount=amount,
+            payment=usdc(amount),
         )
         w.persist(v.log)
         return v
+
+    def usdc(amount: str) -> bytes:
+        """An x402 payment of `amount` USDC (as the example's research accepts), b"" for none."""
+        if not amount:
+            return b""
+        try:
+            body = x402_payment(amount, now_s=w.clock.seconds(), nonce=amount)
+        except ArithmeticError:  # not a number: sent as the authorisation's value, as written
+            body = x402_payment(now_s=w.clock.seconds(), value=amount)
+        return json.dumps(body).encode()
 
     unpaid = paid("")
     assert unpaid.allowed  # the upstream will answer -32402 with its price
@@ -191,7 +202,7 @@ def test_x402_payments_are_charged_exactly_and_survive_a_restart(tmp_path: Path)
         arguments_json=b'{"query": "q"}',
         request_id="",
         persisted_size=len(w.log),
-        payment_amount="0.01",
+        payment=usdc("0.01"),
     )
     assert not v.allowed and v.code == "limit"
 

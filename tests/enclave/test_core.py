@@ -56,15 +56,28 @@ def test_allowed_call_gets_a_grant_for_exactly_these_arguments(w: World) -> None
     entry = parse_entry(w.log[v.log_index])
     assert isinstance(entry, DecisionEntry) and entry.decision == "allow" and entry.agent == "refund-bot"
     keys = EnclaveBinding("o", w.core.log_public, w.core.grant_public).grant_keys()
+    aud = "refunds-eu-1"  # the grant names the upstream instance the bundle gives refunds
     claims = verify_grant(
-        v.grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=args, now_ms=w.clock.ms
+        v.grant,
+        grant_keys=keys,
+        server="refunds",
+        tool="customer_lookup",
+        arguments=args,
+        now_ms=w.clock.ms,
+        audience=aud,
     )
     assert claims.log_index == v.log_index and claims.entry_hash == leaf_hash(w.log[v.log_index])
     assert claims.args_sha256 == canonical_sha256(args) == entry.args_sha256
     for bad in ({"customer_id": "cus_1002"}, {}, {"customer_id": "cus_1001", "x": 1}):
         with pytest.raises(GrantError, match="different arguments"):
             verify_grant(
-                v.grant, grant_keys=keys, server="refunds", tool="customer_lookup", arguments=bad, now_ms=w.clock.ms
+                v.grant,
+                grant_keys=keys,
+                server="refunds",
+                tool="customer_lookup",
+                arguments=bad,
+                now_ms=w.clock.ms,
+                audience=aud,
             )
     with pytest.raises(GrantError, match="not refunds/refund.create"):
         verify_grant(
@@ -78,6 +91,7 @@ def test_allowed_call_gets_a_grant_for_exactly_these_arguments(w: World) -> None
             tool="customer_lookup",
             arguments=args,
             now_ms=w.clock.ms + 61_000,
+            audience="refunds-eu-1",
         )
     guard = ReplayGuard()
     guard.use(claims, w.clock.ms)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cloister.dev.examples.payments import payment as x402_payment
 from cloister.enclave.bundle import PolicyBundle, ServerSpec, read_bundle_dir
 from cloister.enclave.decide import (
     Call,
@@ -29,7 +30,7 @@ from cloister.enclave.policy import Principal
 from cloister.policytools.explain import ClaimedIdentity, explain
 from cloister.policytools.validate import validate_files
 from cloister.verify.entries import DecisionEntry, parse_entry
-from tests.world import World, make_world
+from tests.world import World, epoch_ms, make_world
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +94,15 @@ def call(
         server=server,
         tool=tool,
         arguments_json=data,
-        payment_amount=payment,
+        payment_amount="" if payment.startswith("{") else payment,
         now_ms=w.clock.ms if now_ms is None else now_ms,
+        payment=payment.encode() if payment.startswith("{") else b"",
     )
+
+
+def pay(amount: str) -> str:
+    """An x402 payment payload (JSON) of `amount` USDC to research, as the example bundle accepts."""
+    return json.dumps(x402_payment(amount, now_s=epoch_ms() // 1000))
 
 
 RESEARCH = ClaimedIdentity("research-bot", ("research-agent",))
@@ -182,7 +189,7 @@ def test_step_5_cedar_with_the_servers_input_schema(w: World) -> None:
 def test_step_6_limits_check_and_never_charge(w: World) -> None:
     book = LimitBook.for_bundle(w.core.policy.bundle)  # type: ignore[union-attr]
     st = state(w, limits=book)
-    paid = call(w, RESEARCH, server="research", tool="deep_search", args={"query": "q"}, payment="0.06")
+    paid = call(w, RESEARCH, server="research", tool="deep_search", args={"query": "q"}, payment=pay("0.06"))
     for _ in range(3):  # checked, not charged: the same answer every time
         d = decide(paid, st)
         assert d.allowed and d.charges == {"research-daily-payments": "0.06"}
@@ -258,8 +265,8 @@ CASES = [
     Case("bad-cost", *REFUND, "refunds", "refund.create", {"customer_id": "c", "amount": -500}, "bad-arguments"),
     Case("bad-payment", *SEARCH, "research", "deep_search", {"query": "q"}, "bad-arguments", payment="abc"),
     Case("x402-unpaid", *SEARCH, "research", "deep_search", {"query": "q"}, ""),
-    Case("x402-paid", *SEARCH, "research", "deep_search", {"query": "q"}, "", payment="0.06"),
-    Case("x402-over-cap", *SEARCH, "research", "deep_search", {"query": "q"}, "limit", payment="0.25"),
+    Case("x402-paid", *SEARCH, "research", "deep_search", {"query": "q"}, "", payment=pay("0.06")),
+    Case("x402-over-cap", *SEARCH, "research", "deep_search", {"query": "q"}, "limit", payment=pay("0.25")),
     Case("fixed-price", *SEARCH, "research", "web_search", {"query": "q"}, ""),
     Case(
         "log-only-forbid",
@@ -271,7 +278,14 @@ CASES = [
         edits=LOG_ONLY,
     ),
     Case(
-        "log-only-over-cap", *SEARCH, "research", "deep_search", {"query": "q"}, "limit", payment="0.25", edits=LOG_ONLY
+        "log-only-over-cap",
+        *SEARCH,
+        "research",
+        "deep_search",
+        {"query": "q"},
+        "limit",
+        payment=pay("0.25"),
+        edits=LOG_ONLY,
     ),
     Case(
         "log-only-unknown-agent", "mallory-bot", (), "refunds", "customer_lookup", {}, "unknown-agent", edits=LOG_ONLY
@@ -354,7 +368,8 @@ def test_explain_decides_what_the_enclave_decides(tmp_path: Path, case: Case) ->
         arguments_json=arguments.encode(),
         request_id="",
         persisted_size=len(world.log),
-        payment_amount=case.payment,
+        payment_amount="" if case.payment.startswith("{") else case.payment,
+        payment=case.payment.encode() if case.payment.startswith("{") else b"",
     )
     world.persist(v.log)
     entry = parse_entry(world.log[v.log_index])

@@ -20,6 +20,7 @@ import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from cloister.dev.examples.payments import payment as x402_payment
 from cloister.relay.call_path import CallPath
 from cloister.relay.codes import DENIED, ENCLAVE_UNAVAILABLE, LIMITED, UNAUTHENTICATED
 from cloister.relay.config import RelayConfig, UpstreamConfig
@@ -32,7 +33,7 @@ from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
 from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY, read_grant, verify_grant
 from cloister.wire.contract import LOG_META_KEY, X402_META_KEY
 from tests.relay.inprocess import InProcessEnclave
-from tests.world import World, make_world
+from tests.world import World, epoch_ms, make_world
 
 
 @dataclass
@@ -165,6 +166,7 @@ def test_an_allow_persists_the_decision_before_forwarding(tmp_path: Path) -> Non
             tool="customer_lookup",
             arguments=args,
             now_ms=rig.world.clock.ms,
+            audience="refunds-eu-1",  # the upstream instance the bundle names for refunds
         )
         assert claims.log_index == index
         assert base64.b64decode(f.meta[ATTESTATION_META_KEY]) == rig.state.attestation
@@ -193,7 +195,7 @@ def test_an_allow_persists_the_decision_before_forwarding(tmp_path: Path) -> Non
             research_bot,
             "research___deep_search",
             {"query": "q"},
-            {X402_META_KEY: {"payload": {"amount": "0.11"}}},
+            {X402_META_KEY: x402_payment("0.11", now_s=epoch_ms() // 1000)},
             LIMITED,
             "limit",
         ),

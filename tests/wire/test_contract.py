@@ -13,11 +13,14 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from cloister.dev.examples.payments import payment as usdc
 from cloister.enclave.service import DENIALS, EnclaveService
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import POLICY_NOT_NEWER_STATUS, DenyCode
 from tests.relay.inprocess import Aborted, ServicerContext
-from tests.world import World, make_world
+from tests.world import World, epoch_ms, make_world
+
+EPOCH_S = epoch_ms() // 1000
 
 
 def test_deny_codes_match_the_proto_enum_both_ways() -> None:
@@ -58,7 +61,12 @@ def authorize(
     raw = args if isinstance(args, bytes) else json.dumps(args).encode()
     resp = EnclaveService(w.core).Authorize(
         pb.AuthorizeRequest(
-            token=token, server=server, tool=tool, arguments_json=raw, persisted_size=len(w.log), payment_amount=payment
+            token=token,
+            server=server,
+            tool=tool,
+            arguments_json=raw,
+            persisted_size=len(w.log),
+            payment=payment.encode(),  # an x402 payment payload (JSON), "" for none
         ),
         ServicerContext(),  # type: ignore[arg-type]
     )
@@ -81,7 +89,7 @@ REFUND, RESEARCH = ("refund-bot", ["refund-agent"]), ("research-bot", ["research
         (REFUND, "refunds", "delete_all", {}, "", DenyCode.UNKNOWN_TOOL),
         (REFUND, "refunds", "refund.approve_above_threshold", {"refund_id": "r"}, "", DenyCode.POLICY),
         (RESEARCH, "research", "db_write", {"key": "k", "value": "v"}, "", DenyCode.NO_PERMIT),
-        (RESEARCH, "research", "deep_search", {"query": "q"}, "0.11", DenyCode.LIMIT),
+        (RESEARCH, "research", "deep_search", {"query": "q"}, json.dumps(usdc("0.11", now_s=EPOCH_S)), DenyCode.LIMIT),
     ],
 )
 def test_each_denial_crosses_the_wire_typed(

@@ -34,6 +34,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from cloister.dev.examples.payments import USDC_DECIMALS
+from cloister.dev.examples.payments import payment as example_payment
 from cloister.dev.mcp_http import mcp_http_client
 from cloister.dev.proc import stop_group
 from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot
@@ -42,6 +44,7 @@ from cloister.verify.enclave_identity import verify_enclave
 from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
 from cloister.verify.merkle import leaf_hash, verify_inclusion
 from cloister.verify.tiles import entry_bundle_path, parse_entry_bundle
+from cloister.verify.x402 import amount_of
 
 GREEN, RED, DIM, BOLD, RESET = "\033[32m", "\033[31m", "\033[2m", "\033[1m", "\033[0m"
 
@@ -112,7 +115,10 @@ async def call(
 
 async def paid_call(t: Transcript, client: Client, payment: dict[str, Any], *, expect: str, why: str = "") -> None:
     args = {"query": "attestation"}
-    say(f"  research-bot  research___deep_search({json.dumps(args)}) paying {payment['payload']['amount']} USDC", BOLD)
+    value = payment["payload"]["authorization"]["value"]
+    network = payment["accepted"]["network"]
+    paying = f"{amount_of(int(value), USDC_DECIMALS)} USDC (x402 exact: value {value} on {network})"
+    say(f"  research-bot  research___deep_search({json.dumps(args)}) paying {paying}", BOLD)
     try:
         result = await client.call_tool("research___deep_search", args, meta={"x402/payment": payment})  # type: ignore[arg-type]
     except MCPError as exc:
@@ -220,15 +226,14 @@ async def run_agents(info: dict[str, Any], tokens: dict[str, str], t: Transcript
             expect="deny",
             why="payment required",
         )
-        payment = {
-            "x402Version": 1,
-            "scheme": "exact",
-            "network": "mock",
-            "payload": {"amount": "0.05", "asset": "USDC", "payer": "research-bot"},
-        }
-        for _ in range(2):
-            await paid_call(t, sc, payment, expect="allow")
-        await paid_call(t, sc, payment, expect="deny", why="research-daily-payments")
+        # Each payment is a signed EIP-3009 authorisation (a mock one here); the enclave prices it from
+        # the asset the bundle names for research (USDC, 6 decimals) and binds it into the grant.
+        now = int(time.time())
+        for n in range(2):
+            await paid_call(t, sc, example_payment("0.05", now_s=now, nonce=f"demo-{n}"), expect="allow")
+        await paid_call(
+            t, sc, example_payment("0.05", now_s=now, nonce="demo-2"), expect="deny", why="research-daily-payments"
+        )
 
     if info.get("refunds_url"):
         say("\n== A direct call to the refunds server, skipping the enclave", BOLD)

@@ -1,10 +1,12 @@
 """The example `refunds` upstream: a payments-flavoured MCP server that verifies grants.
 
     python -m cloister.examples.refunds --port 8441 --trust-root .cloister/mock-nsm/root.pem \
-        --expect-pcr0 <hex> [--mock-nsm .cloister/mock-nsm]
+        --expect-pcr0 <hex> [--mock-nsm .cloister/mock-nsm] [--instance refunds-eu-1] [--nonces DIR]
 
 It serves streamable HTTP at /mcp and refuses every tools/call that does not carry a valid,
-single-use grant from an enclave whose attestation verifies (see cloister.guard). With
+single-use grant for this instance (`--instance`, the example bundle's `refunds-eu-1`) from an
+enclave whose attestation verifies (see cloister.upstream.guard). Replicas on one host that share
+`--instance` share `--nonces DIR`, so each grant is honoured once among them. With
 --mock-nsm it also runs "in an enclave": it presents an attestation (cloister.attested_server)
 whose PCR0 measures this file and the Cloister code it runs, so changing its code changes PCR0.
 """
@@ -21,7 +23,7 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 
-from cloister.upstream.guard import GrantGuard
+from cloister.upstream.guard import FileNonceStore, GrantGuard
 from cloister.verify.attestation import TrustRoot
 
 MEASURED = ("guard.py", "attested_server.py")  # in cloister/upstream/
@@ -40,6 +42,7 @@ TRANSACTIONS: dict[str, list[dict[str, Any]]] = {
     "cus_1003": [{"id": "txn_701", "amount": 8800.00, "currency": "USD", "item": "Guidance computer"}],
 }
 APPROVAL_THRESHOLD = 5000
+INSTANCE = "refunds-eu-1"  # the example bundle's `instance` for refunds
 
 
 def build_server(guard: GrantGuard | None) -> MCPServer:
@@ -106,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="present a mock-NSM attestation (PCR0 measures this code), signed by the mock CA in DIR",
     )
+    p.add_argument("--instance", default=INSTANCE, help=f"this upstream's instance id (default {INSTANCE})")
+    p.add_argument("--nonces", type=Path, help="a directory of redeemed grant nonces shared with replicas")
     p.add_argument(
         "--unsafe-no-grants",
         action="store_true",
@@ -121,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         root = TrustRoot.from_pem(args.trust_root.read_bytes()) if args.trust_root else TrustRoot.aws()
         pcrs = {0: bytes.fromhex(args.expect_pcr0)} if args.expect_pcr0 else {}
-        guard = GrantGuard("refunds", trust_root=root, expected_pcrs=pcrs)
+        nonces = FileNonceStore(args.nonces) if args.nonces else None
+        guard = GrantGuard("refunds", trust_root=root, expected_pcrs=pcrs, instance=args.instance, nonces=nonces)
     server = build_server(guard)
     if args.mock_nsm is not None:
         from cloister.dev.mock_nsm import MockNsm

@@ -1,52 +1,43 @@
 """The example `research` upstream: web search over a small offline corpus, a paid deep search,
 and a scratch DB.
 
-It runs over stdio, launched by the relay (`command = ["python", "-m", "cloister.dev.examples.research"]`).
-It does not verify grants: it shows a server that relies on the relay alone. `deep_search` is
-paid with x402: without a payment in `_meta["x402/payment"]` it answers JSON-RPC error -32402
-with its payment requirements (the x402 MCP transport); the mock payment check only compares
-amounts, where a real server would verify the payment with a facilitator.
+It runs over stdio, launched by the relay (`command = ["python", "-m", "cloister.dev.examples.research"]`),
+or over streamable HTTP with `--port`. By default it does not verify grants: it shows a server
+that relies on the relay alone. With `--trust-root` (and `--expect-pcr0`) it verifies them with
+`GrantGuard` as instance `--instance` (the example bundle's `research-us-1`), so a call whose x402
+payment is not the one the enclave charged and bound into the grant is refused.
+
+`deep_search` is paid with x402: without a payment in `_meta["x402/payment"]` it answers JSON-RPC
+error -32402 with its payment requirements (the x402 MCP transport; `payments.requirements()`);
+the mock payment check (`payments.paid_enough`) reads the payment as the `exact` scheme defines
+it, where a real server would verify and settle it with a facilitator.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-from decimal import Decimal, InvalidOperation
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 
-DEEP_SEARCH_PRICE = Decimal("0.05")
-REQUIREMENTS = {
-    "x402Version": 1,
-    "error": "payment required",
-    "accepts": [
-        {
-            "scheme": "exact",
-            "network": "mock",
-            "maxAmountRequired": str(DEEP_SEARCH_PRICE),
-            "asset": "USDC",
-            "payTo": "research.example",
-            "resource": "mcp://research/deep_search",
-            "description": f"Deep search, {DEEP_SEARCH_PRICE} USDC per query",
-        }
-    ],
-}
+from cloister.dev.examples.payments import DEEP_SEARCH_PRICE, paid_enough, requirements
+from cloister.upstream.guard import FileNonceStore, GrantGuard
+from cloister.verify.attestation import TrustRoot
+
+INSTANCE = "research-us-1"  # the example bundle's `instance` for research
 
 
 async def require_payment(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
     params = ctx.params or {}
     if ctx.method == "tools/call" and params.get("name") == "deep_search":
         payment = (params.get("_meta") or {}).get("x402/payment")
-        body = payment.get("payload") if isinstance(payment, dict) else None
-        try:
-            paid = Decimal(str(body.get("amount"))) if isinstance(body, dict) else Decimal(0)
-        except InvalidOperation:
-            paid = Decimal(0)
-        if paid < DEEP_SEARCH_PRICE:
-            raise MCPError(-32402, f"payment required: {DEEP_SEARCH_PRICE} USDC", data=REQUIREMENTS)
+        if not paid_enough(payment):
+            raise MCPError(-32402, f"payment required: {DEEP_SEARCH_PRICE} USDC", data=requirements())
     return await call_next(ctx)
 
 
@@ -58,8 +49,9 @@ CORPUS = [
 ]
 
 
-def build_server() -> MCPServer:
-    mcp = MCPServer("research", instructions="Offline web search and a scratch database.", middleware=[require_payment])
+def build_server(guard: GrantGuard | None = None) -> MCPServer:
+    middleware: list[Any] = [guard, require_payment] if guard is not None else [require_payment]
+    mcp = MCPServer("research", instructions="Offline web search and a scratch database.", middleware=middleware)
     db: dict[str, Any] = {}
 
     @mcp.tool(description="Search the web (offline corpus) for a query.")
@@ -89,8 +81,29 @@ def build_server() -> MCPServer:
     return mcp
 
 
-def main() -> int:
-    build_server().run("stdio")
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cloister.dev.examples.research")
+    p.add_argument("--port", type=int, help="serve streamable HTTP on this port (default: stdio)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--trust-root", type=Path, help="verify grants: PEM root for enclave attestations")
+    p.add_argument("--expect-pcr0", help="the enclave image's PCR0 (hex) that grants must come from")
+    p.add_argument("--instance", default=INSTANCE, help=f"this upstream's instance id (default {INSTANCE})")
+    p.add_argument("--nonces", type=Path, help="a directory of redeemed grant nonces shared with replicas")
+    args = p.parse_args(argv)
+    guard = None
+    if args.trust_root is not None:
+        guard = GrantGuard(
+            "research",
+            trust_root=TrustRoot.from_pem(args.trust_root.read_bytes()),
+            expected_pcrs={0: bytes.fromhex(args.expect_pcr0)} if args.expect_pcr0 else {},
+            instance=args.instance,
+            nonces=FileNonceStore(args.nonces) if args.nonces else None,
+        )
+    server = build_server(guard)
+    if args.port is None:
+        server.run("stdio")
+    else:
+        server.run("streamable-http", host=args.host, port=args.port)
     return 0
 
 
