@@ -1,8 +1,9 @@
 """`cloister token issue --agent ID --role ROLE [--ttl SECONDS]`: mint a development token.
 
 The token is signed by the dev issuer key in the state directory, which `cloister up` puts
-into the example bundle's issuers. Production agents get tokens from a real issuer named
-in the bundle's issuers.toml.
+into the example bundle's issuers, and names the state's log origin as its audience (the
+example issuer's default: a token minted for one deployment is refused by every other).
+Production agents get tokens from a real issuer named in the bundle's issuers.toml.
 """
 
 from __future__ import annotations

@@ -603,7 +603,7 @@ class EnclaveCore:
             raise NotReady("no policy bundle is loaded")
         spec = ps.bundle.servers.get(server)
         if spec is None:
-            raise DecodeError(f"server {server!r} is not in the policy bundle")
+            raise DecodeError(f"server {quoted(server)} is not in the policy bundle")
         return ps, spec
 
     def server_challenge(self, server: str, *, reconnect: bool = False) -> tuple[bytes, str]:

@@ -44,9 +44,9 @@ from tests.enclave.test_resume import material
 from tests.world import BUNDLE_VALIDITY_S, ORIGIN, World, epoch_ms, make_world
 
 FEW = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
-MANY = settings(FEW, max_examples=200)
+MANY = settings(FEW, max_examples=500)
 
 # ---- what must hold after every answer, and at the end ----------------------------------------
 
@@ -251,7 +251,13 @@ def test_hostile_names_and_request_ids_from_an_agent_never_poison_the_log(w: Wor
         entry = parse_entry(w.log[v.log_index])
         assert isinstance(entry, DecisionEntry) and entry.agent == "refund-bot"
 
-    args = st.one_of(st.binary(max_size=64), json_value.filter(_jsonable).map(lambda v: json.dumps(v).encode()))
+    long_member = st.builds(lambda n: "m" * n, st.integers(1000, 20_000))
+    args = st.one_of(
+        st.binary(max_size=64),
+        json_value.filter(_jsonable).map(lambda v: json.dumps(v).encode()),
+        long_member.map(lambda k: b'{"%s": 1, "%s": 2}' % (k.encode(), k.encode())),  # a duplicate, quoted
+        long_member.map(lambda k: json.dumps({"a": {k: {"__extn": 1}}}).encode()),  # a path to an escape
+    )
     run(w, prop, st.tuples(server_name, tool_name, hostile_text, args), MANY)
 
 
@@ -359,6 +365,17 @@ def test_long_unknown_tool_and_server_names_cannot_poison_the_log(w: World) -> N
         assert len(entry.tool) <= 256 and len(entry.server) <= 256 and len(entry.reason) <= 4096
     # The whole name is named by its hash, so whoever holds it can match it to the entry.
     assert "sha256:" in parse_entry(w.log[-1]).tool  # type: ignore[union-attr]
+    assert_log_sound(w)
+
+
+def test_long_argument_member_names_cannot_poison_the_log(w: World) -> None:
+    """The arguments' parser quotes a duplicate member name in its error, and the enclave logged
+    the error as the denial's reason: a 20,000-character name made an entry the parser refuses."""
+    name = "m" * 20_000
+    v = authorize(
+        w, w.token("refund-bot", ["refund-agent"]), args=b'{"%s": 1, "%s": 2}' % (name.encode(), name.encode())
+    )
+    assert not v.allowed and v.code == "bad-arguments" and len(v.reason) <= 4096
     assert_log_sound(w)
 
 
