@@ -348,9 +348,14 @@ def test_long_token_claims_cannot_poison_the_log(w: World) -> None:
         assert len(token) < 8192  # under the token size cap: the claims are read and quoted
         v = authorize(w, token)
         assert not v.allowed and v.code == "unauthenticated"
-    for claims in ({"aud": "a" * 5000}, {"aud": ORIGIN, "sub": "s" * 5000}, {"aud": ORIGIN, "roles": ["r" * 5000]}):
+    hostile: list[dict[str, object]] = [
+        {"aud": "a" * 5000},
+        {"aud": ORIGIN, "sub": "s" * 5000},
+        {"aud": ORIGIN, "roles": ["r" * 5000]},
+    ]
+    for over in hostile:
         now = w.clock.seconds()
-        signed = encode_jwt({"iss": "cloister-dev", "sub": "refund-bot", "exp": now + 60, **claims}, w.issuer)
+        signed = encode_jwt({"iss": "cloister-dev", "sub": "refund-bot", "exp": now + 60, **over}, w.issuer)
         assert not authorize(w, signed).allowed
     assert_log_sound(w)
 
