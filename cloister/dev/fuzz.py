@@ -1356,7 +1356,8 @@ def _proto_scalar(f: Any, current: Any, rng: random.Random, nested: Mapping[str,
         return rng.choice((0, 1, 2, 3, 7, 100, -1))
     value = rng.choice(_INTERESTING_INTS) + rng.choice((0, 0, -1, 1))
     if t in (f.TYPE_UINT64, f.TYPE_FIXED64):
-        return rng.choice((value & ((1 << 64) - 1), current + rng.choice((-1, 1, 256)) if current else 1))
+        near = current + rng.choice((-1, 1, 256)) if current else 1  # next to the value it had
+        return rng.choice((value, near)) & ((1 << 64) - 1)
     if t in (f.TYPE_UINT32, f.TYPE_FIXED32):
         return value & 0xFFFFFFFF
     if t in (f.TYPE_INT32, f.TYPE_SINT32, f.TYPE_SFIXED32):
