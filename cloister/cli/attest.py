@@ -273,7 +273,7 @@ def _decode_input(data: bytes) -> bytes:
 
 
 def _load_root(choice: str) -> Any:
-    # Shared with `cloister audit --trust-root` (cloister.trustroot).
+    # Shared with `cloister audit --trust-root` (cloister.audit.trustroot).
     from cloister.audit.trustroot import TrustRootError, load_trust_root
 
     try:

@@ -4,13 +4,15 @@ MCP client, and an attested audit of every call. It must pass as the README says
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_passes(tmp_path: Path) -> None:
+    # The script a newcomer runs, not the module behind it (a stale module path once broke it).
     out = subprocess.run(
-        [sys.executable, "-m", "cloister.dev.examples.demo", "--state", str(tmp_path / "state")],
+        ["bash", str(ROOT / "scripts" / "demo"), "--state", str(tmp_path / "state")],
         capture_output=True,
         text=True,
         timeout=240,

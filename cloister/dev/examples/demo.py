@@ -1,4 +1,4 @@
-"""The refund scenario, driven end to end: `python -m cloister.examples.demo` (./scripts/demo).
+"""The refund scenario, driven end to end: `python -m cloister.dev.examples.demo` (./scripts/demo).
 
 Starts `cloister up` on a fresh state directory, drives two agents through the official MCP
 client, prints a transcript, then audits the log: it fetches an attested checkpoint with a
@@ -432,7 +432,7 @@ def wait_up(state: Path, proc: subprocess.Popen[bytes], timeout: float = 120) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cloister.examples.demo")
+    p = argparse.ArgumentParser(prog="python -m cloister.dev.examples.demo")
     p.add_argument("--state", type=Path, default=Path(".cloister-demo"), help="fresh state directory to use")
     args = p.parse_args(argv)
     state = args.state.resolve()

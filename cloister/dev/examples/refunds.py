@@ -1,6 +1,6 @@
 """The example `refunds` upstream: a payments-flavoured MCP server that verifies grants.
 
-    python -m cloister.examples.refunds --port 8441 --trust-root .cloister/mock-nsm/root.pem \
+    python -m cloister.dev.examples.refunds --port 8441 --trust-root .cloister/mock-nsm/root.pem \
         --expect-pcr0 <hex> [--mock-nsm .cloister/mock-nsm] [--instance refunds-eu-1] [--nonces DIR]
 
 It serves streamable HTTP at /mcp and refuses every tools/call that does not carry a valid,
@@ -98,7 +98,7 @@ def expected_pcr0(script: Path | None = None) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cloister.examples.refunds")
+    p = argparse.ArgumentParser(prog="python -m cloister.dev.examples.refunds")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8441)
     p.add_argument("--trust-root", type=Path, help="PEM root for enclave attestations (default: AWS Root-G1)")
