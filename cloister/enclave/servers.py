@@ -34,7 +34,7 @@ from cloister.enclave.bundle import Identity, ServerSpec
 from cloister.enclave.server_identity import check_checksum, check_nitro, check_tls
 from cloister.verify.attestation import AttestationPolicy, TrustRoot
 from cloister.verify.canonical import parse_json
-from cloister.verify.entries import ServerEntry
+from cloister.verify.entries import ServerEntry, bounded
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.tools import tool_definition_hash
 
@@ -187,7 +187,7 @@ class ServerRegistry:
         kind = spec.identity.kind
         try:
             if failure:
-                raise VerificationError(f"the relay could not obtain evidence: {failure[:300]}")
+                raise VerificationError(f"the relay could not obtain evidence: {bounded(failure, 300)}")
             if kind == "nitro":
                 challenge = st.challenge
                 if challenge is None or challenge[1] < now_ms:
@@ -208,7 +208,7 @@ class ServerRegistry:
                 return ("verified", *check_tls(certificates, spki_sha256_hex=spec.identity.spki_sha256))
             return "verified", "no identity required", None
         except (VerificationError, DecodeError) as exc:
-            return "failed", str(exc)[:1000], None
+            return "failed", bounded(str(exc), 1000), None
 
     @staticmethod
     def _apply_identity(

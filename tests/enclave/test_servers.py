@@ -202,6 +202,15 @@ def test_relay_failure_to_get_evidence_is_logged(w: World) -> None:
     assert status == "failed" and "connection refused" in entries[0].detail
 
 
+def test_relay_failure_text_with_a_lone_surrogate_is_logged_not_refused(w: World) -> None:
+    # Regression: the failure text went into the entry as it came, so a lone surrogate (or a long
+    # text) made the entry unencodable: the server was quarantined, but the report was refused and
+    # the quarantine went unlogged. The text now enters the entry through bounded().
+    status, _, entries = report(w, "research", failure="refused \ud800 " + "x" * 5000)
+    assert status == "failed" and len(entries) == 1
+    assert "refused" in entries[0].detail and "sha256:" in entries[0].detail
+
+
 def test_a_drifted_tool_is_hidden_denied_and_logged(w: World) -> None:
     report(w, "research", artifact=ARTIFACT, tools_json=json.dumps(TOOLS).encode())
     assert call(w, "research", "web_search")[0]
