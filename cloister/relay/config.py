@@ -31,6 +31,13 @@
     env = { KEY = "value" }
     artifact = "research.py"                  # checksum identity: hashed (by the enclave) before launch
 
+    [[witnesses]]                             # C2SP tlog-witnesses the relay sends checkpoints to
+    name = "witness.example/w1"
+    url = "http://127.0.0.1:7380"             # submission prefix: POST <url>/add-checkpoint
+    vkey = "witness.example/w1+1234abcd+BB..."  # its cosignature key: returned cosignatures must verify
+
+    # in [relay]: witness_quorum = 1          # cosignatures an auditor is told to expect (default: all)
+
 Relative paths are relative to the config file. Errors name the file and the key. The admin
 and auditor tokens are bearer secrets of at least 16 characters, and must differ.
 """
@@ -71,6 +78,15 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class WitnessConfig:
+    """A C2SP tlog-witness: the relay sends it checkpoints (cloister.relay.witnessing)."""
+
+    name: str
+    url: str  # the submission prefix: POST <url>/add-checkpoint
+    vkey: str  # its cosignature verifier key (type 0x04)
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     path: Path
     host: str
@@ -91,6 +107,8 @@ class RelayConfig:
     auditor_token: str | None = None  # required by GET /log/body; None disables it
     body_public_key: X25519PublicKey | None = None  # bodies are stored sealed to this auditor key
     keep_denied_arguments: bool = False  # store the arguments of denied calls too
+    witnesses: tuple[WitnessConfig, ...] = ()
+    witness_quorum: int = 0  # cosignatures a checkpoint needs to count as witnessed (0: no witnesses)
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -125,6 +143,10 @@ def load_relay_config(path: Path) -> RelayConfig:
     if not storage.startswith("s3://"):
         storage = str((base / storage).resolve())
     upstreams = _upstreams(path, data.get("upstreams", []))
+    witnesses = _witnesses(path, data.get("witnesses", []))
+    quorum = _get(relay, "witness_quorum", int, where, len(witnesses))
+    if (witnesses and not 1 <= quorum <= len(witnesses)) or (not witnesses and quorum != 0):
+        raise ConfigError(f"{where}: witness_quorum {quorum} must be between 1 and the {len(witnesses)} [[witnesses]]")
     admin_token = _token(relay, "admin_token_file", base, where)
     auditor_token = _token(relay, "auditor_token_file", base, where)
     if admin_token is not None and auditor_token is not None and hmac.compare_digest(admin_token, auditor_token):
@@ -154,7 +176,34 @@ def load_relay_config(path: Path) -> RelayConfig:
         auditor_token=auditor_token,
         body_public_key=body_key,
         keep_denied_arguments=_get(relay, "keep_denied_arguments", bool, where, False),
+        witnesses=witnesses,
+        witness_quorum=quorum,
     )
+
+
+def _witnesses(path: Path, tables: Any) -> tuple[WitnessConfig, ...]:
+    from cloister.verify.cosignature import Ed25519CosignatureVerifier
+
+    if not isinstance(tables, list):
+        raise ConfigError(f"{path}: [[witnesses]] must be an array of tables")
+    witnesses: list[WitnessConfig] = []
+    for i, t in enumerate(tables):
+        ww = f"{path} [[witnesses]] #{i + 1}"
+        if not isinstance(t, dict):
+            raise ConfigError(f"{ww}: must be a table")
+        name, url, vkey = (_get(t, key, str, ww) for key in ("name", "url", "vkey"))
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{ww}: url {url!r} must be http(s)://")
+        try:
+            verifier = Ed25519CosignatureVerifier.from_vkey(vkey)
+        except DecodeError as exc:
+            raise ConfigError(f"{ww}: vkey: {exc}") from exc
+        if verifier.name != name:
+            raise ConfigError(f"{ww}: the vkey is for {verifier.name!r}, not {name!r}")
+        if any(w.name == name or w.vkey == vkey for w in witnesses):
+            raise ConfigError(f"{ww}: witness {name!r} (or its key) is declared twice")
+        witnesses.append(WitnessConfig(name=name, url=url.rstrip("/"), vkey=vkey))
+    return tuple(witnesses)
 
 
 def _token(relay: dict[str, Any], key: str, base: Path, where: str) -> str | None:

@@ -20,6 +20,7 @@ from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.state import RelayState
 from cloister.relay.storage import LocalBackend, LogWriter, WriterOptions
 from cloister.relay.upstreams import Upstreams
+from cloister.relay.witnessing import Witnessing
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import MAX_LIMIT_WINDOW_S, POLICY_NOT_NEWER_STATUS, RESUME_HISTORY_MARGIN_S
 
@@ -73,9 +74,10 @@ def newest_bundle(config: RelayConfig) -> bytes | None:
 
 
 class Lifecycle:
-    def __init__(self, state: RelayState, upstreams: Upstreams) -> None:
+    def __init__(self, state: RelayState, upstreams: Upstreams, witnessing: Witnessing | None = None) -> None:
         self.state = state
         self.upstreams = upstreams
+        self.witnessing = witnessing
         self._init_lock = anyio.Lock()
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
@@ -88,6 +90,9 @@ class Lifecycle:
         await self.upstreams.run(tg)
         await self.upstreams.wait_ready(15)
         tg.start_soon(self.watch_enclave)
+        if self.witnessing is not None:
+            # Off the call path: checkpoints go to the witnesses from their own tasks.
+            tg.start_soon(self.witnessing.run)
 
     async def ensure_enclave_ready(self, *, startup: bool = False) -> None:
         """Bring the enclave to a running log with the configured policy, whatever its state."""

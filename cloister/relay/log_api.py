@@ -22,6 +22,7 @@ from cloister.relay.auth import AUDITOR, parse_index, refuse_unless
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import Upstreams
+from cloister.relay.witnessing import Witnessing
 
 
 def _b64(data: bytes) -> str:
@@ -61,9 +62,10 @@ def _query_index(request: Request, name: str, default: int | None = None) -> int
 
 
 class LogApi:
-    def __init__(self, state: RelayState, upstreams: Upstreams) -> None:
+    def __init__(self, state: RelayState, upstreams: Upstreams, witnessing: Witnessing | None = None) -> None:
         self.state = state
         self.upstreams = upstreams
+        self.witnessing = witnessing
 
     def routes(self) -> list[Route]:
         return [
@@ -73,6 +75,7 @@ class LogApi:
             Route("/log/proof/inclusion", self.inclusion),
             Route("/log/proof/consistency", self.consistency),
             Route("/log/body/{index}/{kind}", self.body),
+            Route("/log/checkpoint.cosigned", self.cosigned_checkpoint),
             Route("/log/{path:path}", self.log_object),
         ]
 
@@ -92,6 +95,8 @@ class LogApi:
             "log_size": self.state.writer.persisted_size,
             "upstreams": self.upstreams.status(),
         }
+        if self.witnessing is not None:
+            body["witnessing"] = self.witnessing.health()
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     async def attestation(self, request: Request) -> Response:
@@ -134,6 +139,13 @@ class LogApi:
         headers = {"Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache"}
         media = "text/plain; charset=utf-8" if path == "checkpoint" else "application/octet-stream"
         return Response(data, media_type=media, headers=headers)
+
+    async def cosigned_checkpoint(self, request: Request) -> Response:
+        """The newest checkpoint the witnesses cosigned: the note with their cosignature lines appended."""
+        note = self.witnessing.cosigned() if self.witnessing is not None else None
+        if note is None:
+            return PlainTextResponse("no cosigned checkpoint yet\n", status_code=404)
+        return Response(note, media_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-cache"})
 
     async def inclusion(self, request: Request) -> Response:
         writer = self.state.writer

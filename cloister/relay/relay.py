@@ -22,6 +22,7 @@ This module wires the relay's roles together, each in its own module:
 | `log_api`      | HTTP: health, attestation, the log's read API |
 | `admin`        | HTTP: policy push, tool pins, redaction (admin token) |
 | `auth`         | the admin and auditor tokens; strict log indexes |
+| `witnessing`   | checkpoints to C2SP witnesses, their cosignatures served beside the log |
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from cloister.relay.log_api import LogApi
 from cloister.relay.mcp_handlers import McpHandlers
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import Upstreams
+from cloister.relay.witnessing import Witnessing
 
 log = logging.getLogger("cloister.relay")
 
@@ -57,10 +59,13 @@ class Relay:
             config, EnclaveClient(config.enclave, config.run_dir, timeout_s=config.enclave_timeout_s)
         )
         self.upstreams = Upstreams(config.upstreams, UpstreamIdentity(self.state))
-        self.lifecycle = Lifecycle(self.state, self.upstreams)
+        self.witnessing = (
+            Witnessing(config.witnesses, config.witness_quorum, lambda: self.state.writer) if config.witnesses else None
+        )
+        self.lifecycle = Lifecycle(self.state, self.upstreams, self.witnessing)
         self.calls = CallPath(self.state, self.upstreams)
         self.mcp_handlers = McpHandlers(self.state, self.upstreams, self.calls)
-        self.log_api = LogApi(self.state, self.upstreams)
+        self.log_api = LogApi(self.state, self.upstreams, self.witnessing)
         self.admin = Admin(self.state, self.upstreams)
         self.mcp = self.mcp_handlers.server()
 

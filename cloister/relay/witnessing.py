@@ -1,0 +1,261 @@
+"""Witnessing: the relay sends the log's newest durable checkpoint to each configured C2SP
+tlog-witness (c2sp.org/tlog-witness, add-checkpoint) and keeps the cosignatures they return.
+
+- Off the call path: one background task per witness polls the writer's latest durable
+  checkpoint; calls never wait for a witness. At most one request per witness is in flight, and
+  a witness that was busy or down gets the newest checkpoint next (older ones are skipped).
+- add-checkpoint: `old <size>` is the size this witness last cosigned as far as the relay knows
+  (0 after a start), the consistency proof comes from the log's storage. A 409 carries the
+  witness's size (`text/x.tlog.size`): the relay adopts it and retries once with the matching
+  proof. Any other failure (timeout, refused connection, 4xx/5xx) is retried after a backoff
+  that doubles up to a cap.
+- A returned cosignature must verify against the witness's configured vkey
+  (cloister.verify.cosignature) before it is kept. The relay talks to witnesses over HTTP only.
+- The cosignatures are signature lines appended to the checkpoint note: the newest checkpoint
+  with a quorum of them (else the one with the most) is served at GET /log/checkpoint.cosigned
+  and written to storage beside the log (`checkpoint.cosigned`). Nothing here is trusted by
+  anyone: auditors verify the cosignatures against keys they pin.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import logging
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from cloister.relay.config import WitnessConfig
+from cloister.relay.storage import LogWriter
+from cloister.verify.checkpoint import parse_checkpoint
+from cloister.verify.cosignature import Ed25519CosignatureVerifier, verify_cosignature_line
+from cloister.verify.errors import DecodeError, VerificationError
+from cloister.verify.note import parse_note
+
+__all__ = ["COSIGNED_PATH", "HttpReply", "Witnessing", "http_post"]
+
+log = logging.getLogger("cloister.relay.witnessing")
+
+COSIGNED_PATH = "checkpoint.cosigned"
+MAX_REPLY = 64 * 1024
+_KEEP_NOTES = 16
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    body: bytes
+
+
+Post = Callable[[str, bytes, float], Awaitable[HttpReply]]
+
+
+def _post_blocking(url: str, body: bytes, timeout: float) -> HttpReply:
+    parts = urllib.parse.urlsplit(url)
+    conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = conn_cls(parts.netloc, timeout=timeout)
+    try:
+        conn.request("POST", parts.path or "/", body=body, headers={"Content-Type": "text/plain; charset=utf-8"})
+        resp = conn.getresponse()
+        return HttpReply(resp.status, resp.read(MAX_REPLY))
+    finally:
+        conn.close()
+
+
+async def http_post(url: str, body: bytes, timeout: float) -> HttpReply:
+    """POST with the standard library in a worker thread; the socket timeout bounds it."""
+    return await anyio.to_thread.run_sync(_post_blocking, url, body, timeout, abandon_on_cancel=True)
+
+
+class WitnessFailed(Exception):
+    pass
+
+
+@dataclass
+class WitnessStatus:
+    name: str
+    witnessed_size: int | None = None  # what the witness last cosigned, as far as the relay knows
+    cosigned_note: bytes | None = None  # the checkpoint we hold its cosignature for
+    failures: int = 0  # consecutive
+    last_error: str | None = None
+    last_cosigned_at: float | None = None  # the relay's clock (seconds)
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "witnessed_size": self.witnessed_size,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "last_cosigned_at": self.last_cosigned_at,
+        }
+
+
+def _size(note: bytes) -> int:
+    return parse_checkpoint(parse_note(note).text).size
+
+
+class Cosignatures:
+    """Cosignature lines per checkpoint note (the last few checkpoints)."""
+
+    def __init__(self) -> None:
+        self._by_note: OrderedDict[bytes, dict[str, bytes]] = OrderedDict()
+
+    def add(self, note: bytes, witness: str, line: bytes) -> None:
+        self._by_note.setdefault(note, {})[witness] = line
+        self._by_note.move_to_end(note)
+        while len(self._by_note) > _KEEP_NOTES:
+            self._by_note.popitem(last=False)
+
+    def best(self, quorum: int) -> bytes | None:
+        """The newest checkpoint with `quorum` cosignatures, else the one with the most (then newest)."""
+        if not self._by_note:
+            return None
+        ranked = max(self._by_note.items(), key=lambda kv: (len(kv[1]) >= quorum, len(kv[1]), _size(kv[0])))
+        note, lines = ranked
+        return note + b"".join(lines[name] for name in sorted(lines))
+
+
+class Witnessing:
+    """The background witnessing task (start it in the relay's task group with `run`)."""
+
+    def __init__(
+        self,
+        witnesses: Sequence[WitnessConfig],
+        quorum: int,
+        writer: Callable[[], LogWriter],
+        *,
+        post: Post = http_post,
+        clock: Callable[[], float] = time.time,
+        timeout_s: float = 10.0,
+        poll_s: float = 0.2,
+        backoff_s: tuple[float, float] = (0.5, 30.0),
+    ) -> None:
+        self.witnesses = tuple(witnesses)
+        self.quorum = quorum
+        self._writer = writer
+        self._post = post
+        self._clock = clock
+        self._timeout = timeout_s
+        self._poll = poll_s
+        self._backoff = backoff_s
+        self._verifiers = {w.name: Ed25519CosignatureVerifier.from_vkey(w.vkey) for w in self.witnesses}
+        self.status = {w.name: WitnessStatus(w.name) for w in self.witnesses}
+        self._cosignatures = Cosignatures()
+        self._served: bytes | None = None
+        self._changed = anyio.Event()
+
+    # --- What the relay serves -------------------------------------------------------------------
+
+    def cosigned(self) -> bytes | None:
+        """The checkpoint note with the cosignature lines appended (GET /log/checkpoint.cosigned)."""
+        return self._served
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "quorum": self.quorum,
+            "witnesses": {name: s.json() for name, s in self.status.items()},
+        }
+
+    async def changed(self) -> None:
+        """Wait until a new cosignature is kept (for tests and callers that need to wait)."""
+        await self._changed.wait()
+
+    # --- The tasks -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self._load_stored()
+        async with anyio.create_task_group() as tg:
+            for w in self.witnesses:
+                tg.start_soon(self._run_one, w)
+
+    async def _load_stored(self) -> None:
+        try:
+            backend = self._writer().store.backend
+            self._served = await anyio.to_thread.run_sync(backend.read, COSIGNED_PATH)
+        except Exception as exc:  # a missing or unreadable copy is rebuilt from the witnesses
+            log.warning("cannot read the stored %s: %s", COSIGNED_PATH, exc)
+
+    async def _run_one(self, witness: WitnessConfig) -> None:
+        status = self.status[witness.name]
+        delay = self._backoff[0]
+        while True:
+            note = self._writer().latest_checkpoint()
+            if note is None or note == status.cosigned_note:
+                await anyio.sleep(self._poll)
+                continue
+            try:
+                await self._submit(witness, note)
+            except Exception as exc:  # keep trying: the relay's calls never depend on a witness
+                status.failures += 1
+                status.last_error = str(exc)[:300]
+                log.warning("witness %s: %s (retrying in %.1fs)", witness.name, status.last_error, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self._backoff[1])
+            else:
+                delay = self._backoff[0]
+
+    async def _submit(self, witness: WitnessConfig, note: bytes) -> None:
+        status = self.status[witness.name]
+        size = _size(note)
+        reply = await self._add_checkpoint(witness, status.witnessed_size or 0, size, note)
+        if reply.status == 409:
+            # The witness is at another size than we thought (a relay restart, another relay):
+            # adopt it and retry once with the matching proof.
+            status.witnessed_size = _parse_size(reply.body)
+            reply = await self._add_checkpoint(witness, status.witnessed_size, size, note)
+        if reply.status != 200:
+            text = reply.body[:200].decode("utf-8", "replace").strip()
+            raise WitnessFailed(f"add-checkpoint of size {size} answered {reply.status}: {text}")
+        line = self._verified_line(witness, note, reply.body)
+        status.witnessed_size = size
+        status.cosigned_note = note
+        status.failures = 0
+        status.last_error = None
+        status.last_cosigned_at = self._clock()
+        self._cosignatures.add(note, witness.name, line)
+        await self._publish()
+
+    async def _add_checkpoint(self, witness: WitnessConfig, old: int, size: int, note: bytes) -> HttpReply:
+        if old > size:
+            raise WitnessFailed(f"the witness has cosigned size {old}, beyond the log's durable size {size}")
+        proof = await self._writer().consistency_proof(old, size) if 0 < old < size else []
+        body = b"old %d\n" % old + b"".join(base64.b64encode(h) + b"\n" for h in proof) + b"\n" + note
+        with anyio.fail_after(self._timeout + 1):
+            return await self._post(f"{witness.url}/add-checkpoint", body, self._timeout)
+
+    def _verified_line(self, witness: WitnessConfig, note: bytes, body: bytes) -> bytes:
+        """The cosignature line for this witness among the reply's lines, checked against its vkey."""
+        text = parse_note(note).text
+        verifier = self._verifiers[witness.name]
+        for raw in body.decode("utf-8", "replace").splitlines():
+            try:
+                verify_cosignature_line(raw, text, verifier)
+            except (DecodeError, VerificationError, ValueError):
+                continue
+            return raw.encode("utf-8") + b"\n"
+        raise WitnessFailed("the reply holds no cosignature that verifies with the configured vkey")
+
+    async def _publish(self) -> None:
+        best = self._cosignatures.best(self.quorum)
+        if best is None or best == self._served:
+            return
+        self._served = best
+        self._changed.set()
+        self._changed = anyio.Event()
+        try:
+            backend = self._writer().store.backend
+            await anyio.to_thread.run_sync(backend.write, COSIGNED_PATH, best)
+        except Exception as exc:  # served from memory all the same
+            log.warning("cannot store %s: %s", COSIGNED_PATH, exc)
+
+
+def _parse_size(body: bytes) -> int:
+    text = body.strip()
+    if not text.isdigit() or len(text) > 20:
+        raise WitnessFailed(f"a 409 without a tree size in its body ({body[:40]!r})")
+    return int(text)

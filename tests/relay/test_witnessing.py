@@ -1,0 +1,241 @@
+"""The relay's witnessing task against real witness servers (cloister.witness on 127.0.0.1, in
+threads) and the log's real storage on tmp_path: checkpoints get cosigned as the log grows, a
+witness that is down blocks nothing and is retried, a 409 is recovered, and what the relay
+serves verifies with a quorum policy."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from cloister.relay.config import WitnessConfig
+from cloister.relay.storage import LocalBackend, LogWriter
+from cloister.relay.witnessing import COSIGNED_PATH, Witnessing
+from cloister.verify.checkpoint import verify_checkpoint
+from cloister.verify.cosignature import CosignaturePolicy, verify_cosignatures
+from cloister.verify.errors import VerificationError
+from cloister.witness.protocol import Witness
+from cloister.witness.server import WitnessHTTPServer, make_server
+from cloister.witness.state import WitnessState, init_state
+from tests.relay.storage.conftest import FakeLog, entry
+from tests.witness.harness import Clock, key
+
+T0 = 1_700_000_000
+
+
+class Served:
+    """A witness following FakeLog's origin, served on 127.0.0.1 in a thread."""
+
+    def __init__(self, root: Path, name: str, seed: int, log: FakeLog, port: int = 0) -> None:
+        state_dir = root / name.replace("/", "_")
+        if not state_dir.exists():
+            init_state(state_dir, name, key(seed))
+        keys = {log.origin: (log.signer.verifier,)}
+        self.state = WitnessState.open(state_dir, keys)
+        self.witness = Witness(self.state, keys, Clock(T0))
+        self.server: WitnessHTTPServer = make_server(self.witness, "127.0.0.1", port, timeout=5.0)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.config = WitnessConfig(name=name, url=self.server.url, vkey=self.witness.vkey)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+        self.state.close()
+
+
+def run(fn: Callable[[], Awaitable[None]]) -> None:
+    async def main() -> None:
+        await asyncio.wait_for(fn(), 30)
+
+    asyncio.run(main())
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await anyio.sleep(0.02)
+
+
+async def grow(writer: LogWriter, log: FakeLog, n: int) -> None:
+    for _ in range(n):
+        a = log.append([entry(log.size)])
+        await writer.persist(a.first_index, list(a.entries), a.checkpoint)
+
+
+def witnessing(writer: LogWriter, witnesses: list[WitnessConfig], quorum: int) -> Witnessing:
+    return Witnessing(witnesses, quorum, lambda: writer, poll_s=0.02, timeout_s=2, backoff_s=(0.05, 0.2))
+
+
+def cosigned_at(w: Witnessing, size: int) -> bool:
+    return all(s.witnessed_size == size for s in w.status.values())
+
+
+def served_size(w: Witnessing) -> int:
+    note = w.cosigned()
+    return -1 if note is None else int(note.split(b"\n")[1])
+
+
+@pytest.fixture
+def log() -> FakeLog:
+    return FakeLog()
+
+
+def test_checkpoints_get_cosigned_as_the_log_grows(tmp_path: Path, log: FakeLog) -> None:
+    w1, w2 = Served(tmp_path, "witness.test/w1", 11, log), Served(tmp_path, "witness.test/w2", 12, log)
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = witnessing(writer, [w1.config, w2.config], 2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 3)
+            await wait_until(lambda: cosigned_at(wit, 3) and served_size(wit) == 3, "size 3 cosigned")
+            await grow(writer, log, 20)
+            await wait_until(lambda: cosigned_at(wit, 23) and served_size(wit) == 23, "size 23 cosigned")
+            tg.cancel_scope.cancel()
+        note = wit.cosigned()
+        assert note is not None
+        verify_checkpoint(note, [log.signer.verifier], origin=log.origin)
+        policy = CosignaturePolicy.from_vkeys([w1.config.vkey, w2.config.vkey], 2)
+        assert verify_cosignatures(note, policy) == {"witness.test/w1": T0, "witness.test/w2": T0}
+        # Stored beside the log, and reported per witness in health.
+        assert (tmp_path / "log" / COSIGNED_PATH).read_bytes() == note
+        health = wit.health()
+        assert health["quorum"] == 2
+        assert {n: s["witnessed_size"] for n, s in health["witnesses"].items()} == {
+            "witness.test/w1": 23,
+            "witness.test/w2": 23,
+        }
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+        w2.stop()
+
+
+def test_a_witness_that_is_down_blocks_nothing_and_is_retried(tmp_path: Path, log: FakeLog) -> None:
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    w2 = Served(tmp_path, "witness.test/w2", 12, log)
+    port = w2.server.server_address[1]
+    w2.stop()  # down: nothing listens on its port
+
+    async def main() -> None:
+        nonlocal w2
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = witnessing(writer, [w1.config, w2.config], 2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            started = time.monotonic()
+            await grow(writer, log, 5)  # persisting (what calls wait for) does not wait for witnesses
+            assert time.monotonic() - started < 2
+            await wait_until(lambda: wit.status["witness.test/w1"].witnessed_size == 5, "w1 cosigned")
+            await wait_until(lambda: wit.status["witness.test/w2"].failures >= 2, "w2 retried")
+            assert "witness.test/w2" not in (wit.cosigned() or b"").decode()
+            w2 = Served(tmp_path, "witness.test/w2", 12, log, port=int(port))
+            await wait_until(lambda: cosigned_at(wit, 5), "w2 cosigned once up")
+            await wait_until(lambda: b"witness.test/w2" in (wit.cosigned() or b""), "both served")
+            assert wit.status["witness.test/w2"].failures == 0
+            tg.cancel_scope.cancel()
+        note = wit.cosigned()
+        assert note is not None
+        policy = CosignaturePolicy.from_vkeys([w1.config.vkey, w2.config.vkey], 2)
+        assert set(verify_cosignatures(note, policy)) == {"witness.test/w1", "witness.test/w2"}
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+        w2.stop()
+
+
+def test_a_409_is_recovered_with_the_witness_size(tmp_path: Path, log: FakeLog) -> None:
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        await grow(writer, log, 7)
+        # The witness already cosigned size 7 (e.g. before the relay restarted): the relay's
+        # first request says "old 0" and gets a 409 naming 7.
+        reply = w1.witness.add_checkpoint(b"old 0\n\n" + log.checkpoint(7))
+        assert reply.status == 200
+        await grow(writer, log, 6)
+        wit = witnessing(writer, [w1.config], 1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await wait_until(lambda: cosigned_at(wit, 13), "size 13 cosigned after the 409")
+            tg.cancel_scope.cancel()
+        assert wit.status["witness.test/w1"].failures == 0  # recovered within one attempt
+        note = wit.cosigned()
+        assert note is not None
+        assert verify_cosignatures(note, CosignaturePolicy.from_vkeys([w1.config.vkey], 1)) == {"witness.test/w1": T0}
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+
+
+def test_the_quorum_fails_with_a_wrong_pinned_key_or_too_few_witnesses(tmp_path: Path, log: FakeLog) -> None:
+    w1, w2 = Served(tmp_path, "witness.test/w1", 11, log), Served(tmp_path, "witness.test/w2", 12, log)
+    other = Served(tmp_path / "other", "witness.test/w2", 13, log)  # same name, another key
+    other.stop()
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = witnessing(writer, [w1.config], 1)  # the relay sends to w1 only
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 4)
+            await wait_until(lambda: cosigned_at(wit, 4), "size 4 cosigned")
+            tg.cancel_scope.cancel()
+        note = wit.cosigned()
+        assert note is not None
+        with pytest.raises(VerificationError, match="cosigned by 1 of the 2"):
+            verify_cosignatures(note, CosignaturePolicy.from_vkeys([w1.config.vkey, w2.config.vkey], 2))
+        with pytest.raises(VerificationError, match="cosigned by 0 of the 1"):
+            verify_cosignatures(note, CosignaturePolicy.from_vkeys([other.config.vkey], 1))
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+        w2.stop()
+
+
+def test_a_reply_that_does_not_verify_with_the_configured_vkey_is_not_kept(tmp_path: Path, log: FakeLog) -> None:
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    liar = Served(tmp_path / "liar", "witness.test/w1", 14, log)  # answers with another key
+    cfg = WitnessConfig(name="witness.test/w1", url=liar.config.url, vkey=w1.config.vkey)
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = witnessing(writer, [cfg], 1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 2)
+            await wait_until(lambda: wit.status["witness.test/w1"].failures >= 1, "a refused reply")
+            tg.cancel_scope.cancel()
+        assert wit.cosigned() is None
+        assert "no cosignature that verifies" in (wit.status["witness.test/w1"].last_error or "")
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+        liar.stop()
