@@ -158,7 +158,14 @@ def replay_log(
     old = remembered(checkpoint.origin) if remembered is not None and not generic_keys else None
     want = [old.size] if old is not None and old.size <= checkpoint.size else []
     result = replay_tree(
-        spec, checkpoint.size, decode=not generic_keys, check_key=check, want_sizes=want, jobs=jobs, progress=progress
+        spec,
+        checkpoint.size,
+        decode=not generic_keys,
+        check_key=check,
+        want_sizes=want,
+        jobs=jobs,
+        progress=progress,
+        now_ms=int(now.timestamp() * 1000),
     )
     problems: list[Problem] = []
     # The recomputed root is the signed one.

@@ -59,6 +59,12 @@ def replay_json(result: ReplayResult, *, checkpoint_root: bytes, rate: float | N
         "denials_by_code": dict(s.denials),
         "denials_by_reason": [{"code": c, "reason": r, "count": n} for (c, r), n in s.deny_reasons.most_common()],
         "outcomes": {"total": s.outcomes, "errors": s.outcome_errors, "paid": s.payments},
+        # Decisions that issued a grant without an outcome: past their outcome window (each also a
+        # problem; indexes capped) or still open, judged as of the log's last entry.
+        "missing_outcomes": result.missing_outcomes,
+        "missing_outcome_indexes": result.missing_outcome_indexes,
+        "open_decisions": result.open_decisions,
+        "outcomes_as_of_ms": result.outcomes_as_of_ms,
         "servers": [{"server": a, "kind": k, "status": st, "count": n} for (a, k, st), n in sorted(s.servers.items())],
         "key_introductions": [dataclasses.asdict(k) for k in result.keys],
         "policy_versions": [dataclasses.asdict(p) for p in result.policies],
@@ -94,6 +100,11 @@ def replay_text(result: ReplayResult) -> str:
             lines.append(f"  ... and {len(s.deny_reasons) - 20} more reasons")
     if s.outcomes:
         lines.append(f"outcomes: {s.outcomes:,} ({s.outcome_errors:,} with an error, {s.payments:,} paid)")
+    if result.missing_outcomes or result.open_decisions:
+        lines.append(
+            f"allowed decisions without an outcome: {result.missing_outcomes:,} past their outcome window "
+            f"(problems), {result.open_decisions:,} still open"
+        )
     if s.servers:
         lines.append("server attestations:")
         for (server, kind, status), n in sorted(s.servers.items()):

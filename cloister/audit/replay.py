@@ -18,7 +18,11 @@ What a replay proves, given a verified checkpoint (size N, root R):
        only for the entry that starts a new log, at index 0);
      - policy entries have increasing versions, and every decision names the policy version and
        bundle hash in force at its index (the latest policy entry before it);
-     - the checkpoint is signed by the log key introduced by the last key entry before N.
+     - the checkpoint is signed by the log key introduced by the last key entry before N;
+     - every decision that issued a grant has an outcome, unless its outcome may still come: a
+       decision whose grant expired more than OUTCOME_GRACE_MS before the log's last entry (the
+       enclave refuses its outcome from then on) and has none is a problem ("missing outcome");
+       one still within that window is counted as open.
 
 Problems are collected (with the entry index, the tile path and the byte offset when known), not
 raised, so that one replay reports everything it finds; the caller exits non-zero if there are
@@ -58,6 +62,7 @@ from cloister.audit.templates import (
     decision_kind,
 )
 from cloister.verify.entries import (
+    OUTCOME_GRACE_MS,
     DecisionEntry,
     DenialsEntry,
     KeyEntry,
@@ -87,6 +92,7 @@ __all__ = [
 ]
 
 MAX_PROBLEMS = 200
+MAX_MISSING_LISTED = 100  # indexes of decisions without an outcome kept for the report
 DENIED_UNLOGGED = "deny (counted, not logged one by one)"
 MAX_REASONS = 500
 _KIND_NAMES = {
@@ -185,6 +191,10 @@ class ChunkResult:
     problems: list[Problem] = field(default_factory=list)
     current_policy: tuple[int, bytes] | None = None  # the policy of the last decision (within the chunk)
     unreadable: list[int] = field(default_factory=list)  # first index of each bundle that could not be read
+    # Decisions that issued a grant and that no outcome of this chunk closes, as flat
+    # (index, grant expiry ms) pairs; a later chunk's outcome may still close them.
+    unclosed: array[int] = field(default_factory=lambda: array("q"))
+    last_time_ms: int | None = None  # the time of the tree's last entry, from the chunk that holds it
 
 
 @dataclass(frozen=True)
@@ -296,7 +306,43 @@ def scan_chunk(plan: ScanPlan, first: int, end: int) -> ChunkResult:  # noqa: C9
             elif isinstance(template.info, OutcomeInfo):
                 out.summary.count_outcome(template.info, hits)
         _local_outcomes(out, first * TILE_WIDTH)
+        _unclosed_grants(out, plan, first, data, widths)
     return out
+
+
+def _unclosed_grants(
+    out: ChunkResult, plan: ScanPlan, first: int, data: Sequence[bytes | Exception], widths: Sequence[int]
+) -> None:
+    """Note the grant expiry of each decision no outcome in this chunk closes (few: those whose
+    outcome is in a later chunk, and those that have none), and the time of the tree's last entry."""
+    base = first * TILE_WIDTH
+    kinds, used = out.kinds, out.used
+    split: dict[int, list[bytes]] = {}
+
+    def entries_of(i: int) -> list[bytes]:
+        if i not in split:
+            raw = data[2 * i]
+            try:
+                split[i] = [] if isinstance(raw, Exception) else parse_entry_bundle(raw, widths[i])
+            except DecodeError:  # reported already
+                split[i] = []
+        return split[i]
+
+    for k in range(len(kinds)):
+        if kinds[k] != KIND_DECISION_GRANTED or used[k]:
+            continue
+        i, offset = divmod(k, TILE_WIDTH)
+        entry = parse_entry(entries_of(i)[offset])
+        assert isinstance(entry, DecisionEntry) and entry.grant_expiry_ms is not None
+        out.unclosed.append(base + k)
+        out.unclosed.append(entry.grant_expiry_ms)
+    if widths and base + sum(widths) == plan.tree_size:
+        for data_entry in reversed(entries_of(len(widths) - 1)):
+            try:
+                out.last_time_ms = parse_entry(data_entry).time_ms
+                break
+            except DecodeError:
+                continue
 
 
 def _outcome_problem(j: int, d: int, kind: int, used: int) -> str | None:
@@ -506,6 +552,13 @@ class ReplayResult:
     last_key: Any = None  # EnclaveBinding of the last verified key entry before tree_size
     last_key_index: int | None = None
     prefix_roots: dict[int, bytes] = field(default_factory=dict)
+    # Decisions that issued a grant and have no outcome: past their outcome window (problems, the
+    # first MAX_MISSING_LISTED indexes listed), or still within it (open). `outcomes_as_of_ms` is
+    # the time they were judged at: the log's last entry (None if unknown: then all count as open).
+    missing_outcomes: int = 0
+    missing_outcome_indexes: list[int] = field(default_factory=list)
+    open_decisions: int = 0
+    outcomes_as_of_ms: int | None = None
 
 
 # Verifies one key entry (called by the main process): (index, KeyEntry, root before it) -> binding.
@@ -541,6 +594,8 @@ class _Merger:
         self.leaves_wanted = leaves_wanted
         self.prefix_roots: dict[int, bytes] = {}
         self.unreadable: list[int] = []  # first index of each bundle that could not be read
+        self.unclosed: list[array[int]] = []
+        self.last_time_ms: int | None = None
 
     def _gap(self, start: int, end: int) -> bool:
         """Some entry in [start, end) could not be read (so what it would have changed is unknown)."""
@@ -558,6 +613,10 @@ class _Merger:
         self.leaves.update(r.leaves)
         self.unreadable += r.unreadable
         self.summary.merge(r.summary)
+        if r.unclosed:
+            self.unclosed.append(r.unclosed)
+        if r.last_time_ms is not None:
+            self.last_time_ms = r.last_time_ms
         if self.decode:
             self._structure(r)
         for s in self.want_sizes:
@@ -702,12 +761,14 @@ def replay_tree(
     jobs: int = 1,
     chunk_bundles: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    now_ms: int | None = None,
 ) -> ReplayResult:
     """Recompute the tree of `tree_size` leaves from `spec`, decode and check every entry.
 
     `check_key(index, entry, root_before)` verifies a key entry and returns (binding, PCR0 hex),
     raising DecodeError/VerificationError. `want_sizes` are sizes whose prefix roots to report
     (e.g. the remembered checkpoint's size). `jobs` > 1 uses that many worker processes.
+    Outcomes are judged as of the log's last entry, or `now_ms` if that is earlier.
     """
     bundles = -(-tree_size // TILE_WIDTH)
     leaves_wanted = frozenset(s // TILE_WIDTH for s in want_sizes if s % TILE_WIDTH)
@@ -725,6 +786,8 @@ def replay_tree(
             progress(done, tree_size)
     root = merger.prefix_root(tree_size)
     _check_upper_tiles(open_source(spec), tree_size, merger)
+    as_of = merger.last_time_ms if now_ms is None or merger.last_time_ms is None else min(now_ms, merger.last_time_ms)
+    missing, open_count = _missing_outcomes(merger, as_of)
     return ReplayResult(
         tree_size=tree_size,
         root=root,
@@ -736,7 +799,44 @@ def replay_tree(
         last_key=merger.last_key,
         last_key_index=merger.last_key_index,
         prefix_roots=merger.prefix_roots,
+        missing_outcomes=len(missing),
+        missing_outcome_indexes=missing[:MAX_MISSING_LISTED],
+        open_decisions=open_count,
+        outcomes_as_of_ms=as_of,
     )
+
+
+def _missing_outcomes(merger: _Merger, as_of_ms: int | None) -> tuple[list[int], int]:
+    """Decisions that issued a grant and that no outcome closed: those whose outcome window (grant
+    expiry + OUTCOME_GRACE_MS) ended before `as_of_ms` are problems; the others are open."""
+    missing: list[int] = []
+    open_count = 0
+    for pairs in merger.unclosed:
+        for k in range(0, len(pairs), 2):
+            index, expiry_ms = pairs[k], pairs[k + 1]
+            if merger.used[index]:
+                continue  # closed by an outcome in a later chunk
+            # An outcome may sit in entries that could not be read (reported already): not judged.
+            if as_of_ms is None or expiry_ms + OUTCOME_GRACE_MS >= as_of_ms or merger._gap(index + 1, merger.n):
+                open_count += 1
+                continue
+            missing.append(index)
+            merger.problem(
+                f"entry {index}",
+                f"allowed decision {index} has no outcome, and none can come: its grant expired at "
+                f"{_iso(expiry_ms)}, more than {OUTCOME_GRACE_MS // 60_000} minutes before the log's last "
+                f"entry ({_iso(as_of_ms)})",
+            )
+    return missing, open_count
+
+
+def _iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
 
 
 MIN_BUNDLES_FOR_PROCESSES = 64  # below ~16k entries, starting worker processes costs more than it saves

@@ -52,6 +52,7 @@ from cloister.verify.enclave_identity import EnclaveBinding
 from cloister.verify.entries import (
     MAX_DECIMAL_TEXT,
     MAX_ENTRY_BYTES,
+    OUTCOME_GRACE_MS,
     DecisionEntry,
     Entry,
     KeyEntry,
@@ -69,7 +70,6 @@ from cloister.verify.note import Ed25519NoteSigner
 
 MAX_REQUEST_ID = 128
 MAX_OPEN_DECISIONS = 200_000
-OUTCOME_GRACE_MS = 15 * 60 * 1000
 TOKEN_CACHE_SIZE = 10_000
 POLICY_EXTENSION = "cloister-policy"  # checkpoint extension line: "cloister-policy <version> <sha256 hex>"
 

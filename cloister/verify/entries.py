@@ -32,6 +32,10 @@ from cloister.verify.errors import DecodeError
 # tlog-tiles entry bundles carry each entry behind a uint16 length.
 MAX_ENTRY_BYTES = 0xFFFF
 VERSION = 1
+# How long after its grant expires an allowed decision may still get its outcome: the enclave keeps
+# the decision open that long (and refuses a later outcome), so an auditor who finds no outcome for
+# a decision past its grant's expiry plus this grace knows none will ever come.
+OUTCOME_GRACE_MS = 15 * 60 * 1000
 
 
 def dumps_deterministic(value: Any) -> bytes:

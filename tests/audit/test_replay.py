@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from cloister.audit.full_replay import replay_log
+from cloister.audit.replay import ReplayResult
 from cloister.audit.source import SourceSpec
 from cloister.verify.attestation import TrustRoot
 from cloister.verify.checkpoint import Checkpoint
 from cloister.verify.entries import (
+    OUTCOME_GRACE_MS,
     DecisionEntry,
     KeyEntry,
     OutcomeEntry,
@@ -343,3 +345,68 @@ def test_the_progress_bar_draws_only_on_a_terminal() -> None:
         bar(5, 10)
         bar.close()
         assert stream.getvalue() == ""
+
+
+# --- Allowed decisions without an outcome -------------------------------------------------------
+
+GRANT_EXPIRY_MS = 1_700_000_060_000  # what _decision's grants say
+WINDOW_END_T = GRANT_EXPIRY_MS + OUTCOME_GRACE_MS - 1_700_000_000_000  # _decision's t at the window's end
+
+
+def _later(t: int) -> bytes:
+    """An entry at 1_700_000_000_000 + t that closes nothing: it only moves the log's time on."""
+    return encode_entry(
+        ServerEntry(time_ms=1_700_000_000_000 + t, server="refunds", kind="none", status="verified", detail="")
+    )
+
+
+def _replay_at(log: TestLog, now: datetime) -> ReplayResult:
+    return replay_log(
+        SourceSpec(str(log.dir)), now=now, nonce=os.urandom(16), root=TrustRoot.from_pem(log.root_pem.read_bytes())
+    ).result
+
+
+AFTER_ALL = datetime(2024, 1, 1, tzinfo=UTC)  # later than every entry of these logs
+
+
+def test_an_allowed_decision_without_an_outcome_past_its_window_is_a_problem(tmp_path: Path) -> None:
+    # Decision 2 never got an outcome; decision 3 did; the log goes on past decision 2's window.
+    log, d = _crafted(
+        tmp_path, lambda log: [_decision(log), _decision(log, t=2), _outcome(3, 3), _later(WINDOW_END_T + 1)]
+    )
+    result = _replay_at(log, AFTER_ALL)
+    assert (result.missing_outcomes, result.missing_outcome_indexes, result.open_decisions) == (1, [2], 0)
+    assert [str(p) for p in result.problems] == [
+        "entry 2: allowed decision 2 has no outcome, and none can come: its grant expired at "
+        "2023-11-14T22:14:20Z, more than 15 minutes before the log's last entry (2023-11-14T22:29:20Z)"
+    ]
+    r = cli("audit", "replay", "--log", str(d), *trust(log, tmp_path / "state"), "--no-progress", "--json")
+    assert r.code == 1, r.err
+    out = json.loads(r.out)
+    assert not out["verified"] and not out["ok"]
+    assert (out["missing_outcomes"], out["missing_outcome_indexes"], out["open_decisions"]) == (1, [2], 0)
+    assert "allowed decision 2 has no outcome" in r.err and "FAILED: 1 problem(s)" in r.err
+
+
+@pytest.mark.parametrize(
+    ("last_t", "now"),
+    [
+        (WINDOW_END_T, AFTER_ALL),  # the log's last entry is at the window's very end
+        (WINDOW_END_T + 1, datetime.fromtimestamp(GRANT_EXPIRY_MS / 1000, UTC)),  # judged as of an earlier now
+    ],
+    ids=["within the window", "as of an earlier now"],
+)
+def test_decisions_still_within_their_outcome_window_are_open(tmp_path: Path, last_t: int, now: datetime) -> None:
+    log, _ = _crafted(tmp_path, lambda log: [_decision(log), _decision(log, t=2), _outcome(3, 3), _later(last_t)])
+    result = _replay_at(log, now)
+    assert result.problem_count == 0, result.problems
+    assert (result.missing_outcomes, result.open_decisions) == (0, 1)
+    assert result.outcomes_as_of_ms == min(1_700_000_000_000 + last_t, int(now.timestamp() * 1000))
+
+
+def test_an_open_decision_still_verifies_and_is_counted(tmp_path: Path) -> None:
+    log, d = _crafted(tmp_path, lambda log: [_decision(log), _later(5)])
+    r = cli("audit", "replay", "--log", str(d), *trust(log, tmp_path / "state"), "--no-progress", "--json")
+    assert r.code == 0, r.err
+    out = json.loads(r.out)
+    assert out["verified"] and (out["missing_outcomes"], out["open_decisions"]) == (0, 1)

@@ -105,8 +105,10 @@ def replay(w: World) -> dict[str, Any]:
         "--no-progress",
         "--json",
     )
-    assert r.code == 0, r.err
     summary: dict[str, Any] = json.loads(r.out)
+    # These worlds authorize calls and (mostly) never report their outcomes, on purpose: the
+    # replay's only complaint may be those allowed decisions without an outcome.
+    assert r.code == 0 or summary["problem_count"] == summary["missing_outcomes"], r.err
     return summary
 
 
