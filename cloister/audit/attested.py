@@ -35,11 +35,20 @@ from cloister.audit.source import LogSource
 from cloister.audit.state import CheckpointStore, RememberedCheckpoint
 from cloister.verify.attestation import AttestationDocument, AttestationPolicy, TrustRoot
 from cloister.verify.checkpoint import Checkpoint, verify_checkpoint
+from cloister.verify.cosignature import CosignaturePolicy, verify_cosignatures
 from cloister.verify.enclave_identity import EnclaveBinding, verify_enclave
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.merkle import consistency_proof, verify_consistency
 
-__all__ = ["AttestedCheckpoint", "ConsistencyResult", "check_remembered", "fetch_attested_checkpoint"]
+__all__ = [
+    "AttestedCheckpoint",
+    "ConsistencyResult",
+    "WitnessedCheckpoint",
+    "check_cosigned",
+    "check_remembered",
+    "fetch_attested_checkpoint",
+    "fetch_cosigned_note",
+]
 
 MIN_NONCE = 8
 MAX_NONCE = 64  # the relay accepts 8 to 64 bytes
@@ -216,3 +225,51 @@ def _fork(
     except OSError:
         saved = None  # the fork is reported all the same
     return ForkDetected(evidence, saved)
+
+
+# --- Witness cosignatures (c2sp.org/tlog-cosignature) ----------------------------------------
+
+COSIGNED_PATH = "checkpoint.cosigned"  # the relay serves the cosigned checkpoint at <log>/checkpoint.cosigned
+MAX_COSIGNED = 64 * 1024
+COSIGNATURE_SKEW_S = 600  # a cosignature dated further in the future than this is refused
+
+
+@dataclass(frozen=True)
+class WitnessedCheckpoint:
+    checkpoint: Checkpoint
+    note: bytes
+    cosigned: dict[str, int]  # witness name -> cosignature timestamp (POSIX seconds)
+    proof: tuple[bytes, ...]  # consistency proof from it to the attested checkpoint
+
+
+def fetch_cosigned_note(source: LogSource) -> bytes:
+    """The relay's cosigned checkpoint: fetch it *before* the attested one, so it is not newer."""
+    return source.read(COSIGNED_PATH, max_size=MAX_COSIGNED)
+
+
+def check_cosigned(
+    source: LogSource, note: bytes, attested: AttestedCheckpoint, policy: CosignaturePolicy, *, now: datetime
+) -> WitnessedCheckpoint:
+    """A quorum of the pinned witnesses cosigned a checkpoint of this log, signed by the attested
+    log key, that the attested checkpoint extends (the same one, or a prefix proven from tiles)."""
+    try:
+        checkpoint = verify_checkpoint(note, [attested.binding.log_verifier()], origin=attested.origin).checkpoint
+    except (DecodeError, VerificationError) as exc:
+        raise VerificationError(f"the cosigned checkpoint is not signed by the attested log key: {exc}") from exc
+    cosigned = verify_cosignatures(note, policy, not_after=int(now.timestamp()) + COSIGNATURE_SKEW_S)
+    head = attested.checkpoint
+    if checkpoint.size > head.size:
+        raise VerificationError(f"the cosigned checkpoint (size {checkpoint.size}) is beyond the attested one")
+    proof: tuple[bytes, ...] = ()
+    if checkpoint.size == head.size:
+        if checkpoint.root_hash != head.root_hash:
+            raise VerificationError(f"the witnesses cosigned another root than the attested one at size {head.size}")
+    elif checkpoint.size > 0:
+        proof = tuple(consistency_proof(checkpoint.size, head.size, TileNodes(source, head.size).get_node))
+        try:
+            verify_consistency(checkpoint.size, head.size, proof, checkpoint.root_hash, head.root_hash)
+        except VerificationError as exc:
+            raise VerificationError(
+                f"the attested checkpoint is not consistent with the cosigned one of size {checkpoint.size}: {exc}"
+            ) from exc
+    return WitnessedCheckpoint(checkpoint, note, cosigned, proof)

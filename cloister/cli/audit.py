@@ -1,6 +1,7 @@
 """`cloister audit`: verify a Cloister log from the outside, trusting neither the relay nor its storage.
 
     cloister audit checkpoint --log URL [--trust-root aws|mock|PEM] [--expect-pcr I=HEX ...]
+                              [--witness NAME=VKEY ... [--quorum K]]
     cloister audit inclusion  --log URL (--index N | --grant FILE) [--bodies [--auditor-token-file F] [--body-key K]]
     cloister audit body       --log URL --index N --auditor-token-file FILE [--key X25519-PEM]
     cloister audit consistency --log URL --from SIZE [--to SIZE]
@@ -51,9 +52,20 @@ def register(sub: Any) -> None:
         _checkpoint,
         "fetch and verify an attested checkpoint; detect forks",
         "Fetch the latest checkpoint with an attestation for a fresh nonce, verify both, and prove it "
-        "consistent with the checkpoint remembered for this log (from tiles). A fork exits 4.",
+        "consistent with the checkpoint remembered for this log (from tiles). A fork exits 4. With --witness, "
+        "also verify the witnesses' cosignatures on the relay's checkpoint.cosigned against the pinned keys.",
     )
     _log_args(v)
+    v.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="NAME=VKEY",
+        help="pin a C2SP witness's cosignature key (repeatable); the cosigned checkpoint must verify",
+    )
+    v.add_argument(
+        "--quorum", type=int, default=None, metavar="K", help="cosignatures required (default: every --witness)"
+    )
 
     v = _verb(
         verbs,
@@ -388,10 +400,76 @@ def _consistency_json(c: Any) -> dict[str, Any]:
     }
 
 
+def _witness_policy(args: argparse.Namespace) -> Any:
+    from cloister.verify.cosignature import CosignaturePolicy, Ed25519CosignatureVerifier
+    from cloister.verify.errors import DecodeError
+
+    if not args.witness:
+        if args.quorum is not None:
+            raise _Usage("--quorum goes with --witness NAME=VKEY")
+        return None
+    verifiers = []
+    for spec in args.witness:
+        name, sep, vkey = spec.partition("=")
+        try:
+            verifier = Ed25519CosignatureVerifier.from_vkey(vkey)
+        except DecodeError as exc:
+            raise _Usage(f"--witness {spec[:80]!r}: {exc}") from exc
+        if not sep or verifier.name != name:
+            raise _Usage(f"--witness {spec[:80]!r}: want NAME=VKEY, the vkey's name being NAME")
+        verifiers.append(verifier)
+    try:
+        return CosignaturePolicy(tuple(verifiers), len(verifiers) if args.quorum is None else args.quorum)
+    except ValueError as exc:
+        raise _Usage(str(exc)) from exc
+
+
+def _witnessed(args: argparse.Namespace, source: Any, policy: Any, note: bytes, attested: Any) -> Any:
+    from cloister.audit.attested import check_cosigned
+    from cloister.verify.errors import VerificationError
+
+    try:
+        return check_cosigned(source, note, attested, policy, now=_now())
+    except VerificationError as exc:
+        raise VerificationError(f"witnesses: {exc}") from exc
+
+
+def _witnesses_json(w: Any, policy: Any) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    return {
+        "size": w.checkpoint.size,
+        "root": _b64(w.checkpoint.root_hash),
+        "quorum": policy.quorum,
+        "pinned": [v.vkey for v in policy.witnesses],
+        "cosigned": {n: datetime.fromtimestamp(t, UTC).isoformat() for n, t in sorted(w.cosigned.items())},
+        "note": w.note.decode("utf-8"),
+    }
+
+
+def _print_witnesses(w: Any, policy: Any, attested_size: int) -> None:
+    from datetime import UTC, datetime
+
+    behind = attested_size - w.checkpoint.size
+    where = "the attested checkpoint" if behind == 0 else f"size {w.checkpoint.size}, {behind} entries behind it"
+    print(
+        f"  cosigned by {len(w.cosigned)} of {len(policy.witnesses)} pinned witnesses (quorum {policy.quorum}) "
+        f"at {where}:"
+    )
+    for name, t in sorted(w.cosigned.items()):
+        print(f"    {name}  at {datetime.fromtimestamp(t, UTC).isoformat()}")
+
+
 def _checkpoint(args: argparse.Namespace) -> int:
+    from cloister.audit.attested import fetch_cosigned_note
+
+    policy = _witness_policy(args)
     source = _source(args)
+    # The cosigned checkpoint first: the attested one, fetched after, is at least as new.
+    cosigned_note = fetch_cosigned_note(source) if policy is not None else b""
     attested, consistency = _attested(args, source)
     cp = attested.checkpoint
+    witnessed = _witnessed(args, source, policy, cosigned_note, attested) if policy is not None else None
     root_name = _trust(args)[0].name
     if args.json:
         _emit(
@@ -404,6 +482,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
                 "note": attested.note.decode("utf-8"),
                 "attestation": _attestation_json(attested, root_name),
                 "consistency": _consistency_json(consistency),
+                **({"witnesses": _witnesses_json(witnessed, policy)} if witnessed is not None else {}),
             }
         )
         return EXIT_OK
@@ -418,6 +497,8 @@ def _checkpoint(args: argparse.Namespace) -> int:
         f"at {doc.timestamp.isoformat(timespec='seconds')}, trust root {root_name}"
     )
     print(f"  {_consistency_line(consistency)}")
+    if witnessed is not None:
+        _print_witnesses(witnessed, policy, cp.size)
     return EXIT_OK
 
 

@@ -6,6 +6,9 @@ ready token per example agent; stops everything on Ctrl-C or SIGTERM, or when an
 `--config` takes a relay config (TOML) whose [[upstreams]] replace the example servers.
 The relay gets the state's admin token (/admin/*), auditor token (stored bodies) and the
 auditor's X25519 public key (bodies are stored sealed to it); `up` prints where they are.
+Two local C2SP witnesses (`cloister witness serve`, state under <state>/witnesses, outside the
+log's storage) cosign the relay's checkpoints; `up` prints their vkeys and the audit command
+that pins them.
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     logs.mkdir(exist_ok=True)
     py = sys.executable
     relay_port = args.port or free_port(args.host)
+    witnesses = [(name, directory, vkey, free_port()) for name, directory, vkey in state.ensure_witnesses()]
     upstream_tables: list[str] = []
     refunds_port = 0
     if args.config is not None:
@@ -158,7 +162,9 @@ def _run(args: argparse.Namespace) -> int:
         f"admin_token_file = {_toml_str(state.admin_token_file.name)}\n"
         f"auditor_token_file = {_toml_str(state.auditor_token_file.name)}\n"
         f"body_encryption_public_key = {_toml_str(str(state.body_public_key_file.relative_to(state.root)))}\n"
-        "keep_denied_arguments = false\n\n" + "\n\n".join(upstream_tables) + "\n"
+        f"keep_denied_arguments = false\nwitness_quorum = {len(witnesses)}\n\n"
+        + "\n\n".join(upstream_tables + _witness_tables(witnesses))
+        + "\n"
     )
 
     stack = Stack(logs)
@@ -211,6 +217,7 @@ def _run(args: argparse.Namespace) -> int:
             ],
         )
         _wait_http(f"http://127.0.0.1:{relay_port}/healthz", 90, stack)
+        _start_witnesses(stack, state.witnesses_dir, witnesses, f"http://127.0.0.1:{relay_port}")
     except (RuntimeError, OSError) as exc:
         print(f"cloister up: {exc}", file=sys.stderr)
         stack.stop()
@@ -238,7 +245,11 @@ def _run(args: argparse.Namespace) -> int:
         "auditor_token_file": str(state.auditor_token_file),
         "body_key": str(state.body_key_file),
     }
+    info["witnesses"] = [{"name": n, "url": f"http://127.0.0.1:{port}", "vkey": v} for n, _d, v, port in witnesses]
+    info["witness_quorum"] = len(witnesses)
     (state.root / "up.json").write_text(json.dumps(info, indent=2) + "\n")
+    witness_flags = "".join(f" \\\n                    --witness {n}={v}" for n, _d, v, _p in witnesses)
+    witness_flags += f" --quorum {len(witnesses)}" if witnesses else ""
     print(f"""Cloister is up (mock NSM: for development only). State: {state.root}
 
   Agents' MCP endpoint   {info["mcp_url"]}
@@ -251,6 +262,9 @@ def _run(args: argparse.Namespace) -> int:
     if refunds_port:
         print(f"  Upstream 'refunds'     {info['refunds_url']} (mock Nitro enclave; verifies grants)")
         print("  Upstream 'research'    stdio, launched by the relay after its checksum verifies\n")
+    print(f"  Witnesses (C2SP tlog-witness; the relay sends them checkpoints, quorum {len(witnesses)}):")
+    for name, _directory, vkey, port in witnesses:
+        print(f"    {name}  http://127.0.0.1:{port}  {vkey}")
     print("  Tokens (send as 'Authorization: Bearer <token>'):")
     for agent, token in tokens.items():
         print(f"    {agent:13} {token}")
@@ -261,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
   Body key        {state.body_key_file}  (X25519: the relay stores bodies sealed to its public half)
 
   Audit the log:  cloister audit checkpoint --log {info["log_url"]} --trust-root {state.mock_root} \\
-                    --expect-pcr 0={pcr0}
+                    --expect-pcr 0={pcr0}{witness_flags}
   Read a body:    cloister audit body --log {info["log_url"]} --trust-root {state.mock_root} --index N \\
                     --auditor-token-file {state.auditor_token_file} --key {state.body_key_file}
 Logs of each process are in {logs}. Press Ctrl-C to stop.""",
@@ -290,3 +304,28 @@ def _wait_port(port: int, timeout: float, stack: Stack) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listens on port {port} after {timeout:g}s")
+
+
+def _witness_tables(witnesses: list[tuple[str, Path, str, int]]) -> list[str]:
+    return [
+        f'[[witnesses]]\nname = {_toml_str(name)}\nurl = "http://127.0.0.1:{port}"\nvkey = {_toml_str(vkey)}'
+        for name, _directory, vkey, port in witnesses
+    ]
+
+
+def _start_witnesses(stack: Stack, root: Path, witnesses: list[tuple[str, Path, str, int]], relay: str) -> None:
+    """Start the local witnesses, following the log key the enclave reports (it is new with each
+    enclave start, so the witnesses' logs file is rewritten each time `up` runs)."""
+    with urllib.request.urlopen(f"{relay}/healthz", timeout=5) as resp:  # noqa: S310 (local URL we built)
+        enclave = json.loads(resp.read())["enclave"]
+    logs = root / "logs.toml"
+    logs.write_text(
+        "# Written by `cloister up`: the log the local witnesses follow.\n[[log]]\n"
+        f"origin = {_toml_str(enclave['origin'])}\nvkeys = [{_toml_str(enclave['log_verifier_key'])}]\n"
+    )
+    py = sys.executable
+    for i, (_name, directory, _vkey, port) in enumerate(witnesses, 1):
+        argv = [py, "-m", "cloister.cli", "witness", "serve", "--state", str(directory)]
+        stack.start(f"witness-{i}", [*argv, "--listen", f"127.0.0.1:{port}", "--logs", str(logs)])
+    for *_, port in witnesses:
+        _wait_port(port, 30, stack)

@@ -13,6 +13,8 @@
                              another origin, or has less than 30 days left)
     relay.toml               the relay's config
     log/                     the log's storage (C2SP tlog-tiles layout)
+    witnesses/w1, w2         two local C2SP witnesses' state (keys, what they cosigned): outside log/,
+                             as separate machines would keep it; witnesses/logs.toml: the log they follow
     run/                     sockets
 
 Everything here is for development: private keys sit on disk in plain PEM (mode 0600).
@@ -122,6 +124,21 @@ class DevState:
     @property
     def run_dir(self) -> Path:
         return self.root / "run"
+
+    @property
+    def witnesses_dir(self) -> Path:
+        return self.root / "witnesses"
+
+    def ensure_witnesses(self, count: int = 2) -> list[tuple[str, Path, str]]:
+        """(name, state directory, vkey) of the local dev witnesses, created once each."""
+        from cloister.witness.state import KEY_FILE, init_state, load_key
+
+        out = []
+        for i in range(1, count + 1):
+            name, directory = f"cloister.local/witness-{i}", self.witnesses_dir / f"w{i}"
+            cosigner = load_key(directory) if (directory / KEY_FILE).exists() else init_state(directory, name)
+            out.append((cosigner.name, directory, cosigner.vkey))
+        return out
 
     def admin_key(self) -> ed25519.Ed25519PrivateKey:
         return _private_key(self.root / "keys" / "admin.key")
