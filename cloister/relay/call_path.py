@@ -3,6 +3,13 @@ upstream with the grant, then record the outcome and persist it before the agent
 
 Fail closed at every step: no decision (the enclave unavailable or refusing) forwards nothing, a
 denial forwards nothing, and a decision or outcome that could not be persisted is not acknowledged.
+
+Every allowed decision gets exactly one outcome, whatever happens after the allow: the upstream's
+answer or error, "upstream timed out after Ns", "upstream connection lost: ...", "cancelled by the
+client" (MCP notifications/cancelled, or the request's task cancelled), "relay shutting down", or
+"relay error while forwarding: ...". Recording runs shielded from the request's cancellation, within
+OUTCOME_RECORD_TIMEOUT_S; if the enclave cannot be reached then, the relay log says so, and the
+auditor's replay reports the decision as missing its outcome once its grant's window is over.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+import anyio
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 
@@ -39,6 +48,10 @@ from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import LOG_META_KEY, TOOL_SEPARATOR, X402_META_KEY
 
 log = logging.getLogger("cloister.relay")
+OUTCOME_RECORD_TIMEOUT_S = 10.0  # how long recording an outcome may hold a cancelled call (or shutdown)
+UPSTREAM_DEADLINE_MARGIN_S = 1.0  # the call path's own deadline, beyond the upstream's timeout
+CANCELLED_BY_CLIENT = "cancelled by the client"
+RELAY_SHUTTING_DOWN = "relay shutting down"
 CLOISTER_META_PREFIX = LOG_META_KEY.split("/", 1)[0] + "/"  # "dev.cloister/"
 
 
@@ -99,6 +112,28 @@ class CallPath:
     def __init__(self, state: RelayState, upstreams: Upstreams) -> None:
         self.state = state
         self.upstreams = upstreams
+        # True once the relay is stopping (the server's exit flag): a call cancelled then says so.
+        self.shutting_down: Callable[[], bool] = lambda: False
+        self._closing = False
+        self._forwarding: set[anyio.CancelScope] = set()  # calls waiting on their upstream
+        self._in_flight = 0  # allowed calls whose outcome is not recorded yet
+        self._idle: anyio.Event | None = None  # set when _in_flight drops to 0 (shutdown waits on it)
+
+    async def shutdown(self, timeout_s: float = OUTCOME_RECORD_TIMEOUT_S) -> None:
+        """Stop the calls still waiting on an upstream and let each record its outcome ("relay
+        shutting down") before storage and the enclave channel close; waits at most `timeout_s`."""
+        self._closing = True
+        for scope in list(self._forwarding):
+            scope.cancel()
+        if self._in_flight:
+            self._idle = anyio.Event()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s):
+                await self._idle.wait()
+        if self._in_flight:
+            log.error("%d call(s) still had no outcome recorded when the relay stopped", self._in_flight)
+
+    def _cancel_reason(self) -> str:
+        return RELAY_SHUTTING_DOWN if self._closing or self.shutting_down() else CANCELLED_BY_CLIENT
 
     async def call(self, token: str, params: types.CallToolRequestParams) -> types.CallToolResult:
         """One governed `tools/call` for the agent whose bearer token is `token`."""
@@ -131,22 +166,15 @@ class CallPath:
             raise _denied(verdict)
         # Bodies join the next group commit; the outcome's persist waits for them to be durable.
         self.state.store_body(verdict.log_index, "args", args_json)
-        # 3. Forward, with the grant, to the upstream.
-        started = time.monotonic()
-        result, failure = await self._forward(server, tool, arguments, verdict.grant, payment)
-        duration_us = int((time.monotonic() - started) * 1_000_000)
-        marks.append(time.perf_counter())
-        # 4. The outcome is recorded and durable before the agent gets its answer.
-        outcome = await self._record_outcome(
-            verdict.log_index,
-            result,
-            failure,
-            duration_us,
-            _granted_payment(verdict.grant) if result is not None else "",
-        )
-        marks.append(time.perf_counter())
-        await self._persist_or_fail(outcome.log)
-        marks.append(time.perf_counter())
+        # 3. Forward, with the grant, to the upstream; 4. the outcome is recorded and durable
+        # before the agent gets its answer (exactly one, whatever happens meanwhile).
+        self._in_flight += 1
+        try:
+            result, failure, outcome = await self._forward_and_record(server, tool, arguments, verdict, payment, marks)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight and self._idle is not None:
+                self._idle.set()
         if log.isEnabledFor(logging.DEBUG):
             phases = ("authorize", "persist", "upstream", "outcome", "persist")
             log.debug(
@@ -200,28 +228,122 @@ class CallPath:
                 ENCLAVE_UNAVAILABLE, f"call refused, the enclave could not decide: {exc}", data={SOURCE: FROM_CLOISTER}
             ) from exc
 
+    async def _forward_and_record(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        verdict: pb.AuthorizeResponse,
+        payment: Any,
+        marks: list[float],
+    ) -> tuple[types.CallToolResult | None, UpstreamError | None, pb.OutcomeResponse]:
+        started = time.monotonic()
+        try:
+            result, failure, error = await self._forward(server, tool, arguments, verdict.grant, payment)
+        except anyio.get_cancelled_exc_class():
+            await self._record_interrupted(verdict.log_index, started, self._cancel_reason())
+            raise
+        except Exception as exc:
+            log.exception("forwarding the call of decision %d failed", verdict.log_index)
+            await self._record_interrupted(verdict.log_index, started, f"relay error while forwarding: {exc!r}"[:500])
+            raise
+        duration_us = int((time.monotonic() - started) * 1_000_000)
+        marks.append(time.perf_counter())
+        paid = _granted_payment(verdict.grant) if result is not None else ""
+        # Shielded: a cancellation now (the agent gone, the relay stopping) waits for the outcome.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(OUTCOME_RECORD_TIMEOUT_S) as deadline:
+            outcome = await self._record_outcome(verdict.log_index, result, error, duration_us, paid)
+            marks.append(time.perf_counter())
+            await self._persist_or_fail(outcome.log)
+            marks.append(time.perf_counter())
+        if deadline.cancelled_caught:
+            log.error(
+                "the outcome of decision %d was not recorded within %gs", verdict.log_index, OUTCOME_RECORD_TIMEOUT_S
+            )
+            raise MCPError(
+                LOG_UNAVAILABLE,
+                f"the call ran but its outcome could not be logged in {OUTCOME_RECORD_TIMEOUT_S:g}s, "
+                "so it is not acknowledged",
+                data={SOURCE: FROM_CLOISTER, "log_index": verdict.log_index},
+            )
+        return result, failure, outcome
+
+    async def _record_interrupted(self, decision_index: int, started: float, error: str) -> None:
+        """The one outcome of a call that ended without an answer (cancelled, relay stopping, a
+        relay error): recorded and persisted shielded from the cancellation, within a bound."""
+        duration_us = int((time.monotonic() - started) * 1_000_000)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(OUTCOME_RECORD_TIMEOUT_S) as deadline:
+            try:
+                outcome = await self.state.enclave.record_outcome(
+                    pb.OutcomeRequest(
+                        decision_index=decision_index,
+                        result_sha256=b"",
+                        error=error,
+                        duration_us=duration_us,
+                        persisted_size=self.state.writer.persisted_size,
+                        paid_amount="",
+                    )
+                )
+                await self.state.persist(outcome.log)
+                log.info("call of decision %d ended without an answer: %s", decision_index, error)
+                return
+            except Exception as exc:
+                log.error(
+                    "the outcome of decision %d (%s) could not be recorded: %s; an auditor will see "
+                    "the decision without an outcome",
+                    decision_index,
+                    error,
+                    exc,
+                )
+                return
+        if deadline.cancelled_caught:
+            log.error(
+                "the outcome of decision %d (%s) could not be recorded within %gs; an auditor will see "
+                "the decision without an outcome",
+                decision_index,
+                error,
+                OUTCOME_RECORD_TIMEOUT_S,
+            )
+
     async def _forward(
         self, server: str, tool: str, arguments: dict[str, Any], grant: bytes, payment: Any
-    ) -> tuple[types.CallToolResult | None, UpstreamError | None]:
+    ) -> tuple[types.CallToolResult | None, UpstreamError | None, str]:
+        """The upstream's result, or its failure and the outcome's error text for it."""
         upstream = self.upstreams.by_name.get(server)
         if upstream is None:
-            return None, UpstreamError("unavailable", f"no upstream named {server!r} is configured on this relay")
+            failure = UpstreamError("unavailable", f"no upstream named {server!r} is configured on this relay")
+            return None, failure, str(failure)
         meta: dict[str, Any] = {
             GRANT_META_KEY: base64.b64encode(grant).decode("ascii"),
             ATTESTATION_META_KEY: base64.b64encode(self.state.attestation).decode("ascii"),
         }
         if payment is not None:
             meta[X402_META_KEY] = payment
-        try:
-            return await upstream.call(tool, arguments, meta), None
-        except UpstreamError as exc:
-            return None, exc
+        timeout_s = upstream.config.timeout_s
+        connected = upstream.state == "up"
+        with anyio.CancelScope() as stop:
+            self._forwarding.add(stop)
+            try:
+                with anyio.move_on_after(timeout_s + UPSTREAM_DEADLINE_MARGIN_S):
+                    return await upstream.call(tool, arguments, meta), None, ""
+            except UpstreamError as exc:
+                if exc.kind == "timeout":
+                    return None, exc, f"upstream timed out after {timeout_s:g}s"
+                if exc.kind == "unavailable" and connected:
+                    return None, exc, f"upstream connection lost: {exc}"[:1000]
+                return None, exc, str(exc)
+            finally:
+                self._forwarding.discard(stop)
+        if stop.cancel_called:  # the relay is stopping (shutdown)
+            return None, UpstreamError("unavailable", RELAY_SHUTTING_DOWN), RELAY_SHUTTING_DOWN
+        failure = UpstreamError("timeout", f"upstream {server!r} did not answer within {timeout_s:g}s")
+        return None, failure, f"upstream timed out after {timeout_s:g}s"
 
     async def _record_outcome(
         self,
         decision_index: int,
         result: types.CallToolResult | None,
-        failure: UpstreamError | None,
+        error: str,
         duration_us: int,
         paid: str,
     ) -> pb.OutcomeResponse:
@@ -236,7 +358,7 @@ class CallPath:
                 pb.OutcomeRequest(
                     decision_index=decision_index,
                     result_sha256=result_hash,
-                    error=str(failure) if failure else "",
+                    error=error,
                     duration_us=duration_us,
                     persisted_size=self.state.writer.persisted_size,
                     paid_amount=paid,

@@ -80,6 +80,8 @@ class Relay:
         return RequireBearer(app)
 
     async def close(self) -> None:
+        # Calls in flight get their outcome ("relay shutting down") before storage and the enclave close.
+        await self.calls.shutdown()
         self.upstreams.stop()
         await self.state.writer.close()
         await self.state.enclave.close()
@@ -126,6 +128,7 @@ async def serve(config: RelayConfig, *, ready: Callable[[Relay], Coroutine[Any, 
         server = uvicorn.Server(
             uvicorn.Config(relay.asgi_app(), host=config.host, port=config.port, log_level="warning", lifespan="on")
         )
+        relay.calls.shutting_down = lambda: server.should_exit
         log.info("relay serving MCP at http://%s:%d/mcp", config.host, config.port)
         if ready is not None:
             tg.start_soon(ready, relay)

@@ -22,7 +22,7 @@ from mcp.shared.exceptions import MCPError
 
 from cloister.dev.examples.payments import payment as x402_payment
 from cloister.relay.call_path import CallPath
-from cloister.relay.codes import DENIED, ENCLAVE_UNAVAILABLE, LIMITED, UNAUTHENTICATED
+from cloister.relay.codes import DENIED, ENCLAVE_UNAVAILABLE, LIMITED, UNAUTHENTICATED, UPSTREAM_FAILED
 from cloister.relay.config import RelayConfig, UpstreamConfig
 from cloister.relay.state import RelayState
 from cloister.relay.storage import LocalBackend, LogWriter
@@ -49,10 +49,12 @@ class StandInUpstream(Upstream):
     """The upstream MCP server, answering every call; it never connects anywhere."""
 
     def __init__(self, name: str, writer: Callable[[], LogWriter]) -> None:
-        super().__init__(UpstreamConfig(name=name, url="http://upstream.invalid/mcp"))
+        super().__init__(UpstreamConfig(name=name, url="http://upstream.invalid/mcp", timeout_s=0.2))
         self.state = "up"
         self._writer = writer
         self.forwarded: list[Forwarded] = []
+        self.hang = False  # True: never answer (a slow or stuck upstream)
+        self.reached = anyio.Event()  # set when a call reaches this upstream
 
     async def call(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any]) -> types.CallToolResult:
         writer = self._writer()
@@ -62,6 +64,9 @@ class StandInUpstream(Upstream):
         self.forwarded.append(
             Forwarded(tool, arguments, meta, writer.persisted_size, parse_entry(stored[0]) if stored else None)
         )
+        self.reached.set()
+        if self.hang:
+            await anyio.sleep_forever()
         return types.CallToolResult(content=[types.TextContent(text=json.dumps({"ok": arguments}))])
 
 
@@ -238,5 +243,103 @@ def test_an_unavailable_enclave_fails_closed(tmp_path: Path, how: str) -> None:
             await rig.call(refund_bot(rig), "refunds___customer_lookup", {"customer_id": "cus_1001"})
         assert refused.value.error.code == ENCLAVE_UNAVAILABLE and "fail closed" in refused.value.error.message
         assert rig.forwarded() == [] and rig.state.writer.persisted_size == durable
+
+    run(tmp_path, scenario)
+
+
+# --- Every allowed decision gets exactly one outcome -------------------------------------------
+
+
+async def outcomes_of(rig: Rig, decision: int) -> list[OutcomeEntry]:
+    writer = rig.state.writer
+    entries = [parse_entry(e) for e in await writer.read_entries(0, writer.persisted_size)]
+    return [e for e in entries if isinstance(e, OutcomeEntry) and e.decision_index == decision]
+
+
+def decision_of(rig: Rig) -> int:
+    [f] = rig.forwarded()
+    return read_grant(base64.b64decode(f.meta[GRANT_META_KEY])).log_index
+
+
+async def hung_call(rig: Rig, interrupt: Callable[[anyio.CancelScope], Awaitable[None]]) -> BaseException | None:
+    """A call whose upstream never answers, interrupted by `interrupt(the call's cancel scope)`
+    once it reached the upstream; returns what the call raised (None if it was cancelled)."""
+    rig.stand_ins["refunds"].hang = True
+    raised: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await rig.call(refund_bot(rig), "refunds___customer_lookup", {"customer_id": "cus_1001"})
+        except MCPError as exc:
+            raised.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await rig.stand_ins["refunds"].reached.wait()
+        await interrupt(tg.cancel_scope)
+    return raised[0] if raised else None
+
+
+def test_a_call_cancelled_by_the_client_gets_one_outcome(tmp_path: Path) -> None:
+    async def scenario(rig: Rig) -> None:
+        async def cancel(scope: anyio.CancelScope) -> None:
+            scope.cancel()  # what the SDK does on notifications/cancelled, or when the agent's stream closes
+
+        assert await hung_call(rig, cancel) is None
+        [outcome] = await outcomes_of(rig, decision_of(rig))
+        assert outcome.error == "cancelled by the client" and outcome.result_sha256 is None
+        # The enclave closed the decision: a second outcome is refused.
+        with pytest.raises(MCPError, match="not an open allowed decision"):
+            await rig.calls._record_outcome(decision_of(rig), None, "again", 1, "")
+
+    run(tmp_path, scenario)
+
+
+def test_an_upstream_timeout_gets_one_outcome(tmp_path: Path) -> None:
+    async def scenario(rig: Rig) -> None:
+        rig.stand_ins["refunds"].hang = True
+        with pytest.raises(MCPError) as failed:
+            await rig.call(refund_bot(rig), "refunds___customer_lookup", {"customer_id": "cus_1001"})
+        assert failed.value.error.code == UPSTREAM_FAILED
+        assert "did not answer within 0.2s" in failed.value.error.message
+        [outcome] = await outcomes_of(rig, decision_of(rig))
+        assert outcome.error == "upstream timed out after 0.2s"
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("how", ["the relay stops its calls", "the server cancels them while stopping"])
+def test_relay_shutdown_mid_call_gets_one_outcome(tmp_path: Path, how: str) -> None:
+    async def scenario(rig: Rig) -> None:
+        async def stop(scope: anyio.CancelScope) -> None:
+            if how == "the relay stops its calls":
+                with anyio.fail_after(5):
+                    await rig.calls.shutdown()
+            else:
+                rig.calls.shutting_down = lambda: True
+                scope.cancel()
+
+        raised = await hung_call(rig, stop)
+        if how == "the relay stops its calls":  # the agent hears why, with the entries' indexes
+            assert isinstance(raised, MCPError) and "relay shutting down" in raised.error.message
+        [outcome] = await outcomes_of(rig, decision_of(rig))
+        assert outcome.error == "relay shutting down"
+
+    run(tmp_path, scenario)
+
+
+def test_an_unreachable_enclave_leaves_the_outcome_unrecorded_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(rig: Rig) -> None:
+        async def cancel(scope: anyio.CancelScope) -> None:
+            rig.enclave.reachable = False
+            scope.cancel()
+
+        assert await hung_call(rig, cancel) is None
+        assert await outcomes_of(rig, decision_of(rig)) == []
+        assert f"the outcome of decision {decision_of(rig)} (cancelled by the client) could not be recorded" in (
+            caplog.text
+        )
 
     run(tmp_path, scenario)
