@@ -328,7 +328,7 @@ class CallPath:
                     return await upstream.call(tool, arguments, meta), None, ""
             except UpstreamError as exc:
                 if exc.kind == "timeout":
-                    return None, exc, f"upstream timed out after {timeout_s:g}s"
+                    return None, exc, f"upstream timed out after {timeout_s:g}s: {exc}"
                 if exc.kind == "unavailable" and connected:
                     return None, exc, f"upstream connection lost: {exc}"[:1000]
                 return None, exc, str(exc)
@@ -337,7 +337,7 @@ class CallPath:
         if stop.cancel_called:  # the relay is stopping (shutdown)
             return None, UpstreamError("unavailable", RELAY_SHUTTING_DOWN), RELAY_SHUTTING_DOWN
         failure = UpstreamError("timeout", f"upstream {server!r} did not answer within {timeout_s:g}s")
-        return None, failure, f"upstream timed out after {timeout_s:g}s"
+        return None, failure, f"upstream timed out after {timeout_s:g}s: {failure}"
 
     async def _record_outcome(
         self,

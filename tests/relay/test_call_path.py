@@ -303,7 +303,7 @@ def test_an_upstream_timeout_gets_one_outcome(tmp_path: Path) -> None:
         assert failed.value.error.code == UPSTREAM_FAILED
         assert "did not answer within 0.2s" in failed.value.error.message
         [outcome] = await outcomes_of(rig, decision_of(rig))
-        assert outcome.error == "upstream timed out after 0.2s"
+        assert outcome.error == "upstream timed out after 0.2s: upstream 'refunds' did not answer within 0.2s"
 
     run(tmp_path, scenario)
 
