@@ -137,7 +137,7 @@ def verify_bundle(
     if len(msg.payload) > MAX_BUNDLE_BYTES:
         raise DecodeError(f"bundle is {len(msg.payload)} bytes; the limit is {MAX_BUNDLE_BYTES}")
     body = decode_cbor(msg.payload, what="bundle payload")
-    if isinstance(body, dict) and body.get("format") in OLD_FORMATS:
+    if isinstance(body, dict) and isinstance(body.get("format"), str) and body["format"] in OLD_FORMATS:
         raise VerificationError(
             f"bundle names no origin (format {body['format']}, signed before bundles named the log they are "
             "for and an expiry): re-sign it with cloister policy sign --origin ORIGIN --not-after TIME"
