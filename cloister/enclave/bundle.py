@@ -192,6 +192,8 @@ def read_toml(files: Mapping[str, bytes], name: str, *, required: bool) -> dict[
         raise BundleError(f"{name}: not UTF-8 (byte {exc.start})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise BundleError(f"{name}: {exc}") from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array or inline table
+        raise BundleError(f"{name}: arrays or tables nested too deeply") from exc
 
 
 def _name(where: str, value: Any, pattern: re.Pattern[str] = _NAME) -> str:

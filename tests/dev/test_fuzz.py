@@ -24,7 +24,6 @@ PER_TARGET = 250
 # progress). The sample still runs these targets: it passes only if every failure is the known one
 # (then it is an expected failure), and fails as soon as anything else shows up.
 KNOWN_CRASHES: dict[str, tuple[str, ...]] = {
-    "bundle_load": ("enclave/bundle.py",),
     "grpc_ReportServer": ("enclave/server_identity.py",),
 }
 
