@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from cloister.verify.attestation import AttestationPolicy, verify_attestation
@@ -52,7 +53,10 @@ def check_tls(certificates: list[bytes], *, spki_sha256_hex: str) -> tuple[str, 
         leaf = x509.load_der_x509_certificate(certificates[0])
     except ValueError as exc:
         raise DecodeError(f"TLS certificate is not DER X.509: {exc}") from exc
-    spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    try:
+        spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except (UnsupportedAlgorithm, ValueError) as exc:  # a key type `cryptography` cannot load
+        raise DecodeError(f"TLS certificate's public key cannot be read: {exc}") from exc
     digest = hashlib.sha256(spki).digest()
     if digest.hex() != spki_sha256_hex:
         raise VerificationError(f"certificate SPKI SHA-256 is {digest.hex()}, pinned {spki_sha256_hex}")

@@ -84,7 +84,9 @@ def _granted_payment(grant: bytes) -> str:
 
 
 def _compact_json(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    # "surrogatepass": a lone surrogate an agent sent as "\\ud800" reaches the enclave as the bytes
+    # it is (not UTF-8), which the enclave refuses as bad arguments, instead of failing here.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
 
 
 def _denied(verdict: pb.AuthorizeResponse) -> MCPError:

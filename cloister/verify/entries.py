@@ -105,6 +105,9 @@ def bounded(text: str, limit: int) -> str:
 def quoted(value: object, limit: int = 64) -> str:
     """`value` quoted for a message (its repr), never longer than about `limit` characters of
     the original: a longer text is cut, and the message says how long it was."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        # repr() of an integer past 4300 digits raises; no message needs its digits.
+        return f"<an integer of {value.bit_length()} bits>"
     text = value if isinstance(value, str) else repr(value)
     if len(text) <= limit:
         return repr(text) if isinstance(value, str) else text

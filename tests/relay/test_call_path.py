@@ -195,6 +195,9 @@ def test_an_allow_persists_the_decision_before_forwarding(tmp_path: Path) -> Non
         (research_bot, "refunds___customer_lookup", {"customer_id": "c"}, None, DENIED, "no-permit"),
         (refund_bot, "refunds___refund.approve_above_threshold", {"refund_id": "r"}, None, DENIED, "policy"),
         (refund_bot, "refunds___delete_all", {}, None, DENIED, "unknown-tool"),
+        # Regression (boundary fuzzer): a lone surrogate ("\\ud800" in the agent's JSON) made the
+        # relay's own JSON encoding raise; it now reaches the enclave, which refuses it.
+        (refund_bot, "refunds___customer_lookup", {"customer_id": "\ud800"}, None, DENIED, "bad-arguments"),
         (lambda rig: "", "refunds___customer_lookup", {"customer_id": "c"}, None, UNAUTHENTICATED, "unauthenticated"),
         (
             research_bot,
