@@ -2407,8 +2407,12 @@ def _t_jsonrpc(fx: Fixtures) -> Target:
         except ValidationError as exc:
             raise SdkRejection(f"tools/call params: {str(exc).splitlines()[0]}") from exc
         split_tool_name(params.name)
-        # Relay._call_tool encodes the validated arguments for the enclave exactly like this.
-        args_json = json.dumps(dict(params.arguments or {}), ensure_ascii=False, separators=(",", ":")).encode()
+        # A copy of the relay's private cloister.relay.call_path._compact_json, which encodes the validated
+        # arguments for the enclave (keep it in step: "surrogatepass" since 8c5128a, after this target found
+        # that a lone surrogate made the encoding raise).
+        args_json = json.dumps(dict(params.arguments or {}), ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "surrogatepass"
+        )
         payment = (params.meta or {}).get(X402_META_KEY)
         if payment is not None:
             try:
