@@ -23,6 +23,7 @@ import threading
 import time
 import tomllib
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,7 +90,26 @@ class Stack:
         return None
 
 
-def _wait_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+def _kms_key(kms_dir: Path, mock_root: Path, pcr0s: list[bytes]) -> str:
+    """The KMS stand-in's key for the sealed log key: created on the first run; its policy names
+    this image's PCR0 and the predecessors the enclave config pins (so a code edit, which `up`
+    pins as a predecessor, keeps the log key)."""
+    from cloister.dev.kms import LocalKms, log_key_policy
+    from cloister.verify.attestation import TrustRoot
+
+    kms = LocalKms(kms_dir, trust_root=TrustRoot.from_pem(mock_root.read_bytes()), clock=lambda: datetime.now(UTC))
+    id_file = kms_dir / "key-id"
+    policy = log_key_policy(list(dict.fromkeys(pcr0s)))
+    if id_file.exists():
+        key_id = id_file.read_text().strip()
+        kms.put_key_policy(key_id, policy)
+    else:
+        key_id = kms.create_key(policy)
+        id_file.write_text(key_id + "\n")
+    return key_id
+
+
+def _wait_ready_line(proc: subprocess.Popen[bytes], timeout: float, what: str = "the enclave") -> dict[str, Any]:
     assert proc.stdout is not None
     result: dict[str, Any] = {}
 
@@ -102,7 +122,7 @@ def _wait_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str,
     t.start()
     t.join(timeout)
     if not result:
-        raise RuntimeError("the enclave did not become ready")
+        raise RuntimeError(f"{what} did not become ready")
     return result
 
 
@@ -133,6 +153,8 @@ def _run(args: argparse.Namespace) -> int:
     state = ensure_state((args.state or default_state_dir()).resolve(), bundle_source=args.bundle)
     config = load_config(state.enclave_config, mock_nsm=True)
     pcr0 = mock_pcrs(config.raw)[0].hex()
+    kms_key_id = _kms_key(state.root / "kms", state.mock_root, [bytes.fromhex(pcr0), *sorted(config.predecessor_pcr0)])
+    kms_port = free_port()
     logs = state.root / "logs"
     logs.mkdir(exist_ok=True)
     py = sys.executable
@@ -164,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
         f"body_encryption_public_key = {_toml_str(str(state.body_public_key_file.relative_to(state.root)))}\n"
         f"keep_denied_arguments = false\nwitness_quorum = {len(witnesses)}\n\n"
         + "\n\n".join(upstream_tables + _witness_tables(witnesses))
-        + "\n"
+        + f'\n\n[kms]\nkey_id = "{kms_key_id}"\nendpoint_url = "http://127.0.0.1:{kms_port}"\n'
     )
 
     stack = Stack(logs)
@@ -172,6 +194,13 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     try:
+        kms = stack.start(
+            "kms",
+            [py, "-m", "cloister.dev.kms", "serve", "--state", str(state.root / "kms"), "--port", str(kms_port)]
+            + ["--root", str(state.mock_root)],
+            ready_line=True,
+        )
+        _wait_ready_line(kms, 30, "the KMS stand-in")
         enclave = stack.start(
             "enclave",
             [
@@ -257,6 +286,7 @@ def _run(args: argparse.Namespace) -> int:
   Attestation            {public}/attestation?nonce=<hex>
   Mock trust root        {state.mock_root}
   Enclave PCR0           {pcr0}
+  KMS key (stand-in)     {kms_key_id}  (seals the log key to this PCR0 and its pinned predecessors)
   Log origin             {info["origin"]}
 """)
     if refunds_port:

@@ -2053,7 +2053,13 @@ class EnclaveWorld:
         from cloister.enclave.core import EnclaveCore
 
         return EnclaveCore(
-            self.config, self.nsm, pcrs=self.pcrs, clock_ms=self.clock, random=self._rng.randbytes, mock_nsm=True
+            self.config,
+            self.nsm,
+            pcrs=self.pcrs,
+            clock_ms=self.clock,
+            random=self._rng.randbytes,
+            mock_nsm=True,
+            log_key=ed25519_key(self.fx.seed, "log-key"),  # one log key per origin, as unsealed from KMS
         )
 
     def persist(self, append: Any) -> None:

@@ -25,7 +25,7 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from cloister.dev import kms_client
+from cloister.relay import kms as kms_client
 from cloister.dev.kms import (
     DEFAULT_MAX_DOCUMENT_AGE,
     KeyPolicy,
