@@ -109,6 +109,22 @@ def _kms_key(kms_dir: Path, mock_root: Path, pcr0s: list[bytes]) -> str:
     return key_id
 
 
+def unsealable_log(log_dir: Path) -> str | None:
+    """Why the stored dev log cannot be resumed, or None. A log written before the sealed log key
+    (decision 0014) was signed with a new key at every start and has no sealed seed
+    (`kms/sealed-seed`): no enclave can unseal the key that signed it, so the relay would refuse it."""
+    from cloister.relay.lifecycle import SEALED_SEED_OBJECT
+
+    wal = log_dir / "wal"
+    stored = (log_dir / "checkpoint").exists() or (wal.is_dir() and any(wal.iterdir()))
+    if not stored or (log_dir / SEALED_SEED_OBJECT).exists():
+        return None
+    return (
+        f"the log in {log_dir} was written with a new log key at every start (before the sealed log key) "
+        f"and cannot be resumed; to start fresh, move it away (mv {log_dir} {log_dir}.old) or use another --state"
+    )
+
+
 def _wait_ready_line(proc: subprocess.Popen[bytes], timeout: float, what: str = "the enclave") -> dict[str, Any]:
     assert proc.stdout is not None
     result: dict[str, Any] = {}
@@ -151,6 +167,10 @@ def _run(args: argparse.Namespace) -> int:
     from cloister.enclave.config import load_config
 
     state = ensure_state((args.state or default_state_dir()).resolve(), bundle_source=args.bundle)
+    why = unsealable_log(state.log_dir)
+    if why is not None:
+        print(f"cloister up: {why}", file=sys.stderr)
+        return 1
     config = load_config(state.enclave_config, mock_nsm=True)
     pcr0 = mock_pcrs(config.raw)[0].hex()
     kms_key_id = _kms_key(state.root / "kms", state.mock_root, [bytes.fromhex(pcr0), *sorted(config.predecessor_pcr0)])
