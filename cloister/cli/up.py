@@ -216,8 +216,18 @@ def _run(args: argparse.Namespace) -> int:
     try:
         kms = stack.start(
             "kms",
-            [py, "-m", "cloister.dev.kms", "serve", "--state", str(state.root / "kms"), "--port", str(kms_port)]
-            + ["--root", str(state.mock_root)],
+            [
+                py,
+                "-m",
+                "cloister.dev.kms",
+                "serve",
+                "--state",
+                str(state.root / "kms"),
+                "--port",
+                str(kms_port),
+                "--root",
+                str(state.mock_root),
+            ],
             ready_line=True,
         )
         _wait_ready_line(kms, 30, "the KMS stand-in")
@@ -364,8 +374,10 @@ def _witness_tables(witnesses: list[tuple[str, Path, str, int]]) -> list[str]:
 
 
 def _start_witnesses(stack: Stack, root: Path, witnesses: list[tuple[str, Path, str, int]], relay: str) -> None:
-    """Start the local witnesses, following the log key the enclave reports (it is new with each
-    enclave start, so the witnesses' logs file is rewritten each time `up` runs)."""
+    """Start the local witnesses, following the log key the enclave reports. The log key is one per
+    origin, unsealed from the KMS stand-in at every enclave start (decision 0014), so it is the
+    same from run to run; the witnesses' logs file is still rewritten each time `up` runs, from
+    what the relay reports, so it always names the key in use."""
     with urllib.request.urlopen(f"{relay}/healthz", timeout=5) as resp:  # noqa: S310 (local URL we built)
         enclave = json.loads(resp.read())["enclave"]
     logs = root / "logs.toml"

@@ -21,8 +21,8 @@ log must have been signed by that same key), READY. The grant key is new at ever
 
 Locks: `Sequencer.lock` (reentrant) serialises every append and guards the state a decision
 changes: the limit book, the open decisions, the server registry, which bundle is in force.
-`_transition` guards the log's lifecycle (the sealed-key exchange, start, resume). Each policy state's token cache has its
-own lock. Which lock guards each field is noted where it is declared.
+`_transition` guards the log's lifecycle (the sealed-key exchange, start, resume). Each policy
+state's token cache has its own lock. Which lock guards each field is noted where it is declared.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Fail closed: every error becomes a gRPC status the parent must treat as "no decision".
 NotReady -> UNAVAILABLE, storage lagging -> RESOURCE_EXHAUSTED, bad input -> INVALID_ARGUMENT,
-a refused policy or a sealed-key exchange out of order -> FAILED_PRECONDITION (ALREADY_EXISTS when a bundle at or above its version is
-in force: `POLICY_NOT_NEWER_STATUS`), a failed check -> PERMISSION_DENIED. Unexpected exceptions
+a refused policy or a sealed-key exchange out of order -> FAILED_PRECONDITION (ALREADY_EXISTS
+when a bundle at or above its version is in force: `POLICY_NOT_NEWER_STATUS`), a failed check
+(a resumed log signed by another log key: SealedKeyMismatch) -> PERMISSION_DENIED. Unexpected exceptions
 are logged here, inside the enclave, and reported as INTERNAL without detail.
 
 A decision's deny code leaves as the proto's `DenyCode` (`DENIALS`, one table). A code outside

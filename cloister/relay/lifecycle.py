@@ -1,6 +1,7 @@
 """The relay's start-up and the enclave's readiness: open storage, hand the enclave its sealed log
-key (the KMS Recipient exchange, docs/decisions/0014), start or resume the enclave's log, load the newest policy bundle, keep the enclave's attestation fresh, and bring a restarted
-enclave back (watching its health)."""
+key (the KMS Recipient exchange, docs/decisions/0014), start or resume the enclave's log, load the
+newest policy bundle, keep the enclave's attestation fresh, and bring a restarted enclave back
+(watching its health)."""
 
 from __future__ import annotations
 
@@ -240,7 +241,8 @@ class Lifecycle:
         self.state.attested_at = time.monotonic()
 
     async def watch_enclave(self) -> None:
-        """Notice an enclave restart (no log key yet, fresh grant key, empty log) and bring it back; refresh attestation."""
+        """Notice an enclave restart (no log key yet, fresh grant key, empty log) and bring it back;
+        refresh attestation."""
         while True:
             await anyio.sleep(1.0)
             try:

@@ -153,7 +153,8 @@ def test_a_seed_of_another_log_key_cannot_continue_the_log(w: World) -> None:
 def test_the_service_maps_the_exchange_errors(w: World) -> None:
     import grpc
 
-    from cloister.enclave.service import _call
+    from cloister.enclave.service import EnclaveService
+    from cloister.wire import enclave_pb2 as pb
 
     class Aborted(Exception):
         pass
@@ -166,12 +167,17 @@ def test_the_service_maps_the_exchange_errors(w: World) -> None:
             raise Aborted(details)
 
     core = w.new_core(sealed=True)
+    service = EnclaveService(core)
+    opened = pb.OpenSealedKeyRequest(ciphertext_for_recipient=b"x", first_start=True)
     for fn, code in (
-        (lambda: core.open_sealed_key(b"x", first_start=True), grpc.StatusCode.FAILED_PRECONDITION),
-        (lambda: (core.request_key(), core.open_sealed_key(b"x", first_start=True)), grpc.StatusCode.INVALID_ARGUMENT),
-        (core.start_new_log, grpc.StatusCode.UNAVAILABLE),
+        (lambda ctx: service.OpenSealedKey(opened, ctx), grpc.StatusCode.FAILED_PRECONDITION),  # nothing pending
+        (
+            lambda ctx: (service.RequestKey(pb.RequestKeyRequest(), ctx), service.OpenSealedKey(opened, ctx)),
+            grpc.StatusCode.INVALID_ARGUMENT,  # not an envelope
+        ),
+        (lambda ctx: service.StartLog(pb.StartLogRequest(), ctx), grpc.StatusCode.UNAVAILABLE),  # no key yet
     ):
         ctx = Context()
         with pytest.raises(Aborted):
-            _call(ctx, fn)  # type: ignore[arg-type]
+            fn(ctx)
         assert ctx.code == code
