@@ -2,9 +2,10 @@
 
 A new enclave has a new grant key, and its log key is the origin's one sealed log key
 (decision 0014; `EnclaveCore.resume_log` also requires the key entry below to carry it). The
-checks here do not rely on that: they trust the old checkpoints by measurement: the key that signed the latest checkpoint was introduced by a
-key entry whose attestation document binds it, and that document must carry this image's
-PCR0 (or a predecessor's pinned in the measured config). Then:
+checks here do not rely on that: they trust the old checkpoints by measurement. The key that
+signed the latest checkpoint was introduced by a key entry whose attestation document binds
+it, and that document must carry this image's PCR0 (or a predecessor's pinned in the measured
+config). Then:
 
   1. the key entry parses, and its attestation verifies against the pinned trust root,
      as of its own timestamp (it may be old), with an accepted PCR0;
