@@ -509,7 +509,9 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
             enclave = verify_enclave(k.attestation, policy)
             if (enclave.binding.log_key, enclave.binding.grant_key) != (k.log_key, k.grant_key):
                 problems.append(f"key entry {i}: its attestation binds other keys")
-            verifiers.append(enclave.binding.log_verifier())
+            verifier = enclave.binding.log_verifier()
+            if all((v.name, v.key_id) != (verifier.name, verifier.key_id) for v in verifiers):  # one log key
+                verifiers.append(verifier)
         except CloisterError as exc:
             problems.append(f"key entry {i}: its attestation does not verify: {exc}")
     # Each enclave start has its own grant key; the log key is one per origin (sealed, decision 0014).
