@@ -6,6 +6,7 @@ clock), so the code under test is exactly what `cloister enclave` runs.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from cloister.dev.state import copy_example_bundle
 from cloister.enclave.bundle import read_bundle_dir
 from cloister.enclave.config import load_config
 from cloister.enclave.core import EnclaveCore, LogAppend
+from cloister.enclave.sealing import derive_log_key
 from cloister.verify.bundle import sign_bundle
 from cloister.verify.jwt import encode_jwt
 
@@ -65,6 +67,9 @@ class World:
     bundle_dir: Path
     log: list[bytes] = field(default_factory=list)
     checkpoints: list[bytes] = field(default_factory=list)
+    # The log key's seed, as KMS would keep it sealed: every core of this world derives the same
+    # log key from it (tests/enclave/test_sealed_start.py runs the real exchange instead).
+    seed: bytes = field(default_factory=lambda: os.urandom(32))
 
     def persist(self, a: LogAppend) -> None:
         """Store entries like the parent does (in order, exactly once)."""
@@ -111,10 +116,13 @@ class World:
             not_after = self.clock.seconds() + BUNDLE_VALIDITY_S
         return sign_bundle(files, version, key or self.admin, origin=origin, not_after=not_after)
 
-    def new_core(self) -> EnclaveCore:
+    def new_core(self, *, sealed: bool = False) -> EnclaveCore:
+        """A new enclave of this world: holding the world's log key (as after the sealed-key
+        exchange), or, with `sealed`, still waiting for it (AWAITING_KEY)."""
         config = load_config(self.config_path, mock_nsm=True)
         pcrs = mock_pcrs(config.raw)
-        return EnclaveCore(config, self.mock_nsm(pcrs), pcrs=pcrs, clock_ms=self.clock, mock_nsm=True)
+        log_key = None if sealed else derive_log_key(self.seed, config.origin)
+        return EnclaveCore(config, self.mock_nsm(pcrs), pcrs=pcrs, clock_ms=self.clock, mock_nsm=True, log_key=log_key)
 
     def mock_nsm(self, pcrs: dict[int, bytes]) -> MockNsm:
         """A mock NSM on this world's CA and clock (an upstream's, or the enclave's)."""

@@ -23,6 +23,7 @@ import threading
 import time
 import tomllib
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,7 +90,42 @@ class Stack:
         return None
 
 
-def _wait_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+def _kms_key(kms_dir: Path, mock_root: Path, pcr0s: list[bytes]) -> str:
+    """The KMS stand-in's key for the sealed log key: created on the first run; its policy names
+    this image's PCR0 and the predecessors the enclave config pins (so a code edit, which `up`
+    pins as a predecessor, keeps the log key)."""
+    from cloister.dev.kms import LocalKms, log_key_policy
+    from cloister.verify.attestation import TrustRoot
+
+    kms = LocalKms(kms_dir, trust_root=TrustRoot.from_pem(mock_root.read_bytes()), clock=lambda: datetime.now(UTC))
+    id_file = kms_dir / "key-id"
+    policy = log_key_policy(list(dict.fromkeys(pcr0s)))
+    if id_file.exists():
+        key_id = id_file.read_text().strip()
+        kms.put_key_policy(key_id, policy)
+    else:
+        key_id = kms.create_key(policy)
+        id_file.write_text(key_id + "\n")
+    return key_id
+
+
+def unsealable_log(log_dir: Path) -> str | None:
+    """Why the stored dev log cannot be resumed, or None. A log written before the sealed log key
+    (decision 0014) was signed with a new key at every start and has no sealed seed
+    (`kms/sealed-seed`): no enclave can unseal the key that signed it, so the relay would refuse it."""
+    from cloister.relay.lifecycle import SEALED_SEED_OBJECT
+
+    wal = log_dir / "wal"
+    stored = (log_dir / "checkpoint").exists() or (wal.is_dir() and any(wal.iterdir()))
+    if not stored or (log_dir / SEALED_SEED_OBJECT).exists():
+        return None
+    return (
+        f"the log in {log_dir} was written with a new log key at every start (before the sealed log key) "
+        f"and cannot be resumed; to start fresh, move it away (mv {log_dir} {log_dir}.old) or use another --state"
+    )
+
+
+def _wait_ready_line(proc: subprocess.Popen[bytes], timeout: float, what: str = "the enclave") -> dict[str, Any]:
     assert proc.stdout is not None
     result: dict[str, Any] = {}
 
@@ -102,7 +138,7 @@ def _wait_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str,
     t.start()
     t.join(timeout)
     if not result:
-        raise RuntimeError("the enclave did not become ready")
+        raise RuntimeError(f"{what} did not become ready")
     return result
 
 
@@ -131,8 +167,14 @@ def _run(args: argparse.Namespace) -> int:
     from cloister.enclave.config import load_config
 
     state = ensure_state((args.state or default_state_dir()).resolve(), bundle_source=args.bundle)
+    why = unsealable_log(state.log_dir)
+    if why is not None:
+        print(f"cloister up: {why}", file=sys.stderr)
+        return 1
     config = load_config(state.enclave_config, mock_nsm=True)
     pcr0 = mock_pcrs(config.raw)[0].hex()
+    kms_key_id = _kms_key(state.root / "kms", state.mock_root, [bytes.fromhex(pcr0), *sorted(config.predecessor_pcr0)])
+    kms_port = free_port()
     logs = state.root / "logs"
     logs.mkdir(exist_ok=True)
     py = sys.executable
@@ -164,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
         f"body_encryption_public_key = {_toml_str(str(state.body_public_key_file.relative_to(state.root)))}\n"
         f"keep_denied_arguments = false\nwitness_quorum = {len(witnesses)}\n\n"
         + "\n\n".join(upstream_tables + _witness_tables(witnesses))
-        + "\n"
+        + f'\n\n[kms]\nkey_id = "{kms_key_id}"\nendpoint_url = "http://127.0.0.1:{kms_port}"\n'
     )
 
     stack = Stack(logs)
@@ -172,6 +214,23 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     try:
+        kms = stack.start(
+            "kms",
+            [
+                py,
+                "-m",
+                "cloister.dev.kms",
+                "serve",
+                "--state",
+                str(state.root / "kms"),
+                "--port",
+                str(kms_port),
+                "--root",
+                str(state.mock_root),
+            ],
+            ready_line=True,
+        )
+        _wait_ready_line(kms, 30, "the KMS stand-in")
         enclave = stack.start(
             "enclave",
             [
@@ -257,6 +316,7 @@ def _run(args: argparse.Namespace) -> int:
   Attestation            {public}/attestation?nonce=<hex>
   Mock trust root        {state.mock_root}
   Enclave PCR0           {pcr0}
+  KMS key (stand-in)     {kms_key_id}  (seals the log key to this PCR0 and its pinned predecessors)
   Log origin             {info["origin"]}
 """)
     if refunds_port:
@@ -314,8 +374,10 @@ def _witness_tables(witnesses: list[tuple[str, Path, str, int]]) -> list[str]:
 
 
 def _start_witnesses(stack: Stack, root: Path, witnesses: list[tuple[str, Path, str, int]], relay: str) -> None:
-    """Start the local witnesses, following the log key the enclave reports (it is new with each
-    enclave start, so the witnesses' logs file is rewritten each time `up` runs)."""
+    """Start the local witnesses, following the log key the enclave reports. The log key is one per
+    origin, unsealed from the KMS stand-in at every enclave start (decision 0014), so it is the
+    same from run to run; the witnesses' logs file is still rewritten each time `up` runs, from
+    what the relay reports, so it always names the key in use."""
     with urllib.request.urlopen(f"{relay}/healthz", timeout=5) as resp:  # noqa: S310 (local URL we built)
         enclave = json.loads(resp.read())["enclave"]
     logs = root / "logs.toml"

@@ -2048,13 +2048,63 @@ class EnclaveWorld:
             self.allowed_call()
         self.fresh = self.new_core()
         self.fresh_service = EnclaveService(self.fresh)
+        self._keyless: Any = None
+        self._keyless_service: Any = None
 
-    def new_core(self) -> Any:
+    def new_core(self, *, keyless: bool = False) -> Any:
+        """A core with the world's log key (one per origin, as unsealed from KMS), or `keyless`: as the
+        image starts, waiting for the sealed-key exchange (RequestKey, OpenSealedKey)."""
         from cloister.enclave.core import EnclaveCore
 
         return EnclaveCore(
-            self.config, self.nsm, pcrs=self.pcrs, clock_ms=self.clock, random=self._rng.randbytes, mock_nsm=True
+            self.config,
+            self.nsm,
+            pcrs=self.pcrs,
+            clock_ms=self.clock,
+            random=self._rng.randbytes,
+            mock_nsm=True,
+            log_key=None if keyless else ed25519_key(self.fx.seed, "log-key"),
         )
+
+    @cached_property
+    def recipient_private(self) -> Any:
+        """The RSA key the sealed-key targets plant as the pending recipient key, so that an
+        envelope made for it (a seed) opens: the enclave's own key would change at every call."""
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def awaiting_key_service(self, *, pending: bool) -> Any:
+        """A servicer over a core still waiting for its log key (a new one once a key was installed);
+        `pending`: with the planted recipient key pending, as after RequestKey."""
+        from cloister.enclave.sealing import RecipientKey
+        from cloister.enclave.service import EnclaveService
+
+        if self._keyless is None or self._keyless.state.value != "awaiting-key":
+            self._keyless = self.new_core(keyless=True)
+            self._keyless_service = EnclaveService(self._keyless)
+        if pending:
+            self._keyless._recipient = RecipientKey(self.recipient_private)
+        return self._keyless_service
+
+    def sealed_envelopes(self) -> list[bytes]:
+        """CiphertextForRecipient for the planted key: one from the KMS stand-in (GenerateDataKey
+        with the enclave's Recipient document, as the relay asks on a first start) and one built
+        directly; the stand-in's layout is the captured KMS answer's (docs/decisions/0014)."""
+        from cloister.dev.kms import LocalKms, envelope_to, log_key_policy
+        from cloister.enclave.sealing import RecipientKey, recipient_attestation
+
+        key = RecipientKey(self.recipient_private)
+        document = recipient_attestation(self.nsm, key)
+        kms = LocalKms(self.fx.tmp / "kms", trust_root=self.fx.trust_root, clock=self.clock.datetime)
+        key_id = kms.create_key(log_key_policy([self.pcrs[0]]))
+        recipient = {"AttestationDocument": document, "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"}
+        answer = kms.generate_data_key(key_id, number_of_bytes=32, recipient=recipient)
+        public = self.recipient_private.public_key()
+        return [
+            bytes(answer["CiphertextForRecipient"]),
+            envelope_to(public, key.public_key_der, _derived(self.fx.seed, "sealed-seed")),
+        ]
 
     def persist(self, append: Any) -> None:
         for i, data in enumerate(append.entries):
@@ -3860,6 +3910,13 @@ def _grpc_seeds(fx: Fixtures, world: EnclaveWorld, method: str, cls: Any) -> lis
         return [pb.SyncLogRequest(persisted_size=0), pb.SyncLogRequest(persisted_size=size)]
     if method == "StartLog":
         return [pb.StartLogRequest(), fx.resume_world.resume_request()]
+    if method == "OpenSealedKey":
+        envelopes = world.sealed_envelopes()
+        return [
+            *(pb.OpenSealedKeyRequest(ciphertext_for_recipient=e, first_start=True) for e in envelopes),
+            pb.OpenSealedKeyRequest(ciphertext_for_recipient=envelopes[0], first_start=False),
+            pb.OpenSealedKeyRequest(ciphertext_for_recipient=envelopes[1][:-16]),
+        ]
     if method == "ServerChallenge":
         return [
             pb.ServerChallengeRequest(server=s, reconnect=r)
@@ -3898,6 +3955,7 @@ def _grpc_factory(method: str) -> Callable[[Fixtures], Target]:
         world = fx.world
         nested = _grpc_nested(fx)
         fresh = method == "StartLog"
+        keyless = method in ("RequestKey", "OpenSealedKey")
         upkeep = method in ("ServerChallenge", "ReportServer")
         seeds = [m.SerializeToString() for m in _grpc_seeds(fx, world, method, cls)]
 
@@ -3906,7 +3964,11 @@ def _grpc_factory(method: str) -> Callable[[Fixtures], Target]:
                 request = cls.FromString(data)
             except ProtoDecodeError as exc:
                 raise SdkRejection(f"gRPC: the request does not parse as {cls.__name__} ({exc})") from None
-            response = world.call(world.fresh_service if fresh else world.service, method, request)
+            if keyless:  # the sealed-key exchange: a core still waiting for its log key
+                service = world.awaiting_key_service(pending=method == "OpenSealedKey")
+            else:
+                service = world.fresh_service if fresh else world.service
+            response = world.call(service, method, request)
             if not isinstance(response, out_cls):
                 raise TypeError(f"{method} answered a {type(response).__name__}, not a {out_cls.__name__}")
             response.SerializeToString()

@@ -15,10 +15,14 @@ around it, this module:
   - outside the lock: signs the grant (when the call goes through) and a checkpoint covering the entry.
 Nothing leaves before the entry is sequenced.
 
+Start-up: AWAITING_KEY (the log key is unsealed from AWS KMS through the parent,
+`request_key` / `open_sealed_key`, docs/decisions/0014), AWAITING_LOG (start or resume; a resumed
+log must have been signed by that same key), READY. The grant key is new at every start.
+
 Locks: `Sequencer.lock` (reentrant) serialises every append and guards the state a decision
 changes: the limit book, the open decisions, the server registry, which bundle is in force.
-`_transition` guards the log's lifecycle (start, resume). Each policy state's token cache has its
-own lock. Which lock guards each field is noted where it is declared.
+`_transition` guards the log's lifecycle (the sealed-key exchange, start, resume). Each policy
+state's token cache has its own lock. Which lock guards each field is noted where it is declared.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from cloister.enclave.limits import LimitBook, LimitStatus
 from cloister.enclave.nsm import Nsm
 from cloister.enclave.policy import PolicyEngine, Principal
 from cloister.enclave.resume import verify_resume
+from cloister.enclave.sealing import RecipientKey, SealedKeyMismatch, recipient_attestation, unseal_log_key
 from cloister.enclave.sequencer import Sequencer, SignedCheckpoint
 from cloister.enclave.servers import Report, ServerRegistry
 from cloister.verify.bundle import verify_bundle
@@ -61,6 +66,7 @@ from cloister.verify.entries import (
     bounded,
     decimal_text,
     encode_entry,
+    parse_entry,
     quoted,
 )
 from cloister.verify.errors import CloisterError, DecodeError, VerificationError
@@ -90,12 +96,18 @@ def parse_policy_extension(extensions: tuple[str, ...]) -> tuple[int, bytes] | N
 
 
 class LogState(Enum):
+    AWAITING_KEY = "awaiting-key"  # no log key yet: the parent must run the sealed-key exchange
     AWAITING_LOG = "awaiting-log"  # keys exist; the parent must start or resume the log
     READY = "ready"
 
 
 class NotReady(CloisterError):
     """The enclave cannot serve this request in its current state (fail closed)."""
+
+
+class KeyRefused(CloisterError):
+    """The sealed-key exchange or a log start out of order (no pending key, a key already
+    installed, a resume after a key unsealed for a new log or the reverse)."""
 
 
 class PolicyRefused(CloisterError):
@@ -203,21 +215,32 @@ class EnclaveCore:
         clock_ms: Callable[[], int],
         random: Callable[[int], bytes] = os.urandom,
         mock_nsm: bool = False,
+        log_key: ed25519.Ed25519PrivateKey | None = None,
     ) -> None:
+        """`log_key`: None (the image's entry point) waits for the sealed log key (`request_key`,
+        `open_sealed_key`); in-process tools may hand a key in directly. Either way a resumed log
+        must have been signed by the same key."""
         self.config = config
         self.nsm = nsm
         self.pcrs = dict(pcrs)
         self.mock_nsm = mock_nsm
         self._clock_ms = clock_ms
         self._random = random
-        # Keys are born here and never leave: only their public halves are exported.
-        self._log_key = ed25519.Ed25519PrivateKey.generate()
+        # Keys never leave: only their public halves are exported. The grant key is born here, at
+        # every start; the log key is one per origin, unsealed from KMS (decision 0014) or given.
         self._grant_key = ed25519.Ed25519PrivateKey.generate()
-        self.log_public = self._log_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.grant_public = self._grant_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        self.note_signer = Ed25519NoteSigner(config.origin, self._log_key)
-        self._transition = threading.Lock()  # guards the log's lifecycle: state, sequencer
-        self.state = LogState.AWAITING_LOG  # set under _transition
+        self._transition = threading.Lock()  # guards the log's lifecycle: state, keys, sequencer
+        self._log_key: ed25519.Ed25519PrivateKey | None = None  # set once, under _transition
+        self._note_signer: Ed25519NoteSigner | None = None  # set with _log_key
+        self.log_public = b""  # set with _log_key
+        self._recipient: RecipientKey | None = None  # the one-use key of the pending exchange
+        # What the parent said when the key was unsealed: a new log (True) or a stored one (False);
+        # None for a key handed in directly (either is allowed).
+        self._first_start: bool | None = None
+        self.state = LogState.AWAITING_KEY  # set under _transition
+        if log_key is not None:
+            self._install_log_key(log_key)
         self.sequencer: Sequencer | None = None  # set once, under _transition
         # The bundle in force: replaced under the sequencer lock; read without it (one reference),
         # and re-checked under it before a decision is sequenced.
@@ -250,11 +273,55 @@ class EnclaveCore:
     def attest(self, nonce: bytes, *, include_checkpoint: bool) -> tuple[bytes, bytes]:
         if len(nonce) > 512:
             raise DecodeError(f"attestation nonce is {len(nonce)} bytes; at most 512 are accepted")
+        if self._log_key is None:
+            raise NotReady("the enclave has no log key yet (the sealed-key exchange has not run)")
         checkpoint = b""
         if include_checkpoint:
             checkpoint = self._ready_sequencer().latest_checkpoint().note
         doc = self.nsm.attestation(user_data=self.binding(checkpoint or None).encode(), nonce=nonce or None)
         return doc, checkpoint
+
+    # ---- the sealed log key --------------------------------------------------------------
+
+    @property
+    def note_signer(self) -> Ed25519NoteSigner:
+        if self._note_signer is None:
+            raise NotReady("the enclave has no log key yet (the sealed-key exchange has not run)")
+        return self._note_signer
+
+    def _install_log_key(self, key: ed25519.Ed25519PrivateKey) -> None:
+        self._log_key = key
+        self._note_signer = Ed25519NoteSigner(self.config.origin, key)
+        self.log_public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.state = LogState.AWAITING_LOG
+
+    def request_key(self) -> bytes:
+        """Start the sealed-key exchange: a one-use RSA key and an attestation document binding
+        it, for the parent's KMS call as `Recipient`. A new request discards an earlier key."""
+        with self._transition:
+            if self.state is not LogState.AWAITING_KEY:
+                raise KeyRefused("the enclave already has its log key")
+            if self._recipient is not None:
+                self._recipient.discard()
+            self._recipient = RecipientKey.generate()
+            return recipient_attestation(self.nsm, self._recipient)
+
+    def open_sealed_key(self, envelope: bytes, *, first_start: bool) -> bytes:
+        """Open KMS's CiphertextForRecipient with the pending one-use key (which is then gone,
+        whatever happens) and install the log key derived from the seed; its public key.
+
+        No comparison is possible here: the log key the stored log introduced is checked at
+        resume (`resume_log`). A new log (`first_start`) trusts the seed on first use."""
+        with self._transition:
+            if self.state is not LogState.AWAITING_KEY:
+                raise KeyRefused("the enclave already has its log key")
+            recipient, self._recipient = self._recipient, None
+            if recipient is None:
+                raise KeyRefused("no recipient key is pending: call RequestKey first")
+            log_key = unseal_log_key(recipient, envelope, origin=self.config.origin, expected_public=None)
+            self._install_log_key(log_key)
+            self._first_start = first_start
+            return self.log_public
 
     # ---- log lifecycle -------------------------------------------------------------------
 
@@ -273,8 +340,7 @@ class EnclaveCore:
     def start_new_log(self) -> LogAppend:
         """Begin a new log whose first entry introduces this enclave's keys."""
         with self._transition:
-            if self.state is not LogState.AWAITING_LOG:
-                raise NotReady("the log is already running")
+            self._check_can_start(resume=False)
             self.sequencer = Sequencer(self.config.origin, self.note_signer)
             self.state = LogState.READY
             return self._append([self._key_entry(None)])
@@ -294,8 +360,7 @@ class EnclaveCore:
     ) -> LogAppend:
         """Continue a stored log: verify it (enclave.resume), then introduce this enclave's keys."""
         with self._transition:
-            if self.state is not LogState.AWAITING_LOG:
-                raise NotReady("the log is already running")
+            self._check_can_start(resume=True)
             point = verify_resume(
                 config=self.config,
                 own_pcr0=self.pcrs.get(0, b""),
@@ -309,6 +374,14 @@ class EnclaveCore:
                 boundary_entry=boundary_entry,
                 boundary_proof=boundary_proof,
             )
+            # The log key is one per origin: the stored log must have been signed by exactly the
+            # key just unsealed (verify_resume proved that key entry introduced the signing key).
+            intro = parse_entry(key_entry)
+            if not isinstance(intro, KeyEntry) or intro.log_key != self.log_public:
+                raise SealedKeyMismatch(
+                    f"the stored log of {self.config.origin} was signed by another log key than the one unsealed; "
+                    "refusing to continue it"
+                )
             self.sequencer = Sequencer(self.config.origin, self.note_signer, point.tree)
             self._min_policy = parse_policy_extension(point.checkpoint.extensions)
             self._history, self._history_start = point.history, point.history_start
@@ -317,6 +390,18 @@ class EnclaveCore:
             self.state = LogState.READY
             previous = SignedCheckpoint(size=point.checkpoint.size, root=point.checkpoint.root_hash, note=point.note)
             return self._append([self._key_entry(previous)])
+
+    def _check_can_start(self, *, resume: bool) -> None:
+        if self.state is LogState.AWAITING_KEY:
+            raise NotReady("the enclave has no log key yet (the sealed-key exchange has not run)")
+        if self.state is not LogState.AWAITING_LOG:
+            raise NotReady("the log is already running")
+        if self._first_start is resume:  # the parent said otherwise when the key was unsealed
+            raise KeyRefused(
+                "the log key was unsealed for a new log; StartLog must start one"
+                if resume
+                else "the log key was unsealed for a stored log; StartLog must resume it"
+            )
 
     def _reopen_decisions(self) -> None:
         """Allowed calls still in flight when the previous enclave stopped may still report outcomes."""
@@ -658,13 +743,14 @@ class EnclaveCore:
             "origin": self.config.origin,
             "log_public_key": self.log_public,
             "grant_public_key": self.grant_public,
-            "log_verifier_key": self.note_signer.vkey,
+            "log_verifier_key": self._note_signer.vkey if self._note_signer else "",
             "policy_version": ps.version if ps else 0,
             "policy_sha256": ps.sha256 if ps else b"",
             "log_size": seq.size if seq else 0,
             "pcr0": self.pcrs.get(0, b""),
             "mock_nsm": self.mock_nsm,
             "ready": self.state is LogState.READY and ps is not None,
+            "awaiting_key": self.state is LogState.AWAITING_KEY,
         }
 
 

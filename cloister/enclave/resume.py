@@ -1,9 +1,11 @@
 """Resuming a stored log in a fresh enclave, without trusting the parent's storage.
 
-A new enclave has new keys, so it cannot recognise the old checkpoints by key. It trusts
-them by measurement instead: the key that signed the latest checkpoint was introduced by a
-key entry whose attestation document binds it, and that document must carry this image's
-PCR0 (or a predecessor's pinned in the measured config). Then:
+A new enclave has a new grant key, and its log key is the origin's one sealed log key
+(decision 0014; `EnclaveCore.resume_log` also requires the key entry below to carry it). The
+checks here do not rely on that: they trust the old checkpoints by measurement. The key that
+signed the latest checkpoint was introduced by a key entry whose attestation document binds
+it, and that document must carry this image's PCR0 (or a predecessor's pinned in the measured
+config). Then:
 
   1. the key entry parses, and its attestation verifies against the pinned trust root,
      as of its own timestamp (it may be old), with an accepted PCR0;

@@ -2,8 +2,9 @@
 
 Fail closed: every error becomes a gRPC status the parent must treat as "no decision".
 NotReady -> UNAVAILABLE, storage lagging -> RESOURCE_EXHAUSTED, bad input -> INVALID_ARGUMENT,
-a refused policy -> FAILED_PRECONDITION (ALREADY_EXISTS when a bundle at or above its version is
-in force: `POLICY_NOT_NEWER_STATUS`), a failed check -> PERMISSION_DENIED. Unexpected exceptions
+a refused policy or a sealed-key exchange out of order -> FAILED_PRECONDITION (ALREADY_EXISTS
+when a bundle at or above its version is in force: `POLICY_NOT_NEWER_STATUS`), a failed check
+(a resumed log signed by another log key: SealedKeyMismatch) -> PERMISSION_DENIED. Unexpected exceptions
 are logged here, inside the enclave, and reported as INTERNAL without detail.
 
 A decision's deny code leaves as the proto's `DenyCode` (`DENIALS`, one table). A code outside
@@ -18,7 +19,15 @@ from typing import Any, Final, TypeVar
 
 import grpc
 
-from cloister.enclave.core import EnclaveCore, LogAppend, NotReady, PolicyNotNewer, PolicyRefused, Verdict
+from cloister.enclave.core import (
+    EnclaveCore,
+    KeyRefused,
+    LogAppend,
+    NotReady,
+    PolicyNotNewer,
+    PolicyRefused,
+    Verdict,
+)
 from cloister.enclave.resume import ResumeRefused
 from cloister.enclave.sequencer import Backpressure
 from cloister.verify.errors import DecodeError, VerificationError
@@ -57,7 +66,7 @@ def _call(context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     except PolicyNotNewer as exc:
         context.abort(grpc.StatusCode[POLICY_NOT_NEWER_STATUS], str(exc))
-    except (PolicyRefused, ResumeRefused) as exc:
+    except (PolicyRefused, ResumeRefused, KeyRefused) as exc:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except TokenError as exc:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.reason}: {exc}")
@@ -211,6 +220,18 @@ class EnclaveService(pb_grpc.EnclaveServicer):
             else:
                 a = self.core.start_new_log()
             return pb.StartLogResponse(log=_log_append(a))
+
+        return _call(context, run)
+
+    def RequestKey(self, request: pb.RequestKeyRequest, context: grpc.ServicerContext) -> pb.RequestKeyResponse:
+        return _call(context, lambda: pb.RequestKeyResponse(attestation_document=self.core.request_key()))
+
+    def OpenSealedKey(
+        self, request: pb.OpenSealedKeyRequest, context: grpc.ServicerContext
+    ) -> pb.OpenSealedKeyResponse:
+        def run() -> pb.OpenSealedKeyResponse:
+            public = self.core.open_sealed_key(request.ciphertext_for_recipient, first_start=request.first_start)
+            return pb.OpenSealedKeyResponse(log_public_key=public, log_verifier_key=self.core.note_signer.vkey)
 
         return _call(context, run)
 

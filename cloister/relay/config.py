@@ -38,6 +38,11 @@
 
     # in [relay]: witness_quorum = 1          # cosignatures an auditor is told to expect (default: all)
 
+    [kms]                                     # the sealed log key (docs/decisions/0014)
+    key_id = "arn:aws:kms:...:key/..."        # the KMS key whose policy names the image's PCR0s
+    region = "us-east-1"
+    endpoint_url = "http://127.0.0.1:7390"    # mock mode only: the local stand-in (cloister.dev.kms)
+
 Relative paths are relative to the config file. Errors name the file and the key. The admin
 and auditor tokens are bearer secrets of at least 16 characters, and must differ.
 """
@@ -87,6 +92,15 @@ class WitnessConfig:
 
 
 @dataclass(frozen=True)
+class KmsConfig:
+    """Where the log key's seed is sealed: the relay calls KMS with the enclave's Recipient document."""
+
+    key_id: str
+    region: str = "us-east-1"
+    endpoint_url: str | None = None  # the local stand-in (mock mode); None: AWS KMS, boto3's credentials
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     path: Path
     host: str
@@ -109,6 +123,7 @@ class RelayConfig:
     keep_denied_arguments: bool = False  # store the arguments of denied calls too
     witnesses: tuple[WitnessConfig, ...] = ()
     witness_quorum: int = 0  # cosignatures a checkpoint needs to count as witnessed (0: no witnesses)
+    kms: KmsConfig | None = None  # required to start an enclave that waits for its sealed log key
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -178,7 +193,26 @@ def load_relay_config(path: Path) -> RelayConfig:
         keep_denied_arguments=_get(relay, "keep_denied_arguments", bool, where, False),
         witnesses=witnesses,
         witness_quorum=quorum,
+        kms=_kms(path, data.get("kms")),
     )
+
+
+def _kms(path: Path, table: Any) -> KmsConfig | None:
+    if table is None:
+        return None
+    where = f"{path} [kms]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = set(table) - {"key_id", "region", "endpoint_url"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    key_id = _get(table, "key_id", str, where)
+    if not key_id:
+        raise ConfigError(f"{where}: key_id must not be empty")
+    endpoint = _get(table, "endpoint_url", str, where, "") or None
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: endpoint_url {endpoint!r} must be http(s)://")
+    return KmsConfig(key_id=key_id, region=_get(table, "region", str, where, "us-east-1"), endpoint_url=endpoint)
 
 
 def _witnesses(path: Path, tables: Any) -> tuple[WitnessConfig, ...]:

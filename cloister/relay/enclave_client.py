@@ -89,6 +89,16 @@ class EnclaveClient:
         resp: pb.StartLogResponse = await self._call("StartLog", req, 60)
         return resp
 
+    async def request_key(self) -> bytes:
+        """The enclave's Recipient attestation document for the sealed-key exchange."""
+        resp: pb.RequestKeyResponse = await self._call("RequestKey", pb.RequestKeyRequest(), 30)
+        return resp.attestation_document
+
+    async def open_sealed_key(self, ciphertext_for_recipient: bytes, *, first_start: bool) -> pb.OpenSealedKeyResponse:
+        req = pb.OpenSealedKeyRequest(ciphertext_for_recipient=ciphertext_for_recipient, first_start=first_start)
+        resp: pb.OpenSealedKeyResponse = await self._call("OpenSealedKey", req, 30)
+        return resp
+
     async def sync(self, persisted_size: int) -> pb.SyncLogResponse:
         resp: pb.SyncLogResponse = await self._call("SyncLog", pb.SyncLogRequest(persisted_size=persisted_size), 30)
         return resp

@@ -1,6 +1,7 @@
-"""The relay's start-up and the enclave's readiness: open storage, start or resume the enclave's
-log, load the newest policy bundle, keep the enclave's attestation fresh, and bring a restarted
-enclave back (watching its health)."""
+"""The relay's start-up and the enclave's readiness: open storage, hand the enclave its sealed log
+key (the KMS Recipient exchange, docs/decisions/0014), start or resume the enclave's log, load the
+newest policy bundle, keep the enclave's attestation fresh, and bring a restarted enclave back
+(watching its health)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,70 @@ from cloister.relay.state import RelayState
 from cloister.relay.storage import LocalBackend, LogWriter, WriterOptions
 from cloister.relay.upstreams import Upstreams
 from cloister.relay.witnessing import Witnessing
+from cloister.verify.errors import CloisterError
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import MAX_LIMIT_WINDOW_S, POLICY_NOT_NEWER_STATUS, RESUME_HISTORY_MARGIN_S
 
 log = logging.getLogger("cloister.relay")
 
 POLICY_NOT_NEWER = grpc.StatusCode[POLICY_NOT_NEWER_STATUS]
+# The log key's seed as KMS sealed it (GenerateDataKey's CiphertextBlob), kept beside the log:
+# only KMS opens it, and only for a Recipient whose PCR0 the key policy names.
+SEALED_SEED_OBJECT = "kms/sealed-seed"
+
+
+class SealedKeyUnavailable(CloisterError):
+    """The enclave's log key could not be unsealed (no [kms], KMS refused, no stored seed)."""
+
+
+async def unseal_log_key(state: RelayState, origin: str, *, first_start: bool) -> pb.OpenSealedKeyResponse:
+    """The sealed-key exchange: the enclave's Recipient document to KMS, its answer to the enclave.
+
+    No sealed seed stored: GenerateDataKey (a new seed), whose CiphertextBlob is stored durably
+    BEFORE the enclave gets the seed, so a log key is never used that could not be unsealed again.
+    Otherwise: Decrypt of the stored blob. The relay sees only the blob and the envelope.
+    """
+    from cloister.relay import kms as kms_api
+
+    config = state.config.kms
+    if config is None:
+        raise SealedKeyUnavailable("the enclave waits for its sealed log key: configure [kms] (key_id, region)")
+    document = await state.enclave.request_key()
+    context = {"cloister:origin": origin}
+    blob = await state.writer.read_object(SEALED_SEED_OBJECT)
+    if blob is None and not first_start:
+        raise SealedKeyUnavailable(
+            f"the stored log has no sealed log key seed ({SEALED_SEED_OBJECT}); refusing to make a new log key for it"
+        )
+    try:
+        if config.endpoint_url is not None:
+            client = kms_api.local_kms_client(config.endpoint_url, region=config.region)
+        else:
+            client = kms_api.kms_client(config.region)
+        if blob is None:
+            sealed = await anyio.to_thread.run_sync(
+                lambda: kms_api.generate_sealed_seed(client, config.key_id, document, encryption_context=context)
+            )
+            await state.writer.write_object(SEALED_SEED_OBJECT, sealed.ciphertext_blob)
+            log.info("KMS key %s made the log key's seed; sealed copy stored as %s", config.key_id, SEALED_SEED_OBJECT)
+            envelope = sealed.ciphertext_for_recipient
+        else:
+            envelope = await anyio.to_thread.run_sync(
+                lambda: kms_api.decrypt_for_recipient(
+                    client, blob, document, key_id=config.key_id, encryption_context=context
+                )
+            )
+    except Exception as exc:  # botocore's ClientError / BotoCoreError, KmsResponseError
+        raise SealedKeyUnavailable(f"KMS did not unseal the log key for this enclave: {_kms_error(exc)}") from exc
+    return await state.enclave.open_sealed_key(envelope, first_start=first_start)
+
+
+def _kms_error(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error", {})
+        return f"{error.get('Code', type(exc).__name__)}: {error.get('Message', '')}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def open_storage(
@@ -105,6 +164,9 @@ class Lifecycle:
                 material = await state.writer.resume_material(
                     max_history_entries=1_000_000, window_start_ms=self._history_start_ms()
                 )
+                if health.awaiting_key:
+                    opened = await unseal_log_key(state, health.origin, first_start=material is None)
+                    log.info("the enclave unsealed its log key %s", opened.log_verifier_key)
                 if material is None:
                     log.info("starting a new log %s", health.origin)
                     started = await enclave.start_log(None)
@@ -179,7 +241,8 @@ class Lifecycle:
         self.state.attested_at = time.monotonic()
 
     async def watch_enclave(self) -> None:
-        """Notice an enclave restart (fresh keys, empty log) and bring it back; refresh attestation."""
+        """Notice an enclave restart (no log key yet, fresh grant key, empty log) and bring it back;
+        refresh attestation."""
         while True:
             await anyio.sleep(1.0)
             try:

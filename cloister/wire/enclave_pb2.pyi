@@ -214,7 +214,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("origin", "log_public_key", "grant_public_key", "log_verifier_key", "policy_version", "policy_sha256", "log_size", "pcr0", "mock_nsm", "ready")
+    __slots__ = ("origin", "log_public_key", "grant_public_key", "log_verifier_key", "policy_version", "policy_sha256", "log_size", "pcr0", "mock_nsm", "ready", "awaiting_key")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     LOG_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     GRANT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,7 @@ class HealthResponse(_message.Message):
     PCR0_FIELD_NUMBER: _ClassVar[int]
     MOCK_NSM_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_KEY_FIELD_NUMBER: _ClassVar[int]
     origin: str
     log_public_key: bytes
     grant_public_key: bytes
@@ -235,7 +236,8 @@ class HealthResponse(_message.Message):
     pcr0: bytes
     mock_nsm: bool
     ready: bool
-    def __init__(self, origin: _Optional[str] = ..., log_public_key: _Optional[bytes] = ..., grant_public_key: _Optional[bytes] = ..., log_verifier_key: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_sha256: _Optional[bytes] = ..., log_size: _Optional[int] = ..., pcr0: _Optional[bytes] = ..., mock_nsm: _Optional[bool] = ..., ready: _Optional[bool] = ...) -> None: ...
+    awaiting_key: bool
+    def __init__(self, origin: _Optional[str] = ..., log_public_key: _Optional[bytes] = ..., grant_public_key: _Optional[bytes] = ..., log_verifier_key: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_sha256: _Optional[bytes] = ..., log_size: _Optional[int] = ..., pcr0: _Optional[bytes] = ..., mock_nsm: _Optional[bool] = ..., ready: _Optional[bool] = ..., awaiting_key: _Optional[bool] = ...) -> None: ...
 
 class ResumeFrom(_message.Message):
     __slots__ = ("checkpoint", "range_size", "range_hashes", "entries", "key_entry", "key_entry_index", "key_entry_proof", "boundary_entry", "boundary_proof")
@@ -318,3 +320,29 @@ class ServerReportResponse(_message.Message):
     hidden_tools: _containers.RepeatedScalarFieldContainer[str]
     log: LogAppend
     def __init__(self, status: _Optional[str] = ..., detail: _Optional[str] = ..., hidden_tools: _Optional[_Iterable[str]] = ..., log: _Optional[_Union[LogAppend, _Mapping]] = ...) -> None: ...
+
+class RequestKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RequestKeyResponse(_message.Message):
+    __slots__ = ("attestation_document",)
+    ATTESTATION_DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    attestation_document: bytes
+    def __init__(self, attestation_document: _Optional[bytes] = ...) -> None: ...
+
+class OpenSealedKeyRequest(_message.Message):
+    __slots__ = ("ciphertext_for_recipient", "first_start")
+    CIPHERTEXT_FOR_RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_START_FIELD_NUMBER: _ClassVar[int]
+    ciphertext_for_recipient: bytes
+    first_start: bool
+    def __init__(self, ciphertext_for_recipient: _Optional[bytes] = ..., first_start: _Optional[bool] = ...) -> None: ...
+
+class OpenSealedKeyResponse(_message.Message):
+    __slots__ = ("log_public_key", "log_verifier_key")
+    LOG_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    LOG_VERIFIER_KEY_FIELD_NUMBER: _ClassVar[int]
+    log_public_key: bytes
+    log_verifier_key: str
+    def __init__(self, log_public_key: _Optional[bytes] = ..., log_verifier_key: _Optional[str] = ...) -> None: ...

@@ -89,6 +89,16 @@ class EnclaveStub:
                 request_serializer=cloister_dot_wire_dot_enclave__pb2.ServerReport.SerializeToString,
                 response_deserializer=cloister_dot_wire_dot_enclave__pb2.ServerReportResponse.FromString,
                 _registered_method=True)
+        self.RequestKey = channel.unary_unary(
+                '/cloister.enclave.v1.Enclave/RequestKey',
+                request_serializer=cloister_dot_wire_dot_enclave__pb2.RequestKeyRequest.SerializeToString,
+                response_deserializer=cloister_dot_wire_dot_enclave__pb2.RequestKeyResponse.FromString,
+                _registered_method=True)
+        self.OpenSealedKey = channel.unary_unary(
+                '/cloister.enclave.v1.Enclave/OpenSealedKey',
+                request_serializer=cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyRequest.SerializeToString,
+                response_deserializer=cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyResponse.FromString,
+                _registered_method=True)
 
 
 class EnclaveServicer:
@@ -179,6 +189,26 @@ class EnclaveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestKey(self, request, context):
+        """The sealed log key (docs/decisions/0014), first at every start: the enclave makes a one-use
+        RSA key and answers an attestation document whose public_key is that key. The parent passes
+        the document to AWS KMS as `Recipient` (GenerateDataKey at the log's first start, Decrypt of
+        the stored CiphertextBlob after) and hands the answer's CiphertextForRecipient to
+        OpenSealedKey. Refused (FAILED_PRECONDITION) once a log key is installed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSealedKey(self, request, context):
+        """Open the envelope with the one-use key and derive the log key for this origin. A malformed
+        envelope is INVALID_ARGUMENT; a second attempt with the same recipient key, or none asked
+        for, is FAILED_PRECONDITION. Either way the enclave stays without a log key: ask again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnclaveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -236,6 +266,16 @@ def add_EnclaveServicer_to_server(servicer, server):
                     servicer.ReportServer,
                     request_deserializer=cloister_dot_wire_dot_enclave__pb2.ServerReport.FromString,
                     response_serializer=cloister_dot_wire_dot_enclave__pb2.ServerReportResponse.SerializeToString,
+            ),
+            'RequestKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestKey,
+                    request_deserializer=cloister_dot_wire_dot_enclave__pb2.RequestKeyRequest.FromString,
+                    response_serializer=cloister_dot_wire_dot_enclave__pb2.RequestKeyResponse.SerializeToString,
+            ),
+            'OpenSealedKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSealedKey,
+                    request_deserializer=cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyRequest.FromString,
+                    response_serializer=cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -535,6 +575,60 @@ class Enclave:
             '/cloister.enclave.v1.Enclave/ReportServer',
             cloister_dot_wire_dot_enclave__pb2.ServerReport.SerializeToString,
             cloister_dot_wire_dot_enclave__pb2.ServerReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloister.enclave.v1.Enclave/RequestKey',
+            cloister_dot_wire_dot_enclave__pb2.RequestKeyRequest.SerializeToString,
+            cloister_dot_wire_dot_enclave__pb2.RequestKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSealedKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloister.enclave.v1.Enclave/OpenSealedKey',
+            cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyRequest.SerializeToString,
+            cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

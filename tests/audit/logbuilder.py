@@ -125,12 +125,18 @@ class TestLog:
         self.signed_bundle = b""  # the bundle in force, as signed (a restart loads these bytes again)
         self.grants: dict[int, bytes] = {}
         self.dir = workdir / "log"
+        self.log_key = ed25519.Ed25519PrivateKey.generate()
 
     # ---- the enclave ---------------------------------------------------------------------
 
     def _new_core(self) -> EnclaveCore:
         return EnclaveCore(
-            self.config, self.nsm, pcrs=self.pcrs, clock_ms=lambda: time.time_ns() // 1_000_000, mock_nsm=True
+            self.config,
+            self.nsm,
+            pcrs=self.pcrs,
+            clock_ms=lambda: time.time_ns() // 1_000_000,
+            mock_nsm=True,
+            log_key=self.log_key,  # one log key per origin, across restarts (as unsealed from KMS)
         )
 
     def _absorb(self, append: LogAppend) -> None:

@@ -25,7 +25,6 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from cloister.dev import kms_client
 from cloister.dev.kms import (
     DEFAULT_MAX_DOCUMENT_AGE,
     KeyPolicy,
@@ -47,6 +46,7 @@ from cloister.enclave.sealing import (
     recipient_attestation,
     unseal_log_key,
 )
+from cloister.relay import kms as kms_client
 from cloister.verify.attestation import AttestationPolicy, TrustRoot, verify_attestation
 from tests.world import Clock
 

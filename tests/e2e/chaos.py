@@ -26,6 +26,7 @@ from typing import Any
 
 import anyio
 import httpx2
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -266,6 +267,8 @@ class ServedCheckpoint:
     log_key: bytes | None  # the attested key; None for /log/checkpoint (checked against the key entries)
     note: bytes
     where: str
+    # The attested enclave's grant key: new at every enclave start (the log key is one per origin).
+    grant_key: bytes | None = None
 
 
 @dataclass
@@ -361,7 +364,9 @@ def verify_attested(reply: dict[str, Any], nonce: bytes, root: TrustRoot, pcr0: 
     policy = AttestationPolicy(root=root, at=DOCUMENT_TIME, now=datetime.now(UTC), nonce=nonce, expected_pcrs={0: pcr0})
     enclave = verify_enclave(base64.b64decode(reply["document"]), policy, checkpoint=note)
     cp = verify_checkpoint(note, [enclave.binding.log_verifier()], origin=enclave.binding.origin).checkpoint
-    return ServedCheckpoint(cp.size, cp.root_hash, enclave.binding.log_key, note, "attestation")
+    return ServedCheckpoint(
+        cp.size, cp.root_hash, enclave.binding.log_key, note, "attestation", enclave.binding.grant_key
+    )
 
 
 async def checkpoint_watcher(
@@ -504,13 +509,19 @@ def check_invariants(view: LogView, obs: Observed, *, root: TrustRoot, pcr0: byt
             enclave = verify_enclave(k.attestation, policy)
             if (enclave.binding.log_key, enclave.binding.grant_key) != (k.log_key, k.grant_key):
                 problems.append(f"key entry {i}: its attestation binds other keys")
-            verifiers.append(enclave.binding.log_verifier())
+            verifier = enclave.binding.log_verifier()
+            if all((v.name, v.key_id) != (verifier.name, verifier.key_id) for v in verifiers):  # one log key
+                verifiers.append(verifier)
         except CloisterError as exc:
             problems.append(f"key entry {i}: its attestation does not verify: {exc}")
-    if len(keys) > obs.enclave_starts or len(log_keys) != len(keys):
+    # Each enclave start has its own grant key; the log key is one per origin (sealed, decision 0014).
+    grant_keys = {k.grant_key for _, k in keys}
+    if len(keys) > obs.enclave_starts or len(grant_keys) != len(keys):
         problems.append(
-            f"{len(keys)} key entries ({len(log_keys)} distinct keys) for {obs.enclave_starts} enclave starts"
+            f"{len(keys)} key entries ({len(grant_keys)} distinct grant keys) for {obs.enclave_starts} enclave starts"
         )
+    if len(log_keys) > 1:
+        problems.append(f"{len(log_keys)} log keys in one log: the sealed log key is one per origin")
     served_keys = {c.log_key for c in obs.checkpoints if c.log_key is not None}
     if len(keys) < obs.serving_enclaves or not served_keys <= log_keys:
         problems.append(
@@ -822,6 +833,8 @@ class InProcess:
             'bundle = "state/bundle.signed"\nstorage = "state/log"\nrun_dir = "run"\n'
         )
         self.relay_config = load_relay_config(relay_toml)
+        # The origin's one log key, as every enclave start unseals it from KMS (decision 0014).
+        self.log_key = ed25519.Ed25519PrivateKey.generate()
 
     def new_core(self) -> Any:
         from cloister.dev.mock_nsm import MockNsm
@@ -833,6 +846,7 @@ class InProcess:
             pcrs=self.pcrs,
             clock_ms=lambda: time.time_ns() // 1_000_000,
             mock_nsm=True,
+            log_key=self.log_key,
         )
 
     async def start_relay(self) -> tuple[Any, InProcessEnclave]:

@@ -21,7 +21,7 @@ from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.enclave_identity import verify_enclave
 from cloister.verify.entries import DecisionEntry, parse_entry
 from cloister.wire import enclave_pb2 as pb
-from tests.e2e.procs import start_enclave, stop
+from tests.e2e.procs import start_enclave, stop, unseal
 
 
 @pytest.fixture
@@ -41,10 +41,15 @@ def test_enclave_over_the_bridge(state, tmp_path: Path) -> None:  # type: ignore
     async def scenario() -> None:
         async with EnclaveClient(f"unix:{sock}", tmp_path / "run") as client:
             health = await client.health()
-            assert health.log_size == 0 and not health.ready
-            # Nothing is decided before the log and the policy exist (fail closed).
+            assert health.log_size == 0 and not health.ready and health.awaiting_key
+            # Nothing is decided before the log key, the log and the policy exist (fail closed).
             with pytest.raises(EnclaveUnavailable, match="not been started"):
                 await client.authorize(pb.AuthorizeRequest(token="x", server="refunds", tool="customer_lookup"))
+            with pytest.raises(EnclaveUnavailable, match="no log key"):
+                await client.start_log(None)
+            await unseal(client, state.root, health.origin, first_start=True)
+            health = await client.health()
+            assert not health.awaiting_key and len(health.log_public_key) == 32
             started = await client.start_log(None)
             loaded = await client.load_policy(state.signed_bundle.read_bytes(), 1)
             assert loaded.version == 1

@@ -73,7 +73,8 @@ def test_resume_continues_the_log_and_keeps_budgets(w: World) -> None:
     w.persist(fresh.resume_log(**material(w, start=0)))  # type: ignore[arg-type]
     intro = parse_entry(w.log[n])
     assert isinstance(intro, KeyEntry) and intro.previous_size == n and intro.log_key == fresh.log_public
-    assert fresh.log_public != w.core.log_public
+    # One log key per origin (sealed): the same key; a new grant key at every start.
+    assert fresh.log_public == w.core.log_public and fresh.grant_public != w.core.grant_public
     # The same bundle version is accepted again (same hash) without a new policy entry...
     version, _, a = fresh.load_policy(w.sign_bundle(1))
     w.persist(a)

@@ -447,6 +447,14 @@ class LogWriter:
         """A tlog-tiles object of the published log (`checkpoint`, `tile/...`), or None."""
         return await asyncio.to_thread(self.store.read_path, path)
 
+    async def read_object(self, path: str) -> bytes | None:
+        """An object of the log's own beside the log (e.g. `kms/sealed-seed`), or None."""
+        return await asyncio.to_thread(self.store.backend.read, path)
+
+    async def write_object(self, path: str, data: bytes) -> None:
+        """Write such an object durably (the backend's write: synced, or an S3 PUT) before returning."""
+        await asyncio.to_thread(self.store.backend.write, path, data)
+
     async def resume_material(self, max_history_entries: int, window_start_ms: int | None) -> ResumeMaterial | None:
         """The ResumeFrom for a restarted enclave (see parent.storage.resume), or None if empty."""
         return await asyncio.to_thread(resume_material, self.store, max_history_entries, window_start_ms)

@@ -6,10 +6,9 @@ under the KMS key), which it stores beside the log. These helpers refuse an answ
 a `Plaintext` (KMS ignoring the Recipient would put the seed in the parent's hands) or lacks a
 `CiphertextForRecipient`.
 
-This module lives in cloister/dev for now because colleagues own cloister/relay; it has no dev
-dependencies and is meant to move to cloister/relay/kms.py when the relay makes these calls.
-It works the same against AWS KMS (`kms_client(region)`) and the local stand-in
-(`local_kms_client(endpoint_url)`, cloister.dev.kms).
+The relay's start-up (cloister.relay.lifecycle) makes these calls. They work the same against
+AWS KMS (`kms_client(region)`) and the local stand-in (`local_kms_client(endpoint_url)`,
+cloister.dev.kms, mock mode). boto3 is synchronous: callers run them in a worker thread.
 """
 
 from __future__ import annotations
