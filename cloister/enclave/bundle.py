@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -716,6 +717,19 @@ def _check_entry_limits(servers: Mapping[str, ServerSpec]) -> None:
                 )
 
 
+@contextmanager
+def _shape_errors(name: str) -> Iterator[None]:
+    """A value of the wrong TOML type where the parser walks a table or list (a list where a table
+    belongs, a number where a list belongs) is a refusal naming the file, never a crash. Found by
+    the boundary fuzzer; the explicit checks above name the key where they exist."""
+    try:
+        yield
+    except (TypeError, AttributeError, KeyError) as exc:
+        raise BundleError(
+            f"{name}: a value has the wrong TOML type for where it stands (a table, a list or a text was expected)"
+        ) from exc
+
+
 def parse_bundle_files(files: Mapping[str, bytes], *, check_references: bool = True, origin: str = "") -> PolicyBundle:
     """Parse and cross-check a bundle's files. Raises BundleError naming the file at fault.
 
@@ -724,12 +738,16 @@ def parse_bundle_files(files: Mapping[str, bytes], *, check_references: bool = T
     its line; the enclave always checks. `origin` is the log's origin (the enclave's config):
     the audience of an issuer that names none. Offline tools that verify no token leave it "".
     """
-    settings = _settings(files)
-    issuers = _issuers(files, origin)
-    roles, agents, servers = parse_entities(files)
-    agents = bind_issuers(agents, issuers)
-    _check_entry_limits(servers)
-    limits = parse_limits(files, roles, agents, servers)
+    with _shape_errors("bundle.toml"):
+        settings = _settings(files)
+    with _shape_errors("issuers.toml"):
+        issuers = _issuers(files, origin)
+    with _shape_errors("entities.toml"):
+        roles, agents, servers = parse_entities(files)
+        agents = bind_issuers(agents, issuers)
+        _check_entry_limits(servers)
+    with _shape_errors("limits.toml"):
+        limits = parse_limits(files, roles, agents, servers)
     policies, sources = _policies(files)
     schema_text: str | None = None
     if "schema.cedarschema" in files:

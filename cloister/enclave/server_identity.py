@@ -51,7 +51,7 @@ def check_tls(certificates: list[bytes], *, spki_sha256_hex: str) -> tuple[str, 
         raise VerificationError("no TLS certificate was presented")
     try:
         leaf = x509.load_der_x509_certificate(certificates[0])
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise DecodeError(f"TLS certificate is not DER X.509: {exc}") from exc
     try:
         spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
@@ -60,4 +60,8 @@ def check_tls(certificates: list[bytes], *, spki_sha256_hex: str) -> tuple[str, 
     digest = hashlib.sha256(spki).digest()
     if digest.hex() != spki_sha256_hex:
         raise VerificationError(f"certificate SPKI SHA-256 is {digest.hex()}, pinned {spki_sha256_hex}")
-    return f"TLS certificate for {leaf.subject.rfc4514_string()[:80]} with the pinned key", digest
+    try:
+        subject = leaf.subject.rfc4514_string()[:80]
+    except ValueError:  # parsed lazily: a malformed name surfaces only here
+        subject = "an unreadable subject"
+    return f"TLS certificate for {subject} with the pinned key", digest
