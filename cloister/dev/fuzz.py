@@ -1284,6 +1284,30 @@ def cedar_mutate(text: str, rng: random.Random) -> str:
     return " ".join(tokens)
 
 
+_DEEP_CEDAR: Final = (
+    ("(", "true", ")"),
+    ("!", "true", ""),
+    ("if true then ", "true", " else false"),
+    ("[", "1", "]"),
+    ("{a: ", "1", "}"),
+    ("-", "1", ""),
+)
+
+
+def deep_cedar_policy(rng: random.Random) -> str:
+    """A syntactically valid policy whose condition nests one construct deeply, or chains one operator
+    very long (Cedar's parser and evaluator recurse on both)."""
+    depth = rng.choice((50, 100, 300, 600, 700, 1000, 2000, 10_000))
+    if rng.random() < 0.2:
+        condition = " && ".join(["true"] * depth * 10)
+    else:
+        before, inner, after = rng.choice(_DEEP_CEDAR)
+        condition = f"({before * depth}{inner}{after * depth}) == ({before * depth}{inner}{after * depth})"
+        if inner == "true" and before != "(":
+            condition = before * depth + inner + after * depth
+    return f'@id("deep")\npermit (principal, action, resource) when {{ {condition} }};\n'
+
+
 # ---- structure-aware mutations: protobuf ---------------------------------------------------------------
 
 _PROTO_TOKENS: Final = (
@@ -3721,10 +3745,12 @@ def bundle_payload_mutate(data: bytes, rng: random.Random) -> bytes:
         del files[name]
     elif r < 0.9:
         files[rng.choice(_BUNDLE_STRINGS)] = content
-    elif r < 0.95:
+    elif r < 0.93:
         files[f"policies/extra{rng.randrange(3)}.cedar"] = cedar_mutate(
             files.get("policies/refunds.cedar", b"permit(principal, action, resource);").decode(), rng
         ).encode()
+    elif r < 0.95:
+        files[f"policies/deep{rng.randrange(3)}.cedar"] = deep_cedar_policy(rng).encode()
     else:
         files[name] = json_mutate(content, rng) if name.endswith(".json") else content * rng.choice((2, 100))
     body = {

@@ -8,6 +8,7 @@ unclear, a slow input as a hang.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,16 @@ PER_TARGET = 250
 # Crashes the fuzzer found in files this change may not touch (reported; owned by other work in
 # progress). The sample still runs these targets: it passes only if every failure is the known one
 # (then it is an expected failure), and fails as soon as anything else shows up.
-KNOWN_CRASHES: dict[str, tuple[str, ...]] = {}
+KNOWN_CRASHES: dict[str, tuple[str, ...]] = {
+    # A signed bundle whose Cedar condition nests ~700 deep: cedarpy's parser overflows its stack
+    # (SIGSEGV), or its JSON output is too deep for json.loads (RecursionError in enclave/bundle.py).
+    "bundle_load": ("enclave/bundle.py", "worker killed by signal 11"),
+}
+
+# Targets whose parser is native code that can take the whole process down (cedarpy's Cedar parser
+# overflows its stack on a condition nested ~700 deep): their sample runs in the CLI's worker process,
+# where a native crash is a reported "died" failure instead of the end of the test session.
+ISOLATED = frozenset({"bundle_load"})
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +51,19 @@ def describe(result: fuzz.TargetResult) -> str:
     return "\n".join(lines)
 
 
+def sample(name: str, fixtures: fuzz.Fixtures, out: Path) -> fuzz.TargetResult:
+    if name not in ISOLATED:
+        return fuzz.run_target(fuzz.build(name, fixtures), PER_TARGET, SEED)
+    args = ["--per-target", str(PER_TARGET), "--seed", str(SEED), "--target", name, "--out", str(out)]
+    fuzz.main([*args, "--no-minimize"])
+    return fuzz.TargetResult.from_json(json.loads((out / "summary.json").read_text())["results"][0])
+
+
 @pytest.mark.parametrize("name", fuzz.target_names())
-def test_a_sample_of_every_target_finds_no_crash_hang_or_unclear_error(fixtures: fuzz.Fixtures, name: str) -> None:
-    result = fuzz.run_target(fuzz.build(name, fixtures), PER_TARGET, SEED)
+def test_a_sample_of_every_target_finds_no_crash_hang_or_unclear_error(
+    fixtures: fuzz.Fixtures, name: str, tmp_path: Path
+) -> None:
+    result = sample(name, fixtures, tmp_path)
     assert result.inputs == PER_TARGET
     assert result.accepted + result.rejected + result.crashes == PER_TARGET
     assert result.mutator_errors == 0
@@ -52,7 +72,7 @@ def test_a_sample_of_every_target_finds_no_crash_hang_or_unclear_error(fixtures:
     if (
         known
         and result.failures
-        and all(f.kind == "crash" and any(k in f.signature for k in known) for f in result.failures)
+        and all(f.kind in ("crash", "died") and any(k in f.signature for k in known) for f in result.failures)
     ):
         pytest.xfail(f"known crash in {', '.join(known)} (reported): {result.failures[0].signature}")
     assert result.ok, describe(result)
