@@ -527,6 +527,27 @@ def parse_limits(
     return tuple(out)
 
 
+MAX_CEDAR_NESTING = 64  # brackets; cedarpy's parser overflows its native stack (SIGSEGV) at a few hundred
+
+
+def _check_nesting(path: str, text: str) -> None:
+    """Refuse brackets nested deeper than MAX_CEDAR_NESTING before the Cedar parser sees them: it
+    recurses natively and crashes the process past a few hundred (found by the boundary fuzzer)."""
+    depth, in_string, escaped = 0, False, False
+    for c in text:
+        if in_string:
+            escaped, in_string = (not escaped and c == "\\"), in_string and (escaped or c != '"')
+            continue
+        if c == '"':
+            in_string = True
+        elif c in "([{":
+            depth += 1
+            if depth > MAX_CEDAR_NESTING:
+                raise BundleError(f"{path}: brackets nested more than {MAX_CEDAR_NESTING} deep")
+        elif c in ")]}":
+            depth -= 1
+
+
 def _policies(files: Mapping[str, bytes]) -> tuple[dict[str, Any], dict[str, str]]:
     policies: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -536,11 +557,15 @@ def _policies(files: Mapping[str, bytes]) -> tuple[dict[str, Any], dict[str, str
     for path in cedar_files:
         try:
             text = files[path].decode("utf-8")
-            est = json.loads(cedarpy.policies_to_json_str(text))
         except UnicodeDecodeError as exc:
             raise BundleError(f"{path}: not UTF-8 (byte {exc.start})") from exc
+        _check_nesting(path, text)
+        try:
+            est = json.loads(cedarpy.policies_to_json_str(text))
         except ValueError as exc:
             raise BundleError(f"{path}: invalid Cedar: {_first_line(exc)}") from exc
+        except RecursionError as exc:  # a long chain (a && b && ...) nests deeply in the JSON form
+            raise BundleError(f"{path}: an expression nested too deeply") from exc
         if est.get("templates"):
             raise BundleError(f"{path}: policy templates are not supported; write static policies")
         for n, (pid, policy) in enumerate(est.get("staticPolicies", {}).items()):

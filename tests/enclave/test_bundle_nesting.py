@@ -35,3 +35,22 @@ def test_a_value_of_the_wrong_type_is_refused_naming_the_file(tmp_path: Path) ->
         parse_bundle_files({**files, "issuers.toml": issuers.encode()})
     with pytest.raises(BundleError, match=r"^entities.toml: a value has the wrong TOML type"):
         parse_bundle_files({**files, "entities.toml": b"agents = [1]\n[roles]\nr = {}\n"})
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        "(" * 700 + "true" + ")" * 700,  # cedarpy's parser crashed the process (SIGSEGV)
+        "true && " * 3000 + "true",  # the JSON form was too deep for json.loads (RecursionError)
+    ],
+)
+def test_deeply_nested_cedar_is_refused_not_a_crash(tmp_path: Path, condition: str) -> None:
+    # Regression (boundary fuzzer): a signed bundle whose Cedar condition nests a few hundred deep.
+    files = read_bundle_dir(decision_bundle(tmp_path / "b"))
+    pem = (
+        ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    files["issuers/cloister-dev.pem"] = pem
+    policy = f"permit (principal, action, resource) when {{ {condition} }};\n"
+    with pytest.raises(BundleError, match=r"^policies/deep.cedar: (brackets nested more than 64 deep|an expression)"):
+        parse_bundle_files({**files, "policies/deep.cedar": policy.encode()}, check_references=False)
