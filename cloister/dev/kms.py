@@ -59,6 +59,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from cloister.dev.files import write_atomic
 from cloister.enclave.sealing import (
     KEY_ENCRYPTION_ALGORITHM,
     OID_AES256_CBC,
@@ -405,7 +406,7 @@ class LocalKms:
         }
         with self._lock:
             self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write_atomic(self.keys_dir / f"{key_id}.json", json.dumps(record, indent=2).encode(), 0o600)
+            write_atomic(self.keys_dir / f"{key_id}.json", json.dumps(record, indent=2).encode(), 0o600)
         return key_id
 
     def put_key_policy(self, key_id: str, policy: Mapping[str, Any]) -> None:
@@ -414,7 +415,7 @@ class LocalKms:
             path = self._key_path(key_id)
             record = json.loads(path.read_bytes())
             record["Policy"] = dict(policy)
-            _write_atomic(path, json.dumps(record, indent=2).encode(), 0o600)
+            write_atomic(path, json.dumps(record, indent=2).encode(), 0o600)
 
     def key(self, key_id: str) -> KeyRecord:
         with self._lock:
@@ -690,16 +691,6 @@ def _recipient_field(body: Mapping[str, Any]) -> dict[str, Any] | None:
     if raw.get("AttestationDocument") is not None:
         out["AttestationDocument"] = _blob(raw, "AttestationDocument", MAX_ATTESTATION_DOCUMENT)
     return out
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 # --- HTTP ------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from cloister.dev.files import write_atomic
 from cloister.enclave.nsm import (
     NSM_REQUEST_MAX_SIZE,
     NsmDescription,
@@ -306,16 +307,6 @@ def _load_or_create_root(state_dir: Path, now: datetime) -> _Ca:
         subject = _name(*_ORG, (NameOID.COMMON_NAME, "mock.aws.nitro-enclaves"))
         root = _issue(None, subject, now - timedelta(days=1), now + ROOT_LIFETIME, ca=True, path_length=None)
         key_pem = root.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-        _write_atomic(key_path, key_pem, 0o600)
-        _write_atomic(cert_path, root.cert.public_bytes(Encoding.PEM), 0o644)
+        write_atomic(key_path, key_pem, 0o600)
+        write_atomic(cert_path, root.cert.public_bytes(Encoding.PEM), 0o644)
         return root
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
