@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import faulthandler
 import hashlib
 import json
 import logging
@@ -4078,6 +4079,7 @@ _PROGRESS_SIZE: Final = (12 << 20) + _PROGRESS_HEADER.size
 
 
 def _worker(args: argparse.Namespace) -> int:
+    faulthandler.enable()  # a native crash prints the Python stack it happened under (to the supervisor)
     if args.memory_limit:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
@@ -4140,6 +4142,7 @@ class _Job:
     snapshot: Path | None = None
     stderr: Path | None = None
     restarts: int = 0
+    deaths: list[int] = field(default_factory=list)
 
 
 def _spawn(job: _Job, args: argparse.Namespace, workdir: Path) -> None:
@@ -4176,7 +4179,7 @@ def _spawn(job: _Job, args: argparse.Namespace, workdir: Path) -> None:
     if not args.minimize:
         cmd.append("--no-minimize")
     job.stderr = workdir / f"{job.name}.stderr"
-    with job.stderr.open("ab") as err:
+    with job.stderr.open("wb") as err:  # this worker's own stderr: its last words if it dies
         job.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=err)
 
 
@@ -4204,21 +4207,36 @@ def _finish(job: _Job, args: argparse.Namespace, workdir: Path) -> bool:
     job.result.merge(part)
     what = f"worker exited with status {code}" if code is None or code >= 0 else f"worker killed by signal {-code}"
     if index >= 0:
-        if job.stderr is not None and job.stderr.exists():
-            what += ": " + job.stderr.read_text(errors="replace")[-1500:].strip()
-        job.result.inputs += 1
-        job.result.crashes += 1
-        path = Path(args.out) / job.name / f"died-{index:08d}.bin"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        job.result.failures.append(Failure("died", index, what, "", 0.0, f"died: {what}", str(path), data[:4096].hex()))
-        job.skip.add(index)
+        _record_death(job, args, index, data, what)
     job.start = int(snap["next"]) if snap else job.start
     job.restarts += 1
-    if job.restarts > 20:
-        job.result.failures.append(Failure("died", index, "gave up after 20 restarts", "", 0.0, "gave up"))
+    # Each death skips its input, so restarts always progress; give up only when deaths are dense.
+    if len(job.deaths) > _MAX_DENSE_DEATHS and job.deaths[-1] - job.deaths[-1 - _MAX_DENSE_DEATHS] < 100:
+        job.result.failures.append(
+            Failure("died", index, f"gave up: {_MAX_DENSE_DEATHS} workers died within 100 inputs", "", 0.0, "gave up")
+        )
         return True
     return False
+
+
+_MAX_DENSE_DEATHS: Final = 20
+
+
+def _record_death(job: _Job, args: argparse.Namespace, index: int, data: bytes, what: str) -> None:
+    """Count the input a dead worker was running, save it, and keep the worker's last words (faulthandler)."""
+    job.deaths.append(index)
+    job.skip.add(index)
+    job.result.inputs += 1
+    job.result.crashes += 1
+    signature = f"died: {what}"
+    if sum(1 for f in job.result.failures if f.signature == signature) >= 3:
+        return
+    stderr = job.stderr.read_text(errors="replace")[-2500:].strip() if job.stderr and job.stderr.exists() else ""
+    path = Path(args.out) / job.name / f"died-{index:08d}.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.with_suffix(".txt").write_text(f"{what}\n\n{stderr}")
+    job.result.failures.append(Failure("died", index, what, stderr, 0.0, signature, str(path), data[:4096].hex()))
 
 
 def _supervise(args: argparse.Namespace, names: Sequence[str], counts: Mapping[str, int]) -> list[TargetResult]:
