@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Refuse an enclave config that must not be baked into an enclave image: placeholders left, a
-# trust root other than AWS's (whoever holds a mock root's key can attest any PCRs), or
-# allow_debug = true. One line on stderr and exit 2; silent exit 0 when the config may ship.
+# trust root other than AWS's (whoever holds a mock root's key can attest any PCRs), no witnesses
+# or unsafe_unwitnessed = true (rollback goes undetected), or allow_debug = true. One line on stderr and exit 2; silent exit 0 when the config may ship.
 #
 #   eif/check-config.sh [CONFIG]      (default: eif/enclave.toml; eif/build.sh runs it first)
 #
@@ -34,6 +34,12 @@ value=$(grep -E "$key" "$config" | sed -E "s/$key[[:space:]]*//")
 if ! [[ "$value" =~ ^(\"aws\"|\'aws\')[[:space:]]*(#.*)?$ ]]; then
   shown="${value%%#*}"
   fail "trust_root must be \"aws\" in an enclave image, not ${shown%"${shown##*[![:space:]]}"} (mock roots are for the mock NSM only)"
+fi
+if grep -qE '^[[:space:]]*("unsafe_unwitnessed"|unsafe_unwitnessed)[[:space:]]*=[[:space:]]*true' "$config"; then
+  fail "unsafe_unwitnessed = true leaves rollback and shadow enclaves undetected: not in an enclave image"
+fi
+if ! grep -qE '^[[:space:]]*("witnesses"|witnesses)[[:space:]]*=[[:space:]]*\[[[:space:]]*["'"'"']' "$config"; then
+  fail 'names no witnesses: set witnesses = ["<C2SP vkey>", ...] (docs/decisions/0015)'
 fi
 if grep -qE '^[[:space:]]*("allow_debug"|allow_debug)[[:space:]]*=[[:space:]]*true' "$config"; then
   fail "allow_debug = true accepts debug-mode documents (PCR0 all zero): not in an enclave image"

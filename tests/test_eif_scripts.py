@@ -15,7 +15,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "9a3c" * 16
-GOOD = f'origin = "cloister.example.com/log/prod-1"\nadmin_keys = ["{KEY}"]\ntrust_root = "aws"\n'
+WITNESS = "witness.example+7a1d05a2+BLC1GrzHUbVcK5k7djXv8P2G3/Hf8QJqjcFQ5NCRuqPm"
+GOOD = (
+    f'origin = "cloister.example.com/log/prod-1"\nadmin_keys = ["{KEY}"]\ntrust_root = "aws"\n'
+    f'witnesses = ["{WITNESS}"]\n'
+)
 
 
 def check(tmp: Path, text: str) -> subprocess.CompletedProcess[str]:
@@ -67,6 +71,9 @@ def test_build_script_refuses_mock_root(tmp_path: Path) -> None:
         (GOOD + 'trust_root = "mock:x"\n', "sets trust_root 2 times"),
         ('[t]\ntrust_root = "aws"\n' + GOOD.replace('trust_root = "aws"\n', ""), "before any [table]"),
         (GOOD + "allow_debug = true\n", "allow_debug = true"),
+        (GOOD + "unsafe_unwitnessed = true\n", "unsafe_unwitnessed = true leaves rollback"),
+        (GOOD.replace(f'witnesses = ["{WITNESS}"]\n', ""), "names no witnesses"),
+        (GOOD.replace(f'witnesses = ["{WITNESS}"]\n', "witnesses = []\n"), "names no witnesses"),
         (GOOD.replace(KEY, "REPLACE-ME-64-hex"), "still has placeholders"),
     ],
 )

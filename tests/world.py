@@ -144,8 +144,16 @@ def decision_bundle(dst: Path) -> Path:
 
 
 def make_world(
-    root: Path, *, start: bool = True, policy: bool = True, identities: bool = False, clock: Clock | None = None
+    root: Path,
+    *,
+    start: bool = True,
+    policy: bool = True,
+    identities: bool = False,
+    clock: Clock | None = None,
+    witnessing: str = "unsafe_unwitnessed = true\n",
 ) -> World:
+    """`witnessing`: the enclave config's witness lines (decision 0015); by default none (unsafe mode),
+    since most tests are about other things (tests/enclave/test_freshness.py sets witnesses)."""
     clock = clock or Clock()
     admin = ed25519.Ed25519PrivateKey.generate()
     issuer = ed25519.Ed25519PrivateKey.generate()
@@ -161,7 +169,9 @@ def make_world(
     MockNsm(root / "mock-nsm", {}, clock=clock.datetime).root_pem()  # the CA is born on the world's clock
     config_path = root / "enclave.toml"
     raw = admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-    config_path.write_text(f'origin = "{ORIGIN}"\nadmin_keys = ["{raw}"]\ntrust_root = "mock:mock-nsm/root.pem"\n')
+    config_path.write_text(
+        f'origin = "{ORIGIN}"\nadmin_keys = ["{raw}"]\ntrust_root = "mock:mock-nsm/root.pem"\n{witnessing}'
+    )
     w = World(
         root=root,
         admin=admin,

@@ -157,6 +157,45 @@ def _wait_http(url: str, timeout: float, stack: Stack) -> None:
     raise RuntimeError(f"{url} did not become ready within {timeout:g}s")
 
 
+def _wait_granting(url: str, timeout: float, stack: Stack) -> None:
+    """Wait until the enclave grants: the witnesses cosigned its start (decision 0015). A log older
+    than what the witnesses have cosigned (a restored copy) never gets there: say why and stop."""
+    deadline = time.monotonic() + timeout
+    health: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        if (why := stack.dead()) is not None:
+            raise RuntimeError(why)
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (local URL we built)
+                health = json.loads(resp.read())
+        except OSError:
+            health = {}
+        if health.get("granting"):
+            return
+        witnesses = (health.get("witnessing") or {}).get("witnesses", {})
+        ahead = {name: w["ahead_of_log"] for name, w in witnesses.items() if w.get("ahead_of_log")}
+        if ahead:
+            raise RuntimeError(
+                f"refusing to continue this log: the witnesses have cosigned a larger log than storage holds "
+                f"({', '.join(f'{n} at size {s}' for n, s in sorted(ahead.items()))}; storage has "
+                f"{health.get('log_size')}). Storage was rolled back, or another enclave ran on a copy; "
+                "the enclave grants nothing on it (decision 0015). Put the newest copy of the log back"
+            )
+        time.sleep(0.2)
+    gate = (health.get("witness_gate") or {}).get("reason", "no answer from the relay")
+    errors = [
+        f"{name}: {w['last_error']}"
+        for name, w in (health.get("witnessing") or {}).get("witnesses", {}).items()
+        if w.get("last_error")
+    ]
+    raise RuntimeError(
+        f"the enclave does not grant after {timeout:g}s: {gate}"
+        + (f"; witnesses: {'; '.join(errors)}" if errors else "")
+        + ". If the witnesses have cosigned a larger log than storage holds, storage was rolled back: "
+        "the enclave refuses to continue it (put the newest copy back)"
+    )
+
+
 def _toml_str(value: str) -> str:
     return json.dumps(value)
 
@@ -277,6 +316,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         _wait_http(f"http://127.0.0.1:{relay_port}/healthz", 90, stack)
         _start_witnesses(stack, state.witnesses_dir, witnesses, f"http://127.0.0.1:{relay_port}")
+        _wait_granting(f"http://127.0.0.1:{relay_port}/healthz", 30, stack)
     except (RuntimeError, OSError) as exc:
         print(f"cloister up: {exc}", file=sys.stderr)
         stack.stop()

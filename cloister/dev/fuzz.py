@@ -1943,8 +1943,19 @@ class Fixtures:
         self.trust_root  # noqa: B018 - creates the mock root before the config names it
         raw = self.admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
         path = self.tmp / "enclave.toml"
-        path.write_text(f'origin = "{ORIGIN}"\nadmin_keys = ["{raw}"]\ntrust_root = "mock:mock-nsm/root.pem"\n')
+        # Witnessed (decision 0015): the harness plays the witnesses too (`EnclaveWorld.witness`).
+        vkeys = json.dumps([c.vkey for c in self.witnesses])
+        path.write_text(
+            f'origin = "{ORIGIN}"\nadmin_keys = ["{raw}"]\ntrust_root = "mock:mock-nsm/root.pem"\n'
+            f"witnesses = {vkeys}\nmax_unwitnessed_entries = 100000\nmax_unwitnessed_s = 3600\n"
+        )
         return path
+
+    @cached_property
+    def witnesses(self) -> list[Any]:
+        from cloister.verify.cosignature import Ed25519Cosigner
+
+        return [Ed25519Cosigner(f"fuzz.test/w{i}", ed25519_key(self.seed, f"witness-{i}")) for i in (1, 2)]
 
     @cached_property
     def enclave_pcrs(self) -> dict[int, bytes]:
@@ -2067,6 +2078,7 @@ class EnclaveWorld:
         self.log: list[bytes] = []
         self.persist(self.core.start_new_log())
         self.persist(self.core.load_policy(fx.signed_bundle(1))[2])
+        self.witness()
         self._last_upkeep = -1 << 62
         self.upkeep(force=True)
         for _ in range(open_decisions):
@@ -2214,8 +2226,25 @@ class EnclaveWorld:
         finally:
             self.release()
 
+    def cosigned_latest(self, witnesses: int = 2) -> bytes:
+        """The core's latest checkpoint with the first `witnesses` cosignature lines (as a relay
+        collects them from witnesses that follow this log)."""
+        from cloister.verify.note import parse_note
+
+        note: bytes = self.core.sync(len(self.log)).checkpoint.note
+        text = parse_note(note).text
+        lines = [w.cosign(text, self.clock() // 1000).to_line().encode() for w in self.fx.witnesses[:witnesses]]
+        return note + b"".join(lines)
+
+    def witness(self) -> None:
+        """Play the relay and its witnesses: the newest checkpoint, cosigned, to the enclave."""
+        self.core.add_cosignatures(self.cosigned_latest())
+
     def after_call(self, *, force_upkeep: bool = False) -> None:
         self.release()
+        status = self.core.witness_status()
+        if status is not None and status.required and len(self.log) - status.witnessed_size > 500:
+            self.witness()
         self.clock.advance_ms(10)
         self.upkeep(force=force_upkeep and self._unverified())
         if self.fresh.state.value != "awaiting-log":
@@ -3943,6 +3972,12 @@ def _grpc_seeds(fx: Fixtures, world: EnclaveWorld, method: str, cls: Any) -> lis
             *(pb.OpenSealedKeyRequest(ciphertext_for_recipient=e, first_start=True) for e in envelopes),
             pb.OpenSealedKeyRequest(ciphertext_for_recipient=envelopes[0], first_start=False),
             pb.OpenSealedKeyRequest(ciphertext_for_recipient=envelopes[1][:-16]),
+        ]
+    if method == "AddCosignatures":
+        return [
+            pb.AddCosignaturesRequest(cosigned_checkpoint=world.cosigned_latest()),
+            pb.AddCosignaturesRequest(cosigned_checkpoint=world.cosigned_latest(1)),
+            pb.AddCosignaturesRequest(cosigned_checkpoint=world.core.sync(size).checkpoint.note),
         ]
     if method == "ServerChallenge":
         return [

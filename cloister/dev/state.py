@@ -191,10 +191,18 @@ class DevState:
         return encode_jwt(claims, self.issuer_key())
 
 
-def ensure_state(root: Path, *, bundle_source: Path | None = None, clock: Callable[[], float] = time.time) -> DevState:
+def ensure_state(
+    root: Path,
+    *,
+    bundle_source: Path | None = None,
+    clock: Callable[[], float] = time.time,
+    witnessed: bool = True,
+) -> DevState:
     """Create (or refresh) the dev state: keys, mock CA, enclave config, signed example bundle.
 
-    `clock` (Unix seconds) dates the bundle's not-after."""
+    `clock` (Unix seconds) dates the bundle's not-after. `witnessed`: the enclave config pins the
+    two local witnesses (quorum 2), as `cloister up` runs them; False writes
+    `unsafe_unwitnessed = true`, for tests of other things that start no witnesses."""
     from cloister.dev.mock_nsm import MockNsm
 
     st = DevState(root.resolve())
@@ -213,7 +221,13 @@ def ensure_state(root: Path, *, bundle_source: Path | None = None, clock: Callab
 
     history_file = st.root / "pcr0-history.json"
     history: list[dict[str, str]] = json.loads(history_file.read_text()) if history_file.exists() else []
-    code = hashlib.sha384(code_digest() + runtime_digest()).hexdigest()
+    if witnessed:
+        vkeys = [vkey for _name, _dir, vkey in st.ensure_witnesses()]
+        witnessing = f"witnesses = {json.dumps(vkeys)}\nwitness_quorum = {len(vkeys)}\n"
+    else:
+        witnessing = "unsafe_unwitnessed = true\n"
+    # The witness settings are measured like code: switching them is an upgrade too.
+    code = hashlib.sha384(code_digest() + runtime_digest() + witnessing.encode()).hexdigest()
     same_code = bool(history) and history[-1]["code"] == code
     predecessors = [h["pcr0"] for h in (history[:-1] if same_code else history)]
 
@@ -222,7 +236,9 @@ def ensure_state(root: Path, *, bundle_source: Path | None = None, clock: Callab
             "# The enclave's measured configuration (mock mode). Changing it changes PCR0.\n"
             f'origin = "{st.origin()}"\n'
             f'admin_keys = ["{_raw_hex(admin)}"]\n'
-            'trust_root = "mock:mock-nsm/root.pem"\n' + (f"predecessor_pcr0 = {json.dumps(preds)}\n" if preds else "")
+            'trust_root = "mock:mock-nsm/root.pem"\n'
+            + witnessing
+            + (f"predecessor_pcr0 = {json.dumps(preds)}\n" if preds else "")
         )
 
     config = render(predecessors)

@@ -45,6 +45,7 @@ from cloister.enclave.anonymous import AnonymousDenials
 from cloister.enclave.bundle import MAX_COST_PLACES, MAX_LIMIT_VALUE, PolicyBundle, parse_bundle_files
 from cloister.enclave.config import EnclaveConfig
 from cloister.enclave.decide import Call, Decision, State, decide_before_limits, decide_limits, principal_from_token
+from cloister.enclave.freshness import GateStatus, WitnessGate
 from cloister.enclave.limits import LimitBook, LimitStatus
 from cloister.enclave.nsm import Nsm
 from cloister.enclave.policy import PolicyEngine, Principal
@@ -71,7 +72,7 @@ from cloister.verify.entries import (
 )
 from cloister.verify.errors import CloisterError, DecodeError, VerificationError
 from cloister.verify.grant import GrantClaims, encode_grant
-from cloister.verify.merkle import leaf_hash
+from cloister.verify.merkle import CompactRange, leaf_hash
 from cloister.verify.note import Ed25519NoteSigner
 
 MAX_REQUEST_ID = 128
@@ -261,6 +262,8 @@ class EnclaveCore:
         self._history_floor_ms: int | None = None
         # Anonymous denials over the budget of individual entries, counted: under the sequencer lock.
         self._anonymous = AnonymousDenials()
+        # Witnessed continuation (cloister.enclave.freshness): set with the sequencer, its own lock.
+        self._gate: WitnessGate | None = None
 
     # ---- identity and attestation -------------------------------------------------------
 
@@ -341,7 +344,7 @@ class EnclaveCore:
         """Begin a new log whose first entry introduces this enclave's keys."""
         with self._transition:
             self._check_can_start(resume=False)
-            self.sequencer = Sequencer(self.config.origin, self.note_signer)
+            self.sequencer = self._new_sequencer(None)
             self.state = LogState.READY
             return self._append([self._key_entry(None)])
 
@@ -382,7 +385,7 @@ class EnclaveCore:
                     f"the stored log of {self.config.origin} was signed by another log key than the one unsealed; "
                     "refusing to continue it"
                 )
-            self.sequencer = Sequencer(self.config.origin, self.note_signer, point.tree)
+            self.sequencer = self._new_sequencer(point.tree)
             self._min_policy = parse_policy_extension(point.checkpoint.extensions)
             self._history, self._history_start = point.history, point.history_start
             self._history_floor_ms = point.history_floor_ms
@@ -390,6 +393,30 @@ class EnclaveCore:
             self.state = LogState.READY
             previous = SignedCheckpoint(size=point.checkpoint.size, root=point.checkpoint.root_hash, note=point.note)
             return self._append([self._key_entry(previous)])
+
+    def _new_sequencer(self, tree: CompactRange | None) -> Sequencer:
+        """The run's sequencer and its witness gate: granting waits for the witnesses to cosign
+        this run's key entry, the next entry (called under _transition, before it is appended)."""
+        gate = WitnessGate(self.config.witnessing, self.config.origin, (tree.size if tree else 0) + 1)
+        self._gate = gate
+        return Sequencer(
+            self.config.origin,
+            self.note_signer,
+            tree,
+            on_signed=lambda cp: gate.signed(cp.size, cp.root, self._clock_ms()),
+        )
+
+    def add_cosignatures(self, note: bytes) -> GateStatus:
+        """A checkpoint of this run cosigned by witnesses (the relay collects them); the gate after it."""
+        seq = self._ready_sequencer()
+        gate = self._gate
+        assert gate is not None  # set with the sequencer
+        gate.accept(note)
+        return gate.status(seq.size, self._clock_ms())
+
+    def witness_status(self) -> GateStatus | None:
+        gate, seq = self._gate, self.sequencer
+        return gate.status(seq.size, self._clock_ms()) if gate is not None and seq is not None else None
 
     def _check_can_start(self, *, resume: bool) -> None:
         if self.state is LogState.AWAITING_KEY:
@@ -567,6 +594,9 @@ class EnclaveCore:
         with seq.lock:
             if self._policy is not ps:
                 return None
+            # Nothing is decided on a log the witnesses are not keeping up with (freshness.py).
+            if self._gate is not None:
+                self._gate.check(seq.size, call.now_ms)
             d = decide_limits(call, pending, ps.limits)
             p, through = d.principal, d.goes_through
             nonce = self._random(16) if through else None
@@ -751,6 +781,7 @@ class EnclaveCore:
             "mock_nsm": self.mock_nsm,
             "ready": self.state is LogState.READY and ps is not None,
             "awaiting_key": self.state is LogState.AWAITING_KEY,
+            "witness": (w.json() if (w := self.witness_status()) is not None else None),
         }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloister.verify.checkpoint import Checkpoint
@@ -45,8 +46,12 @@ class Sequencer:
         *,
         max_pending: int = MAX_PENDING_ENTRIES,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        on_signed: Callable[[SignedCheckpoint], None] | None = None,
     ) -> None:
+        """`on_signed` sees every checkpoint signed, before anyone receives it (the witness gate
+        remembers them, cloister.enclave.freshness)."""
         self.origin = origin
+        self._on_signed = on_signed
         self._signer = signer
         self._tree = tree.copy() if tree is not None else CompactRange.empty()
         # Serialises appends; callers that must make a decision and its append atomic hold it.
@@ -124,6 +129,8 @@ class Sequencer:
                 tree_size, root, extensions = self._tree.size, self._tree.root(), self._extensions
             text = Checkpoint(origin=self.origin, size=tree_size, root_hash=root, extensions=extensions).to_text()
             signed = SignedCheckpoint(size=tree_size, root=root, note=sign_note(text, [self._signer]))
+            if self._on_signed is not None:
+                self._on_signed(signed)
         finally:
             with self._cp_cond:
                 self._signing = False

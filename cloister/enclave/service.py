@@ -1,7 +1,8 @@
 """The gRPC face of the enclave: translates messages to `EnclaveCore` calls and errors to codes.
 
 Fail closed: every error becomes a gRPC status the parent must treat as "no decision".
-NotReady -> UNAVAILABLE, storage lagging -> RESOURCE_EXHAUSTED, bad input -> INVALID_ARGUMENT,
+NotReady and Unwitnessed (calls paused for the witnesses) -> UNAVAILABLE, storage lagging ->
+RESOURCE_EXHAUSTED, bad input -> INVALID_ARGUMENT,
 a refused policy or a sealed-key exchange out of order -> FAILED_PRECONDITION (ALREADY_EXISTS
 when a bundle at or above its version is in force: `POLICY_NOT_NEWER_STATUS`), a failed check
 (a resumed log signed by another log key: SealedKeyMismatch) -> PERMISSION_DENIED. Unexpected exceptions
@@ -28,6 +29,7 @@ from cloister.enclave.core import (
     PolicyRefused,
     Verdict,
 )
+from cloister.enclave.freshness import GateStatus, Unwitnessed
 from cloister.enclave.resume import ResumeRefused
 from cloister.enclave.sequencer import Backpressure
 from cloister.verify.errors import DecodeError, VerificationError
@@ -60,7 +62,7 @@ def _log_append(a: LogAppend) -> pb.LogAppend:
 def _call(context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
     try:
         return fn()
-    except NotReady as exc:
+    except (NotReady, Unwitnessed) as exc:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     except Backpressure as exc:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -78,6 +80,16 @@ def _call(context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
         log.exception("internal error")
         context.abort(grpc.StatusCode.INTERNAL, "internal error in the enclave (see the enclave's log)")
     raise AssertionError("unreachable")  # context.abort raises
+
+
+def _witness_state(g: GateStatus) -> pb.WitnessState:
+    return pb.WitnessState(
+        required=g.required,
+        start_size=g.start_size,
+        witnessed_size=g.witnessed_size,
+        granting=g.granting,
+        reason=g.reason,
+    )
 
 
 def _authorize_response(v: Verdict) -> pb.AuthorizeResponse:
@@ -171,7 +183,16 @@ class EnclaveService(pb_grpc.EnclaveServicer):
         return _call(context, lambda: pb.SyncLogResponse(log=_log_append(self.core.sync(request.persisted_size))))
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
-        return _call(context, lambda: pb.HealthResponse(**self.core.health()))
+        def run() -> pb.HealthResponse:
+            health = self.core.health()
+            del health["witness"]
+            witness = self.core.witness_status()
+            return pb.HealthResponse(**health, witness=_witness_state(witness) if witness is not None else None)
+
+        return _call(context, run)
+
+    def AddCosignatures(self, request: pb.AddCosignaturesRequest, context: grpc.ServicerContext) -> pb.WitnessState:
+        return _call(context, lambda: _witness_state(self.core.add_cosignatures(request.cosigned_checkpoint)))
 
     def ServerChallenge(
         self, request: pb.ServerChallengeRequest, context: grpc.ServicerContext

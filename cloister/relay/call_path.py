@@ -43,6 +43,7 @@ from cloister.relay.state import RelayState
 from cloister.relay.upstreams import UpstreamError, Upstreams
 from cloister.verify.canonical import canonical_sha256
 from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY, GrantError, read_grant
+from cloister.verify.key_evidence import KEY_EVIDENCE_META_KEY
 from cloister.verify.x402 import MAX_PAYMENT_BYTES
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import LOG_META_KEY, TOOL_SEPARATOR, X402_META_KEY
@@ -319,6 +320,8 @@ class CallPath:
             GRANT_META_KEY: base64.b64encode(grant).decode("ascii"),
             ATTESTATION_META_KEY: base64.b64encode(self.state.attestation).decode("ascii"),
         }
+        if self.state.key_evidence is not None:  # the grant key was introduced in the witnessed log
+            meta[KEY_EVIDENCE_META_KEY] = self.state.key_evidence
         if payment is not None:
             meta[X402_META_KEY] = payment
         timeout_s = upstream.config.timeout_s

@@ -84,6 +84,11 @@ class EnclaveClient:
         resp: pb.HealthResponse = await self._call("Health", pb.HealthRequest(), timeout)
         return resp
 
+    async def add_cosignatures(self, cosigned_checkpoint: bytes) -> pb.WitnessState:
+        req = pb.AddCosignaturesRequest(cosigned_checkpoint=cosigned_checkpoint)
+        resp: pb.WitnessState = await self._call("AddCosignatures", req)
+        return resp
+
     async def start_log(self, resume: pb.ResumeFrom | None) -> pb.StartLogResponse:
         req = pb.StartLogRequest(resume=resume) if resume is not None else pb.StartLogRequest()
         resp: pb.StartLogResponse = await self._call("StartLog", req, 60)

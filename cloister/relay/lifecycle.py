@@ -181,6 +181,7 @@ class Lifecycle:
             await self._load_policy()
             await self.refresh_attestation()
             state.health_info = await enclave.health()
+            state.witness_state = state.health_info.witness if state.health_info.HasField("witness") else None
 
     async def _reach_enclave(self, patience_s: float) -> pb.HealthResponse:
         deadline = time.monotonic() + patience_s
@@ -258,7 +259,9 @@ class Lifecycle:
                     self.upstreams.reattest_all()
                 except Exception as exc:  # keep watching; calls fail closed meanwhile
                     log.error("re-initialising the enclave failed: %s", exc)
-            elif time.monotonic() - self.state.attested_at > self.state.config.attestation_refresh_s:
+                continue
+            self.state.witness_state = health.witness if health.HasField("witness") else None
+            if time.monotonic() - self.state.attested_at > self.state.config.attestation_refresh_s:
                 try:
                     await self.refresh_attestation()
                 except (EnclaveUnavailable, EnclaveRefused) as exc:

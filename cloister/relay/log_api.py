@@ -81,8 +81,21 @@ class LogApi:
 
     async def healthz(self, request: Request) -> Response:
         info = self.state.health_info
+        ws = self.state.witness_state
         body = {
             "ready": bool(info and info.ready),
+            # Whether the enclave grants calls now; false while the witnesses have not cosigned its
+            # start or lag beyond the bound (decision 0015). Absent witnesses (unsafe mode): true.
+            "granting": bool(info and info.ready and (ws is None or ws.granting)),
+            "witness_gate": {
+                "required": ws.required,
+                "start_size": ws.start_size,
+                "witnessed_size": ws.witnessed_size,
+                "granting": ws.granting,
+                "reason": ws.reason,
+            }
+            if ws is not None
+            else None,
             "enclave": {
                 "origin": info.origin,
                 "pcr0": info.pcr0.hex(),

@@ -60,7 +60,14 @@ class Relay:
         )
         self.upstreams = Upstreams(config.upstreams, UpstreamIdentity(self.state))
         self.witnessing = (
-            Witnessing(config.witnesses, config.witness_quorum, lambda: self.state.writer) if config.witnesses else None
+            Witnessing(
+                config.witnesses,
+                config.witness_quorum,
+                lambda: self.state.writer,
+                deliver=self.state.deliver_cosignatures,
+            )
+            if config.witnesses
+            else None
         )
         self.lifecycle = Lifecycle(self.state, self.upstreams, self.witnessing)
         self.calls = CallPath(self.state, self.upstreams)

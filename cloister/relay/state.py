@@ -9,6 +9,9 @@ from cloister.audit.sealed import seal_body
 from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient
 from cloister.relay.storage import LogWriter
+from cloister.verify.checkpoint import parse_checkpoint
+from cloister.verify.key_evidence import KeyEvidence, encode_key_evidence
+from cloister.verify.note import parse_note
 from cloister.wire import enclave_pb2 as pb
 
 
@@ -20,6 +23,32 @@ class RelayState:
         self.attestation = b""  # the enclave's latest document, sent upstream beside every grant
         self.attested_at = 0.0  # time.monotonic() when `attestation` was fetched
         self.health_info: pb.HealthResponse | None = None
+        # Whether the enclave grants, as far as witnessing goes: from Health and AddCosignatures.
+        self.witness_state: pb.WitnessState | None = None
+        # Evidence that the enclave's grant key was introduced at a witnessed checkpoint, sent
+        # beside every grant (cloister.verify.key_evidence); for the enclave run starting at `_evidence_for`.
+        self.key_evidence: str | None = None
+        self._evidence_for = -1
+
+    async def deliver_cosignatures(self, cosigned_checkpoint: bytes) -> None:
+        """Hand a quorum-cosigned checkpoint to the enclave (cloister.relay.witnessing); once one
+        covers this run's key entry, keep the evidence upstreams check (made before the hand-over
+        when the run is known, so no grant goes out with a previous run's evidence)."""
+        size = parse_checkpoint(parse_note(cosigned_checkpoint).text).size
+        if self.witness_state is not None:
+            await self._keep_evidence(cosigned_checkpoint, size, self.witness_state.start_size)
+        ws = await self.enclave.add_cosignatures(cosigned_checkpoint)
+        self.witness_state = ws
+        await self._keep_evidence(cosigned_checkpoint, size, ws.start_size)
+
+    async def _keep_evidence(self, cosigned_checkpoint: bytes, size: int, start_size: int) -> None:
+        if self._evidence_for == start_size or not 0 < start_size <= size:
+            return
+        index = start_size - 1  # this run's key entry: the first entry it appended
+        entry = (await self.writer.read_entries(index, index + 1))[0]
+        proof = await self.writer.inclusion_proof(index, size)
+        self.key_evidence = encode_key_evidence(KeyEvidence(cosigned_checkpoint, index, entry, tuple(proof)))
+        self._evidence_for = start_size
 
     @property
     def writer(self) -> LogWriter:

@@ -15,6 +15,10 @@ tlog-witness (c2sp.org/tlog-witness, add-checkpoint) and keeps the cosignatures 
   with a quorum of them (else the one with the most) is served at GET /log/checkpoint.cosigned
   and written to storage beside the log (`checkpoint.cosigned`). Nothing here is trusted by
   anyone: auditors verify the cosignatures against keys they pin.
+- The newest checkpoint with a quorum goes to the enclave (`deliver`, AddCosignatures), which
+  grants only while the witnesses keep up (cloister.enclave.freshness, decision 0015). A failed
+  delivery is retried until it succeeds or a newer quorum supersedes it: an idle log must not
+  stay paused because one delivery was lost.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class HttpReply:
 
 
 Post = Callable[[str, bytes, float], Awaitable[HttpReply]]
+Deliver = Callable[[bytes], Awaitable[None]]
 
 
 def _post_blocking(url: str, body: bytes, timeout: float) -> HttpReply:
@@ -85,10 +90,14 @@ class WitnessStatus:
     failures: int = 0  # consecutive
     last_error: str | None = None
     last_cosigned_at: float | None = None  # the relay's clock (seconds)
+    # The witness has cosigned a larger tree than the log storage holds: storage was rolled back
+    # (or another enclave ran on a copy). The enclave will not grant on this log (decision 0015).
+    ahead_of_log: int | None = None
 
     def json(self) -> dict[str, Any]:
         return {
             "witnessed_size": self.witnessed_size,
+            "ahead_of_log": self.ahead_of_log,
             "failures": self.failures,
             "last_error": self.last_error,
             "last_cosigned_at": self.last_cosigned_at,
@@ -110,6 +119,11 @@ class Cosignatures:
         self._by_note.move_to_end(note)
         while len(self._by_note) > _KEEP_NOTES:
             self._by_note.popitem(last=False)
+
+    def with_quorum(self, note: bytes, quorum: int) -> bytes | None:
+        """`note` with its cosignature lines, if at least `quorum` witnesses cosigned it."""
+        lines = self._by_note.get(note, {})
+        return note + b"".join(lines[name] for name in sorted(lines)) if len(lines) >= quorum else None
 
     def best(self, quorum: int) -> bytes | None:
         """The newest checkpoint with `quorum` cosignatures, else the one with the most (then newest)."""
@@ -133,7 +147,9 @@ class Witnessing:
         clock: Callable[[], float] = time.time,
         timeout_s: float = 10.0,
         poll_s: float = 0.2,
-        backoff_s: tuple[float, float] = (0.5, 30.0),
+        # Short: while a witness is unreachable the enclave may be paused (decision 0015).
+        backoff_s: tuple[float, float] = (0.25, 5.0),
+        deliver: Deliver | None = None,
     ) -> None:
         self.witnesses = tuple(witnesses)
         self.quorum = quorum
@@ -148,6 +164,11 @@ class Witnessing:
         self._cosignatures = Cosignatures()
         self._served: bytes | None = None
         self._changed = anyio.Event()
+        self._deliver = deliver
+        self._quorum_note: tuple[int, bytes] | None = None  # (size, cosigned note) newest with a quorum
+        self._delivered: bytes | None = None
+        self._delivery_wanted = anyio.Event()
+        self.delivery_error: str | None = None
 
     # --- What the relay serves -------------------------------------------------------------------
 
@@ -159,6 +180,8 @@ class Witnessing:
         return {
             "quorum": self.quorum,
             "witnesses": {name: s.json() for name, s in self.status.items()},
+            "quorum_size": self._quorum_note[0] if self._quorum_note else None,
+            "delivery_error": self.delivery_error,
         }
 
     async def changed(self) -> None:
@@ -172,6 +195,26 @@ class Witnessing:
         async with anyio.create_task_group() as tg:
             for w in self.witnesses:
                 tg.start_soon(self._run_one, w)
+            if self._deliver is not None:
+                tg.start_soon(self._deliver_loop, self._deliver)
+
+    async def _deliver_loop(self, deliver: Deliver) -> None:
+        """Hand the newest quorum-cosigned checkpoint to the enclave, retrying until it is taken."""
+        delay = self._backoff[0]
+        while True:
+            await self._delivery_wanted.wait()
+            self._delivery_wanted = anyio.Event()
+            while self._quorum_note is not None and self._quorum_note[1] != self._delivered:
+                note = self._quorum_note[1]
+                try:
+                    await deliver(note)
+                except Exception as exc:  # the enclave restarted, is busy, or refused: try again
+                    self.delivery_error = str(exc)[:300]
+                    log.warning("cannot hand cosignatures to the enclave: %s (retrying)", self.delivery_error)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, self._backoff[1])
+                else:
+                    self._delivered, self.delivery_error, delay = note, None, self._backoff[0]
 
     async def _load_stored(self) -> None:
         try:
@@ -207,17 +250,31 @@ class Witnessing:
             # The witness is at another size than we thought (a relay restart, another relay):
             # adopt it and retry once with the matching proof.
             status.witnessed_size = _parse_size(reply.body)
+            status.ahead_of_log = status.witnessed_size if status.witnessed_size > size else None
+            if status.ahead_of_log is not None:
+                log.error(
+                    "witness %s has cosigned size %d, beyond this log's size %d: storage was rolled back or "
+                    "another enclave ran on a copy; the enclave will not grant on this log",
+                    witness.name,
+                    status.witnessed_size,
+                    size,
+                )
             reply = await self._add_checkpoint(witness, status.witnessed_size, size, note)
         if reply.status != 200:
             text = reply.body[:200].decode("utf-8", "replace").strip()
             raise WitnessFailed(f"add-checkpoint of size {size} answered {reply.status}: {text}")
         line = self._verified_line(witness, note, reply.body)
         status.witnessed_size = size
+        status.ahead_of_log = None
         status.cosigned_note = note
         status.failures = 0
         status.last_error = None
         status.last_cosigned_at = self._clock()
         self._cosignatures.add(note, witness.name, line)
+        quorate = self._cosignatures.with_quorum(note, self.quorum)
+        if quorate is not None and (self._quorum_note is None or size > self._quorum_note[0]):
+            self._quorum_note = (size, quorate)
+            self._delivery_wanted.set()
         await self._publish()
 
     async def _add_checkpoint(self, witness: WitnessConfig, old: int, size: int, note: bytes) -> HttpReply:

@@ -27,6 +27,13 @@ What single use means, exactly:
   restarted process, each have their own and could each accept a grant once within its
   lifetime. Give them one shared store: `FileNonceStore(dir)` for processes on one host (a
   restart included), or your own `NonceStore` over a database all replicas share.
+
+Grants only from witnessed keys (decision 0015): with `witnessed_log=WitnessedLogPolicy.from_vkeys(
+origin, log_vkey, witness_vkeys, quorum)` the guard also requires, in `_meta["dev.cloister/key-evidence"]`,
+proof that the grant's key was introduced in the log (a key entry and its inclusion proof) at a
+checkpoint signed by the pinned log key and cosigned by a quorum of the pinned witnesses
+(`cloister.verify.key_evidence`); the relay attaches it. A shadow enclave of the same image, on a
+copy of the log, has no such proof. Verified evidence is cached per evidence (64 most recent).
 """
 
 from __future__ import annotations
@@ -58,11 +65,13 @@ from cloister.verify.grant import (
     MemoryNonceStore,
     NonceStore,
     ReplayGuard,
+    grant_key_id,
     verify_grant,
 )
+from cloister.verify.key_evidence import KEY_EVIDENCE_META_KEY, WitnessedLogPolicy, verify_key_evidence
 from cloister.verify.x402 import X402_META_KEY
 
-__all__ = ["GRANT_REFUSED", "FileNonceStore", "GrantGuard", "MemoryNonceStore", "NonceStore"]
+__all__ = ["GRANT_REFUSED", "FileNonceStore", "GrantGuard", "MemoryNonceStore", "NonceStore", "WitnessedLogPolicy"]
 
 log = logging.getLogger("cloister.upstream.guard")
 GRANT_REFUSED = -32010
@@ -88,8 +97,11 @@ class GrantGuard:
         instance: str = "",
         nonces: NonceStore | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        witnessed_log: WitnessedLogPolicy | None = None,
     ) -> None:
         self.server = server
+        self.witnessed_log = witnessed_log
+        self._witnessed: OrderedDict[bytes, bytes] = OrderedDict()  # evidence digest -> grant key id
         self.instance = instance
         self.trust_root = trust_root
         self.expected_pcrs = dict(expected_pcrs or {})
@@ -117,6 +129,8 @@ class GrantGuard:
             grant = _b64_field(meta, GRANT_META_KEY)
             document = _b64_field(meta, ATTESTATION_META_KEY)
             keys = self._enclave_keys(document, now)
+            if self.witnessed_log is not None:
+                keys = self._witnessed_keys(meta, keys, self.witnessed_log)
             claims = verify_grant(
                 grant,
                 grant_keys=keys,
@@ -159,6 +173,40 @@ class GrantGuard:
             while len(self._keys) > 64:
                 self._keys.popitem(last=False)
         return keys
+
+    def _witnessed_keys(
+        self, meta: Mapping[str, Any], keys: dict[bytes, ed25519.Ed25519PublicKey], policy: WitnessedLogPolicy
+    ) -> dict[bytes, ed25519.Ed25519PublicKey]:
+        """Of the attested grant keys, the one the witnessed log introduced (decision 0015): a shadow
+        enclave's key, never cosigned by the pinned witnesses, is refused."""
+        text = meta.get(KEY_EVIDENCE_META_KEY)
+        if text is None:
+            raise GrantError(
+                "unwitnessed",
+                f"no {KEY_EVIDENCE_META_KEY!r} in _meta: this server accepts grants only from enclave keys "
+                "introduced in the log at a checkpoint its pinned witnesses cosigned",
+            )
+        if not isinstance(text, str):
+            raise GrantError("malformed", f"_meta {KEY_EVIDENCE_META_KEY!r} must be a JSON string")
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        with self._lock:
+            kid = self._witnessed.get(digest)
+        if kid is None:
+            try:
+                entry = verify_key_evidence(text, policy)
+            except (DecodeError, VerificationError) as exc:
+                raise GrantError("unwitnessed", f"the grant key's witness evidence does not verify: {exc}") from exc
+            kid = grant_key_id(entry.grant_key)
+            with self._lock:
+                self._witnessed[digest] = kid
+                while len(self._witnessed) > 64:
+                    self._witnessed.popitem(last=False)
+        key = keys.get(kid)
+        if key is None:
+            raise GrantError(
+                "unwitnessed", "the grant key the witnessed log introduced is not the attested enclave's grant key"
+            )
+        return {kid: key}
 
 
 def _b64_field(meta: Mapping[str, Any], key: str) -> bytes:

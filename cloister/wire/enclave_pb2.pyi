@@ -214,7 +214,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("origin", "log_public_key", "grant_public_key", "log_verifier_key", "policy_version", "policy_sha256", "log_size", "pcr0", "mock_nsm", "ready", "awaiting_key")
+    __slots__ = ("origin", "log_public_key", "grant_public_key", "log_verifier_key", "policy_version", "policy_sha256", "log_size", "pcr0", "mock_nsm", "ready", "awaiting_key", "witness")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     LOG_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     GRANT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,7 @@ class HealthResponse(_message.Message):
     MOCK_NSM_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     AWAITING_KEY_FIELD_NUMBER: _ClassVar[int]
+    WITNESS_FIELD_NUMBER: _ClassVar[int]
     origin: str
     log_public_key: bytes
     grant_public_key: bytes
@@ -237,7 +238,28 @@ class HealthResponse(_message.Message):
     mock_nsm: bool
     ready: bool
     awaiting_key: bool
-    def __init__(self, origin: _Optional[str] = ..., log_public_key: _Optional[bytes] = ..., grant_public_key: _Optional[bytes] = ..., log_verifier_key: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_sha256: _Optional[bytes] = ..., log_size: _Optional[int] = ..., pcr0: _Optional[bytes] = ..., mock_nsm: _Optional[bool] = ..., ready: _Optional[bool] = ..., awaiting_key: _Optional[bool] = ...) -> None: ...
+    witness: WitnessState
+    def __init__(self, origin: _Optional[str] = ..., log_public_key: _Optional[bytes] = ..., grant_public_key: _Optional[bytes] = ..., log_verifier_key: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_sha256: _Optional[bytes] = ..., log_size: _Optional[int] = ..., pcr0: _Optional[bytes] = ..., mock_nsm: _Optional[bool] = ..., ready: _Optional[bool] = ..., awaiting_key: _Optional[bool] = ..., witness: _Optional[_Union[WitnessState, _Mapping]] = ...) -> None: ...
+
+class AddCosignaturesRequest(_message.Message):
+    __slots__ = ("cosigned_checkpoint",)
+    COSIGNED_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    cosigned_checkpoint: bytes
+    def __init__(self, cosigned_checkpoint: _Optional[bytes] = ...) -> None: ...
+
+class WitnessState(_message.Message):
+    __slots__ = ("required", "start_size", "witnessed_size", "granting", "reason")
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    START_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WITNESSED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRANTING_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    required: bool
+    start_size: int
+    witnessed_size: int
+    granting: bool
+    reason: str
+    def __init__(self, required: _Optional[bool] = ..., start_size: _Optional[int] = ..., witnessed_size: _Optional[int] = ..., granting: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ResumeFrom(_message.Message):
     __slots__ = ("checkpoint", "range_size", "range_hashes", "entries", "key_entry", "key_entry_index", "key_entry_proof", "boundary_entry", "boundary_proof")

@@ -99,6 +99,11 @@ class EnclaveStub:
                 request_serializer=cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyRequest.SerializeToString,
                 response_deserializer=cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyResponse.FromString,
                 _registered_method=True)
+        self.AddCosignatures = channel.unary_unary(
+                '/cloister.enclave.v1.Enclave/AddCosignatures',
+                request_serializer=cloister_dot_wire_dot_enclave__pb2.AddCosignaturesRequest.SerializeToString,
+                response_deserializer=cloister_dot_wire_dot_enclave__pb2.WitnessState.FromString,
+                _registered_method=True)
 
 
 class EnclaveServicer:
@@ -209,6 +214,17 @@ class EnclaveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddCosignatures(self, request, context):
+        """A checkpoint of this enclave's run with witnesses' C2SP cosignatures appended (the relay
+        collects them). The enclave grants only while a quorum of the witnesses pinned in its measured
+        config keeps up with its log (docs/decisions/0015). A note that is not a quorum-cosigned
+        checkpoint this enclave signed since it started is PERMISSION_DENIED (INVALID_ARGUMENT when
+        malformed); the gate is unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnclaveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -276,6 +292,11 @@ def add_EnclaveServicer_to_server(servicer, server):
                     servicer.OpenSealedKey,
                     request_deserializer=cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyRequest.FromString,
                     response_serializer=cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyResponse.SerializeToString,
+            ),
+            'AddCosignatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddCosignatures,
+                    request_deserializer=cloister_dot_wire_dot_enclave__pb2.AddCosignaturesRequest.FromString,
+                    response_serializer=cloister_dot_wire_dot_enclave__pb2.WitnessState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -629,6 +650,33 @@ class Enclave:
             '/cloister.enclave.v1.Enclave/OpenSealedKey',
             cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyRequest.SerializeToString,
             cloister_dot_wire_dot_enclave__pb2.OpenSealedKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddCosignatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloister.enclave.v1.Enclave/AddCosignatures',
+            cloister_dot_wire_dot_enclave__pb2.AddCosignaturesRequest.SerializeToString,
+            cloister_dot_wire_dot_enclave__pb2.WitnessState.FromString,
             options,
             channel_credentials,
             insecure,

@@ -111,7 +111,9 @@ class ChaosStack:
     def __init__(self, tmp: Path, agents: Sequence[str]) -> None:
         self.tmp = tmp
         self.agents = list(agents)
-        self.state: DevState = ensure_state(tmp / "state", bundle_source=make_bundle(tmp / "bundle", agents))
+        self.state: DevState = ensure_state(
+            tmp / "state", bundle_source=make_bundle(tmp / "bundle", agents), witnessed=False
+        )
         self.sock = tmp / "enclave.vsock"
         self.calls_file = tmp / "calls.jsonl"
         self.port = free_port()
@@ -823,7 +825,7 @@ class InProcess:
 
         self.tmp = tmp
         self.agent = agent
-        self.state = ensure_state(tmp / "state", bundle_source=make_bundle(tmp / "bundle", [agent]))
+        self.state = ensure_state(tmp / "state", bundle_source=make_bundle(tmp / "bundle", [agent]), witnessed=False)
         self.config = load_config(self.state.enclave_config, mock_nsm=True)
         self.pcrs = mock_pcrs(self.config.raw)
         self.token = self.state.mint_token(agent, ["tester"], 600)

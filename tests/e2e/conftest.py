@@ -78,7 +78,7 @@ def _bundle(dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("stack")
-    state = ensure_state(tmp / "state", bundle_source=_bundle(tmp / "bundle"))
+    state = ensure_state(tmp / "state", bundle_source=_bundle(tmp / "bundle"), witnessed=False)
     sock = tmp / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()

@@ -75,7 +75,7 @@ CREDS: dict[str, Credentials] = {}
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("bodies")
     CREDS["stack"] = _credentials(tmp)
-    state = ensure_state(tmp / "state", bundle_source=_bundle(tmp / "bundle"))
+    state = ensure_state(tmp / "state", bundle_source=_bundle(tmp / "bundle"), witnessed=False)
     sock = tmp / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()

@@ -28,7 +28,7 @@ from tests.e2e.procs import start_enclave, stop, unseal
 def state(tmp_path: Path):  # type: ignore[no-untyped-def]
     from tests.world import decision_bundle
 
-    return ensure_state(tmp_path / "state", bundle_source=decision_bundle(tmp_path / "bundle"))
+    return ensure_state(tmp_path / "state", bundle_source=decision_bundle(tmp_path / "bundle"), witnessed=False)
 
 
 def test_enclave_over_the_bridge(state, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

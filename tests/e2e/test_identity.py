@@ -100,7 +100,7 @@ pins = {{ lookup = "{pin}" }}
         '@id("tester-variant")\npermit (principal in Cloister::Role::"tester", action, '
         'resource == Cloister::Server::"variant");\n'
     )
-    state = ensure_state(tmp / "state", bundle_source=bundle)
+    state = ensure_state(tmp / "state", bundle_source=bundle, witnessed=False)
     variant_file = tmp / "variant.json"
     variant_file.write_text(json.dumps({"lookup": APPROVED}))
     sock = tmp / "enclave.vsock"

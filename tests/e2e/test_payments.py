@@ -123,7 +123,7 @@ async def _host_swaps_the_payment(state: DevState, sock: Path, research_url: str
 
 
 def test_a_paid_call_with_a_mismatched_payment_is_refused_by_the_upstream(tmp_path: Path) -> None:
-    state = ensure_state(tmp_path / "state", bundle_source=_bundle(tmp_path / "bundle"))
+    state = ensure_state(tmp_path / "state", bundle_source=_bundle(tmp_path / "bundle"), witnessed=False)
     sock = tmp_path / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp_path / "enclave.log")
     pcr0 = mock_pcrs(load_config(state.enclave_config, mock_nsm=True).raw)[0].hex()

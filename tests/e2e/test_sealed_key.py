@@ -49,7 +49,7 @@ def _checkpoint(url: str) -> bytes | None:
 
 
 def test_the_log_key_survives_restarts_and_another_pcr0_cannot_unseal_it(tmp_path: Path) -> None:
-    state = ensure_state(tmp_path / "state", bundle_source=decision_bundle(tmp_path / "bundle"))
+    state = ensure_state(tmp_path / "state", bundle_source=decision_bundle(tmp_path / "bundle"), witnessed=False)
     sock = tmp_path / "enclave.vsock"
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -106,7 +106,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     (bundle / "policies" / "test.cedar").write_text(
         '@id("tester-all")\npermit (principal in Cloister::Role::"tester", action, resource);\n'
     )
-    state = ensure_state(tmp / "state", bundle_source=bundle)
+    state = ensure_state(tmp / "state", bundle_source=bundle, witnessed=False)
     sock = tmp / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()

@@ -29,7 +29,7 @@ def write_config(tmp: Path, trust_root: str | None, origin: str = "cloister.test
     MockNsm(tmp / "mock-nsm", {}).root_pem()
     path = tmp / "enclave.toml"
     root = f'trust_root = "{trust_root}"\n' if trust_root is not None else ""
-    path.write_text(f'origin = "{origin}"\nadmin_keys = ["{ADMIN}"]\n{root}')
+    path.write_text(f'origin = "{origin}"\nadmin_keys = ["{ADMIN}"]\n{root}unsafe_unwitnessed = true\n')
     return path
 
 

@@ -49,7 +49,7 @@ class Relay:
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     tmp = tmp_path_factory.mktemp("push")
-    state = ensure_state(tmp / "state", bundle_source=make_bundle(tmp / "source"))
+    state = ensure_state(tmp / "state", bundle_source=make_bundle(tmp / "source"), witnessed=False)
     sock = tmp / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()
