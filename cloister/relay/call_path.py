@@ -43,7 +43,7 @@ from cloister.relay.state import RelayState
 from cloister.relay.upstreams import UpstreamError, Upstreams
 from cloister.verify.canonical import canonical_sha256
 from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY, GrantError, read_grant
-from cloister.verify.key_evidence import KEY_EVIDENCE_META_KEY
+from cloister.verify.key_evidence import DECISION_EVIDENCE_META_KEY, KEY_EVIDENCE_META_KEY
 from cloister.verify.x402 import MAX_PAYMENT_BYTES
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import LOG_META_KEY, TOOL_SEPARATOR, X402_META_KEY
@@ -322,6 +322,18 @@ class CallPath:
         }
         if self.state.key_evidence is not None:  # the grant key was introduced in the witnessed log
             meta[KEY_EVIDENCE_META_KEY] = self.state.key_evidence
+        if upstream.config.wait_for_witness:
+            # Forward only once the decision is witnessed: no rollback can then erase a call that ran.
+            index = read_grant(grant).log_index
+            evidence = await self.state.decision_evidence(index, upstream.config.witness_wait_s)
+            if evidence is None:
+                failure = UpstreamError(
+                    "unwitnessed",
+                    f"the witnesses did not cosign decision {index} within {upstream.config.witness_wait_s:g}s; "
+                    f"{server!r} takes calls only once they have (wait_for_witness), so it was not forwarded",
+                )
+                return None, failure, str(failure)
+            meta[DECISION_EVIDENCE_META_KEY] = evidence
         if payment is not None:
             meta[X402_META_KEY] = payment
         timeout_s = upstream.config.timeout_s

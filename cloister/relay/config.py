@@ -23,6 +23,8 @@
 
     reattest_s = 300                          # re-prove the server's identity this often
     reproof_min_interval_s = 5                # tools/list_changed re-proves at most this often
+    wait_for_witness = false                  # forward only once the witnesses cosigned the decision
+    witness_wait_s = 10                       # ... waiting at most this long (then not forwarded)
     # ca_file = "internal-ca.pem"             # for https:// upstreams signed by a private CA
 
     [[upstreams]]
@@ -80,6 +82,10 @@ class UpstreamConfig:
     reattest_s: float = 300.0
     ca_file: Path | None = None  # PEM CA certificates that verify an https:// upstream
     reproof_min_interval_s: float = 5.0  # tools/list_changed bursts coalesce into one re-proof per interval
+    # Forward a call only once a quorum of witnesses cosigned its decision, with the evidence in
+    # _meta (decision 0015): an upstream's GrantGuard(witnessed_decisions=True) demands it.
+    wait_for_witness: bool = False
+    witness_wait_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -296,8 +302,14 @@ def _upstream(u: dict[str, Any], base: Path, uw: str) -> UpstreamConfig:
     reproof = float(_get(u, "reproof_min_interval_s", (int, float), uw, 5))
     if not 1 <= reproof <= 3600:
         raise ConfigError(f"{uw}: reproof_min_interval_s must be in [1, 3600]")
+    wait = _get(u, "wait_for_witness", bool, uw, False)
+    wait_s = float(_get(u, "witness_wait_s", (int, float), uw, 10))
+    if not 0 < wait_s <= 300:
+        raise ConfigError(f"{uw}: witness_wait_s must be in (0, 300]")
     return UpstreamConfig(
         name=name,
+        wait_for_witness=wait,
+        witness_wait_s=wait_s,
         url=url,
         command=tuple(command),
         env={str(k): str(v) for k, v in env.items()},

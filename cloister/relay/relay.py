@@ -69,6 +69,8 @@ class Relay:
             if config.witnesses
             else None
         )
+        if self.witnessing is not None:
+            self.state.nudge_witnesses = self.witnessing.nudge
         self.lifecycle = Lifecycle(self.state, self.upstreams, self.witnessing)
         self.calls = CallPath(self.state, self.upstreams)
         self.mcp_handlers = McpHandlers(self.state, self.upstreams, self.calls)

@@ -4,13 +4,16 @@ what the enclave last said about itself (attestation, health)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+
+import anyio
 
 from cloister.audit.sealed import seal_body
 from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient
 from cloister.relay.storage import LogWriter
 from cloister.verify.checkpoint import parse_checkpoint
-from cloister.verify.key_evidence import KeyEvidence, encode_key_evidence
+from cloister.verify.key_evidence import KeyEvidence, encode_decision_evidence, encode_key_evidence
 from cloister.verify.note import parse_note
 from cloister.wire import enclave_pb2 as pb
 
@@ -29,6 +32,11 @@ class RelayState:
         # beside every grant (cloister.verify.key_evidence); for the enclave run starting at `_evidence_for`.
         self.key_evidence: str | None = None
         self._evidence_for = -1
+        # The newest checkpoint the enclave accepted as quorum-cosigned (size, note), for calls that
+        # wait for their decision to be witnessed; `_quorum_moved` wakes them.
+        self.quorum: tuple[int, bytes] | None = None
+        self._quorum_moved = anyio.Event()
+        self.nudge_witnesses: Callable[[], None] = lambda: None  # set by the relay when it has witnesses
 
     async def deliver_cosignatures(self, cosigned_checkpoint: bytes) -> None:
         """Hand a quorum-cosigned checkpoint to the enclave (cloister.relay.witnessing); once one
@@ -40,6 +48,22 @@ class RelayState:
         ws = await self.enclave.add_cosignatures(cosigned_checkpoint)
         self.witness_state = ws
         await self._keep_evidence(cosigned_checkpoint, size, ws.start_size)
+        if self.quorum is None or size > self.quorum[0]:
+            self.quorum = (size, cosigned_checkpoint)
+            self._quorum_moved.set()
+            self._quorum_moved = anyio.Event()
+
+    async def decision_evidence(self, index: int, timeout_s: float) -> str | None:
+        """Evidence that entry `index` is in a checkpoint the witnesses cosigned, waiting at most
+        `timeout_s` for them (None if they did not cosign it in time)."""
+        with anyio.move_on_after(timeout_s):
+            while self.quorum is None or self.quorum[0] <= index:
+                moved = self._quorum_moved
+                self.nudge_witnesses()
+                await moved.wait()
+            size, note = self.quorum
+            return encode_decision_evidence(note, await self.writer.inclusion_proof(index, size))
+        return None
 
     async def _keep_evidence(self, cosigned_checkpoint: bytes, size: int, start_size: int) -> None:
         if self._evidence_for == start_size or not 0 < start_size <= size:

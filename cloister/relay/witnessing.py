@@ -169,6 +169,7 @@ class Witnessing:
         self._delivered: bytes | None = None
         self._delivery_wanted = anyio.Event()
         self.delivery_error: str | None = None
+        self._wake = anyio.Event()  # `nudge`: a call waits for its decision to be witnessed
 
     # --- What the relay serves -------------------------------------------------------------------
 
@@ -183,6 +184,11 @@ class Witnessing:
             "quorum_size": self._quorum_note[0] if self._quorum_note else None,
             "delivery_error": self.delivery_error,
         }
+
+    def nudge(self) -> None:
+        """Look for a new checkpoint now rather than at the next poll (a call is waiting)."""
+        self._wake.set()
+        self._wake = anyio.Event()
 
     async def changed(self) -> None:
         """Wait until a new cosignature is kept (for tests and callers that need to wait)."""
@@ -229,7 +235,9 @@ class Witnessing:
         while True:
             note = self._writer().latest_checkpoint()
             if note is None or note == status.cosigned_note:
-                await anyio.sleep(self._poll)
+                wake = self._wake
+                with anyio.move_on_after(self._poll):
+                    await wake.wait()
                 continue
             try:
                 await self._submit(witness, note)

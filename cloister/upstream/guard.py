@@ -34,6 +34,10 @@ proof that the grant's key was introduced in the log (a key entry and its inclus
 checkpoint signed by the pinned log key and cosigned by a quorum of the pinned witnesses
 (`cloister.verify.key_evidence`); the relay attaches it. A shadow enclave of the same image, on a
 copy of the log, has no such proof. Verified evidence is cached per evidence (64 most recent).
+With `witnessed_decisions=True` as well, a call is accepted only once its decision entry is in a
+checkpoint the witnesses cosigned (`_meta["dev.cloister/decision-evidence"]`; the relay waits for
+it when the upstream is configured with `wait_for_witness = true`): no rollback can then erase a
+call this server ran.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.grant import (
     ATTESTATION_META_KEY,
     GRANT_META_KEY,
+    GrantClaims,
     GrantError,
     MemoryNonceStore,
     NonceStore,
@@ -68,7 +73,13 @@ from cloister.verify.grant import (
     grant_key_id,
     verify_grant,
 )
-from cloister.verify.key_evidence import KEY_EVIDENCE_META_KEY, WitnessedLogPolicy, verify_key_evidence
+from cloister.verify.key_evidence import (
+    DECISION_EVIDENCE_META_KEY,
+    KEY_EVIDENCE_META_KEY,
+    WitnessedLogPolicy,
+    verify_decision_evidence,
+    verify_key_evidence,
+)
 from cloister.verify.x402 import X402_META_KEY
 
 __all__ = ["GRANT_REFUSED", "FileNonceStore", "GrantGuard", "MemoryNonceStore", "NonceStore", "WitnessedLogPolicy"]
@@ -98,9 +109,13 @@ class GrantGuard:
         nonces: NonceStore | None = None,
         clock: Callable[[], datetime] = _utcnow,
         witnessed_log: WitnessedLogPolicy | None = None,
+        witnessed_decisions: bool = False,
     ) -> None:
+        if witnessed_decisions and witnessed_log is None:
+            raise ValueError("witnessed_decisions needs witnessed_log (the log and the witnesses to pin)")
         self.server = server
         self.witnessed_log = witnessed_log
+        self.witnessed_decisions = witnessed_decisions
         self._witnessed: OrderedDict[bytes, bytes] = OrderedDict()  # evidence digest -> grant key id
         self.instance = instance
         self.trust_root = trust_root
@@ -143,6 +158,8 @@ class GrantGuard:
             )
             if self.origin is not None and claims.origin != self.origin:
                 raise GrantError("wrong-log", f"grant was logged in {claims.origin!r}, not {self.origin!r}")
+            if self.witnessed_decisions and self.witnessed_log is not None:
+                _check_witnessed_decision(meta, claims, self.witnessed_log)
             self._replay.use(claims, int(now.timestamp() * 1000))
         except GrantError as exc:
             log.warning("refused tools/call %r: %s: %s", name, exc.reason, exc)
@@ -207,6 +224,22 @@ class GrantGuard:
                 "unwitnessed", "the grant key the witnessed log introduced is not the attested enclave's grant key"
             )
         return {kid: key}
+
+
+def _check_witnessed_decision(meta: Mapping[str, Any], claims: GrantClaims, policy: WitnessedLogPolicy) -> None:
+    """The wait-for-witness mode: the grant's decision entry must already be in a checkpoint a
+    quorum of the pinned witnesses cosigned, so no rollback can erase it."""
+    text = meta.get(DECISION_EVIDENCE_META_KEY)
+    if not isinstance(text, str):
+        raise GrantError(
+            "unwitnessed-decision",
+            f"no {DECISION_EVIDENCE_META_KEY!r} string in _meta: this server accepts a call only once the "
+            "witnesses have cosigned its decision (configure the relay's upstream with wait_for_witness = true)",
+        )
+    try:
+        verify_decision_evidence(text, policy, index=claims.log_index, entry_hash=claims.entry_hash)
+    except (DecodeError, VerificationError) as exc:
+        raise GrantError("unwitnessed-decision", f"the decision's witness evidence does not verify: {exc}") from exc
 
 
 def _b64_field(meta: Mapping[str, Any], key: str) -> bytes:

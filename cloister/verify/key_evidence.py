@@ -34,7 +34,16 @@ from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.merkle import leaf_hash, verify_inclusion
 from cloister.verify.note import Ed25519NoteVerifier
 
-__all__ = ["KEY_EVIDENCE_META_KEY", "KeyEvidence", "WitnessedLogPolicy", "encode_key_evidence", "verify_key_evidence"]
+__all__ = [
+    "DECISION_EVIDENCE_META_KEY",
+    "KEY_EVIDENCE_META_KEY",
+    "KeyEvidence",
+    "WitnessedLogPolicy",
+    "encode_decision_evidence",
+    "encode_key_evidence",
+    "verify_decision_evidence",
+    "verify_key_evidence",
+]
 
 KEY_EVIDENCE_META_KEY = "dev.cloister/key-evidence"
 MAX_EVIDENCE_BYTES = 64 * 1024
@@ -127,3 +136,48 @@ def verify_key_evidence(text: str, policy: WitnessedLogPolicy) -> KeyEntry:
     if entry.log_key != policy.log.public_key.public_bytes_raw():
         raise VerificationError(f"key entry {evidence.index} introduces another log key than the pinned one")
     return entry
+
+
+# ---- A decision witnessed before its call goes upstream (the wait-for-witness mode) -------------
+
+DECISION_EVIDENCE_META_KEY = "dev.cloister/decision-evidence"
+
+
+def encode_decision_evidence(checkpoint: bytes, proof: Iterable[bytes]) -> str:
+    """{"v": 1, "checkpoint": "<cosigned note>", "proof": [...]}: the grant's decision entry (its
+    log index and leaf hash are in the grant) is in a tree a quorum of the witnesses cosigned."""
+    return json.dumps(
+        {
+            "v": 1,
+            "checkpoint": checkpoint.decode("utf-8"),
+            "proof": [base64.b64encode(h).decode("ascii") for h in proof],
+        },
+        separators=(",", ":"),
+    )
+
+
+def verify_decision_evidence(text: str, policy: WitnessedLogPolicy, *, index: int, entry_hash: bytes) -> None:
+    """Check that leaf `index` with hash `entry_hash` (from a verified grant) is in a checkpoint of
+    the pinned log cosigned by a quorum of the pinned witnesses; raise otherwise."""
+    # 1. Parse, within bounds (the same caps as key evidence).
+    if len(text) > MAX_EVIDENCE_BYTES:
+        raise DecodeError(f"decision evidence is {len(text)} characters; at most {MAX_EVIDENCE_BYTES}")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise DecodeError("decision evidence is not JSON") from exc
+    if not isinstance(data, dict) or data.get("v") != 1 or not isinstance(data.get("checkpoint"), str):
+        raise DecodeError("decision evidence must be a JSON object with v = 1 and a checkpoint")
+    proof = data.get("proof")
+    if not isinstance(proof, list) or len(proof) > MAX_PROOF_HASHES:
+        raise DecodeError(f"decision evidence: proof must be a list of at most {MAX_PROOF_HASHES} hashes")
+    hashes = [_b64(h, "a proof hash") for h in proof]
+    note = data["checkpoint"].encode("utf-8")
+    # 2. C2SP tlog-checkpoint: signed by the pinned log key, for the pinned origin.
+    cp = verify_checkpoint(note, [policy.log], origin=policy.origin).checkpoint
+    # 3. C2SP tlog-cosignature: a quorum of the pinned witnesses.
+    verify_cosignatures(note, policy.witnesses)
+    # 4. RFC 9162 §2.1.3.2: the decision entry is in that tree.
+    if index >= cp.size:
+        raise VerificationError(f"decision entry {index} is not below the cosigned checkpoint's size {cp.size}")
+    verify_inclusion(entry_hash, index, cp.size, hashes, cp.root_hash)
