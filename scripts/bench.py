@@ -357,12 +357,20 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer calls; noisier figures")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--only-witness", action="store_true", help="only the witnessing figures")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cloister-bench-"))
     print(
         f"Cloister benchmark ({'quick' if args.quick else 'full'}); machine: {os.cpu_count()} CPUs; work dir {work}\n",
         flush=True,
     )
+    if not args.skip_e2e:
+        import bench_witness
+
+        (work / "witnessing").mkdir()
+        bench_witness.report(work / "witnessing", args.quick)
+        if args.only_witness:
+            return 0
     if not args.skip_e2e:
         (work / "e2e").mkdir()
         r = bench_end_to_end(work / "e2e", args.quick)

@@ -42,6 +42,16 @@ def register(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the relay listens on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8440, help="relay port (default 8440; 0 picks a free one)")
     p.add_argument("--token-ttl", type=int, default=86400, help="lifetime of the printed tokens (seconds)")
+    p.add_argument(
+        "--wait-for-witness",
+        action="store_true",
+        help="forward refunds calls only once the witnesses cosigned their decisions (decision 0015)",
+    )
+    p.add_argument(
+        "--unsafe-unwitnessed",
+        action="store_true",
+        help="UNSAFE: no witnesses; a restored copy of storage would be continued (for measurements)",
+    )
     p.set_defaults(handler=_run)
 
 
@@ -205,7 +215,11 @@ def _run(args: argparse.Namespace) -> int:
     from cloister.dev.state import default_state_dir, ensure_state, free_port, research_artifact
     from cloister.enclave.config import load_config
 
-    state = ensure_state((args.state or default_state_dir()).resolve(), bundle_source=args.bundle)
+    if args.unsafe_unwitnessed:
+        print("cloister up: UNSAFE: running without witnesses (--unsafe-unwitnessed)", file=sys.stderr)
+    state = ensure_state(
+        (args.state or default_state_dir()).resolve(), bundle_source=args.bundle, witnessed=not args.unsafe_unwitnessed
+    )
     why = unsealable_log(state.log_dir)
     if why is not None:
         print(f"cloister up: {why}", file=sys.stderr)
@@ -218,7 +232,11 @@ def _run(args: argparse.Namespace) -> int:
     logs.mkdir(exist_ok=True)
     py = sys.executable
     relay_port = args.port or free_port(args.host)
-    witnesses = [(name, directory, vkey, free_port()) for name, directory, vkey in state.ensure_witnesses()]
+    witnesses = (
+        []
+        if args.unsafe_unwitnessed
+        else [(name, directory, vkey, free_port()) for name, directory, vkey in state.ensure_witnesses()]
+    )
     upstream_tables: list[str] = []
     refunds_port = 0
     if args.config is not None:
@@ -229,7 +247,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         refunds_port = free_port()
         upstream_tables = [
-            f'[[upstreams]]\nname = "refunds"\nurl = "http://127.0.0.1:{refunds_port}/mcp"\ntimeout_s = 30',
+            f'[[upstreams]]\nname = "refunds"\nurl = "http://127.0.0.1:{refunds_port}/mcp"\ntimeout_s = 30'
+            + ("\nwait_for_witness = true" if args.wait_for_witness else ""),
             f'[[upstreams]]\nname = "research"\ncommand = [{_toml_str(py)}, "-m", "cloister.dev.examples.research"]\n'
             f"artifact = {_toml_str(str(research_artifact()))}\ntimeout_s = 30",
         ]
@@ -315,7 +334,8 @@ def _run(args: argparse.Namespace) -> int:
             ],
         )
         _wait_http(f"http://127.0.0.1:{relay_port}/healthz", 90, stack)
-        _start_witnesses(stack, state.witnesses_dir, witnesses, f"http://127.0.0.1:{relay_port}")
+        if witnesses:
+            _start_witnesses(stack, state.witnesses_dir, witnesses, f"http://127.0.0.1:{relay_port}")
         _wait_granting(f"http://127.0.0.1:{relay_port}/healthz", 30, stack)
     except (RuntimeError, OSError) as exc:
         print(f"cloister up: {exc}", file=sys.stderr)

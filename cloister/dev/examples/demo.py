@@ -418,6 +418,61 @@ def audit_body(info: dict[str, Any], t: Transcript, trust: list[str]) -> None:
     t.expect(opened.get("sealed") is True, f"cloister audit body exited {out.returncode}, or the body was not sealed")
 
 
+def _start_up(state: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+async def _research_call(info: dict[str, Any], token: str) -> None:
+    agent = Agent("research-bot", info["mcp_url"], token)
+    async with agent.client() as c:
+        await c.call_tool("research___web_search", {"query": "after the copy"})
+
+
+def rollback(state: Path, t: Transcript) -> None:
+    """The host's rollback: keep a copy of the log storage, let the log grow, put the copy back and
+    restart. The witnesses have cosigned more than the copy holds, so the enclave never continues
+    it (decision 0015)."""
+    say("\n== Rollback: the host puts an old copy of the log storage back", BOLD)
+    copy = state / "host-copy-of-log"
+    shutil.copytree(state / "log", copy)
+    say(f"  the host copies {state / 'log'} (everything is stopped), then restarts the stack")
+    up = _start_up(state)
+    try:
+        info = wait_up(state, up)
+        (state / "up.json").unlink()
+        token = Path(info["tokens"]["research-bot"]).read_text().strip()
+        anyio.run(_research_call, info, token)
+        relay = info["mcp_url"].removesuffix("/mcp")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            health = json.loads(_get(f"{relay}/healthz"))
+            sizes = [w["witnessed_size"] for w in health["witnessing"]["witnesses"].values()]
+            if sizes and all(size == health["log_size"] for size in sizes):
+                break
+            time.sleep(0.2)
+        say(f"  one more call; the witnesses cosign the log at size {health['log_size']}")
+    finally:
+        stop_group(up, timeout=30)
+    shutil.rmtree(state / "log")
+    shutil.copytree(copy, state / "log")
+    say("  the host puts the old copy back and starts `cloister up` again:")
+    again = _start_up(state)
+    try:
+        output, _ = again.communicate(timeout=120)
+    finally:
+        stop_group(again, timeout=30)
+    refusal = [line for line in output.decode(errors="replace").splitlines() if "refusing to continue" in line]
+    for line in refusal:
+        say(f"    {line}", BOLD)
+    t.expect(again.returncode == 1 and bool(refusal), "the restored copy of the log was not refused")
+    say("  nothing is granted on the old copy; putting the newest storage back lets the log continue")
+
+
 def wait_up(state: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -438,13 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = args.state.resolve()
     if state.exists():
         shutil.rmtree(state)
-    say("Starting `cloister up` (enclave with mock NSM, relay, example servers)...", BOLD)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    say("Starting `cloister up` (enclave with mock NSM, relay, two witnesses, example servers)...", BOLD)
+    up = _start_up(state)
     t = Transcript()
     patched: subprocess.Popen[bytes] | None = None
     try:
@@ -461,6 +511,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if patched is not None:
             stop_group(patched)
         stop_group(up, timeout=30)
+    if not t.failures:
+        try:
+            (state / "up.json").unlink(missing_ok=True)
+            rollback(state, t)
+        except Exception as exc:
+            t.failures.append(f"{type(exc).__name__}: {exc}")
+            say(f"demo failed: {type(exc).__name__}: {exc}", RED)
     if t.failures:
         say(f"\n{len(t.failures)} thing(s) did not behave as the scenario says:", RED)
         for f in t.failures:
