@@ -430,7 +430,8 @@ def _start_up(state: Path) -> subprocess.Popen[bytes]:
 async def _research_call(info: dict[str, Any], token: str) -> None:
     agent = Agent("research-bot", info["mcp_url"], token)
     async with agent.client() as c:
-        await c.call_tool("research___web_search", {"query": "after the copy"})
+        with contextlib.suppress(MCPError):  # allowed or denied (its budget is spent): logged either way
+            await c.call_tool("research___web_search", {"query": "after the copy"})
 
 
 def rollback(state: Path, t: Transcript) -> None:
@@ -455,7 +456,7 @@ def rollback(state: Path, t: Transcript) -> None:
             if sizes and all(size == health["log_size"] for size in sizes):
                 break
             time.sleep(0.2)
-        say(f"  one more call; the witnesses cosign the log at size {health['log_size']}")
+        say(f"  one more call is decided and logged; the witnesses cosign the log at size {health['log_size']}")
     finally:
         stop_group(up, timeout=30)
     shutil.rmtree(state / "log")
@@ -516,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             (state / "up.json").unlink(missing_ok=True)
             rollback(state, t)
         except Exception as exc:
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]  # the MCP client's task groups wrap the error
             t.failures.append(f"{type(exc).__name__}: {exc}")
             say(f"demo failed: {type(exc).__name__}: {exc}", RED)
     if t.failures:
