@@ -517,10 +517,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             (state / "up.json").unlink(missing_ok=True)
             rollback(state, t)
         except Exception as exc:
-            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]  # the MCP client's task groups wrap the error
-            t.failures.append(f"{type(exc).__name__}: {exc}")
-            say(f"demo failed: {type(exc).__name__}: {exc}", RED)
+            inner: BaseException = exc
+            while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+                inner = inner.exceptions[0]  # the MCP client's task groups wrap the error
+            t.failures.append(f"{type(inner).__name__}: {inner}")
+            say(f"demo failed: {type(inner).__name__}: {inner}", RED)
     if t.failures:
         say(f"\n{len(t.failures)} thing(s) did not behave as the scenario says:", RED)
         for f in t.failures:
