@@ -239,3 +239,20 @@ def test_the_unsafe_mode_is_reported(tmp_path: Path) -> None:
     status = w.core.witness_status()
     assert status is not None and not status.required and status.granting and "unsafe" in status.reason
     assert spend(w, w.core, 1)
+
+
+def test_a_second_new_log_for_a_witnessed_origin_is_never_witnessed(tmp_path: Path) -> None:
+    """The host starts an enclave on empty storage for an origin the witnesses already follow: a
+    brand-new log (same origin, same sealed key) is never cosigned, so it never grants."""
+    w, ws = witnessed_world(tmp_path)
+    catch_up(w, ws, w.core)
+    assert spend(w, w.core, 1)
+    catch_up(w, ws, w.core)
+    w.log, w.checkpoints = [], []
+    second = w.new_core()
+    w.persist(second.start_new_log())
+    w.persist(second.load_policy(w.sign_bundle(1))[2])
+    with pytest.raises(VerificationError, match="cosigned by 0 of the 2"):
+        second.add_cosignatures(ws.cosign(w.log, second.sync(len(w.log)).checkpoint.note))
+    with pytest.raises(Unwitnessed):
+        spend(w, second, 1)

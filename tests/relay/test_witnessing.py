@@ -239,3 +239,72 @@ def test_a_reply_that_does_not_verify_with_the_configured_vkey_is_not_kept(tmp_p
     finally:
         w1.stop()
         liar.stop()
+
+
+def test_quorum_checkpoints_reach_the_enclave_and_a_failed_handover_is_retried(tmp_path: Path, log: FakeLog) -> None:
+    """The newest quorum-cosigned checkpoint goes to `deliver` (the enclave's AddCosignatures); a
+    failed hand-over is retried even when the log stays idle, so the enclave is not left paused."""
+    w1, w2 = Served(tmp_path, "witness.test/w1", 11, log), Served(tmp_path, "witness.test/w2", 12, log)
+    delivered: list[bytes] = []
+    failures = [2]  # the first two hand-overs fail, as when the enclave is restarting
+
+    async def deliver(note: bytes) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise ConnectionError("enclave unavailable")
+        delivered.append(note)
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = Witnessing(
+            [w1.config, w2.config], 2, lambda: writer, poll_s=0.02, timeout_s=2, backoff_s=(0.05, 0.2), deliver=deliver
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 3)  # then idle: no new checkpoint will come
+            await wait_until(lambda: bool(delivered), "the hand-over to succeed after two failures")
+            tg.cancel_scope.cancel()
+        assert failures == [0] and wit.delivery_error is None
+        note = delivered[-1]
+        assert int(note.split(b"\n")[1]) == 3
+        policy = CosignaturePolicy.from_vkeys([w1.config.vkey, w2.config.vkey], 2)
+        verify_cosignatures(note, policy)
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+        w2.stop()
+
+
+def test_a_witness_ahead_of_storage_is_reported_as_a_rollback(tmp_path: Path, log: FakeLog) -> None:
+    """Storage restored from an older copy: the witness answers 409 with a larger size than the log
+    holds; the relay reports `ahead_of_log` and sends nothing older."""
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        await grow(writer, log, 5)
+        wit = witnessing(writer, [w1.config], 1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await wait_until(lambda: cosigned_at(wit, 5), "size 5 cosigned")
+            tg.cancel_scope.cancel()
+        await writer.close()
+        # A second relay on an older copy of the storage (the first 3 entries).
+        old = FakeLog()
+        old_writer = await LogWriter.open(LocalBackend(tmp_path / "old-log"))
+        await grow(old_writer, old, 3)
+        stale = witnessing(old_writer, [w1.config], 1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stale.run)
+            await wait_until(lambda: stale.status[w1.config.name].ahead_of_log == 5, "the rollback to be seen")
+            tg.cancel_scope.cancel()
+        assert stale.cosigned() is None and stale.health()["witnesses"][w1.config.name]["ahead_of_log"] == 5
+        await old_writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
