@@ -718,7 +718,7 @@ class EnclaveCore:
         if status in (ResponseStatus.NOT_REQUIRED, ResponseStatus.NO_RESULT, ResponseStatus.MISSING):
             return status.value, None, None
         sig = response_sig if len(response_sig) == SIG_BYTES else None
-        return status.value, sig, key if sig is not None else None
+        return status.value, sig, key if sig is not None and key else None
 
     def visible_tools(self, token: str, candidates: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
         ps = self._policy

@@ -107,13 +107,14 @@ class ServerRegistry:
 
     def response_key(self, spec: ServerSpec) -> tuple[bool, bytes | None]:
         """Whether this server's responses must be signed (its identity is nitro), and the key its
-        verified attestation bound (None if it bound none, or it is not verified now)."""
+        verified attestation bound: b"" if it bound none (no signature can verify), None if it is
+        not verified now (unknown)."""
         if spec.identity.kind != "nitro":
             return False, None
         st = self._states.get(spec.name)
         if st is None or st.identity != spec.identity or st.verified_ms is None:
             return True, None
-        return True, st.response_key
+        return True, st.response_key or b""
 
     def refusal(self, spec: ServerSpec, tool: str, now_ms: int) -> str | None:
         """Why a call to this server/tool must be refused now, or None."""

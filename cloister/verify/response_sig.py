@@ -17,9 +17,9 @@ RFC 8032 §8.3 carried in the message for pure Ed25519. The grant nonce is the e
 and unique per allowed call, so one signature answers exactly one call.
 
 The result hash (`result_sha256`): SHA-256 of the RFC 8785 canonical JSON of the `tools/call`
-result object as sent, with RESPONSE_SIG_META_KEY removed from its `_meta` (and `_meta` removed if
-that leaves it empty). The upstream, the relay, the enclave's check and an auditor holding the
-stored result body all compute it with this one function.
+result object as sent, with RESPONSE_SIG_META_KEY removed from its `_meta`, and `_meta` removed
+when it is then empty (whether or not it held the signature). The upstream, the relay, the
+enclave's check and an auditor holding the stored result body all compute it with this function.
 
 `response_verdict` is the one judgement of a signature: the enclave records it in the outcome
 entry, and `cloister audit replay` recomputes it.
@@ -92,11 +92,13 @@ def parse_upstream_binding(data: bytes | None) -> UpstreamBinding:
 
 def without_signature(result: Mapping[str, Any]) -> dict[str, Any]:
     """The result object as it is hashed (and stored): RESPONSE_SIG_META_KEY removed from `_meta`,
-    and `_meta` removed if that leaves it empty."""
+    and `_meta` removed if it is then empty."""
     out = dict(result)
     meta = out.get("_meta")
-    if isinstance(meta, Mapping) and RESPONSE_SIG_META_KEY in meta:
+    if isinstance(meta, Mapping):
         rest = {k: v for k, v in meta.items() if k != RESPONSE_SIG_META_KEY}
+        # An empty `_meta` is dropped whether or not the signature was in it: signing adds the key
+        # to a result whose `_meta` was empty, and both sides must then hash the same object.
         if rest:
             out["_meta"] = rest
         else:
