@@ -228,6 +228,9 @@ class ScanPlan:
     tree_size: int
     decode: bool
     want_leaves: frozenset[int]  # bundles whose leaf hashes must be returned
+    # Verify recorded response signatures again (an Ed25519 verification and two entry parses per
+    # signed outcome: the replay's main cost on a log of attested calls). Statuses are always checked.
+    recheck_signatures: bool = True
 
 
 # --- The worker side: one chunk of bundles ---------------------------------------------------
@@ -332,7 +335,8 @@ def scan_chunk(plan: ScanPlan, first: int, end: int) -> ChunkResult:  # noqa: C9
                 out.summary.count_outcome(template.info, hits)
         _local_outcomes(out, first * TILE_WIDTH)
         _unclosed_grants(out, plan, first, data, widths)
-        _check_signatures(out, first * TILE_WIDTH, _BundleEntries(data, widths, first * TILE_WIDTH))
+        if plan.recheck_signatures:
+            _check_signatures(out, first * TILE_WIDTH, _BundleEntries(data, widths, first * TILE_WIDTH))
     return out
 
 
@@ -910,6 +914,7 @@ def replay_tree(
     chunk_bundles: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     now_ms: int | None = None,
+    recheck_signatures: bool = True,
 ) -> ReplayResult:
     """Recompute the tree of `tree_size` leaves from `spec`, decode and check every entry.
 
@@ -917,10 +922,17 @@ def replay_tree(
     raising DecodeError/VerificationError. `want_sizes` are sizes whose prefix roots to report
     (e.g. the remembered checkpoint's size). `jobs` > 1 uses that many worker processes.
     Outcomes are judged as of the log's last entry, or `now_ms` if that is earlier.
+    `recheck_signatures=False` skips verifying recorded response signatures again (decision 0017).
     """
     bundles = -(-tree_size // TILE_WIDTH)
     leaves_wanted = frozenset(s // TILE_WIDTH for s in want_sizes if s % TILE_WIDTH)
-    plan = ScanPlan(spec=spec, tree_size=tree_size, decode=decode, want_leaves=leaves_wanted)
+    plan = ScanPlan(
+        spec=spec,
+        tree_size=tree_size,
+        decode=decode,
+        want_leaves=leaves_wanted,
+        recheck_signatures=recheck_signatures,
+    )
     merger = _Merger(tree_size, decode, check_key, want_sizes, leaves_wanted)
     if chunk_bundles is None:
         chunk_bundles = max(1, min(64, bundles // max(1, jobs * 8)))
@@ -934,7 +946,7 @@ def replay_tree(
             progress(done, tree_size)
     root = merger.prefix_root(tree_size)
     _check_upper_tiles(open_source(spec), tree_size, merger)
-    if decode:
+    if decode and recheck_signatures:
         _check_response_keys(open_source(spec), tree_size, merger)
     as_of = merger.last_time_ms if now_ms is None or merger.last_time_ms is None else min(now_ms, merger.last_time_ms)
     missing, open_count = _missing_outcomes(merger, as_of)

@@ -165,3 +165,18 @@ def test_signed_outcomes_that_differ_only_in_their_signature_share_a_template(w:
     missing = dataclasses.replace(entry, response="missing", response_sig=None, response_key=None)
     t = cache.learn(encode_entry(missing), missing)
     assert t is not None and t.response_flags == RESPONSE_PROBLEM
+
+
+def test_rechecking_can_be_skipped_but_statuses_are_always_judged(w: World, tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    attest(w, key)
+    index, nonce = allow(w)
+    outcome(w, index, sign_response(key, nonce, RESULT_HASH))
+    at = len(w.log) - 1
+    index, _ = allow(w)
+    outcome(w, index, b"")
+    entries = _tampered(w, at, response_sig=sign_response(key, b"\x00" * 16, RESULT_HASH))
+    fast = replay(w, tmp_path, entries, recheck_signatures=False)
+    assert fast.summary.signatures_checked == 0 and len(fast.problems) == 1 and "is missing" in str(fast.problems[0])
+    full = replay(w, tmp_path / "2", entries)
+    assert full.summary.signatures_checked == 1 and len(full.problems) == 2
