@@ -422,10 +422,10 @@ def signature_problem(outcome: OutcomeEntry, decision: Entry | None, key: bytes 
     `key` (the entry's own, or for an unchecked one the key the log introduced); what is wrong, or None."""
     if not isinstance(decision, DecisionEntry) or decision.grant_nonce is None or outcome.response_sig is None:
         return None  # an outcome without a granted decision is reported by the structure checks
-    if key is None:
+    if not key:
         return (
             f"outcome has a response signature for server {decision.server!r}, but no verified nitro server "
-            "entry introduced a response key for it earlier in the log"
+            "entry introduced a response key for it before the decision"
         )
     check = ResponseCheck(
         required=True,
@@ -456,6 +456,8 @@ def _check_signatures(out: ChunkResult, base: int, entries: _BundleEntries) -> N
         outcome = parse_entry(data)
         assert isinstance(outcome, OutcomeEntry)
         d = outcome.decision_index
+        if outcome.response_key is None and outcome.response != ResponseStatus.UNCHECKED:
+            continue  # invalid without a key (the server bound none): the status is the problem
         if outcome.response_key is None or not base <= d < j:
             out.deferred.append((j, data))
             continue
@@ -649,8 +651,9 @@ def _other_entry(out: ChunkResult, entry: Any, index: int, data: bytes) -> None:
     elif isinstance(entry, ServerEntry):
         out.kinds.append(KIND_SERVER)
         out.summary.servers[(entry.server, entry.kind, entry.status)] += 1
-        if entry.kind == "nitro" and entry.status == "verified" and entry.response_key is not None:
-            out.key_intros.append((index, entry.server, entry.response_key))
+        if entry.kind == "nitro" and entry.status == "verified":
+            # b"": verified, but bound no response key (no signature of it can verify).
+            out.key_intros.append((index, entry.server, entry.response_key or b""))
     elif isinstance(entry, DenialsEntry):
         out.kinds.append(KIND_DENIALS)
         out.summary.count_denials(entry)
@@ -993,7 +996,8 @@ def _missing_outcomes(merger: _Merger, as_of_ms: int | None) -> tuple[list[int],
 
 
 def _key_before(merger: _Merger, server: str, index: int) -> bytes | None:
-    """The response key of the last verified nitro entry for `server` before `index`."""
+    """The response key of the last verified nitro entry for `server` before `index` (b"" if that
+    entry bound none; None if there is none)."""
     key = None
     for i, k in merger.key_intros.get(server, ()):
         if i >= index:
@@ -1024,7 +1028,9 @@ def _check_response_keys(source: LogSource, tree_size: int, merger: _Merger) -> 
         decision = entry_at(outcome.decision_index) if outcome.decision_index < j else None
         if not isinstance(decision, DecisionEntry):
             continue  # reported by the structure checks
-        key = outcome.response_key or _key_before(merger, decision.server, j)
+        # An unchecked signature (a decision reopened after a restart) was made by the server
+        # that took the call: the key it had proven when the call was decided.
+        key = outcome.response_key or _key_before(merger, decision.server, outcome.decision_index)
         merger.summary.signatures_checked += 1
         problem = signature_problem(outcome, decision, key)
         if problem:

@@ -180,3 +180,12 @@ def test_rechecking_can_be_skipped_but_statuses_are_always_judged(w: World, tmp_
     assert fast.summary.signatures_checked == 0 and len(fast.problems) == 1 and "is missing" in str(fast.problems[0])
     full = replay(w, tmp_path / "2", entries)
     assert full.summary.signatures_checked == 1 and len(full.problems) == 2
+
+
+def test_a_server_that_bound_no_key_is_reported_once_per_outcome(w: World, tmp_path: Path) -> None:
+    attest(w, None)  # verified identity, no response key
+    index, nonce = allow(w)
+    e = outcome(w, index, sign_response(ed25519.Ed25519PrivateKey.generate(), nonce, RESULT_HASH))
+    assert e.response == "invalid" and e.response_key is None
+    found = problems(replay(w, tmp_path))
+    assert len(found) == 1 and "is invalid" in found[0], found
