@@ -103,9 +103,7 @@ SAMPLES: list[Entry] = [
         evidence_sha256=b"\x09" * 32,
         extra={"pcr0": "ab"},
     ),
-    ServerEntry(
-        time_ms=5, server="refunds", kind="nitro", status="verified", detail="ok", response_key=b"\x0c" * 32
-    ),
+    ServerEntry(time_ms=5, server="refunds", kind="nitro", status="verified", detail="ok", response_key=b"\x0c" * 32),
     DenialsEntry(
         time_ms=9,
         first_ms=6,
