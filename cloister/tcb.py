@@ -62,6 +62,7 @@ TCB_PATHS: Final = (
     "cloister/verify/jwt.py",
     "cloister/verify/merkle.py",
     "cloister/verify/note.py",
+    "cloister/verify/response_sig.py",
     "cloister/verify/tools.py",
     "cloister/verify/x402.py",
 )

@@ -59,6 +59,15 @@ def replay_json(result: ReplayResult, *, checkpoint_root: bytes, rate: float | N
         "denials_by_code": dict(s.denials),
         "denials_by_reason": [{"code": c, "reason": r, "count": n} for (c, r), n in s.deny_reasons.most_common()],
         "outcomes": {"total": s.outcomes, "errors": s.outcome_errors, "paid": s.payments},
+        # Decision 0017: outcomes by their recorded response-signature status ("missing" and
+        # "invalid" are problems; "unrecorded": entries from before signed outcomes), and how many
+        # recorded signatures this replay verified again.
+        "response_signatures": {
+            "by_status": {(k or "unrecorded"): n for k, n in sorted(s.responses.items())},
+            "missing": s.responses.get("missing", 0),
+            "invalid": s.responses.get("invalid", 0),
+            "rechecked": s.signatures_checked,
+        },
         # Decisions that issued a grant without an outcome: past their outcome window (each also a
         # problem; indexes capped) or still open, judged as of the log's last entry.
         "missing_outcomes": result.missing_outcomes,
@@ -100,6 +109,10 @@ def replay_text(result: ReplayResult) -> str:
             lines.append(f"  ... and {len(s.deny_reasons) - 20} more reasons")
     if s.outcomes:
         lines.append(f"outcomes: {s.outcomes:,} ({s.outcome_errors:,} with an error, {s.payments:,} paid)")
+    signed = {k: n for k, n in s.responses.items() if k}
+    if signed:
+        statuses = ", ".join(f"{n:,} {k}" for k, n in sorted(signed.items()))
+        lines.append(f"upstream response signatures: {statuses} ({s.signatures_checked:,} verified again)")
     if result.missing_outcomes or result.open_decisions:
         lines.append(
             f"allowed decisions without an outcome: {result.missing_outcomes:,} past their outcome window "

@@ -23,6 +23,11 @@ What a replay proves, given a verified checkpoint (size N, root R):
        decision whose grant expired more than OUTCOME_GRACE_MS before the log's last entry (the
        enclave refuses its outcome from then on) and has none is a problem ("missing outcome");
        one still within that window is counted as open.
+     - response signatures (decision 0017): an outcome whose recorded response is "missing" or
+       "invalid" (an attested server's result that is not shown to be its own) is a problem;
+       every recorded signature is verified again (cloister.verify.response_sig) over its
+       decision's grant nonce and its result hash, with the key a verified nitro server entry for
+       that decision's server introduced earlier in the log.
 
 Problems are collected (with the entry index, the tile path and the byte offset when known), not
 raised, so that one replay reports everything it finds; the caller exits non-zero if there are
@@ -55,16 +60,20 @@ from cloister.audit.templates import (
     KIND_SERVER,
     KIND_UNDECODABLE,
     KIND_UNKNOWN,
+    RESPONSE_PROBLEM,
+    RESPONSE_SIGNED,
     DecisionInfo,
     OutcomeInfo,
     Template,
     TemplateCache,
     decision_kind,
+    response_flags,
 )
 from cloister.verify.entries import (
     OUTCOME_GRACE_MS,
     DecisionEntry,
     DenialsEntry,
+    Entry,
     KeyEntry,
     OutcomeEntry,
     PolicyEntry,
@@ -73,6 +82,7 @@ from cloister.verify.entries import (
 )
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.merkle import EMPTY_ROOT, CompactRange, compact_range_hashes, root_from_leaf_hashes
+from cloister.verify.response_sig import ResponseCheck, ResponseStatus, response_verdict
 from cloister.verify.tiles import (
     TILE_HEIGHT,
     TILE_WIDTH,
@@ -128,6 +138,10 @@ class Summary:
     outcome_errors: int = 0
     payments: int = 0
     servers: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (server, kind, status)
+    # Outcomes by their recorded response-signature status (decision 0017; "" before it), and how
+    # many recorded signatures this replay verified again.
+    responses: Counter[str] = field(default_factory=Counter)
+    signatures_checked: int = 0
     fast_decodes: int = 0
     full_decodes: int = 0
 
@@ -145,6 +159,8 @@ class Summary:
         self.outcome_errors += other.outcome_errors
         self.payments += other.payments
         self.servers.update(other.servers)
+        self.responses.update(other.responses)
+        self.signatures_checked += other.signatures_checked
         self.fast_decodes += other.fast_decodes
         self.full_decodes += other.full_decodes
 
@@ -168,6 +184,7 @@ class Summary:
             self.outcome_errors += n
         if info.paid:
             self.payments += n
+        self.responses[info.response] += n
 
 
 @dataclass
@@ -195,6 +212,14 @@ class ChunkResult:
     # (index, grant expiry ms) pairs; a later chunk's outcome may still close them.
     unclosed: array[int] = field(default_factory=lambda: array("q"))
     last_time_ms: int | None = None  # the time of the tree's last entry, from the chunk that holds it
+    # Response signatures (decision 0017): outcomes that carry one, by index (checked after the
+    # chunk is decoded); those left for the main process (their decision is in an earlier chunk,
+    # or the enclave recorded them unchecked) as (index, entry bytes); the verified nitro server
+    # entries' keys as (index, server, key); and each (server, key) used, with its first outcome.
+    signed: array[int] = field(default_factory=lambda: array("q"))
+    deferred: list[tuple[int, bytes]] = field(default_factory=list)
+    key_intros: list[tuple[int, str, bytes]] = field(default_factory=list)
+    key_uses: dict[tuple[str, bytes], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -203,6 +228,9 @@ class ScanPlan:
     tree_size: int
     decode: bool
     want_leaves: frozenset[int]  # bundles whose leaf hashes must be returned
+    # Verify recorded response signatures again (an Ed25519 verification and two entry parses per
+    # signed outcome: the replay's main cost on a log of attested calls). Statuses are always checked.
+    recheck_signatures: bool = True
 
 
 # --- The worker side: one chunk of bundles ---------------------------------------------------
@@ -307,6 +335,8 @@ def scan_chunk(plan: ScanPlan, first: int, end: int) -> ChunkResult:  # noqa: C9
                 out.summary.count_outcome(template.info, hits)
         _local_outcomes(out, first * TILE_WIDTH)
         _unclosed_grants(out, plan, first, data, widths)
+        if plan.recheck_signatures:
+            _check_signatures(out, first * TILE_WIDTH, _BundleEntries(data, widths, first * TILE_WIDTH))
     return out
 
 
@@ -343,6 +373,112 @@ def _unclosed_grants(
                 break
             except DecodeError:
                 continue
+
+
+# --- Response signatures (decision 0017) ---------------------------------------------------------
+
+
+def _response_flags(out: ChunkResult, flags: int, info: DecisionInfo | OutcomeInfo, index: int) -> None:
+    if flags & RESPONSE_PROBLEM and isinstance(info, OutcomeInfo):
+        why = (
+            "carries no signature"
+            if info.response == ResponseStatus.MISSING
+            else "carries a signature that did not verify"
+        )
+        out.problems.append(
+            Problem(
+                f"entry {index}",
+                f"outcome's response signature is {info.response}: the attested server's result {why}, so it "
+                "is not shown to be the server's (a host may have answered the call itself or changed the answer)",
+            )
+        )
+    if flags & RESPONSE_SIGNED:
+        out.signed.append(index)
+
+
+class _BundleEntries:
+    """The entries of a chunk's bundles, split on first use, by log index."""
+
+    def __init__(self, data: Sequence[bytes | Exception], widths: Sequence[int], base: int) -> None:
+        self.data, self.widths, self.base = data, widths, base
+        self.split: dict[int, list[bytes]] = {}
+
+    def get(self, index: int) -> bytes | None:
+        i, offset = divmod(index - self.base, TILE_WIDTH)
+        if index < self.base or i >= len(self.widths):
+            return None
+        if i not in self.split:
+            raw = self.data[2 * i]
+            try:
+                self.split[i] = [] if isinstance(raw, Exception) else parse_entry_bundle(raw, self.widths[i])
+            except DecodeError:  # reported already
+                self.split[i] = []
+        bundle = self.split[i]
+        return bundle[offset] if offset < len(bundle) else None
+
+
+def signature_problem(outcome: OutcomeEntry, decision: Entry | None, key: bytes | None) -> str | None:
+    """Verify an outcome's recorded response signature again, with its decision's grant nonce and
+    `key` (the entry's own, or for an unchecked one the key the log introduced); what is wrong, or None."""
+    if not isinstance(decision, DecisionEntry) or decision.grant_nonce is None or outcome.response_sig is None:
+        return None  # an outcome without a granted decision is reported by the structure checks
+    if not key:
+        return (
+            f"outcome has a response signature for server {decision.server!r}, but no verified nitro server "
+            "entry introduced a response key for it before the decision"
+        )
+    check = ResponseCheck(
+        required=True,
+        response_key=key,
+        nonce=decision.grant_nonce,
+        result_hash=outcome.result_sha256,
+        signature=outcome.response_sig,
+    )
+    again = response_verdict(check)
+    recorded = outcome.response
+    if recorded in (ResponseStatus.VERIFIED, ResponseStatus.UNCHECKED) and again is not ResponseStatus.VERIFIED:
+        return (
+            f"outcome's response signature (recorded {recorded}) does not verify with key {key.hex()[:16]}... "
+            f"over decision {outcome.decision_index}'s grant nonce and the result hash"
+        )
+    if recorded == ResponseStatus.INVALID and again is ResponseStatus.VERIFIED:
+        return "outcome's response signature was recorded invalid, but it verifies: the log contradicts itself"
+    return None
+
+
+def _check_signatures(out: ChunkResult, base: int, entries: _BundleEntries) -> None:
+    """Verify again the signatures of this chunk's outcomes whose decision is in the chunk; leave
+    the others (and those the enclave could not check) to the main process."""
+    for j in out.signed:
+        data = entries.get(j)
+        if data is None:
+            continue
+        outcome = parse_entry(data)
+        assert isinstance(outcome, OutcomeEntry)
+        d = outcome.decision_index
+        if outcome.response_key is None and outcome.response != ResponseStatus.UNCHECKED:
+            continue  # invalid without a key (the server bound none): the status is the problem
+        if outcome.response_key is None or not base <= d < j:
+            out.deferred.append((j, data))
+            continue
+        raw = entries.get(d)
+        decision = _parse_or_none(raw)
+        problem = signature_problem(outcome, decision, outcome.response_key)
+        out.summary.signatures_checked += 1
+        if problem:
+            out.problems.append(Problem(f"entry {j}", problem))
+        if isinstance(decision, DecisionEntry):
+            use = (decision.server, outcome.response_key)
+            out.key_uses[use] = min(out.key_uses.get(use, j), j)
+
+
+def _parse_or_none(data: bytes | None) -> Entry | None:
+    if data is None:
+        return None
+    try:
+        return parse_entry(data)
+    except DecodeError:  # reported already
+        return None
 
 
 def _outcome_problem(j: int, d: int, kind: int, used: int) -> str | None:
@@ -457,6 +593,8 @@ def _decode_bundle(
         if kind == outcome_kind:
             outcomes_append(base + i)
             outcomes_append(int.from_bytes(m.group(t.decision_group), "big") if t.decision_group else t.decision_const)
+            if t.response_flags:
+                _response_flags(out, t.response_flags, t.info, base + i)
             continue
         policy = t.policy
         if policy is not current:
@@ -477,7 +615,11 @@ def _count_direct(
         out.kinds.append(KIND_OUTCOME)
         out.outcomes.append(index)
         out.outcomes.append(entry.decision_index)
-        out.summary.count_outcome(OutcomeInfo(error=bool(entry.error), paid=bool(entry.paid)), 1)
+        facts = OutcomeInfo.of(entry)
+        out.summary.count_outcome(facts, 1)
+        flags = response_flags(facts)
+        if flags:
+            _response_flags(out, flags, facts, index)
         return current
     out.kinds.append(decision_kind(entry))
     info = DecisionInfo(
@@ -509,6 +651,9 @@ def _other_entry(out: ChunkResult, entry: Any, index: int, data: bytes) -> None:
     elif isinstance(entry, ServerEntry):
         out.kinds.append(KIND_SERVER)
         out.summary.servers[(entry.server, entry.kind, entry.status)] += 1
+        if entry.kind == "nitro" and entry.status == "verified":
+            # b"": verified, but bound no response key (no signature of it can verify).
+            out.key_intros.append((index, entry.server, entry.response_key or b""))
     elif isinstance(entry, DenialsEntry):
         out.kinds.append(KIND_DENIALS)
         out.summary.count_denials(entry)
@@ -596,6 +741,11 @@ class _Merger:
         self.unreadable: list[int] = []  # first index of each bundle that could not be read
         self.unclosed: list[array[int]] = []
         self.last_time_ms: int | None = None
+        # Response keys the log introduced, per server in index order; keys used, first use; and
+        # the signed outcomes left to this process (decision 0017).
+        self.key_intros: dict[str, list[tuple[int, bytes]]] = {}
+        self.key_uses: dict[tuple[str, bytes], int] = {}
+        self.deferred: list[tuple[int, bytes]] = []
 
     def _gap(self, start: int, end: int) -> bool:
         """Some entry in [start, end) could not be read (so what it would have changed is unknown)."""
@@ -617,6 +767,11 @@ class _Merger:
             self.unclosed.append(r.unclosed)
         if r.last_time_ms is not None:
             self.last_time_ms = r.last_time_ms
+        for index, server, key in r.key_intros:
+            self.key_intros.setdefault(server, []).append((index, key))
+        for use, j in r.key_uses.items():
+            self.key_uses[use] = min(self.key_uses.get(use, j), j)
+        self.deferred += r.deferred
         if self.decode:
             self._structure(r)
         for s in self.want_sizes:
@@ -762,6 +917,7 @@ def replay_tree(
     chunk_bundles: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     now_ms: int | None = None,
+    recheck_signatures: bool = True,
 ) -> ReplayResult:
     """Recompute the tree of `tree_size` leaves from `spec`, decode and check every entry.
 
@@ -769,10 +925,17 @@ def replay_tree(
     raising DecodeError/VerificationError. `want_sizes` are sizes whose prefix roots to report
     (e.g. the remembered checkpoint's size). `jobs` > 1 uses that many worker processes.
     Outcomes are judged as of the log's last entry, or `now_ms` if that is earlier.
+    `recheck_signatures=False` skips verifying recorded response signatures again (decision 0017).
     """
     bundles = -(-tree_size // TILE_WIDTH)
     leaves_wanted = frozenset(s // TILE_WIDTH for s in want_sizes if s % TILE_WIDTH)
-    plan = ScanPlan(spec=spec, tree_size=tree_size, decode=decode, want_leaves=leaves_wanted)
+    plan = ScanPlan(
+        spec=spec,
+        tree_size=tree_size,
+        decode=decode,
+        want_leaves=leaves_wanted,
+        recheck_signatures=recheck_signatures,
+    )
     merger = _Merger(tree_size, decode, check_key, want_sizes, leaves_wanted)
     if chunk_bundles is None:
         chunk_bundles = max(1, min(64, bundles // max(1, jobs * 8)))
@@ -786,6 +949,8 @@ def replay_tree(
             progress(done, tree_size)
     root = merger.prefix_root(tree_size)
     _check_upper_tiles(open_source(spec), tree_size, merger)
+    if decode and recheck_signatures:
+        _check_response_keys(open_source(spec), tree_size, merger)
     as_of = merger.last_time_ms if now_ms is None or merger.last_time_ms is None else min(now_ms, merger.last_time_ms)
     missing, open_count = _missing_outcomes(merger, as_of)
     return ReplayResult(
@@ -828,6 +993,59 @@ def _missing_outcomes(merger: _Merger, as_of_ms: int | None) -> tuple[list[int],
                 f"entry ({_iso(as_of_ms)})",
             )
     return missing, open_count
+
+
+def _key_before(merger: _Merger, server: str, index: int) -> bytes | None:
+    """The response key of the last verified nitro entry for `server` before `index` (b"" if that
+    entry bound none; None if there is none)."""
+    key = None
+    for i, k in merger.key_intros.get(server, ()):
+        if i >= index:
+            break
+        key = k
+    return key
+
+
+def _check_response_keys(source: LogSource, tree_size: int, merger: _Merger) -> None:
+    """The signed outcomes the workers left (their decision in an earlier chunk, or recorded
+    unchecked), and that every key an outcome was checked against was introduced, for that
+    outcome's server, by a verified nitro server entry before the outcome."""
+    bundles: dict[int, list[bytes]] = {}
+
+    def entry_at(index: int) -> Entry | None:
+        b, offset = divmod(index, TILE_WIDTH)
+        if b not in bundles:
+            width = min(TILE_WIDTH, tree_size - b * TILE_WIDTH)
+            try:
+                bundles[b] = parse_entry_bundle(read_tile(source, entry_bundle_path(b, width), MAX_ENTRY_BUNDLE), width)
+            except (MissingData, DecodeError):  # reported already
+                bundles[b] = []
+        return _parse_or_none(bundles[b][offset]) if offset < len(bundles[b]) else None
+
+    for j, data in merger.deferred:
+        outcome = parse_entry(data)
+        assert isinstance(outcome, OutcomeEntry)
+        decision = entry_at(outcome.decision_index) if outcome.decision_index < j else None
+        if not isinstance(decision, DecisionEntry):
+            continue  # reported by the structure checks
+        # An unchecked signature (a decision reopened after a restart) was made by the server
+        # that took the call: the key it had proven when the call was decided.
+        key = outcome.response_key or _key_before(merger, decision.server, outcome.decision_index)
+        merger.summary.signatures_checked += 1
+        problem = signature_problem(outcome, decision, key)
+        if problem:
+            merger.problem(f"entry {j}", problem)
+        if outcome.response_key is not None:
+            use = (decision.server, outcome.response_key)
+            merger.key_uses[use] = min(merger.key_uses.get(use, j), j)
+    for (server, key), j in sorted(merger.key_uses.items(), key=lambda kv: kv[1]):
+        introduced = [i for i, k in merger.key_intros.get(server, ()) if k == key]
+        if not introduced or introduced[0] >= j:
+            merger.problem(
+                f"entry {j}",
+                f"outcome's response signature was checked with key {key.hex()[:16]}..., which no verified nitro "
+                f"server entry for {server!r} introduced before it",
+            )
 
 
 def _iso(ms: int) -> str:

@@ -55,12 +55,15 @@ __all__ = [
     "KIND_SERVER",
     "KIND_UNDECODABLE",
     "KIND_UNKNOWN",
+    "RESPONSE_PROBLEM",
+    "RESPONSE_SIGNED",
     "Bucket",
     "DecisionInfo",
     "OutcomeInfo",
     "Template",
     "TemplateCache",
     "decision_kind",
+    "response_flags",
 ]
 
 # One byte per entry in the replay's index of the log.
@@ -75,7 +78,8 @@ KIND_UNDECODABLE = 7
 KIND_DENIALS = 8  # denials counted, not logged one by one (cloister.verify.entries.DenialsEntry)
 
 _UINT_SLOTS = {"decision": frozenset({"time", "grant_exp"}), "outcome": frozenset({"time", "decision", "duration_us"})}
-_BYTES_SLOTS = {"decision": frozenset({"args", "grant_nonce"}), "outcome": frozenset({"result"})}
+# An outcome's response signature (decision 0017) is a slot; its status and key stay literal.
+_BYTES_SLOTS = {"decision": frozenset({"args", "grant_nonce"}), "outcome": frozenset({"result", "rsig"})}
 # Text slots and the character caps parse_entry applies to them (a slot is made only within the cap),
 # read from the entries' own table of field limits.
 _TEXT_SLOTS = {
@@ -111,6 +115,28 @@ class DecisionInfo:
 class OutcomeInfo:
     error: bool
     paid: bool
+    response: str = ""  # the recorded response-signature status; "" for entries before decision 0017
+    signed: bool = False  # the entry carries a response signature (which the replay checks again)
+
+    @staticmethod
+    def of(entry: OutcomeEntry) -> OutcomeInfo:
+        return OutcomeInfo(
+            error=bool(entry.error),
+            paid=bool(entry.paid),
+            response=entry.response or "",
+            signed=entry.response_sig is not None,
+        )
+
+
+# What the replay does per outcome beyond counting it (decision 0017), as bits: the recorded
+# response status is itself a problem ("missing", "invalid"); the entry carries a signature.
+RESPONSE_PROBLEM = 1
+RESPONSE_SIGNED = 2
+
+
+def response_flags(info: OutcomeInfo) -> int:
+    problem = RESPONSE_PROBLEM if info.response in ("missing", "invalid") else 0
+    return problem | (RESPONSE_SIGNED if info.signed else 0)
 
 
 def decision_kind(entry: DecisionEntry) -> int:
@@ -134,6 +160,7 @@ class Template:
         "policy",
         "reason",
         "reason_group",
+        "response_flags",
     )
 
     def __init__(
@@ -157,6 +184,7 @@ class Template:
         self.deny_code: str | None = info.code if isinstance(info, DecisionInfo) and info.decision == "deny" else None
         self.reason = info.reason if isinstance(info, DecisionInfo) else ""
         self.reason_group = reason_group
+        self.response_flags = response_flags(info) if isinstance(info, OutcomeInfo) else 0
         self.hits = 0
         # The entry it was made from, which of its bytes are fixed, and where to tell it from others.
         self.data = b""
@@ -215,7 +243,7 @@ def build_template(data: bytes, entry: Entry) -> Template | None:
             reason=entry.reason,
         )
     elif isinstance(entry, OutcomeEntry):
-        kind, info = KIND_OUTCOME, OutcomeInfo(error=bool(entry.error), paid=bool(entry.paid))
+        kind, info = KIND_OUTCOME, OutcomeInfo.of(entry)
     else:
         return None
     m = cbor2.loads(data)

@@ -74,6 +74,7 @@ from cloister.verify.errors import CloisterError, DecodeError, VerificationError
 from cloister.verify.grant import GrantClaims, encode_grant
 from cloister.verify.merkle import CompactRange, leaf_hash
 from cloister.verify.note import Ed25519NoteSigner
+from cloister.verify.response_sig import SIG_BYTES, ResponseCheck, ResponseStatus, response_verdict
 
 MAX_REQUEST_ID = 128
 MAX_OPEN_DECISIONS = 200_000
@@ -150,6 +151,10 @@ class _OpenDecision:
     server: str
     tool: str
     expires_ms: int
+    nonce: bytes = b""  # the grant's: what the upstream's response signature covers (decision 0017)
+    # (whether the server must sign, the key its verified attestation bound) when the call was
+    # decided; None for a decision reopened after a restart (looked up when its outcome comes).
+    signing: tuple[bool, bytes | None] | None = None
 
 
 class _TokenCache:
@@ -440,7 +445,7 @@ class EnclaveCore:
                 and e.grant_expiry_ms + OUTCOME_GRACE_MS > now
             ):
                 self._open[self._history_start + offset] = _OpenDecision(
-                    e.agent, frozenset(e.roles), e.server, e.tool, e.grant_expiry_ms
+                    e.agent, frozenset(e.roles), e.server, e.tool, e.grant_expiry_ms, e.grant_nonce or b""
                 )
             elif isinstance(e, OutcomeEntry):
                 self._open.pop(e.decision_index, None)
@@ -614,7 +619,16 @@ class EnclaveCore:
                 ps.limits.charge(p.agent, call.server, call.tool, d.limit_check.charges, call.now_ms)
             if through and p is not None:
                 self._open_decision(
-                    index, _OpenDecision(p.agent, p.roles, call.server, call.tool, expiry or call.now_ms)
+                    index,
+                    _OpenDecision(
+                        p.agent,
+                        p.roles,
+                        call.server,
+                        call.tool,
+                        expiry or call.now_ms,
+                        nonce or b"",
+                        self._signing(ps, call.server),
+                    ),
                 )
         # The grant and the checkpoint, outside the lock.
         grant = b""
@@ -658,6 +672,11 @@ class EnclaveCore:
                 break
             self._open.popitem(last=False)
 
+    def _signing(self, ps: _PolicyState, server: str) -> tuple[bool, bytes | None]:
+        """Whether `server`'s responses must be signed, and with which key (ServerRegistry)."""
+        spec = ps.bundle.servers.get(server)
+        return self.servers.response_key(spec) if spec is not None else (False, None)
+
     def record_outcome(
         self,
         *,
@@ -667,11 +686,24 @@ class EnclaveCore:
         duration_us: int,
         paid_amount: str,
         persisted_size: int,
+        response_sig: bytes = b"",
     ) -> LogAppend:
+        """Log the outcome of an open allowed decision, with the verdict on the upstream's response
+        signature (decision 0017). A bad or missing signature is recorded, never a reason to refuse
+        the outcome: the outcome must be logged either way."""
         seq = self._ready_sequencer()
         seq.release(persisted_size)
         if result_sha256 is not None and len(result_sha256) != 32:
             raise DecodeError("outcome result hash must be 32 bytes (SHA-256) or empty")
+        with seq.lock:
+            decision = self._open.get(decision_index)
+        if decision is None:
+            raise VerificationError(
+                f"log entry {decision_index} is not an open allowed decision of this enclave "
+                "(unknown, already closed, or older than the outcome window)"
+            )
+        # The signature is checked outside the lock, against the decision as it was opened.
+        response, sig, key = self._response_verdict(decision, result_sha256, response_sig)
         # The entry is made (and so checked) before the decision is closed: a refused outcome
         # leaves the decision open for a correct report. The upstream's error text is bounded.
         entry = OutcomeEntry(
@@ -681,18 +713,42 @@ class EnclaveCore:
             error=bounded(error, OutcomeEntry.FIELDS["error"].max_len),
             duration_us=duration_us,
             paid=_paid_text(paid_amount),
+            response=response,
+            response_sig=sig,
+            response_key=key,
         )
         with seq.lock:
-            decision = self._open.pop(decision_index, None)
-            if decision is None:
-                raise VerificationError(
-                    f"log entry {decision_index} is not an open allowed decision of this enclave "
-                    "(unknown, already closed, or older than the outcome window)"
-                )
+            if self._open.get(decision_index) is not decision:
+                raise VerificationError(f"log entry {decision_index} was closed by another outcome meanwhile")
+            del self._open[decision_index]
             first, encoded = self._log(seq, [entry])
             # The payment was charged against x402 caps when the call was decided (exactly, before
             # it went upstream); the outcome only records what was paid.
         return self._covered(seq, first, encoded)
+
+    def _response_verdict(
+        self, decision: _OpenDecision, result_sha256: bytes | None, response_sig: bytes
+    ) -> tuple[str, bytes | None, bytes | None]:
+        """(status, signature to record, key to record) for an outcome (cloister.verify.response_sig)."""
+        signing = decision.signing
+        if signing is None:  # reopened after a restart: the key the server has proven since, if any
+            ps = self._policy
+            signing = self._signing(ps, decision.server) if ps is not None else (True, None)
+        required, key = signing
+        if len(response_sig) > 2 * SIG_BYTES:
+            response_sig = response_sig[: 2 * SIG_BYTES]  # judged invalid below; bounded before anything
+        check = ResponseCheck(
+            required=required,
+            response_key=key,
+            nonce=decision.nonce,
+            result_hash=result_sha256,
+            signature=response_sig or None,
+        )
+        status = response_verdict(check)
+        if status in (ResponseStatus.NOT_REQUIRED, ResponseStatus.NO_RESULT, ResponseStatus.MISSING):
+            return status.value, None, None
+        sig = response_sig if len(response_sig) == SIG_BYTES else None
+        return status.value, sig, key if sig is not None and key else None
 
     def visible_tools(self, token: str, candidates: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
         ps = self._policy

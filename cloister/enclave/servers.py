@@ -32,10 +32,11 @@ from typing import Any
 
 from cloister.enclave.bundle import Identity, ServerSpec
 from cloister.enclave.server_identity import check_checksum, check_nitro, check_tls
-from cloister.verify.attestation import AttestationPolicy, TrustRoot
+from cloister.verify.attestation import AttestationPolicy, TrustRoot, verify_attestation
 from cloister.verify.canonical import parse_json
 from cloister.verify.entries import ServerEntry, bounded
 from cloister.verify.errors import DecodeError, VerificationError
+from cloister.verify.response_sig import parse_upstream_binding
 from cloister.verify.tools import tool_definition_hash
 
 CHALLENGE_TTL_MS = 120_000
@@ -56,6 +57,8 @@ class _State:
     drift: dict[str, str] = field(default_factory=dict)  # tool -> description of the drift
     logged: tuple[str, str, str] | None = None  # (kind, status, detail) of the last identity entry
     unlogged: int = 0  # restricting changes applied without an entry (budget spent) since the last one
+    # The response key the verified nitro attestation bound (decision 0017); None otherwise.
+    response_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,17 @@ class ServerRegistry:
     def _fresh(st: _State, now_ms: int) -> bool:
         return st.verified_ms is not None and now_ms - st.verified_ms <= st.identity.reattest_s * 1000
 
+    def response_key(self, spec: ServerSpec) -> tuple[bool, bytes | None]:
+        """Whether this server's responses must be signed (its identity is nitro), and the key its
+        verified attestation bound: b"" if it bound none (no signature can verify), None if it is
+        not verified now (unknown)."""
+        if spec.identity.kind != "nitro":
+            return False, None
+        st = self._states.get(spec.name)
+        if st is None or st.identity != spec.identity or st.verified_ms is None:
+            return True, None
+        return True, st.response_key or b""
+
     def refusal(self, spec: ServerSpec, tool: str, now_ms: int) -> str | None:
         """Why a call to this server/tool must be refused now, or None."""
         st = self._states.get(spec.name)
@@ -142,7 +156,7 @@ class ServerRegistry:
         entries: list[ServerEntry] = []
         status, detail = "tools-only", ""
         if evidence:
-            status, detail, evidence_hash = self._verify(
+            status, detail, evidence_hash, key = self._verify(
                 spec,
                 st,
                 now_ms=now_ms,
@@ -154,7 +168,9 @@ class ServerRegistry:
                 failure=failure,
             )
             st.challenge = None
-            status, detail, entry = self._apply_identity(spec, st, status, detail, evidence_hash, now_ms, room=room)
+            status, detail, entry = self._apply_identity(
+                spec, st, (status, detail, evidence_hash, key), now_ms, room=room
+            )
             entries.extend(entry)
         if tools_json:
             entries.extend(self._tools(spec, st, tools_json, now_ms, room=room))
@@ -182,8 +198,8 @@ class ServerRegistry:
         artifact: bytes,
         certificates: list[bytes],
         failure: str,
-    ) -> tuple[str, str, bytes | None]:
-        """Check the evidence: (status, detail, evidence hash). Changes nothing."""
+    ) -> tuple[str, str, bytes | None, bytes | None]:
+        """Check the evidence: (status, detail, evidence hash, response key). Changes nothing."""
         kind = spec.identity.kind
         try:
             if failure:
@@ -201,27 +217,31 @@ class ServerRegistry:
                     nonce=challenge[0],
                     allow_debug=allow_debug,
                 )
-                return ("verified", *check_nitro(attestation, policy))
+                detail, digest = check_nitro(attestation, policy)
+                key, key_detail = _response_key(attestation, policy)
+                return "verified", f"{detail}; {key_detail}", digest, key
             if kind == "checksum":
-                return ("verified", *check_checksum(artifact, sha256_hex=spec.identity.sha256))
+                return ("verified", *check_checksum(artifact, sha256_hex=spec.identity.sha256), None)
             if kind == "tls":
-                return ("verified", *check_tls(certificates, spki_sha256_hex=spec.identity.spki_sha256))
-            return "verified", "no identity required", None
+                return ("verified", *check_tls(certificates, spki_sha256_hex=spec.identity.spki_sha256), None)
+            return "verified", "no identity required", None, None
         except (VerificationError, DecodeError) as exc:
-            return "failed", bounded(str(exc), 1000), None
+            return "failed", bounded(str(exc), 1000), None, None
 
     @staticmethod
     def _apply_identity(
         spec: ServerSpec,
         st: _State,
-        status: str,
-        detail: str,
-        evidence_hash: bytes | None,
+        verified: tuple[str, str, bytes | None, bytes | None],
         now_ms: int,
         *,
         room: bool,
     ) -> tuple[str, str, list[ServerEntry]]:
-        """Apply a verification's result; the entry to log, if it is a change and may be logged."""
+        """Apply a verification's result (status, detail, evidence hash, response key); the entry
+        to log, if it is a change and may be logged. The detail names the response key, so a new
+        key is a change that is logged before outcomes are checked against it."""
+        status, detail, evidence_hash, response_key = verified
+        st.response_key = response_key if status == "verified" else None
         key = (spec.identity.kind, status, detail)
         if status == "verified" and key == st.logged and st.verified_ms is not None:
             st.verified_ms, st.detail = now_ms, detail  # the same identity, proven again: a refresh
@@ -231,7 +251,7 @@ class ServerRegistry:
                 f"verified, but not applied: reports of this server were logged {MAX_LOGGING_REPORTS} times "
                 "in the last minute; it stays quarantined until its next report"
             )
-            st.verified_ms, st.detail = None, why
+            st.verified_ms, st.detail, st.response_key = None, why, None
             return "failed", why, []
         if status == "verified":
             st.verified_ms, st.detail = now_ms, detail
@@ -251,6 +271,7 @@ class ServerRegistry:
             detail=detail,
             evidence_sha256=evidence_hash,
             extra=_take_unlogged(st),
+            response_key=st.response_key,
         )
         return status, detail, [entry]
 
@@ -307,6 +328,18 @@ class ServerRegistry:
 
     def levels(self, specs: Mapping[str, ServerSpec], now_ms: int) -> dict[str, str]:
         return {name: self.level(spec, now_ms) for name, spec in specs.items()}
+
+
+def _response_key(document: bytes, policy: AttestationPolicy) -> tuple[bytes | None, str]:
+    """The response key the (already verified) document's user_data binds, and how the detail says
+    it. A document that binds none still proves the server's identity; its outcomes will show
+    "missing" signatures. Verified a second time here to read user_data, which check_nitro does
+    not return: reports are rare (at most MAX_LOGGING_REPORTS a minute per server log anything)."""
+    try:
+        key = parse_upstream_binding(verify_attestation(document, policy).user_data).response_key
+    except DecodeError as exc:
+        return None, bounded(f"no response key bound ({exc}): its results cannot be signed", 300)
+    return key, f"response key {key.hex()}"
 
 
 def _take_unlogged(st: _State) -> dict[str, str]:

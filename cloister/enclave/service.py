@@ -156,6 +156,7 @@ class EnclaveService(pb_grpc.EnclaveServicer):
                 duration_us=request.duration_us,
                 paid_amount=request.paid_amount,
                 persisted_size=request.persisted_size,
+                response_sig=request.response_sig,
             )
             return pb.OutcomeResponse(log_index=a.first_index, log=_log_append(a))
 

@@ -41,12 +41,13 @@ from cloister.relay.codes import (
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import UpstreamError, Upstreams
-from cloister.verify.canonical import canonical_sha256
+from cloister.verify.errors import DecodeError
 from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY, GrantError, read_grant
 from cloister.verify.key_evidence import DECISION_EVIDENCE_META_KEY, KEY_EVIDENCE_META_KEY
+from cloister.verify.response_sig import MAX_SIG_TEXT, result_sha256, signature_from_meta, without_signature
 from cloister.verify.x402 import MAX_PAYMENT_BYTES
 from cloister.wire import enclave_pb2 as pb
-from cloister.wire.contract import LOG_META_KEY, TOOL_SEPARATOR, X402_META_KEY
+from cloister.wire.contract import LOG_META_KEY, RESPONSE_SIG_META_KEY, TOOL_SEPARATOR, X402_META_KEY
 
 log = logging.getLogger("cloister.relay")
 OUTCOME_RECORD_TIMEOUT_S = 10.0  # how long recording an outcome may hold a cancelled call (or shutdown)
@@ -366,10 +367,13 @@ class CallPath:
     ) -> pb.OutcomeResponse:
         result_body = b""
         result_hash = b""
+        signature = b""
         if result is not None:
             result_value = result.model_dump(mode="json", by_alias=True, exclude_none=True)
-            result_hash = canonical_sha256(result_value)
-            result_body = _compact_json(result_value)
+            signature = _response_signature(result_value)
+            # The hash the upstream signed (decision 0017); the body stored is what it covers.
+            result_hash = result_sha256(result_value)
+            result_body = _compact_json(without_signature(result_value))
         try:
             outcome = await self.state.enclave.record_outcome(
                 pb.OutcomeRequest(
@@ -379,6 +383,7 @@ class CallPath:
                     duration_us=duration_us,
                     persisted_size=self.state.writer.persisted_size,
                     paid_amount=paid,
+                    response_sig=signature,
                 )
             )
         except (EnclaveUnavailable, EnclaveRefused) as exc:
@@ -401,6 +406,17 @@ class CallPath:
                 f"the log could not be persisted; nothing was forwarded: {exc}",
                 data={SOURCE: FROM_CLOISTER},
             ) from exc
+
+
+def _response_signature(result_value: dict[str, Any]) -> bytes:
+    """The upstream's response signature, as the enclave should judge it: the 64 bytes when
+    well-formed; a malformed value goes as its text (bounded), which the enclave records as an
+    invalid signature rather than a missing one; empty when there is none."""
+    try:
+        return signature_from_meta(result_value.get("_meta")) or b""
+    except DecodeError:
+        raw = (result_value.get("_meta") or {}).get(RESPONSE_SIG_META_KEY)
+        return str(raw)[:MAX_SIG_TEXT].encode("utf-8", "replace") or b"?"
 
 
 def _answer(

@@ -14,6 +14,12 @@ PCRs. The grant must name this server, this tool, exactly these arguments and ex
 payment the call carries (or none), and this upstream instance; it must be unexpired, and it is
 honoured once per nonce store. Anything else is refused with JSON-RPC error GRANT_REFUSED.
 
+An attested server also signs what it answers (docs/decisions/0017-signed-outcomes.md):
+`serve_attestation(mcp, nsm, guard=guard)` makes a response key, binds it in the server's
+attestation and hands it to the guard, which then signs every tools/call result it let through
+over the grant's nonce and the result's hash (`cloister.verify.response_sig`), in the result's
+`_meta`. The enclave checks that signature when it logs the call's outcome.
+
 What single use means, exactly:
 
 - `instance`: the id the policy bundle gives this upstream (`instance = "..."` under its
@@ -80,6 +86,7 @@ from cloister.verify.key_evidence import (
     verify_decision_evidence,
     verify_key_evidence,
 )
+from cloister.verify.response_sig import RESPONSE_SIG_META_KEY, result_sha256, sign_response, without_signature
 from cloister.verify.x402 import X402_META_KEY
 
 __all__ = ["GRANT_REFUSED", "FileNonceStore", "GrantGuard", "MemoryNonceStore", "NonceStore", "WitnessedLogPolicy"]
@@ -127,14 +134,41 @@ class GrantGuard:
         self._replay = ReplayGuard(nonces if nonces is not None else MemoryNonceStore())
         self._keys: OrderedDict[bytes, tuple[dict[bytes, ed25519.Ed25519PublicKey], datetime]] = OrderedDict()
         self._lock = threading.Lock()
+        self._response_key: ed25519.Ed25519PrivateKey | None = None
 
     async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-        if ctx.method == "tools/call":
-            self.check(dict(ctx.params or {}))
-        return await call_next(ctx)
+        if ctx.method != "tools/call":
+            return await call_next(ctx)
+        claims = self.check(dict(ctx.params or {}))
+        return self.sign(await call_next(ctx), claims)
 
-    def check(self, params: Mapping[str, Any]) -> None:
-        """Verify the grant carried by a tools/call's params, or raise MCPError(GRANT_REFUSED)."""
+    # ---- response signatures (decision 0017) -------------------------------------------------
+
+    def sign_responses(self, key: ed25519.Ed25519PrivateKey) -> None:
+        """Sign every tools/call result from now on with `key` (the one the attestation binds)."""
+        self._response_key = key
+
+    def sign(self, result: HandlerResult, claims: GrantClaims) -> HandlerResult:
+        """The result with this server's signature over the grant's nonce and the result's hash in
+        its `_meta` (unchanged without a response key). A signature the tool itself put there is
+        replaced: only the guard signs, and only for a grant it verified."""
+        key = self._response_key
+        if key is None:
+            return result
+        if result is None or isinstance(result, dict):
+            value = without_signature(result or {})
+        else:  # a typed result (a middleware inside this one returned a model): its wire form
+            value = without_signature(result.model_dump(by_alias=True, mode="json", exclude_none=True))
+        sig = sign_response(key, claims.nonce, result_sha256(value))
+        meta = value.get("_meta")
+        value["_meta"] = {
+            **(meta if isinstance(meta, Mapping) else {}),
+            RESPONSE_SIG_META_KEY: base64.b64encode(sig).decode(),
+        }
+        return value
+
+    def check(self, params: Mapping[str, Any]) -> GrantClaims:
+        """Verify the grant carried by a tools/call's params (its claims), or raise MCPError(GRANT_REFUSED)."""
         now = self._clock()
         meta = params.get("_meta") or {}
         name = params.get("name")
@@ -165,6 +199,7 @@ class GrantGuard:
             log.warning("refused tools/call %r: %s: %s", name, exc.reason, exc)
             raise MCPError(GRANT_REFUSED, f"grant refused ({exc.reason}): {exc}", data={"reason": exc.reason}) from exc
         log.info("accepted tools/call %r: grant for log entry %d, agent %r", name, claims.log_index, claims.agent)
+        return claims
 
     def _enclave_keys(self, document: bytes, now: datetime) -> dict[bytes, ed25519.Ed25519PublicKey]:
         digest = hashlib.sha256(document).digest()

@@ -239,6 +239,14 @@ def _check_fields(entry: Any) -> None:
         f.check(getattr(entry, name))
 
 
+def _put_present(m: dict[str, Any], **fields: Any) -> None:
+    """Add the fields that are not None: fields added after entries were first written are
+    absent (not null) when unset, so older entries keep their one encoding and still parse."""
+    for key, value in fields.items():
+        if value is not None:
+            m[key] = value
+
+
 def _from_map(cls: Any, m: Mapping[str, Any]) -> Any:
     """The entry `m` holds, lists as tuples and maps copied. The constructor (`__post_init__`)
     checks every field against the table, once."""
@@ -273,6 +281,9 @@ DECISION_FIELDS: dict[str, Field] = {
     "charges": Field("charges", "text_map", 64),
     "mode": Field("mode", "text", choices=("enforce", "log-only")),
 }
+# An outcome's `response`: cloister.verify.response_sig.ResponseStatus's values (kept here as text
+# so that this module, the one parser, imports nothing of the signature code).
+RESPONSE_STATUSES = ("verified", "invalid", "missing", "no-result", "unchecked", "not-required")
 OUTCOME_FIELDS: dict[str, Field] = {
     "time_ms": Field("time", "uint"),
     "decision_index": Field("decision", "uint"),
@@ -280,6 +291,10 @@ OUTCOME_FIELDS: dict[str, Field] = {
     "error": Field("error", "text", 4096),
     "duration_us": Field("duration_us", "uint"),
     "paid": Field("paid", "text"),
+    # The upstream's response signature (decision 0017): absent from entries written before it.
+    "response": Field("response", "text", optional=True, choices=RESPONSE_STATUSES),
+    "response_sig": Field("rsig", "bytes", size=64, optional=True),
+    "response_key": Field("rkey", "bytes", size=32, optional=True),
 }
 KEY_FIELDS: dict[str, Field] = {
     "time_ms": Field("time", "uint"),
@@ -305,6 +320,8 @@ SERVER_FIELDS: dict[str, Field] = {
     "detail": Field("detail", "text", 4096),
     "evidence_sha256": Field("evidence", "bytes", size=32, optional=True),
     "extra": Field("extra", "text_map", 64),
+    # A verified nitro server's response key (decision 0017); absent otherwise and before it.
+    "response_key": Field("rkey", "bytes", size=32, optional=True),
 }
 DENIALS_FIELDS: dict[str, Field] = {
     "time_ms": Field("time", "uint"),
@@ -395,12 +412,24 @@ class OutcomeEntry:
     error: str
     duration_us: int
     paid: str = ""
+    # Decision 0017: the enclave's verdict on the upstream's response signature, the signature
+    # (when one was carried and well-formed) and the key it was checked against. Each is left out
+    # of the encoding when None, so entries written before these fields still parse.
+    response: str | None = None
+    response_sig: bytes | None = None
+    response_key: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if self.response is None and (self.response_sig is not None or self.response_key is not None):
+            raise DecodeError("outcome entry: a response signature or key without a response status")
+        if self.response == "verified" and (
+            self.response_sig is None or self.response_key is None or self.result_sha256 is None
+        ):
+            raise DecodeError("outcome entry: a verified response must carry its result hash, signature and key")
 
     def to_map(self) -> dict[str, Any]:
-        return {
+        m: dict[str, Any] = {
             "t": self.TYPE,
             "v": VERSION,
             "time": self.time_ms,
@@ -410,6 +439,8 @@ class OutcomeEntry:
             "duration_us": self.duration_us,
             "paid": self.paid,
         }
+        _put_present(m, response=self.response, rsig=self.response_sig, rkey=self.response_key)
+        return m
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> OutcomeEntry:
@@ -501,12 +532,13 @@ class ServerEntry:
     detail: str
     evidence_sha256: bytes | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    response_key: bytes | None = None  # left out of the encoding when None (decision 0017)
 
     def __post_init__(self) -> None:
         _check_fields(self)
 
     def to_map(self) -> dict[str, Any]:
-        return {
+        m: dict[str, Any] = {
             "t": self.TYPE,
             "v": VERSION,
             "time": self.time_ms,
@@ -517,6 +549,8 @@ class ServerEntry:
             "evidence": self.evidence_sha256,
             "extra": dict(self.extra),
         }
+        _put_present(m, rkey=self.response_key)
+        return m
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> ServerEntry:

@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Final
 
 from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY
+from cloister.verify.response_sig import RESPONSE_SIG_META_KEY
 from cloister.verify.x402 import X402_META_KEY
 
 # gRPC message-size cap, both directions, both sides (a resume's history and a bundle fit).
@@ -19,8 +20,9 @@ MAX_MESSAGE_BYTES: Final = 16 << 20
 TOOL_SEPARATOR: Final = "___"
 
 # Keys in an MCP request's or response's params._meta. The grant's and the upstream attestation's
-# are part of the grant format that upstreams read (`cloister.verify.grant`), and the x402 payment's
-# (`cloister.verify.x402`: the x402 MCP transport's payment payload) too; re-exported here.
+# are part of the grant format that upstreams read (`cloister.verify.grant`), the x402 payment's
+# (`cloister.verify.x402`: the x402 MCP transport's payment payload) and an attested upstream's
+# response signature in a result's _meta (`cloister.verify.response_sig`) too; re-exported here.
 LOG_META_KEY: Final = "dev.cloister/log"  # log indexes of a call's entries, relay -> agent
 
 
@@ -57,6 +59,7 @@ __all__ = [
     "MAX_LIMIT_WINDOW_S",
     "MAX_MESSAGE_BYTES",
     "POLICY_NOT_NEWER_STATUS",
+    "RESPONSE_SIG_META_KEY",
     "RESUME_HISTORY_MARGIN_S",
     "TOOL_SEPARATOR",
     "X402_META_KEY",

@@ -130,20 +130,22 @@ class FilterToolsResponse(_message.Message):
     def __init__(self, visible: _Optional[_Iterable[_Union[ToolRef, _Mapping]]] = ..., agent: _Optional[str] = ...) -> None: ...
 
 class OutcomeRequest(_message.Message):
-    __slots__ = ("decision_index", "result_sha256", "error", "duration_us", "persisted_size", "paid_amount")
+    __slots__ = ("decision_index", "result_sha256", "error", "duration_us", "persisted_size", "paid_amount", "response_sig")
     DECISION_INDEX_FIELD_NUMBER: _ClassVar[int]
     RESULT_SHA256_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DURATION_US_FIELD_NUMBER: _ClassVar[int]
     PERSISTED_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAID_AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_SIG_FIELD_NUMBER: _ClassVar[int]
     decision_index: int
     result_sha256: bytes
     error: str
     duration_us: int
     persisted_size: int
     paid_amount: str
-    def __init__(self, decision_index: _Optional[int] = ..., result_sha256: _Optional[bytes] = ..., error: _Optional[str] = ..., duration_us: _Optional[int] = ..., persisted_size: _Optional[int] = ..., paid_amount: _Optional[str] = ...) -> None: ...
+    response_sig: bytes
+    def __init__(self, decision_index: _Optional[int] = ..., result_sha256: _Optional[bytes] = ..., error: _Optional[str] = ..., duration_us: _Optional[int] = ..., persisted_size: _Optional[int] = ..., paid_amount: _Optional[str] = ..., response_sig: _Optional[bytes] = ...) -> None: ...
 
 class OutcomeResponse(_message.Message):
     __slots__ = ("log_index", "log")

@@ -30,7 +30,7 @@ def _agrees(t: Template, data: bytes) -> None:
         assert isinstance(entry, OutcomeEntry) and isinstance(t.info, OutcomeInfo)
         index = int.from_bytes(m.group(t.decision_group), "big") if t.decision_group else t.decision_const
         assert index == entry.decision_index
-        assert t.info == OutcomeInfo(error=bool(entry.error), paid=bool(entry.paid))
+        assert t.info == OutcomeInfo.of(entry)
     else:
         assert isinstance(entry, DecisionEntry) and isinstance(t.info, DecisionInfo)
         i = t.info

@@ -26,6 +26,9 @@ def test_demo_passes(tmp_path: Path) -> None:
     assert "entries proven against the attested checkpoint" in text
     assert "refunds   nitro verified" in text and "refunds   nitro failed" in text  # redeployed code: quarantined
     assert "replay verified: every entry decodes, the tree matches the signed checkpoint" in text
+    # The attested refunds server signed every result; the replay checked each signature again.
+    signatures = next(line for line in text.splitlines() if "upstream response signatures:" in line)
+    assert " verified (" in signatures and "missing" not in signatures and "invalid" not in signatures, signatures
     assert "Everything behaved as the scenario says" in text
     # Every process `cloister up` started has stopped.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

@@ -71,6 +71,18 @@ SAMPLES: list[Entry] = [
     ),
     OutcomeEntry(time_ms=2, decision_index=7, result_sha256=b"\x04" * 32, error="", duration_us=1200),
     OutcomeEntry(time_ms=2, decision_index=7, result_sha256=None, error="timeout after 30s", duration_us=30_000_000),
+    # Decision 0017: a signed response, checked; and an unsigned one from a server that must sign.
+    OutcomeEntry(
+        time_ms=2,
+        decision_index=7,
+        result_sha256=b"\x04" * 32,
+        error="",
+        duration_us=1200,
+        response="verified",
+        response_sig=b"\x0a" * 64,
+        response_key=b"\x0b" * 32,
+    ),
+    OutcomeEntry(time_ms=2, decision_index=7, result_sha256=b"\x04" * 32, error="", duration_us=9, response="missing"),
     KeyEntry(time_ms=3, attestation=b"doc", log_key=b"\x05" * 32, grant_key=b"\x06" * 32, log_vkey="x+1+AQ"),
     KeyEntry(
         time_ms=3,
@@ -91,6 +103,7 @@ SAMPLES: list[Entry] = [
         evidence_sha256=b"\x09" * 32,
         extra={"pcr0": "ab"},
     ),
+    ServerEntry(time_ms=5, server="refunds", kind="nitro", status="verified", detail="ok", response_key=b"\x0c" * 32),
     DenialsEntry(
         time_ms=9,
         first_ms=6,
@@ -107,6 +120,21 @@ def test_round_trip(entry: object) -> None:
     data = encode_entry(entry)  # type: ignore[arg-type]
     assert parse_entry(data) == entry
     assert encode_entry(parse_entry(data)) == data
+
+
+def test_fields_added_later_are_absent_not_null() -> None:
+    """Decision 0017's fields are left out when unset, so an outcome or server entry written before
+    them has the same bytes now; a null in their place is a second encoding, refused."""
+    old = cast(OutcomeEntry, SAMPLES[2])
+    m = cbor2.loads(encode_entry(old))
+    assert not {"response", "rsig", "rkey"} & set(m)
+    for key in ("response", "rsig", "rkey"):
+        with pytest.raises(DecodeError, match="unexpected fields"):
+            parse_entry(dumps_deterministic({**m, key: None}))
+    server = cbor2.loads(encode_entry(SAMPLES[9]))
+    assert "rkey" not in server
+    with pytest.raises(DecodeError, match="unexpected fields"):
+        parse_entry(dumps_deterministic({**server, "rkey": None}))
 
 
 def test_non_deterministic_encoding_refused() -> None:
@@ -169,7 +197,7 @@ def _too_much(f: Field) -> list[object]:
     if f.kind == "uint":
         return [-1, True, "1", None] if not f.optional else [-1, True, "1"]
     if f.kind == "text":
-        return ["x" * (f.max_len + 1), "\ud800", 1, None, *(["bogus"] if f.choices else [])]
+        return ["x" * (f.max_len + 1), "\ud800", 1, *([] if f.optional else [None]), *(["bogus"] if f.choices else [])]
     if f.kind == "bytes":
         wrong = [b"\x00" * (f.size + 1)] if f.size is not None else [b"\x00" * (f.max_len + 1)]
         return [*wrong, "text", *([] if f.optional else [None])]
@@ -222,7 +250,10 @@ def test_what_the_parser_refuses_cannot_be_constructed(entry: Entry, name: str, 
             lambda: dataclasses.replace(cast(DecisionEntry, SAMPLES[1]), grant_nonce=b"\x00" * 16, grant_expiry_ms=5),
             "enforced deny cannot",
         ),
-        (lambda: dataclasses.replace(cast(KeyEntry, SAMPLES[4]), previous_size=3), "prev_size and prev_root"),
+        (lambda: dataclasses.replace(cast(KeyEntry, SAMPLES[6]), previous_size=3), "prev_size and prev_root"),
+        (lambda: dataclasses.replace(cast(OutcomeEntry, SAMPLES[4]), response=None), "without a response status"),
+        (lambda: dataclasses.replace(cast(OutcomeEntry, SAMPLES[4]), response_key=None), "verified response must"),
+        (lambda: dataclasses.replace(cast(OutcomeEntry, SAMPLES[4]), result_sha256=None), "verified response must"),
         (lambda: dataclasses.replace(cast(DenialsEntry, SAMPLES[-1]), count=6), "add up to a positive count"),
         (lambda: dataclasses.replace(cast(DenialsEntry, SAMPLES[-1]), last_ms=10), "first <= last <= time"),
     ],

@@ -8,7 +8,8 @@ single-use grant for this instance (`--instance`, the example bundle's `refunds-
 enclave whose attestation verifies (see cloister.upstream.guard). Replicas on one host that share
 `--instance` share `--nonces DIR`, so each grant is honoured once among them. With
 --mock-nsm it also runs "in an enclave": it presents an attestation (cloister.attested_server)
-whose PCR0 measures this file and the Cloister code it runs, so changing its code changes PCR0.
+whose PCR0 measures this file and the Cloister code it runs, so changing its code changes PCR0,
+and signs every result it returns with the response key that attestation binds (decision 0017).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mcp.server.mcpserver import MCPServer
 from cloister.upstream.guard import FileNonceStore, GrantGuard
 from cloister.verify.attestation import TrustRoot
 
-MEASURED = ("guard.py", "attested_server.py")  # in cloister/upstream/
+MEASURED = ("upstream/guard.py", "upstream/attested_server.py", "verify/response_sig.py")  # in cloister/
 
 CUSTOMERS: dict[str, dict[str, Any]] = {
     "cus_1001": {"name": "Ada Lovelace", "email": "ada@example.com", "country": "GB", "tier": "gold"},
@@ -87,7 +88,7 @@ def measured_files(script: Path) -> list[Path]:
     """The code a mock PCR0 of this server covers: the script that runs and the guard it uses."""
     import cloister
 
-    package = Path(cloister.__file__).resolve().parent / "upstream"
+    package = Path(cloister.__file__).resolve().parent
     return [script.resolve(), *(package / name for name in MEASURED)]
 
 
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pcr0 = expected_pcr0(Path(sys.modules["__main__"].__file__ or __file__))
         logging.getLogger("refunds").info("mock enclave: PCR0 %s", pcr0.hex())
-        serve_attestation(server, MockNsm(args.mock_nsm, {0: pcr0}))
+        serve_attestation(server, MockNsm(args.mock_nsm, {0: pcr0}), guard=guard)
     server.run("streamable-http", host=args.host, port=args.port)
     return 0
 
