@@ -25,7 +25,7 @@ from cloister.verify.merkle import consistency_proof, leaf_hash, node_hash
 from cloister.verify.note import Ed25519NoteVerifier, Note, NoteSignature, format_note, parse_note
 from cloister.witness.protocol import Witness
 from cloister.witness.state import WitnessState, init_state
-from tests.enclave.test_resume import material
+from tests.enclave.test_resume import material, spend
 from tests.world import ORIGIN, World, make_world
 
 
@@ -79,19 +79,6 @@ def _body(old: int, size: int, nodes, note: bytes) -> bytes:  # type: ignore[no-
     old = min(old, size)
     proof = consistency_proof(old, size, nodes) if 0 < old < size else []
     return b"old %d\n" % old + b"".join(base64.b64encode(h) + b"\n" for h in proof) + b"\n" + note
-
-
-def spend(w: World, core: EnclaveCore, amount: int) -> bool:
-    v = core.authorize(
-        token=w.token("refund-bot", ["refund-agent"]),
-        server="refunds",
-        tool="refund.create",
-        arguments_json=json.dumps({"customer_id": "c", "amount": amount}).encode(),
-        request_id="",
-        persisted_size=len(w.log),
-    )
-    w.persist(v.log)
-    return v.allowed
 
 
 def witnessed_world(tmp: Path, **settings: object) -> tuple[World, Witnesses]:
