@@ -304,6 +304,9 @@ def verify_resume(
 ) -> ResumePoint:
     """Steps 1-8 over `chunks` ((first index, entries), in order), consumed as they come."""
     verifier = ResumeVerifier(config=config, own_pcr0=own_pcr0, start=start, now_ms=now_ms, max_open=max_open)
-    for first, entries in chunks:
-        verifier.feed(first, entries)
+    try:
+        for first, entries in chunks:
+            verifier.feed(first, entries)
+    except DecodeError as exc:  # a malformed chunk message
+        raise _refuse(exc) from exc
     return verifier.finish()
