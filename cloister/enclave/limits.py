@@ -333,9 +333,7 @@ class LimitBook:
         # Every charge, x402 payments included, is recorded on the decision that made it.
         for c in charges:
             recent = {
-                k: v
-                for k, v in c.charges
-                if k in self._by_id and c.time_ms > now_ms - self._by_id[k].window_s * 1000
+                k: v for k, v in c.charges if k in self._by_id and c.time_ms > now_ms - self._by_id[k].window_s * 1000
             }
             self.charge(c.agent, c.server, c.tool, recent, c.time_ms)
 
