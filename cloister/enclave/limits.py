@@ -361,8 +361,9 @@ class LimitBook:
             if w.events:
                 self._windows[(limit_id, key)] = w
 
-    def window_totals(self) -> dict[tuple[str, str], Decimal]:
-        """What each window holds now (tests and the bench compare books with it)."""
+    def window_totals(self, now_ms: int) -> dict[tuple[str, str], Decimal]:
+        """What each window holds at `now_ms` (tests and the bench compare books with it)."""
+        self._drop_expired(now_ms)
         return {k: w.total for k, w in self._windows.items() if w.total}
 
     def x402_limits(self, agent: str, server: str, tool: str) -> list[str]:
