@@ -4,8 +4,10 @@ For each size, a log is built in-process (tests/enclave/fastlog.py: the real lim
 encoder, sequencer and the enclave's own snapshot writing, without token/Cedar/grant signing),
 then a fresh enclave resumes it as the relay would: from the newest complete snapshot, with the
 entries after it streamed in chunks (`EnclaveCore.resume_log_chunks`), then loads the bundle.
-Measured: the resume's wall time, the peak of the memory it allocated (tracemalloc), the
-entries and bytes streamed, and whether the rebuilt budgets equal the live ones.
+Each log ends just before its next snapshot is due: the most a resume reads. Measured (after a
+warm-up resume, so imports are not counted): the resume's wall time (untraced), the peak of the
+memory it allocated (tracemalloc, on a second resume), the entries and bytes streamed, and
+whether the rebuilt budgets equal the live ones.
 
 `--legacy` adds the same resume without snapshots (history from the start of the window), for
 the smaller sizes: what a log written before snapshots costs.
@@ -42,9 +44,17 @@ def build(calls: int, work: Path, *, snapshots: bool) -> tuple[Any, TailLog, flo
     # Keep what a resume reads: a few intervals after the newest snapshot, or (legacy) it all.
     log = from_world(w, 3 * interval if snapshots else 4 * calls + 10)
     t0 = time.perf_counter()
+    n = 0
     for n in range(calls):
         w.clock.advance(STEP_MS / 1000)
         fast_call(w.core, log, w.clock(), 1 + n % 7, n)
+    if snapshots:
+        # The worst case: stop just before the next snapshot is due, so a resume reads a whole
+        # interval after the newest one (otherwise how much it reads depends on where N falls).
+        while log.size - w.core._snapshot_at < interval - 2:
+            n += 1
+            w.clock.advance(STEP_MS / 1000)
+            fast_call(w.core, log, w.clock(), 1 + n % 7, n)
     seal(w.core, log)
     return w, log, time.perf_counter() - t0
 
@@ -57,13 +67,18 @@ def resume(w: Any, log: TailLog, *, snapshots: bool) -> dict[str, Any]:
     chunks = list(log.chunks(s))
     streamed = sum(len(e) for _, es in chunks for e in es)
     bundle = w.sign_bundle(1, not_after=int(EPOCH.timestamp()) + BUNDLE_VALIDITY_S)
+    # Timed without tracing; then again on another fresh enclave, traced, for the memory.
     fresh = w.new_core()
     gc.collect()
-    tracemalloc.start()
     t0 = time.perf_counter()
     fresh.resume_log_chunks(start, iter(chunks))
     fresh.load_policy(bundle)
     elapsed = time.perf_counter() - t0
+    traced = w.new_core()
+    gc.collect()
+    tracemalloc.start()
+    traced.resume_log_chunks(start, iter(chunks))
+    traced.load_policy(bundle)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     now = w.clock()
@@ -85,6 +100,8 @@ def main() -> int:
     p.add_argument("--legacy", action="store_true", help="also resume without snapshots (sizes up to 100,000)")
     args = p.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="cloister-bench-resume-") as tmp:  # warm-up: imports, caches
+        resume(*build(200, Path(tmp), snapshots=True)[:2], snapshots=True)
     print(
         f"  {'calls':>9} {'entries':>9} {'mode':9} {'streamed':>9} {'bytes':>9} {'resume':>9} {'peak mem':>9}  budgets"
     )
