@@ -36,7 +36,7 @@ from tests.world import BUNDLE_VALIDITY_S, EPOCH, make_world  # noqa: E402
 STEP_MS = 100  # ten calls a second: the example bundle's rate cap (600/min) denies some
 
 
-def build(calls: int, work: Path, *, snapshots: bool) -> tuple[Any, TailLog, float]:
+def build(calls: int, work: Path, *, snapshots: bool) -> tuple[Any, TailLog, float, int]:
     w = make_world(work)
     interval = w.core.snapshot_interval
     if not snapshots:
@@ -56,7 +56,7 @@ def build(calls: int, work: Path, *, snapshots: bool) -> tuple[Any, TailLog, flo
             w.clock.advance(STEP_MS / 1000)
             fast_call(w.core, log, w.clock(), 1 + n % 7, n)
     seal(w.core, log)
-    return w, log, time.perf_counter() - t0
+    return w, log, time.perf_counter() - t0, n + 1
 
 
 def resume(w: Any, log: TailLog, *, snapshots: bool) -> dict[str, Any]:
@@ -111,12 +111,12 @@ def main() -> int:
             if not snapshots and calls > 100_000:
                 continue
             with tempfile.TemporaryDirectory(prefix="cloister-bench-resume-") as tmp:
-                w, log, built_s = build(calls, Path(tmp), snapshots=snapshots)
+                w, log, built_s, made = build(calls, Path(tmp), snapshots=snapshots)
                 r = resume(w, log, snapshots=snapshots)
                 del w, log
                 gc.collect()
             print(
-                f"  {calls:9,} {r['entries']:9,} {'snapshot' if snapshots else 'history':9} "
+                f"  {made:9,} {r['entries']:9,} {'snapshot' if snapshots else 'history':9} "
                 f"{r['streamed_entries']:9,} {r['streamed_bytes'] / 1e6:7.1f}MB {r['resume_s'] * 1000:7.0f}ms "
                 f"{r['peak_bytes'] / 1e6:7.1f}MB  {'equal' if r['budgets_equal'] else 'DIFFER'}"
                 f"   (log built in {built_s:.0f}s)",
