@@ -50,7 +50,7 @@ from cloister.enclave.nsm import Nsm
 from cloister.enclave.policy import PolicyEngine, Principal
 from cloister.enclave.resume import MAX_CHUNK_ENTRIES, ResumePoint, ResumeStart, verify_resume
 from cloister.enclave.sealing import RecipientKey, SealedKeyMismatch, recipient_attestation, unseal_log_key
-from cloister.enclave.sequencer import Sequencer, SignedCheckpoint
+from cloister.enclave.sequencer import MAX_PENDING_BYTES, MAX_PENDING_ENTRIES, Sequencer, SignedCheckpoint
 from cloister.enclave.servers import Report, ServerRegistry
 from cloister.verify.bundle import verify_bundle
 from cloister.verify.enclave_identity import EnclaveBinding
@@ -450,7 +450,7 @@ class EnclaveCore:
         with seq.lock:
             first = seq.size
             due = first - self._snapshot_at >= self.snapshot_interval
-            if due and entries and isinstance(entries[-1], DecisionEntry):
+            if due and entries and isinstance(entries[-1], DecisionEntry) and _room_for_snapshot(seq):
                 snapshot = tuple(encode_entry(e) for e in self._snapshot_entries(first))
                 for data in snapshot:
                     seq.append(data)
@@ -837,6 +837,15 @@ def _paid_text(paid_amount: str) -> str:
     if -int(paid.as_tuple().exponent) > MAX_COST_PLACES:
         raise DecodeError(f"{what} has more than {MAX_COST_PLACES} decimal places")
     return decimal_text(paid)
+
+
+def _room_for_snapshot(seq: Sequencer) -> bool:
+    """Whether storage keeps up well enough to take a snapshot now. A snapshot appended and then
+    followed by a decision refused for back-pressure would reach the parent in no answer; with
+    the buffer at most half full, the largest snapshot (4,096 windows of at most about 3 kB) and
+    its decision fit. Otherwise the snapshot stays due, for a later decision."""
+    _, pending = seq.pending_from(0)
+    return len(pending) < MAX_PENDING_ENTRIES // 2 and sum(map(len, pending)) < MAX_PENDING_BYTES // 2
 
 
 # A snapshot part's windows, encoded, at most (the rest of MAX_ENTRY_BYTES is its header).
