@@ -102,7 +102,7 @@ def from_world(w: World, keep: int) -> TailLog:
     return log
 
 
-def fast_call(core: EnclaveCore, log: TailLog, now_ms: int, amount: int, n: int) -> bool:
+def fast_call(core: EnclaveCore, log: TailLog, now_ms: int, amount: int, n: int, *, release: bool = True) -> bool:
     """One refund call at `now_ms` and its outcome; whether the limits allowed it."""
     ps, seq = core.policy, core.sequencer
     assert ps is not None and seq is not None
@@ -137,7 +137,8 @@ def fast_call(core: EnclaveCore, log: TailLog, now_ms: int, amount: int, n: int)
             )
             _, encoded2 = core._log(seq, [outcome])
             encoded += encoded2
-        seq.release(first + len(encoded))  # as the parent acknowledges
+        if release:
+            seq.release(first + len(encoded))  # as the parent acknowledges
     log.add(first, encoded)
     return check.ok
 

@@ -282,6 +282,26 @@ def test_a_snapshot_cut_short_is_not_used(w: World) -> None:
     assert v._snapshot is not None and v._snapshot.index < s
 
 
+def test_a_snapshot_waits_while_storage_lags(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the buffer of unpersisted entries over half full, a snapshot is postponed (a decision
+    # refused for back-pressure after it would strand it); it comes once storage catches up.
+    import cloister.enclave.core as core_module
+
+    monkeypatch.setattr(core_module, "MAX_PENDING_ENTRIES", 100)
+    w.core.snapshot_interval = 20
+    log = from_world(w, 1000)
+    for n in range(60):
+        w.clock.advance(1)
+        fast_call(w.core, log, w.clock(), 1, n, release=False)
+    kinds = [type(parse_entry(log.entry(i))).__name__ for i in range(log.size)]
+    firsts = [i for i, k in enumerate(kinds) if k == "SnapshotEntry"]
+    assert firsts and max(firsts) < 50  # none once more than 50 entries wait
+    assert w.core.sequencer is not None
+    w.core.sequencer.release(log.size)  # the parent persisted everything
+    fast_call(w.core, log, w.clock(), 1, 99)
+    assert isinstance(parse_entry(log.entry(log.size - 3)), SnapshotEntry)
+
+
 def test_the_key_cap_fails_closed_with_a_clear_reason() -> None:
     from tests.enclave.test_limits import book, rate
 
