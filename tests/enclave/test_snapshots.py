@@ -10,6 +10,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cloister.enclave.core import EnclaveCore, PolicyRefused
 from cloister.enclave.limits import MAX_WINDOWS, LimitBook, bucket_ms
@@ -24,6 +26,7 @@ from cloister.verify.entries import (
 )
 from cloister.verify.errors import DecodeError
 from tests.enclave.fastlog import AGENT, SERVER, TOOL, TailLog, fast_call, from_world, seal
+from tests.enclave.test_limits import book, rate, spend
 from tests.world import BUNDLE_VALIDITY_S, EPOCH, World, make_world
 
 INTERVAL = 200
@@ -105,8 +108,6 @@ def test_a_resume_from_the_newest_snapshot_rebuilds_the_live_budgets_exactly(w: 
 
 def test_folding_never_frees_budget_early() -> None:
     # A spend cap, many small charges: the folded window may count a charge longer, never shorter.
-    from tests.enclave.test_limits import book, spend
-
     b = book(spend("money", "agent", "1000", "1h", "argument:amount"))
     exact: list[tuple[int, Decimal]] = []
     t0 = 1_700_000_000_000
@@ -303,8 +304,6 @@ def test_a_snapshot_waits_while_storage_lags(w: World, monkeypatch: pytest.Monke
 
 
 def test_the_key_cap_fails_closed_with_a_clear_reason() -> None:
-    from tests.enclave.test_limits import book, rate
-
     b: LimitBook = book(rate("calls", "agent", 5, "1m"))
     t = 1_700_000_000_000
     for i in range(MAX_WINDOWS):
@@ -361,3 +360,37 @@ def test_resume_memory_does_not_grow_with_calls(tmp_path: Path) -> None:
     big_log = build(big, 10_000)
     peak_small, peak_big = _peak_resume(small, small_log), _peak_resume(big, big_log)
     assert peak_big < 1.5 * peak_small, (peak_small, peak_big)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.integers(0, 90_000), st.integers(1, 9)), min_size=1, max_size=400),
+    snapshot_every=st.integers(1, 200),
+)
+def test_folded_and_snapshotted_windows_never_allow_what_exact_ones_deny(
+    steps: list[tuple[int, int]], snapshot_every: int
+) -> None:
+    # A spend cap of 100 per 10 minutes, many charges: the book that folds, and is snapshotted and
+    # restored along the way (as across restarts), against an exact sliding window kept here.
+    limits = spend("money", "agent", "100", "10m", "argument:amount")
+    live = book(limits)
+    window = 600_000
+    exact: list[tuple[int, int]] = []
+    t = 1_700_000_000_000
+    for i, (dt, amount) in enumerate(steps):
+        t += dt
+        held = sum(a for at, a in exact if at > t - window)
+        c = live.check("a", "s", "t", {"amount": amount}, t)
+        assert not c.ok or held + amount <= 100  # never allows past the cap
+        if c.ok:
+            live.charge("a", "s", "t", c.charges, t)
+            exact.append((t, amount))
+        if i % snapshot_every == snapshot_every - 1:
+            rows = live.snapshot(t)
+            live = book(limits)
+            live.restore(rows, t)
+        # Bounded: folded windows hold at most 2 x SNAPSHOT_BUCKETS charges.
+        assert all(len(w.events) < 2 * SNAPSHOT_BUCKETS for w in live._windows.values())
+        # Counted at most one bucket longer than the exact window would count it.
+        late = sum(a for at, a in exact if t - window - bucket_ms(600) < at)
+        assert held <= sum(live.window_totals(t).values()) <= late or not exact
