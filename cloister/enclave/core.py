@@ -474,7 +474,7 @@ class EnclaveCore:
         size = 0
         for row in rows:
             # Each row is encoded alone to size it; a part stays well under MAX_ENTRY_BYTES.
-            n = len(encode_row(row))
+            n = len(_encode_row(row))
             if parts[-1] and size + n > _SNAPSHOT_PART_BYTES:
                 parts.append([])
                 size = 0
@@ -852,7 +852,7 @@ def _room_for_snapshot(seq: Sequencer) -> bool:
 _SNAPSHOT_PART_BYTES = MAX_ENTRY_BYTES - 1024
 
 
-def encode_row(row: SnapshotWindow) -> bytes:
+def _encode_row(row: SnapshotWindow) -> bytes:
     lid, key, buckets = row
     return dumps_deterministic([lid, key, [[t, a] for t, a in buckets]])
 
