@@ -33,12 +33,18 @@ INTERVAL = 200
 STEP_MS = 100  # 600 calls a minute: the example bundle's rate cap, so some calls are denied
 
 
-def build(w: World, calls: int, *, interval: int = INTERVAL, keep: int = 5 * INTERVAL) -> TailLog:
+def build(
+    w: World, calls: int, *, interval: int = INTERVAL, keep: int = 5 * INTERVAL, full_tail: bool = False
+) -> TailLog:
+    """`calls` calls; with `full_tail`, more until the next snapshot is nearly due (the longest
+    tail a resume reads)."""
     w.core.snapshot_interval = interval
     log = from_world(w, keep)
-    for n in range(calls):
+    n = 0
+    while n < calls or (full_tail and log.size - w.core._snapshot_at < interval - 2):
         w.clock.advance(STEP_MS / 1000)
         fast_call(w.core, log, w.clock(), 1 + n % 7, n)
+        n += 1
     seal(w.core, log)
     return log
 
@@ -353,13 +359,20 @@ def _peak_resume(w: World, log: TailLog) -> int:
         tracemalloc.stop()
 
 
-def test_resume_memory_does_not_grow_with_calls(tmp_path: Path) -> None:
-    small = make_world(tmp_path / "small")
-    big = make_world(tmp_path / "big")
-    small_log = build(small, 1000)
-    big_log = build(big, 10_000)
+def test_resume_after_50k_calls_is_as_small_as_after_2k(tmp_path: Path) -> None:
+    # Several snapshots either way; both logs end with the longest tail a resume reads.
+    small, big = make_world(tmp_path / "small"), make_world(tmp_path / "big")
+    small_log = build(small, 2_000, interval=1_000, keep=3_000, full_tail=True)
+    big_log = build(big, 50_000, interval=1_000, keep=3_000, full_tail=True)
+    assert big_log.size > 20 * small_log.size // 2
+    for log in (small_log, big_log):
+        s = log.snapshot_start()
+        assert s is not None and 990 <= log.size - s <= 1_000
     peak_small, peak_big = _peak_resume(small, small_log), _peak_resume(big, big_log)
-    assert peak_big < 1.5 * peak_small, (peak_small, peak_big)
+    assert peak_big < 1.2 * peak_small, (peak_small, peak_big)
+    # And the budgets came back as they were.
+    fresh = resumed(big, big_log)
+    assert totals(fresh, big.clock()) == totals(big.core, big.clock())
 
 
 @settings(max_examples=60, deadline=None)
