@@ -15,7 +15,7 @@ A decision's deny code leaves as the proto's `DenyCode` (`DENIALS`, one table). 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -30,7 +30,7 @@ from cloister.enclave.core import (
     Verdict,
 )
 from cloister.enclave.freshness import GateStatus, Unwitnessed
-from cloister.enclave.resume import ResumeRefused
+from cloister.enclave.resume import ResumeRefused, ResumeStart
 from cloister.enclave.sequencer import Backpressure
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.jwt import TokenError
@@ -245,6 +245,29 @@ class EnclaveService(pb_grpc.EnclaveServicer):
 
         return _call(context, run)
 
+    def ResumeLog(self, requests: Iterator[pb.ResumeChunk], context: grpc.ServicerContext) -> pb.StartLogResponse:
+        def run() -> pb.StartLogResponse:
+            first = next(requests, None)
+            if first is None or not first.HasField("start"):
+                raise DecodeError("a resume must start with a chunk that carries `start`")
+            r = first.start
+            if r.entries or first.entries:
+                raise DecodeError("the first chunk of a resume carries no entries")
+            start = ResumeStart(
+                checkpoint=r.checkpoint,
+                range_size=r.range_size,
+                range_hashes=list(r.range_hashes),
+                key_entry=r.key_entry,
+                key_entry_index=r.key_entry_index,
+                key_entry_proof=list(r.key_entry_proof),
+                boundary_entry=r.boundary_entry,
+                boundary_proof=list(r.boundary_proof),
+            )
+            a = self.core.resume_log_chunks(start, _resume_chunks(requests))
+            return pb.StartLogResponse(log=_log_append(a))
+
+        return _call(context, run)
+
     def RequestKey(self, request: pb.RequestKeyRequest, context: grpc.ServicerContext) -> pb.RequestKeyResponse:
         return _call(context, lambda: pb.RequestKeyResponse(attestation_document=self.core.request_key()))
 
@@ -256,6 +279,14 @@ class EnclaveService(pb_grpc.EnclaveServicer):
             return pb.OpenSealedKeyResponse(log_public_key=public, log_verifier_key=self.core.note_signer.vkey)
 
         return _call(context, run)
+
+
+def _resume_chunks(requests: Iterator[pb.ResumeChunk]) -> Iterator[tuple[int, list[bytes]]]:
+    """The entries of a resume's later chunks, one chunk at a time (never all held)."""
+    for chunk in requests:
+        if chunk.HasField("start"):
+            raise DecodeError("only the first chunk of a resume carries `start`")
+        yield chunk.first_index, list(chunk.entries)
 
 
 def serve(core: EnclaveCore, grpc_socket: str, *, workers: int = 16) -> grpc.Server:

@@ -10,6 +10,7 @@ with an error), and the relay treats both as "no allow": it forwards nothing.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,6 +93,19 @@ class EnclaveClient:
     async def start_log(self, resume: pb.ResumeFrom | None) -> pb.StartLogResponse:
         req = pb.StartLogRequest(resume=resume) if resume is not None else pb.StartLogRequest()
         resp: pb.StartLogResponse = await self._call("StartLog", req, 60)
+        return resp
+
+    async def resume_log(
+        self, start: pb.ResumeFrom, chunks: AsyncIterator[pb.ResumeChunk], timeout: float = 600
+    ) -> pb.StartLogResponse:
+        """Resume the stored log: `start` (without entries), then the entries in `chunks`, streamed."""
+
+        async def requests() -> AsyncIterator[pb.ResumeChunk]:
+            yield pb.ResumeChunk(start=start, first_index=start.range_size)
+            async for chunk in chunks:
+                yield chunk
+
+        resp: pb.StartLogResponse = await self._call("ResumeLog", requests(), timeout)
         return resp
 
     async def request_key(self) -> bytes:

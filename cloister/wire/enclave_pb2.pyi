@@ -297,6 +297,16 @@ class StartLogResponse(_message.Message):
     log: LogAppend
     def __init__(self, log: _Optional[_Union[LogAppend, _Mapping]] = ...) -> None: ...
 
+class ResumeChunk(_message.Message):
+    __slots__ = ("start", "first_index", "entries")
+    START_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    start: ResumeFrom
+    first_index: int
+    entries: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, start: _Optional[_Union[ResumeFrom, _Mapping]] = ..., first_index: _Optional[int] = ..., entries: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class ServerChallengeRequest(_message.Message):
     __slots__ = ("server", "reconnect")
     SERVER_FIELD_NUMBER: _ClassVar[int]

@@ -787,6 +787,13 @@ class InProcessEnclave:
             "StartLog", pb.StartLogRequest(resume=resume) if resume is not None else pb.StartLogRequest()
         )
 
+    async def resume_log(self, start: Any, chunks: Any) -> Any:
+        """The streamed resume (ResumeLog): the chunks, after the start, as the servicer's iterator."""
+        from cloister.wire import enclave_pb2 as pb
+
+        requests = [pb.ResumeChunk(start=start, first_index=start.range_size)] + [c async for c in chunks]
+        return await self._call("ResumeLog", iter(requests))
+
     async def sync(self, persisted_size: int) -> Any:
         from cloister.wire import enclave_pb2 as pb
 
