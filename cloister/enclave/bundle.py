@@ -24,6 +24,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 import cedarpy
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -195,6 +196,8 @@ def read_toml(files: Mapping[str, bytes], name: str, *, required: bool) -> dict[
         raise BundleError(f"{name}: {exc}") from exc
     except RecursionError as exc:  # tomllib recurses once per nested array or inline table
         raise BundleError(f"{name}: arrays or tables nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer over Python's 4,300-digit conversion limit
+        raise BundleError(f"{name}: {_first_line(exc)}") from exc
 
 
 def _name(where: str, value: Any, pattern: re.Pattern[str] = _NAME) -> str:
@@ -223,7 +226,7 @@ def _strings(where: str, value: Any) -> list[str]:
 
 
 def _duration(where: str, text: Any) -> int:
-    m = re.fullmatch(r"(\d+)(s|m|h|d)", text) if isinstance(text, str) else None
+    m = re.fullmatch(r"(\d{1,12})(s|m|h|d)", text) if isinstance(text, str) else None
     if not m:
         raise BundleError(f"{where}: window {text!r} must look like 30s, 10m, 1h or 1d")
     seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
@@ -286,6 +289,8 @@ def _load_key(files: Mapping[str, bytes], where: str, path: Any) -> PublicKey:
         key = load_pem_public_key(files[path])
     except ValueError as exc:
         raise BundleError(f"{path}: not a PEM public key") from exc
+    except UnsupportedAlgorithm as exc:  # a well-formed key of an algorithm cryptography does not know
+        raise BundleError(f"{path}: a public key of an unsupported algorithm") from exc
     if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise BundleError(f"{path}: issuer keys must be Ed25519, P-256 or RSA")
     return key
@@ -528,6 +533,13 @@ def parse_limits(
 
 
 MAX_CEDAR_NESTING = 64  # brackets; cedarpy's parser overflows its native stack (SIGSEGV) at a few hundred
+# Chains that nest without brackets, per policy file: cedarpy crashed (SIGSEGV) on `if ... then`
+# nested about 5,000 deep (is_authorized) and on an `&&` chain of about 20,000 terms
+# (policies_to_json_str), measured with cedarpy 4.x here. Far below both, far above real policies.
+MAX_CEDAR_IFS = 256
+MAX_CEDAR_CONNECTIVES = 2048  # && and ||
+_CEDAR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_CEDAR_IF = re.compile(r"\bif\b")
 
 
 def _check_nesting(path: str, text: str) -> None:
@@ -546,6 +558,11 @@ def _check_nesting(path: str, text: str) -> None:
                 raise BundleError(f"{path}: brackets nested more than {MAX_CEDAR_NESTING} deep")
         elif c in ")]}":
             depth -= 1
+    code = _CEDAR_STRING.sub('""', text)  # keywords and operators inside string literals do not count
+    if len(_CEDAR_IF.findall(code)) > MAX_CEDAR_IFS:
+        raise BundleError(f"{path}: more than {MAX_CEDAR_IFS} if-expressions in one policy file")
+    if code.count("&&") + code.count("||") > MAX_CEDAR_CONNECTIVES:
+        raise BundleError(f"{path}: more than {MAX_CEDAR_CONNECTIVES} && and || in one policy file")
 
 
 def _policies(files: Mapping[str, bytes]) -> tuple[dict[str, Any], dict[str, str]]:
