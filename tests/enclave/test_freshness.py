@@ -21,11 +21,11 @@ from cloister.enclave.freshness import Unwitnessed
 from cloister.verify.checkpoint import parse_checkpoint
 from cloister.verify.cosignature import Ed25519Cosigner
 from cloister.verify.errors import VerificationError
-from cloister.verify.merkle import consistency_proof, leaf_hash, node_hash
+from cloister.verify.merkle import consistency_proof
 from cloister.verify.note import Ed25519NoteVerifier, Note, NoteSignature, format_note, parse_note
 from cloister.witness.protocol import Witness
 from cloister.witness.state import WitnessState, init_state
-from tests.enclave.test_resume import material, spend
+from tests.enclave.test_resume import material, node_source, spend
 from tests.world import ORIGIN, World, make_world
 
 
@@ -52,7 +52,7 @@ class Witnesses:
     def cosign(self, log: Sequence[bytes], note: bytes, only: Sequence[int] | None = None) -> bytes:
         """Submit `note` (a checkpoint of `log`) as the relay does; the note with the cosignatures got."""
         size = parse_checkpoint(parse_note(note).text).size
-        nodes = _nodes(log[:size])
+        nodes = node_source(list(log[:size]))
         lines: list[bytes] = []
         for i, witness in enumerate(self.witnesses):
             if only is not None and i not in only:
@@ -65,14 +65,6 @@ class Witnesses:
                 self.sizes[i] = size
                 lines.append(reply.body.rstrip(b"\n") + b"\n")
         return note + b"".join(lines)
-
-
-def _nodes(log: Sequence[bytes]):  # type: ignore[no-untyped-def]
-    levels = [[leaf_hash(e) for e in log]]
-    while len(levels[-1]) > 1:
-        prev = levels[-1]
-        levels.append([node_hash(prev[i], prev[i + 1]) for i in range(0, len(prev) - 1, 2)])
-    return lambda level, index: levels[level][index]
 
 
 def _body(old: int, size: int, nodes, note: bytes) -> bytes:  # type: ignore[no-untyped-def]
