@@ -142,7 +142,9 @@ class EnclaveService(pb_grpc.EnclaveServicer):
         def run() -> pb.FilterToolsResponse:
             if len(request.candidates) > 10_000:
                 raise DecodeError("more than 10000 candidate tools")
-            agent, visible = self.core.visible_tools(request.token, [(c.server, c.tool) for c in request.candidates])
+            # Each distinct candidate is judged once (a relay repeating one is not a reason for more work).
+            candidates = list(dict.fromkeys((c.server, c.tool) for c in request.candidates))
+            agent, visible = self.core.visible_tools(request.token, candidates)
             return pb.FilterToolsResponse(agent=agent, visible=[pb.ToolRef(server=s, tool=t) for s, t in visible])
 
         return _call(context, run)
