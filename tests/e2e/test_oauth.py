@@ -411,7 +411,9 @@ MCP_REMOTE = NODE_MODULES / "mcp-remote" / "dist" / "proxy.js"
 def test_mcp_remote_signs_in_without_a_header_then_calls_a_tool(oauth: OAuthStack, tmp_path: Path) -> None:
     """`mcp-remote <url>` as Claude Desktop and Cursor run it: no header, so it discovers the
     provider from the 401, registers, and sends the user to the provider; our 'browser' follows."""
-    from mcp.client.stdio import StdioServerParameters, stdio_client
+    from mcp.client.stdio import stdio_client
+
+    from tests.e2e.test_clients import guide_block, mcp_remote_params
 
     callback_port = free_port()
     errlog = tmp_path / "mcp-remote.log"
@@ -421,11 +423,10 @@ def test_mcp_remote_signs_in_without_a_header_then_calls_a_tool(oauth: OAuthStac
         "MCP_REMOTE_CONFIG_DIR": str(tmp_path / "mcp-auth"),
         "BROWSER": "false",  # no browser here: the test reads the URL mcp-remote prints
     }
-    params = StdioServerParameters(
-        command="node",
-        args=[str(MCP_REMOTE), oauth.mcp_url, str(callback_port), "--allow-http", "--host", "127.0.0.1"],
-        env=env,
-    )
+    # The guide's OAuth entry for Claude Desktop and Cursor, with the test's callback port.
+    block = guide_block("mcp-remote-oauth")
+    params = mcp_remote_params(block, oauth.mcp_url, env, str(callback_port), "--host", "127.0.0.1")
+    assert not any("header" in a for a in params.args)
 
     async def login() -> None:
         # mcp-remote prints the authorization URL on stderr; be the user's browser for it.
