@@ -237,12 +237,14 @@ class TokenGate:
         try:
             await self.check.check(token)
         except Refusal as exc:
-            description = _DESCRIPTIONS.get(exc.reason, "the token was refused")
+            # Only the enclave's known classes are repeated: nothing else reaches the client's screen.
+            reason = exc.reason if exc.reason in _DESCRIPTIONS else "refused"
+            description = _DESCRIPTIONS.get(reason, "the token was refused")
             return self._unauthorized(
-                f"unauthenticated: {description} ({exc.reason}); sign in again",
+                f"unauthenticated: {description} ({reason}); sign in again",
                 error="invalid_token",
                 description=description,
-                reason=exc.reason,
+                reason=reason,
             )
         except (EnclaveUnavailable, EnclaveRefused) as exc:
             # Fail closed: no answer from the enclave lets no request through.

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import grpc
 import httpx2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,19 +32,17 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
 from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
+from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
+from cloister.relay.oauth import CACHE_SIZE, CACHE_TTL_S, Refusal, ResourceMetadata, TokenCheck, TokenGate
 from cloister.verify.entries import DecisionEntry, parse_entry
-from cloister.verify.jwt import encode_jwt
+from cloister.verify.jwt import MAX_TOKEN_BYTES, encode_jwt
 from cloister.verify.tiles import parse_entry_bundle
 from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
 
 HERE = Path(__file__).parent
 NODE_MODULES = Path(os.environ.get("CLOISTER_NODE_MODULES", HERE.parent / "node" / "node_modules"))
 AGENT = "oauth-bot"
-NEEDS_NODE = pytest.mark.skipif(
-    shutil.which("node") is None or not (NODE_MODULES / "oidc-provider").is_dir(),
-    reason="needs node and tests/node/node_modules (scripts/test installs them)",
-)
-pytestmark = NEEDS_NODE
+HAS_NODE = shutil.which("node") is not None and (NODE_MODULES / "oidc-provider").is_dir()
 
 
 def _b64(data: bytes) -> str:
@@ -159,6 +158,8 @@ def start_provider(tmp: Path, port: int, resource: str, key: ec.EllipticCurvePri
 
 @pytest.fixture(scope="module")
 def oauth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthStack]:
+    if not HAS_NODE:
+        pytest.skip("needs node and tests/node/node_modules (scripts/test installs them)")
     tmp = tmp_path_factory.mktemp("oauth")
     relay_port, oidc_port = free_port(), free_port()
     issuer, resource = f"http://127.0.0.1:{oidc_port}", f"http://127.0.0.1:{relay_port}/mcp"
@@ -200,6 +201,153 @@ timeout_s = 5
     finally:
         for proc in (relay, enclave, provider):
             stop(proc)
+
+
+# ---- the door, in process: what it caches, what it never lets through ---------------------------
+
+
+class FakeEnclave:
+    """Stands for the enclave's FilterTools: accepts the tokens in `accepted`, refuses the rest
+    (UNAUTHENTICATED, the enclave's "reason: message"), or is down."""
+
+    def __init__(self) -> None:
+        self.accepted: set[str] = set()
+        self.asked: list[str] = []
+        self.down = False
+        self.reason = "bad-signature"
+
+    async def filter_tools(self, token: str, candidates: list[tuple[str, str]]) -> None:
+        self.asked.append(token)
+        assert candidates == []
+        if self.down:
+            raise EnclaveUnavailable("enclave unavailable (UNAVAILABLE): connection refused")
+        if token not in self.accepted:
+            raise EnclaveRefused(grpc.StatusCode.UNAUTHENTICATED, f"{self.reason}: token signature does not verify")
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _unsigned(claims: dict[str, Any]) -> str:
+    return f"{_b64(b'{}')}.{_b64(json.dumps(claims).encode())}.{_b64(b'sig')}"
+
+
+def _door(enclave: FakeEnclave, clock: Clock) -> tuple[TokenCheck, TokenGate, list[str]]:
+    passed: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        passed.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    check = TokenCheck(enclave, clock=clock)  # type: ignore[arg-type]
+    meta = ResourceMetadata(resource="https://mcp.example/mcp", authorization_servers=("https://id.example",))
+    return check, TokenGate(app, meta, check), passed
+
+
+async def _knock(
+    gate: TokenGate, authorization: bytes | None, path: str = "/mcp"
+) -> tuple[int, dict[bytes, bytes], Any]:
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    headers = [(b"authorization", authorization)] if authorization is not None else []
+    await gate({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return sent[0]["status"], dict(sent[0]["headers"]), json.loads(body)
+
+
+def test_a_yes_is_cached_briefly_never_past_exp_and_a_no_never() -> None:
+    enclave, clock = FakeEnclave(), Clock(1_000_000.0)
+    check, _, _ = _door(enclave, clock)
+    good, short = _unsigned({"exp": 1_000_600}), _unsigned({"exp": 1_000_005})
+    enclave.accepted |= {good, short}
+
+    async def scenario() -> None:
+        await check.check(good)
+        await check.check(good)
+        assert enclave.asked == [good]  # the second is the cache's
+        clock.now += CACHE_TTL_S + 1
+        await check.check(good)
+        assert enclave.asked == [good, good]  # asked again after CACHE_TTL_S
+        await check.check(short)
+        clock.now += 6  # past the token's exp: the enclave is the one to say whether leeway applies
+        await check.check(short)
+        assert enclave.asked.count(short) == 2
+        enclave.accepted.clear()
+        for _ in range(2):
+            with pytest.raises(Refusal):
+                await check.check(short)
+        assert enclave.asked.count(short) == 4  # refusals are never remembered
+
+    anyio.run(scenario)
+
+
+def test_the_cache_is_bounded() -> None:
+    enclave, clock = FakeEnclave(), Clock(1_000_000.0)
+    check, _, _ = _door(enclave, clock)
+    tokens = [_unsigned({"exp": 1_000_600, "n": i}) for i in range(CACHE_SIZE + 10)]
+    enclave.accepted |= set(tokens)
+
+    async def scenario() -> None:
+        for t in tokens:
+            await check.check(t)
+        assert len(check._accepted) == CACHE_SIZE
+        await check.check(tokens[0])  # the oldest went first: asked again
+        assert enclave.asked.count(tokens[0]) == 2
+
+    anyio.run(scenario)
+
+
+def test_the_door_fails_closed_and_says_only_fixed_words() -> None:
+    enclave, clock = FakeEnclave(), Clock(1_000_000.0)
+    _, gate, passed = _door(enclave, clock)
+
+    async def scenario() -> None:
+        status, headers, body = await _knock(gate, None)
+        assert status == 401 and body["error"]["code"] == -32003
+        assert headers[b"www-authenticate"] == (
+            b'Bearer resource_metadata="https://mcp.example/.well-known/oauth-protected-resource/mcp"'
+        )
+        status, headers, _ = await _knock(gate, b"Basic dXNlcjpwYXNz")
+        assert status == 401 and b'error="invalid_request"' in headers[b"www-authenticate"]
+        # A refusal class the door does not know (a hostile or newer enclave answer) is not repeated.
+        enclave.reason = 'x", error="evil'
+        status, headers, body = await _knock(gate, b"Bearer \xff\xfe\r")
+        assert status == 401 and body["error"]["data"]["reason"] == "refused"
+        assert headers[b"www-authenticate"].count(b"error=") == 1 and b"evil" not in headers[b"www-authenticate"]
+        # Too long for any JWT: refused without asking the enclave.
+        asked = len(enclave.asked)
+        status, _, body = await _knock(gate, b"Bearer " + b"a" * (MAX_TOKEN_BYTES + 1))
+        assert status == 401 and body["error"]["data"]["reason"] == "malformed" and len(enclave.asked) == asked
+        # The enclave down: 503, nothing reaches MCP.
+        enclave.down = True
+        status, headers, body = await _knock(gate, b"Bearer " + _unsigned({"exp": 1_000_600}).encode())
+        assert status == 503 and body["error"]["code"] == -32004 and headers[b"retry-after"] == b"2"
+        # Other paths are not the door's: the metadata and the log stay public.
+        assert (await _knock(gate, None, "/log/checkpoint"))[0] == 200
+        assert passed == ["/log/checkpoint"]
+
+    anyio.run(scenario)
+
+
+def test_metadata_url_is_path_suffixed_per_rfc_9728() -> None:
+    meta = ResourceMetadata(resource="https://gw.example:8443/tenant/mcp", authorization_servers=(), scopes=("mcp",))
+    assert meta.metadata_url == "https://gw.example:8443/.well-known/oauth-protected-resource/tenant/mcp"
+    assert meta.challenge("invalid_token", "the token has expired") == (
+        'Bearer resource_metadata="https://gw.example:8443/.well-known/oauth-protected-resource/tenant/mcp", '
+        'scope="mcp", error="invalid_token", error_description="the token has expired"'
+    )
 
 
 # ---- RFC 9728 metadata and the 401 challenge ----------------------------------------------------
