@@ -24,7 +24,7 @@ import anyio
 import grpc
 import httpx2
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from mcp import Client
 from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider
@@ -32,8 +32,17 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
 from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
+from cloister.relay.config import ConfigError, load_relay_config
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
-from cloister.relay.oauth import CACHE_SIZE, CACHE_TTL_S, Refusal, ResourceMetadata, TokenCheck, TokenGate
+from cloister.relay.oauth import (
+    CACHE_SIZE,
+    CACHE_TTL_S,
+    Refusal,
+    ResourceMetadata,
+    TokenCheck,
+    TokenGate,
+    issuer_urls,
+)
 from cloister.verify.entries import DecisionEntry, parse_entry
 from cloister.verify.jwt import MAX_TOKEN_BYTES, encode_jwt
 from cloister.verify.tiles import parse_entry_bundle
@@ -348,6 +357,43 @@ def test_metadata_url_is_path_suffixed_per_rfc_9728() -> None:
         'Bearer resource_metadata="https://gw.example:8443/.well-known/oauth-protected-resource/tenant/mcp", '
         'scope="mcp", error="invalid_token", error_description="the token has expired"'
     )
+
+
+def test_issuer_urls_come_from_the_bundle_and_garbage_gives_none(tmp_path: Path) -> None:
+    from cloister.verify.bundle import sign_bundle
+
+    issuers = b'[issuers.a]\nissuer = "cloister-dev"\n[issuers.b]\nissuer = "https://id.example/r"\n[issuers.c]\n'
+    signed = sign_bundle(
+        {"issuers.toml": issuers}, 1, ed25519.Ed25519PrivateKey.generate(), origin="o.example/x", not_after=2**31
+    )
+    assert issuer_urls(signed) == ("https://id.example/r",)  # a label is no URL; a non-URL issuer is none
+    for garbage in (None, b"", b"\x00" * 64, signed[:-10]):
+        assert issuer_urls(garbage) == ()
+
+
+@pytest.mark.parametrize(
+    ("line", "text"),
+    [
+        ('resource_url = "ftp://x/mcp"', "resource_url"),
+        ('resource_url = "https://x/mcp#frag"', "resource_url"),
+        ('authorization_servers = ["https://ok.example", "id.example"]', "authorization_servers"),
+        ('authorization_servers = ["https://a.example/\\"evil"]', "authorization_servers"),
+        ('oauth_scopes = ["mcp", "a\\"b"]', "oauth_scopes"),
+        ("token_gate = 1", "token_gate"),
+    ],
+)
+def test_oauth_config_keys_are_checked(tmp_path: Path, line: str, text: str) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(f'[relay]\nenclave = "unix:/x"\n{line}\n')
+    with pytest.raises(ConfigError, match=text):
+        load_relay_config(path)
+
+
+def test_oauth_config_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[relay]\nenclave = "unix:/x"\npublic_url = "https://gw.example/"\n')
+    c = load_relay_config(path)
+    assert c.mcp_resource == "https://gw.example/mcp" and c.authorization_servers is None and c.token_gate is None
 
 
 # ---- RFC 9728 metadata and the 401 challenge ----------------------------------------------------
