@@ -188,6 +188,8 @@ class TokenCheck:
         try:
             await self.enclave.filter_tools(token, [])
         except EnclaveRefused as exc:
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:  # a token the enclave cannot even read
+                raise Refusal("malformed", str(exc)) from exc
             if exc.code != grpc.StatusCode.UNAUTHENTICATED:
                 raise
             reason, _, detail = str(exc).partition(": ")
@@ -226,9 +228,13 @@ class TokenGate:
 
     async def _refusal(self, token: str | None) -> Response | None:
         if not token:
+            where = (
+                f"sign in with an authorization server named in {self.meta.metadata_url}"
+                if self.meta.authorization_servers
+                else "cloister token issue ... mints a development token"
+            )
             return self._unauthorized(
-                "unauthenticated: send 'Authorization: Bearer <JWT>' (sign in with an authorization server named in "
-                f"{self.meta.metadata_url}, or mint one with cloister token issue ...)",
+                f"unauthenticated: send 'Authorization: Bearer <JWT>' ({where})",
                 error="" if token is None else "invalid_request",
                 description="" if token is None else "the Authorization header is not a bearer token",
             )

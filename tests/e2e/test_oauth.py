@@ -224,6 +224,7 @@ class FakeEnclave:
         self.asked: list[str] = []
         self.down = False
         self.reason = "bad-signature"
+        self.code = grpc.StatusCode.UNAUTHENTICATED
 
     async def filter_tools(self, token: str, candidates: list[tuple[str, str]]) -> None:
         self.asked.append(token)
@@ -231,7 +232,7 @@ class FakeEnclave:
         if self.down:
             raise EnclaveUnavailable("enclave unavailable (UNAVAILABLE): connection refused")
         if token not in self.accepted:
-            raise EnclaveRefused(grpc.StatusCode.UNAUTHENTICATED, f"{self.reason}: token signature does not verify")
+            raise EnclaveRefused(self.code, f"{self.reason}: token signature does not verify")
 
 
 class Clock:
@@ -339,6 +340,13 @@ def test_the_door_fails_closed_and_says_only_fixed_words() -> None:
         asked = len(enclave.asked)
         status, _, body = await _knock(gate, b"Bearer " + b"a" * (MAX_TOKEN_BYTES + 1))
         assert status == 401 and body["error"]["data"]["reason"] == "malformed" and len(enclave.asked) == asked
+        # A token the enclave cannot read at all is refused too; an enclave fault is no refusal.
+        bad = b"Bearer " + _unsigned({"exp": 1_000_600}).encode()
+        enclave.code = grpc.StatusCode.INVALID_ARGUMENT
+        status, _, body = await _knock(gate, bad)
+        assert status == 401 and body["error"]["data"]["reason"] == "malformed"
+        enclave.code = grpc.StatusCode.INTERNAL
+        assert (await _knock(gate, bad))[0] == 503
         # The enclave down: 503, nothing reaches MCP.
         enclave.down = True
         status, headers, body = await _knock(gate, b"Bearer " + _unsigned({"exp": 1_000_600}).encode())
