@@ -51,6 +51,7 @@ from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_re
 HERE = Path(__file__).parent
 NODE_MODULES = Path(os.environ.get("CLOISTER_NODE_MODULES", HERE.parent / "node" / "node_modules"))
 AGENT = "oauth-bot"
+ADMIN_TOKEN = "oauth-test-admin-token-0123456789"
 HAS_NODE = shutil.which("node") is not None and (NODE_MODULES / "oidc-provider").is_dir()
 
 
@@ -178,12 +179,13 @@ def oauth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthStack]:
     sock = tmp / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     calls = tmp / "calls.jsonl"
+    (tmp / "admin.token").write_text(ADMIN_TOKEN)
     py = json.dumps(sys.executable)
     config = write_relay_config(
         tmp / "relay.toml",
         port=relay_port,
         sock=sock,
-        extra='oauth_scopes = ["mcp"]\nenclave_timeout_s = 3\n',
+        extra='oauth_scopes = ["mcp"]\nenclave_timeout_s = 3\nadmin_token_file = "admin.token"\n',
         upstreams=f"""
 [[upstreams]]
 name = "slow"
@@ -662,3 +664,43 @@ def test_mcp_remote_signs_in_without_a_header_then_calls_a_tool(oauth: OAuthStac
     assert not result.is_error and result.content[0].text == "via mcp-remote"
     decision = oauth.entry(result.meta["dev.cloister/log"]["decision"])
     assert isinstance(decision, DecisionEntry) and decision.agent == AGENT
+
+
+def test_a_cached_yes_at_the_door_grants_nothing_after_the_agent_is_removed(oauth: OAuthStack) -> None:
+    """The door's cache decides only when a 401 comes. Last in this module: it removes the agent."""
+    from cloister.enclave.bundle import read_bundle_dir
+    from cloister.verify.bundle import read_bundle_header, sign_bundle
+
+    token = oauth.mint()
+    r = initialize(oauth.mcp_url, token)  # the door asks the enclave, and remembers the yes
+    assert r.status_code == 200
+    sid = r.headers["mcp-session-id"]
+    post(oauth.mcp_url, token, {"jsonrpc": "2.0", "method": "notifications/initialized"}, sid)
+    # A policy push (admin-signed) that no longer registers the agent.
+    edited = oauth.tmp / "bundle-v2"
+    shutil.copytree(oauth.state.bundle_dir, edited)
+    entities = (edited / "entities.toml").read_text()
+    (edited / "entities.toml").write_text(re.sub(rf"\n\[agents\.{AGENT}\]\n(?:[^\[\n][^\n]*\n)*", "\n", entities))
+    assert f"agents.{AGENT}" not in (edited / "entities.toml").read_text()
+    version = read_bundle_header(oauth.state.signed_bundle.read_bytes())[0] + 1
+    signed = sign_bundle(
+        read_bundle_dir(edited),
+        version,
+        oauth.state.admin_key(),
+        origin=oauth.state.origin(),
+        not_after=int(time.time()) + 30 * 86400,
+    )
+    pushed = httpx2.post(
+        f"{oauth.relay_url}/admin/policy", content=signed, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    assert pushed.status_code == 200, pushed.text
+    # Within the cache's 30 s the door lets the request in; the enclave refuses the call itself.
+    before = len(oauth.forwarded())
+    call = {"name": "slow___echo", "arguments": {"text": "after removal"}}
+    answer = post(oauth.mcp_url, token, {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": call}, sid)
+    assert answer.status_code == 200, answer.text
+    error = rpc_result(answer)["error"]
+    assert error["code"] in (-32001, -32003) and "not registered" in error["message"], error
+    assert len(oauth.forwarded()) == before, "a call was forwarded for a removed agent"
+    listing = post(oauth.mcp_url, token, {"jsonrpc": "2.0", "id": 6, "method": "tools/list"}, sid)
+    assert "error" in rpc_result(listing), listing.text
