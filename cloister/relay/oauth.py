@@ -122,11 +122,54 @@ def issuer_urls(bundle: bytes | None) -> tuple[str, ...]:
     return tuple(out[:MAX_AUTHORIZATION_SERVERS])
 
 
-def metadata_routes(meta: ResourceMetadata) -> list[Route]:
+Settings = Callable[[], tuple[ResourceMetadata, bool]]  # the metadata, and whether the door asks the enclave
+REFRESH_S: Final = 5.0
+
+
+class BundleSettings:
+    """The metadata and the door's mode, following the newest bundle the relay holds: a pushed
+    bundle that adds a URL issuer turns sign-in on without a restart. Looked at most every
+    REFRESH_S, and read again only when `stamp` (file sizes and times) changed."""
+
+    def __init__(
+        self,
+        resource: str,
+        configured_servers: tuple[str, ...] | None,
+        scopes: tuple[str, ...],
+        gate: bool | None,
+        *,
+        bundle: Callable[[], bytes | None],
+        stamp: Callable[[], object],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._resource, self._scopes = resource, scopes
+        self._configured = configured_servers
+        self._gate = gate
+        self._bundle, self._stamp, self._clock = bundle, stamp, clock
+        self._seen: object = object()
+        self._checked_at = float("-inf")
+        self._current = self._make(configured_servers or ())
+
+    def _make(self, servers: tuple[str, ...]) -> ResourceMetadata:
+        return ResourceMetadata(resource=self._resource, authorization_servers=servers, scopes=self._scopes)
+
+    def __call__(self) -> tuple[ResourceMetadata, bool]:
+        now = self._clock()
+        if self._configured is None and now - self._checked_at >= REFRESH_S:
+            self._checked_at = now
+            stamp = self._stamp()
+            if stamp != self._seen:
+                self._seen = stamp
+                self._current = self._make(issuer_urls(self._bundle()))
+        meta = self._current
+        return meta, self._gate if self._gate is not None else bool(meta.authorization_servers)
+
+
+def metadata_routes(settings: Settings) -> list[Route]:
     async def metadata(request: Request) -> Response:
         # Any origin may read it: browser-based MCP clients discover sign-in from it.
         return JSONResponse(
-            meta.document(), headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "max-age=300"}
+            settings()[0].document(), headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "max-age=60"}
         )
 
     return [
@@ -208,45 +251,49 @@ def _error_body(code: int, message: str, **data: Any) -> dict[str, Any]:
 
 class TokenGate:
     """HTTP 401 for MCP requests whose bearer token is missing or refused by the enclave, before
-    any MCP processing. With `check=None` only a missing token is refused here (the enclave then
-    refuses a bad one per call, logged as an anonymous denial, decision 0009)."""
+    any MCP processing. When the settings say not to ask the enclave, only a missing token is
+    refused here (the enclave then refuses a bad one per call, logged as an anonymous denial,
+    decision 0009)."""
 
-    def __init__(self, app: ASGIApp, meta: ResourceMetadata, check: TokenCheck | None) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, check: TokenCheck | None) -> None:
         self.app = app
-        self.meta = meta
+        self.settings = settings
         self.check = check
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].rstrip("/") != MCP_PATH or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        response = await self._refusal(bearer_token(scope))
+        meta, ask_enclave = self.settings()
+        response = await self._refusal(bearer_token(scope), meta, self.check if ask_enclave else None)
         if response is not None:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    async def _refusal(self, token: str | None) -> Response | None:
+    async def _refusal(self, token: str | None, meta: ResourceMetadata, check: TokenCheck | None) -> Response | None:
         if not token:
             where = (
-                f"sign in with an authorization server named in {self.meta.metadata_url}"
-                if self.meta.authorization_servers
+                f"sign in with an authorization server named in {meta.metadata_url}"
+                if meta.authorization_servers
                 else "cloister token issue ... mints a development token"
             )
-            return self._unauthorized(
+            return _unauthorized(
+                meta,
                 f"unauthenticated: send 'Authorization: Bearer <JWT>' ({where})",
                 error="" if token is None else "invalid_request",
                 description="" if token is None else "the Authorization header is not a bearer token",
             )
-        if self.check is None:
+        if check is None:
             return None
         try:
-            await self.check.check(token)
+            await check.check(token)
         except Refusal as exc:
             # Only the enclave's known classes are repeated: nothing else reaches the client's screen.
             reason = exc.reason if exc.reason in _DESCRIPTIONS else "refused"
             description = _DESCRIPTIONS.get(reason, "the token was refused")
-            return self._unauthorized(
+            return _unauthorized(
+                meta,
                 f"unauthenticated: {description} ({reason}); sign in again",
                 error="invalid_token",
                 description=description,
@@ -262,10 +309,11 @@ class TokenGate:
             )
         return None
 
-    def _unauthorized(self, message: str, *, error: str, description: str, reason: str = "") -> Response:
-        data = {"reason": reason} if reason else {}
-        return JSONResponse(
-            _error_body(UNAUTHENTICATED, message, **data),
-            status_code=401,
-            headers={"WWW-Authenticate": self.meta.challenge(error, description), "Cache-Control": "no-store"},
-        )
+
+def _unauthorized(meta: ResourceMetadata, message: str, *, error: str, description: str, reason: str = "") -> Response:
+    data = {"reason": reason} if reason else {}
+    return JSONResponse(
+        _error_body(UNAUTHENTICATED, message, **data),
+        status_code=401,
+        headers={"WWW-Authenticate": meta.challenge(error, description), "Cache-Control": "no-store"},
+    )

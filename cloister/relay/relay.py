@@ -41,10 +41,10 @@ from cloister.relay.call_path import CallPath
 from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient
 from cloister.relay.identity import UpstreamIdentity
-from cloister.relay.lifecycle import Lifecycle, newest_bundle
+from cloister.relay.lifecycle import Lifecycle, bundle_store, newest_bundle
 from cloister.relay.log_api import LogApi
 from cloister.relay.mcp_handlers import McpHandlers
-from cloister.relay.oauth import ResourceMetadata, TokenCheck, TokenGate, issuer_urls, metadata_routes
+from cloister.relay.oauth import BundleSettings, ResourceMetadata, TokenCheck, TokenGate, metadata_routes
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import Upstreams
 from cloister.relay.witnessing import Witnessing
@@ -77,17 +77,15 @@ class Relay:
         self.log_api = LogApi(self.state, self.upstreams, self.witnessing)
         self.admin = Admin(self.state, self.upstreams)
         self.mcp = self.mcp_handlers.server()
-        self.oauth = ResourceMetadata(
-            resource=config.mcp_resource,
-            authorization_servers=(
-                config.authorization_servers
-                if config.authorization_servers is not None
-                else issuer_urls(newest_bundle(config))
-            ),
-            scopes=config.oauth_scopes,
+        self.oauth = BundleSettings(
+            config.mcp_resource,
+            config.authorization_servers,
+            config.oauth_scopes,
+            config.token_gate,
+            bundle=lambda: newest_bundle(config),
+            stamp=lambda: bundle_stamp(config),
         )
-        gate = config.token_gate if config.token_gate is not None else bool(self.oauth.authorization_servers)
-        self.token_check = TokenCheck(self.state.enclave) if gate else None
+        self.token_check = TokenCheck(self.state.enclave)
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         await self.lifecycle.start(tg)
@@ -107,12 +105,26 @@ class Relay:
         await self.state.enclave.close()
 
 
+def bundle_stamp(config: RelayConfig) -> object:
+    """What changes when a bundle is pushed or the configured one replaced: names, sizes, times."""
+    paths = sorted(bundle_store(config).glob("v*.signed")) + ([config.bundle] if config.bundle else [])
+    stamp = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        stamp.append((str(path), st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
 class RequireBearer(TokenGate):
     """The door without the enclave's check: only a missing bearer token gets a 401 (the
     fuzzer's name for the middleware, cloister.dev.fuzz)."""
 
     def __init__(self, app: ASGIApp) -> None:
-        super().__init__(app, ResourceMetadata(resource="http://127.0.0.1/mcp", authorization_servers=()), None)
+        meta = ResourceMetadata(resource="http://127.0.0.1/mcp", authorization_servers=())
+        super().__init__(app, lambda: (meta, False), None)
 
 
 async def serve(config: RelayConfig, *, ready: Callable[[Relay], Coroutine[Any, Any, None]] | None = None) -> None:

@@ -37,6 +37,8 @@ from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.oauth import (
     CACHE_SIZE,
     CACHE_TTL_S,
+    REFRESH_S,
+    BundleSettings,
     Refusal,
     ResourceMetadata,
     TokenCheck,
@@ -259,7 +261,7 @@ def _door(enclave: FakeEnclave, clock: Clock) -> tuple[TokenCheck, TokenGate, li
 
     check = TokenCheck(enclave, clock=clock)  # type: ignore[arg-type]
     meta = ResourceMetadata(resource="https://mcp.example/mcp", authorization_servers=("https://id.example",))
-    return check, TokenGate(app, meta, check), passed
+    return check, TokenGate(app, lambda: (meta, True), check), passed
 
 
 async def _knock(
@@ -379,6 +381,43 @@ def test_issuer_urls_come_from_the_bundle_and_garbage_gives_none(tmp_path: Path)
     assert issuer_urls(signed) == ("https://id.example/r",)  # a label is no URL; a non-URL issuer is none
     for garbage in (None, b"", b"\x00" * 64, signed[:-10]):
         assert issuer_urls(garbage) == ()
+
+
+def _signed(issuers: bytes, version: int = 1) -> bytes:
+    from cloister.verify.bundle import sign_bundle
+
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(b"k" * 32)
+    return sign_bundle({"issuers.toml": issuers}, version, key, origin="o.example/x", not_after=2**31)
+
+
+def test_settings_follow_the_bundle_the_relay_holds() -> None:
+    held = {"bundle": _signed(b'[issuers.dev]\nissuer = "cloister-dev"\n'), "stamp": 1}
+    reads: list[int] = []
+
+    def bundle() -> bytes:
+        reads.append(1)
+        return held["bundle"]  # type: ignore[return-value]
+
+    clock = Clock(100.0)
+    settings = BundleSettings(
+        "https://mcp.example/mcp", None, (), None, bundle=bundle, stamp=lambda: held["stamp"], clock=clock
+    )
+    meta, gate = settings()
+    assert meta.authorization_servers == () and gate is False  # static tokens only: no sign-in, no door
+    # A pushed bundle trusts an OIDC issuer: seen within REFRESH_S, without a restart.
+    held["bundle"], held["stamp"] = _signed(b'[issuers.idp]\nissuer = "https://id.example"\n', 2), 2
+    assert settings() == (meta, False) and len(reads) == 1  # not looked at again yet
+    clock.now += REFRESH_S
+    meta, gate = settings()
+    assert meta.authorization_servers == ("https://id.example",) and gate is True and len(reads) == 2
+    clock.now += REFRESH_S
+    settings()
+    assert len(reads) == 2  # same stamp: not read again
+    # Configured servers and an explicit token_gate win; the bundle is then never read.
+    fixed = BundleSettings(
+        "https://mcp.example/mcp", ("https://as.example",), ("mcp",), False, bundle=bundle, stamp=lambda: 0
+    )
+    assert fixed()[0].authorization_servers == ("https://as.example",) and fixed()[1] is False and len(reads) == 2
 
 
 @pytest.mark.parametrize(
