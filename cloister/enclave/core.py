@@ -55,7 +55,7 @@ from cloister.enclave.decide import Call, Decision, State, decide_before_limits,
 from cloister.enclave.freshness import GateStatus, WitnessGate
 from cloister.enclave.limits import LimitBook, LimitStatus
 from cloister.enclave.nsm import Nsm
-from cloister.enclave.policy import UNKNOWN, PolicyEngine, Principal
+from cloister.enclave.policy import PolicyEngine, Principal
 from cloister.enclave.resume import verify_resume
 from cloister.enclave.sealing import RecipientKey, SealedKeyMismatch, recipient_attestation, unseal_log_key
 from cloister.enclave.sequencer import Sequencer, SignedCheckpoint
@@ -868,7 +868,10 @@ def _known(kind: ActionKind, name: str) -> Any:
     if kind is ActionKind.RESOURCE and "{" not in name:
         return {"uri": name}
     if kind is ActionKind.PROMPT:
-        return {"name": name, "arguments": UNKNOWN}
+        # Without its arguments: cedarpy's partial evaluation leaves a context holding both an
+        # unknown and the time undecided, which would show every prompt. A policy on the
+        # arguments then errors here and is skipped: discovery shows more, never decides more.
+        return {"name": name}
     return None
 
 

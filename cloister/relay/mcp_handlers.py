@@ -461,7 +461,8 @@ class McpHandlers:
 def _progress_to(ctx: ServerRequestContext[Any, Any], meta: Any) -> ProgressFnT | None:
     """Where an upstream's progress for a call goes: to the agent, under the agent's own progress
     token, on the call's stream; None when the agent asked for none."""
-    token = (meta or {}).get("progressToken")
+    meta = meta or {}
+    token = meta.get("progress_token", meta.get("progressToken"))  # the SDK's TypedDict key, or the wire's
     if not isinstance(token, str | int) or isinstance(token, bool) or ctx.request_id is None:
         return None
     rid = str(ctx.request_id)

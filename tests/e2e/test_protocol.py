@@ -1,0 +1,308 @@
+"""The whole MCP protocol through Cloister (issue 11 part 2, decision 0018), with real processes:
+the enclave, the relay, and the reference upstream `@modelcontextprotocol/server-everything`
+(stdio, from tests/node) that exercises every feature, driven by the official Python SDK client.
+
+Each feature allowed, denied and logged: resources (static allowed, dynamic denied), resource
+templates, prompts (one hidden and denied), completions (only for what the agent may see),
+progress, log messages and logging/setLevel, sampling (allowed) and elicitation (forbidden), and
+list_changed. An agent with no permits sees none of it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import mcp_types as types
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from cloister.dev.mcp_http import mcp_http_client
+from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
+from cloister.relay.codes import DENIED
+from cloister.verify.entries import DecisionEntry, OutcomeEntry
+from tests.e2e.conftest import Stack
+from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
+from tests.e2e.test_relay import entry_at
+
+ROOT = Path(__file__).resolve().parents[2]
+EVERYTHING = ROOT / "tests/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
+pytestmark = pytest.mark.skipif(not EVERYTHING.exists(), reason="npm test peers not installed (scripts/test)")
+
+TOOLS = [
+    "echo",
+    "get-sum",
+    "trigger-long-running-operation",
+    "trigger-sampling-request",
+    "trigger-elicitation-request",
+    "toggle-simulated-logging",
+]
+POLICY = """
+@id("tester-tools")
+permit (principal in Cloister::Role::"tester", action in Cloister::Action::"CallTool",
+        resource == Cloister::Server::"everything");
+
+@id("tester-static-docs")
+permit (principal in Cloister::Role::"tester", action == Cloister::Action::"ReadResource",
+        resource == Cloister::Server::"everything")
+when { context.input.uri like "demo://resource/static/*" };
+
+@id("tester-prompts")
+permit (principal in Cloister::Role::"tester", action == Cloister::Action::"GetPrompt",
+        resource == Cloister::Server::"everything");
+
+@id("no-args-prompt")
+forbid (principal, action == Cloister::Action::"GetPrompt", resource)
+when { context.input.name == "args-prompt" };
+
+@id("tester-sampling")
+permit (principal in Cloister::Role::"tester", action == Cloister::Action::"CreateMessage",
+        resource == Cloister::Server::"everything");
+
+@id("no-elicitation")
+forbid (principal, action == Cloister::Action::"Elicit", resource);
+"""
+
+
+def _bundle(dst: Path) -> Path:
+    copy_example_bundle(dst)
+    entities = (dst / "entities.toml").read_text()
+    (dst / "entities.toml").write_text(
+        entities.replace("[roles]\n", "[roles]\ntester = {}\nnobody = {}\n")
+        + '\n[agents.test-bot]\nroles = ["tester"]\nregion = "eu"\n'
+        + '\n[agents.other-bot]\nroles = ["nobody"]\nregion = "eu"\n'
+        + f'\n[servers.everything]\nregion = "eu"\ntools = {json.dumps(TOOLS)}\n'
+    )
+    (dst / "policies" / "protocol.cedar").write_text(POLICY)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("protocol")
+    state: DevState = ensure_state(tmp / "state", bundle_source=_bundle(tmp / "bundle"), witnessed=False)
+    sock = tmp / "enclave.vsock"
+    enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
+    port = free_port()
+    config = write_relay_config(
+        tmp / "relay.toml",
+        port=port,
+        sock=sock,
+        extra="enclave_timeout_s = 5\n",
+        upstreams=f"""
+[[upstreams]]
+name = "everything"
+command = ["node", {json.dumps(str(EVERYTHING))}, "stdio"]
+timeout_s = 20
+""",
+    )
+    relay = start_relay(config, tmp / "relay.log")
+    s = Stack(state, f"http://127.0.0.1:{port}", tmp / "none", enclave, relay, sock, tmp)
+    try:
+        wait_for(lambda: relay.poll() is not None or s.health().get("ready") is True, 60, "the relay to be ready")
+        if relay.poll() is not None:
+            raise RuntimeError((tmp / "relay.log").read_text()[-3000:])
+        wait_for(lambda: s.health()["upstreams"].get("everything", {}).get("state") == "up", 60, "server-everything")
+        yield s
+    finally:
+        stop(relay)
+        stop(s.enclave)
+        print((tmp / "relay.log").read_text()[-4000:], file=sys.stderr)
+
+
+class Agent:
+    """What the agent's client received beside its answers."""
+
+    def __init__(self) -> None:
+        self.sampled: list[types.CreateMessageRequestParams] = []
+        self.elicited: list[Any] = []
+        self.logs: list[types.LoggingMessageNotificationParams] = []
+        self.notices: list[str] = []
+
+    async def sampling(self, ctx: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        self.sampled.append(params)
+        return types.CreateMessageResult(
+            role="assistant", content=types.TextContent(type="text", text="a sampled answer"), model="stand-in"
+        )
+
+    async def elicitation(self, ctx: Any, params: Any) -> types.ElicitResult:
+        self.elicited.append(params)
+        return types.ElicitResult(action="decline")
+
+    async def logging(self, params: types.LoggingMessageNotificationParams) -> None:
+        self.logs.append(params)
+
+    async def message(self, message: Any) -> None:
+        method = getattr(getattr(message, "root", message), "method", None)
+        if isinstance(method, str):
+            self.notices.append(method)
+
+
+def client(stack: Stack, token: str, agent: Agent | None = None) -> Client:
+    http = mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    a = agent or Agent()
+    return Client(
+        streamable_http_client(stack.mcp_url, http_client=http),
+        cache=None,
+        mode="legacy",  # 2025-11-25: server-to-client requests on the call's stream
+        sampling_callback=a.sampling,
+        elicitation_callback=a.elicitation,
+        logging_callback=a.logging,
+        message_handler=a.message,
+    )
+
+
+def log_meta(result: Any) -> dict[str, int]:
+    meta = result.meta or {}
+    value = meta["dev.cloister/log"]
+    assert isinstance(value, dict)
+    return value
+
+
+def run(fn: Any, *args: Any) -> Any:
+    return anyio.run(fn, *args)
+
+
+def test_resources_are_listed_filtered_read_under_policy_and_logged(stack: Stack) -> None:
+    async def go() -> None:
+        async with client(stack, stack.token()) as c:
+            listed = await c.list_resources()
+            uris = [str(r.uri) for r in listed.resources]
+            assert uris and all(u.startswith("cloister://upstream/everything/") for u in uris), uris
+            templates = [t.uri_template for t in (await c.list_resource_templates()).resource_templates]
+            assert any(t.startswith("cloister://upstream/everything/demo%3A%2F%2F") and "{" in t for t in templates)
+            # Allowed: a static document, read through the relay, its body committed in the log.
+            read = await c.read_resource(uris[0])
+            assert read.contents and str(read.contents[0].uri) == uris[0]
+            meta = log_meta(read)
+            decision, outcome = entry_at(stack, meta["decision"]), entry_at(stack, meta["outcome"])
+            assert isinstance(decision, DecisionEntry) and decision.decision == "allow"
+            assert decision.tool.startswith("resources/read:demo://resource/static/")
+            assert decision.policies == ("tester-static-docs",)
+            assert isinstance(outcome, OutcomeEntry) and outcome.result_sha256 is not None and not outcome.error
+            # Denied: a dynamic resource (a template's URI), no permit; the denial is logged.
+            dynamic = "cloister://upstream/everything/" + "demo%3A%2F%2Fresource%2Fdynamic%2Ftext%2F1"
+            with pytest.raises(MCPError) as denied:
+                await c.read_resource(dynamic)
+            assert denied.value.error.code == DENIED
+            data = denied.value.error.data
+            assert isinstance(data, dict) and data["code"] == "no-permit"
+            entry = entry_at(stack, data["log_index"])
+            assert isinstance(entry, DecisionEntry) and entry.decision == "deny"
+            assert entry.tool == "resources/read:demo://resource/dynamic/text/1"
+
+        async with client(stack, stack.token("other-bot", ["nobody"])) as c:
+            assert (await c.list_resources()).resources == []
+            assert [t.name for t in (await c.list_resource_templates()).resource_templates] == ["enclave-attestation"]
+
+    run(go)
+
+
+def test_prompts_are_listed_filtered_got_under_policy_and_logged(stack: Stack) -> None:
+    async def go() -> None:
+        async with client(stack, stack.token()) as c:
+            names = [p.name for p in (await c.list_prompts()).prompts]
+            assert "everything___simple-prompt" in names and "everything___args-prompt" not in names, names
+            got = await c.get_prompt("everything___simple-prompt")
+            assert got.messages
+            meta = log_meta(got)
+            decision = entry_at(stack, meta["decision"])
+            assert isinstance(decision, DecisionEntry) and decision.tool == "prompts/get:simple-prompt"
+            with pytest.raises(MCPError) as denied:
+                await c.get_prompt("everything___args-prompt", {"city": "Paris"})
+            assert isinstance(denied.value.error.data, dict) and denied.value.error.data["code"] == "policy"
+            assert denied.value.error.data["policies"] == ["no-args-prompt"]
+            # Completions: for a prompt the agent may see, passed through; for a hidden one, refused.
+            done = await c.complete(
+                types.PromptReference(type="ref/prompt", name="everything___completable-prompt"),
+                {"name": "department", "value": "E"},
+            )
+            assert "Engineering" in done.completion.values
+            with pytest.raises(MCPError):
+                await c.complete(
+                    types.PromptReference(type="ref/prompt", name="everything___args-prompt"),
+                    {"name": "city", "value": "P"},
+                )
+        async with client(stack, stack.token("other-bot", ["nobody"])) as c:
+            assert (await c.list_prompts()).prompts == []
+
+    run(go)
+
+
+def test_progress_reaches_the_agent_under_its_own_token(stack: Stack) -> None:
+    async def go() -> None:
+        seen: list[tuple[float, float | None]] = []
+
+        async def progress(value: float, total: float | None, message: str | None) -> None:
+            seen.append((value, total))
+
+        async with client(stack, stack.token()) as c:
+            result = await c.call_tool(
+                "everything___trigger-long-running-operation", {"duration": 1, "steps": 3}, progress_callback=progress
+            )
+            assert not result.is_error
+        assert [v for v, _ in seen] == [1, 2, 3] and all(t == 3 for _, t in seen), seen
+
+    run(go)
+
+
+def test_sampling_is_decided_logged_and_reaches_the_calling_agent(stack: Stack) -> None:
+    async def go() -> None:
+        agent = Agent()
+        async with client(stack, stack.token(), agent) as c:
+            result = await c.call_tool("everything___trigger-sampling-request", {"prompt": "hello", "maxTokens": 20})
+            assert not result.is_error, result
+            assert "a sampled answer" in json.dumps(result.model_dump(mode="json"))
+        assert len(agent.sampled) == 1
+        # The call's decision, then the sampling request's own decision and outcome, then the call's outcome.
+        call = log_meta(result)
+        between = [entry_at(stack, i) for i in range(call["decision"] + 1, call["outcome"])]
+        sampling = [e for e in between if isinstance(e, DecisionEntry)]
+        assert [(e.tool, e.decision, e.agent) for e in sampling] == [("sampling/createMessage:", "allow", "test-bot")]
+        assert any(isinstance(e, OutcomeEntry) and e.result_sha256 is not None for e in between)
+
+    run(go)
+
+
+def test_elicitation_forbidden_by_policy_never_reaches_the_agent_and_is_logged(stack: Stack) -> None:
+    async def go() -> None:
+        agent = Agent()
+        async with client(stack, stack.token(), agent) as c:
+            result = await c.call_tool("everything___trigger-elicitation-request", {})
+        assert agent.elicited == []
+        # The upstream got the denial as the answer to its request, and reported it in its result.
+        assert result.is_error and "denied: forbidden by policy no-elicitation" in str(result.content[0])
+        call = log_meta(result)
+        between = [entry_at(stack, i) for i in range(call["decision"] + 1, call["outcome"])]
+        denials = [e for e in between if isinstance(e, DecisionEntry)]
+        assert [(e.tool, e.decision, e.policies) for e in denials] == [
+            ("elicitation/create:", "deny", ("no-elicitation",))
+        ]
+        assert not any(isinstance(e, OutcomeEntry) for e in between)  # nothing went to the agent
+
+    run(go)
+
+
+def test_log_messages_follow_set_level_and_list_changed_is_offered(stack: Stack) -> None:
+    async def go() -> None:
+        agent = Agent()
+        async with client(stack, stack.token(), agent) as c:
+            caps = c.server_capabilities
+            assert caps.tools is not None and caps.tools.list_changed
+            assert caps.resources is not None and caps.resources.list_changed
+            assert caps.prompts is not None and caps.prompts.list_changed
+            await c.set_logging_level("debug")
+            await c.call_tool("everything___toggle-simulated-logging", {})
+            with anyio.move_on_after(15):
+                while not agent.logs:
+                    await anyio.sleep(0.2)
+            await c.call_tool("everything___toggle-simulated-logging", {})
+        assert agent.logs, "no upstream log message reached the agent"
+        assert all(str(m.logger or "").startswith("everything") for m in agent.logs)
+
+    run(go)
