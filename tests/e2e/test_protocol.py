@@ -10,6 +10,7 @@ list_changed. An agent with no permits sees none of it."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from cloister.dev.mcp_http import mcp_http_client
 from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
 from cloister.relay.codes import DENIED
 from cloister.verify.entries import DecisionEntry, OutcomeEntry
+from tests.audit.clirun import cli
 from tests.e2e.conftest import Stack
 from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
 from tests.e2e.test_relay import entry_at
@@ -306,3 +308,62 @@ def test_log_messages_follow_set_level_and_list_changed_is_offered(stack: Stack)
         assert all(str(m.logger or "").startswith("everything") for m in agent.logs)
 
     run(go)
+
+
+def test_hostile_names_and_bodies_leave_a_log_that_replays_and_restarts(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A malicious agent's long or malformed URIs and prompt names, and an oversized request: each
+    refused or denied, and what they leave in the log replays and resumes."""
+
+    async def go() -> None:
+        async with client(stack, stack.token()) as c:
+            base = "cloister://upstream/everything/"
+            for uri in (base + "x" * 5000, base + "%ff%fe" * 50, base + "%00", "cloister://upstream//x"):
+                with pytest.raises(MCPError):
+                    await c.read_resource(uri)
+            with pytest.raises(MCPError) as unknown:
+                await c.read_resource("cloister://upstream/nowhere/" + "demo%3A%2F%2Fx")
+            assert unknown.value.error.code in (DENIED, -32602)
+            for name in ("everything___" + "p" * 3000, "everything___", "no-separator"):
+                with pytest.raises(MCPError):
+                    await c.get_prompt(name)
+            with pytest.raises(MCPError) as big:
+                await c.get_prompt("everything___simple-prompt", {"a": "x" * 70_000})
+            assert "bytes" in big.value.error.message
+            # The relay still serves.
+            assert (await c.get_prompt("everything___simple-prompt")).messages
+
+    run(go)
+    monkeypatch.setenv("CLOISTER_STATE", str(stack.state.root))
+    for log in (stack.relay_url, str(stack.state.log_dir)):
+        r = cli(
+            "audit",
+            "replay",
+            "--log",
+            log,
+            "--trust-root",
+            "mock",
+            "--state",
+            str(tmp_path / "a"),
+            "--no-progress",
+            "--json",
+        )
+        assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    assert summary["denials_by_code"]["no-permit"] >= 1, summary
+    stop(stack.enclave, signal.SIGKILL)
+    stack.restart_enclave()
+    wait_for(lambda: stack.health().get("ready") is True, 30, "the relay to re-initialise the enclave")
+
+    def works() -> bool:
+        async def get() -> bool:
+            async with client(stack, stack.token()) as c:
+                try:
+                    return bool((await c.get_prompt("everything___simple-prompt")).messages)
+                except MCPError:
+                    return False
+
+        return bool(run(get))
+
+    wait_for(works, 30, "prompts to be served after the enclave restart (its resume parsed every entry)")
