@@ -115,6 +115,44 @@ def _denied(verdict: pb.AuthorizeResponse) -> MCPError:
     )
 
 
+# Denials of a tools/call that the model can act on (decision 0018): the call was understood and
+# refused, like a tool execution error. Identity failures, unknown servers and tools, and no
+# decision at all stay JSON-RPC errors: they are for the client, not the model.
+MODEL_DENIALS = frozenset(
+    {
+        pb.DENY_CODE_POLICY,
+        pb.DENY_CODE_NO_PERMIT,
+        pb.DENY_CODE_LIMIT,
+        pb.DENY_CODE_QUARANTINED,
+        pb.DENY_CODE_BAD_ARGUMENTS,
+    }
+)
+DENIAL_META_KEY = "dev.cloister/denial"  # a denial result's machine-readable data (the error's `data`)
+DENIALS_META_KEY = "dev.cloister/denials"  # a request's `_meta`: "error" asks for denials as JSON-RPC errors
+
+
+def _wants_errors(meta: Any) -> bool:
+    return isinstance(meta, dict) and meta.get(DENIALS_META_KEY) == "error"
+
+
+def denial_result(verdict: pb.AuthorizeResponse) -> types.CallToolResult:
+    """A tools/call denial as a tool execution error (isError): the model reads why; a program
+    reads `_meta["dev.cloister/denial"]`, the same data (and JSON-RPC code) the error would carry."""
+    error = _denied(verdict)
+    text = (
+        f"{error.message} (Cloister refused this call by policy; nothing was sent to the tool. "
+        f"Decision logged at index {verdict.log_index}.)"
+    )
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=text)],
+        is_error=True,
+        _meta={
+            DENIAL_META_KEY: {**(error.data if isinstance(error.data, dict) else {}), "error_code": error.code},
+            LOG_META_KEY: {"decision": verdict.log_index},
+        },
+    )
+
+
 class CallPath:
     def __init__(self, state: RelayState, upstreams: Upstreams) -> None:
         self.state = state
@@ -125,6 +163,9 @@ class CallPath:
         self._forwarding: set[anyio.CancelScope] = set()  # calls waiting on their upstream
         self._in_flight = 0  # allowed calls whose outcome is not recorded yet
         self._idle: anyio.Event | None = None  # set when _in_flight drops to 0 (shutdown waits on it)
+        # How a tools/call denial the model can act on reaches the agent (decision 0018): "result"
+        # (a tool result with isError, for the model) or "error" (a JSON-RPC error, as before).
+        self.denials: str = "result"
 
     async def shutdown(self, timeout_s: float = OUTCOME_RECORD_TIMEOUT_S) -> None:
         """Stop the calls still waiting on an upstream and let each record its outcome ("relay
@@ -173,6 +214,8 @@ class CallPath:
         marks.append(time.perf_counter())
         if verdict.decision != pb.ALLOW:
             await self._keep_denied_arguments(verdict, args_json)
+            if self.denials == "result" and verdict.denial in MODEL_DENIALS and not _wants_errors(params.meta):
+                return denial_result(verdict)
             raise _denied(verdict)
         # Bodies join the next group commit; the outcome's persist waits for them to be durable.
         self.state.store_body(verdict.log_index, "args", args_json)
