@@ -62,6 +62,13 @@ MCP_ACTIONS: dict[ActionKind, str] = {
 }
 
 
+# How the request of each non-tool kind is typed for Cedar (as a tool's input schema types its
+# arguments): the MCP schema's integers are Cedar Longs, so `context.input.maxTokens <= 1000` works.
+MCP_INPUT_SCHEMAS: dict[ActionKind, dict[str, Any]] = {
+    ActionKind.SAMPLING: {"type": "object", "properties": {"maxTokens": {"type": "integer"}}},
+}
+
+
 def entry_name(kind: ActionKind, name: str) -> str:
     """The `tool` a decision entry (and a grant) records: the tool's name for a tool, else
     "<method>:<name>" (`resources/read:<uri>`, `prompts/get:<prompt>`, `sampling/createMessage:`).

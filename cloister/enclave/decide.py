@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol
 from cloister.enclave.bundle import (
     MAX_LIMIT_VALUE,
     MCP_ACTIONS,
+    MCP_INPUT_SCHEMAS,
     ActionKind,
     AgentSpec,
     PolicyBundle,
@@ -289,7 +290,7 @@ def _cedar(d: Decision, call: Call, state: State) -> None:
     assert d.principal is not None
     now = datetime.fromtimestamp(call.now_ms / 1000, UTC)
     action = call.action
-    schema = state.servers.input_schema(call.server, call.tool) if action is None else None
+    schema = state.servers.input_schema(call.server, call.tool) if action is None else MCP_INPUT_SCHEMAS.get(call.kind)
     cedar = state.engine.evaluate(d.principal, call.server, call.tool, d.arguments, now, schema, action=action)
     d.policy_ids = cedar.policy_ids
     if not cedar.allowed:
