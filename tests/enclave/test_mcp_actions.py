@@ -159,3 +159,22 @@ def test_an_unknown_action_kind_on_the_wire_is_refused(w: World) -> None:
     with pytest.raises(Aborted) as aborted:
         EnclaveService(w.core).Authorize(request, Context())  # type: ignore[arg-type]
     assert aborted.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT and "unknown action kind" in aborted.value.args[1]
+
+
+def test_policy_explain_runs_the_same_decision_for_the_other_kinds(w: World) -> None:
+    from cloister.enclave.bundle import read_bundle_dir
+    from cloister.policytools.explain import explain, parse_at, render
+    from cloister.policytools.validate import validate_files
+
+    files = read_bundle_dir(w.bundle_dir)
+    files["policies/mcp.cedar"] = POLICIES.encode()
+    validation = validate_files(files)
+    at = parse_at(None)
+    common: dict[str, Any] = {"agent": "refund-bot", "roles": None, "server": "refunds", "at": at}
+    ok = explain(validation, tool="docs://a", arguments_json='{"uri": "docs://a"}', kind=ActionKind.RESOURCE, **common)
+    assert ok.decision == "allow" and [p["id"] for p in ok.policies] == ["docs"] and ok.limits == []
+    assert "resources/read 'docs://a' on refunds" in render(ok)
+    no = explain(validation, tool="secret", arguments_json='{"name": "secret"}', kind=ActionKind.PROMPT, **common)
+    assert no.decision == "deny" and no.code == "policy" and [p["id"] for p in no.policies] == ["no-secret-prompt"]
+    big = explain(validation, tool="", arguments_json='{"maxTokens": 500}', kind=ActionKind.SAMPLING, **common)
+    assert big.code == "no-permit" and big.evaluation_errors == []
