@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
 from mcp import Client
@@ -28,7 +30,7 @@ from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free
 from cloister.relay.codes import DENIED
 from cloister.verify.entries import DecisionEntry, OutcomeEntry
 from tests.audit.clirun import cli
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import ADMIN_TOKEN, Stack
 from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
 from tests.e2e.test_relay import entry_at
 
@@ -91,11 +93,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     sock = tmp / "enclave.vsock"
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     port = free_port()
+    (tmp / "admin.token").write_text(ADMIN_TOKEN)
     config = write_relay_config(
         tmp / "relay.toml",
         port=port,
         sock=sock,
-        extra="enclave_timeout_s = 5\n",
+        extra='enclave_timeout_s = 5\nadmin_token_file = "admin.token"\n',
         upstreams=f"""
 [[upstreams]]
 name = "everything"
@@ -124,25 +127,31 @@ class Agent:
         self.sampled: list[types.CreateMessageRequestParams] = []
         self.elicited: list[Any] = []
         self.logs: list[types.LoggingMessageNotificationParams] = []
+        self.logged = anyio.Event()
         self.notices: list[str] = []
+        self.noticed = anyio.Event()
 
-    async def sampling(self, ctx: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+    async def sampling(
+        self, context: Any, params: types.CreateMessageRequestParams
+    ) -> types.CreateMessageResult | types.CreateMessageResultWithTools | types.ErrorData:
         self.sampled.append(params)
         return types.CreateMessageResult(
             role="assistant", content=types.TextContent(type="text", text="a sampled answer"), model="stand-in"
         )
 
-    async def elicitation(self, ctx: Any, params: Any) -> types.ElicitResult:
+    async def elicitation(self, context: Any, params: Any) -> types.ElicitResult | types.ErrorData:
         self.elicited.append(params)
         return types.ElicitResult(action="decline")
 
     async def logging(self, params: types.LoggingMessageNotificationParams) -> None:
         self.logs.append(params)
+        self.logged.set()
 
     async def message(self, message: Any) -> None:
         method = getattr(getattr(message, "root", message), "method", None)
         if isinstance(method, str):
             self.notices.append(method)
+            self.noticed.set()
 
 
 def client(stack: Stack, token: str, agent: Agent | None = None) -> Client:
@@ -240,8 +249,8 @@ def test_progress_reaches_the_agent_under_its_own_token(stack: Stack) -> None:
     async def go() -> None:
         seen: list[tuple[float, float | None]] = []
 
-        async def progress(value: float, total: float | None, message: str | None) -> None:
-            seen.append((value, total))
+        async def progress(progress: float, total: float | None, message: str | None) -> None:
+            seen.append((progress, total))
 
         async with client(stack, stack.token()) as c:
             result = await c.call_tool(
@@ -301,8 +310,7 @@ def test_log_messages_follow_set_level_and_list_changed_is_offered(stack: Stack)
             await c.set_logging_level("debug")
             await c.call_tool("everything___toggle-simulated-logging", {})
             with anyio.move_on_after(15):
-                while not agent.logs:
-                    await anyio.sleep(0.2)
+                await agent.logged.wait()
             await c.call_tool("everything___toggle-simulated-logging", {})
         assert agent.logs, "no upstream log message reached the agent"
         assert all(str(m.logger or "").startswith("everything") for m in agent.logs)
@@ -367,3 +375,39 @@ def test_hostile_names_and_bodies_leave_a_log_that_replays_and_restarts(
         return bool(run(get))
 
     wait_for(works, 30, "prompts to be served after the enclave restart (its resume parsed every entry)")
+
+
+def test_a_policy_push_tells_agents_their_lists_changed(stack: Stack) -> None:
+    """Last in this module: it leaves version 2 in force. A push that hides a prompt reaches the
+    open session as notifications/*/list_changed, and its next listing no longer shows it."""
+    from cloister.enclave.bundle import read_bundle_dir
+    from cloister.verify.bundle import sign_bundle
+
+    files = read_bundle_dir(stack.state.bundle_dir)
+    files["policies/protocol.cedar"] = (
+        POLICY + '@id("no-simple")\nforbid (principal, action == Cloister::Action::"GetPrompt", resource) '
+        'when { context.input.name == "simple-prompt" };\n'
+    ).encode()
+    signed = sign_bundle(
+        files, 2, stack.state.admin_key(), origin=stack.state.origin(), not_after=int(time.time()) + 3600
+    )
+
+    async def go() -> None:
+        agent = Agent()
+        async with client(stack, stack.token(), agent) as c:
+            assert "everything___simple-prompt" in [p.name for p in (await c.list_prompts()).prompts]
+            async with httpx2.AsyncClient() as h:
+                pushed = await h.post(
+                    f"{stack.relay_url}/admin/policy",
+                    content=signed,
+                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                )
+            assert pushed.status_code == 200, pushed.text
+            with anyio.fail_after(15):
+                while "notifications/prompts/list_changed" not in agent.notices:
+                    await agent.noticed.wait()
+                    agent.noticed = anyio.Event()
+            assert {"notifications/tools/list_changed", "notifications/resources/list_changed"} <= set(agent.notices)
+            assert "everything___simple-prompt" not in [p.name for p in (await c.list_prompts()).prompts]
+
+    run(go)
