@@ -262,6 +262,30 @@ def test_progress_reaches_the_agent_under_its_own_token(stack: Stack) -> None:
     run(go)
 
 
+def log_size(stack: Stack) -> int:
+    with httpx2.Client() as h:
+        att = h.get(f"{stack.relay_url}/log/attestation", params={"nonce": "00" * 16}).json()
+    return int(att["checkpoint"].splitlines()[1])
+
+
+def test_an_agent_cancelling_a_call_ends_it_upstream_with_its_outcome_logged(stack: Stack) -> None:
+    async def go() -> None:
+        async with client(stack, stack.token()) as c:
+            with anyio.move_on_after(1.5):
+                await c.call_tool("everything___trigger-long-running-operation", {"duration": 30, "steps": 30})
+            # The session still works, and the upstream is not stuck on the abandoned call.
+            assert not (await c.call_tool("everything___echo", {"message": "after"})).is_error
+
+    before = log_size(stack)
+    run(go)
+    entries = [entry_at(stack, i) for i in range(before, log_size(stack))]
+    cancelled = [e for e in entries if isinstance(e, OutcomeEntry) and e.error == "cancelled by the client"]
+    assert len(cancelled) == 1, entries
+    decision = entry_at(stack, cancelled[0].decision_index)
+    assert isinstance(decision, DecisionEntry) and decision.tool == "trigger-long-running-operation"
+    assert cancelled[0].duration_us < 10_000_000  # ended when the agent cancelled, not when the operation would have
+
+
 def test_sampling_is_decided_logged_and_reaches_the_calling_agent(stack: Stack) -> None:
     async def go() -> None:
         agent = Agent()
