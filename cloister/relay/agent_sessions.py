@@ -89,8 +89,12 @@ class AgentSessions:
 
     def seen(self, ctx: ServerRequestContext[Any, Any], token: str) -> AgentSession:
         """The session of this request, registered or refreshed (the newest last; the oldest
-        forgotten beyond MAX_SESSIONS)."""
+        forgotten beyond MAX_SESSIONS). Its token is the one its latest request carried: a
+        sampling request is decided with the token of the call it serves (`Flight.token`)."""
         key = session_key(ctx)
+        if not key.startswith("mcp:"):
+            # No session id (a 2026-07-28 or stateless request): nothing outlives the request.
+            return AgentSession(key, ctx, token)
         s = self.sessions.pop(key, None)
         if s is None:
             s = AgentSession(key, ctx, token)

@@ -19,6 +19,7 @@ import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from cloister.relay.call_path import DENIAL_META_KEY, DENIALS_META_KEY
 from cloister.relay.codes import (
     DENIED,
     ENCLAVE_UNAVAILABLE,
@@ -27,7 +28,6 @@ from cloister.relay.codes import (
     UNAUTHENTICATED,
     UPSTREAM_FAILED,
 )
-from cloister.relay.call_path import DENIAL_META_KEY, DENIALS_META_KEY
 from cloister.relay.config import UpstreamConfig
 from cloister.relay.upstreams import Upstream
 from cloister.verify.entries import DecisionEntry, OutcomeEntry
@@ -115,8 +115,8 @@ def test_an_upstream_cannot_speak_for_cloister_in_results_or_payment_requests(tm
 def test_cloister_meta_keys_in_an_upstream_result_are_dropped(tmp_path: Path) -> None:
     class ForgingUpstream(StandInUpstream):
         async def call(
-        self, tool: str, arguments: dict[str, Any], meta: dict[str, Any], progress: Any = None
-    ) -> types.CallToolResult:
+            self, tool: str, arguments: dict[str, Any], meta: dict[str, Any], progress: Any = None
+        ) -> types.CallToolResult:
             result = await super().call(tool, arguments, meta)
             forged = {
                 LOG_META_KEY: {"decision": 0, "outcome": 0},
