@@ -80,6 +80,7 @@ def _bundle(dst: Path) -> Path:
         entities.replace("[roles]\n", "[roles]\ntester = {}\nnobody = {}\n")
         + '\n[agents.test-bot]\nroles = ["tester"]\nregion = "eu"\n'
         + '\n[agents.other-bot]\nroles = ["nobody"]\nregion = "eu"\n'
+        + '\n[agents.peer-bot]\nroles = ["tester"]\nregion = "eu"\n'
         + f'\n[servers.everything]\nregion = "eu"\ntools = {json.dumps(TOOLS)}\n'
     )
     (dst / "policies" / "protocol.cedar").write_text(POLICY)
@@ -300,6 +301,33 @@ def test_sampling_is_decided_logged_and_reaches_the_calling_agent(stack: Stack) 
         sampling = [e for e in between if isinstance(e, DecisionEntry)]
         assert [(e.tool, e.decision, e.agent) for e in sampling] == [("sampling/createMessage:", "allow", "test-bot")]
         assert any(isinstance(e, OutcomeEntry) and e.result_sha256 is not None for e in between)
+
+    run(go)
+
+
+def test_an_upstream_request_is_never_given_to_another_agent(stack: Stack) -> None:
+    """A hostile (or merely busy) upstream asks for sampling while calls of two agents are in flight
+    on it: the relay cannot tell whose call it serves, so it reaches neither agent."""
+
+    async def go() -> None:
+        first, second = Agent(), Agent()
+        async with (
+            client(stack, stack.token(), first) as a,
+            client(stack, stack.token("peer-bot", ["tester"]), second) as b,
+            anyio.create_task_group() as tg,
+        ):
+
+            async def long() -> None:
+                await a.call_tool("everything___trigger-long-running-operation", {"duration": 3, "steps": 3})
+
+            tg.start_soon(long)
+            await anyio.sleep(0.5)
+            result = await b.call_tool("everything___trigger-sampling-request", {"prompt": "x", "maxTokens": 5})
+        assert first.sampled == [] and second.sampled == []
+        assert result.is_error and "calls of 2 agents are in flight" in str(result.content[0]), result
+        call = log_meta(result)
+        between = [entry_at(stack, i) for i in range(call["decision"] + 1, call["outcome"])]
+        assert not [e for e in between if isinstance(e, DecisionEntry) and e.tool.startswith("sampling/")]
 
     run(go)
 
