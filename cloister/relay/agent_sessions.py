@@ -86,6 +86,8 @@ class AgentSessions:
     sessions: OrderedDict[str, AgentSession] = field(default_factory=OrderedDict)
     flights: dict[str, list[Flight]] = field(default_factory=dict)
     dropped_logs: int = 0  # log messages that could have been any of several agents'
+    # Resource subscriptions: (server, upstream URI) -> the session keys subscribed to it.
+    subscribers: dict[tuple[str, str], set[str]] = field(default_factory=dict)
 
     def seen(self, ctx: ServerRequestContext[Any, Any], token: str) -> AgentSession:
         """The session of this request, registered or refreshed (the newest last; the oldest
@@ -106,6 +108,8 @@ class AgentSessions:
 
     def forget(self, key: str) -> None:
         self.sessions.pop(key, None)
+        for keys in self.subscribers.values():
+            keys.discard(key)
 
     @contextlib.contextmanager
     def flight(self, server: str, session: AgentSession, ctx: ServerRequestContext[Any, Any]) -> Iterator[Flight]:

@@ -104,6 +104,8 @@ class McpHandlers:
             on_list_resources=self.list_resources,
             on_list_resource_templates=self.list_resource_templates,
             on_read_resource=self.read_resource,
+            on_subscribe_resource=self.subscribe,
+            on_unsubscribe_resource=self.unsubscribe,
             on_list_prompts=self.list_prompts,
             on_get_prompt=self.get_prompt,
             on_completion=self.complete,
@@ -229,6 +231,64 @@ class McpHandlers:
         )
         contents = [c.model_copy(update={"uri": relay_uri(server, str(c.uri))}) for c in result.contents]
         return result.model_copy(update={"contents": contents, "meta": stamped_meta(result.meta, log_meta)})
+
+    # ---- subscriptions: updates of a resource the agent may see ---------------------------------
+
+    async def subscribe(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams
+    ) -> types.EmptyResult:
+        """Updates of a resource the agent may read (judged as its listing is); the upstream is
+        subscribed once for every agent. Reading the update is a read, decided and logged."""
+        session = self._session(ctx)
+        server, uri = await self._subscribable(session.token, str(params.uri))
+        if session.key not in self.agents.sessions:
+            raise MCPError(INVALID_REQUEST, "subscriptions need a session (Mcp-Session-Id) to deliver updates on")
+        subscribers = self.agents.subscribers.setdefault((server, uri), set())
+        if not subscribers:
+            try:
+                await self._upstream(server).request("subscribe", lambda c: c.subscribe_resource(uri))
+            except UpstreamError as exc:
+                raise MCPError(INVALID_REQUEST, str(exc)) from exc
+        subscribers.add(session.key)
+        return types.EmptyResult()
+
+    async def unsubscribe(
+        self, ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams
+    ) -> types.EmptyResult:
+        session = self._session(ctx)
+        target = split_uri(str(params.uri))
+        subscribers = self.agents.subscribers.get(target) if target is not None else None
+        if target is None or subscribers is None:
+            return types.EmptyResult()
+        subscribers.discard(session.key)
+        if not subscribers:
+            del self.agents.subscribers[target]
+            with contextlib.suppress(UpstreamError):
+                await self._upstream(target[0]).request("unsubscribe", lambda c: c.unsubscribe_resource(target[1]))
+        return types.EmptyResult()
+
+    async def _subscribable(self, token: str, uri: str) -> tuple[str, str]:
+        target = split_uri(uri)
+        if target is None:
+            raise MCPError(INVALID_PARAMS, f"unknown resource {uri[:200]!r}: subscribe to {UPSTREAM_URI}<server>/<uri>")
+        server, upstream_uri = target
+        self._upstream(server)
+        ref = pb.ToolRef(server=server, tool=upstream_uri, kind=pb.ACTION_KIND_RESOURCE)
+        if not await self._visible(token, [ref]):
+            raise MCPError(DENIED, f"resource {upstream_uri[:200]!r} of {server!r} is not one you may read")
+        return target
+
+    async def resource_updated(self, server: str, uri: str) -> None:
+        """An upstream's resource changed: tell the sessions subscribed to it."""
+        for key in list(self.agents.subscribers.get((server, uri), ())):
+            s = self.agents.sessions.get(key)
+            try:
+                if s is None:
+                    raise LookupError("session forgotten")
+                await s.ctx.session.send_resource_updated(relay_uri(server, uri))
+            except Exception as exc:  # the agent is gone
+                log.debug("resource update for session %s not delivered: %s", key, exc)
+                self.agents.forget(key)
 
     async def _attestation(self, uri: str) -> types.ReadResourceResult:
         try:

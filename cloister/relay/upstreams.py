@@ -97,6 +97,8 @@ class ProtocolHooks(Protocol):
 
     def changed(self, server: str) -> None: ...
 
+    async def resource_updated(self, server: str, uri: str) -> None: ...
+
 
 class Upstream:
     def __init__(self, config: UpstreamConfig, reporter: IdentityReporter | None = None) -> None:
@@ -151,6 +153,10 @@ class Upstream:
         method = getattr(inner, "method", None)
         if method == "notifications/tools/list_changed":
             self._tools_changed.set()
+        elif method == "notifications/resources/updated" and self.hooks is not None:
+            uri = getattr(getattr(inner, "params", None), "uri", None)
+            if uri is not None:
+                await self.hooks.resource_updated(self.name, str(uri))
         elif method in ("notifications/resources/list_changed", "notifications/prompts/list_changed"):
             client = self._client
             if client is not None:

@@ -45,6 +45,7 @@ TOOLS = [
     "trigger-sampling-request",
     "trigger-elicitation-request",
     "toggle-simulated-logging",
+    "toggle-subscriber-updates",
 ]
 POLICY = """
 @id("tester-tools")
@@ -131,6 +132,7 @@ class Agent:
         self.logged = anyio.Event()
         self.notices: list[str] = []
         self.noticed = anyio.Event()
+        self.updated: list[Any] = []
 
     async def sampling(
         self, context: Any, params: types.CreateMessageRequestParams
@@ -151,6 +153,8 @@ class Agent:
     async def message(self, message: Any) -> None:
         method = getattr(getattr(message, "root", message), "method", None)
         if isinstance(method, str):
+            if method == "notifications/resources/updated":
+                self.updated.append(message.params.uri)
             self.notices.append(method)
             self.noticed.set()
 
@@ -211,6 +215,30 @@ def test_resources_are_listed_filtered_read_under_policy_and_logged(stack: Stack
         async with client(stack, stack.token("other-bot", ["nobody"])) as c:
             assert (await c.list_resources()).resources == []
             assert [t.name for t in (await c.list_resource_templates()).resource_templates] == ["enclave-attestation"]
+
+    run(go)
+
+
+def test_subscriptions_deliver_updates_of_resources_the_agent_may_read(stack: Stack) -> None:
+    async def go() -> None:
+        agent = Agent()
+        async with client(stack, stack.token(), agent) as c:
+            static = next(str(r.uri) for r in (await c.list_resources()).resources)
+            dynamic = "cloister://upstream/everything/demo%3A%2F%2Fresource%2Fdynamic%2Ftext%2F1"
+            with pytest.raises(MCPError) as refused:
+                await c.subscribe_resource(dynamic)  # not readable by this agent: no updates either
+            assert refused.value.error.code == DENIED
+            await c.subscribe_resource(static)
+            await c.call_tool("everything___toggle-subscriber-updates", {})
+            try:
+                with anyio.fail_after(15):
+                    while "notifications/resources/updated" not in agent.notices:
+                        await agent.noticed.wait()
+                        agent.noticed = anyio.Event()
+            finally:
+                await c.call_tool("everything___toggle-subscriber-updates", {})
+            assert static in [str(u) for u in agent.updated]
+            await c.unsubscribe_resource(static)
 
     run(go)
 
