@@ -121,6 +121,7 @@ class Upstream:
         self._ready = anyio.Event()
         self._reattest = anyio.Event()
         self._tools_changed = anyio.Event()
+        self._others_changed = anyio.Event()
         self.reproofs = 0  # re-proofs of a connected session (after the first proof)
         self.logs = False  # whether the session offers logging (its capabilities)
         self.completions = False
@@ -158,11 +159,7 @@ class Upstream:
             if uri is not None:
                 await self.hooks.resource_updated(self.name, str(uri))
         elif method in ("notifications/resources/list_changed", "notifications/prompts/list_changed"):
-            client = self._client
-            if client is not None:
-                with contextlib.suppress(Exception):  # a failed re-list keeps the previous lists
-                    await self._list_others(client)
-                self._changed()
+            self._others_changed.set()  # re-listed by _keep_listing, off the session's receive loop
 
     def _changed(self) -> None:
         if self.hooks is not None:
@@ -217,6 +214,7 @@ class Upstream:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._wait_then_cancel, tg)
                         tg.start_soon(self._keep_proving, client)
+                        tg.start_soon(self._keep_listing, client)
             except Refused as exc:
                 self.state, self.last_error = "quarantined", str(exc)
                 log.warning("upstream %s not launched: %s", self.name, exc)
@@ -330,6 +328,19 @@ class Upstream:
             except Exception as exc:
                 log.warning("re-attesting upstream %s failed: %s", self.name, exc)
             last = anyio.current_time()
+
+    async def _keep_listing(self, client: Client) -> None:
+        """Re-list resources, templates and prompts after the upstream says they changed, at most
+        once per `reproof_min_interval_s`: a flood of notifications costs one re-list."""
+        while True:
+            await self._others_changed.wait()
+            self._others_changed = anyio.Event()
+            try:
+                await self._list_others(client)
+            except Exception as exc:  # a failed re-list keeps the previous lists
+                log.warning("re-listing upstream %s failed: %s", self.name, exc)
+            self._changed()
+            await anyio.sleep(self.config.reproof_min_interval_s)
 
     def reattest(self) -> None:
         self._reattest.set()
