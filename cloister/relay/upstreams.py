@@ -44,6 +44,8 @@ from cloister.verify.errors import CloisterError
 log = logging.getLogger("cloister.relay.upstreams")
 MAX_TOOLS_PAGES = 50
 MAX_ARTIFACT = 16 << 20
+MAX_LISTED = 1000  # resources, templates, prompts offered per upstream (decision 0018)
+MAX_NAME = 2048  # longer resource URIs, templates or prompt names are not offered
 ATTESTATION_URI = "cloister://attestation/"
 _R = TypeVar("_R")
 
@@ -395,7 +397,11 @@ class Upstream:
                 prompts.extend(ppage.prompts)
                 if not (cursor := ppage.next_cursor):
                     break
-        self.resources, self.templates, self.prompts = resources, templates, prompts
+        self.resources = bounded_listing(self.name, "resources", [r for r in resources if len(str(r.uri)) <= MAX_NAME])
+        self.templates = bounded_listing(
+            self.name, "templates", [t for t in templates if len(t.uri_template) <= MAX_NAME]
+        )
+        self.prompts = bounded_listing(self.name, "prompts", [p for p in prompts if len(p.name) <= MAX_NAME])
         self.logs = caps.logging is not None
         self.completions = caps.completions is not None
 
@@ -448,6 +454,14 @@ class Upstream:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def bounded_listing(server: str, what: str, items: list[_R]) -> list[_R]:
+    """At most MAX_LISTED of an upstream's resources, templates or prompts: one upstream's listing
+    must not make the enclave refuse every agent's (its FilterTools takes 10,000 candidates)."""
+    if len(items) > MAX_LISTED:
+        log.warning("upstream %s lists %d %s; only the first %d are offered", server, len(items), what, MAX_LISTED)
+    return items[:MAX_LISTED]
 
 
 async def _first_of(*events: anyio.Event) -> None:
