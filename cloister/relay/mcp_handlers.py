@@ -447,6 +447,11 @@ class McpHandlers:
         if flight is None:
             why = "no agent call is in flight on it" if not sessions else f"calls of {sessions} agents are in flight"
             return types.ErrorData(code=INVALID_REQUEST, message=f"{what} refused: {why}, so it reaches no agent")
+        if not flight.ctx.session.can_send_request:  # a 2026-07-28 session: no server-to-agent requests
+            version = flight.ctx.session.protocol_version
+            return types.ErrorData(
+                code=INVALID_REQUEST, message=f"{what} refused: the agent's session ({version}) cannot take it"
+            )
         if not flight.ctx.session.check_client_capability(capability):
             return types.ErrorData(
                 code=INVALID_REQUEST, message=f"{what} refused: the agent's client does not offer it"

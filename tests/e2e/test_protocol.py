@@ -159,13 +159,13 @@ class Agent:
             self.noticed.set()
 
 
-def client(stack: Stack, token: str, agent: Agent | None = None) -> Client:
+def client(stack: Stack, token: str, agent: Agent | None = None, mode: str = "legacy") -> Client:
     http = mcp_http_client(headers={"Authorization": f"Bearer {token}"})
     a = agent or Agent()
     return Client(
         streamable_http_client(stack.mcp_url, http_client=http),
         cache=None,
-        mode="legacy",  # 2025-11-25: server-to-client requests on the call's stream
+        mode=mode,  # legacy, 2025-11-25: server-to-client requests on the call's stream
         sampling_callback=a.sampling,
         elicitation_callback=a.elicitation,
         logging_callback=a.logging,
@@ -239,6 +239,29 @@ def test_subscriptions_deliver_updates_of_resources_the_agent_may_read(stack: St
                 await c.call_tool("everything___toggle-subscriber-updates", {})
             assert static in [str(u) for u in agent.updated]
             await c.unsubscribe_resource(static)
+
+    run(go)
+
+
+def test_a_2026_client_gets_resources_prompts_and_denial_results(stack: Stack) -> None:
+    """A client that negotiates 2026-07-28 (the SDK's default) by discovery, not a handshake."""
+
+    async def go() -> None:
+        agent = Agent()
+        async with client(stack, stack.token(), agent, mode="auto") as c:
+            assert c.protocol_version == "2026-07-28"
+            uri = next(str(r.uri) for r in (await c.list_resources()).resources)
+            assert log_meta(await c.read_resource(uri))["decision"] > 0
+            assert (await c.get_prompt("everything___simple-prompt")).messages
+            echo = await c.call_tool("everything___echo", {"message": "hi"})
+            assert not echo.is_error and "hi" in str(echo.content[0])
+            # Server-to-agent requests need a handshake-era session: the upstream is refused.
+            sampled = await c.call_tool("everything___trigger-sampling-request", {"prompt": "x", "maxTokens": 5})
+            assert sampled.is_error and agent.sampled == []
+            assert "the agent's session (2026-07-28) cannot take it" in str(sampled.content[0])
+            call = log_meta(sampled)  # refused before any decision: nothing was asked of the agent
+            between = [entry_at(stack, i) for i in range(call["decision"] + 1, call["outcome"])]
+            assert not [e for e in between if isinstance(e, DecisionEntry)]
 
     run(go)
 
