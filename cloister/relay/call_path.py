@@ -255,6 +255,7 @@ class CallPath:
         name: str,
         request: dict[str, Any],
         send: Callable[[bytes], Awaitable[_M]],
+        cancelled: str = CANCELLED_BY_CLIENT,
     ) -> tuple[_M, dict[str, int]]:
         """One governed MCP request other than tools/call (decision 0018): a resource read or a
         prompt the agent asks of `server`, or `server`'s sampling or elicitation request to the
@@ -262,7 +263,7 @@ class CallPath:
         hashed into the decision entry), the decision is durable, `send(grant)` runs only when
         allowed (raising UpstreamError when it fails), and its outcome, with the answer's hash
         and the answer stored as the result body, is durable before the answer is returned with
-        the log indexes."""
+        the log indexes. `cancelled`: the outcome when the request is cancelled (by whoever sent it)."""
         args_json = _compact_json(request)
         if len(args_json) > self.state.config.max_argument_bytes:
             raise MCPError(
@@ -279,7 +280,7 @@ class CallPath:
         self.state.store_body(verdict.log_index, "args", args_json)
         self._in_flight += 1
         try:
-            result, failure, outcome = await self._send_and_record(verdict, send)
+            result, failure, outcome = await self._send_and_record(verdict, send, cancelled)
         finally:
             self._in_flight -= 1
             if not self._in_flight and self._idle is not None:
@@ -295,7 +296,7 @@ class CallPath:
         return result, log_meta
 
     async def _send_and_record(
-        self, verdict: pb.AuthorizeResponse, send: Callable[[bytes], Awaitable[_M]]
+        self, verdict: pb.AuthorizeResponse, send: Callable[[bytes], Awaitable[_M]], cancelled: str
     ) -> tuple[_M | None, UpstreamError | None, pb.OutcomeResponse]:
         started = time.monotonic()
         result: _M | None = None
@@ -308,7 +309,8 @@ class CallPath:
                 failure = exc
             except anyio.get_cancelled_exc_class():
                 if not stop.cancel_called:
-                    await self._record_interrupted(verdict.log_index, started, self._cancel_reason())
+                    reason = RELAY_SHUTTING_DOWN if self._cancel_reason() == RELAY_SHUTTING_DOWN else cancelled
+                    await self._record_interrupted(verdict.log_index, started, reason)
                     raise
             except Exception as exc:
                 log.exception("forwarding the request of decision %d failed", verdict.log_index)

@@ -471,7 +471,9 @@ class McpHandlers:
                 ) from exc
 
         try:
-            result, _ = await self.calls.governed(flight.token, kind, server, "", request, forward)
+            result, _ = await self.calls.governed(
+                flight.token, kind, server, "", request, forward, cancelled="cancelled by the upstream"
+            )
         except MCPError as exc:  # denied, or failed: the upstream gets the reason (and the log index)
             return types.ErrorData(code=exc.code, message=exc.message, data=exc.data)
         return result  # type: ignore[no-any-return]
