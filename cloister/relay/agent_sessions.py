@@ -8,7 +8,7 @@ attributed to the agent session whose calls are in flight on that upstream, and 
 them belong to one session: with calls of two sessions in flight, it could be either's, and it
 goes to neither (a sampling or elicitation request is refused to the upstream, a log message is
 dropped and counted). Log messages with no call in flight go to the sessions that asked for logs
-(`logging/setLevel`) at that level.
+(`logging/setLevel`) at that level and whose listings showed them something of that server.
 
 Also here: how upstream resources appear to agents. A resource's URI becomes
 `cloister://upstream/<server>/<the upstream's URI, percent-encoded>` (a URI template keeps its
@@ -70,6 +70,9 @@ class AgentSession:
     ctx: ServerRequestContext[Any, Any]  # its latest request's, whose session reaches the agent
     token: str
     log_level: str | None = None  # from logging/setLevel; None: no logs unless a call is in flight
+    # The servers its listings showed it something of (the enclave judged): only their log
+    # messages reach it when no call of its is in flight.
+    servers: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -144,7 +147,7 @@ class AgentSessions:
         return [
             (s, None)
             for s in self.sessions.values()
-            if s.log_level is not None and LOG_LEVELS.index(s.log_level) <= rank
+            if s.log_level is not None and LOG_LEVELS.index(s.log_level) <= rank and server in s.servers
         ]
 
     def most_verbose(self) -> str | None:

@@ -133,6 +133,12 @@ class McpHandlers:
                 return dict(t.input_schema)
         return None
 
+    async def _shown(self, session: AgentSession, refs: list[pb.ToolRef]) -> list[pb.ToolRef]:
+        """`_visible` for a listing, remembering which servers the session was shown something of."""
+        visible = await self._visible(session.token, refs)
+        session.servers.update(v.server for v in visible)
+        return visible
+
     async def _visible(self, token: str, refs: list[pb.ToolRef]) -> list[pb.ToolRef]:
         """The items the agent may see (the enclave judges), or the agent's error. Asked even for
         no items: an empty list is no answer to a bad token."""
@@ -149,11 +155,11 @@ class McpHandlers:
     async def list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
-        token = self._session(ctx).token
+        session = self._session(ctx)
         by_key = {(u.name, t.name): t for u in self.upstreams.by_name.values() for t in u.tools}
         refs = [pb.ToolRef(server=s, tool=t) for s, t in by_key]
         tools = []
-        for ref in await self._visible(token, refs):
+        for ref in await self._shown(session, refs):
             t = by_key[(ref.server, ref.tool)]
             tools.append(
                 t.model_copy(
@@ -170,10 +176,10 @@ class McpHandlers:
     async def list_resources(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
     ) -> types.ListResourcesResult:
-        token = self._session(ctx).token
+        session = self._session(ctx)
         items = [(u, r) for u in self._up() for r in u.resources]
         refs = [pb.ToolRef(server=u.name, tool=str(r.uri), kind=pb.ACTION_KIND_RESOURCE) for u, r in items]
-        shown = {(v.server, v.tool) for v in await self._visible(token, refs)}
+        shown = {(v.server, v.tool) for v in await self._shown(session, refs)}
         return types.ListResourcesResult(
             resources=[
                 r.model_copy(update={"uri": relay_uri(u.name, str(r.uri)), "name": f"{u.name}{TOOL_SEPARATOR}{r.name}"})
@@ -185,10 +191,10 @@ class McpHandlers:
     async def list_resource_templates(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
     ) -> types.ListResourceTemplatesResult:
-        token = self._session(ctx).token
+        session = self._session(ctx)
         items = [(u, t) for u in self._up() for t in u.templates]
         refs = [pb.ToolRef(server=u.name, tool=t.uri_template, kind=pb.ACTION_KIND_RESOURCE) for u, t in items]
-        shown = {(v.server, v.tool) for v in await self._visible(token, refs)}
+        shown = {(v.server, v.tool) for v in await self._shown(session, refs)}
         templates = [
             t.model_copy(
                 update={
@@ -311,10 +317,10 @@ class McpHandlers:
     async def list_prompts(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
     ) -> types.ListPromptsResult:
-        token = self._session(ctx).token
+        session = self._session(ctx)
         items = [(u, p) for u in self._up() for p in u.prompts]
         refs = [pb.ToolRef(server=u.name, tool=p.name, kind=pb.ACTION_KIND_PROMPT) for u, p in items]
-        shown = {(v.server, v.tool) for v in await self._visible(token, refs)}
+        shown = {(v.server, v.tool) for v in await self._shown(session, refs)}
         return types.ListPromptsResult(
             prompts=[
                 p.model_copy(

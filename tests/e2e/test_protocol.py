@@ -410,6 +410,7 @@ def test_log_messages_follow_set_level_and_list_changed_is_offered(stack: Stack)
             assert caps.tools is not None and caps.tools.list_changed
             assert caps.resources is not None and caps.resources.list_changed
             assert caps.prompts is not None and caps.prompts.list_changed
+            await c.list_tools()  # log messages outside a call reach sessions shown something of the server
             await c.set_logging_level("debug")
             await c.call_tool("everything___toggle-simulated-logging", {})
             with anyio.move_on_after(15):

@@ -65,8 +65,12 @@ def test_log_messages_without_a_call_go_to_sessions_that_asked_at_that_level() -
     agents = AgentSessions()
     quiet, verbose, errors = (agents.seen(Ctx(k), "t") for k in ("Q", "V", "E"))  # type: ignore[arg-type]
     verbose.log_level, errors.log_level = "debug", "error"
+    assert agents.log_targets("s", "critical") == []  # their listings showed them nothing of "s"
+    verbose.servers.add("s")
+    errors.servers.add("s")
     assert [s.key for s, _ in agents.log_targets("s", "info")] == ["mcp:V"]
     assert [s.key for s, _ in agents.log_targets("s", "critical")] == ["mcp:V", "mcp:E"]
+    assert agents.log_targets("another", "critical") == []
     assert agents.most_verbose() == "debug" and quiet.log_level is None
 
 
