@@ -52,6 +52,7 @@ ATTESTATION_URI = "cloister://attestation/"
 LIST_CHANGED_DELAY_S = 0.2  # changes within this coalesce into one round of notifications
 POLICY_POLL_S = 2.0  # how often the policy in force is checked for a push
 _T = TypeVar("_T")
+_C = TypeVar("_C")
 
 
 class _RelayServer(Server[Any]):
@@ -123,7 +124,8 @@ class McpHandlers:
         session = self._session(ctx)
         server, _ = split_tool_name(params.name)
         with self.agents.flight(server, session, ctx):
-            return await self.calls.call(session.token, params, _progress_to(ctx, params.meta))
+            result = await self.calls.call(session.token, params, _progress_to(ctx, params.meta))
+        return result.model_copy(update={"content": [_relay_links(server, c) for c in result.content]})
 
     def input_schema(self, name: str) -> dict[str, Any] | None:
         server, tool = split_tool_name(name)
@@ -349,7 +351,8 @@ class McpHandlers:
         result, log_meta = await self.calls.governed(
             session.token, pb.ACTION_KIND_PROMPT, server, name, {"name": name, "arguments": arguments}, send
         )
-        return result.model_copy(update={"meta": stamped_meta(result.meta, log_meta)})
+        messages = [m.model_copy(update={"content": _relay_links(server, m.content)}) for m in result.messages]
+        return result.model_copy(update={"messages": messages, "meta": stamped_meta(result.meta, log_meta)})
 
     # ---- completions: for what the agent may see ------------------------------------------------
 
@@ -529,6 +532,17 @@ class McpHandlers:
         if upstream is None:
             raise MCPError(INVALID_PARAMS, f"no upstream named {server[:64]!r} is configured on this relay")
         return upstream
+
+
+def _relay_links(server: str, content: _C) -> _C:
+    """A resource link or embedded resource in an upstream's answer, named as agents read it
+    through the relay (the logged body keeps the upstream's own URI)."""
+    if isinstance(content, types.ResourceLink):
+        return content.model_copy(update={"uri": relay_uri(server, str(content.uri))})
+    if isinstance(content, types.EmbeddedResource):
+        inner = content.resource.model_copy(update={"uri": relay_uri(server, str(content.resource.uri))})
+        return content.model_copy(update={"resource": inner})
+    return content
 
 
 def _progress_to(ctx: ServerRequestContext[Any, Any], meta: Any) -> ProgressFnT | None:

@@ -46,6 +46,7 @@ TOOLS = [
     "trigger-elicitation-request",
     "toggle-simulated-logging",
     "toggle-subscriber-updates",
+    "get-resource-links",
 ]
 POLICY = """
 @id("tester-tools")
@@ -215,6 +216,20 @@ def test_resources_are_listed_filtered_read_under_policy_and_logged(stack: Stack
         async with client(stack, stack.token("other-bot", ["nobody"])) as c:
             assert (await c.list_resources()).resources == []
             assert [t.name for t in (await c.list_resource_templates()).resource_templates] == ["enclave-attestation"]
+
+    run(go)
+
+
+def test_resource_links_in_results_are_named_as_the_relay_serves_them(stack: Stack) -> None:
+    async def go() -> None:
+        async with client(stack, stack.token()) as c:
+            result = await c.call_tool("everything___get-resource-links", {"count": 2})
+            links = [x for x in result.content if isinstance(x, types.ResourceLink)]
+            assert links and all(str(x.uri).startswith("cloister://upstream/everything/demo%3A") for x in links)
+            # Following a link is a read like any other: these dynamic ones this agent may not read.
+            with pytest.raises(MCPError) as denied:
+                await c.read_resource(str(links[0].uri))
+            assert denied.value.error.code == DENIED
 
     run(go)
 
