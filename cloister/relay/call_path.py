@@ -140,8 +140,8 @@ def denial_result(verdict: pb.AuthorizeResponse) -> types.CallToolResult:
     reads `_meta["dev.cloister/denial"]`, the same data (and JSON-RPC code) the error would carry."""
     error = _denied(verdict)
     text = (
-        f"{error.message} (Cloister refused this call by policy; nothing was sent to the tool. "
-        f"Decision logged at index {verdict.log_index}.)"
+        f"{error.message} (Cloister, the gateway that governs this tool, refused the call; nothing was "
+        f"sent to the tool. Decision logged at index {verdict.log_index}.)"
     )
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=text)],
