@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
+from enum import StrEnum
 from typing import Any, Literal
 
 import cedarpy
@@ -36,6 +37,46 @@ from cloister.wire.contract import MAX_LIMIT_WINDOW_S, TOOL_SEPARATOR
 
 NAMESPACE = "Cloister"
 ACTION_GROUPS = ("CallTool", "Mcp")
+
+
+class ActionKind(StrEnum):
+    """What an agent (or an upstream, for sampling and elicitation) asks for: the MCP method.
+
+    Tools keep one Cedar action per tool (decision 0005). The other kinds name no item the bundle
+    declares (a resource URI, a prompt name, a sampling request), so each is one Cedar action,
+    `MCP_ACTIONS[kind]`, with the server as the resource and the request in `context.input`
+    (decision 0018)."""
+
+    TOOL = "tools/call"
+    RESOURCE = "resources/read"
+    PROMPT = "prompts/get"
+    SAMPLING = "sampling/createMessage"
+    ELICITATION = "elicitation/create"
+
+
+# The Cedar action of each non-tool kind, a child of Action::"Mcp".
+MCP_ACTIONS: dict[ActionKind, str] = {
+    ActionKind.RESOURCE: "ReadResource",
+    ActionKind.PROMPT: "GetPrompt",
+    ActionKind.SAMPLING: "CreateMessage",
+    ActionKind.ELICITATION: "Elicit",
+}
+
+
+# How the request of each non-tool kind is typed for Cedar (as a tool's input schema types its
+# arguments): the MCP schema's integers are Cedar Longs, so `context.input.maxTokens <= 1000` works.
+MCP_INPUT_SCHEMAS: dict[ActionKind, dict[str, Any]] = {
+    ActionKind.SAMPLING: {"type": "object", "properties": {"maxTokens": {"type": "integer"}}},
+}
+
+
+def entry_name(kind: ActionKind, name: str) -> str:
+    """The `tool` a decision entry (and a grant) records: the tool's name for a tool, else
+    "<method>:<name>" (`resources/read:<uri>`, `prompts/get:<prompt>`, `sampling/createMessage:`).
+    A bundle's tool names cannot contain ':', so no other kind can pass for a tool call."""
+    return name if kind is ActionKind.TOOL else f"{kind.value}:{name}"
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")  # agents, roles, limit ids (fullmatch)
 # Servers and tools name Cedar actions `<server>___<tool>` and the MCP tools agents see: see
 # server_name_problem and tool_name_problem, the one rule that `policy validate` runs too.
@@ -647,7 +688,8 @@ def _check_entities(
         f"{NAMESPACE}::Role": set(roles),
         f"{NAMESPACE}::Server": set(servers),
         f"{NAMESPACE}::Action": {action_id(sv.name, t) for sv in servers.values() for t in sv.tools}
-        | set(ACTION_GROUPS),
+        | set(ACTION_GROUPS)
+        | set(MCP_ACTIONS.values()),
     }
     for pid, policy in policies.items():
         for uid in _entity_refs(policy):
@@ -702,6 +744,10 @@ def _entities_json(roles: frozenset[str], agents: Mapping[str, AgentSpec], serve
             "attrs": {},
             "parents": [{"type": f"{ns}::Action", "id": "Mcp"}],
         }
+    )
+    out.extend(
+        {"uid": {"type": f"{ns}::Action", "id": a}, "attrs": {}, "parents": [{"type": f"{ns}::Action", "id": "Mcp"}]}
+        for a in MCP_ACTIONS.values()
     )
     for s in servers.values():
         attrs = {

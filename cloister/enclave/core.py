@@ -42,7 +42,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from cloister.enclave.anonymous import AnonymousDenials
-from cloister.enclave.bundle import MAX_COST_PLACES, MAX_LIMIT_VALUE, PolicyBundle, parse_bundle_files
+from cloister.enclave.bundle import (
+    MAX_COST_PLACES,
+    MAX_LIMIT_VALUE,
+    MCP_ACTIONS,
+    ActionKind,
+    PolicyBundle,
+    parse_bundle_files,
+)
 from cloister.enclave.config import EnclaveConfig
 from cloister.enclave.decide import Call, Decision, State, decide_before_limits, decide_limits, principal_from_token
 from cloister.enclave.freshness import GateStatus, WitnessGate
@@ -637,6 +644,7 @@ class EnclaveCore:
         persisted_size: int,
         payment_amount: str = "",
         payment: bytes = b"",
+        kind: ActionKind = ActionKind.TOOL,
     ) -> Verdict:
         seq = self._ready_sequencer()
         seq.release(persisted_size)
@@ -652,6 +660,7 @@ class EnclaveCore:
                 payment_amount=payment_amount,
                 now_ms=self._clock_ms(),
                 payment=payment,
+                kind=kind,
             )
             verdict = self._decide(ps, seq, call, bounded(request_id, MAX_REQUEST_ID))
             if verdict is not None:
@@ -690,7 +699,7 @@ class EnclaveCore:
                         p.agent,
                         p.roles,
                         call.server,
-                        call.tool,
+                        call.recorded_tool,
                         expiry or call.now_ms,
                         nonce or b"",
                         self._signing(ps, call.server),
@@ -698,11 +707,13 @@ class EnclaveCore:
                 )
         # The grant and the checkpoint, outside the lock.
         grant = b""
-        if p is not None and nonce is not None and expiry is not None:
+        # Sampling and elicitation go to the agent, not to an upstream: no grant (decision 0018).
+        upstream_bound = call.kind in (ActionKind.TOOL, ActionKind.RESOURCE, ActionKind.PROMPT)
+        if p is not None and nonce is not None and expiry is not None and upstream_bound:
             claims = GrantClaims(
                 agent=p.agent,
                 server=call.server,
-                tool=call.tool,
+                tool=bounded(call.recorded_tool, NAME_BOUND),
                 args_sha256=d.args_sha256,
                 policy_sha256=ps.sha256,
                 log_index=index,
@@ -817,6 +828,13 @@ class EnclaveCore:
         return status.value, sig, key if sig is not None and key else None
 
     def visible_tools(self, token: str, candidates: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+        agent, shown = self.visible_items(token, [(ActionKind.TOOL, server, tool) for server, tool in candidates])
+        return agent, [candidates[i] for i in shown]
+
+    def visible_items(self, token: str, items: Sequence[tuple[ActionKind, str, str]]) -> tuple[str, list[int]]:
+        """The agent, and the indexes of the items it may see: (kind, server, name), the name a
+        tool, a resource URI or URI template, or a prompt, judged with what the listing knows
+        (decision 0018). Discovery only: every use is decided on its own."""
         ps = self._policy
         if ps is None:
             raise NotReady("no policy bundle is loaded")
@@ -824,12 +842,15 @@ class EnclaveCore:
         principal = _CachedToken(token, ps.tokens).principal(ps.bundle, now_ms)
         now = datetime.fromtimestamp(now_ms / 1000, UTC)
         out = []
-        for server, tool in candidates:
+        for i, (kind, server, name) in enumerate(items):
             spec = ps.bundle.servers.get(server)
-            if spec is None or tool not in spec.tools or self.servers.refusal(spec, tool, now_ms) is not None:
+            if spec is None or (kind is ActionKind.TOOL and name not in spec.tools):
                 continue
-            if ps.engine.may_call(principal, server, tool, now):
-                out.append((server, tool))
+            if self.servers.refusal(spec, name if kind is ActionKind.TOOL else "", now_ms) is not None:
+                continue
+            action, known = MCP_ACTIONS.get(kind), _known(kind, name)
+            if ps.engine.may_call(principal, server, name, now, action=action, known=known):
+                out.append(i)
         return principal.agent, out
 
     # ---- upstream servers: identity and tool pins ---------------------------------------------
@@ -907,6 +928,19 @@ class EnclaveCore:
         }
 
 
+def _known(kind: ActionKind, name: str) -> Any:
+    """What a listing knows of a request's input (`PolicyEngine.may_call`): a resource's URI (a
+    template's stays unknown: its URIs are not yet made), a prompt's name; None: nothing."""
+    if kind is ActionKind.RESOURCE and "{" not in name:
+        return {"uri": name}
+    if kind is ActionKind.PROMPT:
+        # Without its arguments: cedarpy's partial evaluation leaves a context holding both an
+        # unknown and the time undecided, which would show every prompt. A policy on the
+        # arguments then errors here and is skipped: discovery shows more, never decides more.
+        return {"name": name}
+    return None
+
+
 def _paid_text(paid_amount: str) -> str:
     """An outcome's paid amount as the entry records it: normalised plain digits ("" for none),
     within the bounds a charge has (DecodeError otherwise)."""
@@ -966,7 +1000,7 @@ def _decision_entry(
         roles=tuple(sorted(p.roles)) if p else (),
         issuer=p.issuer if p else "",
         server=bounded(call.server, NAME_BOUND),
-        tool=bounded(call.tool, NAME_BOUND),
+        tool=bounded(call.recorded_tool, NAME_BOUND),
         args_sha256=d.args_sha256,
         decision="allow" if d.allowed else "deny",
         code=d.code,

@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 
 import grpc
 
+from cloister.enclave.bundle import ActionKind
 from cloister.enclave.core import (
     EnclaveCore,
     KeyRefused,
@@ -53,6 +54,23 @@ DENIALS: Final[Mapping[DenyCode, pb.DenyCode]] = {
     DenyCode.NO_PERMIT: pb.DENY_CODE_NO_PERMIT,
     DenyCode.LIMIT: pb.DENY_CODE_LIMIT,
 }
+
+
+# The proto's ActionKind, both ways (decision 0018); an unknown value is refused, never read as a tool.
+KINDS: Final[Mapping[int, ActionKind]] = {
+    pb.ACTION_KIND_TOOL: ActionKind.TOOL,
+    pb.ACTION_KIND_RESOURCE: ActionKind.RESOURCE,
+    pb.ACTION_KIND_PROMPT: ActionKind.PROMPT,
+    pb.ACTION_KIND_SAMPLING: ActionKind.SAMPLING,
+    pb.ACTION_KIND_ELICITATION: ActionKind.ELICITATION,
+}
+
+
+def _kind(value: int) -> ActionKind:
+    kind = KINDS.get(value)
+    if kind is None:
+        raise DecodeError(f"unknown action kind {value}")
+    return kind
 
 
 def _log_append(a: LogAppend) -> pb.LogAppend:
@@ -133,6 +151,7 @@ class EnclaveService(pb_grpc.EnclaveServicer):
                     persisted_size=request.persisted_size,
                     payment_amount=request.payment_amount,
                     payment=request.payment,
+                    kind=_kind(request.kind),
                 )
             )
 
@@ -143,9 +162,12 @@ class EnclaveService(pb_grpc.EnclaveServicer):
             if len(request.candidates) > 10_000:
                 raise DecodeError("more than 10000 candidate tools")
             # Each distinct candidate is judged once (a relay repeating one is not a reason for more work).
-            candidates = list(dict.fromkeys((c.server, c.tool) for c in request.candidates))
-            agent, visible = self.core.visible_tools(request.token, candidates)
-            return pb.FilterToolsResponse(agent=agent, visible=[pb.ToolRef(server=s, tool=t) for s, t in visible])
+            first: dict[tuple[ActionKind, str, str], pb.ToolRef] = {}
+            for c in request.candidates:
+                first.setdefault((_kind(c.kind), c.server, c.tool), c)
+            unique = list(first)
+            agent, shown = self.core.visible_items(request.token, unique)
+            return pb.FilterToolsResponse(agent=agent, visible=[first[unique[i]] for i in shown])
 
         return _call(context, run)
 

@@ -137,6 +137,13 @@ class EnclaveClient:
         resp: pb.FilterToolsResponse = await self._call("FilterTools", req)
         return resp
 
+    async def filter_items(self, token: str, candidates: list[pb.ToolRef]) -> pb.FilterToolsResponse:
+        """Which tools, resources, templates or prompts (each ToolRef's `kind`) the agent may see."""
+        resp: pb.FilterToolsResponse = await self._call(
+            "FilterTools", pb.FilterToolsRequest(token=token, candidates=candidates)
+        )
+        return resp
+
     async def record_outcome(self, request: pb.OutcomeRequest) -> pb.OutcomeResponse:
         resp: pb.OutcomeResponse = await self._call("RecordOutcome", request)
         return resp

@@ -22,13 +22,13 @@ class _Context:
 def test_repeated_candidates_are_judged_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     w = make_world(tmp_path)
     seen: list[int] = []
-    real = EnclaveCore.visible_tools
+    real = EnclaveCore.visible_items
 
-    def counting(self: EnclaveCore, token: str, candidates: list[tuple[str, str]]) -> Any:
+    def counting(self: EnclaveCore, token: str, candidates: list[Any]) -> Any:
         seen.append(len(candidates))
         return real(self, token, candidates)
 
-    monkeypatch.setattr(EnclaveCore, "visible_tools", counting)
+    monkeypatch.setattr(EnclaveCore, "visible_items", counting)
     lookup = pb.ToolRef(server="refunds", tool="customer_lookup")
     search = pb.ToolRef(server="research", tool="web_search")
     request = pb.FilterToolsRequest(
