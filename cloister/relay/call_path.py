@@ -39,6 +39,7 @@ from cloister.relay.codes import (
     upstream_error_code,
 )
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
+from cloister.relay.observe import CallObserver
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import UpstreamError, Upstreams
 from cloister.verify.errors import DecodeError
@@ -122,6 +123,7 @@ class CallPath:
         self._forwarding: set[anyio.CancelScope] = set()  # calls waiting on their upstream
         self._in_flight = 0  # allowed calls whose outcome is not recorded yet
         self._idle: anyio.Event | None = None  # set when _in_flight drops to 0 (shutdown waits on it)
+        self.observer = CallObserver()  # metrics, traces, call log (set by the relay; decision 0020)
 
     async def shutdown(self, timeout_s: float = OUTCOME_RECORD_TIMEOUT_S) -> None:
         """Stop the calls still waiting on an upstream and let each record its outcome ("relay
@@ -167,6 +169,7 @@ class CallPath:
         marks.append(time.perf_counter())
         if verdict.decision != pb.ALLOW:
             await self._keep_denied_arguments(verdict, args_json)
+            self.observer.denied(server, tool, verdict, marks, args_json)
             raise _denied(verdict)
         # Bodies join the next group commit; the outcome's persist waits for them to be durable.
         self.state.store_body(verdict.log_index, "args", args_json)
@@ -179,6 +182,7 @@ class CallPath:
             self._in_flight -= 1
             if not self._in_flight and self._idle is not None:
                 self._idle.set()
+        self.observer.completed(server, tool, verdict, marks, args_json, outcome, result, failure)
         if log.isEnabledFor(logging.DEBUG):
             phases = ("authorize", "persist", "upstream", "outcome", "persist")
             log.debug(
@@ -222,12 +226,14 @@ class CallPath:
                 )
             )
         except EnclaveUnavailable as exc:
+            self.observer.unavailable(server, tool)
             raise MCPError(
                 ENCLAVE_UNAVAILABLE,
                 f"call refused, the enclave is unavailable (fail closed): {exc}",
                 data={SOURCE: FROM_CLOISTER},
             ) from exc
         except EnclaveRefused as exc:
+            self.observer.unavailable(server, tool)
             raise MCPError(
                 ENCLAVE_UNAVAILABLE, f"call refused, the enclave could not decide: {exc}", data={SOURCE: FROM_CLOISTER}
             ) from exc

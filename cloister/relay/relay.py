@@ -45,6 +45,7 @@ from cloister.relay.identity import UpstreamIdentity
 from cloister.relay.lifecycle import Lifecycle
 from cloister.relay.log_api import LogApi
 from cloister.relay.mcp_handlers import McpHandlers
+from cloister.relay.observability import Observability
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import Upstreams
 from cloister.relay.witnessing import Witnessing
@@ -77,12 +78,16 @@ class Relay:
         self.log_api = LogApi(self.state, self.upstreams, self.witnessing)
         self.admin = Admin(self.state, self.upstreams)
         self.mcp = self.mcp_handlers.server()
+        # Observability (decision 0020): /metrics, traces (OTEL_*), the JSON call log (CLOISTER_CALL_LOG).
+        self.observability = Observability(self.state, self.upstreams, self.witnessing)
+        self.calls.observer = self.observability.observer
+        self.log_api.shutting_down = lambda: self.calls.shutting_down()
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         await self.lifecycle.start(tg)
 
     def routes(self) -> list[Route]:
-        return [*self.log_api.routes(), *self.admin.routes()]
+        return [*self.observability.routes(), *self.log_api.routes(), *self.admin.routes()]
 
     def asgi_app(self) -> ASGIApp:
         app = self.mcp.streamable_http_app(host=self.config.host, custom_starlette_routes=self.routes())
@@ -94,6 +99,7 @@ class Relay:
         self.upstreams.stop()
         await self.state.writer.close()
         await self.state.enclave.close()
+        self.observability.close()
 
 
 class RequireBearer:
