@@ -1,6 +1,7 @@
 """The relay's read-only HTTP API: `/healthz`, `/livez` and `/readyz`, the audit page `/log/`, the
 enclave's attestation (`/attestation`, and `/log/attestation` with a checkpoint), and the log for
-auditors (`/log/...`: C2SP tlog-tiles, proofs, and the bodies entries commit to). Nothing here changes state but publishing tiles.
+auditors (`/log/...`: C2SP tlog-tiles, proofs, and the bodies entries commit to). Nothing here
+changes state but publishing tiles.
 
 Tiles, checkpoints and proofs are public: they hold hashes only. Bodies (the arguments and
 results entries commit to) go only to holders of the auditor token (`cloister.relay.auth`), as
