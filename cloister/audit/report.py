@@ -50,6 +50,7 @@ CSV_COLUMNS = (
     "reason",
     "policy_version",
     "payment",
+    "charges",
     "outcome",
     "outcome_index",
     "outcome_time",
@@ -113,8 +114,8 @@ class ReportInput:
     log_url: str | None = None  # for receipt and proof links (a relay URL)
 
 
-def _payment(record: CallRecord) -> str:
-    return record.paid or ", ".join(f"{k}={v}" for k, v in sorted(record.charges.items()))
+def _charges(record: CallRecord) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(record.charges.items()))
 
 
 def _receipt_url(base: str | None, record: CallRecord, size: int) -> str:
@@ -126,7 +127,8 @@ def _receipt_url(base: str | None, record: CallRecord, size: int) -> str:
 def build_report(inp: ReportInput, facts: LogFacts) -> dict[str, Any]:
     """The report as data: what `--format json` prints and the HTML and CSV are made from."""
     calls = [
-        {**c.json(), "payment": _payment(c), "receipt": _receipt_url(inp.log_url, c, inp.size)} for c in facts.calls
+        {**c.json(), "payment": c.paid, "charges_text": _charges(c), "receipt": _receipt_url(inp.log_url, c, inp.size)}
+        for c in facts.calls
     ]
     denials = [{"code": c, "reason": r, "count": n} for (c, r), n in facts.denials_by_reason.most_common()]
     statement = _statement(inp)
@@ -206,6 +208,7 @@ def render_csv(report: dict[str, Any]) -> str:
     writer.writeheader()
     for call in report["calls"]:
         row = {k: ("" if call.get(k) is None else call.get(k)) for k in CSV_COLUMNS}
+        row["charges"] = call.get("charges_text", "")
         # A spreadsheet must not run a cell an agent chose: neutralise formula prefixes.
         writer.writerow({k: _csv_safe(v) for k, v in row.items()})
     return out.getvalue()
@@ -222,8 +225,8 @@ def _csv_safe(value: Any) -> Any:
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#1b1f24;max-width:1400px}
 h1{font-size:1.6em;margin:0 0 .2em}h2{font-size:1.2em;margin:1.6em 0 .4em;border-bottom:1px solid #ccd}
-table{border-collapse:collapse;width:100%;margin:.4em 0}th,td{border:1px solid #d0d7de;padding:3px 6px;
-text-align:left;vertical-align:top}th{background:#f3f4f6}tr.deny td{background:#fff4f4}
+table{border-collapse:collapse;width:100%;margin:.4em 0;display:block;overflow-x:auto}
+th,td{border:1px solid #d0d7de;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere}th{background:#f3f4f6}tr.deny td{background:#fff4f4}
 .ok{color:#116329;font-weight:600}.bad{color:#b42318;font-weight:700}pre{background:#f6f8fa;padding:.6em;
 overflow:auto;white-space:pre-wrap;word-break:break-all}code{font-size:.95em}.muted{color:#59636e}
 .charts{display:flex;flex-wrap:wrap;gap:2em}figure{margin:0}figcaption{font-weight:600}
@@ -341,6 +344,7 @@ def _calls_table(calls: Sequence[dict[str, Any]]) -> str:
                 c["code"],
                 c["reason"],
                 c["payment"],
+                c.get("charges_text", ""),
                 c["outcome"] + (f": {c['error']}" if c.get("error") else ""),
                 c.get("response") or "",
                 link(receipt, "proof") if receipt else f"cloister audit receipt --index {c['index']}",
@@ -357,6 +361,7 @@ def _calls_table(calls: Sequence[dict[str, Any]]) -> str:
         "code",
         "reason",
         "payment",
+        "limit charges",
         "outcome",
         "response",
         "receipt",
@@ -443,8 +448,8 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append(
         '<h2>Charts</h2><div class="charts">'
         f"<figure><figcaption>Calls over time</figcaption>{svg_timeline('Calls over time', times)}</figure>"
-        "<figure><figcaption>Denials by reason</figcaption>"
-        f"{svg_bars('Denials by reason', [(d['code'] or d['reason'][:30], d['count']) for d in denials])}</figure>"
+        "<figure><figcaption>Denials by code</figcaption>"
+        f"{svg_bars('Denials by code', _by_code(denials))}</figure>"
         "</div>"
     )
     parts.append(
@@ -467,6 +472,13 @@ def render_html(report: dict[str, Any]) -> str:
         f"in {totals['entries']} entries.</p>" + _calls_table(report["calls"])
     )
     return page(f"Cloister audit report: {cp['origin']}", "".join(parts))
+
+
+def _by_code(denials: Sequence[dict[str, Any]]) -> list[tuple[str, float]]:
+    counts: Counter[str] = Counter()
+    for d in denials:
+        counts[d["code"] or "(none)"] += d["count"]
+    return [(code, float(n)) for code, n in counts.most_common()]
 
 
 def _ms(iso_text: str) -> int:

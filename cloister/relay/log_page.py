@@ -12,6 +12,7 @@ with a Content-Security-Policy that allows no script and no fetch at all.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from cloister.audit.calls import collect
@@ -85,7 +86,7 @@ def render_log_page(
                 c.decision,
                 c.code,
                 c.reason,
-                c.paid or ", ".join(f"{k}={v}" for k, v in sorted(c.charges.items())),
+                c.paid,
                 c.outcome + (f": {c.error}" if c.error else ""),
                 link(proof + str(c.index), "inclusion proof"),
             ]
@@ -105,7 +106,9 @@ def render_log_page(
         "outcome",
         "proof",
     ]
-    by_reason = [(c or r[:30], float(n)) for (c, r), n in facts.denials_by_reason.most_common()]
+    by_code: Counter[str] = Counter()
+    for (code, _reason), n in facts.denials_by_reason.items():
+        by_code[code or "(none)"] += n
     signers = {p["version"]: p["signer"] for p in facts.policies}
     policy_rows = (
         [
@@ -145,7 +148,7 @@ def render_log_page(
         f"{first_index + len(entries) - 1 if entries else first_index}.</p>",
         html_table(headers, rows(calls), row_classes=["deny" if c.decision == "deny" else "" for c in calls]),
         "<h2>Recent denials</h2>",
-        svg_bars("Recent denials by reason", by_reason),
+        svg_bars("Recent denials by code", [(c, float(n)) for c, n in by_code.most_common()]),
         html_table(headers, rows(denied), row_classes=["deny"] * len(denied)),
     ]
     return page(f"Cloister log {origin}", "".join(body))
