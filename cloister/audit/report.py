@@ -226,7 +226,8 @@ CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#1b1f24;max-width:1400px}
 h1{font-size:1.6em;margin:0 0 .2em}h2{font-size:1.2em;margin:1.6em 0 .4em;border-bottom:1px solid #ccd}
 table{border-collapse:collapse;width:100%;margin:.4em 0;display:block;overflow-x:auto}
-th,td{border:1px solid #d0d7de;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere}th{background:#f3f4f6}tr.deny td{background:#fff4f4}
+th,td{border:1px solid #d0d7de;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th{background:#f3f4f6}tr.deny td{background:#fff4f4}
 .ok{color:#116329;font-weight:600}.bad{color:#b42318;font-weight:700}pre{background:#f6f8fa;padding:.6em;
 overflow:auto;white-space:pre-wrap;word-break:break-all}code{font-size:.95em}.muted{color:#59636e}
 .charts{display:flex;flex-wrap:wrap;gap:2em}figure{margin:0}figcaption{font-weight:600}
