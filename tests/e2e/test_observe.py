@@ -94,6 +94,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Iter
         start_new_session=True,
         env=env,
     )
+    printed: list[bytes] = []
+    assert up.stdout is not None
+    reader = threading.Thread(target=lambda: printed.extend(iter(up.stdout.readline, b"")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
     try:
         info = wait_up(state, up)
         tokens = {a: Path(p).read_text().strip() for a, p in info["tokens"].items()}
@@ -102,7 +106,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Iter
         assert not t.failures, t.failures
         info["relay"] = info["mcp_url"].removesuffix("/mcp")
         info["tmp"] = str(tmp)
-        info["up_pid"] = up.pid
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(b"Press Ctrl-C" in line for line in printed):
+            time.sleep(0.1)
+        info["printed"] = b"".join(printed).decode(errors="replace")
         yield info
     finally:
         stop_group(up, timeout=30)
@@ -233,3 +240,25 @@ def test_log_page_and_report_render_in_a_browser(demo: dict[str, Any]) -> None:
     denied = [r for r in table if r[5] == "deny"]
     assert {r[6] for r in denied} >= {"limit", "policy"}
     assert "<svg" in shown.dom and "Denials by reason" in shown.dom
+
+
+def test_up_prints_the_three_audit_commands_and_the_report_one_works(demo: dict[str, Any]) -> None:
+    text = demo["printed"]
+    assert f"{demo['log_url']}/  (open it in a browser" in text
+    for verb in ("checkpoint", "replay", "report"):
+        assert f"cloister audit {verb} --log {demo['log_url']}" in text, text
+    # The printed report command, as a user would paste it (continuation lines joined).
+    joined = text.replace("\\\n", " ")
+    line = next(x for x in joined.splitlines() if "cloister audit report" in x)
+    argv = line.split("Evidence file:", 1)[1].split()
+    assert argv[:3] == ["cloister", "audit", "report"]
+    out = Path(demo["tmp"]) / "printed-report.html"
+    argv[argv.index("-o") + 1] = str(out)
+    r = subprocess.run(
+        [sys.executable, "-m", "cloister.cli", *argv[1:], "--no-progress", "--state", str(Path(demo["tmp"]) / "a2")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "VERIFIED" in out.read_text() and "Witness cosignatures" in out.read_text()
