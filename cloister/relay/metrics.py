@@ -101,15 +101,26 @@ class CallMetrics:
         self._phase = [self.phase.labels(p) for p in PHASES]
         self._duration = {d: self.duration.labels(d) for d in ("allow", "deny")}
         self.limit_remaining: dict[str, float] = {}
+        # Children by their raw label values (bounded like the cap): the hot path skips the
+        # registry's lock and label checks for a pair it has seen.
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Counter, key: tuple[str, ...], labels: Callable[[], tuple[str, ...]]) -> Any:
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels())
+            if len(self._children) < 4 * MAX_LABEL_SETS:
+                self._children[key] = child
+        return child
 
     def call(self, server: str, tool: str, decision: str) -> None:
-        self.calls.labels(*self.cap(server, tool), decision).inc()
+        self._child(self.calls, ("c", server, tool, decision), lambda: (*self.cap(server, tool), decision)).inc()
 
     def denied(self, code: str) -> None:
-        self.denials.labels(code).inc()
+        self._child(self.denials, ("d", code), lambda: (code,)).inc()
 
     def upstream_result(self, server: str, result: str) -> None:
-        self.upstream.labels(self.cap(server, "")[0], result).inc()
+        self._child(self.upstream, ("u", server, result), lambda: (self.cap(server, "")[0], result)).inc()
 
     def phases(self, marks: list[float], decision: str) -> None:
         for child, a, b in zip(self._phase, marks, marks[1:], strict=False):
