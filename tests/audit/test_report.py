@@ -184,3 +184,30 @@ def test_collect_pairs_outcomes_and_skips_nothing_silently(built: TestLog) -> No
     items.insert(3, (999_999, None))  # an entry that did not parse is reported
     facts = collect(items)
     assert facts.unreadable == [999_999] and facts.entries == len(built.entries) + 1
+
+
+def test_html_report_shows_hostile_names_as_text_in_a_browser(tmp_path: Path) -> None:
+    from cloister.audit.calls import CallRecord, LogFacts
+    from cloister.audit.report import ReportInput, build_report, render_html
+    from tests.observe.browser import render, rows
+
+    evil = '</td></tr></table><script>console.error("owned")</script><img src="http://127.0.0.1:9/x">'
+    facts = LogFacts()
+    facts.calls.append(
+        CallRecord(
+            index=7, time="2026-12-06T08:00:00.000Z", time_ms=1_796_000_000_000, agent=evil, server="refunds",
+            tool=evil, decision="deny", code="unknown-tool", reason=f"no tool {evil}", policies=[],
+            policy_version=1, mode="enforce", charges={},
+        )
+    )  # fmt: skip
+    facts.denials_by_reason[("unknown-tool", f"no tool {evil}")] += 1
+    inp = ReportInput(
+        log="DIR", origin="o", size=8, root_b64="r", note="o\n8\nr\n", signer="s", verified=True, problems=[],
+        how="was checked", trust_root="mock", pcr0="00", generated="2026-12-06T08:00:01.000Z",
+    )  # fmt: skip
+    f = tmp_path / "r.html"
+    f.write_text(render_html(build_report(inp, facts)), encoding="utf-8")
+    shown = render(f.as_uri())
+    assert shown.console == [], shown.console  # nothing ran, nothing was fetched, nothing blocked
+    [row] = rows(shown.dom, "<h2>Calls</h2>")
+    assert row[2] == row[4] == evil.replace("<", "&lt;").replace(">", "&gt;")

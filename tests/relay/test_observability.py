@@ -188,3 +188,59 @@ def test_tracing_is_off_unless_otel_settings_ask() -> None:
     )
     assert on is not None
     on.shutdown()
+
+
+def _request(path: str) -> Any:
+    from starlette.requests import Request
+
+    return Request({"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""})
+
+
+def test_readyz_says_why_not_and_livez_does_not_care(tmp_path: Path) -> None:
+    from cloister.relay.log_api import LogApi
+    from cloister.wire import enclave_pb2 as pb
+
+    async def scenario(rig: Rig) -> None:
+        api = LogApi(rig.state, rig.upstreams)
+        assert (await api.livez(_request("/livez"))).status_code == 200
+        not_ready = await api.readyz(_request("/readyz"))
+        assert not_ready.status_code == 503
+        assert "the enclave is not running a log" in json.loads(bytes(not_ready.body))["reasons"]
+        rig.state.health_info = pb.HealthResponse(ready=True, policy_version=1)
+        assert (await api.readyz(_request("/readyz"))).status_code == 200
+        rig.state.witness_state = pb.WitnessState(required=True, granting=False, reason="witnesses lag")
+        paused = await api.readyz(_request("/readyz"))
+        assert paused.status_code == 503 and "witnesses lag" in bytes(paused.body).decode()
+        rig.state.witness_state = None
+        api.shutting_down = lambda: True
+        assert (await api.readyz(_request("/readyz"))).status_code == 503
+        assert (await api.livez(_request("/livez"))).status_code == 200
+
+    run(tmp_path, scenario)
+
+
+def test_log_page_escapes_what_agents_chose(tmp_path: Path) -> None:
+    # A hostile agent names a tool with markup: it is denied and logged, and the page shows it as
+    # text under a CSP that would block any script anyway.
+    from cloister.relay.log_api import LogApi
+    from cloister.wire import enclave_pb2 as pb
+
+    evil = '<script>alert(1)</script><img src=x onerror="fetch(1)">'
+
+    async def scenario(rig: Rig) -> None:
+        with pytest.raises(MCPError):
+            await rig.call(refund_bot(rig), f"refunds___{evil}", {})
+        await rig.call(refund_bot(rig), "refunds___customer_lookup", {"customer_id": "c"})
+        await rig.state.writer.publish()
+        info = await rig.enclave.health()
+        rig.state.health_info = pb.HealthResponse(
+            ready=True, policy_version=info.policy_version, log_verifier_key=info.log_verifier_key
+        )
+        page = await LogApi(rig.state, rig.upstreams).log_page(_request("/log/"))
+        html = bytes(page.body).decode()
+        assert page.headers["content-security-policy"].startswith("default-src 'none'")
+        assert "<script>" not in html and 'onerror="' not in html
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+        assert "customer_lookup" in html and "signature verified by this relay" in html
+
+    run(tmp_path, scenario)
