@@ -21,58 +21,26 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloister.dev.examples.demo import Transcript, run_agents, wait_up
 from cloister.dev.proc import stop_group
 from cloister.dev.state import free_port
 from tests.observe.browser import need_browser, render, rows
+from tests.observe.otlp import Collector, running_collector
 
 pytestmark = pytest.mark.timeout(400)
 
 
-class Collector(ThreadingHTTPServer):
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def snapshot(self) -> list[Any]:
-        with self.lock:
-            return list(self.spans)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Collector
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        request = ExportTraceServiceRequest.FromString(body)
-        with self.server.lock:
-            for rs in request.resource_spans:
-                for ss in rs.scope_spans:
-                    self.server.spans.extend(ss.spans)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def collector() -> Iterator[Collector]:
-    c = Collector()
-    threading.Thread(target=c.serve_forever, daemon=True).start()
-    yield c
-    c.shutdown()
+    with running_collector() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
