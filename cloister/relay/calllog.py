@@ -22,10 +22,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["CallLog", "call_log_from_env"]
+from cloister.verify.errors import CloisterError
+
+__all__ = ["CallLog", "SettingError", "call_log_from_env"]
 
 MAX_NAME = 256  # server and tool names as the agent sent them
 MAX_TEXT = 1000  # reasons and errors
+
+
+class SettingError(CloisterError, ValueError):
+    """An observability setting (CLOISTER_CALL_LOG, OTEL_*) the relay cannot honour: it stops at start."""
 
 
 def iso_ms(seconds: float) -> str:
@@ -69,5 +75,8 @@ def call_log_from_env(env: Mapping[str, str], *, clock: Callable[[], float] = ti
         return CallLog(sys.stderr, with_arguments=with_arguments, clock=clock)
     if where == "stdout":
         return CallLog(sys.stdout, with_arguments=with_arguments, clock=clock)
-    stream = Path(where).open("a", encoding="utf-8", buffering=1)  # noqa: SIM115 (lives as long as the relay)
+    try:
+        stream = Path(where).open("a", encoding="utf-8", buffering=1)  # noqa: SIM115 (lives as long as the relay)
+    except OSError as exc:
+        raise SettingError(f"CLOISTER_CALL_LOG={where!r}: cannot open it for appending: {exc.strerror}") from exc
     return CallLog(stream, with_arguments=with_arguments, clock=clock)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from cloister.relay.calllog import MAX_NAME
 from cloister.wire import enclave_pb2 as pb
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class CallObserver:
             "cloister.policy_ids": list(verdict.policy_ids),
             "cloister.agent": verdict.agent,
         }
+        server, tool = server[:MAX_NAME], tool[:MAX_NAME]  # an agent's names, bounded in every span
         common = {"cloister.server": server, "cloister.tool": tool, **decided}
         if outcome is not None:
             common["cloister.outcome_index"] = outcome.log_index

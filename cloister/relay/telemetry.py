@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cloister import __version__
+from cloister.relay.calllog import SettingError
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -62,7 +63,7 @@ def _exporters(env: Mapping[str, str]) -> list[str]:
 def tracing_from_env(env: Mapping[str, str] | None = None, *, install_global: bool = True) -> Tracing | None:
     """Tracing as the OTEL_* variables ask, or None (the default: off).
 
-    An exporter this relay does not have is an error at start (ValueError), not a silent no-op."""
+    An exporter this relay does not have is an error at start (SettingError), not a silent no-op."""
     env = os.environ if env is None else env
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
@@ -74,7 +75,7 @@ def tracing_from_env(env: Mapping[str, str] | None = None, *, install_global: bo
         if name == "otlp":
             protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
             if protocol not in (None, "http/protobuf"):
-                raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: this relay exports http/protobuf only")
+                raise SettingError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: this relay exports http/protobuf only")
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             exporters.append(OTLPSpanExporter())
@@ -83,7 +84,7 @@ def tracing_from_env(env: Mapping[str, str] | None = None, *, install_global: bo
 
             exporters.append(ConsoleSpanExporter())
         else:
-            raise ValueError(f"OTEL_TRACES_EXPORTER={name!r}: this relay knows otlp, console and none")
+            raise SettingError(f"OTEL_TRACES_EXPORTER={name[:40]!r}: this relay knows otlp, console and none")
     return Tracing.with_exporters(exporters, env=env, install_global=install_global)
 
 

@@ -244,3 +244,13 @@ def test_log_page_escapes_what_agents_chose(tmp_path: Path) -> None:
         assert "customer_lookup" in html and "signature verified by this relay" in html
 
     run(tmp_path, scenario)
+
+
+def test_unusable_settings_stop_the_relay_with_a_clear_error(tmp_path: Path) -> None:
+    from cloister.relay.calllog import SettingError
+    from cloister.verify.errors import CloisterError
+
+    with pytest.raises(SettingError, match="cannot open it"):
+        call_log_from_env({"CLOISTER_CALL_LOG": str(tmp_path / "no" / "such" / "dir" / "calls.jsonl")})
+    with pytest.raises(CloisterError, match="OTEL_TRACES_EXPORTER"):
+        tracing_from_env({"OTEL_TRACES_EXPORTER": "jaeger"})
