@@ -40,6 +40,8 @@ MAX_LIMITS = 100  # limit ids whose remaining budget is exported
 OTHER = "_other"
 # The call path's phases, in order (cloister.relay.call_path's `marks`).
 PHASES = ("decision", "decision_persist", "upstream", "outcome", "outcome_persist")
+# What cloister.relay.upstreams.Upstream.state may be (anything else is exported as "other").
+UPSTREAM_STATES = ("connecting", "up", "quarantined", "down", "stopped")
 # Latency buckets from 100 µs (an enclave decision on a warm host) to 60 s (a slow upstream).
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -240,6 +242,11 @@ class RelayCollector:
 
     def _upstreams(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("cloister_upstream_up", "1 when the upstream session is connected", labels=["server"])
+        states = GaugeMetricFamily(
+            "cloister_upstream_state",
+            "1 for the upstream's current state (connecting, up, quarantined, down, stopped, other)",
+            labels=["server", "state"],
+        )
         verified = GaugeMetricFamily(
             "cloister_upstream_identity_verified",
             "1 when the enclave verified the upstream's identity (nitro, tls or checksum)",
@@ -253,11 +260,15 @@ class RelayCollector:
         now = self.clock()
         for name, u in sorted(self.upstreams.by_name.items()):
             up.add_metric([name], int(u.state == "up"))
+            current = u.state if u.state in UPSTREAM_STATES else "other"
+            for s in (*UPSTREAM_STATES, "other"):
+                states.add_metric([name, s], int(s == current))
             verified.add_metric([name], int(str(u.identity).endswith("verified")))
             at = self.proofs.verified_at.get(name)
             if at is not None:
                 age.add_metric([name], max(now - at, 0.0))
         yield up
+        yield states
         yield verified
         yield age
 

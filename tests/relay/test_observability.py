@@ -59,6 +59,8 @@ def test_metrics_count_calls_denials_and_phases(tmp_path: Path) -> None:
         assert s[("cloister_log_size_entries", (("stage", "durable"),))] == durable
         assert s[("cloister_log_size_entries", (("stage", "sequenced"),))] >= durable
         assert s[("cloister_upstream_up", (("server", "refunds"),))] == 1
+        assert s[("cloister_upstream_state", (("server", "refunds"), ("state", "up")))] == 1
+        assert s[("cloister_upstream_state", (("server", "refunds"), ("state", "quarantined")))] == 0
 
     run(tmp_path, scenario)
 
