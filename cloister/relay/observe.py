@@ -8,6 +8,7 @@ boundary): nothing here runs while the enclave, storage or an upstream is being 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from cloister.relay.upstreams import UpstreamError
 
 __all__ = ["CallObserver", "upstream_result"]
+
+log = logging.getLogger("cloister.relay")
 
 _PHASE_NAMES = ("decision", "decision_persist", "upstream", "outcome", "outcome_persist")
 
@@ -54,6 +57,12 @@ class CallObserver:
 
     def unavailable(self, server: str, tool: str) -> None:
         """No decision (the enclave unavailable or refusing): nothing was forwarded."""
+        try:
+            self._unavailable(server, tool)
+        except Exception:  # observing a call never changes its answer
+            log.exception("reporting a call to metrics, traces or the call log failed")
+
+    def _unavailable(self, server: str, tool: str) -> None:
         if self.metrics is not None:
             self.metrics.calls.call(server, tool, "unavailable")
         if self.call_log is not None:
@@ -78,6 +87,22 @@ class CallObserver:
         self._report(server, tool, verdict, marks, args, outcome, result, failure)
 
     def _report(
+        self,
+        server: str,
+        tool: str,
+        verdict: pb.AuthorizeResponse,
+        marks: Sequence[float],
+        args: bytes,
+        outcome: pb.OutcomeResponse | None,
+        result: Any,
+        failure: UpstreamError | None,
+    ) -> None:
+        try:
+            self._sinks(server, tool, verdict, marks, args, outcome, result, failure)
+        except Exception:  # observing a call never changes its answer: the call is logged already
+            log.exception("reporting a call to metrics, traces or the call log failed")
+
+    def _sinks(
         self,
         server: str,
         tool: str,

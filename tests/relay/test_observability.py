@@ -256,3 +256,23 @@ def test_unusable_settings_stop_the_relay_with_a_clear_error(tmp_path: Path) -> 
         call_log_from_env({"CLOISTER_CALL_LOG": str(tmp_path / "no" / "such" / "dir" / "calls.jsonl")})
     with pytest.raises(CloisterError, match="OTEL_TRACES_EXPORTER"):
         tracing_from_env({"OTEL_TRACES_EXPORTER": "jaeger"})
+
+
+def test_a_failing_sink_never_changes_the_answer(tmp_path: Path) -> None:
+    class Broken(io.StringIO):
+        def write(self, s: str) -> int:
+            raise RuntimeError("sink exploded")
+
+    class BrokenLog(CallLog):
+        def write(self, record: Any, arguments: bytes = b"") -> None:
+            raise RuntimeError("sink exploded")
+
+    async def scenario(rig: Rig) -> None:
+        rig.calls.observer = CallObserver(None, None, BrokenLog(Broken()))
+        result = await rig.call(refund_bot(rig), "refunds___customer_lookup", {"customer_id": "c"})
+        assert not result.is_error
+        with pytest.raises(MCPError) as denied:
+            await rig.call(research_bot(rig), "refunds___customer_lookup", {"customer_id": "c"})
+        assert "denied" in denied.value.error.message
+
+    run(tmp_path, scenario)
