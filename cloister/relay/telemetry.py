@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cloister import __version__
@@ -89,8 +89,9 @@ def tracing_from_env(env: Mapping[str, str] | None = None, *, install_global: bo
 
 
 class Tracing:
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
         self.provider = provider
+        self.clock_ns = clock_ns  # wall time for span timestamps (the SDK's own spans use it too)
         self.tracer = provider.get_tracer("cloister.relay", __version__)
 
     @classmethod
@@ -123,7 +124,7 @@ class Tracing:
         from `marks` (time.perf_counter() at each phase boundary)."""
         from opentelemetry import trace
 
-        offset_ns = time.time_ns() - int(time.perf_counter() * 1e9)
+        offset_ns = self.clock_ns() - int(time.perf_counter() * 1e9)
         current = trace.get_current_span()
         if current.is_recording():
             current.set_attributes(dict(attributes))
