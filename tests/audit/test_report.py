@@ -211,3 +211,24 @@ def test_html_report_shows_hostile_names_as_text_in_a_browser(tmp_path: Path) ->
     assert shown.console == [], shown.console  # nothing ran, nothing was fetched, nothing blocked
     [row] = rows(shown.dom, "<h2>Calls</h2>")
     assert row[2] == row[4] == evil.replace("<", "&lt;").replace(">", "&gt;")
+
+
+def test_report_usage_errors(built: TestLog, tmp_path: Path) -> None:
+    w = "w=w+00000000+AQ"
+    r = cli("audit", "report", "--log", str(built.dir), *trust(built, tmp_path), "--witness", w)
+    assert r.code == 2 and ("needs a relay URL" in r.err or "--witness" in r.err), r.err
+    r = cli(
+        "audit",
+        "report",
+        "--log",
+        str(built.dir),
+        *trust(built, tmp_path),
+        "--from",
+        "2026-12-06T09:00:00Z",
+        "--to",
+        "2026-12-06T08:00:00Z",
+    )
+    assert r.code == 2 and "--from must be before --to" in r.err
+    with pytest.raises(SystemExit) as exited:  # argparse's own refusal
+        cli("audit", "report", "--log", str(built.dir), *trust(built, tmp_path), "--format", "pdf")
+    assert exited.value.code == 2

@@ -276,3 +276,13 @@ def test_a_failing_sink_never_changes_the_answer(tmp_path: Path) -> None:
         assert "denied" in denied.value.error.message
 
     run(tmp_path, scenario)
+
+
+def test_log_without_slash_redirects_to_the_page(tmp_path: Path) -> None:
+    from cloister.relay.log_api import LogApi
+
+    async def scenario(rig: Rig) -> None:
+        r = await LogApi(rig.state, rig.upstreams).log_redirect(_request("/log"))
+        assert r.status_code == 308 and r.headers["location"] == "/log/"
+
+    run(tmp_path, scenario)
