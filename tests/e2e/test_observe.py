@@ -52,6 +52,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Iter
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{collector.server_address[1]}/v1/traces",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
+        # Export each span as it ends: CI runs the suite again under libfaketime, whose shifted
+        # clock never lets the batch processor's timed wait fire (real time is unaffected).
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1",
         "OTEL_SERVICE_NAME": "cloister-relay-under-test",
         "CLOISTER_CALL_LOG": str(tmp / "calls.jsonl"),
     }
