@@ -39,6 +39,7 @@ from cloister.verify.tiles import TILE_WIDTH, entry_bundle_path, parse_entry_bun
 __all__ = ["CSV_COLUMNS", "ReportInput", "build_report", "read_verified_entries", "render_csv", "render_html"]
 
 MAX_REPORT_ENTRIES = 5_000_000
+MAX_HTML_ROWS = 100_000  # a browser still opens the file; JSON and CSV always hold every call
 CSV_COLUMNS = (
     "index",
     "time",
@@ -468,9 +469,16 @@ def render_html(report: dict[str, Any]) -> str:
         + html_table(["agent", "paid"], sorted(payments.items()))
         + svg_bars("Payments by agent", [(a, float(Decimal(v))) for a, v in sorted(payments.items())])
     )
+    shown = report["calls"][:MAX_HTML_ROWS]
+    cut = (
+        f'<p class="bad">Only the first {len(shown)} calls are listed here; --format json or csv holds all '
+        f"{len(report['calls'])}, or narrow the report with --from and --to.</p>"
+        if len(shown) < len(report["calls"])
+        else ""
+    )
     parts.append(
         f"<h2>Calls</h2><p>{totals['calls']} calls ({totals['allowed']} allowed, {totals['denied']} denied) "
-        f"in {totals['entries']} entries.</p>" + _calls_table(report["calls"])
+        f"in {totals['entries']} entries.</p>" + cut + _calls_table(shown)
     )
     return page(f"Cloister audit report: {cp['origin']}", "".join(parts))
 
