@@ -359,12 +359,20 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer calls; noisier figures")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--only-witness", action="store_true", help="only the witnessing figures")
+    p.add_argument("--only-observe", action="store_true", help="only the observability figures")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cloister-bench-"))
     print(
         f"Cloister benchmark ({'quick' if args.quick else 'full'}); machine: {os.cpu_count()} CPUs; work dir {work}\n",
         flush=True,
     )
+    if args.only_observe or not args.only_witness:
+        import bench_observe  # metrics, call log, traces: their cost per call (decision 0020)
+
+        (work / "observe").mkdir()
+        bench_observe.report(work / "observe", args.quick, e2e=not args.skip_e2e)
+        if args.only_observe:
+            return 0
     if not args.skip_e2e:
         import bench_witness
 

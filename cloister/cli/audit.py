@@ -5,7 +5,9 @@
     cloister audit inclusion  --log URL (--index N | --grant FILE) [--bodies [--auditor-token-file F] [--body-key K]]
     cloister audit body       --log URL --index N --auditor-token-file FILE [--key X25519-PEM]
     cloister audit consistency --log URL --from SIZE [--to SIZE]
-    cloister audit replay     --log URL|DIR [--json] [--no-progress] [--jobs N] [--generic --key VKEY]
+    cloister audit replay     --log URL|DIR [--json [--no-calls]] [--no-progress] [--jobs N] [--generic --key VKEY]
+    cloister audit report     --log URL|DIR [--from T] [--to T] [--format html|json|csv] [-o FILE]
+                              [--witness NAME=VKEY ... [--quorum K]]
     cloister audit receipt    --log URL --index N > receipt
     cloister audit verify-receipt FILE [--trust-root ...] [--expect-pcr ...]
     cloister audit verify-note --key VKEY [--key ...] FILE
@@ -123,6 +125,7 @@ def register(sub: Any) -> None:
     )
     _log_args(v, url_only=False)
     v.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    v.add_argument("--no-calls", action="store_true", help="with --json: leave out the per-call records (`calls`)")
     v.add_argument(
         "--jobs",
         type=int,
@@ -150,6 +153,34 @@ def register(sub: Any) -> None:
         metavar="VKEY",
         help="with --generic: a note verifier key name+id+base64 (repeatable)",
     )
+
+    v = _verb(
+        verbs,
+        "report",
+        _report,
+        "write an evidence report (HTML, JSON or CSV) of a verified log",
+        "Verify the log as `replay` does (attested checkpoint or key entries, every entry and tile), then write "
+        "one self-contained file: the checkpoint, witness cosignatures (with --witness), policy versions and "
+        "their signers, key introductions, every call with its decision, reason, payment and outcome (ISO "
+        "times, receipt links), denials by reason, payments by agent, charts, and what was verified and what "
+        "was taken on trust. Exit 0 verified, 1 written but NOT verified (the file says why).",
+    )
+    _log_args(v, url_only=False)
+    v.add_argument(
+        "--from", dest="time_from", metavar="T", help="calls decided at or after T (ISO 8601, UTC if no zone)"
+    )
+    v.add_argument("--to", dest="time_to", metavar="T", help="calls decided before T (ISO 8601)")
+    v.add_argument("--format", choices=("html", "json", "csv"), default="html", help="default html")
+    v.add_argument("-o", "--output", metavar="FILE", help="write here (default: standard output)")
+    v.add_argument("--jobs", type=int, default=0, metavar="N", help="replay worker processes (default: CPUs)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    v.add_argument(
+        "--accept-pcr0", action="append", default=[], metavar="HEX", help="an earlier image's PCR0 (as replay)"
+    )
+    v.add_argument(
+        "--witness", action="append", default=[], metavar="NAME=VKEY", help="pin a witness (as checkpoint; URL only)"
+    )
+    v.add_argument("--quorum", type=int, default=None, metavar="K", help="cosignatures required")
 
     v = _verb(
         verbs,
@@ -813,6 +844,7 @@ def _replay(args: argparse.Namespace) -> int:
                 "consistency": _consistency_json(consistency) if consistency else None,
             }
         )
+        _add_calls(out, args, spec, cp, result.root)
         _emit(out)
     else:
         print(
@@ -962,3 +994,142 @@ def _verify_note(args: argparse.Namespace) -> int:
         c = out["checkpoint"]
         print(f"  checkpoint: {c['origin']}, size {c['size']}, root {c['root']}")
     return EXIT_OK
+
+
+def _add_calls(out: dict[str, Any], args: argparse.Namespace, spec: Any, cp: Any, root: bytes | None) -> None:
+    """Per-call records (ISO times) for `replay --json`, read again and checked against the
+    replayed checkpoint's root; only once the tree replayed to it."""
+    from cloister.audit.calls import collect
+    from cloister.audit.report import read_verified_entries
+    from cloister.audit.source import open_source
+
+    if args.generic or args.no_calls or root != cp.root_hash:
+        return
+    out["calls"] = [c.json() for c in collect(read_verified_entries(open_source(spec), cp.size, cp.root_hash)).calls]
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def _time_ms(text: str | None, what: str) -> int | None:
+    from datetime import UTC, datetime
+
+    if text is None:
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise _Usage(f"{what} {text[:60]!r}: not an ISO 8601 time (2026-12-06T08:00:00Z)") from exc
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return int(t.timestamp() * 1000)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cloister.audit.calls import LogFacts, iso
+    from cloister.audit.full_replay import replay_log
+    from cloister.audit.render import Progress, replay_json
+    from cloister.audit.report import ReportInput, build_report, collect_verified, render_csv, render_html, report_json
+    from cloister.audit.source import SourceSpec, open_source
+
+    if args.timeout <= 0:
+        raise _Usage("--timeout must be positive")
+    from_ms, to_ms = _time_ms(args.time_from, "--from"), _time_ms(args.time_to, "--to")
+    if from_ms is not None and to_ms is not None and from_ms >= to_ms:
+        raise _Usage("--from must be before --to")
+    spec = SourceSpec(args.log, timeout=args.timeout)
+    policy = _witness_policy(args)
+    if policy is not None and not spec.is_url:
+        raise _Usage("--witness needs a relay URL (the cosigned checkpoint is served beside the log)")
+    root, pcrs = _trust(args)
+    try:
+        accepted = frozenset(bytes.fromhex(h) for h in args.accept_pcr0)
+    except ValueError as exc:
+        raise _Usage(f"--accept-pcr0: not hex: {exc}") from exc
+    source = open_source(spec)
+    cosigned_note = b""
+    if policy is not None:
+        from cloister.audit.attested import fetch_cosigned_note
+
+        cosigned_note = fetch_cosigned_note(source)
+    now = _now()
+    progress = Progress(not args.no_progress)
+    try:
+        replayed = replay_log(
+            spec,
+            now=now,
+            nonce=os.urandom(32),
+            root=root,
+            expected_pcrs=pcrs,
+            accepted_pcr0=accepted,
+            allow_debug=args.allow_debug,
+            origin=args.origin,
+            jobs=args.jobs or (os.cpu_count() or 1),
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    result, cp = replayed.result, replayed.checkpoint
+    problems = [str(p) for p in result.problems]
+    witnesses = None
+    if policy is not None and replayed.attested is not None:
+        witnesses = _witnesses_json(_witnessed(args, source, policy, cosigned_note, replayed.attested), policy)
+    facts = LogFacts()
+    if result.root == cp.root_hash:
+        facts = collect_verified(source, cp.size, cp.root_hash, from_ms=from_ms, to_ms=to_ms)
+    attested = replayed.attested
+    how = (
+        "was attested by the running enclave for a fresh nonce (attestation verified against the trust root"
+        + (" and the expected PCRs" if pcrs else "")
+        + "), and signed by the log key that the log's last key entry introduced"
+        if attested is not None
+        else "was signed by the log key introduced by the last key entry before it, whose attestation "
+        "verified against the trust root (the storage directory itself is not trusted)"
+    )
+    pcr0 = (
+        attested.document.pcrs.get(0, b"").hex()
+        if attested is not None
+        else (result.keys[-1].pcr0 if result.keys else "")
+    )
+    inp = ReportInput(
+        log=args.log,
+        origin=cp.origin,
+        size=cp.size,
+        root_b64=_b64(cp.root_hash),
+        note=replayed.note.decode("utf-8", "replace"),
+        signer=replayed.signer,
+        verified=replayed.ok,
+        problems=problems,
+        how=how,
+        trust_root=str(args.trust_root),
+        pcr0=pcr0,
+        generated=iso(int(now.timestamp() * 1000)),
+        window=(args.time_from, args.time_to),
+        witnesses=witnesses,
+        key_checks=[
+            {
+                "index": k.index,
+                "time": iso(k.time_ms),
+                "log_vkey": k.log_vkey,
+                "pcr0": k.pcr0,
+                "previous_size": k.previous_size,
+                "verified": k.verified,
+            }
+            for k in result.keys
+        ],
+        response_signatures=replay_json(result, checkpoint_root=cp.root_hash, rate=None)["response_signatures"],
+        log_url=source.where("").rstrip("/") if spec.is_url else None,
+    )
+    report = build_report(inp, facts)
+    render = {"html": render_html, "json": report_json, "csv": render_csv}[args.format]
+    text = render(report)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8", newline="")
+        print(
+            f"wrote {args.output}: {len(report['calls'])} calls, "
+            + ("VERIFIED" if replayed.ok else f"NOT VERIFIED ({result.problem_count} problems)"),
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK if replayed.ok else EXIT_BAD

@@ -372,7 +372,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"""Cloister is up (mock NSM: for development only). State: {state.root}
 
   Agents' MCP endpoint   {info["mcp_url"]}
-  Log (C2SP tlog-tiles)  {info["log_url"]}/
+  Log (C2SP tlog-tiles)  {info["log_url"]}/  (open it in a browser: the read-only audit page)
+  Metrics, health        {public}/metrics  {public}/livez  {public}/readyz
   Attestation            {public}/attestation?nonce=<hex>
   Mock trust root        {state.mock_root}
   Enclave PCR0           {pcr0}
@@ -396,6 +397,11 @@ def _run(args: argparse.Namespace) -> int:
 
   Audit the log:  cloister audit checkpoint --log {info["log_url"]} --trust-root {state.mock_root} \\
                     --expect-pcr 0={pcr0}{witness_flags}
+  Replay it all:  cloister audit replay --log {info["log_url"]} --trust-root {state.mock_root} \\
+                    --expect-pcr 0={pcr0} --json
+  Evidence file:  cloister audit report --log {info["log_url"]} --trust-root {state.mock_root} \\
+                    --expect-pcr 0={pcr0}{witness_flags} \\
+                    --format html -o cloister-report.html
   Read a body:    cloister audit body --log {info["log_url"]} --trust-root {state.mock_root} --index N \\
                     --auditor-token-file {state.auditor_token_file} --key {state.body_key_file}
 Logs of each process are in {logs}. Press Ctrl-C to stop.""",

@@ -41,6 +41,7 @@ from cloister.relay.codes import (
     upstream_error_code,
 )
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
+from cloister.relay.observe import CallObserver
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import UpstreamError, Upstreams
 from cloister.verify.errors import DecodeError
@@ -166,6 +167,7 @@ class CallPath:
         # How a tools/call denial the model can act on reaches the agent (decision 0018): "result"
         # (a tool result with isError, for the model) or "error" (a JSON-RPC error, as before).
         self.denials: str = "result"
+        self.observer = CallObserver()  # metrics, traces, call log (set by the relay; decision 0020)
 
     async def shutdown(self, timeout_s: float = OUTCOME_RECORD_TIMEOUT_S) -> None:
         """Stop the calls still waiting on an upstream and let each record its outcome ("relay
@@ -214,6 +216,7 @@ class CallPath:
         marks.append(time.perf_counter())
         if verdict.decision != pb.ALLOW:
             await self._keep_denied_arguments(verdict, args_json)
+            self.observer.denied(server, tool, verdict, marks, args_json)
             if self.denials == "result" and verdict.denial in MODEL_DENIALS and not _wants_errors(params.meta):
                 return denial_result(verdict)
             raise _denied(verdict)
@@ -230,6 +233,7 @@ class CallPath:
             self._in_flight -= 1
             if not self._in_flight and self._idle is not None:
                 self._idle.set()
+        self.observer.completed(server, tool, verdict, marks, args_json, outcome, result, failure)
         if log.isEnabledFor(logging.DEBUG):
             phases = ("authorize", "persist", "upstream", "outcome", "persist")
             log.debug(
@@ -364,12 +368,14 @@ class CallPath:
                 )
             )
         except EnclaveUnavailable as exc:
+            self.observer.unavailable(server, tool)
             raise MCPError(
                 ENCLAVE_UNAVAILABLE,
                 f"call refused, the enclave is unavailable (fail closed): {exc}",
                 data={SOURCE: FROM_CLOISTER},
             ) from exc
         except EnclaveRefused as exc:
+            self.observer.unavailable(server, tool)
             raise MCPError(
                 ENCLAVE_UNAVAILABLE, f"call refused, the enclave could not decide: {exc}", data={SOURCE: FROM_CLOISTER}
             ) from exc

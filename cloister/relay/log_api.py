@@ -1,6 +1,7 @@
-"""The relay's read-only HTTP API: `/healthz`, the enclave's attestation (`/attestation`, and
-`/log/attestation` with a checkpoint), and the log for auditors (`/log/...`: C2SP tlog-tiles,
-proofs, and the bodies entries commit to). Nothing here changes state but publishing tiles.
+"""The relay's read-only HTTP API: `/healthz`, `/livez` and `/readyz`, the audit page `/log/`, the
+enclave's attestation (`/attestation`, and `/log/attestation` with a checkpoint), and the log for
+auditors (`/log/...`: C2SP tlog-tiles, proofs, and the bodies entries commit to). Nothing here
+changes state but publishing tiles.
 
 Tiles, checkpoints and proofs are public: they hold hashes only. Bodies (the arguments and
 results entries commit to) go only to holders of the auditor token (`cloister.relay.auth`), as
@@ -11,15 +12,17 @@ answered 400, whatever their size.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from cloister.audit.sealed import is_sealed
 from cloister.relay.auth import AUDITOR, parse_index, refuse_unless
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
+from cloister.relay.log_page import CSP, RECENT_ENTRIES, render_log_page
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import Upstreams
 from cloister.relay.witnessing import Witnessing
@@ -66,10 +69,15 @@ class LogApi:
         self.state = state
         self.upstreams = upstreams
         self.witnessing = witnessing
+        self.shutting_down: Callable[[], bool] = lambda: False  # set by the relay (the server's exit flag)
 
     def routes(self) -> list[Route]:
         return [
             Route("/healthz", self.healthz),
+            Route("/livez", self.livez),
+            Route("/readyz", self.readyz),
+            Route("/log", self.log_redirect),
+            Route("/log/", self.log_page),
             Route("/attestation", self.attestation),
             Route("/log/attestation", self.log_attestation),
             Route("/log/proof/inclusion", self.inclusion),
@@ -111,6 +119,56 @@ class LogApi:
         if self.witnessing is not None:
             body["witnessing"] = self.witnessing.health()
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    async def livez(self, request: Request) -> Response:
+        """Liveness (Kubernetes livenessProbe): the process serves HTTP. Deliberately independent of
+        the enclave, storage and upstreams: restarting the relay cures none of their outages."""
+        return JSONResponse({"live": True}, headers={"Cache-Control": "no-store"})
+
+    async def readyz(self, request: Request) -> Response:
+        """Readiness (Kubernetes readinessProbe, load balancer health check): 200 only when a call
+        sent here can be decided and granted now; else 503 with every reason why not."""
+        info, ws = self.state.health_info, self.state.witness_state
+        reasons = []
+        if self.shutting_down():
+            reasons.append("the relay is shutting down")
+        if info is None or not info.ready:
+            reasons.append("the enclave is not running a log")
+        elif info.policy_version == 0:
+            reasons.append("no policy bundle is in force")
+        if ws is not None and not ws.granting:
+            reasons.append(f"the enclave is not granting: {ws.reason or 'witnesses behind'}")
+        try:
+            self.state.writer  # noqa: B018 (raises while storage is not open)
+        except RuntimeError:
+            reasons.append("the log's storage is not open")
+        body = {"ready": not reasons, "reasons": reasons}
+        return JSONResponse(body, status_code=503 if reasons else 200, headers={"Cache-Control": "no-store"})
+
+    async def log_redirect(self, request: Request) -> Response:
+        return RedirectResponse("/log/", status_code=308)
+
+    async def log_page(self, request: Request) -> Response:
+        """The read-only audit page (cloister.relay.log_page): public data only."""
+        writer = self.state.writer
+        published = writer.store.published_size
+        first = max(0, published - RECENT_ENTRIES)
+        entries = await writer.read_entries(first, published) if published else []
+        info, ws = self.state.health_info, self.state.witness_state
+        html = render_log_page(
+            note=writer.published_checkpoint(),
+            entries=entries,
+            first_index=first,
+            sizes={
+                "durable": writer.persisted_size,
+                "published": published,
+                "witnessed": ws.witnessed_size if ws is not None and ws.required else None,
+            },
+            policy={"version": info.policy_version, "sha256": info.policy_sha256.hex()} if info else None,
+            log_vkey=info.log_verifier_key if info else "",
+            base="/log/",
+        )
+        return HTMLResponse(html, headers={"Cache-Control": "no-cache", "Content-Security-Policy": CSP})
 
     async def attestation(self, request: Request) -> Response:
         return await self._attestation(request, with_checkpoint=False)

@@ -45,6 +45,7 @@ from cloister.relay.lifecycle import Lifecycle, bundle_store, newest_bundle
 from cloister.relay.log_api import LogApi
 from cloister.relay.mcp_handlers import McpHandlers
 from cloister.relay.oauth import BundleSettings, ResourceMetadata, TokenCheck, TokenGate, metadata_routes
+from cloister.relay.observability import Observability
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import Upstreams
 from cloister.relay.witnessing import Witnessing
@@ -86,12 +87,21 @@ class Relay:
             stamp=lambda: bundle_stamp(config),
         )
         self.token_check = TokenCheck(self.state.enclave)
+        # Observability (decision 0020): /metrics, traces (OTEL_*), the JSON call log (CLOISTER_CALL_LOG).
+        self.observability = Observability(self.state, self.upstreams, self.witnessing)
+        self.calls.observer = self.observability.observer
+        self.log_api.shutting_down = lambda: self.calls.shutting_down()
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         await self.lifecycle.start(tg)
 
     def routes(self) -> list[Route]:
-        return [*self.log_api.routes(), *self.admin.routes(), *metadata_routes(self.oauth)]
+        return [
+            *self.observability.routes(),
+            *self.log_api.routes(),
+            *self.admin.routes(),
+            *metadata_routes(self.oauth),
+        ]
 
     def asgi_app(self) -> ASGIApp:
         app = self.mcp.streamable_http_app(host=self.config.host, custom_starlette_routes=self.routes())
@@ -103,6 +113,7 @@ class Relay:
         self.upstreams.stop()
         await self.state.writer.close()
         await self.state.enclave.close()
+        self.observability.close()
 
 
 def bundle_stamp(config: RelayConfig) -> object:
