@@ -111,8 +111,12 @@ timeout_s = 10
             spans: list[Any] = []
             while time.monotonic() < deadline:
                 spans = collector.snapshot()
-                if any(s.name.startswith("MCP send tools/call") for s in spans) and any(
-                    s.name == "cloister.enclave.record_outcome" for s in spans
+                names = {s.name for s in spans}
+                # Every span read below: the processes export them in no particular order.
+                if (
+                    any(n.startswith("MCP send tools/call") for n in names)
+                    and {"cloister.enclave.record_outcome", "cloister.enclave.authorize"} <= names
+                    and "tools/call traced___echo" in names
                 ):
                     break
                 time.sleep(0.2)

@@ -33,6 +33,7 @@ def exported(tmp_path: Path) -> dict[str, set[str]]:
         registry = Registry()
         registry.attach(rig.state, rig.upstreams, None)
         rig.calls.observer = CallObserver(registry)
+        rig.calls.denials = "error"  # the denial below as a JSON-RPC error (decision 0018's opt-out)
         rig.state.witness_state = pb.WitnessState(required=True, start_size=1, witnessed_size=1, granting=True)
         registry.proofs.reported("refunds", "verified")
         rig.state.attested_at = 1.0

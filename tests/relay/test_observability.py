@@ -34,6 +34,7 @@ def observed(rig: Rig, **kw: Any) -> tuple[Registry, io.StringIO]:
     clock = rig.world.clock
     call_log = CallLog(stream, clock=lambda: clock.ms / 1000, with_arguments=kw.get("args", False))
     rig.calls.observer = CallObserver(registry, kw.get("tracing"), call_log)
+    rig.calls.denials = "error"  # these tests read denials as JSON-RPC errors (decision 0018's opt-out)
     return registry, stream
 
 
@@ -269,6 +270,7 @@ def test_a_failing_sink_never_changes_the_answer(tmp_path: Path) -> None:
 
     async def scenario(rig: Rig) -> None:
         rig.calls.observer = CallObserver(None, None, BrokenLog(Broken()))
+        rig.calls.denials = "error"
         result = await rig.call(refund_bot(rig), "refunds___customer_lookup", {"customer_id": "c"})
         assert not result.is_error
         with pytest.raises(MCPError) as denied:
