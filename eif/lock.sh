@@ -31,7 +31,7 @@ done
     name="${pin%%==*}"
     version="${pin#*==}"
     # Wheel file names normalise the project name: lower case, runs of -_. become _.
-    stem=$(echo "$name" | tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/_/g')
+    stem=$(echo "$name" | tr '[:upper:]' '[:lower:]' | sed -E 's/[-_.]+/_/g')
     printf '%s \\\n' "$pin"
     hashes=$(find "$work" -iname "${stem}-${version}-*.whl" -exec "$python" -m pip hash {} \; | grep -oE 'sha256:[0-9a-f]{64}' | sort -u)
     [[ -n "$hashes" ]] || { echo "eif/lock.sh: no wheel of $pin for CPython 3.11 manylinux" >&2; exit 2; }
