@@ -85,7 +85,7 @@ configure_step() {
     "$etc/tls/fullchain.pem" "$etc/tls/privkey.pem" "$etc/measurements.json"; do
     [[ -s "$f" ]] || missing+=("$f")
   done
-  if grep -q REPLACE-ME "$relay"; then missing+=("the [[witnesses]] of $relay"); fi
+  if grep -v "^[[:space:]]*#" "$relay" | grep -q REPLACE-ME; then missing+=("the [[witnesses]] of $relay"); fi
   ((${#missing[@]} == 0)) || fail "still missing: ${missing[*]}"
   chmod 0600 "$etc/secrets/"*.token "$etc/tls/privkey.pem"
   echo "configure: done. Next: deploy/bootstrap.sh start"
