@@ -124,7 +124,7 @@ def manifest(tree: Path) -> list[str]:
         st = path.lstat()
         rel = path.relative_to(tree).as_posix()
         if stat.S_ISLNK(st.st_mode):
-            kind, size, content = "l", 0, hashlib.sha256(os.readlink(path).encode()).hexdigest()
+            kind, size, content = "l", 0, hashlib.sha256(Path(path).readlink().encode()).hexdigest()
         elif stat.S_ISDIR(st.st_mode):
             kind, size, content = "d", 0, "-"
         elif stat.S_ISREG(st.st_mode):

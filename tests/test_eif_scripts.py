@@ -73,7 +73,12 @@ printf '\n  }}\n}}\n'
     (bin_dir / "nitro-cli").write_text(script)
     for tool in ("docker", "nitro-cli"):
         (bin_dir / tool).chmod(0o755)
-    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SOURCE_DATE_EPOCH": "1700000000", **(env or {})}
+    full_env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SOURCE_DATE_EPOCH": "1700000000",
+        **(env or {}),
+    }
     r = subprocess.run(["bash", str(eif / "build.sh")], capture_output=True, text=True, timeout=60, env=full_env)
     return r, calls
 

@@ -52,9 +52,7 @@ def lock_pins() -> dict[str, list[str]]:
 
 
 def rootfs(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOTFS), *args], capture_output=True, text=True, timeout=300, cwd=cwd
-    )
+    return subprocess.run([sys.executable, str(ROOTFS), *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +63,20 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return Path(given)
     out = tmp_path_factory.mktemp("wheelhouse")
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes", "--no-deps"]
-        + ["--only-binary=:all:", "-d", str(out), "-r", str(LOCK)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--require-hashes",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(out),
+            "-r",
+            str(LOCK),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -120,7 +130,12 @@ def test_two_builds_from_different_checkouts_are_byte_identical(tmp_path: Path, 
     for path in (tmp_path / "a").rglob("*"):
         other = tmp_path / "b" / path.relative_to(tmp_path / "a")
         sa, sb = path.lstat(), other.lstat()
-        assert (sa.st_mode, sa.st_uid, sa.st_gid, int(sa.st_mtime)) == (sb.st_mode, sb.st_uid, sb.st_gid, int(sb.st_mtime))
+        assert (sa.st_mode, sa.st_uid, sa.st_gid, int(sa.st_mtime)) == (
+            sb.st_mode,
+            sb.st_uid,
+            sb.st_gid,
+            int(sb.st_mtime),
+        )
         assert int(sa.st_mtime) == EPOCH, path
     assert not list((tmp_path / "a").rglob("*.pyc")) and not list((tmp_path / "a").rglob("__pycache__"))
     # And `digest` recomputes the same value from the tree alone.

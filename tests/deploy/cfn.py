@@ -22,7 +22,8 @@ _NO_VALUE = object()
 def load() -> dict[str, Any]:
     template, matches = decode_str(TEMPLATE.read_text())
     assert not matches, matches
-    return plain(template)
+    out: dict[str, Any] = plain(template)
+    return out
 
 
 def plain(node: Any) -> Any:
@@ -51,7 +52,7 @@ class Resolver:
         if not isinstance(node, dict):
             return node
         if len(node) == 1:
-            (key, arg), = node.items()
+            ((key, arg),) = node.items()
             if key == "Ref":
                 return _NO_VALUE if arg == "AWS::NoValue" else self.params.get(arg, arg)
             if key == "Fn::If":

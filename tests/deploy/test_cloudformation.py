@@ -54,9 +54,9 @@ def denied(policy: dict[str, Any], action: str, ctx: dict[str, str]) -> bool:
     condition = deny.get("Condition")
     if condition is None:
         return True
-    (operator, keys), = condition.items()
+    ((operator, keys),) = condition.items()
     assert operator == "StringNotEqualsIgnoreCase"
-    (key, values), = keys.items()
+    ((key, values),) = keys.items()
     value = ctx.get(key.lower())
     return value is None or value.lower() not in {v.lower() for v in values}
 
@@ -97,7 +97,9 @@ def test_unseal_statement_is_the_one_the_stand_in_enforces(image: str, predecess
         for action in (*UNSEAL, "kms:Encrypt", "kms:ReEncryptFrom", "kms:GenerateDataKeyWithoutPlaintext"):
             assert not any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in s["Action"]), (s["Sid"], action)
     assert key_policy_problems(policy, image) == []
-    assert key_policy_problems(policy, D) == [f"the key policy does not pin PCR0 {D} (deploy/pin-image.sh); it pins {sorted(allowed)}"]
+    assert key_policy_problems(policy, D) == [
+        f"the key policy does not pin PCR0 {D} (deploy/pin-image.sh); it pins {sorted(allowed)}"
+    ]
 
 
 def test_before_an_image_is_pinned_nobody_can_unseal() -> None:
@@ -121,7 +123,13 @@ def test_key_administrator_and_parent_cannot_unseal_or_rewrite() -> None:
     role_policies = [p["PolicyDocument"] for p in r.resource("InstanceRole")["Properties"]["Policies"]]
     role_policies.append(r.resource("InstanceKeyPolicy")["Properties"]["PolicyDocument"])
     actions = [a for doc in role_policies for s in doc["Statement"] for a in s["Action"]]
-    for forbidden in ("kms:PutKeyPolicy", "kms:CreateGrant", "iam:PutRolePolicy", "s3:PutBucketPolicy", "s3:DeleteObjectVersion"):
+    for forbidden in (
+        "kms:PutKeyPolicy",
+        "kms:CreateGrant",
+        "iam:PutRolePolicy",
+        "s3:PutBucketPolicy",
+        "s3:DeleteObjectVersion",
+    ):
         assert not any(fnmatch.fnmatchcase(forbidden.lower(), a.lower()) for a in actions), forbidden
     key_statement = r.resource("InstanceKeyPolicy")["Properties"]["PolicyDocument"]["Statement"][0]
     assert key_statement["Resource"] == "arn:LogKey"

@@ -8,8 +8,8 @@ that records the update it would make. Real AWS calls could not be made here.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -159,7 +159,9 @@ elif args[:2] == ["kms", "get-key-policy"]:
 def test_pin_image_updates_only_the_pcr0_parameters(tmp_path: Path) -> None:
     measurements = tmp_path / "measurements.json"
     measurements.write_text(json.dumps({"PCR0": A, "PCR1": B}))
-    r, calls = pin(tmp_path, "--stack", "prod", "--pcr0", A, "--predecessors", f"{B},{C}", "--measurements", str(measurements))
+    r, calls = pin(
+        tmp_path, "--stack", "prod", "--pcr0", A, "--predecessors", f"{B},{C}", "--measurements", str(measurements)
+    )
     assert r.returncode == 0, r.stderr
     update = next(c for c in calls if c[:2] == ["cloudformation", "update-stack"])
     assert "--use-previous-template" in update

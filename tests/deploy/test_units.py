@@ -64,7 +64,10 @@ def test_units_verify(tmp_path: Path) -> None:
     [
         (("Restart=always", "Restart=sometimes"), "Failed to parse service restart specifier"),
         (("[Install]", "Bogus=1\n[Install]"), "Unknown key"),
-        (("ExecStart=/opt/cloister/venv/bin/cloister relay", "ExecStart=/nonexistent/cloister relay"), "not executable"),
+        (
+            ("ExecStart=/opt/cloister/venv/bin/cloister relay", "ExecStart=/nonexistent/cloister relay"),
+            "not executable",
+        ),
     ],
 )
 def test_verify_catches_broken_units(tmp_path: Path, edit: tuple[str, str], complaint: str) -> None:
@@ -147,7 +150,10 @@ def test_enclave_runner_exits_when_the_enclave_dies(tmp_path: Path) -> None:
     assert r.returncode == 1 and "enclave cloister is absent; exiting so systemd restarts it" in r.stderr, r.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls[0] == "terminate-enclave --enclave-name cloister"
-    assert calls[1] == f"run-enclave --enclave-name cloister --eif-path {tmp_path}/cloister.eif --cpu-count 2 --memory 2048 --enclave-cid 16"
+    assert (
+        calls[1]
+        == f"run-enclave --enclave-name cloister --eif-path {tmp_path}/cloister.eif --cpu-count 2 --memory 2048 --enclave-cid 16"
+    )
     assert calls.count("describe-enclaves") == 4
     assert not any("--debug-mode" in c for c in calls)
 
