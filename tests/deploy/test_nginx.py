@@ -58,9 +58,7 @@ def check(tmp: Path, site: str) -> subprocess.CompletedProcess[str]:
     site = site.replace("@PUBLIC_HOST@", "cloister.example.com")
     site = site.replace("/etc/cloister/tls/fullchain.pem", str(cert)).replace("/etc/cloister/tls/privkey.pem", str(key))
     (tmp / "cloister.conf").write_text(site)
-    temp = " ".join(
-        f"{name}_temp_path {tmp}/{name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
+    temp = " ".join(f"{name}_temp_path {tmp}/{name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (tmp / "nginx.conf").write_text(
         f"pid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;\nevents {{}}\n"
         f"http {{\n  access_log off;\n  {temp}\n  include {tmp}/cloister.conf;\n}}\n"
