@@ -14,7 +14,9 @@
 #                       image then has PCR8, the certificate's measurement; give both or neither
 #   OUT                 where to write the EIF and measurements (default: eif/)
 #   PUBLISH             also copy the measurements to this s3://bucket/prefix/ (aws s3 cp), as
-#                       measurements/<PCR0>.json
+#                       measurements/<PCR0>.json: where the release's auditors, witness operators
+#                       and upstreams fetch them (a release bucket, from the release builder's
+#                       machine; the instance's role cannot write outside the log prefix)
 #
 # Exit 2: a refused input (config, base digest, signing options); exit 3: the builds differ.
 set -euo pipefail
