@@ -12,22 +12,41 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cfnlint.decode import decode_str  # type: ignore[import-untyped]
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "deploy" / "cloudformation" / "cloister.yaml"
 _NO_VALUE = object()
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with CloudFormation's short forms (!Ref, !Sub, !If, ...) as their long forms."""
+
+
+def _short_form(loader: Any, suffix: str, node: Any) -> dict[str, Any]:
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    if suffix == "GetAtt" and isinstance(value, str):
+        value = value.split(".", 1)
+    return {"Ref" if suffix == "Ref" else f"Fn::{suffix}": value}
+
+
+_Loader.add_multi_constructor("!", _short_form)
+
+
 def load() -> dict[str, Any]:
-    template, matches = decode_str(TEMPLATE.read_text())
-    assert not matches, matches
-    out: dict[str, Any] = plain(template)
+    # PyYAML, not cfn-lint's decoder: cfn-lint is run as a process (the lint test); importing it
+    # would add ~60 MB to the test process, which every later subprocess inherits as its peak RSS.
+    out: dict[str, Any] = plain(yaml.load(TEMPLATE.read_text(), Loader=_Loader))
     return out
 
 
 def plain(node: Any) -> Any:
-    """cfn-lint's node classes as plain dicts, lists and strings."""
+    """Plain dicts, lists and strings (keys as strings)."""
     if isinstance(node, dict):
         return {str(k): plain(v) for k, v in node.items()}
     if isinstance(node, list):
