@@ -5,6 +5,7 @@
 2. Inside the enclave: decide + limits + append + sign, with 10 ... 10,000 policies and 10,000
    agents (EnclaveCore in-process, mock NSM).
 3. The sequencer's append rate, inclusion proofs at 10 million entries, and replay verification.
+4. Resume after 10,000 ... 1,000,000 calls: time and enclave memory (scripts/bench_resume.py).
 
 Run with ./scripts/bench (add --quick for a shorter run). Figures vary with the machine and its load.
 """
@@ -419,6 +420,21 @@ def main() -> int:
     )
     for line in (out.stdout + out.stderr).splitlines():
         print(f"  {line}")
+    sizes = "10000,100000" if args.quick else "10000,100000,1000000"
+    print(
+        "\nResume after N calls (scripts/bench_resume.py: newest snapshot + the entries after it, in chunks;"
+        " target: flat time and memory):",
+        flush=True,
+    )
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_resume.py", "--sizes", sizes],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    for line in (out.stdout + out.stderr).splitlines():
+        print(line)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -2,8 +2,9 @@
 
 1. A governed call's latency with the default witnessing (two local witnesses, quorum 2) against
    `cloister up --unsafe-unwitnessed`, and with `--wait-for-witness` (refunds calls forwarded only
-   once their decision is cosigned); the unwitnessed lag (log size minus witnessed size, as the
-   relay's /healthz reports it every 20 ms) under 16 concurrent agents.
+   once their decision is cosigned): three stacks up at once, one agent calling them in turn, so a
+   busy machine slows every mode alike; then the unwitnessed lag (log size minus witnessed size, as
+   the relay's /healthz reports it every 20 ms) under 16 concurrent agents.
 2. `cloister witness serve` alone: add-checkpoint requests per second, one relay submitting
    checkpoints of a growing log (each with its consistency proof), sequentially.
 """
@@ -75,29 +76,66 @@ class LagSampler:
                 self.lags.append(max(0, h["log_size"] - gate["witnessed_size"]))
 
 
+async def interleaved(targets: dict[str, tuple[str, str]], calls: int, warmup: int) -> dict[str, list[float]]:
+    """One agent per stack, calling them in turn (A, B, C, A, B, C, ...): whatever else loads the
+    machine loads every mode alike, so their difference is the mode's, not the moment's."""
+    from contextlib import AsyncExitStack
+
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    from cloister.dev.mcp_http import mcp_http_client
+
+    latencies: dict[str, list[float]] = {name: [] for name in targets}
+    async with AsyncExitStack() as stack:
+        clients = {}
+        for name, (url, token) in targets.items():
+            http = mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+            clients[name] = await stack.enter_async_context(
+                Client(streamable_http_client(url, http_client=http), cache=None)
+            )
+        for i in range(warmup + calls):
+            for name, client in clients.items():
+                t0 = time.perf_counter()
+                r = await client.call_tool("refunds___customer_lookup", {"customer_id": "cus_1001"})
+                if i >= warmup:
+                    latencies[name].append(time.perf_counter() - t0)
+                if r.is_error:
+                    raise RuntimeError(f"{name}: {r}")
+    return latencies
+
+
+MODES = (
+    ("unwitnessed", ["--unsafe-unwitnessed"]),
+    ("witnessed", []),
+    ("wait-for-witness", ["--wait-for-witness"]),
+)
+
+
 def bench_witnessed_calls(work: Path, quick: bool) -> dict[str, Any]:
     calls1, calls16, warm = (200, 40, 20) if quick else (600, 120, 30)
     out: dict[str, Any] = {}
-    for name, flags in (
-        ("unwitnessed", ["--unsafe-unwitnessed"]),
-        ("witnessed", []),
-        ("wait-for-witness", ["--wait-for-witness"]),
-    ):
-        up, info = _up(work, name, flags)
-        try:
-            token = Path(info["tokens"]["refund-bot"]).read_text().strip()
-            lat, elapsed = anyio.run(run_calls, info["mcp_url"], token, 1, calls1, warm)
-            row: dict[str, Any] = {"p50": pct(lat, 50), "p99": pct(lat, 99), "rps": len(lat) / elapsed}
-            if name == "witnessed":
-                with LagSampler(info["mcp_url"].removesuffix("/mcp")) as sampler:
-                    lat16, elapsed16 = anyio.run(run_calls, info["mcp_url"], token, 16, calls16, warm)
-                row["rps16"] = len(lat16) / elapsed16
-                row["lag_p50"] = pct([float(x) for x in sampler.lags], 50) if sampler.lags else float("nan")
-                row["lag_max"] = max(sampler.lags, default=0)
-                row["lag_samples"] = len(sampler.lags)
-            out[name] = row
-        finally:
-            stop(up)
+    stacks: dict[str, tuple[subprocess.Popen[bytes], dict[str, Any]]] = {}
+    try:
+        for name, flags in MODES:  # all three up at once, so their calls can be interleaved
+            stacks[name] = _up(work, name, flags)
+        targets = {
+            name: (info["mcp_url"], Path(info["tokens"]["refund-bot"]).read_text().strip())
+            for name, (_proc, info) in stacks.items()
+        }
+        for name, lat in anyio.run(interleaved, targets, calls1, warm).items():
+            out[name] = {"p50": pct(lat, 50), "p99": pct(lat, 99), "rps": len(lat) / sum(lat)}
+        url, token = targets["witnessed"]
+        with LagSampler(url.removesuffix("/mcp")) as sampler:
+            lat16, elapsed16 = anyio.run(run_calls, url, token, 16, calls16, warm)
+        row = out["witnessed"]
+        row["rps16"] = len(lat16) / elapsed16
+        row["lag_p50"] = pct([float(x) for x in sampler.lags], 50) if sampler.lags else float("nan")
+        row["lag_max"] = max(sampler.lags, default=0)
+        row["lag_samples"] = len(sampler.lags)
+    finally:
+        for proc, _info in stacks.values():
+            stop(proc)
     return out
 
 
@@ -163,8 +201,8 @@ def bench_witness_server(work: Path, quick: bool) -> dict[str, float]:
 
 def report(work: Path, quick: bool) -> None:
     r = bench_witnessed_calls(work, quick)
-    print("Witnessing (decision 0015), tools/call through relay + enclave, 1 agent:")
-    print(f"  {'mode':18} {'p50':>9} {'p99':>9} {'calls/s':>8}")
+    print("Witnessing (decision 0015), tools/call through relay + enclave, 1 agent per stack, calls interleaved:")
+    print(f"  {'mode':18} {'p50':>9} {'p99':>9} {'1/mean':>8}")
     for name in ("unwitnessed", "witnessed", "wait-for-witness"):
         x = r[name]
         print(f"  {name:18} {x['p50'] * 1000:6.2f} ms {x['p99'] * 1000:6.2f} ms {x['rps']:8.0f}")

@@ -22,12 +22,18 @@ What a replay proves, given a verified checkpoint (size N, root R):
      - every decision that issued a grant has an outcome, unless its outcome may still come: a
        decision whose grant expired more than OUTCOME_GRACE_MS before the log's last entry (the
        enclave refuses its outcome from then on) and has none is a problem ("missing outcome");
-       one still within that window is counted as open.
+       one still within that window is counted as open;
      - response signatures (decision 0017): an outcome whose recorded response is "missing" or
        "invalid" (an attested server's result that is not shown to be its own) is a problem;
        every recorded signature is verified again (cloister.verify.response_sig) over its
        decision's grant nonce and its result hash, with the key a verified nitro server entry for
-       that decision's server introduced earlier in the log.
+       that decision's server introduced earlier in the log;
+     - snapshots (docs/decisions/0016): each part sits where it says (its first part at its
+       `upto`, the others right after, one header), names the policy in force at its index, and
+       its `open_from` is at or before every decision that was still open then and never got an
+       outcome. (Its limit windows are not recomputed: that needs the bundles, which a replay
+       does not have; the enclave's own tests check them against the live book.) A snapshot cut
+       short (the enclave stopped mid-append) is not a problem: a resume does not use it.
 
 Problems are collected (with the entry index, the tile path and the byte offset when known), not
 raised, so that one replay reports everything it finds; the caller exits non-zero if there are
@@ -58,6 +64,7 @@ from cloister.audit.templates import (
     KIND_OUTCOME,
     KIND_POLICY,
     KIND_SERVER,
+    KIND_SNAPSHOT,
     KIND_UNDECODABLE,
     KIND_UNKNOWN,
     RESPONSE_PROBLEM,
@@ -78,6 +85,7 @@ from cloister.verify.entries import (
     OutcomeEntry,
     PolicyEntry,
     ServerEntry,
+    SnapshotEntry,
     parse_entry,
 )
 from cloister.verify.errors import DecodeError, VerificationError
@@ -115,7 +123,9 @@ _KIND_NAMES = {
     KIND_SERVER: "a server entry",
     KIND_UNDECODABLE: "an undecodable entry",
     KIND_DENIALS: "a count of denials",
+    KIND_SNAPSHOT: "a snapshot",
 }
+MAX_SNAPSHOTS_CHECKED = 10_000  # snapshots whose open_from is checked at the end (one per 10,000 entries)
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,7 @@ class ChunkResult:
     policy_runs: list[tuple[int, int, bytes]] = field(default_factory=list)  # (first index, version, sha)
     key_entries: list[tuple[int, bytes]] = field(default_factory=list)
     policy_entries: list[tuple[int, PolicyEntry]] = field(default_factory=list)
+    snapshots: list[tuple[int, int, tuple[Any, ...]]] = field(default_factory=list)  # (index, part, header)
     summary: Summary = field(default_factory=Summary)
     problems: list[Problem] = field(default_factory=list)
     current_policy: tuple[int, bytes] | None = None  # the policy of the last decision (within the chunk)
@@ -657,6 +668,9 @@ def _other_entry(out: ChunkResult, entry: Any, index: int, data: bytes) -> None:
     elif isinstance(entry, DenialsEntry):
         out.kinds.append(KIND_DENIALS)
         out.summary.count_denials(entry)
+    elif isinstance(entry, SnapshotEntry):
+        out.kinds.append(KIND_SNAPSHOT)
+        out.snapshots.append((index, entry.part, entry.header()))
     else:  # a record type parse_entry knows and this replay does not: say so rather than skip it
         out.kinds.append(KIND_UNKNOWN)
         out.problems.append(Problem(f"entry {index}", f"record type {type(entry).__name__} is not audited"))
@@ -746,6 +760,10 @@ class _Merger:
         self.key_intros: dict[str, list[tuple[int, bytes]]] = {}
         self.key_uses: dict[tuple[str, bytes], int] = {}
         self.deferred: list[tuple[int, bytes]] = []
+        # Snapshots: the one whose parts are still arriving ((index, header, next part)), and the
+        # complete ones' (index, time, open_from), for the open-decision check at the end.
+        self.snapshot_parts: tuple[int, tuple[Any, ...], int] | None = None
+        self.snapshots: list[tuple[int, int, int]] = []
 
     def _gap(self, start: int, end: int) -> bool:
         """Some entry in [start, end) could not be read (so what it would have changed is unknown)."""
@@ -792,14 +810,17 @@ class _Merger:
         events: list[tuple[int, int, Any]] = [(i, 0, e) for i, e in r.policy_entries]
         events += [(i, 1, (v, sha)) for i, v, sha in r.policy_runs]
         events += [(i, 2, data) for i, data in r.key_entries]
+        events += [(i, 3, (part, header)) for i, part, header in r.snapshots]
         events.sort(key=lambda ev: (ev[0], ev[1]))
         for index, what, payload in events:
             if what == 0:
                 self._policy_entry(index, payload)
             elif what == 1:
                 self._policy_run(index, payload)
-            else:
+            elif what == 2:
                 self._key_entry(index, payload)
+            else:
+                self._snapshot(index, *payload)
         # Outcomes of decisions in earlier chunks.
         pairs = r.outcomes
         for k in range(0, len(pairs), 2):
@@ -844,6 +865,31 @@ class _Merger:
                 f"(bundle {policy[1].hex()[:16]}...), but version {self.policy[0]} (bundle "
                 f"{self.policy[1].hex()[:16]}..., entry {self.policy_index}) is in force",
             )
+
+    def _snapshot(self, index: int, part: int, header: tuple[Any, ...]) -> None:
+        time_ms, upto, parts, open_from, version, sha = header
+        where = f"entry {index}"
+        current = self.snapshot_parts
+        if part == 0:
+            if upto != index:
+                self.problem(where, f"a snapshot that says it sits at entry {upto}")
+                return
+            if version is not None and not self._gap(self.policy_index + 1, index) and (version, sha) != self.policy:
+                shown = f"version {self.policy[0]}" if self.policy else "no policy"
+                self.problem(where, f"a snapshot that names policy version {version}, but {shown} is in force")
+            current = (index, header, 1)
+        elif current is None or current[1] != header or index != current[0] + part or part != current[2]:
+            self.problem(where, f"snapshot part {part} of {parts} that does not continue a snapshot begun before it")
+            self.snapshot_parts = None
+            return
+        else:
+            current = (current[0], header, part + 1)
+        if current[2] < parts:
+            self.snapshot_parts = current
+            return
+        self.snapshot_parts = None
+        if len(self.snapshots) < MAX_SNAPSHOTS_CHECKED:
+            self.snapshots.append((upto, time_ms, open_from))
 
     def _key_entry(self, index: int, data: bytes) -> None:
         entry = parse_entry(data)
@@ -953,6 +999,8 @@ def replay_tree(
         _check_response_keys(open_source(spec), tree_size, merger)
     as_of = merger.last_time_ms if now_ms is None or merger.last_time_ms is None else min(now_ms, merger.last_time_ms)
     missing, open_count = _missing_outcomes(merger, as_of)
+    if decode:
+        _check_snapshot_opens(merger)
     return ReplayResult(
         tree_size=tree_size,
         root=root,
@@ -1046,6 +1094,30 @@ def _check_response_keys(source: LogSource, tree_size: int, merger: _Merger) -> 
                 f"outcome's response signature was checked with key {key.hex()[:16]}..., which no verified nitro "
                 f"server entry for {server!r} introduced before it",
             )
+
+
+def _check_snapshot_opens(merger: _Merger) -> None:
+    """A snapshot's `open_from` is at or before every decision still open at it: one that issued a
+    grant, never got an outcome, and whose outcome window had not ended at the snapshot's time.
+    (A decision closed later is not checked: the replay keeps no index of where outcomes sit.)"""
+    if not merger.snapshots:
+        return
+    never: list[tuple[int, int]] = []  # (decision index, grant expiry) of decisions no outcome closed
+    for pairs in merger.unclosed:
+        for k in range(0, len(pairs), 2):
+            if not merger.used[pairs[k]]:
+                never.append((pairs[k], pairs[k + 1]))
+    for upto, time_ms, open_from in merger.snapshots:
+        for index, expiry_ms in never:
+            if open_from <= index:
+                break  # `never` is in index order
+            if index < upto and expiry_ms + OUTCOME_GRACE_MS > time_ms and not merger._gap(index + 1, merger.n):
+                merger.problem(
+                    f"entry {upto}",
+                    f"the snapshot says no decision before entry {open_from} may still get an outcome, but "
+                    f"decision {index} could (its grant expired at {_iso(expiry_ms)})",
+                )
+                break
 
 
 def _iso(ms: int) -> str:

@@ -53,6 +53,7 @@ __all__ = [
     "KIND_OUTCOME",
     "KIND_POLICY",
     "KIND_SERVER",
+    "KIND_SNAPSHOT",
     "KIND_UNDECODABLE",
     "KIND_UNKNOWN",
     "RESPONSE_PROBLEM",
@@ -76,6 +77,7 @@ KIND_POLICY = 5
 KIND_SERVER = 6
 KIND_UNDECODABLE = 7
 KIND_DENIALS = 8  # denials counted, not logged one by one (cloister.verify.entries.DenialsEntry)
+KIND_SNAPSHOT = 9  # a part of a snapshot (cloister.verify.entries.SnapshotEntry, decision 0016)
 
 _UINT_SLOTS = {"decision": frozenset({"time", "grant_exp"}), "outcome": frozenset({"time", "decision", "duration_us"})}
 # An outcome's response signature (decision 0017) is a slot; its status and key stay literal.

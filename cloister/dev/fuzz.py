@@ -2285,8 +2285,9 @@ class EnclaveWorld:
                 out.append("".join(traceback.format_exception(r.exc_info[1])))
         return "\n".join(out)[-8000:]
 
-    def resume_request(self) -> Any:
-        """A valid StartLog request resuming this world's log (as the relay builds it from storage)."""
+    def resume_request(self, start: int | None = None) -> Any:
+        """A valid StartLog request resuming this world's log (as the relay builds it from storage),
+        with the entries from `start` (default: the last five)."""
         from cloister.verify.merkle import CompactRange, inclusion_proof, leaf_hash, root_from_leaf_hashes
         from cloister.wire import enclave_pb2 as pb
 
@@ -2299,7 +2300,7 @@ class EnclaveWorld:
         checkpoint = self.core.sync(size).checkpoint
         if checkpoint.size != size:
             raise HarnessError(f"the world's log has {size} entries, its checkpoint {checkpoint.size}")
-        start = max(1, size - 5)
+        start = max(1, size - 5) if start is None else start
         tree = CompactRange.empty()
         for h in leaves[:start]:
             tree.append(h)
@@ -3966,6 +3967,10 @@ def _grpc_seeds(fx: Fixtures, world: EnclaveWorld, method: str, cls: Any) -> lis
         return [pb.SyncLogRequest(persisted_size=0), pb.SyncLogRequest(persisted_size=size)]
     if method == "StartLog":
         return [pb.StartLogRequest(), fx.resume_world.resume_request()]
+    if method == "ResumeLog":  # the first message of the stream (the target sends it alone)
+        # The whole log summarised by its compact range: a stream of one message is a full resume.
+        start = fx.resume_world.resume_request(len(fx.resume_world.log)).resume
+        return [pb.ResumeChunk(), pb.ResumeChunk(start=start, first_index=start.range_size)]
     if method == "OpenSealedKey":
         envelopes = world.sealed_envelopes()
         return [
@@ -4016,7 +4021,8 @@ def _grpc_factory(method: str) -> Callable[[Fixtures], Target]:
         out_cls = getattr(pb, desc.output_type.name)
         world = fx.world
         nested = _grpc_nested(fx)
-        fresh = method == "StartLog"
+        fresh = method in ("StartLog", "ResumeLog")
+        stream = desc.client_streaming  # ResumeLog: the message is sent as a stream of one
         keyless = method in ("RequestKey", "OpenSealedKey")
         upkeep = method in ("ServerChallenge", "ReportServer")
         seeds = [m.SerializeToString() for m in _grpc_seeds(fx, world, method, cls)]
@@ -4030,7 +4036,7 @@ def _grpc_factory(method: str) -> Callable[[Fixtures], Target]:
                 service = world.awaiting_key_service(pending=method == "OpenSealedKey")
             else:
                 service = world.fresh_service if fresh else world.service
-            response = world.call(service, method, request)
+            response = world.call(service, method, iter([request]) if stream else request)
             if not isinstance(response, out_cls):
                 raise TypeError(f"{method} answered a {type(response).__name__}, not a {out_cls.__name__}")
             response.SerializeToString()

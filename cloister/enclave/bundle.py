@@ -21,9 +21,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
+from enum import StrEnum
 from typing import Any, Literal
 
 import cedarpy
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -35,6 +37,46 @@ from cloister.wire.contract import MAX_LIMIT_WINDOW_S, TOOL_SEPARATOR
 
 NAMESPACE = "Cloister"
 ACTION_GROUPS = ("CallTool", "Mcp")
+
+
+class ActionKind(StrEnum):
+    """What an agent (or an upstream, for sampling and elicitation) asks for: the MCP method.
+
+    Tools keep one Cedar action per tool (decision 0005). The other kinds name no item the bundle
+    declares (a resource URI, a prompt name, a sampling request), so each is one Cedar action,
+    `MCP_ACTIONS[kind]`, with the server as the resource and the request in `context.input`
+    (decision 0018)."""
+
+    TOOL = "tools/call"
+    RESOURCE = "resources/read"
+    PROMPT = "prompts/get"
+    SAMPLING = "sampling/createMessage"
+    ELICITATION = "elicitation/create"
+
+
+# The Cedar action of each non-tool kind, a child of Action::"Mcp".
+MCP_ACTIONS: dict[ActionKind, str] = {
+    ActionKind.RESOURCE: "ReadResource",
+    ActionKind.PROMPT: "GetPrompt",
+    ActionKind.SAMPLING: "CreateMessage",
+    ActionKind.ELICITATION: "Elicit",
+}
+
+
+# How the request of each non-tool kind is typed for Cedar (as a tool's input schema types its
+# arguments): the MCP schema's integers are Cedar Longs, so `context.input.maxTokens <= 1000` works.
+MCP_INPUT_SCHEMAS: dict[ActionKind, dict[str, Any]] = {
+    ActionKind.SAMPLING: {"type": "object", "properties": {"maxTokens": {"type": "integer"}}},
+}
+
+
+def entry_name(kind: ActionKind, name: str) -> str:
+    """The `tool` a decision entry (and a grant) records: the tool's name for a tool, else
+    "<method>:<name>" (`resources/read:<uri>`, `prompts/get:<prompt>`, `sampling/createMessage:`).
+    A bundle's tool names cannot contain ':', so no other kind can pass for a tool call."""
+    return name if kind is ActionKind.TOOL else f"{kind.value}:{name}"
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")  # agents, roles, limit ids (fullmatch)
 # Servers and tools name Cedar actions `<server>___<tool>` and the MCP tools agents see: see
 # server_name_problem and tool_name_problem, the one rule that `policy validate` runs too.
@@ -195,6 +237,8 @@ def read_toml(files: Mapping[str, bytes], name: str, *, required: bool) -> dict[
         raise BundleError(f"{name}: {exc}") from exc
     except RecursionError as exc:  # tomllib recurses once per nested array or inline table
         raise BundleError(f"{name}: arrays or tables nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer over Python's 4,300-digit conversion limit
+        raise BundleError(f"{name}: {_first_line(exc)}") from exc
 
 
 def _name(where: str, value: Any, pattern: re.Pattern[str] = _NAME) -> str:
@@ -223,7 +267,7 @@ def _strings(where: str, value: Any) -> list[str]:
 
 
 def _duration(where: str, text: Any) -> int:
-    m = re.fullmatch(r"(\d+)(s|m|h|d)", text) if isinstance(text, str) else None
+    m = re.fullmatch(r"(\d{1,12})(s|m|h|d)", text) if isinstance(text, str) else None
     if not m:
         raise BundleError(f"{where}: window {text!r} must look like 30s, 10m, 1h or 1d")
     seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
@@ -286,6 +330,8 @@ def _load_key(files: Mapping[str, bytes], where: str, path: Any) -> PublicKey:
         key = load_pem_public_key(files[path])
     except ValueError as exc:
         raise BundleError(f"{path}: not a PEM public key") from exc
+    except UnsupportedAlgorithm as exc:  # a well-formed key of an algorithm cryptography does not know
+        raise BundleError(f"{path}: a public key of an unsupported algorithm") from exc
     if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise BundleError(f"{path}: issuer keys must be Ed25519, P-256 or RSA")
     return key
@@ -528,6 +574,13 @@ def parse_limits(
 
 
 MAX_CEDAR_NESTING = 64  # brackets; cedarpy's parser overflows its native stack (SIGSEGV) at a few hundred
+# Chains that nest without brackets, per policy file: cedarpy crashed (SIGSEGV) on `if ... then`
+# nested about 5,000 deep (is_authorized) and on an `&&` chain of about 20,000 terms
+# (policies_to_json_str), measured with cedarpy 4.x here. Far below both, far above real policies.
+MAX_CEDAR_IFS = 256
+MAX_CEDAR_CONNECTIVES = 2048  # && and ||
+_CEDAR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_CEDAR_IF = re.compile(r"\bif\b")
 
 
 def _check_nesting(path: str, text: str) -> None:
@@ -546,6 +599,11 @@ def _check_nesting(path: str, text: str) -> None:
                 raise BundleError(f"{path}: brackets nested more than {MAX_CEDAR_NESTING} deep")
         elif c in ")]}":
             depth -= 1
+    code = _CEDAR_STRING.sub('""', text)  # keywords and operators inside string literals do not count
+    if len(_CEDAR_IF.findall(code)) > MAX_CEDAR_IFS:
+        raise BundleError(f"{path}: more than {MAX_CEDAR_IFS} if-expressions in one policy file")
+    if code.count("&&") + code.count("||") > MAX_CEDAR_CONNECTIVES:
+        raise BundleError(f"{path}: more than {MAX_CEDAR_CONNECTIVES} && and || in one policy file")
 
 
 def _policies(files: Mapping[str, bytes]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -630,7 +688,8 @@ def _check_entities(
         f"{NAMESPACE}::Role": set(roles),
         f"{NAMESPACE}::Server": set(servers),
         f"{NAMESPACE}::Action": {action_id(sv.name, t) for sv in servers.values() for t in sv.tools}
-        | set(ACTION_GROUPS),
+        | set(ACTION_GROUPS)
+        | set(MCP_ACTIONS.values()),
     }
     for pid, policy in policies.items():
         for uid in _entity_refs(policy):
@@ -685,6 +744,10 @@ def _entities_json(roles: frozenset[str], agents: Mapping[str, AgentSpec], serve
             "attrs": {},
             "parents": [{"type": f"{ns}::Action", "id": "Mcp"}],
         }
+    )
+    out.extend(
+        {"uid": {"type": f"{ns}::Action", "id": a}, "attrs": {}, "parents": [{"type": f"{ns}::Action", "id": "Mcp"}]}
+        for a in MCP_ACTIONS.values()
     )
     for s in servers.values():
         attrs = {

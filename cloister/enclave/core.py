@@ -31,7 +31,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -42,16 +42,23 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from cloister.enclave.anonymous import AnonymousDenials
-from cloister.enclave.bundle import MAX_COST_PLACES, MAX_LIMIT_VALUE, PolicyBundle, parse_bundle_files
+from cloister.enclave.bundle import (
+    MAX_COST_PLACES,
+    MAX_LIMIT_VALUE,
+    MCP_ACTIONS,
+    ActionKind,
+    PolicyBundle,
+    parse_bundle_files,
+)
 from cloister.enclave.config import EnclaveConfig
 from cloister.enclave.decide import Call, Decision, State, decide_before_limits, decide_limits, principal_from_token
 from cloister.enclave.freshness import GateStatus, WitnessGate
 from cloister.enclave.limits import LimitBook, LimitStatus
 from cloister.enclave.nsm import Nsm
 from cloister.enclave.policy import PolicyEngine, Principal
-from cloister.enclave.resume import verify_resume
+from cloister.enclave.resume import MAX_CHUNK_ENTRIES, ResumePoint, ResumeStart, verify_resume
 from cloister.enclave.sealing import RecipientKey, SealedKeyMismatch, recipient_attestation, unseal_log_key
-from cloister.enclave.sequencer import Sequencer, SignedCheckpoint
+from cloister.enclave.sequencer import MAX_PENDING_BYTES, MAX_PENDING_ENTRIES, Sequencer, SignedCheckpoint
 from cloister.enclave.servers import Report, ServerRegistry
 from cloister.verify.bundle import verify_bundle
 from cloister.verify.enclave_identity import EnclaveBinding
@@ -64,8 +71,11 @@ from cloister.verify.entries import (
     KeyEntry,
     OutcomeEntry,
     PolicyEntry,
+    SnapshotEntry,
+    SnapshotWindow,
     bounded,
     decimal_text,
+    dumps_deterministic,
     encode_entry,
     parse_entry,
     quoted,
@@ -79,6 +89,9 @@ from cloister.verify.response_sig import SIG_BYTES, ResponseCheck, ResponseStatu
 MAX_REQUEST_ID = 128
 MAX_OPEN_DECISIONS = 200_000
 TOKEN_CACHE_SIZE = 10_000
+# A snapshot of the state a resume needs goes into the log once this many entries followed the
+# last one (docs/decisions/0016), so a resume reads at most about this many entries past it.
+SNAPSHOT_INTERVAL = 10_000
 POLICY_EXTENSION = "cloister-policy"  # checkpoint extension line: "cloister-policy <version> <sha256 hex>"
 
 
@@ -259,12 +272,14 @@ class EnclaveCore:
         self.servers = ServerRegistry()
         # After a resume (set under _transition before READY; read and cleared by the first
         # load_policy, under the sequencer lock): the policy version in force at the checkpoint
-        # (no rollback below it), and the log tail the parent supplied, replayed into the limits
-        # of the first bundle.
+        # (no rollback below it), and the limit state the stored log gave (its newest snapshot
+        # and the charges after it), restored into the limits of the first bundle.
         self._min_policy: tuple[int, bytes] | None = None
-        self._history: tuple[Entry, ...] = ()
-        self._history_start = 0
-        self._history_floor_ms: int | None = None
+        self._resumed: ResumePoint | None = None
+        # Snapshots (decision 0016): the index of the last one; one is due SNAPSHOT_INTERVAL
+        # entries later. Under the sequencer lock.
+        self.snapshot_interval = SNAPSHOT_INTERVAL
+        self._snapshot_at = 0
         # Anonymous denials over the budget of individual entries, counted: under the sequencer lock.
         self._anonymous = AnonymousDenials()
         # Witnessed continuation (cloister.enclave.freshness): set with the sequencer, its own lock.
@@ -366,25 +381,38 @@ class EnclaveCore:
         boundary_entry: bytes,
         boundary_proof: list[bytes],
     ) -> LogAppend:
-        """Continue a stored log: verify it (enclave.resume), then introduce this enclave's keys."""
+        """Continue a stored log whose tail is given whole (`resume_log_chunks` takes it in chunks)."""
+        start = ResumeStart(
+            checkpoint=checkpoint,
+            range_size=range_size,
+            range_hashes=range_hashes,
+            key_entry=key_entry,
+            key_entry_index=key_entry_index,
+            key_entry_proof=key_entry_proof,
+            boundary_entry=boundary_entry,
+            boundary_proof=boundary_proof,
+        )
+        chunks = (
+            (range_size + i, entries[i : i + MAX_CHUNK_ENTRIES]) for i in range(0, len(entries), MAX_CHUNK_ENTRIES)
+        )
+        return self.resume_log_chunks(start, chunks)
+
+    def resume_log_chunks(self, start: ResumeStart, chunks: Iterable[tuple[int, Sequence[bytes]]]) -> LogAppend:
+        """Continue a stored log: verify it as its entries arrive (enclave.resume), then introduce
+        this enclave's keys. Nothing is installed unless all of it verifies."""
         with self._transition:
             self._check_can_start(resume=True)
             point = verify_resume(
                 config=self.config,
                 own_pcr0=self.pcrs.get(0, b""),
-                checkpoint=checkpoint,
-                range_size=range_size,
-                range_hashes=range_hashes,
-                entries=entries,
-                key_entry=key_entry,
-                key_entry_index=key_entry_index,
-                key_entry_proof=key_entry_proof,
-                boundary_entry=boundary_entry,
-                boundary_proof=boundary_proof,
+                start=start,
+                chunks=chunks,
+                now_ms=self._clock_ms(),
+                max_open=MAX_OPEN_DECISIONS,
             )
             # The log key is one per origin: the stored log must have been signed by exactly the
             # key just unsealed (verify_resume proved that key entry introduced the signing key).
-            intro = parse_entry(key_entry)
+            intro = parse_entry(start.key_entry)
             if not isinstance(intro, KeyEntry) or intro.log_key != self.log_public:
                 raise SealedKeyMismatch(
                     f"the stored log of {self.config.origin} was signed by another log key than the one unsealed; "
@@ -392,9 +420,11 @@ class EnclaveCore:
                 )
             self.sequencer = self._new_sequencer(point.tree)
             self._min_policy = parse_policy_extension(point.checkpoint.extensions)
-            self._history, self._history_start = point.history, point.history_start
-            self._history_floor_ms = point.history_floor_ms
-            self._reopen_decisions()
+            self._resumed = point
+            # The next snapshot is due SNAPSHOT_INTERVAL entries after the one resumed from; a log
+            # that has none (written before snapshots) gets one with its first decision.
+            self._snapshot_at = point.snapshot.index if point.snapshot else -self.snapshot_interval
+            self._reopen_decisions(point)
             self.state = LogState.READY
             previous = SignedCheckpoint(size=point.checkpoint.size, root=point.checkpoint.root_hash, note=point.note)
             return self._append([self._key_entry(previous)])
@@ -435,20 +465,11 @@ class EnclaveCore:
                 else "the log key was unsealed for a stored log; StartLog must resume it"
             )
 
-    def _reopen_decisions(self) -> None:
-        """Allowed calls still in flight when the previous enclave stopped may still report outcomes."""
-        now = self._clock_ms()
-        for offset, e in enumerate(self._history):
-            if (
-                isinstance(e, DecisionEntry)
-                and e.grant_expiry_ms is not None
-                and e.grant_expiry_ms + OUTCOME_GRACE_MS > now
-            ):
-                self._open[self._history_start + offset] = _OpenDecision(
-                    e.agent, frozenset(e.roles), e.server, e.tool, e.grant_expiry_ms, e.grant_nonce or b""
-                )
-            elif isinstance(e, OutcomeEntry):
-                self._open.pop(e.decision_index, None)
+    def _reopen_decisions(self, point: ResumePoint) -> None:
+        """Allowed calls still in flight when the previous enclave stopped may still report outcomes
+        (the verifier kept those of the history without an outcome, oldest first)."""
+        for index, d in point.open.items():
+            self._open[index] = _OpenDecision(d.agent, d.roles, d.server, d.tool, d.expires_ms, d.nonce)
 
     def _ready_sequencer(self) -> Sequencer:
         if self.state is not LogState.READY or self.sequencer is None:
@@ -458,16 +479,59 @@ class EnclaveCore:
     # Every entry is appended by `_log` and answered with `_covered`; `_append` does both, for
     # callers whose critical section is the append alone.
 
-    @staticmethod
-    def _log(seq: Sequencer, entries: Sequence[Entry]) -> tuple[int, tuple[bytes, ...]]:
+    def _log(self, seq: Sequencer, entries: Sequence[Entry]) -> tuple[int, tuple[bytes, ...]]:
         """Append entries in order: their first index and encodings. Takes the sequencer lock,
-        reentrantly: a caller whose critical section must cover more than the append holds it."""
+        reentrantly: a caller whose critical section must cover more than the append holds it.
+
+        A snapshot that is due goes first, in the same append, before a decision (whose answer
+        names the batch's last entry, never its first): see `_snapshot_entries`."""
         encoded = tuple(encode_entry(e) for e in entries)
         with seq.lock:
             first = seq.size
-            for data in encoded:
+            due = first - self._snapshot_at >= self.snapshot_interval
+            if due and entries and isinstance(entries[-1], DecisionEntry) and _room_for_snapshot(seq):
+                snapshot = tuple(encode_entry(e) for e in self._snapshot_entries(first))
+                for data in snapshot:
+                    seq.append(data)
+                self._snapshot_at = first
+                encoded = (*snapshot, *encoded)
+            for data in encoded[len(encoded) - len(entries) :]:
                 seq.append(data)
         return first, encoded
+
+    # ---- snapshots (docs/decisions/0016) ---------------------------------------------------
+
+    def _snapshot_entries(self, upto: int) -> list[SnapshotEntry]:
+        """The state a resume needs, as of index `upto` (where its first part goes): the limit
+        windows of the bundle in force (folded, the live ones too) and the oldest decision that
+        may still get an outcome. Under the sequencer lock."""
+        now_ms = self._clock_ms()
+        ps = self._policy
+        rows = ps.limits.snapshot(now_ms) if ps is not None else []
+        open_from = next(iter(self._open), upto)
+        parts: list[list[SnapshotWindow]] = [[]]
+        size = 0
+        for row in rows:
+            # Each row is encoded alone to size it; a part stays well under MAX_ENTRY_BYTES.
+            n = len(_encode_row(row))
+            if parts[-1] and size + n > _SNAPSHOT_PART_BYTES:
+                parts.append([])
+                size = 0
+            parts[-1].append(row)
+            size += n
+        return [
+            SnapshotEntry(
+                time_ms=now_ms,
+                upto=upto,
+                part=i,
+                parts=len(parts),
+                open_from=open_from,
+                policy_version=ps.version if ps is not None else None,
+                policy_sha256=ps.sha256 if ps is not None else None,
+                windows=tuple(windows),
+            )
+            for i, windows in enumerate(parts)
+        ]
 
     @staticmethod
     def _covered(seq: Sequencer, first: int, encoded: tuple[bytes, ...]) -> LogAppend:
@@ -516,14 +580,8 @@ class EnclaveCore:
             limits = LimitBook.for_bundle(bundle)
             if current is not None:
                 limits.carry_over(current.limits)
-            else:
-                need_from = now_ms - limits.max_window_s * 1000
-                if self._history_floor_ms is not None and limits.max_window_s and self._history_floor_ms > need_from:
-                    raise PolicyRefused(
-                        f"this bundle's limit windows reach back {limits.max_window_s}s, but the log history given "
-                        "at resume does not reach that far; resume with more history so budgets are not reset"
-                    )
-                limits.replay(self._history, self._history_start, now_ms)
+            elif self._resumed is not None:
+                self._rebuild_limits(limits, self._resumed, now_ms)
             first_load_at_same_version = current is None and self._min_policy == (signed.version, signed.sha256)
             entries = (
                 []
@@ -551,8 +609,23 @@ class EnclaveCore:
                 version=signed.version,
                 signer=signed.signer,
             )
-            self._history = ()
+            self._resumed = None
         return signed.version, signed.sha256, self._covered(seq, first, encoded)
+
+    @staticmethod
+    def _rebuild_limits(limits: LimitBook, point: ResumePoint, now_ms: int) -> None:
+        """The first bundle after a resume: its windows from the snapshot, then the charges after it."""
+        floor = point.history_floor_ms
+        need_from = now_ms - limits.max_window_s * 1000
+        if point.snapshot is None and floor is not None and limits.max_window_s and floor > need_from:
+            raise PolicyRefused(
+                f"this bundle's limit windows reach back {limits.max_window_s}s, but the log history given "
+                "at resume does not reach that far and holds no snapshot; resume with more history so budgets "
+                "are not reset"
+            )
+        if point.snapshot is not None:
+            limits.restore(point.snapshot.windows, now_ms)
+        limits.replay(point.charges, now_ms)
 
     @property
     def policy(self) -> _PolicyState | None:
@@ -571,6 +644,7 @@ class EnclaveCore:
         persisted_size: int,
         payment_amount: str = "",
         payment: bytes = b"",
+        kind: ActionKind = ActionKind.TOOL,
     ) -> Verdict:
         seq = self._ready_sequencer()
         seq.release(persisted_size)
@@ -586,6 +660,7 @@ class EnclaveCore:
                 payment_amount=payment_amount,
                 now_ms=self._clock_ms(),
                 payment=payment,
+                kind=kind,
             )
             verdict = self._decide(ps, seq, call, bounded(request_id, MAX_REQUEST_ID))
             if verdict is not None:
@@ -624,7 +699,7 @@ class EnclaveCore:
                         p.agent,
                         p.roles,
                         call.server,
-                        call.tool,
+                        call.recorded_tool,
                         expiry or call.now_ms,
                         nonce or b"",
                         self._signing(ps, call.server),
@@ -632,11 +707,13 @@ class EnclaveCore:
                 )
         # The grant and the checkpoint, outside the lock.
         grant = b""
-        if p is not None and nonce is not None and expiry is not None:
+        # Sampling and elicitation go to the agent, not to an upstream: no grant (decision 0018).
+        upstream_bound = call.kind in (ActionKind.TOOL, ActionKind.RESOURCE, ActionKind.PROMPT)
+        if p is not None and nonce is not None and expiry is not None and upstream_bound:
             claims = GrantClaims(
                 agent=p.agent,
                 server=call.server,
-                tool=call.tool,
+                tool=bounded(call.recorded_tool, NAME_BOUND),
                 args_sha256=d.args_sha256,
                 policy_sha256=ps.sha256,
                 log_index=index,
@@ -751,6 +828,13 @@ class EnclaveCore:
         return status.value, sig, key if sig is not None and key else None
 
     def visible_tools(self, token: str, candidates: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+        agent, shown = self.visible_items(token, [(ActionKind.TOOL, server, tool) for server, tool in candidates])
+        return agent, [candidates[i] for i in shown]
+
+    def visible_items(self, token: str, items: Sequence[tuple[ActionKind, str, str]]) -> tuple[str, list[int]]:
+        """The agent, and the indexes of the items it may see: (kind, server, name), the name a
+        tool, a resource URI or URI template, or a prompt, judged with what the listing knows
+        (decision 0018). Discovery only: every use is decided on its own."""
         ps = self._policy
         if ps is None:
             raise NotReady("no policy bundle is loaded")
@@ -758,12 +842,15 @@ class EnclaveCore:
         principal = _CachedToken(token, ps.tokens).principal(ps.bundle, now_ms)
         now = datetime.fromtimestamp(now_ms / 1000, UTC)
         out = []
-        for server, tool in candidates:
+        for i, (kind, server, name) in enumerate(items):
             spec = ps.bundle.servers.get(server)
-            if spec is None or tool not in spec.tools or self.servers.refusal(spec, tool, now_ms) is not None:
+            if spec is None or (kind is ActionKind.TOOL and name not in spec.tools):
                 continue
-            if ps.engine.may_call(principal, server, tool, now):
-                out.append((server, tool))
+            if self.servers.refusal(spec, name if kind is ActionKind.TOOL else "", now_ms) is not None:
+                continue
+            action, known = MCP_ACTIONS.get(kind), _known(kind, name)
+            if ps.engine.may_call(principal, server, name, now, action=action, known=known):
+                out.append(i)
         return principal.agent, out
 
     # ---- upstream servers: identity and tool pins ---------------------------------------------
@@ -841,6 +928,19 @@ class EnclaveCore:
         }
 
 
+def _known(kind: ActionKind, name: str) -> Any:
+    """What a listing knows of a request's input (`PolicyEngine.may_call`): a resource's URI (a
+    template's stays unknown: its URIs are not yet made), a prompt's name; None: nothing."""
+    if kind is ActionKind.RESOURCE and "{" not in name:
+        return {"uri": name}
+    if kind is ActionKind.PROMPT:
+        # Without its arguments: cedarpy's partial evaluation leaves a context holding both an
+        # unknown and the time undecided, which would show every prompt. A policy on the
+        # arguments then errors here and is skipped: discovery shows more, never decides more.
+        return {"name": name}
+    return None
+
+
 def _paid_text(paid_amount: str) -> str:
     """An outcome's paid amount as the entry records it: normalised plain digits ("" for none),
     within the bounds a charge has (DecodeError otherwise)."""
@@ -858,6 +958,24 @@ def _paid_text(paid_amount: str) -> str:
     if -int(paid.as_tuple().exponent) > MAX_COST_PLACES:
         raise DecodeError(f"{what} has more than {MAX_COST_PLACES} decimal places")
     return decimal_text(paid)
+
+
+def _room_for_snapshot(seq: Sequencer) -> bool:
+    """Whether storage keeps up well enough to take a snapshot now. A snapshot appended and then
+    followed by a decision refused for back-pressure would reach the parent in no answer; with
+    the buffer at most half full, the largest snapshot (4,096 windows of at most about 3 kB) and
+    its decision fit. Otherwise the snapshot stays due, for a later decision."""
+    _, pending = seq.pending_from(0)
+    return len(pending) < MAX_PENDING_ENTRIES // 2 and sum(map(len, pending)) < MAX_PENDING_BYTES // 2
+
+
+# A snapshot part's windows, encoded, at most (the rest of MAX_ENTRY_BYTES is its header).
+_SNAPSHOT_PART_BYTES = MAX_ENTRY_BYTES - 1024
+
+
+def _encode_row(row: SnapshotWindow) -> bytes:
+    lid, key, buckets = row
+    return dumps_deterministic([lid, key, [[t, a] for t, a in buckets]])
 
 
 # Server and tool names in a decision entry: the bundle's are at most 128 characters and recorded
@@ -882,7 +1000,7 @@ def _decision_entry(
         roles=tuple(sorted(p.roles)) if p else (),
         issuer=p.issuer if p else "",
         server=bounded(call.server, NAME_BOUND),
-        tool=bounded(call.tool, NAME_BOUND),
+        tool=bounded(call.recorded_tool, NAME_BOUND),
         args_sha256=d.args_sha256,
         decision="allow" if d.allowed else "deny",
         code=d.code,

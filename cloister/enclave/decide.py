@@ -8,6 +8,13 @@
   5. Cedar: the policies that can apply to the tool (log-only policy sets noted, not enforced);
   6. limits: every matching rate and spend limit has room for this call's cost.
 
+The same steps decide the other MCP requests that reach an upstream or come from one (decision
+0018), by `Call.kind`: a resource read, a prompt, and an upstream's sampling or elicitation request
+(the agent it reaches is the principal). For those, step 3 needs only the server, step 4 only its
+identity (their definitions are not pinned), step 5 evaluates the kind's one Cedar action
+(`bundle.MCP_ACTIONS`) with the request as `context.input`, and step 6 does not apply (limits
+count tool calls).
+
 The first step that denies decides. Everything read is passed in, the time too (never a clock);
 nothing here sequences, signs or charges. The enclave runs steps 1-5 (`decide_before_limits`)
 outside its locks, and step 6 (`decide_limits`) under the sequencer lock with the charge and the
@@ -24,7 +31,16 @@ from decimal import Decimal
 from enum import IntEnum
 from typing import Any, Literal, Protocol
 
-from cloister.enclave.bundle import MAX_LIMIT_VALUE, AgentSpec, PolicyBundle, ServerSpec
+from cloister.enclave.bundle import (
+    MAX_LIMIT_VALUE,
+    MCP_ACTIONS,
+    MCP_INPUT_SCHEMAS,
+    ActionKind,
+    AgentSpec,
+    PolicyBundle,
+    ServerSpec,
+    entry_name,
+)
 from cloister.enclave.limits import BadCost, LimitBook, LimitCheck
 from cloister.enclave.policy import PolicyEngine, Principal, cedar_escape
 from cloister.verify.canonical import canonical_sha256, parse_json
@@ -72,6 +88,19 @@ class Call:
     payment_amount: str  # a bare x402 amount (old relays, explain), "" for none; see `payment`
     now_ms: int
     payment: bytes = b""  # the x402 payment payload the call carries (JSON), b"" for none
+    # What is asked (decision 0018); `tool` is then the resource URI or prompt name ("" for sampling
+    # and elicitation) and `arguments_json` the request's parameters.
+    kind: ActionKind = ActionKind.TOOL
+
+    @property
+    def action(self) -> str | None:
+        """The Cedar action, when it is not the tool's own."""
+        return MCP_ACTIONS.get(self.kind)
+
+    @property
+    def recorded_tool(self) -> str:
+        """What the decision entry and the grant name as the tool (`bundle.entry_name`)."""
+        return entry_name(self.kind, self.tool)
 
 
 @dataclass(frozen=True)
@@ -170,7 +199,9 @@ def _arguments(d: Decision, call: Call, state: State) -> None:
         )
         return
     d.arguments, d.args_sha256 = parsed, canonical_sha256(parsed)
-    if call.payment:
+    if call.kind is not ActionKind.TOOL and (call.payment or call.payment_amount):
+        d.deny(DenyCode.BAD_ARGUMENTS, f"x402 payment: only a tools/call can carry one, not a {call.kind.value}")
+    elif call.payment:
         _payment(d, call, state)
     elif call.payment_amount:
         _bare_amount(d, call, state)
@@ -232,18 +263,24 @@ def _identity(d: Decision, call: Call, state: State) -> None:
         d.deny(code, f"{exc.reason}: {exc}")
 
 
-# 3. The server and the tool are the bundle's.
+# 3. The server and the tool are the bundle's (for the other kinds, the server).
 def _server_and_tool(d: Decision, call: Call, state: State) -> None:
     spec = state.bundle.servers.get(call.server)
     if spec is None:
         d.deny(DenyCode.UNKNOWN_SERVER, f"server {quoted(call.server)} is not in the policy bundle")
-    elif call.tool not in spec.tools:
+    elif call.kind in (ActionKind.RESOURCE, ActionKind.PROMPT) and not call.tool:
+        d.deny(
+            DenyCode.BAD_ARGUMENTS,
+            f"a {call.kind.value} must name its {'URI' if call.kind is ActionKind.RESOURCE else 'prompt'}",
+        )
+    elif call.kind is ActionKind.TOOL and call.tool not in spec.tools:
         d.deny(DenyCode.UNKNOWN_TOOL, f"tool {quoted(call.tool)} is not a tool of server {call.server!r} in the bundle")
 
 
 # 4. Quarantine: an unproven server identity, a drifted or unreported pinned tool.
 def _quarantine(d: Decision, call: Call, state: State) -> None:
-    refusal = state.servers.refusal(state.bundle.servers[call.server], call.tool, call.now_ms)
+    tool = call.tool if call.kind is ActionKind.TOOL else ""  # only tools are pinned
+    refusal = state.servers.refusal(state.bundle.servers[call.server], tool, call.now_ms)
     if refusal is not None:
         d.deny(DenyCode.QUARANTINED, refusal)
 
@@ -252,13 +289,16 @@ def _quarantine(d: Decision, call: Call, state: State) -> None:
 def _cedar(d: Decision, call: Call, state: State) -> None:
     assert d.principal is not None
     now = datetime.fromtimestamp(call.now_ms / 1000, UTC)
-    schema = state.servers.input_schema(call.server, call.tool)
-    cedar = state.engine.evaluate(d.principal, call.server, call.tool, d.arguments, now, schema)
+    action = call.action
+    schema = state.servers.input_schema(call.server, call.tool) if action is None else MCP_INPUT_SCHEMAS.get(call.kind)
+    cedar = state.engine.evaluate(d.principal, call.server, call.tool, d.arguments, now, schema, action=action)
     d.policy_ids = cedar.policy_ids
     if not cedar.allowed:
         d.deny(DenyCode(cedar.code), cedar.reason)
     else:
-        d.shadow_note = state.engine.shadow_verdict(d.principal, call.server, call.tool, d.arguments, now, schema)
+        d.shadow_note = state.engine.shadow_verdict(
+            d.principal, call.server, call.tool, d.arguments, now, schema, action=action
+        )
 
 
 _STEPS = (
@@ -274,7 +314,7 @@ _STEPS = (
 #    the enclave calls this under the sequencer lock. Completes `d`, steps 1-5's decision.
 def decide_limits(call: Call, d: Decision, limits: LimitBook) -> Decision:
     p = d.principal
-    if d.code or p is None:
+    if d.code or p is None or call.kind is not ActionKind.TOOL:
         return d
     try:
         # By the roles the bundle grants the agent, never by those its token chose to present.

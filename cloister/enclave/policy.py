@@ -56,6 +56,10 @@ class CedarVerdict:
 CEDAR_ESCAPE_PREFIX = "__"
 
 
+# A value partial evaluation leaves open (cedarpy's `unknown` extension): discovery's input.
+UNKNOWN: Any = {"__extn": {"fn": "unknown", "arg": "input"}}
+
+
 class CedarEscape(ValueError):
     """Tool arguments hold an object member that Cedar would read as an escape."""
 
@@ -195,8 +199,8 @@ class PolicyEngine:
         if self._shadow is not None:
             self._shadow.set_server_levels(levels)
 
-    def slice_size(self, server: str, tool: str) -> int:
-        return len(self._slice(action_id(server, tool)))
+    def slice_size(self, server: str, tool: str, *, action: str | None = None) -> int:
+        return len(self._slice(action or action_id(server, tool)))
 
     def _principal_entities(self, agent: str, roles: frozenset[str]) -> cedarpy.Entities:
         spec = self.bundle.agents.get(agent)
@@ -212,10 +216,10 @@ class PolicyEngine:
         ]
         return self._entities.with_added_json_str(json.dumps(delta))
 
-    def _request(self, p: Principal, server: str, tool: str) -> dict[str, Any]:
+    def _request(self, p: Principal, server: str, aid: str) -> dict[str, Any]:
         return {
             "principal": {"type": f"{NAMESPACE}::Agent", "id": p.agent},
-            "action": {"type": _ACTION_TYPE, "id": action_id(server, tool)},
+            "action": {"type": _ACTION_TYPE, "id": aid},
             "resource": {"type": f"{NAMESPACE}::Server", "id": server},
         }
 
@@ -227,9 +231,13 @@ class PolicyEngine:
         arguments: Mapping[str, Any],
         now: datetime,
         input_schema: Mapping[str, Any] | None = None,
+        *,
+        action: str | None = None,
     ) -> CedarVerdict:
-        aid = action_id(server, tool)
-        request = self._request(p, server, tool)
+        """`action`: the Cedar action when it is not the tool's own (resources, prompts, sampling,
+        elicitation: `bundle.MCP_ACTIONS`, decision 0018)."""
+        aid = action or action_id(server, tool)
+        request = self._request(p, server, aid)
         context: dict[str, Any] = {"input": cedar_value(arguments, input_schema), "issuer": p.issuer}
         if self._uses_system.get(aid, True):
             context["system"] = {"now": _cedar_datetime(now)}
@@ -276,21 +284,27 @@ class PolicyEngine:
         arguments: Mapping[str, Any],
         now: datetime,
         input_schema: Mapping[str, Any] | None,
+        *,
+        action: str | None = None,
     ) -> str:
         """What the log-only policy sets say about an allowed call: a note for the log, or ""."""
         if self._shadow is None:
             return ""
-        shadow = self._shadow.evaluate(p, server, tool, arguments, now, input_schema)
+        shadow = self._shadow.evaluate(p, server, tool, arguments, now, input_schema, action=action)
         if shadow.code == "policy":
             return f"log-only policy set would deny: {shadow.reason}"
         return ""
 
-    def may_call(self, p: Principal, server: str, tool: str, now: datetime) -> bool:
+    def may_call(
+        self, p: Principal, server: str, tool: str, now: datetime, *, action: str | None = None, known: Any = None
+    ) -> bool:
         """Whether some arguments could be permitted (partial evaluation, input unknown).
 
-        Used only to filter discovery; every call is decided by `evaluate`.
+        Used only to filter discovery; every call is decided by `evaluate`. `action` as for
+        `evaluate`; `known`: the part of the input a listing already knows (a resource's URI, a
+        prompt's name), with `UNKNOWN` where it does not (decision 0018).
         """
-        aid = action_id(server, tool)
+        aid = action or action_id(server, tool)
         if not self._general and aid not in self._by_action:
             return False
         request = {
@@ -298,7 +312,7 @@ class PolicyEngine:
             "action": f"{_ACTION_TYPE}::{json.dumps(aid)}",
             "resource": f"{NAMESPACE}::Server::{json.dumps(server)}",
             "context": {
-                "input": {"__extn": {"fn": "unknown", "arg": "input"}},
+                "input": UNKNOWN if known is None else known,
                 "system": {"now": _cedar_datetime(now)},
                 "issuer": p.issuer,
             },

@@ -15,11 +15,12 @@ A decision's deny code leaves as the proto's `DenyCode` (`DENIALS`, one table). 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, TypeVar
 
 import grpc
 
+from cloister.enclave.bundle import ActionKind
 from cloister.enclave.core import (
     EnclaveCore,
     KeyRefused,
@@ -30,7 +31,7 @@ from cloister.enclave.core import (
     Verdict,
 )
 from cloister.enclave.freshness import GateStatus, Unwitnessed
-from cloister.enclave.resume import ResumeRefused
+from cloister.enclave.resume import ResumeRefused, ResumeStart
 from cloister.enclave.sequencer import Backpressure
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.jwt import TokenError
@@ -53,6 +54,23 @@ DENIALS: Final[Mapping[DenyCode, pb.DenyCode]] = {
     DenyCode.NO_PERMIT: pb.DENY_CODE_NO_PERMIT,
     DenyCode.LIMIT: pb.DENY_CODE_LIMIT,
 }
+
+
+# The proto's ActionKind, both ways (decision 0018); an unknown value is refused, never read as a tool.
+KINDS: Final[Mapping[int, ActionKind]] = {
+    pb.ACTION_KIND_TOOL: ActionKind.TOOL,
+    pb.ACTION_KIND_RESOURCE: ActionKind.RESOURCE,
+    pb.ACTION_KIND_PROMPT: ActionKind.PROMPT,
+    pb.ACTION_KIND_SAMPLING: ActionKind.SAMPLING,
+    pb.ACTION_KIND_ELICITATION: ActionKind.ELICITATION,
+}
+
+
+def _kind(value: int) -> ActionKind:
+    kind = KINDS.get(value)
+    if kind is None:
+        raise DecodeError(f"unknown action kind {value}")
+    return kind
 
 
 def _log_append(a: LogAppend) -> pb.LogAppend:
@@ -133,6 +151,7 @@ class EnclaveService(pb_grpc.EnclaveServicer):
                     persisted_size=request.persisted_size,
                     payment_amount=request.payment_amount,
                     payment=request.payment,
+                    kind=_kind(request.kind),
                 )
             )
 
@@ -142,8 +161,13 @@ class EnclaveService(pb_grpc.EnclaveServicer):
         def run() -> pb.FilterToolsResponse:
             if len(request.candidates) > 10_000:
                 raise DecodeError("more than 10000 candidate tools")
-            agent, visible = self.core.visible_tools(request.token, [(c.server, c.tool) for c in request.candidates])
-            return pb.FilterToolsResponse(agent=agent, visible=[pb.ToolRef(server=s, tool=t) for s, t in visible])
+            # Each distinct candidate is judged once (a relay repeating one is not a reason for more work).
+            first: dict[tuple[ActionKind, str, str], pb.ToolRef] = {}
+            for c in request.candidates:
+                first.setdefault((_kind(c.kind), c.server, c.tool), c)
+            unique = list(first)
+            agent, shown = self.core.visible_items(request.token, unique)
+            return pb.FilterToolsResponse(agent=agent, visible=[first[unique[i]] for i in shown])
 
         return _call(context, run)
 
@@ -245,6 +269,29 @@ class EnclaveService(pb_grpc.EnclaveServicer):
 
         return _call(context, run)
 
+    def ResumeLog(self, requests: Iterator[pb.ResumeChunk], context: grpc.ServicerContext) -> pb.StartLogResponse:
+        def run() -> pb.StartLogResponse:
+            first = next(requests, None)
+            if first is None or not first.HasField("start"):
+                raise DecodeError("a resume must start with a chunk that carries `start`")
+            r = first.start
+            if r.entries or first.entries:
+                raise DecodeError("the first chunk of a resume carries no entries")
+            start = ResumeStart(
+                checkpoint=r.checkpoint,
+                range_size=r.range_size,
+                range_hashes=list(r.range_hashes),
+                key_entry=r.key_entry,
+                key_entry_index=r.key_entry_index,
+                key_entry_proof=list(r.key_entry_proof),
+                boundary_entry=r.boundary_entry,
+                boundary_proof=list(r.boundary_proof),
+            )
+            a = self.core.resume_log_chunks(start, _resume_chunks(requests))
+            return pb.StartLogResponse(log=_log_append(a))
+
+        return _call(context, run)
+
     def RequestKey(self, request: pb.RequestKeyRequest, context: grpc.ServicerContext) -> pb.RequestKeyResponse:
         return _call(context, lambda: pb.RequestKeyResponse(attestation_document=self.core.request_key()))
 
@@ -256,6 +303,14 @@ class EnclaveService(pb_grpc.EnclaveServicer):
             return pb.OpenSealedKeyResponse(log_public_key=public, log_verifier_key=self.core.note_signer.vkey)
 
         return _call(context, run)
+
+
+def _resume_chunks(requests: Iterator[pb.ResumeChunk]) -> Iterator[tuple[int, list[bytes]]]:
+    """The entries of a resume's later chunks, one chunk at a time (never all held)."""
+    for chunk in requests:
+        if chunk.HasField("start"):
+            raise DecodeError("only the first chunk of a resume carries `start`")
+        yield chunk.first_index, list(chunk.entries)
 
 
 def serve(core: EnclaveCore, grpc_socket: str, *, workers: int = 16) -> grpc.Server:

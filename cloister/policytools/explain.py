@@ -24,7 +24,16 @@ from typing import Any
 
 import cedarpy
 
-from cloister.enclave.bundle import MAX_LIMIT_VALUE, NAMESPACE, Limit, PolicyBundle, ServerSpec, action_id
+from cloister.enclave.bundle import (
+    MAX_LIMIT_VALUE,
+    MCP_INPUT_SCHEMAS,
+    NAMESPACE,
+    ActionKind,
+    Limit,
+    PolicyBundle,
+    ServerSpec,
+    action_id,
+)
 from cloister.enclave.decide import Call, Decision, State, Step, decide, granted, registered
 from cloister.enclave.limits import BadCost, LimitBook
 from cloister.enclave.policy import PolicyEngine, Principal, cedar_value
@@ -58,6 +67,7 @@ class Explanation:
     considered: int = 0  # policies in the action's slice
     attestation: str | None = None  # resource.attestation assumed for the server
     discoverable: bool | None = None
+    kind: str = "tools/call"  # the MCP request explained (decision 0018)
     payment: str | None = None  # the x402 payment the call carries (--payment)
     limits: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -139,7 +149,10 @@ def explain(
     at: datetime,
     attestation: str | None = None,
     payment: str = "",
+    kind: ActionKind = ActionKind.TOOL,
 ) -> Explanation:
+    """`kind` (decision 0018): a resource read (`tool` is the upstream's URI, the arguments the
+    request, {"uri": ...}), a prompt (`tool` its name), or sampling or elicitation (`tool` "")."""
     bundle = validation.bundle
     assert bundle is not None, "explain needs a bundle that parses"
     spec = bundle.agents.get(agent)
@@ -168,15 +181,18 @@ def explain(
         payment_amount="" if payload else payment,
         now_ms=int(at.timestamp() * 1000),
         payment=payment.encode() if payload else b"",
+        kind=kind,
     )
+    ex.kind = kind.value
     d = decide(call, State(bundle, engine, servers, LimitBook.for_bundle(bundle)))
     ex.decision, ex.code, ex.reason, ex.enforced = ("allow" if d.allowed else "deny"), d.code, d.reason, not d.log_only
     # What each step that ran looked at (a call denied at step N never reaches the steps after it).
     if d.allowed or d.step >= Step.QUARANTINE:
         _attestation(ex, bundle.servers[server], servers.levels[server], attestation)
     if d.allowed or d.step >= Step.CEDAR:
-        _cedar_view(ex, validation, engine, servers, d, at)
-        _limits_view(ex, bundle, d, call.now_ms)
+        _cedar_view(ex, validation, engine, servers, d, at, call)
+        if kind is ActionKind.TOOL:  # limits count tool calls
+            _limits_view(ex, bundle, d, call.now_ms)
     return _finish(ex)
 
 
@@ -202,10 +218,24 @@ def _attestation(ex: Explanation, spec: ServerSpec, level: str, asked: str | Non
 
 
 def _cedar_view(
-    ex: Explanation, validation: Validation, engine: PolicyEngine, servers: OfflineServers, d: Decision, at: datetime
+    ex: Explanation,
+    validation: Validation,
+    engine: PolicyEngine,
+    servers: OfflineServers,
+    d: Decision,
+    at: datetime,
+    call: Call,
 ) -> None:
     bundle = validation.bundle
     assert bundle is not None and d.principal is not None
+    if call.action is not None:  # a resource, prompt, sampling or elicitation request (decision 0018)
+        ex.considered = engine.slice_size(ex.server, ex.tool, action=call.action)
+        ex.policies = [_policy_view(validation.policies.get(pid), pid, bundle) for pid in d.policy_ids]
+        schema = MCP_INPUT_SCHEMAS.get(call.kind)
+        ex.evaluation_errors = _evaluation_errors(
+            bundle, d.principal, ex.server, call.action, d.arguments, at, schema, ex.attestation or "none"
+        )
+        return
     # The running enclave types arguments by the tool's input schema as the upstream lists it
     # (numbers are decimals unless it says integer); offline, that is inputs/<server>___<tool>.json.
     aid = action_id(ex.server, ex.tool)
@@ -219,7 +249,7 @@ def _cedar_view(
     ex.discoverable = engine.may_call(d.principal, ex.server, ex.tool, at)
     ex.policies = [_policy_view(validation.policies.get(pid), pid, bundle) for pid in d.policy_ids]
     ex.evaluation_errors = _evaluation_errors(
-        bundle, d.principal, ex.server, ex.tool, d.arguments, at, input_schema, ex.attestation or "none"
+        bundle, d.principal, ex.server, aid, d.arguments, at, input_schema, ex.attestation or "none"
     )
 
 
@@ -271,7 +301,7 @@ def _evaluation_errors(
     bundle: PolicyBundle,
     principal: Principal,
     server: str,
-    tool: str,
+    aid: str,
     arguments: Mapping[str, Any],
     at: datetime,
     input_schema: Mapping[str, Any] | None,
@@ -302,7 +332,7 @@ def _evaluation_errors(
     text = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{at.microsecond // 1000:03d}Z"
     request = {
         "principal": f"{ns}::Agent::{json.dumps(principal.agent)}",
-        "action": f"{ns}::Action::{json.dumps(action_id(server, tool))}",
+        "action": f"{ns}::Action::{json.dumps(aid)}",
         "resource": f"{ns}::Server::{json.dumps(server)}",
         "context": {
             "input": cedar_value(arguments, input_schema),
@@ -336,6 +366,12 @@ _BEFORE_LIMITS = frozenset(
 )
 
 
+def _target(ex: Explanation) -> str:
+    if ex.kind == ActionKind.TOOL.value:
+        return f"{ex.server}___{ex.tool}"
+    return f"{ex.kind} {ex.tool!r} on {ex.server}" if ex.tool else f"{ex.kind} by {ex.server}"
+
+
 def render(ex: Explanation) -> str:
     verdict = ex.decision.upper()
     if ex.decision == "deny" and not ex.enforced:
@@ -343,7 +379,7 @@ def render(ex: Explanation) -> str:
     lines = [
         f"decision: {verdict}" + (f"  [{ex.code}]" if ex.code else ""),
         f"reason:   {ex.reason}",
-        f"call:     agent {ex.agent!r} -> {ex.server}{'___'}{ex.tool} at {ex.at}",
+        f"call:     agent {ex.agent!r} -> {_target(ex)} at {ex.at}",
         f"roles:    {', '.join(ex.roles) or '(none)'} ({ex.roles_source})",
         f"mode:     {ex.mode}",
     ]

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cloister.enclave.bundle import NAMESPACE, PolicyBundle, action_id
+from cloister.enclave.bundle import MCP_ACTIONS, NAMESPACE, ActionKind, PolicyBundle, action_id
 
 INPUTS_DIR = "inputs/"
 _MAX_DEPTH = 8
@@ -170,5 +170,17 @@ def generate_schema(bundle: PolicyBundle, inputs: Mapping[str, Any]) -> Generate
             ]
     for aid in sorted(set(inputs) - {action_id(s.name, t) for s in bundle.servers.values() for t in s.tools}):
         notes.append(f"inputs/{aid}.json: no such tool in entities.toml")
+    # Decision 0018: a resource read's input is its URI, a prompt's its name; sampling and
+    # elicitation requests stay untyped.
+    mcp_inputs = {ActionKind.RESOURCE: '{ "uri": String }', ActionKind.PROMPT: '{ "name": String }'}
+    for kind, action in MCP_ACTIONS.items():
+        lines += [
+            f"  action {_q(action)} in [Mcp] appliesTo {{",
+            "    principal: [Agent],",
+            "    resource: [Server],",
+            f'    context: {{ "input": {mcp_inputs.get(kind, "{}")}, '
+            '"system": { "now": datetime }, "issuer": String }',
+            "  };",
+        ]
     lines.append("}")
     return GeneratedSchema(text="\n".join(lines) + "\n", typed_actions=frozenset(typed), notes=tuple(notes))

@@ -27,6 +27,7 @@ import cedarpy
 
 from cloister.enclave.bundle import (
     ACTION_GROUPS,
+    MCP_ACTIONS,
     NAMESPACE,
     BundleError,
     PolicyBundle,
@@ -345,7 +346,11 @@ def entity_refs(node: Any) -> Iterator[tuple[str, str | None]]:
 def _check_references(v: Validation, texts: Mapping[str, str]) -> None:
     b = v.bundle
     assert b is not None
-    known_actions = {action_id(s.name, t) for s in b.servers.values() for t in s.tools} | set(ACTION_GROUPS)
+    known_actions = (
+        {action_id(s.name, t) for s in b.servers.values() for t in s.tools}
+        | set(ACTION_GROUPS)
+        | set(MCP_ACTIONS.values())
+    )
     for p in v.policies.values():
         reported: set[tuple[str, str | None]] = set()
         for etype, eid in entity_refs({k: p.est.get(k) for k in ("principal", "action", "resource", "conditions")}):
@@ -377,7 +382,7 @@ def _reference_problem(b: PolicyBundle, known_actions: set[str], etype: str, eid
         if not sep:
             return (
                 f"unknown action {eid!r}: actions are tools, named '<server>{TOOL_SEPARATOR}<tool>', "
-                f"or the groups {', '.join(ACTION_GROUPS)}"
+                f"the groups {', '.join(ACTION_GROUPS)}, or {', '.join(MCP_ACTIONS.values())}"
             )
         if server not in b.servers:
             return f"unknown tool {eid!r}: entities.toml has no server {server!r}"

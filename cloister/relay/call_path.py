@@ -19,12 +19,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar, cast
 
 import anyio
 import mcp_types as types
+from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
+from pydantic import BaseModel
 
 from cloister.relay.codes import (
     ENCLAVE_UNAVAILABLE,
@@ -55,6 +57,7 @@ UPSTREAM_DEADLINE_MARGIN_S = 1.0  # the call path's own deadline, beyond the ups
 CANCELLED_BY_CLIENT = "cancelled by the client"
 RELAY_SHUTTING_DOWN = "relay shutting down"
 CLOISTER_META_PREFIX = LOG_META_KEY.split("/", 1)[0] + "/"  # "dev.cloister/"
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def split_tool_name(name: str) -> tuple[str, str]:
@@ -112,6 +115,44 @@ def _denied(verdict: pb.AuthorizeResponse) -> MCPError:
     )
 
 
+# Denials of a tools/call that the model can act on (decision 0018): the call was understood and
+# refused, like a tool execution error. Identity failures, unknown servers and tools, and no
+# decision at all stay JSON-RPC errors: they are for the client, not the model.
+MODEL_DENIALS = frozenset(
+    {
+        pb.DENY_CODE_POLICY,
+        pb.DENY_CODE_NO_PERMIT,
+        pb.DENY_CODE_LIMIT,
+        pb.DENY_CODE_QUARANTINED,
+        pb.DENY_CODE_BAD_ARGUMENTS,
+    }
+)
+DENIAL_META_KEY = "dev.cloister/denial"  # a denial result's machine-readable data (the error's `data`)
+DENIALS_META_KEY = "dev.cloister/denials"  # a request's `_meta`: "error" asks for denials as JSON-RPC errors
+
+
+def _wants_errors(meta: Any) -> bool:
+    return isinstance(meta, dict) and meta.get(DENIALS_META_KEY) == "error"
+
+
+def denial_result(verdict: pb.AuthorizeResponse) -> types.CallToolResult:
+    """A tools/call denial as a tool execution error (isError): the model reads why; a program
+    reads `_meta["dev.cloister/denial"]`, the same data (and JSON-RPC code) the error would carry."""
+    error = _denied(verdict)
+    text = (
+        f"{error.message} (Cloister, the gateway that governs this tool, refused the call; nothing was "
+        f"sent to the tool. Decision logged at index {verdict.log_index}.)"
+    )
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=text)],
+        is_error=True,
+        _meta={
+            DENIAL_META_KEY: {**(error.data if isinstance(error.data, dict) else {}), "error_code": error.code},
+            LOG_META_KEY: {"decision": verdict.log_index},
+        },
+    )
+
+
 class CallPath:
     def __init__(self, state: RelayState, upstreams: Upstreams) -> None:
         self.state = state
@@ -122,6 +163,9 @@ class CallPath:
         self._forwarding: set[anyio.CancelScope] = set()  # calls waiting on their upstream
         self._in_flight = 0  # allowed calls whose outcome is not recorded yet
         self._idle: anyio.Event | None = None  # set when _in_flight drops to 0 (shutdown waits on it)
+        # How a tools/call denial the model can act on reaches the agent (decision 0018): "result"
+        # (a tool result with isError, for the model) or "error" (a JSON-RPC error, as before).
+        self.denials: str = "result"
 
     async def shutdown(self, timeout_s: float = OUTCOME_RECORD_TIMEOUT_S) -> None:
         """Stop the calls still waiting on an upstream and let each record its outcome ("relay
@@ -139,8 +183,11 @@ class CallPath:
     def _cancel_reason(self) -> str:
         return RELAY_SHUTTING_DOWN if self._closing or self.shutting_down() else CANCELLED_BY_CLIENT
 
-    async def call(self, token: str, params: types.CallToolRequestParams) -> types.CallToolResult:
-        """One governed `tools/call` for the agent whose bearer token is `token`."""
+    async def call(
+        self, token: str, params: types.CallToolRequestParams, progress: ProgressFnT | None = None
+    ) -> types.CallToolResult:
+        """One governed `tools/call` for the agent whose bearer token is `token`; `progress`
+        receives the upstream's progress notifications for it."""
         server, tool = split_tool_name(params.name)
         arguments = dict(params.arguments or {})
         args_json = _compact_json(arguments)
@@ -167,6 +214,8 @@ class CallPath:
         marks.append(time.perf_counter())
         if verdict.decision != pb.ALLOW:
             await self._keep_denied_arguments(verdict, args_json)
+            if self.denials == "result" and verdict.denial in MODEL_DENIALS and not _wants_errors(params.meta):
+                return denial_result(verdict)
             raise _denied(verdict)
         # Bodies join the next group commit; the outcome's persist waits for them to be durable.
         self.state.store_body(verdict.log_index, "args", args_json)
@@ -174,7 +223,9 @@ class CallPath:
         # before the agent gets its answer (exactly one, whatever happens meanwhile).
         self._in_flight += 1
         try:
-            result, failure, outcome = await self._forward_and_record(server, tool, arguments, verdict, payment, marks)
+            result, failure, outcome = await self._forward_and_record(
+                server, tool, arguments, verdict, payment, marks, progress
+            )
         finally:
             self._in_flight -= 1
             if not self._in_flight and self._idle is not None:
@@ -196,6 +247,96 @@ class CallPath:
         }
         return _answer(result, failure, log_meta, server)
 
+    async def governed(
+        self,
+        token: str,
+        kind: int,
+        server: str,
+        name: str,
+        request: dict[str, Any],
+        send: Callable[[bytes], Awaitable[_M]],
+        cancelled: str = CANCELLED_BY_CLIENT,
+    ) -> tuple[_M, dict[str, int]]:
+        """One governed MCP request other than tools/call (decision 0018): a resource read or a
+        prompt the agent asks of `server`, or `server`'s sampling or elicitation request to the
+        agent. The same steps as `call`: the enclave decides `kind` on `request` (the parameters,
+        hashed into the decision entry), the decision is durable, `send(grant)` runs only when
+        allowed (raising UpstreamError when it fails), and its outcome, with the answer's hash
+        and the answer stored as the result body, is durable before the answer is returned with
+        the log indexes. `cancelled`: the outcome when the request is cancelled (by whoever sent it)."""
+        args_json = _compact_json(request)
+        if len(args_json) > self.state.config.max_argument_bytes:
+            raise MCPError(
+                INVALID_PARAMS,
+                f"the request is {len(args_json)} bytes; this relay accepts at most "
+                f"{self.state.config.max_argument_bytes} (nothing was forwarded)",
+                data={SOURCE: FROM_CLOISTER},
+            )
+        verdict = await self._authorize(token, server, name, args_json, b"", kind)
+        await self._persist_or_fail(verdict.log)
+        if verdict.decision != pb.ALLOW:
+            await self._keep_denied_arguments(verdict, args_json)
+            raise _denied(verdict)
+        self.state.store_body(verdict.log_index, "args", args_json)
+        self._in_flight += 1
+        try:
+            result, failure, outcome = await self._send_and_record(verdict, send, cancelled)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight and self._idle is not None:
+                self._idle.set()
+        log_meta = {
+            "decision": verdict.log_index,
+            "outcome": outcome.log_index,
+            "checkpoint_size": outcome.log.first_index + len(outcome.log.entries),
+        }
+        if failure is not None:
+            _raise_failure(failure, log_meta, server)
+        assert result is not None
+        return result, log_meta
+
+    async def _send_and_record(
+        self, verdict: pb.AuthorizeResponse, send: Callable[[bytes], Awaitable[_M]], cancelled: str
+    ) -> tuple[_M | None, UpstreamError | None, pb.OutcomeResponse]:
+        started = time.monotonic()
+        result: _M | None = None
+        failure: UpstreamError | None = None
+        with anyio.CancelScope() as stop:
+            self._forwarding.add(stop)
+            try:
+                result = await send(verdict.grant)
+            except UpstreamError as exc:
+                failure = exc
+            except anyio.get_cancelled_exc_class():
+                if not stop.cancel_called:
+                    reason = RELAY_SHUTTING_DOWN if self._cancel_reason() == RELAY_SHUTTING_DOWN else cancelled
+                    await self._record_interrupted(verdict.log_index, started, reason)
+                    raise
+            except Exception as exc:
+                log.exception("forwarding the request of decision %d failed", verdict.log_index)
+                await self._record_interrupted(
+                    verdict.log_index, started, f"relay error while forwarding: {exc!r}"[:500]
+                )
+                raise
+            finally:
+                self._forwarding.discard(stop)
+        if stop.cancel_called:  # the relay is stopping (shutdown)
+            failure = UpstreamError("unavailable", RELAY_SHUTTING_DOWN)
+        duration_us = int((time.monotonic() - started) * 1_000_000)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(OUTCOME_RECORD_TIMEOUT_S) as deadline:
+            outcome = await self._record_outcome(
+                verdict.log_index, result, str(failure) if failure else "", duration_us, ""
+            )
+            await self._persist_or_fail(outcome.log)
+        if deadline.cancelled_caught:
+            raise MCPError(
+                LOG_UNAVAILABLE,
+                f"the request ran but its outcome could not be logged in {OUTCOME_RECORD_TIMEOUT_S:g}s, "
+                "so it is not acknowledged",
+                data={SOURCE: FROM_CLOISTER, "log_index": verdict.log_index},
+            )
+        return result, failure, outcome
+
     async def _keep_denied_arguments(self, verdict: pb.AuthorizeResponse, args_json: bytes) -> None:
         """With `keep_denied_arguments`, store a denied call's arguments beside its decision entry
         (sealed like any body). Off by default: a denied call's arguments are never stored."""
@@ -207,7 +348,7 @@ class CallPath:
             log.warning("could not keep the arguments of denied entry %d: %s", verdict.log_index, exc)
 
     async def _authorize(
-        self, token: str, server: str, tool: str, args_json: bytes, payment: bytes
+        self, token: str, server: str, tool: str, args_json: bytes, payment: bytes, kind: int = pb.ACTION_KIND_TOOL
     ) -> pb.AuthorizeResponse:
         try:
             return await self.state.enclave.authorize(
@@ -219,6 +360,7 @@ class CallPath:
                     request_id=uuid.uuid4().hex,
                     persisted_size=self.state.writer.persisted_size,
                     payment=payment,
+                    kind=cast(pb.ActionKind, kind),
                 )
             )
         except EnclaveUnavailable as exc:
@@ -240,10 +382,11 @@ class CallPath:
         verdict: pb.AuthorizeResponse,
         payment: Any,
         marks: list[float],
+        progress: ProgressFnT | None = None,
     ) -> tuple[types.CallToolResult | None, UpstreamError | None, pb.OutcomeResponse]:
         started = time.monotonic()
         try:
-            result, failure, error = await self._forward(server, tool, arguments, verdict.grant, payment)
+            result, failure, error = await self._forward(server, tool, arguments, verdict.grant, payment, progress)
         except anyio.get_cancelled_exc_class():
             await self._record_interrupted(verdict.log_index, started, self._cancel_reason())
             raise
@@ -310,19 +453,20 @@ class CallPath:
             )
 
     async def _forward(
-        self, server: str, tool: str, arguments: dict[str, Any], grant: bytes, payment: Any
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        grant: bytes,
+        payment: Any,
+        progress: ProgressFnT | None = None,
     ) -> tuple[types.CallToolResult | None, UpstreamError | None, str]:
         """The upstream's result, or its failure and the outcome's error text for it."""
         upstream = self.upstreams.by_name.get(server)
         if upstream is None:
             failure = UpstreamError("unavailable", f"no upstream named {server!r} is configured on this relay")
             return None, failure, str(failure)
-        meta: dict[str, Any] = {
-            GRANT_META_KEY: base64.b64encode(grant).decode("ascii"),
-            ATTESTATION_META_KEY: base64.b64encode(self.state.attestation).decode("ascii"),
-        }
-        if self.state.key_evidence is not None:  # the grant key was introduced in the witnessed log
-            meta[KEY_EVIDENCE_META_KEY] = self.state.key_evidence
+        meta = self.grant_meta(grant)
         if upstream.config.wait_for_witness:
             # Forward only once the decision is witnessed: no rollback can then erase a call that ran.
             index = read_grant(grant).log_index
@@ -343,7 +487,12 @@ class CallPath:
             self._forwarding.add(stop)
             try:
                 with anyio.move_on_after(timeout_s + UPSTREAM_DEADLINE_MARGIN_S):
-                    return await upstream.call(tool, arguments, meta), None, ""
+                    sent = (
+                        upstream.call(tool, arguments, meta, progress)
+                        if progress
+                        else upstream.call(tool, arguments, meta)
+                    )
+                    return await sent, None, ""
             except UpstreamError as exc:
                 if exc.kind == "timeout":
                     return None, exc, f"upstream timed out after {timeout_s:g}s: {exc}"
@@ -357,10 +506,21 @@ class CallPath:
         failure = UpstreamError("timeout", f"upstream {server!r} did not answer within {timeout_s:g}s")
         return None, failure, f"upstream timed out after {timeout_s:g}s: {failure}"
 
+    def grant_meta(self, grant: bytes) -> dict[str, Any]:
+        """The `_meta` an upstream request carries: the grant, the enclave's attestation, and the
+        evidence that the grant key was introduced in the witnessed log."""
+        meta: dict[str, Any] = {
+            GRANT_META_KEY: base64.b64encode(grant).decode("ascii"),
+            ATTESTATION_META_KEY: base64.b64encode(self.state.attestation).decode("ascii"),
+        }
+        if self.state.key_evidence is not None:
+            meta[KEY_EVIDENCE_META_KEY] = self.state.key_evidence
+        return meta
+
     async def _record_outcome(
         self,
         decision_index: int,
-        result: types.CallToolResult | None,
+        result: BaseModel | None,
         error: str,
         duration_us: int,
         paid: str,
@@ -422,16 +582,37 @@ def _response_signature(result_value: dict[str, Any]) -> bytes:
 def _answer(
     result: types.CallToolResult | None, failure: UpstreamError | None, log_meta: dict[str, int], server: str
 ) -> types.CallToolResult:
-    """The agent's answer: the upstream's result or error, with the log indexes of the call's entries.
+    """The agent's answer: the upstream's result or error, with the log indexes of the call's entries."""
+    if failure is not None:
+        _raise_failure(failure, log_meta, server)
+    assert result is not None
+    # The upstream's serverInfo stamp describes the upstream, not this server, and Cloister's own
+    # meta keys (dev.cloister/...) are only Cloister's to set: drop both.
+    return result.model_copy(update={"meta": stamped_meta(result.meta, log_meta)})
 
-    An upstream's error never passes for Cloister's: it says `source: "upstream"`, and a code of
-    Cloister's own block becomes UPSTREAM_FAILED (the original is `upstream_code`)."""
-    if failure is not None and failure.code == PAYMENT_REQUIRED and failure.kind == "error":
+
+def stamped_meta(meta: Any, log_meta: dict[str, int]) -> dict[str, Any]:
+    """An upstream's `_meta` as the agent gets it: without the upstream's serverInfo stamp and
+    Cloister's own keys (dev.cloister/...), with the log indexes of the request's entries."""
+    meta_out: dict[str, Any] = {
+        k: v
+        for k, v in (meta or {}).items()
+        if k != "io.modelcontextprotocol/serverInfo" and not k.startswith(CLOISTER_META_PREFIX)
+    }
+    meta_out[LOG_META_KEY] = log_meta
+    return meta_out
+
+
+def _raise_failure(failure: UpstreamError, log_meta: dict[str, int], server: str) -> NoReturn:
+    """An upstream's failure as the agent's error. An upstream's error never passes for
+    Cloister's: it says `source: "upstream"`, and a code of Cloister's own block becomes
+    UPSTREAM_FAILED (the original is `upstream_code`)."""
+    if failure.code == PAYMENT_REQUIRED and failure.kind == "error":
         # Pass the payment requirements through, as the x402 MCP transport specifies.
         data = dict(failure.data) if isinstance(failure.data, dict) else {"upstream": failure.data}
         marks = {SOURCE: FROM_UPSTREAM, "upstream_server": server, LOG_META_KEY: log_meta}
         raise MCPError(PAYMENT_REQUIRED, str(failure), data={**data, **marks})
-    if failure is not None and failure.kind == "error" and failure.code:
+    if failure.kind == "error" and failure.code:
         raise MCPError(
             upstream_error_code(failure.code),
             str(failure),
@@ -444,15 +625,5 @@ def _answer(
                 "upstream": failure.data,
             },
         )
-    if failure is not None:  # unavailable, timeout: the relay's verdict on the upstream
-        raise MCPError(UPSTREAM_FAILED, str(failure), data={SOURCE: FROM_CLOISTER, "kind": failure.kind, **log_meta})
-    assert result is not None
-    # The upstream's serverInfo stamp describes the upstream, not this server, and Cloister's own
-    # meta keys (dev.cloister/...) are only Cloister's to set: drop both.
-    meta_out: dict[str, Any] = {
-        k: v
-        for k, v in (result.meta or {}).items()
-        if k != "io.modelcontextprotocol/serverInfo" and not k.startswith(CLOISTER_META_PREFIX)
-    }
-    meta_out[LOG_META_KEY] = log_meta
-    return result.model_copy(update={"meta": meta_out})
+    # unavailable, timeout: the relay's verdict on the upstream
+    raise MCPError(UPSTREAM_FAILED, str(failure), data={SOURCE: FROM_CLOISTER, "kind": failure.kind, **log_meta})

@@ -15,6 +15,12 @@
     auditor_token_file = "auditor.token"      # enables GET /log/body/... for holders of this one
     body_encryption_public_key = "body.pub"   # X25519 (PEM): bodies are stored sealed to it
     keep_denied_arguments = false             # also keep the arguments of denied calls
+    # MCP authorization (docs/guides/oauth.md, decision 0019):
+    resource_url = "https://mcp.example/mcp"  # the audience of agents' tokens; default <public_url>/mcp
+    authorization_servers = ["https://id.example/realms/agents"]  # default: the bundle's issuers that are URLs
+    oauth_scopes = ["mcp"]                    # scopes clients ask for (RFC 9728 scopes_supported)
+    token_gate = true                         # 401 for a token the enclave refuses, before any MCP session;
+                                              # default: on when there are authorization servers
 
     [[upstreams]]
     name = "refunds"
@@ -64,6 +70,8 @@ from cloister.audit.sealed import load_public_key
 from cloister.verify.errors import DecodeError
 
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_URL = re.compile(r"https?://[!#-\[\]-~]{1,500}")  # printable ASCII: no space, quote or backslash
+_SCOPE = re.compile(r"[!#-\[\]-~]{1,100}")  # RFC 6749 §3.3 scope-token
 
 
 class ConfigError(DecodeError):
@@ -130,6 +138,14 @@ class RelayConfig:
     witnesses: tuple[WitnessConfig, ...] = ()
     witness_quorum: int = 0  # cosignatures a checkpoint needs to count as witnessed (0: no witnesses)
     kms: KmsConfig | None = None  # required to start an enclave that waits for its sealed log key
+    resource_url: str = ""  # the /mcp URL, agents' tokens' audience (RFC 8707); "" means <public_url>/mcp
+    authorization_servers: tuple[str, ...] | None = None  # None: the bundle's issuers that are URLs
+    oauth_scopes: tuple[str, ...] = ()
+    token_gate: bool | None = None  # None: on when there are authorization servers
+
+    @property
+    def mcp_resource(self) -> str:
+        return self.resource_url or self.public_url.rstrip("/") + "/mcp"
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -200,7 +216,27 @@ def load_relay_config(path: Path) -> RelayConfig:
         witnesses=witnesses,
         witness_quorum=quorum,
         kms=_kms(path, data.get("kms")),
+        **_oauth(relay, where),
     )
+
+
+def _oauth(relay: dict[str, Any], where: str) -> dict[str, Any]:
+    """The MCP authorization keys (cloister.relay.oauth): URLs checked for shape only."""
+    resource = _get(relay, "resource_url", str, where, "")
+    if resource and (not _URL.fullmatch(resource) or "#" in resource):
+        raise ConfigError(f"{where}: resource_url {resource!r} must be an http(s) URL without a fragment")
+    servers = _get(relay, "authorization_servers", list, where, None)
+    if servers is not None and not all(isinstance(s, str) and _URL.fullmatch(s) for s in servers):
+        raise ConfigError(f"{where}: authorization_servers must be a list of http(s) URLs")
+    scopes = _get(relay, "oauth_scopes", list, where, [])
+    if not all(isinstance(s, str) and _SCOPE.fullmatch(s) for s in scopes):
+        raise ConfigError(f"{where}: oauth_scopes must be scope tokens (RFC 6749 §3.3: printable ASCII, no quote)")
+    return {
+        "resource_url": resource,
+        "authorization_servers": tuple(servers) if servers is not None else None,
+        "oauth_scopes": tuple(scopes),
+        "token_gate": _get(relay, "token_gate", bool, where, None),
+    }
 
 
 def _kms(path: Path, table: Any) -> KmsConfig | None:

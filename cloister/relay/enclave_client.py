@@ -10,6 +10,7 @@ with an error), and the relay treats both as "no allow": it forwards nothing.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,6 +95,19 @@ class EnclaveClient:
         resp: pb.StartLogResponse = await self._call("StartLog", req, 60)
         return resp
 
+    async def resume_log(
+        self, start: pb.ResumeFrom, chunks: AsyncIterator[pb.ResumeChunk], timeout: float = 600
+    ) -> pb.StartLogResponse:
+        """Resume the stored log: `start` (without entries), then the entries in `chunks`, streamed."""
+
+        async def requests() -> AsyncIterator[pb.ResumeChunk]:
+            yield pb.ResumeChunk(start=start, first_index=start.range_size)
+            async for chunk in chunks:
+                yield chunk
+
+        resp: pb.StartLogResponse = await self._call("ResumeLog", requests(), timeout)
+        return resp
+
     async def request_key(self) -> bytes:
         """The enclave's Recipient attestation document for the sealed-key exchange."""
         resp: pb.RequestKeyResponse = await self._call("RequestKey", pb.RequestKeyRequest(), 30)
@@ -121,6 +135,13 @@ class EnclaveClient:
     async def filter_tools(self, token: str, candidates: list[tuple[str, str]]) -> pb.FilterToolsResponse:
         req = pb.FilterToolsRequest(token=token, candidates=[pb.ToolRef(server=s, tool=t) for s, t in candidates])
         resp: pb.FilterToolsResponse = await self._call("FilterTools", req)
+        return resp
+
+    async def filter_items(self, token: str, candidates: list[pb.ToolRef]) -> pb.FilterToolsResponse:
+        """Which tools, resources, templates or prompts (each ToolRef's `kind`) the agent may see."""
+        resp: pb.FilterToolsResponse = await self._call(
+            "FilterTools", pb.FilterToolsRequest(token=token, candidates=candidates)
+        )
         return resp
 
     async def record_outcome(self, request: pb.OutcomeRequest) -> pb.OutcomeResponse:

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,7 @@ from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.state import RelayState
 from cloister.relay.storage import LocalBackend, LogWriter, WriterOptions
+from cloister.relay.storage.resume import ResumePlan
 from cloister.relay.upstreams import Upstreams
 from cloister.relay.witnessing import Witnessing
 from cloister.verify.errors import CloisterError
@@ -161,18 +163,17 @@ class Lifecycle:
             if health.log_size == 0:
                 if not startup:
                     await self._forget_unacknowledged()
-                material = await state.writer.resume_material(
+                plan = await state.writer.resume_plan(
                     max_history_entries=1_000_000, window_start_ms=self._history_start_ms()
                 )
                 if health.awaiting_key:
-                    opened = await unseal_log_key(state, health.origin, first_start=material is None)
+                    opened = await unseal_log_key(state, health.origin, first_start=plan is None)
                     log.info("the enclave unsealed its log key %s", opened.log_verifier_key)
-                if material is None:
+                if plan is None:
                     log.info("starting a new log %s", health.origin)
                     started = await enclave.start_log(None)
                 else:
-                    log.info("resuming the stored log (history from entry %d)", material.range_size)
-                    started = await enclave.start_log(pb.ResumeFrom(**dataclasses.asdict(material)))
+                    started = await self._resume(plan)
                 await state.persist(started.log)
             else:
                 # The enclave kept running while we restarted: persist what it sequenced meanwhile.
@@ -182,6 +183,18 @@ class Lifecycle:
             await self.refresh_attestation()
             state.health_info = await enclave.health()
             state.witness_state = state.health_info.witness if state.health_info.HasField("witness") else None
+
+    async def _resume(self, plan: ResumePlan) -> pb.StartLogResponse:
+        """Stream the stored log's tail to the enclave in chunks (decision 0016), read as sent."""
+        m = plan.material
+        log.info("resuming the stored log of size %d (history from entry %d)", plan.end, m.range_size)
+        start = pb.ResumeFrom(**dataclasses.asdict(m))
+
+        async def chunks() -> AsyncIterator[pb.ResumeChunk]:
+            async for first, entries in self.state.writer.resume_chunks(m.range_size, plan.end):
+                yield pb.ResumeChunk(first_index=first, entries=entries)
+
+        return await self.state.enclave.resume_log(start, chunks())
 
     async def _reach_enclave(self, patience_s: float) -> pb.HealthResponse:
         deadline = time.monotonic() + patience_s

@@ -22,6 +22,7 @@ This module wires the relay's roles together, each in its own module:
 | `log_api`      | HTTP: health, attestation, the log's read API |
 | `admin`        | HTTP: policy push, tool pins, redaction (admin token) |
 | `auth`         | the admin and auditor tokens; strict log indexes |
+| `oauth`        | MCP authorization: RFC 9728 metadata, 401 for tokens the enclave refuses |
 | `witnessing`   | checkpoints to C2SP witnesses, their cosignatures served beside the log |
 """
 
@@ -32,19 +33,18 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
-from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from cloister.relay.admin import Admin
 from cloister.relay.call_path import CallPath
-from cloister.relay.codes import FROM_CLOISTER, SOURCE, UNAUTHENTICATED
 from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient
 from cloister.relay.identity import UpstreamIdentity
-from cloister.relay.lifecycle import Lifecycle
+from cloister.relay.lifecycle import Lifecycle, bundle_store, newest_bundle
 from cloister.relay.log_api import LogApi
 from cloister.relay.mcp_handlers import McpHandlers
+from cloister.relay.oauth import BundleSettings, ResourceMetadata, TokenCheck, TokenGate, metadata_routes
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import Upstreams
 from cloister.relay.witnessing import Witnessing
@@ -77,16 +77,25 @@ class Relay:
         self.log_api = LogApi(self.state, self.upstreams, self.witnessing)
         self.admin = Admin(self.state, self.upstreams)
         self.mcp = self.mcp_handlers.server()
+        self.oauth = BundleSettings(
+            config.mcp_resource,
+            config.authorization_servers,
+            config.oauth_scopes,
+            config.token_gate,
+            bundle=lambda: newest_bundle(config),
+            stamp=lambda: bundle_stamp(config),
+        )
+        self.token_check = TokenCheck(self.state.enclave)
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         await self.lifecycle.start(tg)
 
     def routes(self) -> list[Route]:
-        return [*self.log_api.routes(), *self.admin.routes()]
+        return [*self.log_api.routes(), *self.admin.routes(), *metadata_routes(self.oauth)]
 
     def asgi_app(self) -> ASGIApp:
         app = self.mcp.streamable_http_app(host=self.config.host, custom_starlette_routes=self.routes())
-        return RequireBearer(app)
+        return TokenGate(app, self.oauth, self.token_check)
 
     async def close(self) -> None:
         # Calls in flight get their outcome ("relay shutting down") before storage and the enclave close.
@@ -96,36 +105,26 @@ class Relay:
         await self.state.enclave.close()
 
 
-class RequireBearer:
-    """Answer 401 to MCP requests without a bearer token, before any MCP processing.
+def bundle_stamp(config: RelayConfig) -> object:
+    """What changes when a bundle is pushed or the configured one replaced: names, sizes, times."""
+    paths = sorted(bundle_store(config).glob("v*.signed")) + ([config.bundle] if config.bundle else [])
+    stamp = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        stamp.append((str(path), st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
-    This is not a trust decision (only the enclave verifies tokens); it lets MCP clients
-    see the standard challenge instead of an opaque failure.
-    """
+
+class RequireBearer(TokenGate):
+    """The door without the enclave's check: only a missing bearer token gets a 401 (the
+    fuzzer's name for the middleware, cloister.dev.fuzz)."""
 
     def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].rstrip("/") == "/mcp" and scope["method"] != "OPTIONS":
-            headers = dict(scope.get("headers") or [])
-            if not headers.get(b"authorization", b"").lower().startswith(b"bearer "):
-                response = JSONResponse(
-                    {
-                        "jsonrpc": "2.0",
-                        "id": None,
-                        "error": {
-                            "code": UNAUTHENTICATED,
-                            "message": "unauthenticated: send 'Authorization: Bearer <JWT>' (cloister token issue ...)",
-                            "data": {SOURCE: FROM_CLOISTER},
-                        },
-                    },
-                    status_code=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="cloister"'},
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        meta = ResourceMetadata(resource="http://127.0.0.1/mcp", authorization_servers=())
+        super().__init__(app, lambda: (meta, False), None)
 
 
 async def serve(config: RelayConfig, *, ready: Callable[[Relay], Coroutine[Any, Any, None]] | None = None) -> None:

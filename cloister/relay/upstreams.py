@@ -26,14 +26,17 @@ import logging
 import os
 import ssl
 import urllib.parse
-from typing import Any, Protocol, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar, cast
 
 import anyio
 import anyio.abc
 import mcp_types as types
 from mcp import Client, StdioServerParameters
+from mcp.client.session import ClientRequestContext
+from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
-from mcp_types.jsonrpc import CONNECTION_CLOSED
+from mcp_types.jsonrpc import CONNECTION_CLOSED, INVALID_REQUEST
 
 from cloister.relay.config import UpstreamConfig
 from cloister.verify.errors import CloisterError
@@ -41,7 +44,10 @@ from cloister.verify.errors import CloisterError
 log = logging.getLogger("cloister.relay.upstreams")
 MAX_TOOLS_PAGES = 50
 MAX_ARTIFACT = 16 << 20
+MAX_LISTED = 1000  # resources, templates, prompts offered per upstream (decision 0018)
+MAX_NAME = 2048  # longer resource URIs, templates or prompt names are not offered
 ATTESTATION_URI = "cloister://attestation/"
+_R = TypeVar("_R")
 
 
 class UpstreamError(CloisterError):
@@ -76,12 +82,38 @@ class IdentityReporter(Protocol):
     ) -> str: ...
 
 
+class ProtocolHooks(Protocol):
+    """What the relay's MCP side does with what an upstream sends unasked (decision 0018): its
+    sampling and elicitation requests (decided, then sent to the agent), its log messages, and any
+    change in what it offers (agents are told their lists changed)."""
+
+    async def sampling(
+        self, server: str, params: types.CreateMessageRequestParams
+    ) -> types.CreateMessageResult | types.CreateMessageResultWithTools | types.ErrorData: ...
+
+    async def elicitation(
+        self, server: str, params: types.ElicitRequestParams
+    ) -> types.ElicitResult | types.ErrorData: ...
+
+    async def log_message(self, server: str, params: types.LoggingMessageNotificationParams) -> None: ...
+
+    def changed(self, server: str) -> None: ...
+
+    async def resource_updated(self, server: str, uri: str) -> None: ...
+
+
 class Upstream:
     def __init__(self, config: UpstreamConfig, reporter: IdentityReporter | None = None) -> None:
         self.config = config
         self.name = config.name
         self.reporter = reporter
+        self.hooks: ProtocolHooks | None = None
         self.tools: list[types.Tool] = []
+        # What else it offers (decision 0018), listed at connect and again after its list_changed.
+        self.resources: list[types.Resource] = []
+        self.templates: list[types.ResourceTemplate] = []
+        self.prompts: list[types.Prompt] = []
+        self.log_level: str | None = None  # the level last set on the session (logging/setLevel)
         self.state = "connecting"
         self.identity = "unknown"
         self.last_error = ""
@@ -91,7 +123,10 @@ class Upstream:
         self._ready = anyio.Event()
         self._reattest = anyio.Event()
         self._tools_changed = anyio.Event()
+        self._others_changed = anyio.Event()
         self.reproofs = 0  # re-proofs of a connected session (after the first proof)
+        self.logs = False  # whether the session offers logging (its capabilities)
+        self.completions = False
 
     def _target(self, stack: contextlib.AsyncExitStack) -> Any:
         if self.config.url and self.config.ca_file is not None:
@@ -118,8 +153,37 @@ class Upstream:
         """The session's incoming notifications: a changed tool list is re-read and re-checked
         against the pins (rate-limited by `_keep_proving`)."""
         inner = getattr(message, "root", message)
-        if getattr(inner, "method", None) == "notifications/tools/list_changed":
+        method = getattr(inner, "method", None)
+        if method == "notifications/tools/list_changed":
             self._tools_changed.set()
+        elif method == "notifications/resources/updated" and self.hooks is not None:
+            uri = getattr(getattr(inner, "params", None), "uri", None)
+            if uri is not None:
+                await self.hooks.resource_updated(self.name, str(uri))
+        elif method in ("notifications/resources/list_changed", "notifications/prompts/list_changed"):
+            self._others_changed.set()  # re-listed by _keep_listing, off the session's receive loop
+
+    def _changed(self) -> None:
+        if self.hooks is not None:
+            self.hooks.changed(self.name)
+
+    async def _on_sampling(
+        self, context: ClientRequestContext, params: types.CreateMessageRequestParams
+    ) -> types.CreateMessageResult | types.CreateMessageResultWithTools | types.ErrorData:
+        if self.hooks is None:
+            return types.ErrorData(code=INVALID_REQUEST, message="sampling is not supported by this relay")
+        return await self.hooks.sampling(self.name, params)
+
+    async def _on_elicitation(
+        self, context: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult | types.ErrorData:
+        if self.hooks is None:
+            return types.ErrorData(code=INVALID_REQUEST, message="elicitation is not supported by this relay")
+        return await self.hooks.elicitation(self.name, params)
+
+    async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
+        if self.hooks is not None:
+            await self.hooks.log_message(self.name, params)
 
     async def run(self) -> None:
         """Keep a session open until stopped, reconnecting with backoff."""
@@ -135,11 +199,16 @@ class Upstream:
                             cache=None,
                             read_timeout_seconds=self.config.timeout_s,
                             message_handler=self.on_message,
+                            sampling_callback=self._on_sampling,
+                            elicitation_callback=self._on_elicitation,
+                            logging_callback=self._on_log,
                         )
                     )
                     tools = await self._list_tools(client)
                     self._client, self.tools, self.state, self.last_error = client, tools, "up", ""
+                    await self._list_others(client)
                     await self._prove(client, challenge, tools)
+                    self._changed()
                     self._broken = anyio.Event()
                     self._ready.set()
                     connected_at = anyio.current_time()
@@ -147,6 +216,7 @@ class Upstream:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._wait_then_cancel, tg)
                         tg.start_soon(self._keep_proving, client)
+                        tg.start_soon(self._keep_listing, client)
             except Refused as exc:
                 self.state, self.last_error = "quarantined", str(exc)
                 log.warning("upstream %s not launched: %s", self.name, exc)
@@ -158,6 +228,7 @@ class Upstream:
                 self._client = None
                 if self.state == "up":
                     log.warning("upstream %s disconnected", self.name)
+                    self._changed()
                 if self.state != "quarantined":
                     self.state = "down" if not self._stop.is_set() else "stopped"
                 self._ready.set()
@@ -208,10 +279,13 @@ class Upstream:
             evidence = await self._tls_evidence()
         has_evidence = kind in ("nitro", "tls")
         status = await self.reporter.report(self.name, evidence=has_evidence, tools=tools, **evidence)
+        before = self.identity
         if has_evidence:
             self.identity = f"{kind} {status}"
         elif kind != "checksum":
             self.identity = kind
+        if self.identity != before:  # verified or quarantined since: what agents may see changed
+            self._changed()
 
     async def _nitro_evidence(self, client: Client, nonce: bytes) -> dict[str, Any]:
         try:
@@ -248,11 +322,27 @@ class Upstream:
             self.reproofs += 1
             try:
                 tools = await self._list_tools(client)
+                changed = [t.model_dump(mode="json") for t in tools] != [t.model_dump(mode="json") for t in self.tools]
                 self.tools = tools
                 await self._prove(client, None, tools)
+                if changed:  # a drift the enclave now hides, or a new tool: agents re-list
+                    self._changed()
             except Exception as exc:
                 log.warning("re-attesting upstream %s failed: %s", self.name, exc)
             last = anyio.current_time()
+
+    async def _keep_listing(self, client: Client) -> None:
+        """Re-list resources, templates and prompts after the upstream says they changed, at most
+        once per `reproof_min_interval_s`: a flood of notifications costs one re-list."""
+        while True:
+            await self._others_changed.wait()
+            self._others_changed = anyio.Event()
+            try:
+                await self._list_others(client)
+            except Exception as exc:  # a failed re-list keeps the previous lists
+                log.warning("re-listing upstream %s failed: %s", self.name, exc)
+            self._changed()
+            await anyio.sleep(self.config.reproof_min_interval_s)
 
     def reattest(self) -> None:
         self._reattest.set()
@@ -281,18 +371,65 @@ class Upstream:
                 break
         return tools
 
+    async def _list_others(self, client: Client) -> None:
+        """Its resources, resource templates and prompts, as far as its capabilities offer them
+        (decision 0018); a server without one has an empty list."""
+        caps = client.server_capabilities
+        resources: list[types.Resource] = []
+        templates: list[types.ResourceTemplate] = []
+        prompts: list[types.Prompt] = []
+        if caps.resources is not None:
+            cursor: str | None = None
+            for _ in range(MAX_TOOLS_PAGES):
+                page = await client.list_resources(cursor=cursor)
+                resources.extend(page.resources)
+                if not (cursor := page.next_cursor):
+                    break
+            for _ in range(MAX_TOOLS_PAGES):
+                tpage = await client.list_resource_templates(cursor=cursor)
+                templates.extend(tpage.resource_templates)
+                if not (cursor := tpage.next_cursor):
+                    break
+        if caps.prompts is not None:
+            cursor = None
+            for _ in range(MAX_TOOLS_PAGES):
+                ppage = await client.list_prompts(cursor=cursor)
+                prompts.extend(ppage.prompts)
+                if not (cursor := ppage.next_cursor):
+                    break
+        self.resources = bounded_listing(self.name, "resources", [r for r in resources if len(str(r.uri)) <= MAX_NAME])
+        self.templates = bounded_listing(
+            self.name, "templates", [t for t in templates if len(t.uri_template) <= MAX_NAME]
+        )
+        self.prompts = bounded_listing(self.name, "prompts", [p for p in prompts if len(p.name) <= MAX_NAME])
+        self.logs = caps.logging is not None
+        self.completions = caps.completions is not None
+
     async def wait_ready(self, timeout: float) -> None:
         with anyio.move_on_after(timeout):
             await self._ready.wait()
 
-    async def call(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any]) -> types.CallToolResult:
+    async def call(
+        self, tool: str, arguments: dict[str, Any], meta: dict[str, Any], progress: ProgressFnT | None = None
+    ) -> types.CallToolResult:
+        """`progress`: where the upstream's progress notifications for this call go (the SDK
+        gives the upstream a progress token of its own, never the agent's)."""
+        typed_meta = cast(types.RequestParamsMeta, meta)
+        if progress is None:
+            return await self.request("call", lambda c: c.call_tool(tool, arguments, meta=typed_meta))
+        return await self.request(
+            "call", lambda c: c.call_tool(tool, arguments, meta=typed_meta, progress_callback=progress)
+        )
+
+    async def request(self, what: str, send: Callable[[Client], Awaitable[_R]]) -> _R:
+        """One request on the session, within its deadline; failures as UpstreamError."""
         client = self._client
         if client is None:
             why = self.last_error or "connecting"
             raise UpstreamError("unavailable", f"upstream {self.name!r} is unavailable: {why}")
         try:
             with anyio.fail_after(self.config.timeout_s):
-                return await client.call_tool(tool, arguments, meta=cast(types.RequestParamsMeta, meta))
+                return await send(client)
         except TimeoutError as exc:
             raise UpstreamError(
                 "timeout", f"upstream {self.name!r} did not answer within {self.config.timeout_s:g}s"
@@ -302,10 +439,10 @@ class Upstream:
                 # The transport died under the call (process exit, dropped stream): reconnect.
                 self._broken.set()
                 raise UpstreamError(
-                    "unavailable", f"upstream {self.name!r} closed the connection during the call"
+                    "unavailable", f"upstream {self.name!r} closed the connection during the {what}"
                 ) from exc
             raise UpstreamError(
-                "error", f"upstream {self.name!r} refused the call: {exc.message}", code=exc.code, data=exc.data
+                "error", f"upstream {self.name!r} refused the {what}: {exc.message}", code=exc.code, data=exc.data
             ) from exc
         except Exception as exc:  # transport failures come in many types (httpx, anyio, OSError)
             self._broken.set()
@@ -317,6 +454,14 @@ class Upstream:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def bounded_listing(server: str, what: str, items: list[_R]) -> list[_R]:
+    """At most MAX_LISTED of an upstream's resources, templates or prompts: one upstream's listing
+    must not make the enclave refuse every agent's (its FilterTools takes 10,000 candidates)."""
+    if len(items) > MAX_LISTED:
+        log.warning("upstream %s lists %d %s; only the first %d are offered", server, len(items), what, MAX_LISTED)
+    return items[:MAX_LISTED]
 
 
 async def _first_of(*events: anyio.Event) -> None:
@@ -355,10 +500,18 @@ def _peer_certificate(host: str, port: int) -> bytes:
 class Upstreams:
     def __init__(self, configs: tuple[UpstreamConfig, ...], reporter: IdentityReporter | None = None) -> None:
         self.by_name = {c.name: Upstream(c, reporter) for c in configs}
+        # Tasks of the relay's MCP side that live as long as the upstreams (McpHandlers' watchers).
+        self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+
+    def set_hooks(self, hooks: ProtocolHooks) -> None:
+        for u in self.by_name.values():
+            u.hooks = hooks
 
     async def run(self, tg: anyio.abc.TaskGroup) -> None:
         for u in self.by_name.values():
             tg.start_soon(u.run)
+        for task in self.background:
+            tg.start_soon(task)
 
     async def wait_ready(self, timeout: float) -> None:
         with contextlib.suppress(Exception):

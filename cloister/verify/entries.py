@@ -20,6 +20,7 @@ canonical JSON; the bodies themselves live beside the log, kept by the parent.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -36,6 +37,11 @@ VERSION = 1
 # the decision open that long (and refuses a later outcome), so an auditor who finds no outcome for
 # a decision past its grant's expiry plus this grace knows none will ever come.
 OUTCOME_GRACE_MS = 15 * 60 * 1000
+# Snapshots (docs/decisions/0016): a limit window is summarised in at most this many time buckets
+# (plus one); a snapshot carries at most MAX_SNAPSHOT_KEYS windows, in at most MAX_SNAPSHOT_PARTS entries.
+SNAPSHOT_BUCKETS = 64
+MAX_SNAPSHOT_KEYS = 4096
+MAX_SNAPSHOT_PARTS = 1024
 
 
 def dumps_deterministic(value: Any) -> bytes:
@@ -139,7 +145,7 @@ def decimal_text(amount: Decimal, max_len: int = MAX_DECIMAL_TEXT) -> str:
 
 # ---- What each field may hold: one table, read by the parser and by the constructors ----------
 
-FieldKind = Literal["uint", "text", "bytes", "texts", "text_map", "counts"]
+FieldKind = Literal["uint", "text", "bytes", "texts", "text_map", "counts", "windows"]
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,58 @@ def _check_counts(f: Field, v: Any) -> None:
         raise _fail(f, f"expected a map of at most {f.max_len} short texts to unsigned integers")
 
 
+# A snapshot's limit windows: rows of (limit id, key, buckets), each bucket (time ms, amount).
+# An amount is as `decimal_text` writes it, and positive.
+_AMOUNT = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]*[1-9])?")
+SNAPSHOT_KEY_LEN = 320  # a key is an agent, role or server name (128), or "<server>___<tool>"
+
+
+def _bucket_ok(b: Any, after: int) -> int | None:
+    """The bucket's time when it is (time > after, positive amount), else None."""
+    if not isinstance(b, list | tuple) or len(b) != 2:
+        return None
+    t, amount = b
+    if not isinstance(t, int) or isinstance(t, bool) or t <= after:
+        return None
+    if not _short_text(amount, MAX_DECIMAL_TEXT) or not _AMOUNT.fullmatch(amount) or amount == "0":
+        return None
+    return t
+
+
+def _row_ok(f: Field, row: Any) -> bool:
+    if not isinstance(row, list | tuple) or len(row) != 3:
+        return False
+    limit_id, key, buckets = row
+    if not _short_text(limit_id, f.item_len) or not _short_text(key, f.value_len):
+        return False
+    if not isinstance(buckets, list | tuple) or not 0 < len(buckets) <= SNAPSHOT_BUCKETS + 1:
+        return False
+    after = -1
+    for b in buckets:  # strictly increasing times: one encoding per window
+        t = _bucket_ok(b, after)
+        if t is None:
+            return False
+        after = t
+    return True
+
+
+def _check_windows(f: Field, v: Any) -> None:
+    if not isinstance(v, list | tuple) or len(v) > f.max_len:
+        raise _fail(f, f"expected a list of at most {f.max_len} limit windows")
+    for i, row in enumerate(v):
+        if not _row_ok(f, row):
+            raise _fail(
+                f,
+                f"window {i}: expected [limit id, key, [[time, amount], ...]] with at most "
+                f"{SNAPSHOT_BUCKETS + 1} buckets in increasing time and positive decimal amounts",
+            )
+
+
+def _tuples(v: Any) -> Any:
+    """Lists as tuples, all the way down (the checker then sees one shape)."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
 _CHECKS = {
     "uint": _check_uint,
     "text": _check_text,
@@ -231,6 +289,7 @@ _CHECKS = {
     "texts": _check_texts,
     "text_map": _check_text_map,
     "counts": _check_counts,
+    "windows": _check_windows,
 }
 
 
@@ -257,6 +316,8 @@ def _from_map(cls: Any, m: Mapping[str, Any]) -> Any:
             v = tuple(v)
         elif f.kind in ("text_map", "counts") and isinstance(v, dict):
             v = dict(v)
+        elif f.kind == "windows" and isinstance(v, list):
+            v = _tuples(v)
         values[name] = v
     return cls(**values)
 
@@ -322,6 +383,16 @@ SERVER_FIELDS: dict[str, Field] = {
     "extra": Field("extra", "text_map", 64),
     # A verified nitro server's response key (decision 0017); absent otherwise and before it.
     "response_key": Field("rkey", "bytes", size=32, optional=True),
+}
+SNAPSHOT_FIELDS: dict[str, Field] = {
+    "time_ms": Field("time", "uint"),
+    "upto": Field("upto", "uint"),
+    "part": Field("part", "uint"),
+    "parts": Field("parts", "uint"),
+    "open_from": Field("open_from", "uint"),
+    "policy_version": Field("policy_version", "uint", optional=True),
+    "policy_sha256": Field("policy", "bytes", size=32, optional=True),
+    "windows": Field("windows", "windows", MAX_SNAPSHOT_KEYS, item_len=256, value_len=SNAPSHOT_KEY_LEN),
 }
 DENIALS_FIELDS: dict[str, Field] = {
     "time_ms": Field("time", "uint"),
@@ -601,9 +672,69 @@ class DenialsEntry:
         return entry
 
 
-Entry = DecisionEntry | OutcomeEntry | KeyEntry | PolicyEntry | ServerEntry | DenialsEntry
+# One limit window in a snapshot: (limit id, key, ((bucket time ms, amount), ...)).
+SnapshotWindow = tuple[str, str, tuple[tuple[int, str], ...]]
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    """One part of a snapshot: the state a resume needs that would otherwise come from the log's
+    history (docs/decisions/0016-snapshots-and-chunked-resume.md).
+
+    A snapshot is `parts` entries at indexes `upto`, `upto + 1`, ..., appended together; it
+    summarises the entries [0, upto). It holds the limit windows of the bundle in force (each a
+    few time buckets; a charge is counted until its bucket's end leaves the window, so never
+    less than its own window), split across the parts, and `open_from`: the index of the oldest
+    allowed decision that could still get an outcome (`upto` when none). Every part repeats the
+    same header (time, upto, parts, open_from, policy)."""
+
+    TYPE: ClassVar[str] = "snapshot"
+    FIELDS: ClassVar[dict[str, Field]] = SNAPSHOT_FIELDS
+    time_ms: int
+    upto: int
+    part: int
+    parts: int
+    open_from: int
+    policy_version: int | None
+    policy_sha256: bytes | None
+    windows: tuple[SnapshotWindow, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if not self.part < self.parts <= MAX_SNAPSHOT_PARTS:
+            raise DecodeError(f"snapshot entry: expected part < parts <= {MAX_SNAPSHOT_PARTS}")
+        if self.open_from > self.upto:
+            raise DecodeError("snapshot entry: open_from is after the index it summarises up to")
+        if (self.policy_version is None) != (self.policy_sha256 is None):
+            raise DecodeError("snapshot entry: policy version and hash must both be present or both absent")
+
+    def header(self) -> tuple[int, int, int, int, int | None, bytes | None]:
+        """What every part of one snapshot repeats."""
+        return (self.time_ms, self.upto, self.parts, self.open_from, self.policy_version, self.policy_sha256)
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "t": self.TYPE,
+            "v": VERSION,
+            "time": self.time_ms,
+            "upto": self.upto,
+            "part": self.part,
+            "parts": self.parts,
+            "open_from": self.open_from,
+            "policy_version": self.policy_version,
+            "policy": self.policy_sha256,
+            "windows": [[lid, key, [[t, a] for t, a in buckets]] for lid, key, buckets in self.windows],
+        }
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> SnapshotEntry:
+        entry: SnapshotEntry = _from_map(cls, m)
+        return entry
+
+
+Entry = DecisionEntry | OutcomeEntry | KeyEntry | PolicyEntry | ServerEntry | DenialsEntry | SnapshotEntry
 _TYPES: dict[str, type[Entry]] = {
-    t.TYPE: t for t in (DecisionEntry, OutcomeEntry, KeyEntry, PolicyEntry, ServerEntry, DenialsEntry)
+    t.TYPE: t for t in (DecisionEntry, OutcomeEntry, KeyEntry, PolicyEntry, ServerEntry, DenialsEntry, SnapshotEntry)
 }
 
 

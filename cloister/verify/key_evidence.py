@@ -93,27 +93,34 @@ def _b64(value: object, what: str) -> bytes:
         raise DecodeError(f"key evidence: {what} is not valid base64") from exc
 
 
-def parse_key_evidence(text: str) -> KeyEvidence:
-    """The evidence's JSON, with its sizes bounded (DecodeError otherwise)."""
+def _evidence_json(text: str, what: str) -> tuple[dict[str, object], bytes, tuple[bytes, ...]]:
+    """The evidence object, its checkpoint note and its proof hashes, within bounds (DecodeError otherwise)."""
     if len(text) > MAX_EVIDENCE_BYTES:
-        raise DecodeError(f"key evidence is {len(text)} characters; at most {MAX_EVIDENCE_BYTES}")
+        raise DecodeError(f"{what} is {len(text)} characters; at most {MAX_EVIDENCE_BYTES}")
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise DecodeError("key evidence is not JSON") from exc
+        raise DecodeError(f"{what} is not JSON") from exc
     if not isinstance(data, dict) or data.get("v") != 1:
-        raise DecodeError("key evidence must be a JSON object with v = 1")
-    checkpoint, index, proof = data.get("checkpoint"), data.get("index"), data.get("proof")
+        raise DecodeError(f"{what} must be a JSON object with v = 1")
+    checkpoint, proof = data.get("checkpoint"), data.get("proof")
     if not isinstance(checkpoint, str):
-        raise DecodeError("key evidence: checkpoint must be a string (a signed note)")
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1 << 63:
-        raise DecodeError("key evidence: index must be a non-negative integer")
+        raise DecodeError(f"{what}: checkpoint must be a string (a signed note)")
     if not isinstance(proof, list) or len(proof) > MAX_PROOF_HASHES:
-        raise DecodeError(f"key evidence: proof must be a list of at most {MAX_PROOF_HASHES} hashes")
+        raise DecodeError(f"{what}: proof must be a list of at most {MAX_PROOF_HASHES} hashes")
     hashes = tuple(_b64(h, "a proof hash") for h in proof)
     if any(len(h) != 32 for h in hashes):
-        raise DecodeError("key evidence: every proof hash must be 32 bytes")
-    return KeyEvidence(checkpoint.encode("utf-8"), index, _b64(data.get("entry"), "entry"), hashes)
+        raise DecodeError(f"{what}: every proof hash must be 32 bytes")
+    return data, checkpoint.encode("utf-8"), hashes
+
+
+def parse_key_evidence(text: str) -> KeyEvidence:
+    """The evidence's JSON, with its sizes bounded (DecodeError otherwise)."""
+    data, checkpoint, hashes = _evidence_json(text, "key evidence")
+    index = data.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1 << 63:
+        raise DecodeError("key evidence: index must be a non-negative integer")
+    return KeyEvidence(checkpoint, index, _b64(data.get("entry"), "entry"), hashes)
 
 
 def verify_key_evidence(text: str, policy: WitnessedLogPolicy) -> KeyEntry:
@@ -160,19 +167,7 @@ def verify_decision_evidence(text: str, policy: WitnessedLogPolicy, *, index: in
     """Check that leaf `index` with hash `entry_hash` (from a verified grant) is in a checkpoint of
     the pinned log cosigned by a quorum of the pinned witnesses; raise otherwise."""
     # 1. Parse, within bounds (the same caps as key evidence).
-    if len(text) > MAX_EVIDENCE_BYTES:
-        raise DecodeError(f"decision evidence is {len(text)} characters; at most {MAX_EVIDENCE_BYTES}")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise DecodeError("decision evidence is not JSON") from exc
-    if not isinstance(data, dict) or data.get("v") != 1 or not isinstance(data.get("checkpoint"), str):
-        raise DecodeError("decision evidence must be a JSON object with v = 1 and a checkpoint")
-    proof = data.get("proof")
-    if not isinstance(proof, list) or len(proof) > MAX_PROOF_HASHES:
-        raise DecodeError(f"decision evidence: proof must be a list of at most {MAX_PROOF_HASHES} hashes")
-    hashes = [_b64(h, "a proof hash") for h in proof]
-    note = data["checkpoint"].encode("utf-8")
+    _, note, hashes = _evidence_json(text, "decision evidence")
     # 2. C2SP tlog-checkpoint: signed by the pinned log key, for the pinned origin.
     cp = verify_checkpoint(note, [policy.log], origin=policy.origin).checkpoint
     # 3. C2SP tlog-cosignature: a quorum of the pinned witnesses.

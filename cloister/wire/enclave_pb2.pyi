@@ -25,6 +25,14 @@ class DenyCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DENY_CODE_POLICY: _ClassVar[DenyCode]
     DENY_CODE_NO_PERMIT: _ClassVar[DenyCode]
     DENY_CODE_LIMIT: _ClassVar[DenyCode]
+
+class ActionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_KIND_TOOL: _ClassVar[ActionKind]
+    ACTION_KIND_RESOURCE: _ClassVar[ActionKind]
+    ACTION_KIND_PROMPT: _ClassVar[ActionKind]
+    ACTION_KIND_SAMPLING: _ClassVar[ActionKind]
+    ACTION_KIND_ELICITATION: _ClassVar[ActionKind]
 DECISION_UNSPECIFIED: Decision
 ALLOW: Decision
 DENY: Decision
@@ -38,6 +46,11 @@ DENY_CODE_QUARANTINED: DenyCode
 DENY_CODE_POLICY: DenyCode
 DENY_CODE_NO_PERMIT: DenyCode
 DENY_CODE_LIMIT: DenyCode
+ACTION_KIND_TOOL: ActionKind
+ACTION_KIND_RESOURCE: ActionKind
+ACTION_KIND_PROMPT: ActionKind
+ACTION_KIND_SAMPLING: ActionKind
+ACTION_KIND_ELICITATION: ActionKind
 
 class LogAppend(_message.Message):
     __slots__ = ("first_index", "entries", "checkpoint")
@@ -50,7 +63,7 @@ class LogAppend(_message.Message):
     def __init__(self, first_index: _Optional[int] = ..., entries: _Optional[_Iterable[bytes]] = ..., checkpoint: _Optional[bytes] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("token", "server", "tool", "arguments_json", "request_id", "persisted_size", "payment_amount", "payment")
+    __slots__ = ("token", "server", "tool", "arguments_json", "request_id", "persisted_size", "payment_amount", "payment", "kind")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SERVER_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +72,7 @@ class AuthorizeRequest(_message.Message):
     PERSISTED_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYMENT_AMOUNT_FIELD_NUMBER: _ClassVar[int]
     PAYMENT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     token: str
     server: str
     tool: str
@@ -67,7 +81,8 @@ class AuthorizeRequest(_message.Message):
     persisted_size: int
     payment_amount: str
     payment: bytes
-    def __init__(self, token: _Optional[str] = ..., server: _Optional[str] = ..., tool: _Optional[str] = ..., arguments_json: _Optional[bytes] = ..., request_id: _Optional[str] = ..., persisted_size: _Optional[int] = ..., payment_amount: _Optional[str] = ..., payment: _Optional[bytes] = ...) -> None: ...
+    kind: ActionKind
+    def __init__(self, token: _Optional[str] = ..., server: _Optional[str] = ..., tool: _Optional[str] = ..., arguments_json: _Optional[bytes] = ..., request_id: _Optional[str] = ..., persisted_size: _Optional[int] = ..., payment_amount: _Optional[str] = ..., payment: _Optional[bytes] = ..., kind: _Optional[_Union[ActionKind, str]] = ...) -> None: ...
 
 class LimitState(_message.Message):
     __slots__ = ("limit_id", "kind", "remaining", "retry_after_s")
@@ -106,12 +121,14 @@ class AuthorizeResponse(_message.Message):
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., policy_ids: _Optional[_Iterable[str]] = ..., deny_code: _Optional[str] = ..., grant: _Optional[bytes] = ..., log_index: _Optional[int] = ..., log: _Optional[_Union[LogAppend, _Mapping]] = ..., agent: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ..., denial: _Optional[_Union[DenyCode, str]] = ...) -> None: ...
 
 class ToolRef(_message.Message):
-    __slots__ = ("server", "tool")
+    __slots__ = ("server", "tool", "kind")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     server: str
     tool: str
-    def __init__(self, server: _Optional[str] = ..., tool: _Optional[str] = ...) -> None: ...
+    kind: ActionKind
+    def __init__(self, server: _Optional[str] = ..., tool: _Optional[str] = ..., kind: _Optional[_Union[ActionKind, str]] = ...) -> None: ...
 
 class FilterToolsRequest(_message.Message):
     __slots__ = ("token", "candidates")
@@ -296,6 +313,16 @@ class StartLogResponse(_message.Message):
     LOG_FIELD_NUMBER: _ClassVar[int]
     log: LogAppend
     def __init__(self, log: _Optional[_Union[LogAppend, _Mapping]] = ...) -> None: ...
+
+class ResumeChunk(_message.Message):
+    __slots__ = ("start", "first_index", "entries")
+    START_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    start: ResumeFrom
+    first_index: int
+    entries: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, start: _Optional[_Union[ResumeFrom, _Mapping]] = ..., first_index: _Optional[int] = ..., entries: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ServerChallengeRequest(_message.Message):
     __slots__ = ("server", "reconnect")

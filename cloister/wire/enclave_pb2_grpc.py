@@ -79,6 +79,11 @@ class EnclaveStub:
                 request_serializer=cloister_dot_wire_dot_enclave__pb2.StartLogRequest.SerializeToString,
                 response_deserializer=cloister_dot_wire_dot_enclave__pb2.StartLogResponse.FromString,
                 _registered_method=True)
+        self.ResumeLog = channel.stream_unary(
+                '/cloister.enclave.v1.Enclave/ResumeLog',
+                request_serializer=cloister_dot_wire_dot_enclave__pb2.ResumeChunk.SerializeToString,
+                response_deserializer=cloister_dot_wire_dot_enclave__pb2.StartLogResponse.FromString,
+                _registered_method=True)
         self.ServerChallenge = channel.unary_unary(
                 '/cloister.enclave.v1.Enclave/ServerChallenge',
                 request_serializer=cloister_dot_wire_dot_enclave__pb2.ServerChallengeRequest.SerializeToString,
@@ -178,6 +183,16 @@ class EnclaveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeLog(self, request_iterator, context):
+        """Resume the stored log with its entries in chunks, so its size is not bounded by one message
+        (docs/decisions/0016). The first message carries `start` (a ResumeFrom whose `entries` is
+        empty); every later one carries entries from `first_index` on, in index order, at most 4096.
+        The enclave verifies them as they come and installs nothing unless all of it proves out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ServerChallenge(self, request, context):
         """A fresh nonce an upstream server must put into its attestation, and the identity the
         policy bundle requires of it (none, nitro, checksum, tls).
@@ -271,6 +286,11 @@ def add_EnclaveServicer_to_server(servicer, server):
             'StartLog': grpc.unary_unary_rpc_method_handler(
                     servicer.StartLog,
                     request_deserializer=cloister_dot_wire_dot_enclave__pb2.StartLogRequest.FromString,
+                    response_serializer=cloister_dot_wire_dot_enclave__pb2.StartLogResponse.SerializeToString,
+            ),
+            'ResumeLog': grpc.stream_unary_rpc_method_handler(
+                    servicer.ResumeLog,
+                    request_deserializer=cloister_dot_wire_dot_enclave__pb2.ResumeChunk.FromString,
                     response_serializer=cloister_dot_wire_dot_enclave__pb2.StartLogResponse.SerializeToString,
             ),
             'ServerChallenge': grpc.unary_unary_rpc_method_handler(
@@ -541,6 +561,33 @@ class Enclave:
             target,
             '/cloister.enclave.v1.Enclave/StartLog',
             cloister_dot_wire_dot_enclave__pb2.StartLogRequest.SerializeToString,
+            cloister_dot_wire_dot_enclave__pb2.StartLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeLog(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cloister.enclave.v1.Enclave/ResumeLog',
+            cloister_dot_wire_dot_enclave__pb2.ResumeChunk.SerializeToString,
             cloister_dot_wire_dot_enclave__pb2.StartLogResponse.FromString,
             options,
             channel_credentials,

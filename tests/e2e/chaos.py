@@ -34,6 +34,7 @@ from mcp.shared.exceptions import MCPError
 from cloister.audit.source import DirSource, SourceSpec, read_tile
 from cloister.dev.mcp_http import mcp_http_client
 from cloister.dev.state import DevState, ensure_state, free_port
+from cloister.relay.call_path import DENIAL_META_KEY
 from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot
 from cloister.verify.canonical import canonical_sha256
 from cloister.verify.checkpoint import parse_checkpoint, verify_checkpoint
@@ -334,6 +335,11 @@ async def agent_loop(
                             break
                         if exc.code == -32004:  # fail closed while the enclave is down: do not spin
                             await anyio.sleep(0.05)
+                        continue
+                    denial = (result.meta or {}).get(DENIAL_META_KEY)
+                    if result.is_error and isinstance(denial, dict):  # a denial result (decision 0018)
+                        code, index = int(denial["error_code"]), int(denial["log_index"])
+                        obs.refusals.append(Refusal(agent, tool, args, code, index))
                         continue
                     meta = (result.meta or {}).get("dev.cloister/log")
                     answer = "".join(getattr(part, "text", "") for part in result.content)
@@ -786,6 +792,13 @@ class InProcessEnclave:
         return await self._call(
             "StartLog", pb.StartLogRequest(resume=resume) if resume is not None else pb.StartLogRequest()
         )
+
+    async def resume_log(self, start: Any, chunks: Any) -> Any:
+        """The streamed resume (ResumeLog): the chunks, after the start, as the servicer's iterator."""
+        from cloister.wire import enclave_pb2 as pb
+
+        requests = [pb.ResumeChunk(start=start, first_index=start.range_size)] + [c async for c in chunks]
+        return await self._call("ResumeLog", iter(requests))
 
     async def sync(self, persisted_size: int) -> Any:
         from cloister.wire import enclave_pb2 as pb

@@ -18,6 +18,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
+from cloister.relay.call_path import DENIAL_META_KEY
 from cloister.verify.tools import tool_definition_hash
 from tests.e2e.conftest import Stack
 from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
@@ -137,9 +138,13 @@ def call(s: Stack, tool: str, args: dict[str, Any]) -> Any:
     async def go() -> Any:
         async with client(s, s.token()) as c:
             try:
-                return await c.call_tool(tool, args)
+                result = await c.call_tool(tool, args)
             except MCPError as exc:
                 return exc
+            denial = (result.meta or {}).get(DENIAL_META_KEY)
+            if result.is_error and isinstance(denial, dict):  # a denial result (decision 0018), as an error
+                return MCPError(denial["error_code"], str(getattr(result.content[0], "text", "")), data=denial)
+            return result
 
     return anyio.run(go)
 

@@ -15,6 +15,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from cloister.dev.mcp_http import mcp_http_client
+from cloister.relay.call_path import DENIAL_META_KEY
 from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
 from tests.e2e.procs import stop, wait_for
@@ -47,11 +48,19 @@ def call(stack: Stack, token: str | None, tool: str, args: dict[str, Any]) -> An
 
 
 def denied(stack: Stack, token: str | None, tool: str, args: dict[str, Any]) -> MCPError:
+    """The refusal of a call, as an MCPError: a JSON-RPC error, or a denial result (decision 0018:
+    isError, the error's code and data in `_meta["dev.cloister/denial"]`)."""
     before = len(stack.forwarded())
-    with pytest.raises(MCPError) as err:
-        call(stack, token, tool, args)
+    try:
+        result = call(stack, token, tool, args)
+    except MCPError as exc:
+        err = exc
+    else:
+        data = (result.meta or {}).get(DENIAL_META_KEY)
+        assert result.is_error and isinstance(data, dict), f"not refused: {result}"
+        err = MCPError(data["error_code"], result.content[0].text, data=data)
     assert len(stack.forwarded()) == before, "a refused call reached the upstream"
-    return err.value
+    return err
 
 
 def entry_at(stack: Stack, index: int) -> Any:

@@ -60,7 +60,7 @@ def _health(url: str) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
     tmp = tmp_path_factory.mktemp("hostile")
-    state = ensure_state(tmp / "state")
+    state = ensure_state(tmp / "state", witnessed=False)
     pcr0 = mock_pcrs(load_config(state.enclave_config, mock_nsm=True).raw)[0].hex()
     sock = tmp / "enclave.vsock"
     procs: list[subprocess.Popen[bytes]] = []

@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from mcp.shared.exceptions import MCPError
 
 from cloister.dev.state import copy_example_bundle, ensure_state, free_port
+from cloister.relay.call_path import DENIAL_META_KEY
 from tests.e2e.conftest import Stack
 from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
 from tests.e2e.test_relay import client
@@ -144,9 +145,13 @@ def call(s: Stack, tool: str) -> object:
     async def go() -> object:
         async with client(s, s.token("test-bot", ["tester"])) as c:
             try:
-                return await c.call_tool(tool, {"amount": 5})
+                result = await c.call_tool(tool, {"amount": 5})
             except MCPError as exc:
                 return exc
+            denial = (result.meta or {}).get(DENIAL_META_KEY)
+            if result.is_error and isinstance(denial, dict):  # a denial result (decision 0018), as an error
+                return MCPError(denial["error_code"], str(getattr(result.content[0], "text", "")), data=denial)
+            return result
 
     return anyio.run(go)
 

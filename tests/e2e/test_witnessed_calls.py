@@ -63,6 +63,8 @@ class WitnessedStack:
     witness_ports: list[int]
     witnesses: list[subprocess.Popen[bytes]]
     logs_file: Path
+    enclave: subprocess.Popen[bytes] | None = None
+    sock: Path | None = None
 
     def start_witnesses(self) -> None:
         self.witnesses = []
@@ -139,7 +141,7 @@ witness_wait_s = 2
     )
     enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
     relay = start_relay(relay_config, tmp / "relay.log")
-    s = WitnessedStack(state, f"http://127.0.0.1:{port}", tmp, witness_ports, [], tmp / "logs.toml")
+    s = WitnessedStack(state, f"http://127.0.0.1:{port}", tmp, witness_ports, [], tmp / "logs.toml", enclave, sock)
     try:
         wait_for(lambda: relay.poll() is not None or _health(s.url).get("ready") is True, 90, "the relay")
         assert relay.poll() is None, (tmp / "relay.log").read_text()[-3000:]
@@ -173,7 +175,8 @@ witness_wait_s = 2
     finally:
         s.stop_witnesses()
         stop(relay)
-        stop(enclave)
+        if s.enclave is not None:
+            stop(s.enclave)
 
 
 def test_calls_carry_witness_evidence_and_the_guard_accepts_them(stack: WitnessedStack) -> None:
@@ -212,3 +215,22 @@ def test_witnesses_gone_pauses_granting_and_their_return_resumes_it(stack: Witne
     wait_for(lambda: _health(stack.url).get("granting") is True, 30, "granting to resume with the witnesses back")
     assert echo(stack, "back").content[0].text == "back"
     assert len(stack.calls()) == before + 1
+
+
+def test_a_restarted_enclave_is_witnessed_again_and_its_new_key_accepted(stack: WitnessedStack) -> None:
+    """The enclave dies and a new one starts behind the same relay: it resumes the log (a new key
+    entry, a new grant key), grants nothing until the witnesses cosign that start, and the guard
+    accepts its grants once the relay carries the new key's evidence."""
+    assert stack.enclave is not None and stack.sock is not None
+    before = _health(stack.url)["witness_gate"]["start_size"]
+    stop(stack.enclave)
+    stack.enclave, _ = start_enclave(stack.state.root, f"unix:{stack.sock}", log=stack.tmp / "enclave.log")
+
+    def regranting() -> bool:
+        gate = _health(stack.url).get("witness_gate") or {}
+        return gate.get("start_size", before) > before and gate.get("granting") is True
+
+    wait_for(regranting, 60, "the relay to resume the new enclave and the witnesses to cosign its start")
+    calls = len(stack.calls())
+    assert echo(stack, "after the restart").content[0].text == "after the restart"
+    assert len(stack.calls()) == calls + 1

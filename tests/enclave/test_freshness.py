@@ -21,11 +21,11 @@ from cloister.enclave.freshness import Unwitnessed
 from cloister.verify.checkpoint import parse_checkpoint
 from cloister.verify.cosignature import Ed25519Cosigner
 from cloister.verify.errors import VerificationError
-from cloister.verify.merkle import consistency_proof, leaf_hash, node_hash
+from cloister.verify.merkle import consistency_proof
 from cloister.verify.note import Ed25519NoteVerifier, Note, NoteSignature, format_note, parse_note
 from cloister.witness.protocol import Witness
 from cloister.witness.state import WitnessState, init_state
-from tests.enclave.test_resume import material
+from tests.enclave.test_resume import material, node_source, spend
 from tests.world import ORIGIN, World, make_world
 
 
@@ -52,7 +52,7 @@ class Witnesses:
     def cosign(self, log: Sequence[bytes], note: bytes, only: Sequence[int] | None = None) -> bytes:
         """Submit `note` (a checkpoint of `log`) as the relay does; the note with the cosignatures got."""
         size = parse_checkpoint(parse_note(note).text).size
-        nodes = _nodes(log[:size])
+        nodes = node_source(list(log[:size]))
         lines: list[bytes] = []
         for i, witness in enumerate(self.witnesses):
             if only is not None and i not in only:
@@ -67,31 +67,10 @@ class Witnesses:
         return note + b"".join(lines)
 
 
-def _nodes(log: Sequence[bytes]):  # type: ignore[no-untyped-def]
-    levels = [[leaf_hash(e) for e in log]]
-    while len(levels[-1]) > 1:
-        prev = levels[-1]
-        levels.append([node_hash(prev[i], prev[i + 1]) for i in range(0, len(prev) - 1, 2)])
-    return lambda level, index: levels[level][index]
-
-
 def _body(old: int, size: int, nodes, note: bytes) -> bytes:  # type: ignore[no-untyped-def]
     old = min(old, size)
     proof = consistency_proof(old, size, nodes) if 0 < old < size else []
     return b"old %d\n" % old + b"".join(base64.b64encode(h) + b"\n" for h in proof) + b"\n" + note
-
-
-def spend(w: World, core: EnclaveCore, amount: int) -> bool:
-    v = core.authorize(
-        token=w.token("refund-bot", ["refund-agent"]),
-        server="refunds",
-        tool="refund.create",
-        arguments_json=json.dumps({"customer_id": "c", "amount": amount}).encode(),
-        request_id="",
-        persisted_size=len(w.log),
-    )
-    w.persist(v.log)
-    return v.allowed
 
 
 def witnessed_world(tmp: Path, **settings: object) -> tuple[World, Witnesses]:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from cloister.relay.call_path import DENIALS_META_KEY
 from cloister.verify.grant import GRANT_META_KEY, read_grant
 from cloister.wire.contract import X402_META_KEY
 from tests.relay.test_call_path import Rig, research_bot, run
@@ -84,8 +85,8 @@ def permit2_with_decoy(value: str, decoy: str) -> dict[str, Any]:
 
 
 async def denied(rig: Rig, payment: dict[str, Any]) -> dict[str, Any]:
-    with pytest.raises(MCPError) as refused:
-        await rig.call(research_bot(rig), SEARCH, {"query": "q"}, {X402_META_KEY: payment})
+    with pytest.raises(MCPError) as refused:  # denials as errors (decision 0018's opt-out), to read their data
+        await rig.call(research_bot(rig), SEARCH, {"query": "q"}, {X402_META_KEY: payment, DENIALS_META_KEY: "error"})
     data = refused.value.error.data
     assert isinstance(data, dict), refused.value.error
     return data

@@ -44,6 +44,8 @@ class InProcessEnclave(EnclaveClient):
     async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         if not self.reachable:
             raise enclave_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+        if hasattr(request, "__aiter__"):  # a client stream (ResumeLog): the servicer takes an iterator
+            request = iter([r async for r in request])
         try:
             return getattr(self.service, method)(request, ServicerContext())
         except Aborted as exc:

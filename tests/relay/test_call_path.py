@@ -21,7 +21,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from cloister.dev.examples.payments import payment as x402_payment
-from cloister.relay.call_path import CallPath
+from cloister.relay.call_path import DENIAL_META_KEY, DENIALS_META_KEY, CallPath
 from cloister.relay.codes import DENIED, ENCLAVE_UNAVAILABLE, LIMITED, UNAUTHENTICATED, UPSTREAM_FAILED
 from cloister.relay.config import RelayConfig, UpstreamConfig
 from cloister.relay.state import RelayState
@@ -56,7 +56,9 @@ class StandInUpstream(Upstream):
         self.hang = False  # True: never answer (a slow or stuck upstream)
         self.reached = anyio.Event()  # set when a call reaches this upstream
 
-    async def call(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any]) -> types.CallToolResult:
+    async def call(
+        self, tool: str, arguments: dict[str, Any], meta: dict[str, Any], progress: Any = None
+    ) -> types.CallToolResult:
         writer = self._writer()
         grant = base64.b64decode(meta[GRANT_META_KEY])
         index = read_grant(grant).log_index
@@ -189,6 +191,9 @@ def test_an_allow_persists_the_decision_before_forwarding(tmp_path: Path) -> Non
     run(tmp_path, scenario)
 
 
+MODEL_CODES = {"policy", "no-permit", "limit", "quarantined", "bad-arguments"}
+
+
 @pytest.mark.parametrize(
     ("who", "name", "arguments", "meta", "jsonrpc", "code"),
     [
@@ -219,17 +224,29 @@ def test_an_enclave_denial_forwards_nothing_upstream(
     code: str,
 ) -> None:
     async def scenario(rig: Rig) -> None:
-        with pytest.raises(MCPError) as denied:
-            await rig.call(who(rig), name, arguments, meta)
-        assert rig.forwarded() == []
-        # The agent's error code comes from the typed denial class; the denial itself is logged and durable.
-        err = denied.value.error
-        assert err.code == jsonrpc and isinstance(err.data, dict) and err.data["code"] == code
-        index = err.data["log_index"]
-        assert rig.state.writer.persisted_size == index + 1
-        entry = await rig.entry(index)
-        assert isinstance(entry, DecisionEntry) and entry.decision == "deny" and entry.code == code
-        assert await rig.state.writer.get_body(index, "args") is None
+        # Decision 0018: a denial the model can act on is a tool result with isError (its data in
+        # _meta); a client may ask for JSON-RPC errors instead. Identity and unknown names are errors.
+        for shape in ("result", "error"):
+            asked = {**(meta or {}), **({DENIALS_META_KEY: "error"} if shape == "error" else {})}
+            if shape == "result" and code in MODEL_CODES:
+                result = await rig.call(who(rig), name, arguments, asked)
+                assert result.is_error and (result.meta or {}).keys() >= {DENIAL_META_KEY, "dev.cloister/log"}
+                data = (result.meta or {})[DENIAL_META_KEY]
+                assert isinstance(data, dict) and data["reason"] in str(result.content[0])
+                error_code = data["error_code"]
+            else:
+                with pytest.raises(MCPError) as denied:
+                    await rig.call(who(rig), name, arguments, asked)
+                data, error_code = denied.value.error.data, denied.value.error.code
+            assert rig.forwarded() == []
+            # The agent's error code comes from the typed denial class; the denial itself is logged and durable.
+            assert error_code == jsonrpc and isinstance(data, dict) and data["code"] == code
+            assert data["source"] == "cloister" and data["decision"] == "deny"
+            index = data["log_index"]
+            assert rig.state.writer.persisted_size == index + 1
+            entry = await rig.entry(index)
+            assert isinstance(entry, DecisionEntry) and entry.decision == "deny" and entry.code == code
+            assert await rig.state.writer.get_body(index, "args") is None
 
     run(tmp_path, scenario)
 

@@ -183,3 +183,101 @@ def test_the_enclave_bounds_what_a_flapping_server_can_log(tmp_path: Path) -> No
         assert entries[-1].status == "pin-restored" and int(entries[-1].extra["unlogged"]) > 200
 
     run(tmp_path, scenario)
+
+
+def test_a_resources_list_changed_flood_costs_one_relist_per_interval(tmp_path: Path) -> None:
+    """Decision 0018: resources and prompts are re-listed after the upstream says they changed,
+    off the session's receive loop and coalesced like re-proofs; agents are told once per re-list."""
+
+    async def scenario(rig: Rig) -> None:
+        config = UpstreamConfig(name="refunds", url="memory:", reattest_s=600, reproof_min_interval_s=INTERVAL_S)
+        server = attested_refunds(rig, refunds.expected_pcr0())
+
+        @server.resource("docs://{name}")
+        def doc(name: str) -> str:
+            return name
+
+        @server.resource("docs://one")
+        def one() -> str:
+            return "one"
+
+        upstream = InMemoryUpstream(config, UpstreamIdentity(rig.state), server)
+        hooks = ChangeHooks()
+        changes = hooks.changes
+        upstream.hooks = hooks
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(upstream.run)
+            await until(lambda: upstream.identity == "nitro verified")
+            assert [str(r.uri) for r in upstream.resources] == ["docs://one"]
+            assert "docs://{name}" in [t.uri_template for t in upstream.templates]
+            before, started = len(changes), anyio.current_time()
+            for _ in range(500):
+                await upstream.on_message(types.ResourceListChangedNotification())
+                await anyio.sleep(0.002)
+            flood_s = anyio.current_time() - started
+            await anyio.sleep(INTERVAL_S + 0.5)
+            relists = len(changes) - before
+            upstream.stop()
+            tg.cancel_scope.cancel()
+        assert 1 <= relists <= flood_s / INTERVAL_S + 2, (relists, flood_s)
+
+    run(tmp_path, scenario)
+
+
+class ChangeHooks:
+    """What McpHandlers does with an upstream's changes, recorded."""
+
+    def __init__(self) -> None:
+        self.changes: list[str] = []
+
+    async def sampling(self, server: str, params: Any) -> Any:
+        raise AssertionError
+
+    async def elicitation(self, server: str, params: Any) -> Any:
+        raise AssertionError
+
+    async def log_message(self, server: str, params: Any) -> None:
+        pass
+
+    def changed(self, server: str) -> None:
+        self.changes.append(server)
+
+    async def resource_updated(self, server: str, uri: str) -> None:
+        pass
+
+
+def test_a_changed_tool_list_or_identity_tells_agents_to_relist(tmp_path: Path) -> None:
+    """Decision 0018: after a re-proof that finds other tools (a new one, or a drifted definition
+    the enclave now hides), and when the session goes down, agents are told their lists changed;
+    a re-proof that finds the same tools and identity tells them nothing."""
+
+    async def scenario(rig: Rig) -> None:
+        config = UpstreamConfig(name="refunds", url="memory:", reattest_s=600, reproof_min_interval_s=0.2)
+        server = attested_refunds(rig, refunds.expected_pcr0())
+        upstream = InMemoryUpstream(config, UpstreamIdentity(rig.state), server)
+        hooks = ChangeHooks()
+        upstream.hooks = hooks
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(upstream.run)
+            await until(lambda: upstream.identity == "nitro verified")
+            connected = len(hooks.changes)
+            assert connected >= 1  # connected and proven: agents may now see its tools
+            await upstream.on_message(types.ToolListChangedNotification())
+            await until(lambda: upstream.reproofs >= 1)
+            await anyio.sleep(0.3)
+            assert len(hooks.changes) == connected  # the same tools, the same identity: nothing to say
+
+            @server.tool(description="A tool that appeared later.")
+            def transaction_history(customer_id: str) -> str:
+                return customer_id
+
+            await upstream.on_message(types.ToolListChangedNotification())
+            await until(lambda: len(hooks.changes) > connected)
+            assert "transaction_history" in [t.name for t in upstream.tools]
+            upstream.restart()  # the session drops
+            await until(lambda: len(hooks.changes) > connected + 1)
+            upstream.stop()
+            tg.cancel_scope.cancel()
+        assert set(hooks.changes) == {"refunds"}
+
+    run(tmp_path, scenario)

@@ -43,7 +43,9 @@ class HostileUpstream(InMemoryUpstream):
 
     tamper: Tamper | None = None
 
-    async def call(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any]) -> types.CallToolResult:
+    async def call(
+        self, tool: str, arguments: dict[str, Any], meta: dict[str, Any], progress: Any = None
+    ) -> types.CallToolResult:
         if self.tamper is not None:
             return await self.tamper(self, tool, arguments, meta)
         return await super().call(tool, arguments, meta)

@@ -53,12 +53,12 @@ class Served:
 
 def run(fn: Callable[[], Awaitable[None]]) -> None:
     async def main() -> None:
-        await asyncio.wait_for(fn(), 30)
+        await asyncio.wait_for(fn(), 90)
 
     asyncio.run(main())
 
 
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -529,3 +529,21 @@ def test_crafted_chain_bad_document_signature() -> None:
     cose[3] = bytes([cose[3][0] ^ 1]) + cose[3][1:]
     policy = AttestationPolicy(root=root, at=NOW)
     assert reason_of(lambda: verify_attestation(cbor2.dumps(cose), policy)) == "bad-signature"
+
+
+@pytest.mark.parametrize("first_byte", [0x80, 0x00])
+@pytest.mark.filterwarnings("ignore:Parsed a serial number which wasn't positive")
+def test_a_certificate_with_a_non_positive_serial_is_refused(first_byte: int) -> None:
+    # The boundary fuzzer made such certificates: cryptography parses a negative or zero serial with
+    # only a deprecation warning (an exception "in a future release", which the parser's catch-all
+    # turns into `malformed` too); RFC 5280 §4.1.2.2 says positive, and the verifier checks it.
+    def negative(payload: dict[str, Any]) -> None:
+        der = bytearray(payload["certificate"])
+        serial = x509.load_der_x509_certificate(bytes(der)).serial_number
+        raw = serial.to_bytes((serial.bit_length() + 8) // 8, "big")
+        at = bytes(der).index(raw)  # the serial's content octets, first in tbsCertificate
+        der[at : at + len(raw)] = bytes([first_byte]) + bytes(len(raw) - 1)
+        payload["certificate"] = bytes(der)
+
+    reason = reason_of(lambda: verify_attestation(resign_payload(load(PROD), negative), AS_ISSUED))
+    assert reason == "malformed"

@@ -77,6 +77,19 @@ class Agent:
         return Client(streamable_http_client(self.url, http_client=http), cache=None)
 
 
+def _denied(
+    t: Transcript, agent: str, tool: str, shown: str, message: str, data: dict[str, Any], *, expect: str, why: str
+) -> None:
+    say(f"  {agent:13} {tool}({shown})", BOLD)
+    say(f"    -> DENIED  {message}", RED)
+    if "log_index" in data:
+        t.calls.append((f"{agent} {tool} (denied)", int(data["log_index"])))
+        say(f"       logged as entry {data['log_index']}", DIM)
+    t.expect(expect in ("deny", "any"), f"{agent} {tool} should have been allowed ({why}): {message}")
+    if expect == "deny" and why:
+        t.expect(why in message, f"{agent} {tool}: the denial should mention {why!r}: {message}")
+
+
 async def call(
     t: Transcript, client: Client, agent: str, tool: str, args: dict[str, Any], *, expect: str, why: str = ""
 ) -> dict[str, Any] | None:
@@ -87,16 +100,14 @@ async def call(
     shown = json.dumps(args)
     try:
         result = await client.call_tool(tool, args)
-    except MCPError as exc:
+    except MCPError as exc:  # token, unknown names, enclave unavailable: JSON-RPC errors (decision 0018)
         data = exc.data if isinstance(exc.data, dict) else {}
-        say(f"  {agent:13} {tool}({shown})", BOLD)
-        say(f"    -> DENIED  {exc.message}", RED)
-        if "log_index" in data:
-            t.calls.append((f"{agent} {tool} (denied)", int(data["log_index"])))
-            say(f"       logged as entry {data['log_index']}", DIM)
-        t.expect(expect in ("deny", "any"), f"{agent} {tool} should have been allowed ({why}): {exc.message}")
-        if expect == "deny" and why:
-            t.expect(why in exc.message, f"{agent} {tool}: the denial should mention {why!r}: {exc.message}")
+        _denied(t, agent, tool, shown, exc.message, data, expect=expect, why=why)
+        return None
+    denial = (result.meta or {}).get("dev.cloister/denial")
+    if isinstance(denial, dict):  # a denial the model can act on: an isError result, data in _meta
+        text = " ".join("".join(getattr(c, "text", "") for c in result.content).split())
+        _denied(t, agent, tool, shown, text, denial, expect=expect, why=why)
         return None
     meta = (result.meta or {}).get("dev.cloister/log", {})
     text = " ".join("".join(getattr(c, "text", "") for c in result.content).split())[:140]
@@ -113,6 +124,13 @@ async def call(
     return dict(result.structured_content) if result.structured_content else None
 
 
+def _paid_denied(t: Transcript, message: str, data: dict[str, Any], *, expect: str, why: str) -> None:
+    say(f"    -> DENIED  {message}", RED)
+    if "log_index" in data:
+        t.calls.append(("research-bot deep_search (denied)", int(data["log_index"])))
+    t.expect(expect == "deny" and why in message, f"paid deep_search: {message}")
+
+
 async def paid_call(t: Transcript, client: Client, payment: dict[str, Any], *, expect: str, why: str = "") -> None:
     args = {"query": "attestation"}
     value = payment["payload"]["authorization"]["value"]
@@ -122,11 +140,12 @@ async def paid_call(t: Transcript, client: Client, payment: dict[str, Any], *, e
     try:
         result = await client.call_tool("research___deep_search", args, meta={"x402/payment": payment})  # type: ignore[arg-type]
     except MCPError as exc:
-        say(f"    -> DENIED  {exc.message}", RED)
-        data = exc.data if isinstance(exc.data, dict) else {}
-        if "log_index" in data:
-            t.calls.append(("research-bot deep_search (denied)", int(data["log_index"])))
-        t.expect(expect == "deny" and why in exc.message, f"paid deep_search: {exc.message}")
+        _paid_denied(t, exc.message, exc.data if isinstance(exc.data, dict) else {}, expect=expect, why=why)
+        return
+    denial = (result.meta or {}).get("dev.cloister/denial")
+    if isinstance(denial, dict):  # the default shape of a denial (decision 0018)
+        text = " ".join("".join(getattr(c, "text", "") for c in result.content).split())
+        _paid_denied(t, text, denial, expect=expect, why=why)
         return
     meta = (result.meta or {}).get("dev.cloister/log", {})
     say(

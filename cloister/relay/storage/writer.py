@@ -24,7 +24,7 @@ import heapq
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,7 +32,7 @@ from cloister.relay.storage.base import Backend
 from cloister.relay.storage.bodies import BodyRecord, check_body_kind
 from cloister.relay.storage.check import CheckMode
 from cloister.relay.storage.errors import ReorderBufferFull, StorageClosed, StorageError, StorageInconsistency
-from cloister.relay.storage.resume import ResumeMaterial, resume_material
+from cloister.relay.storage.resume import ResumeMaterial, ResumePlan, resume_chunks, resume_material, resume_plan
 from cloister.relay.storage.store import Batch, CheckpointInfo, LogStore, now_ms, parse_checkpoint_note
 from cloister.verify.errors import DecodeError
 from cloister.verify.tiles import MAX_ENTRY_SIZE
@@ -458,6 +458,19 @@ class LogWriter:
     async def resume_material(self, max_history_entries: int, window_start_ms: int | None) -> ResumeMaterial | None:
         """The ResumeFrom for a restarted enclave (see parent.storage.resume), or None if empty."""
         return await asyncio.to_thread(resume_material, self.store, max_history_entries, window_start_ms)
+
+    async def resume_plan(self, max_history_entries: int, window_start_ms: int | None) -> ResumePlan | None:
+        """What a restarted enclave needs, but the entries (see parent.storage.resume), or None if empty."""
+        return await asyncio.to_thread(resume_plan, self.store, max_history_entries, window_start_ms)
+
+    async def resume_chunks(self, start: int, end: int) -> AsyncIterator[tuple[int, list[bytes]]]:
+        """The entries [start, end) in chunks for a streamed resume, read one chunk at a time."""
+        chunks = resume_chunks(self.store, start, end)
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None:
+                return
+            yield chunk
 
     # --- Bodies ----------------------------------------------------------------------------------
 
