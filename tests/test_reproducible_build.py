@@ -236,3 +236,18 @@ def test_rootfs_refuses_a_recipe_it_cannot_reproduce(tmp_path: Path, edit: objec
     dockerfile.write_text(edit(dockerfile.read_text()))
     r = rootfs("build", str(tmp_path / "out"), "--repo", str(repo), "--source-date-epoch", "1")
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_swapped_wheel_is_refused(tmp_path: Path, wheelhouse: Path) -> None:
+    # A hostile index or mirror serves a different file under a locked name and version: pip's
+    # hash check refuses it, and no tree (so no image) is produced from it.
+    hostile = tmp_path / "hostile"
+    shutil.copytree(wheelhouse, hostile)
+    wheel = next(hostile.glob("typing_extensions-*.whl"))
+    data = bytearray(wheel.read_bytes())
+    data[-100] ^= 0x01  # one bit in the zip's central directory
+    wheel.write_bytes(bytes(data))
+    r = rootfs("build", str(tmp_path / "out"), "--wheelhouse", str(hostile), "--source-date-epoch", str(EPOCH))
+    assert r.returncode == 2, r.stderr
+    assert "DO NOT MATCH THE HASHES" in r.stderr and "typing_extensions" in r.stderr.replace("-", "_"), r.stderr
+    assert not (tmp_path / "out" / "lib" / "typing_extensions.py").exists()
