@@ -15,7 +15,8 @@ from pathlib import Path
 from cloister.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
-SYSTEM_TOOLS = {"aws", "git", "openssl", "systemctl", "cp", "$EDITOR"}
+SYSTEM_TOOLS = {"aws", "git", "openssl", "systemctl", "install", "useradd", "python3.11", "$EDITOR"}
+VENV = "/opt/cloister/venv/bin/"  # where the steps install this repository
 REPO_PATH = re.compile(r"^(?:eif|deploy|docs|scripts)/[\w./-]+$")
 
 
@@ -56,9 +57,11 @@ def test_every_command_is_in_the_repository() -> None:
         head = words[0]
         if REPO_PATH.match(head):
             assert os.access(ROOT / head, os.X_OK), f"{head} is not an executable file in the repository"
-        elif head == "cloister":
+        elif head in ("cloister", VENV + "cloister"):
             args = [w for w in words[1:] if w != ">"]
             parser.parse_args(args)  # SystemExit on an unknown command or option
+        elif head == VENV + "pip":
+            assert words[1:3] == ["install", "-c"] and (ROOT / words[3]).is_file() and words[4] == ".", words
         else:
             assert head in SYSTEM_TOOLS, f"{' '.join(words)}: {head} is neither in the repository nor an allowed tool"
         for word in words[1:]:
