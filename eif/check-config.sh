@@ -30,7 +30,7 @@ table=$(grep -nE '^[[:space:]]*\[' "$config" | head -n 1 | cut -d: -f1 || true)
 if [[ -n "$table" && "$table" -lt "$line" ]]; then
   fail "trust_root is set inside a [table] (line $line); set trust_root = \"aws\" before any [table]"
 fi
-value=$(grep -E "$key" "$config" | sed -E "s/$key[[:space:]]*//")
+value=$(grep -E "$key" "$config" | sed -E "s/${key}[[:space:]]*//")
 if ! [[ "$value" =~ ^(\"aws\"|\'aws\')[[:space:]]*(#.*)?$ ]]; then
   shown="${value%%#*}"
   fail "trust_root must be \"aws\" in an enclave image, not ${shown%"${shown##*[![:space:]]}"} (mock roots are for the mock NSM only)"

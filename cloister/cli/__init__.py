@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cloister.verify.errors import CloisterError
 
-COMMANDS = ("up", "enclave", "relay", "token", "attest", "audit", "policy", "witness")
+COMMANDS = ("up", "enclave", "relay", "token", "attest", "audit", "policy", "witness", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
