@@ -214,6 +214,7 @@ def bench_enclave(work: Path, quick: bool) -> list[dict[str, Any]]:
         f'origin = "bench/log"\nadmin_keys = ["'
         f'{admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()}"]\n'
         'trust_root = "mock:mock-nsm/root.pem"\n'
+        "unsafe_unwitnessed = true\n"  # the decision path alone, in process (decision 0015)
     )
     sizes = (10, 100, 1000, 10_000)
     for n_policies in sizes:

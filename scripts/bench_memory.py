@@ -124,6 +124,7 @@ def build_core(work: Path, clock: Clock) -> tuple[EnclaveCore, list[str]]:
         f'origin = "bench/memory"\nadmin_keys = ["'
         f'{admin.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()}"]\n'
         'trust_root = "mock:mock-nsm/root.pem"\n'
+        "unsafe_unwitnessed = true\n"  # the decision path alone, in process (decision 0015)
     )
     config = load_config(cfg, mock_nsm=True)
     pcrs = mock_pcrs(config.raw)
