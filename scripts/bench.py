@@ -232,6 +232,7 @@ def bench_enclave(work: Path, quick: bool) -> list[dict[str, Any]]:
             pcrs=pcrs,
             clock_ms=lambda: time.time_ns() // 1_000_000,
             mock_nsm=True,
+            log_key=ed25519.Ed25519PrivateKey.generate(),  # as if unsealed from KMS (decision 0014)
         )
         core.start_new_log()
         t0 = time.perf_counter()

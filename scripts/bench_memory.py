@@ -128,7 +128,14 @@ def build_core(work: Path, clock: Clock) -> tuple[EnclaveCore, list[str]]:
     )
     config = load_config(cfg, mock_nsm=True)
     pcrs = mock_pcrs(config.raw)
-    core = EnclaveCore(config, MockNsm(work / "mock-nsm", pcrs), pcrs=pcrs, clock_ms=clock, mock_nsm=True)
+    core = EnclaveCore(
+        config,
+        MockNsm(work / "mock-nsm", pcrs),
+        pcrs=pcrs,
+        clock_ms=clock,
+        mock_nsm=True,
+        log_key=ed25519.Ed25519PrivateKey.generate(),  # as if unsealed from KMS (decision 0014)
+    )
     core.start_new_log()
     core.load_policy(
         sign_bundle(read_bundle_dir(bundle), 1, admin, origin=config.origin, not_after=clock.ms // 1000 + 90 * 86400)
