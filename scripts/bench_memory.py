@@ -195,7 +195,7 @@ def sample(core: EnclaveCore, t0: float, traced: bool) -> Sample:
         pending_kib=seq._pending_bytes / 1024,
         compact_range=len(seq.tree().hashes),
         open_decisions=len(core._open),
-        tokens_cached=len(core.policy.tokens),
+        tokens_cached=len(core.policy.tokens._items),
         limit_events=sum(len(w.events) for w in windows.values()),
     )
 
