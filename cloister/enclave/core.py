@@ -81,7 +81,7 @@ from cloister.verify.entries import (
     quoted,
 )
 from cloister.verify.errors import CloisterError, DecodeError, VerificationError
-from cloister.verify.grant import GrantClaims, encode_grant
+from cloister.verify.grant import GRANT_NAME_BOUND, GrantClaims, encode_grant
 from cloister.verify.merkle import CompactRange, leaf_hash
 from cloister.verify.note import Ed25519NoteSigner
 from cloister.verify.response_sig import SIG_BYTES, ResponseCheck, ResponseStatus, response_verdict
@@ -980,7 +980,7 @@ def _encode_row(row: SnapshotWindow) -> bytes:
 
 # Server and tool names in a decision entry: the bundle's are at most 128 characters and recorded
 # as they are; a longer name (an unknown one, from anyone) is kept as a prefix and its hash.
-NAME_BOUND = 256
+NAME_BOUND = GRANT_NAME_BOUND  # (256) the same cut GrantGuard applies to a grant's name
 # When a decision entry would not fit MAX_ENTRY_BYTES (policy ids and reasons of many multi-byte
 # characters), its reason and policy list are cut further.
 _SMALL_REASON, _SMALL_POLICIES = 1024, 8

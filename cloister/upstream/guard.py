@@ -67,10 +67,12 @@ from mcp.shared.exceptions import MCPError
 
 from cloister.verify.attestation import DOCUMENT_TIME, AttestationPolicy, TrustRoot
 from cloister.verify.enclave_identity import verify_enclave
+from cloister.verify.entries import bounded
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.grant import (
     ATTESTATION_META_KEY,
     GRANT_META_KEY,
+    GRANT_NAME_BOUND,
     GrantClaims,
     GrantError,
     MemoryNonceStore,
@@ -137,10 +139,27 @@ class GrantGuard:
         self._response_key: ed25519.Ed25519PrivateKey | None = None
 
     async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        if ctx.method in ("resources/read", "prompts/get"):
+            # Reads and prompts are decided and granted too (decision 0018): the grant names the
+            # request as the enclave recorded it ("resources/read:<uri>", "prompts/get:<name>").
+            self.check_request(ctx.method, dict(ctx.params or {}))
+            return await call_next(ctx)
         if ctx.method != "tools/call":
             return await call_next(ctx)
         claims = self.check(dict(ctx.params or {}))
         return self.sign(await call_next(ctx), claims)
+
+    def check_request(self, method: str, params: Mapping[str, Any]) -> GrantClaims:
+        """Verify the grant of a resources/read or prompts/get, or raise MCPError(GRANT_REFUSED).
+
+        The enclave decided exactly what the relay asked (its arguments `{"uri"}`, or `{"name",
+        "arguments"}`) under the name `<method>:<uri or prompt>`; the same checks as a tool call."""
+        if method == "resources/read":
+            subject, arguments = params.get("uri"), {"uri": params.get("uri")}
+        else:
+            subject, arguments = params.get("name"), {"name": params.get("name"), "arguments": params.get("arguments")}
+        name = bounded(f"{method}:{subject}", GRANT_NAME_BOUND) if isinstance(subject, str) else None
+        return self.check({"name": name, "arguments": arguments, "_meta": params.get("_meta")})
 
     # ---- response signatures (decision 0017) -------------------------------------------------
 

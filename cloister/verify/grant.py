@@ -46,6 +46,9 @@ from cloister.verify.x402 import payment_sha256
 GRANT_META_KEY = "dev.cloister/grant"
 ATTESTATION_META_KEY = "dev.cloister/attestation"
 MAX_GRANT_BYTES = 4096
+# A grant's server-side name is at most this long: a longer one (a long resource URI) is kept as a
+# prefix and its hash (`cloister.verify.entries.bounded`), by the enclave and by GrantGuard alike.
+GRANT_NAME_BOUND = 256
 ALG_EDDSA = -8
 VERSION = 2
 VERSIONS = (1, 2)  # decoded; only VERSION is accepted for a call
