@@ -95,6 +95,9 @@ __all__ = ["GRANT_REFUSED", "FileNonceStore", "GrantGuard", "MemoryNonceStore", 
 
 log = logging.getLogger("cloister.upstream.guard")
 GRANT_REFUSED = -32010
+# Resources under this prefix are the server's attestation (cloister.upstream.attested_server),
+# read by the relay with the enclave's challenge nonce: they need no grant.
+ATTESTATION_URI_PREFIX = "cloister://attestation/"
 MAX_META_B64 = 64 * 1024
 
 
@@ -139,14 +142,19 @@ class GrantGuard:
         self._response_key: ed25519.Ed25519PrivateKey | None = None
 
     async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        params = dict(ctx.params or {})
+        if ctx.method == "resources/read" and str(params.get("uri", "")).startswith(ATTESTATION_URI_PREFIX):
+            # The attestation a relay reads with the enclave's challenge (attested_server): how the
+            # server proves itself before any grant exists; it grants nothing and is not a call.
+            return await call_next(ctx)
         if ctx.method in ("resources/read", "prompts/get"):
             # Reads and prompts are decided and granted too (decision 0018): the grant names the
             # request as the enclave recorded it ("resources/read:<uri>", "prompts/get:<name>").
-            self.check_request(ctx.method, dict(ctx.params or {}))
+            self.check_request(ctx.method, params)
             return await call_next(ctx)
         if ctx.method != "tools/call":
             return await call_next(ctx)
-        claims = self.check(dict(ctx.params or {}))
+        claims = self.check(params)
         return self.sign(await call_next(ctx), claims)
 
     def check_request(self, method: str, params: Mapping[str, Any]) -> GrantClaims:

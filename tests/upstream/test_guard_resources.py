@@ -62,3 +62,28 @@ def test_a_read_grant_is_single_use_and_never_a_tool_call(w: World) -> None:
         guard.check_request("resources/read", params)  # replayed
     fresh = ask(w, "refund-bot", ActionKind.RESOURCE, "docs://a", {"uri": "docs://a"})
     refused(guard, {"name": "docs://a", "arguments": {"uri": "docs://a"}, "_meta": meta(w, fresh.grant)}, "wrong-call")
+
+
+def test_the_attestation_read_needs_no_grant_and_other_reads_do(w: World) -> None:
+    """The relay reads `cloister://attestation/<nonce>` to prove the server before any grant
+    exists (attested_server); every other read goes through the grant check."""
+    from types import SimpleNamespace
+
+    import anyio
+    from mcp.shared.exceptions import MCPError
+
+    guard = guard_for(w)
+
+    answered: dict[str, Any] = {"contents": []}
+
+    async def next_(_ctx: object) -> dict[str, Any]:
+        return answered
+
+    async def main() -> None:
+        attest = SimpleNamespace(method="resources/read", params={"uri": "cloister://attestation/00ff"})
+        assert await guard(attest, next_) is answered  # type: ignore[arg-type]
+        other = SimpleNamespace(method="resources/read", params={"uri": "docs://a"})
+        with pytest.raises(MCPError, match="grant refused"):
+            await guard(other, next_)  # type: ignore[arg-type]
+
+    anyio.run(main)
