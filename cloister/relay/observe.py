@@ -9,7 +9,8 @@ boundary): nothing here runs while the enclave, storage or an upstream is being 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from cloister.relay.calllog import MAX_NAME
@@ -47,6 +48,15 @@ def _durations(marks: Sequence[float]) -> dict[str, float]:
     return {name: round(1000 * (b - a), 3) for name, a, b in zip(_PHASE_NAMES, marks, marks[1:], strict=False)}
 
 
+@contextmanager
+def _never_fails() -> Iterator[None]:
+    """Observing a call never changes its answer: the call is decided and logged already."""
+    try:
+        yield
+    except Exception:
+        log.exception("reporting a call to metrics, traces or the call log failed")
+
+
 class CallObserver:
     def __init__(
         self, metrics: Registry | None = None, tracing: Tracing | None = None, call_log: CallLog | None = None
@@ -57,10 +67,8 @@ class CallObserver:
 
     def unavailable(self, server: str, tool: str) -> None:
         """No decision (the enclave unavailable or refusing): nothing was forwarded."""
-        try:
+        with _never_fails():
             self._unavailable(server, tool)
-        except Exception:  # observing a call never changes its answer
-            log.exception("reporting a call to metrics, traces or the call log failed")
 
     def _unavailable(self, server: str, tool: str) -> None:
         if self.metrics is not None:
@@ -71,7 +79,8 @@ class CallObserver:
     def denied(
         self, server: str, tool: str, verdict: pb.AuthorizeResponse, marks: Sequence[float], args: bytes
     ) -> None:
-        self._report(server, tool, verdict, marks, args, None, None, None)
+        with _never_fails():
+            self._sinks(server, tool, verdict, marks, args, None, None, None)
 
     def completed(
         self,
@@ -84,23 +93,8 @@ class CallObserver:
         result: Any,
         failure: UpstreamError | None,
     ) -> None:
-        self._report(server, tool, verdict, marks, args, outcome, result, failure)
-
-    def _report(
-        self,
-        server: str,
-        tool: str,
-        verdict: pb.AuthorizeResponse,
-        marks: Sequence[float],
-        args: bytes,
-        outcome: pb.OutcomeResponse | None,
-        result: Any,
-        failure: UpstreamError | None,
-    ) -> None:
-        try:
+        with _never_fails():
             self._sinks(server, tool, verdict, marks, args, outcome, result, failure)
-        except Exception:  # observing a call never changes its answer: the call is logged already
-            log.exception("reporting a call to metrics, traces or the call log failed")
 
     def _sinks(
         self,
