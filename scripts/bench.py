@@ -13,7 +13,6 @@ Run with ./scripts/bench (add --quick for a shorter run). Figures vary with the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -104,49 +103,6 @@ def wait_port(port: int, timeout: float = 30) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"port {port} not listening")
-
-
-def bench_end_to_end(work: Path, quick: bool) -> dict[str, Any]:
-    from cloister.dev.state import copy_example_bundle, free_port
-
-    bundle = work / "bench-bundle"
-    copy_example_bundle(bundle)
-    (bundle / "limits.toml").write_text("# no limits: the benchmark measures the decision path itself\n")
-    state = work / "state"
-    up = start(
-        [sys.executable, "-m", "cloister.cli", "up", "--state", str(state), "--port", "0", "--bundle", str(bundle)],
-        work / "up.log",
-    )
-    direct_port = free_port()
-    direct = start(
-        [sys.executable, "-m", "cloister.dev.examples.refunds", "--port", str(direct_port), "--unsafe-no-grants"],
-        work / "direct.log",
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (state / "up.json").exists():
-            if up.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cloister up failed; see {work / 'up.log'}")
-            time.sleep(0.2)
-        info = json.loads((state / "up.json").read_text())
-        token = Path(info["tokens"]["refund-bot"]).read_text().strip()
-        wait_port(direct_port)
-        direct_url = f"http://127.0.0.1:{direct_port}/mcp"
-        calls1, calls16, warm = (300, 60, 20) if quick else (1000, 200, 30)
-        results: dict[str, Any] = {}
-        for label, agents, calls in (("1 agent", 1, calls1), ("16 agents", 16, calls16)):
-            for path, url, tok in (("direct", direct_url, None), ("governed", info["mcp_url"], token)):
-                lat, elapsed = anyio.run(run_calls, url, tok, agents, calls, warm)
-                results[(label, path)] = {
-                    "p50": pct(lat, 50),
-                    "p99": pct(lat, 99),
-                    "rps": len(lat) / elapsed,
-                    "n": len(lat),
-                }
-        return results
-    finally:
-        stop(up)
-        stop(direct)
 
 
 # ---- 2. inside the enclave --------------------------------------------------------------------
@@ -362,20 +318,21 @@ def main() -> int:
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--only-witness", action="store_true", help="only the witnessing figures")
     p.add_argument("--only-observe", action="store_true", help="only the observability figures")
+    p.add_argument("--only-e2e", action="store_true", help="only direct vs governed (latency, calls/s, CPU)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cloister-bench-"))
     print(
         f"Cloister benchmark ({'quick' if args.quick else 'full'}); machine: {os.cpu_count()} CPUs; work dir {work}\n",
         flush=True,
     )
-    if args.only_observe or not args.only_witness:
+    if args.only_observe or not (args.only_witness or args.only_e2e):
         import bench_observe  # metrics, call log, traces: their cost per call (decision 0020)
 
         (work / "observe").mkdir()
         bench_observe.report(work / "observe", args.quick, e2e=not args.skip_e2e)
         if args.only_observe:
             return 0
-    if not args.skip_e2e:
+    if not args.skip_e2e and not args.only_e2e:
         import bench_witness
 
         (work / "witnessing").mkdir()
@@ -383,23 +340,12 @@ def main() -> int:
         if args.only_witness:
             return 0
     if not args.skip_e2e:
+        import bench_e2e  # direct vs governed, CPU per call per process (issue 13)
+
         (work / "e2e").mkdir()
-        r = bench_end_to_end(work / "e2e", args.quick)
-        print("tools/call, direct vs through relay + enclave (customer_lookup on the refunds server):")
-        print(f"  {'':10} {'path':9} {'p50':>11} {'p99':>11} {'calls/s':>9}")
-        for label in ("1 agent", "16 agents"):
-            for path in ("direct", "governed"):
-                x = r[(label, path)]
-                print(f"  {label:10} {path:9} {fmt_ms(x['p50'])} {fmt_ms(x['p99'])} {x['rps']:9.0f}")
-        d1, g1 = r[("1 agent", "direct")], r[("1 agent", "governed")]
-        d16, g16 = r[("16 agents", "direct")], r[("16 agents", "governed")]
-        print(
-            f"\n  added latency, 1 agent:  p50 {fmt_ms(g1['p50'] - d1['p50'])} (target <= 1 ms), "
-            f"p99 {fmt_ms(g1['p99'] - d1['p99'])} (target <= 3 ms)"
-        )
-        print(
-            f"  throughput, 16 agents:   governed/direct = {g16['rps'] / d16['rps']:.0%} (target >= 80%)\n", flush=True
-        )
+        bench_e2e.report(work / "e2e", args.quick)
+        if args.only_e2e:
+            return 0
     rows = bench_enclave(work, args.quick)
     print("Inside the enclave: decide + limits + append + sign (grant and checkpoint), 10,000 agents:")
     print(f"  {'policies':>8} {'slice':>6} {'p50':>9} {'p99':>9} {'bundle load':>12}")
