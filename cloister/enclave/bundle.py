@@ -77,7 +77,11 @@ def entry_name(kind: ActionKind, name: str) -> str:
     return name if kind is ActionKind.TOOL else f"{kind.value}:{name}"
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")  # agents, roles, limit ids (fullmatch)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")  # roles, limit ids (fullmatch)
+# Agents are token subjects, so their names also take "|": Auth0 and Okta's Auth0 name users
+# "auth0|65a1...", "google-oauth2|1043...", "samlp|corp|jo@example.com". Nothing in Cloister
+# splits an agent name on "|" (Cedar ids, log entries, grants and metrics take it as text).
+_AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@|-]{0,127}")
 # Servers and tools name Cedar actions `<server>___<tool>` and the MCP tools agents see: see
 # server_name_problem and tool_name_problem, the one rule that `policy validate` runs too.
 _SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -243,7 +247,8 @@ def read_toml(files: Mapping[str, bytes], name: str, *, required: bool) -> dict[
 
 def _name(where: str, value: Any, pattern: re.Pattern[str] = _NAME) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise BundleError(f"{where}: {value!r} is not a valid name (letters, digits, _ . : @ -, at most 128)")
+        allowed = "_ . : @ | -" if pattern is _AGENT_NAME else "_ . : @ -"
+        raise BundleError(f"{where}: {value!r} is not a valid name (letters, digits, {allowed}, at most 128)")
     return value
 
 
@@ -405,7 +410,7 @@ def parse_entities(files: Mapping[str, bytes]) -> tuple[frozenset[str], dict[str
                 raise BundleError(f"{where}: role {r!r} is not declared under [roles]")
         if len(set(agent_roles)) > MAX_AGENT_ROLES:
             raise BundleError(f"{where}: more than {MAX_AGENT_ROLES} roles (a decision entry lists the roles it used)")
-        agents[_name(where, name)] = AgentSpec(
+        agents[_name(where, name, _AGENT_NAME)] = AgentSpec(
             name=name,
             roles=frozenset(agent_roles),
             attrs=_attrs(where, t, ("roles", "issuers")),
