@@ -38,7 +38,7 @@ from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.jwt import TokenError
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire import enclave_pb2_grpc as pb_grpc
-from cloister.wire.contract import MAX_MESSAGE_BYTES, POLICY_NOT_NEWER_STATUS, DenyCode
+from cloister.wire.contract import MAX_CHANNEL_BATCH, MAX_MESSAGE_BYTES, POLICY_NOT_NEWER_STATUS, DenyCode
 
 log = logging.getLogger("cloister.enclave.service")
 _T = TypeVar("_T")
@@ -46,6 +46,8 @@ _T = TypeVar("_T")
 # Each open Channel stream holds one of the server's worker threads: at most this many, so the
 # host cannot starve the unary RPCs (the server has `workers`, 16 by default).
 MAX_CHANNEL_STREAMS: Final = 4
+# The size past which the answers to a Channel batch go out in more than one message.
+CHANNEL_ANSWER_BYTES: Final = 1 << 20
 
 # Every DenyCode on the wire (tests/wire/test_contract.py checks that this covers both enums).
 DENIALS: Final[Mapping[DenyCode, pb.DenyCode]] = {
@@ -202,11 +204,11 @@ class EnclaveService(pb_grpc.EnclaveServicer):
         return _call(context, lambda: self.record_outcome(request))
 
     def Channel(
-        self, requests: Iterator[pb.ChannelRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.ChannelResponse]:
+        self, requests: Iterator[pb.ChannelRequests], context: grpc.ServicerContext
+    ) -> Iterator[pb.ChannelResponses]:
         """The hot calls on one stream (decision 0022), each answered in this stream's own thread,
-        in the order received: no hand-off to another thread per message, and at most one request
-        of a stream in the enclave's hands at a time (gRPC's flow control bounds what waits)."""
+        in the order received: no hand-off to another thread per call, and at most one batch of a
+        stream in the enclave's hands at a time (gRPC's flow control bounds what waits)."""
         with self._lock:
             admitted = self._streams < self.max_streams
             self._streams += admitted
@@ -214,16 +216,32 @@ class EnclaveService(pb_grpc.EnclaveServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"already {self.max_streams} channel streams open")
         try:
             last = 0
-            for req in requests:
-                # Ids rise strictly: a reused or replayed id ends the stream before anything is decided
-                # for it, so no request is decided twice under one id nor answered as another.
-                if req.id <= last:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"channel id {req.id} is not above {last}")
-                last = req.id
-                yield self._answer(req)
+            for batch in requests:
+                problem = _batch_problem(batch, last)
+                if problem:  # before any call of the batch is decided
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                if batch.requests:
+                    last = batch.requests[-1].id
+                yield from self._answers(batch)
         finally:
             with self._lock:
                 self._streams -= 1
+
+    def _answers(self, batch: pb.ChannelRequests) -> Iterator[pb.ChannelResponses]:
+        """The batch's answers, in order, in messages of about CHANNEL_ANSWER_BYTES at most (a
+        batch of answers each carrying many log entries must not exceed the message cap)."""
+        out = pb.ChannelResponses()
+        size = 0
+        for req in batch.requests:
+            answer = self._answer(req)
+            n = answer.ByteSize()
+            if out.responses and size + n > CHANNEL_ANSWER_BYTES:
+                yield out
+                out, size = pb.ChannelResponses(), 0
+            out.responses.append(answer)
+            size += n
+        if out.responses:
+            yield out
 
     def _answer(self, req: pb.ChannelRequest) -> pb.ChannelResponse:
         which = req.WhichOneof("call")
@@ -356,6 +374,19 @@ class EnclaveService(pb_grpc.EnclaveServicer):
             return pb.OpenSealedKeyResponse(log_public_key=public, log_verifier_key=self.core.note_signer.vkey)
 
         return _call(context, run)
+
+
+def _batch_problem(batch: pb.ChannelRequests, last: int) -> str:
+    """Why a batch breaks the channel's rules ("" if it does not): too many calls, or ids that do
+    not rise strictly from the stream's last one. A reused or replayed id so ends the stream before
+    anything is decided for it: no request is decided twice under one id nor answered as another."""
+    if len(batch.requests) > MAX_CHANNEL_BATCH:
+        return f"a channel batch of {len(batch.requests)} calls (at most {MAX_CHANNEL_BATCH})"
+    for req in batch.requests:
+        if req.id <= last:
+            return f"channel id {req.id} is not above {last}"
+        last = req.id
+    return ""
 
 
 def _resume_chunks(requests: Iterator[pb.ResumeChunk]) -> Iterator[tuple[int, list[bytes]]]:

@@ -29,7 +29,7 @@ from cloister.verify.errors import CloisterError
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire import enclave_pb2_grpc as pb_grpc
 from cloister.wire.bridge import Bridge, Endpoint, choose_mode, grpc_address
-from cloister.wire.contract import MAX_MESSAGE_BYTES
+from cloister.wire.contract import MAX_CHANNEL_BATCH, MAX_MESSAGE_BYTES
 
 _T = TypeVar("_T")
 log = logging.getLogger("cloister.relay.enclave_client")
@@ -75,6 +75,7 @@ class _Stream:
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
         self._abandoned: OrderedDict[int, None] = OrderedDict()
         self._outbox: asyncio.Queue[pb.ChannelRequest] = asyncio.Queue()
+        self._carry: pb.ChannelRequest | None = None  # the request that did not fit the last batch
         self._next_id = 1
         self.broken: str | None = None
         self.stray = 0  # answers for ids not in flight (duplicated, unknown): dropped
@@ -111,11 +112,28 @@ class _Stream:
     async def _write_loop(self) -> None:
         try:
             while True:
-                await self._call.write(await self._outbox.get())
+                await self._call.write(await self._batch())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the call ended (AioRpcError, InvalidStateError): the reader says why
             self.fail(f"write failed: {type(exc).__name__}")
+
+    async def _batch(self) -> pb.ChannelRequests:
+        """The next message: what waits in the outbox (everything queued while the previous write
+        was under way), at most MAX_CHANNEL_BATCH calls and about a message's worth of bytes."""
+        first = self._carry if self._carry is not None else await self._outbox.get()
+        self._carry = None
+        batch = pb.ChannelRequests(requests=[first])
+        size = first.ByteSize()
+        while len(batch.requests) < MAX_CHANNEL_BATCH and not self._outbox.empty():
+            req = self._outbox.get_nowait()
+            n = req.ByteSize()
+            if size + n > MAX_MESSAGE_BYTES - 1024:
+                self._carry = req
+                break
+            batch.requests.append(req)
+            size += n
+        return batch
 
     async def _read_loop(self) -> None:
         reason = "the enclave ended the stream"
@@ -125,7 +143,8 @@ class _Stream:
                 if resp is grpc.aio.EOF:
                     break
                 self.last_read = asyncio.get_running_loop().time()
-                self._deliver(resp)
+                for answer in resp.responses:
+                    self._deliver(answer)
         except grpc.aio.AioRpcError as exc:
             reason = f"{exc.code().name}: {exc.details()}"
         except asyncio.CancelledError:

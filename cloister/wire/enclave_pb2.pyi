@@ -52,6 +52,18 @@ ACTION_KIND_PROMPT: ActionKind
 ACTION_KIND_SAMPLING: ActionKind
 ACTION_KIND_ELICITATION: ActionKind
 
+class ChannelRequests(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[ChannelRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[ChannelRequest, _Mapping]]] = ...) -> None: ...
+
+class ChannelResponses(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[ChannelResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[ChannelResponse, _Mapping]]] = ...) -> None: ...
+
 class ChannelRequest(_message.Message):
     __slots__ = ("id", "authorize", "outcome", "filter_tools")
     ID_FIELD_NUMBER: _ClassVar[int]

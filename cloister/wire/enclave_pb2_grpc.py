@@ -111,8 +111,8 @@ class EnclaveStub:
                 _registered_method=True)
         self.Channel = channel.stream_stream(
                 '/cloister.enclave.v1.Enclave/Channel',
-                request_serializer=cloister_dot_wire_dot_enclave__pb2.ChannelRequest.SerializeToString,
-                response_deserializer=cloister_dot_wire_dot_enclave__pb2.ChannelResponse.FromString,
+                request_serializer=cloister_dot_wire_dot_enclave__pb2.ChannelRequests.SerializeToString,
+                response_deserializer=cloister_dot_wire_dot_enclave__pb2.ChannelResponses.FromString,
                 _registered_method=True)
 
 
@@ -247,11 +247,13 @@ class EnclaveServicer:
 
     def Channel(self, request_iterator, context):
         """The hot calls (Authorize, RecordOutcome, FilterTools) on one long-lived stream, many in
-        flight, matched by `id` (docs/decisions/0022). Each request is answered exactly once, in the
-        order received, by the same code as its unary RPC; a failure is a ChannelError carrying the
-        gRPC status code the unary RPC would have ended with. Ids must rise strictly on a stream; a
-        stream that breaks that, or any other rule, ends with INVALID_ARGUMENT, and a parent
-        treats the calls it had in flight on it as unanswered.
+        flight, matched by `id` (docs/decisions/0022). A message carries a batch of calls (what the
+        parent had waiting, at most 64); each is answered exactly once, in the order received, by the
+        same code as its unary RPC, the answers of a batch in one message or more. A failure is a
+        ChannelError carrying the gRPC status code the unary RPC would have ended with. Ids must rise
+        strictly on a stream; a stream that breaks that, or any other rule, ends with
+        INVALID_ARGUMENT before any call of the offending batch is decided, and a parent treats the
+        calls it had in flight on it as unanswered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -337,8 +339,8 @@ def add_EnclaveServicer_to_server(servicer, server):
             ),
             'Channel': grpc.stream_stream_rpc_method_handler(
                     servicer.Channel,
-                    request_deserializer=cloister_dot_wire_dot_enclave__pb2.ChannelRequest.FromString,
-                    response_serializer=cloister_dot_wire_dot_enclave__pb2.ChannelResponse.SerializeToString,
+                    request_deserializer=cloister_dot_wire_dot_enclave__pb2.ChannelRequests.FromString,
+                    response_serializer=cloister_dot_wire_dot_enclave__pb2.ChannelResponses.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -771,8 +773,8 @@ class Enclave:
             request_iterator,
             target,
             '/cloister.enclave.v1.Enclave/Channel',
-            cloister_dot_wire_dot_enclave__pb2.ChannelRequest.SerializeToString,
-            cloister_dot_wire_dot_enclave__pb2.ChannelResponse.FromString,
+            cloister_dot_wire_dot_enclave__pb2.ChannelRequests.SerializeToString,
+            cloister_dot_wire_dot_enclave__pb2.ChannelResponses.FromString,
             options,
             channel_credentials,
             insecure,

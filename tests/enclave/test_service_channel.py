@@ -17,12 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cloister.enclave import service
 from cloister.enclave.service import serve
 from cloister.relay.enclave_client import EnclaveClient, EnclaveRefused
 from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire import enclave_pb2_grpc as pb_grpc
-from cloister.wire.contract import MAX_MESSAGE_BYTES
+from cloister.wire.contract import MAX_CHANNEL_BATCH, MAX_MESSAGE_BYTES
 from tests.world import World, make_world
 
 pytestmark = pytest.mark.timeout(60)
@@ -59,14 +60,23 @@ def authorize(w: World, request_id: str = "t", tool: str = "customer_lookup") ->
     )
 
 
-def raw_stream(path: Path, requests: list[pb.ChannelRequest]) -> tuple[list[pb.ChannelResponse], grpc.RpcError | None]:
-    """Send `requests` on one Channel stream; what came back, and how the stream ended."""
+Message = pb.ChannelRequest | list[pb.ChannelRequest]
+
+
+def batches(messages: list[Message]) -> Iterator[pb.ChannelRequests]:
+    for m in messages:
+        yield pb.ChannelRequests(requests=m if isinstance(m, list) else [m])
+
+
+def raw_stream(path: Path, messages: list[Message]) -> tuple[list[pb.ChannelResponse], grpc.RpcError | None]:
+    """Send `messages` (each one call, or a batch) on one Channel stream; the answers that came
+    back, one by one, and how the stream ended."""
     with grpc.insecure_channel(f"unix:{path}") as channel:
         stub = pb_grpc.EnclaveStub(channel)  # type: ignore[no-untyped-call]
         got: list[pb.ChannelResponse] = []
         try:
-            for resp in stub.Channel(iter(requests), timeout=20):
-                got.append(resp)
+            for resp in stub.Channel(batches(messages), timeout=20):
+                got.extend(resp.responses)
         except grpc.RpcError as exc:
             return got, exc
         return got, None
@@ -167,7 +177,7 @@ def test_an_oversized_message_ends_only_its_stream(w: World, sock: Path) -> None
     ) as channel:
         stub = pb_grpc.EnclaveStub(channel)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as ended:
-            list(stub.Channel(iter([pb.ChannelRequest(id=1, authorize=huge)]), timeout=20))
+            list(stub.Channel(batches([pb.ChannelRequest(id=1, authorize=huge)]), timeout=20))
     assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     got, ok = raw_stream(sock, [pb.ChannelRequest(id=1, authorize=authorize(w))])
     assert ok is None and got[0].authorize.decision == pb.ALLOW
@@ -181,19 +191,19 @@ def test_the_number_of_streams_is_capped_and_unary_calls_go_on(w: World, sock: P
         calls = []
         gates: list[queue.Queue[pb.ChannelRequest | None]] = []
 
-        def requests(q: queue.Queue[pb.ChannelRequest | None]) -> Iterator[pb.ChannelRequest]:
+        def requests(q: queue.Queue[pb.ChannelRequest | None]) -> Iterator[pb.ChannelRequests]:
             while (item := q.get(timeout=20)) is not None:
-                yield item
+                yield pb.ChannelRequests(requests=[item])
 
         for n in range(2):
             q: queue.Queue[pb.ChannelRequest | None] = queue.Queue()
             gates.append(q)
             call = stub.Channel(requests(q), timeout=20)
             q.put(pb.ChannelRequest(id=1, authorize=authorize(w, f"held{n}")))
-            assert next(call).authorize.decision == pb.ALLOW  # the stream is open and admitted
+            assert next(call).responses[0].authorize.decision == pb.ALLOW  # the stream is open and admitted
             calls.append(call)
         with pytest.raises(grpc.RpcError) as refused:
-            next(stub.Channel(iter([pb.ChannelRequest(id=1, authorize=authorize(w, "third"))]), timeout=20))
+            next(stub.Channel(batches([pb.ChannelRequest(id=1, authorize=authorize(w, "third"))]), timeout=20))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert stub.Authorize(authorize(w, "unary"), timeout=20).decision == pb.ALLOW
         for q in gates:
@@ -204,3 +214,32 @@ def test_the_number_of_streams_is_capped_and_unary_calls_go_on(w: World, sock: P
         got, ended = raw_stream(sock, [pb.ChannelRequest(id=1, authorize=authorize(w, "later"))])
         assert ended is None and got[0].authorize.decision == pb.ALLOW
     assert [e.request_id for e in entries(w) if isinstance(e, DecisionEntry)] == ["held0", "held1", "unary", "later"]
+
+
+def test_a_batch_is_answered_in_order_and_checked_whole_before_anything_is_decided(w: World, sock: Path) -> None:
+    ok = [pb.ChannelRequest(id=i, authorize=authorize(w, f"b{i}")) for i in (1, 2, 3)]
+    reused = [pb.ChannelRequest(id=i, authorize=authorize(w, f"r{i}")) for i in (4, 5, 4)]
+    got, ended = raw_stream(sock, [ok, reused])
+    assert [r.id for r in got] == [1, 2, 3]
+    assert ended is not None and ended.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Ids 4 and 5 came before the reused 4, in the same batch: none of the three was decided.
+    assert [e.request_id for e in entries(w) if isinstance(e, DecisionEntry)] == ["b1", "b2", "b3"]
+
+
+def test_a_batch_over_the_cap_ends_the_stream_undecided(w: World, sock: Path) -> None:
+    too_many = [pb.ChannelRequest(id=i + 1, authorize=authorize(w)) for i in range(MAX_CHANNEL_BATCH + 1)]
+    got, ended = raw_stream(sock, [too_many])
+    assert got == [] and ended is not None and ended.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_CHANNEL_BATCH}" in (ended.details() or "")
+    assert not [e for e in entries(w) if isinstance(e, DecisionEntry)]
+
+
+def test_big_answers_to_a_batch_are_split_across_messages(
+    w: World, sock: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "CHANNEL_ANSWER_BYTES", 1)  # every answer is "big"
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        stub = pb_grpc.EnclaveStub(channel)  # type: ignore[no-untyped-call]
+        batch = [pb.ChannelRequest(id=i, authorize=authorize(w, f"s{i}")) for i in (1, 2, 3)]
+        messages = list(stub.Channel(batches([batch]), timeout=20))
+    assert [[r.id for r in m.responses] for m in messages] == [[1], [2], [3]]

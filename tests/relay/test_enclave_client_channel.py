@@ -28,12 +28,36 @@ from cloister.relay.enclave_client import EnclaveClient, EnclaveRefused, Enclave
 from cloister.verify.entries import OutcomeEntry, parse_entry
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire import enclave_pb2_grpc as pb_grpc
-from cloister.wire.contract import MAX_MESSAGE_BYTES
+from cloister.wire.contract import MAX_CHANNEL_BATCH, MAX_MESSAGE_BYTES
 from tests.world import World, make_world
 
 pytestmark = pytest.mark.timeout(60)
 
-Script = Callable[[Any, int], Awaitable[None]]  # (the server's context, the stream's number)
+
+class Wire:
+    """One Channel stream seen from the host's side: calls one at a time (however the relay
+    batched them), answers sent in messages of the host's choosing."""
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self._queued: list[pb.ChannelRequest] = []
+
+    async def read(self) -> pb.ChannelRequest:
+        while not self._queued:
+            batch = await self.context.read()
+            if batch is grpc.aio.EOF:
+                raise EOFError
+            self._queued.extend(batch.requests)
+        return self._queued.pop(0)
+
+    async def write(self, *answers: pb.ChannelResponse) -> None:
+        await self.context.write(pb.ChannelResponses(responses=answers))
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        await self.context.abort(code, details)
+
+
+Script = Callable[[Wire, int], Awaitable[None]]  # (the stream, its number)
 
 
 class FakeEnclave(pb_grpc.EnclaveServicer):
@@ -45,7 +69,7 @@ class FakeEnclave(pb_grpc.EnclaveServicer):
 
     async def Channel(self, request_iterator: Any, context: Any) -> None:
         self.streams += 1
-        await self.script(context, self.streams)
+        await self.script(Wire(context), self.streams)
 
 
 def answer(req: pb.ChannelRequest, reason: str | None = None, rid: int | None = None) -> pb.ChannelResponse:
@@ -77,19 +101,20 @@ async def fake(
         await server.stop(0)
 
 
-async def serve_forever(context: Any, _n: int) -> None:
+async def serve_forever(wire: Wire, _n: int) -> None:
     """An honest enclave: every request answered in order."""
-    while (req := await context.read()) is not grpc.aio.EOF:
-        await context.write(answer(req))
+    with contextlib.suppress(EOFError):
+        while True:
+            await wire.write(answer(await wire.read()))
 
 
 def test_unknown_and_duplicated_answers_are_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    async def script(context: Any, n: int) -> None:
-        req = await context.read()
-        await context.write(answer(req, "unknown", rid=999))
-        await context.write(answer(req, "first"))
-        await context.write(answer(req, "forged duplicate"))
-        await serve_forever(context, n)
+    async def script(wire: Wire, n: int) -> None:
+        req = await wire.read()
+        await wire.write(answer(req, "unknown", rid=999))
+        await wire.write(answer(req, "first"))
+        await wire.write(answer(req, "forged duplicate"))
+        await serve_forever(wire, n)
 
     async def scenario() -> None:
         async with fake(tmp_path, script) as (client, servicer):
@@ -104,10 +129,10 @@ def test_unknown_and_duplicated_answers_are_dropped(tmp_path: Path, caplog: pyte
 
 
 def test_reordered_answers_reach_their_own_callers(tmp_path: Path) -> None:
-    async def script(context: Any, n: int) -> None:
-        reqs = [await context.read() for _ in range(5)]
+    async def script(wire: Wire, n: int) -> None:
+        reqs = [await wire.read() for _ in range(5)]
         for req in reversed(reqs):
-            await context.write(answer(req))
+            await wire.write(answer(req))
 
     async def scenario() -> None:
         async with fake(tmp_path, script) as (client, _):
@@ -118,10 +143,10 @@ def test_reordered_answers_reach_their_own_callers(tmp_path: Path) -> None:
 
 
 def test_an_answer_of_the_wrong_kind_is_no_answer(tmp_path: Path) -> None:
-    async def script(context: Any, n: int) -> None:
-        req = await context.read()
-        await context.write(pb.ChannelResponse(id=req.id, outcome=pb.OutcomeResponse(log_index=5)))
-        await serve_forever(context, n)
+    async def script(wire: Wire, n: int) -> None:
+        req = await wire.read()
+        await wire.write(pb.ChannelResponse(id=req.id, outcome=pb.OutcomeResponse(log_index=5)))
+        await serve_forever(wire, n)
 
     async def scenario() -> None:
         async with fake(tmp_path, script) as (client, _):
@@ -133,11 +158,11 @@ def test_an_answer_of_the_wrong_kind_is_no_answer(tmp_path: Path) -> None:
 
 
 def test_a_stalled_stream_fails_closed_within_the_deadline_then_is_replaced(tmp_path: Path) -> None:
-    async def script(context: Any, n: int) -> None:
+    async def script(wire: Wire, n: int) -> None:
         if n == 1:
-            await context.read()
+            await wire.read()
             await asyncio.sleep(30)  # the host holds every answer
-        await serve_forever(context, n)
+        await serve_forever(wire, n)
 
     async def scenario() -> None:
         async with fake(tmp_path, script, timeout_s=0.5) as (client, servicer):
@@ -154,16 +179,16 @@ def test_a_stalled_stream_fails_closed_within_the_deadline_then_is_replaced(tmp_
 
 @pytest.mark.parametrize("how", ["abort", "end", "error"])
 def test_a_stream_cut_mid_call_fails_every_call_in_flight_then_reconnects(tmp_path: Path, how: str) -> None:
-    async def script(context: Any, n: int) -> None:
+    async def script(wire: Wire, n: int) -> None:
         if n == 1:
-            await context.read()
-            await context.read()
+            await wire.read()
+            await wire.read()
             if how == "abort":
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+                await wire.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
             if how == "error":
                 raise RuntimeError("the host broke it")
             return  # "end": a clean end of stream with two calls unanswered
-        await serve_forever(context, n)
+        await serve_forever(wire, n)
 
     async def scenario() -> None:
         async with fake(tmp_path, script) as (client, servicer):
@@ -191,11 +216,11 @@ def test_an_error_answer_is_typed_by_its_status_code(
 ) -> None:
     number = status if isinstance(status, int) else status.value[0]
 
-    async def script(context: Any, n: int) -> None:
-        req = await context.read()
+    async def script(wire: Wire, n: int) -> None:
+        req = await wire.read()
         # The message says something else entirely: only the code counts.
-        await context.write(pb.ChannelResponse(id=req.id, error=pb.ChannelError(status=number, message="OK allow")))
-        await serve_forever(context, n)
+        await wire.write(pb.ChannelResponse(id=req.id, error=pb.ChannelError(status=number, message="OK allow")))
+        await serve_forever(wire, n)
 
     async def scenario() -> None:
         async with fake(tmp_path, script) as (client, servicer):
@@ -225,11 +250,11 @@ def test_an_oversized_request_is_refused_alone(tmp_path: Path) -> None:
 def test_a_cancelled_caller_leaves_the_stream_and_the_others_alone(tmp_path: Path) -> None:
     release = asyncio.Event()
 
-    async def script(context: Any, n: int) -> None:
-        first = await context.read()
+    async def script(wire: Wire, n: int) -> None:
+        first = await wire.read()
         await release.wait()
-        await context.write(answer(first))  # late: its caller is gone
-        await serve_forever(context, n)
+        await wire.write(answer(first))  # late: its caller is gone
+        await serve_forever(wire, n)
 
     async def scenario() -> None:
         async with fake(tmp_path, script) as (client, servicer):
@@ -457,3 +482,24 @@ def test_the_vsock_path_carries_the_stream_and_it_reconnects_after_a_restart(
         asyncio.run(scenario())
     finally:
         stop(proc)
+
+
+def test_calls_waiting_together_go_out_in_one_batch(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    async def script(wire: Wire, n: int) -> None:
+        with contextlib.suppress(EOFError):
+            while True:
+                batch = await wire.context.read()
+                if batch is grpc.aio.EOF:
+                    return
+                seen.append(len(batch.requests))
+                await wire.write(*(answer(r) for r in batch.requests))
+
+    async def scenario() -> None:
+        async with fake(tmp_path, script) as (client, _):
+            got = await asyncio.gather(*(client.authorize(ask(f"r{i}")) for i in range(100)))
+            assert [v.reason for v in got] == [f"r{i}" for i in range(100)]
+
+    asyncio.run(scenario())
+    assert sum(seen) == 100 and max(seen) <= MAX_CHANNEL_BATCH and len(seen) < 100
