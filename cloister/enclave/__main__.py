@@ -33,7 +33,15 @@ from cloister.enclave.config import EnclaveConfig, load_config
 from cloister.enclave.core import EnclaveCore
 from cloister.enclave.nsm import Nsm
 from cloister.verify.errors import CloisterError
-from cloister.wire.bridge import MODES, Bridge, BridgeMode, Endpoint, choose_mode, grpc_address
+from cloister.wire.bridge import (
+    MODES,
+    Bridge,
+    BridgeMode,
+    Endpoint,
+    choose_mode,
+    grpc_address,
+    set_switch_interval,
+)
 
 if TYPE_CHECKING:
     import grpc
@@ -95,6 +103,7 @@ def run(
     try:
         listen = Endpoint.parse(listen_spec)
         mode = choose_mode(listen, bridge)
+        set_switch_interval(mode)
         config = load_config(config_path, mock_nsm=mock)  # a mock root only with the mock NSM, and back
         nsm, pcrs = nsm_factory(config)
     except (CloisterError, OSError) as exc:
@@ -163,9 +172,6 @@ def _serve(
         private = Path(tempfile.mkdtemp(prefix="cloister-enclave-"))
     grpc_socket = private / "grpc.sock"
     server, _ = serve(core, f"unix:{grpc_socket}", workers=workers)
-    # The bridge's pump threads wake on every gRPC frame; a shorter GIL switch interval (default
-    # 5 ms) lets them run while a decision is being computed instead of waiting it out.
-    sys.setswitchinterval(float(os.environ.get("CLOISTER_SWITCH_INTERVAL", "0.0005")))
     try:
         bridge = Bridge(listen, Endpoint(kind="unix", path=str(grpc_socket)), mode=mode).start()
     except OSError:
