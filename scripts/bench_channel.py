@@ -164,16 +164,20 @@ def main() -> None:
     enclaves = [start(work, m, i) for m in modes for i in a.switch_intervals.split(",")]
     streams = [c == "stream" for c in a.channels.split(",")]
     results: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
-    try:
+
+    async def rounds() -> None:  # one event loop for all: grpc.aio binds its poller to the first
         for e in enclaves:
-            asyncio.run(prepare(e, work))
+            await prepare(e, work)
         combos = [(e, s, n) for n in agent_counts for e in enclaves for s in streams]
         for r in range(a.rounds):
             shift = r % len(combos)
             for e, stream, agents in combos[shift:] + combos[:shift]:
-                got = asyncio.run(run(e, work, stream=stream, calls=a.calls, agents=agents))
+                got = await run(e, work, stream=stream, calls=a.calls, agents=agents)
                 results.setdefault((e.name, "stream" if stream else "unary", agents), []).append(got)
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+
+    try:
+        asyncio.run(rounds())
     finally:
         for e in enclaves:
             stop(e.proc)

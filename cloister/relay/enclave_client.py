@@ -79,6 +79,7 @@ class _Stream:
         self._next_id = 1
         self.broken: str | None = None
         self.stray = 0  # answers for ids not in flight (duplicated, unknown): dropped
+        self.answered = 0
         loop = asyncio.get_running_loop()
         self.last_read = loop.time()
         self._tasks = (loop.create_task(self._write_loop()), loop.create_task(self._read_loop()))
@@ -143,6 +144,7 @@ class _Stream:
                 if resp is grpc.aio.EOF:
                     break
                 self.last_read = asyncio.get_running_loop().time()
+                self.answered += len(resp.responses)
                 for answer in resp.responses:
                     self._deliver(answer)
         except grpc.aio.AioRpcError as exc:
@@ -177,8 +179,13 @@ class _Stream:
         """End the stream: every call in flight fails as unanswered (fail closed)."""
         if self.broken is None:
             self.broken = reason
-            if reason != "closed":
-                log.warning("enclave channel: %s; %d calls in flight fail", reason, len(self._pending))
+            if reason != "closed":  # a stream that never answered (the enclave is down): quietly
+                log.log(
+                    logging.WARNING if self.answered else logging.DEBUG,
+                    "enclave channel: %s; %d calls in flight fail",
+                    reason,
+                    len(self._pending),
+                )
         self._call.cancel()
         pending, self._pending = self._pending, {}
         for _, future in pending.values():

@@ -243,3 +243,26 @@ def test_big_answers_to_a_batch_are_split_across_messages(
         batch = [pb.ChannelRequest(id=i, authorize=authorize(w, f"s{i}")) for i in (1, 2, 3)]
         messages = list(stub.Channel(batches([batch]), timeout=20))
     assert [[r.id for r in m.responses] for m in messages] == [[1], [2], [3]]
+
+
+def test_streams_the_relay_abandons_free_their_places(w: World, sock: Path, tmp_path: Path) -> None:
+    """The relay cancels its stream (close, a stall): the enclave's count of streams goes down,
+    or a few reconnects would lock the relay out (serve(workers=8) admits 2)."""
+
+    async def scenario() -> None:
+        for n in range(6):
+            for _ in range(100):
+                async with EnclaveClient(f"unix:{sock}", tmp_path / "run") as client:
+                    try:
+                        v = await client.authorize(authorize(w, f"c{n}"))
+                    except EnclaveRefused as exc:
+                        assert exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        await asyncio.sleep(0.05)  # the cancellation is still on its way
+                        continue
+                    assert v.decision == pb.ALLOW
+                    break
+            else:
+                raise AssertionError(f"stream {n} was never admitted: closed streams kept their places")
+
+    asyncio.run(scenario())
+    assert [e.request_id for e in entries(w) if isinstance(e, DecisionEntry)] == [f"c{n}" for n in range(6)]
