@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -266,3 +267,26 @@ def test_streams_the_relay_abandons_free_their_places(w: World, sock: Path, tmp_
 
     asyncio.run(scenario())
     assert [e.request_id for e in entries(w) if isinstance(e, DecisionEntry)] == [f"c{n}" for n in range(6)]
+
+
+def test_the_enclave_says_where_it_cannot_listen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cloister.dev.mock_nsm import MockNsm
+    from cloister.enclave.__main__ import run
+    from cloister.enclave.config import EnclaveConfig
+    from cloister.enclave.nsm import Nsm
+
+    w = make_world(tmp_path / "w", start=False)
+
+    def nsm(config: EnclaveConfig) -> tuple[Nsm, dict[int, bytes]]:
+        return MockNsm(w.root / "mock-nsm", {}), {}
+
+    before = sys.getswitchinterval()
+    try:
+        for mode in ("direct", "splice"):
+            listen = f"unix:{tmp_path / 'missing' / 'e.sock'}"
+            assert run(listen, w.config_path, workers=2, nsm_factory=nsm, mock=True, bridge=mode) == 2
+            assert f"cloister enclave: cannot listen on {listen}" in capsys.readouterr().err
+        assert run("vsock:5005", w.config_path, workers=2, nsm_factory=nsm, mock=True, bridge="direct") == 2
+        assert "bridge mode 'direct' for vsock:5005" in capsys.readouterr().err
+    finally:
+        sys.setswitchinterval(before)  # run() sets it for the bridge
