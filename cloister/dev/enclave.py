@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return MockNsm(args.mock_nsm, pcrs), pcrs
 
-    return run(args.listen, args.config, workers=args.workers, nsm_factory=mock_nsm, mock=True)
+    return run(args.listen, args.config, workers=args.workers, nsm_factory=mock_nsm, mock=True, bridge=args.bridge)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ A decision's deny code leaves as the proto's `DenyCode` (`DENIALS`, one table). 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, TypeVar
 
@@ -37,10 +38,16 @@ from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.jwt import TokenError
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire import enclave_pb2_grpc as pb_grpc
-from cloister.wire.contract import MAX_MESSAGE_BYTES, POLICY_NOT_NEWER_STATUS, DenyCode
+from cloister.wire.contract import MAX_CHANNEL_BATCH, MAX_MESSAGE_BYTES, POLICY_NOT_NEWER_STATUS, DenyCode
 
 log = logging.getLogger("cloister.enclave.service")
 _T = TypeVar("_T")
+
+# Each open Channel stream holds one of the server's worker threads: at most this many, so the
+# host cannot starve the unary RPCs (the server has `workers`, 16 by default).
+MAX_CHANNEL_STREAMS: Final = 4
+# The size past which the answers to a Channel batch go out in more than one message.
+CHANNEL_ANSWER_BYTES: Final = 1 << 20
 
 # Every DenyCode on the wire (tests/wire/test_contract.py checks that this covers both enums).
 DENIALS: Final[Mapping[DenyCode, pb.DenyCode]] = {
@@ -77,26 +84,32 @@ def _log_append(a: LogAppend) -> pb.LogAppend:
     return pb.LogAppend(first_index=a.first_index, entries=list(a.entries), checkpoint=a.checkpoint.note)
 
 
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status an exception from the core ends a call with (unary or on the channel)."""
+    if isinstance(exc, (NotReady, Unwitnessed)):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, Backpressure):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, PolicyNotNewer):
+        return grpc.StatusCode[POLICY_NOT_NEWER_STATUS], str(exc)
+    if isinstance(exc, (PolicyRefused, ResumeRefused, KeyRefused)):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, TokenError):
+        return grpc.StatusCode.UNAUTHENTICATED, f"{exc.reason}: {exc}"
+    if isinstance(exc, DecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, VerificationError):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
+    log.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error in the enclave (see the enclave's log)"
+
+
 def _call(context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
     try:
         return fn()
-    except (NotReady, Unwitnessed) as exc:
-        context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    except Backpressure as exc:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    except PolicyNotNewer as exc:
-        context.abort(grpc.StatusCode[POLICY_NOT_NEWER_STATUS], str(exc))
-    except (PolicyRefused, ResumeRefused, KeyRefused) as exc:
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    except TokenError as exc:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.reason}: {exc}")
-    except DecodeError as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except VerificationError as exc:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-    except Exception:
-        log.exception("internal error")
-        context.abort(grpc.StatusCode.INTERNAL, "internal error in the enclave (see the enclave's log)")
+    except Exception as exc:
+        code, details = status_of(exc)
+        context.abort(code, details)
     raise AssertionError("unreachable")  # context.abort raises
 
 
@@ -136,55 +149,113 @@ def _authorize_response(v: Verdict) -> pb.AuthorizeResponse:
 
 
 class EnclaveService(pb_grpc.EnclaveServicer):
-    def __init__(self, core: EnclaveCore) -> None:
+    def __init__(self, core: EnclaveCore, *, max_streams: int = MAX_CHANNEL_STREAMS) -> None:
         self.core = core
+        self.max_streams = max_streams
+        self._lock = threading.Lock()
+        self._streams = 0  # open Channel streams, under _lock
+
+    # The hot calls: one body each, shared by the unary RPC and the channel.
+    def authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
+        return _authorize_response(
+            self.core.authorize(
+                token=request.token,
+                server=request.server,
+                tool=request.tool,
+                arguments_json=request.arguments_json,
+                request_id=request.request_id,
+                persisted_size=request.persisted_size,
+                payment_amount=request.payment_amount,
+                payment=request.payment,
+                kind=_kind(request.kind),
+            )
+        )
+
+    def filter_tools(self, request: pb.FilterToolsRequest) -> pb.FilterToolsResponse:
+        if len(request.candidates) > 10_000:
+            raise DecodeError("more than 10000 candidate tools")
+        # Each distinct candidate is judged once (a relay repeating one is not a reason for more work).
+        first: dict[tuple[ActionKind, str, str], pb.ToolRef] = {}
+        for c in request.candidates:
+            first.setdefault((_kind(c.kind), c.server, c.tool), c)
+        unique = list(first)
+        agent, shown = self.core.visible_items(request.token, unique)
+        return pb.FilterToolsResponse(agent=agent, visible=[first[unique[i]] for i in shown])
+
+    def record_outcome(self, request: pb.OutcomeRequest) -> pb.OutcomeResponse:
+        a = self.core.record_outcome(
+            decision_index=request.decision_index,
+            result_sha256=request.result_sha256 or None,
+            error=request.error,
+            duration_us=request.duration_us,
+            paid_amount=request.paid_amount,
+            persisted_size=request.persisted_size,
+            response_sig=request.response_sig,
+        )
+        return pb.OutcomeResponse(log_index=a.first_index, log=_log_append(a))
 
     def Authorize(self, request: pb.AuthorizeRequest, context: grpc.ServicerContext) -> pb.AuthorizeResponse:
-        def run() -> pb.AuthorizeResponse:
-            return _authorize_response(
-                self.core.authorize(
-                    token=request.token,
-                    server=request.server,
-                    tool=request.tool,
-                    arguments_json=request.arguments_json,
-                    request_id=request.request_id,
-                    persisted_size=request.persisted_size,
-                    payment_amount=request.payment_amount,
-                    payment=request.payment,
-                    kind=_kind(request.kind),
-                )
-            )
-
-        return _call(context, run)
+        return _call(context, lambda: self.authorize(request))
 
     def FilterTools(self, request: pb.FilterToolsRequest, context: grpc.ServicerContext) -> pb.FilterToolsResponse:
-        def run() -> pb.FilterToolsResponse:
-            if len(request.candidates) > 10_000:
-                raise DecodeError("more than 10000 candidate tools")
-            # Each distinct candidate is judged once (a relay repeating one is not a reason for more work).
-            first: dict[tuple[ActionKind, str, str], pb.ToolRef] = {}
-            for c in request.candidates:
-                first.setdefault((_kind(c.kind), c.server, c.tool), c)
-            unique = list(first)
-            agent, shown = self.core.visible_items(request.token, unique)
-            return pb.FilterToolsResponse(agent=agent, visible=[first[unique[i]] for i in shown])
-
-        return _call(context, run)
+        return _call(context, lambda: self.filter_tools(request))
 
     def RecordOutcome(self, request: pb.OutcomeRequest, context: grpc.ServicerContext) -> pb.OutcomeResponse:
-        def run() -> pb.OutcomeResponse:
-            a = self.core.record_outcome(
-                decision_index=request.decision_index,
-                result_sha256=request.result_sha256 or None,
-                error=request.error,
-                duration_us=request.duration_us,
-                paid_amount=request.paid_amount,
-                persisted_size=request.persisted_size,
-                response_sig=request.response_sig,
-            )
-            return pb.OutcomeResponse(log_index=a.first_index, log=_log_append(a))
+        return _call(context, lambda: self.record_outcome(request))
 
-        return _call(context, run)
+    def Channel(
+        self, requests: Iterator[pb.ChannelRequests], context: grpc.ServicerContext
+    ) -> Iterator[pb.ChannelResponses]:
+        """The hot calls on one stream (decision 0022), each answered in this stream's own thread,
+        in the order received: no hand-off to another thread per call, and at most one batch of a
+        stream in the enclave's hands at a time (gRPC's flow control bounds what waits)."""
+        with self._lock:
+            admitted = self._streams < self.max_streams
+            self._streams += admitted
+        if not admitted:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"already {self.max_streams} channel streams open")
+        try:
+            last = 0
+            for batch in requests:
+                problem = _batch_problem(batch, last)
+                if problem:  # before any call of the batch is decided
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                if batch.requests:
+                    last = batch.requests[-1].id
+                yield from self._answers(batch)
+        finally:
+            with self._lock:
+                self._streams -= 1
+
+    def _answers(self, batch: pb.ChannelRequests) -> Iterator[pb.ChannelResponses]:
+        """The batch's answers, in order, in messages of about CHANNEL_ANSWER_BYTES at most (a
+        batch of answers each carrying many log entries must not exceed the message cap)."""
+        out = pb.ChannelResponses()
+        size = 0
+        for req in batch.requests:
+            answer = self._answer(req)
+            n = answer.ByteSize()
+            if out.responses and size + n > CHANNEL_ANSWER_BYTES:
+                yield out
+                out, size = pb.ChannelResponses(), 0
+            out.responses.append(answer)
+            size += n
+        if out.responses:
+            yield out
+
+    def _answer(self, req: pb.ChannelRequest) -> pb.ChannelResponse:
+        which = req.WhichOneof("call")
+        try:
+            if which == "authorize":
+                return pb.ChannelResponse(id=req.id, authorize=self.authorize(req.authorize))
+            if which == "outcome":
+                return pb.ChannelResponse(id=req.id, outcome=self.record_outcome(req.outcome))
+            if which == "filter_tools":
+                return pb.ChannelResponse(id=req.id, filter_tools=self.filter_tools(req.filter_tools))
+            raise DecodeError(f"channel request {req.id} carries no known call")
+        except Exception as exc:
+            code, details = status_of(exc)
+            return pb.ChannelResponse(id=req.id, error=pb.ChannelError(status=code.value[0], message=details))
 
     def GetCheckpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
         return _call(context, lambda: pb.CheckpointResponse(checkpoint=self.core.sync(0).checkpoint.note))
@@ -305,6 +376,19 @@ class EnclaveService(pb_grpc.EnclaveServicer):
         return _call(context, run)
 
 
+def _batch_problem(batch: pb.ChannelRequests, last: int) -> str:
+    """Why a batch breaks the channel's rules ("" if it does not): too many calls, or ids that do
+    not rise strictly from the stream's last one. A reused or replayed id so ends the stream before
+    anything is decided for it: no request is decided twice under one id nor answered as another."""
+    if len(batch.requests) > MAX_CHANNEL_BATCH:
+        return f"a channel batch of {len(batch.requests)} calls (at most {MAX_CHANNEL_BATCH})"
+    for req in batch.requests:
+        if req.id <= last:
+            return f"channel id {req.id} is not above {last}"
+        last = req.id
+    return ""
+
+
 def _resume_chunks(requests: Iterator[pb.ResumeChunk]) -> Iterator[tuple[int, list[bytes]]]:
     """The entries of a resume's later chunks, one chunk at a time (never all held)."""
     for chunk in requests:
@@ -313,7 +397,9 @@ def _resume_chunks(requests: Iterator[pb.ResumeChunk]) -> Iterator[tuple[int, li
         yield chunk.first_index, list(chunk.entries)
 
 
-def serve(core: EnclaveCore, grpc_socket: str, *, workers: int = 16) -> grpc.Server:
+def serve(core: EnclaveCore, address: str, *, workers: int = 16) -> tuple[grpc.Server, int]:
+    """Serve on a gRPC address: `unix:PATH` (behind the bridge, or the public socket itself when
+    bridging would be the identity) or `HOST:PORT` (mock mode over TCP)."""
     from concurrent.futures import ThreadPoolExecutor
 
     options: list[tuple[str, Any]] = [
@@ -321,7 +407,13 @@ def serve(core: EnclaveCore, grpc_socket: str, *, workers: int = 16) -> grpc.Ser
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enclave-rpc"), options=options)
-    pb_grpc.add_EnclaveServicer_to_server(EnclaveService(core), server)  # type: ignore[no-untyped-call]
-    server.add_insecure_port(f"unix:{grpc_socket}")
+    service = EnclaveService(core, max_streams=max(1, min(MAX_CHANNEL_STREAMS, workers // 4)))
+    pb_grpc.add_EnclaveServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "failed to bind"
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+    if not port:
+        raise OSError(f"cannot listen on {address}")
     server.start()
-    return server
+    return server, port

@@ -6,6 +6,13 @@ laptops). The enclave runs `listen=vsock:PORT -> target=unix:<grpc socket>`; the
 the mirror image `listen=unix:<local socket> -> target=vsock:CID:PORT`. Only the socket family
 differs between CI and production.
 
+Where bridging would be the identity (the far end is AF_UNIX or TCP, which gRPC serves and dials
+itself: mock mode, CI, laptops) there is no bridge at all (`direct`): the parent dials the enclave's
+socket and the enclave's gRPC server listens on it. Where it is needed (vsock), each direction is
+moved by `os.splice` through a pipe (`splice`: the kernel copies, the GIL is released throughout),
+or by the recv/sendall loop (`copy`) where splice is missing or refused. `choose_mode` picks and
+the choice is logged (decision 0022).
+
 This is the enclave's only network code. It does not parse what it carries: everything above
 it (gRPC, then our own parsers) treats the bytes as untrusted.
 """
@@ -13,12 +20,15 @@ it (gRPC, then our own parsers) treats the bytes as untrusted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from cloister.verify.errors import DecodeError
 
@@ -30,6 +40,11 @@ RESERVED_VSOCK_PORTS = frozenset({9000})
 VMADDR_CID_ANY = 0xFFFFFFFF
 MAX_CONNECTIONS = 64
 _CHUNK = 256 * 1024
+
+BridgeMode = Literal["direct", "splice", "copy"]
+MODES: tuple[str, ...] = ("auto", "direct", "splice", "copy")
+# splice(2) refuses a socket whose family cannot feed a pipe with one of these: copy instead.
+_SPLICE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
 @dataclass(frozen=True)
@@ -122,12 +137,57 @@ def _port(text: str, port: str) -> int:
     return int(port)
 
 
-class Bridge:
-    """Accepts on `listen` and, per connection, dials `target` and copies both ways."""
+def choose_mode(far: Endpoint, requested: str = "auto") -> BridgeMode:
+    """How to carry gRPC to or from `far` (the enclave's endpoint, seen from either side).
 
-    def __init__(self, listen: Endpoint, target: Endpoint, *, max_connections: int = MAX_CONNECTIONS) -> None:
+    gRPC speaks AF_UNIX and TCP itself, so for those no bridge runs (`direct`); vsock needs one,
+    `splice` where the platform has it. A requested mode is honoured when it can work."""
+    if requested not in MODES:
+        raise DecodeError(f"bridge mode {requested!r}: expected one of {', '.join(MODES)}")
+    if requested == "direct" and far.kind == "vsock":
+        raise DecodeError(f"bridge mode 'direct' for {far}: gRPC cannot use vsock itself, a bridge must run")
+    if requested == "auto":
+        requested = "direct" if far.kind != "vsock" else "splice"
+    if requested == "splice" and not hasattr(os, "splice"):
+        return "copy"
+    return cast(BridgeMode, requested)
+
+
+def set_switch_interval(mode: BridgeMode) -> float:
+    """The GIL switch interval for a process that runs a bridge in `mode`: CLOISTER_SWITCH_INTERVAL
+    if set; else 0.5 ms under a Python bridge (its pump threads wake on every gRPC frame and would
+    otherwise wait out up to 5 ms of a decision or of the event loop for the GIL); else Python's
+    default, since no thread of ours then needs to cut in."""
+    text = os.environ.get("CLOISTER_SWITCH_INTERVAL")
+    if text is not None or mode != "direct":
+        sys.setswitchinterval(float(text or "0.0005"))
+    return sys.getswitchinterval()
+
+
+def grpc_address(endpoint: Endpoint) -> str:
+    """The endpoint as a gRPC address, for a direct connection (AF_UNIX or TCP only)."""
+    if endpoint.kind == "unix":
+        return f"unix:{endpoint.path}"
+    if endpoint.kind == "tcp":
+        return f"[{endpoint.host}]:{endpoint.port}" if ":" in endpoint.host else f"{endpoint.host}:{endpoint.port}"
+    raise DecodeError(f"endpoint {endpoint}: gRPC cannot use vsock directly")
+
+
+class Bridge:
+    """Accepts on `listen` and, per connection, dials `target` and moves bytes both ways
+    (`splice` through a pipe, or `copy`; the default is splice where the platform has it)."""
+
+    def __init__(
+        self,
+        listen: Endpoint,
+        target: Endpoint,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        mode: Literal["splice", "copy"] | None = None,
+    ) -> None:
         self.listen_endpoint = listen
         self.target = target
+        self.mode: Literal["splice", "copy"] = mode or ("splice" if hasattr(os, "splice") else "copy")
         self._max = max_connections
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -145,6 +205,7 @@ class Bridge:
             )
         self._thread = threading.Thread(target=self._accept_loop, name=f"bridge {self.listen_endpoint}", daemon=True)
         self._thread.start()
+        log.info("bridge: %s (%s to %s)", self.mode, self.listen_endpoint, self.target)
         return self
 
     def stop(self) -> None:
@@ -204,14 +265,9 @@ class Bridge:
                     pump.start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
         try:
-            while True:
-                n = src.recv_into(buf)
-                if n == 0:
-                    break
-                dst.sendall(view[:n])
+            if self.mode != "splice" or not _splice(src, dst):
+                _copy(src, dst)
         except OSError:
             pass
         finally:
@@ -229,3 +285,40 @@ class Bridge:
             if closing:
                 src.close()
                 dst.close()
+
+
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    """Move bytes from `src` to `dst` through user space until EOF."""
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = src.recv_into(buf)
+        if n == 0:
+            return
+        dst.sendall(view[:n])
+
+
+def _splice(src: socket.socket, dst: socket.socket) -> bool:
+    """Move bytes from `src` to `dst` through a pipe with splice(2) until EOF: the kernel copies,
+    and the GIL is released for each call. False, having moved nothing, when the kernel refuses
+    to splice these sockets (the caller copies instead)."""
+    r, w = os.pipe()
+    try:
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        moved = False
+        while True:
+            try:
+                n = os.splice(src_fd, w, _CHUNK)
+            except OSError as exc:
+                if not moved and exc.errno in _SPLICE_UNSUPPORTED:
+                    log.warning("bridge: splice refused for %s (%s); copying instead", src.family.name, exc)
+                    return False
+                raise
+            if n == 0:
+                return True
+            moved = True
+            while n:
+                n -= os.splice(r, dst_fd, n)
+    finally:
+        os.close(r)
+        os.close(w)

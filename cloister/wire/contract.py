@@ -16,6 +16,10 @@ from cloister.verify.x402 import X402_META_KEY
 # gRPC message-size cap, both directions, both sides (a resume's history and a bundle fit).
 MAX_MESSAGE_BYTES: Final = 16 << 20
 
+# Calls in one message of the Channel stream (decision 0022): the parent batches what it has
+# waiting, up to this; the enclave ends a stream that sends more.
+MAX_CHANNEL_BATCH: Final = 64
+
 # MCP tool names the relay shows agents: "<server>___<tool>", AgentCore Gateway's naming.
 TOOL_SEPARATOR: Final = "___"
 
@@ -56,6 +60,7 @@ __all__ = [
     "ATTESTATION_META_KEY",
     "GRANT_META_KEY",
     "LOG_META_KEY",
+    "MAX_CHANNEL_BATCH",
     "MAX_LIMIT_WINDOW_S",
     "MAX_MESSAGE_BYTES",
     "POLICY_NOT_NEWER_STATUS",

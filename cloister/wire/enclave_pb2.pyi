@@ -52,6 +52,52 @@ ACTION_KIND_PROMPT: ActionKind
 ACTION_KIND_SAMPLING: ActionKind
 ACTION_KIND_ELICITATION: ActionKind
 
+class ChannelRequests(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[ChannelRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[ChannelRequest, _Mapping]]] = ...) -> None: ...
+
+class ChannelResponses(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[ChannelResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[ChannelResponse, _Mapping]]] = ...) -> None: ...
+
+class ChannelRequest(_message.Message):
+    __slots__ = ("id", "authorize", "outcome", "filter_tools")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    FILTER_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    authorize: AuthorizeRequest
+    outcome: OutcomeRequest
+    filter_tools: FilterToolsRequest
+    def __init__(self, id: _Optional[int] = ..., authorize: _Optional[_Union[AuthorizeRequest, _Mapping]] = ..., outcome: _Optional[_Union[OutcomeRequest, _Mapping]] = ..., filter_tools: _Optional[_Union[FilterToolsRequest, _Mapping]] = ...) -> None: ...
+
+class ChannelError(_message.Message):
+    __slots__ = ("status", "message")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    message: str
+    def __init__(self, status: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ChannelResponse(_message.Message):
+    __slots__ = ("id", "authorize", "outcome", "filter_tools", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    FILTER_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    authorize: AuthorizeResponse
+    outcome: OutcomeResponse
+    filter_tools: FilterToolsResponse
+    error: ChannelError
+    def __init__(self, id: _Optional[int] = ..., authorize: _Optional[_Union[AuthorizeResponse, _Mapping]] = ..., outcome: _Optional[_Union[OutcomeResponse, _Mapping]] = ..., filter_tools: _Optional[_Union[FilterToolsResponse, _Mapping]] = ..., error: _Optional[_Union[ChannelError, _Mapping]] = ...) -> None: ...
+
 class LogAppend(_message.Message):
     __slots__ = ("first_index", "entries", "checkpoint")
     FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]

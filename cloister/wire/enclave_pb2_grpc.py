@@ -109,6 +109,11 @@ class EnclaveStub:
                 request_serializer=cloister_dot_wire_dot_enclave__pb2.AddCosignaturesRequest.SerializeToString,
                 response_deserializer=cloister_dot_wire_dot_enclave__pb2.WitnessState.FromString,
                 _registered_method=True)
+        self.Channel = channel.stream_stream(
+                '/cloister.enclave.v1.Enclave/Channel',
+                request_serializer=cloister_dot_wire_dot_enclave__pb2.ChannelRequests.SerializeToString,
+                response_deserializer=cloister_dot_wire_dot_enclave__pb2.ChannelResponses.FromString,
+                _registered_method=True)
 
 
 class EnclaveServicer:
@@ -240,6 +245,20 @@ class EnclaveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Channel(self, request_iterator, context):
+        """The hot calls (Authorize, RecordOutcome, FilterTools) on one long-lived stream, many in
+        flight, matched by `id` (docs/decisions/0022). A message carries a batch of calls (what the
+        parent had waiting, at most 64); each is answered exactly once, in the order received, by the
+        same code as its unary RPC, the answers of a batch in one message or more. A failure is a
+        ChannelError carrying the gRPC status code the unary RPC would have ended with. Ids must rise
+        strictly on a stream; a stream that breaks that, or any other rule, ends with
+        INVALID_ARGUMENT before any call of the offending batch is decided, and a parent treats the
+        calls it had in flight on it as unanswered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnclaveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +336,11 @@ def add_EnclaveServicer_to_server(servicer, server):
                     servicer.AddCosignatures,
                     request_deserializer=cloister_dot_wire_dot_enclave__pb2.AddCosignaturesRequest.FromString,
                     response_serializer=cloister_dot_wire_dot_enclave__pb2.WitnessState.SerializeToString,
+            ),
+            'Channel': grpc.stream_stream_rpc_method_handler(
+                    servicer.Channel,
+                    request_deserializer=cloister_dot_wire_dot_enclave__pb2.ChannelRequests.FromString,
+                    response_serializer=cloister_dot_wire_dot_enclave__pb2.ChannelResponses.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -724,6 +748,33 @@ class Enclave:
             '/cloister.enclave.v1.Enclave/AddCosignatures',
             cloister_dot_wire_dot_enclave__pb2.AddCosignaturesRequest.SerializeToString,
             cloister_dot_wire_dot_enclave__pb2.WitnessState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Channel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cloister.enclave.v1.Enclave/Channel',
+            cloister_dot_wire_dot_enclave__pb2.ChannelRequests.SerializeToString,
+            cloister_dot_wire_dot_enclave__pb2.ChannelResponses.FromString,
             options,
             channel_credentials,
             insecure,

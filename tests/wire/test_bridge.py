@@ -17,11 +17,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from cloister.verify.errors import DecodeError
-from cloister.wire.bridge import PARENT_CID, VMADDR_CID_ANY, Bridge, Endpoint
+from cloister.wire.bridge import PARENT_CID, VMADDR_CID_ANY, Bridge, Endpoint, choose_mode, grpc_address
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -188,6 +189,11 @@ class Server:
             assert not t.is_alive()
 
 
+# The bridge's way of moving bytes in the test at hand: every test with a socket directory runs
+# once with splice (the production default) and once with the copy loop (its fallback).
+MODE: Literal["splice", "copy"] = "splice"
+
+
 class Rig:
     def __init__(self, tmp: Path, handler: Handler, **bridge_args: int) -> None:
         self.listen_path = tmp / "l.sock"
@@ -195,8 +201,10 @@ class Rig:
         self.bridge = Bridge(
             Endpoint(kind="unix", path=str(self.listen_path)),
             Endpoint(kind="unix", path=str(self.server.path)),
+            mode=MODE,
             **bridge_args,
         ).start()
+        assert self.bridge.mode == MODE
 
     def connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -216,9 +224,10 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.005)
 
 
-@pytest.fixture
-def sockdir(tmp_path: Path) -> Path:
+@pytest.fixture(params=["splice", "copy"])
+def sockdir(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Path:
     assert len(str(tmp_path / "l.sock")) < 100, "AF_UNIX paths are limited to 108 bytes"
+    monkeypatch.setattr(sys.modules[__name__], "MODE", request.param)
     return tmp_path
 
 
@@ -546,3 +555,87 @@ def test_a_connection_accepted_while_stopping_is_closed_not_bridged(sockdir: Pat
     server.wait_finished()  # and so is the connection to the target
     assert [t.name for t in new_threads(before) if not t.name.startswith("test server")] == []
     server.stop()
+
+
+# --- Modes: direct where gRPC can do it itself, splice where a bridge must run -------------------
+
+
+@pytest.mark.parametrize(
+    ("far", "requested", "want"),
+    [
+        ("unix:/run/e.sock", "auto", "direct"),
+        ("tcp:127.0.0.1:5005", "auto", "direct"),
+        ("vsock:16:5005", "auto", "splice"),
+        ("vsock:5005", "copy", "copy"),
+        ("unix:/run/e.sock", "splice", "splice"),
+        ("unix:/run/e.sock", "copy", "copy"),
+    ],
+)
+def test_choose_mode(far: str, requested: str, want: str) -> None:
+    assert choose_mode(Endpoint.parse(far), requested) == want
+
+
+def test_direct_is_refused_for_vsock_and_unknown_modes_are_named() -> None:
+    with pytest.raises(DecodeError, match="gRPC cannot use vsock itself"):
+        choose_mode(Endpoint.parse("vsock:16:5005"), "direct")
+    with pytest.raises(DecodeError, match="bridge mode 'zero-copy'"):
+        choose_mode(Endpoint.parse("unix:/x"), "zero-copy")
+    with pytest.raises(DecodeError, match="vsock"):
+        grpc_address(Endpoint.parse("vsock:16:5005"))
+    assert grpc_address(Endpoint.parse("tcp:[::1]:8443")) == "[::1]:8443"
+
+
+def test_splice_falls_back_to_copy_where_the_platform_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "splice")
+    assert choose_mode(Endpoint.parse("vsock:16:5005")) == "copy"
+    assert choose_mode(Endpoint.parse("unix:/x"), "splice") == "copy"
+
+
+def send_and_read(c: socket.socket, payload: bytes) -> bytes:
+    """Send `payload` then EOF from a thread while reading the echo (neither side may stall)."""
+
+    def send() -> None:
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    got = read_all(c)
+    t.join(TIMEOUT)
+    return got
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux-only")
+def test_splice_mode_moves_the_bytes_with_splice(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    if MODE != "splice":
+        pytest.skip("splice mode only")
+    calls = []
+    real = os.splice
+
+    def counting(*args: int) -> int:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(os, "splice", counting)
+    payload = os.urandom(1 << 20)
+    with rig.connect() as c:
+        assert send_and_read(c, payload) == payload
+    assert calls  # through the kernel, not recv/sendall
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux-only")
+def test_a_socket_that_refuses_splice_is_copied_instead(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AF_VSOCK on an older kernel may refuse splice(2) (EINVAL): the bridge copies instead."""
+    if MODE != "splice":
+        pytest.skip("splice mode only")
+
+    def refuse(*_args: int) -> int:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "splice", refuse)
+    payload = os.urandom(300_000)
+    with caplog.at_level("WARNING"), rig.connect() as c:
+        assert send_and_read(c, payload) == payload
+    assert "splice refused" in caplog.text
