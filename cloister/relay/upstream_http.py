@@ -1,0 +1,307 @@
+"""The lean tools/call over streamable HTTP (decision 0024).
+
+The MCP SDK opens and proves the session (initialize or discover, tool listing, identity); a
+tools/call on the relay's hot path is then one JSON-RPC POST into that same session, sent with
+the headers and `_meta` the SDK's own stamp computes, over the SDK session's own httpx2 client
+(the same pool, CA and TLS settings). The reply, application/json or text/event-stream, is parsed
+with orjson into the JSON value on the wire, which is what the upstream signs (decision 0017).
+
+An upstream is hostile: its reply is bounded in bytes, SSE events and nesting, must answer this
+request's id, and every violation is one `ReplyViolation` saying what was wrong. Messages an SSE
+reply interleaves before the response (notifications, server-to-client requests) go to the
+callbacks `Interleaved` names, which are the same handlers the SDK session uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx2
+import orjson
+
+from cloister.verify.canonical import MAX_DEPTH
+
+MCP_SESSION_ID = "mcp-session-id"
+JSON_CONTENT = "application/json"
+SSE_CONTENT = "text/event-stream"
+# 2**63: orjson reads a longer integer as a float, which would change the value (and its hash).
+_BIG = float(1 << 63)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much of an upstream's reply the relay reads before it gives up on it."""
+
+    max_bytes: int = 16 << 20  # the whole body (JSON) or stream (SSE)
+    max_events: int = 1000  # SSE events before the response
+    max_depth: int = MAX_DEPTH  # nesting of the result; canonical JSON (the hash) refuses deeper
+
+
+class ReplyViolation(Exception):
+    """The upstream's reply broke the protocol or the limits. `code` is a JSON-RPC code when the
+    SDK would have reported one (PARSE_ERROR for malformed JSON), else None."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StreamEnded(Exception):
+    """The reply ended (or the connection closed) before the response arrived."""
+
+
+class Redirected(Exception):
+    """The upstream answered with a redirect: the request was not processed."""
+
+
+class PeerError(Exception):
+    """The upstream answered with a JSON-RPC error (or an HTTP status the SDK maps to one)."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class Interleaved(Protocol):
+    """Where the messages an SSE reply carries before its response go."""
+
+    async def notification(self, message: dict[str, Any]) -> None: ...
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The JSON-RPC response (result or error object) to send back for a server request."""
+        ...
+
+
+class LeanSession:
+    """What one SDK connection knows that a hand-made POST must repeat: its URL, its httpx2 client
+    and the Mcp-Session-Id the SDK sends (legacy sessions; none on 2026-07-28). The session id is
+    read from the SDK's own outgoing requests, never from a server reply, so it is the one the
+    SDK's transport adopted."""
+
+    def __init__(self, url: str, http: httpx2.AsyncClient) -> None:
+        self.url = url
+        self.http = http
+        self.session_id: str | None = None
+        http.event_hooks["request"].append(self._observe)
+
+    async def _observe(self, request: httpx2.Request) -> None:
+        sid = request.headers.get(MCP_SESSION_ID)
+        if sid is not None:
+            self.session_id = sid
+
+    def headers(self, stamped: dict[str, str]) -> dict[str, str]:
+        headers = {"accept": f"{JSON_CONTENT}, {SSE_CONTENT}", "content-type": JSON_CONTENT, **stamped}
+        if self.session_id:
+            headers[MCP_SESSION_ID] = self.session_id
+        return headers
+
+    def _post(self, body: bytes, stamped: dict[str, str]) -> AbstractAsyncContextManager[httpx2.Response]:
+        # Redirects are not followed here: the caller hands a redirected call to the SDK, which
+        # follows one that stays on the endpoint's origin.
+        request = self.http.build_request("POST", self.url, content=body, headers=self.headers(stamped))
+        return _streamed(self.http, request)
+
+    async def post_oneway(self, message: dict[str, Any], stamped: dict[str, str]) -> None:
+        """A notification or a response to the server: the server answers 202 with no body."""
+        async with self._post(orjson.dumps(message), stamped) as response:
+            await response.aread()
+
+    async def call(
+        self,
+        request: dict[str, Any],
+        stamped: dict[str, str],
+        interleaved: Interleaved,
+        limits: Limits,
+    ) -> dict[str, Any]:
+        """POST one JSON-RPC request and return its `result` object as sent."""
+        rid = request["id"]
+        body = orjson.dumps(request)
+        async with self._post(body, stamped) as response:
+            status = response.status_code
+            ctype = response.headers.get("content-type", "").lower()
+            if status == 202:
+                raise PeerError(-32600, "server answered a request with 202 Accepted")
+            if 300 <= status < 400:
+                raise Redirected(f"the upstream redirected the call (HTTP {status})")
+            if status >= 400:
+                await _raise_http_error(response, ctype, status, self.session_id is not None, limits)
+            if ctype.startswith(JSON_CONTENT):
+                message = _parse(await _read_capped(response, limits.max_bytes), limits)
+                return _response_of(message, rid, limits)
+            if ctype.startswith(SSE_CONTENT):
+                return await self._from_sse(response, rid, stamped, interleaved, limits)
+            raise PeerError(-32600, f"Unexpected content type: {ctype[:100]}")
+
+    async def _from_sse(
+        self,
+        response: httpx2.Response,
+        rid: Any,
+        stamped: dict[str, str],
+        interleaved: Interleaved,
+        limits: Limits,
+    ) -> dict[str, Any]:
+        events = 0
+        async for data in sse_data(response.aiter_bytes(), limits.max_bytes):
+            events += 1
+            if events > limits.max_events:
+                raise ReplyViolation(f"the SSE reply sent more than {limits.max_events} events before its response")
+            message = _parse(data, limits)
+            if "method" in message:
+                if "id" in message:  # a server-to-client request (sampling, elicitation, ping)
+                    answer = await interleaved.request(message)
+                    await self.post_oneway({"jsonrpc": "2.0", "id": message["id"], **answer}, stamped)
+                else:
+                    await interleaved.notification(message)
+                continue
+            # The SDK takes the first response on a request's own stream as its answer whatever
+            # its id; the relay insists on the id it sent.
+            return _response_of(message, rid, limits)
+        raise StreamEnded("the SSE reply ended without a response")
+
+
+@asynccontextmanager
+async def _streamed(http: httpx2.AsyncClient, request: httpx2.Request) -> AsyncIterator[httpx2.Response]:
+    response = await http.send(request, stream=True, follow_redirects=False)
+    try:
+        yield response
+    finally:
+        await response.aclose()  # unread: the connection is closed, which cancels on 2026-07-28
+
+
+async def _raise_http_error(
+    response: httpx2.Response, ctype: str, status: int, has_session: bool, limits: Limits
+) -> None:
+    """An HTTP error status, as the SDK reports it: the JSON-RPC error in the body if there is
+    one, else 404 is a terminated session and anything else an internal error."""
+    if ctype.startswith(JSON_CONTENT):
+        try:
+            message = _parse(await _read_capped(response, limits.max_bytes), limits)
+        except ReplyViolation:
+            message = {}
+        error = message.get("error")
+        if isinstance(error, dict):
+            raise _peer_error(error)
+    if status == 404:
+        if has_session:
+            raise PeerError(-32600, "Session terminated")
+        raise PeerError(-32601, "Not Found")
+    raise PeerError(-32603, "Server returned an error response")
+
+
+async def _read_capped(response: httpx2.Response, max_bytes: int) -> bytes:
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ReplyViolation(f"the reply is {int(declared)} bytes, more than the {max_bytes} allowed")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ReplyViolation(f"the reply is more than the {max_bytes} bytes allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def sse_data(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    """The `data` of each SSE `message` event (text/event-stream framing: lines ending in LF, CRLF
+    or CR; `data:` lines joined by LF; a blank line ends an event). At most `max_bytes` are read
+    in all, so neither an endless stream nor an endless line can grow without bound."""
+    pending: list[bytes] = []  # the current line's chunks, so a long line is joined once
+    data: list[bytes] = []
+    event = b"message"
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            raise ReplyViolation(f"the SSE reply is more than the {max_bytes} bytes allowed")
+        if b"\n" not in chunk and b"\r" not in chunk:
+            pending.append(chunk)
+            continue
+        text = b"".join(pending) + chunk
+        held = b""
+        if text.endswith(b"\r"):  # maybe the first half of a CRLF split across chunks
+            text, held = text[:-1], b"\r"
+        lines = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        tail = lines.pop() + held
+        pending = [tail] if tail else []
+        for line in lines:
+            if not line:
+                if data and event == b"message":
+                    yield b"\n".join(data)
+                data, event = [], b"message"
+                continue
+            field, _, value = line.partition(b":")
+            value = value.removeprefix(b" ")
+            if field == b"data":
+                data.append(value)
+            elif field == b"event":
+                event = value
+            # id, retry and comments: the relay does not resume streams (decision 0024)
+
+
+def _parse(data: bytes, limits: Limits) -> dict[str, Any]:
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ReplyViolation(f"the reply is not valid JSON: {exc}", code=-32700) from exc
+    if not isinstance(value, dict):
+        raise ReplyViolation(f"the reply is a JSON {type(value).__name__}, not a JSON-RPC message object")
+    if _has_long_int(value, limits.max_depth + 1):  # +1: the result is a member of the message
+        # orjson turned an integer longer than 64 bits into a float; Python's parser keeps it exact.
+        exact: dict[str, Any] = json.loads(data)
+        return exact
+    return value
+
+
+def _has_long_int(value: Any, max_depth: int) -> bool:
+    """Whether `value` holds an integer orjson may have read as a float (then re-parse exactly).
+    Raises ReplyViolation if it nests deeper than `max_depth`; iterative, so no recursion depth
+    an upstream controls."""
+    big = False
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            if isinstance(item, float) and abs(item) >= _BIG and item.is_integer():
+                big = True
+            continue
+        if depth >= max_depth:
+            raise ReplyViolation(f"the reply nests deeper than {max_depth} levels")
+        stack.extend((child, depth + 1) for child in children)
+    return big
+
+
+def _response_of(message: dict[str, Any], rid: Any, limits: Limits) -> dict[str, Any]:
+    if message.get("jsonrpc") != "2.0":
+        raise ReplyViolation("the reply is not a JSON-RPC 2.0 message")
+    if message.get("id") != rid or type(message.get("id")) is not type(rid):
+        raise ReplyViolation(f"the reply answers request id {str(message.get('id'))[:80]!r}, not {rid!r}")
+    has_result, has_error = "result" in message, "error" in message
+    if has_error and not has_result:
+        error = message["error"]
+        if not isinstance(error, dict):
+            raise ReplyViolation("the reply's error is not an object")
+        raise _peer_error(error)
+    if not has_result or has_error:
+        raise ReplyViolation("the reply has neither a result nor an error (or both)")
+    result = message["result"]
+    if not isinstance(result, dict):
+        raise ReplyViolation(f"the reply's result is a JSON {type(result).__name__}, not an object")
+    return result
+
+
+def _peer_error(error: dict[str, Any]) -> PeerError:
+    code, text = error.get("code"), error.get("message")
+    if not isinstance(code, int) or isinstance(code, bool) or not isinstance(text, str):
+        raise ReplyViolation("the reply's error has no integer code and string message")
+    return PeerError(code, text[:2000], error.get("data"))
