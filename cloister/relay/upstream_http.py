@@ -2,9 +2,10 @@
 
 The MCP SDK opens and proves the session (initialize or discover, tool listing, identity); a
 tools/call on the relay's hot path is then one JSON-RPC POST into that same session, sent with
-the headers and `_meta` the SDK's own stamp computes, over the SDK session's own httpx2 client
-(the same pool, CA and TLS settings). The reply, application/json or text/event-stream, is parsed
-with orjson into the JSON value on the wire, which is what the upstream signs (decision 0017).
+the headers and `_meta` the SDK's own stamp computes and the session id the SDK sends, over a
+pool of persistent connections that verify TLS with the SDK client's own SSLContext. The reply,
+application/json or text/event-stream, is parsed with orjson into the JSON value on the wire,
+which is what the upstream signs (decision 0017).
 
 An upstream is hostile: its reply is bounded in bytes, SSE events and nesting, must answer this
 request's id, and every violation is one `ReplyViolation` saying what was wrong. Messages an SSE
@@ -14,12 +15,17 @@ callbacks `Interleaved` names, which are the same handlers the SDK session uses.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
+import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import httptools
 import httpx2
 import orjson
 
@@ -78,17 +84,153 @@ class Interleaved(Protocol):
         ...
 
 
+class HttpPool:
+    """Persistent HTTP/1.1 connections to one upstream endpoint, on asyncio streams with the
+    httptools parser: a tools/call costs one write and a few reads, where httpx2's layers cost
+    several times the CPU (decision 0024). TLS uses the very SSLContext the SDK's httpx2 client
+    verifies with (the CA, hostname check), so both sides of a session trust the same server.
+
+    A connection goes back to the pool only after a complete response the server lets it keep;
+    anything else (an error, a cancellation, an unread body) closes it, which is how a
+    2026-07-28 upstream learns a request was cancelled. Idle connections are dropped after
+    `keepalive_s` or as soon as the server has closed them, before they are reused."""
+
+    def __init__(
+        self, url: str, ssl_context: ssl.SSLContext | None, headers: dict[str, str], *, keepalive_s: float = 4.0
+    ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.tls = ssl_context if parts.scheme == "https" else None
+        if parts.scheme == "https" and self.tls is None:
+            raise ValueError("an https upstream needs the SSLContext its session verifies with")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        netloc = parts.netloc.rpartition("@")[2]
+        self.base = {"host": netloc, **{k.lower(): v for k, v in headers.items()}}
+        self.keepalive_s = keepalive_s
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        now = time.monotonic()
+        while self.idle:
+            reader, writer, since = self.idle.pop()
+            if now - since < self.keepalive_s and not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.transport.abort()
+        return await asyncio.open_connection(
+            self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None, limit=1 << 16
+        )
+
+    @asynccontextmanager
+    async def post(self, body: bytes, headers: dict[str, str], max_head: int = 1 << 16) -> AsyncIterator[Response]:
+        reader, writer = await self._connection()
+        response: Response | None = None
+        try:
+            fields = {**self.base, **headers, "content-length": str(len(body))}
+            head = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+            writer.write(f"POST {self.target} HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body)
+            response = Response(reader)
+            await response.read_head(max_head)
+            yield response
+        finally:
+            if response is not None and response.reusable():
+                self.idle.append((reader, writer, time.monotonic()))
+            else:
+                writer.transport.abort()  # unread, failed or cancelled: the connection goes
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop()[1].transport.abort()
+
+
+class Response:
+    """One HTTP response read from a pooled connection (httptools callbacks)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._head_done = False
+        self._complete = False
+        self._until_close = False
+        self._chunks: list[bytes] = []
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        self.status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+
+    async def _feed(self) -> int:
+        """Read and parse more: how many bytes, 0 at the end of the connection."""
+        data = await self._reader.read(1 << 16)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            raise ReplyViolation("the upstream tried to upgrade the connection") from exc
+        except httptools.HttpParserError as exc:
+            raise ReplyViolation(f"the upstream's HTTP response is malformed: {exc}") from exc
+        return len(data)
+
+    async def read_head(self, max_head: int) -> None:
+        read = 0
+        while not self._head_done:
+            n = await self._feed()
+            if not n:
+                raise ConnectionResetError("the upstream closed the connection without a response")
+            read += n
+            if not self._head_done and read > max_head:
+                raise ReplyViolation(f"the upstream's response headers exceed {max_head} bytes")
+        framed = "content-length" in self.headers or "chunked" in self.headers.get("transfer-encoding", "").lower()
+        self._until_close = not framed and not self._complete
+        encoding = self.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            raise ReplyViolation(f"the upstream sent a {encoding[:40]!r}-encoded body the relay did not ask for")
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._chunks:
+                chunks, self._chunks = self._chunks, []
+                for chunk in chunks:
+                    yield chunk
+            if self._complete:
+                return
+            if not await self._feed():
+                if self._until_close:
+                    self._complete = True  # a body delimited by the end of the connection
+                    continue
+                raise ConnectionResetError("the upstream closed the connection in the middle of a response")
+
+    def reusable(self) -> bool:
+        return self._complete and not self._until_close and self._parser.should_keep_alive()
+
+
 class LeanSession:
     """What one SDK connection knows that a hand-made POST must repeat: its URL, its httpx2 client
     and the Mcp-Session-Id the SDK sends (legacy sessions; none on 2026-07-28). The session id is
     read from the SDK's own outgoing requests, never from a server reply, so it is the one the
     SDK's transport adopted."""
 
-    def __init__(self, url: str, http: httpx2.AsyncClient) -> None:
+    def __init__(self, url: str, http: httpx2.AsyncClient, ssl_context: ssl.SSLContext | None) -> None:
         self.url = url
         self.http = http
         self.session_id: str | None = None
         http.event_hooks["request"].append(self._observe)
+        # The SDK client's default headers (user-agent...) but no accept-encoding: the relay
+        # reads bodies as sent and refuses a compressed one.
+        defaults = {k: v for k, v in http.headers.items() if k.lower() != "accept-encoding"}
+        self.pool = HttpPool(url, ssl_context, defaults)
 
     async def _observe(self, request: httpx2.Request) -> None:
         sid = request.headers.get(MCP_SESSION_ID)
@@ -101,16 +243,16 @@ class LeanSession:
             headers[MCP_SESSION_ID] = self.session_id
         return headers
 
-    def _post(self, body: bytes, stamped: dict[str, str]) -> AbstractAsyncContextManager[httpx2.Response]:
+    def _post(self, body: bytes, stamped: dict[str, str]) -> AbstractAsyncContextManager[Response]:
         # Redirects are not followed here: the caller hands a redirected call to the SDK, which
         # follows one that stays on the endpoint's origin.
-        request = self.http.build_request("POST", self.url, content=body, headers=self.headers(stamped))
-        return _streamed(self.http, request)
+        return self.pool.post(body, self.headers(stamped))
 
     async def post_oneway(self, message: dict[str, Any], stamped: dict[str, str]) -> None:
         """A notification or a response to the server: the server answers 202 with no body."""
         async with self._post(orjson.dumps(message), stamped) as response:
-            await response.aread()
+            async for _ in response.aiter_bytes():
+                pass
 
     async def call(
         self,
@@ -123,7 +265,7 @@ class LeanSession:
         rid = request["id"]
         body = orjson.dumps(request)
         async with self._post(body, stamped) as response:
-            status = response.status_code
+            status = response.status
             ctype = response.headers.get("content-type", "").lower()
             if status == 202:
                 raise PeerError(-32600, "server answered a request with 202 Accepted")
@@ -140,7 +282,7 @@ class LeanSession:
 
     async def _from_sse(
         self,
-        response: httpx2.Response,
+        response: Response,
         rid: Any,
         stamped: dict[str, str],
         interleaved: Interleaved,
@@ -165,18 +307,7 @@ class LeanSession:
         raise StreamEnded("the SSE reply ended without a response")
 
 
-@asynccontextmanager
-async def _streamed(http: httpx2.AsyncClient, request: httpx2.Request) -> AsyncIterator[httpx2.Response]:
-    response = await http.send(request, stream=True, follow_redirects=False)
-    try:
-        yield response
-    finally:
-        await response.aclose()  # unread: the connection is closed, which cancels on 2026-07-28
-
-
-async def _raise_http_error(
-    response: httpx2.Response, ctype: str, status: int, has_session: bool, limits: Limits
-) -> None:
+async def _raise_http_error(response: Response, ctype: str, status: int, has_session: bool, limits: Limits) -> None:
     """An HTTP error status, as the SDK reports it: the JSON-RPC error in the body if there is
     one, else 404 is a terminated session and anything else an internal error."""
     if ctype.startswith(JSON_CONTENT):
@@ -194,7 +325,7 @@ async def _raise_http_error(
     raise PeerError(-32603, "Server returned an error response")
 
 
-async def _read_capped(response: httpx2.Response, max_bytes: int) -> bytes:
+async def _read_capped(response: Response, max_bytes: int) -> bytes:
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ReplyViolation(f"the reply is {int(declared)} bytes, more than the {max_bytes} allowed")

@@ -156,15 +156,16 @@ class Upstream:
         if self.config.url:
             # The SDK's defaults for a bare URL (30 s, 300 s reads). A private CA verifies the
             # upstream's certificate on the MCP connection itself; the enclave separately checks a
-            # `tls` identity's pinned key.
-            timeout = httpx2.Timeout(30, read=300)
+            # `tls` identity's pinned key. call_json's pool verifies with the same context.
+            ctx: ssl.SSLContext | None = None
             if self.config.ca_file is not None:
                 ctx = ssl.create_default_context(cafile=str(self.config.ca_file))
-                http = httpx2.AsyncClient(verify=ctx, timeout=timeout)
-            else:
-                http = httpx2.AsyncClient(timeout=timeout)
+            elif self.config.url.lower().startswith("https:"):
+                ctx = httpx2.create_ssl_context()  # what httpx2 makes for verify=True
+            http = httpx2.AsyncClient(verify=ctx or True, timeout=httpx2.Timeout(30, read=300))
             stack.push_async_callback(http.aclose)
-            lean = LeanSession(self.config.url, http)
+            lean = LeanSession(self.config.url, http, ctx)
+            stack.callback(lean.pool.close)
             return streamable_http_client(self.config.url, http_client=http), lean
         env = {**os.environ, **self.config.env}
         return StdioServerParameters(

@@ -72,8 +72,8 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
     tmp = tmp_path_factory.mktemp("reference")
     port = free_port()
-    proc = _serve(["sdk", str(port), str(tmp / "record.txt")], port, tmp / "sdk.log")
-    yield Peer(f"http://127.0.0.1:{port}/mcp", tmp / "record.txt", proc)
+    proc = _serve(["sdk", str(port), str(tmp / "record.jsonl")], port, tmp / "sdk.log")
+    yield Peer(f"http://127.0.0.1:{port}/mcp", tmp / "record.jsonl", proc)
     stop(proc)
 
 
@@ -122,37 +122,28 @@ def test_reference_server_results_equal_the_sdk_path(reference: Peer) -> None:
 
 
 def test_lean_requests_carry_what_the_sdk_sends(reference: Peer, hostile: Peer) -> None:
-    """Same headers (protocol version, method, name, session id) and the same `_meta` envelope as
-    the SDK's own tools/call on the same session, for a 2026-07-28 and a handshake-era upstream."""
-    for url, tool in ((reference.url, "echo"), (hostile.url, "ok")):
-        sent = _sent_by_both(url, tool)
-        (sdk_headers, sdk_body), (lean_headers, lean_body) = sent
-        ignore = {"content-length"}
-        assert {k: v for k, v in sdk_headers.items() if k not in ignore} == {
-            k: v for k, v in lean_headers.items() if k not in ignore
+    """Same headers (protocol version, method, name, session id, user agent) and the same `_meta`
+    envelope as the SDK's own tools/call on the same session, as the upstream receives them, for
+    a 2026-07-28 and a handshake-era upstream. Only accept-encoding differs: the relay asks for
+    no compression (and refuses it)."""
+    for peer, tool in ((reference, "echo"), (hostile, "ok")):
+
+        async def scenario(up: Upstream, tool: str = tool) -> None:
+            await up.call(tool, {"text": "a"}, {"k": 1})
+            await up.call_json(tool, {"text": "a"}, {"k": 1})
+
+        before = len(peer.seen())
+        with_upstream(peer.url, scenario)
+        calls = [r for r in peer.seen()[before:] if r.get("message", {}).get("method") == "tools/call"]
+        assert len(calls) == 2, calls
+        (sdk, lean) = calls
+        ignore = {"content-length", "accept-encoding"}
+        assert "accept-encoding" not in lean["headers"]
+        assert {k: v for k, v in sdk["headers"].items() if k not in ignore} == {
+            k: v for k, v in lean["headers"].items() if k not in ignore
         }
-        assert sdk_body["params"] == lean_body["params"]
-        assert isinstance(sdk_body["id"], int) and isinstance(lean_body["id"], str)  # never the SDK's ids
-
-
-def _sent_by_both(url: str, tool: str) -> list[tuple[dict[str, str], dict[str, Any]]]:
-    """The headers and body of `call`'s tools/call, then call_json's, on one session."""
-    sent: list[tuple[dict[str, str], dict[str, Any]]] = []
-
-    async def scenario(up: Upstream) -> None:
-        assert up._lean is not None
-
-        async def spy(request: Any) -> None:
-            body = json.loads(request.content)
-            if body.get("method") == "tools/call":
-                sent.append((dict(request.headers), body))
-
-        up._lean.http.event_hooks["request"].append(spy)
-        await up.call(tool, {"text": "a"}, {"k": 1})
-        await up.call_json(tool, {"text": "a"}, {"k": 1})
-
-    with_upstream(url, scenario)
-    return sent
+        assert sdk["message"]["params"] == lean["message"]["params"]
+        assert isinstance(sdk["message"]["id"], int) and isinstance(lean["message"]["id"], str)  # never the SDK's
 
 
 def test_handshake_session_sse_results_and_wire_fields(hostile: Peer) -> None:
@@ -310,7 +301,7 @@ def test_cancelled_call_stops_a_2026_upstream(tmp_path: Path) -> None:
             await up.call_json("sleep", {"seconds": 30}, {})
         assert failure.value.kind == "timeout" and time.monotonic() - started < 3
         for _ in range(50):
-            if "cancelled" in record.read_text():
+            if "\ncancelled" in record.read_text():
                 break
             await anyio.sleep(0.1)
 
@@ -318,4 +309,4 @@ def test_cancelled_call_stops_a_2026_upstream(tmp_path: Path) -> None:
         with_upstream(f"http://127.0.0.1:{port}/mcp", scenario, timeout_s=1)
     finally:
         stop(proc)
-    assert record.read_text().split() == ["start", "cancelled"]
+    assert [line for line in record.read_text().splitlines() if not line.startswith("{")] == ["start", "cancelled"]

@@ -273,7 +273,35 @@ def sdk_server(port: int) -> None:
             raise
         return "awake"
 
-    mcp.run("streamable-http", host="127.0.0.1", port=port)
+    app = mcp.streamable_http_app()
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        """Every POST's headers and body, as the server got them, to RECORD (a JSON line each)."""
+        if scope["type"] != "http" or scope["method"] != "POST" or record is None:
+            await app(scope, receive, send)
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        note(json.dumps({"kind": "post", "headers": headers, "message": json.loads(body)}))
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await app(scope, replay, send)
+
+    import uvicorn
+
+    uvicorn.run(recording, host="127.0.0.1", port=port, log_level="warning")
 
 
 async def hostile_main(port: int, record: str) -> None:
