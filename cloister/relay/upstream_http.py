@@ -156,6 +156,7 @@ class Response:
         self._head_done = False
         self._complete = False
         self._until_close = False
+        self._keep = False
         self._chunks: list[bytes] = []
 
     # httptools callbacks
@@ -171,6 +172,7 @@ class Response:
 
     def on_message_complete(self) -> None:
         self._complete = True
+        self._keep = self._parser.should_keep_alive()  # the parser resets once the message is done
 
     async def _feed(self) -> int:
         """Read and parse more: how many bytes, 0 at the end of the connection."""
@@ -213,7 +215,7 @@ class Response:
                 raise ConnectionResetError("the upstream closed the connection in the middle of a response")
 
     def reusable(self) -> bool:
-        return self._complete and not self._until_close and self._parser.should_keep_alive()
+        return self._complete and self._keep and not self._until_close
 
 
 class LeanSession:
@@ -383,7 +385,7 @@ def _parse(data: bytes, limits: Limits) -> dict[str, Any]:
         raise ReplyViolation(f"the reply is not valid JSON: {exc}", code=-32700) from exc
     if not isinstance(value, dict):
         raise ReplyViolation(f"the reply is a JSON {type(value).__name__}, not a JSON-RPC message object")
-    if _has_long_int(value, limits.max_depth + 1):  # +1: the result is a member of the message
+    if _has_long_int(value, limits.max_depth):
         # orjson turned an integer longer than 64 bits into a float; Python's parser keeps it exact.
         exact: dict[str, Any] = json.loads(data)
         return exact
@@ -395,7 +397,7 @@ def _has_long_int(value: Any, max_depth: int) -> bool:
     Raises ReplyViolation if it nests deeper than `max_depth`; iterative, so no recursion depth
     an upstream controls."""
     big = False
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    stack: list[tuple[Any, int]] = [(value, -1)]  # the message; its result is at depth 0
     while stack:
         item, depth = stack.pop()
         if isinstance(item, dict):
@@ -406,7 +408,7 @@ def _has_long_int(value: Any, max_depth: int) -> bool:
             if isinstance(item, float) and abs(item) >= _BIG and item.is_integer():
                 big = True
             continue
-        if depth >= max_depth:
+        if depth > max_depth:  # as canonical JSON counts: the hash could not be computed
             raise ReplyViolation(f"the reply nests deeper than {max_depth} levels")
         stack.extend((child, depth + 1) for child in children)
     return big

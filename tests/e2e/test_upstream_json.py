@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ import pytest
 
 from cloister.dev.state import free_port
 from cloister.relay.config import UpstreamConfig
-from cloister.relay.upstream_http import Limits
+from cloister.relay.upstream_http import HttpPool, Limits
 from cloister.relay.upstreams import Upstream, UpstreamError
 from tests.e2e.procs import stop
 
@@ -310,3 +311,77 @@ def test_cancelled_call_stops_a_2026_upstream(tmp_path: Path) -> None:
     finally:
         stop(proc)
     assert [line for line in record.read_text().splitlines() if not line.startswith("{")] == ["start", "cancelled"]
+
+
+# ---- TLS -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """The HTTPS test server (tests/e2e/tls_server.py) with a certificate from a private CA."""
+    from tests.e2e.test_tls_identity import make_ca, server_cert
+
+    tmp = tmp_path_factory.mktemp("tls")
+    server_cert(tmp, "secure", make_ca(tmp))
+    (tmp / "ca.pem").rename(tmp / "right-ca.pem")
+    make_ca(tmp)  # another CA, which did not sign the server's certificate
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests/e2e/tls_server.py"),
+            str(port),
+            str(tmp / "secure.pem"),
+            str(tmp / "secure.key"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp / "tls.log").open("ab"),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield port, tmp
+    finally:
+        stop(proc)
+
+
+def test_tls_upstream_with_a_private_ca(tls_peer: tuple[int, Path]) -> None:
+    """The pool verifies with the SSLContext the SDK's client verifies with (the configured CA)."""
+    port, tmp = tls_peer
+
+    async def main() -> None:
+        config = UpstreamConfig(name="secure", url=f"https://127.0.0.1:{port}/mcp", ca_file=tmp / "right-ca.pem")
+        up = Upstream(config)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(up.run)
+            await up.wait_ready(20)
+            assert up.state == "up", up.last_error
+            assert up._lean is not None and up._lean.pool.tls is not None
+            lean = await up.call_json("charge", {"amount": 5}, {})
+            assert lean == dumped(await up.call("charge", {"amount": 5}, {}))
+            assert lean["content"][0]["text"] == "charged 5"
+            up.stop()
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize("case", ["other CA", "wrong host name"])
+def test_the_pool_refuses_a_certificate_the_session_would(tls_peer: tuple[int, Path], case: str) -> None:
+    port, tmp = tls_peer
+    ca = tmp / ("ca.pem" if case == "other CA" else "right-ca.pem")
+    host = "127.0.0.1" if case == "other CA" else "localhost"  # the certificate names 127.0.0.1 only
+    pool = HttpPool(f"https://{host}:{port}/mcp", ssl.create_default_context(cafile=str(ca)), {})
+
+    async def main() -> None:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            async with pool.post(b"{}", {"content-type": "application/json"}):
+                pass
+        pool.close()
+
+    anyio.run(main)
