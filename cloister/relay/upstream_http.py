@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 import time
 import urllib.parse
@@ -34,8 +35,8 @@ from cloister.verify.canonical import MAX_DEPTH
 MCP_SESSION_ID = "mcp-session-id"
 JSON_CONTENT = "application/json"
 SSE_CONTENT = "text/event-stream"
-# 2**63: orjson reads a longer integer as a float, which would change the value (and its hash).
-_BIG = float(1 << 63)
+# 19 digits in a row: maybe an integer past 64 bits, which orjson would read as a float.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 @dataclass(frozen=True)
@@ -385,33 +386,29 @@ def _parse(data: bytes, limits: Limits) -> dict[str, Any]:
         raise ReplyViolation(f"the reply is not valid JSON: {exc}", code=-32700) from exc
     if not isinstance(value, dict):
         raise ReplyViolation(f"the reply is a JSON {type(value).__name__}, not a JSON-RPC message object")
-    if _has_long_int(value, limits.max_depth):
-        # orjson turned an integer longer than 64 bits into a float; Python's parser keeps it exact.
+    # Cheap byte scans decide whether the walks are needed at all (they rarely are).
+    if data.count(b"[") + data.count(b"{") > limits.max_depth:
+        _check_depth(value, limits.max_depth)
+    if _LONG_DIGITS.search(data):
+        # orjson reads an integer longer than 64 bits as a float, which would change the value
+        # (and its hash); Python's parser keeps it exact (orjson has already refused NaN, lone
+        # surrogates and the rest Python's would let through).
         exact: dict[str, Any] = json.loads(data)
         return exact
     return value
 
 
-def _has_long_int(value: Any, max_depth: int) -> bool:
-    """Whether `value` holds an integer orjson may have read as a float (then re-parse exactly).
-    Raises ReplyViolation if it nests deeper than `max_depth`; iterative, so no recursion depth
-    an upstream controls."""
-    big = False
+def _check_depth(value: Any, max_depth: int) -> None:
+    """ReplyViolation if the result nests deeper than canonical JSON (its hash) allows; iterative,
+    so no recursion depth an upstream controls."""
     stack: list[tuple[Any, int]] = [(value, -1)]  # the message; its result is at depth 0
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            if isinstance(item, float) and abs(item) >= _BIG and item.is_integer():
-                big = True
-            continue
-        if depth > max_depth:  # as canonical JSON counts: the hash could not be computed
+        if item and depth >= max_depth:  # its members would be deeper than canonical JSON allows
             raise ReplyViolation(f"the reply nests deeper than {max_depth} levels")
-        stack.extend((child, depth + 1) for child in children)
-    return big
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
 
 
 def _response_of(message: dict[str, Any], rid: Any, limits: Limits) -> dict[str, Any]:

@@ -59,6 +59,10 @@ def test_reply_bounds_and_exact_values() -> None:
     with pytest.raises(ReplyViolation, match="nests deeper than 64"):
         _parse(deep)
     _parse(b'{"r":' + b"[" * 65 + b"]" * 65 + b"}")  # as deep as canonical JSON hashes
+    with pytest.raises(ReplyViolation, match="nests deeper than 64"):
+        _parse(b'{"r":' + b"[" * 65 + b"1" + b"]" * 65 + b"}")  # the 1 is one level too deep
+    with pytest.raises(ReplyViolation, match="nests deeper than 64"):
+        _parse(b'{"r":' + b'{"a":' * 65 + b"{}" + b"}" * 65 + b"}")
     with pytest.raises(ReplyViolation, match="not valid JSON") as bad:
         _parse(b'{"a": NaN}')
     assert bad.value.code == -32700
