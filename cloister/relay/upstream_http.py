@@ -37,6 +37,7 @@ JSON_CONTENT = "application/json"
 SSE_CONTENT = "text/event-stream"
 # 19 digits in a row: maybe an integer past 64 bits, which orjson would read as a float.
 _LONG_DIGITS = re.compile(rb"[0-9]{19}")
+MAX_IDLE = 32  # idle connections kept per upstream
 
 
 @dataclass(frozen=True)
@@ -113,30 +114,47 @@ class HttpPool:
         self.keepalive_s = keepalive_s
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """An idle connection the server has not closed (reused: True), else a new one."""
         now = time.monotonic()
         while self.idle:
             reader, writer, since = self.idle.pop()
             if now - since < self.keepalive_s and not reader.at_eof() and not writer.is_closing():
-                return reader, writer
+                return reader, writer, True
             writer.transport.abort()
+        reader, writer = await self._open()
+        return reader, writer, False
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection(
             self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None, limit=1 << 16
         )
 
     @asynccontextmanager
     async def post(self, body: bytes, headers: dict[str, str], max_head: int = 1 << 16) -> AsyncIterator[Response]:
-        reader, writer = await self._connection()
-        response: Response | None = None
+        fields = {**self.base, **headers, "content-length": str(len(body))}
+        head = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+        request = f"POST {self.target} HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body
+        reader, writer, reused = await self._connection()
+        response = Response(reader)
         try:
-            fields = {**self.base, **headers, "content-length": str(len(body))}
-            head = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
-            writer.write(f"POST {self.target} HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body)
-            response = Response(reader)
-            await response.read_head(max_head)
+            try:
+                writer.write(request)
+                await response.read_head(max_head)
+            except OSError:
+                # A kept connection the server closed as we reused it (its keep-alive ran out):
+                # nothing of this request was answered, and an idle connection has no request
+                # in progress, so it is sent again once on a new connection.
+                if not reused or response.received:
+                    raise
+                writer.transport.abort()
+                reader, writer = await self._open()
+                response = Response(reader)
+                writer.write(request)
+                await response.read_head(max_head)
             yield response
         finally:
-            if response is not None and response.reusable():
+            if response.reusable() and len(self.idle) < MAX_IDLE:
                 self.idle.append((reader, writer, time.monotonic()))
             else:
                 writer.transport.abort()  # unread, failed or cancelled: the connection goes
@@ -158,6 +176,7 @@ class Response:
         self._complete = False
         self._until_close = False
         self._keep = False
+        self.received = 0
         self._chunks: list[bytes] = []
 
     # httptools callbacks
@@ -178,6 +197,7 @@ class Response:
     async def _feed(self) -> int:
         """Read and parse more: how many bytes, 0 at the end of the connection."""
         data = await self._reader.read(1 << 16)
+        self.received += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:

@@ -139,3 +139,37 @@ def test_pool_reuses_a_kept_connection_and_drops_others() -> None:
         server.close()
 
     asyncio.run(main())
+
+
+def test_pool_resends_once_when_a_kept_connection_was_closed_under_it() -> None:
+    """The server drops a kept connection just as it is reused (its keep-alive ran out): the
+    request goes once more, on a new connection. A new connection that fails is not retried."""
+    seen: list[str] = []
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = len(seen)
+        seen.append("connection")
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(reply)
+        await writer.drain()
+        if n == 0:
+            await reader.readuntil(b"\r\n\r\n")  # the reuse: hang up without a word
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = HttpPool(f"http://127.0.0.1:{port}/mcp", None, {})
+        for _ in range(2):
+            async with pool.post(b"{}", {}) as response:
+                assert b"".join([c async for c in response.aiter_bytes()]) == b"{}"
+        assert seen == ["connection", "connection"]
+        server.close()
+        await server.wait_closed()
+        with pytest.raises(OSError):  # nothing listens: a new connection's failure is the caller's
+            async with pool.post(b"{}", {}):
+                pass
+
+    asyncio.run(main())
