@@ -138,6 +138,7 @@ class Upstream:
         self.last_error = ""
         self._client: Client | None = None
         self._lean: LeanSession | None = None  # call_json's side of an HTTP session
+        self._connecting: LeanSession | None = None
         self._ids = itertools.count(1)
         self._broken = anyio.Event()
         self._stop = anyio.Event()
@@ -150,9 +151,10 @@ class Upstream:
         self.logs = False  # whether the session offers logging (its capabilities)
         self.completions = False
 
-    def _target(self, stack: contextlib.AsyncExitStack) -> tuple[Any, LeanSession | None]:
-        """What the SDK connects to, and for an HTTP upstream the same connection's lean side
-        (`call_json`): one httpx2 client, so one pool and one TLS configuration, for both."""
+    def _target(self, stack: contextlib.AsyncExitStack) -> Any:
+        """What the SDK connects to. For an HTTP upstream also the same connection's lean side
+        (`call_json`), left in `_connecting`: one httpx2 client (whose requests tell it the
+        session id) and one TLS context for both."""
         if self.config.url:
             # The SDK's defaults for a bare URL (30 s, 300 s reads). A private CA verifies the
             # upstream's certificate on the MCP connection itself; the enclave separately checks a
@@ -164,16 +166,16 @@ class Upstream:
                 ctx = httpx2.create_ssl_context()  # what httpx2 makes for verify=True
             http = httpx2.AsyncClient(verify=ctx or True, timeout=httpx2.Timeout(30, read=300))
             stack.push_async_callback(http.aclose)
-            lean = LeanSession(self.config.url, http, ctx)
-            stack.callback(lean.pool.close)
-            return streamable_http_client(self.config.url, http_client=http), lean
+            self._connecting = LeanSession(self.config.url, http, ctx)
+            stack.callback(self._connecting.pool.close)
+            return streamable_http_client(self.config.url, http_client=http)
         env = {**os.environ, **self.config.env}
         return StdioServerParameters(
             command=self.config.command[0],
             args=list(self.config.command[1:]),
             env=env,
             cwd=str(self.config.cwd) if self.config.cwd else None,
-        ), None
+        )
 
     async def on_message(self, message: Any) -> None:
         """The session's incoming notifications: a changed tool list is re-read and re-checked
@@ -219,7 +221,9 @@ class Upstream:
             try:
                 challenge = await self._prelaunch()
                 async with contextlib.AsyncExitStack() as stack:
-                    target, lean = self._target(stack)
+                    self._connecting = None
+                    target = self._target(stack)
+                    lean = self._connecting
                     client = await stack.enter_async_context(
                         Client(
                             target,

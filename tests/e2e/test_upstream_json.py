@@ -385,3 +385,22 @@ def test_the_pool_refuses_a_certificate_the_session_would(tls_peer: tuple[int, P
         pool.close()
 
     anyio.run(main)
+
+
+def test_a_stdio_upstream_delegates_to_call() -> None:
+    """No HTTP session to post into: call_json is `call` + model_dump, failures included."""
+
+    async def main() -> None:
+        command = (sys.executable, str(ROOT / "tests/e2e/slow_server.py"))
+        up = Upstream(UpstreamConfig(name="slow", command=command, cwd=ROOT, timeout_s=2))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(up.run)
+            await up.wait_ready(20)
+            assert up.state == "up" and up._lean is None, up.last_error
+            assert await up.call_json("echo", {"text": "hi"}, {}) == dumped(await up.call("echo", {"text": "hi"}, {}))
+            with pytest.raises(UpstreamError) as failure:
+                await up.call_json("sleep", {"seconds": 5}, {})
+            assert failure.value.kind == "timeout"
+            up.stop()
+
+    anyio.run(main)
