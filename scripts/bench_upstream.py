@@ -5,7 +5,8 @@
 
 Starts the example `refunds` upstream (--unsafe-no-grants: only the client side is measured)
 over streamable HTTP in its own process, connects one `Upstream` to it as the relay does, then
-alternates blocks of `--calls` sequential `customer_lookup` calls through each path. For each
+alternates blocks of `--calls` `customer_lookup` calls (by `--concurrency` callers at once)
+through each path. For each
 block it records this process's CPU time (user + system, all threads) per call and the wall
 latency of each call; it prints the median over rounds of the per-block CPU, and p50/p99 of the
 latencies. The upstream's own CPU is not counted (it is the same for both paths).
@@ -54,13 +55,20 @@ def _cpu() -> float:
     return time.process_time()  # user + system, all threads of this process
 
 
-async def _block(call: Callable[[], Awaitable[Any]], n: int) -> tuple[float, list[float]]:
+async def _block(call: Callable[[], Awaitable[Any]], n: int, concurrency: int = 1) -> tuple[float, list[float]]:
+    """`n` calls by `concurrency` callers at once: CPU per call, and each call's latency."""
     latencies: list[float] = []
+
+    async def caller(count: int) -> None:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - t0)
+
     cpu0 = _cpu()
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await call()
-        latencies.append(time.perf_counter() - t0)
+    async with anyio.create_task_group() as tg:
+        for i in range(concurrency):
+            tg.start_soon(caller, n // concurrency + (1 if i < n % concurrency else 0))
     return (_cpu() - cpu0) / n, latencies
 
 
@@ -69,7 +77,7 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def bench(port: int, calls: int, rounds: int) -> None:
+async def bench(port: int, calls: int, rounds: int, concurrency: int) -> None:
     upstream = Upstream(UpstreamConfig(name="refunds", url=f"http://127.0.0.1:{port}/mcp", timeout_s=30))
     paths: dict[str, Callable[[], Awaitable[Any]]] = {
         "call + model_dump": lambda: _sdk(upstream),
@@ -87,11 +95,14 @@ async def bench(port: int, calls: int, rounds: int) -> None:
         for r in range(rounds):
             order = list(paths) if r % 2 == 0 else list(reversed(paths))
             for name in order:
-                per_call, latencies = await _block(paths[name], calls)
+                per_call, latencies = await _block(paths[name], calls, concurrency)
                 cpu[name].append(per_call)
                 lat[name].extend(latencies)
         upstream.stop()
-    print(f"{rounds} interleaved rounds x {calls} sequential calls per path (relay-side CPU of this process)")
+    print(
+        f"{rounds} interleaved rounds x {calls} calls per path by {concurrency} concurrent caller(s) "
+        "(relay-side CPU of this process)"
+    )
     for name in paths:
         print(
             f"  {name:18s} CPU/call median {statistics.median(cpu[name]) * 1e3:6.3f} ms "
@@ -109,13 +120,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--concurrency", type=int, default=1, help="callers at once (the agents in flight)")
     p.add_argument("--uvloop", action="store_true", help="run the event loop on uvloop, as the relay may")
     args = p.parse_args()
     port = free_port()
     proc = _start_upstream(port)
     try:
         backend_options = {"use_uvloop": True} if args.uvloop else {}
-        anyio.run(bench, port, args.calls, args.rounds, backend_options=backend_options)
+        anyio.run(bench, port, args.calls, args.rounds, args.concurrency, backend_options=backend_options)
     finally:
         proc.terminate()
         proc.wait(10)
