@@ -509,21 +509,13 @@ class Upstream:
             return first
         # 2026-07-28 input rounds (sampling, elicitation): the SDK's own driver dispatches them to
         # the same callbacks `call` uses; each retry is again one lean POST.
-        try:
-            pending = types.InputRequiredResult.model_validate(first)
-        except ValidationError as exc:
-            raise ReplyViolation(f"malformed input_required result: {exc.error_count()} errors") from exc
-
         async def retry(responses: types.InputResponses | None, state: str | None) -> Any:
             params = types.CallToolRequestParams(
                 name=tool, arguments=arguments, input_responses=responses, request_state=state
             ).model_dump(by_alias=True, mode="json", exclude_none=True)
-            raw = await self._post_call(client, lean, modern, params, meta)
-            if raw.get("resultType") == "input_required":
-                return types.InputRequiredResult.model_validate(raw)
-            return _Wire(raw)
+            return _input_round(await self._post_call(client, lean, modern, params, meta))
 
-        final: _Wire = await client._drive_input_required(pending, retry)
+        final: _Wire = await client._drive_input_required(_input_round(first), retry)
         return final.value
 
     async def _post_call(
@@ -594,6 +586,15 @@ class _Wire:
 
     def __init__(self, value: dict[str, Any]) -> None:
         self.value = value
+
+
+def _input_round(raw: dict[str, Any]) -> types.InputRequiredResult | _Wire:
+    if raw.get("resultType") != "input_required":
+        return _Wire(raw)
+    try:
+        return types.InputRequiredResult.model_validate(raw)
+    except ValidationError as exc:
+        raise ReplyViolation(f"malformed input_required result ({exc.error_count()} errors)") from exc
 
 
 class _SessionHandlers(Interleaved):

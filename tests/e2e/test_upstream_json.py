@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import mcp_types as types
 import pytest
 
 from cloister.dev.state import free_port
@@ -120,6 +121,29 @@ def test_reference_server_results_equal_the_sdk_path(reference: Peer) -> None:
         assert failed["isError"] is True and failed["content"][0]["text"].startswith("Error executing tool fail")
 
     with_upstream(reference.url, scenario)
+
+
+def test_input_rounds_go_through_the_session_callbacks(reference: Peer) -> None:
+    """2026-07-28: a tool that needs input answers `input_required`; the SDK's driver asks the
+    relay's elicitation hook, and the retry (a lean POST again) gives the wire result."""
+    asked: list[str] = []
+
+    async def scenario(up: Upstream) -> None:
+        class Hooks:
+            async def elicitation(self, server: str, params: Any) -> types.ElicitResult:
+                asked.append(params.message)
+                return types.ElicitResult(action="accept", content={"word": "yes"})
+
+            def changed(self, server: str) -> None:
+                pass
+
+        up.hooks = Hooks()  # type: ignore[assignment]
+        lean = await up.call_json("confirm", {"thing": "refund"}, {})
+        assert lean == dumped(await up.call("confirm", {"thing": "refund"}, {}))
+        assert lean["content"][0]["text"] == "refund:yes"
+
+    with_upstream(reference.url, scenario)
+    assert asked == ["Say a word", "Say a word"]
 
 
 def test_lean_requests_carry_what_the_sdk_sends(reference: Peer, hostile: Peer) -> None:

@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Any
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import Elicit, Resolve
+from pydantic import BaseModel
 
 SESSION = "hostile-session-1"
 TOOLS = [
@@ -237,6 +240,14 @@ class Hostile:
         return True
 
 
+class Word(BaseModel):
+    word: str
+
+
+def ask_word() -> Elicit[Word]:
+    return Elicit("Say a word", Word)
+
+
 def sdk_server(port: int) -> None:
     from mcp.server.mcpserver import MCPServer
 
@@ -249,6 +260,10 @@ def sdk_server(port: int) -> None:
     @mcp.tool(description="A structured answer.")
     def lookup(customer_id: str) -> dict[str, Any]:
         return {"customer_id": customer_id, "name": "Ada", "tags": ["a", None], "score": 1.5, "vip": None}
+
+    @mcp.tool(description="Ask the client for a word (2026-07-28: an input_required round).")
+    def confirm(thing: str, answer: Annotated[Word, Resolve(ask_word)]) -> str:
+        return f"{thing}:{answer.word}"
 
     @mcp.tool(description="Fail.")
     def fail(why: str) -> str:
