@@ -507,6 +507,7 @@ class Upstream:
         first = await self._post_call(client, lean, modern, {"name": tool, "arguments": arguments}, meta)
         if not modern or first.get("resultType") != "input_required":
             return first
+
         # 2026-07-28 input rounds (sampling, elicitation): the SDK's own driver dispatches them to
         # the same callbacks `call` uses; each retry is again one lean POST.
         async def retry(responses: types.InputResponses | None, state: str | None) -> Any:
