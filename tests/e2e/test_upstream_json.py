@@ -123,6 +123,38 @@ def test_reference_server_results_equal_the_sdk_path(reference: Peer) -> None:
     with_upstream(reference.url, scenario)
 
 
+def test_the_example_refunds_server_gives_the_same_results(tmp_path: Path) -> None:
+    """The example bundle's refunds upstream (without grants: only the client side is compared)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloister.dev.examples.refunds", "--port", str(port), "--unsafe-no-grants"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "refunds.log").open("ab"),
+        start_new_session=True,
+    )
+
+    async def scenario(up: Upstream) -> None:
+        for tool, args in [
+            ("customer_lookup", {"customer_id": "cus_1001"}),
+            ("customer_lookup", {"customer_id": "nobody"}),
+            ("transaction_history", {"customer_id": "cus_1001", "limit": 1}),
+        ]:
+            assert await up.call_json(tool, args, {}) == dumped(await up.call(tool, args, {})), tool
+
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        with_upstream(f"http://127.0.0.1:{port}/mcp", scenario)
+    finally:
+        stop(proc)
+
+
 def test_input_rounds_go_through_the_session_callbacks(reference: Peer) -> None:
     """2026-07-28: a tool that needs input answers `input_required`; the SDK's driver asks the
     relay's elicitation hook, and the retry (a lean POST again) gives the wire result."""
