@@ -135,11 +135,12 @@ def test_the_example_refunds_server_gives_the_same_results(tmp_path: Path) -> No
     )
 
     async def scenario(up: Upstream) -> None:
-        for tool, args in [
+        calls: list[tuple[str, dict[str, Any]]] = [
             ("customer_lookup", {"customer_id": "cus_1001"}),
             ("customer_lookup", {"customer_id": "nobody"}),
             ("transaction_history", {"customer_id": "cus_1001", "limit": 1}),
-        ]:
+        ]
+        for tool, args in calls:
             assert await up.call_json(tool, args, {}) == dumped(await up.call(tool, args, {})), tool
 
     try:
