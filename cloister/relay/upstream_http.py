@@ -143,8 +143,8 @@ class HttpPool:
                 await response.read_head(max_head)
             except OSError:
                 # A kept connection the server closed as we reused it (its keep-alive ran out):
-                # nothing of this request was answered, and an idle connection has no request
-                # in progress, so it is sent again once on a new connection.
+                # nothing was answered, so it is sent once more on a new connection, as HTTP
+                # clients do for this race (decision 0024 on the one case it could run twice).
                 if not reused or response.received:
                     raise
                 writer.transport.abort()
