@@ -3,6 +3,8 @@
 One long-lived session per upstream, shared by all agents (the SDK multiplexes concurrent
 requests). A session that breaks (process exit, network) is re-established with backoff;
 while it is down, calls fail fast with `UpstreamUnavailable`. Every call has a deadline.
+`call` goes through the SDK session; `call_json`, on an HTTP session, is one POST into it that
+returns the result as sent (decision 0024, cloister/relay/upstream_http.py).
 
 Identity: before launching or connecting, the relay asks the enclave what the server must prove
 (`challenge`). A `checksum` server's artifact is reported before it is launched, and the server
