@@ -386,8 +386,9 @@ async def sse_data(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterato
         pending = [tail] if tail else []
         for line in lines:
             if not line:
-                if data and event == b"message":
-                    yield b"\n".join(data)
+                joined = b"\n".join(data)
+                if joined and event == b"message":  # an empty one primes resumption: skipped, as the SDK does
+                    yield joined
                 data, event = [], b"message"
                 continue
             field, _, value = line.partition(b":")

@@ -10,6 +10,7 @@ reply must fail as one clear UpstreamError, in bounded time, without breaking th
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -154,6 +155,69 @@ def test_the_example_refunds_server_gives_the_same_results(tmp_path: Path) -> No
         with_upstream(f"http://127.0.0.1:{port}/mcp", scenario)
     finally:
         stop(proc)
+
+
+EVERYTHING = ROOT / "tests/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
+
+
+@pytest.mark.skipif(not EVERYTHING.exists(), reason="npm test peers not installed (scripts/test)")
+def test_the_typescript_reference_server_over_a_handshake_session(tmp_path: Path) -> None:
+    """server-everything (TypeScript SDK, 2025-11-25, a session id, SSE replies opening with a
+    priming event): the same results as `call` but for the defaults pydantic adds (the wire value
+    is what a TypeScript upstream would sign), including structured content and a sampling
+    request the server sends in the middle of the call, which reaches the relay's sampling hook
+    and is answered."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["node", str(EVERYTHING), "streamableHttp"],
+        env={**os.environ, "PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "everything.log").open("ab"),
+        start_new_session=True,
+    )
+    sampled: list[str] = []
+
+    async def scenario(up: Upstream) -> None:
+        class Hooks:
+            async def sampling(self, server: str, params: Any) -> types.CreateMessageResult:
+                sampled.append(params.messages[0].content.text)
+                return types.CreateMessageResult(
+                    role="assistant", content=types.TextContent(type="text", text="sampled!"), model="stand-in"
+                )
+
+            def changed(self, server: str) -> None:
+                pass
+
+        up.hooks = Hooks()  # type: ignore[assignment]
+        assert up._client is not None and up._client.protocol_version == "2025-11-25"
+        assert up._lean is not None and up._lean.session_id
+        calls: list[tuple[str, dict[str, Any]]] = [
+            ("echo", {"message": "hi"}),
+            ("get-sum", {"a": 1, "b": 2}),
+            ("get-structured-content", {"location": "New York"}),
+            ("trigger-sampling-request", {"prompt": "say something", "maxTokens": 20}),
+        ]
+        for tool, args in calls:
+            wire = await up.call_json(tool, args, {})
+            # The server leaves out isError (and, being 2025-era, resultType); pydantic adds both.
+            assert "isError" not in wire and "resultType" not in wire, wire
+            sdk = dumped(await up.call(tool, args, {}))
+            assert sdk == {**wire, "isError": False, "resultType": "complete"}, tool
+        lean = await up.call_json("trigger-sampling-request", {"prompt": "once more", "maxTokens": 5}, {})
+        assert "sampled!" in json.dumps(lean)
+
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        with_upstream(f"http://127.0.0.1:{port}/mcp", scenario)
+    finally:
+        stop(proc)
+    assert [text.rsplit(": ", 1)[-1] for text in sampled] == ["say something", "say something", "once more"]
 
 
 def test_input_rounds_go_through_the_session_callbacks(reference: Peer) -> None:

@@ -16,6 +16,7 @@ STREAM = (
     b": comment\r\n\r\n"
     b'event: message\r\nid: 7\r\ndata: {"a":\r\ndata: 1}\r\n\r\n'
     b"event: other\r\ndata: ignored\r\n\r\n"
+    b"id: prime\ndata:\n\n"  # a priming event (empty data), as the TypeScript SDK sends first
     b"data: two\n\n"
     b"data:three\r\r"
     b"retry: 10\n\n"
