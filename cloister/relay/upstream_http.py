@@ -16,6 +16,7 @@ callbacks `Interleaved` names, which are the same handlers the SDK session uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import ssl
@@ -98,7 +99,13 @@ class HttpPool:
     `keepalive_s` or as soon as the server has closed them, before they are reused."""
 
     def __init__(
-        self, url: str, ssl_context: ssl.SSLContext | None, headers: dict[str, str], *, keepalive_s: float = 4.0
+        self,
+        url: str,
+        ssl_context: ssl.SSLContext | None,
+        headers: dict[str, str],
+        *,
+        keepalive_s: float = 4.0,
+        max_connections: int = 100,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -113,6 +120,7 @@ class HttpPool:
         self.base = {"host": netloc, **{k.lower(): v for k, v in headers.items()}}
         self.keepalive_s = keepalive_s
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self.slots = asyncio.Semaphore(max_connections)  # calls at once, as httpx2's default pool
 
     async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
         """An idle connection the server has not closed (reused: True), else a new one."""
@@ -131,33 +139,41 @@ class HttpPool:
         )
 
     @asynccontextmanager
-    async def post(self, body: bytes, headers: dict[str, str], max_head: int = 1 << 16) -> AsyncIterator[Response]:
+    async def post(
+        self, body: bytes, headers: dict[str, str], *, max_head: int = 1 << 16, bounded: bool = True
+    ) -> AsyncIterator[Response]:
+        """One POST and its response. `bounded`: within the `max_connections` calls at once
+        (an answer to a server request the open call is waiting on is not, or it could wait on
+        itself)."""
         fields = {**self.base, **headers, "content-length": str(len(body))}
+        if any("\r" in v or "\n" in v for v in fields.values()):
+            raise ValueError("a header value holds a line break")  # never from the SDK's stamp
         head = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
         request = f"POST {self.target} HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body
-        reader, writer, reused = await self._connection()
-        response = Response(reader)
-        try:
+        async with self.slots if bounded else contextlib.nullcontext():
+            reader, writer, reused = await self._connection()
+            response = Response(reader)
             try:
-                writer.write(request)
-                await response.read_head(max_head)
-            except OSError:
-                # A kept connection the server closed as we reused it (its keep-alive ran out):
-                # nothing was answered, so it is sent once more on a new connection, as HTTP
-                # clients do for this race (decision 0024 on the one case it could run twice).
-                if not reused or response.received:
-                    raise
-                writer.transport.abort()
-                reader, writer = await self._open()
-                response = Response(reader)
-                writer.write(request)
-                await response.read_head(max_head)
-            yield response
-        finally:
-            if response.reusable() and len(self.idle) < MAX_IDLE:
-                self.idle.append((reader, writer, time.monotonic()))
-            else:
-                writer.transport.abort()  # unread, failed or cancelled: the connection goes
+                try:
+                    writer.write(request)
+                    await response.read_head(max_head)
+                except OSError:
+                    # A kept connection the server closed as we reused it (its keep-alive ran
+                    # out): nothing was answered, so it is sent once more on a new connection,
+                    # as HTTP clients do for this race (decision 0024: when that could run twice).
+                    if not reused or response.received:
+                        raise
+                    writer.transport.abort()
+                    reader, writer = await self._open()
+                    response = Response(reader)
+                    writer.write(request)
+                    await response.read_head(max_head)
+                yield response
+            finally:
+                if response.reusable() and len(self.idle) < MAX_IDLE:
+                    self.idle.append((reader, writer, time.monotonic()))
+                else:
+                    writer.transport.abort()  # unread, failed or cancelled: the connection goes
 
     def close(self) -> None:
         while self.idle:
@@ -266,14 +282,16 @@ class LeanSession:
             headers[MCP_SESSION_ID] = self.session_id
         return headers
 
-    def _post(self, body: bytes, stamped: dict[str, str]) -> AbstractAsyncContextManager[Response]:
+    def _post(
+        self, body: bytes, stamped: dict[str, str], *, bounded: bool = True
+    ) -> AbstractAsyncContextManager[Response]:
         # Redirects are not followed here: the caller hands a redirected call to the SDK, which
         # follows one that stays on the endpoint's origin.
-        return self.pool.post(body, self.headers(stamped))
+        return self.pool.post(body, self.headers(stamped), bounded=bounded)
 
     async def post_oneway(self, message: dict[str, Any], stamped: dict[str, str]) -> None:
         """A notification or a response to the server: the server answers 202 with no body."""
-        async with self._post(orjson.dumps(message), stamped) as response:
+        async with self._post(orjson.dumps(message), stamped, bounded=False) as response:
             async for _ in response.aiter_bytes():
                 pass
 

@@ -174,3 +174,43 @@ def test_pool_resends_once_when_a_kept_connection_was_closed_under_it() -> None:
                 pass
 
     asyncio.run(main())
+
+
+def test_pool_holds_at_most_max_connections_calls_at_once() -> None:
+    open_now: list[int] = [0, 0]  # connections open, the most at once
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        open_now[0] += 1
+        open_now[1] = max(open_now)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(2)
+                await asyncio.sleep(0.1)
+                writer.write(reply)
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            open_now[0] -= 1
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = HttpPool(f"http://127.0.0.1:{port}/mcp", None, {}, max_connections=2)
+
+        async def one() -> None:
+            async with pool.post(b"{}", {}) as response:
+                assert b"".join([c async for c in response.aiter_bytes()]) == b"{}"
+
+        await asyncio.gather(*(one() for _ in range(6)))
+        assert open_now[1] == 2
+        with pytest.raises(ValueError, match="line break"):
+            async with pool.post(b"{}", {"mcp-name": "x\r\ninjected: 1"}):
+                pass
+        pool.close()
+        server.close()
+
+    asyncio.run(main())
