@@ -3,6 +3,8 @@
 One long-lived session per upstream, shared by all agents (the SDK multiplexes concurrent
 requests). A session that breaks (process exit, network) is re-established with backoff;
 while it is down, calls fail fast with `UpstreamUnavailable`. Every call has a deadline.
+`call` goes through the SDK session; `call_json`, on an HTTP session, is one POST into it that
+returns the result as sent (decision 0024, cloister/relay/upstream_http.py).
 
 Identity: before launching or connecting, the relay asks the enclave what the server must prove
 (`challenge`). A `checksum` server's artifact is reported before it is launched, and the server
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -31,14 +34,30 @@ from typing import Any, Protocol, TypeVar, cast
 
 import anyio
 import anyio.abc
+import httpx2
 import mcp_types as types
 from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
-from mcp_types.jsonrpc import CONNECTION_CLOSED, INVALID_REQUEST
+from mcp_types.jsonrpc import CONNECTION_CLOSED, HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from opentelemetry import trace
+from opentelemetry.propagate import inject
+from opentelemetry.trace import SpanKind
+from pydantic import ValidationError
 
 from cloister.relay.config import UpstreamConfig
+from cloister.relay.upstream_http import (
+    Interleaved,
+    LeanSession,
+    Limits,
+    PeerError,
+    Redirected,
+    ReplyViolation,
+    StreamEnded,
+)
 from cloister.verify.errors import CloisterError
 
 log = logging.getLogger("cloister.relay.upstreams")
@@ -47,6 +66,8 @@ MAX_ARTIFACT = 16 << 20
 MAX_LISTED = 1000  # resources, templates, prompts offered per upstream (decision 0018)
 MAX_NAME = 2048  # longer resource URIs, templates or prompt names are not offered
 ATTESTATION_URI = "cloister://attestation/"
+_tracer = trace.get_tracer("cloister.relay.upstreams")
+COURTESY_CANCEL_S = 5.0  # the SDK's bound on a courtesy notifications/cancelled
 _R = TypeVar("_R")
 
 
@@ -118,29 +139,38 @@ class Upstream:
         self.identity = "unknown"
         self.last_error = ""
         self._client: Client | None = None
+        self._lean: LeanSession | None = None  # call_json's side of an HTTP session
+        self._connecting: LeanSession | None = None
+        self._ids = itertools.count(1)
         self._broken = anyio.Event()
         self._stop = anyio.Event()
         self._ready = anyio.Event()
         self._reattest = anyio.Event()
         self._tools_changed = anyio.Event()
         self._others_changed = anyio.Event()
+        self.limits = Limits()  # what call_json reads of a reply
         self.reproofs = 0  # re-proofs of a connected session (after the first proof)
         self.logs = False  # whether the session offers logging (its capabilities)
         self.completions = False
 
     def _target(self, stack: contextlib.AsyncExitStack) -> Any:
-        if self.config.url and self.config.ca_file is not None:
-            # A private CA verifies the upstream's certificate on the MCP connection itself; the
-            # enclave separately checks a `tls` identity's pinned key.
-            import httpx2
-            from mcp.client.streamable_http import streamable_http_client
-
-            ctx = ssl.create_default_context(cafile=str(self.config.ca_file))
-            http = httpx2.AsyncClient(verify=ctx, timeout=httpx2.Timeout(30, read=300))
-            stack.push_async_callback(http.aclose)
-            return streamable_http_client(self.config.url, http_client=http)
+        """What the SDK connects to. For an HTTP upstream also the same connection's lean side
+        (`call_json`), left in `_connecting`: one httpx2 client (whose requests tell it the
+        session id) and one TLS context for both."""
         if self.config.url:
-            return self.config.url
+            # The SDK's defaults for a bare URL (30 s, 300 s reads). A private CA verifies the
+            # upstream's certificate on the MCP connection itself; the enclave separately checks a
+            # `tls` identity's pinned key. call_json's pool verifies with the same context.
+            ctx: ssl.SSLContext | None = None
+            if self.config.ca_file is not None:
+                ctx = ssl.create_default_context(cafile=str(self.config.ca_file))
+            elif self.config.url.lower().startswith("https:"):
+                ctx = httpx2.create_ssl_context()  # what httpx2 makes for verify=True
+            http = httpx2.AsyncClient(verify=ctx or True, timeout=httpx2.Timeout(30, read=300))
+            stack.push_async_callback(http.aclose)
+            self._connecting = LeanSession(self.config.url, http, ctx)
+            stack.callback(self._connecting.pool.close)
+            return streamable_http_client(self.config.url, http_client=http)
         env = {**os.environ, **self.config.env}
         return StdioServerParameters(
             command=self.config.command[0],
@@ -193,9 +223,12 @@ class Upstream:
             try:
                 challenge = await self._prelaunch()
                 async with contextlib.AsyncExitStack() as stack:
+                    self._connecting = None
+                    target = self._target(stack)
+                    lean = self._connecting
                     client = await stack.enter_async_context(
                         Client(
-                            self._target(stack),
+                            target,
                             cache=None,
                             read_timeout_seconds=self.config.timeout_s,
                             message_handler=self.on_message,
@@ -206,6 +239,7 @@ class Upstream:
                     )
                     tools = await self._list_tools(client)
                     self._client, self.tools, self.state, self.last_error = client, tools, "up", ""
+                    self._lean = lean
                     await self._list_others(client)
                     await self._prove(client, challenge, tools)
                     self._changed()
@@ -225,7 +259,7 @@ class Upstream:
                 self.last_error = _describe(exc)
                 log.warning("upstream %s unavailable: %s", self.name, self.last_error)
             finally:
-                self._client = None
+                self._client, self._lean = None, None
                 if self.state == "up":
                     log.warning("upstream %s disconnected", self.name)
                     self._changed()
@@ -421,6 +455,100 @@ class Upstream:
             "call", lambda c: c.call_tool(tool, arguments, meta=typed_meta, progress_callback=progress)
         )
 
+    async def call_json(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        """The upstream's result object for a tools/call exactly as it came over the wire: the
+        value the upstream signs (decision 0017), which the relay hashes. Fails as `call` does.
+
+        HTTP upstreams: one POST into the session the SDK opened (decision 0024); what the reply
+        interleaves goes to the SDK session's own handlers. Other upstreams: `call`, dumped. No
+        progress: a caller that wants the upstream's progress uses `call`."""
+        client, lean = self._client, self._lean
+        if client is None or lean is None:
+            result = await self.call(tool, arguments, meta)
+            return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        modern = client.protocol_version in MODERN_PROTOCOL_VERSIONS
+        try:
+            with anyio.fail_after(self.config.timeout_s):
+                return await self._lean_call(client, lean, modern, tool, arguments, meta)
+        except TimeoutError as exc:
+            raise UpstreamError(
+                "timeout", f"upstream {self.name!r} did not answer within {self.config.timeout_s:g}s"
+            ) from exc
+        except (PeerError, MCPError) as exc:
+            code, message, data = (exc.code, exc.message, exc.data) if isinstance(exc, PeerError) else _mcp(exc)
+            if not (code == HEADER_MISMATCH and modern):
+                raise UpstreamError(
+                    "error", f"upstream {self.name!r} refused the call: {message}", code=code, data=data
+                ) from exc
+        except ReplyViolation as exc:
+            raise UpstreamError(
+                "error", f"upstream {self.name!r} sent an invalid reply to the call: {exc}"[:1000], code=exc.code
+            ) from exc
+        except Redirected:
+            pass  # not processed: the SDK's call follows a redirect within the endpoint's origin
+        except StreamEnded as exc:  # as the SDK: the stream closed under the call; reconnect
+            self._broken.set()
+            raise UpstreamError("unavailable", f"upstream {self.name!r} closed the connection during the call") from exc
+        except Exception as exc:  # transport failures come in many types (httpx, anyio, OSError)
+            self._broken.set()
+            raise UpstreamError("unavailable", f"upstream {self.name!r} connection failed: {exc!r}"[:500]) from exc
+        # A redirect, or HEADER_MISMATCH (2026-07-28: the tool's listed schema is stale; the SDK's
+        # call re-lists it and resends once, as the spec says).
+        result = await self.call(tool, arguments, meta)
+        return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    async def _lean_call(
+        self,
+        client: Client,
+        lean: LeanSession,
+        modern: bool,
+        tool: str,
+        arguments: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> dict[str, Any]:
+        first = await self._post_call(client, lean, modern, {"name": tool, "arguments": arguments}, meta)
+        if not modern or first.get("resultType") != "input_required":
+            return first
+
+        # 2026-07-28 input rounds (sampling, elicitation): the SDK's own driver dispatches them to
+        # the same callbacks `call` uses; each retry is again one lean POST.
+        async def retry(responses: types.InputResponses | None, state: str | None) -> Any:
+            params = types.CallToolRequestParams(
+                name=tool, arguments=arguments, input_responses=responses, request_state=state
+            ).model_dump(by_alias=True, mode="json", exclude_none=True)
+            return _input_round(await self._post_call(client, lean, modern, params, meta))
+
+        final: _Wire = await client._drive_input_required(_input_round(first), retry)
+        return final.value
+
+    async def _post_call(
+        self, client: Client, lean: LeanSession, modern: bool, params: dict[str, Any], meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        rid = f"cloister-{next(self._ids)}"  # a string: never one of the SDK's integer ids
+        data: dict[str, Any] = {"method": "tools/call", "params": {**params, "_meta": dict(meta)}}
+        opts: dict[str, Any] = {}
+        # The SDK session's own stamp: MCP-Protocol-Version and, on 2026-07-28, the method, name
+        # and Mcp-Param-* headers and the per-request `_meta` envelope.
+        client.session._stamp(data, cast(Any, opts))
+        headers: dict[str, str] = opts.get("headers", {})
+        with _tracer.start_as_current_span(
+            f"MCP send tools/call {params['name']}",
+            kind=SpanKind.CLIENT,
+            attributes={"mcp.method.name": "tools/call", "jsonrpc.request.id": rid},
+        ):
+            out_meta = data["params"]["_meta"]
+            inject(out_meta)  # W3C trace context, as the SDK's dispatcher does
+            if not out_meta:
+                del data["params"]["_meta"]
+            try:
+                return await lean.call(
+                    {"jsonrpc": "2.0", "id": rid, **data}, headers, _SessionHandlers(client), self.limits
+                )
+            except anyio.get_cancelled_exc_class():
+                if not modern:  # 2026-07-28: closing the stream (above) is the cancellation
+                    await _courtesy_cancel(lean, rid, headers)
+                raise
+
     async def request(self, what: str, send: Callable[[Client], Awaitable[_R]]) -> _R:
         """One request on the session, within its deadline; failures as UpstreamError."""
         client = self._client
@@ -454,6 +582,81 @@ class Upstream:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class _Wire:
+    """A terminal tools/call result as sent, through the SDK's input-rounds driver unparsed."""
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        self.value = value
+
+
+def _input_round(raw: dict[str, Any]) -> types.InputRequiredResult | _Wire:
+    if raw.get("resultType") != "input_required":
+        return _Wire(raw)
+    try:
+        return types.InputRequiredResult.model_validate(raw)
+    except ValidationError as exc:
+        raise ReplyViolation(f"malformed input_required result ({exc.error_count()} errors)") from exc
+
+
+class _SessionHandlers(Interleaved):
+    """What an SSE reply interleaves, handed to the SDK session's own handlers: notifications to
+    `_on_notify` (logging callback, then the message handler), server requests (sampling,
+    elicitation, roots, ping) to `_on_request`. Progress and cancellation for this request are
+    the dispatcher's business and call_json asks for neither, so they are dropped as it would."""
+
+    def __init__(self, client: Client) -> None:
+        self.session = client.session
+
+    async def notification(self, message: dict[str, Any]) -> None:
+        method = message.get("method")
+        if method in ("notifications/progress", "notifications/cancelled") or not isinstance(method, str):
+            return
+        params = message.get("params")
+        await self.session._on_notify(cast(Any, None), method, params if isinstance(params, dict) else None)
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        method, params = message.get("method"), message.get("params")
+        if not isinstance(method, str):
+            return {"error": {"code": INVALID_REQUEST, "message": "Invalid request"}}
+        context = _RequestId(message.get("id"))
+        try:
+            result = await self.session._on_request(
+                cast(Any, context), method, params if isinstance(params, dict) else None
+            )
+        except MCPError as exc:
+            return {"error": exc.error.model_dump(by_alias=True, mode="json", exclude_none=True)}
+        except ValidationError:
+            return {"error": {"code": INVALID_PARAMS, "message": "Invalid request parameters", "data": ""}}
+        except Exception as exc:  # as the SDK's dispatcher answers a failed handler
+            return {"error": {"code": 0, "message": str(exc)[:500]}}
+        return {"result": result}
+
+
+class _RequestId:
+    def __init__(self, request_id: Any) -> None:
+        self.request_id = request_id
+
+
+async def _courtesy_cancel(lean: LeanSession, rid: str, headers: dict[str, str]) -> None:
+    """notifications/cancelled for an abandoned request, as the SDK sends it on a handshake-era
+    session: shielded from the cancellation that caused it, and bounded."""
+    message = {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": rid, "reason": "caller cancelled"},
+    }
+    plain = {k: v for k, v in headers.items() if k.lower() == "mcp-protocol-version"}
+    with anyio.CancelScope(shield=True), anyio.move_on_after(COURTESY_CANCEL_S):
+        try:
+            await lean.post_oneway(message, plain)
+        except Exception as exc:  # best effort: the upstream may be gone
+            log.debug("courtesy cancel for %s failed: %s", rid, exc)
+
+
+def _mcp(exc: MCPError) -> tuple[int, str, Any]:
+    return exc.code, exc.message, exc.data
 
 
 def bounded_listing(server: str, what: str, items: list[_R]) -> list[_R]:
