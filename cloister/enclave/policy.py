@@ -170,16 +170,16 @@ class _AgentStores:
     def __init__(self, size: int) -> None:
         self._size = size
         self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[str, str, frozenset[str]], Any] = OrderedDict()  # guarded by _lock
+        self._items: OrderedDict[tuple[str, str, frozenset[str]], cedarpy.Entities] = OrderedDict()  # guarded by _lock
 
-    def get(self, key: tuple[str, str, frozenset[str]]) -> Any:
+    def get(self, key: tuple[str, str, frozenset[str]]) -> cedarpy.Entities | None:
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
             return hit
 
-    def put(self, key: tuple[str, str, frozenset[str]], store: Any) -> None:
+    def put(self, key: tuple[str, str, frozenset[str]], store: cedarpy.Entities) -> None:
         with self._lock:
             self._items[key] = store
             if len(self._items) > self._size:
@@ -313,6 +313,17 @@ class PolicyEngine:
             "resource": {"type": f"{NAMESPACE}::Server", "id": server},
         }
 
+    @staticmethod
+    def _context(
+        p: Principal, arguments: Mapping[str, Any], input_schema: Mapping[str, Any] | None, system: bool, now: datetime
+    ) -> str:
+        """The request's context as Cedar JSON, written around the input's (the members a dict
+        would give); `system` (the time) only for slices that read it."""
+        context = f'{{"input":{_json(cedar_value(arguments, input_schema))},"issuer":{_json(p.issuer)}'
+        if system:
+            context += f',"system":{{"now":{_json(_cedar_datetime(now))}}}'
+        return context + "}"
+
     def evaluate(
         self,
         p: Principal,
@@ -329,11 +340,7 @@ class PolicyEngine:
         aid = action or action_id(server, tool)
         policies, uses_system, _ = self._slice(aid)
         request = self._request(p, server, aid)
-        # The context's JSON, written around the input's (same members as a dict would give).
-        context = f'{{"input":{_json(cedar_value(arguments, input_schema))},"issuer":{_json(p.issuer)}'
-        if uses_system:
-            context += f',"system":{{"now":{_json(_cedar_datetime(now))}}}'
-        request["context"] = context + "}"
+        request["context"] = self._context(p, arguments, input_schema, uses_system, now)
         # The extension's batch entry point with a pre-parsed PolicySet and Entities handle: the
         # public wrapper re-serialises and re-wraps results, which costs more than the evaluation.
         raw = cedarpy._internal.is_authorized_batch([request], policies, self._store(p, aid)._inner, None, False)
