@@ -241,6 +241,7 @@ def test_a_malicious_agent_cannot_poison_another_agents_store(w: World, monkeypa
     """An agent controls its calls (tools, arguments, the roles its token presents) and can fill the
     caches, evicting others' entries; it cannot make another agent's decision read its store."""
     monkeypatch.setattr(policy_mod, "AGENT_STORES", 4)  # small: the attacker evicts constantly
+    monkeypatch.setattr(policy_mod, "ACTION_STORES", 2)
     engine = _engine(w)
     fresh = _engine(w)
     now = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
