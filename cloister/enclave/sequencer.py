@@ -93,8 +93,8 @@ class Sequencer:
         self._text = CheckpointText(origin, ())  # replaced whole under `lock`
 
     def set_extensions(self, extensions: tuple[str, ...]) -> None:
-        """Extension lines for the checkpoints that follow (the caller holds `lock`). DecodeError
-        if a checkpoint could not carry them."""
+        """Extension lines for the checkpoints that follow (the caller holds `lock`). Lines a
+        checkpoint cannot carry make every later signature fail (DecodeError), until replaced."""
         self._text = CheckpointText(self.origin, extensions)
 
     @property
