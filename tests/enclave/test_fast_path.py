@@ -163,6 +163,42 @@ def test_per_action_stores_answer_as_the_whole_store(w: World, monkeypatch: pyte
     assert compared > 100
 
 
+def test_discovery_with_per_action_stores_answers_as_the_whole_store(w: World) -> None:
+    """`may_call` (partial evaluation, the input unknown) reads the same per-action stores."""
+    engine = _engine(w)
+    bundle = engine.bundle
+    policies = cedarpy.PolicySet.from_json_str(
+        json.dumps({"staticPolicies": dict(bundle.policies), "templates": {}, "templateLinks": []})
+    )
+    now = datetime(2026, 11, 26, 21, 0, tzinfo=UTC)
+    shown = 0
+    for server, spec in sorted(bundle.servers.items()):
+        for tool in sorted(spec.tools):
+            for p in _principals():
+                entities = json.loads(bundle.entities_json)
+                attrs = {**dict(bundle.agents[p.agent].attrs), "id": p.agent}
+                attrs.setdefault("region", "")
+                parents = [{"type": f"{NAMESPACE}::Role", "id": r} for r in sorted(p.roles)]
+                entities.append(
+                    {"uid": {"type": f"{NAMESPACE}::Agent", "id": p.agent}, "attrs": attrs, "parents": parents}
+                )
+                request = {
+                    "principal": f"{NAMESPACE}::Agent::{json.dumps(p.agent)}",
+                    "action": f"{NAMESPACE}::Action::{json.dumps(action_id(server, tool))}",
+                    "resource": f"{NAMESPACE}::Server::{json.dumps(server)}",
+                    "context": {
+                        "input": policy_mod.UNKNOWN,
+                        "system": {"now": policy_mod._cedar_datetime(now)},
+                        "issuer": p.issuer,
+                    },
+                }
+                whole = cedarpy.is_authorized_partial(request, policies, json.dumps(entities))
+                want = whole.decision != cedarpy.Decision.Deny
+                assert engine.may_call(p, server, tool, now) is want, (server, tool, p)
+                shown += want
+    assert 0 < shown < len(_principals()) * sum(len(s.tools) for s in bundle.servers.values())
+
+
 def test_server_levels_take_effect_on_the_next_decision(w: World) -> None:
     engine = _engine(w)
     us = Principal("research-bot", frozenset({"research-agent"}), "cloister-dev")
