@@ -19,17 +19,24 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
 import cedarpy
 
-from cloister.enclave.bundle import ACTION_GROUPS, NAMESPACE, PolicyBundle, action_id
+from cloister.enclave.bundle import ACTION_GROUPS, MCP_ACTIONS, NAMESPACE, PolicyBundle, _entity_refs, action_id
 
 _ACTION_TYPE = f"{NAMESPACE}::Action"
+# Actions that are not a tool's: the groups and the other MCP requests' (decision 0018).
+_NON_TOOL_ACTIONS = frozenset(ACTION_GROUPS) | frozenset(MCP_ACTIONS.values())
+# Entity stores kept (`_Stores`): each is one action's entities (about the bundle's roles and
+# servers, plus a few actions) and, for AGENT_STORES, one principal. Bounded: a miss costs about
+# 20 us; memory is about 13 kB per store with 50 roles.
+ACTION_STORES = 4096
+AGENT_STORES = 4096
 
 
 @dataclass(frozen=True)
@@ -120,8 +127,26 @@ def _decimal(value: int | float) -> Any:
 
 
 def _cedar_datetime(now: datetime) -> dict[str, Any]:
-    text = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{now.microsecond // 1000:03d}Z"
-    return {"__extn": {"fn": "datetime", "arg": text}}
+    return {"__extn": {"fn": "datetime", "arg": _datetime_text(now)}}
+
+
+# The last second formatted, (POSIX second, its text): decisions within a second share it. One
+# tuple, replaced whole, so threads read a consistent pair.
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _datetime_text(now: datetime) -> str:
+    """`now` as Cedar's datetime() reads it, to the millisecond, in UTC."""
+    global _last_second
+    second = int(now.timestamp() // 1)
+    cached, text = _last_second
+    if cached != second:
+        text = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (second, text)
+    return f"{text}.{now.microsecond // 1000:03d}Z"
+
+
+_json = json.JSONEncoder(ensure_ascii=True, separators=(", ", ": ")).encode
 
 
 def _error_policy(error: Any) -> str:
@@ -138,6 +163,39 @@ def _error_text(error: Any) -> str:
     if isinstance(error, dict):
         return str(error.get("error", error))
     return str(error)
+
+
+class _Stores:
+    """Entity stores keyed by everything they are made from. A memo only (a miss builds the
+    store again), bounded, least recently used first out; its own lock."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[Hashable, cedarpy.Entities] = OrderedDict()  # guarded by _lock
+
+    def get(self, key: Hashable) -> cedarpy.Entities | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+            return hit
+
+    def put(self, key: Hashable, store: cedarpy.Entities) -> None:
+        with self._lock:
+            self._items[key] = store
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """The entity stores made from one set of server attestation levels: replaced whole when the
+    levels change, so a decision reads one generation and never mixes the old and the new."""
+
+    common: cedarpy.Entities  # every entity but the tool actions
+    actions: _Stores  # per action: common + the tool actions its slice can reach
+    agents: _Stores  # per (action, agent, roles): that store + the principal
 
 
 class PolicyEngine:
@@ -159,62 +217,97 @@ class PolicyEngine:
             else:
                 for t in targets:
                     self._by_action.setdefault(t, {})[pid] = policy
-        self._entity_list: list[dict[str, Any]] = json.loads(bundle.entities_json)
+        # The entities, with the tool actions apart. A request can reach only its principal, its
+        # action, its server, their ancestors and the entities its policies name (attributes are
+        # scalars, context.input holds no entity: decide step 1), so each action's store holds the
+        # other entities and the tool actions its slice can reach, not the bundle's every tool:
+        # adding a principal copies the store, and with thousands of tools that copy took
+        # milliseconds (docs/decisions/0026).
+        self._common: list[dict[str, Any]] = []
+        self._tool_actions: dict[str, dict[str, Any]] = {}
+        for e in json.loads(bundle.entities_json):
+            uid = e["uid"]
+            if uid["type"] == _ACTION_TYPE and uid["id"] not in _NON_TOOL_ACTIONS:
+                self._tool_actions[uid["id"]] = e
+            else:
+                self._common.append(e)
         self._levels: dict[str, str] = {}
-        self._entities = cedarpy.Entities.from_json_str(bundle.entities_json)
-        self._slices: dict[str, cedarpy.PolicySet] = {}
-        # Whether the policies that can apply to an action read `context.system` (the time):
-        # building a Cedar datetime costs about as much as evaluating a small policy set.
-        self._uses_system: dict[str, bool] = {}
-        self._lock = threading.Lock()
-        self._principal_cache = lru_cache(maxsize=4096)(self._principal_entities)
+        self._lock = threading.Lock()  # guards building slices and generations
+        # Per action: its slice of policies, whether they read `context.system` (the time: building
+        # a Cedar datetime costs about as much as evaluating a small policy set), and the entity
+        # JSON of the tool actions the slice can reach. Independent of the servers' levels.
+        self._slices: dict[str, tuple[cedarpy.PolicySet, bool, str]] = {}
+        self._gen = self._generation(self._common)
 
-    def _slice(self, action: str) -> cedarpy.PolicySet:
-        ps = self._slices.get(action)
-        if ps is None:
+    @staticmethod
+    def _generation(common: list[dict[str, Any]]) -> _Generation:
+        common_store = cedarpy.Entities.from_json_str(json.dumps(common))
+        return _Generation(common_store, _Stores(ACTION_STORES), _Stores(AGENT_STORES))
+
+    def _slice(self, action: str) -> tuple[cedarpy.PolicySet, bool, str]:
+        hit = self._slices.get(action)
+        if hit is None:
             with self._lock:
-                ps = self._slices.get(action)
-                if ps is None:
+                hit = self._slices.get(action)
+                if hit is None:
                     policies = {**self._general, **self._by_action.get(action, {})}
-                    est = {"staticPolicies": policies, "templates": {}, "templateLinks": []}
-                    text = json.dumps(est)
-                    ps = cedarpy.PolicySet.from_json_str(text)
-                    self._uses_system[action] = '"attr": "system"' in text or '"attr":"system"' in text
-                    self._slices[action] = ps
-        return ps
+                    text = json.dumps({"staticPolicies": policies, "templates": {}, "templateLinks": []})
+                    uses_system = '"attr": "system"' in text or '"attr":"system"' in text
+                    named = {action} | {
+                        str(u["id"]) for p in policies.values() for u in _entity_refs(p) if u["type"] == _ACTION_TYPE
+                    }
+                    reach = [self._tool_actions[a] for a in sorted(named) if a in self._tool_actions]
+                    hit = (cedarpy.PolicySet.from_json_str(text), uses_system, json.dumps(reach))
+                    self._slices[action] = hit
+        return hit
+
+    def _store(self, p: Principal, action: str) -> cedarpy.Entities:
+        """The entities a decision on `action` by `p` reads: the action's store plus the principal,
+        a member of the roles its token carries, with the agent's attributes from entities.toml."""
+        gen = self._gen  # one generation throughout: a store is never cached under newer levels
+        key = (action, p.agent, p.roles)
+        store = gen.agents.get(key)
+        if store is not None:
+            return store
+        base = gen.actions.get(action)
+        if base is None:
+            base = gen.common.with_added_json_str(self._slice(action)[2])
+            gen.actions.put(action, base)  # a race builds the same store twice
+        spec = self.bundle.agents.get(p.agent)
+        attrs = dict(spec.attrs) if spec else {}
+        attrs.setdefault("region", "")
+        attrs["id"] = p.agent
+        delta = [
+            {
+                "uid": {"type": f"{NAMESPACE}::Agent", "id": p.agent},
+                "attrs": attrs,
+                "parents": [{"type": f"{NAMESPACE}::Role", "id": r} for r in sorted(p.roles)],
+            }
+        ]
+        store = base.with_added_json_str(json.dumps(delta))
+        gen.agents.put(key, store)
+        return store
 
     def set_server_levels(self, levels: dict[str, str]) -> None:
         """Update `resource.attestation` (the identity each server has proven) for later decisions."""
         if levels == self._levels:
             return
-        for e in self._entity_list:
-            uid = e["uid"]
-            if uid["type"] == f"{NAMESPACE}::Server" and uid["id"] in levels:
-                e["attrs"]["attestation"] = levels[uid["id"]]
-        entities = cedarpy.Entities.from_json_str(json.dumps(self._entity_list))
+        common = [
+            {**e, "attrs": {**e["attrs"], "attestation": levels[e["uid"]["id"]]}}
+            if e["uid"]["type"] == f"{NAMESPACE}::Server" and e["uid"]["id"] in levels
+            else e
+            for e in self._common
+        ]
+        gen = self._generation(common)
         # Swap whole objects: a concurrent decision sees either the old or the new entities.
-        self._entities = entities
-        self._principal_cache = lru_cache(maxsize=4096)(self._principal_entities)
+        with self._lock:
+            self._common, self._gen = common, gen
         self._levels = dict(levels)
         if self._shadow is not None:
             self._shadow.set_server_levels(levels)
 
     def slice_size(self, server: str, tool: str, *, action: str | None = None) -> int:
-        return len(self._slice(action or action_id(server, tool)))
-
-    def _principal_entities(self, agent: str, roles: frozenset[str]) -> cedarpy.Entities:
-        spec = self.bundle.agents.get(agent)
-        attrs = dict(spec.attrs) if spec else {}
-        attrs.setdefault("region", "")
-        attrs["id"] = agent
-        delta = [
-            {
-                "uid": {"type": f"{NAMESPACE}::Agent", "id": agent},
-                "attrs": attrs,
-                "parents": [{"type": f"{NAMESPACE}::Role", "id": r} for r in sorted(roles)],
-            }
-        ]
-        return self._entities.with_added_json_str(json.dumps(delta))
+        return len(self._slice(action or action_id(server, tool))[0])
 
     def _request(self, p: Principal, server: str, aid: str) -> dict[str, Any]:
         return {
@@ -222,6 +315,17 @@ class PolicyEngine:
             "action": {"type": _ACTION_TYPE, "id": aid},
             "resource": {"type": f"{NAMESPACE}::Server", "id": server},
         }
+
+    @staticmethod
+    def _context(
+        p: Principal, arguments: Mapping[str, Any], input_schema: Mapping[str, Any] | None, system: bool, now: datetime
+    ) -> str:
+        """The request's context as Cedar JSON, written around the input's (the members a dict
+        would give); `system` (the time) only for slices that read it."""
+        context = f'{{"input":{_json(cedar_value(arguments, input_schema))},"issuer":{_json(p.issuer)}'
+        if system:
+            context += f',"system":{{"now":{_json(_cedar_datetime(now))}}}'
+        return context + "}"
 
     def evaluate(
         self,
@@ -237,16 +341,12 @@ class PolicyEngine:
         """`action`: the Cedar action when it is not the tool's own (resources, prompts, sampling,
         elicitation: `bundle.MCP_ACTIONS`, decision 0018)."""
         aid = action or action_id(server, tool)
+        policies, uses_system, _ = self._slice(aid)
         request = self._request(p, server, aid)
-        context: dict[str, Any] = {"input": cedar_value(arguments, input_schema), "issuer": p.issuer}
-        if self._uses_system.get(aid, True):
-            context["system"] = {"now": _cedar_datetime(now)}
-        request["context"] = json.dumps(context)
+        request["context"] = self._context(p, arguments, input_schema, uses_system, now)
         # The extension's batch entry point with a pre-parsed PolicySet and Entities handle: the
         # public wrapper re-serialises and re-wraps results, which costs more than the evaluation.
-        raw = cedarpy._internal.is_authorized_batch(
-            [request], self._slice(aid), self._principal_cache(p.agent, p.roles)._inner, None, False
-        )
+        raw = cedarpy._internal.is_authorized_batch([request], policies, self._store(p, aid)._inner, None, False)
         result = json.loads(raw[0])
         diagnostics = result.get("diagnostics", {})
         reasons = tuple(sorted(diagnostics.get("reason", [])))
@@ -317,7 +417,7 @@ class PolicyEngine:
                 "issuer": p.issuer,
             },
         }
-        result = cedarpy.is_authorized_partial(request, self._slice(aid), self._principal_cache(p.agent, p.roles))
+        result = cedarpy.is_authorized_partial(request, self._slice(aid)[0], self._store(p, aid))
         return result.decision != cedarpy.Decision.Deny
 
 

@@ -13,14 +13,16 @@ the enclave stops deciding rather than sequence entries that storage cannot keep
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloister.verify.checkpoint import Checkpoint
-from cloister.verify.merkle import CompactRange, leaf_hash
-from cloister.verify.note import Ed25519NoteSigner, sign_note
+from cloister.verify.errors import DecodeError
+from cloister.verify.merkle import HASH_SIZE, MAX_TREE_SIZE, CompactRange, leaf_hash
+from cloister.verify.note import Ed25519NoteSigner
 
 MAX_PENDING_ENTRIES = 100_000
 MAX_PENDING_BYTES = 64 << 20
@@ -35,6 +37,30 @@ class SignedCheckpoint:
     size: int
     root: bytes
     note: bytes
+
+
+class CheckpointText:
+    """A checkpoint's note text for one origin and extension lines: `Checkpoint.to_text`, byte for
+    byte (tests/enclave pin it), with the lines that do not change checked and joined once. Lines
+    a checkpoint cannot carry fail every signature, as Checkpoint would (the error is kept)."""
+
+    __slots__ = ("_error", "_head", "_tail")
+
+    def __init__(self, origin: str, extensions: tuple[str, ...]) -> None:
+        self._error: DecodeError | None = None
+        try:  # the checks Checkpoint makes of these lines, once (a size and a root pass them)
+            Checkpoint(origin=origin, size=0, root_hash=bytes(HASH_SIZE), extensions=extensions)
+        except DecodeError as exc:
+            self._error = exc
+        self._head = f"{origin}\n".encode()
+        self._tail = "".join(f"{line}\n" for line in extensions).encode()
+
+    def of(self, size: int, root: bytes) -> bytes:
+        if self._error is not None:
+            raise self._error
+        if not 0 <= size < MAX_TREE_SIZE or len(root) != HASH_SIZE:
+            raise DecodeError(f"no checkpoint has size {size} and a {len(root)}-byte root")
+        return b"".join((self._head, b"%d\n" % size, base64.b64encode(root), b"\n", self._tail))
 
 
 class Sequencer:
@@ -64,11 +90,12 @@ class Sequencer:
         self._cp_cond = threading.Condition()
         self._signing = False
         self._latest: SignedCheckpoint | None = None
-        self._extensions: tuple[str, ...] = ()
+        self._text = CheckpointText(origin, ())  # replaced whole under `lock`
 
     def set_extensions(self, extensions: tuple[str, ...]) -> None:
-        """Extension lines for the checkpoints that follow (the caller holds `lock`)."""
-        self._extensions = extensions
+        """Extension lines for the checkpoints that follow (the caller holds `lock`). Lines a
+        checkpoint cannot carry make every later signature fail (DecodeError), until replaced."""
+        self._text = CheckpointText(self.origin, extensions)
 
     @property
     def size(self) -> int:
@@ -126,9 +153,10 @@ class Sequencer:
         signed: SignedCheckpoint | None = None
         try:
             with self.lock:
-                tree_size, root, extensions = self._tree.size, self._tree.root(), self._extensions
-            text = Checkpoint(origin=self.origin, size=tree_size, root_hash=root, extensions=extensions).to_text()
-            signed = SignedCheckpoint(size=tree_size, root=root, note=sign_note(text, [self._signer]))
+                tree_size, root, text = self._tree.size, self._tree.root(), self._text
+            signed = SignedCheckpoint(
+                size=tree_size, root=root, note=self._signer.sign_note_alone(text.of(tree_size, root))
+            )
             if self._on_signed is not None:
                 self._on_signed(signed)
         finally:
