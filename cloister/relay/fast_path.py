@@ -495,8 +495,7 @@ class FastPath:
         except (KeyError, UnicodeDecodeError):
             return None
         transport = live_sdk_session(manager, sid, scope)
-        if transport is None:
-            self.sessions.pop(sid, None)
+        if transport is None:  # (its note stays: the registry is bounded, and the SDK judges)
             return None
         version = self.sessions.get(sid) or await self._noted(sid)
         if version is None or (header_version is not None and header_version != version):
