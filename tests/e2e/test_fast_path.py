@@ -5,15 +5,20 @@ a malformed or unusual request) reaches the SDK and gets the SDK's answer."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx2
 import orjson
+import pytest
 
 from cloister.verify.entries import DecisionEntry
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
 from tests.e2e.test_cancellation import logged
+from tests.e2e.test_clients import INSPECTOR, MCP_REMOTE, NODE_MODULES, guide_block, needs_node, run
 from tests.e2e.test_relay import client
 
 
@@ -174,3 +179,28 @@ def test_a_cancelled_fast_path_call_gets_its_outcome(stack: Stack) -> None:
     assert after["cancelled"] - before["cancelled"] == 1
     sleeps = [e for e in logged(stack) if getattr(e, "decision_index", None) is not None]
     assert sleeps[-1].error == "cancelled by the client"
+
+
+@needs_node
+def test_the_typescript_sdk_s_calls_take_the_fast_path(stack: Stack, tmp_path: Path) -> None:
+    """The client guide's TypeScript agent (a 2025-era session) against this relay."""
+    (tmp_path / "node_modules").symlink_to(NODE_MODULES.resolve())
+    (tmp_path / "agent.mjs").write_text(guide_block("typescript-sdk"))
+    before = stats(stack)
+    env = {**os.environ, "CLOISTER_URL": stack.mcp_url, "CLOISTER_TOKEN": stack.token()}
+    out = run(["node", "agent.mjs"], env, cwd=tmp_path)
+    assert "result: hello from typescript" in out, out
+    assert stats(stack)["calls"] - before["calls"] == 1
+
+
+@needs_node
+@pytest.mark.skipif(not MCP_REMOTE.exists(), reason="needs mcp-remote in tests/node")
+def test_the_inspector_through_mcp_remote_takes_the_fast_path(stack: Stack, tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path)}
+    header = f"Authorization:Bearer {stack.token()}"
+    cli = INSPECTOR / "cli" / "build" / "cli.js"
+    args = ["node", str(cli), "--cli", "node", str(MCP_REMOTE), stack.mcp_url, "--header", header]
+    before = stats(stack)
+    out = run([*args, "--method", "tools/call", "--tool-name", "slow___echo", "--tool-arg", "text=inspected"], env)
+    assert json.loads(out)["content"][0]["text"] == "inspected", out
+    assert stats(stack)["calls"] - before["calls"] == 1
