@@ -73,6 +73,8 @@ _LONG_DIGITS: Final = re.compile(rb"[0-9]{19}")  # orjson reads integers beyond 
 # a 2026-07-28 log opt-in.
 _SDK_META: Final = frozenset({"progressToken", "traceparent", "tracestate", "baggage", LOG_LEVEL_META_KEY})
 _ROUTING: Final = frozenset({b"mcp-protocol-version", b"mcp-method", b"mcp-name"})
+_MEMO_SIZE: Final = 256
+_MEDIA: dict[tuple[bytes, bytes, bool], bool] = {}
 KEEP_ALIVE_S: Final = 15.0  # the SDK's SSE keep-alive interval
 _REQUEST_KEYS: Final = frozenset({"jsonrpc", "id", "method", "params"})
 _CALL_KEYS: Final = frozenset({"name", "arguments", "_meta"})
@@ -170,18 +172,26 @@ def _scan(scope: Scope) -> dict[bytes, bytes] | None:
     return head
 
 
+def _media_ok(content_type: bytes, accept: bytes, json_mode: bool) -> bool:
+    """Content-Type and Accept as the SDK's transports judge them (memoized: clients send the same
+    few values on every request; the table is bounded)."""
+    key = (content_type, accept, json_mode)
+    ok = _MEDIA.get(key)
+    if ok is None:
+        has_json, has_sse = accepts(accept.decode("latin-1"))
+        ok = json_content_type(content_type.decode("latin-1")) and has_json and (has_sse or json_mode)
+        if len(_MEDIA) >= _MEMO_SIZE:
+            _MEDIA.clear()
+        _MEDIA[key] = ok
+    return ok
+
+
 def _transport_accepts(head: dict[bytes, bytes], manager: StreamableHTTPSessionManager) -> bool:
     """The SDK transport's header checks, passed (Content-Type, Accept, body size), in a mode the
     fast path serves (stateful, no event store: no resumable streams to keep)."""
-    try:
-        content_type = head.get(b"content-type", b"").decode("latin-1")
-        accept = head.get(b"accept", b"").decode("latin-1")
-    except UnicodeDecodeError:
+    if b"transfer-encoding" in head or b"last-event-id" in head:
         return False
-    if b"transfer-encoding" in head or b"last-event-id" in head or not json_content_type(content_type):
-        return False
-    has_json, has_sse = accepts(accept)
-    if not has_json or not (has_sse or manager.json_response):
+    if not _media_ok(head.get(b"content-type", b""), head.get(b"accept", b""), manager.json_response):
         return False
     if manager.stateless or manager.event_store is not None:
         return False
@@ -390,6 +400,7 @@ class FastPath:
         self.waiting: dict[tuple[str, str], MemoryObjectSendStream[dict[str, Any]]] = {}
         self.answer_ids = 0
         self._security: TransportSecurityMiddleware | None = None
+        self._hosts: dict[tuple[bytes | None, bytes | None, bytes | None], bool] = {}
         self._waited: OrderedDict[str, None] = OrderedDict()  # sessions a request waited for (once each)
         self._noting: dict[str, anyio.Event] = {}
         server.middleware.append(self.watch)
@@ -425,14 +436,24 @@ class FastPath:
             # The relay's record of the agent session (list_changed, logs), with a context of the SDK's.
             self.handlers.agents.seen(ctx, _bearer(cast(Request, request).headers.get("authorization", "")))
 
-    async def _host_allowed(self, scope: Scope, manager: StreamableHTTPSessionManager) -> bool:
-        """The SDK's own DNS-rebinding check (Host, Origin), as its transports run it."""
+    async def _host_allowed(
+        self, scope: Scope, head: dict[bytes, bytes], manager: StreamableHTTPSessionManager
+    ) -> bool:
+        """The SDK's own DNS-rebinding check (Host, Origin), as its transports run it (memoized
+        per Host, Origin and Content-Type: a pure function of them and the fixed settings)."""
         settings = manager.security_settings
         if settings is None or not settings.enable_dns_rebinding_protection:
             return True
-        security = self._security or TransportSecurityMiddleware(settings)
-        self._security = security
-        return await security.validate_request(Request(scope), is_post=True) is None
+        key = (head.get(b"host"), head.get(b"origin"), head.get(b"content-type"))
+        ok = self._hosts.get(key)
+        if ok is None:
+            security = self._security or TransportSecurityMiddleware(settings)
+            self._security = security
+            ok = await security.validate_request(Request(scope), is_post=True) is None
+            if len(self._hosts) >= _MEMO_SIZE:
+                self._hosts.clear()
+            self._hosts[key] = ok
+        return ok
 
     async def _noted(self, session_id: str) -> str | None:
         """The version of a live session not noted yet, once it is: a client sends
@@ -479,7 +500,7 @@ class FastPath:
         except UnicodeDecodeError:
             return None
         manager = self.server.session_manager
-        if not _transport_accepts(head, manager) or not await self._host_allowed(scope, manager):
+        if not _transport_accepts(head, manager) or not await self._host_allowed(scope, head, manager):
             return None
         token = _bearer(authorization)
         if header_version in MODERN_PROTOCOL_VERSIONS:
