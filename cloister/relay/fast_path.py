@@ -394,7 +394,7 @@ class FastPath:
         self.server = server
         self.handlers = handlers
         self.stats = Stats()
-        # Sessions the SDK established: id -> the protocol version it negotiated (SessionWatch).
+        # Sessions the SDK established: id -> the protocol version it negotiated (noted by `watch`).
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.in_flight: dict[tuple[str, Any], anyio.CancelScope] = {}
         self.waiting: dict[tuple[str, str], MemoryObjectSendStream[dict[str, Any]]] = {}
