@@ -491,6 +491,10 @@ class FastPath:
             await self.app(scope, _replay(post.consumed, receive), send)
 
     async def _judge_headers(self, scope: Scope) -> _Post | None:
+        if self.handlers.calls.observer.tracing is not None:
+            # Tracing on (decision 0020): the call's spans hang under the SDK's own request span
+            # (its OpenTelemetry middleware), which only its stack makes.
+            return None
         head = _scan(scope)
         if head is None:
             return None
