@@ -21,10 +21,8 @@ def register(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     import os
 
-    import anyio
-
     from cloister.relay.config import load_relay_config
-    from cloister.relay.relay import serve
+    from cloister.relay.relay import run
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -46,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     failures: list[BaseException] = []
     try:
-        anyio.run(serve, config)
+        run(config)  # on uvloop where installed (decision 0023)
     except* CloisterError as group:
         failures.extend(group.exceptions)
     except* KeyboardInterrupt:

@@ -43,7 +43,7 @@ from cloister.relay.codes import (
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.observe import CallObserver
 from cloister.relay.state import RelayState
-from cloister.relay.upstreams import UpstreamError, Upstreams
+from cloister.relay.upstreams import Upstream, UpstreamError, Upstreams
 from cloister.verify.errors import DecodeError
 from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY, GrantError, read_grant
 from cloister.verify.key_evidence import DECISION_EVIDENCE_META_KEY, KEY_EVIDENCE_META_KEY
@@ -136,22 +136,23 @@ def _wants_errors(meta: Any) -> bool:
     return isinstance(meta, dict) and meta.get(DENIALS_META_KEY) == "error"
 
 
-def denial_result(verdict: pb.AuthorizeResponse) -> types.CallToolResult:
+def denial_result(verdict: pb.AuthorizeResponse) -> dict[str, Any]:
     """A tools/call denial as a tool execution error (isError): the model reads why; a program
-    reads `_meta["dev.cloister/denial"]`, the same data (and JSON-RPC code) the error would carry."""
+    reads `_meta["dev.cloister/denial"]`, the same data (and JSON-RPC code) the error would carry.
+    The result object as JSON (the shape `types.CallToolResult` dumps to)."""
     error = _denied(verdict)
     text = (
         f"{error.message} (Cloister, the gateway that governs this tool, refused the call; nothing was "
         f"sent to the tool. Decision logged at index {verdict.log_index}.)"
     )
-    return types.CallToolResult(
-        content=[types.TextContent(type="text", text=text)],
-        is_error=True,
-        _meta={
+    return {
+        "_meta": {
             DENIAL_META_KEY: {**(error.data if isinstance(error.data, dict) else {}), "error_code": error.code},
             LOG_META_KEY: {"decision": verdict.log_index},
         },
-    )
+        "content": [{"type": "text", "text": text}],
+        "isError": True,
+    }
 
 
 class CallPath:
@@ -188,10 +189,24 @@ class CallPath:
     async def call(
         self, token: str, params: types.CallToolRequestParams, progress: ProgressFnT | None = None
     ) -> types.CallToolResult:
-        """One governed `tools/call` for the agent whose bearer token is `token`; `progress`
-        receives the upstream's progress notifications for it."""
-        server, tool = split_tool_name(params.name)
-        arguments = dict(params.arguments or {})
+        """`call_json` with the SDK's types on both sides (for in-process callers)."""
+        result = await self.call_json(token, params.name, params.arguments, params.meta, progress)
+        return types.CallToolResult.model_validate(result, by_name=False)
+
+    async def call_json(
+        self,
+        token: str,
+        name: str,
+        arguments: dict[str, Any] | None,
+        meta: Any,
+        progress: ProgressFnT | None = None,
+    ) -> dict[str, Any]:
+        """One governed `tools/call` for the agent whose bearer token is `token`, on plain JSON:
+        `name`, `arguments` and `meta` (the request's `_meta`) as the agent sent them, the result
+        object as the agent gets it (the SDK's handler and the fast path both call this; decision
+        0023). `progress` receives the upstream's progress notifications for it."""
+        server, tool = split_tool_name(name)
+        arguments = dict(arguments or {})
         args_json = _compact_json(arguments)
         if len(args_json) > self.state.config.max_argument_bytes:
             raise MCPError(
@@ -200,7 +215,7 @@ class CallPath:
                 f"{self.state.config.max_argument_bytes} (nothing was forwarded)",
                 data={SOURCE: FROM_CLOISTER},
             )
-        payment = (params.meta or {}).get(X402_META_KEY)
+        payment = (meta or {}).get(X402_META_KEY)
         try:
             payment_json = x402_payload(payment) if payment is not None else b""
         except ValueError as exc:
@@ -217,7 +232,7 @@ class CallPath:
         if verdict.decision != pb.ALLOW:
             await self._keep_denied_arguments(verdict, args_json)
             self.observer.denied(server, tool, verdict, marks, args_json)
-            if self.denials == "result" and verdict.denial in MODEL_DENIALS and not _wants_errors(params.meta):
+            if self.denials == "result" and verdict.denial in MODEL_DENIALS and not _wants_errors(meta):
                 return denial_result(verdict)
             raise _denied(verdict)
         # Bodies join the next group commit; the outcome's persist waits for them to be durable.
@@ -233,7 +248,7 @@ class CallPath:
             self._in_flight -= 1
             if not self._in_flight and self._idle is not None:
                 self._idle.set()
-        self.observer.completed(server, tool, verdict, marks, args_json, outcome, result, failure)
+        self.observer.completed(server, tool, verdict, marks, args_json, outcome, _Flagged(result), failure)
         if log.isEnabledFor(logging.DEBUG):
             phases = ("authorize", "persist", "upstream", "outcome", "persist")
             log.debug(
@@ -329,7 +344,7 @@ class CallPath:
         duration_us = int((time.monotonic() - started) * 1_000_000)
         with anyio.CancelScope(shield=True), anyio.move_on_after(OUTCOME_RECORD_TIMEOUT_S) as deadline:
             outcome = await self._record_outcome(
-                verdict.log_index, result, str(failure) if failure else "", duration_us, ""
+                verdict.log_index, _dumped(result), str(failure) if failure else "", duration_us, ""
             )
             await self._persist_or_fail(outcome.log)
         if deadline.cancelled_caught:
@@ -389,7 +404,7 @@ class CallPath:
         payment: Any,
         marks: list[float],
         progress: ProgressFnT | None = None,
-    ) -> tuple[types.CallToolResult | None, UpstreamError | None, pb.OutcomeResponse]:
+    ) -> tuple[dict[str, Any] | None, UpstreamError | None, pb.OutcomeResponse]:
         started = time.monotonic()
         try:
             result, failure, error = await self._forward(server, tool, arguments, verdict.grant, payment, progress)
@@ -466,7 +481,7 @@ class CallPath:
         grant: bytes,
         payment: Any,
         progress: ProgressFnT | None = None,
-    ) -> tuple[types.CallToolResult | None, UpstreamError | None, str]:
+    ) -> tuple[dict[str, Any] | None, UpstreamError | None, str]:
         """The upstream's result, or its failure and the outcome's error text for it."""
         upstream = self.upstreams.by_name.get(server)
         if upstream is None:
@@ -493,12 +508,7 @@ class CallPath:
             self._forwarding.add(stop)
             try:
                 with anyio.move_on_after(timeout_s + UPSTREAM_DEADLINE_MARGIN_S):
-                    sent = (
-                        upstream.call(tool, arguments, meta, progress)
-                        if progress
-                        else upstream.call(tool, arguments, meta)
-                    )
-                    return await sent, None, ""
+                    return await forward_call(upstream, tool, arguments, meta, progress), None, ""
             except UpstreamError as exc:
                 if exc.kind == "timeout":
                     return None, exc, f"upstream timed out after {timeout_s:g}s: {exc}"
@@ -526,7 +536,7 @@ class CallPath:
     async def _record_outcome(
         self,
         decision_index: int,
-        result: BaseModel | None,
+        result_value: dict[str, Any] | None,
         error: str,
         duration_us: int,
         paid: str,
@@ -534,8 +544,7 @@ class CallPath:
         result_body = b""
         result_hash = b""
         signature = b""
-        if result is not None:
-            result_value = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if result_value is not None:
             signature = _response_signature(result_value)
             # The hash the upstream signed (decision 0017); the body stored is what it covers.
             result_hash = result_sha256(result_value)
@@ -574,6 +583,32 @@ class CallPath:
             ) from exc
 
 
+async def forward_call(
+    upstream: Upstream, tool: str, arguments: dict[str, Any], meta: dict[str, Any], progress: ProgressFnT | None
+) -> dict[str, Any]:
+    """The one forward of a tools/call: the upstream's result object as JSON, exactly as the
+    outcome's hash covers it (`result_sha256`, decision 0017); UpstreamError when it fails."""
+    if progress is None:
+        # The lean call (decision 0024): the result exactly as the upstream sent (and signed) it.
+        return await upstream.call_json(tool, arguments, meta)
+    # Progress flows through the SDK session's handlers: the SDK call, dumped as it was sent.
+    result = await upstream.call(tool, arguments, meta, progress)
+    return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _dumped(result: BaseModel | None) -> dict[str, Any] | None:
+    return None if result is None else result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class _Flagged:
+    """What the observer reads of a tools/call result (`is_error`), for a result held as JSON."""
+
+    __slots__ = ("is_error",)
+
+    def __init__(self, result: dict[str, Any] | None) -> None:
+        self.is_error = bool(result.get("isError")) if result is not None else False
+
+
 def _response_signature(result_value: dict[str, Any]) -> bytes:
     """The upstream's response signature, as the enclave should judge it: the 64 bytes when
     well-formed; a malformed value goes as its text (bounded), which the enclave records as an
@@ -586,15 +621,15 @@ def _response_signature(result_value: dict[str, Any]) -> bytes:
 
 
 def _answer(
-    result: types.CallToolResult | None, failure: UpstreamError | None, log_meta: dict[str, int], server: str
-) -> types.CallToolResult:
+    result: dict[str, Any] | None, failure: UpstreamError | None, log_meta: dict[str, int], server: str
+) -> dict[str, Any]:
     """The agent's answer: the upstream's result or error, with the log indexes of the call's entries."""
     if failure is not None:
         _raise_failure(failure, log_meta, server)
     assert result is not None
     # The upstream's serverInfo stamp describes the upstream, not this server, and Cloister's own
     # meta keys (dev.cloister/...) are only Cloister's to set: drop both.
-    return result.model_copy(update={"meta": stamped_meta(result.meta, log_meta)})
+    return {**result, "_meta": stamped_meta(result.get("_meta"), log_meta)}
 
 
 def stamped_meta(meta: Any, log_meta: dict[str, int]) -> dict[str, Any]:

@@ -101,7 +101,8 @@ class McpHandlers:
             # whole tools/list handler, i.e. an enclave round trip per call.
             get_tool_input_schema=self.input_schema,
             on_list_tools=self.list_tools,
-            on_call_tool=self.call_tool,
+            # A result dict is the runner's as is (mcp.server.runner._dump_result): no model round trip.
+            on_call_tool=cast(Any, self.call_tool),
             on_list_resources=self.list_resources,
             on_list_resource_templates=self.list_resource_templates,
             on_read_resource=self.read_resource,
@@ -120,12 +121,27 @@ class McpHandlers:
 
     async def call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
-    ) -> types.CallToolResult:
+    ) -> dict[str, Any]:
         session = self._session(ctx)
-        server, _ = split_tool_name(params.name)
-        with self.agents.flight(server, session, ctx):
-            result = await self.calls.call(session.token, params, _progress_to(ctx, params.meta))
-        return result.model_copy(update={"content": [_relay_links(server, c) for c in result.content]})
+        with self.agents.flight(split_tool_name(params.name)[0], session, ctx):
+            return await self.call_json(
+                session.token, params.name, params.arguments, params.meta, _progress_to(ctx, params.meta)
+            )
+
+    async def call_json(
+        self, token: str, name: str, arguments: dict[str, Any] | None, meta: Any, progress: ProgressFnT | None = None
+    ) -> dict[str, Any]:
+        """A tools/call's result object as the agent gets it, for the SDK's handler and the fast
+        path alike (decision 0023): the call path's answer with upstream resource links renamed."""
+        result = await self.calls.call_json(token, name, arguments, meta, progress)
+        if "resultType" not in result:
+            # What CallToolResult's default gave: the 2026-07-28 surface requires it, older ones drop it.
+            result = {**result, "resultType": "complete"}
+        content = result.get("content")
+        if isinstance(content, list) and any(isinstance(c, dict) and c.get("type") in _LINKS for c in content):
+            server, _ = split_tool_name(name)
+            result = {**result, "content": [relay_links_json(server, c) for c in content]}
+        return result
 
     def input_schema(self, name: str) -> dict[str, Any] | None:
         server, tool = split_tool_name(name)
@@ -542,6 +558,21 @@ def _relay_links(server: str, content: _C) -> _C:
     if isinstance(content, types.EmbeddedResource):
         inner = content.resource.model_copy(update={"uri": relay_uri(server, str(content.resource.uri))})
         return content.model_copy(update={"resource": inner})
+    return content
+
+
+_LINKS = frozenset({"resource_link", "resource"})
+
+
+def relay_links_json(server: str, content: Any) -> Any:
+    """`_relay_links` for a content item held as JSON."""
+    if not isinstance(content, dict) or content.get("type") not in _LINKS:
+        return content
+    if content["type"] == "resource_link" and isinstance(content.get("uri"), str):
+        return {**content, "uri": relay_uri(server, content["uri"])}
+    inner = content.get("resource")
+    if content["type"] == "resource" and isinstance(inner, dict) and isinstance(inner.get("uri"), str):
+        return {**content, "resource": {**inner, "uri": relay_uri(server, inner["uri"])}}
     return content
 
 

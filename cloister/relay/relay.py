@@ -28,18 +28,23 @@ This module wires the relay's roles together, each in its own module:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from cloister.relay.admin import Admin
+from cloister.relay.auth import ADMIN, refuse_unless
 from cloister.relay.call_path import CallPath
 from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient
+from cloister.relay.fast_path import FastPath
 from cloister.relay.identity import UpstreamIdentity
 from cloister.relay.lifecycle import Lifecycle, bundle_store, newest_bundle
 from cloister.relay.log_api import LogApi
@@ -91,6 +96,7 @@ class Relay:
         self.observability = Observability(self.state, self.upstreams, self.witnessing)
         self.calls.observer = self.observability.observer
         self.log_api.shutting_down = lambda: self.calls.shutting_down()
+        self.fast_path: FastPath | None = None
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         await self.lifecycle.start(tg)
@@ -101,11 +107,22 @@ class Relay:
             *self.log_api.routes(),
             *self.admin.routes(),
             *metadata_routes(self.oauth),
+            Route("/admin/fast-path", self.fast_path_stats),
         ]
 
     def asgi_app(self) -> ASGIApp:
         app = self.mcp.streamable_http_app(host=self.config.host, custom_starlette_routes=self.routes())
-        return TokenGate(app, self.oauth, self.token_check)
+        # The hot tools/call skips the SDK's server stack (decision 0023); TokenGate stays in front.
+        self.fast_path = FastPath(app, self.mcp, self.mcp_handlers)
+        return TokenGate(self.fast_path, self.oauth, self.token_check)
+
+    async def fast_path_stats(self, request: Request) -> Response:
+        """How many requests the fast path answered and left to the SDK (admin only, a debug stat)."""
+        refused = refuse_unless(request, ADMIN, self.config.admin_token, "the fast path's stats")
+        if refused is not None:
+            return refused
+        stats = self.fast_path.stats.as_dict() if self.fast_path is not None else {}
+        return JSONResponse(stats, headers={"Cache-Control": "no-store"})
 
     async def close(self) -> None:
         # Calls in flight get their outcome ("relay shutting down") before storage and the enclave close.
@@ -138,14 +155,28 @@ class RequireBearer(TokenGate):
         super().__init__(app, lambda: (meta, False), None)
 
 
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def run(config: RelayConfig) -> None:
+    """`serve` on uvloop's event loop where it is installed (asyncio's otherwise)."""
+    anyio.run(serve, config, backend_options={"use_uvloop": _available("uvloop")})
+
+
 async def serve(config: RelayConfig, *, ready: Callable[[Relay], Coroutine[Any, Any, None]] | None = None) -> None:
     import uvicorn
 
     relay = Relay(config)
     async with anyio.create_task_group() as tg:
         await relay.start(tg)
+        # httptools parses HTTP/1.1 in C; h11 (pure Python) where it is not installed. The event
+        # loop is the caller's (`run` picks uvloop); uvicorn's `loop` only applies to uvicorn.run.
+        http = "httptools" if _available("httptools") else "h11"
         server = uvicorn.Server(
-            uvicorn.Config(relay.asgi_app(), host=config.host, port=config.port, log_level="warning", lifespan="on")
+            uvicorn.Config(
+                relay.asgi_app(), host=config.host, port=config.port, log_level="warning", lifespan="on", http=http
+            )
         )
         relay.calls.shutting_down = lambda: server.should_exit
         log.info("relay serving MCP at http://%s:%d/mcp", config.host, config.port)
