@@ -22,6 +22,7 @@ import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from cloister.dev.mcp_http import mcp_http_client
 from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
@@ -58,6 +59,7 @@ def _bundle(dst: Path) -> Path:
         + '\n[agents.private-bot]\nroles = ["tester", "private"]\nregion = "eu"\n'
         + f'\n[servers.everything]\nregion = "eu"\ntools = {json.dumps([*TOOLS, "get-roots-list"])}\n'
         + f'\n[servers.nosy]\nregion = "eu"\ntools = {json.dumps(NOSY_TOOLS)}\n'
+        + '\n[servers.modern]\nregion = "eu"\ntools = ["peek"]\n'
     )
     (dst / "policies" / "roots.cedar").write_text(POLICY)
     return dst
@@ -87,6 +89,12 @@ name = "nosy"
 command = ["node", "{HERE / "roots_server.mjs"}"]
 env = {{ ROOTS_FILE = "{tmp / "roots.jsonl"}" }}
 timeout_s = 20
+
+[[upstreams]]
+name = "modern"
+command = [{json.dumps(sys.executable)}, "{HERE / "roots_modern_server.py"}"]
+env = {{ ROOTS_FILE = "{tmp / "roots.jsonl"}" }}
+timeout_s = 20
 """,
     )
     relay = start_relay(config, tmp / "relay.log")
@@ -96,8 +104,8 @@ timeout_s = 20
         wait_for(lambda: relay.poll() is not None or s.health().get("ready") is True, 60, "the relay to be ready")
         if relay.poll() is not None:
             raise RuntimeError((tmp / "relay.log").read_text()[-3000:])
-        for name in ("everything", "nosy"):
-            wait_for(lambda n=name: s.health()["upstreams"].get(n, {}).get("state") == "up", 60, name)  # type: ignore[misc]
+        for name in ("everything", "nosy", "modern"):
+            wait_for(lambda n=name: s.health()["upstreams"].get(n, {}).get("state") == "up", 60, name)
         yield s
     finally:
         stop(relay)
@@ -114,12 +122,16 @@ class Agent:
 
     async def roots(self, context: Any) -> types.ListRootsResult:
         self.asked += 1
-        return types.ListRootsResult(roots=[types.Root(uri=u, name=u.rsplit("/", 1)[-1]) for u in self.uris])
+        return self.result()
+
+    def result(self) -> types.ListRootsResult:
+        return types.ListRootsResult.model_validate(
+            {"roots": [{"uri": u, "name": u.rsplit("/", 1)[-1]} for u in self.uris]}
+        )
 
     def answer(self) -> dict[str, Any]:
-        return types.ListRootsResult(
-            roots=[types.Root(uri=u, name=u.rsplit("/", 1)[-1]) for u in self.uris]
-        ).model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The answer as the relay hashes it."""
+        return self.result().model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def client(stack: Stack, token: str, agent: Agent | None, mode: str = "legacy") -> Client:
@@ -218,6 +230,29 @@ def test_a_hostile_upstream_never_gets_another_agents_roots(stack: Stack) -> Non
         assert a.asked == 1 and b.asked == 0
         everything_seen = json.dumps(learned(stack))
         assert "bob" not in everything_seen
+
+    anyio.run(go)
+
+
+def test_a_2026_upstream_gets_the_callers_roots_in_an_input_round(stack: Stack) -> None:
+    """A Python SDK upstream on 2026-07-28 asks inside its tools/call result (input_required): the
+    relay answers the round through the same decision, for the same one agent, or refuses it."""
+
+    async def go() -> None:
+        a = Agent("file:///home/alice")
+        async with client(stack, stack.token(), a) as c:
+            result = await c.call_tool("modern___peek", {})
+            assert not result.is_error and json.loads(text(result)) == ["file:///home/alice"], result
+            assert a.asked == 1
+            decisions = [e for e in between(stack, result) if isinstance(e, DecisionEntry)]
+            assert [(e.tool, e.decision, e.agent) for e in decisions] == [("roots/list:", "allow", "test-bot")]
+        private = Agent("file:///home/private")
+        async with client(stack, stack.token("private-bot", ["tester", "private"]), private) as c:
+            # The SDK's input-round driver fails the call on a refused round: an upstream failure.
+            with pytest.raises(MCPError) as denied:
+                await c.call_tool("modern___peek", {})
+        assert private.asked == 0 and "forbidden by policy private-roots" in denied.value.error.message
+        assert not [e for e in learned(stack) if e.get("when") == "modern" and "file:///home/private" in e["roots"]]
 
     anyio.run(go)
 
