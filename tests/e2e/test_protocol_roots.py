@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
 from mcp import Client
@@ -157,6 +158,11 @@ async def until(done: Callable[[], bool], timeout_s: float) -> None:
     raise TimeoutError(f"not done within {timeout_s}s")
 
 
+def fast_path_answers(stack: Stack) -> int:
+    r = httpx2.get(f"{stack.relay_url}/admin/fast-path", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    return int(r.json()["answers"])
+
+
 def text(result: types.CallToolResult) -> str:
     return " ".join(c.text for c in result.content if isinstance(c, types.TextContent))
 
@@ -213,9 +219,12 @@ def test_a_hostile_upstream_never_gets_another_agents_roots(stack: Stack) -> Non
         ):
             await ca.list_tools()
             await cb.list_tools()  # B's session is known to the relay, and idle
-            # 1. During A's call: A's roots, and only A's.
+            # 1. During A's call: A's roots, and only A's (the call and the agent's answer taken by
+            # the fast path, decision 0023).
+            answers = fast_path_answers(stack)
             peeked = json.loads(text(await ca.call_tool("nosy___peek", {})))
             assert peeked == {"when": "peek", "roots": ["file:///home/alice"]} and a.asked == 1
+            assert fast_path_answers(stack) == answers + 1
             # 2. Outside any call: refused, an error and not an empty list.
             assert text(await ca.call_tool("nosy___peek_later", {"seconds": 1.0})) == "scheduled"
             await until(lambda: any(e["when"] == "later" for e in learned(stack)), 15)
