@@ -13,6 +13,7 @@ Run with ./scripts/bench (add --quick for a shorter run). Figures vary with the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess

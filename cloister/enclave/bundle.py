@@ -40,7 +40,7 @@ ACTION_GROUPS = ("CallTool", "Mcp")
 
 
 class ActionKind(StrEnum):
-    """What an agent (or an upstream, for sampling and elicitation) asks for: the MCP method.
+    """What an agent (or an upstream, for sampling, elicitation and roots) asks for: the MCP method.
 
     Tools keep one Cedar action per tool (decision 0005). The other kinds name no item the bundle
     declares (a resource URI, a prompt name, a sampling request), so each is one Cedar action,
@@ -52,6 +52,7 @@ class ActionKind(StrEnum):
     PROMPT = "prompts/get"
     SAMPLING = "sampling/createMessage"
     ELICITATION = "elicitation/create"
+    ROOTS = "roots/list"  # decision 0027
 
 
 # The Cedar action of each non-tool kind, a child of Action::"Mcp".
@@ -60,6 +61,7 @@ MCP_ACTIONS: dict[ActionKind, str] = {
     ActionKind.PROMPT: "GetPrompt",
     ActionKind.SAMPLING: "CreateMessage",
     ActionKind.ELICITATION: "Elicit",
+    ActionKind.ROOTS: "ListRoots",
 }
 
 
@@ -72,7 +74,8 @@ MCP_INPUT_SCHEMAS: dict[ActionKind, dict[str, Any]] = {
 
 def entry_name(kind: ActionKind, name: str) -> str:
     """The `tool` a decision entry (and a grant) records: the tool's name for a tool, else
-    "<method>:<name>" (`resources/read:<uri>`, `prompts/get:<prompt>`, `sampling/createMessage:`).
+    "<method>:<name>" (`resources/read:<uri>`, `prompts/get:<prompt>`, `sampling/createMessage:`,
+    `roots/list:`).
     A bundle's tool names cannot contain ':', so no other kind can pass for a tool call."""
     return name if kind is ActionKind.TOOL else f"{kind.value}:{name}"
 

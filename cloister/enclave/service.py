@@ -70,6 +70,7 @@ KINDS: Final[Mapping[int, ActionKind]] = {
     pb.ACTION_KIND_PROMPT: ActionKind.PROMPT,
     pb.ACTION_KIND_SAMPLING: ActionKind.SAMPLING,
     pb.ACTION_KIND_ELICITATION: ActionKind.ELICITATION,
+    pb.ACTION_KIND_ROOTS: ActionKind.ROOTS,
 }
 
 

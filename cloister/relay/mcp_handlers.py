@@ -5,9 +5,10 @@ Beyond tools (decision 0018): the upstreams' resources, resource templates and p
 under server-prefixed names and filtered like tools, read and got under the enclave's decision
 and logged like tool calls (`CallPath.governed`); completions for what the agent may see;
 progress and cancellation of calls; upstream log messages, and `logging/setLevel`; upstream
-sampling and elicitation requests, decided as the agent's and logged, then sent to it; and
-`notifications/*/list_changed` to every agent session when what it may see may have changed (an
-upstream's lists, its proven identity or its connection; the policy in force)."""
+sampling, elicitation and roots requests, decided as the agent's and logged, then sent to it
+(roots: decision 0027), and an agent's `notifications/roots/list_changed` to the upstreams it
+uses; and `notifications/*/list_changed` to every agent session when what it may see may have
+changed (an upstream's lists, its proven identity or its connection; the policy in force)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from mcp.server.models import InitializationOptions
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
-from mcp_types.jsonrpc import INVALID_REQUEST
+from mcp_types.jsonrpc import INVALID_REQUEST, METHOD_NOT_FOUND
 
 from cloister import __version__
 from cloister.relay.agent_sessions import (
@@ -37,6 +38,7 @@ from cloister.relay.agent_sessions import (
     Flight,
     relay_template,
     relay_uri,
+    session_key,
     split_uri,
 )
 from cloister.relay.call_path import CallPath, split_tool_name, stamped_meta
@@ -51,6 +53,8 @@ log = logging.getLogger("cloister.relay.mcp")
 ATTESTATION_URI = "cloister://attestation/"
 LIST_CHANGED_DELAY_S = 0.2  # changes within this coalesce into one round of notifications
 POLICY_POLL_S = 2.0  # how often the policy in force is checked for a push
+# An agent's roots/list_changed reaches each upstream at most once per this (a flood coalesces).
+ROOTS_CHANGED_INTERVAL_S = 1.0
 _T = TypeVar("_T")
 _C = TypeVar("_C")
 
@@ -87,8 +91,10 @@ class McpHandlers:
         self.calls = calls
         self.agents = AgentSessions()
         self._changed = anyio.Event()
+        self._roots_changed: set[str] = set()  # upstreams an agent's roots/list_changed is due to
+        self._roots_due = anyio.Event()
         upstreams.set_hooks(self)
-        upstreams.background += [self._notify_changes, self._watch_policy]
+        upstreams.background += [self._notify_changes, self._watch_policy, self._forward_roots_changed]
 
     def server(self) -> Server[Any]:
         return _RelayServer(
@@ -112,6 +118,7 @@ class McpHandlers:
             on_get_prompt=self.get_prompt,
             on_completion=self.complete,
             on_set_logging_level=self.set_logging_level,
+            on_roots_list_changed=self.roots_list_changed,
         )
 
     def _session(self, ctx: ServerRequestContext[Any, Any]) -> AgentSession:
@@ -457,6 +464,59 @@ class McpHandlers:
 
         return await self._to_agent(server, pb.ACTION_KIND_ELICITATION, "elicitation", capability, params, send)
 
+    async def roots(self, server: str) -> types.ListRootsResult | types.ErrorData:
+        """An upstream's roots/list (decision 0027): the roots of the one agent whose call it
+        serves, decided (`ListRoots`) and logged like sampling; never another agent's, and an
+        error, not an empty list, when there is no such agent (an upstream may cache an answer)."""
+        capability = types.ClientCapabilities(roots=types.RootsCapability())
+
+        async def send(flight: Flight) -> types.ListRootsResult:
+            return await flight.ctx.session.send_request(
+                types.ListRootsRequest(),
+                types.ListRootsResult,
+                metadata=ServerMessageMetadata(related_request_id=flight.ctx.request_id),
+            )
+
+        # The spec's answer from a client without roots is "method not found".
+        return await self._to_agent(
+            server, pb.ACTION_KIND_ROOTS, "roots", capability, None, send, missing=METHOD_NOT_FOUND
+        )
+
+    async def roots_list_changed(
+        self, ctx: ServerRequestContext[Any, Any], params: types.NotificationParams | None
+    ) -> None:
+        """An agent's roots changed: tell the upstreams its session uses (those its listings showed
+        it something of, and those its calls are in flight on), coalesced per upstream."""
+        # Looked up, not `seen`: a notification is no request whose stream could reach the agent.
+        session = self.agents.sessions.get(session_key(ctx))
+        if session is None:
+            return  # it was never shown anything, nor has a call in flight: no upstream it uses
+        key = session.key
+        used = set(session.servers) | {
+            s for s, fs in self.agents.flights.items() if any(f.session.key == key for f in fs)
+        }
+        for server in used:
+            upstream = self.upstreams.by_name.get(server)
+            if upstream is not None and upstream.state == "up":
+                self._roots_changed.add(server)
+        if self._roots_changed:
+            self._roots_due.set()
+
+    async def _forward_roots_changed(self) -> None:
+        """Send the due roots/list_changed, at most one per upstream per interval. It carries no
+        roots: the upstream's roots/list that follows is decided like any other."""
+        while True:
+            await self._roots_due.wait()
+            self._roots_due = anyio.Event()
+            due, self._roots_changed = self._roots_changed, set()
+            for server in sorted(due):
+                upstream = self.upstreams.by_name.get(server)
+                if upstream is None:
+                    continue
+                with contextlib.suppress(UpstreamError):
+                    await upstream.request("roots/list_changed", lambda c: c.send_roots_list_changed())
+            await anyio.sleep(ROOTS_CHANGED_INTERVAL_S)
+
     async def _to_agent(
         self,
         server: str,
@@ -465,6 +525,7 @@ class McpHandlers:
         capability: types.ClientCapabilities,
         params: Any,
         send: Callable[[Flight], Awaitable[_T]],
+        missing: int = INVALID_REQUEST,
     ) -> _T | types.ErrorData:
         """An upstream's request to the agent whose call it serves: decided by the enclave as that
         agent's (the policy may forbid it), logged, then sent, and the answer logged."""
@@ -478,10 +539,8 @@ class McpHandlers:
                 code=INVALID_REQUEST, message=f"{what} refused: the agent's session ({version}) cannot take it"
             )
         if not flight.ctx.session.check_client_capability(capability):
-            return types.ErrorData(
-                code=INVALID_REQUEST, message=f"{what} refused: the agent's client does not offer it"
-            )
-        request = params.model_dump(mode="json", by_alias=True, exclude_none=True)
+            return types.ErrorData(code=missing, message=f"{what} refused: the agent's client does not offer it")
+        request = {} if params is None else params.model_dump(mode="json", by_alias=True, exclude_none=True)
 
         async def forward(grant: bytes) -> Any:
             try:

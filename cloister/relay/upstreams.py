@@ -41,7 +41,7 @@ from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
-from mcp_types.jsonrpc import CONNECTION_CLOSED, HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST
+from mcp_types.jsonrpc import CONNECTION_CLOSED, HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from opentelemetry import trace
 from opentelemetry.propagate import inject
@@ -105,8 +105,8 @@ class IdentityReporter(Protocol):
 
 class ProtocolHooks(Protocol):
     """What the relay's MCP side does with what an upstream sends unasked (decision 0018): its
-    sampling and elicitation requests (decided, then sent to the agent), its log messages, and any
-    change in what it offers (agents are told their lists changed)."""
+    sampling, elicitation and roots requests (decided, then sent to the agent; roots: decision
+    0027), its log messages, and any change in what it offers (agents are told their lists changed)."""
 
     async def sampling(
         self, server: str, params: types.CreateMessageRequestParams
@@ -115,6 +115,8 @@ class ProtocolHooks(Protocol):
     async def elicitation(
         self, server: str, params: types.ElicitRequestParams
     ) -> types.ElicitResult | types.ErrorData: ...
+
+    async def roots(self, server: str) -> types.ListRootsResult | types.ErrorData: ...
 
     async def log_message(self, server: str, params: types.LoggingMessageNotificationParams) -> None: ...
 
@@ -211,6 +213,11 @@ class Upstream:
             return types.ErrorData(code=INVALID_REQUEST, message="elicitation is not supported by this relay")
         return await self.hooks.elicitation(self.name, params)
 
+    async def _on_roots(self, context: ClientRequestContext) -> types.ListRootsResult | types.ErrorData:
+        if self.hooks is None:
+            return types.ErrorData(code=METHOD_NOT_FOUND, message="roots are not supported by this relay")
+        return await self.hooks.roots(self.name)
+
     async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
         if self.hooks is not None:
             await self.hooks.log_message(self.name, params)
@@ -234,6 +241,9 @@ class Upstream:
                             message_handler=self.on_message,
                             sampling_callback=self._on_sampling,
                             elicitation_callback=self._on_elicitation,
+                            # Declares roots (listChanged) to every upstream; answered per request
+                            # for the one agent it serves, or refused (decision 0027).
+                            list_roots_callback=self._on_roots,
                             logging_callback=self._on_log,
                         )
                     )

@@ -33,6 +33,7 @@ class ActionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACTION_KIND_PROMPT: _ClassVar[ActionKind]
     ACTION_KIND_SAMPLING: _ClassVar[ActionKind]
     ACTION_KIND_ELICITATION: _ClassVar[ActionKind]
+    ACTION_KIND_ROOTS: _ClassVar[ActionKind]
 DECISION_UNSPECIFIED: Decision
 ALLOW: Decision
 DENY: Decision
@@ -51,6 +52,7 @@ ACTION_KIND_RESOURCE: ActionKind
 ACTION_KIND_PROMPT: ActionKind
 ACTION_KIND_SAMPLING: ActionKind
 ACTION_KIND_ELICITATION: ActionKind
+ACTION_KIND_ROOTS: ActionKind
 
 class ChannelRequests(_message.Message):
     __slots__ = ("requests",)

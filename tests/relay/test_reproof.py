@@ -236,6 +236,9 @@ class ChangeHooks:
     async def elicitation(self, server: str, params: Any) -> Any:
         raise AssertionError
 
+    async def roots(self, server: str) -> Any:
+        raise AssertionError
+
     async def log_message(self, server: str, params: Any) -> None:
         pass
 
