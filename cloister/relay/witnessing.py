@@ -4,6 +4,12 @@ tlog-witness (c2sp.org/tlog-witness, add-checkpoint) and keeps the cosignatures 
 - Off the call path: one background task per witness polls the writer's latest durable
   checkpoint; calls never wait for a witness. At most one request per witness is in flight, and
   a witness that was busy or down gets the newest checkpoint next (older ones are skipped).
+- Paced (decision 0025): a witness gets a new checkpoint at most every `interval_s`, or sooner
+  once `max_entries` entries accumulated since the last one it was sent, whichever comes first.
+  Bypassing the pacing: the first checkpoint after a quiet spell (the interval has passed), a
+  checkpoint covering this run's key entry (the enclave grants nothing until its start is
+  witnessed), and a `nudge` (a call waits for its decision to be witnessed). The defaults stay far
+  below the enclave's WitnessGate limits (1000 entries, 10 s), which must never be reached.
 - add-checkpoint: `old <size>` is the size this witness last cosigned as far as the relay knows
   (0 after a start), the consistency proof comes from the log's storage. A 409 carries the
   witness's size (`text/x.tlog.size`): the relay adopts it and retries once with the matching
@@ -42,13 +48,34 @@ from cloister.verify.cosignature import Ed25519CosignatureVerifier, verify_cosig
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.note import parse_note
 
-__all__ = ["COSIGNED_PATH", "HttpReply", "Witnessing", "http_post"]
+__all__ = ["COSIGNED_PATH", "HttpReply", "WitnessPacing", "Witnessing", "http_post"]
 
 log = logging.getLogger("cloister.relay.witnessing")
 
 COSIGNED_PATH = "checkpoint.cosigned"
 MAX_REPLY = 64 * 1024
 _KEEP_NOTES = 16
+
+
+@dataclass(frozen=True)
+class WitnessPacing:
+    """How often a witness gets a new checkpoint (see the module docstring)."""
+
+    interval_s: float = 0.25
+    max_entries: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.interval_s <= 5:
+            raise ValueError(f"witness pacing interval {self.interval_s}s is outside [0, 5] s")
+        if not 1 <= self.max_entries <= 500:
+            raise ValueError(f"witness pacing of {self.max_entries} entries is outside [1, 500]")
+
+    def delay(self, now: float, last_sent_at: float | None, last_sent_size: int, size: int) -> float:
+        """Seconds until a checkpoint of `size` may go to a witness last sent one of
+        `last_sent_size` at `last_sent_at` (None: never); 0 means now."""
+        if last_sent_at is None or size - last_sent_size >= self.max_entries:
+            return 0.0
+        return max(0.0, last_sent_at + self.interval_s - now)
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,11 @@ class WitnessStatus:
     # The witness has cosigned a larger tree than the log storage holds: storage was rolled back
     # (or another enclave ran on a copy). The enclave will not grant on this log (decision 0015).
     ahead_of_log: int | None = None
+    # Pacing: when (monotonic clock) and what size the last add-checkpoint was sent, and the
+    # number of nudges answered by it.
+    sent_at: float | None = None
+    sent_size: int = 0
+    nudges_served: int = 0
 
     def json(self) -> dict[str, Any]:
         return {
@@ -145,6 +177,8 @@ class Witnessing:
         *,
         post: Post = http_post,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        pacing: WitnessPacing | None = None,
         timeout_s: float = 10.0,
         poll_s: float = 0.2,
         # Short: while a witness is unreachable the enclave may be paused (decision 0015).
@@ -156,6 +190,8 @@ class Witnessing:
         self._writer = writer
         self._post = post
         self._clock = clock
+        self._monotonic = monotonic
+        self.pacing = pacing or WitnessPacing()
         self._timeout = timeout_s
         self._poll = poll_s
         self._backoff = backoff_s
@@ -170,6 +206,8 @@ class Witnessing:
         self._delivery_wanted = anyio.Event()
         self.delivery_error: str | None = None
         self._wake = anyio.Event()  # `nudge`: a call waits for its decision to be witnessed
+        self._nudges = 0
+        self._sizes: OrderedDict[bytes, int] = OrderedDict()
 
     # --- What the relay serves -------------------------------------------------------------------
 
@@ -186,7 +224,8 @@ class Witnessing:
         }
 
     def nudge(self) -> None:
-        """Look for a new checkpoint now rather than at the next poll (a call is waiting)."""
+        """Send the newest checkpoint now, bypassing the pacing (a call is waiting)."""
+        self._nudges += 1
         self._wake.set()
         self._wake = anyio.Event()
 
@@ -229,16 +268,45 @@ class Witnessing:
         except Exception as exc:  # a missing or unreadable copy is rebuilt from the witnesses
             log.warning("cannot read the stored %s: %s", COSIGNED_PATH, exc)
 
+    def _size_of(self, note: bytes) -> int:
+        size = self._sizes.get(note)
+        if size is None:
+            size = self._sizes[note] = _size(note)
+            while len(self._sizes) > _KEEP_NOTES:
+                self._sizes.popitem(last=False)
+        return size
+
+    def send_delay(self, status: WitnessStatus, size: int) -> float:
+        """Seconds until a checkpoint of `size` goes to this witness (0: now)."""
+        if self._nudges != status.nudges_served:
+            return 0.0
+        # This run's key entry not yet cosigned by this witness: nothing is granted until it is.
+        key = self._writer().store.latest_key_entry(size)
+        if key is not None and key >= (status.witnessed_size or 0):
+            return 0.0
+        return self.pacing.delay(self._monotonic(), status.sent_at, status.sent_size, size)
+
+    async def _idle(self, seconds: float) -> None:
+        wake = self._wake
+        with anyio.move_on_after(seconds):
+            await wake.wait()
+
     async def _run_one(self, witness: WitnessConfig) -> None:
         status = self.status[witness.name]
         delay = self._backoff[0]
         while True:
+            nudges = self._nudges  # read before the note: the note then covers what they wait for
             note = self._writer().latest_checkpoint()
             if note is None or note == status.cosigned_note:
-                wake = self._wake
-                with anyio.move_on_after(self._poll):
-                    await wake.wait()
+                status.nudges_served = nudges
+                await self._idle(self._poll)
                 continue
+            size = self._size_of(note)
+            wait = self.send_delay(status, size)
+            if wait > 0:
+                await self._idle(min(wait, self._poll))
+                continue
+            status.sent_at, status.sent_size, status.nudges_served = self._monotonic(), size, nudges
             try:
                 await self._submit(witness, note)
             except Exception as exc:  # keep trying: the relay's calls never depend on a witness
@@ -252,7 +320,7 @@ class Witnessing:
 
     async def _submit(self, witness: WitnessConfig, note: bytes) -> None:
         status = self.status[witness.name]
-        size = _size(note)
+        size = self._size_of(note)
         reply = await self._add_checkpoint(witness, status.witnessed_size or 0, size, note)
         if reply.status == 409:
             # The witness is at another size than we thought (a relay restart, another relay):
