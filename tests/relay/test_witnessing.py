@@ -16,7 +16,7 @@ import pytest
 
 from cloister.relay.config import WitnessConfig
 from cloister.relay.storage import LocalBackend, LogWriter
-from cloister.relay.witnessing import COSIGNED_PATH, Witnessing
+from cloister.relay.witnessing import COSIGNED_PATH, WitnessPacing, Witnessing
 from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.cosignature import CosignaturePolicy, verify_cosignatures
 from cloister.verify.errors import VerificationError
@@ -303,6 +303,130 @@ def test_a_witness_ahead_of_storage_is_reported_as_a_rollback(tmp_path: Path, lo
             tg.cancel_scope.cancel()
         assert stale.cosigned() is None and stale.health()["witnesses"][w1.config.name]["ahead_of_log"] == 5
         await old_writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+
+
+# --- Pacing (decision 0025) ---------------------------------------------------------------------
+
+
+def test_pacing_delay_is_the_interval_or_the_entries_whichever_first() -> None:
+    p = WitnessPacing(interval_s=0.5, max_entries=100)
+    assert p.delay(now=10.0, last_sent_at=None, last_sent_size=0, size=1) == 0  # never sent: now
+    assert p.delay(now=10.0, last_sent_at=10.0, last_sent_size=5, size=6) == 0.5
+    assert p.delay(now=10.4, last_sent_at=10.0, last_sent_size=5, size=104) == pytest.approx(0.1)
+    assert p.delay(now=10.4, last_sent_at=10.0, last_sent_size=5, size=105) == 0  # 100 entries
+    assert p.delay(now=10.5, last_sent_at=10.0, last_sent_size=5, size=6) == 0  # the interval passed
+    assert p.delay(now=99.0, last_sent_at=10.0, last_sent_size=5, size=6) == 0  # after a quiet spell
+    for bad in ({"interval_s": -1}, {"interval_s": 6}, {"max_entries": 0}, {"max_entries": 501}):
+        with pytest.raises(ValueError):
+            WitnessPacing(**bad)  # type: ignore[arg-type]
+
+
+def test_default_pacing_stays_far_below_the_enclaves_witness_gate() -> None:
+    from cloister.enclave.config import DEFAULT_MAX_UNWITNESSED_ENTRIES, DEFAULT_MAX_UNWITNESSED_S
+
+    p = WitnessPacing()
+    assert p.interval_s * 10 <= DEFAULT_MAX_UNWITNESSED_S
+    assert p.max_entries * 2 <= DEFAULT_MAX_UNWITNESSED_ENTRIES
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def stays(predicate: Callable[[], bool], seconds: float = 0.3) -> None:
+    """The predicate holds for a while (the witnessing loop polls every 20 ms meanwhile)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate()
+        await anyio.sleep(0.02)
+
+
+def test_checkpoints_are_paced_and_a_nudge_bypasses_the_pacing(tmp_path: Path, log: FakeLog) -> None:
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    clock = FakeMonotonic()
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = Witnessing(
+            [w1.config],
+            1,
+            lambda: writer,
+            poll_s=0.02,
+            timeout_s=2,
+            backoff_s=(0.05, 0.2),
+            monotonic=clock,
+            pacing=WitnessPacing(interval_s=5, max_entries=10),
+        )
+        status = wit.status["witness.test/w1"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 1)
+            await wait_until(lambda: status.witnessed_size == 1, "the first checkpoint sent at once")
+            # Within the interval and below the entries bound: held back, however long (clock frozen).
+            await grow(writer, log, 3)
+            await stays(lambda: status.witnessed_size == 1)
+            # A call waiting for its decision to be witnessed: sent now.
+            wit.nudge()
+            await wait_until(lambda: status.witnessed_size == 4, "the nudged checkpoint")
+            # Ten entries since the last one sent: sent without waiting for the interval.
+            await grow(writer, log, 9)
+            await stays(lambda: status.witnessed_size == 4, 0.1)
+            await grow(writer, log, 1)
+            await wait_until(lambda: status.witnessed_size == 14, "the entries bound")
+            # The interval passes: what accumulated goes.
+            await grow(writer, log, 2)
+            await stays(lambda: status.witnessed_size == 14, 0.1)
+            clock.now += 5
+            await wait_until(lambda: status.witnessed_size == 16, "the interval bound")
+            tg.cancel_scope.cancel()
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+
+
+def test_a_new_runs_key_entry_is_witnessed_without_waiting_for_the_pacing(tmp_path: Path, log: FakeLog) -> None:
+    """The enclave grants nothing until its start (key entry) is witnessed: that checkpoint goes at once."""
+    from tests.relay.storage.conftest import key_entry
+
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    clock = FakeMonotonic()
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = Witnessing(
+            [w1.config],
+            1,
+            lambda: writer,
+            poll_s=0.02,
+            timeout_s=2,
+            monotonic=clock,
+            pacing=WitnessPacing(interval_s=5, max_entries=100),
+        )
+        status = wit.status["witness.test/w1"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 2)
+            await wait_until(lambda: status.witnessed_size == 2, "the first checkpoint")
+            await grow(writer, log, 1)
+            await stays(lambda: status.witnessed_size == 2, 0.1)
+            # An enclave restart appends its key entry: no waiting for the interval.
+            a = log.append([key_entry(1, 2)])
+            await writer.persist(a.first_index, list(a.entries), a.checkpoint)
+            await wait_until(lambda: status.witnessed_size == 4, "the key entry's checkpoint")
+            tg.cancel_scope.cancel()
+        await writer.close()
 
     try:
         run(main)

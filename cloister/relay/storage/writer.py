@@ -505,7 +505,7 @@ class LogWriter:
         """Store the body that entry `index` commits to; the returned future resolves when durable.
 
         The body joins the next group commit (at most `body_linger_ms` later; at once if the
-        future is awaited). Called before `persist` of an index >= `index`, that persist is
+        future is awaited directly, not through wait_for or gather). Called before `persist` of an index >= `index`, that persist is
         acknowledged only after the body is durable too. With a retention of 0
         days bodies are not kept and the future is already done.
         """
