@@ -14,7 +14,7 @@ tlog-witness (c2sp.org/tlog-witness, add-checkpoint) and keeps the cosignatures 
   (0 after a start), the consistency proof comes from the log's storage. A 409 carries the
   witness's size (`text/x.tlog.size`): the relay adopts it and retries once with the matching
   proof. Any other failure (timeout, refused connection, 4xx/5xx) is retried after a backoff
-  that doubles up to a cap.
+  that doubles up to a cap. Each witness gets one kept-alive connection (KeepAlivePost).
 - A returned cosignature must verify against the witness's configured vkey
   (cloister.verify.cosignature) before it is kept. The relay talks to witnesses over HTTP only.
 - The cosignatures are signature lines appended to the checkpoint note: the newest checkpoint
@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import http.client
 import logging
+import threading
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -48,7 +49,7 @@ from cloister.verify.cosignature import Ed25519CosignatureVerifier, verify_cosig
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.note import parse_note
 
-__all__ = ["COSIGNED_PATH", "HttpReply", "WitnessPacing", "Witnessing", "http_post"]
+__all__ = ["COSIGNED_PATH", "HttpReply", "KeepAlivePost", "WitnessPacing", "Witnessing", "http_post"]
 
 log = logging.getLogger("cloister.relay.witnessing")
 
@@ -88,14 +89,25 @@ Post = Callable[[str, bytes, float], Awaitable[HttpReply]]
 Deliver = Callable[[bytes], Awaitable[None]]
 
 
-def _post_blocking(url: str, body: bytes, timeout: float) -> HttpReply:
+def _connection(url: str, timeout: float) -> http.client.HTTPConnection:
     parts = urllib.parse.urlsplit(url)
     conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = conn_cls(parts.netloc, timeout=timeout)
+    return conn_cls(parts.netloc, timeout=timeout)
+
+
+def _exchange(conn: http.client.HTTPConnection, url: str, body: bytes) -> tuple[HttpReply, bool]:
+    """One POST on `conn`: the reply, and whether the connection may carry another request."""
+    path = urllib.parse.urlsplit(url).path or "/"
+    conn.request("POST", path, body=body, headers={"Content-Type": "text/plain; charset=utf-8"})
+    resp = conn.getresponse()
+    reply = HttpReply(resp.status, resp.read(MAX_REPLY))
+    return reply, resp.isclosed() and not resp.will_close  # read to its end, and kept alive
+
+
+def _post_blocking(url: str, body: bytes, timeout: float) -> HttpReply:
+    conn = _connection(url, timeout)
     try:
-        conn.request("POST", parts.path or "/", body=body, headers={"Content-Type": "text/plain; charset=utf-8"})
-        resp = conn.getresponse()
-        return HttpReply(resp.status, resp.read(MAX_REPLY))
+        return _exchange(conn, url, body)[0]
     finally:
         conn.close()
 
@@ -103,6 +115,61 @@ def _post_blocking(url: str, body: bytes, timeout: float) -> HttpReply:
 async def http_post(url: str, body: bytes, timeout: float) -> HttpReply:
     """POST with the standard library in a worker thread; the socket timeout bounds it."""
     return await anyio.to_thread.run_sync(_post_blocking, url, body, timeout, abandon_on_cancel=True)
+
+
+class KeepAlivePost:
+    """POST over one kept-alive connection per witness (tlog-witness: witnesses SHOULD support
+    keep-alive), so a cosignature costs neither side a TCP handshake or a server thread.
+
+    The relay has at most one request in flight per witness; a connection is taken out of the
+    pool while it is used. A kept connection the witness closed meanwhile (its idle timeout)
+    fails before any reply: the request is sent again once, on a new connection.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[str, http.client.HTTPConnection] = {}
+        self._lock = threading.Lock()
+
+    def _blocking(self, url: str, body: bytes, timeout: float) -> HttpReply:
+        key = urllib.parse.urlsplit(url).netloc
+        with self._lock:
+            conn = self._idle.pop(key, None)
+        if conn is not None:
+            try:
+                reply, keep = _exchange(conn, url, body)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                conn = None  # went stale while idle: one fresh attempt below
+            else:
+                self._put_back(key, conn, keep)
+                return reply
+        conn = _connection(url, timeout)
+        try:
+            reply, keep = _exchange(conn, url, body)
+        except BaseException:
+            conn.close()
+            raise
+        self._put_back(key, conn, keep)
+        return reply
+
+    def _put_back(self, key: str, conn: http.client.HTTPConnection, keep: bool) -> None:
+        if not keep:
+            conn.close()
+            return
+        with self._lock:
+            old = self._idle.pop(key, None)
+            self._idle[key] = conn
+        if old is not None:
+            old.close()
+
+    async def __call__(self, url: str, body: bytes, timeout: float) -> HttpReply:
+        return await anyio.to_thread.run_sync(self._blocking, url, body, timeout, abandon_on_cancel=True)
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._idle = list(self._idle.values()), {}
+        for conn in conns:
+            conn.close()
 
 
 class WitnessFailed(Exception):
@@ -175,7 +242,7 @@ class Witnessing:
         quorum: int,
         writer: Callable[[], LogWriter],
         *,
-        post: Post = http_post,
+        post: Post | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         pacing: WitnessPacing | None = None,
@@ -188,7 +255,7 @@ class Witnessing:
         self.witnesses = tuple(witnesses)
         self.quorum = quorum
         self._writer = writer
-        self._post = post
+        self._post = post or KeepAlivePost()
         self._clock = clock
         self._monotonic = monotonic
         self.pacing = pacing or WitnessPacing()

@@ -16,7 +16,7 @@ import pytest
 
 from cloister.relay.config import WitnessConfig
 from cloister.relay.storage import LocalBackend, LogWriter
-from cloister.relay.witnessing import COSIGNED_PATH, WitnessPacing, Witnessing
+from cloister.relay.witnessing import COSIGNED_PATH, KeepAlivePost, Witnessing, WitnessPacing
 from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.cosignature import CosignaturePolicy, verify_cosignatures
 from cloister.verify.errors import VerificationError
@@ -262,7 +262,11 @@ def test_quorum_checkpoints_reach_the_enclave_and_a_failed_handover_is_retried(t
         async with anyio.create_task_group() as tg:
             tg.start_soon(wit.run)
             await grow(writer, log, 3)  # then idle: no new checkpoint will come
-            await wait_until(lambda: bool(delivered), "the hand-over to succeed after two failures")
+            # Paced: size 1 may be cosigned (and handed over) before size 3 is sent.
+            await wait_until(
+                lambda: bool(delivered) and int(delivered[-1].split(b"\n")[1]) == 3,
+                "the hand-over to succeed after two failures",
+            )
             tg.cancel_scope.cancel()
         assert failures == [0] and wit.delivery_error is None
         note = delivered[-1]
@@ -323,7 +327,7 @@ def test_pacing_delay_is_the_interval_or_the_entries_whichever_first() -> None:
     assert p.delay(now=99.0, last_sent_at=10.0, last_sent_size=5, size=6) == 0  # after a quiet spell
     for bad in ({"interval_s": -1}, {"interval_s": 6}, {"max_entries": 0}, {"max_entries": 501}):
         with pytest.raises(ValueError):
-            WitnessPacing(**bad)  # type: ignore[arg-type]
+            WitnessPacing(**bad)
 
 
 def test_default_pacing_stays_far_below_the_enclaves_witness_gate() -> None:
@@ -432,3 +436,54 @@ def test_a_new_runs_key_entry_is_witnessed_without_waiting_for_the_pacing(tmp_pa
         run(main)
     finally:
         w1.stop()
+
+
+def test_one_kept_alive_connection_per_witness_and_a_stale_one_is_replaced(tmp_path: Path, log: FakeLog) -> None:
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    w1.server.request_timeout = 0.3  # the witness drops a connection idle this long
+    accepted: list[object] = []
+    process = w1.server.process_request
+
+    def counting(request: object, client_address: object) -> None:
+        accepted.append(client_address)
+        process(request, client_address)
+
+    w1.server.process_request = counting  # type: ignore[method-assign]
+    post = KeepAlivePost()
+    url = w1.config.url + "/add-checkpoint"
+
+    async def main() -> None:
+        for _ in range(3):
+            reply = await post(url, b"old 0\n\n" + log.append([entry(log.size)]).checkpoint, 2)
+            assert reply.status in (200, 409)
+        assert len(accepted) == 1
+        await anyio.sleep(0.6)  # the witness closed it meanwhile: sent again on a new connection
+        reply = await post(url, b"garbage", 2)
+        assert reply.status == 400 and len(accepted) == 2
+        post.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+
+
+def test_pacing_settings_in_the_relay_config(tmp_path: Path) -> None:
+    from cloister.relay.config import ConfigError, load_relay_config
+
+    path = tmp_path / "relay.toml"
+    path.write_text('[relay]\nenclave = "unix:/x"\n')
+    c = load_relay_config(path)
+    assert (c.witness_interval_ms, c.witness_every, c.publish_interval_ms, c.publish_every) == (250, 256, 1000, 4096)
+    assert WitnessPacing(c.witness_interval_ms / 1000, c.witness_every) == WitnessPacing()
+    path.write_text(
+        '[relay]\nenclave = "unix:/x"\nwitness_interval_ms = 100\nwitness_every = 32\n'
+        "publish_interval_ms = 200\npublish_every = 64\n"
+    )
+    c = load_relay_config(path)
+    assert (c.witness_interval_ms, c.witness_every, c.publish_interval_ms, c.publish_every) == (100, 32, 200, 64)
+    # Pacing that could starve the enclave's witness gate (1000 entries, 10 s) is refused.
+    for bad in ("witness_every = 1000", "witness_interval_ms = 10000", "publish_every = 0", "witness_every = 1.5"):
+        path.write_text(f'[relay]\nenclave = "unix:/x"\n{bad}\n')
+        with pytest.raises(ConfigError, match=bad.split(" ")[0]):
+            load_relay_config(path)

@@ -505,9 +505,9 @@ class LogWriter:
         """Store the body that entry `index` commits to; the returned future resolves when durable.
 
         The body joins the next group commit (at most `body_linger_ms` later; at once if the
-        future is awaited directly, not through wait_for or gather). Called before `persist` of an index >= `index`, that persist is
-        acknowledged only after the body is durable too. With a retention of 0
-        days bodies are not kept and the future is already done.
+        future is awaited directly, not through wait_for or gather). Called before `persist` of
+        an index >= `index`, that persist is acknowledged only after the body is durable too.
+        With a retention of 0 days bodies are not kept and the future is already done.
         """
         self._usable()
         kind_ = check_body_kind(kind)

@@ -176,6 +176,7 @@ def test_awaiting_a_body_writes_it_at_once(log: FakeLog, log_dir: Path) -> None:
     async def main() -> None:
         w = await open_writer(log_dir, body_linger_ms=600_000)
         await w.persist(a.first_index, a.entries, a.checkpoint)
+
         async def put() -> None:
             await w.put_body(0, "args", ARGS)  # awaited directly: that is the request to write it
 

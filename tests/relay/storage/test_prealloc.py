@@ -35,8 +35,8 @@ def crash_image(live: Path, where: Path) -> Path:
     return where
 
 
-def open_store(root: Path, **kw: int) -> LogStore:
-    return LogStore.open(LocalBackend(root, prealloc_bytes=kw.pop("prealloc_bytes", PREALLOC), **kw))
+def open_store(root: Path, *, prealloc_bytes: int = PREALLOC, segment_bytes: int = 64 << 20) -> LogStore:
+    return LogStore.open(LocalBackend(root, prealloc_bytes=prealloc_bytes, segment_bytes=segment_bytes))
 
 
 def test_frames_fill_preallocated_zeros_with_one_data_sync_each(tmp_path: Path) -> None:
