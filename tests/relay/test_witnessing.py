@@ -487,3 +487,29 @@ def test_pacing_settings_in_the_relay_config(tmp_path: Path) -> None:
         path.write_text(f'[relay]\nenclave = "unix:/x"\n{bad}\n')
         with pytest.raises(ConfigError, match=bad.split(" ")[0]):
             load_relay_config(path)
+
+
+def test_default_pacing_sends_on_entries_even_if_the_clock_stands_still(tmp_path: Path, log: FakeLog) -> None:
+    """A busy log is witnessed every 256 entries at the latest, well before the gate's 1,000."""
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    clock = FakeMonotonic()
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = Witnessing([w1.config], 1, lambda: writer, poll_s=0.02, timeout_s=2, monotonic=clock)
+        status = wit.status["witness.test/w1"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 1)
+            await wait_until(lambda: status.witnessed_size == 1, "the first checkpoint")
+            await grow(writer, log, 254)
+            await stays(lambda: status.witnessed_size == 1, 0.1)
+            await grow(writer, log, 300)
+            await wait_until(lambda: (status.witnessed_size or 0) >= 257, "a checkpoint after 256 entries")
+            tg.cancel_scope.cancel()
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
