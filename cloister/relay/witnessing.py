@@ -140,6 +140,9 @@ class KeepAlivePost:
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 conn.close()
                 conn = None  # went stale while idle: one fresh attempt below
+            except BaseException:
+                conn.close()
+                raise
             else:
                 self._put_back(key, conn, keep)
                 return reply
