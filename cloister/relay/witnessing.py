@@ -4,8 +4,9 @@ tlog-witness (c2sp.org/tlog-witness, add-checkpoint) and keeps the cosignatures 
 - Off the call path: one background task per witness polls the writer's latest durable
   checkpoint; calls never wait for a witness. At most one request per witness is in flight, and
   a witness that was busy or down gets the newest checkpoint next (older ones are skipped).
-- Paced (decision 0025): a witness gets a new checkpoint at most every `interval_s`, or sooner
-  once `max_entries` entries accumulated since the last one it was sent, whichever comes first.
+- Paced (decision 0025): the witnesses get a new checkpoint at most every `interval_s`, or sooner
+  once `max_entries` entries accumulated since the last one sent, whichever comes first. All are
+  sent the same checkpoint (a round), so that a quorum can cosign one note.
   Bypassing the pacing: the first checkpoint after a quiet spell (the interval has passed), a
   checkpoint covering this run's key entry (the enclave grants nothing until its start is
   witnessed), and a `nudge` (a call waits for its decision to be witnessed). The defaults stay far
@@ -30,6 +31,7 @@ tlog-witness (c2sp.org/tlog-witness, add-checkpoint) and keeps the cosignatures 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import logging
 import threading
@@ -190,11 +192,6 @@ class WitnessStatus:
     # The witness has cosigned a larger tree than the log storage holds: storage was rolled back
     # (or another enclave ran on a copy). The enclave will not grant on this log (decision 0015).
     ahead_of_log: int | None = None
-    # Pacing: when (monotonic clock) and what size the last add-checkpoint was sent, and the
-    # number of nudges answered by it.
-    sent_at: float | None = None
-    sent_size: int = 0
-    nudges_served: int = 0
 
     def json(self) -> dict[str, Any]:
         return {
@@ -208,6 +205,17 @@ class WitnessStatus:
 
 def _size(note: bytes) -> int:
     return parse_checkpoint(parse_note(note).text).size
+
+
+@dataclass(frozen=True)
+class _Round:
+    """The checkpoint all witnesses are sent (the same note, so that a quorum cosigns one note):
+    chosen at `at` (monotonic clock), when `nudges` nudges had been made."""
+
+    note: bytes | None = None
+    size: int = 0
+    at: float | None = None
+    nudges: int = 0
 
 
 class Cosignatures:
@@ -277,6 +285,7 @@ class Witnessing:
         self.delivery_error: str | None = None
         self._wake = anyio.Event()  # `nudge`: a call waits for its decision to be witnessed
         self._nudges = 0
+        self._round = _Round()
         self._sizes: OrderedDict[bytes, int] = OrderedDict()
 
     # --- What the relay serves -------------------------------------------------------------------
@@ -346,15 +355,35 @@ class Witnessing:
                 self._sizes.popitem(last=False)
         return size
 
-    def send_delay(self, status: WitnessStatus, size: int) -> float:
-        """Seconds until a checkpoint of `size` goes to this witness (0: now)."""
-        if self._nudges != status.nudges_served:
+    def round_delay(self, size: int, nudges: int) -> float:
+        """Seconds until a checkpoint of `size` may start a new round (0: now)."""
+        r = self._round
+        if nudges != r.nudges:  # a call waits for its decision to be witnessed
             return 0.0
-        # This run's key entry not yet cosigned by this witness: nothing is granted until it is.
+        # The round's checkpoint does not cover this run's key entry: nothing is granted until it does.
         key = self._writer().store.latest_key_entry(size)
-        if key is not None and key >= (status.witnessed_size or 0):
+        if key is not None and key >= r.size:
             return 0.0
-        return self.pacing.delay(self._monotonic(), status.sent_at, status.sent_size, size)
+        return self.pacing.delay(self._monotonic(), r.at, r.size, size)
+
+    def target(self) -> tuple[bytes | None, float]:
+        """The checkpoint every witness is to cosign now, and how long until a newer one may be chosen.
+
+        One choice for all witnesses (a round): were each paced on its own, they would be sent
+        different checkpoints of a growing log and no note would ever gather a quorum.
+        """
+        nudges = self._nudges  # read before the note: the note then covers what they wait for
+        note = self._writer().latest_checkpoint()
+        r = self._round
+        if note is None or note == r.note:
+            self._round = dataclasses.replace(r, nudges=nudges)
+            return r.note, self._poll
+        size = self._size_of(note)
+        wait = self.round_delay(size, nudges)
+        if wait > 0:
+            return r.note, wait
+        self._round = _Round(note, size, self._monotonic(), nudges)
+        return note, self._poll
 
     async def _idle(self, seconds: float) -> None:
         wake = self._wake
@@ -365,18 +394,10 @@ class Witnessing:
         status = self.status[witness.name]
         delay = self._backoff[0]
         while True:
-            nudges = self._nudges  # read before the note: the note then covers what they wait for
-            note = self._writer().latest_checkpoint()
+            note, wait = self.target()
             if note is None or note == status.cosigned_note:
-                status.nudges_served = nudges
-                await self._idle(self._poll)
-                continue
-            size = self._size_of(note)
-            wait = self.send_delay(status, size)
-            if wait > 0:
                 await self._idle(min(wait, self._poll))
                 continue
-            status.sent_at, status.sent_size, status.nudges_served = self._monotonic(), size, nudges
             try:
                 await self._submit(witness, note)
             except Exception as exc:  # keep trying: the relay's calls never depend on a witness

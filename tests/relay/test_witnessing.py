@@ -16,7 +16,7 @@ import pytest
 
 from cloister.relay.config import WitnessConfig
 from cloister.relay.storage import LocalBackend, LogWriter
-from cloister.relay.witnessing import COSIGNED_PATH, KeepAlivePost, Witnessing, WitnessPacing
+from cloister.relay.witnessing import COSIGNED_PATH, HttpReply, KeepAlivePost, Witnessing, WitnessPacing
 from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.cosignature import CosignaturePolicy, verify_cosignatures
 from cloister.verify.errors import VerificationError
@@ -513,3 +513,51 @@ def test_default_pacing_sends_on_entries_even_if_the_clock_stands_still(tmp_path
         run(main)
     finally:
         w1.stop()
+
+
+def test_witnesses_get_the_same_checkpoint_so_a_growing_log_reaches_a_quorum(tmp_path: Path, log: FakeLog) -> None:
+    """Witnesses answering at different speeds while calls keep coming: each round sends all of
+    them one checkpoint, so a quorum forms on it (paced each on its own, they were sent different
+    checkpoints of the growing log, no note ever had a quorum, and the enclave paused at 1,000)."""
+    w1, w2 = Served(tmp_path, "witness.test/w1", 11, log), Served(tmp_path, "witness.test/w2", 12, log)
+    clock = FakeMonotonic()
+    default = KeepAlivePost()
+
+    async def post(url: str, body: bytes, timeout: float) -> HttpReply:
+        if url.startswith(w2.config.url):
+            await anyio.sleep(0.03)  # the slower witness
+        return await default(url, body, timeout)
+
+    delivered: list[int] = []
+
+    async def deliver(note: bytes) -> None:
+        delivered.append(int(note.split(b"\n")[1]))
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = Witnessing(
+            [w1.config, w2.config],
+            2,
+            lambda: writer,
+            post=post,
+            poll_s=0.02,
+            timeout_s=2,
+            monotonic=clock,
+            pacing=WitnessPacing(interval_s=5, max_entries=10),
+            deliver=deliver,
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            for _ in range(40):  # calls keep coming, never a pause for the witnesses to catch up
+                await grow(writer, log, 3)
+                await anyio.sleep(0.005)
+            await wait_until(lambda: bool(delivered) and delivered[-1] >= 100, "a quorum beyond 100 entries")
+            tg.cancel_scope.cancel()
+        default.close()
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+        w2.stop()
