@@ -15,6 +15,12 @@
     auditor_token_file = "auditor.token"      # enables GET /log/body/... for holders of this one
     body_encryption_public_key = "body.pub"   # X25519 (PEM): bodies are stored sealed to it
     keep_denied_arguments = false             # also keep the arguments of denied calls
+    # Pacing of background work (decision 0025): whichever bound comes first.
+    publish_interval_ms = 1000                # tiles and the public checkpoint: at most this old...
+    publish_every = 4096                      # ... or this many entries behind the durable log
+    witness_interval_ms = 250                 # a witness gets a new checkpoint at most this often...
+    witness_every = 256                       # ... or once this many entries accumulated; keep both
+                                              # far below the enclave's max_unwitnessed_s/_entries
     # MCP authorization (docs/guides/oauth.md, decision 0019):
     resource_url = "https://mcp.example/mcp"  # the audience of agents' tokens; default <public_url>/mcp
     authorization_servers = ["https://id.example/realms/agents"]  # default: the bundle's issuers that are URLs
@@ -142,6 +148,10 @@ class RelayConfig:
     authorization_servers: tuple[str, ...] | None = None  # None: the bundle's issuers that are URLs
     oauth_scopes: tuple[str, ...] = ()
     token_gate: bool | None = None  # None: on when there are authorization servers
+    publish_interval_ms: int = 1000  # LogWriter materialize_interval_ms
+    publish_every: int = 4096  # LogWriter materialize_every
+    witness_interval_ms: int = 250  # WitnessPacing interval_s (in ms)
+    witness_every: int = 256  # WitnessPacing max_entries
 
     @property
     def mcp_resource(self) -> str:
@@ -217,7 +227,26 @@ def load_relay_config(path: Path) -> RelayConfig:
         witness_quorum=quorum,
         kms=_kms(path, data.get("kms")),
         **_oauth(relay, where),
+        **_pacing(relay, where),
     )
+
+
+def _pacing(relay: dict[str, Any], where: str) -> dict[str, Any]:
+    """Bounds on how stale the public checkpoint and the witnessed one may get (decision 0025)."""
+    bounds = {
+        "publish_interval_ms": (1000, 10, 60_000),
+        "publish_every": (4096, 1, 1 << 20),
+        # The enclave pauses granting at 10 s / 1000 entries unwitnessed (its defaults): stay far below.
+        "witness_interval_ms": (250, 0, 5000),
+        "witness_every": (256, 1, 500),
+    }
+    out: dict[str, Any] = {}
+    for key, (default, low, high) in bounds.items():
+        value = _get(relay, key, int, where, default)
+        if not low <= value <= high:
+            raise ConfigError(f"{where}: {key} {value} must be between {low} and {high}")
+        out[key] = value
+    return out
 
 
 def _oauth(relay: dict[str, Any], where: str) -> dict[str, Any]:

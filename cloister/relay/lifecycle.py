@@ -96,9 +96,17 @@ async def open_storage(
     s3_endpoint_url: str | None,
     body_retention_days: int | None,
     verify: Literal["full", "tail"] = "full",
+    publish_every: int = 4096,
+    publish_interval_ms: int = 1000,
 ) -> LogWriter:
-    """The log's storage: a local directory, or s3://bucket/prefix."""
-    options = WriterOptions(body_retention_days=body_retention_days, verify=verify)
+    """The log's storage: a local directory, or s3://bucket/prefix; tiles and the public
+    checkpoint are published every `publish_every` entries or `publish_interval_ms` (decision 0025)."""
+    options = WriterOptions(
+        body_retention_days=body_retention_days,
+        verify=verify,
+        materialize_every=publish_every,
+        materialize_interval_ms=publish_interval_ms,
+    )
     if location.startswith("s3://"):
         from cloister.relay.storage.s3 import S3Backend
 
@@ -144,7 +152,11 @@ class Lifecycle:
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         config = self.state.config
         self.state.writer = await open_storage(
-            config.storage, s3_endpoint_url=config.s3_endpoint_url, body_retention_days=config.body_retention_days
+            config.storage,
+            s3_endpoint_url=config.s3_endpoint_url,
+            body_retention_days=config.body_retention_days,
+            publish_every=config.publish_every,
+            publish_interval_ms=config.publish_interval_ms,
         )
         await self.state.enclave.start()
         await self.ensure_enclave_ready(startup=True)
@@ -223,6 +235,8 @@ class Lifecycle:
             s3_endpoint_url=config.s3_endpoint_url,
             body_retention_days=config.body_retention_days,
             verify="tail",
+            publish_every=config.publish_every,
+            publish_interval_ms=config.publish_interval_ms,
         )
         log.warning(
             "the enclave restarted: storage reopened at its durable size %d (was %d)",

@@ -53,7 +53,7 @@ from cloister.relay.oauth import BundleSettings, ResourceMetadata, TokenCheck, T
 from cloister.relay.observability import Observability
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import Upstreams
-from cloister.relay.witnessing import Witnessing
+from cloister.relay.witnessing import Witnessing, WitnessPacing
 
 log = logging.getLogger("cloister.relay")
 
@@ -71,6 +71,7 @@ class Relay:
                 config.witness_quorum,
                 lambda: self.state.writer,
                 deliver=self.state.deliver_cosignatures,
+                pacing=WitnessPacing(config.witness_interval_ms / 1000, config.witness_every),
             )
             if config.witnesses
             else None

@@ -4,11 +4,18 @@ tlog-witness (c2sp.org/tlog-witness, add-checkpoint) and keeps the cosignatures 
 - Off the call path: one background task per witness polls the writer's latest durable
   checkpoint; calls never wait for a witness. At most one request per witness is in flight, and
   a witness that was busy or down gets the newest checkpoint next (older ones are skipped).
+- Paced (decision 0025): the witnesses get a new checkpoint at most every `interval_s`, or sooner
+  once `max_entries` entries accumulated since the last one sent, whichever comes first. All are
+  sent the same checkpoint (a round), so that a quorum can cosign one note.
+  Bypassing the pacing: the first checkpoint after a quiet spell (the interval has passed), a
+  checkpoint covering this run's key entry (the enclave grants nothing until its start is
+  witnessed), and a `nudge` (a call waits for its decision to be witnessed). The defaults stay far
+  below the enclave's WitnessGate limits (1000 entries, 10 s), which must never be reached.
 - add-checkpoint: `old <size>` is the size this witness last cosigned as far as the relay knows
   (0 after a start), the consistency proof comes from the log's storage. A 409 carries the
   witness's size (`text/x.tlog.size`): the relay adopts it and retries once with the matching
   proof. Any other failure (timeout, refused connection, 4xx/5xx) is retried after a backoff
-  that doubles up to a cap.
+  that doubles up to a cap. Each witness gets one kept-alive connection (KeepAlivePost).
 - A returned cosignature must verify against the witness's configured vkey
   (cloister.verify.cosignature) before it is kept. The relay talks to witnesses over HTTP only.
 - The cosignatures are signature lines appended to the checkpoint note: the newest checkpoint
@@ -24,8 +31,10 @@ tlog-witness (c2sp.org/tlog-witness, add-checkpoint) and keeps the cosignatures 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import logging
+import threading
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -42,13 +51,34 @@ from cloister.verify.cosignature import Ed25519CosignatureVerifier, verify_cosig
 from cloister.verify.errors import DecodeError, VerificationError
 from cloister.verify.note import parse_note
 
-__all__ = ["COSIGNED_PATH", "HttpReply", "Witnessing", "http_post"]
+__all__ = ["COSIGNED_PATH", "HttpReply", "KeepAlivePost", "WitnessPacing", "Witnessing", "http_post"]
 
 log = logging.getLogger("cloister.relay.witnessing")
 
 COSIGNED_PATH = "checkpoint.cosigned"
 MAX_REPLY = 64 * 1024
 _KEEP_NOTES = 16
+
+
+@dataclass(frozen=True)
+class WitnessPacing:
+    """How often a witness gets a new checkpoint (see the module docstring)."""
+
+    interval_s: float = 0.25
+    max_entries: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.interval_s <= 5:
+            raise ValueError(f"witness pacing interval {self.interval_s}s is outside [0, 5] s")
+        if not 1 <= self.max_entries <= 500:
+            raise ValueError(f"witness pacing of {self.max_entries} entries is outside [1, 500]")
+
+    def delay(self, now: float, last_sent_at: float | None, last_sent_size: int, size: int) -> float:
+        """Seconds until a checkpoint of `size` may go to a witness last sent one of
+        `last_sent_size` at `last_sent_at` (None: never); 0 means now."""
+        if last_sent_at is None or size - last_sent_size >= self.max_entries:
+            return 0.0
+        return max(0.0, last_sent_at + self.interval_s - now)
 
 
 @dataclass(frozen=True)
@@ -61,14 +91,25 @@ Post = Callable[[str, bytes, float], Awaitable[HttpReply]]
 Deliver = Callable[[bytes], Awaitable[None]]
 
 
-def _post_blocking(url: str, body: bytes, timeout: float) -> HttpReply:
+def _connection(url: str, timeout: float) -> http.client.HTTPConnection:
     parts = urllib.parse.urlsplit(url)
     conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = conn_cls(parts.netloc, timeout=timeout)
+    return conn_cls(parts.netloc, timeout=timeout)
+
+
+def _exchange(conn: http.client.HTTPConnection, url: str, body: bytes) -> tuple[HttpReply, bool]:
+    """One POST on `conn`: the reply, and whether the connection may carry another request."""
+    path = urllib.parse.urlsplit(url).path or "/"
+    conn.request("POST", path, body=body, headers={"Content-Type": "text/plain; charset=utf-8"})
+    resp = conn.getresponse()
+    reply = HttpReply(resp.status, resp.read(MAX_REPLY))
+    return reply, resp.isclosed() and not resp.will_close  # read to its end, and kept alive
+
+
+def _post_blocking(url: str, body: bytes, timeout: float) -> HttpReply:
+    conn = _connection(url, timeout)
     try:
-        conn.request("POST", parts.path or "/", body=body, headers={"Content-Type": "text/plain; charset=utf-8"})
-        resp = conn.getresponse()
-        return HttpReply(resp.status, resp.read(MAX_REPLY))
+        return _exchange(conn, url, body)[0]
     finally:
         conn.close()
 
@@ -76,6 +117,64 @@ def _post_blocking(url: str, body: bytes, timeout: float) -> HttpReply:
 async def http_post(url: str, body: bytes, timeout: float) -> HttpReply:
     """POST with the standard library in a worker thread; the socket timeout bounds it."""
     return await anyio.to_thread.run_sync(_post_blocking, url, body, timeout, abandon_on_cancel=True)
+
+
+class KeepAlivePost:
+    """POST over one kept-alive connection per witness (tlog-witness: witnesses SHOULD support
+    keep-alive), so a cosignature costs neither side a TCP handshake or a server thread.
+
+    The relay has at most one request in flight per witness; a connection is taken out of the
+    pool while it is used. A kept connection the witness closed meanwhile (its idle timeout)
+    fails before any reply: the request is sent again once, on a new connection.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[str, http.client.HTTPConnection] = {}
+        self._lock = threading.Lock()
+
+    def _blocking(self, url: str, body: bytes, timeout: float) -> HttpReply:
+        key = urllib.parse.urlsplit(url).netloc
+        with self._lock:
+            conn = self._idle.pop(key, None)
+        if conn is not None:
+            try:
+                reply, keep = _exchange(conn, url, body)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                conn = None  # went stale while idle: one fresh attempt below
+            except BaseException:
+                conn.close()
+                raise
+            else:
+                self._put_back(key, conn, keep)
+                return reply
+        conn = _connection(url, timeout)
+        try:
+            reply, keep = _exchange(conn, url, body)
+        except BaseException:
+            conn.close()
+            raise
+        self._put_back(key, conn, keep)
+        return reply
+
+    def _put_back(self, key: str, conn: http.client.HTTPConnection, keep: bool) -> None:
+        if not keep:
+            conn.close()
+            return
+        with self._lock:
+            old = self._idle.pop(key, None)
+            self._idle[key] = conn
+        if old is not None:
+            old.close()
+
+    async def __call__(self, url: str, body: bytes, timeout: float) -> HttpReply:
+        return await anyio.to_thread.run_sync(self._blocking, url, body, timeout, abandon_on_cancel=True)
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._idle = list(self._idle.values()), {}
+        for conn in conns:
+            conn.close()
 
 
 class WitnessFailed(Exception):
@@ -106,6 +205,17 @@ class WitnessStatus:
 
 def _size(note: bytes) -> int:
     return parse_checkpoint(parse_note(note).text).size
+
+
+@dataclass(frozen=True)
+class _Round:
+    """The checkpoint all witnesses are sent (the same note, so that a quorum cosigns one note):
+    chosen at `at` (monotonic clock), when `nudges` nudges had been made."""
+
+    note: bytes | None = None
+    size: int = 0
+    at: float | None = None
+    nudges: int = 0
 
 
 class Cosignatures:
@@ -143,8 +253,10 @@ class Witnessing:
         quorum: int,
         writer: Callable[[], LogWriter],
         *,
-        post: Post = http_post,
+        post: Post | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        pacing: WitnessPacing | None = None,
         timeout_s: float = 10.0,
         poll_s: float = 0.2,
         # Short: while a witness is unreachable the enclave may be paused (decision 0015).
@@ -154,8 +266,10 @@ class Witnessing:
         self.witnesses = tuple(witnesses)
         self.quorum = quorum
         self._writer = writer
-        self._post = post
+        self._post = post or KeepAlivePost()
         self._clock = clock
+        self._monotonic = monotonic
+        self.pacing = pacing or WitnessPacing()
         self._timeout = timeout_s
         self._poll = poll_s
         self._backoff = backoff_s
@@ -170,6 +284,9 @@ class Witnessing:
         self._delivery_wanted = anyio.Event()
         self.delivery_error: str | None = None
         self._wake = anyio.Event()  # `nudge`: a call waits for its decision to be witnessed
+        self._nudges = 0
+        self._round = _Round()
+        self._sizes: OrderedDict[bytes, int] = OrderedDict()
 
     # --- What the relay serves -------------------------------------------------------------------
 
@@ -186,7 +303,8 @@ class Witnessing:
         }
 
     def nudge(self) -> None:
-        """Look for a new checkpoint now rather than at the next poll (a call is waiting)."""
+        """Send the newest checkpoint now, bypassing the pacing (a call is waiting)."""
+        self._nudges += 1
         self._wake.set()
         self._wake = anyio.Event()
 
@@ -229,15 +347,56 @@ class Witnessing:
         except Exception as exc:  # a missing or unreadable copy is rebuilt from the witnesses
             log.warning("cannot read the stored %s: %s", COSIGNED_PATH, exc)
 
+    def _size_of(self, note: bytes) -> int:
+        size = self._sizes.get(note)
+        if size is None:
+            size = self._sizes[note] = _size(note)
+            while len(self._sizes) > _KEEP_NOTES:
+                self._sizes.popitem(last=False)
+        return size
+
+    def round_delay(self, size: int, nudges: int) -> float:
+        """Seconds until a checkpoint of `size` may start a new round (0: now)."""
+        r = self._round
+        if nudges != r.nudges:  # a call waits for its decision to be witnessed
+            return 0.0
+        # The round's checkpoint does not cover this run's key entry: nothing is granted until it does.
+        key = self._writer().store.latest_key_entry(size)
+        if key is not None and key >= r.size:
+            return 0.0
+        return self.pacing.delay(self._monotonic(), r.at, r.size, size)
+
+    def target(self) -> tuple[bytes | None, float]:
+        """The checkpoint every witness is to cosign now, and how long until a newer one may be chosen.
+
+        One choice for all witnesses (a round): were each paced on its own, they would be sent
+        different checkpoints of a growing log and no note would ever gather a quorum.
+        """
+        nudges = self._nudges  # read before the note: the note then covers what they wait for
+        note = self._writer().latest_checkpoint()
+        r = self._round
+        if note is None or note == r.note:
+            self._round = dataclasses.replace(r, nudges=nudges)
+            return r.note, self._poll
+        size = self._size_of(note)
+        wait = self.round_delay(size, nudges)
+        if wait > 0:
+            return r.note, wait
+        self._round = _Round(note, size, self._monotonic(), nudges)
+        return note, self._poll
+
+    async def _idle(self, seconds: float) -> None:
+        wake = self._wake
+        with anyio.move_on_after(seconds):
+            await wake.wait()
+
     async def _run_one(self, witness: WitnessConfig) -> None:
         status = self.status[witness.name]
         delay = self._backoff[0]
         while True:
-            note = self._writer().latest_checkpoint()
+            note, wait = self.target()
             if note is None or note == status.cosigned_note:
-                wake = self._wake
-                with anyio.move_on_after(self._poll):
-                    await wake.wait()
+                await self._idle(min(wait, self._poll))
                 continue
             try:
                 await self._submit(witness, note)
@@ -252,7 +411,7 @@ class Witnessing:
 
     async def _submit(self, witness: WitnessConfig, note: bytes) -> None:
         status = self.status[witness.name]
-        size = _size(note)
+        size = self._size_of(note)
         reply = await self._add_checkpoint(witness, status.witnessed_size or 0, size, note)
         if reply.status == 409:
             # The witness is at another size than we thought (a relay restart, another relay):

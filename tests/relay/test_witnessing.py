@@ -16,7 +16,7 @@ import pytest
 
 from cloister.relay.config import WitnessConfig
 from cloister.relay.storage import LocalBackend, LogWriter
-from cloister.relay.witnessing import COSIGNED_PATH, Witnessing
+from cloister.relay.witnessing import COSIGNED_PATH, HttpReply, KeepAlivePost, Witnessing, WitnessPacing
 from cloister.verify.checkpoint import verify_checkpoint
 from cloister.verify.cosignature import CosignaturePolicy, verify_cosignatures
 from cloister.verify.errors import VerificationError
@@ -262,7 +262,11 @@ def test_quorum_checkpoints_reach_the_enclave_and_a_failed_handover_is_retried(t
         async with anyio.create_task_group() as tg:
             tg.start_soon(wit.run)
             await grow(writer, log, 3)  # then idle: no new checkpoint will come
-            await wait_until(lambda: bool(delivered), "the hand-over to succeed after two failures")
+            # Paced: size 1 may be cosigned (and handed over) before size 3 is sent.
+            await wait_until(
+                lambda: bool(delivered) and int(delivered[-1].split(b"\n")[1]) == 3,
+                "the hand-over to succeed after two failures",
+            )
             tg.cancel_scope.cancel()
         assert failures == [0] and wit.delivery_error is None
         note = delivered[-1]
@@ -308,3 +312,289 @@ def test_a_witness_ahead_of_storage_is_reported_as_a_rollback(tmp_path: Path, lo
         run(main)
     finally:
         w1.stop()
+
+
+# --- Pacing (decision 0025) ---------------------------------------------------------------------
+
+
+def test_pacing_delay_is_the_interval_or_the_entries_whichever_first() -> None:
+    p = WitnessPacing(interval_s=0.5, max_entries=100)
+    assert p.delay(now=10.0, last_sent_at=None, last_sent_size=0, size=1) == 0  # never sent: now
+    assert p.delay(now=10.0, last_sent_at=10.0, last_sent_size=5, size=6) == 0.5
+    assert p.delay(now=10.4, last_sent_at=10.0, last_sent_size=5, size=104) == pytest.approx(0.1)
+    assert p.delay(now=10.4, last_sent_at=10.0, last_sent_size=5, size=105) == 0  # 100 entries
+    assert p.delay(now=10.5, last_sent_at=10.0, last_sent_size=5, size=6) == 0  # the interval passed
+    assert p.delay(now=99.0, last_sent_at=10.0, last_sent_size=5, size=6) == 0  # after a quiet spell
+    for bad in ({"interval_s": -1}, {"interval_s": 6}, {"max_entries": 0}, {"max_entries": 501}):
+        with pytest.raises(ValueError):
+            WitnessPacing(**bad)
+
+
+def test_default_pacing_stays_far_below_the_enclaves_witness_gate() -> None:
+    from cloister.enclave.config import DEFAULT_MAX_UNWITNESSED_ENTRIES, DEFAULT_MAX_UNWITNESSED_S
+
+    p = WitnessPacing()
+    assert p.interval_s * 10 <= DEFAULT_MAX_UNWITNESSED_S
+    assert p.max_entries * 2 <= DEFAULT_MAX_UNWITNESSED_ENTRIES
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def stays(predicate: Callable[[], bool], seconds: float = 0.3) -> None:
+    """The predicate holds for a while (the witnessing loop polls every 20 ms meanwhile)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate()
+        await anyio.sleep(0.02)
+
+
+def test_checkpoints_are_paced_and_a_nudge_bypasses_the_pacing(tmp_path: Path, log: FakeLog) -> None:
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    clock = FakeMonotonic()
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = Witnessing(
+            [w1.config],
+            1,
+            lambda: writer,
+            poll_s=0.02,
+            timeout_s=2,
+            backoff_s=(0.05, 0.2),
+            monotonic=clock,
+            pacing=WitnessPacing(interval_s=5, max_entries=10),
+        )
+        status = wit.status["witness.test/w1"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 1)
+            await wait_until(lambda: status.witnessed_size == 1, "the first checkpoint sent at once")
+            # Within the interval and below the entries bound: held back, however long (clock frozen).
+            await grow(writer, log, 3)
+            await stays(lambda: status.witnessed_size == 1)
+            # A call waiting for its decision to be witnessed: sent now.
+            wit.nudge()
+            await wait_until(lambda: status.witnessed_size == 4, "the nudged checkpoint")
+            # Ten entries since the last one sent: sent without waiting for the interval.
+            await grow(writer, log, 9)
+            await stays(lambda: status.witnessed_size == 4, 0.1)
+            await grow(writer, log, 1)
+            await wait_until(lambda: status.witnessed_size == 14, "the entries bound")
+            # The interval passes: what accumulated goes.
+            await grow(writer, log, 2)
+            await stays(lambda: status.witnessed_size == 14, 0.1)
+            clock.now += 5
+            await wait_until(lambda: status.witnessed_size == 16, "the interval bound")
+            tg.cancel_scope.cancel()
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+
+
+def test_a_new_runs_key_entry_is_witnessed_without_waiting_for_the_pacing(tmp_path: Path, log: FakeLog) -> None:
+    """The enclave grants nothing until its start (key entry) is witnessed: that checkpoint goes at once."""
+    from tests.relay.storage.conftest import key_entry
+
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    clock = FakeMonotonic()
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = Witnessing(
+            [w1.config],
+            1,
+            lambda: writer,
+            poll_s=0.02,
+            timeout_s=2,
+            monotonic=clock,
+            pacing=WitnessPacing(interval_s=5, max_entries=100),
+        )
+        status = wit.status["witness.test/w1"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 2)
+            await wait_until(lambda: status.witnessed_size == 2, "the first checkpoint")
+            await grow(writer, log, 1)
+            await stays(lambda: status.witnessed_size == 2, 0.1)
+            # An enclave restart appends its key entry: no waiting for the interval.
+            a = log.append([key_entry(1, 2)])
+            await writer.persist(a.first_index, list(a.entries), a.checkpoint)
+            await wait_until(lambda: status.witnessed_size == 4, "the key entry's checkpoint")
+            tg.cancel_scope.cancel()
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+
+
+def test_one_kept_alive_connection_per_witness_and_a_stale_one_is_replaced(tmp_path: Path, log: FakeLog) -> None:
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    w1.server.request_timeout = 0.3  # the witness drops a connection idle this long
+    accepted: list[object] = []
+    process = w1.server.process_request
+
+    def counting(request: object, client_address: object) -> None:
+        accepted.append(client_address)
+        process(request, client_address)
+
+    w1.server.process_request = counting  # type: ignore[method-assign]
+    post = KeepAlivePost()
+    url = w1.config.url + "/add-checkpoint"
+
+    async def main() -> None:
+        for _ in range(3):
+            reply = await post(url, b"old 0\n\n" + log.append([entry(log.size)]).checkpoint, 2)
+            assert reply.status in (200, 409)
+        assert len(accepted) == 1
+        await anyio.sleep(0.6)  # the witness closed it meanwhile: sent again on a new connection
+        reply = await post(url, b"garbage", 2)
+        assert reply.status == 400 and len(accepted) == 2
+        post.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+
+
+def test_pacing_settings_in_the_relay_config(tmp_path: Path) -> None:
+    from cloister.relay.config import ConfigError, load_relay_config
+
+    path = tmp_path / "relay.toml"
+    path.write_text('[relay]\nenclave = "unix:/x"\n')
+    c = load_relay_config(path)
+    assert (c.witness_interval_ms, c.witness_every, c.publish_interval_ms, c.publish_every) == (250, 256, 1000, 4096)
+    assert WitnessPacing(c.witness_interval_ms / 1000, c.witness_every) == WitnessPacing()
+    path.write_text(
+        '[relay]\nenclave = "unix:/x"\nwitness_interval_ms = 100\nwitness_every = 32\n'
+        "publish_interval_ms = 200\npublish_every = 64\n"
+    )
+    c = load_relay_config(path)
+    assert (c.witness_interval_ms, c.witness_every, c.publish_interval_ms, c.publish_every) == (100, 32, 200, 64)
+    # Pacing that could starve the enclave's witness gate (1000 entries, 10 s) is refused.
+    for bad in ("witness_every = 1000", "witness_interval_ms = 10000", "publish_every = 0", "witness_every = 1.5"):
+        path.write_text(f'[relay]\nenclave = "unix:/x"\n{bad}\n')
+        with pytest.raises(ConfigError, match=bad.split(" ")[0]):
+            load_relay_config(path)
+
+
+def test_the_relay_applies_its_pacing_settings(tmp_path: Path, log: FakeLog) -> None:
+    """The settings reach what they pace: the relay's Witnessing and its log writer."""
+    import dataclasses
+
+    from cloister.relay.config import load_relay_config
+    from cloister.relay.lifecycle import open_storage
+    from cloister.relay.relay import Relay
+
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'[relay]\nenclave = "unix:/x"\nrun_dir = "{tmp_path / "run"}"\nwitness_interval_ms = 100\n'
+        "witness_every = 32\npublish_interval_ms = 200\npublish_every = 64\n"
+    )
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    try:
+        config = dataclasses.replace(load_relay_config(path), witnesses=(w1.config,), witness_quorum=1)
+        relay = Relay(config)
+        assert relay.witnessing is not None and relay.witnessing.pacing == WitnessPacing(0.1, 32)
+    finally:
+        w1.stop()
+
+    async def main() -> None:
+        writer = await open_storage(
+            str(tmp_path / "log"),
+            s3_endpoint_url=None,
+            body_retention_days=None,
+            publish_every=config.publish_every,
+            publish_interval_ms=config.publish_interval_ms,
+        )
+        try:
+            assert (writer._opts.materialize_every, writer._opts.materialize_interval_ms) == (64, 200)
+        finally:
+            await writer.close()
+
+    run(main)
+
+
+def test_default_pacing_sends_on_entries_even_if_the_clock_stands_still(tmp_path: Path, log: FakeLog) -> None:
+    """A busy log is witnessed every 256 entries at the latest, well before the gate's 1,000."""
+    w1 = Served(tmp_path, "witness.test/w1", 11, log)
+    clock = FakeMonotonic()
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = Witnessing([w1.config], 1, lambda: writer, poll_s=0.02, timeout_s=2, monotonic=clock)
+        status = wit.status["witness.test/w1"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 1)
+            await wait_until(lambda: status.witnessed_size == 1, "the first checkpoint")
+            await grow(writer, log, 254)
+            await stays(lambda: status.witnessed_size == 1, 0.1)
+            await grow(writer, log, 300)
+            await wait_until(lambda: (status.witnessed_size or 0) >= 257, "a checkpoint after 256 entries")
+            tg.cancel_scope.cancel()
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+
+
+def test_witnesses_get_the_same_checkpoint_so_a_growing_log_reaches_a_quorum(tmp_path: Path, log: FakeLog) -> None:
+    """Witnesses answering at different speeds while calls keep coming: each round sends all of
+    them one checkpoint, so a quorum forms on it (paced each on its own, they were sent different
+    checkpoints of the growing log, no note ever had a quorum, and the enclave paused at 1,000)."""
+    w1, w2 = Served(tmp_path, "witness.test/w1", 11, log), Served(tmp_path, "witness.test/w2", 12, log)
+    clock = FakeMonotonic()
+    default = KeepAlivePost()
+
+    async def post(url: str, body: bytes, timeout: float) -> HttpReply:
+        if url.startswith(w2.config.url):
+            await anyio.sleep(0.03)  # the slower witness
+        return await default(url, body, timeout)
+
+    delivered: list[int] = []
+
+    async def deliver(note: bytes) -> None:
+        delivered.append(int(note.split(b"\n")[1]))
+
+    async def main() -> None:
+        writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
+        wit = Witnessing(
+            [w1.config, w2.config],
+            2,
+            lambda: writer,
+            post=post,
+            poll_s=0.02,
+            timeout_s=2,
+            monotonic=clock,
+            pacing=WitnessPacing(interval_s=5, max_entries=10),
+            deliver=deliver,
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            for _ in range(40):  # calls keep coming, never a pause for the witnesses to catch up
+                await grow(writer, log, 3)
+                await anyio.sleep(0.005)
+            await wait_until(lambda: bool(delivered) and delivered[-1] >= 100, "a quorum beyond 100 entries")
+            tg.cancel_scope.cancel()
+        default.close()
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+        w2.stop()

@@ -275,6 +275,8 @@ class LogStore:
                     decoded.valid_length,
                     decoded.torn_reason,
                 )
+            if decoded.valid_length < len(chunk.data):
+                # A torn write, or the preallocated zeros after the last frame.
                 self.backend.wal_truncate_tail(chunk, decoded.valid_length)
             frames.extend(decoded.frames)
             next_seq = chunk.first_seq + len(decoded.frames)

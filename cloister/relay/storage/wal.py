@@ -8,7 +8,9 @@ The CRC (zlib's CRC-32) covers seq, length and payload, so a frame is valid as a
 at all: a crash in the middle of a write can leave a *torn* last frame, which is cut off on
 open because nothing in it was acknowledged (acknowledgment waits for the fsync). A bad frame
 that is *followed* by more data cannot be a torn write (the next frame is only written after
-the previous one's fsync returned), so it is reported as corruption.
+the previous one's fsync returned), so it is reported as corruption. Local segments are
+preallocated with zeros (parent.storage.local): zeros after the last frame are unused space, and
+a bad frame followed only by zeros is the torn last write.
 
 The payload is a sequence of records, each starting with a type byte:
 
@@ -177,17 +179,18 @@ def _decode_records(payload: bytes, where: str) -> tuple[WalRecord, ...]:
 @dataclass(frozen=True)
 class DecodedChunk:
     frames: tuple[Frame, ...]
-    # Length of the valid prefix; less than the chunk's length if a torn tail was found.
+    # Length of the valid prefix; less than the chunk's length if a torn or preallocated tail was found.
     valid_length: int
-    torn_reason: str | None
+    torn_reason: str | None  # None for a clean end or an all-zero (preallocated, unused) tail
 
 
 def decode_chunk(data: bytes, name: str, first_seq: int, *, tail_may_tear: bool) -> DecodedChunk:
     """Split a WAL chunk into frames and check their sequence numbers.
 
-    With `tail_may_tear` (the last chunk of a local WAL), an invalid frame that reaches the end
-    of the chunk, or zero bytes up to the end, is a torn write: decoding stops before it and
-    reports it. Anything else invalid raises StorageCorruption naming the chunk and offset.
+    With `tail_may_tear` (the last chunk of a local WAL), zero bytes up to the end are unused
+    preallocated space, and an invalid frame followed by nothing but zeros is a torn write:
+    decoding stops before either (reporting only the torn write). Anything else invalid raises
+    StorageCorruption naming the chunk and offset.
     """
     frames: list[Frame] = []
     off, end = 0, len(data)
@@ -203,8 +206,12 @@ def decode_chunk(data: bytes, name: str, first_seq: int, *, tail_may_tear: bool)
             magic, seq, length, crc = _HEADER.unpack_from(data, off)
             frame_end = off + _HEADER.size + length
             if magic != MAGIC:
+                if not any(data[off:]) and tail_may_tear:
+                    return DecodedChunk(tuple(frames), off, None)  # preallocated, never written
                 if not any(data[off:]):
                     torn = f"{rest} zero bytes instead of a frame"
+                elif not any(data[off + _HEADER.size :]):
+                    torn = "a partly written frame header, then zeros"
                 else:
                     problem = f"no frame magic {MAGIC!r} (found {bytes(magic)!r})"
             elif length > MAX_FRAME_PAYLOAD:
@@ -214,7 +221,7 @@ def decode_chunk(data: bytes, name: str, first_seq: int, *, tail_may_tear: bool)
             else:
                 payload = data[off + _HEADER.size : frame_end]
                 if zlib.crc32(payload, zlib.crc32(_SEQ_LEN.pack(seq, length))) != crc:
-                    if frame_end == end:
+                    if frame_end == end or not any(data[frame_end:]):
                         torn = "the last frame's CRC does not match"
                     else:
                         problem = (

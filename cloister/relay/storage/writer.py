@@ -8,8 +8,10 @@ to the last one it was given, and a checkpoint covering them, are durable: that 
 
 Group commit: one flusher task hands everything accepted so far to the WAL thread as one batch
 (one frame: one fsync or one PUT), and while that write runs, new requests accumulate for the
-next one. A materializer task writes tiles and publishes the checkpoint every
-`materialize_every` entries or `materialize_interval_ms`, off the acknowledgment path.
+next one. A body (`put_body`) lingers up to `body_linger_ms` for the next persist, so a call's
+arguments share the outcome's frame instead of costing a sync of their own. A materializer task
+writes tiles and publishes the checkpoint every `materialize_every` entries or
+`materialize_interval_ms`, whichever first, off the acknowledgment path.
 
 Entries received twice (a late response, a SyncLog after a relay restart) must be byte-equal to
 what the writer already has; checkpoints must agree with the entries' root. Anything else is a
@@ -24,9 +26,10 @@ import heapq
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from cloister.relay.storage.base import Backend
 from cloister.relay.storage.bodies import BodyRecord, check_body_kind
@@ -56,7 +59,24 @@ class WriterOptions:
     max_reorder_bytes: int = 128 << 20
     max_unmaterialized: int = 1 << 20  # durable entries not yet in tiles before the WAL waits
     body_retention_days: float | None = None  # None: keep forever; 0: do not keep bodies
+    # A body waits this long for the next persist to share its WAL frame (one sync, not two)
+    # before it is written on its own; awaiting its future writes it at once.
+    body_linger_ms: int = 50
     body_prune_interval_s: float = 3600.0
+
+
+class _BodyDurable(asyncio.Future[None]):
+    """put_body's future: awaiting it asks the flusher to write the body now rather than let it
+    linger for the next persist."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, kick: asyncio.Event) -> None:
+        super().__init__(loop=loop)
+        self._kick = kick
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if not self.done():
+            self._kick.set()
+        return (yield from super().__await__())
 
 
 class LogWriter:
@@ -86,6 +106,7 @@ class LogWriter:
         self._closing = False
         self._closed = False
         self._wake = asyncio.Event()
+        self._linger: asyncio.TimerHandle | None = None
         self._mat_kick = asyncio.Event()
         self._materialized = asyncio.Event()
         self._flusher = asyncio.create_task(self._flush_loop(), name="cloister-log-flusher")
@@ -307,6 +328,9 @@ class LogWriter:
         batch.bodies = [b for b, _ in self._bodies]
         futures = [f for _, f in self._bodies]
         self._bodies = []
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         return batch, futures
 
     async def _flush_loop(self) -> None:
@@ -401,6 +425,9 @@ class LogWriter:
         if self._closed:
             return
         self._closing = True
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         self._wake.set()
         self._mat_kick.set()
         await asyncio.gather(self._flusher, self._materializer, return_exceptions=True)
@@ -477,21 +504,30 @@ class LogWriter:
     def put_body(self, index: int, kind: str, data: bytes) -> asyncio.Future[None]:
         """Store the body that entry `index` commits to; the returned future resolves when durable.
 
-        The body joins the next group commit. Called before `persist` of an index >= `index`,
-        that persist is acknowledged only after the body is durable too. With a retention of 0
-        days bodies are not kept and the future is already done.
+        The body joins the next group commit (at most `body_linger_ms` later; at once if the
+        future is awaited directly, not through wait_for or gather). Called before `persist` of
+        an index >= `index`, that persist is acknowledged only after the body is durable too.
+        With a retention of 0 days bodies are not kept and the future is already done.
         """
         self._usable()
         kind_ = check_body_kind(kind)
-        fut: asyncio.Future[None] = self._loop.create_future()
+        fut = _BodyDurable(self._loop, self._wake)
         if self._opts.body_retention_days == 0:
             fut.set_result(None)
             return fut
         self._bodies.append((BodyRecord.of(index, kind_, bytes(data), now_ms()), fut))
         # Callers may drop the future (the entry's persist covers it): retrieve its exception.
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._wake.set()
+        if self._opts.body_linger_ms <= 0:
+            self._wake.set()
+        elif self._linger is None:
+            self._linger = self._loop.call_later(self._opts.body_linger_ms / 1000, self._linger_over)
         return fut
+
+    def _linger_over(self) -> None:
+        self._linger = None
+        if self._bodies:
+            self._wake.set()
 
     async def get_body_record(self, index: int, kind: str) -> BodyRecord | None:
         kind_ = check_body_kind(kind)

@@ -148,3 +148,80 @@ def test_body_futures_fail_when_the_writer_fails(log: FakeLog, log_dir: Path) ->
         await w.close()
 
     asyncio.run(main())
+
+
+def test_a_body_shares_the_next_persists_frame(log: FakeLog, log_dir: Path) -> None:
+    """A call's arguments wait for its outcome's persist: one WAL frame (one sync) for both."""
+    decision, outcome = log.append([entry(0)]), log.append([entry(1)])
+
+    async def main() -> None:
+        w = await open_writer(log_dir, body_linger_ms=60_000, materialize_interval_ms=60_000)
+        await w.persist(decision.first_index, decision.entries, decision.checkpoint)
+        frames = w.store.backend.stats.snapshot()["wal_appends"]
+        args = w.put_body(0, "args", ARGS)
+        await asyncio.sleep(0.05)  # the flusher would have written it by now if woken
+        assert not args.done() and w.store.backend.stats.snapshot()["wal_appends"] == frames
+        assert await w.get_body(0, "args") == ARGS  # readable while it lingers
+        await w.persist(outcome.first_index, outcome.entries, outcome.checkpoint)
+        assert args.done() and args.exception() is None
+        assert w.store.backend.stats.snapshot()["wal_appends"] == frames + 1
+        await w.close()
+
+    asyncio.run(main())
+
+
+def test_awaiting_a_body_writes_it_at_once(log: FakeLog, log_dir: Path) -> None:
+    a = log.append([entry(0)])
+
+    async def main() -> None:
+        w = await open_writer(log_dir, body_linger_ms=600_000)
+        await w.persist(a.first_index, a.entries, a.checkpoint)
+
+        async def put() -> None:
+            await w.put_body(0, "args", ARGS)  # awaited directly: that is the request to write it
+
+        await asyncio.wait_for(put(), 10)  # not after ten minutes
+        await w.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("linger_ms", [0, 30])
+def test_a_lingering_body_is_written_on_its_own_within_the_linger(
+    log: FakeLog, log_dir: Path, tmp_path: Path, linger_ms: int
+) -> None:
+    a = log.append([entry(0)])
+
+    async def main() -> None:
+        w = await open_writer(log_dir, body_linger_ms=linger_ms)
+        await w.persist(a.first_index, a.entries, a.checkpoint)
+        fut = w.put_body(0, "result", RESULT)
+        done, _ = await asyncio.wait([fut], timeout=10)  # asyncio.wait does not await the future itself
+        assert done
+        import shutil
+
+        shutil.copytree(log_dir, tmp_path / "image")
+        await w.close()
+
+    asyncio.run(main())
+    image = LogStore.open(LocalBackend(tmp_path / "image"))
+    rec = image.get_body_record(0, "result")
+    assert rec is not None and rec.data == RESULT
+    image.close()
+
+
+def test_close_writes_a_lingering_body(log: FakeLog, log_dir: Path) -> None:
+    a = log.append([entry(0)])
+
+    async def main() -> None:
+        w = await open_writer(log_dir, body_linger_ms=600_000)
+        await w.persist(a.first_index, a.entries, a.checkpoint)
+        fut = w.put_body(0, "args", ARGS)
+        await w.close()
+        assert fut.done() and fut.exception() is None
+
+    asyncio.run(main())
+    store = LogStore.open(LocalBackend(log_dir))
+    rec = store.get_body_record(0, "args")
+    assert rec is not None and rec.data == ARGS
+    store.close()

@@ -55,10 +55,46 @@ def test_torn_tail_is_cut_at_the_last_whole_frame(cut: int) -> None:
         decode_chunk(data, "seg", 0, tail_may_tear=False)
 
 
-def test_zeroes_after_the_last_frame_are_a_torn_write() -> None:
+def test_zeroes_after_the_last_frame_are_unused_preallocated_space() -> None:
     good = encode_frame(0, RECORDS)
     decoded = decode_chunk(good + bytes(5000), "seg", 0, tail_may_tear=True)
-    assert decoded.valid_length == len(good) and "zero bytes" in (decoded.torn_reason or "")
+    assert decoded.valid_length == len(good) and decoded.torn_reason is None
+    assert [f.seq for f in decoded.frames] == [0]
+    # Only the last local segment is preallocated: anywhere else zeros are not a frame.
+    with pytest.raises(StorageCorruption, match="zero bytes instead of a frame"):
+        decode_chunk(good + bytes(5000), "seg", 0, tail_may_tear=False)
+
+
+@pytest.mark.parametrize("cut", [1, 20, 21, 40, -1])
+def test_a_torn_frame_in_preallocated_space_is_cut(cut: int) -> None:
+    """The last write tore inside the zeros: whatever part of it landed, then zeros to the end."""
+    good = encode_frame(0, RECORDS)
+    last = encode_frame(1, [WalEntries(13, (b"x" * 100,))])
+    data = good + last[:cut] + bytes(4096)
+    decoded = decode_chunk(data, "seg", 0, tail_may_tear=True)
+    assert decoded.valid_length == len(good) and decoded.torn_reason
+    assert [f.seq for f in decoded.frames] == [0]
+
+
+def test_a_torn_frame_with_its_first_bytes_zero_is_cut() -> None:
+    # The frame's header made it but a later part of its payload is still zeros.
+    good = encode_frame(0, RECORDS)
+    last = bytearray(encode_frame(1, [WalEntries(13, (b"x" * 600,))]))
+    last[300:] = bytes(len(last) - 300)
+    decoded = decode_chunk(good + bytes(last) + bytes(4096), "seg", 0, tail_may_tear=True)
+    assert decoded.valid_length == len(good) and "CRC" in (decoded.torn_reason or "")
+
+
+def test_a_bad_frame_followed_by_data_in_preallocated_space_is_corruption() -> None:
+    # Zeros after it do not excuse a bad frame that a later frame follows (it was synced).
+    f0, f1, f2 = (encode_frame(i, [WalEntries(i, (b"e%d" % i,))]) for i in range(3))
+    flip = bytearray(f1)
+    flip[-1] ^= 1
+    with pytest.raises(StorageCorruption, match="not a torn write"):
+        decode_chunk(f0 + bytes(flip) + f2 + bytes(4096), "seg", 0, tail_may_tear=True)
+    # Nor do zeros make garbage beyond a frame header after the last frame a torn write.
+    with pytest.raises(StorageCorruption, match="no frame magic"):
+        decode_chunk(f0 + b"garbage" * 4 + bytes(4096), "seg", 0, tail_may_tear=True)
 
 
 def test_bad_crc_in_the_last_frame_is_torn_but_in_the_middle_is_corruption() -> None:
