@@ -606,9 +606,8 @@ def send_and_read(c: socket.socket, payload: bytes) -> bytes:
 
 
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux-only")
+@pytest.mark.parametrize("sockdir", ["splice"], indirect=True)  # splice mode only
 def test_splice_mode_moves_the_bytes_with_splice(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    if MODE != "splice":
-        pytest.skip("splice mode only")
     calls = []
     real = os.splice
 
@@ -624,12 +623,11 @@ def test_splice_mode_moves_the_bytes_with_splice(rig: Rig, monkeypatch: pytest.M
 
 
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux-only")
+@pytest.mark.parametrize("sockdir", ["splice"], indirect=True)  # splice mode only
 def test_a_socket_that_refuses_splice_is_copied_instead(
     rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """AF_VSOCK on an older kernel may refuse splice(2) (EINVAL): the bridge copies instead."""
-    if MODE != "splice":
-        pytest.skip("splice mode only")
 
     def refuse(*_args: int) -> int:
         raise OSError(22, "Invalid argument")
