@@ -318,6 +318,11 @@ class HoldingProxy:
 
     def close(self) -> None:
         self.cut()
+        # close() alone does not wake a thread blocked in accept(); shutdown() does (EINVAL), so
+        # the joins below end at once. They used to wait out their 5 s timeouts, which under
+        # libfaketime (CI's second pass) never ended: the timed wait is measured on the faked clock.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         for t in self._threads:
             t.join(5)
