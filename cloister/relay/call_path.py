@@ -43,7 +43,7 @@ from cloister.relay.codes import (
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.observe import CallObserver
 from cloister.relay.state import RelayState
-from cloister.relay.upstreams import Upstream, UpstreamError, Upstreams
+from cloister.relay.upstreams import Upstream, UpstreamError, Upstreams, wire_value
 from cloister.verify.errors import DecodeError
 from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY, GrantError, read_grant
 from cloister.verify.key_evidence import DECISION_EVIDENCE_META_KEY, KEY_EVIDENCE_META_KEY
@@ -344,7 +344,11 @@ class CallPath:
         duration_us = int((time.monotonic() - started) * 1_000_000)
         with anyio.CancelScope(shield=True), anyio.move_on_after(OUTCOME_RECORD_TIMEOUT_S) as deadline:
             outcome = await self._record_outcome(
-                verdict.log_index, _dumped(result), str(failure) if failure else "", duration_us, ""
+                verdict.log_index,
+                None if result is None else wire_value(result),
+                str(failure) if failure else "",
+                duration_us,
+                "",
             )
             await self._persist_or_fail(outcome.log)
         if deadline.cancelled_caught:
@@ -591,13 +595,8 @@ async def forward_call(
     if progress is None:
         # The lean call (decision 0024): the result exactly as the upstream sent (and signed) it.
         return await upstream.call_json(tool, arguments, meta)
-    # Progress flows through the SDK session's handlers: the SDK call, dumped as it was sent.
-    result = await upstream.call(tool, arguments, meta, progress)
-    return result.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-def _dumped(result: BaseModel | None) -> dict[str, Any] | None:
-    return None if result is None else result.model_dump(mode="json", by_alias=True, exclude_none=True)
+    # Progress flows through the SDK session's handlers: the SDK call, as it was sent.
+    return wire_value(await upstream.call(tool, arguments, meta, progress))
 
 
 class _Flagged:

@@ -46,7 +46,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 from opentelemetry.trace import SpanKind
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from cloister.relay.config import UpstreamConfig
 from cloister.relay.upstream_http import (
@@ -474,8 +474,7 @@ class Upstream:
         progress: a caller that wants the upstream's progress uses `call`."""
         client, lean = self._client, self._lean
         if client is None or lean is None:
-            result = await self.call(tool, arguments, meta)
-            return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+            return wire_value(await self.call(tool, arguments, meta))
         modern = client.protocol_version in MODERN_PROTOCOL_VERSIONS
         try:
             with anyio.fail_after(self.config.timeout_s):
@@ -504,8 +503,7 @@ class Upstream:
             raise UpstreamError("unavailable", f"upstream {self.name!r} connection failed: {exc!r}"[:500]) from exc
         # A redirect, or HEADER_MISMATCH (2026-07-28: the tool's listed schema is stale; the SDK's
         # call re-lists it and resends once, as the spec says).
-        result = await self.call(tool, arguments, meta)
-        return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return wire_value(await self.call(tool, arguments, meta))
 
     async def _lean_call(
         self,
@@ -667,6 +665,11 @@ async def _courtesy_cancel(lean: LeanSession, rid: str, headers: dict[str, str])
 
 def _mcp(exc: MCPError) -> tuple[int, str, Any]:
     return exc.code, exc.message, exc.data
+
+
+def wire_value(model: BaseModel) -> dict[str, Any]:
+    """A typed MCP result as the JSON it is sent as (aliases, no nulls)."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def bounded_listing(server: str, what: str, items: list[_R]) -> list[_R]:

@@ -223,12 +223,14 @@ class Cosignatures:
 
     def __init__(self) -> None:
         self._by_note: OrderedDict[bytes, dict[str, bytes]] = OrderedDict()
+        self._size: dict[bytes, int] = {}  # each kept note's tree size, parsed once by the caller
 
-    def add(self, note: bytes, witness: str, line: bytes) -> None:
+    def add(self, note: bytes, size: int, witness: str, line: bytes) -> None:
         self._by_note.setdefault(note, {})[witness] = line
         self._by_note.move_to_end(note)
+        self._size[note] = size
         while len(self._by_note) > _KEEP_NOTES:
-            self._by_note.popitem(last=False)
+            del self._size[self._by_note.popitem(last=False)[0]]
 
     def with_quorum(self, note: bytes, quorum: int) -> bytes | None:
         """`note` with its cosignature lines, if at least `quorum` witnesses cosigned it."""
@@ -239,7 +241,7 @@ class Cosignatures:
         """The newest checkpoint with `quorum` cosignatures, else the one with the most (then newest)."""
         if not self._by_note:
             return None
-        ranked = max(self._by_note.items(), key=lambda kv: (len(kv[1]) >= quorum, len(kv[1]), _size(kv[0])))
+        ranked = max(self._by_note.items(), key=lambda kv: (len(kv[1]) >= quorum, len(kv[1]), self._size[kv[0]]))
         note, lines = ranked
         return note + b"".join(lines[name] for name in sorted(lines))
 
@@ -437,7 +439,7 @@ class Witnessing:
         status.failures = 0
         status.last_error = None
         status.last_cosigned_at = self._clock()
-        self._cosignatures.add(note, witness.name, line)
+        self._cosignatures.add(note, size, witness.name, line)
         quorate = self._cosignatures.with_quorum(note, self.quorum)
         if quorate is not None and (self._quorum_note is None or size > self._quorum_note[0]):
             self._quorum_note = (size, quorate)
