@@ -279,6 +279,8 @@ class Witnessing:
         self.status = {w.name: WitnessStatus(w.name) for w in self.witnesses}
         self._cosignatures = Cosignatures()
         self._served: bytes | None = None
+        self._stored: bytes | None = None  # what COSIGNED_PATH holds, as far as this process wrote it
+        self._store_lock = anyio.Lock()  # one write at a time, so an older note never lands last
         self._changed = anyio.Event()
         self._deliver = deliver
         self._quorum_note: tuple[int, bytes] | None = None  # (size, cosigned note) newest with a quorum
@@ -345,7 +347,7 @@ class Witnessing:
     async def _load_stored(self) -> None:
         try:
             backend = self._writer().store.backend
-            self._served = await anyio.to_thread.run_sync(backend.read, COSIGNED_PATH)
+            self._served = self._stored = await anyio.to_thread.run_sync(backend.read, COSIGNED_PATH)
         except Exception as exc:  # a missing or unreadable copy is rebuilt from the witnesses
             log.warning("cannot read the stored %s: %s", COSIGNED_PATH, exc)
 
@@ -473,11 +475,19 @@ class Witnessing:
         self._served = best
         self._changed.set()
         self._changed = anyio.Event()
-        try:
-            backend = self._writer().store.backend
-            await anyio.to_thread.run_sync(backend.write, COSIGNED_PATH, best)
-        except Exception as exc:  # served from memory all the same
-            log.warning("cannot store %s: %s", COSIGNED_PATH, exc)
+        # Each witness's task publishes; their writes run in threads. Under one lock, each writes
+        # whatever is served by then, so the file ends with the newest note, not the slowest write's.
+        async with self._store_lock:
+            best = self._served
+            if best == self._stored:
+                return
+            try:
+                backend = self._writer().store.backend
+                await anyio.to_thread.run_sync(backend.write, COSIGNED_PATH, best)
+            except Exception as exc:  # served from memory all the same
+                log.warning("cannot store %s: %s", COSIGNED_PATH, exc)
+                return
+            self._stored = best
 
 
 def _parse_size(body: bytes) -> int:

@@ -102,6 +102,8 @@ def test_checkpoints_get_cosigned_as_the_log_grows(tmp_path: Path, log: FakeLog)
             await wait_until(lambda: cosigned_at(wit, 3) and served_size(wit) == 3, "size 3 cosigned")
             await grow(writer, log, 20)
             await wait_until(lambda: cosigned_at(wit, 23) and served_size(wit) == 23, "size 23 cosigned")
+            # Served from memory first; the stored copy follows in a thread.
+            await wait_until(lambda: (tmp_path / "log" / COSIGNED_PATH).read_bytes() == wit.cosigned(), "stored")
             tg.cancel_scope.cancel()
         note = wit.cosigned()
         assert note is not None
@@ -116,6 +118,59 @@ def test_checkpoints_get_cosigned_as_the_log_grows(tmp_path: Path, log: FakeLog)
             "witness.test/w1": 23,
             "witness.test/w2": 23,
         }
+        await writer.close()
+
+    try:
+        run(main)
+    finally:
+        w1.stop()
+        w2.stop()
+
+
+class SlowFirstCosignedWrite(LocalBackend):
+    """Storage whose first write of the cosigned checkpoint stalls until another one has landed."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.landed: list[tuple[int, int]] = []  # (tree size, cosignature lines) of each note, as written
+        self._stalled = False
+        self._other_landed = threading.Event()
+
+    def write(self, path: str, data: bytes) -> None:
+        if path != COSIGNED_PATH:
+            return super().write(path, data)
+        first, self._stalled = not self._stalled, True
+        if first:
+            self._other_landed.wait(timeout=2.0)  # with one writer at a time, no other can land
+        super().write(path, data)
+        self.landed.append((int(data.split(b"\n")[1]), data.count("\u2014".encode())))
+        if not first:
+            self._other_landed.set()
+
+
+def test_the_stored_cosigned_checkpoint_ends_with_the_newest_note(tmp_path: Path, log: FakeLog) -> None:
+    # Regression (CI, 2026-12-06): each witness's task stored the note it published in its own
+    # thread; a slow write of an older note (here the first witness's lone cosignature) could land
+    # after a newer one (both witnesses'), leaving the stored copy behind what was served. Writes
+    # now go one at a time, each of the note served by then.
+    w1, w2 = Served(tmp_path, "witness.test/w1", 11, log), Served(tmp_path, "witness.test/w2", 12, log)
+    backend = SlowFirstCosignedWrite(tmp_path / "log")
+
+    async def main() -> None:
+        writer = await LogWriter.open(backend)
+        wit = witnessing(writer, [w1.config, w2.config], 2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wit.run)
+            await grow(writer, log, 3)
+            await wait_until(lambda: cosigned_at(wit, 3) and served_size(wit) == 3, "size 3 cosigned")
+            # The log's own signature and both witnesses' lines: 3 lines, at size 3. (If both
+            # lines were in before the first write began, that one write is all there is.)
+            await wait_until(lambda: (3, 3) in backend.landed, "the full note stored", timeout=10)
+            await anyio.sleep(0.1)  # time for an older write to land over it, if one can
+            tg.cancel_scope.cancel()
+        assert backend.landed[-1] == (3, 3)
+        assert backend.landed == sorted(backend.landed)
+        assert (tmp_path / "log" / COSIGNED_PATH).read_bytes() == wit.cosigned()
         await writer.close()
 
     try:
