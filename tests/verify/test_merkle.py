@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -419,7 +418,9 @@ def test_random_trees_generated_proofs_verify(size: int, data: st.DataObject) ->
 # --- Performance: 10 million leaves ------------------------------------------------------------
 
 
-def test_proofs_at_ten_million_leaves_take_well_under_a_millisecond() -> None:
+def test_proofs_at_ten_million_leaves_read_a_logarithmic_number_of_nodes() -> None:
+    # What makes proofs cheap at any size: each reads O(log n) stored nodes. Counted, not timed
+    # (a timed assertion fails on a loaded machine; scripts/bench reports the time).
     # A tree whose leaves are all equal has one hash per level, so every perfect subtree is a
     # real node of a real 10M-leaf tree while get_node stays a dict lookup.
     size = 10_000_000
@@ -427,20 +428,23 @@ def test_proofs_at_ten_million_leaves_take_well_under_a_millisecond() -> None:
     for _ in range(size.bit_length()):
         per_level.append(node_hash(per_level[-1], per_level[-1]))
     nodes = dict(enumerate(per_level))
+    reads = [0]
 
     def get(level: int, index: int) -> bytes:
+        reads[0] += 1
         return nodes[level]
 
     root = CompactRange.from_hashes(size, compact_range_hashes(size, get)).root()
     rng = random.Random(3)
-    rounds = 300
-    start = time.perf_counter()
-    for _ in range(rounds):
+    most = 0
+    for _ in range(300):
+        reads[0] = 0
         index = rng.randrange(size)
         verify_inclusion(per_level[0], index, size, inclusion_proof(index, size, get), root)
         size1 = rng.randrange(1, size)
         root1 = CompactRange.from_hashes(size1, compact_range_hashes(size1, get)).root()
         verify_consistency(size1, size, consistency_proof(size1, size, get), root1, root)
-    per_round = (time.perf_counter() - start) / rounds
-    # Each round generates and verifies one inclusion and one consistency proof (plus root1).
-    assert per_round < 1e-3, f"{per_round * 1e6:.0f} µs per inclusion + consistency round"
+        most = max(most, reads[0])
+    # One inclusion proof, one consistency proof and root1's compact range: at most ~log2(n)
+    # nodes each (80 measured at most over these rounds, for log2(n) = 24).
+    assert 0 < most <= 4 * size.bit_length(), most
