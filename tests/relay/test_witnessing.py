@@ -140,8 +140,11 @@ class SlowFirstCosignedWrite(LocalBackend):
         if path != COSIGNED_PATH:
             return super().write(path, data)
         first, self._stalled = not self._stalled, True
-        if first:
-            self._other_landed.wait(timeout=2.0)  # with one writer at a time, no other can land
+        if first:  # with one writer at a time, no other can land: give up after 2 s
+            # Polled, not Event.wait(timeout): a timed wait never ends under libfaketime (CI's 2nd pass).
+            deadline = time.monotonic() + 2.0
+            while not self._other_landed.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
         super().write(path, data)
         self.landed.append((int(data.split(b"\n")[1]), data.count("\u2014".encode())))
         if not first:
