@@ -56,6 +56,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloister.relay.agent_sessions import AgentSession
 from cloister.relay.call_path import split_tool_name
+from cloister.relay.input_rounds import Waiter
 
 if TYPE_CHECKING:
     from mcp.server import Server
@@ -660,8 +661,18 @@ class FastPath:
         name = params["name"]
         modern = post.routing is not None
         try:
-            with self.handlers.agents.flight(split_tool_name(name)[0], agent, cast(Any, to_agent)):
-                result = await self.handlers.call_json(post.token, name, params.get("arguments"), params.get("_meta"))
+            if modern:
+                # Input rounds (decision 0030): the same entry as the SDK's handler. A retry
+                # (inputResponses, requestState) is not taken here: the SDK serves it.
+                waiter = Waiter(to_agent, rid)
+                result = await self.handlers.call_modern(
+                    agent, name, params.get("arguments"), params.get("_meta"), None, None, waiter
+                )
+            else:
+                with self.handlers.agents.flight(split_tool_name(name)[0], agent, cast(Any, to_agent)):
+                    result = await self.handlers.call_json(
+                        post.token, name, params.get("arguments"), params.get("_meta")
+                    )
             # The runner's wire shaping (ServerRunner._serialize): sieved by the protocol version's
             # surface; at 2026-07-28, resultType and this server's serverInfo stamp.
             try:
