@@ -271,12 +271,19 @@ def test_an_agent_without_roots_answers_method_not_found(stack: Stack) -> None:
         async with client(stack, stack.token(), None) as c:
             got = json.loads(text(await c.call_tool("nosy___peek", {})))
         assert got["error"] == -32601 and "does not offer it" in got["message"], got
-        # A 2026-07-28 session takes no server-to-agent request: refused before any decision.
-        async with client(stack, stack.token(), Agent("file:///x"), mode="auto") as c:
+        # A 2026-07-28 agent that offers roots answers in an input round of its call (decision 0030).
+        modern = Agent("file:///x")
+        async with client(stack, stack.token(), modern, mode="auto") as c:
             assert c.protocol_version == "2026-07-28"
             result = await c.call_tool("nosy___peek", {})
             got = json.loads(text(result))
-        assert "roots" not in got and "cannot take it" in got["message"], got
+        assert got["roots"] == ["file:///x"] and modern.asked == 1, got
+        assert [e.tool for e in between(stack, result) if isinstance(e, DecisionEntry)] == ["roots/list:"]
+        # One that declares no roots is never asked: refused (-32601) before any decision.
+        async with client(stack, stack.token(), None, mode="auto") as c:
+            result = await c.call_tool("nosy___peek", {})
+            got = json.loads(text(result))
+        assert got["error"] == -32601 and "cannot take it" in got["message"], got
         assert not [e for e in between(stack, result) if isinstance(e, DecisionEntry)]
 
     anyio.run(go)
