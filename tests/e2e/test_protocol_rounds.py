@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
 from mcp import Client
@@ -175,9 +176,7 @@ def test_a_2026_agent_is_sampled_in_an_input_round_and_the_call_is_decided_once(
         inner = between(stack, result)
         decisions = [e for e in inner if isinstance(e, DecisionEntry)]
         # One decision for the call (not one per round), one for the sampling request, as the agent's.
-        assert [(e.tool, e.decision, e.agent) for e in decisions] == [
-            ("sampling/createMessage:", "allow", "test-bot")
-        ]
+        assert [(e.tool, e.decision, e.agent) for e in decisions] == [("sampling/createMessage:", "allow", "test-bot")]
         [answer] = [e for e in inner if isinstance(e, OutcomeEntry)]
         assert answer.result_sha256 == result_sha256(
             agent.answers[0].model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -218,6 +217,36 @@ def test_a_2026_upstreams_own_input_rounds_reach_the_2026_agent(stack: Stack) ->
             ("elicitation/create:", "allow", "test-bot"),
             ("sampling/createMessage:", "allow", "test-bot"),
         ]
+
+    anyio.run(go)
+
+
+def fast_path(stack: Stack) -> dict[str, int]:
+    r = httpx2.get(f"{stack.relay_url}/admin/fast-path", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    return {k: int(v) for k, v in r.json().items()}
+
+
+def test_the_fast_path_and_the_sdk_path_give_the_same_rounds(stack: Stack) -> None:
+    """The first request of a call is the fast path's (decision 0023) unless it asks for progress;
+    a retry (inputResponses) is always the SDK's. Both paths run the same rounds."""
+
+    async def go() -> None:
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            return None
+
+        agent = Agent()
+        async with client(stack, stack.token(), agent) as c:
+            before = fast_path(stack)
+            fast = await c.call_tool("modern___muse", {"topic": "paths"})
+            middle = fast_path(stack)
+            sdk = await c.call_tool("modern___muse", {"topic": "paths"}, progress_callback=on_progress)
+            after = fast_path(stack)
+        assert middle["calls"] == before["calls"] + 1 and after["calls"] == middle["calls"]  # who took the first
+        assert not fast.is_error and not sdk.is_error and text(fast) == text(sdk), (fast, sdk)
+        assert len(agent.sampled) == 2
+        for result in (fast, sdk):
+            decisions = [e for e in between(stack, result) if isinstance(e, DecisionEntry)]
+            assert [(e.tool, e.decision) for e in decisions] == [("sampling/createMessage:", "allow")]
 
     anyio.run(go)
 
