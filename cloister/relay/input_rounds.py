@@ -51,7 +51,7 @@ log = logging.getLogger("cloister.relay.rounds")
 
 ROUND_TTL_S = 60.0  # how long a round waits for the agent's retry
 MAX_PARKED_PER_AGENT = 16  # calls of one agent waiting on its retry (or abandoned, still running)
-MAX_PARKED = 1024  # ... of all agents
+MAX_PARKED = 256  # ... of all agents
 MAX_ASKS_PER_ROUND = 8  # input requests in one round; more go in the next
 REQUEST_CANCELLED = -32800  # the SDK's code for a request cancelled by its client
 # The call in rounds whose task this is: an upstream's request made inside that task (a 2026-07-28
@@ -186,8 +186,8 @@ class PendingCall:
         self.version = version
         self.agent = agent_digest(token)
         self.call_digest = arguments_digest(name, arguments)
-        caps = meta.get(CLIENT_CAPABILITIES_META_KEY) if isinstance(meta, dict) else None
-        self.connection = Connection.from_envelope(version, None, caps)
+        self._caps = meta.get(CLIENT_CAPABILITIES_META_KEY) if isinstance(meta, dict) else None
+        self._connection: Connection | None = None
         self.ctx = RoundContext(self)
         self.session = AgentSession(f"obj:{id(self)}", self.ctx, token)  # type: ignore[arg-type]
         self.flight: Flight | None = None  # while the call runs
@@ -199,6 +199,13 @@ class PendingCall:
         self.scope: anyio.CancelScope | None = None
         self.asked = 0
         self._changed = anyio.Event()
+
+    @property
+    def connection(self) -> Connection:
+        """The agent's capabilities as the SDK reads a request's envelope (parsed when first asked)."""
+        if self._connection is None:
+            self._connection = Connection.from_envelope(self.version, None, self._caps)
+        return self._connection
 
     @property
     def parked(self) -> bool:
@@ -294,6 +301,8 @@ class PendingCall:
             return "the agent abandoned this call's input rounds"
         if self.final is not None:
             return "the call has ended"
+        if len(self.queued) >= MAX_ASKS_PER_ROUND:
+            return f"{len(self.queued)} of its input requests already wait for the agent's next round"
         others = [c for c in self.rounds.calls.values() if c is not self and c.parked]
         if len(others) >= self.rounds.total:
             return f"{len(others)} calls are waiting on their agents' input (the relay's cap)"
