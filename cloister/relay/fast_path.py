@@ -311,8 +311,9 @@ class _ToAgent:
     """What a Flight's `ctx` (and `ctx.session`) offers the relay for a fast-path call: log
     messages and sampling/elicitation requests on the call's own stream (mcp_handlers uses
     `request_id`, `session.can_send_request`, `.protocol_version`, `.check_client_capability`,
-    `.send_request`, `.send_log_message`). At 2026-07-28 the server sends the agent no request,
-    and no log message unless the request opted in (such requests are the SDK's)."""
+    `.send_request`, `.send_log_message`). At 2026-07-28 the server sends the agent no request
+    (an upstream's question becomes an input round of the call: decision 0030, input_rounds), and
+    no log message unless the request opted in (such requests are the SDK's)."""
 
     def __init__(self, fast: FastPath, session_id: str, request_id: Any, version: str, reply: _Reply) -> None:
         self.fast = fast

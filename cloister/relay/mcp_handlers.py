@@ -6,9 +6,10 @@ under server-prefixed names and filtered like tools, read and got under the encl
 and logged like tool calls (`CallPath.governed`); completions for what the agent may see;
 progress and cancellation of calls; upstream log messages, and `logging/setLevel`; upstream
 sampling, elicitation and roots requests, decided as the agent's and logged, then sent to it
-(roots: decision 0027), and an agent's `notifications/roots/list_changed` to the upstreams it
-uses; and `notifications/*/list_changed` to every agent session when what it may see may have
-changed (an upstream's lists, its proven identity or its connection; the policy in force)."""
+(roots: decision 0027; to a 2026-07-28 agent as an input round of its call: decision 0030),
+and an agent's `notifications/roots/list_changed` to the upstreams it uses; and
+`notifications/*/list_changed` to every agent session when what it may see may have changed
+(an upstream's lists, its proven identity or its connection; the policy in force)."""
 
 from __future__ import annotations
 
@@ -624,10 +625,11 @@ class McpHandlers:
                     "unavailable", f"the {what} request did not reach the agent: {exc!r}"[:500]
                 ) from exc
 
+        # In a round, the upstream may withdraw its request, or its call may end under it (the
+        # upstream's deadline, the agent gone): either way the round is not answered.
+        cancelled = "cancelled by the upstream" if rounds is None else "cancelled by the upstream or with its call"
         try:
-            result, _ = await self.calls.governed(
-                flight.token, kind, server, "", request, forward, cancelled="cancelled by the upstream"
-            )
+            result, _ = await self.calls.governed(flight.token, kind, server, "", request, forward, cancelled=cancelled)
         except MCPError as exc:  # denied, or failed: the upstream gets the reason (and the log index)
             return types.ErrorData(code=exc.code, message=exc.message, data=exc.data)
         return result  # type: ignore[no-any-return]
