@@ -203,3 +203,30 @@ def test_a_retry_by_another_agent_is_refused_and_consumes_nothing(tmp_path: Path
         assert done["resultType"] == "complete"
 
     run(tmp_path, scenario)
+
+
+def test_two_retries_with_one_state_deliver_one_answer(tmp_path: Path) -> None:
+    """A replayed retry racing the agent's own: the round is consumed once, the other is refused."""
+
+    async def scenario(rig: Rig) -> None:
+        handlers, upstream = await setup(rig)
+        token, args = refund_bot(rig), {"customer_id": "c9"}
+        got = await first(handlers, token, args)
+        answers: list[Any] = []
+
+        async def one() -> None:
+            try:
+                answers.append(await retry(handlers, token, args, got["requestState"], {"cloister-1": sampled()}))
+            except MCPError as exc:
+                answers.append(exc.error.message)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            tg.start_soon(one)
+        done = [a for a in answers if isinstance(a, dict)]
+        refused = [a for a in answers if isinstance(a, str)]
+        assert len(done) == 1 and done[0]["resultType"] == "complete"
+        assert len(refused) == 1 and "names no input round" in refused[0]
+        assert len(upstream.got) == 1
+
+    run(tmp_path, scenario)
