@@ -56,6 +56,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloister.relay.agent_sessions import AgentSession
 from cloister.relay.call_path import split_tool_name
+from cloister.relay.input_rounds import Waiter
 
 if TYPE_CHECKING:
     from mcp.server import Server
@@ -310,8 +311,9 @@ class _ToAgent:
     """What a Flight's `ctx` (and `ctx.session`) offers the relay for a fast-path call: log
     messages and sampling/elicitation requests on the call's own stream (mcp_handlers uses
     `request_id`, `session.can_send_request`, `.protocol_version`, `.check_client_capability`,
-    `.send_request`, `.send_log_message`). At 2026-07-28 the server sends the agent no request,
-    and no log message unless the request opted in (such requests are the SDK's)."""
+    `.send_request`, `.send_log_message`). At 2026-07-28 the server sends the agent no request
+    (an upstream's question becomes an input round of the call: decision 0030, input_rounds), and
+    no log message unless the request opted in (such requests are the SDK's)."""
 
     def __init__(self, fast: FastPath, session_id: str, request_id: Any, version: str, reply: _Reply) -> None:
         self.fast = fast
@@ -660,8 +662,18 @@ class FastPath:
         name = params["name"]
         modern = post.routing is not None
         try:
-            with self.handlers.agents.flight(split_tool_name(name)[0], agent, cast(Any, to_agent)):
-                result = await self.handlers.call_json(post.token, name, params.get("arguments"), params.get("_meta"))
+            if modern:
+                # Input rounds (decision 0030): the same entry as the SDK's handler. A retry
+                # (inputResponses, requestState) is not taken here: the SDK serves it.
+                waiter = Waiter(to_agent, rid)
+                result = await self.handlers.call_modern(
+                    agent, name, params.get("arguments"), params.get("_meta"), None, None, waiter
+                )
+            else:
+                with self.handlers.agents.flight(split_tool_name(name)[0], agent, cast(Any, to_agent)):
+                    result = await self.handlers.call_json(
+                        post.token, name, params.get("arguments"), params.get("_meta")
+                    )
             # The runner's wire shaping (ServerRunner._serialize): sieved by the protocol version's
             # surface; at 2026-07-28, resultType and this server's serverInfo stamp.
             try:

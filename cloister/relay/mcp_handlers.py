@@ -6,9 +6,10 @@ under server-prefixed names and filtered like tools, read and got under the encl
 and logged like tool calls (`CallPath.governed`); completions for what the agent may see;
 progress and cancellation of calls; upstream log messages, and `logging/setLevel`; upstream
 sampling, elicitation and roots requests, decided as the agent's and logged, then sent to it
-(roots: decision 0027), and an agent's `notifications/roots/list_changed` to the upstreams it
-uses; and `notifications/*/list_changed` to every agent session when what it may see may have
-changed (an upstream's lists, its proven identity or its connection; the policy in force)."""
+(roots: decision 0027; to a 2026-07-28 agent as an input round of its call: decision 0030),
+and an agent's `notifications/roots/list_changed` to the upstreams it uses; and
+`notifications/*/list_changed` to every agent session when what it may see may have changed
+(an upstream's lists, its proven identity or its connection; the policy in force)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 from mcp_types.jsonrpc import INVALID_REQUEST, METHOD_NOT_FOUND
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from cloister import __version__
 from cloister.relay.agent_sessions import (
@@ -44,6 +46,14 @@ from cloister.relay.agent_sessions import (
 from cloister.relay.call_path import CallPath, split_tool_name, stamped_meta
 from cloister.relay.codes import DENIED, ENCLAVE_UNAVAILABLE, INVALID_PARAMS, UNAUTHENTICATED
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
+from cloister.relay.input_rounds import (
+    InputRounds,
+    Waiter,
+    asking_call,
+    offers_input,
+    pending_call,
+    wire_responses,
+)
 from cloister.relay.state import RelayState
 from cloister.relay.upstreams import Upstream, UpstreamError, Upstreams
 from cloister.wire import enclave_pb2 as pb
@@ -90,6 +100,7 @@ class McpHandlers:
         self.upstreams = upstreams
         self.calls = calls
         self.agents = AgentSessions()
+        self.rounds = InputRounds(self.agents)  # 2026-07-28 agents' input rounds (decision 0030)
         self._changed = anyio.Event()
         self._roots_changed: set[str] = set()  # upstreams an agent's roots/list_changed is due to
         self._roots_due = anyio.Event()
@@ -130,10 +141,46 @@ class McpHandlers:
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> dict[str, Any]:
         session = self._session(ctx)
-        with self.agents.flight(split_tool_name(params.name)[0], session, ctx):
-            return await self.call_json(
-                session.token, params.name, params.arguments, params.meta, _progress_to(ctx, params.meta)
+        progress = _progress_to(ctx, params.meta)
+        if ctx.session.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            responses = wire_responses(params.input_responses)
+            waiter = Waiter(ctx, ctx.request_id, progress)
+            return await self.call_modern(
+                session, params.name, params.arguments, params.meta, responses, params.request_state, waiter
             )
+        with self.agents.flight(split_tool_name(params.name)[0], session, ctx):
+            return await self.call_json(session.token, params.name, params.arguments, params.meta, progress)
+
+    async def call_modern(
+        self,
+        session: AgentSession,
+        name: str,
+        arguments: dict[str, Any] | None,
+        meta: Any,
+        responses: Any,
+        state: Any,
+        waiter: Waiter,
+    ) -> dict[str, Any]:
+        """A 2026-07-28 agent's tools/call, for the SDK's handler and the fast path alike (decision
+        0030): a retry continues its call's input rounds; a call whose agent declared sampling,
+        elicitation or roots runs in rounds (`InputRounds`); any other runs inline."""
+        token = session.token
+        if state is not None or responses:
+            if state is None:
+                raise MCPError(
+                    INVALID_PARAMS, "inputResponses without a requestState answer no input round of this relay"
+                )
+            return await self.rounds.resume(token, name, arguments, state, responses, waiter)
+        server = split_tool_name(name)[0]
+        if not offers_input(meta):
+            with self.agents.flight(server, session, waiter.ctx):
+                return await self.call_json(token, name, arguments, meta, waiter.progress)
+
+        async def call(progress: ProgressFnT | None) -> dict[str, Any]:
+            return await self.call_json(token, name, arguments, meta, progress)
+
+        version = str(waiter.ctx.session.protocol_version)
+        return await self.rounds.start(server, token, name, arguments, version, meta, call, waiter)
 
     async def call_json(
         self, token: str, name: str, arguments: dict[str, Any] | None, meta: Any, progress: ProgressFnT | None = None
@@ -528,23 +575,47 @@ class McpHandlers:
         missing: int = INVALID_REQUEST,
     ) -> _T | types.ErrorData:
         """An upstream's request to the agent whose call it serves: decided by the enclave as that
-        agent's (the policy may forbid it), logged, then sent, and the answer logged."""
-        flight, sessions = self.agents.attributed(server)
+        agent's (the policy may forbid it), logged, then sent, and the answer logged. To a
+        2026-07-28 agent it goes as an input round of its call (decision 0030)."""
+        exact = asking_call(server)
+        flight, sessions = (exact.flight, 1) if exact is not None else self.agents.attributed(server)
         if flight is None:
             why = "no agent call is in flight on it" if not sessions else f"calls of {sessions} agents are in flight"
             return types.ErrorData(code=INVALID_REQUEST, message=f"{what} refused: {why}, so it reaches no agent")
-        if not flight.ctx.session.can_send_request:  # a 2026-07-28 session: no server-to-agent requests
+        rounds = pending_call(flight.ctx)
+        if rounds is None and not flight.ctx.session.can_send_request:
+            # A handshake-era session in JSON-response mode, or a 2026-07-28 request whose agent
+            # declared no sampling, elicitation or roots: no way to ask it.
             version = flight.ctx.session.protocol_version
             return types.ErrorData(
-                code=INVALID_REQUEST, message=f"{what} refused: the agent's session ({version}) cannot take it"
+                code=missing if version in MODERN_PROTOCOL_VERSIONS else INVALID_REQUEST,
+                message=f"{what} refused: the agent's session ({version}) cannot take it"
+                + (
+                    ": its request declared no sampling, elicitation or roots"
+                    if version in MODERN_PROTOCOL_VERSIONS
+                    else ""
+                ),
             )
         if not flight.ctx.session.check_client_capability(capability):
             return types.ErrorData(code=missing, message=f"{what} refused: the agent's client does not offer it")
         request = {} if params is None else params.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if rounds is not None:
+            refusal = rounds.refusal()
+            if refusal:  # before any decision: a flood of rounds costs no log entries
+                return types.ErrorData(code=INVALID_REQUEST, message=f"{what} refused: {refusal}")
+            method = _METHODS[kind]
+            body = None if params is None else request
+
+            async def ask(_: Flight) -> Any:
+                return await rounds.ask(method, body)
+
+            send = ask
 
         async def forward(grant: bytes) -> Any:
             try:
                 return await send(flight)
+            except UpstreamError:
+                raise
             except MCPError as exc:
                 raise UpstreamError(
                     "error", f"the agent refused the {what} request: {exc.message}", code=exc.code
@@ -554,10 +625,11 @@ class McpHandlers:
                     "unavailable", f"the {what} request did not reach the agent: {exc!r}"[:500]
                 ) from exc
 
+        # In a round, the upstream may withdraw its request, or its call may end under it (the
+        # upstream's deadline, the agent gone): either way the round is not answered.
+        cancelled = "cancelled by the upstream" if rounds is None else "cancelled by the upstream or with its call"
         try:
-            result, _ = await self.calls.governed(
-                flight.token, kind, server, "", request, forward, cancelled="cancelled by the upstream"
-            )
+            result, _ = await self.calls.governed(flight.token, kind, server, "", request, forward, cancelled=cancelled)
         except MCPError as exc:  # denied, or failed: the upstream gets the reason (and the log index)
             return types.ErrorData(code=exc.code, message=exc.message, data=exc.data)
         return result  # type: ignore[no-any-return]
@@ -621,6 +693,12 @@ def _relay_links(server: str, content: _C) -> _C:
 
 
 _LINKS = frozenset({"resource_link", "resource"})
+# The MCP method of each server-to-agent kind, as an input round names it (decision 0030).
+_METHODS: dict[int, str] = {
+    pb.ACTION_KIND_SAMPLING: "sampling/createMessage",
+    pb.ACTION_KIND_ELICITATION: "elicitation/create",
+    pb.ACTION_KIND_ROOTS: "roots/list",
+}
 
 
 def relay_links_json(server: str, content: Any) -> Any:

@@ -149,3 +149,15 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+# server-everything asks its client for roots 350 ms after `initialize` (its dist/server/index.js:
+# `setTimeout(() => syncRoots(...), 350)`). A fixture lets that ask pass before any test's call:
+# with no agent call in flight it is refused and logs nothing, whereas inside a call it is
+# attributed to that call and logged as that agent's (an extra roots decision a test did not expect).
+EVERYTHING_ROOTS_ASK_S = 0.35
+
+
+def let_server_everything_ask_for_roots() -> None:
+    """Call once server-everything's upstream is up (its initialize done)."""
+    time.sleep(EVERYTHING_ROOTS_ASK_S + 0.65)

@@ -31,7 +31,14 @@ from cloister.relay.codes import DENIED
 from cloister.verify.entries import DecisionEntry, OutcomeEntry
 from tests.audit.clirun import cli
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
-from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
+from tests.e2e.procs import (
+    let_server_everything_ask_for_roots,
+    start_enclave,
+    start_relay,
+    stop,
+    wait_for,
+    write_relay_config,
+)
 from tests.e2e.test_relay import entry_at
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +123,7 @@ timeout_s = 20
         if relay.poll() is not None:
             raise RuntimeError((tmp / "relay.log").read_text()[-3000:])
         wait_for(lambda: s.health()["upstreams"].get("everything", {}).get("state") == "up", 60, "server-everything")
+        let_server_everything_ask_for_roots()
         yield s
     finally:
         stop(relay)
@@ -270,13 +278,14 @@ def test_a_2026_client_gets_resources_prompts_and_denial_results(stack: Stack) -
             assert (await c.get_prompt("everything___simple-prompt")).messages
             echo = await c.call_tool("everything___echo", {"message": "hi"})
             assert not echo.is_error and "hi" in str(echo.content[0])
-            # Server-to-agent requests need a handshake-era session: the upstream is refused.
+            # The upstream's sampling request reaches a 2026-07-28 agent as an input round of its
+            # call (decision 0030; tests/e2e/test_protocol_rounds.py), decided as the agent's.
             sampled = await c.call_tool("everything___trigger-sampling-request", {"prompt": "x", "maxTokens": 5})
-            assert sampled.is_error and agent.sampled == []
-            assert "the agent's session (2026-07-28) cannot take it" in str(sampled.content[0])
-            call = log_meta(sampled)  # refused before any decision: nothing was asked of the agent
+            assert not sampled.is_error and len(agent.sampled) == 1, sampled
+            call = log_meta(sampled)
             between = [entry_at(stack, i) for i in range(call["decision"] + 1, call["outcome"])]
-            assert not [e for e in between if isinstance(e, DecisionEntry)]
+            decisions = [e for e in between if isinstance(e, DecisionEntry)]
+            assert [e.tool for e in decisions] == ["sampling/createMessage:"]
 
     run(go)
 

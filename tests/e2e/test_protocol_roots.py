@@ -31,7 +31,14 @@ from cloister.verify.entries import DecisionEntry, OutcomeEntry
 from cloister.verify.response_sig import result_sha256
 from tests.audit.clirun import cli
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
-from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
+from tests.e2e.procs import (
+    let_server_everything_ask_for_roots,
+    start_enclave,
+    start_relay,
+    stop,
+    wait_for,
+    write_relay_config,
+)
 from tests.e2e.test_protocol import EVERYTHING, TOOLS, log_meta
 from tests.e2e.test_relay import entry_at
 
@@ -107,6 +114,7 @@ timeout_s = 20
             raise RuntimeError((tmp / "relay.log").read_text()[-3000:])
         for name in ("everything", "nosy", "modern"):
             wait_for(lambda n=name: s.health()["upstreams"].get(n, {}).get("state") == "up", 60, name)
+        let_server_everything_ask_for_roots()
         yield s
     finally:
         stop(relay)
@@ -271,12 +279,19 @@ def test_an_agent_without_roots_answers_method_not_found(stack: Stack) -> None:
         async with client(stack, stack.token(), None) as c:
             got = json.loads(text(await c.call_tool("nosy___peek", {})))
         assert got["error"] == -32601 and "does not offer it" in got["message"], got
-        # A 2026-07-28 session takes no server-to-agent request: refused before any decision.
-        async with client(stack, stack.token(), Agent("file:///x"), mode="auto") as c:
+        # A 2026-07-28 agent that offers roots answers in an input round of its call (decision 0030).
+        modern = Agent("file:///x")
+        async with client(stack, stack.token(), modern, mode="auto") as c:
             assert c.protocol_version == "2026-07-28"
             result = await c.call_tool("nosy___peek", {})
             got = json.loads(text(result))
-        assert "roots" not in got and "cannot take it" in got["message"], got
+        assert got["roots"] == ["file:///x"] and modern.asked == 1, got
+        assert [e.tool for e in between(stack, result) if isinstance(e, DecisionEntry)] == ["roots/list:"]
+        # One that declares no roots is never asked: refused (-32601) before any decision.
+        async with client(stack, stack.token(), None, mode="auto") as c:
+            result = await c.call_tool("nosy___peek", {})
+            got = json.loads(text(result))
+        assert got["error"] == -32601 and "cannot take it" in got["message"], got
         assert not [e for e in between(stack, result) if isinstance(e, DecisionEntry)]
 
     anyio.run(go)
