@@ -223,12 +223,14 @@ class CallPath:
                 INVALID_PARAMS, f"the x402 payment in _meta is malformed: {exc} (nothing was forwarded)"
             ) from exc
         marks = [time.perf_counter()]
-        # 1. Ask the enclave. Any failure here means no allow: nothing is forwarded.
-        verdict = await self._authorize(token, server, tool, args_json, payment_json)
-        marks.append(time.perf_counter())
-        # 2. The decision entry is durable before anything depends on it.
-        await self._persist_or_fail(verdict.log)
-        marks.append(time.perf_counter())
+        # Steps 1 and 2 are shielded from the caller's cancellation, as in `_decide_shielded`.
+        with anyio.CancelScope(shield=True):
+            # 1. Ask the enclave. Any failure here means no allow: nothing is forwarded.
+            verdict = await self._authorize(token, server, tool, args_json, payment_json)
+            marks.append(time.perf_counter())
+            # 2. The decision entry is durable before anything depends on it.
+            await self._persist_or_fail(verdict.log)
+            marks.append(time.perf_counter())
         if verdict.decision != pb.ALLOW:
             await self._keep_denied_arguments(verdict, args_json)
             self.observer.denied(server, tool, verdict, marks, args_json)
@@ -291,8 +293,7 @@ class CallPath:
                 f"{self.state.config.max_argument_bytes} (nothing was forwarded)",
                 data={SOURCE: FROM_CLOISTER},
             )
-        verdict = await self._authorize(token, server, name, args_json, b"", kind)
-        await self._persist_or_fail(verdict.log)
+        verdict = await self._decide_shielded(token, server, name, args_json, kind)
         if verdict.decision != pb.ALLOW:
             await self._keep_denied_arguments(verdict, args_json)
             raise _denied(verdict)
@@ -369,6 +370,21 @@ class CallPath:
             await self.state.store_body(verdict.log_index, "args", args_json)
         except Exception as exc:  # the denial stands and is logged; only its arguments are lost
             log.warning("could not keep the arguments of denied entry %d: %s", verdict.log_index, exc)
+
+    async def _decide_shielded(
+        self, token: str, server: str, name: str, args_json: bytes, kind: int
+    ) -> pb.AuthorizeResponse:
+        """The enclave decides and the decision entry is made durable, shielded from the caller's
+        cancellation. Once the enclave has sequenced an allow, the request must reach the forwarding
+        step, whose cancellation handling records the one outcome; a cancel landing between the two
+        (the agent gone mid-decision) left an allowed decision without an outcome, which
+        `cloister audit replay` reports as missing. The enclave call is bounded by its timeout; the
+        persist waits on storage as every request does. The cancel then takes effect at the
+        forward, and is recorded there as the outcome."""
+        with anyio.CancelScope(shield=True):
+            verdict = await self._authorize(token, server, name, args_json, b"", kind)
+            await self._persist_or_fail(verdict.log)
+        return verdict
 
     async def _authorize(
         self, token: str, server: str, tool: str, args_json: bytes, payment: bytes, kind: int = pb.ACTION_KIND_TOOL

@@ -315,6 +315,45 @@ def test_a_call_cancelled_by_the_client_gets_one_outcome(tmp_path: Path) -> None
     run(tmp_path, scenario)
 
 
+@pytest.mark.parametrize("step", ["authorize", "persist"])
+def test_a_call_cancelled_while_being_decided_gets_one_outcome_and_is_not_forwarded(tmp_path: Path, step: str) -> None:
+    # Regression (found by the input-rounds work, 2026-12-06): a cancel that landed while the
+    # enclave decided, or while the decision entry was persisted, left an allowed decision
+    # without an outcome (`cloister audit replay`: missing). Those steps are now shielded; the
+    # cancel takes effect at the forward, which records it.
+    async def scenario(rig: Rig) -> None:
+        entered, release = anyio.Event(), anyio.Event()
+        target: Any = rig.enclave if step == "authorize" else rig.state
+        original = getattr(target, step)
+
+        async def slow(*args: Any) -> Any:
+            entered.set()
+            await release.wait()
+            return await original(*args)
+
+        setattr(target, step, slow)
+        before = rig.state.writer.persisted_size
+
+        async def call() -> None:
+            await rig.call(refund_bot(rig), "refunds___customer_lookup", {"customer_id": "cus_1001"})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await entered.wait()
+            setattr(target, step, original)
+            tg.cancel_scope.cancel()  # the agent goes away mid-decision
+            release.set()
+        assert rig.forwarded() == []  # the cancel took effect before anything was forwarded
+        writer = rig.state.writer
+        entries = [parse_entry(e) for e in await writer.read_entries(before, writer.persisted_size)]
+        [decision] = [e for e in entries if isinstance(e, DecisionEntry)]
+        assert decision.decision == "allow"
+        [outcome] = [e for e in entries if isinstance(e, OutcomeEntry)]
+        assert outcome.error == "cancelled by the client" and outcome.result_sha256 is None
+
+    run(tmp_path, scenario)
+
+
 def test_an_upstream_timeout_gets_one_outcome(tmp_path: Path) -> None:
     async def scenario(rig: Rig) -> None:
         rig.stand_ins["refunds"].hang = True
