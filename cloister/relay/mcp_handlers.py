@@ -45,6 +45,7 @@ from cloister.relay.call_path import CallPath, split_tool_name, stamped_meta
 from cloister.relay.codes import DENIED, ENCLAVE_UNAVAILABLE, INVALID_PARAMS, UNAUTHENTICATED
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
 from cloister.relay.state import RelayState
+from cloister.relay.tasks import TaskRelay
 from cloister.relay.upstreams import Upstream, UpstreamError, Upstreams
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import TOOL_SEPARATOR
@@ -69,9 +70,19 @@ class _RelayServer(Server[Any]):
         extensions: dict[str, dict[str, Any]] | None = None,
     ) -> InitializationOptions:
         every = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
-        return super().create_initialization_options(
+        options = super().create_initialization_options(
             notification_options or every, experimental_capabilities, extensions
         )
+        # Tasks (2025-11-25; decision 0029): task-augmented tools/call, tasks/list and tasks/cancel.
+        # A call to an upstream without tasks runs as a plain call, as the spec lets a receiver do.
+        options.capabilities.tasks = types.ServerTasksCapability(
+            list=types.TasksListCapability(),
+            cancel=types.TasksCancelCapability(),
+            requests=types.ServerTasksRequestsCapability(
+                tools=types.TasksToolsCapability(call=types.TasksCallCapability())
+            ),
+        )
+        return options
 
 
 def bearer(ctx: ServerRequestContext[Any, Any]) -> str:
@@ -94,9 +105,16 @@ class McpHandlers:
         self._roots_changed: set[str] = set()  # upstreams an agent's roots/list_changed is due to
         self._roots_due = anyio.Event()
         upstreams.set_hooks(self)
+        self.tasks = TaskRelay(self)  # MCP tasks (decision 0029)
         upstreams.background += [self._notify_changes, self._watch_policy, self._forward_roots_changed]
+        upstreams.background.append(self.tasks.sweep)
 
     def server(self) -> Server[Any]:
+        server = self._server()
+        self.tasks.install(server)
+        return server
+
+    def _server(self) -> Server[Any]:
         return _RelayServer(
             "cloister-relay",
             version=__version__,
@@ -442,6 +460,9 @@ class McpHandlers:
         self, server: str, params: types.CreateMessageRequestParams
     ) -> types.CreateMessageResult | types.CreateMessageResultWithTools | types.ErrorData:
         capability = types.ClientCapabilities(sampling=types.SamplingCapability())
+        params = params.model_copy(
+            update={"meta": self.tasks.relate(server, params.meta, self.agents.attributed(server)[0])}
+        )
 
         async def send(flight: Flight) -> types.CreateMessageResult:
             return await flight.ctx.session.send_request(
@@ -454,6 +475,9 @@ class McpHandlers:
 
     async def elicitation(self, server: str, params: types.ElicitRequestParams) -> types.ElicitResult | types.ErrorData:
         capability = types.ClientCapabilities(elicitation=types.ElicitationCapability())
+        params = params.model_copy(
+            update={"meta": self.tasks.relate(server, params.meta, self.agents.attributed(server)[0])}
+        )
 
         async def send(flight: Flight) -> types.ElicitResult:
             return await flight.ctx.session.send_request(

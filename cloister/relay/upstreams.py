@@ -584,6 +584,28 @@ class Upstream:
             self._broken.set()
             raise UpstreamError("unavailable", f"upstream {self.name!r} connection failed: {exc!r}"[:500]) from exc
 
+    # ---- MCP tasks (decision 0029): raw requests, so a CreateTaskResult or a task's payload is
+    # the upstream's JSON as sent (the SDK validates a tools/call answer as a CallToolResult and
+    # does not know tasks/*).
+
+    def task_support(self) -> types.ServerTasksCapability | None:
+        """The upstream's declared tasks capability (2025-11-25), or None."""
+        client = self._client
+        caps = client.server_capabilities if client is not None else None
+        return caps.tasks if caps is not None else None
+
+    async def task_request(self, what: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """One request (`tools/call` with `task`, `tasks/get`, `tasks/result`, `tasks/cancel`) on
+        the session, its result object as sent; failures as UpstreamError (`request`)."""
+
+        async def send(client: Client) -> dict[str, Any]:
+            data: dict[str, Any] = {"method": method, "params": params}
+            opts: dict[str, Any] = {}
+            client.session._stamp(data, cast(Any, opts))
+            return await client.session._dispatcher.send_raw_request(method, data.get("params"), cast(Any, opts))
+
+        return await self.request(what, send)
+
     def restart(self) -> None:
         """Drop the session; `run` reconnects (and re-proves identity)."""
         self._broken.set()

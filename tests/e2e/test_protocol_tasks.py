@@ -1,0 +1,322 @@
+"""MCP tasks through Cloister (issue 11, decision 0029), with real processes: the enclave, the
+relay and `@modelcontextprotocol/server-everything` (stdio), whose `simulate-research-query`
+requires task-augmented execution (`execution.taskSupport: "required"`) and, with
+`ambiguous: true`, asks the client for a clarification (elicitation) through `tasks/result`.
+
+The agents are the official Python SDK client; it has no task API, so task requests go through its
+session's own JSON-RPC dispatcher (the same framing, headers and streams as its other requests).
+
+A task-augmented call is decided like the tool call it is (allowed and denied), the agent gets a
+relay task id, the payload is the call's logged outcome, cancel is logged as the outcome, the
+elicitation goes through the elicitation policy to the owning agent, and another agent can neither
+get, fetch, cancel nor list the task. The log replays."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import mcp_types as types
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from cloister.dev.mcp_http import mcp_http_client
+from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
+from cloister.relay.tasks import RELAY_TASK_PREFIX
+from cloister.verify.entries import DecisionEntry, OutcomeEntry
+from tests.audit.clirun import cli
+from tests.e2e.conftest import ADMIN_TOKEN, Stack
+from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
+from tests.e2e.test_protocol import EVERYTHING, TOOLS
+from tests.e2e.test_relay import entry_at
+
+pytestmark = pytest.mark.skipif(not EVERYTHING.exists(), reason="npm test peers not installed (scripts/test)")
+RESEARCH = "everything___simulate-research-query"
+POLICY = """
+@id("tester-tools")
+permit (principal in Cloister::Role::"tester", action in Cloister::Action::"CallTool",
+        resource == Cloister::Server::"everything");
+
+@id("tester-elicit")
+permit (principal in Cloister::Role::"tester", action == Cloister::Action::"Elicit",
+        resource == Cloister::Server::"everything");
+
+@id("quiet-no-elicit")
+forbid (principal in Cloister::Role::"quiet", action == Cloister::Action::"Elicit", resource);
+
+@id("no-research")
+forbid (principal in Cloister::Role::"noresearch",
+        action == Cloister::Action::"everything___simulate-research-query", resource);
+"""
+
+
+def _bundle(dst: Path) -> Path:
+    copy_example_bundle(dst)
+    entities = (dst / "entities.toml").read_text()
+    tools = [*TOOLS, "simulate-research-query"]
+    (dst / "entities.toml").write_text(
+        entities.replace("[roles]\n", "[roles]\ntester = {}\nquiet = {}\nnoresearch = {}\n")
+        + '\n[agents.test-bot]\nroles = ["tester"]\nregion = "eu"\n'
+        + '\n[agents.peer-bot]\nroles = ["tester"]\nregion = "eu"\n'
+        + '\n[agents.quiet-bot]\nroles = ["tester", "quiet"]\nregion = "eu"\n'
+        + '\n[agents.barred-bot]\nroles = ["tester", "noresearch"]\nregion = "eu"\n'
+        + f'\n[servers.everything]\nregion = "eu"\ntools = {json.dumps(tools)}\n'
+    )
+    (dst / "policies" / "tasks.cedar").write_text(POLICY)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("tasks")
+    state: DevState = ensure_state(tmp / "state", bundle_source=_bundle(tmp / "bundle"), witnessed=False)
+    sock = tmp / "enclave.vsock"
+    enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
+    port = free_port()
+    (tmp / "admin.token").write_text(ADMIN_TOKEN)
+    config = write_relay_config(
+        tmp / "relay.toml",
+        port=port,
+        sock=sock,
+        extra='enclave_timeout_s = 5\nadmin_token_file = "admin.token"\n',
+        upstreams=f"""
+[[upstreams]]
+name = "everything"
+command = ["node", {json.dumps(str(EVERYTHING))}, "stdio"]
+timeout_s = 20
+""",
+    )
+    relay = start_relay(config, tmp / "relay.log")
+    s = Stack(state, f"http://127.0.0.1:{port}", tmp / "none", enclave, relay, sock, tmp)
+    try:
+        wait_for(lambda: relay.poll() is not None or s.health().get("ready") is True, 60, "the relay to be ready")
+        if relay.poll() is not None:
+            raise RuntimeError((tmp / "relay.log").read_text()[-3000:])
+        wait_for(lambda: s.health()["upstreams"].get("everything", {}).get("state") == "up", 60, "server-everything")
+        yield s
+    finally:
+        stop(relay)
+        stop(s.enclave)
+        print((tmp / "relay.log").read_text()[-4000:], file=sys.stderr)
+
+
+class Agent:
+    def __init__(self, answer: str = "historical") -> None:
+        self.answer = answer
+        self.elicited: list[types.ElicitRequestParams] = []
+
+    async def elicitation(self, context: Any, params: Any) -> types.ElicitResult | types.ErrorData:
+        self.elicited.append(params)
+        return types.ElicitResult(action="accept", content={"interpretation": self.answer})
+
+
+def client(stack: Stack, token: str, agent: Agent | None = None) -> Client:
+    http = mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    return Client(
+        streamable_http_client(stack.mcp_url, http_client=http),
+        cache=None,
+        mode="legacy",  # 2025-11-25: tasks are a feature of this version
+        elicitation_callback=(agent or Agent()).elicitation,
+    )
+
+
+async def raw(c: Client, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A request through the SDK client's own session and dispatcher, its result as sent."""
+    data: dict[str, Any] = {"method": method, "params": params}
+    opts: dict[str, Any] = {"timeout": 30}
+    c.session._stamp(data, opts)  # type: ignore[arg-type]
+    return await c.session._dispatcher.send_raw_request(method, data["params"], opts)  # type: ignore[arg-type]
+
+
+async def start_research(c: Client, topic: str, ambiguous: bool = False) -> dict[str, Any]:
+    return await raw(
+        c,
+        "tools/call",
+        {"name": RESEARCH, "arguments": {"topic": topic, "ambiguous": ambiguous}, "task": {"ttl": 120_000}},
+    )
+
+
+async def wait_status(c: Client, task_id: str, statuses: set[str], timeout: float = 20) -> dict[str, Any]:
+    with anyio.fail_after(timeout):
+        while True:
+            task = await raw(c, "tasks/get", {"taskId": task_id})
+            if task["status"] in statuses:
+                return task
+            await anyio.sleep(0.3)
+
+
+def run(fn: Any, *args: Any) -> Any:
+    return anyio.run(fn, *args)
+
+
+def test_the_relay_offers_tasks_and_passes_task_support_through(stack: Stack) -> None:
+    async def go() -> None:
+        async with client(stack, stack.token()) as c:
+            caps = c.server_capabilities.tasks
+            assert caps is not None and caps.list is not None and caps.cancel is not None
+            assert caps.requests is not None and caps.requests.tools is not None
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            research = tools[RESEARCH]
+            assert research.execution is not None and research.execution.task_support == "required"
+
+    run(go)
+
+
+def test_a_task_call_is_decided_forwarded_and_its_payload_is_the_logged_outcome(stack: Stack) -> None:
+    async def go() -> None:
+        async with client(stack, stack.token()) as c:
+            created = await start_research(c, "tide pools")
+            task = created["task"]
+            tid = task["taskId"]
+            assert tid.startswith(RELAY_TASK_PREFIX) and task["status"] in ("working", "input_required")
+            decision_index = created["_meta"]["dev.cloister/log"]["decision"]
+            decision = entry_at(stack, decision_index)
+            assert isinstance(decision, DecisionEntry) and decision.decision == "allow"
+            assert decision.tool == "simulate-research-query" and decision.agent == "test-bot"
+
+            working = await raw(c, "tasks/get", {"taskId": tid})
+            assert working["taskId"] == tid and working["status"] in ("working", "completed")
+            done = await wait_status(c, tid, {"completed"})
+            assert done["taskId"] == tid
+
+            payload = await raw(c, "tasks/result", {"taskId": tid})
+            text = payload["content"][0]["text"]
+            assert "Research Report: tide pools" in text
+            meta = payload["_meta"]
+            assert meta["io.modelcontextprotocol/related-task"] == {"taskId": tid}  # the relay's id, not the upstream's
+            log = meta["dev.cloister/log"]
+            assert log["decision"] == decision_index
+            outcome = entry_at(stack, log["outcome"])
+            assert isinstance(outcome, OutcomeEntry) and outcome.decision_index == decision_index
+            assert outcome.result_sha256 is not None and not outcome.error
+
+            # Fetched again: the same payload, the same outcome (no second one).
+            again = await raw(c, "tasks/result", {"taskId": tid})
+            assert again["content"] == payload["content"] and again["_meta"]["dev.cloister/log"] == log
+
+            listed = await raw(c, "tasks/list", {})
+            assert next(t for t in listed["tasks"] if t["taskId"] == tid)["status"] == "completed"
+
+    run(go)
+
+
+def test_a_denied_task_call_reaches_no_upstream_and_is_logged(stack: Stack) -> None:
+    async def go() -> None:
+        async with client(stack, stack.token("barred-bot", ["tester", "noresearch"])) as c:
+            denied = await start_research(c, "forbidden topic")
+            assert "task" not in denied and denied["isError"] is True
+            data = denied["_meta"]["dev.cloister/denial"]
+            assert data["code"] == "policy" and data["policies"] == ["no-research"]
+            entry = entry_at(stack, data["log_index"])
+            assert isinstance(entry, DecisionEntry) and entry.decision == "deny"
+            assert entry.tool == "simulate-research-query"
+            assert (await raw(c, "tasks/list", {}))["tasks"] == []
+
+    run(go)
+
+
+def test_another_agent_cannot_get_fetch_cancel_or_list_a_task(stack: Stack) -> None:
+    """Attack: agent B, with a valid token and the same roles, learns agent A's task id (or guesses
+    ids) and tries every task request on it; each is 'unknown task', and A's task is untouched."""
+
+    async def go() -> None:
+        async with client(stack, stack.token()) as a, client(stack, stack.token("peer-bot")) as b:
+            created = await start_research(a, "coral reefs")
+            tid = created["task"]["taskId"]
+            for method in ("tasks/get", "tasks/result", "tasks/cancel"):
+                for guess in (tid, tid[:-1] + ("A" if tid[-1] != "A" else "B"), "1", "0", RELAY_TASK_PREFIX):
+                    with pytest.raises(MCPError) as refused:
+                        await raw(b, method, {"taskId": guess})
+                    assert refused.value.error.code == -32602 and "unknown task" in refused.value.error.message
+            assert (await raw(b, "tasks/list", {}))["tasks"] == []
+            # A's task went on: not cancelled, its payload A's.
+            await wait_status(a, tid, {"completed"})
+            payload = await raw(a, "tasks/result", {"taskId": tid})
+            assert "Research Report: coral reefs" in payload["content"][0]["text"]
+            assert tid in {t["taskId"] for t in (await raw(a, "tasks/list", {}))["tasks"]}
+
+    run(go)
+
+
+def test_cancelling_a_task_is_its_calls_outcome(stack: Stack) -> None:
+    async def go() -> None:
+        async with client(stack, stack.token()) as c:
+            created = await start_research(c, "slow topic")
+            tid = created["task"]["taskId"]
+            decision_index = created["_meta"]["dev.cloister/log"]["decision"]
+            cancelled = await raw(c, "tasks/cancel", {"taskId": tid})
+            assert cancelled["taskId"] == tid and cancelled["status"] == "cancelled"
+            log = cancelled["_meta"]["dev.cloister/log"]
+            outcome = entry_at(stack, log["outcome"])
+            assert isinstance(outcome, OutcomeEntry) and outcome.decision_index == decision_index
+            assert outcome.result_sha256 is None and "cancelled by the client" in outcome.error
+            # No payload can follow an outcome that committed to none.
+            with pytest.raises(MCPError):
+                await raw(c, "tasks/result", {"taskId": tid})
+
+    run(go)
+
+
+def test_a_tasks_elicitation_goes_through_the_elicitation_policy_to_its_agent(stack: Stack) -> None:
+    """input_required: the upstream's elicitation (relatedTask) rides the agent's tasks/result; it is
+    decided as that agent's Elicit (allowed for test-bot, forbidden for quiet-bot) and logged."""
+
+    async def go() -> None:
+        asked = Agent("historical")
+        async with client(stack, stack.token(), asked) as c:
+            created = await start_research(c, "python", ambiguous=True)
+            tid = created["task"]["taskId"]
+            await wait_status(c, tid, {"input_required"})
+            payload = await raw(c, "tasks/result", {"taskId": tid})
+            assert len(asked.elicited) == 1
+            meta = asked.elicited[0].meta or {}
+            assert meta.get("io.modelcontextprotocol/related-task") == {"taskId": tid}
+            assert "Clarification**: historical" in payload["content"][0]["text"]
+
+        quiet = Agent("snake")
+        async with client(stack, stack.token("quiet-bot", ["tester", "quiet"]), quiet) as c:
+            created = await start_research(c, "python", ambiguous=True)
+            tid = created["task"]["taskId"]
+            await wait_status(c, tid, {"input_required"})
+            started = time.monotonic()
+            payload = await raw(c, "tasks/result", {"taskId": tid})
+            assert quiet.elicited == []  # forbidden: never asked
+            assert "elicitation unavailable" in payload["content"][0]["text"]
+            assert time.monotonic() - started < 20
+            outcome = entry_at(stack, payload["_meta"]["dev.cloister/log"]["outcome"])
+            assert isinstance(outcome, OutcomeEntry) and outcome.result_sha256 is not None
+            # The denied elicitation is in the log, just before the outcome.
+            denial = next(
+                e
+                for i in range(outcome.decision_index + 1, payload["_meta"]["dev.cloister/log"]["outcome"])
+                if isinstance(e := entry_at(stack, i), DecisionEntry) and e.tool == "elicitation/create:"
+            )
+            assert denial.decision == "deny" and denial.agent == "quiet-bot" and denial.policies == ("quiet-no-elicit",)
+
+    run(go)
+
+
+def test_the_log_replays_verified(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLOISTER_STATE", str(stack.state.root))
+    r = cli(
+        "audit",
+        "replay",
+        "--log",
+        stack.relay_url,
+        "--trust-root",
+        "mock",
+        "--state",
+        str(tmp_path / "a"),
+        "--no-progress",
+        "--json",
+    )
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    assert summary["missing_outcomes"] == 0, summary
