@@ -445,6 +445,14 @@ class TaskRelay:
             self.table.close(record, log_meta, None)
             raise _upstream_failure(failure, f"task {record.relay_id} ended without a result (logged)")
         assert raw is not None
+        if not record.closed:
+            try:  # the payload of a tools/call task is a tool result (checked before it is logged)
+                types.CallToolResult.model_validate(raw, by_name=False)
+            except ValidationError as exc:
+                error = f"upstream {record.server!r} sent a malformed task result ({exc.error_count()} errors)"
+                log_meta = await calls.close_task(record.decision, record.started, None, error)
+                self.table.close(record, log_meta, None)
+                raise MCPError(UPSTREAM_FAILED, error, data={SOURCE: FROM_CLOISTER, **log_meta}) from exc
         digest = result_sha256(raw)
         if record.closed:
             if record.result_sha256 != digest:
@@ -528,7 +536,7 @@ class TaskRelay:
                 return
             try:
                 log_meta = await self.handlers.calls.close_task(record.decision, record.started, None, error)
-            except MCPError as exc:
+            except Exception as exc:  # the enclave or storage gone (shutdown): an auditor will see it open
                 log.error("task %s: its call's outcome (%s) could not be recorded: %s", record.relay_id, error, exc)
                 return
             self.table.close(record, log_meta, None)
