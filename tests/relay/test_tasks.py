@@ -310,7 +310,7 @@ def test_a_hostile_created_task_closes_the_call_with_an_error_and_reaches_no_age
         relay, handlers = _relay(FakeUpstream())
         with pytest.raises(MCPError, match="made a task the relay refused") as refused:
             await relay._register("up", "alice", _started(hostile))
-        assert refused.value.error.data["outcome"] == 1001  # type: ignore[index]
+        assert refused.value.error.data["outcome"] == 1001
         assert handlers.calls.outcomes == [(7, None, handlers.calls.outcomes[0][2])]
         assert "refused" in handlers.calls.outcomes[0][2]
         assert len(relay.table) == 0
