@@ -37,6 +37,7 @@ from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_re
 from tests.e2e.test_protocol import EVERYTHING, TOOLS
 from tests.e2e.test_relay import entry_at
 
+HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.skipif(not EVERYTHING.exists(), reason="npm test peers not installed (scripts/test)")
 RESEARCH = "everything___simulate-research-query"
 POLICY = """
@@ -45,8 +46,11 @@ permit (principal in Cloister::Role::"tester", action in Cloister::Action::"Call
         resource == Cloister::Server::"everything");
 
 @id("tester-elicit")
-permit (principal in Cloister::Role::"tester", action == Cloister::Action::"Elicit",
-        resource == Cloister::Server::"everything");
+permit (principal in Cloister::Role::"tester", action == Cloister::Action::"Elicit", resource);
+
+@id("tester-hostile")
+permit (principal in Cloister::Role::"tester", action in Cloister::Action::"CallTool",
+        resource == Cloister::Server::"hostile");
 
 @id("quiet-no-elicit")
 forbid (principal in Cloister::Role::"quiet", action == Cloister::Action::"Elicit", resource);
@@ -68,6 +72,7 @@ def _bundle(dst: Path) -> Path:
         + '\n[agents.quiet-bot]\nroles = ["tester", "quiet"]\nregion = "eu"\n'
         + '\n[agents.barred-bot]\nroles = ["tester", "noresearch"]\nregion = "eu"\n'
         + f'\n[servers.everything]\nregion = "eu"\ntools = {json.dumps(tools)}\n'
+        + '\n[servers.hostile]\nregion = "eu"\ntools = ["job"]\n'
     )
     (dst / "policies" / "tasks.cedar").write_text(POLICY)
     return dst
@@ -91,15 +96,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 name = "everything"
 command = ["node", {json.dumps(str(EVERYTHING))}, "stdio"]
 timeout_s = 20
+
+[[upstreams]]
+name = "hostile"
+command = [{json.dumps(sys.executable)}, "{HERE / "tasks_hostile_server.py"}"]
+env = {{ CALLS_FILE = "{tmp / "hostile.jsonl"}" }}
+timeout_s = 20
 """,
     )
     relay = start_relay(config, tmp / "relay.log")
-    s = Stack(state, f"http://127.0.0.1:{port}", tmp / "none", enclave, relay, sock, tmp)
+    s = Stack(state, f"http://127.0.0.1:{port}", tmp / "hostile.jsonl", enclave, relay, sock, tmp)
     try:
         wait_for(lambda: relay.poll() is not None or s.health().get("ready") is True, 60, "the relay to be ready")
         if relay.poll() is not None:
             raise RuntimeError((tmp / "relay.log").read_text()[-3000:])
-        wait_for(lambda: s.health()["upstreams"].get("everything", {}).get("state") == "up", 60, "server-everything")
+        for name in ("everything", "hostile"):
+            wait_for(lambda n=name: s.health()["upstreams"].get(n, {}).get("state") == "up", 60, name)
         yield s
     finally:
         stop(relay)
@@ -110,7 +122,7 @@ timeout_s = 20
 class Agent:
     def __init__(self, answer: str = "historical") -> None:
         self.answer = answer
-        self.elicited: list[types.ElicitRequestParams] = []
+        self.elicited: list[Any] = []
 
     async def elicitation(self, context: Any, params: Any) -> types.ElicitResult | types.ErrorData:
         self.elicited.append(params)
@@ -301,6 +313,60 @@ def test_a_tasks_elicitation_goes_through_the_elicitation_policy_to_its_agent(st
             assert denial.decision == "deny" and denial.agent == "quiet-bot" and denial.policies == ("quiet-no-elicit",)
 
     run(go)
+
+
+def test_a_hostile_upstreams_task_ids_and_status_messages_are_refused_or_capped(stack: Stack) -> None:
+    """Attack: an upstream answers with a 100,000-character task id, a 2 MB status message, and the
+    id of a live task again (to join two agents' tasks). Refused (the call's outcome says why) or
+    capped; the relay serves on."""
+
+    async def go() -> None:
+        async with client(stack, stack.token()) as c:
+            created = await job(c, "ok")
+            task = created["task"]
+            assert task["taskId"].startswith(RELAY_TASK_PREFIX) and len(task["statusMessage"]) == 1000
+            polled = await raw(c, "tasks/get", {"taskId": task["taskId"]})
+            assert polled["status"] == "completed" and len(polled["statusMessage"]) == 1000
+            for mode, why in (("long-id", "100000 characters"), ("reuse", "reused")):
+                with pytest.raises(MCPError) as refused:
+                    await job(c, mode)
+                assert "the relay refused" in refused.value.error.message and why in refused.value.error.message
+                data = refused.value.error.data
+                assert isinstance(data, dict)
+                outcome = entry_at(stack, data["outcome"])
+                assert isinstance(outcome, OutcomeEntry) and outcome.decision_index == data["decision"]
+                assert outcome.result_sha256 is None and "refused" in outcome.error
+            payload = await raw(c, "tasks/result", {"taskId": task["taskId"]})
+            assert payload["content"][0]["text"].startswith("payload of t-")
+            assert len({t["taskId"] for t in (await raw(c, "tasks/list", {}))["tasks"]}) >= 1
+
+    run(go)
+
+
+def test_an_upstream_cannot_show_one_agent_anothers_task(stack: Stack) -> None:
+    """Attack: while agent B fetches its own task, the upstream sends an elicitation whose
+    related-task names agent A's task. B is asked (the policy allows Elicit) but never sees A's task
+    id, in the relay's form or the upstream's."""
+
+    async def go() -> None:
+        nosy_target = Agent("fine")
+        async with client(stack, stack.token()) as a, client(stack, stack.token("peer-bot"), nosy_target) as b:
+            mine = (await job(a, "ok"))["task"]["taskId"]
+            theirs = (await job(b, "nosy"))["task"]["taskId"]
+            payload = await raw(b, "tasks/result", {"taskId": theirs})
+            assert len(nosy_target.elicited) == 1
+            meta = nosy_target.elicited[0].meta or {}
+            assert "io.modelcontextprotocol/related-task" not in meta
+            assert mine not in json.dumps(payload) and mine not in repr(nosy_target.elicited[0])
+            assert '"action": "accept"' in payload["content"][0]["text"]
+            forwarded = [c for c in stack.forwarded() if c["method"] == "tasks/result"]
+            assert forwarded and all(c["taskId"].startswith("t-") for c in forwarded)
+
+    run(go)
+
+
+async def job(c: Client, mode: str) -> dict[str, Any]:
+    return await raw(c, "tools/call", {"name": "hostile___job", "arguments": {"mode": mode}, "task": {}})
 
 
 def test_the_log_replays_verified(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
