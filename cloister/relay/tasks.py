@@ -155,7 +155,7 @@ class TaskRecord:
     closed_at: float = 0.0
     result_sha256: bytes | None = None  # of the payload the outcome committed to, if any
     log_meta: dict[str, int] = field(default_factory=dict)
-    fetchers: set[str] = field(default_factory=set)  # agent sessions with tasks/result in flight
+    fetchers: list[str] = field(default_factory=list)  # agent sessions with tasks/result in flight (one per request)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
@@ -418,7 +418,7 @@ class TaskRelay:
         upstream = self._upstream(record)
         raw: dict[str, Any] | None = None
         failure: UpstreamError | None = None
-        record.fetchers.add(session.key)
+        record.fetchers.append(session.key)
         try:
             # A flight: the upstream's elicitation or sampling request during the task reaches this
             # agent, on this request's stream (decided as it would be during a call).
@@ -427,7 +427,7 @@ class TaskRelay:
         except UpstreamError as exc:
             failure = exc
         finally:
-            record.fetchers.discard(session.key)
+            record.fetchers.remove(session.key)
         async with record.lock:
             log_meta = await self._close_on_result(record, raw, failure)
         assert raw is not None

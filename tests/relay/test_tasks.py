@@ -455,7 +455,7 @@ def test_an_upstreams_related_task_reaches_only_the_fetching_owner() -> None:
     meta = {RELATED_TASK_KEY: {"taskId": "up-1"}, "other": 1}
     # Nobody fetching: the key is dropped (the upstream must not show a task id to whoever is in flight).
     assert relay.relate("up", meta, Flight(bob, None, "tok-b")) == {"other": 1}  # type: ignore[arg-type]
-    record.fetchers.add(alice.key)
+    record.fetchers.append(alice.key)
     assert relay.relate("up", meta, Flight(bob, None, "tok-b")) == {"other": 1}  # type: ignore[arg-type]
     assert relay.relate("up", meta, Flight(alice, None, "tok-a")) == {  # type: ignore[arg-type]
         RELATED_TASK_KEY: {"taskId": record.relay_id},
