@@ -479,10 +479,12 @@ class TaskRelay:
         """Cancel the caller's task upstream; its call's outcome says so. Not decided by the
         enclave: it can only stop what the policy allowed (decision 0029)."""
         record = await self._owned(ctx, params.task_id)
+        upstream = self._upstream(record)
+        support = upstream.task_support()
+        if support is not None and support.cancel is None:
+            raise MCPError(INVALID_REQUEST, f"upstream {record.server!r} does not cancel tasks (it did not declare it)")
         try:
-            raw = await self._upstream(record).task_request(
-                "tasks/cancel", "tasks/cancel", {"taskId": record.upstream_id}
-            )
+            raw = await upstream.task_request("tasks/cancel", "tasks/cancel", {"taskId": record.upstream_id})
             task = bounded_task(raw, record.relay_id)
         except UpstreamError as exc:
             raise _upstream_failure(exc, f"upstream {record.server!r} did not cancel task {record.relay_id}") from exc

@@ -244,6 +244,10 @@ class FakeCalls:
 class FakeUpstream:
     answers: dict[str, Any] = field(default_factory=dict)
     asked: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    support: types.ServerTasksCapability | None = None
+
+    def task_support(self) -> types.ServerTasksCapability | None:
+        return self.support
 
     async def task_request(self, what: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
         self.asked.append((method, params))
@@ -414,6 +418,18 @@ def test_cancel_is_the_outcome_once() -> None:
         assert got["_meta"]["dev.cloister/log"]["outcome"] == 1001
         await relay.cancel(Ctx("tok-a"), ask)  # type: ignore[arg-type]
         assert handlers.calls.outcomes == [(7, None, CANCELLED_BY_TASKS_CANCEL)]
+
+    anyio.run(go)
+
+
+def test_a_cancel_the_upstream_did_not_offer_is_refused_before_it_is_sent() -> None:
+    async def go() -> None:
+        upstream = FakeUpstream({"tasks/cancel": _task(status="cancelled")}, support=types.ServerTasksCapability())
+        relay, handlers = _relay(upstream)
+        tid = await _made(relay)
+        with pytest.raises(MCPError, match="does not cancel"):
+            await relay.cancel(Ctx("tok-a"), types.CancelTaskRequestParams(task_id=tid))  # type: ignore[arg-type]
+        assert upstream.asked == [] and handlers.calls.outcomes == []
 
     anyio.run(go)
 
