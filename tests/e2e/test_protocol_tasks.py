@@ -14,6 +14,7 @@ get, fetch, cancel nor list the task. The log replays."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -369,7 +370,7 @@ async def job(c: Client, mode: str) -> dict[str, Any]:
     return await raw(c, "tools/call", {"name": "hostile___job", "arguments": {"mode": mode}, "task": {}})
 
 
-def test_the_log_replays_verified(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_log_replays_verified_and_resumes(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLOISTER_STATE", str(stack.state.root))
     r = cli(
         "audit",
@@ -386,3 +387,21 @@ def test_the_log_replays_verified(stack: Stack, tmp_path: Path, monkeypatch: pyt
     assert r.code == 0, r.err
     summary = json.loads(r.out)
     assert summary["missing_outcomes"] == 0, summary
+    # A restarted enclave resumes this log (its resume parses every entry) and takes task calls.
+    stop(stack.enclave, signal.SIGKILL)
+    stack.restart_enclave()
+    wait_for(lambda: stack.health().get("ready") is True, 30, "the relay to re-initialise the enclave")
+
+    async def task_after_restart() -> None:
+        async with client(stack, stack.token()) as c:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        tid = (await start_research(c, "after restart"))["task"]["taskId"]
+                        break
+                    except (MCPError, KeyError):
+                        await anyio.sleep(0.5)
+            await wait_status(c, tid, {"completed"})
+            assert "after restart" in (await raw(c, "tasks/result", {"taskId": tid}))["content"][0]["text"]
+
+    run(task_after_restart)
