@@ -14,7 +14,9 @@ get, fetch, cancel nor list the task. The log replays."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -364,6 +366,33 @@ def test_an_upstream_cannot_show_one_agent_anothers_task(stack: Stack) -> None:
             assert forwarded and all(c["taskId"].startswith("t-") for c in forwarded)
 
     run(go)
+
+
+def test_the_typescript_sdks_task_client_works_through_cloister(stack: Stack) -> None:
+    """The TypeScript SDK's own task API (`callToolStream`: create, poll, answer the elicitation,
+    fetch) through the relay, and its tasks/get of another agent's task id refused."""
+    if shutil.which("node") is None:
+        pytest.skip("needs node")
+
+    async def foreign() -> str:
+        async with client(stack, stack.token()) as c:
+            return str((await start_research(c, "not yours"))["task"]["taskId"])
+
+    theirs = run(foreign)
+    script = HERE / "tasks_client.mjs"
+    args = ["node", str(script), stack.mcp_url, stack.token("peer-bot"), "monty python", "1", theirs]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["capabilities"] == {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}
+    assert seen["messages"][0] == "taskCreated" and seen["messages"][-1] == "result", seen
+    ids = set(seen["taskIds"])
+    assert len(ids) == 1 and next(iter(ids)).startswith(RELAY_TASK_PREFIX)
+    mine = next(iter(ids))
+    assert "Clarification**: comedy" in seen["text"]
+    assert seen["elicited"] == [{"io.modelcontextprotocol/related-task": {"taskId": mine}}]
+    assert mine in seen["listed"] and theirs not in seen["listed"]
+    assert seen["foreign"]["code"] == -32602 and "unknown task" in seen["foreign"]["message"]
 
 
 async def job(c: Client, mode: str) -> dict[str, Any]:
