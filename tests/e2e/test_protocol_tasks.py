@@ -237,6 +237,29 @@ def test_a_denied_task_call_reaches_no_upstream_and_is_logged(stack: Stack) -> N
     run(go)
 
 
+def test_a_task_call_to_a_tool_without_task_support_still_has_one_outcome(stack: Stack) -> None:
+    """`echo` does not support tasks: whatever server-everything answers to a task-augmented call
+    (2026.8.31: the error -32602 "Invalid task creation result"), the call's decision has its
+    outcome at once and no task is left."""
+
+    async def go() -> None:
+        async with client(stack, stack.token()) as c:
+            before = {t["taskId"] for t in (await raw(c, "tasks/list", {}))["tasks"]}
+            try:
+                answer = await raw(
+                    c, "tools/call", {"name": "everything___echo", "arguments": {"message": "hi"}, "task": {}}
+                )
+                log = answer["_meta"]["dev.cloister/log"]
+                assert "task" not in answer and answer["content"]
+            except MCPError as exc:
+                log = exc.error.data if isinstance(exc.error.data, dict) else {}
+            outcome = entry_at(stack, log["outcome"])
+            assert isinstance(outcome, OutcomeEntry) and outcome.decision_index == log["decision"]
+            assert {t["taskId"] for t in (await raw(c, "tasks/list", {}))["tasks"]} == before
+
+    run(go)
+
+
 def test_another_agent_cannot_get_fetch_cancel_or_list_a_task(stack: Stack) -> None:
     """Attack: agent B, with a valid token and the same roles, learns agent A's task id (or guesses
     ids) and tries every task request on it; each is 'unknown task', and A's task is untouched."""
