@@ -586,6 +586,10 @@ class McpHandlers:
             return types.ErrorData(code=exc.code, message=exc.message, data=exc.data)
         return result  # type: ignore[no-any-return]
 
+    async def task_status(self, server: str, params: types.TaskStatusNotificationParams) -> None:
+        """An upstream's notifications/tasks/status, to the agent session that made the task (decision 0029)."""
+        await self.tasks.status(server, params)
+
     # ---- list_changed -----------------------------------------------------------------------------
 
     def changed(self, server: str) -> None:

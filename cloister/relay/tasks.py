@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import grpc
@@ -150,6 +150,7 @@ class TaskRecord:
     started: float  # monotonic
     deadline: float  # monotonic: the outcome is recorded by then, fetched or not
     paid: str = ""
+    session: str = ""  # the agent session that made it: where its status notifications go
     task: dict[str, Any] = field(default_factory=dict)  # last known, as agents get it
     closed: bool = False  # the decision's outcome is recorded
     closed_at: float = 0.0
@@ -346,9 +347,9 @@ class TaskRelay:
             )
         if not isinstance(started, TaskStarted):
             return _shaped(server, started)  # a denial, or the upstream ran it without a task
-        return await self._register(server, agent, started)
+        return await self._register(server, agent, started, session.key)
 
-    async def _register(self, server: str, agent: str, started: TaskStarted) -> dict[str, Any]:
+    async def _register(self, server: str, agent: str, started: TaskStarted, session: str = "") -> dict[str, Any]:
         verdict = started.verdict
         record = TaskRecord(
             relay_id=relay_task_id(),
@@ -359,6 +360,7 @@ class TaskRelay:
             started=started.started,
             deadline=self.table.clock() + outcome_window_s(verdict.grant),
             paid=started.paid,
+            session=session,
         )
         try:
             raw = started.created["task"]
@@ -514,6 +516,28 @@ class TaskRelay:
         if record is not None and flight is not None and flight.session.key in record.fetchers:
             out[RELATED_TASK_KEY] = {"taskId": record.relay_id}
         return out
+
+    async def status(self, server: str, params: types.TaskStatusNotificationParams) -> None:
+        """An upstream's notifications/tasks/status: to the agent session that made the task, its
+        id the relay's and its texts bounded; dropped for a task the relay did not make, a session
+        it no longer knows, or a malformed task. Not logged (a status, like progress)."""
+        record = self.table.by_upstream(server, params.task_id)
+        if record is None or not record.session:
+            return
+        agent_session = self.handlers.agents.sessions.get(record.session)
+        if agent_session is None:
+            return
+        try:
+            task = bounded_task(params.model_dump(mode="json", by_alias=True, exclude_none=True), record.relay_id)
+        except TaskError as exc:
+            log.debug("task %s: status from %s dropped: %s", record.relay_id, server, exc)
+            return
+        record.task = task
+        note = types.TaskStatusNotification(params=types.TaskStatusNotificationParams.model_validate(task))
+        try:
+            await agent_session.ctx.session.send_notification(cast(Any, note))
+        except Exception as exc:  # the agent is gone
+            log.debug("task %s: status not delivered to session %s: %s", record.relay_id, record.session, exc)
 
     # ---- outcomes nobody fetched -----------------------------------------------------------------
 

@@ -37,6 +37,7 @@ import anyio.abc
 import httpx2
 import mcp_types as types
 from mcp import Client, StdioServerParameters
+from mcp.client.extension import ClientExtension, NotificationBinding
 from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
@@ -222,6 +223,12 @@ class Upstream:
         if self.hooks is not None:
             await self.hooks.log_message(self.name, params)
 
+    async def _on_task_status(self, params: types.TaskStatusNotificationParams) -> None:
+        # Optional in the hooks (McpHandlers.task_status, decision 0029): older hook sets lack it.
+        hook = getattr(self.hooks, "task_status", None)
+        if hook is not None:
+            await hook(self.name, params)
+
     async def run(self) -> None:
         """Keep a session open until stopped, reconnecting with backoff."""
         backoff = 0.2
@@ -245,6 +252,8 @@ class Upstream:
                             # for the one agent it serves, or refused (decision 0027).
                             list_roots_callback=self._on_roots,
                             logging_callback=self._on_log,
+                            # notifications/tasks/status, which the SDK's 2025-11-25 tables drop (decision 0029).
+                            extensions=[_TaskStatus(self._on_task_status)],
                         )
                     )
                     tools = await self._list_tools(client)
@@ -612,6 +621,26 @@ class Upstream:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class _TaskStatus(ClientExtension):
+    """Observes an upstream's `notifications/tasks/status` (decision 0029): the SDK delivers a
+    method its tables leave out only to an extension's binding. The identifier is advertised in
+    the relay's `initialize` (`capabilities.extensions`), in Cloister's own namespace."""
+
+    identifier = "dev.cloister/task-status"
+
+    def __init__(self, handler: Callable[[types.TaskStatusNotificationParams], Awaitable[None]]) -> None:
+        self._handler = handler
+
+    def notifications(self) -> tuple[NotificationBinding[Any], ...]:
+        return (
+            NotificationBinding(
+                method="notifications/tasks/status",
+                params_type=types.TaskStatusNotificationParams,
+                handler=self._handler,
+            ),
+        )
 
 
 class _Wire:

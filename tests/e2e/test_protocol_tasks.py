@@ -393,7 +393,8 @@ def test_an_upstream_cannot_show_one_agent_anothers_task(stack: Stack) -> None:
 
 def test_the_typescript_sdks_task_client_works_through_cloister(stack: Stack) -> None:
     """The TypeScript SDK's own task API (`callToolStream`: create, poll, answer the elicitation,
-    fetch) through the relay, and its tasks/get of another agent's task id refused."""
+    fetch) through the relay, its task's status notifications, and its tasks/get of another agent's
+    task id refused."""
     if shutil.which("node") is None:
         pytest.skip("needs node")
 
@@ -416,6 +417,10 @@ def test_the_typescript_sdks_task_client_works_through_cloister(stack: Stack) ->
     assert seen["elicited"] == [{"io.modelcontextprotocol/related-task": {"taskId": mine}}]
     assert mine in seen["listed"] and theirs not in seen["listed"]
     assert seen["foreign"]["code"] == -32602 and "unknown task" in seen["foreign"]["message"]
+    # notifications/tasks/status: its own task's only, under the relay's id.
+    statuses = seen["statuses"]
+    assert statuses and {s["taskId"] for s in statuses} == {mine}, statuses
+    assert "input_required" in {s["status"] for s in statuses}
 
 
 async def job(c: Client, mode: str) -> dict[str, Any]:

@@ -479,3 +479,42 @@ def test_an_upstreams_related_task_reaches_only_the_fetching_owner() -> None:
     }
     assert relay.relate("other", meta, Flight(alice, None, "tok-a")) == {"other": 1}  # type: ignore[arg-type]
     assert relay.relate("up", None, None) is None
+
+
+class Notified:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    async def send_notification(self, note: Any, related_request_id: Any = None) -> None:
+        self.sent.append(note)
+
+
+class SessionCtx:
+    def __init__(self) -> None:
+        self.session = Notified()
+
+
+def test_status_notifications_reach_only_the_session_that_made_the_task_bounded() -> None:
+    async def go() -> None:
+        relay, handlers = _relay(FakeUpstream())
+        alice_ctx, bob_ctx = SessionCtx(), SessionCtx()
+        handlers.agents.sessions["mcp:alice"] = AgentSession("mcp:alice", alice_ctx, "tok-a")  # type: ignore[arg-type]
+        handlers.agents.sessions["mcp:bob"] = AgentSession("mcp:bob", bob_ctx, "tok-b")  # type: ignore[arg-type]
+        created = await relay._register("up", "alice", _started(_task("up-1")), "mcp:alice")
+        tid = created["task"]["taskId"]
+        huge = types.TaskStatusNotificationParams.model_validate(
+            _task("up-1", "input_required", statusMessage="m" * 100_000)
+        )
+        await relay.status("up", huge)
+        await relay.status("other", huge)  # another upstream's task of the same id: not ours
+        await relay.status("up", types.TaskStatusNotificationParams.model_validate(_task("up-unknown")))
+        assert bob_ctx.session.sent == []
+        [note] = alice_ctx.session.sent
+        assert isinstance(note, types.TaskStatusNotification)
+        assert note.params.task_id == tid and note.params.status == "input_required"
+        assert note.params.status_message is not None and len(note.params.status_message) == MAX_STATUS_MESSAGE
+        handlers.agents.sessions.pop("mcp:alice")  # the session is gone: nothing is sent, nothing fails
+        await relay.status("up", huge)
+        assert len(alice_ctx.session.sent) == 1
+
+    anyio.run(go)
