@@ -170,11 +170,17 @@ class CallPath:
         # (a tool result with isError, for the model) or "error" (a JSON-RPC error, as before).
         self.denials: str = "result"
         self.observer = CallObserver()  # metrics, traces, call log (set by the relay; decision 0020)
+        # Run first at shutdown, while the enclave and storage are still open: open tasks record
+        # their calls' outcomes ("relay shutting down"; decision 0029).
+        self.before_shutdown: list[Callable[[], Awaitable[None]]] = []
 
     async def shutdown(self, timeout_s: float = OUTCOME_RECORD_TIMEOUT_S) -> None:
         """Stop the calls still waiting on an upstream and let each record its outcome ("relay
         shutting down") before storage and the enclave channel close; waits at most `timeout_s`."""
         self._closing = True
+        for hook in self.before_shutdown:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s):
+                await hook()
         for scope in list(self._forwarding):
             scope.cancel()
         if self._in_flight:

@@ -271,6 +271,7 @@ class TaskRelay:
     def __init__(self, handlers: McpHandlers, clock: Callable[[], float] = time.monotonic) -> None:
         self.handlers = handlers
         self.table = TaskTable(clock)
+        handlers.calls.before_shutdown.append(self.abandon)
 
     def install(self, server: Server[Any]) -> None:
         """A server middleware for task-augmented tools/call (the SDK would check its answer as a
@@ -552,9 +553,14 @@ class TaskRelay:
                 self.table.prune()
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                for record in self.table.open():
-                    await self._close_unfetched(record, SHUTTING_DOWN)
+                await self.abandon()
             raise
+
+    async def abandon(self) -> None:
+        """At shutdown (`CallPath.shutdown`, before the enclave closes): every open task's call
+        gets its outcome, "relay shutting down (task abandoned)"."""
+        for record in self.table.open():
+            await self._close_unfetched(record, SHUTTING_DOWN)
 
     async def _close_unfetched(self, record: TaskRecord, error: str) -> None:
         async with record.lock:

@@ -230,6 +230,7 @@ class FakeState:
 class FakeCalls:
     outcomes: list[tuple[int, dict[str, Any] | None, str]] = field(default_factory=list)
     fail: bool = False
+    before_shutdown: list[Any] = field(default_factory=list)
 
     async def close_task(
         self, decision: int, started: float, result: dict[str, Any] | None, error: str, paid: str = ""
@@ -516,5 +517,21 @@ def test_status_notifications_reach_only_the_session_that_made_the_task_bounded(
         handlers.agents.sessions.pop("mcp:alice")  # the session is gone: nothing is sent, nothing fails
         await relay.status("up", huge)
         assert len(alice_ctx.session.sent) == 1
+
+    anyio.run(go)
+
+
+def test_shutdown_closes_every_open_task_through_the_call_paths_hook() -> None:
+    async def go() -> None:
+        relay, handlers = _relay(FakeUpstream())
+        assert handlers.calls.before_shutdown == [relay.abandon]
+        await _made(relay)
+        await relay._register("up", "alice", _started(_task("up-2"), index=8))
+        for hook in handlers.calls.before_shutdown:
+            await hook()
+        assert sorted(d for d, _, _ in handlers.calls.outcomes) == [7, 8]
+        assert all("shutting down" in e for _, _, e in handlers.calls.outcomes)
+        await relay.abandon()  # again: nothing more
+        assert len(handlers.calls.outcomes) == 2
 
     anyio.run(go)
