@@ -20,6 +20,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, cast
 
 import anyio
@@ -169,11 +170,17 @@ class CallPath:
         # (a tool result with isError, for the model) or "error" (a JSON-RPC error, as before).
         self.denials: str = "result"
         self.observer = CallObserver()  # metrics, traces, call log (set by the relay; decision 0020)
+        # Run first at shutdown, while the enclave and storage are still open: open tasks record
+        # their calls' outcomes ("relay shutting down"; decision 0029).
+        self.before_shutdown: list[Callable[[], Awaitable[None]]] = []
 
     async def shutdown(self, timeout_s: float = OUTCOME_RECORD_TIMEOUT_S) -> None:
         """Stop the calls still waiting on an upstream and let each record its outcome ("relay
         shutting down") before storage and the enclave channel close; waits at most `timeout_s`."""
         self._closing = True
+        for hook in self.before_shutdown:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s):
+                await hook()
         for scope in list(self._forwarding):
             scope.cancel()
         if self._in_flight:
@@ -267,6 +274,90 @@ class CallPath:
             "checkpoint_size": outcome.log.first_index + len(outcome.log.entries),
         }
         return _answer(result, failure, log_meta, server)
+
+    async def call_task(
+        self, token: str, name: str, arguments: dict[str, Any] | None, meta: Any, task: dict[str, Any]
+    ) -> TaskStarted | dict[str, Any]:
+        """A task-augmented `tools/call` (decision 0029): decided, logged and forwarded exactly as
+        `call_json` does (same action, same grant), with the agent's `task` parameter. When the
+        upstream answers with a task (a CreateTaskResult), the decision's one outcome is deferred:
+        `close_task` records it when the task's payload is fetched, the task fails or is
+        cancelled, or its outcome window ends. Any other answer (a denial, a plain result, a
+        failure) is final and returned (or raised) as `call_json` would."""
+        server, tool = split_tool_name(name)
+        arguments = dict(arguments or {})
+        args_json = _compact_json(arguments)
+        if len(args_json) > self.state.config.max_argument_bytes:
+            raise MCPError(
+                INVALID_PARAMS,
+                f"arguments are {len(args_json)} bytes; this relay accepts at most "
+                f"{self.state.config.max_argument_bytes} (nothing was forwarded)",
+                data={SOURCE: FROM_CLOISTER},
+            )
+        payment = (meta or {}).get(X402_META_KEY)
+        try:
+            payment_json = x402_payload(payment) if payment is not None else b""
+        except ValueError as exc:
+            raise MCPError(
+                INVALID_PARAMS, f"the x402 payment in _meta is malformed: {exc} (nothing was forwarded)"
+            ) from exc
+        verdict = await self._authorize(token, server, tool, args_json, payment_json)
+        await self._persist_or_fail(verdict.log)
+        if verdict.decision != pb.ALLOW:
+            await self._keep_denied_arguments(verdict, args_json)
+            if self.denials == "result" and verdict.denial in MODEL_DENIALS and not _wants_errors(meta):
+                return denial_result(verdict)
+            raise _denied(verdict)
+        self.state.store_body(verdict.log_index, "args", args_json)
+        started = time.monotonic()
+        self._in_flight += 1
+        try:
+            try:
+                result, failure, error = await self._forward(
+                    server, tool, arguments, verdict.grant, payment, None, task
+                )
+            except anyio.get_cancelled_exc_class():
+                await self._record_interrupted(verdict.log_index, started, self._cancel_reason())
+                raise
+            except Exception as exc:
+                log.exception("forwarding the task call of decision %d failed", verdict.log_index)
+                await self._record_interrupted(
+                    verdict.log_index, started, f"relay error while forwarding: {exc!r}"[:500]
+                )
+                raise
+            if result is not None and is_create_task_result(result):
+                return TaskStarted(verdict, result, started, _granted_payment(verdict.grant))
+            # A plain answer (the upstream ran the call without a task) or a failure: final now.
+            log_meta = await self.close_task(
+                verdict.log_index, started, result, error, _granted_payment(verdict.grant) if result else ""
+            )
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight and self._idle is not None:
+                self._idle.set()
+        return _answer(result, failure, log_meta, server)
+
+    async def close_task(
+        self, decision_index: int, started: float, result: dict[str, Any] | None, error: str, paid: str = ""
+    ) -> dict[str, int]:
+        """The one outcome of a task-augmented call (decision 0029): the payload's hash (stored as
+        the result body), or the error; durable before it returns the log indexes. Shielded from
+        the caller's cancellation, within OUTCOME_RECORD_TIMEOUT_S."""
+        duration_us = int((time.monotonic() - started) * 1_000_000)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(OUTCOME_RECORD_TIMEOUT_S) as deadline:
+            outcome = await self._record_outcome(decision_index, result, error, duration_us, paid)
+            await self._persist_or_fail(outcome.log)
+        if deadline.cancelled_caught:
+            raise MCPError(
+                LOG_UNAVAILABLE,
+                f"the task's outcome could not be logged in {OUTCOME_RECORD_TIMEOUT_S:g}s, so it is not acknowledged",
+                data={SOURCE: FROM_CLOISTER, "log_index": decision_index},
+            )
+        return {
+            "decision": decision_index,
+            "outcome": outcome.log_index,
+            "checkpoint_size": outcome.log.first_index + len(outcome.log.entries),
+        }
 
     async def governed(
         self,
@@ -501,8 +592,10 @@ class CallPath:
         grant: bytes,
         payment: Any,
         progress: ProgressFnT | None = None,
+        task: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any] | None, UpstreamError | None, str]:
-        """The upstream's result, or its failure and the outcome's error text for it."""
+        """The upstream's result, or its failure and the outcome's error text for it. `task`: the
+        agent's task parameter (decision 0029), forwarded with the call."""
         upstream = self.upstreams.by_name.get(server)
         if upstream is None:
             failure = UpstreamError("unavailable", f"no upstream named {server!r} is configured on this relay")
@@ -528,7 +621,7 @@ class CallPath:
             self._forwarding.add(stop)
             try:
                 with anyio.move_on_after(timeout_s + UPSTREAM_DEADLINE_MARGIN_S):
-                    return await forward_call(upstream, tool, arguments, meta, progress), None, ""
+                    return await forward_call(upstream, tool, arguments, meta, progress, task), None, ""
             except UpstreamError as exc:
                 if exc.kind == "timeout":
                     return None, exc, f"upstream timed out after {timeout_s:g}s: {exc}"
@@ -604,15 +697,39 @@ class CallPath:
 
 
 async def forward_call(
-    upstream: Upstream, tool: str, arguments: dict[str, Any], meta: dict[str, Any], progress: ProgressFnT | None
+    upstream: Upstream,
+    tool: str,
+    arguments: dict[str, Any],
+    meta: dict[str, Any],
+    progress: ProgressFnT | None,
+    task: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The one forward of a tools/call: the upstream's result object as JSON, exactly as the
-    outcome's hash covers it (`result_sha256`, decision 0017); UpstreamError when it fails."""
+    outcome's hash covers it (`result_sha256`, decision 0017); UpstreamError when it fails.
+    With `task` (decision 0029): a raw request, whose answer may be a CreateTaskResult."""
+    if task is not None:
+        params = {"name": tool, "arguments": arguments, "task": task, "_meta": meta}
+        return await upstream.task_request("call", "tools/call", params)
     if progress is None:
         # The lean call (decision 0024): the result exactly as the upstream sent (and signed) it.
         return await upstream.call_json(tool, arguments, meta)
     # Progress flows through the SDK session's handlers: the SDK call, as it was sent.
     return wire_value(await upstream.call(tool, arguments, meta, progress))
+
+
+@dataclass(frozen=True)
+class TaskStarted:
+    """An allowed task-augmented call whose upstream made a task: its outcome is still open."""
+
+    verdict: pb.AuthorizeResponse
+    created: dict[str, Any]  # the upstream's CreateTaskResult, as sent
+    started: float  # monotonic, when it was forwarded
+    paid: str  # the amount the grant says was charged ("" for none)
+
+
+def is_create_task_result(result: dict[str, Any]) -> bool:
+    """A CreateTaskResult (a `task` object, no tool content), not a tool's own result."""
+    return isinstance(result.get("task"), dict) and "content" not in result
 
 
 class _Flagged:

@@ -55,6 +55,7 @@ from cloister.relay.input_rounds import (
     wire_responses,
 )
 from cloister.relay.state import RelayState
+from cloister.relay.tasks import TaskRelay
 from cloister.relay.upstreams import Upstream, UpstreamError, Upstreams
 from cloister.wire import enclave_pb2 as pb
 from cloister.wire.contract import TOOL_SEPARATOR
@@ -79,9 +80,19 @@ class _RelayServer(Server[Any]):
         extensions: dict[str, dict[str, Any]] | None = None,
     ) -> InitializationOptions:
         every = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
-        return super().create_initialization_options(
+        options = super().create_initialization_options(
             notification_options or every, experimental_capabilities, extensions
         )
+        # Tasks (2025-11-25; decision 0029): task-augmented tools/call, tasks/list and tasks/cancel.
+        # A call to an upstream without tasks runs as a plain call, as the spec lets a receiver do.
+        options.capabilities.tasks = types.ServerTasksCapability(
+            list=types.TasksListCapability(),
+            cancel=types.TasksCancelCapability(),
+            requests=types.ServerTasksRequestsCapability(
+                tools=types.TasksToolsCapability(call=types.TasksCallCapability())
+            ),
+        )
+        return options
 
 
 def bearer(ctx: ServerRequestContext[Any, Any]) -> str:
@@ -105,9 +116,16 @@ class McpHandlers:
         self._roots_changed: set[str] = set()  # upstreams an agent's roots/list_changed is due to
         self._roots_due = anyio.Event()
         upstreams.set_hooks(self)
+        self.tasks = TaskRelay(self)  # MCP tasks (decision 0029)
         upstreams.background += [self._notify_changes, self._watch_policy, self._forward_roots_changed]
+        upstreams.background.append(self.tasks.sweep)
 
     def server(self) -> Server[Any]:
+        server = self._server()
+        self.tasks.install(server)
+        return server
+
+    def _server(self) -> Server[Any]:
         return _RelayServer(
             "cloister-relay",
             version=__version__,
@@ -489,6 +507,9 @@ class McpHandlers:
         self, server: str, params: types.CreateMessageRequestParams
     ) -> types.CreateMessageResult | types.CreateMessageResultWithTools | types.ErrorData:
         capability = types.ClientCapabilities(sampling=types.SamplingCapability())
+        params = params.model_copy(
+            update={"meta": self.tasks.relate(server, params.meta, self.agents.attributed(server)[0])}
+        )
 
         async def send(flight: Flight) -> types.CreateMessageResult:
             return await flight.ctx.session.send_request(
@@ -501,6 +522,9 @@ class McpHandlers:
 
     async def elicitation(self, server: str, params: types.ElicitRequestParams) -> types.ElicitResult | types.ErrorData:
         capability = types.ClientCapabilities(elicitation=types.ElicitationCapability())
+        params = params.model_copy(
+            update={"meta": self.tasks.relate(server, params.meta, self.agents.attributed(server)[0])}
+        )
 
         async def send(flight: Flight) -> types.ElicitResult:
             return await flight.ctx.session.send_request(
@@ -633,6 +657,10 @@ class McpHandlers:
         except MCPError as exc:  # denied, or failed: the upstream gets the reason (and the log index)
             return types.ErrorData(code=exc.code, message=exc.message, data=exc.data)
         return result  # type: ignore[no-any-return]
+
+    async def task_status(self, server: str, params: types.TaskStatusNotificationParams) -> None:
+        """An upstream's notifications/tasks/status, to the agent session that made the task (decision 0029)."""
+        await self.tasks.status(server, params)
 
     # ---- list_changed -----------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ import anyio.abc
 import httpx2
 import mcp_types as types
 from mcp import Client, StdioServerParameters
+from mcp.client.extension import ClientExtension, NotificationBinding
 from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
@@ -222,6 +223,12 @@ class Upstream:
         if self.hooks is not None:
             await self.hooks.log_message(self.name, params)
 
+    async def _on_task_status(self, params: types.TaskStatusNotificationParams) -> None:
+        # Optional in the hooks (McpHandlers.task_status, decision 0029): older hook sets lack it.
+        hook = getattr(self.hooks, "task_status", None)
+        if hook is not None:
+            await hook(self.name, params)
+
     async def run(self) -> None:
         """Keep a session open until stopped, reconnecting with backoff."""
         backoff = 0.2
@@ -245,6 +252,8 @@ class Upstream:
                             # for the one agent it serves, or refused (decision 0027).
                             list_roots_callback=self._on_roots,
                             logging_callback=self._on_log,
+                            # notifications/tasks/status, which the SDK's 2025-11-25 tables drop (decision 0029).
+                            extensions=[_TaskStatus(self._on_task_status)],
                         )
                     )
                     tools = await self._list_tools(client)
@@ -584,12 +593,54 @@ class Upstream:
             self._broken.set()
             raise UpstreamError("unavailable", f"upstream {self.name!r} connection failed: {exc!r}"[:500]) from exc
 
+    # ---- MCP tasks (decision 0029): raw requests, so a CreateTaskResult or a task's payload is
+    # the upstream's JSON as sent (the SDK validates a tools/call answer as a CallToolResult and
+    # does not know tasks/*).
+
+    def task_support(self) -> types.ServerTasksCapability | None:
+        """The upstream's declared tasks capability (2025-11-25), or None."""
+        client = self._client
+        caps = client.server_capabilities if client is not None else None
+        return caps.tasks if caps is not None else None
+
+    async def task_request(self, what: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """One request (`tools/call` with `task`, `tasks/get`, `tasks/result`, `tasks/cancel`) on
+        the session, its result object as sent; failures as UpstreamError (`request`)."""
+
+        async def send(client: Client) -> dict[str, Any]:
+            data: dict[str, Any] = {"method": method, "params": params}
+            opts: dict[str, Any] = {}
+            client.session._stamp(data, cast(Any, opts))
+            return await client.session._dispatcher.send_raw_request(method, data.get("params"), cast(Any, opts))
+
+        return await self.request(what, send)
+
     def restart(self) -> None:
         """Drop the session; `run` reconnects (and re-proves identity)."""
         self._broken.set()
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class _TaskStatus(ClientExtension):
+    """Observes an upstream's `notifications/tasks/status` (decision 0029): the SDK delivers a
+    method its tables leave out only to an extension's binding. The identifier is advertised in
+    the relay's `initialize` (`capabilities.extensions`), in Cloister's own namespace."""
+
+    identifier = "dev.cloister/task-status"
+
+    def __init__(self, handler: Callable[[types.TaskStatusNotificationParams], Awaitable[None]]) -> None:
+        self._handler = handler
+
+    def notifications(self) -> tuple[NotificationBinding[Any], ...]:
+        return (
+            NotificationBinding(
+                method="notifications/tasks/status",
+                params_type=types.TaskStatusNotificationParams,
+                handler=self._handler,
+            ),
+        )
 
 
 class _Wire:
