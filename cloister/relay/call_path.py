@@ -212,23 +212,7 @@ class CallPath:
         `name`, `arguments` and `meta` (the request's `_meta`) as the agent sent them, the result
         object as the agent gets it (the SDK's handler and the fast path both call this; decision
         0023). `progress` receives the upstream's progress notifications for it."""
-        server, tool = split_tool_name(name)
-        arguments = dict(arguments or {})
-        args_json = _compact_json(arguments)
-        if len(args_json) > self.state.config.max_argument_bytes:
-            raise MCPError(
-                INVALID_PARAMS,
-                f"arguments are {len(args_json)} bytes; this relay accepts at most "
-                f"{self.state.config.max_argument_bytes} (nothing was forwarded)",
-                data={SOURCE: FROM_CLOISTER},
-            )
-        payment = (meta or {}).get(X402_META_KEY)
-        try:
-            payment_json = x402_payload(payment) if payment is not None else b""
-        except ValueError as exc:
-            raise MCPError(
-                INVALID_PARAMS, f"the x402 payment in _meta is malformed: {exc} (nothing was forwarded)"
-            ) from exc
+        server, tool, arguments, args_json, payment, payment_json = self._call_request(name, arguments, meta)
         marks = [time.perf_counter()]
         # Steps 1 and 2 are shielded from the caller's cancellation, as in `_decide_shielded`.
         with anyio.CancelScope(shield=True):
@@ -284,25 +268,8 @@ class CallPath:
         `close_task` records it when the task's payload is fetched, the task fails or is
         cancelled, or its outcome window ends. Any other answer (a denial, a plain result, a
         failure) is final and returned (or raised) as `call_json` would."""
-        server, tool = split_tool_name(name)
-        arguments = dict(arguments or {})
-        args_json = _compact_json(arguments)
-        if len(args_json) > self.state.config.max_argument_bytes:
-            raise MCPError(
-                INVALID_PARAMS,
-                f"arguments are {len(args_json)} bytes; this relay accepts at most "
-                f"{self.state.config.max_argument_bytes} (nothing was forwarded)",
-                data={SOURCE: FROM_CLOISTER},
-            )
-        payment = (meta or {}).get(X402_META_KEY)
-        try:
-            payment_json = x402_payload(payment) if payment is not None else b""
-        except ValueError as exc:
-            raise MCPError(
-                INVALID_PARAMS, f"the x402 payment in _meta is malformed: {exc} (nothing was forwarded)"
-            ) from exc
-        verdict = await self._authorize(token, server, tool, args_json, payment_json)
-        await self._persist_or_fail(verdict.log)
+        server, tool, arguments, args_json, payment, payment_json = self._call_request(name, arguments, meta)
+        verdict = await self._decide_shielded(token, server, tool, args_json, pb.ACTION_KIND_TOOL, payment_json)
         if verdict.decision != pb.ALLOW:
             await self._keep_denied_arguments(verdict, args_json)
             if self.denials == "result" and verdict.denial in MODEL_DENIALS and not _wants_errors(meta):
@@ -462,8 +429,33 @@ class CallPath:
         except Exception as exc:  # the denial stands and is logged; only its arguments are lost
             log.warning("could not keep the arguments of denied entry %d: %s", verdict.log_index, exc)
 
+    def _call_request(
+        self, name: str, arguments: dict[str, Any] | None, meta: Any
+    ) -> tuple[str, str, dict[str, Any], bytes, Any, bytes]:
+        """A tools/call's parts, checked before the enclave is asked: (server, tool, arguments,
+        their compact JSON, the x402 payment in `_meta` and its payload); MCPError when too large
+        or malformed (nothing forwarded)."""
+        server, tool = split_tool_name(name)
+        arguments = dict(arguments or {})
+        args_json = _compact_json(arguments)
+        if len(args_json) > self.state.config.max_argument_bytes:
+            raise MCPError(
+                INVALID_PARAMS,
+                f"arguments are {len(args_json)} bytes; this relay accepts at most "
+                f"{self.state.config.max_argument_bytes} (nothing was forwarded)",
+                data={SOURCE: FROM_CLOISTER},
+            )
+        payment = (meta or {}).get(X402_META_KEY)
+        try:
+            payment_json = x402_payload(payment) if payment is not None else b""
+        except ValueError as exc:
+            raise MCPError(
+                INVALID_PARAMS, f"the x402 payment in _meta is malformed: {exc} (nothing was forwarded)"
+            ) from exc
+        return server, tool, arguments, args_json, payment, payment_json
+
     async def _decide_shielded(
-        self, token: str, server: str, name: str, args_json: bytes, kind: int
+        self, token: str, server: str, name: str, args_json: bytes, kind: int, payment_json: bytes = b""
     ) -> pb.AuthorizeResponse:
         """The enclave decides and the decision entry is made durable, shielded from the caller's
         cancellation. Once the enclave has sequenced an allow, the request must reach the forwarding
@@ -473,7 +465,7 @@ class CallPath:
         persist waits on storage as every request does. The cancel then takes effect at the
         forward, and is recorded there as the outcome."""
         with anyio.CancelScope(shield=True):
-            verdict = await self._authorize(token, server, name, args_json, b"", kind)
+            verdict = await self._authorize(token, server, name, args_json, payment_json, kind)
             await self._persist_or_fail(verdict.log)
         return verdict
 

@@ -28,9 +28,12 @@ This module wires the relay's roles together, each in its own module:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
-from collections.abc import Callable, Coroutine
+import signal
+import threading
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import anyio
@@ -162,7 +165,37 @@ def _available(module: str) -> bool:
 
 def run(config: RelayConfig) -> None:
     """`serve` on uvloop's event loop where it is installed (asyncio's otherwise)."""
-    anyio.run(serve, config, backend_options={"use_uvloop": _available("uvloop")})
+    with _signals_after_close() as stopped_by:
+        anyio.run(serve, config, backend_options={"use_uvloop": _available("uvloop")})
+    for sig in stopped_by:  # the clean close is done: end as the signal asked
+        signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def _signals_after_close() -> Iterator[list[int]]:
+    """uvicorn stops on SIGINT/SIGTERM, then re-raises the signal as `serve()` returns, under the
+    handlers it found. With the default ones that killed the process before `Relay.close()` ran,
+    so open MCP tasks never recorded their outcome and storage never closed. Here the handlers it
+    finds only note the signal; it is raised again (defaults restored) once the relay has closed.
+    A second signal while closing ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    seen: list[int] = []
+
+    def note(sig: int, _frame: object) -> None:
+        if sig in seen:  # asked twice: stop now
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+        seen.append(sig)
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, note) for sig in handled}
+    try:
+        yield seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 async def serve(config: RelayConfig, *, ready: Callable[[Relay], Coroutine[Any, Any, None]] | None = None) -> None:

@@ -32,8 +32,10 @@ from mcp.shared.exceptions import MCPError
 
 from cloister.dev.mcp_http import mcp_http_client
 from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
-from cloister.relay.tasks import RELAY_TASK_PREFIX
-from cloister.verify.entries import DecisionEntry, OutcomeEntry
+from cloister.relay.storage import LocalBackend, LogWriter
+from cloister.relay.tasks import RELAY_TASK_PREFIX, SHUTTING_DOWN
+from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
+from cloister.wire.contract import LOG_META_KEY
 from tests.audit.clirun import cli
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
 from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
@@ -462,3 +464,33 @@ def test_the_log_replays_verified_and_resumes(stack: Stack, tmp_path: Path, monk
             assert "after restart" in (await raw(c, "tasks/result", {"taskId": tid}))["content"][0]["text"]
 
     run(task_after_restart)
+
+
+def test_a_relay_stopped_by_sigterm_closes_open_tasks_with_an_outcome(stack: Stack) -> None:
+    # Runs last in this module: it stops the relay. Regression (found by the tasks work,
+    # 2026-12-06): uvicorn re-raised SIGTERM under the default handler as its serve() returned, so
+    # the process died before Relay.close(): open tasks kept their decisions open and storage was
+    # never closed. `cloister.relay.relay.run` now defers the signal until the relay has closed.
+    async def open_task() -> int:
+        async with client(stack, stack.token()) as c:
+            # ambiguous: the task waits for a clarification no one fetches (status input_required)
+            created = await start_research(c, "left open", ambiguous=True)
+            await wait_status(c, created["task"]["taskId"], {"input_required"})
+            return int(created["_meta"][LOG_META_KEY]["decision"])
+
+    decision = run(open_task)
+    stack.relay.send_signal(signal.SIGTERM)
+    code = stack.relay.wait(30)
+    assert code == -signal.SIGTERM  # still ends as the signal asked, after closing
+    relay_log = (stack.tmp / "relay.log").read_text()
+    assert SHUTTING_DOWN in relay_log, relay_log[-2000:]
+
+    async def stored() -> list[Any]:
+        writer = await LogWriter.open(LocalBackend(str(stack.tmp / "state" / "log")))
+        try:
+            return [parse_entry(e) for e in await writer.read_entries(0, writer.persisted_size)]
+        finally:
+            await writer.close()
+
+    outcomes = [e for e in run(stored) if isinstance(e, OutcomeEntry) and e.decision_index == decision]
+    assert [o.error for o in outcomes] == [SHUTTING_DOWN]
