@@ -11,11 +11,11 @@ import anyio
 import anyio.to_thread
 import httpx2
 
-from cloister.relay.storage import LocalBackend, LogWriter
 from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
 from cloister.verify.tiles import parse_entry_bundle
 from tests.e2e.conftest import Stack
 from tests.e2e.procs import stop, wait_for
+from tests.e2e.protocol_stack import stored_entries
 from tests.e2e.test_relay import client
 
 
@@ -86,13 +86,6 @@ def test_a_relay_stopping_mid_call_records_the_outcome_before_it_closes(stack: S
     finally:
         stop(stack.relay)
 
-    async def stored() -> list[Any]:
-        writer = await LogWriter.open(LocalBackend(str(stack.tmp / "state" / "log")))
-        try:
-            return [parse_entry(e) for e in await writer.read_entries(0, writer.persisted_size)]
-        finally:
-            await writer.close()
-
-    calls = sleep_calls(anyio.run(stored))
+    calls = sleep_calls(stored_entries(stack.tmp / "state" / "log"))
     assert [len(o) for _, o in calls] == [1, 1], calls
     print("outcome of the call in flight at SIGTERM:", calls[1][1][0].error or "(a result)")

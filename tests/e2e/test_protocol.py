@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,23 +25,18 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from cloister.dev.mcp_http import mcp_http_client
-from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
+from cloister.dev.state import copy_example_bundle
 from cloister.relay.codes import DENIED
 from cloister.verify.entries import DecisionEntry, OutcomeEntry
 from tests.audit.clirun import cli
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
 from tests.e2e.procs import (
-    let_server_everything_ask_for_roots,
-    start_enclave,
-    start_relay,
     stop,
     wait_for,
-    write_relay_config,
 )
+from tests.e2e.protocol_stack import EVERYTHING, EVERYTHING_UPSTREAM, protocol_stack
 from tests.e2e.test_relay import entry_at
 
-ROOT = Path(__file__).resolve().parents[2]
-EVERYTHING = ROOT / "tests/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
 pytestmark = pytest.mark.skipif(not EVERYTHING.exists(), reason="npm test peers not installed (scripts/test)")
 
 TOOLS = [
@@ -99,36 +93,8 @@ def _bundle(dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("protocol")
-    state: DevState = ensure_state(tmp / "state", bundle_source=_bundle(tmp / "bundle"), witnessed=False)
-    sock = tmp / "enclave.vsock"
-    enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
-    port = free_port()
-    (tmp / "admin.token").write_text(ADMIN_TOKEN)
-    config = write_relay_config(
-        tmp / "relay.toml",
-        port=port,
-        sock=sock,
-        extra='enclave_timeout_s = 5\nadmin_token_file = "admin.token"\n',
-        upstreams=f"""
-[[upstreams]]
-name = "everything"
-command = ["node", {json.dumps(str(EVERYTHING))}, "stdio"]
-timeout_s = 20
-""",
-    )
-    relay = start_relay(config, tmp / "relay.log")
-    s = Stack(state, f"http://127.0.0.1:{port}", tmp / "none", enclave, relay, sock, tmp)
-    try:
-        wait_for(lambda: relay.poll() is not None or s.health().get("ready") is True, 60, "the relay to be ready")
-        if relay.poll() is not None:
-            raise RuntimeError((tmp / "relay.log").read_text()[-3000:])
-        wait_for(lambda: s.health()["upstreams"].get("everything", {}).get("state") == "up", 60, "server-everything")
-        let_server_everything_ask_for_roots()
+    with protocol_stack(tmp, _bundle(tmp / "bundle"), EVERYTHING_UPSTREAM, ["everything"]) as s:
         yield s
-    finally:
-        stop(relay)
-        stop(s.enclave)
-        print((tmp / "relay.log").read_text()[-4000:], file=sys.stderr)
 
 
 class Agent:

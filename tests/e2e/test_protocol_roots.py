@@ -26,20 +26,13 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from cloister.dev.mcp_http import mcp_http_client
-from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
+from cloister.dev.state import copy_example_bundle
 from cloister.verify.entries import DecisionEntry, OutcomeEntry
 from cloister.verify.response_sig import result_sha256
 from tests.audit.clirun import cli
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
-from tests.e2e.procs import (
-    let_server_everything_ask_for_roots,
-    start_enclave,
-    start_relay,
-    stop,
-    wait_for,
-    write_relay_config,
-)
-from tests.e2e.test_protocol import EVERYTHING, TOOLS, log_meta
+from tests.e2e.protocol_stack import EVERYTHING, EVERYTHING_UPSTREAM, protocol_stack
+from tests.e2e.test_protocol import TOOLS, log_meta
 from tests.e2e.test_relay import entry_at
 
 HERE = Path(__file__).resolve().parent
@@ -76,22 +69,8 @@ def _bundle(dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("roots")
-    state: DevState = ensure_state(tmp / "state", bundle_source=_bundle(tmp / "bundle"), witnessed=False)
-    sock = tmp / "enclave.vsock"
-    enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
-    port = free_port()
-    (tmp / "admin.token").write_text(ADMIN_TOKEN)
-    config = write_relay_config(
-        tmp / "relay.toml",
-        port=port,
-        sock=sock,
-        extra='enclave_timeout_s = 5\nadmin_token_file = "admin.token"\n',
-        upstreams=f"""
-[[upstreams]]
-name = "everything"
-command = ["node", {json.dumps(str(EVERYTHING))}, "stdio"]
-timeout_s = 20
-
+    # calls_file: what the hostile upstream learned (one JSON line per roots answer or notice).
+    upstreams = f"""{EVERYTHING_UPSTREAM}
 [[upstreams]]
 name = "nosy"
 command = ["node", "{HERE / "roots_server.mjs"}"]
@@ -103,23 +82,11 @@ name = "modern"
 command = [{json.dumps(sys.executable)}, "{HERE / "roots_modern_server.py"}"]
 env = {{ ROOTS_FILE = "{tmp / "roots.jsonl"}" }}
 timeout_s = 20
-""",
-    )
-    relay = start_relay(config, tmp / "relay.log")
-    # calls_file: what the hostile upstream learned (one JSON line per roots answer or notice).
-    s = Stack(state, f"http://127.0.0.1:{port}", tmp / "roots.jsonl", enclave, relay, sock, tmp)
-    try:
-        wait_for(lambda: relay.poll() is not None or s.health().get("ready") is True, 60, "the relay to be ready")
-        if relay.poll() is not None:
-            raise RuntimeError((tmp / "relay.log").read_text()[-3000:])
-        for name in ("everything", "nosy", "modern"):
-            wait_for(lambda n=name: s.health()["upstreams"].get(n, {}).get("state") == "up", 60, name)
-        let_server_everything_ask_for_roots()
+"""
+    with protocol_stack(
+        tmp, _bundle(tmp / "bundle"), upstreams, ["everything", "nosy", "modern"], tmp / "roots.jsonl"
+    ) as s:
         yield s
-    finally:
-        stop(relay)
-        stop(s.enclave)
-        print((tmp / "relay.log").read_text()[-4000:], file=sys.stderr)
 
 
 class Agent:

@@ -31,15 +31,15 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from cloister.dev.mcp_http import mcp_http_client
-from cloister.dev.state import DevState, copy_example_bundle, ensure_state, free_port
-from cloister.relay.storage import LocalBackend, LogWriter
+from cloister.dev.state import copy_example_bundle
 from cloister.relay.tasks import RELAY_TASK_PREFIX, SHUTTING_DOWN
-from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
+from cloister.verify.entries import DecisionEntry, OutcomeEntry
 from cloister.wire.contract import LOG_META_KEY
 from tests.audit.clirun import cli
-from tests.e2e.conftest import ADMIN_TOKEN, Stack
-from tests.e2e.procs import start_enclave, start_relay, stop, wait_for, write_relay_config
-from tests.e2e.test_protocol import EVERYTHING, TOOLS
+from tests.e2e.conftest import Stack
+from tests.e2e.procs import stop, wait_for
+from tests.e2e.protocol_stack import EVERYTHING, EVERYTHING_UPSTREAM, protocol_stack, stored_entries
+from tests.e2e.test_protocol import TOOLS
 from tests.e2e.test_relay import entry_at
 
 HERE = Path(__file__).resolve().parent
@@ -86,42 +86,15 @@ def _bundle(dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("tasks")
-    state: DevState = ensure_state(tmp / "state", bundle_source=_bundle(tmp / "bundle"), witnessed=False)
-    sock = tmp / "enclave.vsock"
-    enclave, _ = start_enclave(state.root, f"unix:{sock}", log=tmp / "enclave.log")
-    port = free_port()
-    (tmp / "admin.token").write_text(ADMIN_TOKEN)
-    config = write_relay_config(
-        tmp / "relay.toml",
-        port=port,
-        sock=sock,
-        extra='enclave_timeout_s = 5\nadmin_token_file = "admin.token"\n',
-        upstreams=f"""
-[[upstreams]]
-name = "everything"
-command = ["node", {json.dumps(str(EVERYTHING))}, "stdio"]
-timeout_s = 20
-
+    upstreams = f"""{EVERYTHING_UPSTREAM}
 [[upstreams]]
 name = "hostile"
 command = [{json.dumps(sys.executable)}, "{HERE / "tasks_hostile_server.py"}"]
 env = {{ CALLS_FILE = "{tmp / "hostile.jsonl"}" }}
 timeout_s = 20
-""",
-    )
-    relay = start_relay(config, tmp / "relay.log")
-    s = Stack(state, f"http://127.0.0.1:{port}", tmp / "hostile.jsonl", enclave, relay, sock, tmp)
-    try:
-        wait_for(lambda: relay.poll() is not None or s.health().get("ready") is True, 60, "the relay to be ready")
-        if relay.poll() is not None:
-            raise RuntimeError((tmp / "relay.log").read_text()[-3000:])
-        for name in ("everything", "hostile"):
-            wait_for(lambda n=name: s.health()["upstreams"].get(n, {}).get("state") == "up", 60, name)
+"""
+    with protocol_stack(tmp, _bundle(tmp / "bundle"), upstreams, ["everything", "hostile"], tmp / "hostile.jsonl") as s:
         yield s
-    finally:
-        stop(relay)
-        stop(s.enclave)
-        print((tmp / "relay.log").read_text()[-4000:], file=sys.stderr)
 
 
 class Agent:
@@ -485,12 +458,9 @@ def test_a_relay_stopped_by_sigterm_closes_open_tasks_with_an_outcome(stack: Sta
     relay_log = (stack.tmp / "relay.log").read_text()
     assert SHUTTING_DOWN in relay_log, relay_log[-2000:]
 
-    async def stored() -> list[Any]:
-        writer = await LogWriter.open(LocalBackend(str(stack.tmp / "state" / "log")))
-        try:
-            return [parse_entry(e) for e in await writer.read_entries(0, writer.persisted_size)]
-        finally:
-            await writer.close()
-
-    outcomes = [e for e in run(stored) if isinstance(e, OutcomeEntry) and e.decision_index == decision]
+    outcomes = [
+        e
+        for e in stored_entries(stack.tmp / "state" / "log")
+        if isinstance(e, OutcomeEntry) and e.decision_index == decision
+    ]
     assert [o.error for o in outcomes] == [SHUTTING_DOWN]
