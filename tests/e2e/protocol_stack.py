@@ -17,6 +17,7 @@ import anyio
 from cloister.dev.state import DevState, ensure_state, free_port
 from cloister.relay.storage import LocalBackend, LogWriter
 from cloister.verify.entries import parse_entry
+from tests.audit.clirun import cli
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
 from tests.e2e.procs import (
     let_server_everything_ask_for_roots,
@@ -83,3 +84,15 @@ def stored_entries(log_dir: Path) -> list[Any]:
             await writer.close()
 
     return anyio.run(read)
+
+
+def replayed(log: str, state_dir: Path) -> dict[str, Any]:
+    """`cloister audit replay --json` of `log` (the relay's URL or its storage directory) as an
+    auditor runs it, with the mock trust root; asserts it verified (exit 0) and returns its
+    summary. The caller sets CLOISTER_STATE to the stack's state (monkeypatch)."""
+    r = cli(
+        "audit", "replay", "--log", log, "--trust-root", "mock", "--state", str(state_dir), "--no-progress", "--json"
+    )
+    assert r.code == 0, r.err
+    summary: dict[str, Any] = json.loads(r.out)
+    return summary

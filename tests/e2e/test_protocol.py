@@ -28,13 +28,12 @@ from cloister.dev.mcp_http import mcp_http_client
 from cloister.dev.state import copy_example_bundle
 from cloister.relay.codes import DENIED
 from cloister.verify.entries import DecisionEntry, OutcomeEntry
-from tests.audit.clirun import cli
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
 from tests.e2e.procs import (
     stop,
     wait_for,
 )
-from tests.e2e.protocol_stack import EVERYTHING, EVERYTHING_UPSTREAM, protocol_stack
+from tests.e2e.protocol_stack import EVERYTHING, EVERYTHING_UPSTREAM, protocol_stack, replayed
 from tests.e2e.test_relay import entry_at
 
 pytestmark = pytest.mark.skipif(not EVERYTHING.exists(), reason="npm test peers not installed (scripts/test)")
@@ -439,20 +438,7 @@ def test_hostile_names_and_bodies_leave_a_log_that_replays_and_restarts(
     run(go)
     monkeypatch.setenv("CLOISTER_STATE", str(stack.state.root))
     for log in (stack.relay_url, str(stack.state.log_dir)):
-        r = cli(
-            "audit",
-            "replay",
-            "--log",
-            log,
-            "--trust-root",
-            "mock",
-            "--state",
-            str(tmp_path / "a"),
-            "--no-progress",
-            "--json",
-        )
-        assert r.code == 0, r.err
-    summary = json.loads(r.out)
+        summary = replayed(log, tmp_path / "a")
     assert summary["denials_by_code"]["no-permit"] >= 1, summary
     stop(stack.enclave, signal.SIGKILL)
     stack.restart_enclave()

@@ -29,9 +29,8 @@ from cloister.dev.mcp_http import mcp_http_client
 from cloister.dev.state import copy_example_bundle
 from cloister.verify.entries import DecisionEntry, OutcomeEntry
 from cloister.verify.response_sig import result_sha256
-from tests.audit.clirun import cli
 from tests.e2e.conftest import ADMIN_TOKEN, Stack
-from tests.e2e.protocol_stack import EVERYTHING, EVERYTHING_UPSTREAM, protocol_stack
+from tests.e2e.protocol_stack import EVERYTHING, EVERYTHING_UPSTREAM, protocol_stack, replayed
 from tests.e2e.test_protocol import TOOLS, log_meta
 from tests.e2e.test_relay import entry_at
 
@@ -293,18 +292,5 @@ def test_roots_entries_replay(stack: Stack, tmp_path: Path, monkeypatch: pytest.
 
     anyio.run(deny)
     monkeypatch.setenv("CLOISTER_STATE", str(stack.state.root))
-    r = cli(
-        "audit",
-        "replay",
-        "--log",
-        stack.relay_url,
-        "--trust-root",
-        "mock",
-        "--state",
-        str(tmp_path / "a"),
-        "--no-progress",
-        "--json",
-    )
-    assert r.code == 0, r.err
-    summary = json.loads(r.out)
+    summary = replayed(stack.relay_url, tmp_path / "a")
     assert summary["denials_by_code"].get("policy", 0) >= 1, summary

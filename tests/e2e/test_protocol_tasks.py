@@ -35,10 +35,9 @@ from cloister.dev.state import copy_example_bundle
 from cloister.relay.tasks import RELAY_TASK_PREFIX, SHUTTING_DOWN
 from cloister.verify.entries import DecisionEntry, OutcomeEntry
 from cloister.wire.contract import LOG_META_KEY
-from tests.audit.clirun import cli
 from tests.e2e.conftest import Stack
 from tests.e2e.procs import stop, wait_for
-from tests.e2e.protocol_stack import EVERYTHING, EVERYTHING_UPSTREAM, protocol_stack, stored_entries
+from tests.e2e.protocol_stack import EVERYTHING, EVERYTHING_UPSTREAM, protocol_stack, replayed, stored_entries
 from tests.e2e.test_protocol import TOOLS
 from tests.e2e.test_relay import entry_at
 
@@ -404,20 +403,7 @@ async def job(c: Client, mode: str) -> dict[str, Any]:
 
 def test_the_log_replays_verified_and_resumes(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLOISTER_STATE", str(stack.state.root))
-    r = cli(
-        "audit",
-        "replay",
-        "--log",
-        stack.relay_url,
-        "--trust-root",
-        "mock",
-        "--state",
-        str(tmp_path / "a"),
-        "--no-progress",
-        "--json",
-    )
-    assert r.code == 0, r.err
-    summary = json.loads(r.out)
+    summary = replayed(stack.relay_url, tmp_path / "a")
     assert summary["missing_outcomes"] == 0, summary
     # A restarted enclave resumes this log (its resume parses every entry) and takes task calls.
     stop(stack.enclave, signal.SIGKILL)
