@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 
@@ -28,6 +29,8 @@ class Call:
         self.pending: dict[str, str] = {}  # our request id -> what it was
         self.answers: dict[str, Any] = {}
         self.phase = 1
+        self.started = time.monotonic()
+        self.create_ms = 0.0  # until every task-augmented request was answered
 
 
 def sampling(i: int) -> dict[str, Any]:
@@ -60,7 +63,8 @@ def advance(call: Call) -> bool:
         return False
     if call.tool == "flood" and call.phase == 1:
         call.phase = 2
-        created = {k: v for k, v in call.answers.items() if k.startswith("create-") and "result" in v}
+        call.create_ms = (time.monotonic() - call.started) * 1000
+        created = {k: v for k, v in call.answers.items() if k.startswith("create-") and "task" in v.get("result", {})}
         for k, v in created.items():
             request(call, "result-" + k, "tasks/result", {"taskId": v["result"]["task"]["taskId"]})
         if call.pending:
@@ -71,6 +75,7 @@ def advance(call: Call) -> bool:
             "accepted": sum(1 for v in creates if "result" in v),
             "refused": sorted({v["error"]["message"] for v in creates if "error" in v}),
             "results": sorted(json.dumps(v) for k, v in call.answers.items() if k.startswith("result-")),
+            "create_ms": call.create_ms,
         }
     else:
         summary = {k.removeprefix("peek-"): v for k, v in call.answers.items()}
