@@ -46,6 +46,7 @@ MAX_ID = 256
 RELATED_TASK = "io.modelcontextprotocol/related-task"
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 CANCELLED_BY_UPSTREAM = "cancelled by the upstream (tasks/cancel)"
+WITHDRAWN = "cancelled by the upstream (it withdrew the task-augmented request)"
 _ELICIT: TypeAdapter[types.ElicitRequestParams] = TypeAdapter(types.ElicitRequestParams)
 TASK_METHODS = frozenset({"tasks/get", "tasks/result", "tasks/list", "tasks/cancel"})
 AUGMENTABLE = frozenset({"sampling/createMessage", "elicitation/create"})
@@ -76,7 +77,7 @@ class AgentTask:
     error: types.ErrorData | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
     scope: anyio.CancelScope | None = None
-    cancel_requested: bool = False
+    cancel_requested: str = ""  # why, once cancelled
     ended: float | None = None  # event-loop time
 
     def wire(self) -> dict[str, Any]:
@@ -158,7 +159,7 @@ class AgentTasks:
     def cancel(self, task: AgentTask) -> dict[str, Any]:
         if task.status in TERMINAL:
             raise MCPError(code=INVALID_PARAMS, message=f"task {task.task_id!r} already ended ({task.status})")
-        task.cancel_requested = True
+        task.cancel_requested = CANCELLED_BY_UPSTREAM
         if task.scope is not None:
             task.scope.cancel()
         self._end(task, "cancelled", CANCELLED_BY_UPSTREAM)
@@ -198,14 +199,23 @@ class AgentTasks:
         plain = {k: v for k, v in params.items() if k != "task"}
         # Started from this request's task: the run inherits its context (attribution, decision 0030).
         self._tg.start_soon(self._run, task, plain, allowed)
-        async with anyio.create_task_group() as wait:
+        try:
+            async with anyio.create_task_group() as wait:
 
-            async def on(event: anyio.Event) -> None:
-                await event.wait()
-                wait.cancel_scope.cancel()
+                async def on(event: anyio.Event) -> None:
+                    await event.wait()
+                    wait.cancel_scope.cancel()
 
-            wait.start_soon(on, allowed)
-            wait.start_soon(on, task.done)
+                wait.start_soon(on, allowed)
+                wait.start_soon(on, task.done)
+        except anyio.get_cancelled_exc_class():
+            # The upstream withdrew its request (or its session ended) before learning the id: the
+            # run stops at its send, and an allowed decision still gets its outcome.
+            tasks.pop(task.task_id, None)
+            task.cancel_requested = WITHDRAWN
+            if task.scope is not None:
+                task.scope.cancel()
+            raise
         if not allowed.is_set():  # refused or denied: answered as a plain request would be
             tasks.pop(task.task_id, None)
             error = task.error or types.ErrorData(code=INTERNAL_ERROR, message="the task did not start")
@@ -217,12 +227,12 @@ class AgentTasks:
             # Only reached when the enclave allowed the request and its decision is durable.
             allowed.set()
             if task.cancel_requested:
-                raise UpstreamError("error", CANCELLED_BY_UPSTREAM)
+                raise UpstreamError("error", task.cancel_requested)
             with anyio.CancelScope(deadline=task.deadline) as scope:
                 task.scope = scope
                 return await send()
             if task.cancel_requested:
-                raise UpstreamError("error", CANCELLED_BY_UPSTREAM)
+                raise UpstreamError("error", task.cancel_requested)
             raise UpstreamError("timeout", f"the task's ttl ({task.ttl_ms} ms) ended before the agent answered")
 
         try:

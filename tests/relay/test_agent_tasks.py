@@ -19,6 +19,7 @@ from cloister.relay.agent_tasks import (
     MAX_OPEN_PER_UPSTREAM,
     MAX_TTL_MS,
     RELATED_TASK,
+    WITHDRAWN,
     AgentTasks,
 )
 from cloister.relay.upstreams import UpstreamError
@@ -32,8 +33,11 @@ class Enclave:
 
     def __init__(self, deny: bool = False) -> None:
         self.deny = deny
+        self.decided = anyio.Event()  # the decision is made when set (set at once unless a test clears it)
+        self.decided.set()
         self.decisions: list[dict[str, Any]] = []
         self.outcomes: list[str] = []  # "ok" or the error
+        self.recorded = anyio.Event()  # set at the first outcome
         self.answer = anyio.Event()  # the agent answers when set
         self.sent: list[dict[str, Any]] = []
 
@@ -45,6 +49,7 @@ class Enclave:
         around: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]],
     ) -> Any:
         self.decisions.append(params)
+        await self.decided.wait()
         if self.deny:
             return types.ErrorData(code=DENIED, message="denied by policy (forbid no-sampling)")
 
@@ -59,8 +64,10 @@ class Enclave:
             result = await around(send)
         except UpstreamError as exc:
             self.outcomes.append(str(exc))
+            self.recorded.set()
             return types.ErrorData(code=-32603, message=str(exc))
         self.outcomes.append("ok")
+        self.recorded.set()
         return result
 
 
@@ -235,3 +242,18 @@ def test_other_requests_are_left_to_the_sdk() -> None:
         assert await tasks.request("a", "ping", {}) is None
 
     go(Enclave(), body)
+
+
+def test_a_request_withdrawn_while_it_is_decided_still_gets_its_one_outcome() -> None:
+    enclave = Enclave()
+    enclave.decided = anyio.Event()
+
+    async def body(tasks: AgentTasks) -> None:
+        with anyio.move_on_after(0.2):  # the upstream gives up before the decision
+            await create(tasks)
+        assert await tasks.request("a", "tasks/list", {}) == {"tasks": []}
+        enclave.decided.set()
+        await enclave.recorded.wait()
+
+    go(enclave, body)
+    assert enclave.outcomes == [WITHDRAWN] and enclave.sent == []
