@@ -256,7 +256,7 @@ def test_another_upstream_cannot_reach_a_task_by_its_id(stack: Stack) -> None:
 
 
 def test_a_flood_of_task_augmented_requests_is_capped_before_anything_is_decided(stack: Stack) -> None:
-    agent = Agent(delay=3.0)  # the tasks stay open while the flood arrives
+    agent = Agent(delay=5.0)  # the tasks stay open while the flood arrives
 
     async def go() -> types.CallToolResult:
         async with client(stack, stack.token(), agent) as c:
