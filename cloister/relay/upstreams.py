@@ -241,7 +241,10 @@ class Upstream:
         """The upstream's requests to the relay: task-augmented sampling and elicitation and
         tasks/* to the relay's tasks for this upstream (decision 0031), the rest to the SDK."""
         tasks = self._tasks()
-        if tasks is not None:
+        client = self._client
+        # 2026-07-28 has no tasks and the relay declared none there: the SDK answers as for any request.
+        modern = client is not None and client.protocol_version in MODERN_PROTOCOL_VERSIONS
+        if tasks is not None and not modern:
             answer = await tasks.request(self.name, method, dict(params) if params is not None else None)
             if answer is not None:
                 return answer
