@@ -295,3 +295,25 @@ def test_the_log_replays_with_no_missing_outcome(stack: Stack, tmp_path: Path, m
     assert r.code == 0, r.err
     summary = json.loads(r.out)
     assert summary["missing_outcomes"] == 0, summary
+
+
+def test_a_2026_07_28_agent_serves_a_task_augmented_sampling_as_an_input_round(stack: Stack) -> None:
+    """The relay's task sends the plain request the way `_to_agent` sends any: to a 2026-07-28
+    agent as an input round of its call (decision 0030)."""
+    agent = Agent()
+
+    async def go() -> types.CallToolResult:
+        http = mcp_http_client(headers={"Authorization": f"Bearer {stack.token()}"})
+        async with Client(
+            streamable_http_client(stack.mcp_url, http_client=http),
+            cache=None,
+            read_timeout_seconds=60,
+            sampling_callback=agent.sampling,
+        ) as c:
+            assert c.protocol_version == "2026-07-28"
+            return await c.call_tool(SAMPLING, {"prompt": "modern", "maxTokens": 5})
+
+    result = run(go)
+    assert not result.is_error, result
+    assert "[COMPLETED]" in text(result) and "a sampled answer" in text(result), text(result)
+    assert len(agent.sampled) == 1
