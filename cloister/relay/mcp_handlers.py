@@ -43,6 +43,7 @@ from cloister.relay.agent_sessions import (
     session_key,
     split_uri,
 )
+from cloister.relay.agent_tasks import AgentTasks, Around, parse_params
 from cloister.relay.call_path import CallPath, split_tool_name, stamped_meta
 from cloister.relay.codes import DENIED, ENCLAVE_UNAVAILABLE, INVALID_PARAMS, UNAUTHENTICATED
 from cloister.relay.enclave_client import EnclaveRefused, EnclaveUnavailable
@@ -119,6 +120,9 @@ class McpHandlers:
         self.tasks = TaskRelay(self)  # MCP tasks (decision 0029)
         upstreams.background += [self._notify_changes, self._watch_policy, self._forward_roots_changed]
         upstreams.background.append(self.tasks.sweep)
+        # An upstream's task-augmented sampling and elicitation (decision 0031).
+        self.agent_tasks = AgentTasks(self)
+        upstreams.background.append(self.agent_tasks.run)
 
     def server(self) -> Server[Any]:
         server = self._server()
@@ -503,8 +507,20 @@ class McpHandlers:
 
     # ---- sampling and elicitation: the upstream asks the agent ----------------------------------
 
+    async def agent_request(
+        self, server: str, method: str, params: dict[str, Any], around: Around
+    ) -> Any | types.ErrorData:
+        """The plain request of an upstream's task-augmented one (decision 0031), `around` its send."""
+        try:
+            parsed = parse_params(method, params)
+        except MCPError as exc:
+            return exc.error
+        if isinstance(parsed, types.CreateMessageRequestParams):
+            return await self.sampling(server, parsed, around)
+        return await self.elicitation(server, parsed, around)
+
     async def sampling(
-        self, server: str, params: types.CreateMessageRequestParams
+        self, server: str, params: types.CreateMessageRequestParams, around: Around | None = None
     ) -> types.CreateMessageResult | types.CreateMessageResultWithTools | types.ErrorData:
         capability = types.ClientCapabilities(sampling=types.SamplingCapability())
         params = params.model_copy(
@@ -518,9 +534,13 @@ class McpHandlers:
                 metadata=ServerMessageMetadata(related_request_id=flight.ctx.request_id),
             )
 
-        return await self._to_agent(server, pb.ACTION_KIND_SAMPLING, "sampling", capability, params, send)
+        return await self._to_agent(
+            server, pb.ACTION_KIND_SAMPLING, "sampling", capability, params, send, around=around
+        )
 
-    async def elicitation(self, server: str, params: types.ElicitRequestParams) -> types.ElicitResult | types.ErrorData:
+    async def elicitation(
+        self, server: str, params: types.ElicitRequestParams, around: Around | None = None
+    ) -> types.ElicitResult | types.ErrorData:
         capability = types.ClientCapabilities(elicitation=types.ElicitationCapability())
         params = params.model_copy(
             update={"meta": self.tasks.relate(server, params.meta, self.agents.attributed(server)[0])}
@@ -533,7 +553,9 @@ class McpHandlers:
                 metadata=ServerMessageMetadata(related_request_id=flight.ctx.request_id),
             )
 
-        return await self._to_agent(server, pb.ACTION_KIND_ELICITATION, "elicitation", capability, params, send)
+        return await self._to_agent(
+            server, pb.ACTION_KIND_ELICITATION, "elicitation", capability, params, send, around=around
+        )
 
     async def roots(self, server: str) -> types.ListRootsResult | types.ErrorData:
         """An upstream's roots/list (decision 0027): the roots of the one agent whose call it
@@ -597,10 +619,12 @@ class McpHandlers:
         params: Any,
         send: Callable[[Flight], Awaitable[_T]],
         missing: int = INVALID_REQUEST,
+        around: Around | None = None,
     ) -> _T | types.ErrorData:
         """An upstream's request to the agent whose call it serves: decided by the enclave as that
         agent's (the policy may forbid it), logged, then sent, and the answer logged. To a
-        2026-07-28 agent it goes as an input round of its call (decision 0030)."""
+        2026-07-28 agent it goes as an input round of its call (decision 0030). `around`: an
+        upstream task's run of the send, reached only when allowed (decision 0031)."""
         exact = asking_call(server)
         flight, sessions = (exact.flight, 1) if exact is not None else self.agents.attributed(server)
         if flight is None:
@@ -637,6 +661,8 @@ class McpHandlers:
 
         async def forward(grant: bytes) -> Any:
             try:
+                if around is not None:
+                    return await around(lambda: send(flight))
                 return await send(flight)
             except UpstreamError:
                 raise

@@ -29,7 +29,7 @@ import logging
 import os
 import ssl
 import urllib.parse
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
 import anyio
@@ -38,7 +38,7 @@ import httpx2
 import mcp_types as types
 from mcp import Client, StdioServerParameters
 from mcp.client.extension import ClientExtension, NotificationBinding
-from mcp.client.session import ClientRequestContext
+from mcp.client.session import ClientRequestContext, ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
@@ -124,6 +124,14 @@ class ProtocolHooks(Protocol):
     def changed(self, server: str) -> None: ...
 
     async def resource_updated(self, server: str, uri: str) -> None: ...
+
+
+class UpstreamTasks(Protocol):
+    """The relay's tasks for an upstream's task-augmented requests (decision 0031,
+    cloister/relay/agent_tasks.py): `request` answers a task-augmented sampling or elicitation and
+    the upstream's tasks/*, or returns None for any other request."""
+
+    async def request(self, server: str, method: str, params: dict[str, Any] | None) -> dict[str, Any] | None: ...
 
 
 class Upstream:
@@ -223,6 +231,25 @@ class Upstream:
         if self.hooks is not None:
             await self.hooks.log_message(self.name, params)
 
+    def _tasks(self) -> UpstreamTasks | None:
+        # Optional in the hooks (McpHandlers.agent_tasks, decision 0031): older hook sets lack it.
+        return cast("UpstreamTasks | None", getattr(self.hooks, "agent_tasks", None))
+
+    async def _on_request(
+        self, sdk: _OnRequest, dctx: Any, method: str, params: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """The upstream's requests to the relay: task-augmented sampling and elicitation and
+        tasks/* to the relay's tasks for this upstream (decision 0031), the rest to the SDK."""
+        tasks = self._tasks()
+        client = self._client
+        # 2026-07-28 has no tasks and the relay declared none there: the SDK answers as for any request.
+        modern = client is not None and client.protocol_version in MODERN_PROTOCOL_VERSIONS
+        if tasks is not None and not modern:
+            answer = await tasks.request(self.name, method, dict(params) if params is not None else None)
+            if answer is not None:
+                return answer
+        return await sdk(dctx, method, params)
+
     async def _on_task_status(self, params: types.TaskStatusNotificationParams) -> None:
         # Optional in the hooks (McpHandlers.task_status, decision 0029): older hook sets lack it.
         hook = getattr(self.hooks, "task_status", None)
@@ -241,7 +268,9 @@ class Upstream:
                     target = self._target(stack)
                     lean = self._connecting
                     client = await stack.enter_async_context(
-                        Client(
+                        _RelayClient(
+                            self._on_request,
+                            self._tasks() is not None,
                             target,
                             cache=None,
                             read_timeout_seconds=self.config.timeout_s,
@@ -621,6 +650,51 @@ class Upstream:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+_OnRequest = Callable[[Any, str, Mapping[str, Any] | None], Awaitable[dict[str, Any]]]
+# Declared on handshake-era sessions (decision 0031); 2026-07-28 has no tasks.
+CLIENT_TASKS = types.ClientTasksCapability(
+    list=types.TasksListCapability(),
+    cancel=types.TasksCancelCapability(),
+    requests=types.ClientTasksRequestsCapability(
+        sampling=types.TasksSamplingCapability(create_message=types.TasksCreateMessageCapability()),
+        elicitation=types.TasksElicitationCapability(create=types.TasksCreateElicitationCapability()),
+    ),
+)
+
+
+class _RelayClient(Client):
+    """The SDK's client with the relay's hold on the session's inbound requests and, when the
+    relay runs upstream tasks, client `tasks` in its capabilities (decision 0031): the SDK knows
+    no task-augmented request from a server, nor tasks/* to a client."""
+
+    def __init__(
+        self, on_request: Callable[..., Awaitable[dict[str, Any]]], tasks: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._relay_on_request = on_request
+        self._relay_tasks = tasks
+
+    async def _build_session(self, exit_stack: contextlib.AsyncExitStack) -> ClientSession:
+        session = await super()._build_session(exit_stack)
+        sdk_on_request = session._on_request
+        sdk_capabilities = session._build_capabilities
+
+        async def on_request(dctx: Any, method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+            return await self._relay_on_request(sdk_on_request, dctx, method, params)
+
+        def capabilities(version: str) -> types.ClientCapabilities:
+            caps = sdk_capabilities(version)
+            if self._relay_tasks and version not in MODERN_PROTOCOL_VERSIONS:
+                caps = caps.model_copy(update={"tasks": CLIENT_TASKS})
+            return caps
+
+        # Instance attributes, read when the session is entered (its dispatcher's handler), by
+        # `initialize`, and by call_json's SSE side (`_SessionHandlers`).
+        session._on_request = on_request  # type: ignore[method-assign]
+        session._build_capabilities = capabilities  # type: ignore[method-assign]
+        return session
 
 
 class _TaskStatus(ClientExtension):
