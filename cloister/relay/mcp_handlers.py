@@ -55,6 +55,7 @@ from cloister.relay.input_rounds import (
     pending_call,
     wire_responses,
 )
+from cloister.relay.listen import AgentListens
 from cloister.relay.state import RelayState
 from cloister.relay.tasks import TaskRelay
 from cloister.relay.upstreams import Upstream, UpstreamError, Upstreams
@@ -113,6 +114,8 @@ class McpHandlers:
         self.calls = calls
         self.agents = AgentSessions()
         self.rounds = InputRounds(self.agents)  # 2026-07-28 agents' input rounds (decision 0030)
+        self.listens = AgentListens(bearer)  # 2026-07-28 agents' subscriptions/listen streams
+        calls.before_shutdown.append(self.listens.close)
         self._changed = anyio.Event()
         self._roots_changed: set[str] = set()  # upstreams an agent's roots/list_changed is due to
         self._roots_due = anyio.Event()
@@ -152,6 +155,7 @@ class McpHandlers:
             on_completion=self.complete,
             on_set_logging_level=self.set_logging_level,
             on_roots_list_changed=self.roots_list_changed,
+            on_subscriptions_listen=self.listens,
         )
 
     def _session(self, ctx: ServerRequestContext[Any, Any]) -> AgentSession:
@@ -700,6 +704,7 @@ class McpHandlers:
             await self._changed.wait()
             await anyio.sleep(LIST_CHANGED_DELAY_S)
             self._changed = anyio.Event()
+            await self.listens.lists_changed()  # 2026-07-28 agents, on their listen streams
             for s in list(self.agents.sessions.values()):
                 try:
                     await s.ctx.session.send_tool_list_changed()

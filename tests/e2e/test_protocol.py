@@ -9,6 +9,7 @@ list_changed. An agent with no permits sees none of it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -457,6 +458,30 @@ def test_hostile_names_and_bodies_leave_a_log_that_replays_and_restarts(
     wait_for(works, 30, "prompts to be served after the enclave restart (its resume parsed every entry)")
 
 
+def test_listen_streams_are_capped_per_agent_token(stack: Stack) -> None:
+    """A malicious agent cannot hold every subscriptions/listen stream: at most
+    MAX_LISTENS_PER_TOKEN per token; another agent still listens."""
+    from cloister.relay.listen import MAX_LISTENS_PER_TOKEN
+
+    async def go() -> None:
+        token = stack.token()
+        async with contextlib.AsyncExitStack() as stack_:
+            clients = [
+                await stack_.enter_async_context(client(stack, token, mode="auto"))
+                for _ in range(MAX_LISTENS_PER_TOKEN + 1)
+            ]
+            for c in clients[:MAX_LISTENS_PER_TOKEN]:
+                await stack_.enter_async_context(c.listen(tools_list_changed=True))
+            with pytest.raises(MCPError) as refused:
+                await stack_.enter_async_context(clients[-1].listen(tools_list_changed=True))
+            assert f"at most {MAX_LISTENS_PER_TOKEN} subscriptions/listen streams" in refused.value.error.message
+            other = await stack_.enter_async_context(client(stack, stack.token("peer-bot"), mode="auto"))
+            sub = await stack_.enter_async_context(other.listen(tools_list_changed=True))
+            assert sub.honored.tools_list_changed
+
+    run(go)
+
+
 def test_a_policy_push_tells_agents_their_lists_changed(stack: Stack) -> None:
     """Last in this module: it leaves version 2 in force. A push that hides a prompt reaches the
     open session as notifications/*/list_changed, and its next listing no longer shows it."""
@@ -474,8 +499,16 @@ def test_a_policy_push_tells_agents_their_lists_changed(stack: Stack) -> None:
 
     async def go() -> None:
         agent = Agent()
-        async with client(stack, stack.token(), agent) as c:
+        events: list[str] = []
+        async with (
+            client(stack, stack.token(), agent) as c,
+            # A 2026-07-28 agent has no session to notify: it listens (SEP-2575, cloister/relay/listen.py).
+            client(stack, stack.token("peer-bot"), mode="auto") as modern,
+            modern.listen(tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True) as sub,
+        ):
+            assert modern.protocol_version == "2026-07-28"
             assert "everything___simple-prompt" in [p.name for p in (await c.list_prompts()).prompts]
+            assert "everything___simple-prompt" in [p.name for p in (await modern.list_prompts()).prompts]
             async with httpx2.AsyncClient() as h:
                 pushed = await h.post(
                     f"{stack.relay_url}/admin/policy",
@@ -489,5 +522,11 @@ def test_a_policy_push_tells_agents_their_lists_changed(stack: Stack) -> None:
                     agent.noticed = anyio.Event()
             assert {"notifications/tools/list_changed", "notifications/resources/list_changed"} <= set(agent.notices)
             assert "everything___simple-prompt" not in [p.name for p in (await c.list_prompts()).prompts]
+            with anyio.fail_after(15):
+                async for event in sub:
+                    events.append(type(event).__name__)
+                    if {"ToolsListChanged", "PromptsListChanged", "ResourcesListChanged"} <= set(events):
+                        break
+            assert "everything___simple-prompt" not in [p.name for p in (await modern.list_prompts()).prompts]
 
     run(go)
