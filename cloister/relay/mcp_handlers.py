@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -64,6 +65,7 @@ from cloister.wire.contract import TOOL_SEPARATOR
 
 log = logging.getLogger("cloister.relay.mcp")
 ATTESTATION_URI = "cloister://attestation/"
+LISTEN_KEY = "listen:"  # a listen stream's key among a resource's subscribers (session keys are mcp:/obj:)
 LIST_CHANGED_DELAY_S = 0.2  # changes within this coalesce into one round of notifications
 POLICY_POLL_S = 2.0  # how often the policy in force is checked for a push
 # An agent's roots/list_changed reaches each upstream at most once per this (a flood coalesces).
@@ -114,7 +116,8 @@ class McpHandlers:
         self.calls = calls
         self.agents = AgentSessions()
         self.rounds = InputRounds(self.agents)  # 2026-07-28 agents' input rounds (decision 0030)
-        self.listens = AgentListens(bearer)  # 2026-07-28 agents' subscriptions/listen streams
+        self.listens = AgentListens(bearer, self.listen_resources)
+        self._listen_ids = itertools.count(1)  # 2026-07-28 agents' subscriptions/listen streams
         calls.before_shutdown.append(self.listens.close)
         self._changed = anyio.Event()
         self._roots_changed: set[str] = set()  # upstreams an agent's roots/list_changed is due to
@@ -350,7 +353,7 @@ class McpHandlers:
         subscribers = self.agents.subscribers.setdefault((server, uri), set())
         if not subscribers:
             try:
-                await self._upstream(server).request("subscribe", lambda c: c.subscribe_resource(uri))
+                await self._subscribe_upstream(server, uri)
             except UpstreamError as exc:
                 raise MCPError(INVALID_REQUEST, str(exc)) from exc
         subscribers.add(session.key)
@@ -368,8 +371,15 @@ class McpHandlers:
         if not subscribers:
             del self.agents.subscribers[target]
             with contextlib.suppress(UpstreamError):
-                await self._upstream(target[0]).request("unsubscribe", lambda c: c.unsubscribe_resource(target[1]))
+                await self._unsubscribe_upstream(*target)
         return types.EmptyResult()
+
+    async def _subscribe_upstream(self, server: str, uri: str) -> None:
+        """Subscribe the upstream session (shared by every agent) to one of its resources."""
+        await self._upstream(server).request("subscribe", lambda c: c.subscribe_resource(uri))
+
+    async def _unsubscribe_upstream(self, server: str, uri: str) -> None:
+        await self._upstream(server).request("unsubscribe", lambda c: c.unsubscribe_resource(uri))
 
     async def _subscribable(self, token: str, uri: str) -> tuple[str, str]:
         target = split_uri(uri)
@@ -382,9 +392,56 @@ class McpHandlers:
             raise MCPError(DENIED, f"resource {upstream_uri[:200]!r} of {server!r} is not one you may read")
         return target
 
+    async def listen_resources(
+        self, ctx: ServerRequestContext[Any, Any], uris: list[str]
+    ) -> tuple[list[str], Callable[[], Awaitable[None]]]:
+        """A 2026-07-28 agent's listen stream names resources (cloister/relay/listen.py): those it
+        may read, judged as a resources/subscribe is, in the relay's own spelling, each subscribed
+        upstream for it; the others are left out of what the stream honors. Returns them and the
+        release to await when the stream ends."""
+        token = bearer(ctx)
+        key = f"{LISTEN_KEY}{next(self._listen_ids)}"
+        allowed: list[str] = []
+        held: list[tuple[str, str]] = []
+        for uri in dict.fromkeys(uris):
+            try:
+                server, upstream_uri = await self._subscribable(token, uri)
+            except MCPError:
+                continue  # not one this agent may read, or not ours: not honored
+            subscribers = self.agents.subscribers.setdefault((server, upstream_uri), set())
+            if not subscribers:
+                try:
+                    await self._subscribe_upstream(server, upstream_uri)
+                except UpstreamError:
+                    if not subscribers:
+                        self.agents.subscribers.pop((server, upstream_uri), None)
+                    continue
+            subscribers.add(key)
+            held.append((server, upstream_uri))
+            allowed.append(relay_uri(server, upstream_uri))
+
+        async def release() -> None:
+            for target in held:
+                subscribers = self.agents.subscribers.get(target)
+                if subscribers is None:
+                    continue
+                subscribers.discard(key)
+                if not subscribers:
+                    del self.agents.subscribers[target]
+                    with contextlib.suppress(UpstreamError):
+                        await self._unsubscribe_upstream(*target)
+
+        return allowed, release
+
     async def resource_updated(self, server: str, uri: str) -> None:
-        """An upstream's resource changed: tell the sessions subscribed to it."""
-        for key in list(self.agents.subscribers.get((server, uri), ())):
+        """An upstream's resource changed: tell the sessions subscribed to it, and the listen
+        streams (2026-07-28 agents) that honored it."""
+        keys = list(self.agents.subscribers.get((server, uri), ()))
+        if any(k.startswith(LISTEN_KEY) for k in keys):
+            await self.listens.resource_updated(relay_uri(server, uri))
+        for key in keys:
+            if key.startswith(LISTEN_KEY):
+                continue
             s = self.agents.sessions.get(key)
             try:
                 if s is None:

@@ -232,6 +232,30 @@ def test_subscriptions_deliver_updates_of_resources_the_agent_may_read(stack: St
     run(go)
 
 
+def test_a_2026_agents_listen_stream_gets_updates_of_resources_it_may_read_only(stack: Stack) -> None:
+    """2026-07-28 has no resources/subscribe: an agent names resources on its subscriptions/listen
+    stream. Only those it may read are honored (the ack says which), and their updates arrive."""
+    from mcp.shared.subscriptions import ResourceUpdated
+
+    async def go() -> None:
+        async with client(stack, stack.token(), mode="auto") as c:
+            assert c.protocol_version == "2026-07-28"
+            static = next(str(r.uri) for r in (await c.list_resources()).resources)
+            dynamic = "cloister://upstream/everything/demo%3A%2F%2Fresource%2Fdynamic%2Ftext%2F1"
+            async with c.listen(resource_subscriptions=[static, dynamic, "file:///etc/passwd"]) as sub:
+                assert sub.honored.resource_subscriptions == [static]  # not the unreadable, not a stranger
+                await c.call_tool("everything___toggle-subscriber-updates", {})
+                try:
+                    with anyio.fail_after(15):
+                        async for event in sub:
+                            assert isinstance(event, ResourceUpdated) and event.uri == static, event
+                            break
+                finally:
+                    await c.call_tool("everything___toggle-subscriber-updates", {})
+
+    run(go)
+
+
 def test_a_2026_client_gets_resources_prompts_and_denial_results(stack: Stack) -> None:
     """A client that negotiates 2026-07-28 (the SDK's default) by discovery, not a handshake."""
 
