@@ -279,19 +279,9 @@ class CallPath:
         started = time.monotonic()
         self._in_flight += 1
         try:
-            try:
-                result, failure, error = await self._forward(
-                    server, tool, arguments, verdict.grant, payment, None, task
-                )
-            except anyio.get_cancelled_exc_class():
-                await self._record_interrupted(verdict.log_index, started, self._cancel_reason())
-                raise
-            except Exception as exc:
-                log.exception("forwarding the task call of decision %d failed", verdict.log_index)
-                await self._record_interrupted(
-                    verdict.log_index, started, f"relay error while forwarding: {exc!r}"[:500]
-                )
-                raise
+            result, failure, error = await self._forward_or_record_interruption(
+                server, tool, arguments, verdict, payment, started, None, task
+            )
             if result is not None and is_create_task_result(result):
                 return TaskStarted(verdict, result, started, _granted_payment(verdict.grant))
             # A plain answer (the upstream ran the call without a task) or a failure: final now.
@@ -509,15 +499,9 @@ class CallPath:
         progress: ProgressFnT | None = None,
     ) -> tuple[dict[str, Any] | None, UpstreamError | None, pb.OutcomeResponse]:
         started = time.monotonic()
-        try:
-            result, failure, error = await self._forward(server, tool, arguments, verdict.grant, payment, progress)
-        except anyio.get_cancelled_exc_class():
-            await self._record_interrupted(verdict.log_index, started, self._cancel_reason())
-            raise
-        except Exception as exc:
-            log.exception("forwarding the call of decision %d failed", verdict.log_index)
-            await self._record_interrupted(verdict.log_index, started, f"relay error while forwarding: {exc!r}"[:500])
-            raise
+        result, failure, error = await self._forward_or_record_interruption(
+            server, tool, arguments, verdict, payment, started, progress
+        )
         duration_us = int((time.monotonic() - started) * 1_000_000)
         marks.append(time.perf_counter())
         paid = _granted_payment(verdict.grant) if result is not None else ""
@@ -538,6 +522,29 @@ class CallPath:
                 data={SOURCE: FROM_CLOISTER, "log_index": verdict.log_index},
             )
         return result, failure, outcome
+
+    async def _forward_or_record_interruption(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        verdict: pb.AuthorizeResponse,
+        payment: Any,
+        started: float,
+        progress: ProgressFnT | None = None,
+        task: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any] | None, UpstreamError | None, str]:
+        """`_forward`; when it is cancelled or fails in the relay itself, the decision's one
+        outcome is recorded here (the cancel's reason, or the relay error) and it re-raises."""
+        try:
+            return await self._forward(server, tool, arguments, verdict.grant, payment, progress, task)
+        except anyio.get_cancelled_exc_class():
+            await self._record_interrupted(verdict.log_index, started, self._cancel_reason())
+            raise
+        except Exception as exc:
+            log.exception("forwarding the call of decision %d failed", verdict.log_index)
+            await self._record_interrupted(verdict.log_index, started, f"relay error while forwarding: {exc!r}"[:500])
+            raise
 
     async def _record_interrupted(self, decision_index: int, started: float, error: str) -> None:
         """The one outcome of a call that ended without an answer (cancelled, relay stopping, a

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -72,8 +73,10 @@ async def grow(writer: LogWriter, log: FakeLog, n: int) -> None:
         await writer.persist(a.first_index, list(a.entries), a.checkpoint)
 
 
-def witnessing(writer: LogWriter, witnesses: list[WitnessConfig], quorum: int) -> Witnessing:
-    return Witnessing(witnesses, quorum, lambda: writer, poll_s=0.02, timeout_s=2, backoff_s=(0.05, 0.2))
+def witnessing(writer: LogWriter, witnesses: list[WitnessConfig], quorum: int, **options: Any) -> Witnessing:
+    """The relay's witnessing task on `writer`, polling fast; `options` add to or replace the defaults."""
+    defaults: dict[str, Any] = {"poll_s": 0.02, "timeout_s": 2, "backoff_s": (0.05, 0.2)}
+    return Witnessing(witnesses, quorum, lambda: writer, **(defaults | options))
 
 
 def cosigned_at(w: Witnessing, size: int) -> bool:
@@ -314,9 +317,7 @@ def test_quorum_checkpoints_reach_the_enclave_and_a_failed_handover_is_retried(t
 
     async def main() -> None:
         writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
-        wit = Witnessing(
-            [w1.config, w2.config], 2, lambda: writer, poll_s=0.02, timeout_s=2, backoff_s=(0.05, 0.2), deliver=deliver
-        )
+        wit = witnessing(writer, [w1.config, w2.config], 2, deliver=deliver)
         async with anyio.create_task_group() as tg:
             tg.start_soon(wit.run)
             await grow(writer, log, 3)  # then idle: no new checkpoint will come
@@ -418,16 +419,7 @@ def test_checkpoints_are_paced_and_a_nudge_bypasses_the_pacing(tmp_path: Path, l
 
     async def main() -> None:
         writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
-        wit = Witnessing(
-            [w1.config],
-            1,
-            lambda: writer,
-            poll_s=0.02,
-            timeout_s=2,
-            backoff_s=(0.05, 0.2),
-            monotonic=clock,
-            pacing=WitnessPacing(interval_s=5, max_entries=10),
-        )
+        wit = witnessing(writer, [w1.config], 1, monotonic=clock, pacing=WitnessPacing(interval_s=5, max_entries=10))
         status = wit.status["witness.test/w1"]
         async with anyio.create_task_group() as tg:
             tg.start_soon(wit.run)
@@ -467,15 +459,7 @@ def test_a_new_runs_key_entry_is_witnessed_without_waiting_for_the_pacing(tmp_pa
 
     async def main() -> None:
         writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
-        wit = Witnessing(
-            [w1.config],
-            1,
-            lambda: writer,
-            poll_s=0.02,
-            timeout_s=2,
-            monotonic=clock,
-            pacing=WitnessPacing(interval_s=5, max_entries=100),
-        )
+        wit = witnessing(writer, [w1.config], 1, monotonic=clock, pacing=WitnessPacing(interval_s=5, max_entries=100))
         status = wit.status["witness.test/w1"]
         async with anyio.create_task_group() as tg:
             tg.start_soon(wit.run)
@@ -594,7 +578,7 @@ def test_default_pacing_sends_on_entries_even_if_the_clock_stands_still(tmp_path
 
     async def main() -> None:
         writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
-        wit = Witnessing([w1.config], 1, lambda: writer, poll_s=0.02, timeout_s=2, monotonic=clock)
+        wit = witnessing(writer, [w1.config], 1, monotonic=clock)
         status = wit.status["witness.test/w1"]
         async with anyio.create_task_group() as tg:
             tg.start_soon(wit.run)
@@ -633,13 +617,11 @@ def test_witnesses_get_the_same_checkpoint_so_a_growing_log_reaches_a_quorum(tmp
 
     async def main() -> None:
         writer = await LogWriter.open(LocalBackend(tmp_path / "log"))
-        wit = Witnessing(
+        wit = witnessing(
+            writer,
             [w1.config, w2.config],
             2,
-            lambda: writer,
             post=post,
-            poll_s=0.02,
-            timeout_s=2,
             monotonic=clock,
             pacing=WitnessPacing(interval_s=5, max_entries=10),
             deliver=deliver,
