@@ -16,12 +16,14 @@ import os
 import statistics
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 from bench import fmt_ms, pct, run_calls, start, stop, wait_port  # scripts/bench.py
+from prometheus_client.parser import text_string_to_metric_families
 
 _HZ = os.sysconf("SC_CLK_TCK")
 # What a process of `cloister up` is, by its command line.
@@ -72,6 +74,60 @@ def cpu_by_role(roots: list[int]) -> dict[str, float]:
     return by_role
 
 
+# The relay's own timing of each step of an allowed call (cloister_call_phase_duration_seconds).
+PHASES = (
+    ("decision", "decision: the enclave's Authorize, round trip"),
+    ("decision_persist", "decision entry made durable"),
+    ("upstream", "the upstream's tools/call"),
+    ("outcome", "outcome: the enclave's RecordOutcome, round trip"),
+    ("outcome_persist", "outcome entry made durable"),
+)
+
+
+def phase_totals(base_url: str, admin_token: str) -> dict[str, tuple[float, float]]:
+    """phase -> (seconds, count) so far, from the relay's /metrics (prometheus-client's parser)."""
+    request = urllib.request.Request(base_url + "/metrics", headers={"Authorization": f"Bearer {admin_token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "cloister_call_phase_duration_seconds":
+            continue
+        for sample in family.samples:
+            phase = sample.labels.get("phase", "")
+            if sample.name.endswith("_sum"):
+                sums[phase] = sample.value
+            elif sample.name.endswith("_count"):
+                counts[phase] = sample.value
+    return {phase: (sums.get(phase, 0.0), counts.get(phase, 0.0)) for phase in counts}
+
+
+def sync_floor(directory: Path, syncs: int = 200) -> tuple[float, float]:
+    """Median fdatasync of a 742-byte write (a governed call's frame) into a preallocated file on
+    the log's filesystem: back to back, and with 3 ms between syncs (as at one agent's pace)."""
+    path = directory / "sync-floor.tmp"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, bytes(1 << 20))
+        os.fsync(fd)
+        medians = []
+        for pause in (0.0, 0.003):
+            took = []
+            for i in range(syncs):
+                os.pwrite(fd, os.urandom(742), 742 * i)
+                t0 = time.perf_counter()
+                os.fdatasync(fd)
+                took.append(time.perf_counter() - t0)
+                if pause:
+                    time.sleep(pause)
+            medians.append(statistics.median(took))
+        return medians[0], medians[1]
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def _client_cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -115,7 +171,7 @@ def _measured(
     return lat, elapsed, cpu
 
 
-def bench_end_to_end(work: Path, quick: bool) -> dict[tuple[str, str], dict[str, Any]]:
+def bench_end_to_end(work: Path, quick: bool) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, Any]]:
     from cloister.dev.state import copy_example_bundle, free_port
 
     bundle = work / "bench-bundle"
@@ -139,6 +195,9 @@ def bench_end_to_end(work: Path, quick: bool) -> dict[tuple[str, str], dict[str,
             time.sleep(0.2)
         info = json.loads((state / "up.json").read_text())
         token = Path(info["tokens"]["refund-bot"]).read_text().strip()
+        admin = Path(info["admin_token_file"]).read_text().strip()
+        base_url = info["mcp_url"].removesuffix("/mcp")
+        profile: dict[str, Any] = {"sync_idle": sync_floor(state)}
         wait_port(direct_port)
         direct_url = f"http://127.0.0.1:{direct_port}/mcp"
         calls1, calls16, warm, rounds = (300, 40, 10, 1) if quick else (500, 60, 20, 3)
@@ -149,16 +208,23 @@ def bench_end_to_end(work: Path, quick: bool) -> dict[tuple[str, str], dict[str,
                     ("direct", direct_url, None, [direct.pid]),
                     ("governed", info["mcp_url"], token, [up.pid]),
                 ):
+                    phases0 = phase_totals(base_url, admin) if path == "governed" else {}
                     lat, elapsed, cpu = _measured(roots, url, tok, agents, calls, warm)
                     runs.setdefault((label, path), PathRuns()).add(lat, elapsed, cpu)
-        return {key: r.summary() for key, r in runs.items()}
+                    if phases0:
+                        spent = profile.setdefault(("phases", label), {})
+                        for phase, (total, count) in phase_totals(base_url, admin).items():
+                            was = phases0.get(phase, (0.0, 0.0))
+                            had = spent.get(phase, (0.0, 0.0))
+                            spent[phase] = (had[0] + total - was[0], had[1] + count - was[1])
+        return {key: r.summary() for key, r in runs.items()}, profile
     finally:
         stop(up)
         stop(direct)
 
 
 def report(work: Path, quick: bool) -> None:
-    r = bench_end_to_end(work, quick)
+    r, profile = bench_end_to_end(work, quick)
     cores = os.cpu_count() or 1
     print("tools/call, direct vs through relay + enclave (customer_lookup on the refunds server; official client):")
     print(f"  {'':10} {'path':9} {'p50':>11} {'p99':>11} {'calls/s':>9}   CPU per call (us) by process")
@@ -177,6 +243,7 @@ def report(work: Path, quick: bool) -> None:
     for label, g in (("1 agent", g1), ("16 agents", g16)):
         ours = g["cpu_us"].get("relay", 0.0) + g["cpu_us"].get("enclave", 0.0)
         print(f"  relay + enclave CPU per governed call, {label}: {ours:,.0f} us (target <= 500 us)")
+    _report_profile(profile, g1)
     # What more cores would give: a model from the measured CPU per call (16 agents), not a run.
     cpu = g16["cpu_us"]
     relay, enclave = cpu.get("relay", 0.0), cpu.get("enclave", 0.0)
@@ -198,3 +265,26 @@ def report(work: Path, quick: bool) -> None:
                 + ("  (relay workers are a model: the relay runs one process today)" if workers > 1 else "")
             )
     print(flush=True)
+
+
+def _report_profile(profile: dict[str, Any], governed: dict[str, Any]) -> None:
+    """What remains: the relay's own timing of each step of the governed calls, and the disk's sync."""
+    for label in ("1 agent", "16 agents"):
+        spent = profile.get(("phases", label), {})
+        steps = [(text, spent[phase]) for phase, text in PHASES if spent.get(phase, (0, 0))[1]]
+        if not steps:
+            continue
+        total = sum(s / n for _, (s, n) in steps)
+        print(f"\n  Where an allowed call's time goes, {label} (the relay's own timings, mean per call):")
+        for text, (seconds, n) in steps:
+            print(f"    {text:50} {fmt_ms(seconds / n)}  {seconds / n / total:4.0%}")
+        print(f"    {'the steps together':50} {fmt_ms(total)}")
+        if label == "1 agent":
+            rest = governed["p50"] - total
+            print(f"    {'the rest of p50 (agent HTTP in/out, client)':50} {fmt_ms(rest)}")
+    back_to_back, paced = profile["sync_idle"]
+    print(
+        "\n  fdatasync of one call's WAL frame on this disk, before the runs, nothing else running:"
+        f"\n    back to back {back_to_back * 1000:.2f} ms; 3 ms apart (one agent's pace) {paced * 1000:.2f} ms."
+        "\n    Each allowed call waits for two in a row (the decision, then the outcome)."
+    )
