@@ -504,7 +504,8 @@ class CallPath:
         )
         duration_us = int((time.monotonic() - started) * 1_000_000)
         marks.append(time.perf_counter())
-        paid = _granted_payment(verdict.grant) if result is not None else ""
+        # The grant states a charge only for a call that carried a payment: no need to read it otherwise.
+        paid = _granted_payment(verdict.grant) if result is not None and payment is not None else ""
         # Shielded: a cancellation now (the agent gone, the relay stopping) waits for the outcome.
         with anyio.CancelScope(shield=True), anyio.move_on_after(OUTCOME_RECORD_TIMEOUT_S) as deadline:
             outcome = await self._record_outcome(verdict.log_index, result, error, duration_us, paid)

@@ -577,13 +577,21 @@ class Upstream:
         # and Mcp-Param-* headers and the per-request `_meta` envelope.
         client.session._stamp(data, cast(Any, opts))
         headers: dict[str, str] = opts.get("headers", {})
-        with _tracer.start_as_current_span(
-            f"MCP send tools/call {params['name']}",
-            kind=SpanKind.CLIENT,
-            attributes={"mcp.method.name": "tools/call", "jsonrpc.request.id": rid},
+        # With tracing off (no tracer provider installed) there is no span to open and no context
+        # to inject: skip both, so tracing adds nothing to the hot path when off (issue 13).
+        traced = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        with (
+            _tracer.start_as_current_span(
+                f"MCP send tools/call {params['name']}",
+                kind=SpanKind.CLIENT,
+                attributes={"mcp.method.name": "tools/call", "jsonrpc.request.id": rid},
+            )
+            if traced
+            else contextlib.nullcontext()
         ):
             out_meta = data["params"]["_meta"]
-            inject(out_meta)  # W3C trace context, as the SDK's dispatcher does
+            if traced:
+                inject(out_meta)  # W3C trace context, as the SDK's dispatcher does
             if not out_meta:
                 del data["params"]["_meta"]
             try:
