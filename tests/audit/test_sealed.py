@@ -276,6 +276,9 @@ def test_sequence_numbers_never_wrap_and_bad_arguments_spend_none() -> None:
     with pytest.raises(OverflowError, match="sequence numbers"):
         ctx.seal(b"", BODY)
     assert ctx.seq == MAX_SEQ + 1  # refused before encrypting: nothing sealed under a wrapped nonce
+    for seq in (-1, MAX_SEQ + 1, 1 << 96):  # a recipient refuses what no CLS2 sender can have sealed
+        with pytest.raises(VerificationError, match="outside"):
+            setup_base_r(enc, key, INFO).open(seq, b"", last)
     for bad in (0, MAX_SEQ + 2):
         with pytest.raises(ValueError, match="max_bodies"):
             BodySealer(key.public_key(), clock=FakeClock(), max_bodies=bad)
