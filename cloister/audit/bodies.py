@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from cloister.audit.errors import MissingData, NotAuthorized
-from cloister.audit.sealed import is_sealed, open_body, parse_sealed
+from cloister.audit.sealed import BodyOpener, is_sealed, parse_sealed
 from cloister.audit.source import MAX_BODY, HttpSource, LogSource
 from cloister.verify.canonical import canonical_sha256, parse_json
 from cloister.verify.entries import DecisionEntry, OutcomeEntry
@@ -56,9 +56,13 @@ def fetch_body(source: LogSource, index: int, kind: str, token: str | None) -> b
     return source.read(path, max_size=MAX_STORED_BODY)
 
 
-def check_body(data: bytes, *, index: int, kind: str, commitment: bytes, key: X25519PrivateKey | None) -> CheckedBody:
-    """Open (if sealed) and check a body against the entry's commitment. VerificationError if a
-    sealed body cannot be opened with `key`, or if the body is not the one committed to."""
+def check_body(
+    data: bytes, *, index: int, kind: str, commitment: bytes, key: X25519PrivateKey | BodyOpener | None
+) -> CheckedBody:
+    """Open (if sealed, CLS1 or CLS2) and check a body against the entry's commitment.
+    VerificationError if a sealed body cannot be opened with `key`, or if the body is not the one
+    committed to. A caller checking many bodies passes one `BodyOpener`, which sets up each CLS2
+    sealing context once."""
     what = f"body/{index}/{kind}"
     sealed_to = None
     if is_sealed(data):
@@ -67,7 +71,8 @@ def check_body(data: bytes, *, index: int, kind: str, commitment: bytes, key: X2
             raise VerificationError(
                 f"{what} is sealed to auditor key {sealed_to}: give the X25519 private key to open it"
             )
-        data = open_body(key, index, kind, data)
+        opener = key if isinstance(key, BodyOpener) else BodyOpener(key, max_contexts=1)
+        data = opener.open(index, kind, data)
     value = parse_json(data, what=what, max_bytes=MAX_BODY)
     if canonical_sha256(value) != commitment:
         raise VerificationError(
@@ -77,7 +82,7 @@ def check_body(data: bytes, *, index: int, kind: str, commitment: bytes, key: X2
 
 
 def read_checked_body(
-    source: LogSource, index: int, entry: Any, *, token: str | None, key: X25519PrivateKey | None
+    source: LogSource, index: int, entry: Any, *, token: str | None, key: X25519PrivateKey | BodyOpener | None
 ) -> dict[str, Any]:
     """What `cloister audit inclusion --bodies` reports for an entry's body: verified, not retained,
     or not authorized; a body that is served but does not check raises VerificationError."""

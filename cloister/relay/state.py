@@ -4,11 +4,12 @@ what the enclave last said about itself (attestation, health)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import anyio
 
-from cloister.audit.sealed import seal_body
+from cloister.audit.sealed import BodySealer
 from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient
 from cloister.relay.storage import LogWriter
@@ -37,6 +38,9 @@ class RelayState:
         self.quorum: tuple[int, bytes] | None = None
         self._quorum_moved = anyio.Event()
         self.nudge_witnesses: Callable[[], None] = lambda: None  # set by the relay when it has witnesses
+        # One HPKE sealing context for many bodies (CLS2, decision 0032); used from the event loop only.
+        key = config.body_public_key
+        self._sealer = BodySealer(key, clock=time.monotonic) if key is not None else None
 
     async def deliver_cosignatures(self, cosigned_checkpoint: bytes) -> None:
         """Hand a quorum-cosigned checkpoint to the enclave (cloister.relay.witnessing); once one
@@ -93,6 +97,5 @@ class RelayState:
     def store_body(self, index: int, kind: str, data: bytes) -> asyncio.Future[None]:
         """Keep the body entry `index` commits to, sealed to the auditor key when one is configured
         (so neither storage nor this host can read it later); the future resolves when durable."""
-        key = self.config.body_public_key
-        stored = seal_body(key, index, kind, data) if key is not None else data
+        stored = self._sealer.seal(index, kind, data) if self._sealer is not None else data
         return self.writer.put_body(index, kind, stored)

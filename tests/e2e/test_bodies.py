@@ -30,7 +30,7 @@ from tests.e2e.test_relay import call, denied, entry_at
 
 HERE = Path(__file__).parent
 SECRET = "4242-4242-4242-4242"  # what an agent sends; it must not be readable from storage
-SEALED = b"CLS1"  # a sealed body's magic (cloister.audit.sealed)
+SEALED = b"CLS2"  # the magic of the bodies the relay seals (cloister.audit.sealed.BodySealer)
 
 
 @dataclass
