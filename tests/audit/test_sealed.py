@@ -38,12 +38,12 @@ from cloister.audit.sealed import (
     setup_base_r,
     setup_base_s,
 )
-from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient
 from cloister.relay.state import RelayState
 from cloister.relay.storage import LocalBackend, LogWriter
 from cloister.verify.canonical import canonical_json, canonical_sha256
 from cloister.verify.errors import DecodeError, VerificationError
+from tests.relay.inprocess import relay_config
 
 hpke = pytest.importorskip("cryptography.hazmat.primitives.hpke", reason="cryptography without HPKE")
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
@@ -345,22 +345,7 @@ def test_the_relay_stores_cls2_bodies_of_one_context_that_check(tmp_path: Path) 
     """RelayState.store_body with an auditor key: what reaches storage is CLS2, one context for
     successive bodies, and each opens and checks against its commitment (cloister.audit.bodies)."""
     key = X25519PrivateKey.generate()
-    config = RelayConfig(
-        path=tmp_path / "relay.toml",
-        host="127.0.0.1",
-        port=0,
-        public_url="http://relay.invalid",
-        enclave="unix:/nonexistent/enclave.sock",
-        bundle=None,
-        storage=str(tmp_path / "log"),
-        s3_endpoint_url=None,
-        run_dir=tmp_path / "run",
-        trust_root="mock",
-        max_argument_bytes=1 << 20,
-        enclave_timeout_s=5.0,
-        upstreams=(),
-        body_public_key=key.public_key(),
-    )
+    config = relay_config(tmp_path, body_public_key=key.public_key())
     values: list[Any] = [{"card": "4242"}, {"content": [{"type": "text", "text": "ok"}]}, {"n": 3}]
 
     async def main() -> list[bytes]:

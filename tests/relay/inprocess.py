@@ -8,6 +8,7 @@ exception through the client's own `enclave_error`, as a gRPC status would.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -15,6 +16,7 @@ import grpc
 
 from cloister.enclave.core import EnclaveCore
 from cloister.enclave.service import EnclaveService
+from cloister.relay.config import RelayConfig
 from cloister.relay.enclave_client import EnclaveClient, enclave_error
 
 
@@ -50,3 +52,23 @@ class InProcessEnclave(EnclaveClient):
             return getattr(self.service, method)(request, ServicerContext())
         except Aborted as exc:
             raise enclave_error(exc.code, exc.details) from exc
+
+
+def relay_config(tmp: Path, **changes: Any) -> RelayConfig:
+    """A relay config for in-process tests: storage under `tmp`, no enclave socket, no upstreams."""
+    config = RelayConfig(
+        path=tmp / "relay.toml",
+        host="127.0.0.1",
+        port=0,
+        public_url="http://relay.invalid",
+        enclave="unix:/nonexistent/enclave.sock",
+        bundle=None,
+        storage=str(tmp / "log"),
+        s3_endpoint_url=None,
+        run_dir=tmp / "run",
+        trust_root="mock",
+        max_argument_bytes=1 << 20,
+        enclave_timeout_s=5.0,
+        upstreams=(),
+    )
+    return dataclasses.replace(config, **changes)

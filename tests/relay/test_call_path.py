@@ -23,7 +23,7 @@ from mcp.shared.exceptions import MCPError
 from cloister.dev.examples.payments import payment as x402_payment
 from cloister.relay.call_path import DENIAL_META_KEY, DENIALS_META_KEY, CallPath
 from cloister.relay.codes import DENIED, ENCLAVE_UNAVAILABLE, LIMITED, UNAUTHENTICATED, UPSTREAM_FAILED
-from cloister.relay.config import RelayConfig, UpstreamConfig
+from cloister.relay.config import UpstreamConfig
 from cloister.relay.state import RelayState
 from cloister.relay.storage import LocalBackend, LogWriter
 from cloister.relay.upstreams import Upstream, Upstreams
@@ -32,7 +32,7 @@ from cloister.verify.enclave_identity import EnclaveBinding
 from cloister.verify.entries import DecisionEntry, OutcomeEntry, parse_entry
 from cloister.verify.grant import ATTESTATION_META_KEY, GRANT_META_KEY, read_grant, verify_grant
 from cloister.wire.contract import LOG_META_KEY, X402_META_KEY
-from tests.relay.inprocess import InProcessEnclave
+from tests.relay.inprocess import InProcessEnclave, relay_config
 from tests.world import World, epoch_ms, make_world
 
 
@@ -94,24 +94,6 @@ class Rig:
 
     def forwarded(self) -> list[Forwarded]:
         return [f for s in self.stand_ins.values() for f in s.forwarded]
-
-
-def relay_config(tmp: Path) -> RelayConfig:
-    return RelayConfig(
-        path=tmp / "relay.toml",
-        host="127.0.0.1",
-        port=0,
-        public_url="http://relay.invalid",
-        enclave="unix:/nonexistent/enclave.sock",
-        bundle=None,
-        storage=str(tmp / "log"),
-        s3_endpoint_url=None,
-        run_dir=tmp / "run",
-        trust_root="mock",
-        max_argument_bytes=1 << 20,
-        enclave_timeout_s=5.0,
-        upstreams=(),
-    )
 
 
 async def make_rig(tmp: Path, world: World) -> Rig:
