@@ -103,6 +103,21 @@ def phase_totals(base_url: str, admin_token: str) -> dict[str, tuple[float, floa
     return {phase: (sums.get(phase, 0.0), counts.get(phase, 0.0)) for phase in counts}
 
 
+@dataclass
+class Profile:
+    """What remains, for the report: the disk's sync (back to back, paced) and, per agent count,
+    each phase's (seconds, calls) summed over the governed runs."""
+
+    sync: tuple[float, float]
+    phases: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+
+    def add(self, label: str, before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> None:
+        spent = self.phases.setdefault(label, {})
+        for phase, (total, count) in after.items():
+            was, had = before.get(phase, (0.0, 0.0)), spent.get(phase, (0.0, 0.0))
+            spent[phase] = (had[0] + total - was[0], had[1] + count - was[1])
+
+
 def sync_floor(directory: Path, syncs: int = 200) -> tuple[float, float]:
     """Median fdatasync of a 742-byte write (a governed call's frame) into a preallocated file on
     the log's filesystem: back to back, and with 3 ms between syncs (as at one agent's pace)."""
@@ -171,7 +186,7 @@ def _measured(
     return lat, elapsed, cpu
 
 
-def bench_end_to_end(work: Path, quick: bool) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, Any]]:
+def bench_end_to_end(work: Path, quick: bool) -> tuple[dict[tuple[str, str], dict[str, Any]], Profile]:
     from cloister.dev.state import copy_example_bundle, free_port
 
     bundle = work / "bench-bundle"
@@ -197,7 +212,7 @@ def bench_end_to_end(work: Path, quick: bool) -> tuple[dict[tuple[str, str], dic
         token = Path(info["tokens"]["refund-bot"]).read_text().strip()
         admin = Path(info["admin_token_file"]).read_text().strip()
         base_url = info["mcp_url"].removesuffix("/mcp")
-        profile: dict[str, Any] = {"sync_idle": sync_floor(state)}
+        profile = Profile(sync_floor(state))
         wait_port(direct_port)
         direct_url = f"http://127.0.0.1:{direct_port}/mcp"
         calls1, calls16, warm, rounds = (300, 40, 10, 1) if quick else (500, 60, 20, 3)
@@ -208,15 +223,12 @@ def bench_end_to_end(work: Path, quick: bool) -> tuple[dict[tuple[str, str], dic
                     ("direct", direct_url, None, [direct.pid]),
                     ("governed", info["mcp_url"], token, [up.pid]),
                 ):
-                    phases0 = phase_totals(base_url, admin) if path == "governed" else {}
+                    governed = path == "governed"
+                    before = phase_totals(base_url, admin) if governed else {}
                     lat, elapsed, cpu = _measured(roots, url, tok, agents, calls, warm)
                     runs.setdefault((label, path), PathRuns()).add(lat, elapsed, cpu)
-                    if phases0:
-                        spent = profile.setdefault(("phases", label), {})
-                        for phase, (total, count) in phase_totals(base_url, admin).items():
-                            was = phases0.get(phase, (0.0, 0.0))
-                            had = spent.get(phase, (0.0, 0.0))
-                            spent[phase] = (had[0] + total - was[0], had[1] + count - was[1])
+                    if governed:
+                        profile.add(label, before, phase_totals(base_url, admin))
         return {key: r.summary() for key, r in runs.items()}, profile
     finally:
         stop(up)
@@ -275,10 +287,10 @@ def report(work: Path, quick: bool) -> None:
     print(flush=True)
 
 
-def _report_profile(profile: dict[str, Any], governed: dict[str, Any]) -> None:
+def _report_profile(profile: Profile, governed: dict[str, Any]) -> None:
     """What remains: the relay's own timing of each step of the governed calls, and the disk's sync."""
     for label in ("1 agent", "16 agents"):
-        spent = profile.get(("phases", label), {})
+        spent = profile.phases.get(label, {})
         steps = [(text, spent[phase]) for phase, text in PHASES if spent.get(phase, (0, 0))[1]]
         if not steps:
             continue
@@ -290,7 +302,7 @@ def _report_profile(profile: dict[str, Any], governed: dict[str, Any]) -> None:
         if label == "1 agent":
             rest = governed["p50"] - total
             print(f"    {'the rest of p50 (agent HTTP in/out, client)':50} {fmt_ms(rest)}")
-    back_to_back, paced = profile["sync_idle"]
+    back_to_back, paced = profile.sync
     print(
         "\n  fdatasync of one call's WAL frame on this disk, before the runs, nothing else running:"
         f"\n    back to back {back_to_back * 1000:.2f} ms; 3 ms apart (one agent's pace) {paced * 1000:.2f} ms."

@@ -82,8 +82,11 @@ def x402_payload(payment: Any) -> bytes:
     return data
 
 
-def _granted_payment(grant: bytes) -> str:
-    """The amount the enclave charged for the call's payment, as its grant states it ("" for none)."""
+def _granted_payment(grant: bytes, payment: Any) -> str:
+    """The amount the enclave charged for the call's payment, as its grant states it ("" for none).
+    The grant states a charge only for a call that carried a payment: without one it is not read."""
+    if payment is None:
+        return ""
     try:
         return read_grant(grant).payment_amount
     except GrantError:
@@ -283,10 +286,10 @@ class CallPath:
                 server, tool, arguments, verdict, payment, started, None, task
             )
             if result is not None and is_create_task_result(result):
-                return TaskStarted(verdict, result, started, _granted_payment(verdict.grant))
+                return TaskStarted(verdict, result, started, _granted_payment(verdict.grant, payment))
             # A plain answer (the upstream ran the call without a task) or a failure: final now.
             log_meta = await self.close_task(
-                verdict.log_index, started, result, error, _granted_payment(verdict.grant) if result else ""
+                verdict.log_index, started, result, error, _granted_payment(verdict.grant, payment) if result else ""
             )
         finally:
             self._in_flight -= 1
@@ -504,8 +507,7 @@ class CallPath:
         )
         duration_us = int((time.monotonic() - started) * 1_000_000)
         marks.append(time.perf_counter())
-        # The grant states a charge only for a call that carried a payment: no need to read it otherwise.
-        paid = _granted_payment(verdict.grant) if result is not None and payment is not None else ""
+        paid = _granted_payment(verdict.grant, payment) if result is not None else ""
         # Shielded: a cancellation now (the agent gone, the relay stopping) waits for the outcome.
         with anyio.CancelScope(shield=True), anyio.move_on_after(OUTCOME_RECORD_TIMEOUT_S) as deadline:
             outcome = await self._record_outcome(verdict.log_index, result, error, duration_us, paid)

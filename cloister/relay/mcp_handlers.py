@@ -350,13 +350,10 @@ class McpHandlers:
         server, uri = await self._subscribable(session.token, str(params.uri))
         if session.key not in self.agents.sessions:
             raise MCPError(INVALID_REQUEST, "subscriptions need a session (Mcp-Session-Id) to deliver updates on")
-        subscribers = self.agents.subscribers.setdefault((server, uri), set())
-        if not subscribers:
-            try:
-                await self._subscribe_upstream(server, uri)
-            except UpstreamError as exc:
-                raise MCPError(INVALID_REQUEST, str(exc)) from exc
-        subscribers.add(session.key)
+        try:
+            await self._hold((server, uri), session.key)
+        except UpstreamError as exc:
+            raise MCPError(INVALID_REQUEST, str(exc)) from exc
         return types.EmptyResult()
 
     async def unsubscribe(
@@ -364,22 +361,35 @@ class McpHandlers:
     ) -> types.EmptyResult:
         session = self._session(ctx)
         target = split_uri(str(params.uri))
-        subscribers = self.agents.subscribers.get(target) if target is not None else None
-        if target is None or subscribers is None:
-            return types.EmptyResult()
-        subscribers.discard(session.key)
-        if not subscribers:
-            del self.agents.subscribers[target]
-            with contextlib.suppress(UpstreamError):
-                await self._unsubscribe_upstream(*target)
+        if target is not None:
+            await self._drop(target, session.key)
         return types.EmptyResult()
 
-    async def _subscribe_upstream(self, server: str, uri: str) -> None:
-        """Subscribe the upstream session (shared by every agent) to one of its resources."""
-        await self._upstream(server).request("subscribe", lambda c: c.subscribe_resource(uri))
+    async def _hold(self, target: tuple[str, str], key: str) -> None:
+        """Add `key` (a session, or a listen stream) to the resource's subscribers; the upstream
+        session, shared by every agent, is subscribed for the first one. UpstreamError if that fails."""
+        server, uri = target
+        subscribers = self.agents.subscribers.setdefault(target, set())
+        if not subscribers:
+            try:
+                await self._upstream(server).request("subscribe", lambda c: c.subscribe_resource(uri))
+            except UpstreamError:
+                if not subscribers:
+                    self.agents.subscribers.pop(target, None)
+                raise
+        subscribers.add(key)
 
-    async def _unsubscribe_upstream(self, server: str, uri: str) -> None:
-        await self._upstream(server).request("unsubscribe", lambda c: c.unsubscribe_resource(uri))
+    async def _drop(self, target: tuple[str, str], key: str) -> None:
+        """Remove `key` from the resource's subscribers; the upstream is unsubscribed after the last."""
+        subscribers = self.agents.subscribers.get(target)
+        if subscribers is None:
+            return
+        subscribers.discard(key)
+        if not subscribers:
+            del self.agents.subscribers[target]
+            server, uri = target
+            with contextlib.suppress(UpstreamError):
+                await self._upstream(server).request("unsubscribe", lambda c: c.unsubscribe_resource(uri))
 
     async def _subscribable(self, token: str, uri: str) -> tuple[str, str]:
         target = split_uri(uri)
@@ -408,28 +418,16 @@ class McpHandlers:
                 server, upstream_uri = await self._subscribable(token, uri)
             except MCPError:
                 continue  # not one this agent may read, or not ours: not honored
-            subscribers = self.agents.subscribers.setdefault((server, upstream_uri), set())
-            if not subscribers:
-                try:
-                    await self._subscribe_upstream(server, upstream_uri)
-                except UpstreamError:
-                    if not subscribers:
-                        self.agents.subscribers.pop((server, upstream_uri), None)
-                    continue
-            subscribers.add(key)
+            try:
+                await self._hold((server, upstream_uri), key)
+            except UpstreamError:
+                continue
             held.append((server, upstream_uri))
             allowed.append(relay_uri(server, upstream_uri))
 
         async def release() -> None:
             for target in held:
-                subscribers = self.agents.subscribers.get(target)
-                if subscribers is None:
-                    continue
-                subscribers.discard(key)
-                if not subscribers:
-                    del self.agents.subscribers[target]
-                    with contextlib.suppress(UpstreamError):
-                        await self._unsubscribe_upstream(*target)
+                await self._drop(target, key)
 
         return allowed, release
 
