@@ -364,9 +364,10 @@ class EnclaveCore:
         """Begin a new log whose first entry introduces this enclave's keys."""
         with self._transition:
             self._check_can_start(resume=False)
-            self.sequencer = self._new_sequencer(None)
-            self.state = LogState.READY
-            return self._append([self._key_entry(None)])
+            self.sequencer = seq = self._new_sequencer(None)
+            with seq.lock:  # READY and the key entry together: nothing this run signs comes before it
+                self.state = LogState.READY
+                return self._append([self._key_entry(None)])
 
     def resume_log(
         self,
@@ -425,9 +426,13 @@ class EnclaveCore:
             # that has none (written before snapshots) gets one with its first decision.
             self._snapshot_at = point.snapshot.index if point.snapshot else -self.snapshot_interval
             self._reopen_decisions(point)
-            self.state = LogState.READY
             previous = SignedCheckpoint(size=point.checkpoint.size, root=point.checkpoint.root_hash, note=point.note)
-            return self._append([self._key_entry(previous)])
+            # READY and the key entry together, under the sequencer's lock: an outcome for a reopened
+            # decision, asked for the moment the state is READY, would otherwise be appended first,
+            # and the key entry would no longer follow the state it continues (found by the crash test).
+            with self.sequencer.lock:
+                self.state = LogState.READY
+                return self._append([self._key_entry(previous)])
 
     def _new_sequencer(self, tree: CompactRange | None) -> Sequencer:
         """The run's sequencer and its witness gate: granting waits for the witnesses to cosign

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,3 +132,36 @@ def test_resume_refuses_a_log_signed_by_another_image(w: World, tmp_path: Path) 
     w.config_path.write_text(w.config_path.read_text() + "# a different image\n")
     with pytest.raises(ResumeRefused, match="neither this image nor a predecessor"):
         w.new_core().resume_log(**material(w, start=0))  # type: ignore[arg-type]
+
+
+def test_nothing_is_appended_between_a_resume_and_its_key_entry(w: World) -> None:
+    """Regression (tests/e2e/test_crash.py, seed 1 under faketime): another RPC thread that saw
+    the resumed core READY appended its entry before the key entry, which then did not follow
+    the state it continues. The key entry now goes first; the other append waits for it."""
+    n = len(w.log)
+    fresh = w.new_core()
+    other: list[int] = []
+    make_key_entry = fresh._key_entry
+
+    def key_entry_while_another_thread_appends(previous: Any) -> Any:
+        # As an outcome arriving the moment the state is READY: an append from another thread.
+        seq = fresh.sequencer
+        assert seq is not None
+        thread = threading.Thread(target=lambda: other.append(fresh._log(seq, [make_key_entry(None)])[0]))
+        thread.start()
+        for _ in range(50):  # give it 0.25 s to get in first (polled: faketime-safe)
+            if other:
+                break
+            time.sleep(0.005)
+        threads.append(thread)
+        return make_key_entry(previous)
+
+    threads: list[threading.Thread] = []
+    fresh._key_entry = key_entry_while_another_thread_appends  # type: ignore[method-assign]
+    append = fresh.resume_log(**material(w, start=0))  # type: ignore[arg-type]
+    for t in threads:
+        t.join(5)
+    assert append.first_index == n  # the key entry directly follows the resumed state...
+    intro = parse_entry(append.entries[-1])
+    assert isinstance(intro, KeyEntry) and intro.previous_size == n
+    assert other == [n + 1]  # ...and the other thread's append came after it
